@@ -1,0 +1,57 @@
+"""The native extension fastdiff._C and the helpers that pass tensors across its raw-pointer ABI."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from fastdiff import _C  # type: ignore[attr-defined]
+
+    C_IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    C_IMPORT_ERROR = str(exc)
+
+# Must match csrc/include/fastdiff/common.h `enum class DType`.
+DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+}
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    """The csrc DType code of ``t``'s dtype."""
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"fastdiff: unsupported dtype {t.dtype}") from None
+
+
+def stream_handle(t: torch.Tensor) -> int:
+    """Raw cudaStream_t of torch's *current* stream on ``t``'s device (0 for CPU tensors).
+
+    Using the current stream (not the legacy default stream) keeps kernels capturable in CUDA
+    graphs and ordered with torch's own work.
+    """
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def has_native() -> bool:
+    """True when fastdiff._C imported."""
+    return _C is not None
+
+
+def has_native_cuda() -> bool:
+    """True when fastdiff._C was compiled with the CUDA kernels."""
+    return _C is not None and bool(_C.BUILD_INFO["cuda"])
+
+
+def native():
+    """The fastdiff._C module; raises RuntimeError naming the import error if it is missing."""
+    if _C is None:
+        raise RuntimeError(f"fastdiff._C is not available: {C_IMPORT_ERROR}")
+    return _C

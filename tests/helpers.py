@@ -1,0 +1,54 @@
+"""Shared test helpers: devices/backends to test, the FlashAttention error rule, poisoning."""
+
+from __future__ import annotations
+
+import torch
+
+import fastdiff
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_cases(op: str, include_torch: bool = True) -> list[tuple[str, str]]:
+    """(device, backend) pairs for every backend of ``op`` that can run here now."""
+    out = []
+    for dev in DEVICES:
+        for b in fastdiff.available_backends(op, dev):
+            if b == "torch" and not include_torch:
+                continue
+            out.append((dev, b))
+    return out
+
+
+def case_id(case: tuple[str, str]) -> str:
+    return f"{case[0]}-{case[1]}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with NaN so that any element a kernel fails to write is caught."""
+    return t.fill_(float("nan"))
+
+
+def assert_fa_rule(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    eager: torch.Tensor,
+    k: float = 2.0,
+    atol: float = 0.0,
+    name: str = "",
+) -> None:
+    """FlashAttention rule: max|out - ref| <= k * max|eager - ref| + atol, NaN/inf masks equal.
+
+    ``ref`` is a float64 (or fp32) reference; ``eager`` is plain PyTorch in ``out``'s dtype.
+    ``atol`` is a floor for cases where eager happens to be (near) exact.
+    """
+    out64, ref64, eager64 = out.double(), ref.double(), eager.double()
+    assert torch.equal(torch.isnan(out64), torch.isnan(ref64)), f"{name}: NaN mask differs"
+    assert torch.equal(torch.isinf(out64), torch.isinf(ref64)), f"{name}: inf mask differs"
+    fin = torch.isfinite(ref64)
+    if fin.sum() == 0:
+        return
+    err = (out64 - ref64)[fin].abs().max().item()
+    eager_err = (eager64 - ref64)[fin].abs().max().item()
+    bound = k * eager_err + atol
+    assert err <= bound, f"{name}: max err {err:.3e} > {k} x eager err {eager_err:.3e} + {atol:.1e}"

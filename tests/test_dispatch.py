@@ -1,0 +1,77 @@
+import os
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff import _dispatch
+
+
+def test_unknown_backend_lists_valid():
+    with pytest.raises(ValueError, match="valid backends"):
+        fastdiff.set_backend("tpu")
+    with pytest.raises(ValueError, match="valid backends"), fastdiff.use_backend("nope"):
+        pass
+
+
+def test_unknown_op():
+    with pytest.raises(ValueError, match="valid ops"):
+        fastdiff.set_backend("torch", op="conv")
+
+
+def test_auto_choice_cpu_prefers_native():
+    assert _dispatch.resolve("sampler_step", torch.device("cpu")) == "cpu"
+
+
+def test_context_manager_overrides_and_restores():
+    dev = torch.device("cpu")
+    with fastdiff.use_backend("torch"):
+        assert _dispatch.resolve("group_norm_silu", dev) == "torch"
+        with fastdiff.use_backend("cpu", op="group_norm_silu"):
+            assert _dispatch.resolve("group_norm_silu", dev) == "cpu"
+            assert _dispatch.resolve("sampler_step", dev) == "torch"
+    assert _dispatch.resolve("group_norm_silu", dev) == "cpu"
+
+
+def test_set_backend_and_clear():
+    dev = torch.device("cpu")
+    fastdiff.set_backend("torch", op="sampler_step")
+    try:
+        assert _dispatch.resolve("sampler_step", dev) == "torch"
+    finally:
+        fastdiff.set_backend(None, op="sampler_step")
+    assert _dispatch.resolve("sampler_step", dev) == "cpu"
+
+
+def test_env_var(monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "group_norm_silu=torch")
+    assert _dispatch.resolve("group_norm_silu", torch.device("cpu")) == "torch"
+    assert _dispatch.resolve("sampler_step", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="valid backends"):
+        _dispatch.resolve("sampler_step", torch.device("cpu"))
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with fastdiff.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        _dispatch.resolve("sampler_step", torch.device("cpu"))
+    with fastdiff.use_backend("cuda"), pytest.raises(RuntimeError, match="CUDA tensors"):
+        _dispatch.resolve("sampler_step", torch.device("cpu"))
+
+
+def test_unsupported_inputs_skip_in_auto_but_error_when_explicit():
+    dev = torch.device("cpu")
+    assert _dispatch.resolve("attention", dev, {"cpu": "no"}) == "sdpa"
+    with fastdiff.use_backend("cpu"), pytest.raises(RuntimeError, match="head dim"):
+        _dispatch.resolve("attention", dev, {"cpu": "head dim 512 is not supported"})
+
+
+def test_build_info_fields():
+    info = fastdiff.build_info()
+    for key in ("cuda_compiled", "cuda_archs", "openmp", "backends", "torch", "triton"):
+        assert key in info
+    assert info["native"], info["native_error"]
+    assert "torch" in info["backends"]["cpu"]["sampler_step"]
+    if os.environ.get("TRITON_INTERPRET") == "1" and info["triton"]:
+        assert "triton" in info["backends"]["cpu"]["sampler_step"]
