@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU validation in one command, on a machine with CUDA:
+#   1. build and install fastdiff with the CUDA kernels,
+#   2. run the whole test suite with the cuda and triton backends live,
+#   3. run the benchmarks (incl. the device-copy roofline),
+#   4. write one JSON under benchmarks/results/ (and $OUT when set) and print a short table.
+# Usage: bash benchmarks/gpu_suite.sh [tests|bench|all]   (default all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-all}"
+dest="${OUT:-benchmarks/results}"
+mkdir -p "$dest" benchmarks/results
+export FASTDIFF_CUDA=1 FASTDIFF_BENCH_COMPILE="${FASTDIFF_BENCH_COMPILE:-1}"
+export FASTDIFF_CUDA_ARCHS="${FASTDIFF_CUDA_ARCHS:-90-real}" MAX_JOBS="${MAX_JOBS:-16}"
+unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1
+
+if ! python -c "import fastdiff._C as c; assert c.BUILD_INFO['cuda']" 2>/dev/null; then
+  echo "== build"
+  pip install -q --no-build-isolation --no-deps . 2>&1 | tail -20 || exit 1
+fi
+python -c "import fastdiff, json; print(json.dumps(fastdiff.build_info()['backends']))"
+
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+stamp=$(date -u +%Y%m%dT%H%M)
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  echo "== tests"
+  timeout "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider --junitxml="$dest/tests.xml" \
+    -o junit_family=xunit1 2>&1 | tee "$dest/tests.log" | tail -40
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  echo "== benchmarks"
+  timeout "${BENCH_TIMEOUT:-420}" pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$dest/bench.json" 2>&1 | tail -5
+  python benchmarks/summarize.py "$dest/bench.json" --junit "$dest/tests.xml" \
+    --out "$dest/gpu-$gpu-$stamp.json"
+fi
