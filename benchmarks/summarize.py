@@ -98,9 +98,8 @@ def summarize(bench_json: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        f"{'group':<48} {'variant':<34} {'time':>10} {'x eager':>8} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8}"
-    ]
+    head = ("group", "variant", "time", "x eager", "GB/s", "%copy", "TFLOP/s")
+    lines = ["{:<48} {:<34} {:>10} {:>8} {:>8} {:>6} {:>8}".format(*head)]
     for r in rows:
         lines.append(
             f"{r['group'][:48]:<48} {r['variant'][:34]:<34} {r['time_us']:>8.1f}us "
@@ -122,9 +121,8 @@ def main() -> None:
     print(table(rows))
     if result["tests"]:
         t = result["tests"]
-        print(
-            f"tests: {t['passed']} passed, {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
-        )
+        bad = t["failures"] + t["errors"]
+        print(f"tests: {t['passed']} passed, {bad} failed, {t['skipped']} skipped")
 
 
 if __name__ == "__main__":
