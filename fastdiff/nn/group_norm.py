@@ -1,0 +1,112 @@
+"""``GroupNormSiLU``: a drop-in for ``nn.GroupNorm`` (+ ``nn.SiLU``) on the fused kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastdiff.ops.group_norm_silu import group_norm_silu
+
+__all__ = ["GroupNormSiLU", "fuse_group_norm_silu"]
+
+
+class GroupNormSiLU(nn.Module):
+    """``act(GroupNorm(x + add) * (1 + scale) + shift)`` in one fused kernel.
+
+    Parameters are named like ``nn.GroupNorm``'s (``weight``, ``bias``), so a GroupNorm's
+    ``state_dict`` loads directly. ``activation="silu"`` (default) or ``None`` (plain GroupNorm).
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        activation: str | None = "silu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_channels % num_groups != 0:
+            raise ValueError("num_channels must be divisible by num_groups")
+        if activation not in ("silu", None):
+            raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        self.activation = activation
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(
+        self,
+        x: Tensor,
+        add: Tensor | None = None,
+        scale: Tensor | None = None,
+        shift: Tensor | None = None,
+    ) -> Tensor:
+        """``x`` [N x C x *spatial]; optional ``add``/``scale``/``shift`` [N x C]."""
+        return group_norm_silu(
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            add=add,
+            scale=scale,
+            shift=shift,
+            activation=self.activation,
+        )
+
+    @classmethod
+    def from_group_norm(cls, gn: nn.GroupNorm, activation: str | None = "silu") -> GroupNormSiLU:
+        """A ``GroupNormSiLU`` sharing ``gn``'s parameters (same tensors, not copies)."""
+        w = gn.weight
+        mod = cls(
+            gn.num_groups,
+            gn.num_channels,
+            gn.eps,
+            gn.affine,
+            activation,
+            device=w.device if w is not None else None,
+            dtype=w.dtype if w is not None else None,
+        )
+        if gn.affine:
+            mod.weight = gn.weight
+            mod.bias = gn.bias
+        mod.train(gn.training)
+        return mod
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"activation={self.activation!r}"
+        )
+
+
+def fuse_group_norm_silu(module: nn.Module) -> int:
+    """Replace, in place, every ``nn.GroupNorm`` directly followed by ``nn.SiLU`` inside an
+    ``nn.Sequential`` (anywhere in ``module``) by one ``GroupNormSiLU`` and an ``nn.Identity``
+    (indices stay valid). Returns how many pairs were replaced."""
+    count = 0
+    for sub in list(module.modules()):
+        if not isinstance(sub, nn.Sequential):
+            continue
+        keys = list(sub._modules.keys())
+        i = 0
+        while i + 1 < len(keys):
+            a, b = sub._modules[keys[i]], sub._modules[keys[i + 1]]
+            if type(a) is nn.GroupNorm and isinstance(b, nn.SiLU):
+                sub._modules[keys[i]] = GroupNormSiLU.from_group_norm(a)
+                sub._modules[keys[i + 1]] = nn.Identity()
+                count += 1
+                i += 2
+            else:
+                i += 1
+    return count

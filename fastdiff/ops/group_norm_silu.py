@@ -1,0 +1,376 @@
+"""Fused GroupNorm (+ time-embedding add, + scale/shift) + SiLU.
+
+    y = act( GN(x + add) * (1 + scale) + shift )
+
+GN is group normalisation (Wu & He 2018, eq. 1-3): for each sample n and group g of C/G
+channels, ``xhat = (u - mean_ng) / sqrt(var_ng + eps)`` with the biased variance over the group's
+channels and all spatial positions, then the per-channel affine ``xhat * weight + bias``.
+``add`` is a DDPM ResBlock's time embedding added before the norm; ``scale``/``shift`` are ADM's
+``use_scale_shift_norm`` (Dhariwal & Nichol 2021, sec. 3). ``act`` is SiLU, ``v * sigmoid(v)``
+(Elfwing et al. 2018), or the identity for ``activation=None``.
+
+Every fused kernel folds mean, rstd, weight, bias, scale and shift into one ``a * u + b`` per
+element and applies SiLU in fp32; statistics are always fp32.
+
+Memory format: a contiguous input gives a contiguous output; a channels-last input (``C`` stride
+1, spatial dims dense, i.e. ``torch.channels_last`` / ``channels_last_3d`` or an ``N x L x C``
+buffer viewed as ``N x C x L``) is processed natively and gives a channels-last output. Any other
+stride pattern (slices, transposes) is first made contiguous with ``x.contiguous()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastdiff import _dispatch, _ext
+
+__all__ = ["group_norm_silu", "group_norm_silu_reference"]
+
+_OP = "group_norm_silu"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ACTIVATIONS = ("silu", None)
+
+
+# ----------------------------------------------------------------------------------- layouts
+def is_channels_last(x: Tensor) -> bool:
+    """True when ``x`` [N x C x *spatial] is dense with C innermost and not plain contiguous."""
+    if x.is_contiguous():
+        return False
+    perm = (0, *range(2, x.dim()), 1)
+    return x.permute(perm).is_contiguous()
+
+
+def _canon(x: Tensor) -> Tensor:
+    """``x`` itself when contiguous or channels-last dense, else a contiguous copy."""
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.contiguous()
+
+
+# --------------------------------------------------------------------------------- reference
+def group_norm_silu_reference(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    add: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    silu: bool = True,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Eager reference. Computes in ``compute_dtype`` (default: fp32, or fp64 for fp64 input)
+    and returns ``x.dtype``. ``add``/``scale``/``shift`` are [N x C]."""
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, c = x.shape[:2]
+    bshape = (n, c) + (1,) * (x.dim() - 2)
+    u = x.to(compute_dtype)
+    if add is not None:
+        u = u + add.to(compute_dtype).reshape(bshape)
+    w = weight.to(compute_dtype) if weight is not None else None
+    b = bias.to(compute_dtype) if bias is not None else None
+    y = F.group_norm(u, num_groups, w, b, eps)
+    if scale is not None:
+        y = y * (1 + scale.to(compute_dtype).reshape(bshape))
+    if shift is not None:
+        y = y + shift.to(compute_dtype).reshape(bshape)
+    if silu:
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+# -------------------------------------------------------------------------------- validation
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def _check_vec(name: str, t: Tensor | None, x: Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"group_norm_silu: {name} must be a floating tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(
+            f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; "
+            "all tensors must be on one device"
+        )
+    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"group_norm_silu: Expected {name} to be a vector of size equal to the number of "
+            f"channels in input, but got {name} of shape {_shape(t)} and input of shape {_shape(x)}"
+        )
+
+
+def _check_nc(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
+    """Validate an optional [N x C] (or [N x C x 1 ...]) tensor; return it as [N x C]."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"group_norm_silu: {name} must be a floating tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(
+            f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; "
+            "all tensors must be on one device"
+        )
+    n, c = x.shape[:2]
+    ok = t.dim() >= 2 and t.shape[0] == n and t.shape[1] == c and all(s == 1 for s in t.shape[2:])
+    ok = ok and t.dim() <= x.dim()
+    if not ok:
+        raise ValueError(
+            f"group_norm_silu: expected {name} of shape [N, C] = {[n, c]} (optionally with "
+            f"trailing singleton dims), got {name} of shape {_shape(t)} for input of shape "
+            f"{_shape(x)}"
+        )
+    return t.reshape(n, c)
+
+
+def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
+    if x.dtype not in _DTYPES and x.dtype != torch.float64:
+        raise ValueError(
+            f"group_norm_silu: x must be float32, float16 or bfloat16, got dtype {x.dtype}"
+        )
+    if not 3 <= x.dim() <= 5:
+        raise ValueError(
+            "group_norm_silu: expected x of shape [N, C, *spatial] with 1 to 3 spatial dims, "
+            f"got shape {_shape(x)}"
+        )
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+    if x.shape[1] % num_groups != 0:
+        raise ValueError(
+            "group_norm_silu: Expected number of channels in input to be divisible by "
+            f"num_groups, but got input of shape {_shape(x)} and num_groups={num_groups}"
+        )
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+        raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"group_norm_silu: activation must be 'silu' or None, got {activation!r}")
+    _check_vec("weight", weight, x)
+    _check_vec("bias", bias, x)
+    return _check_nc("add", add, x), _check_nc("scale", scale, x), _check_nc("shift", shift, x)
+
+
+def _unsupported(x: Tensor) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if x.dtype == torch.float64:
+        for b in ("cpu", "cuda", "triton"):
+            out[b] = "the fused kernels take float32, float16 or bfloat16, got float64"
+    if x.numel() == 0:
+        for b in ("cpu", "cuda", "triton"):
+            out.setdefault(b, "empty input")
+    for b, sym in (("cpu", "group_norm_silu_cpu"), ("cuda", "group_norm_silu_cuda")):
+        if _ext.has_native() and not hasattr(_ext.native(), sym):
+            out.setdefault(b, f"fastdiff._C lacks {sym} (stale build: run tools/dev_build.sh)")
+    if (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and os.environ.get("TRITON_INTERPRET") == "1"
+    ):
+        out.setdefault("triton", "the Triton interpreter has no bfloat16 arithmetic")
+    return out
+
+
+# ------------------------------------------------------------------------------- custom op
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+@torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    add: Tensor | None,
+    scale: Tensor | None,
+    shift: Tensor | None,
+    silu: bool,
+    backend: str,
+) -> Tensor:
+    x = _canon(x)
+    out = torch.empty_like(x)
+    if out.numel() == 0:
+        return out
+    if backend == "torch":
+        out.copy_(
+            group_norm_silu_reference(x, num_groups, weight, bias, eps, add, scale, shift, silu)
+        )
+        return out
+    args = (x, out, num_groups, _f32(weight), _f32(bias), eps, _f32(add), _f32(scale))
+    args = args + (_f32(shift), silu)
+    if backend == "cpu":
+        _native_forward(*args, cuda=False)
+    elif backend == "cuda":
+        _native_forward(*args, cuda=True)
+    elif backend == "triton":
+        from fastdiff.kernels.triton.group_norm_silu import group_norm_silu_forward
+
+        group_norm_silu_forward(*args)
+    else:
+        raise RuntimeError(f"group_norm_silu: unknown backend {backend!r}")
+    return out
+
+
+@_group_norm_silu_op.register_fake
+def _(x, num_groups, weight, bias, eps, add, scale, shift, silu, backend):
+    return torch.empty_like(_canon(x))
+
+
+def _addr(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, *, cuda):
+    n, c = x.shape[:2]
+    hw = x.numel() // max(n * c, 1)
+    nhwc = is_channels_last(x)
+    common = (
+        x.data_ptr(),
+        out.data_ptr(),
+        n,
+        c,
+        hw,
+        num_groups,
+        nhwc,
+        _ext.dtype_code(x),
+        _addr(weight),
+        _addr(bias),
+        _addr(add),
+        _addr(scale),
+        _addr(shift),
+        float(eps),
+        bool(silu),
+    )
+    C = _ext.native()
+    if cuda:
+        with torch.cuda.device(x.device):
+            C.group_norm_silu_cuda(*common, _ext.stream_handle(x))
+    else:
+        C.group_norm_silu_cpu(*common)
+
+
+# ---------------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, add, scale, shift, silu, _backend = inputs
+    ctx.save_for_backward(x, weight, bias, add, scale, shift)
+    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
+
+
+def _backward(ctx, grad_out):
+    """Analytic GN backward in fp32 torch ops (traceable; no graph recompute)."""
+    x, weight, bias, add, scale, shift = ctx.saved_tensors
+    g, eps, silu = ctx.num_groups, ctx.eps, ctx.silu
+    n, c = x.shape[:2]
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bshape = (n, c) + (1,) * (x.dim() - 2)
+    sp = tuple(range(2, x.dim()))
+    u = x.to(cd)
+    if add is not None:
+        u = u + add.to(cd).reshape(bshape)
+    ug = u.reshape(n, g, -1)
+    mean = ug.mean(-1, keepdim=True)
+    var = ug.var(-1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    xhat = ((ug - mean) * rstd).reshape(u.shape)
+    wv = weight.to(cd).reshape((1, c) + (1,) * len(sp)) if weight is not None else None
+    z = xhat * wv if wv is not None else xhat
+    if bias is not None:
+        z = z + bias.to(cd).reshape((1, c) + (1,) * len(sp))
+    s = 1 + scale.to(cd).reshape(bshape) if scale is not None else None
+    v = z * s if s is not None else z
+    if shift is not None:
+        v = v + shift.to(cd).reshape(bshape)
+    dv = grad_out.to(cd)
+    if silu:
+        sig = torch.sigmoid(v)
+        dv = dv * sig * (1 + v * (1 - sig))
+    dshift = dv.sum(sp) if shift is not None else None
+    dscale = (dv * z).sum(sp) if scale is not None else None
+    dz = dv * s if s is not None else dv
+    dbias = dz.sum((0, *sp)) if bias is not None else None
+    dweight = (dz * xhat).sum((0, *sp)) if weight is not None else None
+    dxhat = (dz * wv if wv is not None else dz).reshape(n, g, -1)
+    xh = xhat.reshape(n, g, -1)
+    du = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xh * (dxhat * xh).mean(-1, keepdim=True))
+    du = du.reshape(u.shape)
+    dadd = du.sum(sp) if add is not None else None
+
+    def cast(gt, ref):
+        return None if gt is None or ref is None else gt.to(ref.dtype).reshape(ref.shape)
+
+    return (
+        du.to(x.dtype),
+        None,
+        cast(dweight, weight),
+        cast(dbias, bias),
+        None,
+        cast(dadd, add),
+        cast(dscale, scale),
+        cast(dshift, shift),
+        None,
+        None,
+    )
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------- public API
+def group_norm_silu(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    add: Tensor | None = None,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    activation: str | None = "silu",
+) -> Tensor:
+    """Fused ``act(GroupNorm(x + add) * (1 + scale) + shift)``.
+
+    Args:
+        x: ``[N x C x *spatial]`` with 1-3 spatial dims; float32, float16 or bfloat16.
+        num_groups: G, dividing C.
+        weight, bias: optional per-channel affine ``[C]`` (as ``nn.GroupNorm``).
+        eps: added to the variance.
+        add: optional ``[N x C]`` added to ``x`` before the statistics (time embedding).
+        scale, shift: optional ``[N x C]``; the normalised output is ``* (1 + scale) + shift``.
+        activation: ``"silu"`` or ``None`` (plain GroupNorm).
+
+    Returns:
+        ``y`` with ``x``'s shape and dtype, in ``x``'s memory format (contiguous or channels-last;
+        any other strides are made contiguous first). Statistics are fp32.
+
+    Raises:
+        ValueError / TypeError: on bad arguments, before any kernel runs.
+        RuntimeError: when an explicitly requested backend cannot run.
+    """
+    add, scale, shift = _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    backend = _dispatch.resolve(_OP, x.device, _unsupported(x))
+    return _group_norm_silu_op(
+        _canon(x),
+        int(num_groups),
+        weight,
+        bias,
+        float(eps),
+        add,
+        scale,
+        shift,
+        activation == "silu",
+        backend,
+    )
