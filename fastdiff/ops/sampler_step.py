@@ -1,0 +1,555 @@
+"""Fused per-step sampler update ``x_t -> x_{t-1}`` and the DPM-Solver++ 2M multistep update.
+
+One elementwise pass replaces the ~13 eager passes of a diffusers ``scheduler.step``: read
+``x_t`` and the model output once, write ``x_prev`` once, with optional classifier-free
+guidance, x0 clipping, learned variance and counter-based (Philox) noise generated in the kernel.
+
+Memory contract of the kernels: every operand is a base address plus a per-sample (batch) stride,
+with each sample's block dense in ``x``'s memory order (NCHW-contiguous or channels_last). The
+CFG halves ``[uncond, cond]`` of a ``[2N x ...]`` batch and the learned-variance channel split of
+a ``[N x 2C x ...]`` output are therefore free views. An operand whose per-sample block is not
+dense in ``x``'s order (e.g. the channel split of a channels_last output, or a sliced ``x``) is
+first made dense by one copy. ``x_prev`` (and ``x0``) come back in ``x``'s memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdiff import _dispatch, _ext
+
+PREDICTION_TYPES: dict[str, int] = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["PREDICTION_TYPES", "dpm_solver_2m_step", "sampler_step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# layout helpers
+# ----------------------------------------------------------------------------------------------
+def _expected_inner_strides(shape: tuple[int, ...], order: str) -> tuple[int, ...]:
+    # strides of dims 1.. for a per-sample block dense in ``order``
+    rest = shape[1:]
+    if order == "nhwc":
+        c, h, w = rest
+        return (1, w * c, c)
+    strides, acc = [], 1
+    for s in reversed(rest):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def _inner_dense(t: Tensor, order: str) -> bool:
+    if order == "nhwc" and t.dim() != 4:
+        return False
+    exp = _expected_inner_strides(tuple(t.shape), order)
+    dims = zip(t.shape[1:], t.stride()[1:], exp, strict=True)
+    return all(sz <= 1 or st == e for sz, st, e in dims)
+
+
+def _order_of(x: Tensor) -> str:
+    """Memory order of ``x``'s per-sample block: "nchw" (row-major) or "nhwc" (channels_last).
+
+    Channels_last is kept only when it is the unambiguous dense order (C > 1, H*W > 1).
+    Anything not dense in either order is treated as NCHW (and made contiguous by the kernels).
+    """
+    big = x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1
+    if big and _inner_dense(x, "nhwc") and not _inner_dense(x, "nchw"):
+        return "nhwc"
+    return "nchw"
+
+
+def _memory_format(order: str) -> torch.memory_format:
+    return torch.channels_last if order == "nhwc" else torch.contiguous_format
+
+
+def _dense(t: Tensor, order: str) -> Tensor:
+    """``t`` itself when each sample's block is dense in ``order``; otherwise a dense copy."""
+    if _inner_dense(t, order):
+        return t
+    return t.contiguous(memory_format=_memory_format(order))
+
+
+def _batch_stride(t: Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t[0].numel()
+
+
+def _new_out(x: Tensor, order: str) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(order))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference backend (fp32 math)
+# ----------------------------------------------------------------------------------------------
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_M32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    # 32x32 -> 64 bit product of constant a and uint32 values b held in int64, without overflow
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+    return hi & _M32, lo
+
+
+def philox_randn(generator_state: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """N(0,1) fp32 of ``shape``: element ``e`` (row-major) = Triton ``tl.randn(seed, offset + e)``.
+
+    Philox4x32-10 in int64 torch arithmetic masked to 32 bits (Salmon et al. 2011), key =
+    (seed lo, seed hi), counter = (ctr lo, ctr hi, 0, 0); Box-Muller on the first two outputs with
+    Triton's uint -> uniform conversion. No host sync: seed and offset stay on the device.
+    """
+    dev = generator_state.device
+    numel = 1
+    for s in shape:
+        numel *= s
+    seed, offset = generator_state[0], generator_state[1]
+    ctr = torch.arange(numel, dtype=torch.int64, device=dev) + offset
+    c0, c1 = ctr & _M32, (ctr >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
+        c1, c3 = lo_b, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+
+    def uniform(u: Tensor) -> Tensor:
+        # bitcast to int32, x<0 -> ~x, times 4.6566127342e-10 in fp32
+        u = torch.where(u >= 2**31, _M32 - u, u)
+        return u.to(torch.float32) * 4.6566127342e-10
+
+    u1 = torch.clamp_min(uniform(c0), 1.0e-7)
+    th = uniform(c1) * 6.283185307179586
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return (r * torch.cos(th)).reshape(shape)
+
+
+def _torch_x0_eps(
+    x: Tensor,
+    m: Tensor,
+    a: Tensor,
+    s: Tensor,
+    pred: int,
+    clip_range: float | None,
+    recompute_eps: bool,
+    need_eps: bool,
+) -> tuple[Tensor, Tensor | None]:
+    eps = None
+    if pred == 0:
+        eps = m
+        x0 = (x - s * eps) / a
+    elif pred == 1:
+        x0 = a * x - s * m
+        eps = a * m + s * x
+    else:
+        x0 = m
+        if need_eps:
+            eps = (x - a * x0) / s
+    if clip_range is not None:
+        x0 = torch.clamp(x0, -clip_range, clip_range)  # propagates NaN
+        if recompute_eps and need_eps:
+            eps = (x - a * x0) / s
+    return x0, eps
+
+
+def _split_model_output(
+    x: Tensor, mo: Tensor, guidance_scale: float | None, learned_variance: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(main [cond] half, uncond half or None, variance values or None), all views of ``mo``."""
+    n, c = x.shape[0], (x.shape[1] if x.dim() > 1 else 0)
+    cond = mo[n:] if guidance_scale is not None else mo
+    unc = mo[:n] if guidance_scale is not None else None
+    var = None
+    if learned_variance:
+        var = cond[:, c:]
+        cond = cond[:, :c]
+        if unc is not None:
+            unc = unc[:, :c]
+    return cond, unc, var
+
+
+def _torch_sampler_step(
+    x, model_output, coef, noise, generator_state, pred, clip_range, recompute_eps,
+    guidance_scale, learned_variance, return_x0, order,
+):  # fmt: skip
+    coef = coef.float()
+    a, s, c_x0, c_eps, c_x, c_noise, lv_max, lv_min = (coef[i] for i in range(8))
+    xf = x.float()
+    cond, unc, var = _split_model_output(x, model_output, guidance_scale, learned_variance)
+    m = cond.float()
+    if unc is not None:
+        u = unc.float()
+        m = u + guidance_scale * (m - u)
+    x0, eps = _torch_x0_eps(xf, m, a, s, pred, clip_range, recompute_eps, True)
+    out = c_x0 * x0 + c_eps * eps + c_x * xf
+    if noise is not None or generator_state is not None:
+        z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
+        sigma = c_noise
+        if var is not None:
+            f = (var.float() + 1.0) * 0.5
+            sigma = c_noise * torch.exp(0.5 * (f * lv_max + (1.0 - f) * lv_min))
+        out = out + sigma * z
+    x_prev = _new_out(x, order).copy_(out)
+    x0_out = _new_out(x, order).copy_(x0) if return_x0 else x.new_empty(0)
+    return x_prev, x0_out
+
+
+def _torch_dpm_2m(x, model_output, coef, x0_prev, pred, clip_range, guidance_scale, order):
+    coef = coef.float()
+    a, s, c_x, c_x0, c_prev = (coef[i] for i in range(5))
+    xf = x.float()
+    cond, unc, _ = _split_model_output(x, model_output, guidance_scale, False)
+    m = cond.float()
+    if unc is not None:
+        u = unc.float()
+        m = u + guidance_scale * (m - u)
+    x0, _ = _torch_x0_eps(xf, m, a, s, pred, clip_range, False, False)
+    out = c_x * xf + c_x0 * x0
+    if x0_prev is not None:
+        out = out + c_prev * x0_prev.float()
+    return _new_out(x, order).copy_(out), _new_out(x, order).copy_(x0)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel backends (cpu / cuda / triton): operands as (tensor, batch stride), dense per sample
+# ----------------------------------------------------------------------------------------------
+def _kernel_operands(x, model_output, noise, extra, guidance_scale, learned_variance):
+    """Dense-per-sample views for the kernels, in x's memory order.
+
+    Returns (order, x, cond, unc, var, third) where ``third`` is noise (sampler_step) or x0_prev
+    (dpm_solver_2m_step), each cast to the dtype its kernel slot expects.
+    """
+    order = _order_of(x)
+    xd = _dense(x, order)
+    mo = model_output
+    cond, unc, var = _split_model_output(x, mo, guidance_scale, learned_variance)
+    cond = _dense(cond, order)
+    unc = _dense(unc, order) if unc is not None else None
+    var = _dense(var, order) if var is not None else None
+    if unc is not None and unc.dtype != cond.dtype:
+        unc = unc.to(cond.dtype)
+    if var is not None and var.dtype != cond.dtype:
+        var = var.to(cond.dtype)
+    third = noise if noise is not None else extra
+    if third is not None:
+        third = _dense(third.to(x.dtype), order)
+    return order, xd, cond, unc, var, third
+
+
+def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pred, clip_range,
+                recompute_eps, guidance_scale, learned_variance, return_x0):  # fmt: skip
+    order, xd, cond, unc, var, third = _kernel_operands(
+        x, model_output, third, None, guidance_scale, learned_variance
+    )
+    x_prev = _new_out(x, order)
+    x0 = _new_out(x, order) if return_x0 else x.new_empty(0)
+    if x.numel() == 0:
+        return x_prev, x0
+    n = x.shape[0]
+    inner = x[0].numel()
+    nhwc_c = x.shape[1] if order == "nhwc" else 0
+    hw = x.shape[2] * x.shape[3] if order == "nhwc" else inner
+    coef = coef if coef.is_contiguous() else coef.contiguous()
+
+    def op(t):
+        return (0, 0) if t is None else (t.data_ptr(), _batch_stride(t))
+
+    args = dict(
+        mode=mode,
+        n=n,
+        inner=inner,
+        nhwc_c=nhwc_c,
+        hw=hw,
+        x=op(xd),
+        m=op(cond),
+        mu=op(unc),
+        v=op(var),
+        z=op(third),
+        gen=generator_state.data_ptr() if generator_state is not None else 0,
+        coef=coef.data_ptr(),
+        out=x_prev.data_ptr(),
+        x0=x0.data_ptr() if return_x0 else 0,
+        dtype_x=_ext.dtype_code(xd),
+        dtype_m=_ext.dtype_code(cond),
+        pred=pred,
+        clip=clip_range is not None,
+        clip_r=float(clip_range) if clip_range is not None else 0.0,
+        recompute=bool(recompute_eps),
+        cfg=guidance_scale is not None,
+        g=float(guidance_scale) if guidance_scale is not None else 0.0,
+    )
+    if backend == "triton":
+        from fastdiff.kernels.triton.sampler_step import sampler_step_forward
+
+        sampler_step_forward(xd, cond, unc, var, third, generator_state, coef, x_prev,
+                             x0 if return_x0 else None, **args)  # fmt: skip
+    else:
+        c = _ext.native()
+        fn = c.sampler_step_cpu if backend == "cpu" else c.sampler_step_cuda
+        flat = [
+            args["mode"], n, inner, nhwc_c, hw, *args["x"], *args["m"], *args["mu"], *args["v"],
+            *args["z"], args["gen"], args["coef"], args["out"], args["x0"], args["dtype_x"],
+            args["dtype_m"], pred, args["clip"], args["clip_r"], args["recompute"], args["cfg"],
+            args["g"],
+        ]  # fmt: skip
+        if backend == "cuda":
+            flat.append(_ext.stream_handle(x))
+        fn(*flat)
+    return x_prev, x0
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastdiff::sampler_step", mutates_args=())
+def _sampler_step_op(
+    x: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    noise: Tensor | None,
+    generator_state: Tensor | None,
+    backend: str,
+    prediction_type: int,
+    clip_range: float | None,
+    recompute_eps: bool,
+    guidance_scale: float | None,
+    learned_variance: bool,
+    return_x0: bool,
+) -> tuple[Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_sampler_step(
+            x, model_output, coef, noise, generator_state, prediction_type, clip_range,
+            recompute_eps, guidance_scale, learned_variance, return_x0, _order_of(x),
+        )  # fmt: skip
+    return _run_kernel(
+        backend, 0, x, model_output, coef, noise, generator_state, prediction_type, clip_range,
+        recompute_eps, guidance_scale, learned_variance, return_x0,
+    )  # fmt: skip
+
+
+@_sampler_step_op.register_fake
+def _(x, model_output, coef, noise, generator_state, backend, prediction_type, clip_range,
+      recompute_eps, guidance_scale, learned_variance, return_x0):  # fmt: skip
+    order = _order_of(x)
+    return _new_out(x, order), (_new_out(x, order) if return_x0 else x.new_empty(0))
+
+
+@torch.library.custom_op("fastdiff::dpm_solver_2m_step", mutates_args=())
+def _dpm_2m_op(
+    x: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    x0_prev: Tensor | None,
+    backend: str,
+    prediction_type: int,
+    clip_range: float | None,
+    guidance_scale: float | None,
+) -> tuple[Tensor, Tensor]:
+    if backend == "torch":
+        return _torch_dpm_2m(
+            x, model_output, coef, x0_prev, prediction_type, clip_range, guidance_scale,
+            _order_of(x),
+        )  # fmt: skip
+    return _run_kernel(
+        backend, 1, x, model_output, coef, x0_prev, None, prediction_type, clip_range, False,
+        guidance_scale, False, True,
+    )  # fmt: skip
+
+
+@_dpm_2m_op.register_fake
+def _(x, model_output, coef, x0_prev, backend, prediction_type, clip_range, guidance_scale):
+    order = _order_of(x)
+    return _new_out(x, order), _new_out(x, order)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and public API
+# ----------------------------------------------------------------------------------------------
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_device(name: str, t: Tensor, x: Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
+
+
+def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale, lv):
+    _check_float("x", x)
+    _check_float("model_output", model_output)
+    _check_device("model_output", model_output, x)
+    if not isinstance(coef, Tensor) or coef.dtype != torch.float32:
+        got = coef.dtype if isinstance(coef, Tensor) else type(coef).__name__
+        raise TypeError(f"coef must be a float32 tensor, got {got}")
+    _check_device("coef", coef, x)
+    if coef.numel() < 8:
+        raise ValueError(f"coef must have >= 8 elements, got {coef.numel()}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}; valid: {sorted(PREDICTION_TYPES)}"
+        )
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension [N x ...]")
+    if clip_range is not None and not float(clip_range) >= 0:
+        raise ValueError(f"clip_range must be a float >= 0, got {clip_range!r}")
+    exp = list(x.shape)
+    if guidance_scale is not None:
+        exp[0] *= 2
+        if model_output.dim() < 1 or model_output.shape[0] != exp[0]:
+            raise ValueError(
+                f"guidance_scale needs model_output with batch 2N = {exp[0]} ([uncond, cond]), "
+                f"got shape {tuple(model_output.shape)}"
+            )
+    if lv:
+        if x.dim() < 2:
+            raise ValueError("learned_variance needs x of shape [N x C x ...]")
+        exp[1] *= 2
+    if list(model_output.shape) != exp:
+        raise ValueError(
+            f"model_output must have shape {tuple(exp)} for x of shape {tuple(x.shape)}"
+            f" (guidance_scale={guidance_scale}, learned_variance={lv}), "
+            f"got {tuple(model_output.shape)}"
+        )
+
+
+def _unsupported(x: Tensor) -> dict[str, str]:
+    return {}
+
+
+def sampler_step(
+    x: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    *,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    recompute_eps: bool = False,
+    guidance_scale: float | None = None,
+    learned_variance: bool = False,
+    noise: Tensor | None = None,
+    generator_state: Tensor | None = None,
+    return_x0: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """One fused sampler update ``x_t -> x_{t-1}`` (DDPM, DDIM any eta, Euler, DPM-Solver-1).
+
+    Args:
+        x: ``[N x ...]`` current sample x_t (fp32/fp16/bf16, any layout).
+        model_output: same shape as ``x``; ``[2N x ...] = [uncond, cond]`` with
+            ``guidance_scale``; ``[N x 2C x ...]`` with ``learned_variance`` (first C channels
+            eps/v/x0, last C the variance values v in [-1, 1]).
+        coef: fp32 ``[8]`` on x's device (read by the kernel, so CUDA graphs can update it):
+            ``[a=sqrt(ab_t), s=sqrt(1-ab_t), c_x0, c_eps, c_x, c_noise, log_var_max,
+            log_var_min]``, computed in float64 by the sampler.
+        prediction_type: "epsilon" | "v_prediction" | "sample".
+        clip_range: clip x0 to ``[-r, r]`` (NaN propagates).
+        recompute_eps: re-derive eps from the clipped x0 (diffusers use_clipped_model_output).
+        guidance_scale: classifier-free guidance ``eps = out_u + s (out_c - out_u)`` on the raw
+            model output halves, read straight from the ``[2N]`` batch (no extra pass). With
+            ``learned_variance`` the variance values are taken from the cond half.
+        learned_variance: improved-DDPM learned range (Nichol & Dhariwal 2021, eq. 15):
+            ``sigma = c_noise * exp(0.5 (f log_var_max + (1 - f) log_var_min))``, f = (v + 1)/2.
+        noise: z, same shape as ``x``.
+        generator_state: int64 ``[2] = (seed, offset)`` on x's device: z is drawn in the kernel
+            with Philox4x32-10; element e (row-major index in x's logical NCHW order, so layout
+            independent) uses counter ``offset + e``, exactly Triton's ``tl.randn(seed, offset
+            + e)``. The cpu, cuda, triton and torch backends produce the same uint32 stream for
+            the same (seed, offset); normals agree to the float rounding of log/cos/sin
+            (<= 1e-5 abs). The sampler advances the offset by ``x.numel()`` per step.
+        return_x0: also return the (clipped) x0 prediction.
+
+    Math per element, fp32 (DDIM: Song et al. 2021 eq. 12; DDPM posterior: Ho et al. 2020 eq. 7)::
+
+        epsilon: x0 = (x - s eps)/a;  v: x0 = a x - s v, eps = a v + s x;
+        sample:  x0 = m, eps = (x - a x0)/s
+        x_prev = c_x0 x0 + c_eps eps + c_x x + sigma z   (z term only with noise/generator_state)
+
+    Dynamic thresholding (Imagen) is NOT part of this op: it needs a per-sample quantile, which
+    the sampler computes with a separate torch reduction (then passes ``prediction_type="sample"``).
+    No host synchronisation anywhere; the CUDA kernel runs on torch's current stream.
+
+    Returns:
+        ``x_prev`` in x's dtype and memory format, or ``(x_prev, x0)`` with ``return_x0``.
+    """
+    _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
+                  learned_variance)  # fmt: skip
+    if noise is not None and generator_state is not None:
+        raise ValueError("pass at most one of noise and generator_state, got both")
+    if noise is not None:
+        _check_float("noise", noise)
+        _check_device("noise", noise, x)
+        if noise.shape != x.shape:
+            raise ValueError(
+                f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
+            )
+    if generator_state is not None:
+        if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.int64:
+            got = getattr(generator_state, "dtype", type(generator_state).__name__)
+            raise TypeError(f"generator_state must be an int64 tensor [2], got {got}")
+        if tuple(generator_state.shape) != (2,):
+            raise ValueError(
+                f"generator_state must have shape (2,), got {tuple(generator_state.shape)}"
+            )
+        _check_device("generator_state", generator_state, x)
+        if not generator_state.is_contiguous():
+            generator_state = generator_state.contiguous()
+    backend = _dispatch.resolve("sampler_step", x.device, _unsupported(x))
+    x_prev, x0 = _sampler_step_op(
+        x, model_output, coef, noise, generator_state, backend, PREDICTION_TYPES[prediction_type],
+        None if clip_range is None else float(clip_range), bool(recompute_eps),
+        None if guidance_scale is None else float(guidance_scale), bool(learned_variance),
+        bool(return_x0),
+    )  # fmt: skip
+    return (x_prev, x0) if return_x0 else x_prev
+
+
+def dpm_solver_2m_step(
+    x: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    x0_prev: Tensor | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """DPM-Solver++ 2M update (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction).
+
+    ``x0`` is derived from ``model_output`` as in :func:`sampler_step` (with optional CFG and
+    clipping), then ``x_next = c_x x + c_x0 x0 + c_prev x0_prev`` with coef fp32 ``[8] = [a, s,
+    c_x, c_x0, c_prev, 0, 0, 0]``. The sampler folds the multistep terms into the coefficients:
+    with ``h = lambda_t - lambda_s`` and ``r = h_prev / h``, midpoint form,
+    ``c_x = sigma_t/sigma_s``, ``c_x0 = -alpha_t (e^{-h} - 1)(1 + 1/(2r))``,
+    ``c_prev = alpha_t (e^{-h} - 1)/(2r)``. ``x0_prev=None`` is the first-order step: the term
+    is skipped (not multiplied by 0, so garbage or NaN in a stale buffer cannot leak).
+
+    Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
+    overwritten, e.g. by CUDA graph replay).
+    """
+    _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale, False)
+    if x0_prev is not None:
+        _check_float("x0_prev", x0_prev)
+        _check_device("x0_prev", x0_prev, x)
+        if x0_prev.shape != x.shape:
+            raise ValueError(
+                f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
+            )
+    backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x))
+    return _dpm_2m_op(
+        x, model_output, coef, x0_prev, backend, PREDICTION_TYPES[prediction_type],
+        None if clip_range is None else float(clip_range),
+        None if guidance_scale is None else float(guidance_scale),
+    )  # fmt: skip
