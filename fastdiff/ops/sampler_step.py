@@ -427,7 +427,13 @@ def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_s
 
 
 def _unsupported(x: Tensor) -> dict[str, str]:
-    return {}
+    """Backends that cannot run now: a fastdiff._C built before these kernels existed."""
+    out = {}
+    c = _ext._C
+    for b in ("cpu", "cuda"):
+        if c is not None and not hasattr(c, f"sampler_step_{b}"):
+            out[b] = f"fastdiff._C has no sampler_step_{b} (stale build: run tools/dev_build.sh)"
+    return out
 
 
 def sampler_step(
