@@ -1,0 +1,118 @@
+// Philox4x32-10 counter-based RNG (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+// SC 2011) and the Box-Muller normal of Triton's `tl.randn(seed, offset)`, bit for bit in the
+// uint32 stream:
+//   key      = (seed & 0xffffffff, seed >> 32)             (64-bit seed split lo/hi)
+//   counter  = (offset & 0xffffffff, offset >> 32, 0, 0)   (64-bit offset)
+//   uniform  = u as int32, negative -> ~u, times 4.6566127342e-10f      ([0, 1))
+//   normal   = sqrt(-2 log(max(u1, 1e-7))) * cos(6.283185307179586f * u2)  (first two outputs)
+// log and cos are our own fp32 polynomials (Cephes-style, ~1-2 ulp) so the CPU loop vectorises
+// and the CPU and CUDA builds compute identical values; Triton's libdevice/numpy results agree to
+// float rounding.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "fastdiff/common.h"
+
+namespace fastdiff {
+
+FD_HD uint32_t fd_float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+FD_HD float fd_bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// Philox4x32 with 10 rounds, in place on the counter (c0..c3) with key (k0, k1).
+FD_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                         uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint64_t pb = (uint64_t)0xCD9E8D57u * (uint64_t)c2;
+    const uint64_t pa = (uint64_t)0xD2511F53u * (uint64_t)c0;
+    const uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
+    c1 = (uint32_t)pb;
+    c3 = (uint32_t)pa;
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// Triton's uint_to_uniform_float for 32-bit values.
+FD_HD float philox_uniform(uint32_t u) {
+  int32_t i = (int32_t)u;
+  i = i < 0 ? ~i : i;
+  return (float)i * 4.6566127342e-10f;
+}
+
+// Natural log for normal positive floats (Cephes logf polynomial).
+FD_HD float fd_logf(float x) {
+  const uint32_t ix = fd_float_bits(x);
+  int e = (int)((ix >> 23) & 0xffu) - 126;                 // x = m * 2^e, m in [0.5, 1)
+  float m = fd_bits_float((ix & 0x007fffffu) | 0x3f000000u);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = (float)e;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  float r = m + y;
+  r += 0.693359375f * fe;
+  return r;
+}
+
+// cos(t) for 0 <= t < 8 (Cephes sinf/cosf polynomials, 3-part Cody-Waite reduction by pi/2).
+FD_HD float fd_cos_small(float t) {
+  const int q = (int)(t * 0.636619772367581343f + 0.5f);  // nearest multiple of pi/2 (t >= 0)
+  const float fq = (float)q;
+  float r = ((t - fq * 1.5703125f) - fq * 4.837512969970703125e-4f) - fq * 7.54978995489188216e-8f;
+  const float z = r * r;
+  const float s = r + r * z * ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f);
+  const float c = 1.0f - 0.5f * z +
+                  z * z * ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z +
+                           4.166664568298827e-2f);
+  const int k = q & 3;
+  const float v = (k & 1) ? s : c;
+  return (k == 1 || k == 2) ? -v : v;
+}
+
+// N(0, 1) for counter `ctr` under `seed`: Triton tl.randn(seed, ctr).
+FD_HD float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
+  uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = 0u, c3 = 0u;
+  philox4x32_10(c0, c1, c2, c3, k0, k1);
+  float u1 = philox_uniform(c0);
+  const float u2 = philox_uniform(c1);
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const float th = 6.283185307179586f * u2;
+  const float r = sqrtf(-2.0f * fd_logf(u1));
+  return r * fd_cos_small(th);
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,100 @@
+// Per-element math of the fused sampler update, shared by csrc/cpu/sampler_step.cpp and
+// csrc/cuda/sampler_step.cu (FD_HD), so the CPU build tests the arithmetic the GPU runs.
+// All math in fp32. NaN in -> NaN out: the clamp propagates NaN and nothing is selected away.
+#pragma once
+
+#include <cmath>
+
+#include "fastdiff/common.h"
+
+namespace fastdiff {
+
+enum Prediction : int { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+
+// Runtime options of one step (identical for every element).
+struct StepOptions {
+  int mode;          // 0: sampler_step, 1: dpm_solver_2m_step
+  int pred;          // Prediction
+  int clip;          // clamp x0 to [-clip_r, clip_r]
+  float clip_r;
+  int recompute;     // eps = (x - a x0) / s after clipping
+  int cfg;           // m = u + g (c - u)
+  float g;
+  int learned_var;   // sigma from the variance values v
+  int has_z;         // noise tensor or in-kernel Philox (sampler_step); x0_prev (dpm)
+};
+
+// clamp that returns NaN for NaN input (comparisons with NaN are false).
+FD_HD float nan_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// Classifier-free guidance on the raw model output halves.
+FD_HD float cfg_combine(float cond, float uncond, float g) { return uncond + g * (cond - uncond); }
+
+// x0 and eps from the model output m (DDIM eq. 9; v-parameterisation, Salimans & Ho 2022).
+template <int PRED>
+FD_HD void predict_x0_eps(float x, float m, float a, float s, int clip, float clip_r,
+                          int recompute, bool need_eps, float& x0, float& eps) {
+  if (PRED == kEpsilon) {
+    eps = m;
+    x0 = (x - s * eps) / a;
+  } else if (PRED == kVPrediction) {
+    x0 = a * x - s * m;
+    eps = a * m + s * x;
+  } else {
+    x0 = m;
+    eps = need_eps ? (x - a * x0) / s : 0.0f;
+  }
+  if (clip) {
+    x0 = nan_clamp(x0, -clip_r, clip_r);
+    if (recompute && need_eps) eps = (x - a * x0) / s;
+  }
+}
+
+// Improved DDPM learned range (Nichol & Dhariwal 2021, eq. 15): sigma = c_noise * exp(log var / 2).
+FD_HD float learned_sigma(float c_noise, float v, float log_var_max, float log_var_min) {
+  const float f = (v + 1.0f) * 0.5f;
+  return c_noise * expf(0.5f * (f * log_var_max + (1.0f - f) * log_var_min));
+}
+
+// x_prev = c_x0 x0 + c_eps eps + c_x x (+ sigma z).
+FD_HD float sampler_update(float c_x0, float c_eps, float c_x, float x, float x0, float eps,
+                           int has_z, float sigma, float z) {
+  const float mean = c_x0 * x0 + c_eps * eps + c_x * x;
+  return has_z ? mean + sigma * z : mean;
+}
+
+// DPM-Solver++ 2M: x_next = c_x x + c_x0 x0 (+ c_prev x0_prev; skipped, not zeroed, if absent).
+FD_HD float dpm2m_update(float c_x, float c_x0, float c_prev, float x, float x0, int has_prev,
+                         float x0_prev) {
+  const float v = c_x * x + c_x0 * x0;
+  return has_prev ? v + c_prev * x0_prev : v;
+}
+
+}  // namespace fastdiff
+
+namespace fastdiff {
+
+// The kernel ABI of sampler_step / dpm_solver_2m_step (CPU and CUDA). Every operand is a base
+// address plus a per-sample (batch) stride in elements; each sample's block of `inner` elements
+// is dense in x's memory order (NCHW row-major, or NHWC when nhwc_c > 0). Outputs are dense
+// (batch stride = inner). Unused operands have address 0.
+struct StepArgs {
+  int64_t n = 0;       // samples
+  int64_t inner = 0;   // elements per sample
+  int64_t nhwc_c = 0;  // C when the per-sample order is HWC (channels_last), else 0
+  int64_t hw = 0;      // H*W (used with nhwc_c to recover the logical NCHW index for Philox)
+  uintptr_t x = 0, m = 0, mu = 0, v = 0, z = 0;  // x_t; model output (cond); uncond; variance;
+  int64_t bs_x = 0, bs_m = 0, bs_mu = 0, bs_v = 0, bs_z = 0;  // noise (mode 0) / x0_prev (mode 1)
+  uintptr_t gen = 0;   // int64[2] (seed, offset) for in-kernel Philox noise, or 0
+  uintptr_t coef = 0;  // fp32[8]
+  uintptr_t out = 0;   // x_prev / x_next, dtype_x
+  uintptr_t x0 = 0;    // x0 output (dtype_x) or 0
+  int dtype_x = 0;     // x, z, out, x0
+  int dtype_m = 0;     // m, mu, v
+  StepOptions opt{};
+};
+
+// csrc/cpu/sampler_step.cpp
+void sampler_step_cpu(const StepArgs& args);
+
+}  // namespace fastdiff
