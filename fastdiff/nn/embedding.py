@@ -1,0 +1,41 @@
+"""Timestep embedding: sinusoidal features followed by a two-layer MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps ``t`` [N] -> [N x dim] (float32).
+
+    ``[sin(t * f_i), cos(t * f_i)]`` with ``f_i = max_period ** (-i / (dim/2 - 1))``: the
+    Transformer's positional encoding (Vaswani et al. 2017, sec. 3.5) as DDPM applies it to the
+    timestep (Ho et al. 2020, appendix B). ``t`` may be integer or fractional. The frequencies
+    are computed in float32 on ``t``'s device, so a half-precision model keeps exact phases and
+    the call never syncs with the host (CUDA-graph safe).
+    """
+    if dim < 4 or dim % 2:
+        raise ValueError(f"timestep embedding dim must be even and >= 4, got {dim}")
+    half = dim // 2
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(i * (-math.log(max_period) / (half - 1)))  # [dim/2]
+    args = t.float()[:, None] * freqs[None, :]  # [N x dim/2]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [N x dim]
+
+
+class TimestepEmbedding(nn.Module):
+    """t [N] -> sinusoidal features [N x dim] -> Linear -> SiLU -> Linear -> [N x emb_dim]."""
+
+    def __init__(self, dim: int, emb_dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.linear1 = nn.Linear(dim, emb_dim)
+        self.act = nn.SiLU()
+        self.linear2 = nn.Linear(emb_dim, emb_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = timestep_embedding(t, self.dim).to(self.linear1.weight.dtype)  # [N x dim]
+        return self.linear2(self.act(self.linear1(h)))  # [N x emb_dim]
