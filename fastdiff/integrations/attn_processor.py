@@ -1,0 +1,116 @@
+"""``FastAttnProcessor``: a diffusers attention processor on :func:`fastdiff.ops.attention`.
+
+    unet.set_attn_processor(FastAttnProcessor())
+
+It mirrors diffusers' ``AttnProcessor2_0`` step for step (spatial norm, group norm, 4-D reshape,
+norm_cross, q/k/v projections, q/k norms, output projection and dropout, residual connection,
+rescale_output_factor) and only swaps the attention call. Inputs the fused op does not take go to
+``torch.nn.functional.scaled_dot_product_attention`` exactly as ``AttnProcessor2_0`` would call it:
+an attention mask, or a dtype other than fp16/bf16/fp32. Head dims outside the fused kernels' set
+are routed to SDPA by the dispatch table itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff.ops.attention import attention
+
+__all__ = ["FastAttnProcessor"]
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class FastAttnProcessor:
+    """Drop-in replacement for diffusers' ``AttnProcessor2_0`` running fastdiff attention.
+
+    ``sdpa_calls`` counts the calls that went to SDPA (mask or dtype), so callers can see it.
+    """
+
+    def __init__(self) -> None:
+        self.sdpa_calls = 0
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            # [B x C x H x W] -> [B x HW x C]
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(
+                attention_mask, sequence_length, batch_size
+            )
+            # [B x heads x Lq x Lk] as SDPA expects
+            attention_mask = attention_mask.view(
+                batch_size, attn.heads, -1, attention_mask.shape[-1]
+            )
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        # [B x L x heads*Dh] -> [B x heads x L x Dh] (strided views; the kernels take strides)
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        fused = (
+            attention_mask is None
+            and query.dtype in _FUSED_DTYPES
+            and key.dtype == query.dtype
+            and value.dtype == query.dtype
+        )
+        if fused:
+            hidden_states = attention(query, key, value)
+        else:
+            self.sdpa_calls += 1
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
