@@ -1,1 +1,51 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M (each step is one fused op call)."""
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M (each step is one fused op call).
+
+Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
+model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
+``i`` the step index, so each step can be compared with the matching diffusers scheduler.
+
+    >>> from fastdiff import NoiseSchedule
+    >>> from fastdiff.samplers import DDIMSampler
+    >>> sampler = DDIMSampler(NoiseSchedule("linear"), 50, eta=0.0)
+    >>> sampler.timesteps[:3]
+    tensor([980, 960, 940])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastdiff.samplers.base import Sampler, spaced_timesteps
+from fastdiff.samplers.ddim import DDIMSampler
+from fastdiff.samplers.ddpm import DDPMSampler
+from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = [
+    "SAMPLERS",
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolverPPSampler",
+    "Sampler",
+    "make_sampler",
+    "spaced_timesteps",
+]
+
+#: Names accepted by :func:`make_sampler` and ``fastdiff.sample(sampler=...)``.
+SAMPLERS: dict[str, type[Sampler]] = {
+    "ddim": DDIMSampler,
+    "ddpm": DDPMSampler,
+    "dpm++": DPMSolverPPSampler,
+    "dpmsolver++": DPMSolverPPSampler,
+    "dpm-solver++": DPMSolverPPSampler,
+}
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
+    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++")."""
+    if not isinstance(name, str) or name.lower() not in SAMPLERS:
+        raise ValueError(
+            f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
+            f"or a Sampler object, got {name!r}"
+        )
+    return SAMPLERS[name.lower()](schedule, steps, **options)

@@ -1,0 +1,289 @@
+"""Shared machinery of the samplers: timestep spacing, the fp32 coefficient table, validation.
+
+Every sampler precomputes, on the host and in float64, one row of 8 coefficients per step when it
+is built. The table is cast to fp32 and moved to a device once (the first time a step runs on
+that device), so the sampling loop does no ``.item()``, no ``nonzero`` and no host-device sync:
+each step is one indexed view ``table[i]`` and one call of the fused op
+:func:`fastdiff.ops.sampler_step.sampler_step` (or ``dpm_solver_2m_step``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
+
+__all__ = ["Sampler", "spaced_timesteps", "TIMESTEP_SPACINGS"]
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# Column names of the coefficient table (sampler_step layout).
+COLUMNS = ("a", "s", "c_x0", "c_eps", "c_x", "c_noise", "log_var_max", "log_var_min")
+
+
+def _ops():
+    from fastdiff.ops import sampler_step as mod
+
+    return mod
+
+
+def spaced_timesteps(
+    num_train_timesteps: int,
+    steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> np.ndarray:
+    """The ``steps`` model timesteps, descending, as diffusers' ``set_timesteps`` spaces them.
+
+    Table 2 of Lin et al. 2023 (arXiv:2305.08891), with T = ``num_train_timesteps``:
+
+    * ``leading``:  arange(steps) * (T // steps), reversed, + steps_offset (DDIM paper spacing)
+    * ``trailing``: round(arange(T, 0, -T/steps)) - 1 (always starts at T - 1)
+    * ``linspace``: round(linspace(0, T - 1, steps)), reversed
+    """
+    T = num_train_timesteps
+    if spacing == "leading":
+        ratio = T // steps
+        ts = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round()[::-1].copy().astype(np.int64)
+    else:
+        raise ValueError(
+            f"timestep_spacing: expected one of {list(TIMESTEP_SPACINGS)}, got {spacing!r}"
+        )
+    return ts
+
+
+def threshold_x0(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022, arXiv:2205.11487, section 2.3).
+
+    Per sample, s = quantile(|x0|, ratio) clamped to [1, max_value]; x0 <- clamp(x0, -s, s) / s.
+    A separate torch reduction pass (it needs the per-sample quantile before the update).
+    """
+    n = x0.shape[0]
+    flat = x0.reshape(n, -1)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(work.abs(), ratio, dim=1).clamp(1.0, max_value).unsqueeze(1)
+    return (torch.clamp(work, -s, s) / s).to(x0.dtype).reshape(x0.shape)
+
+
+class Sampler:
+    """Base class: a fixed list of model timesteps and a per-step coefficient table.
+
+    Subclasses set ``coefficients()`` (float64 ``[steps x 8]``) and the per-step update.
+
+    Args:
+        schedule: the :class:`~fastdiff.schedules.NoiseSchedule` the model was trained with.
+        steps: number of sampling steps (1 .. num_train_timesteps).
+        prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"``, ``"sample"``.
+        timestep_spacing: ``"leading"``, ``"trailing"`` or ``"linspace"`` (see
+            :func:`spaced_timesteps`); ``steps_offset`` is added under ``leading``.
+    """
+
+    name = "base"
+    default_spacing = "leading"
+    is_multistep = False
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        *,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+    ) -> None:
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(
+                f"schedule: expected a fastdiff.NoiseSchedule, got {type(schedule).__name__}"
+            )
+        T = schedule.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+        if not 1 <= int(steps) <= T:
+            raise ValueError(
+                f"steps: expected 1 <= steps <= num_train_timesteps = {T}, got {steps}"
+            )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type: expected one of {list(PREDICTION_TYPES)}, "
+                f"got {prediction_type!r}"
+            )
+        spacing = self.default_spacing if timestep_spacing is None else timestep_spacing
+        if spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"timestep_spacing: expected one of {list(TIMESTEP_SPACINGS)}, got {spacing!r}"
+            )
+        if not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
+            raise ValueError(f"steps_offset: expected an int >= 0, got {steps_offset!r}")
+        self.schedule = schedule
+        self.steps = int(steps)
+        self.prediction_type = prediction_type
+        self.timestep_spacing = spacing
+        self.steps_offset = int(steps_offset)
+        ts = self._make_timesteps()
+        if ts.min() < 0 or ts.max() >= T:
+            raise ValueError(
+                f"steps_offset: timesteps {ts.max()}..{ts.min()} fall outside [0, {T - 1}]"
+            )
+        self._ts = ts
+        #: model timesteps, descending, int64 [steps] (CPU; ``timesteps_on(device)`` caches copies)
+        self.timesteps = torch.from_numpy(ts.copy())
+        self._coef64 = self.coefficients()
+        assert self._coef64.shape == (self.steps, 8)
+        self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
+        self._tables: dict[torch.device, Tensor] = {}
+        self._ts_dev: dict[torch.device, Tensor] = {}
+        self._noise_steps = [bool(self._needs_noise_row(i)) for i in range(self.steps)]
+
+    # ------------------------------------------------------------------ subclass interface
+    def _make_timesteps(self) -> np.ndarray:
+        return spaced_timesteps(
+            self.schedule.num_train_timesteps, self.steps, self.timestep_spacing, self.steps_offset
+        )
+
+    def coefficients(self) -> np.ndarray:
+        """float64 ``[steps x 8]`` coefficient table (layout: :data:`COLUMNS`)."""
+        raise NotImplementedError
+
+    def _needs_noise_row(self, i: int) -> bool:
+        return self._coef64[i, 5] != 0.0
+
+    # ------------------------------------------------------------------ public helpers
+    def __len__(self) -> int:
+        return self.steps
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.steps}, prediction_type={self.prediction_type!r},"
+            f" timestep_spacing={self.timestep_spacing!r}, schedule={self.schedule!r})"
+        )
+
+    def needs_noise(self, i: int) -> bool:
+        """Whether step ``i`` adds fresh noise (host-side, known at construction)."""
+        return self._noise_steps[i]
+
+    @property
+    def coef64(self) -> np.ndarray:
+        """The float64 coefficient table ``[steps x 8]`` (read-only copy)."""
+        return self._coef64.copy()
+
+    def coef_table(self, device: torch.device | str) -> Tensor:
+        """The fp32 ``[steps x 8]`` table on ``device``, moved there once and cached."""
+        dev = torch.device(device)
+        tab = self._tables.get(dev)
+        if tab is None:
+            tab = self._table_cpu.to(dev)
+            self._tables[dev] = tab
+        return tab
+
+    def timesteps_on(self, device: torch.device | str) -> Tensor:
+        """The int64 timesteps on ``device``, moved there once and cached."""
+        dev = torch.device(device)
+        ts = self._ts_dev.get(dev)
+        if ts is None:
+            ts = self.timesteps.to(dev)
+            self._ts_dev[dev] = ts
+        return ts
+
+    def reset(self) -> None:
+        """Forget multistep history (no-op for one-step samplers)."""
+
+    def config(self) -> dict[str, Any]:
+        """Options that change the structure of a step (used as a CUDA-graph cache key)."""
+        return {"cls": type(self).__name__, "prediction_type": self.prediction_type}
+
+    # ------------------------------------------------------------------ validation
+    def _check_step_args(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None,
+        guidance_scale: float | None,
+        learned_variance: bool = False,
+    ) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not isinstance(model_output, Tensor):
+            raise TypeError(
+                f"model_output: expected a torch.Tensor, got {type(model_output).__name__}"
+            )
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"i: expected the int step index, got {type(i).__name__}")
+        if not 0 <= i < self.steps:
+            raise ValueError(f"i: expected a step index in [0, {self.steps}), got {i}")
+        check_model_output(model_output, x, guidance_scale, learned_variance)
+        if noise is not None and tuple(noise.shape) != tuple(x.shape):
+            raise ValueError(f"noise: expected shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+
+    def _draw_noise(
+        self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+    ) -> Tensor:
+        return randn_like_with(x, generator)
+
+
+def check_model_output(
+    model_output: Tensor, x: Tensor, guidance_scale: float | None, learned_variance: bool
+) -> None:
+    """ValueError unless ``model_output`` fits ``x`` (2N with guidance, 2C learned variance)."""
+    exp = list(x.shape)
+    if guidance_scale is not None:
+        exp[0] *= 2
+    if learned_variance:
+        exp[1] *= 2
+    if list(model_output.shape) != exp:
+        why = []
+        if guidance_scale is not None:
+            why.append("2N = [uncond, cond] with guidance")
+        if learned_variance:
+            why.append("2C channels with learned variance")
+        elif x.ndim > 1 and model_output.ndim == x.ndim and model_output.shape[1] == 2 * x.shape[1]:
+            why.append("2C channels are allowed only with variance_type='learned_range' (DDPM)")
+        extra = f" ({'; '.join(why)})" if why else ""
+        raise ValueError(
+            f"model_output: expected shape {tuple(exp)} for x of shape {tuple(x.shape)}{extra}, "
+            f"got {tuple(model_output.shape)}"
+        )
+
+
+def randn_like_with(
+    x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+) -> Tensor:
+    """N(0, I) shaped like ``x``; a list of generators draws one ``(1, ...)`` slice per sample.
+
+    As diffusers' ``randn_tensor``: a generator on another device (e.g. a CPU generator for CUDA
+    sampling) draws there and the result is moved, so results do not depend on the device.
+    """
+    if generator is None:
+        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(
+            x.device
+        )
+    gens = list(generator)
+    if len(gens) != x.shape[0]:
+        raise ValueError(
+            f"generator: a list of generators needs one per sample ({x.shape[0]}), got {len(gens)}"
+        )
+    one = (1, *x.shape[1:])
+    return torch.cat(
+        [torch.randn(one, generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in gens]
+    )
+
+
+def alpha_bar_prev(schedule: NoiseSchedule, prev_t: int, final: float) -> float:
+    """alpha_bar at ``prev_t``, or ``final`` when ``prev_t < 0`` (the end of the chain)."""
+    return float(schedule.alphas_cumprod[prev_t]) if prev_t >= 0 else final
+
+
+def _sqrt(v: float) -> float:
+    return math.sqrt(max(v, 0.0))

@@ -1,0 +1,192 @@
+"""DDPM ancestral sampling (Ho, Jain & Abbeel, 2020, arXiv:2006.11239) with the improved-DDPM
+learned variance (Nichol & Dhariwal, 2021, arXiv:2102.09672)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.samplers.base import Sampler, _ops, _sqrt, threshold_x0
+from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["DDPMSampler"]
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampler: x_prev ~ q(x_prev | x_t, x0_pred), the Gaussian posterior.
+
+    With ab = alpha_bar, "prev" the next timestep in ``timesteps`` (ab_prev = 1 after the last),
+    alpha'_t = ab_t / ab_prev and beta'_t = 1 - alpha'_t (the effective beta of a strided step;
+    with all T steps these are alpha_t and beta_t), DDPM eq. 6-7::
+
+        mean   = sqrt(ab_prev) beta'_t / (1 - ab_t) x0
+                 + sqrt(alpha'_t) (1 - ab_prev) / (1 - ab_t) x_t
+        x_prev = mean + sigma_t z           (no noise at t = 0)
+
+    Variance (``variance_type``):
+
+    * ``"fixed_small"``: sigma^2 = beta~_t = (1 - ab_prev)/(1 - ab_t) beta'_t  (eq. 7, clamped
+      at 1e-20 as diffusers does);
+    * ``"fixed_large"``: sigma^2 = beta'_t;
+    * ``"learned_range"``: the model outputs 2C channels ``[prediction, v]`` and
+      log sigma^2 = f log beta'_t + (1 - f) log beta~_t, f = (v + 1)/2 (improved DDPM eq. 15).
+
+    Each step is one fused ``sampler_step`` call with the precomputed row
+    ``[sqrt(ab_t), sqrt(1-ab_t), c_x0, 0, c_x, c_noise, log beta'_t, log beta~_t]``.
+
+    Args:
+        schedule, steps, prediction_type, timestep_spacing, steps_offset: see
+            :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"leading"``).
+        variance_type: see above.
+        clip_sample, clip_sample_range: clip x0 to ``[-r, r]`` (default on, r = 1).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
+            (Imagen) instead of clipping.
+    """
+
+    name = "ddpm"
+    default_spacing = "leading"
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int | None = None,
+        *,
+        variance_type: str = "fixed_small",
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+    ) -> None:
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(
+                f"variance_type: expected one of {list(VARIANCE_TYPES)}, got {variance_type!r}"
+            )
+        if clip_sample and not float(clip_sample_range) > 0:
+            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        self.variance_type = variance_type
+        self.learned_variance = variance_type == "learned_range"
+        self.clip_sample = bool(clip_sample)
+        self.clip_sample_range = float(clip_sample_range)
+        self.thresholding = bool(thresholding)
+        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
+        self.sample_max_value = float(sample_max_value)
+        if steps is None and isinstance(schedule, NoiseSchedule):
+            steps = schedule.num_train_timesteps
+        super().__init__(
+            schedule,
+            steps,  # type: ignore[arg-type]
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+        )
+
+    def coefficients(self) -> np.ndarray:
+        ab = self.schedule.alphas_cumprod
+        ts = self._ts
+        prev = np.concatenate([ts[1:], [-1]])
+        rows = np.zeros((self.steps, 8), dtype=np.float64)
+        for i, (t, pt) in enumerate(zip(ts, prev, strict=True)):
+            ab_t = float(ab[t])
+            ab_p = float(ab[pt]) if pt >= 0 else 1.0
+            alpha_p = ab_t / ab_p  # alpha'_t
+            beta_p = 1.0 - alpha_p  # beta'_t
+            c_x0 = math.sqrt(ab_p) * beta_p / (1.0 - ab_t)
+            c_x = math.sqrt(alpha_p) * (1.0 - ab_p) / (1.0 - ab_t)
+            var_small = max((1.0 - ab_p) / (1.0 - ab_t) * beta_p, 1e-20)
+            lv_max = math.log(max(beta_p, 1e-20))
+            lv_min = math.log(var_small)
+            if t == 0:
+                c_noise = 0.0
+            elif self.variance_type == "fixed_small":
+                c_noise = math.sqrt(var_small)
+            elif self.variance_type == "fixed_large":
+                c_noise = _sqrt(beta_p)
+            else:
+                c_noise = 1.0
+            rows[i] = [_sqrt(ab_t), _sqrt(1.0 - ab_t), c_x0, 0.0, c_x, c_noise, lv_max, lv_min]
+        return rows
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            "variance_type": self.variance_type,
+            "clip": self.clip_sample,
+            "clip_range": self.clip_sample_range,
+            "thresholding": self.thresholding,
+        }
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        coef: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """One ancestral step at step index ``i`` (one fused op call).
+
+        ``noise`` is z, drawn with ``generator`` when the step adds noise and none is given.
+        Returns x_prev, or ``(x_prev, x0)`` with ``return_x0``.
+        """
+        lv = self.learned_variance
+        self._check_step_args(model_output, i, x, noise, guidance_scale, lv)
+        if not self._noise_steps[i]:
+            noise = None
+        elif noise is None:
+            noise = self._draw_noise(x, generator)
+        if coef is None:
+            coef = self.coef_table(x.device)[i]
+        ops = _ops()
+        if not self.thresholding:
+            clip = self.clip_sample_range if self.clip_sample else None
+            return ops.sampler_step(
+                x,
+                model_output,
+                coef,
+                prediction_type=self.prediction_type,
+                clip_range=clip,
+                guidance_scale=guidance_scale,
+                learned_variance=lv,
+                noise=noise,
+                return_x0=return_x0,
+            )
+        # Dynamic thresholding: one reduction pass for the per-sample quantile, then the update
+        # with the thresholded x0 as a "sample" prediction (eps is not used by DDPM: c_eps = 0).
+        c = x.shape[1]
+        if lv:
+            if guidance_scale is not None:
+                n = x.shape[0]
+                var = model_output[n:, c:]
+                m = _combine_cfg(model_output[:, :c], guidance_scale)
+            else:
+                m, var = model_output[:, :c], model_output[:, c:]
+        else:
+            m = _combine_cfg(model_output, guidance_scale)
+        x0, _ = _x0_eps(x, m, coef[0], coef[1], self.prediction_type)
+        x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        if lv:
+            x0 = torch.cat([x0, var.to(x0.dtype)], dim=1)
+        return ops.sampler_step(
+            x,
+            x0,
+            coef,
+            prediction_type="sample",
+            learned_variance=lv,
+            noise=noise,
+            return_x0=return_x0,
+        )

@@ -1,0 +1,279 @@
+"""Noise schedules of the discrete-time Gaussian diffusion process.
+
+Notation follows DDPM (Ho et al., 2020, arXiv:2006.11239):
+
+* forward step   q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)             (DDPM eq. 2)
+* alpha_t = 1 - beta_t,  alpha_bar_t = prod_{s <= t} alpha_s
+* closed form    q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)         (DDPM eq. 4)
+  i.e. x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I).
+
+Timesteps are 0-based (t = 0 .. T-1) as in diffusers: ``alphas_cumprod[t]`` is alpha_bar of the
+(t+1)-th forward step. Every constant is held in float64; samplers turn them into fp32
+coefficient tables once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["NoiseSchedule", "BETA_SCHEDULES"]
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+# (beta_start, beta_end) used when not given: DDPM's linear schedule; Stable Diffusion's
+# scaled_linear schedule.
+_DEFAULT_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule of improved DDPM (Nichol & Dhariwal, 2021, arXiv:2102.09672, eq. 17).
+
+    alpha_bar(t) = f(t) / f(0),  f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),  s = 0.008, and
+    beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999).
+    """
+
+    def f(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    betas = [min(1.0 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas to zero terminal SNR (Lin et al., 2023, arXiv:2305.08891, Algorithm 1).
+
+    sqrt(alpha_bar) is shifted so that its last value is 0 and scaled so that its first value is
+    unchanged; betas are then recovered from the ratios of consecutive alpha_bar.
+    """
+    sqrt_ab = torch.cumprod(1.0 - betas.double(), 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+class NoiseSchedule:
+    """A discrete noise schedule beta_0..beta_{T-1} with its derived constants (float64).
+
+    Args:
+        beta_schedule: ``"linear"`` (DDPM: linspace(beta_start, beta_end, T)), ``"scaled_linear"``
+            (Stable Diffusion: linspace(sqrt(beta_start), sqrt(beta_end), T)^2), ``"cosine"``
+            (improved DDPM eq. 17; ``"squaredcos_cap_v2"`` is diffusers' name for it).
+        num_train_timesteps: T, the number of forward steps the model was trained with.
+        beta_start, beta_end: range of the linear schedules. Default (1e-4, 0.02) for ``linear``
+            and (0.00085, 0.012) for ``scaled_linear``.
+        betas: user-given betas (a sequence or tensor of length T); overrides ``beta_schedule``.
+        rescale_betas_zero_snr: apply :func:`rescale_zero_terminal_snr`.
+
+    Attributes (all float64 tensors of length T): ``betas``, ``alphas``, ``alphas_cumprod``,
+    ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``, ``log_snr`` (lambda_t =
+    log(alpha_t / sigma_t) of DPM-Solver, arXiv:2206.00927).
+    """
+
+    def __init__(
+        self,
+        beta_schedule: str = "linear",
+        *,
+        num_train_timesteps: int = 1000,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        betas: Sequence[float] | torch.Tensor | None = None,
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        if betas is not None:
+            b = torch.as_tensor(betas, dtype=torch.float64).flatten().clone()
+            if b.numel() < 1:
+                raise ValueError("betas: expected a non-empty sequence of betas, got an empty one")
+            if not bool(((b > 0) & (b <= 1)).all()):
+                raise ValueError("betas: every beta must lie in (0, 1]")
+            num_train_timesteps = b.numel()
+            beta_schedule = "custom"
+        else:
+            if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+                raise ValueError(
+                    f"num_train_timesteps: expected a positive int, got {num_train_timesteps!r}"
+                )
+            T = num_train_timesteps
+            if beta_schedule in ("cosine", "squaredcos_cap_v2"):
+                beta_schedule = "cosine"
+                b = _cosine_betas(T)
+            elif beta_schedule in _DEFAULT_RANGE:
+                lo, hi = _DEFAULT_RANGE[beta_schedule]
+                lo = lo if beta_start is None else float(beta_start)
+                hi = hi if beta_end is None else float(beta_end)
+                if beta_schedule == "linear":
+                    b = torch.linspace(lo, hi, T, dtype=torch.float64)
+                else:
+                    b = torch.linspace(lo**0.5, hi**0.5, T, dtype=torch.float64) ** 2
+                beta_start, beta_end = lo, hi
+            else:
+                raise ValueError(
+                    f"beta_schedule: expected one of {list(BETA_SCHEDULES)} (or betas=...), "
+                    f"got {beta_schedule!r}"
+                )
+        if rescale_betas_zero_snr:
+            b = rescale_zero_terminal_snr(b)
+        self.beta_schedule = beta_schedule
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
+        self.betas = b
+        self.alphas = 1.0 - b
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.log_snr = self.sqrt_alphas_cumprod.log() - self.sqrt_one_minus_alphas_cumprod.log()
+
+    def __len__(self) -> int:
+        return self.num_train_timesteps
+
+    def __repr__(self) -> str:
+        extra = ", zero_snr" if self.rescale_betas_zero_snr else ""
+        return (
+            f"NoiseSchedule({self.beta_schedule!r}, T={self.num_train_timesteps}, "
+            f"beta_start={self.beta_start}, beta_end={self.beta_end}{extra})"
+        )
+
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config: Any) -> NoiseSchedule:
+        """Build the schedule of a diffusers scheduler (or its ``config`` dict).
+
+        Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
+        ``trained_betas`` and ``rescale_betas_zero_snr``.
+        """
+        cfg = getattr(scheduler_or_config, "config", scheduler_or_config)
+        if not isinstance(cfg, Mapping):
+            raise TypeError(
+                "scheduler_or_config: expected a diffusers scheduler or its config dict, "
+                f"got {type(scheduler_or_config).__name__}"
+            )
+        trained = cfg.get("trained_betas")
+        kind = cfg.get("beta_schedule", "linear")
+        if trained is None and kind not in BETA_SCHEDULES:
+            raise ValueError(
+                f"scheduler_or_config: beta_schedule {kind!r} is not supported; "
+                f"expected one of {list(BETA_SCHEDULES)} or trained_betas"
+            )
+        return cls(
+            kind,
+            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+            beta_start=float(cfg.get("beta_start", 1e-4)),
+            beta_end=float(cfg.get("beta_end", 0.02)),
+            betas=trained,
+            rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+        )
+
+    # ------------------------------------------------------------------ per-timestep lookups
+    def _gather(
+        self, table: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor
+    ) -> torch.Tensor:
+        """table[t] broadcast to ``like`` ([N] -> [N x 1 x ... x 1]) in ``like``'s dtype/device."""
+        t = torch.as_tensor(t, device=like.device, dtype=torch.long)
+        v = table.to(like.device)[t].to(like.dtype)
+        if v.ndim == 0:
+            return v
+        return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
+
+    def _check_t(self, t: torch.Tensor | int) -> None:
+        tt = torch.as_tensor(t)
+        if tt.dtype.is_floating_point or tt.dtype == torch.bool:
+            raise TypeError(f"t: expected integer timesteps, got dtype {tt.dtype}")
+
+    def q_sample(
+        self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
+
+        DDPM eq. 4. ``t`` is an int or an (N,) integer tensor; ``noise`` is eps, shaped like x0.
+        """
+        self._check_t(t)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        a = self._gather(self.sqrt_alphas_cumprod, t, x0)
+        s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return a * x0 + s * noise
+
+    def velocity(
+        self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The v-prediction target v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0.
+
+        Salimans & Ho, 2022 (arXiv:2202.00512), section 4 / appendix D.
+        """
+        self._check_t(t)
+        a = self._gather(self.sqrt_alphas_cumprod, t, x0)
+        s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return a * noise - s * x0
+
+    def training_target(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor | int,
+        noise: torch.Tensor,
+        prediction_type: str = "epsilon",
+    ) -> torch.Tensor:
+        """Regression target of the simple loss for ``prediction_type``.
+
+        ``"epsilon"``: eps (DDPM eq. 14, L_simple); ``"v_prediction"``: v (:meth:`velocity`);
+        ``"sample"``: x_0.
+        """
+        if prediction_type == "epsilon":
+            return noise
+        if prediction_type == "v_prediction":
+            return self.velocity(x0, t, noise)
+        if prediction_type == "sample":
+            return x0
+        raise ValueError(
+            f"prediction_type: expected one of {list(PREDICTION_TYPES)}, got {prediction_type!r}"
+        )
+
+    def predict_x0(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        model_output: torch.Tensor,
+        prediction_type: str = "epsilon",
+    ) -> torch.Tensor:
+        """The model's estimate of x_0 (inverting DDPM eq. 4; DDIM eq. 9 for eps).
+
+        eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v.
+        """
+        a = self._gather(self.sqrt_alphas_cumprod, t, x_t)
+        s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if prediction_type == "epsilon":
+            return (x_t - s * model_output) / a
+        if prediction_type == "v_prediction":
+            return a * x_t - s * model_output
+        if prediction_type == "sample":
+            return model_output
+        raise ValueError(
+            f"prediction_type: expected one of {list(PREDICTION_TYPES)}, got {prediction_type!r}"
+        )
+
+    def predict_eps(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        model_output: torch.Tensor,
+        prediction_type: str = "epsilon",
+    ) -> torch.Tensor:
+        """The model's estimate of eps: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), or directly."""
+        a = self._gather(self.sqrt_alphas_cumprod, t, x_t)
+        s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+        if prediction_type == "epsilon":
+            return model_output
+        if prediction_type == "v_prediction":
+            return a * model_output + s * x_t
+        if prediction_type == "sample":
+            return (x_t - a * model_output) / s
+        raise ValueError(
+            f"prediction_type: expected one of {list(PREDICTION_TYPES)}, got {prediction_type!r}"
+        )
