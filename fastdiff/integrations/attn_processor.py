@@ -1,6 +1,7 @@
 """``FastAttnProcessor``: a diffusers attention processor on :func:`fastdiff.ops.attention`.
 
-    unet.set_attn_processor(FastAttnProcessor())
+    unet.set_attn_processor(FastAttnProcessor())       # models with diffusers' AttentionMixin
+    set_attn_processor(unet, FastAttnProcessor())      # any model (UNet2DModel lacks the method)
 
 It mirrors diffusers' ``AttnProcessor2_0`` step for step (spatial norm, group norm, 4-D reshape,
 norm_cross, q/k/v projections, q/k norms, output projection and dropout, residual connection,
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from fastdiff.ops.attention import attention
 
-__all__ = ["FastAttnProcessor"]
+__all__ = ["FastAttnProcessor", "set_attn_processor"]
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -27,10 +28,12 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class FastAttnProcessor:
     """Drop-in replacement for diffusers' ``AttnProcessor2_0`` running fastdiff attention.
 
-    ``sdpa_calls`` counts the calls that went to SDPA (mask or dtype), so callers can see it.
+    ``fused_calls`` / ``sdpa_calls`` count the calls that went to :func:`fastdiff.ops.attention`
+    and to SDPA (mask or dtype), so callers can see where attention ran.
     """
 
     def __init__(self) -> None:
+        self.fused_calls = 0
         self.sdpa_calls = 0
 
     def __call__(
@@ -94,6 +97,7 @@ class FastAttnProcessor:
             and value.dtype == query.dtype
         )
         if fused:
+            self.fused_calls += 1
             hidden_states = attention(query, key, value)
         else:
             self.sdpa_calls += 1
@@ -114,3 +118,18 @@ class FastAttnProcessor:
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+def set_attn_processor(model: torch.nn.Module, processor: Any) -> int:
+    """Install ``processor`` on every diffusers attention module in ``model``; returns how many.
+
+    Uses ``model.set_attn_processor`` when the model has it; otherwise (diffusers' UNet2DModel has
+    no such method) calls ``set_processor`` on each submodule that has one.
+    """
+    mods = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    if hasattr(model, "set_attn_processor"):
+        model.set_attn_processor(processor)
+    else:
+        for m in mods:
+            m.set_processor(processor)
+    return len(mods)

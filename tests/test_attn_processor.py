@@ -1,0 +1,127 @@
+"""FastAttnProcessor vs diffusers' AttnProcessor2_0 on tiny random-weight UNets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import backend_cases, case_id
+
+import fastdiff
+from fastdiff.integrations.attn_processor import FastAttnProcessor, set_attn_processor
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_processor import (  # noqa: E402
+    Attention as DiffusersAttention,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+
+CASES = backend_cases("attention")
+
+
+def _unet2d(device):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,  # head dim 32: both the 32- and 64-channel blocks run fused
+    ).to(device)
+
+
+def _unet2d_condition(device):
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=40,
+        attention_head_dim=1,  # diffusers' name for the head count: 1 head of 32 channels
+        norm_num_groups=8,
+    ).to(device)
+
+
+def _run_both(unet, backend, *inputs):
+    assert set_attn_processor(unet, AttnProcessor2_0()) > 0
+    with torch.no_grad():
+        ref = unet(*inputs).sample
+    proc = FastAttnProcessor()
+    set_attn_processor(unet, proc)
+    with torch.no_grad(), fastdiff.use_backend(backend, "attention"):
+        out = unet(*inputs).sample
+    return out, ref, proc, proc.fused_calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_unet2d_matches_attn_processor_2_0(case):
+    dev, backend = case
+    unet = _unet2d(dev)
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    t = torch.tensor([10, 500], device=dev)
+    out, ref, proc, n = _run_both(unet, backend, x, t)
+    assert n > 0 and proc.sdpa_calls == 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unet2d_condition_set_attn_processor_method():
+    unet = _unet2d_condition("cpu")
+    proc = FastAttnProcessor()
+    unet.set_attn_processor(proc)
+    assert all(p is proc for p in unet.attn_processors.values())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_unet2d_condition_matches_attn_processor_2_0(case):
+    dev, backend = case
+    unet = _unet2d_condition(dev)
+    x = torch.randn(2, 4, 8, 8, device=dev)
+    t = torch.tensor([3, 700], device=dev)
+    ctx = torch.randn(2, 7, 40, device=dev)
+    out, ref, proc, n = _run_both(unet, backend, x, t, ctx)
+    assert n > 0 and proc.sdpa_calls == 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_goes_to_sdpa_and_matches():
+    torch.manual_seed(0)
+    attn = DiffusersAttention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32)
+    x = torch.randn(2, 10, 64)
+    ctx = torch.randn(2, 6, 32)
+    mask = torch.ones(2, 6)
+    mask[0, 4:] = 0
+    mask = (1 - mask) * -10000.0  # diffusers' additive mask convention
+    with torch.no_grad():
+        ref = AttnProcessor2_0()(attn, x, ctx, attention_mask=mask)
+        proc = FastAttnProcessor()
+        out = proc(attn, x, ctx, attention_mask=mask)
+    assert proc.sdpa_calls == 1
+    torch.testing.assert_close(out, ref)
+    with torch.no_grad():
+        proc(attn, x, ctx)
+    assert proc.sdpa_calls == 1
+
+
+def test_residual_rescale_and_group_norm():
+    torch.manual_seed(0)
+    attn = DiffusersAttention(
+        query_dim=32,
+        heads=1,
+        dim_head=32,
+        norm_num_groups=8,
+        residual_connection=True,
+        rescale_output_factor=2.0,
+        bias=True,
+    )
+    x = torch.randn(2, 32, 3, 5)
+    with torch.no_grad():
+        ref = AttnProcessor2_0()(attn, x)
+        out = FastAttnProcessor()(attn, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
