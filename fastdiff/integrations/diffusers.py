@@ -1,0 +1,285 @@
+"""``fastdiff.optimize``: run a diffusers UNet (or a fastdiff UNet) on fastdiff's fused kernels.
+
+    unet = fastdiff.optimize(UNet2DModel.from_pretrained("google/ddpm-cifar10-32"))
+    print(unet.fastdiff_report)
+    image = DDIMPipeline(unet=unet, scheduler=DDIMScheduler()).__call__(num_inference_steps=50)
+
+What is patched, in place (parameters and state-dict keys never change):
+
+* every ``ResnetBlock2D`` whose nonlinearity is SiLU: its class is swapped for
+  :class:`FusedResnetBlock2D`, whose forward is diffusers' step for step except that
+  ``norm1 -> SiLU`` and ``(+temb) -> norm2 -> SiLU`` (or ``norm2 -> scale/shift -> SiLU`` for
+  ``time_embedding_norm="scale_shift"``) are each one fused ``group_norm_silu`` call;
+* the UNet's final ``conv_norm_out -> conv_act`` pair: a :class:`GroupNormSiLU` sharing the
+  GroupNorm's parameters, and ``conv_act`` becomes ``nn.Identity``;
+* every ``Attention`` on the default processor (``AttnProcessor2_0``/``AttnProcessor`` with the
+  standard ``1/sqrt(d)`` scale): :class:`FastAttnProcessor`, and its ``group_norm`` (if any) runs
+  on the fused GroupNorm kernel (``activation=None``);
+* every ``Transformer2DModel`` input GroupNorm: the fused GroupNorm kernel.
+
+Everything else is left alone and listed in the report with the reason. Calling it again changes
+nothing (the report then lists the patches as already applied).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastdiff.integrations.attn_processor import FastAttnProcessor
+from fastdiff.nn.group_norm import GroupNormSiLU
+from fastdiff.ops.group_norm_silu import group_norm_silu
+
+__all__ = ["FastAttnProcessor", "OptimizeReport", "optimize"]
+
+
+@dataclass
+class OptimizeReport:
+    """What :func:`optimize` did: (module name, what or why) for each module it looked at."""
+
+    model: str
+    channels_last: bool = False
+    replaced: list[tuple[str, str]] = field(default_factory=list)  # patched by this call
+    already: list[tuple[str, str]] = field(default_factory=list)  # patched by an earlier call
+    left: list[tuple[str, str]] = field(default_factory=list)  # not understood: left alone
+
+    def counts(self, entries: list[tuple[str, str]]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _, what in entries:
+            out[what] = out.get(what, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"fastdiff.optimize({self.model}): {len(self.replaced)} replaced, "
+            f"{len(self.already)} already optimized, {len(self.left)} left alone"
+            + (", channels_last" if self.channels_last else "")
+        ]
+        for title, entries in (("replaced", self.replaced), ("already", self.already)):
+            for what, n in self.counts(entries).items():
+                lines.append(f"  {title:8s} {n:4d} x {what}")
+        for name, why in self.left:
+            lines.append(f"  left          {name or '<model>'}: {why}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+# ---- ResnetBlock2D ------------------------------------------------------------------------
+
+
+def _gn_silu(norm: nn.GroupNorm, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, **kw)
+
+
+def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *a, **k):
+    """diffusers ``ResnetBlock2D.forward`` with its two GroupNorm->SiLU pairs fused."""
+    if self.time_emb_proj is None and temb is not None:
+        return super(type(self), self).forward(input_tensor, temb, *a, **k)  # unusual: as is
+
+    hidden_states = _gn_silu(self.norm1, input_tensor)  # silu(GN(x))     [N x Cin x H x W]
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:  # as diffusers: upsample_nearest_nhwc and big batches
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)  #                         [N x Cout x H x W]
+
+    cond: dict[str, torch.Tensor] = {}
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)  #                               [N x Cout] or [N x 2Cout]
+        n = hidden_states.shape[0]
+        if temb.shape[0] != n:
+            temb = temb.expand(n, -1)
+        temb = temb.to(hidden_states.dtype)
+        if self.time_embedding_norm == "default":
+            cond["add"] = temb  # silu(GN(h + temb))
+        else:  # "scale_shift": silu(GN(h) * (1 + scale) + shift)
+            cond["scale"], cond["shift"] = temb.chunk(2, dim=1)
+    elif self.time_embedding_norm == "scale_shift":
+        raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
+    hidden_states = _gn_silu(self.norm2, hidden_states, **cond)
+
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+@functools.cache
+def _fused_resnet_class() -> type:
+    """``FusedResnetBlock2D``: a ResnetBlock2D subclass with the fused forward (built lazily, so
+    importing fastdiff does not import diffusers)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    cls = type(
+        "FusedResnetBlock2D",
+        (ResnetBlock2D,),
+        {"forward": _fused_resnet_forward, "__module__": __name__, "__doc__": _DOC},
+    )
+    return cls
+
+
+_DOC = "diffusers ResnetBlock2D whose GroupNorm->SiLU pairs run as fused fastdiff kernels."
+
+
+def __getattr__(name: str) -> Any:  # makes FusedResnetBlock2D importable (and picklable)
+    if name == "FusedResnetBlock2D":
+        return _fused_resnet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _patch_resnet(name: str, block: nn.Module, report: OptimizeReport) -> None:
+    fused_cls = _fused_resnet_class()
+    if type(block) is fused_cls:
+        report.already.append((name, "ResnetBlock2D: fused GroupNorm+SiLU"))
+        return
+    if type(block) is not fused_cls.__bases__[0]:
+        report.left.append((name, f"{type(block).__name__}: a ResnetBlock2D subclass"))
+        return
+    if not isinstance(block.nonlinearity, nn.SiLU):
+        act = type(block.nonlinearity).__name__
+        report.left.append((name, f"ResnetBlock2D with {act}, not SiLU: nothing to fuse"))
+        return
+    if type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm:
+        report.left.append((name, "ResnetBlock2D whose norms are not nn.GroupNorm"))
+        return
+    block.__class__ = fused_cls
+    report.replaced.append((name, "ResnetBlock2D: fused GroupNorm+SiLU"))
+
+
+# ---- attention, other GroupNorms ------------------------------------------------------------
+
+
+def _standard_attention(attn: nn.Module) -> str | None:
+    """None when ``attn`` runs the default attention math FastAttnProcessor mirrors; else why."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    proc = attn.processor
+    if type(proc) not in (AttnProcessor, AttnProcessor2_0):
+        return f"Attention with processor {type(proc).__name__} (only the default is replaced)"
+    head_dim = attn.inner_dim // attn.heads
+    if abs(attn.scale - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
+        return f"Attention with scale {attn.scale} instead of 1/sqrt({head_dim})"
+    return None
+
+
+def _fuse_norm(parent: nn.Module, attr: str, activation: str | None) -> bool:
+    """Replace ``parent.<attr>`` (an nn.GroupNorm) by a GroupNormSiLU sharing its parameters."""
+    gn = getattr(parent, attr)
+    if type(gn) is not nn.GroupNorm or not gn.affine:
+        return False
+    setattr(parent, attr, GroupNormSiLU.from_group_norm(gn, activation=activation))
+    return True
+
+
+def _patch_attention(name: str, attn: nn.Module, proc: Any, report: OptimizeReport) -> None:
+    if isinstance(attn.processor, FastAttnProcessor):
+        report.already.append((name, "Attention: FastAttnProcessor"))
+        return
+    why = _standard_attention(attn)
+    if why is not None:
+        report.left.append((name, why))
+        return
+    attn.set_processor(proc)
+    if getattr(attn, "group_norm", None) is not None:
+        _fuse_norm(attn, "group_norm", None)
+    report.replaced.append((name, "Attention: FastAttnProcessor"))
+
+
+def _patch_out_norm(model: nn.Module, report: OptimizeReport) -> None:
+    """The UNet's ``conv_norm_out -> conv_act`` (UNet2DModel, UNet2DConditionModel)."""
+    norm, act = getattr(model, "conv_norm_out", None), getattr(model, "conv_act", None)
+    what = "conv_norm_out+conv_act: fused GroupNorm+SiLU"
+    if isinstance(norm, GroupNormSiLU) and isinstance(act, nn.Identity):
+        report.already.append(("conv_norm_out", what))
+    elif type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU) and norm.affine:
+        _fuse_norm(model, "conv_norm_out", "silu")
+        model.conv_act = nn.Identity()
+        report.replaced.append(("conv_norm_out", what))
+    elif norm is not None:
+        report.left.append(("conv_norm_out", f"{type(norm).__name__} -> {type(act).__name__}"))
+
+
+# ---- entry point ----------------------------------------------------------------------------
+
+
+def optimize(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
+    """Patch ``model`` in place to run on fastdiff's fused kernels and return it.
+
+    ``model`` is a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or any module holding
+    diffusers ResnetBlock2D / Attention blocks), or a fastdiff ``UNet`` (already fused: only
+    ``channels_last`` applies). Outputs equal the unpatched model's within the dtype's
+    tolerance; parameters, state-dict keys and the model's class are unchanged, so diffusers
+    pipelines (``DDIMPipeline(unet=model, ...)``), ``save_pretrained`` and ``fastdiff.sample``
+    work as before. Idempotent.
+
+    ``channels_last=True`` also converts the weights to ``torch.channels_last``, so the convs
+    (and the fused kernels, natively) run NHWC.
+
+    The report of what was replaced, what was already, and what was left alone and why, is
+    attached as ``model.fastdiff_report`` (printable).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    report = OptimizeReport(model=type(model).__name__, channels_last=channels_last)
+
+    from fastdiff.models.unet import UNet
+
+    if isinstance(model, UNet):
+        report.already.append(("", "fastdiff UNet: built on fused modules"))
+    else:
+        _optimize_diffusers(model, report)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.fastdiff_report = report
+    return model
+
+
+def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as exc:
+        raise TypeError(
+            f"optimize: {type(model).__name__} is not a fastdiff UNet and diffusers is not "
+            f"importable ({exc}); install diffusers to optimize diffusers models"
+        ) from exc
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    handled: set[int] = set()  # ids of GroupNorms handled or intentionally kept
+    proc = FastAttnProcessor()
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ResnetBlock2D):
+            _patch_resnet(name, m, report)
+            handled.update({id(m.norm1), id(m.norm2)})
+        elif isinstance(m, DiffusersAttention):
+            _patch_attention(name, m, proc, report)
+            if getattr(m, "group_norm", None) is not None:
+                handled.add(id(m.group_norm))
+        elif type(m).__name__ == "Transformer2DModel" and hasattr(m, "norm"):
+            what = "Transformer2DModel.norm: fused GroupNorm"
+            if isinstance(m.norm, GroupNormSiLU):
+                report.already.append((f"{name}.norm", what))
+            elif _fuse_norm(m, "norm", None):
+                report.replaced.append((f"{name}.norm", what))
+            handled.add(id(m.norm))
+    _patch_out_norm(model, report)
+    handled.add(id(getattr(model, "conv_norm_out", None)))
+
+    for name, m in model.named_modules():
+        if type(m) is nn.GroupNorm and id(m) not in handled:
+            report.left.append((name, "GroupNorm at a call site fastdiff does not know"))

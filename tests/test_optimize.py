@@ -1,0 +1,249 @@
+"""fastdiff.optimize on diffusers UNets: equal outputs, idempotence, the report, pipelines."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import fastdiff
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+
+from fastdiff.integrations.diffusers import FastAttnProcessor, OptimizeReport  # noqa: E402
+from fastdiff.nn import GroupNormSiLU  # noqa: E402
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model.eval()
+
+
+def unet2d(size: int = 16, **kw) -> UNet2DModel:
+    """A tiny google/ddpm-cifar10-32-style UNet2DModel (attention at the second level)."""
+    cfg = dict(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+    return randomize_(UNet2DModel(**{**cfg, **kw}))
+
+
+def unet2d_cond(**kw) -> UNet2DConditionModel:
+    """A tiny Stable-Diffusion-style UNet2DConditionModel (cross-attention, 4 latent channels)."""
+    cfg = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+    return randomize_(UNet2DConditionModel(**{**cfg, **kw}))
+
+
+def run(model, x, t, ctx=None):
+    with torch.no_grad():
+        if ctx is None:
+            return model(x, t).sample
+        return model(x, t, ctx).sample
+
+
+def backends() -> list[str]:
+    """Backends that can run both fused ops on CPU tensors here (triton: interpreter only)."""
+    gn = set(fastdiff.available_backends("group_norm_silu", "cpu"))
+    at = set(fastdiff.available_backends("attention", "cpu"))
+    return [b for b in ("cpu", "triton") if b in gn and b in at]
+
+
+MODELS = {
+    "unet2d": lambda: (unet2d(), torch.randn(2, 3, 16, 16), None),
+    "unet2d-scale-shift": lambda: (
+        unet2d(resnet_time_scale_shift="scale_shift", add_attention=True),
+        torch.randn(2, 3, 16, 16),
+        None,
+    ),
+    "unet2d-cond": lambda: (unet2d_cond(), torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24)),
+    "unet2d-cond-scale-shift": lambda: (
+        unet2d_cond(resnet_time_scale_shift="scale_shift"),
+        torch.randn(2, 4, 8, 8),
+        torch.randn(2, 5, 24),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_patched_equals_unpatched(kind, backend):
+    if backend == "triton" and kind.endswith("scale-shift"):
+        pytest.skip("one triton case per model class keeps the interpreter run short")
+    model, x, ctx = MODELS[kind]()
+    t = torch.tensor([3, 700])
+    ref = run(model, x, t, ctx)
+    fastdiff.optimize(model)
+    report = model.fastdiff_report
+    assert report.replaced and not report.left, str(report)
+    resnets = [m for m in model.modules() if type(m).__name__.endswith("ResnetBlock2D")]
+    assert resnets and all(type(m).__name__ == "FusedResnetBlock2D" for m in resnets)
+    with fastdiff.use_backend(backend):
+        out = run(model, x, t, ctx)
+    assert ref.abs().max() > 1e-2
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_keeps_state_dict_and_is_idempotent():
+    model, x, _ = MODELS["unet2d"]()
+    t = torch.tensor([5, 900])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert fastdiff.optimize(model) is model
+    first = model.fastdiff_report
+    out1 = run(model, x, t)
+    assert fastdiff.optimize(model) is model
+    second = model.fastdiff_report
+    assert not second.replaced and not second.left
+    assert [n for n, _ in second.already] == [n for n, _ in first.replaced]
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    torch.testing.assert_close(run(model, x, t), out1, rtol=0, atol=0)
+    kinds = {what for _, what in first.replaced}
+    assert "ResnetBlock2D: fused GroupNorm+SiLU" in kinds
+    assert "Attention: FastAttnProcessor" in kinds
+    assert "conv_norm_out+conv_act: fused GroupNorm+SiLU" in kinds
+    assert isinstance(model.conv_norm_out, GroupNormSiLU)
+    procs = {type(m.processor) for m in model.modules() if hasattr(m, "set_processor")}
+    assert procs == {FastAttnProcessor}
+    assert "2 replaced" not in str(second) and "already optimized" in str(second)
+
+
+def test_report_lists_what_it_left_and_output_still_equal():
+    class CustomProcessor(AttnProcessor2_0):
+        pass
+
+    model = unet2d(act_fn="mish")
+    model.mid_block.attentions[0].set_processor(CustomProcessor())
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([50])
+    ref = run(model, x, t)
+    fastdiff.optimize(model)
+    report = model.fastdiff_report
+    assert isinstance(report, OptimizeReport)
+    left = dict(report.left)
+    assert any("Mish, not SiLU" in why for why in left.values()), str(report)
+    assert "CustomProcessor" in left["mid_block.attentions.0"]
+    text = str(report)
+    assert "left" in text and "mid_block.attentions.0" in text
+    assert type(model.mid_block.attentions[0].processor) is CustomProcessor
+    torch.testing.assert_close(run(model, x, t), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_through_patched_model():
+    model, x, _ = MODELS["unet2d"]()
+    t = torch.tensor([5, 900])
+    ref = copy.deepcopy(model)
+    fastdiff.optimize(model)
+    grads = []
+    for m in (ref, model):
+        m.zero_grad()
+        m(x, t).sample.square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g, r in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_deepcopy_and_channels_last():
+    model, x, _ = MODELS["unet2d-cond"]()
+    ctx, t = torch.randn(2, 5, 24), torch.tensor([1, 999])
+    ref = run(model, x, t, ctx)
+    fastdiff.optimize(model, channels_last=True)
+    assert model.fastdiff_report.channels_last
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    clone = copy.deepcopy(model)
+    assert type(clone.down_blocks[0].resnets[0]).__name__ == "FusedResnetBlock2D"
+    xc = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(run(clone, xc, t, ctx), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_pipeline_with_optimized_unet():
+    model = unet2d(size=8)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    ref_pipe = DDIMPipeline(unet=copy.deepcopy(model), scheduler=scheduler)
+    pipe = DDIMPipeline(unet=fastdiff.optimize(model), scheduler=scheduler)
+    kw = dict(batch_size=2, num_inference_steps=2, output_type="np", return_dict=False)
+    (ref,) = ref_pipe(generator=torch.Generator().manual_seed(0), **kw)
+    (out,) = pipe(generator=torch.Generator().manual_seed(0), **kw)
+    assert out.shape == (2, 8, 8, 3)
+    torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_fastdiff_sample_with_optimized_unet():
+    pytest.importorskip("fastdiff.api")
+    model = unet2d(size=8)
+    ref = copy.deepcopy(model)
+    fastdiff.optimize(model)
+    noise = torch.randn(2, 3, 8, 8)
+    a = fastdiff.sample(ref, steps=3, noise=noise.clone())
+    b = fastdiff.sample(model, steps=3, noise=noise.clone())
+    assert a.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_fastdiff_unet_and_bad_input():
+    from fastdiff.models import UNet
+
+    model = UNet.from_preset("tiny")
+    assert fastdiff.optimize(model, channels_last=True) is model
+    assert "fastdiff UNet" in str(model.fastdiff_report)
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fastdiff.optimize("unet")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["unet2d", "unet2d-cond"])
+def test_cuda_fp16_optimized_equals_unpatched(kind):
+    model, x, ctx = MODELS[kind]()
+    model = model.cuda().half()
+    x = x.cuda().half()
+    ctx = None if ctx is None else ctx.cuda().half()
+    t = torch.tensor([3, 700], device="cuda")
+    ref = run(model, x, t, ctx)
+    with torch.no_grad():
+        ref32 = run(
+            copy.deepcopy(model).float(), x.float(), t, None if ctx is None else ctx.float()
+        )
+    fastdiff.optimize(model)
+    out = run(model, x, t, ctx)
+    err = (out.float() - ref32).abs().max()
+    eager_err = (ref.float() - ref32).abs().max()
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_sampling_with_optimized_unet():
+    pytest.importorskip("fastdiff.api")
+    model = fastdiff.optimize(unet2d(size=32).cuda().half())
+    noise = torch.randn(2, 3, 32, 32, device="cuda", dtype=torch.float16)
+    eager = fastdiff.sample(model, steps=10, noise=noise.clone())
+    graph = fastdiff.sample(model, steps=10, noise=noise.clone(), cuda_graph=True)
+    again = fastdiff.sample(model, steps=10, noise=noise.clone(), cuda_graph=True)
+    assert torch.isfinite(eager).all()
+    torch.testing.assert_close(graph.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(again, graph, rtol=0, atol=0)
