@@ -1,0 +1,354 @@
+"""Triton kernels of fused ``act(GroupNorm(x + add) * (1 + scale) + shift)``.
+
+Logical view: element (n, c, s) of x lives at ``n*C*HW + c*stride_c + s*stride_s`` with
+``(stride_c, stride_s) = (HW, 1)`` for NCHW and ``(1, C)`` for channels-last, so every kernel
+serves both layouts natively (Triton specialises the stride equal to 1, giving coalesced,
+vectorised accesses along HW for NCHW and along C for NHWC).
+
+Two plans, chosen by :func:`_plan` from shape, dtype and layout:
+
+* ``fused`` - one program per (n, g) holding the whole slab in registers: one read of x, an
+  exact two-pass mean/variance on chip, then ``y = act(a*x + b)``. For slabs up to 16K elements.
+* ``split`` - when the slab is large or N*G too small to fill the GPU (e.g. (2, 320, 64, 64) has
+  only 64 groups): (1) ``_gn_stats_kernel`` splits HW across programs and writes per-channel
+  shifted partial sums; (2) ``_gn_finalize_kernel`` merges them per (n, g) (Chan et al.) and
+  folds mean, rstd, weight, bias, add, scale and shift into per-(n, c) ``a, b``;
+  (3) ``_gn_apply_kernel`` streams ``y = act(a*x + b)`` (x re-read mostly from L2).
+
+Statistics are fp32; SiLU is evaluated in fp32 and rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_FUSED = 16384  # elements of one (n, g) slab held in registers by the fused kernel
+
+
+@triton.jit
+def _silu_f32(v):
+    return v / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def _gn_fused_kernel(
+    X,  # (N, C, HW) input, strides (C*HW, stride_c, stride_s)
+    Y,  # (N, C, HW) output, same strides as X
+    W,  # (C,) fp32 weight (unused when not HAS_W)
+    B,  # (C,) fp32 bias
+    ADD,  # (N, C) fp32 added to x before the statistics
+    SCALE,  # (N, C) fp32; output * (1 + scale)
+    SHIFT,  # (N, C) fp32; output + shift
+    C,  # channels
+    HW,  # spatial size (product of spatial dims)
+    G,  # groups
+    CPG,  # channels per group
+    stride_c,  # element stride between channels (HW for NCHW, 1 for NHWC)
+    stride_s,  # element stride between spatial positions (1 for NCHW, C for NHWC)
+    cnt,  # float(CPG * HW): elements per group
+    eps,  # added to the variance
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= CPG, power of 2
+    BLOCK_S: tl.constexpr,  # >= HW, power of 2
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // G
+    g = pid % G
+    c_loc = tl.arange(0, BLOCK_C)
+    s = tl.arange(0, BLOCK_S)
+    c_ok = c_loc < CPG
+    c = g * CPG + c_loc  # (BLOCK_C,) channel ids
+    mask = c_ok[:, None] & (s[None, :] < HW)
+    offs = n * C * HW + c[:, None] * stride_c + s[None, :].to(tl.int64) * stride_s
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_C x BLOCK_S]
+    add = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_ADD:
+        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0)
+    # Shift k = u at the slab's first element: mean = k + mean(u - k) is exact for a constant group.
+    k = tl.load(X + n * C * HW + g * CPG * stride_c).to(tl.float32)
+    if HAS_ADD:
+        k = k + tl.load(ADD + n * C + g * CPG)
+    u = tl.where(mask, x + add[:, None] - k, 0.0)
+    mean = k + tl.sum(tl.sum(u, axis=1), axis=0) / cnt
+    u = tl.where(mask, x + add[:, None], 0.0)
+    d = tl.where(mask, u - mean, 0.0)
+    var = tl.sum(tl.sum(d * d, axis=1), axis=0) / cnt
+    rstd = tl.where(var == 0.0, 0.0, 1.0 / tl.sqrt(var + eps))
+    ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    if HAS_W:
+        ws = ws * tl.load(W + c, mask=c_ok, other=1.0)
+    bb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        bb = tl.load(B + c, mask=c_ok, other=0.0)
+    b = (add - mean) * ws + bb
+    a = ws
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0)
+        a = a * s1
+        b = b * s1
+    if HAS_SHIFT:
+        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0)
+    v = x * a[:, None] + b[:, None]
+    if SILU:
+        v = _silu_f32(v)
+    tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_stats_kernel(
+    X,  # (N, C, HW) input
+    S1,  # (N, C, SPLIT) fp32 out: sum(x - k_c) over this program's spatial chunk
+    S2,  # (N, C, SPLIT) fp32 out: sum((x - k_c)^2)
+    C,  # channels
+    HW,  # spatial size
+    SPLIT,  # programs along HW
+    CHUNK,  # spatial positions per program (multiple of BLOCK_S)
+    stride_c,  # element stride between channels
+    stride_s,  # element stride between spatial positions
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_cb = tl.cdiv(C, BLOCK_C)
+    sp = pid % SPLIT
+    cb = (pid // SPLIT) % n_cb
+    n = pid // (SPLIT * n_cb)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    base = X + n * C * HW
+    # Shift k_c: the channel's first element, inside the data range, so sums do not cancel.
+    k = tl.load(base + c * stride_c, mask=c_ok, other=0.0).to(tl.float32)
+    acc1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
+    s0 = sp * CHUNK
+    for i in range(0, CHUNK, BLOCK_S):
+        s = s0 + i + tl.arange(0, BLOCK_S).to(tl.int64)
+        mask = c_ok[:, None] & (s[None, :] < HW)
+        x = tl.load(base + c[:, None] * stride_c + s[None, :] * stride_s, mask=mask, other=0.0)
+        d = tl.where(mask, x.to(tl.float32) - k[:, None], 0.0)
+        acc1 += d
+        acc2 += d * d
+    out = (n * C + c) * SPLIT + sp
+    tl.store(S1 + out, tl.sum(acc1, axis=1), mask=c_ok)
+    tl.store(S2 + out, tl.sum(acc2, axis=1), mask=c_ok)
+
+
+@triton.jit
+def _gn_finalize_kernel(
+    X,  # (N, C, HW) input (for the shifts k_c)
+    S1,  # (N, C, SPLIT) fp32 partial sums of x - k_c
+    S2,  # (N, C, SPLIT) fp32 partial sums of (x - k_c)^2
+    A,  # (N, C) fp32 out: y = act(A * x + Bo)
+    Bo,  # (N, C) fp32 out
+    W,  # (C,) fp32 weight
+    B,  # (C,) fp32 bias
+    ADD,  # (N, C) fp32
+    SCALE,  # (N, C) fp32
+    SHIFT,  # (N, C) fp32
+    C,  # channels
+    HW,  # spatial size
+    G,  # groups
+    CPG,  # channels per group
+    SPLIT,  # partials per channel
+    stride_c,  # element stride between channels of X
+    m,  # float(HW): elements per channel
+    eps,  # added to the variance
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # >= CPG
+    BLOCK_P: tl.constexpr,  # >= SPLIT
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // G
+    g = pid % G
+    c_loc = tl.arange(0, BLOCK_C)
+    c_ok = c_loc < CPG
+    c = g * CPG + c_loc
+    p = tl.arange(0, BLOCK_P)
+    m2d = c_ok[:, None] & (p[None, :] < SPLIT)
+    offs = (n * C + c)[:, None] * SPLIT + p[None, :]
+    s1 = tl.sum(tl.load(S1 + offs, mask=m2d, other=0.0), axis=1)  # [BLOCK_C]
+    s2 = tl.sum(tl.load(S2 + offs, mask=m2d, other=0.0), axis=1)
+    k = tl.load(X + n * C * HW + c * stride_c, mask=c_ok, other=0.0).to(tl.float32)
+    dm = s1 / m
+    add = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_ADD:
+        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0)
+    mean_c = k + dm + add  # channel means of u = x + add
+    m2_c = tl.maximum(s2 - s1 * dm, 0.0)
+    mean = tl.sum(tl.where(c_ok, mean_c, 0.0), axis=0) / CPG
+    dc = tl.where(c_ok, mean_c - mean, 0.0)
+    m2 = tl.sum(tl.where(c_ok, m2_c, 0.0), axis=0) + m * tl.sum(dc * dc, axis=0)
+    var = m2 / (m * CPG)
+    rstd = tl.where(var == 0.0, 0.0, 1.0 / tl.sqrt(var + eps))
+    ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    if HAS_W:
+        ws = ws * tl.load(W + c, mask=c_ok, other=1.0)
+    bb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        bb = tl.load(B + c, mask=c_ok, other=0.0)
+    b = (add - mean) * ws + bb
+    a = ws
+    if HAS_SCALE:
+        sc = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0)
+        a = a * sc
+        b = b * sc
+    if HAS_SHIFT:
+        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0)
+    tl.store(A + n * C + c, a, mask=c_ok)
+    tl.store(Bo + n * C + c, b, mask=c_ok)
+
+
+@triton.jit
+def _gn_apply_kernel(
+    X,  # (N, C, HW) input
+    Y,  # (N, C, HW) output, same strides
+    A,  # (N, C) fp32 per-channel slope
+    Bo,  # (N, C) fp32 per-channel offset
+    C,  # channels
+    HW,  # spatial size
+    stride_c,  # element stride between channels
+    stride_s,  # element stride between spatial positions
+    SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0).to(tl.int64)
+    n_sb = tl.cdiv(HW, BLOCK_S)
+    n_cb = tl.cdiv(C, BLOCK_C)
+    sb = pid % n_sb
+    cb = (pid // n_sb) % n_cb
+    n = pid // (n_sb * n_cb)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    c_ok = c < C
+    mask = c_ok[:, None] & (s[None, :] < HW)
+    a = tl.load(A + n * C + c, mask=c_ok, other=0.0)
+    b = tl.load(Bo + n * C + c, mask=c_ok, other=0.0)
+    offs = n * C * HW + c[:, None] * stride_c + s[None, :] * stride_s
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    v = x * a[:, None] + b[:, None]
+    if SILU:
+        v = _silu_f32(v)
+    tl.store(Y + offs, v.to(Y.dtype.element_ty), mask=mask)
+
+
+def _p2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) -> dict:
+    """Kernel plan (block sizes, split, warps) keyed on shape, dtype size, layout, SM count."""
+    cpg = c // g
+    slab = _p2(cpg) * _p2(hw)
+    vec = 16 // itemsize  # elements per 16-byte access
+    if slab <= _MAX_FUSED and (n * g >= sms or slab <= 4096):
+        return {
+            "kind": "fused",
+            "BLOCK_C": _p2(cpg),
+            "BLOCK_S": _p2(hw),
+            "num_warps": 4 if slab <= 2048 else (8 if slab <= 8192 else 16),
+        }
+    if nhwc:
+        block_c = min(_p2(c), 16 * vec)  # contiguous along C
+        block_s = max(1, min(_p2(hw), 2048 // block_c))
+    else:
+        block_s = min(_p2(hw), 64 * vec)  # contiguous along HW
+        block_c = max(1, min(_p2(c), 2048 // block_s))
+    n_cb = triton.cdiv(c, block_c)
+    tiles = triton.cdiv(hw, block_s)
+    target = 4 * sms
+    split = max(1, min(tiles, 64, triton.cdiv(target, n * n_cb)))
+    chunk = triton.cdiv(tiles, split) * block_s
+    split = triton.cdiv(hw, chunk)
+    return {
+        "kind": "split",
+        "BLOCK_C": block_c,
+        "BLOCK_S": block_s,
+        "SPLIT": split,
+        "CHUNK": chunk,
+        "num_warps": 4 if block_c * block_s <= 1024 else 8,
+    }
+
+
+def group_norm_silu_forward(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    add: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    silu: bool,
+) -> None:
+    """Launch the plan for ``x`` [N x C x *spatial] (contiguous or channels-last) into ``out``
+    (same strides). ``weight``/``bias`` [C] and ``add``/``scale``/``shift`` [N x C]: fp32
+    contiguous or None."""
+    from fastdiff.ops.group_norm_silu import is_channels_last
+
+    n, c = x.shape[:2]
+    hw = x.numel() // (n * c)
+    g = num_groups
+    cpg = c // g
+    nhwc = is_channels_last(x)
+    stride_c, stride_s = (1, c) if nhwc else (hw, 1)
+    sms = _sm_count(x.device.index or 0) if x.device.type == "cuda" else 4
+    plan = _plan(n, c, hw, g, x.element_size(), nhwc, sms)
+    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
+    flags = {
+        "HAS_W": weight is not None,
+        "HAS_B": bias is not None,
+        "HAS_ADD": add is not None,
+        "HAS_SCALE": scale is not None,
+        "HAS_SHIFT": shift is not None,
+    }
+    opt = (weight, bias, add, scale, shift)
+    w_, b_, add_, sc_, sh_ = (t if t is not None else dummy for t in opt)
+    if plan["kind"] == "fused":
+        _gn_fused_kernel[(n * g,)](
+            x, out, w_, b_, add_, sc_, sh_, c, hw, g, cpg, stride_c, stride_s, float(cpg * hw),
+            float(eps),
+            **flags, SILU=silu, BLOCK_C=plan["BLOCK_C"], BLOCK_S=plan["BLOCK_S"],
+            num_warps=plan["num_warps"],
+        )  # fmt: skip
+        return
+    split, chunk = plan["SPLIT"], plan["CHUNK"]
+    bc, bs = plan["BLOCK_C"], plan["BLOCK_S"]
+    s1 = torch.empty((n, c, split), device=x.device, dtype=torch.float32)
+    s2 = torch.empty_like(s1)
+    a = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    b = torch.empty_like(a)
+    n_cb = triton.cdiv(c, bc)
+    _gn_stats_kernel[(n * n_cb * split,)](
+        x, s1, s2, c, hw, split, chunk, stride_c, stride_s,
+        BLOCK_C=bc, BLOCK_S=bs, num_warps=plan["num_warps"],
+    )  # fmt: skip
+    _gn_finalize_kernel[(n * g,)](
+        x, s1, s2, a, b, w_, b_, add_, sc_, sh_, c, hw, g, cpg, split, stride_c, float(hw),
+        float(eps),
+        **flags, BLOCK_C=_p2(cpg), BLOCK_P=_p2(split), num_warps=4,
+    )  # fmt: skip
+    _gn_apply_kernel[(n * n_cb * triton.cdiv(hw, bs),)](
+        x, out, a, b, c, hw, stride_c, stride_s,
+        SILU=silu, BLOCK_C=bc, BLOCK_S=bs, num_warps=plan["num_warps"],
+    )  # fmt: skip
