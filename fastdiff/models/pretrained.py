@@ -1,0 +1,175 @@
+"""Single-file model weights: ``<name>.safetensors`` plus a ``<name>.json`` config beside it.
+
+The JSON (also embedded in the safetensors metadata under ``"fastdiff"``, so the weights file
+alone is enough) holds the ``UNetConfig``, the training ``NoiseSchedule`` and how it was trained.
+Loading is safetensors-only: no pickle anywhere.
+
+    >>> from fastdiff.models import load_pretrained
+    >>> model = load_pretrained("digits")                  # the model shipped in the package
+    >>> x = fastdiff.sample(model, steps=50, batch_size=16, cond=torch.arange(16) % 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRETRAINED: dict[str, str] = {"digits": "digits.safetensors"}
+META_KEY = "fastdiff"
+
+
+def weights_path(name: str) -> Path:
+    """Path of the packaged weights file for ``name`` (found through importlib.resources)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; available: {sorted(PRETRAINED)}")
+    res = importlib.resources.files("fastdiff") / "weights" / PRETRAINED[name]
+    path = Path(str(res))
+    if not path.is_file():
+        raise FileNotFoundError(f"packaged weights for {name!r} are missing: {path}")
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, torch.dtype):
+        return str(o).removeprefix("torch.")
+    raise TypeError(f"cannot serialise {type(o).__name__} to JSON")
+
+
+def model_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's ``UNetConfig`` as a JSON-ready dict."""
+    cfg = model.config
+    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+    return json.loads(json.dumps(d, default=_json_default))
+
+
+def schedule_config(schedule: Any) -> dict[str, Any]:
+    """The arguments that rebuild ``schedule`` (``NoiseSchedule``)."""
+    if schedule is None:
+        return {}
+    if hasattr(schedule, "to_config"):
+        return dict(schedule.to_config())
+    cfg: dict[str, Any] = {
+        "beta_schedule": schedule.beta_schedule,
+        "num_train_timesteps": int(schedule.num_train_timesteps),
+    }
+    for k in ("beta_start", "beta_end", "rescale_betas_zero_snr"):
+        v = getattr(schedule, k, None)
+        if v is not None:
+            cfg[k] = v
+    if cfg["beta_schedule"] == "custom":
+        cfg["betas"] = schedule.betas.tolist()
+    return cfg
+
+
+def build_schedule(cfg: dict[str, Any]):
+    """``NoiseSchedule`` from :func:`schedule_config`'s dict."""
+    from fastdiff.schedules import NoiseSchedule
+
+    if hasattr(NoiseSchedule, "from_config"):
+        return NoiseSchedule.from_config(cfg)
+    cfg = dict(cfg)
+    name = cfg.pop("beta_schedule")
+    if name == "custom":
+        cfg.pop("num_train_timesteps", None)
+        return NoiseSchedule(**cfg)
+    return NoiseSchedule(name, **cfg)
+
+
+def save_model_file(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    schedule: Any = None,
+    training: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Write ``model``'s weights to ``path`` (.safetensors) and its config to ``path``'s .json.
+
+    ``dtype`` stores floating tensors in that dtype (e.g. float16 to halve the file); they are
+    loaded back as float32. Both files are written to temporaries and renamed, so an interrupted
+    save never leaves a half-written file. Returns the config dict.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {
+        "format": "fastdiff-model-v1",
+        "model": f"{type(model).__module__}.{type(model).__name__}",
+        "config": model_config(model),
+        "schedule": schedule_config(
+            schedule if schedule is not None else getattr(model, "schedule", None)
+        ),
+        "training": training or {},
+    }
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    jpath = path.with_suffix(".json")
+    jtmp = jpath.with_name(jpath.name + ".tmp")
+    jtmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+    os.replace(jtmp, jpath)
+    return meta
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The config of a model file: the .json beside it, else the safetensors metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    jpath = path.with_suffix(".json")
+    if jpath.is_file():
+        return json.loads(jpath.read_text())
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+    if META_KEY not in md:
+        raise ValueError(f"{path} has no fastdiff config (no {jpath.name} and no metadata)")
+    return json.loads(md[META_KEY])
+
+
+def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A ``UNet`` from a file written by :func:`save_model_file`, in eval mode, with
+    ``.schedule`` set to its training schedule."""
+    from safetensors.torch import load_file
+
+    from fastdiff.models.unet import UNet, UNetConfig
+
+    meta = read_meta(path)
+    fields = {f.name for f in dataclasses.fields(UNetConfig)}
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["config"].items()}
+    unknown = set(cfg) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown UNetConfig fields {sorted(unknown)}")
+    model = UNet(UNetConfig(**cfg))
+    state = load_file(str(path), device="cpu")
+    ref = model.state_dict()
+    state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    if meta.get("schedule"):
+        model.schedule = build_schedule(meta["schedule"])
+    model.training_info = meta.get("training", {})
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_pretrained(name: str = "digits", device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A pretrained model shipped with fastdiff, ready for ``fastdiff.sample``.
+
+    ``"digits"``: a class-conditional 16x16 UNet trained on scikit-learn's handwritten digits
+    (labels 0-9; the null class for classifier-free guidance is ``model.null_class``). How it was
+    trained is in ``fastdiff/weights/TRAINING.md`` and ``model.training_info``.
+    """
+    return load_model_file(weights_path(name), device=device)
