@@ -15,9 +15,18 @@
 
 #include "fastdiff/common.h"
 
+// Host: force inlining so the caller's `omp simd` loop vectorises the whole generator.
+#if defined(__CUDACC__)
+#define FD_PHILOX FD_HD
+#define FD_UNROLL _Pragma("unroll")
+#else
+#define FD_PHILOX inline __attribute__((always_inline))
+#define FD_UNROLL _Pragma("GCC unroll 10")
+#endif
+
 namespace fastdiff {
 
-FD_HD uint32_t fd_float_bits(float f) {
+FD_PHILOX uint32_t fd_float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
@@ -27,7 +36,7 @@ FD_HD uint32_t fd_float_bits(float f) {
 #endif
 }
 
-FD_HD float fd_bits_float(uint32_t u) {
+FD_PHILOX float fd_bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
@@ -38,8 +47,9 @@ FD_HD float fd_bits_float(uint32_t u) {
 }
 
 // Philox4x32 with 10 rounds, in place on the counter (c0..c3) with key (k0, k1).
-FD_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+FD_PHILOX void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
                          uint32_t k1) {
+  FD_UNROLL
   for (int r = 0; r < 10; ++r) {
     const uint64_t pb = (uint64_t)0xCD9E8D57u * (uint64_t)c2;
     const uint64_t pa = (uint64_t)0xD2511F53u * (uint64_t)c0;
@@ -55,20 +65,20 @@ FD_HD void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
 }
 
 // Triton's uint_to_uniform_float for 32-bit values.
-FD_HD float philox_uniform(uint32_t u) {
+FD_PHILOX float philox_uniform(uint32_t u) {
   int32_t i = (int32_t)u;
-  i = i < 0 ? ~i : i;
+  i ^= i >> 31;  // negative -> ~i (branch free)
   return (float)i * 4.6566127342e-10f;
 }
 
 // Natural log for normal positive floats (Cephes logf polynomial).
-FD_HD float fd_logf(float x) {
+FD_PHILOX float fd_logf(float x) {
   const uint32_t ix = fd_float_bits(x);
   int e = (int)((ix >> 23) & 0xffu) - 126;                 // x = m * 2^e, m in [0.5, 1)
   float m = fd_bits_float((ix & 0x007fffffu) | 0x3f000000u);
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1 : e;
-  m = small ? m + m - 1.0f : m - 1.0f;
+  const int small = m < 0.707106781186547524f;  // then use 2m - 1 and e - 1 (branch free)
+  e -= small;
+  m = (m + (float)small * m) - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -89,7 +99,7 @@ FD_HD float fd_logf(float x) {
 }
 
 // cos(t) for 0 <= t < 8 (Cephes sinf/cosf polynomials, 3-part Cody-Waite reduction by pi/2).
-FD_HD float fd_cos_small(float t) {
+FD_PHILOX float fd_cos_small(float t) {
   const int q = (int)(t * 0.636619772367581343f + 0.5f);  // nearest multiple of pi/2 (t >= 0)
   const float fq = (float)q;
   float r = ((t - fq * 1.5703125f) - fq * 4.837512969970703125e-4f) - fq * 7.54978995489188216e-8f;
@@ -98,20 +108,39 @@ FD_HD float fd_cos_small(float t) {
   const float c = 1.0f - 0.5f * z +
                   z * z * ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z +
                            4.166664568298827e-2f);
-  const int k = q & 3;
-  const float v = (k & 1) ? s : c;
-  return (k == 1 || k == 2) ? -v : v;
+  // quadrant k = q mod 4: cos, -sin, -cos, sin (bit selects, branch free)
+  const uint32_t odd = 0u - (uint32_t)(q & 1);
+  const uint32_t neg = (uint32_t)(((q + 1) >> 1) & 1) << 31;
+  return fd_bits_float(((fd_float_bits(s) & odd) | (fd_float_bits(c) & ~odd)) ^ neg);
+}
+
+// sqrt(x) for x >= 0. CUDA: sqrtf. Host: rsqrt bit estimate + 3 Newton steps (a few ulp), since
+// libm sqrtf keeps a branch to set errno that blocks vectorisation without -fno-math-errno.
+FD_PHILOX float fd_sqrtf(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  float y = fd_bits_float(0x5f375a86u - (fd_float_bits(x) >> 1));
+  const float h = 0.5f * x;
+  y = y * (1.5f - h * y * y);
+  y = y * (1.5f - h * y * y);
+  y = y * (1.5f - h * y * y);
+  return x * y;
+#endif
 }
 
 // N(0, 1) for counter `ctr` under `seed`: Triton tl.randn(seed, ctr).
-FD_HD float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
+FD_PHILOX float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
   uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = 0u, c3 = 0u;
   philox4x32_10(c0, c1, c2, c3, k0, k1);
-  float u1 = philox_uniform(c0);
+  // u1 = max(u1, 1e-7f), as an int max on the bits (u1 >= 0), which keeps the loop vectorisable
+  int32_t b1 = (int32_t)fd_float_bits(philox_uniform(c0));
+  const int32_t lo = 0x33d6bf95;  // bits of 1e-7f
+  b1 = b1 > lo ? b1 : lo;
+  const float u1 = fd_bits_float((uint32_t)b1);
   const float u2 = philox_uniform(c1);
-  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
   const float th = 6.283185307179586f * u2;
-  const float r = sqrtf(-2.0f * fd_logf(u1));
+  const float r = fd_sqrtf(-2.0f * fd_logf(u1));
   return r * fd_cos_small(th);
 }
 

@@ -25,7 +25,10 @@ struct StepOptions {
 };
 
 // clamp that returns NaN for NaN input (comparisons with NaN are false).
-FD_HD float nan_clamp(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+FD_HD float nan_clamp(float v, float lo, float hi) {
+  v = v < lo ? lo : v;  // two flat selects (if-convertible, so CPU loops vectorise)
+  return v > hi ? hi : v;
+}
 
 // Classifier-free guidance on the raw model output halves.
 FD_HD float cfg_combine(float cond, float uncond, float g) { return uncond + g * (cond - uncond); }
@@ -42,11 +45,15 @@ FD_HD void predict_x0_eps(float x, float m, float a, float s, int clip, float cl
     eps = a * m + s * x;
   } else {
     x0 = m;
-    eps = need_eps ? (x - a * x0) / s : 0.0f;
+    eps = 0.0f;
+    if (need_eps) eps = (x - a * x0) / s;
   }
-  if (clip) {
-    x0 = nan_clamp(x0, -clip_r, clip_r);
-    if (recompute && need_eps) eps = (x - a * x0) / s;
+  // selects rather than branches so that the CPU loops if-convert and vectorise
+  // (divisions computed unconditionally: GCC will not speculate a division under trapping math)
+  x0 = clip ? nan_clamp(x0, -clip_r, clip_r) : x0;
+  if (need_eps) {
+    const float eps_clipped = (x - a * x0) / s;
+    eps = (clip && recompute) ? eps_clipped : eps;
   }
 }
 
