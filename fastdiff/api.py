@@ -1,0 +1,600 @@
+"""``fastdiff.sample``: the drop-in sampling loop, and ``fastdiff.to_images``.
+
+    >>> x = fastdiff.sample(unet, steps=50)                              # doctest: +SKIP
+    >>> imgs = fastdiff.to_images(x)          # uint8 [N x H x W x C]    # doctest: +SKIP
+
+Every step is one model call and one fused sampler-op call. Per-step scalars come from the
+sampler's device-resident coefficient table, so the loop never synchronises with the device;
+with ``cuda_graph=True`` the whole step (model + update) is captured once and replayed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastdiff.samplers import SAMPLERS, DPMSolverPPSampler, Sampler, make_sampler
+from fastdiff.samplers.base import check_model_output, randn_like_with
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["sample", "to_images", "to_pil"]
+
+Generator = torch.Generator | Sequence[torch.Generator]
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _cfg_get(model: Any, name: str) -> Any:
+    """``model.config.<name>`` / ``model.config[name]``, else ``model.<name>``, else None."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        v = cfg.get(name) if isinstance(cfg, Mapping) else getattr(cfg, name, None)
+        if v is not None:
+            return v
+    v = getattr(model, name, None)
+    return None if callable(v) else v
+
+
+def _model_param(model: Any) -> Tensor | None:
+    params = getattr(model, "parameters", None)
+    if params is None or not callable(params):
+        return None
+    try:
+        return next(iter(params()))
+    except (StopIteration, TypeError):
+        return None
+
+
+def _infer_shape(model: Any) -> tuple[int, ...] | None:
+    size = _cfg_get(model, "sample_size")
+    if size is None:
+        size = _cfg_get(model, "image_size")
+    ch = _cfg_get(model, "in_channels")
+    if size is None or ch is None:
+        return None
+    if isinstance(size, int):
+        return (int(ch), size, size)
+    return (int(ch), *(int(s) for s in size))
+
+
+def _unwrap(out: Any) -> Tensor:
+    """The prediction from a model's return value: a tensor, ``.sample``, or a tuple's first."""
+    if isinstance(out, Tensor):
+        return out
+    s = getattr(out, "sample", None)
+    if isinstance(s, Tensor):
+        return s
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        "model: expected the model to return a tensor, an object with .sample or a tuple, "
+        f"got {type(out).__name__}"
+    )
+
+
+def _cond_key(model: Any) -> str:
+    """Keyword a tensor ``cond`` is passed as: encoder_hidden_states or class_labels."""
+    if type(model).__name__ in ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel"):
+        return "encoder_hidden_states"
+    fwd = getattr(model, "forward", model)
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return "class_labels"
+    if "class_labels" in params:
+        return "class_labels"
+    if "encoder_hidden_states" in params:
+        return "encoder_hidden_states"
+    return "class_labels"
+
+
+def _null_cond(model: Any, key: str, like: Tensor, n: int) -> Tensor | None:
+    null = getattr(model, "null_cond", None)
+    if isinstance(null, Tensor):
+        null = null.to(device=like.device, dtype=like.dtype)
+        return null.expand(n, *null.shape[1:]) if null.shape[0] == 1 else null
+    null_class = getattr(model, "null_class", None)
+    if key == "class_labels" and null_class is not None:
+        return torch.full((n,), int(null_class), dtype=like.dtype, device=like.device)
+    return None
+
+
+def _batched(name: str, v: Any, n: int, device: torch.device) -> Any:
+    """A conditioning value with batch n: ints/scalars broadcast, batch-1 tensors expand."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = torch.full((n,), v, device=device)
+    if isinstance(v, Tensor):
+        v = v.to(device)
+        if v.ndim == 0:
+            v = v.reshape(1)
+        if v.shape[0] == 1 and n > 1:
+            v = v.expand(n, *v.shape[1:])
+        if v.shape[0] != n:
+            raise ValueError(f"{name}: expected batch {n} (or 1), got shape {tuple(v.shape)}")
+    return v
+
+
+def _as_kwargs(name: str, v: Any, key: str, n: int, device: torch.device) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if isinstance(v, Mapping):
+        return {k: _batched(f"{name}[{k!r}]", x, n, device) for k, x in v.items()}
+    if isinstance(v, (Tensor, int)) and not isinstance(v, bool):
+        return {key: _batched(name, v, n, device)}
+    raise TypeError(f"{name}: expected a tensor or a dict of model kwargs, got {type(v).__name__}")
+
+
+def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
+    if schedule is None:
+        own = getattr(model, "schedule", None)
+        return own if isinstance(own, NoiseSchedule) else NoiseSchedule("linear")
+    if isinstance(schedule, NoiseSchedule):
+        return schedule
+    if hasattr(schedule, "config") or isinstance(schedule, Mapping):
+        return NoiseSchedule.from_diffusers(schedule)
+    raise TypeError(
+        "schedule: expected a fastdiff.NoiseSchedule (or a diffusers scheduler/config), "
+        f"got {type(schedule).__name__}"
+    )
+
+
+def _check_generator(generator: Any, n: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, Sequence) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != n:
+            raise ValueError(
+                f"generator: a list of generators needs one per sample (batch {n}), "
+                f"got {len(generator)}"
+            )
+        return
+    raise TypeError(
+        f"generator: expected a torch.Generator or a list of them, got {type(generator).__name__}"
+    )
+
+
+# --------------------------------------------------------------------------------- the loop
+def sample(
+    model: Callable[..., Any],
+    steps: int | None = None,
+    *,
+    sampler: str | Sampler = "ddim",
+    schedule: NoiseSchedule | Any | None = None,
+    batch_size: int | None = None,
+    shape: Sequence[int] | None = None,
+    generator: Generator | None = None,
+    noise: Tensor | None = None,
+    eta: float | None = None,
+    cond: Tensor | Mapping[str, Any] | None = None,
+    uncond: Tensor | Mapping[str, Any] | None = None,
+    guidance_scale: float | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    callback: Callable[[int, int, Tensor], Any] | None = None,
+    return_trajectory: bool = False,
+    cuda_graph: bool = False,
+    **sampler_options: Any,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """Draw samples from a diffusion model: x_T ~ N(0, I), then ``steps`` reverse steps.
+
+    Args:
+        model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
+            int64 tensor on the model's device, returning a tensor, an object with ``.sample``
+            (diffusers) or a tuple.
+        steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
+        sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, or a sampler object from
+            :mod:`fastdiff.samplers` (its own steps and schedule are used).
+        schedule: the training noise schedule. Default: ``model.schedule`` when it is a
+            :class:`~fastdiff.NoiseSchedule`, else linear DDPM; a diffusers scheduler (or its
+            config) is converted with :meth:`NoiseSchedule.from_diffusers`.
+        batch_size: number of samples (default: from ``noise``, a generator list, or 1).
+        shape: per-sample shape, e.g. ``(3, 64, 64)``; inferred from diffusers'
+            ``config.sample_size`` / ``in_channels`` or a fastdiff UNet's attributes.
+        generator: a ``torch.Generator``, or a list with one per sample (then sample k of a
+            batch equals the single-sample run with generator k).
+        noise: x_T ``[N x ...]`` (batch size, shape, dtype and device follow it by default).
+        eta: DDIM's stochasticity (``"ddim"`` only).
+        cond, uncond: conditioning, a dict of model kwargs or a tensor passed as
+            ``class_labels`` (class-conditional models, diffusers ``UNet2DModel``) or
+            ``encoder_hidden_states`` (``UNet2DConditionModel``). ``uncond`` defaults to the
+            model's ``null_cond`` / ``null_class`` when it has one.
+        guidance_scale: classifier-free guidance w (Ho & Salimans 2022, eq. 6):
+            ``eps = eps_u + w (eps_c - eps_u)``; one batched model call over ``[uncond, cond]``,
+            the combine fused into the sampler op.
+        model_kwargs: extra kwargs for every model call.
+        dtype, device: of x (default: the model's parameters, else ``noise``, else fp32 / CPU).
+        progress: show a tqdm progress bar.
+        callback: ``callback(i, t, x)`` after each step (x = the new sample).
+        return_trajectory: also return ``{"timesteps", "x", "x0"}``: x_t before the first step
+            and after each step ``[steps + 1 x N x ...]``, and the x0 prediction of every step
+            ``[steps x N x ...]`` (on the sample's device).
+        cuda_graph: capture one whole step (model call + update) as a CUDA graph, once per
+            (model, sampler structure, shape, dtype, device, conditioning), and replay it; the
+            per-step scalars, timesteps and noise are copied into static device buffers before
+            each replay. CUDA only.
+        **sampler_options: passed to the sampler, e.g. ``prediction_type``,
+            ``timestep_spacing``, ``clip_sample``, ``variance_type``, ``thresholding``.
+
+    Returns:
+        The samples in model space ``[N x ...]`` (see :func:`to_images`), and the trajectory
+        dict with ``return_trajectory``.
+    """
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    param = _model_param(model)
+
+    # ---- sampler and schedule
+    if isinstance(sampler, Sampler):
+        if steps is not None and steps != sampler.steps:
+            raise ValueError(
+                f"steps: got {steps} but the sampler object was built for {sampler.steps}"
+            )
+        if sampler_options or eta is not None or schedule is not None:
+            extra = sorted([*sampler_options, *(["eta"] if eta is not None else []),
+                            *(["schedule"] if schedule is not None else [])])  # fmt: skip
+            raise ValueError(
+                f"sampler: options {extra} cannot be applied to a sampler object; "
+                "build the sampler with them"
+            )
+        smp = sampler
+    elif isinstance(sampler, str):
+        if sampler.lower() not in SAMPLERS:
+            raise ValueError(
+                f"sampler: expected 'ddim', 'ddpm', 'dpm++' or a fastdiff sampler object, "
+                f"got {sampler!r}"
+            )
+        sched = _resolve_schedule(model, schedule)
+        n_steps = 50 if steps is None else steps
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int):
+            raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
+        if not 1 <= n_steps <= sched.num_train_timesteps:
+            raise ValueError(
+                f"steps: expected 1 <= steps <= num_train_timesteps = "
+                f"{sched.num_train_timesteps}, got {n_steps}"
+            )
+        opts = dict(sampler_options)
+        name = sampler.lower()
+        if eta is not None:
+            if SAMPLERS[name] is not SAMPLERS["ddim"]:
+                raise ValueError(f"eta: only the 'ddim' sampler takes eta, got sampler={sampler!r}")
+            opts["eta"] = eta
+        if "prediction_type" not in opts:
+            pt = _cfg_get(model, "prediction_type")
+            if isinstance(pt, str):
+                opts["prediction_type"] = pt
+        if name == "ddpm" and "variance_type" not in opts and _learned_variance(model):
+            opts["variance_type"] = "learned_range"
+        smp = make_sampler(name, sched, n_steps, **opts)
+    else:
+        raise TypeError(
+            f"sampler: expected a name ('ddim', 'ddpm', 'dpm++') or a fastdiff sampler object, "
+            f"got {type(sampler).__name__}"
+        )
+
+    # ---- device, dtype, batch, shape
+    if noise is not None and not isinstance(noise, Tensor):
+        raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
+    if device is None:
+        device = (
+            param.device if param is not None else (noise.device if noise is not None else "cpu")
+        )
+    device = torch.device(device)
+    if dtype is None:
+        if param is not None and param.is_floating_point():
+            dtype = param.dtype
+        else:
+            dtype = noise.dtype if noise is not None else torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    if noise is not None:
+        if noise.ndim < 1:
+            raise ValueError("noise: expected x_T of shape [N x ...]")
+        if batch_size is not None and batch_size != noise.shape[0]:
+            raise ValueError(f"batch_size: {batch_size} != noise batch {noise.shape[0]}")
+        if shape is not None and tuple(shape) != tuple(noise.shape[1:]):
+            raise ValueError(
+                f"shape: {tuple(shape)} != noise per-sample shape {tuple(noise.shape[1:])}"
+            )
+        batch_size, shape = noise.shape[0], tuple(noise.shape[1:])
+    if batch_size is None:
+        if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator):
+            batch_size = len(generator)
+        else:
+            batch_size = 1
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if shape is None:
+        shape = _infer_shape(model)
+        if shape is None:
+            raise ValueError(
+                "shape: not given and cannot be inferred from the model (no config.sample_size /"
+                " in_channels); pass the per-sample shape, e.g. shape=(3, 64, 64), or noise=x_T"
+            )
+    shape = tuple(int(s) for s in shape)
+    if any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected positive sizes, got {shape}")
+    _check_generator(generator, batch_size)
+    n = batch_size
+    full = (n, *shape)
+
+    # ---- conditioning
+    key = _cond_key(model)
+    kwargs: dict[str, Any] = {}
+    if model_kwargs is not None:
+        if not isinstance(model_kwargs, Mapping):
+            raise TypeError(f"model_kwargs: expected a dict, got {type(model_kwargs).__name__}")
+        kwargs.update(model_kwargs)
+    cond_kw = _as_kwargs("cond", cond, key, n, device)
+    if guidance_scale is not None:
+        guidance_scale = float(guidance_scale)
+        if cond is None:
+            raise ValueError(
+                "guidance_scale: classifier-free guidance needs cond= (the conditioning to guide "
+                "towards); got cond=None"
+            )
+        if uncond is None:
+            like = next(iter(cond_kw.values())) if len(cond_kw) == 1 else None
+            null = None
+            if isinstance(like, Tensor):
+                null = _null_cond(model, next(iter(cond_kw)), like, n)
+            if null is None:
+                raise ValueError(
+                    "uncond: guidance_scale needs the unconditional input; pass uncond= (the model "
+                    "has no null_cond / null_class attribute)"
+                )
+            unc_kw = {next(iter(cond_kw)): null}
+        else:
+            unc_kw = _as_kwargs("uncond", uncond, key, n, device)
+        if set(unc_kw) != set(cond_kw):
+            raise ValueError(
+                f"uncond: expected the same kwargs as cond {sorted(cond_kw)}, got {sorted(unc_kw)}"
+            )
+        for k in cond_kw:
+            c, u = cond_kw[k], unc_kw[k]
+            if isinstance(c, Tensor):
+                kwargs[k] = torch.cat([u.to(c.dtype), c])  # [uncond, cond]
+            else:
+                kwargs[k] = c
+        for k, v in list(kwargs.items()):
+            if k not in cond_kw and isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
+                kwargs[k] = torch.cat([v, v])
+    else:
+        if uncond is not None:
+            raise ValueError("uncond: only used with guidance_scale; got guidance_scale=None")
+        kwargs.update(cond_kw)
+    for k, v in kwargs.items():
+        if isinstance(v, Tensor) and v.is_floating_point() and v.device == device:
+            kwargs[k] = v.to(dtype) if k == "encoder_hidden_states" else v
+
+    # ---- x_T
+    if noise is not None:
+        x = noise.to(device=device, dtype=dtype)
+    else:
+        x = randn_like_with(torch.empty(full, device=device, dtype=dtype), generator)
+
+    if cuda_graph:
+        if device.type != "cuda":
+            raise ValueError(
+                f"cuda_graph: CUDA graphs need CUDA tensors, but sampling runs on {device}; "
+                "use cuda_graph=False on CPU"
+            )
+        return _sample_graphed(
+            model, smp, x, kwargs, guidance_scale, generator, progress, callback,
+            return_trajectory,
+        )  # fmt: skip
+    return _sample_eager(
+        model, smp, x, kwargs, guidance_scale, generator, progress, callback, return_trajectory
+    )
+
+
+def _learned_variance(model: Any) -> bool:
+    lv = getattr(model, "learned_variance", None)
+    if isinstance(lv, bool):
+        return lv
+    out_c, in_c = _cfg_get(model, "out_channels"), _cfg_get(model, "in_channels")
+    return isinstance(out_c, int) and isinstance(in_c, int) and out_c == 2 * in_c
+
+
+def _prepare_output(out: Tensor, x: Tensor, smp: Sampler, gs: float | None, model: Any) -> Tensor:
+    """Check the model output's shape; drop learned-variance channels for samplers without it."""
+    lv = bool(getattr(smp, "learned_variance", False))
+    if (
+        not lv
+        and x.ndim > 1
+        and out.ndim == x.ndim
+        and out.shape[1] == 2 * x.shape[1]
+        and _learned_variance(model)
+    ):
+        out = out[:, : x.shape[1]]  # the variance channels only matter to DDPM learned_range
+    check_model_output(out, x, gs, lv)
+    return out
+
+
+def _progress(it, enabled: bool, total: int):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total)
+
+
+def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory):
+    n = x.shape[0]
+    dev = x.device
+    rows = 2 * n if gs is not None else n
+    t_all = smp.timesteps_on(dev)[:, None].expand(smp.steps, rows).contiguous()  # [steps x B]
+    ts_host = smp.timesteps.tolist()
+    smp.reset()
+    traj_x, traj_x0 = ([x], []) if return_trajectory else (None, None)
+    for i in _progress(range(smp.steps), progress, smp.steps):
+        x_in = torch.cat([x, x]) if gs is not None else x
+        out = _prepare_output(_unwrap(model(x_in, t_all[i], **kwargs)), x, smp, gs, model)
+        noise = randn_like_with(x, generator) if smp.needs_noise(i) else None
+        res = smp.step(out, i, x, noise=noise, guidance_scale=gs, return_x0=return_trajectory)
+        if return_trajectory:
+            x, x0 = res
+            traj_x.append(x)
+            traj_x0.append(x0)
+        else:
+            x = res
+        if callback is not None:
+            callback(i, ts_host[i], x)
+    if return_trajectory:
+        return x, _trajectory(smp, traj_x, traj_x0)
+    return x
+
+
+def _trajectory(smp: Sampler, xs: list[Tensor], x0s: list[Tensor]) -> dict[str, Tensor]:
+    return {"timesteps": smp.timesteps, "x": torch.stack(xs), "x0": torch.stack(x0s)}
+
+
+# ------------------------------------------------------------------------------ CUDA graphs
+_GRAPHS: weakref.WeakKeyDictionary[Any, dict[tuple, _StepGraph]] = weakref.WeakKeyDictionary()
+
+
+def _kw_signature(kwargs: Mapping[str, Any]) -> tuple:
+    sig = []
+    for k in sorted(kwargs):
+        v = kwargs[k]
+        if isinstance(v, Tensor):
+            sig.append((k, "T", tuple(v.shape), v.dtype, str(v.device)))
+        else:
+            sig.append((k, "V", repr(v)))
+    return tuple(sig)
+
+
+class _StepGraph:
+    """One captured step: ``out = model(x, t, **kw)``, fused update, ``x <- x_prev`` in place.
+
+    Static device buffers: x (the state), t, coef (the sampler's row for the step), noise,
+    the DPM-Solver history x0_prev (read by the update, then overwritten at the end of the
+    graph with the new x0, so a replay never reads a buffer it has already overwritten), and
+    the tensor kwargs (conditioning), all refreshed with device copies before each replay.
+    """
+
+    def __init__(self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor) -> None:
+        self.model, self.gs = model, gs
+        self.multistep = isinstance(smp, DPMSolverPPSampler)
+        self.x = x.clone()
+        self.t = t_row.clone()
+        self.coef = smp.coef_table(x.device)[0].clone()
+        self.has_noise = any(smp.needs_noise(i) for i in range(smp.steps))
+        self.i_cap = next((i for i in range(smp.steps) if smp.needs_noise(i)), 0)
+        self.noise = torch.zeros_like(x) if self.has_noise else None
+        self.x0_prev = torch.zeros_like(x) if self.multistep else None
+        self.kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+        self.smp = smp
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # warm-up: cuDNN / Triton autotuning happens outside capture
+                self._body()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.x0 = self._body()
+        self.model = None  # the graph holds what it needs; let the cache's weak key die
+
+    def _body(self) -> Tensor:
+        smp, gs = self.smp, self.gs
+        x_in = torch.cat([self.x, self.x]) if gs is not None else self.x
+        out = _prepare_output(_unwrap(self.model(x_in, self.t, **self.kwargs)), self.x, smp, gs,
+                              self.model)  # fmt: skip
+        if self.multistep:
+            x_new, x0 = smp.step(out, 0, self.x, coef=self.coef, x0_prev=self.x0_prev,
+                                 guidance_scale=gs, return_x0=True)  # fmt: skip
+            self.x0_prev.copy_(x0)
+        else:
+            x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
+                                 guidance_scale=gs, return_x0=True)  # fmt: skip
+        self.x.copy_(x_new)
+        return x0
+
+    def load(self, x: Tensor, kwargs) -> None:
+        self.x.copy_(x)
+        if self.x0_prev is not None:
+            self.x0_prev.zero_()
+        for k, v in kwargs.items():
+            if isinstance(v, Tensor):
+                self.kwargs[k].copy_(v)
+
+    def replay(self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None) -> None:
+        self.coef.copy_(smp.coef_table(self.x.device)[i])
+        self.t.copy_(t_row)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+
+
+def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory):
+    n = x.shape[0]
+    rows = 2 * n if gs is not None else n
+    t_all = smp.timesteps_on(x.device)[:, None].expand(smp.steps, rows).contiguous()
+    key = (
+        smp.__class__.__name__,
+        tuple(sorted(smp.config().items())),
+        tuple(x.shape),
+        x.dtype,
+        str(x.device),
+        gs,
+        _kw_signature(kwargs),
+    )
+    try:
+        per_model = _GRAPHS.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: cache on nothing, capture every call
+        per_model = {}
+    g = per_model.get(key)
+    if g is None:
+        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0])
+        per_model[key] = g
+    g.smp = smp
+    g.load(x, kwargs)
+    ts_host = smp.timesteps.tolist()
+    traj_x, traj_x0 = ([x.clone()], []) if return_trajectory else (None, None)
+    for i in _progress(range(smp.steps), progress, smp.steps):
+        noise = randn_like_with(x, generator) if smp.needs_noise(i) else None
+        g.replay(smp, i, t_all[i], noise)
+        if return_trajectory:
+            traj_x.append(g.x.clone())
+            traj_x0.append(g.x0.clone())
+        if callback is not None:
+            callback(i, ts_host[i], g.x)
+    out = g.x.clone()
+    if return_trajectory:
+        return out, {
+            "timesteps": smp.timesteps,
+            "x": torch.stack(traj_x),
+            "x0": torch.stack(traj_x0),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------- images
+def to_images(x: Tensor) -> Tensor:
+    """Samples in model space ([-1, 1]) -> uint8 images ``[N x H x W x C]`` (CPU).
+
+    ``(x / 2 + 0.5).clamp(0, 1) * 255``, rounded, channels last (as diffusers' pipelines).
+    Accepts ``[N x C x H x W]`` or a single ``[C x H x W]``.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4:
+        raise ValueError(f"x: expected [N x C x H x W] or [C x H x W], got shape {tuple(x.shape)}")
+    img = ((x.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return img.permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def to_pil(x: Tensor) -> list[Any]:
+    """Samples in model space -> a list of ``PIL.Image`` (needs Pillow)."""
+    from PIL import Image
+
+    imgs = to_images(x).numpy()
+    return [Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in imgs]
