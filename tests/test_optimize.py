@@ -55,7 +55,7 @@ def unet2d_cond(**kw) -> UNet2DConditionModel:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=24,
         norm_num_groups=8,
-        attention_head_dim=32,
+        attention_head_dim=1,  # diffusers: the head *count* here; 1 head of dim 32
     )
     return randomize_(UNet2DConditionModel(**{**cfg, **kw}))
 

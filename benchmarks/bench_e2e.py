@@ -1,0 +1,257 @@
+"""End to end: one whole sampling run (DDIM, random weights; timing only).
+
+Groups ("e2e <model> b<batch> <dtype>") and variants, ratios always within one group:
+
+* fastdiff UNet (``ddpm-cifar10`` b1/b16 and ``adm-256`` b1, fp16, GPU; ``digits`` fp32 CPU):
+    - ``eager``: plain PyTorch, what a user has without fastdiff: the same weights in a twin
+      UNet whose norms are ``F.group_norm`` + ``F.silu`` and whose attention is
+      ``F.scaled_dot_product_attention``, in fastdiff's DDIM loop with the ``torch`` backend;
+    - ``compile-max-autotune-no-cudagraphs`` / ``compile-max-autotune``: that twin under
+      ``torch.compile`` (only with ``FASTDIFF_BENCH_COMPILE=1``: compiling takes minutes);
+    - ``fused``: ``fastdiff.sample`` on the fused UNet; ``fused-graph``: with ``cuda_graph=True``.
+* diffusers ``UNet2DModel`` with the google/ddpm-cifar10-32 architecture (fp16, GPU):
+    - ``eager``: the diffusers loop (``unet(x, t).sample`` + ``DDIMScheduler.step``);
+    - ``optimize-diffusers-loop``: the same loop on ``fastdiff.optimize(unet)``;
+    - ``optimize``: ``fastdiff.sample(fastdiff.optimize(unet))``; ``optimize-graph``: with graphs.
+
+``extra_info["steps"]`` holds the step count, so ``plot_e2e.py`` can show time per step.
+Run: ``pytest benchmarks/bench_e2e.py --benchmark-only -q``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from benchutil import bench
+from torch import nn
+
+import fastdiff
+from fastdiff.models import UNet
+from fastdiff.nn import Attention, GroupNormSiLU
+from fastdiff.samplers import DDIMSampler
+from fastdiff.schedules import NoiseSchedule
+
+COMPILE = os.environ.get("FASTDIFF_BENCH_COMPILE") == "1"
+GPU_STEPS = 50
+CPU_STEPS = 10
+
+
+# ---- the plain-PyTorch twin -----------------------------------------------------------------
+
+
+class TorchGroupNormAct(nn.Module):
+    """``GroupNormSiLU`` in plain PyTorch ops (the eager/compile baselines)."""
+
+    def __init__(self, gn: GroupNormSiLU) -> None:
+        super().__init__()
+        self.gn = gn
+
+    def forward(self, x, add=None, scale=None, shift=None):
+        gn = self.gn
+        if add is not None:
+            x = x + add[:, :, None, None]
+        y = F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
+        if scale is not None:
+            y = y * (1 + scale[:, :, None, None])
+        if shift is not None:
+            y = y + shift[:, :, None, None]
+        return F.silu(y) if gn.activation == "silu" else y
+
+
+class TorchAttention(nn.Module):
+    """``fastdiff.nn.Attention`` in plain PyTorch: GroupNorm, fused QKV linear, SDPA.
+
+    (:func:`torch_twin` turns ``attn.norm`` into a :class:`TorchGroupNormAct` too.)"""
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x, context=None):
+        a = self.attn
+        n, c, h, w = x.shape
+        y = a.norm(x).reshape(n, c, h * w).transpose(1, 2)  # [N x L x C]
+        qkv = a.to_qkv(y).view(n, h * w, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [N x H x L x D]
+        o = a.to_out(o.transpose(1, 2).reshape(n, h * w, c))  # [N x L x C]
+        return x + o.transpose(1, 2).reshape(n, c, h, w)
+
+
+def torch_twin(model: UNet) -> UNet:
+    """A copy of ``model`` running only stock PyTorch ops (same weights, same math)."""
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GroupNormSiLU):
+                setattr(parent, name, TorchGroupNormAct(child))
+            elif isinstance(child, Attention):
+                setattr(parent, name, TorchAttention(child))
+    return twin
+
+
+# ---- sampling loops -------------------------------------------------------------------------
+
+
+def ddim_loop(model, steps: int):
+    """fastdiff's DDIM loop with the sampler update on the torch backend (no fused ops)."""
+    sampler = DDIMSampler(NoiseSchedule("linear"), steps)
+
+    def run(x):
+        ts = sampler.timesteps_on(x.device)
+        c = x.shape[1]
+        with fastdiff.use_backend("torch"):
+            for i in range(steps):
+                out = model(x, ts[i].expand(x.shape[0]))
+                x = sampler.step(out[:, :c], i, x)  # the eps half when variance is learned
+        return x
+
+    return run
+
+
+def diffusers_loop(unet, steps: int):
+    """The diffusers way: ``unet(x, t).sample`` and ``DDIMScheduler.step`` per step."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps)
+
+    def run(x):
+        for t in scheduler.timesteps:
+            eps = unet(x, t).sample
+            x = scheduler.step(eps, t, x).prev_sample
+        return x
+
+    return run
+
+
+def fastdiff_loop(model, steps: int, cuda_graph: bool = False):
+    def run(x):
+        return fastdiff.sample(model, steps=steps, noise=x, cuda_graph=cuda_graph)
+
+    return run
+
+
+# ---- cases ----------------------------------------------------------------------------------
+
+UNET_VARIANTS = [
+    "eager",
+    "compile-max-autotune-no-cudagraphs",
+    "compile-max-autotune",
+    "fused",
+    "fused-graph",
+]
+GPU_CASES = [("ddpm-cifar10", 1), ("ddpm-cifar10", 16), ("adm-256", 1)]
+DIFFUSERS_VARIANTS = ["eager", "optimize-diffusers-loop", "optimize", "optimize-graph"]
+
+
+def _skip_unless(cond: bool, why: str) -> None:
+    if not cond:
+        pytest.skip(why)
+
+
+def _run_bench(benchmark, fn, x, group, variant, steps, device, rounds=None):
+    with torch.inference_mode():
+        bench(
+            benchmark,
+            fn,
+            lambda: (torch.randn_like(x),),
+            group=group,
+            variant=variant,
+            device=device,
+            rounds=rounds,
+        )
+    benchmark.extra_info["steps"] = steps
+
+
+@pytest.fixture(scope="module")
+def unet_cache():
+    return {}
+
+
+def _unet(cache, name, device, dtype):
+    key = (name, device, dtype)
+    if key not in cache:
+        cache.clear()  # one model resident at a time (adm-256 is 554M parameters)
+        torch.manual_seed(0)
+        cache[key] = UNet.from_preset(name).to(device=device, dtype=dtype).eval()
+    return cache[key]
+
+
+def _variant_fn(model, variant: str, steps: int):
+    if variant == "eager":
+        return ddim_loop(torch_twin(model), steps)
+    if variant.startswith("compile-"):
+        mode = variant.removeprefix("compile-")
+        return ddim_loop(torch.compile(torch_twin(model), mode=mode), steps)
+    return fastdiff_loop(model, steps, cuda_graph=variant == "fused-graph")
+
+
+def _needs(variant: str, device: str) -> None:
+    if variant.startswith("compile-"):
+        _skip_unless(COMPILE, "set FASTDIFF_BENCH_COMPILE=1 for the torch.compile variants")
+    if variant.startswith("fused") or variant.startswith("optimize"):
+        try:
+            import fastdiff.api  # noqa: F401
+        except ImportError as exc:
+            pytest.skip(f"fastdiff.sample unavailable: {exc}")
+    if variant.endswith("graph"):
+        _skip_unless(device.startswith("cuda"), "CUDA graphs need a GPU")
+
+
+@pytest.mark.parametrize("variant", UNET_VARIANTS)
+@pytest.mark.parametrize("name,batch", GPU_CASES, ids=[f"{n}-b{b}" for n, b in GPU_CASES])
+def test_e2e_fastdiff_unet_gpu(benchmark, device, unet_cache, name, batch, variant):
+    _skip_unless(device.startswith("cuda"), "the fp16 end-to-end suite runs on a GPU")
+    _needs(variant, device)
+    model = _unet(unet_cache, name, device, torch.float16)
+    s = model.sample_size
+    x = torch.randn(batch, model.in_channels, s, s, device=device, dtype=torch.float16)
+    fn = _variant_fn(model, variant, GPU_STEPS)
+    rounds = 1 if name == "adm-256" else 3
+    group = f"e2e {name} b{batch} fp16"
+    _run_bench(benchmark, fn, x, group, variant, GPU_STEPS, device, rounds=rounds)
+
+
+def _ddpm_cifar10_diffusers(device):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    )
+    return unet.to(device=device, dtype=torch.float16).eval()
+
+
+@pytest.mark.parametrize("variant", DIFFUSERS_VARIANTS)
+def test_e2e_diffusers_unet_gpu(benchmark, device, variant):
+    _skip_unless(device.startswith("cuda"), "the fp16 end-to-end suite runs on a GPU")
+    pytest.importorskip("diffusers")
+    _needs(variant, device)
+    unet = _ddpm_cifar10_diffusers(device)
+    if variant == "eager":
+        fn = diffusers_loop(unet, GPU_STEPS)
+    elif variant == "optimize-diffusers-loop":
+        fn = diffusers_loop(fastdiff.optimize(unet), GPU_STEPS)
+    else:
+        fn = fastdiff_loop(fastdiff.optimize(unet), GPU_STEPS, variant == "optimize-graph")
+    x = torch.randn(1, 3, 32, 32, device=device, dtype=torch.float16)
+    group = "e2e diffusers-ddpm-cifar10 b1 fp16"
+    _run_bench(benchmark, fn, x, group, variant, GPU_STEPS, device, rounds=3)
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused"])
+def test_e2e_cpu(benchmark, device, unet_cache, variant):
+    _skip_unless(device == "cpu", "the CPU end-to-end case runs on CPU")
+    _needs(variant, device)
+    model = _unet(unet_cache, "digits", "cpu", torch.float32)
+    x = torch.randn(8, 1, 16, 16)
+    fn = _variant_fn(model, variant, CPU_STEPS)
+    _run_bench(benchmark, fn, x, "e2e digits b8 fp32", variant, CPU_STEPS, device, rounds=5)
