@@ -313,3 +313,24 @@ def test_bitwise_repeatable(case):
     a = _run(backend, q, k, v)
     b = _run(backend, q, k, v)
     assert torch.equal(a, b)
+
+
+# ---- CPU twin of the CUDA kernels' online-softmax arithmetic ------------------------------------
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_cuda_online_softmax_twin(block):
+    """csrc/include/fastdiff/attention_math.h, the row update the CUDA kernels run, on CPU."""
+    from fastdiff import _ext
+
+    if not _ext.has_native():
+        pytest.skip("fastdiff._C is not built")
+    C = _ext.native()
+    B, H, Lq, Lk, D = 2, 2, 9, 77, 40
+    q, k, v = (torch.randn(B, H, n, D) for n in (Lq, Lk, Lk))
+    q[0, 0, 0] *= 60  # a row with large logits: the running max moves across tiles
+    out = torch.full_like(q, float("nan"))
+    C.attention_twin_cpu(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D, 0.3, block
+    )
+    _check(out, q, k, v, scale=0.3, name=f"twin block={block}")
