@@ -1,0 +1,512 @@
+"""The ``fastdiff`` command.
+
+    fastdiff sample --steps 50 --sampler ddim --n 64 --out samples.png [--label 3 --guidance 2]
+    fastdiff train --out model.safetensors [--steps 2000] [--device cuda]
+    fastdiff bench [--json]
+    fastdiff info [--json]
+    fastdiff show unet [--preset digits]
+    fastdiff show forward --out forward.png
+    fastdiff show schedules --out schedules.png        (needs matplotlib: fastdiff[plot])
+    fastdiff show reverse --out reverse.png
+
+Bad input is a one-line ``fastdiff: error: ...`` on stderr and a non-zero exit, before any output
+file is written (set ``FASTDIFF_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAMPLERS = ("ddim", "ddpm", "dpm++")
+DEFAULT_GUIDANCE = 1.0  # for --label without --guidance: plain conditional sampling
+
+
+class CLIError(Exception):
+    """A user error: reported as one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _label(s: str) -> int | str:
+    if s == "all":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a digit or 'all', got {s!r}") from None
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"unknown device {name!r}; use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"unsupported device {name!r}; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def _check_backend(backend: str | None, dev: torch.device) -> None:
+    if backend is None:
+        return
+    from fastdiff import _dispatch
+
+    if backend not in _dispatch.BACKENDS:
+        raise CLIError(
+            f"unknown backend {backend!r}; valid backends are {list(_dispatch.BACKENDS)}"
+        )
+    if backend == "sdpa":
+        return
+    ok, why = _dispatch.backend_available(backend, dev)
+    if not ok:
+        raise CLIError(f"backend {backend!r} cannot run on {dev.type}: {why}")
+
+
+def _backend_ctx(backend: str | None):
+    import contextlib
+
+    from fastdiff import use_backend
+
+    if backend is None:
+        return contextlib.nullcontext()
+    if backend == "sdpa":  # an attention-only backend
+        return use_backend("sdpa", op="attention")
+    return use_backend(backend)
+
+
+def _load_model(path: str | None, dev: torch.device):
+    from fastdiff.models.pretrained import load_model_file, load_pretrained
+
+    if path is None:
+        return load_pretrained("digits", device=dev)
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"model file not found: {p}")
+    return load_model_file(p, device=dev)
+
+
+def _check_out(path: str) -> Path:
+    from fastdiff.viz import check_writable
+
+    try:
+        return check_writable(path)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _labels(model, label: int | str | None, n: int, dev: torch.device) -> torch.Tensor | None:
+    if label is None:
+        return None
+    num_classes = getattr(getattr(model, "config", None), "num_classes", None)
+    if not num_classes:
+        raise CLIError("--label needs a class-conditional model; this one has no classes")
+    if label == "all":
+        return torch.arange(n, device=dev) % num_classes
+    if not 0 <= label < num_classes:
+        raise CLIError(f"--label must be in 0..{num_classes - 1} (or 'all'), got {label}")
+    return torch.full((n,), label, dtype=torch.long, device=dev)
+
+
+def _save(image, out: Path) -> None:
+    from fastdiff.viz import save_png
+
+    save_png(image, out)
+    print(f"wrote {out} ({image.width}x{image.height})", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------- commands
+def cmd_sample(a: argparse.Namespace) -> None:
+    import fastdiff
+    from fastdiff.viz import make_grid
+
+    dev = _device(a.device)
+    _check_backend(a.backend, dev)
+    out = _check_out(a.out)
+    if a.guidance is not None and a.label is None:
+        raise CLIError("--guidance needs --label (classifier-free guidance towards a class)")
+    model = _load_model(a.model, dev)
+    T = model.schedule.num_train_timesteps if model.schedule is not None else 1000
+    if a.steps > T:
+        raise CLIError(f"--steps must be <= {T} (the model's training timesteps), got {a.steps}")
+    labels = _labels(model, a.label, a.n, dev)
+    guidance = None
+    if labels is not None:
+        g = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
+        guidance = None if g == 1.0 else g
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    opts: dict[str, Any] = {}
+    if a.eta is not None:
+        opts["eta"] = a.eta
+    with _backend_ctx(a.backend), torch.no_grad():
+        x = fastdiff.sample(
+            model, steps=a.steps, sampler=a.sampler, batch_size=a.n, cond=labels,
+            guidance_scale=guidance, generator=gen, device=dev, progress=not a.quiet, **opts,
+        )  # fmt: skip
+    nrow = a.nrow or (10 if a.label == "all" else None)
+    _save(make_grid(x, nrow=nrow, scale=a.scale), out)
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    import fastdiff
+
+    dev = _device(a.device)
+    _check_backend(a.backend, dev)
+    out = _check_out(a.out)
+    if out.suffix != ".safetensors":
+        raise CLIError(f"--out must end in .safetensors, got {out.name}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ckpt = a.checkpoint or str(out.with_name(out.stem + "-ckpt"))
+    t0 = time.perf_counter()
+    fastdiff.train(
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=dev,
+        backend=a.backend, out=out, out_dtype=torch.float16 if a.fp16 else None,
+        checkpoint=ckpt, checkpoint_every=a.checkpoint_every, resume=not a.no_resume,
+        progress=not a.quiet, log_every=a.log_every,
+    )  # fmt: skip
+    print(f"wrote {out} and {out.with_suffix('.json')} in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)  # fmt: skip
+
+
+def _median_ms(fn: Callable[[], Any], dev: torch.device, reps: int, warmup: int = 2) -> float:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _bench_cases(dev: torch.device) -> list[tuple[str, str, str, Callable[[], Any]]]:
+    """(name, shape text, dispatch op, fn) for each op and the end-to-end run."""
+    from fastdiff.ops.attention import attention
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+    from fastdiff.ops.sampler_step import dpm_solver_2m_step, sampler_step
+
+    gpu = dev.type == "cuda"
+    dt = torch.float16 if gpu else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g, device=dev).to(dt)
+
+    n, c, hw = (16, 256, 32) if gpu else (4, 64, 32)
+    x_gn, w, b = rnd(n, c, hw, hw), rnd(c), rnd(c)
+    bh, L, d = (8, 1024, 64) if gpu else (4, 256, 32)
+    q, k, v = rnd(2, bh, L, d), rnd(2, bh, L, d), rnd(2, bh, L, d)
+    xs, eps, x0p = rnd(16, 3, 64, 64), rnd(16, 3, 64, 64), rnd(16, 3, 64, 64)
+    coef = torch.tensor([0.8, 0.6, 0.9, 0.1, 0.0, 0.0, 0.0, 0.0], device=dev)
+    coef2 = torch.tensor([0.8, 0.6, 0.7, 0.2, 0.1, 0.0, 0.0, 0.0], device=dev)
+    return [
+        ("group_norm_silu", f"{n}x{c}x{hw}x{hw} {str(dt)[6:]}", "group_norm_silu",
+         lambda: group_norm_silu(x_gn, 32, w, b)),
+        ("attention", f"2x{bh}x{L}x{d} {str(dt)[6:]}", "attention",
+         lambda: attention(q, k, v)),
+        ("sampler_step (ddim)", f"16x3x64x64 {str(dt)[6:]}", "sampler_step",
+         lambda: sampler_step(xs, eps, coef)),
+        ("dpm_solver_2m_step", f"16x3x64x64 {str(dt)[6:]}", "dpm_solver_2m_step",
+         lambda: dpm_solver_2m_step(xs, eps, coef2, x0p)),
+    ]  # fmt: skip
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    import fastdiff
+    from fastdiff import _dispatch, use_backend
+
+    dev = _device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[dict[str, Any]] = []
+    cases = _bench_cases(dev)
+    model = None
+    if not a.ops_only:
+        from fastdiff.models.pretrained import load_pretrained
+
+        try:
+            model = load_pretrained("digits", device=dev)
+        except (FileNotFoundError, ValueError):
+            model = None
+    if model is not None:
+        nb = 256 if dev.type == "cuda" else 16
+        labels = torch.arange(nb, device=dev) % 10
+
+        def e2e() -> Any:
+            with torch.no_grad():
+                return fastdiff.sample(
+                    model, steps=10, batch_size=nb, cond=labels, guidance_scale=2.0, device=dev,
+                    generator=torch.Generator(device=dev).manual_seed(0),
+                )  # fmt: skip
+
+        cases.append(("end to end: digits, 10 DDIM steps, CFG", f"batch {nb}", "", e2e))
+    for name, shape, op, fn in cases:
+        with use_backend("torch"):
+            eager = _median_ms(fn, dev, a.repeat)
+        fused = _median_ms(fn, dev, a.repeat)
+        if op:
+            backend = _dispatch.resolve(op, dev)
+        else:
+            backend = ",".join(
+                sorted({_dispatch.resolve(o, dev) for o in _dispatch.IMPLEMENTED})
+            )  # fmt: skip
+        rows.append(
+            dict(op=name, shape=shape, device=dev.type, eager_ms=round(eager, 4),
+                 fused_ms=round(fused, 4), fused_backend=backend,
+                 speedup=round(eager / fused, 2) if fused > 0 else None)
+        )  # fmt: skip
+    if a.json:
+        print(json.dumps({"device": str(dev), "rows": rows}, indent=2))
+        return
+    head = ("op", "shape", "eager ms", "fused ms", "backend", "speedup")
+    table = [
+        (r["op"], r["shape"], f"{r['eager_ms']:.3f}", f"{r['fused_ms']:.3f}",
+         r["fused_backend"], f"{r['speedup']:.2f}x")
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print(f"fastdiff bench on {dev} (median of {a.repeat}; eager = use_backend('torch'))")
+    print(line.format(*head))
+    print(line.format(*("-" * w for w in widths)))
+    for r in table:
+        print(line.format(*r))
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    import fastdiff
+
+    info = fastdiff.build_info()
+    info["fastdiff"] = fastdiff.__version__
+    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    info["threads"] = torch.get_num_threads()
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    for k in (
+        "fastdiff",
+        "torch",
+        "torch_cuda",
+        "triton",
+        "python",
+        "device",
+        "threads",
+        "native",
+        "cuda_compiled",
+        "cuda_archs",
+        "cuda_compiler",
+        "cxx_compiler",
+        "openmp",
+    ):
+        print(f"{k:14s} {info.get(k)}")  # fmt: skip
+    if info.get("native_error"):
+        print(f"{'native_error':14s} {info['native_error']}")
+    for dev, ops in info["backends"].items():
+        for op, bs in ops.items():
+            print(f"backends[{dev}] {op:20s} {', '.join(bs)}")
+
+
+def cmd_show_unet(a: argparse.Namespace) -> None:
+    from fastdiff.models import PRESETS, UNet
+
+    if a.preset not in PRESETS:
+        raise CLIError(f"unknown preset {a.preset!r}; available: {', '.join(sorted(PRESETS))}")
+    model = UNet.from_preset(a.preset)
+    print(f"UNet preset {a.preset!r}")
+    print(model.summary())
+
+
+def cmd_show_forward(a: argparse.Namespace) -> None:
+    from fastdiff.data import load_digits
+    from fastdiff.schedules import NoiseSchedule
+    from fastdiff.viz import forward_strip
+
+    out = _check_out(a.out)
+    if a.frames < 2:
+        raise CLIError(f"--frames must be >= 2, got {a.frames}")
+    if not 0 <= a.digit <= 9:
+        raise CLIError(f"--digit must be in 0..9, got {a.digit}")
+    x, y = load_digits()
+    x0 = x[(y == a.digit).nonzero()[a.index % int((y == a.digit).sum())]]
+    img = forward_strip(x0, NoiseSchedule(a.schedule), num_frames=a.frames, seed=a.seed)
+    _save(img, out)
+
+
+def cmd_show_schedules(a: argparse.Namespace) -> None:
+    from fastdiff.schedules import NoiseSchedule
+    from fastdiff.viz import check_writable, schedules_figure
+
+    out = _check_out(a.out)
+    try:
+        fig = schedules_figure({n: NoiseSchedule(n) for n in ("linear", "cosine")})
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, check_writable(out))
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def cmd_show_reverse(a: argparse.Namespace) -> None:
+    import fastdiff
+    from fastdiff.viz import reverse_figure
+
+    dev = _device(a.device)
+    out = _check_out(a.out)
+    model = _load_model(a.model, dev)
+    label = _labels(model, a.label, 1, dev)
+    if a.frames < 2:
+        raise CLIError(f"--frames must be >= 2, got {a.frames}")
+    gen = torch.Generator(device=dev).manual_seed(a.seed)
+    with torch.no_grad():
+        _, traj = fastdiff.sample(
+            model, steps=a.steps, sampler=a.sampler, batch_size=1, cond=label, generator=gen,
+            device=dev, return_trajectory=True, progress=not a.quiet,
+        )  # fmt: skip
+    steps = traj["x0"].shape[0]
+    k = min(a.frames, steps)
+    idx = torch.linspace(0, steps - 1, k).round().long()
+    xs = traj["x"][idx][:, 0]  # x_t fed to step i  [K x C x H x W]
+    x0s = traj["x0"][idx][:, 0]
+    ts = [int(traj["timesteps"][i]) for i in idx]
+    _save(reverse_figure(xs, x0s, ts), out)
+
+
+# ------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastdiff", description="diffusion sampling on fused kernels")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("sample", help="generate a PNG grid with the embedded digits model")
+    s.add_argument("--steps", type=_positive_int, default=50)
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    s.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    s.add_argument("--out", default="samples.png")
+    s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
+    s.add_argument("--nrow", type=_positive_int, default=None, help="images per row")
+    s.add_argument("--scale", type=_positive_int, default=4, help="pixel upscale factor")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_sample)
+
+    t = sub.add_parser("train", help="train the digits model (DDPM Algorithm 1, CFG, EMA)")
+    t.add_argument("--out", required=True, help="output .safetensors (config .json beside it)")
+    t.add_argument("--steps", type=_positive_int, default=2000)
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--backend", default=None)
+    t.add_argument("--checkpoint", default=None, help="checkpoint stem (default <out>-ckpt)")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    t.add_argument("--fp16", action="store_true", help="store the output weights in float16")
+    t.add_argument("--log-every", type=int, default=0, help="also print a line every N steps")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    b = sub.add_parser("bench", help="fused vs eager, per op and end to end")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--device", default=None)
+    b.add_argument("--repeat", type=_positive_int, default=10)
+    b.add_argument("--ops-only", action="store_true", help="skip the end-to-end sampling run")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("info", help="build info, backends, device, versions")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    sh = sub.add_parser("show", help="pictures and tables that explain diffusion")
+    ssub = sh.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    u = ssub.add_parser("unet", help="the UNet summary table")
+    u.add_argument("--preset", default="digits")
+    u.set_defaults(func=cmd_show_unet)
+    f = ssub.add_parser("forward", help="one digit noised at evenly spaced t")
+    f.add_argument("--out", default="forward.png")
+    f.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    f.add_argument("--digit", type=int, default=3)
+    f.add_argument("--index", type=int, default=0, help="which example of that digit")
+    f.add_argument("--frames", type=int, default=11)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(func=cmd_show_forward)
+    sc = ssub.add_parser("schedules", help="abar_t and SNR: linear vs cosine (matplotlib)")
+    sc.add_argument("--out", default="schedules.png")
+    sc.set_defaults(func=cmd_show_schedules)
+    r = ssub.add_parser("reverse", help="x_t and the x0 prediction along one sampling run")
+    r.add_argument("--out", default="reverse.png")
+    r.add_argument("--steps", type=_positive_int, default=50)
+    r.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    r.add_argument("--label", type=_label, default=3)
+    r.add_argument("--frames", type=int, default=10)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--model", default=None)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_show_reverse)
+    return p
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    return msg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastdiff`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (status 2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("fastdiff: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+        if os.environ.get("FASTDIFF_DEBUG") == "1":
+            raise
+        print(f"fastdiff {args.cmd}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
