@@ -73,9 +73,15 @@ def group_norm_silu_reference(
     u = x.to(compute_dtype)
     if add is not None:
         u = u + add.to(compute_dtype).reshape(bshape)
-    w = weight.to(compute_dtype) if weight is not None else None
-    b = bias.to(compute_dtype) if bias is not None else None
-    y = F.group_norm(u, num_groups, w, b, eps)
+    ug = u.reshape(n, num_groups, -1)
+    mean = ug.mean(-1, keepdim=True)
+    var = ug.var(-1, unbiased=False, keepdim=True)
+    y = ((ug - mean) * torch.rsqrt(var + eps)).reshape(u.shape)
+    cshape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(compute_dtype).reshape(cshape)
+    if bias is not None:
+        y = y + bias.to(compute_dtype).reshape(cshape)
     if scale is not None:
         y = y * (1 + scale.to(compute_dtype).reshape(bshape))
     if shift is not None:
@@ -180,6 +186,13 @@ def _unsupported(x: Tensor) -> dict[str, str]:
     ):
         out.setdefault("triton", "the Triton interpreter has no bfloat16 arithmetic")
     return out
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device: str, unsupported: tuple[tuple[str, str], ...]) -> str:
+    """The backend, evaluated once at trace time under torch.compile (the dispatch seam reads a
+    ContextVar, which dynamo cannot trace)."""
+    return _dispatch.resolve(_OP, torch.device(device), dict(unsupported))
 
 
 # ------------------------------------------------------------------------------- custom op
@@ -361,7 +374,7 @@ def group_norm_silu(
         RuntimeError: when an explicitly requested backend cannot run.
     """
     add, scale, shift = _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation)
-    backend = _dispatch.resolve(_OP, x.device, _unsupported(x))
+    backend = _resolve(str(x.device), tuple(sorted(_unsupported(x).items())))
     return _group_norm_silu_op(
         _canon(x),
         int(num_groups),
