@@ -229,7 +229,21 @@ def attention(
     _validate(q, k, v, scale)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = _dispatch.resolve("attention", q.device, unsupported=unsupported_backends(q, k))
+    if _plain_call(q, k, v):
+        # Inference on plain tensors: skip the custom-op dispatcher (~10+ us per call, which is
+        # most of the time of a short-sequence attention). Autograd, torch.compile and tensor
+        # subclasses (fake/functional tensors) go through the registered op.
+        return _run(q, k, v, s, backend)
     return _attention_op(q, k, v, s, backend)
+
+
+def _plain_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return False
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad
+    return not (needs_grad and torch.is_grad_enabled())
 
 
 def resolved_backend(q: torch.Tensor, k: torch.Tensor) -> str:
