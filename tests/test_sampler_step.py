@@ -1,0 +1,390 @@
+"""fastdiff.ops.sampler_step: every backend vs a float64 reference (FlashAttention rule)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_fa_rule, backend_cases, case_id, poison_
+from scipy import stats
+
+import fastdiff
+from fastdiff.ops.sampler_step import dpm_solver_2m_step, philox_randn, sampler_step
+
+CASES = backend_cases("sampler_step")
+DPM_CASES = backend_cases("dpm_solver_2m_step")
+PREDS = ["epsilon", "v_prediction", "sample"]
+SHAPE = (3, 3, 7, 5)
+
+
+def dtypes(case: tuple[str, str]) -> list[torch.dtype]:
+    # the Triton interpreter has no bf16 arithmetic
+    interp = case == ("cpu", "triton")
+    return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
+
+
+def make_coef(device: str, ab: float = 0.5, ab_prev: float = 0.7) -> torch.Tensor:
+    """DDIM eta=1 style coefficients (float64 on the host), plus a c_x term and log variances."""
+    var = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+    beta = 1 - ab / ab_prev
+    vals = [
+        math.sqrt(ab),
+        math.sqrt(1 - ab),
+        math.sqrt(ab_prev),
+        math.sqrt(1 - ab_prev - var),
+        0.1,
+        math.sqrt(var),
+        math.log(beta),
+        math.log(var),
+    ]
+    return torch.tensor(vals, dtype=torch.float64).float().to(device)
+
+
+def reference(x, mo, coef, *, pred="epsilon", clip=None, recompute=False, g=None, lv=False,
+              z=None, dtype=torch.float64):  # fmt: skip
+    """The step in plain torch in ``dtype`` (float64: the reference; x's dtype: eager)."""
+    c = [float(v) for v in coef.double().tolist()]
+    a, s, c_x0, c_eps, c_x, c_noise, lmax, lmin = c
+    n, ch = x.shape[0], x.shape[1]
+    x = x.to(dtype)
+    mo = mo.to(dtype)
+    cond = mo[n:] if g is not None else mo
+    unc = mo[:n] if g is not None else None
+    var = None
+    if lv:
+        var, cond = cond[:, ch:], cond[:, :ch]
+        unc = unc[:, :ch] if unc is not None else None
+    m = cond if unc is None else unc + g * (cond - unc)
+    if pred == "epsilon":
+        eps, x0 = m, (x - s * m) / a
+    elif pred == "v_prediction":
+        x0, eps = a * x - s * m, a * m + s * x
+    else:
+        x0, eps = m, (x - a * m) / s
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+        if recompute:
+            eps = (x - a * x0) / s
+    out = c_x0 * x0 + c_eps * eps + c_x * x
+    if z is not None:
+        sigma = c_noise
+        if lv:
+            f = (var + 1) / 2
+            sigma = c_noise * torch.exp(0.5 * (f * lmax + (1 - f) * lmin))
+        out = out + sigma * z.to(dtype)
+    return out, x0
+
+
+def check(out, x0, x, mo, coef, dtype, atol=0.0, **kw):
+    ref, ref_x0 = reference(x, mo, coef, **kw)
+    eag, eag_x0 = reference(x, mo, coef, dtype=dtype, **kw)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_fa_rule(out, ref, eag, atol=atol, name="x_prev")
+    if x0 is not None:
+        assert_fa_rule(x0, ref_x0, eag_x0, atol=atol, name="x0")
+
+
+def run(case, *args, **kw):
+    with fastdiff.use_backend(case[1]):
+        return sampler_step(*args, **kw)
+
+
+def _poison_allocator(like: torch.Tensor, count: int = 2) -> None:
+    # best effort: freed NaN-filled blocks are what the op's outputs likely get
+    bufs = [poison_(torch.empty_like(like)) for _ in range(count)]
+    del bufs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("pred", PREDS)
+@pytest.mark.parametrize("clip", ["none", "clip", "clip+recompute"])
+def test_prediction_types_and_clip(case, pred, clip):
+    dev = case[0]
+    coef = make_coef(dev)
+    for dtype in dtypes(case):
+        x = torch.randn(SHAPE, device=dev).to(dtype)
+        mo = torch.randn(SHAPE, device=dev).to(dtype)
+        kw = dict(pred=pred, clip=None if clip == "none" else 1.0, recompute=clip.endswith("e"))
+        _poison_allocator(x)
+        out, x0 = run(case, x, mo, coef, prediction_type=pred, clip_range=kw["clip"],
+                      recompute_eps=kw["recompute"], return_x0=True)  # fmt: skip
+        check(out, x0, x, mo, coef, dtype, atol=1e-6, **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("combo", ["cfg", "lv", "cfg+lv", "noise", "cfg+lv+noise+clip"])
+def test_guidance_variance_noise(case, combo):
+    dev = case[0]
+    coef = make_coef(dev)
+    for dtype in dtypes(case):
+        g = 5.5 if "cfg" in combo else None
+        lv = "lv" in combo
+        shp = list(SHAPE)
+        shp[0] *= 2 if g is not None else 1
+        shp[1] *= 2 if lv else 1
+        x = torch.randn(SHAPE, device=dev).to(dtype)
+        mo = torch.randn(shp, device=dev).to(dtype)
+        if lv:  # variance values in [-1, 1]
+            mo[..., SHAPE[1] :, :, :] = torch.rand_like(mo[..., SHAPE[1] :, :, :]) * 2 - 1
+        z = torch.randn(SHAPE, device=dev).to(dtype) if ("noise" in combo or lv) else None
+        clip = 1.0 if "clip" in combo else None
+        out, x0 = run(case, x, mo, coef, guidance_scale=g, learned_variance=lv, noise=z,
+                      clip_range=clip, return_x0=True)  # fmt: skip
+        check(out, x0, x, mo, coef, dtype, atol=1e-6, g=g, lv=lv, z=z, clip=clip)
+        only = run(case, x, mo, coef, guidance_scale=g, learned_variance=lv, noise=z,
+                   clip_range=clip)  # fmt: skip
+        assert torch.equal(only, out)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fp16_large_values_stay_finite(case):
+    dev = case[0]
+    coef = make_coef(dev)
+    x = (torch.randn(SHAPE, device=dev) * 1000).half()
+    mo = (torch.randn(SHAPE, device=dev) * 1000).half()
+    out, x0 = run(case, x, mo, coef, return_x0=True)
+    assert torch.isfinite(out).all() and torch.isfinite(x0).all()
+    check(out, x0, x, mo, coef, torch.float16)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_layouts(case):
+    dev = case[0]
+    coef = make_coef(dev)
+    gs = torch.tensor([123, 456], device=dev)
+    x = torch.randn(SHAPE, device=dev)
+    mo = torch.randn((2 * SHAPE[0],) + SHAPE[1:], device=dev)
+    base = run(case, x, mo, coef, guidance_scale=3.0, generator_state=gs, clip_range=2.0)
+    # channels_last in -> channels_last out, same values (Philox index is the logical NCHW one)
+    xc, mc = x.to(memory_format=torch.channels_last), mo.to(memory_format=torch.channels_last)
+    out = run(case, xc, mc, coef, guidance_scale=3.0, generator_state=gs, clip_range=2.0)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, base, rtol=0, atol=1e-6)
+    # channels_last learned variance: the channel split is not dense per sample -> copied
+    mlv = torch.randn(SHAPE[0], 2 * SHAPE[1], *SHAPE[2:], device=dev).clamp(-1, 1)
+    a = run(case, x, mlv, coef, learned_variance=True, generator_state=gs)
+    b = run(case, xc, mlv.to(memory_format=torch.channels_last), coef, learned_variance=True,
+            generator_state=gs)  # fmt: skip
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    # non-contiguous slices (batch and channel strides)
+    big = torch.randn(2 * SHAPE[0], 2 * SHAPE[1], *SHAPE[2:], device=dev)
+    xs, ms = big[::2, ::2], big[1::2, 1::2]
+    out, x0 = run(case, xs, ms, coef, return_x0=True, prediction_type="v_prediction")
+    assert out.is_contiguous()
+    check(out, x0, xs, ms, coef, torch.float32, atol=1e-6, pred="v_prediction")
+    # batch-sliced x (per-sample dense, batch stride > inner): no copy needed
+    xb = big[::2, : SHAPE[1]]
+    mb = torch.randn(SHAPE, device=dev)
+    check(run(case, xb, mb, coef), None, xb, mb, coef, torch.float32, atol=1e-6)
+    # odd and degenerate shapes
+    for shp in [(1, 1, 1, 1), (2, 5), (5, 3, 1, 9), (2, 2, 3, 3, 3), (0, 3, 4, 4)]:
+        xo, mo2 = torch.randn(shp, device=dev), torch.randn(shp, device=dev)
+        check(run(case, xo, mo2, coef), None, xo, mo2, coef, torch.float32, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nan_in_nan_out(case):
+    dev = case[0]
+    coef = make_coef(dev)
+    x = torch.randn(SHAPE, device=dev)
+    mo = torch.randn(SHAPE, device=dev)
+    x.view(-1)[5] = float("nan")
+    mo.view(-1)[17] = float("nan")
+    for pred in PREDS:
+        out, x0 = run(case, x, mo, coef, prediction_type=pred, clip_range=1.0, return_x0=True,
+                      generator_state=torch.tensor([1, 2], device=dev))  # fmt: skip
+        nan = torch.isnan(out.view(-1))
+        assert nan[5] and nan[17] and int(nan.sum()) == 2, pred
+        assert torch.isnan(x0.view(-1)[17])
+
+
+def _randn(case, shape, seed, offset):
+    dev = case[0]
+    gs = torch.tensor([seed, offset], device=dev, dtype=torch.int64)
+    x = torch.zeros(shape, device=dev)
+    mo = torch.zeros(shape, device=dev)
+    coef = torch.tensor([1, 1, 0, 0, 0, 1, 0, 0], dtype=torch.float32, device=dev)
+    return run(case, x, mo, coef, generator_state=gs)  # x_prev = 1 * z
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_philox_noise(case):
+    shape = (4, 3, 16, 16)
+    z = _randn(case, shape, 42, 0)
+    assert torch.equal(z, _randn(case, shape, 42, 0))  # deterministic
+    assert not torch.equal(z, _randn(case, shape, 42, 1))  # offset moves the stream
+    assert not torch.equal(z, _randn(case, shape, 43, 0))  # so does the seed
+    # counter layout: element e uses offset + e
+    n = z[0].numel()
+    tail = _randn(case, (3, 3, 16, 16), 42, n)
+    torch.testing.assert_close(tail, z[1:], rtol=0, atol=1e-5)
+    # same stream as the torch reference (which matches Triton's tl.randn), across 2^32
+    ref = philox_randn(torch.tensor([2**40 + 3, 2**32 - 100]), shape)
+    got = _randn(case, shape, 2**40 + 3, 2**32 - 100).cpu()
+    assert (got - ref).abs().max().item() <= 1e-5
+    # N(0, 1)
+    assert stats.kstest(z.flatten().cpu().double().numpy(), "norm").pvalue > 1e-3
+
+
+@pytest.mark.skipif(
+    not ({"cpu", "triton"} <= {b for d, b in CASES if d == "cpu"}),
+    reason="needs the cpu backend and triton under TRITON_INTERPRET=1",
+)
+def test_philox_cpu_matches_triton():
+    for seed, offset in [(0, 0), (-7, 12345), (2**63 - 1, 2**32 - 17)]:
+        a = _randn(("cpu", "cpu"), (2, 3, 9, 7), seed, offset)
+        b = _randn(("cpu", "triton"), (2, 3, 9, 7), seed, offset)
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_bad_inputs():
+    x = torch.randn(SHAPE)
+    mo = torch.randn(SHAPE)
+    coef = make_coef("cpu")
+    with pytest.raises(TypeError, match="x must be"):
+        sampler_step(x.int(), mo, coef)
+    with pytest.raises(TypeError, match="model_output"):
+        sampler_step(x, mo.long(), coef)
+    with pytest.raises(TypeError, match="coef"):
+        sampler_step(x, mo, coef.double())
+    with pytest.raises(ValueError, match="coef must have >= 8"):
+        sampler_step(x, mo, coef[:4])
+    with pytest.raises(ValueError, match="model_output is on meta"):
+        sampler_step(x, mo.to("meta"), coef)
+    with pytest.raises(ValueError, match="coef is on meta"):
+        sampler_step(x, mo, coef.to("meta"))
+    with pytest.raises(ValueError, match="model_output must have shape"):
+        sampler_step(x, mo[:, :2], coef)
+    with pytest.raises(ValueError, match="valid: \\['epsilon', 'sample', 'v_prediction'\\]"):
+        sampler_step(x, mo, coef, prediction_type="flow")
+    with pytest.raises(ValueError, match="batch 2N"):
+        sampler_step(x, mo, coef, guidance_scale=7.5)
+    with pytest.raises(ValueError, match="model_output must have shape"):
+        sampler_step(x, mo, coef, learned_variance=True)
+    with pytest.raises(ValueError, match="at most one"):
+        sampler_step(x, mo, coef, noise=mo, generator_state=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="generator_state"):
+        sampler_step(x, mo, coef, generator_state=torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="generator_state must have shape"):
+        sampler_step(x, mo, coef, generator_state=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="generator_state is on meta"):
+        sampler_step(x, mo, coef, generator_state=torch.tensor([1, 2], device="meta"))
+    with pytest.raises(TypeError, match="noise"):
+        sampler_step(x, mo, coef, noise=mo.int())
+    with pytest.raises(ValueError, match="noise must have"):
+        sampler_step(x, mo, coef, noise=mo[:1])
+    with pytest.raises(ValueError, match="x0_prev must have"):
+        dpm_solver_2m_step(x, mo, coef, x[:1])
+    with pytest.raises(ValueError, match="valid"):
+        dpm_solver_2m_step(x, mo, coef, prediction_type="eps")
+    # the inputs were not touched by the failed calls
+    assert torch.isfinite(x).all() and torch.isfinite(mo).all()
+
+
+DPM_COEF = [0.8, 0.6, 0.9, 0.35, -0.12]
+
+
+def dpm_reference(x, mo, prev, pred, dt, with_prev):
+    """DPM-Solver++ 2M update in plain torch in ``dt`` (CFG 2.0, clip 1.5)."""
+    c = [float(torch.tensor(v, dtype=torch.float32)) for v in DPM_COEF]
+    dcoef = torch.tensor([c[0], c[1], c[3], 0, 0, 0, 0, 0])
+    _, x0r = reference(x, mo, dcoef, pred=pred, clip=1.5, g=2.0, dtype=dt)
+    o = c[2] * x.to(dt) + c[3] * x0r
+    return (o + c[4] * prev.to(dt) if with_prev else o), x0r
+
+
+@pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
+@pytest.mark.parametrize("pred", PREDS)
+def test_dpm_solver_2m(case, pred):
+    dev = case[0]
+    coef = torch.tensor(DPM_COEF + [0, 0, 0], device=dev)
+    for dtype in dtypes(case):
+        x = torch.randn(SHAPE, device=dev).to(dtype)
+        mo = torch.randn((2 * SHAPE[0],) + SHAPE[1:], device=dev).to(dtype)
+        prev = torch.randn(SHAPE, device=dev).to(dtype)
+        with fastdiff.use_backend(case[1]):
+            out, x0 = dpm_solver_2m_step(x, mo, coef, prev, prediction_type=pred,
+                                         guidance_scale=2.0, clip_range=1.5)  # fmt: skip
+            first, x0b = dpm_solver_2m_step(x, mo, coef, None, prediction_type=pred,
+                                            guidance_scale=2.0, clip_range=1.5)  # fmt: skip
+
+        r, rx0 = dpm_reference(x, mo, prev, pred, torch.float64, True)
+        e, ex0 = dpm_reference(x, mo, prev, pred, dtype, True)
+        assert_fa_rule(out, r, e, atol=1e-6, name="x_next")
+        assert_fa_rule(x0, rx0, ex0, atol=1e-6, name="x0")
+        r1, _ = dpm_reference(x, mo, prev, pred, torch.float64, False)
+        e1, _ = dpm_reference(x, mo, prev, pred, dtype, False)
+        assert_fa_rule(first, r1, e1, atol=1e-6, name="first order")
+        assert torch.equal(x0, x0b)
+
+
+def _opcheck_args(dev):
+    x = torch.randn(2, 3, 4, 5, device=dev)
+    mo = torch.randn(4, 6, 4, 5, device=dev).clamp(-1, 1)
+    coef = make_coef(dev)
+    gs = torch.tensor([1, 2], device=dev)
+    return x, mo, coef, gs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_opcheck_sampler_step(case):
+    x, mo, coef, gs = _opcheck_args(case[0])
+    op = torch.ops.fastdiff.sampler_step.default
+    torch.library.opcheck(op, (x, mo, coef, None, gs, case[1], 1, 1.0, True, 2.0, True, True))
+    xc = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(op, (xc, mo[:2, :3], coef, x, None, case[1], 0, None, False, None,
+                               False, False))  # fmt: skip
+
+
+@pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
+def test_opcheck_dpm_solver_2m_step(case):
+    x, mo, coef, _ = _opcheck_args(case[0])
+    op = torch.ops.fastdiff.dpm_solver_2m_step.default
+    torch.library.opcheck(op, (x, mo[:, :3], coef, x * 2, case[1], 2, 1.0, 3.0))
+    torch.library.opcheck(op, (x, mo[:2, :3], coef, None, case[1], 0, None, None))
+
+
+CUDA_BACKENDS = [b for d, b in CASES if d == "cuda"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS or ["cuda"])
+def test_cuda_graph_capture_and_coef_update(backend):
+    dev = "cuda"
+    x = torch.randn(4, 4, 16, 16, device=dev)
+    mo = torch.randn(8, 4, 16, 16, device=dev)
+    coef = make_coef(dev)
+    gs = torch.tensor([7, 0], device=dev)
+    with fastdiff.use_backend(backend):
+        for _ in range(2):  # warm up (compilation, autotune) outside the capture
+            sampler_step(x, mo, coef, guidance_scale=4.0, generator_state=gs, clip_range=1.0)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = sampler_step(x, mo, coef, guidance_scale=4.0, generator_state=gs,
+                               clip_range=1.0)  # fmt: skip
+        for ab, ab_prev, off in [(0.3, 0.5, 0), (0.6, 0.8, x.numel())]:
+            coef.copy_(make_coef(dev, ab, ab_prev))
+            gs[1] = off
+            graph.replay()
+            torch.cuda.synchronize()
+            z = philox_randn(gs, tuple(x.shape))
+            ref, _ = reference(x, mo, coef, g=4.0, clip=1.0, z=z)
+            eag, _ = reference(x, mo, coef, g=4.0, clip=1.0, z=z, dtype=torch.float32)
+            assert_fa_rule(out, ref, eag, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS or ["cuda"])
+def test_cuda_large_batch_grid_limit(backend):
+    dev = "cuda"
+    x = torch.randn(70000, 3, 8, 8, device=dev)
+    mo = torch.randn_like(x)
+    coef = make_coef(dev)
+    gs = torch.tensor([3, 5], device=dev)
+    with fastdiff.use_backend(backend):
+        out = sampler_step(x, mo, coef, generator_state=gs)
+    with fastdiff.use_backend("torch"):
+        ref = sampler_step(x, mo, coef, generator_state=gs)
+    assert (out - ref).abs().max().item() <= 1e-4
