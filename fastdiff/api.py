@@ -368,9 +368,9 @@ def sample(
         if uncond is not None:
             raise ValueError("uncond: only used with guidance_scale; got guidance_scale=None")
         kwargs.update(cond_kw)
-    for k, v in kwargs.items():
-        if isinstance(v, Tensor) and v.is_floating_point() and v.device == device:
-            kwargs[k] = v.to(dtype) if k == "encoder_hidden_states" else v
+    ehs = kwargs.get("encoder_hidden_states")
+    if isinstance(ehs, Tensor) and ehs.is_floating_point():
+        kwargs["encoder_hidden_states"] = ehs.to(device=device, dtype=dtype)  # the model's dtype
 
     # ---- x_T
     if noise is not None:
