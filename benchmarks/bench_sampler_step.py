@@ -1,0 +1,84 @@
+"""Fused DDIM step (eta=1, clip, in-kernel Philox noise) vs the eager diffusers-style step."""
+
+import math
+
+import pytest
+import torch
+from benchutil import bench
+
+import fastdiff
+from fastdiff.ops.sampler_step import sampler_step
+
+CPU_SHAPES = [(16, 3, 64, 64), (4, 4, 64, 64)]
+GPU_SHAPES = CPU_SHAPES + [(16, 3, 256, 256)]
+AB, AB_PREV = 0.5, 0.6  # alphabar_t, alphabar_prev
+
+
+def eager_ddim(x, eps, alphas_cumprod, t, t_prev):
+    """DDIMScheduler.step as diffusers writes it (eta=1, clip_sample, fresh randn noise)."""
+    alpha_prod_t = alphas_cumprod[t]
+    alpha_prod_t_prev = alphas_cumprod[t_prev]
+    beta_prod_t = 1 - alpha_prod_t
+    pred_x0 = (x - beta_prod_t**0.5 * eps) / alpha_prod_t**0.5
+    pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    variance = (1 - alpha_prod_t_prev) / beta_prod_t * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std = 1.0 * variance**0.5
+    pred_dir = (1 - alpha_prod_t_prev - std**2) ** 0.5 * eps
+    prev = alpha_prod_t_prev**0.5 * pred_x0 + pred_dir
+    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    return prev + std * noise
+
+
+def ddim_coef(device):
+    var = (1 - AB_PREV) / (1 - AB) * (1 - AB / AB_PREV)
+    vals = [math.sqrt(AB), math.sqrt(1 - AB), math.sqrt(AB_PREV),
+            math.sqrt(1 - AB_PREV - var), 0.0, math.sqrt(var), 0.0, 0.0]  # fmt: skip
+    return torch.tensor(vals, dtype=torch.float64).float().to(device)
+
+
+def _shapes(device):
+    return GPU_SHAPES if device.startswith("cuda") else CPU_SHAPES
+
+
+def _variants(device):
+    out = [("eager", None), ("fused", None)]
+    if device.startswith("cuda") and fastdiff.backend_available("triton", device)[0]:
+        out.append(("fused-triton", "triton"))
+    return out
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton"])
+def test_ddim_step(benchmark, device, shape, variant):
+    if shape not in _shapes(device):
+        pytest.skip("GPU-only shape")
+    backends = dict(_variants(device))
+    if variant not in backends:
+        pytest.skip(f"{variant} not available on {device}")
+    numel = math.prod(shape)
+    group = f"sampler_step {tuple(shape)} fp32"
+    nbytes = 3 * numel * 4  # read x, read eps, write x_prev
+
+    if variant == "eager":
+        ac = torch.tensor([AB, AB_PREV], device=device)
+
+        def make():
+            return (torch.randn(shape, device=device), torch.randn(shape, device=device), ac)
+
+        bench(benchmark, lambda x, e, a: eager_ddim(x, e, a, 0, 1), make, group=group,
+              variant=variant, bytes=nbytes, device=device)  # fmt: skip
+        return
+    coef = ddim_coef(device)
+    gs = torch.tensor([1234, 0], device=device)
+    backend = backends[variant]
+
+    def make():
+        return torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+    def fused(x, e):
+        if backend is None:
+            return sampler_step(x, e, coef, clip_range=1.0, generator_state=gs)
+        with fastdiff.use_backend(backend, "sampler_step"):
+            return sampler_step(x, e, coef, clip_range=1.0, generator_state=gs)
+
+    bench(benchmark, fused, make, group=group, variant=variant, bytes=nbytes, device=device)
