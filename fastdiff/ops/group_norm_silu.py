@@ -20,6 +20,7 @@ stride pattern (slices, transposes) is first made contiguous with ``x.contiguous
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -168,31 +169,43 @@ def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
     return _check_nc("add", add, x), _check_nc("scale", scale, x), _check_nc("shift", shift, x)
 
 
-def _unsupported(x: Tensor) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if x.dtype == torch.float64:
-        for b in ("cpu", "cuda", "triton"):
-            out[b] = "the fused kernels take float32, float16 or bfloat16, got float64"
-    if x.numel() == 0:
+@functools.lru_cache(maxsize=1)
+def _stale_build() -> tuple[tuple[str, str], ...]:
+    """Native backends whose entry point is missing from the loaded fastdiff._C."""
+    out = []
+    if _ext.has_native():
+        for b, sym in (("cpu", "group_norm_silu_cpu"), ("cuda", "group_norm_silu_cuda")):
+            if not hasattr(_ext.native(), sym):
+                out.append((b, f"fastdiff._C lacks {sym} (stale build: run tools/dev_build.sh)"))
+    return tuple(out)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_NO_F64 = "the fused kernels take float32, float16 or bfloat16, got float64"
+
+
+def _unsupported(device: torch.device, dtype: torch.dtype, empty: bool) -> dict[str, str]:
+    """Backends that cannot take these inputs, with the reason."""
+    out: dict[str, str] = dict(_stale_build())
+    if dtype == torch.float64:
+        out.update(cpu=_NO_F64, cuda=_NO_F64, triton=_NO_F64)
+    elif dtype == torch.bfloat16 and device.type == "cpu" and _interpreting():
+        out.setdefault("triton", "the Triton interpreter has no bfloat16 arithmetic")
+    if empty:
         for b in ("cpu", "cuda", "triton"):
             out.setdefault(b, "empty input")
-    for b, sym in (("cpu", "group_norm_silu_cpu"), ("cuda", "group_norm_silu_cuda")):
-        if _ext.has_native() and not hasattr(_ext.native(), sym):
-            out.setdefault(b, f"fastdiff._C lacks {sym} (stale build: run tools/dev_build.sh)")
-    if (
-        x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and os.environ.get("TRITON_INTERPRET") == "1"
-    ):
-        out.setdefault("triton", "the Triton interpreter has no bfloat16 arithmetic")
     return out
 
 
 @torch.compiler.assume_constant_result
-def _resolve(device: str, unsupported: tuple[tuple[str, str], ...]) -> str:
+def _resolve_traced(device: str, dtype: torch.dtype, empty: bool) -> str:
     """The backend, evaluated once at trace time under torch.compile (the dispatch seam reads a
     ContextVar, which dynamo cannot trace)."""
-    return _dispatch.resolve(_OP, torch.device(device), dict(unsupported))
+    dev = torch.device(device)
+    return _dispatch.resolve(_OP, dev, _unsupported(dev, dtype, empty))
 
 
 # ------------------------------------------------------------------------------- custom op
@@ -213,6 +226,10 @@ def _group_norm_silu_op(
     silu: bool,
     backend: str,
 ) -> Tensor:
+    return _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, backend)
+
+
+def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, backend):
     x = _canon(x)
     out = torch.empty_like(x)
     if out.numel() == 0:
@@ -374,16 +391,26 @@ def group_norm_silu(
         RuntimeError: when an explicitly requested backend cannot run.
     """
     add, scale, shift = _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation)
-    backend = _resolve(str(x.device), tuple(sorted(_unsupported(x).items())))
-    return _group_norm_silu_op(
-        _canon(x),
-        int(num_groups),
-        weight,
-        bias,
-        float(eps),
-        add,
-        scale,
-        shift,
-        activation == "silu",
-        backend,
-    )
+    args = (int(num_groups), weight, bias, float(eps), add, scale, shift, activation == "silu")
+    if torch.compiler.is_compiling():
+        backend = _resolve_traced(str(x.device), x.dtype, x.numel() == 0)
+        return _group_norm_silu_op(_canon(x), *args, backend)
+    backend = _dispatch.resolve(_OP, x.device, _unsupported(x.device, x.dtype, x.numel() == 0))
+    if _needs_op(x, weight, bias, add, scale, shift):
+        return _group_norm_silu_op(_canon(x), *args, backend)
+    # Eager inference: nothing to record for autograd and no tracing, so skip the dispatcher
+    # round trip of the custom op (tens of microseconds, the size of a small GPU kernel).
+    return _forward_impl(x, *args, backend)
+
+
+def _needs_op(*tensors: Tensor | None) -> bool:
+    """True when the call must go through the custom op: autograd or a tensor subclass/mode."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor and type(t) is not torch.nn.Parameter:
+            return True
+        if grad and t.requires_grad:
+            return True
+    return torch._C._len_torch_dispatch_stack() > 0
