@@ -357,7 +357,7 @@ def cmd_show_unet(a: argparse.Namespace) -> None:
 def cmd_show_forward(a: argparse.Namespace) -> None:
     from fastdiff.data import load_digits
     from fastdiff.schedules import NoiseSchedule
-    from fastdiff.viz import forward_strip
+    from fastdiff.viz import forward_strip, stack_images
 
     out = _check_out(a.out)
     if a.frames < 2:
@@ -366,8 +366,9 @@ def cmd_show_forward(a: argparse.Namespace) -> None:
         raise CLIError(f"--digit must be in 0..9, got {a.digit}")
     x, y = load_digits()
     x0 = x[(y == a.digit).nonzero()[a.index % int((y == a.digit).sum())]]
-    img = forward_strip(x0, NoiseSchedule(a.schedule), num_frames=a.frames, seed=a.seed)
-    _save(img, out)
+    names = ("linear", "cosine") if a.schedule == "both" else (a.schedule,)
+    strips = [forward_strip(x0, NoiseSchedule(n), num_frames=a.frames, seed=a.seed) for n in names]
+    _save(stack_images(strips, gap=6), out)
 
 
 def cmd_show_schedules(a: argparse.Namespace) -> None:
@@ -473,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_show_unet)
     f = ssub.add_parser("forward", help="one digit noised at evenly spaced t")
     f.add_argument("--out", default="forward.png")
-    f.add_argument("--schedule", choices=("linear", "cosine"), default="linear")
+    f.add_argument("--schedule", choices=("both", "linear", "cosine"), default="both")
     f.add_argument("--digit", type=int, default=3)
     f.add_argument("--index", type=int, default=0, help="which example of that digit")
     f.add_argument("--frames", type=int, default=11)

@@ -21,6 +21,7 @@ __all__ = [
     "forward_strip",
     "reverse_figure",
     "schedules_figure",
+    "stack_images",
 ]
 
 
@@ -101,7 +102,8 @@ def _label_row(labels: Sequence[str], cell: int, pad: int, height: int = 14):
     return im
 
 
-def _stack(images: list, gap: int = 0):
+def stack_images(images: list, gap: int = 0):
+    """Stack PIL images (mode L) vertically on white, ``gap`` pixels apart."""
     from PIL import Image
 
     w = max(im.width for im in images)
@@ -119,7 +121,7 @@ def _titled(title: str, body):
 
     head = Image.new("L", (body.width, 16), 255)
     ImageDraw.Draw(head).text((4, 2), title, fill=0)
-    return _stack([head, body])
+    return stack_images([head, body])
 
 
 def forward_strip(
@@ -145,7 +147,7 @@ def forward_strip(
     grid = make_grid(xt, nrow=num_frames, scale=scale, pad=pad)
     labels = _label_row([f"t={int(t)}" for t in ts], x0.shape[-1] * scale, pad)
     name = getattr(schedule, "beta_schedule", "")
-    return _titled(f"forward process q(x_t | x_0), {name} schedule", _stack([grid, labels]))
+    return _titled(f"forward process q(x_t | x_0), {name} schedule", stack_images([grid, labels]))
 
 
 def reverse_figure(xs: torch.Tensor, x0s: torch.Tensor, timesteps: Sequence[int], scale: int = 4):
@@ -160,7 +162,7 @@ def reverse_figure(xs: torch.Tensor, x0s: torch.Tensor, timesteps: Sequence[int]
     top = make_grid(xs, nrow=k, scale=scale, pad=pad)
     bottom = make_grid(x0s, nrow=k, scale=scale, pad=pad)
     labels = _label_row([f"t={int(t)}" for t in timesteps], cell, pad)
-    return _stack(
+    return stack_images(
         [
             _titled("reverse process: x_t", top),
             _titled("prediction of x_0 at that step", bottom),
