@@ -41,14 +41,15 @@ def _shapes(device):
 
 
 def _variants(device):
-    out = [("eager", None), ("fused", None)]
+    # fused-randn: torch.randn noise (torch's generator) + the fused step reading it
+    out = [("eager", None), ("fused", None), ("fused-randn", None)]
     if device.startswith("cuda") and fastdiff.backend_available("triton", device)[0]:
         out.append(("fused-triton", "triton"))
     return out
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton"])
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton", "fused-randn"])
 def test_ddim_step(benchmark, device, shape, variant):
     if shape not in _shapes(device):
         pytest.skip("GPU-only shape")
@@ -76,6 +77,9 @@ def test_ddim_step(benchmark, device, shape, variant):
         return torch.randn(shape, device=device), torch.randn(shape, device=device)
 
     def fused(x, e):
+        if variant == "fused-randn":
+            z = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+            return sampler_step(x, e, coef, clip_range=1.0, noise=z)
         if backend is None:
             return sampler_step(x, e, coef, clip_range=1.0, generator_state=gs)
         with fastdiff.use_backend(backend, "sampler_step"):

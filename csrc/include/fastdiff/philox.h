@@ -129,9 +129,9 @@ FD_PHILOX float fd_sqrtf(float x) {
 #endif
 }
 
-// N(0, 1) for counter `ctr` under `seed`: Triton tl.randn(seed, ctr).
-FD_PHILOX float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
-  uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = 0u, c3 = 0u;
+// N(0, 1) for the 64-bit counter (ctr_hi:ctr_lo) under key (k0, k1): Triton tl.randn.
+FD_PHILOX float philox_randn2(uint32_t k0, uint32_t k1, uint32_t ctr_lo, uint32_t ctr_hi) {
+  uint32_t c0 = ctr_lo, c1 = ctr_hi, c2 = 0u, c3 = 0u;
   philox4x32_10(c0, c1, c2, c3, k0, k1);
   // u1 = max(u1, 1e-7f), as an int max on the bits (u1 >= 0), which keeps the loop vectorisable
   int32_t b1 = (int32_t)fd_float_bits(philox_uniform(c0));
@@ -142,6 +142,11 @@ FD_PHILOX float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
   const float th = 6.283185307179586f * u2;
   const float r = fd_sqrtf(-2.0f * fd_logf(u1));
   return r * fd_cos_small(th);
+}
+
+// N(0, 1) for counter `ctr` under the 64-bit seed split into (k0, k1) = (lo, hi).
+FD_PHILOX float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
+  return philox_randn2(k0, k1, (uint32_t)ctr, (uint32_t)(ctr >> 32));
 }
 
 }  // namespace fastdiff
