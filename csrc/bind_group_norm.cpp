@@ -42,13 +42,25 @@ void register_group_norm(pybind11::module_& m) {
       "group_norm_silu_cuda",
       [](uintptr_t x, uintptr_t y, int64_t N, int64_t C, int64_t HW, int64_t G, bool nhwc,
          int dtype, uintptr_t weight, uintptr_t bias, uintptr_t add, uintptr_t scale,
-         uintptr_t shift, double eps, bool silu, uintptr_t stream) {
+         uintptr_t shift, double eps, bool silu, uintptr_t workspace, int64_t workspace_floats,
+         uintptr_t stream) {
         GroupNormArgs a =
             make_args(x, y, N, C, HW, G, nhwc, dtype, weight, bias, add, scale, shift, eps, silu);
+        a.workspace = workspace;
+        a.workspace_floats = workspace_floats;
         pybind11::gil_scoped_release release;
         group_norm_silu_cuda(a, stream);
       },
-      "Fused GroupNorm+SiLU on CUDA (same arguments as group_norm_silu_cpu, plus a stream).");
+      "Fused GroupNorm+SiLU on CUDA (arguments of group_norm_silu_cpu, then an fp32 workspace "
+      "of group_norm_silu_cuda_workspace(...) floats, then a stream).");
+  m.def(
+      "group_norm_silu_cuda_workspace",
+      [](uintptr_t x, uintptr_t y, int64_t N, int64_t C, int64_t HW, int64_t G, bool nhwc,
+         int dtype) {
+        GroupNormArgs a = make_args(x, y, N, C, HW, G, nhwc, dtype, 0, 0, 0, 0, 0, 1e-5, true);
+        return group_norm_silu_cuda_workspace(a);
+      },
+      "fp32 workspace elements group_norm_silu_cuda needs for these sizes and addresses.");
 #endif
 }
 

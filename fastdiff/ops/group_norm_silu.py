@@ -286,8 +286,10 @@ def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, si
     )
     C = _ext.native()
     if cuda:
+        ws_n = C.group_norm_silu_cuda_workspace(*common[:8])
+        ws = torch.empty(max(ws_n, 1), device=x.device, dtype=torch.float32)
         with torch.cuda.device(x.device):
-            C.group_norm_silu_cuda(*common, _ext.stream_handle(x))
+            C.group_norm_silu_cuda(*common, ws.data_ptr(), ws_n, _ext.stream_handle(x))
     else:
         C.group_norm_silu_cpu(*common)
 

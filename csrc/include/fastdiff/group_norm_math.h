@@ -154,6 +154,9 @@ struct GroupNormArgs {
   uintptr_t weight, bias, add, scale, shift;
   float eps;
   bool silu;
+  // CUDA only: fp32 scratch of group_norm_silu_cuda_workspace(args) floats (0 when none needed).
+  uintptr_t workspace = 0;
+  int64_t workspace_floats = 0;
 };
 
 // csrc/cpu/group_norm.cpp

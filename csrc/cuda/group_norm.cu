@@ -1,0 +1,462 @@
+// Fused GroupNorm(+add, +scale/shift)+SiLU on CUDA, NCHW and NHWC, fp32/fp16/bf16 storage, fp32
+// math. Per-element and per-group arithmetic comes from fastdiff/group_norm_math.h (shared with
+// the CPU kernel).
+//
+// Plans (chosen on the host, see make_plan):
+//  * fused (NCHW): one block per (n, g) when the slab (C/G x HW) fits in registers: one HBM
+//    read; exact shifted two-pass mean/variance on chip; per-channel a, b in shared memory;
+//    y = act(a*x + b). 16-byte vector accesses when HW is a multiple of the vector width.
+//  * split (NCHW and NHWC): (1) per-channel shifted partial sums over spatial chunks, many blocks
+//    (rows of HW for NCHW; tiles of whole C-rows, vectorised along C, for NHWC), (2) one block
+//    per (n, g) merges them (Chan et al.) and folds everything into per-(n, c) a, b, (3) an
+//    elementwise pass y = act(a*x + b) (the second read of x mostly hits L2).
+// All offsets are int64; every grid uses only grid.x (< 2^31 blocks).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastdiff/cuda_utils.cuh"
+#include "fastdiff/group_norm_cuda.h"
+#include "fastdiff/group_norm_math.h"
+
+namespace fastdiff {
+namespace {
+
+constexpr int kFusedThreads = 512;
+constexpr int kFusedMaxVecs = 4;  // vectors per thread held in registers by the fused kernel
+constexpr int kThreads = 256;
+constexpr int kMaxSplit = 64;
+
+__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// V consecutive elements, one aligned access (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ void load_f(const T* p, float (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = to_f(pk.v[j]);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_f(T* p, const float (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int j = 0; j < V; ++j) pk.v[j] = from_f<T>(in[j]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+// Sum of a float2 over the block (blockDim.x a multiple of 32, <= 1024); result to all threads.
+__device__ __forceinline__ float2 block_sum2(float2 v) {
+  __shared__ float2 scratch[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nw = (blockDim.x + 31) >> 5;
+    v = lane < nw ? scratch[lane] : make_float2(0.f, 0.f);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+      v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+    }
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+struct DevParams {
+  const float *w, *b, *add, *scale, *shift;
+  float eps;
+  bool silu;
+  __device__ __forceinline__ void fold(int64_t n, int64_t C, int64_t c, float mean, float rstd,
+                                       float* a, float* bb) const {
+    const int64_t nc = n * C + c;
+    gn::fold(mean, rstd, w ? w[c] : 1.0f, b ? b[c] : 0.0f, add ? add[nc] : 0.0f,
+             scale ? scale[nc] : 0.0f, shift ? shift[nc] : 0.0f, a, bb);
+  }
+};
+
+// ---------------------------------------------------------------------------- fused (NCHW)
+// One block per (n, g): the slab x[n, g*cpg:(g+1)*cpg, :] (contiguous, cpg*HW elements) is held
+// in registers, kFusedMaxVecs vectors of V per thread. Requires HW % V == 0.
+template <typename T, int V>
+__global__ void __launch_bounds__(kFusedThreads)
+    gn_fused_nchw_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t C, int64_t HW,
+                         int64_t G, DevParams p) {
+  extern __shared__ float ab[];  // [2 * cpg]: a then b
+  const int64_t ng = blockIdx.x;
+  const int64_t n = ng / G, g = ng % G;
+  const int64_t cpg = C / G;
+  const int64_t c0 = g * cpg;
+  const int64_t base = (n * C + c0) * HW;
+  const int64_t nvec = cpg * HW / V;
+  const int64_t hwv = HW / V;
+
+  float r[kFusedMaxVecs][V];
+  float addv[kFusedMaxVecs];
+  // Shift k = u at the slab's first element: exact for constant groups, no cancellation.
+  const float k = to_f(x[base]) + (p.add ? p.add[n * C + c0] : 0.0f);
+  float2 acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int i = 0; i < kFusedMaxVecs; ++i) {
+    const int64_t vi = threadIdx.x + (int64_t)i * kFusedThreads;
+    addv[i] = 0.0f;
+    if (vi < nvec) {
+      load_f<T, V>(x + base + vi * V, r[i]);
+      if (p.add) addv[i] = p.add[n * C + c0 + vi / hwv];
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc.x += r[i][j] + addv[i] - k;
+    }
+  }
+  const float cnt = (float)(cpg * HW);
+  const float mean = k + block_sum2(acc).x / cnt;
+  acc = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int i = 0; i < kFusedMaxVecs; ++i) {
+    const int64_t vi = threadIdx.x + (int64_t)i * kFusedThreads;
+    if (vi < nvec) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float d = r[i][j] + addv[i] - mean;
+        acc.x += d * d;
+      }
+    }
+  }
+  const float var = block_sum2(acc).x / cnt;
+  const float rstd = gn::rstd_from(var, p.eps);
+  for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
+    p.fold(n, C, c0 + cl, mean, rstd, &ab[cl], &ab[cpg + cl]);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kFusedMaxVecs; ++i) {
+    const int64_t vi = threadIdx.x + (int64_t)i * kFusedThreads;
+    if (vi < nvec) {
+      const int64_t cl = vi / hwv;
+      const float a = ab[cl], b = ab[cpg + cl];
+      float o[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) o[j] = gn::apply_act(r[i][j], a, b, p.silu);
+      store_f<T, V>(y + base + vi * V, o);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ split: partial statistics
+// NCHW: block b -> row (n, c) = b / split, chunk b % split of `chunk` spatial positions.
+// Writes s1 = sum(x - k_c), s2 = sum((x - k_c)^2) with k_c = x[n, c, 0].
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_row_stats_kernel(const T* __restrict__ x, float* __restrict__ S1, float* __restrict__ S2,
+                        int64_t HW, int64_t split, int64_t chunk) {
+  const int64_t row = blockIdx.x / split, sp = blockIdx.x % split;
+  const T* xr = x + row * HW;
+  const float k = to_f(xr[0]);
+  const int64_t s0 = sp * chunk, s1 = imin(HW, s0 + chunk);
+  float2 acc = make_float2(0.f, 0.f);
+  for (int64_t s = s0 + (int64_t)threadIdx.x * V; s < s1; s += (int64_t)kThreads * V) {
+    float v[V];
+    load_f<T, V>(xr + s, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = v[j] - k;
+      acc.x += d;
+      acc.y += d * d;
+    }
+  }
+  acc = block_sum2(acc);
+  if (threadIdx.x == 0) {
+    S1[row * split + sp] = acc.x;
+    S2[row * split + sp] = acc.y;
+  }
+}
+
+// NHWC: block b -> (n, channel tile ct, row chunk sp). The tile holds cvt <= kThreads channel
+// vectors; thread t owns vector t % cvt and rows t / cvt, t / cvt + ry, ... (ry = kThreads / cvt),
+// so every row of the tile is read as contiguous 16-byte vectors along C.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_chan_stats_kernel(const T* __restrict__ x, float* __restrict__ S1, float* __restrict__ S2,
+                         int64_t C, int64_t HW, int64_t n_ct, int64_t split, int64_t chunk) {
+  __shared__ float sh1[kThreads * V];
+  __shared__ float sh2[kThreads * V];
+  const int64_t b = blockIdx.x;
+  const int64_t sp = b % split, ct = (b / split) % n_ct, n = b / (split * n_ct);
+  const int64_t cv_total = C / V;
+  const int64_t cv0 = ct * kThreads;
+  const int cvt = (int)imin(kThreads, cv_total - cv0);
+  const int ry = kThreads / cvt;
+  const int t = threadIdx.x;
+  const int my_cv = t % cvt, my_r = t / cvt;
+  const bool active = my_r < ry;
+  const int64_t c = (cv0 + my_cv) * V;
+  const T* xn = x + n * HW * C;
+  float k[V], a1[V], a2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) a1[j] = a2[j] = 0.0f;
+  if (active) {
+    load_f<T, V>(xn + c, k);
+    const int64_t r0 = sp * chunk, r1 = imin(HW, r0 + chunk);
+    for (int64_t r = r0 + my_r; r < r1; r += ry) {
+      float v[V];
+      load_f<T, V>(xn + r * C + c, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float d = v[j] - k[j];
+        a1[j] += d;
+        a2[j] += d * d;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sh1[t * V + j] = a1[j];
+    sh2[t * V + j] = a2[j];
+  }
+  __syncthreads();
+  if (my_r == 0) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float s1 = 0.f, s2 = 0.f;
+      for (int q = 0; q < ry; ++q) {
+        s1 += sh1[(q * cvt + my_cv) * V + j];
+        s2 += sh2[(q * cvt + my_cv) * V + j];
+      }
+      S1[(n * C + c + j) * split + sp] = s1;
+      S2[(n * C + c + j) * split + sp] = s2;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- split: finalize
+// One block per (n, g): merge the channels' partial sums (Chan et al.; equal counts) into the
+// group mean / M2 and fold into A[n, c], B[n, c]. Channel statistics are recomputed from the
+// partials in each pass rather than stored, so any C/G fits.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gn_finalize_kernel(const T* __restrict__ x, const float* __restrict__ S1,
+                       const float* __restrict__ S2, float* __restrict__ A, float* __restrict__ B,
+                       int64_t C, int64_t HW, int64_t G, int64_t split, bool nhwc, DevParams p) {
+  const int64_t ng = blockIdx.x;
+  const int64_t n = ng / G, g = ng % G;
+  const int64_t cpg = C / G, c0 = g * cpg;
+  const float m = (float)HW;
+  auto chan = [&](int64_t c, float* mean_c, float* m2_c) {
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t q = 0; q < split; ++q) {
+      s1 += S1[(n * C + c) * split + q];
+      s2 += S2[(n * C + c) * split + q];
+    }
+    const float k = to_f(x[nhwc ? n * HW * C + c : (n * C + c) * HW]);
+    gn::shifted_to_moments<float>(k, s1, s2, m, mean_c, m2_c);
+    if (p.add) *mean_c += p.add[n * C + c];
+  };
+  float2 acc = make_float2(0.f, 0.f);
+  for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x) {
+    float mc, m2c;
+    chan(c0 + cl, &mc, &m2c);
+    acc.x += mc;
+    acc.y += m2c;
+  }
+  acc = block_sum2(acc);
+  const float mean = acc.x / (float)cpg;
+  const float m2_within = acc.y;
+  acc = make_float2(0.f, 0.f);
+  for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x) {
+    float mc, m2c;
+    chan(c0 + cl, &mc, &m2c);
+    acc.x += (mc - mean) * (mc - mean);
+  }
+  acc = block_sum2(acc);
+  const float var = (m2_within + m * acc.x) / (m * (float)cpg);
+  const float rstd = gn::rstd_from(var, p.eps);
+  for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
+    p.fold(n, C, c0 + cl, mean, rstd, &A[n * C + c0 + cl], &B[n * C + c0 + cl]);
+}
+
+// ---------------------------------------------------------------------------- split: apply
+// NCHW: block b -> row (n, c) = b / parts, part b % parts of kThreads * 4 vectors.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_apply_nchw_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A,
+                         const float* __restrict__ B, int64_t HW, int64_t parts, bool silu) {
+  const int64_t row = blockIdx.x / parts, part = blockIdx.x % parts;
+  const float a = A[row], b = B[row];
+  const int64_t per = (int64_t)kThreads * 4 * V;
+  const int64_t s0 = part * per, s1 = imin(HW, s0 + per);
+  const T* xr = x + row * HW;
+  T* yr = y + row * HW;
+  for (int64_t s = s0 + (int64_t)threadIdx.x * V; s < s1; s += (int64_t)kThreads * V) {
+    float v[V];
+    load_f<T, V>(xr + s, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = gn::apply_act(v[j], a, b, silu);
+    store_f<T, V>(yr + s, v);
+  }
+}
+
+// NHWC: block b -> (n, row chunk) of `rows` rows x C; thread loop over (row, channel vector).
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_apply_nhwc_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A,
+                         const float* __restrict__ B, int64_t C, int64_t HW, int64_t rows,
+                         int64_t n_rb, bool silu) {
+  const int64_t n = blockIdx.x / n_rb, rb = blockIdx.x % n_rb;
+  const int64_t r0 = rb * rows, r1 = imin(HW, r0 + rows);
+  const int64_t cv = C / V;
+  const int64_t total = (r1 - r0) * cv;
+  const float* An = A + n * C;
+  const float* Bn = B + n * C;
+  for (int64_t j = threadIdx.x; j < total; j += kThreads) {
+    const int64_t r = r0 + j / cv, c = (j % cv) * V;
+    const int64_t off = (n * HW + r) * C + c;
+    float v[V];
+    load_f<T, V>(x + off, v);
+#pragma unroll
+    for (int q = 0; q < V; ++q) v[q] = gn::apply_act(v[q], An[c + q], Bn[c + q], silu);
+    store_f<T, V>(y + off, v);
+  }
+}
+
+// ------------------------------------------------------------------------------------ host
+struct Plan {
+  bool fused;
+  int vec;         // elements per access (16 / sizeof(T) or 1)
+  int64_t split;   // spatial chunks in the stats pass
+  int64_t chunk;   // spatial positions per chunk
+  int64_t n_ct;    // NHWC channel tiles
+  int64_t ws;      // fp32 workspace elements
+};
+
+int elem_size(int dtype) { return to_dtype(dtype) == DType::Float32 ? 4 : 2; }
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+Plan make_plan(const GroupNormArgs& a) {
+  Plan pl{};
+  const int full = 16 / elem_size(a.dtype);
+  const bool aligned = a.x % 16 == 0 && a.y % 16 == 0;
+  const int64_t inner = a.nhwc ? a.C : a.HW;  // contiguous run the vectors must tile
+  pl.vec = (aligned && inner % full == 0) ? full : 1;
+  const int64_t cpg = a.C / a.G;
+  const int64_t slab_vecs = cpg * a.HW / pl.vec;
+  pl.fused = !a.nhwc && pl.vec == full && slab_vecs <= (int64_t)kFusedThreads * kFusedMaxVecs &&
+             2 * cpg * 4 <= 32 * 1024;
+  if (pl.fused) return pl;
+  if (a.nhwc) {
+    const int64_t cv = a.C / pl.vec;
+    pl.n_ct = cdiv(cv, kThreads);
+    const int64_t want = cdiv(1024, a.N * pl.n_ct);  // aim for ~1024 blocks
+    pl.split = std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, want, cdiv(a.HW, 8)}));
+    pl.chunk = cdiv(a.HW, pl.split);
+    pl.split = cdiv(a.HW, pl.chunk);
+  } else {
+    pl.n_ct = 1;
+    const int64_t want = cdiv(1024, a.N * a.C);
+    const int64_t by_size = cdiv(a.HW, (int64_t)kThreads * pl.vec * 2);
+    pl.split = std::max<int64_t>(1, std::min<int64_t>({kMaxSplit, want, by_size}));
+    pl.chunk = cdiv(cdiv(a.HW, pl.split), pl.vec) * pl.vec;
+    pl.split = cdiv(a.HW, pl.chunk);
+  }
+  pl.ws = a.N * a.C * (2 * pl.split + 2);
+  return pl;
+}
+
+template <typename T, int V>
+void launch(const GroupNormArgs& a, const Plan& pl, cudaStream_t st) {
+  const T* x = reinterpret_cast<const T*>(a.x);
+  T* y = reinterpret_cast<T*>(a.y);
+  DevParams p{reinterpret_cast<const float*>(a.weight), reinterpret_cast<const float*>(a.bias),
+              reinterpret_cast<const float*>(a.add),    reinterpret_cast<const float*>(a.scale),
+              reinterpret_cast<const float*>(a.shift),  a.eps,
+              a.silu};
+  const int64_t cpg = a.C / a.G;
+  if (pl.fused) {
+    gn_fused_nchw_kernel<T, V><<<clamp_grid_x(a.N * a.G), kFusedThreads, 2 * cpg * sizeof(float),
+                                 st>>>(x, y, a.C, a.HW, a.G, p);
+    check_launch("gn_fused_nchw_kernel");
+    return;
+  }
+  check_arg(a.workspace != 0 && a.workspace_floats >= pl.ws,
+            "group_norm_silu_cuda: workspace too small for the split plan");
+  float* S1 = reinterpret_cast<float*>(a.workspace);
+  float* S2 = S1 + a.N * a.C * pl.split;
+  float* A = S2 + a.N * a.C * pl.split;
+  float* B = A + a.N * a.C;
+  if (a.nhwc) {
+    gn_chan_stats_kernel<T, V><<<clamp_grid_x(a.N * pl.n_ct * pl.split), kThreads, 0, st>>>(
+        x, S1, S2, a.C, a.HW, pl.n_ct, pl.split, pl.chunk);
+    check_launch("gn_chan_stats_kernel");
+  } else {
+    gn_row_stats_kernel<T, V><<<clamp_grid_x(a.N * a.C * pl.split), kThreads, 0, st>>>(
+        x, S1, S2, a.HW, pl.split, pl.chunk);
+    check_launch("gn_row_stats_kernel");
+  }
+  gn_finalize_kernel<T><<<clamp_grid_x(a.N * a.G), kThreads, 0, st>>>(
+      x, S1, S2, A, B, a.C, a.HW, a.G, pl.split, a.nhwc, p);
+  check_launch("gn_finalize_kernel");
+  if (a.nhwc) {
+    const int64_t cv = a.C / V;
+    const int64_t rows = std::max<int64_t>(1, (int64_t)kThreads * 4 / cv);
+    const int64_t n_rb = cdiv(a.HW, rows);
+    gn_apply_nhwc_kernel<T, V><<<clamp_grid_x(a.N * n_rb), kThreads, 0, st>>>(
+        x, y, A, B, a.C, a.HW, rows, n_rb, a.silu);
+    check_launch("gn_apply_nhwc_kernel");
+  } else {
+    const int64_t parts = cdiv(a.HW, (int64_t)kThreads * 4 * V);
+    gn_apply_nchw_kernel<T, V><<<clamp_grid_x(a.N * a.C * parts), kThreads, 0, st>>>(
+        x, y, A, B, a.HW, parts, a.silu);
+    check_launch("gn_apply_nchw_kernel");
+  }
+}
+
+template <typename T>
+void run(const GroupNormArgs& a, cudaStream_t st) {
+  const Plan pl = make_plan(a);
+  constexpr int kFull = 16 / sizeof(T);
+  if (pl.vec == kFull)
+    launch<T, kFull>(a, pl, st);
+  else
+    launch<T, 1>(a, pl, st);
+}
+
+}  // namespace
+
+int64_t group_norm_silu_cuda_workspace(const GroupNormArgs& a) { return make_plan(a).ws; }
+
+void group_norm_silu_cuda(const GroupNormArgs& a, uintptr_t stream) {
+  // Grids are 1-D over grid.x; their products must stay below 2^31 blocks.
+  check_arg(a.N * a.C * kMaxSplit < (int64_t)2147483647, "group_norm_silu_cuda: too many rows");
+  cudaStream_t st = as_stream(stream);
+  switch (to_dtype(a.dtype)) {
+    case DType::Float32: run<float>(a, st); break;
+    case DType::Float16: run<__half>(a, st); break;
+    case DType::BFloat16: run<__nv_bfloat16>(a, st); break;
+    default: throw std::invalid_argument("fastdiff: group_norm_silu_cuda: unsupported dtype");
+  }
+}
+
+}  // namespace fastdiff
