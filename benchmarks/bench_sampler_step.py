@@ -86,3 +86,33 @@ def test_ddim_step(benchmark, device, shape, variant):
             return sampler_step(x, e, coef, clip_range=1.0, generator_state=gs)
 
     bench(benchmark, fused, make, group=group, variant=variant, bytes=nbytes, device=device)
+
+
+def eager_ddim_eta0(x, eps, alphas_cumprod, t, t_prev):
+    """Deterministic DDIM step (eta=0) as diffusers writes it: the fusion win without RNG."""
+    alpha_prod_t = alphas_cumprod[t]
+    alpha_prod_t_prev = alphas_cumprod[t_prev]
+    beta_prod_t = 1 - alpha_prod_t
+    pred_x0 = (x - beta_prod_t**0.5 * eps) / alpha_prod_t**0.5
+    pred_x0 = pred_x0.clamp(-1.0, 1.0)
+    pred_dir = (1 - alpha_prod_t_prev) ** 0.5 * eps
+    return alpha_prod_t_prev**0.5 * pred_x0 + pred_dir
+
+
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["eager", "fused"])
+def test_ddim_step_eta0(benchmark, device, shape, variant):
+    numel = math.prod(shape)
+    ac = torch.tensor([AB, AB_PREV], device=device)
+    coef = torch.tensor([math.sqrt(AB), math.sqrt(1 - AB), math.sqrt(AB_PREV),
+                         math.sqrt(1 - AB_PREV), 0, 0, 0, 0], device=device)  # fmt: skip
+
+    def make():
+        return torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+    if variant == "eager":
+        fn = lambda x, e: eager_ddim_eta0(x, e, ac, 0, 1)  # noqa: E731
+    else:
+        fn = lambda x, e: sampler_step(x, e, coef, clip_range=1.0)  # noqa: E731
+    bench(benchmark, fn, make, group=f"sampler_step eta0 {tuple(shape)} fp32", variant=variant,
+          bytes=3 * numel * 4, device=device)  # fmt: skip
