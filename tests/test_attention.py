@@ -21,7 +21,7 @@ from fastdiff.ops.attention import (
 
 CASES = backend_cases("attention")
 CUDA_FUSED = [c for c in CASES if c[0] == "cuda" and c[1] != "torch"]
-LENGTHS = [(1, 1), (7, 77), (77, 7), (257, 31), (5, 257)]
+LENGTHS = [(1, 1), (7, 77), (77, 7), (257, 31), (5, 257), (33, 64)]
 # Every head dim at one (Lq, Lk), every length pair at the two awkward head dims (40 = 32 + 8 and
 # 80 = 64 + 16 split the tile): covers each dimension without the full product.
 SHAPES = sorted(

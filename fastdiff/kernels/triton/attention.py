@@ -37,6 +37,20 @@ def _split_head_dim(D: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _load(ptrs, row_mask, col_mask, USE_ROW: tl.constexpr, USE_COL: tl.constexpr):
+    """tl.load with only the masks that can be false (constexpr flags), zeros elsewhere."""
+    if USE_ROW and USE_COL:
+        x = tl.load(ptrs, mask=row_mask & col_mask, other=0.0)
+    elif USE_ROW:
+        x = tl.load(ptrs, mask=row_mask, other=0.0)
+    elif USE_COL:
+        x = tl.load(ptrs, mask=col_mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,  # [B x H x Lq x D] queries (strided)
     K,  # [B x H x Lk x D] keys (strided)
@@ -56,6 +70,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key rows per iteration
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32), "tf32" otherwise (unused)
+    EVEN_N: tl.constexpr,  # Lk % BLOCK_N == 0: no key masking
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -92,38 +107,49 @@ def _attn_fwd_kernel(
         offs_n = start_n + offs_n0
         n_mask = offs_n < Lk
         row_k = offs_n.to(tl.int64) * stride_kn
-        k0 = tl.load(
+        k0 = _load(
             k_base + row_k[None, :] + offs_d0[:, None] * stride_kd,
-            mask=n_mask[None, :],
-            other=0.0,
+            n_mask[None, :],
+            None,
+            not EVEN_N,
+            False,
         )  # [D0 x BLOCK_N]
         s = tl.dot(q0, k0, input_precision=DOT_PRECISION)
         if D1 > 0:
-            k1 = tl.load(
+            k1 = _load(
                 k_base + row_k[None, :] + offs_d1[:, None] * stride_kd,
-                mask=n_mask[None, :] & d1_mask[:, None],
-                other=0.0,
+                n_mask[None, :],
+                d1_mask[:, None],
+                not EVEN_N,
+                D0 + D1 > D,
             )  # [D1 x BLOCK_N]
             s = tl.dot(q1, k1, s, input_precision=DOT_PRECISION)
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_M x BLOCK_N], log2
+        if EVEN_N:
+            s = s * qk_scale  # [BLOCK_M x BLOCK_N], log2 units
+        else:
+            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         row_v = offs_n.to(tl.int64) * stride_vn
-        v0 = tl.load(
+        v0 = _load(
             v_base + row_v[:, None] + offs_d0[None, :] * stride_vd,
-            mask=n_mask[:, None],
-            other=0.0,
+            n_mask[:, None],
+            None,
+            not EVEN_N,
+            False,
         )  # [BLOCK_N x D0]
         p_in = p.to(v0.dtype)
         acc0 = tl.dot(p_in, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         if D1 > 0:
-            v1 = tl.load(
+            v1 = _load(
                 v_base + row_v[:, None] + offs_d1[None, :] * stride_vd,
-                mask=n_mask[:, None] & d1_mask[None, :],
-                other=0.0,
+                n_mask[:, None],
+                d1_mask[None, :],
+                not EVEN_N,
+                D0 + D1 > D,
             )  # [BLOCK_N x D1]
             acc1 = tl.dot(p_in, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
 
@@ -187,6 +213,9 @@ def _num_sms() -> int:
 
 
 _autotuned = None
+_with_heuristics = triton.heuristics({"EVEN_N": lambda a: a["Lk"] % a["BLOCK_N"] == 0})(
+    _attn_fwd_kernel
+)
 
 
 def _tuned_kernel():
@@ -196,7 +225,7 @@ def _tuned_kernel():
             configs=_configs(),
             key=["Lq", "Lk", "D"],  # Triton adds the tensors' dtypes to the key
             prune_configs_by={"early_config_prune": _prune},
-        )(_attn_fwd_kernel)
+        )(_with_heuristics)
     return _autotuned
 
 
@@ -223,7 +252,7 @@ def attention_forward(
     if _interpreting(q):
         bm, bn = 32, 32
         grid = (B * H, triton.cdiv(Lq, bm))
-        _attn_fwd_kernel[grid](
+        _with_heuristics[grid](
             *common, D=D, D0=d0, D1=d1, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=prec
         )
         return out
