@@ -170,15 +170,15 @@ def test_fp16_times_1000_stays_finite(case):
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_constant_group_gives_silu_of_shift_plus_bias(case, layout):
     device, backend = case
-    x, p = _inputs((2, 16, 5, 5), torch.float32, device)
+    x, p = _inputs((2, 12, 5, 5), torch.float32, device)
     p["scale"] = None
-    x[:, 4:8] = 3.25  # group 1 constant in both samples
+    x[:, 3:6] = 3.3  # group 1 (3 channels: mean of 3 equal values) constant in both samples
     x = _to_layout(x, layout)
-    p["add"][:, 4:8] = -1.5
+    p["add"][:, 3:6] = -1.7
     out = _run(backend, x, 4, p)
     assert not torch.isnan(out).any()
-    want = F.silu(p["shift"][:, 4:8] + p["bias"][4:8]).reshape(2, 4, 1, 1).expand(2, 4, 5, 5)
-    torch.testing.assert_close(out[:, 4:8], want, rtol=1e-6, atol=1e-6)
+    want = F.silu(p["shift"][:, 3:6] + p["bias"][3:6]).reshape(2, 3, 1, 1).expand(2, 3, 5, 5)
+    torch.testing.assert_close(out[:, 3:6], want, rtol=1e-6, atol=1e-6)
     _check(out, x, 4, p)
 
 
@@ -212,12 +212,21 @@ def test_triton_split_plan(case, shape, groups, layout, monkeypatch):
     tk._plan.cache_clear()
     try:
         x, p = _inputs(shape, torch.float16, device, cond=layout == "cl")
+        cpg = shape[1] // groups
+        x[0, cpg : 2 * cpg] = 1.7  # a constant group
+        if p["add"] is not None:
+            p["add"][0, cpg : 2 * cpg] = 0.3
         x = _to_layout(x, layout)
         plan = tk._plan(shape[0], shape[1], x.numel() // (shape[0] * shape[1]), groups, 2,
                         layout == "cl", 4)  # fmt: skip
         assert plan["kind"] == "split"
         out = _run(backend, x, groups, p)
         _check(out, x, groups, p, name=f"split {shape} {layout}")
+        sc = p["scale"][0, cpg : 2 * cpg] if p["scale"] is not None else 0.0
+        sh = p["shift"][0, cpg : 2 * cpg] if p["shift"] is not None else 0.0
+        want = F.silu(p["bias"][cpg : 2 * cpg] * (1 + sc) + sh)
+        got = out[0, cpg : 2 * cpg].reshape(cpg, -1).float()
+        torch.testing.assert_close(got, want[:, None].expand_as(got).half().float())
     finally:
         tk._plan.cache_clear()
 

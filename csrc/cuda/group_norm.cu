@@ -274,15 +274,18 @@ __global__ void __launch_bounds__(kThreads)
     gn::shifted_to_moments<float>(k, s1, s2, m, mean_c, m2_c);
     if (p.add) *mean_c += p.add[n * C + c];
   };
+  // Group mean relative to the first channel's mean: exact when all channel means agree.
+  float kg, unused;
+  chan(c0, &kg, &unused);
   float2 acc = make_float2(0.f, 0.f);
   for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x) {
     float mc, m2c;
     chan(c0 + cl, &mc, &m2c);
-    acc.x += mc;
+    acc.x += mc - kg;
     acc.y += m2c;
   }
   acc = block_sum2(acc);
-  const float mean = acc.x / (float)cpg;
+  const float mean = kg + acc.x / (float)cpg;
   const float m2_within = acc.y;
   acc = make_float2(0.f, 0.f);
   for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x) {

@@ -75,9 +75,11 @@ def group_norm_silu_reference(
     if add is not None:
         u = u + add.to(compute_dtype).reshape(bshape)
     ug = u.reshape(n, num_groups, -1)
-    mean = ug.mean(-1, keepdim=True)
-    var = ug.var(-1, unbiased=False, keepdim=True)
-    y = ((ug - mean) * torch.rsqrt(var + eps)).reshape(u.shape)
+    k = ug[..., :1]  # shift by a member: the mean of a constant group is then exact
+    mean = k + (ug - k).mean(-1, keepdim=True)
+    d = ug - mean
+    var = (d * d).mean(-1, keepdim=True)
+    y = (d * torch.rsqrt(var + eps)).reshape(u.shape)
     cshape = (1, c) + (1,) * (x.dim() - 2)
     if weight is not None:
         y = y * weight.to(compute_dtype).reshape(cshape)

@@ -188,7 +188,9 @@ def _gn_finalize_kernel(
         add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0)
     mean_c = k + dm + add  # channel means of u = x + add
     m2_c = tl.maximum(s2 - s1 * dm, 0.0)
-    mean = tl.sum(tl.where(c_ok, mean_c, 0.0), axis=0) / CPG
+    # group mean relative to the first channel's: exact when all channel means agree
+    kg = tl.sum(tl.where(c_loc == 0, mean_c, 0.0), axis=0)
+    mean = kg + tl.sum(tl.where(c_ok, mean_c - kg, 0.0), axis=0) / CPG
     dc = tl.where(c_ok, mean_c - mean, 0.0)
     m2 = tl.sum(tl.where(c_ok, m2_c, 0.0), axis=0) + m * tl.sum(dc * dc, axis=0)
     var = m2 / (m * CPG)
