@@ -399,3 +399,44 @@ def test_property_matches_reference(n, groups, cpg, spatial, layout, cond, case)
     x = _to_layout(x, layout)
     out = _run(backend, x, groups, p)
     _check(out, x, groups, p, name=f"{backend} {tuple(x.shape)} {layout}")
+
+
+# ------------------------------------------------------------------------- GPU-only sizes
+GPU_CASES = [c for c in CASES if c[0] == "cuda" and c[1] != "torch"]
+GPU_SHAPES = [(2, 320, 64, 64), (2, 1280, 8, 8), (1, 1152, 16, 16), (16, 128, 32, 32)]
+GPU_SHAPES += [(2, 384, 17, 13), (4, 256, 7, 7, 7), (3, 96, 1000)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=[case_id(c) for c in GPU_CASES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+def test_gpu_real_sizes(case, shape, layout, dtype):
+    """Real UNet sizes: the fused and split plans with several vectors/chunks per thread."""
+    device, backend = case
+    x, p = _inputs(shape, dtype, device, cond=shape[0] != 1)
+    x = _to_layout(x, layout)
+    out = _run(backend, x, 32, p)
+    _check(out, x, 32, p, name=f"{backend} {shape} {layout} {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=[case_id(c) for c in GPU_CASES])
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_gpu_past_int32_offsets(case, layout):
+    """More than 2^31 elements: offsets must be int64 (apex's GN produced NaNs here)."""
+    device, backend = case
+    shape = (2, 64, 1 << 24)  # 2^31 elements, 4 GiB in fp16
+    if torch.cuda.mem_get_info()[0] < 12 * (1 << 30):
+        pytest.skip("needs 12 GiB of free GPU memory")
+    x = torch.randn(shape, device=device, dtype=torch.float16)
+    x = _to_layout(x, layout)
+    out = _run(backend, x, 32, {"weight": None, "bias": None, "add": None, "scale": None,
+                                "shift": None})  # fmt: skip
+    tail = x[1:, 62:].float()  # the last group, all of it past 2^31 - 2^25 elements
+    ref = F.silu(F.group_norm(tail, 1))
+    torch.testing.assert_close(out[1:, 62:].float(), ref, rtol=2e-3, atol=2e-3)
+    assert torch.isfinite(out[0, :2]).all()
+    del x, out
+    torch.cuda.empty_cache()

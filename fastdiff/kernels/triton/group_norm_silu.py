@@ -262,7 +262,10 @@ def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) 
     cpg = c // g
     slab = _p2(cpg) * _p2(hw)
     vec = 16 // itemsize  # elements per 16-byte access
-    if slab <= _MAX_FUSED and (n * g >= sms or slab <= 4096):
+    # NHWC slabs are C/G-wide strips of C-long rows: fuse only when a strip covers a 32-byte
+    # sector, else the row-wise split plan reads whole rows.
+    narrow = nhwc and cpg * itemsize < 32 and hw > 64
+    if slab <= _MAX_FUSED and (n * g >= sms or slab <= 4096) and not narrow:
         return {
             "kind": "fused",
             "BLOCK_C": _p2(cpg),
