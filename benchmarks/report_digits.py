@@ -117,7 +117,7 @@ def samples_png(model, path: str, device: str, guidance: float | None = None) ->
         x = fastdiff.sample(model, steps=50, batch_size=100, cond=labels, guidance_scale=guidance,
                             generator=g, device=device,
                             **sampler_options("ddim", guidance))  # fmt: skip
-    save_png(make_grid(x, nrow=10, scale=2, pad=2), path)
+    save_png(make_grid(x, nrow=10, scale=3, pad=2), path)
 
 
 def main() -> None:
@@ -139,7 +139,7 @@ def main() -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
     if a.samples:
-        samples_png(model, a.samples, a.device)
+        samples_png(model, a.samples, a.device, guidance=2.0)
 
 
 if __name__ == "__main__":
