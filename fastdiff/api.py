@@ -431,12 +431,18 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
     t_all = smp.timesteps_on(dev)[:, None].expand(smp.steps, rows).contiguous()  # [steps x B]
     ts_host = smp.timesteps.tolist()
     smp.reset()
+    gen_state = _philox_state(smp, generator, dev)
+    skw = {"generator_state": gen_state} if gen_state is not None else {}
     traj_x, traj_x0 = ([x], []) if return_trajectory else (None, None)
     for i in _progress(range(smp.steps), progress, smp.steps):
         x_in = torch.cat([x, x]) if gs is not None else x
         out = _prepare_output(_unwrap(model(x_in, t_all[i], **kwargs)), x, smp, gs, model)
-        noise = randn_like_with(x, generator) if smp.needs_noise(i) else None
-        res = smp.step(out, i, x, noise=noise, guidance_scale=gs, return_x0=return_trajectory)
+        noise = None
+        if smp.needs_noise(i) and gen_state is None:
+            noise = randn_like_with(x, generator)
+        res = smp.step(
+            out, i, x, noise=noise, guidance_scale=gs, return_x0=return_trajectory, **skw
+        )
         if return_trajectory:
             x, x0 = res
             traj_x.append(x)
@@ -448,6 +454,16 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
     if return_trajectory:
         return x, _trajectory(smp, traj_x, traj_x0)
     return x
+
+
+def _philox_state(smp: Sampler, generator: Any, device: torch.device) -> Tensor | None:
+    """int64 ``[2]`` = (seed, 0) on ``device`` for in-kernel Philox noise, when the sampler adds
+    noise and no generator was given (the seed comes from torch's default CPU generator, so
+    ``torch.manual_seed`` makes runs reproducible; no device sync)."""
+    if generator is not None or not any(smp.needs_noise(i) for i in range(smp.steps)):
+        return None
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 
 def _trajectory(smp: Sampler, xs: list[Tensor], x0s: list[Tensor]) -> dict[str, Tensor]:
@@ -478,7 +494,9 @@ class _StepGraph:
     the tensor kwargs (conditioning), all refreshed with device copies before each replay.
     """
 
-    def __init__(self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor) -> None:
+    def __init__(
+        self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor, gen_state: Tensor | None
+    ) -> None:
         self.model, self.gs = model, gs
         self.multistep = isinstance(smp, DPMSolverPPSampler)
         self.x = x.clone()
@@ -486,7 +504,8 @@ class _StepGraph:
         self.coef = smp.coef_table(x.device)[0].clone()
         self.has_noise = any(smp.needs_noise(i) for i in range(smp.steps))
         self.i_cap = next((i for i in range(smp.steps) if smp.needs_noise(i)), 0)
-        self.noise = torch.zeros_like(x) if self.has_noise else None
+        self.gen_state = gen_state.clone() if gen_state is not None else None
+        self.noise = torch.zeros_like(x) if self.has_noise and gen_state is None else None
         self.x0_prev = torch.zeros_like(x) if self.multistep else None
         self.kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
         self.smp = smp
@@ -511,13 +530,16 @@ class _StepGraph:
                                  guidance_scale=gs, return_x0=True)  # fmt: skip
             self.x0_prev.copy_(x0)
         else:
+            skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
-                                 guidance_scale=gs, return_x0=True)  # fmt: skip
+                                 guidance_scale=gs, return_x0=True, **skw)  # fmt: skip
         self.x.copy_(x_new)
         return x0
 
-    def load(self, x: Tensor, kwargs) -> None:
+    def load(self, x: Tensor, kwargs, gen_state: Tensor | None) -> None:
         self.x.copy_(x)
+        if gen_state is not None:
+            self.gen_state.copy_(gen_state)
         if self.x0_prev is not None:
             self.x0_prev.zero_()
         for k, v in kwargs.items():
@@ -536,7 +558,9 @@ def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, re
     n = x.shape[0]
     rows = 2 * n if gs is not None else n
     t_all = smp.timesteps_on(x.device)[:, None].expand(smp.steps, rows).contiguous()
+    gen_state = _philox_state(smp, generator, x.device)
     key = (
+        gen_state is not None,
         smp.__class__.__name__,
         tuple(sorted(smp.config().items())),
         tuple(x.shape),
@@ -551,14 +575,16 @@ def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, re
         per_model = {}
     g = per_model.get(key)
     if g is None:
-        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0])
+        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state)
         per_model[key] = g
     g.smp = smp
-    g.load(x, kwargs)
+    g.load(x, kwargs, gen_state)
     ts_host = smp.timesteps.tolist()
     traj_x, traj_x0 = ([x.clone()], []) if return_trajectory else (None, None)
     for i in _progress(range(smp.steps), progress, smp.steps):
-        noise = randn_like_with(x, generator) if smp.needs_noise(i) else None
+        noise = None
+        if smp.needs_noise(i) and gen_state is None:
+            noise = randn_like_with(x, generator)
         g.replay(smp, i, t_all[i], noise)
         if return_trajectory:
             traj_x.append(g.x.clone())

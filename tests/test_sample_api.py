@@ -126,6 +126,37 @@ def test_ddim_eta0_deterministic_given_x_T():
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@torch.no_grad()
+def test_no_generator_uses_in_kernel_philox_and_global_seed(sampler):
+    model = _net()
+    kw = dict(steps=6, sampler=sampler, batch_size=2, **({"eta": 1.0} if sampler == "ddim" else {}))
+    torch.manual_seed(123)
+    a = fastdiff.sample(model, **kw)
+    torch.manual_seed(123)
+    b = fastdiff.sample(model, **kw)
+    torch.manual_seed(124)
+    c = fastdiff.sample(model, **kw)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_step_generator_state_is_philox_noise_and_advances():
+    from fastdiff.ops.sampler_step import philox_randn
+
+    smp = DDIMSampler(NoiseSchedule("linear"), 10, eta=1.0)
+    x, mo = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    state = torch.tensor([42, 96], dtype=torch.int64)
+    z = philox_randn(state.clone(), tuple(x.shape))
+    got = smp.step(mo, 3, x, generator_state=state)
+    assert state.tolist() == [42, 96 + x.numel()]
+    ref = smp.step(mo, 3, x, noise=z)
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert not torch.allclose(got, smp.step(mo, 3, x, noise=torch.randn_like(x)))
+    quiet = DDIMSampler(NoiseSchedule("linear"), 10)  # eta = 0: the state is left alone
+    quiet.step(mo, 3, x, generator_state=state)
+    assert state.tolist() == [42, 96 + x.numel()]
+
+
 # --------------------------------------------------------------------- loop = sampler.step
 @pytest.mark.parametrize("ret", ["tensor", "sample", "tuple"])
 @torch.no_grad()
@@ -293,19 +324,23 @@ def test_sampler_object_and_model_schedule():
         dict(sampler="ddpm"),
         dict(sampler="dpm++"),
         dict(sampler="ddim", guidance_scale=2.5, cond=torch.tensor([1, 0, 3])),
+        dict(sampler="ddpm", philox=True),
     ],  # fmt: skip
-    ids=["ddim-eta1", "ddpm-learned", "dpm++", "ddim-cfg"],
+    ids=["ddim-eta1", "ddpm-learned", "dpm++", "ddim-cfg", "ddpm-philox"],
 )
 @torch.no_grad()
 def test_cuda_graph_equals_eager(opts):
     opts = dict(opts)
+    philox = opts.pop("philox", False)
     model = _net(num_classes=4, out_mult=2 if opts["sampler"] == "ddpm" else 1).cuda()
     if "cond" in opts:
         opts["cond"] = opts["cond"].cuda()
     runs = {}
     for graph in (False, True, True):  # the second graphed run replays the cached graph
+        torch.manual_seed(0)  # philox: the seed comes from the global generator
+        gens = None if philox else _gens([1, 2, 3])
         out, traj = fastdiff.sample(
-            model, steps=10, generator=_gens([1, 2, 3]), batch_size=3, cuda_graph=graph,
+            model, steps=10, generator=gens, batch_size=3, cuda_graph=graph,
             return_trajectory=True, **opts,
         )  # fmt: skip
         runs.setdefault(graph, []).append((out, traj))

@@ -230,6 +230,31 @@ class Sampler:
     ) -> Tensor:
         return randn_like_with(x, generator)
 
+    def _noise_kwargs(
+        self,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        generator_state: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The op's noise argument for step ``i``: none when the step adds no noise, else the
+        given ``noise``, else in-kernel Philox from ``generator_state``, else a torch draw."""
+        if not self._noise_steps[i]:
+            return {}
+        if noise is not None:
+            return {"noise": noise}
+        if generator_state is not None:
+            return {"generator_state": generator_state}
+        return {"noise": self._draw_noise(x, generator)}
+
+
+def advance_generator_state(nkw: dict[str, Tensor], x: Tensor) -> None:
+    """After a Philox draw, move the counter past the ``x.numel()`` values used (on device)."""
+    state = nkw.get("generator_state")
+    if state is not None:
+        state[1:].add_(x.numel())
+
 
 def check_model_output(
     model_output: Tensor, x: Tensor, guidance_scale: float | None, learned_variance: bool

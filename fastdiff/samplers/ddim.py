@@ -8,7 +8,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, _sqrt, alpha_bar_prev, threshold_x0
+from fastdiff.samplers.base import (
+    Sampler,
+    _ops,
+    _sqrt,
+    advance_generator_state,
+    alpha_bar_prev,
+    threshold_x0,
+)
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["DDIMSampler"]
@@ -177,6 +184,7 @@ class DDIMSampler(Sampler):
         guidance_scale: float | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         coef: Tensor | None = None,
+        generator_state: Tensor | None = None,
         return_x0: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One DDIM step x_t -> x_prev at step index ``i`` (one fused op call).
@@ -184,13 +192,12 @@ class DDIMSampler(Sampler):
         ``model_output`` is the raw model output (``[2N, ...] = [uncond, cond]`` with
         ``guidance_scale``, combined in the op). ``noise`` is z (drawn with ``generator`` when
         needed and not given). ``coef`` overrides the table row (CUDA graphs pass a static
-        buffer). Returns x_prev, or ``(x_prev, x0)`` with ``return_x0``.
+        buffer). ``generator_state`` (int64 ``[2]`` = (seed, offset) on x's device) draws z
+        in the kernel with Philox when no ``noise`` is given; its offset is then advanced by
+        ``x.numel()`` in place. Returns x_prev, or ``(x_prev, x0)`` with ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        if noise is None and self._noise_steps[i]:
-            noise = self._draw_noise(x, generator)
-        if noise is not None and not self._noise_steps[i]:
-            noise = None  # eta == 0: diffusers ignores the noise
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)  # eta = 0: no noise
         own_coef = coef is None
         if own_coef:
             coef = self.coef_table(x.device)[i]
@@ -205,9 +212,10 @@ class DDIMSampler(Sampler):
                 clip_range=clip,
                 recompute_eps=self.use_clipped_model_output,
                 guidance_scale=guidance_scale,
-                noise=noise,
                 return_x0=return_x0,
+                **nkw,
             )
+            advance_generator_state(nkw, x)
             return out
         # Dynamic thresholding: x0 needs a per-sample quantile first (one reduction pass).
         m = _combine_cfg(model_output, guidance_scale)
@@ -216,7 +224,7 @@ class DDIMSampler(Sampler):
         x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         if self.use_clipped_model_output:
             out = ops.sampler_step(
-                x, x0, coef, prediction_type="sample", noise=noise, return_x0=return_x0
+                x, x0, coef, prediction_type="sample", return_x0=return_x0, **nkw
             )
         else:
             # eps stays the model's; the "sample" branch with a=0, s=1 passes x (= eps) through.
@@ -226,7 +234,7 @@ class DDIMSampler(Sampler):
                 mask, add = self._swap_affine(coef.device)
                 swap = coef * mask + add
             out = ops.sampler_step(
-                eps, x0, swap, prediction_type="sample", noise=noise, return_x0=return_x0
+                eps, x0, swap, prediction_type="sample", return_x0=return_x0, **nkw
             )
         return out
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, _sqrt, threshold_x0
+from fastdiff.samplers.base import Sampler, _ops, _sqrt, advance_generator_state, threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.schedules import NoiseSchedule
 
@@ -136,25 +136,25 @@ class DDPMSampler(Sampler):
         guidance_scale: float | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         coef: Tensor | None = None,
+        generator_state: Tensor | None = None,
         return_x0: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One ancestral step at step index ``i`` (one fused op call).
 
-        ``noise`` is z, drawn with ``generator`` when the step adds noise and none is given.
+        ``noise`` is z, drawn with ``generator`` when the step adds noise and none is given, or
+        in the kernel (Philox) from ``generator_state`` (int64 ``[2]`` = (seed, offset) on x's
+        device; the offset is advanced by ``x.numel()`` in place).
         Returns x_prev, or ``(x_prev, x0)`` with ``return_x0``.
         """
         lv = self.learned_variance
         self._check_step_args(model_output, i, x, noise, guidance_scale, lv)
-        if not self._noise_steps[i]:
-            noise = None
-        elif noise is None:
-            noise = self._draw_noise(x, generator)
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)  # none at t = 0
         if coef is None:
             coef = self.coef_table(x.device)[i]
         ops = _ops()
         if not self.thresholding:
             clip = self.clip_sample_range if self.clip_sample else None
-            return ops.sampler_step(
+            out = ops.sampler_step(
                 x,
                 model_output,
                 coef,
@@ -162,9 +162,11 @@ class DDPMSampler(Sampler):
                 clip_range=clip,
                 guidance_scale=guidance_scale,
                 learned_variance=lv,
-                noise=noise,
                 return_x0=return_x0,
+                **nkw,
             )
+            advance_generator_state(nkw, x)
+            return out
         # Dynamic thresholding: one reduction pass for the per-sample quantile, then the update
         # with the thresholded x0 as a "sample" prediction (eps is not used by DDPM: c_eps = 0).
         c = x.shape[1]
@@ -181,12 +183,14 @@ class DDPMSampler(Sampler):
         x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         if lv:
             x0 = torch.cat([x0, var.to(x0.dtype)], dim=1)
-        return ops.sampler_step(
+        out = ops.sampler_step(
             x,
             x0,
             coef,
             prediction_type="sample",
             learned_variance=lv,
-            noise=noise,
             return_x0=return_x0,
+            **nkw,
         )
+        advance_generator_state(nkw, x)
+        return out
