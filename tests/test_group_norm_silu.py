@@ -117,6 +117,7 @@ SHAPES = [
     ((9, 16, 4, 4), 4),  # larger N
     ((2, 30, 5, 3), 5),  # cpg = 6 (not a power of 2)
     ((2, 8, 1, 1), 8),  # one element per group
+    ((1, 8, 3000), 4),  # rows longer than the CPU kernel's tile, many NHWC chunks
 ]
 
 
