@@ -3,9 +3,10 @@
 // the CPU kernel).
 //
 // Plans (chosen on the host, see make_plan):
-//  * fused (NCHW): one block per (n, g) when the slab (C/G x HW) fits in registers: one HBM
-//    read; exact shifted two-pass mean/variance on chip; per-channel a, b in shared memory;
-//    y = act(a*x + b). 16-byte vector accesses when HW is a multiple of the vector width.
+//  * fused (NCHW and NHWC): one block per (n, g) when the slab (C/G x HW) fits in registers:
+//    one HBM read; exact shifted two-pass mean/variance on chip; per-channel a, b in shared
+//    memory; y = act(a*x + b). 16-byte vector accesses along HW (NCHW) or along the group's
+//    channels (NHWC) when they tile evenly, scalar accesses otherwise.
 //  * split (NCHW and NHWC): (1) per-channel shifted partial sums over spatial chunks, many blocks
 //    (rows of HW for NCHW; tiles of whole C-rows, vectorised along C, for NHWC), (2) one block
 //    per (n, g) merges them (Chan et al.) and folds everything into per-(n, c) a, b, (3) an
@@ -100,36 +101,49 @@ struct DevParams {
   }
 };
 
-// ---------------------------------------------------------------------------- fused (NCHW)
-// One block per (n, g): the slab x[n, g*cpg:(g+1)*cpg, :] (contiguous, cpg*HW elements) is held
-// in registers, kFusedMaxVecs vectors of V per thread. Requires HW % V == 0.
-template <typename T, int V>
+// ---------------------------------------------------------------------------------- fused
+// One block per (n, g): the slab x[n, g*cpg:(g+1)*cpg, :] is held in registers,
+// kFusedMaxVecs vectors of V per thread. NCHW: the slab is contiguous (cpg*HW), vectors run
+// along HW (needs HW % V == 0). NHWC: HW strips of cpg contiguous channels, vectors run along C
+// (needs cpg % V == 0).
+template <typename T, int V, bool NHWC>
 __global__ void __launch_bounds__(kFusedThreads)
-    gn_fused_nchw_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t C, int64_t HW,
-                         int64_t G, DevParams p) {
-  extern __shared__ float ab[];  // [2 * cpg]: a then b
+    gn_fused_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t C, int64_t HW, int64_t G,
+                    DevParams p) {
+  extern __shared__ float sm[];  // [3 * cpg]: add, a, b of the group's channels
   const int64_t ng = blockIdx.x;
   const int64_t n = ng / G, g = ng % G;
   const int64_t cpg = C / G;
   const int64_t c0 = g * cpg;
-  const int64_t base = (n * C + c0) * HW;
+  const int64_t base = NHWC ? n * HW * C + c0 : (n * C + c0) * HW;
   const int64_t nvec = cpg * HW / V;
-  const int64_t hwv = HW / V;
+  const int64_t hwv = HW / V;    // NCHW: vectors per channel row
+  const int64_t cpv = cpg / V;   // NHWC: vectors per spatial position
+  float* s_add = sm;
+  float* s_a = sm + cpg;
+  float* s_b = sm + 2 * cpg;
+  for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
+    s_add[cl] = p.add ? p.add[n * C + c0 + cl] : 0.0f;
+  __syncthreads();
+  // element (vector vi, lane j) -> global offset and channel within the group
+  auto off_of = [&](int64_t vi) -> int64_t {
+    return NHWC ? base + (vi / cpv) * C + (vi % cpv) * V : base + vi * V;
+  };
+  auto chan_of = [&](int64_t vi, int j) -> int64_t {
+    return NHWC ? (vi % cpv) * V + j : vi / hwv;
+  };
 
   float r[kFusedMaxVecs][V];
-  float addv[kFusedMaxVecs];
   // Shift k = u at the slab's first element: exact for constant groups, no cancellation.
-  const float k = to_f(x[base]) + (p.add ? p.add[n * C + c0] : 0.0f);
+  const float k = to_f(x[base]) + s_add[0];
   float2 acc = make_float2(0.f, 0.f);
 #pragma unroll
   for (int i = 0; i < kFusedMaxVecs; ++i) {
     const int64_t vi = threadIdx.x + (int64_t)i * kFusedThreads;
-    addv[i] = 0.0f;
     if (vi < nvec) {
-      load_f<T, V>(x + base + vi * V, r[i]);
-      if (p.add) addv[i] = p.add[n * C + c0 + vi / hwv];
+      load_f<T, V>(x + off_of(vi), r[i]);
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc.x += r[i][j] + addv[i] - k;
+      for (int j = 0; j < V; ++j) acc.x += r[i][j] + s_add[chan_of(vi, j)] - k;
     }
   }
   const float cnt = (float)(cpg * HW);
@@ -141,7 +155,7 @@ __global__ void __launch_bounds__(kFusedThreads)
     if (vi < nvec) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float d = r[i][j] + addv[i] - mean;
+        const float d = r[i][j] + s_add[chan_of(vi, j)] - mean;
         acc.x += d * d;
       }
     }
@@ -149,18 +163,19 @@ __global__ void __launch_bounds__(kFusedThreads)
   const float var = block_sum2(acc).x / cnt;
   const float rstd = gn::rstd_from(var, p.eps);
   for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
-    p.fold(n, C, c0 + cl, mean, rstd, &ab[cl], &ab[cpg + cl]);
+    p.fold(n, C, c0 + cl, mean, rstd, &s_a[cl], &s_b[cl]);
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kFusedMaxVecs; ++i) {
     const int64_t vi = threadIdx.x + (int64_t)i * kFusedThreads;
     if (vi < nvec) {
-      const int64_t cl = vi / hwv;
-      const float a = ab[cl], b = ab[cpg + cl];
       float o[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) o[j] = gn::apply_act(r[i][j], a, b, p.silu);
-      store_f<T, V>(y + base + vi * V, o);
+      for (int j = 0; j < V; ++j) {
+        const int64_t cl = chan_of(vi, j);
+        o[j] = gn::apply_act(r[i][j], s_a[cl], s_b[cl], p.silu);
+      }
+      store_f<T, V>(y + off_of(vi), o);
     }
   }
 }
@@ -362,13 +377,18 @@ Plan make_plan(const GroupNormArgs& a) {
   Plan pl{};
   const int full = 16 / elem_size(a.dtype);
   const bool aligned = a.x % 16 == 0 && a.y % 16 == 0;
+  const int64_t cpg = a.C / a.G;
+  // Fused: vectors along HW (NCHW) or along the group's channels (NHWC).
+  const int64_t fused_inner = a.nhwc ? cpg : a.HW;
+  const int fvec = (aligned && fused_inner % full == 0) ? full : 1;
+  pl.fused = cpg * a.HW / fvec <= (int64_t)kFusedThreads * kFusedMaxVecs &&
+             3 * cpg * 4 <= 40 * 1024;
+  if (pl.fused) {
+    pl.vec = fvec;
+    return pl;
+  }
   const int64_t inner = a.nhwc ? a.C : a.HW;  // contiguous run the vectors must tile
   pl.vec = (aligned && inner % full == 0) ? full : 1;
-  const int64_t cpg = a.C / a.G;
-  const int64_t slab_vecs = cpg * a.HW / pl.vec;
-  pl.fused = !a.nhwc && pl.vec == full && slab_vecs <= (int64_t)kFusedThreads * kFusedMaxVecs &&
-             2 * cpg * 4 <= 32 * 1024;
-  if (pl.fused) return pl;
   if (a.nhwc) {
     const int64_t cv = a.C / pl.vec;
     pl.n_ct = cdiv(cv, kThreads);
@@ -398,9 +418,14 @@ void launch(const GroupNormArgs& a, const Plan& pl, cudaStream_t st) {
               a.silu};
   const int64_t cpg = a.C / a.G;
   if (pl.fused) {
-    gn_fused_nchw_kernel<T, V><<<clamp_grid_x(a.N * a.G), kFusedThreads, 2 * cpg * sizeof(float),
-                                 st>>>(x, y, a.C, a.HW, a.G, p);
-    check_launch("gn_fused_nchw_kernel");
+    const size_t smem = 3 * cpg * sizeof(float);
+    if (a.nhwc)
+      gn_fused_kernel<T, V, true><<<clamp_grid_x(a.N * a.G), kFusedThreads, smem, st>>>(
+          x, y, a.C, a.HW, a.G, p);
+    else
+      gn_fused_kernel<T, V, false><<<clamp_grid_x(a.N * a.G), kFusedThreads, smem, st>>>(
+          x, y, a.C, a.HW, a.G, p);
+    check_launch("gn_fused_kernel");
     return;
   }
   check_arg(a.workspace != 0 && a.workspace_floats >= pl.ws,
