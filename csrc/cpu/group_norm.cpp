@@ -8,6 +8,9 @@
 // per-channel shifted sums, vectorised along C. Merge per (n, g). Pass 2: tasks over
 // (n, chunk) apply y = act(a[c]*x + b[c]) along C.
 //
+// Work is handed out dynamically (one task at a time): on a shared, oversubscribed machine a
+// descheduled thread then holds back one task, not half of the work.
+//
 // The hot loops are plain float loops (no libm: SiLU uses gn::exp_poly), compiled for the
 // baseline ISA and, on x86-64 GCC, also for x86-64-v3 (AVX2+FMA) via target_clones with
 // runtime dispatch, so the binary stays portable (no -march=native).
@@ -156,7 +159,7 @@ void run_nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
   const int64_t cpg = C / G;
   const int64_t tasks = N * G;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N * C * HW > 16384)
+#pragma omp parallel for schedule(dynamic, 1) if (N * C * HW > 16384)
 #endif
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n = t / G, g = t % G;
@@ -211,7 +214,7 @@ void run_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
   {
     std::vector<float> buf(std::is_same<T, float>::value ? 0 : C);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / chunks, r0 = (t % chunks) * rows;
@@ -224,7 +227,7 @@ void run_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
   }
   std::vector<float> A(N * C), B(N * C);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (par)
+#pragma omp parallel for schedule(dynamic, 1) if (par)
 #endif
   for (int64_t t = 0; t < N * G; ++t) {
     const int64_t n = t / G, g = t % G;
@@ -252,7 +255,7 @@ void run_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
     const bool conv = !std::is_same<T, float>::value;
     std::vector<float> ibuf(conv ? C : 0), obuf(conv ? C : 0);
 #ifdef _OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / chunks, r0 = (t % chunks) * rows;
