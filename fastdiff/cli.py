@@ -515,10 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError, RuntimeError, OSError, ImportError) as exc:
+    except Exception as exc:  # every failure is reported as one line
         if os.environ.get("FASTDIFF_DEBUG") == "1":
             raise
-        print(f"fastdiff {args.cmd}: error: {_one_line(exc)}", file=sys.stderr)
+        known = (CLIError, ValueError, TypeError, RuntimeError, OSError, ImportError)
+        msg = _one_line(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
+        print(f"fastdiff {args.cmd}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
     return 0
 

@@ -215,6 +215,16 @@ def test_other_bad_input(args, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("content", [b"not a safetensors file", b""])
+def test_corrupt_model_file(content, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(content)
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--model", str(bad), "--out", str(out), "--steps", "2", "--quiet"])
+    _assert_one_line_error(rc, capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_bad_input_console_script_no_traceback(tmp_path):
     out = tmp_path / "s.png"
     r = _run_cli(["sample", "--model", "nope.safetensors", "--out", str(out)], tmp_path)
