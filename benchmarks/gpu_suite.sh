@@ -15,7 +15,7 @@ export FASTDIFF_CUDA_ARCHS="${FASTDIFF_CUDA_ARCHS:-90-real}" MAX_JOBS="${MAX_JOB
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
-if ! python -c "import fastdiff._C as c; assert c.BUILD_INFO['cuda']" 2>/dev/null; then
+if [ "${FORCE_BUILD:-0}" = 1 ] || ! (cd /tmp && python -c "import fastdiff._C as c; assert c.BUILD_INFO['cuda']") 2>/dev/null; then
   echo "== build"
   pip install -q --no-build-isolation --no-deps . 2>&1 | tail -20 || exit 1
 fi
@@ -23,15 +23,25 @@ python -c "import fastdiff, json; print(json.dumps(fastdiff.build_info()['backen
 
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
 stamp=$(date -u +%Y%m%dT%H%M)
-if [ "$what" = all ] || [ "$what" = tests ]; then
-  echo "== tests"
-  timeout "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider --junitxml="$dest/tests.xml" \
-    -o junit_family=xunit1 2>&1 | tee "$dest/tests.log" | tail -40
-fi
-if [ "$what" = all ] || [ "$what" = bench ]; then
-  echo "== benchmarks"
-  timeout "${BENCH_TIMEOUT:-420}" pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$dest/bench.json" 2>&1 | tail -5
+# Stages run in the order given (default: tests then bench); extra pytest args via
+# TEST_ARGS / BENCH_ARGS; each stage has its own timeout so one slow stage cannot eat the rest.
+for stage in ${what/all/tests bench}; do
+  case "$stage" in
+    tests)
+      echo "== tests"
+      timeout "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf \
+        --junitxml="$dest/tests.xml" -o junit_family=xunit1 ${TEST_ARGS:-} >"$dest/tests.log" 2>&1
+      tail -25 "$dest/tests.log"
+      ;;
+    bench)
+      echo "== benchmarks"
+      timeout "${BENCH_TIMEOUT:-420}" pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$dest/bench.json" ${BENCH_ARGS:-} >"$dest/bench.log" 2>&1
+      tail -5 "$dest/bench.log"
+      ;;
+  esac
+done
+if [ -s "$dest/bench.json" ]; then
   python benchmarks/summarize.py "$dest/bench.json" --junit "$dest/tests.xml" \
     --out "$dest/gpu-$gpu-$stamp.json"
 fi
