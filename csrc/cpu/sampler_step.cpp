@@ -74,7 +74,7 @@ void run(const StepArgs& A) {
   const bool philox = A.gen != 0 && A.opt.mode == 0;
   // Fork threads only when the work pays for it (Philox costs ~8x a plain element).
   const bool parallel = total > 1 && A.n * M * (philox ? 8 : 1) >= (int64_t(1) << 16);
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t t = 0; t < total; ++t) {
     const int64_t n = t / tiles;
     const int64_t i0 = (t - n * tiles) * kTile;
