@@ -105,8 +105,13 @@ def _parse_env(value: str) -> dict[str | None, str]:
     return out
 
 
+@torch.compiler.assume_constant_result
 def requested_backend(op: str) -> str | None:
-    """The explicitly requested backend for ``op``, or None for the automatic choice."""
+    """The explicitly requested backend for ``op``, or None for the automatic choice.
+
+    Under ``torch.compile`` this is evaluated once at trace time (dynamo cannot trace the
+    ContextVar): the backend in force when a function is compiled is baked into its graph.
+    """
     for o, name in reversed(_ctx_override.get()):
         if o is None or o == op:
             return name
