@@ -68,10 +68,13 @@ def run(model, x, t, ctx=None):
 
 
 def backends() -> list[str]:
-    """Backends that can run both fused ops on CPU tensors here (triton: interpreter only)."""
+    """Backends that can run both fused ops on CPU tensors here (triton: interpreter only).
+
+    ``torch`` is always there: it checks the fused forwards' wiring (temb add, scale/shift).
+    """
     gn = set(fastdiff.available_backends("group_norm_silu", "cpu"))
     at = set(fastdiff.available_backends("attention", "cpu"))
-    return [b for b in ("cpu", "triton") if b in gn and b in at]
+    return [b for b in ("torch", "cpu", "triton") if b in gn and b in at]
 
 
 MODELS = {
@@ -93,8 +96,8 @@ MODELS = {
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_patched_equals_unpatched(kind, backend):
-    if backend == "triton" and kind.endswith("scale-shift"):
-        pytest.skip("one triton case per model class keeps the interpreter run short")
+    if backend != "cpu" and kind.endswith("scale-shift"):
+        pytest.skip("one torch/triton case per model class keeps the run short")
     model, x, ctx = MODELS[kind]()
     t = torch.tensor([3, 700])
     ref = run(model, x, t, ctx)
@@ -152,6 +155,17 @@ def test_report_lists_what_it_left_and_output_still_equal():
     assert "left" in text and "mid_block.attentions.0" in text
     assert type(model.mid_block.attentions[0].processor) is CustomProcessor
     torch.testing.assert_close(run(model, x, t), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_resnet_class_is_listed():
+    from diffusers.models.resnet import ResnetBlockCondNorm2D
+
+    model = unet2d(size=8)
+    model.extra = ResnetBlockCondNorm2D(in_channels=32, temb_channels=16, groups=8)
+    fastdiff.optimize(model)
+    left = dict(model.fastdiff_report.left)
+    assert "ResnetBlockCondNorm2D" in left["extra"]
+    assert type(model.extra) is ResnetBlockCondNorm2D
 
 
 def test_backward_through_patched_model():
