@@ -200,11 +200,8 @@ class UNet(nn.Module):
                 **kw,
             )
 
-        def attention(c: int) -> Attention:
-            heads = config.num_heads if config.head_dim is None else None
-            if heads is None and config.head_dim is None:
-                heads = 1
-            return Attention(c, num_heads=heads, head_dim=config.head_dim, num_groups=g)
+        def attention(c: int) -> Attention:  # neither num_heads nor head_dim: one head
+            return Attention(c, num_heads=config.num_heads, head_dim=config.head_dim, num_groups=g)
 
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
         levels = len(config.channel_mult)
