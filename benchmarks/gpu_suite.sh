@@ -14,6 +14,11 @@ export FASTDIFF_CUDA=1 FASTDIFF_BENCH_COMPILE="${FASTDIFF_BENCH_COMPILE:-1}"
 export FASTDIFF_CUDA_ARCHS="${FASTDIFF_CUDA_ARCHS:-90-real}" MAX_JOBS="${MAX_JOBS:-16}"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
+# Test-only wheels (diffusers, importlib_metadata) carried to an offline GPU machine in .whl/.
+if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import diffusers" 2>/dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdiff-site .whl/*.whl
+  export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ "${FORCE_BUILD:-0}" = 1 ] || ! (cd /tmp && python -c "import fastdiff._C as c; assert c.BUILD_INFO['cuda']") 2>/dev/null; then
   echo "== build"
@@ -29,13 +34,13 @@ for stage in ${what/all/tests bench}; do
   case "$stage" in
     tests)
       echo "== tests"
-      timeout "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf \
+      timeout -s INT "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf \
         --junitxml="$dest/tests.xml" -o junit_family=xunit1 ${TEST_ARGS:-} >"$dest/tests.log" 2>&1
       tail -25 "$dest/tests.log"
       ;;
     bench)
       echo "== benchmarks"
-      timeout "${BENCH_TIMEOUT:-420}" pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+      timeout -s INT "${BENCH_TIMEOUT:-420}" pytest benchmarks --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$dest/bench.json" ${BENCH_ARGS:-} >"$dest/bench.log" 2>&1
       tail -5 "$dest/bench.log"
       ;;
