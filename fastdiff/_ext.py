@@ -33,11 +33,20 @@ def stream_handle(t: torch.Tensor) -> int:
     """Raw cudaStream_t of torch's *current* stream on ``t``'s device (0 for CPU tensors).
 
     Using the current stream (not the legacy default stream) keeps kernels capturable in CUDA
-    graphs and ordered with torch's own work.
+    graphs and ordered with torch's own work. Reads the raw handle directly (what inductor's
+    launchers do) instead of building a ``torch.cuda.Stream`` object per call.
     """
-    if t.device.type != "cuda":
+    dev = t.device
+    if dev.type != "cuda":
         return 0
-    return torch.cuda.current_stream(t.device).cuda_stream
+    if _RAW_STREAM is not None:
+        idx = dev.index
+        return _RAW_STREAM(torch.cuda.current_device() if idx is None else idx)
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
+# torch._C._cuda_getCurrentRawStream(device_index) -> int; only in CUDA builds of torch.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def has_native() -> bool:
