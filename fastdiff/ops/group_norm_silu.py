@@ -21,7 +21,6 @@ stride pattern (slices, transposes) is first made contiguous with ``x.contiguous
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -99,26 +98,28 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def _check_vec(name: str, t: Tensor | None, x: Tensor) -> None:
+def _check_vec(name: str, t: Tensor | None, x: Tensor, dev: torch.device, c: int) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
         raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"group_norm_silu: {name} must be a floating tensor, got dtype {t.dtype}")
-    if t.device != x.device:
+    if t.device != dev:
         raise ValueError(
-            f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; "
+            f"group_norm_silu: {name} is on {t.device} but x is on {dev}; "
             "all tensors must be on one device"
         )
-    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+    if t.dim() != 1 or t.shape[0] != c:
         raise ValueError(
             f"group_norm_silu: Expected {name} to be a vector of size equal to the number of "
             f"channels in input, but got {name} of shape {_shape(t)} and input of shape {_shape(x)}"
         )
 
 
-def _check_nc(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
+def _check_nc(
+    name: str, t: Tensor | None, x: Tensor, dev: torch.device, n: int, c: int
+) -> Tensor | None:
     """Validate an optional [N x C] (or [N x C x 1 ...]) tensor; return it as [N x C]."""
     if t is None:
         return None
@@ -126,14 +127,17 @@ def _check_nc(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
         raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"group_norm_silu: {name} must be a floating tensor, got dtype {t.dtype}")
-    if t.device != x.device:
+    if t.device != dev:
         raise ValueError(
-            f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; "
+            f"group_norm_silu: {name} is on {t.device} but x is on {dev}; "
             "all tensors must be on one device"
         )
-    n, c = x.shape[:2]
-    ok = t.dim() >= 2 and t.shape[0] == n and t.shape[1] == c and all(s == 1 for s in t.shape[2:])
-    ok = ok and t.dim() <= x.dim()
+    shape = t.shape
+    nd = len(shape)
+    if nd == 2 and shape[0] == n and shape[1] == c:
+        return t  # the common case: already [N x C]
+    ok = nd >= 2 and shape[0] == n and shape[1] == c and all(s == 1 for s in shape[2:])
+    ok = ok and nd <= x.dim()
     if not ok:
         raise ValueError(
             f"group_norm_silu: expected {name} of shape [N, C] = {[n, c]} (optionally with "
@@ -143,32 +147,48 @@ def _check_nc(name: str, t: Tensor | None, x: Tensor) -> Tensor | None:
     return t.reshape(n, c)
 
 
+_ALL_DTYPES = frozenset((*_DTYPES, torch.float64))
+
+
 def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
     if not isinstance(x, Tensor):
         raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES and x.dtype != torch.float64:
+    if x.dtype not in _ALL_DTYPES:
         raise ValueError(
             f"group_norm_silu: x must be float32, float16 or bfloat16, got dtype {x.dtype}"
         )
-    if not 3 <= x.dim() <= 5:
+    shape = x.shape
+    if not 3 <= len(shape) <= 5:
         raise ValueError(
             "group_norm_silu: expected x of shape [N, C, *spatial] with 1 to 3 spatial dims, "
             f"got shape {_shape(x)}"
         )
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
+    if type(num_groups) is not int and (
+        isinstance(num_groups, bool) or not isinstance(num_groups, int)
+    ):
         raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
-    if x.shape[1] % num_groups != 0:
+    if num_groups <= 0:
+        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+    n, c = shape[0], shape[1]
+    if c % num_groups != 0:
         raise ValueError(
             "group_norm_silu: Expected number of channels in input to be divisible by "
             f"num_groups, but got input of shape {_shape(x)} and num_groups={num_groups}"
         )
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps >= 0:
+    if type(eps) is not float and (not isinstance(eps, (int, float)) or isinstance(eps, bool)):
         raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
-    if activation not in _ACTIVATIONS:
+    if not eps >= 0:
+        raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
+    if activation != "silu" and activation is not None:
         raise ValueError(f"group_norm_silu: activation must be 'silu' or None, got {activation!r}")
-    _check_vec("weight", weight, x)
-    _check_vec("bias", bias, x)
-    return _check_nc("add", add, x), _check_nc("scale", scale, x), _check_nc("shift", shift, x)
+    dev = x.device
+    _check_vec("weight", weight, x, dev, c)
+    _check_vec("bias", bias, x, dev, c)
+    return (
+        _check_nc("add", add, x, dev, n, c),
+        _check_nc("scale", scale, x, dev, n, c),
+        _check_nc("shift", shift, x, dev, n, c),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -183,18 +203,27 @@ def _stale_build() -> tuple[tuple[str, str], ...]:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _dispatch._getenv("TRITON_INTERPRET") == "1"
 
 
 _NO_F64 = "the fused kernels take float32, float16 or bfloat16, got float64"
 
 
 def _unsupported(device: torch.device, dtype: torch.dtype, empty: bool) -> dict[str, str]:
-    """Backends that cannot take these inputs, with the reason."""
+    """Backends that cannot take these inputs, with the reason (a shared, memoised dict: do not
+    mutate)."""
+    interp = dtype == torch.bfloat16 and device.type == "cpu" and _interpreting()
+    return _unsupported_memo(device.type, dtype, empty, interp)
+
+
+@functools.cache
+def _unsupported_memo(
+    dev_type: str, dtype: torch.dtype, empty: bool, interp_bf16: bool
+) -> dict[str, str]:
     out: dict[str, str] = dict(_stale_build())
     if dtype == torch.float64:
         out.update(cpu=_NO_F64, cuda=_NO_F64, triton=_NO_F64)
-    elif dtype == torch.bfloat16 and device.type == "cpu" and _interpreting():
+    elif interp_bf16:
         out.setdefault("triton", "the Triton interpreter has no bfloat16 arithmetic")
     if empty:
         for b in ("cpu", "cuda", "triton"):
@@ -236,6 +265,15 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
+    if backend == "triton":
+        # The Triton kernels read weight/bias/add/scale/shift in their own dtype (converted to
+        # fp32 in registers, exactly as .to(float32) would): no cast kernels per call.
+        cast = _triton_operand(x)
+        _triton_forward()(
+            x, out, num_groups, cast(weight), cast(bias), eps, cast(add), cast(scale),
+            cast(shift), silu, nhwc=not x.is_contiguous(),
+        )  # fmt: skip
+        return out
     if backend == "torch":
         out.copy_(
             group_norm_silu_reference(x, num_groups, weight, bias, eps, add, scale, shift, silu)
@@ -247,13 +285,39 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
         _native_forward(*args, cuda=False)
     elif backend == "cuda":
         _native_forward(*args, cuda=True)
-    elif backend == "triton":
-        from fastdiff.kernels.triton.group_norm_silu import group_norm_silu_forward
-
-        group_norm_silu_forward(*args)
     else:
         raise RuntimeError(f"group_norm_silu: unknown backend {backend!r}")
     return out
+
+
+def _f32_or_bf16(t: Tensor | None) -> Tensor | None:
+    if t is None:
+        return None
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.contiguous()
+    return t.to(torch.float32).contiguous()
+
+
+def _f32_or_f16(t: Tensor | None) -> Tensor | None:
+    if t is None:
+        return None
+    if t.dtype in (torch.float32, torch.float16):
+        return t.contiguous()
+    return t.to(torch.float32).contiguous()
+
+
+def _triton_operand(x: Tensor):
+    """How optional operands are passed to Triton: as they are when the kernels can read their
+    dtype (bf16 only on a GPU: the interpreter has no bf16), else as fp32."""
+    return _f32_or_bf16 if x.is_cuda else _f32_or_f16
+
+
+@functools.cache
+def _triton_forward():
+    """The Triton launcher, imported on first use (triton stays an optional import)."""
+    from fastdiff.kernels.triton.group_norm_silu import group_norm_silu_forward
+
+    return group_norm_silu_forward
 
 
 @_group_norm_silu_op.register_fake
@@ -399,7 +463,8 @@ def group_norm_silu(
     if torch.compiler.is_compiling():
         backend = _resolve_traced(str(x.device), x.dtype, x.numel() == 0)
         return _group_norm_silu_op(_canon(x), *args, backend)
-    backend = _dispatch.resolve(_OP, x.device, _unsupported(x.device, x.dtype, x.numel() == 0))
+    dev = x.device
+    backend = _dispatch.resolve(_OP, dev, _unsupported(dev, x.dtype, x.numel() == 0))
     if _needs_op(x, weight, bias, add, scale, shift):
         return _group_norm_silu_op(_canon(x), *args, backend)
     # Eager inference: nothing to record for autograd and no tracing, so skip the dispatcher

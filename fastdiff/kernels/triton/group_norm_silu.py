@@ -38,11 +38,11 @@ def _silu_f32(v):
 def _gn_fused_kernel(
     X,  # (N, C, HW) input, strides (C*HW, stride_c, stride_s)
     Y,  # (N, C, HW) output, same strides as X
-    W,  # (C,) fp32 weight (unused when not HAS_W)
-    B,  # (C,) fp32 bias
-    ADD,  # (N, C) fp32 added to x before the statistics
-    SCALE,  # (N, C) fp32; output * (1 + scale)
-    SHIFT,  # (N, C) fp32; output + shift
+    W,  # (C,) weight, fp32/fp16/bf16, read as fp32 (unused when not HAS_W)
+    B,  # (C,) bias
+    ADD,  # (N, C) contiguous, added to x before the statistics
+    SCALE,  # (N, C) contiguous; output * (1 + scale)
+    SHIFT,  # (N, C) contiguous; output + shift
     C,  # channels
     HW,  # spatial size (product of spatial dims)
     G,  # groups
@@ -72,11 +72,11 @@ def _gn_fused_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_C x BLOCK_S]
     add = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_ADD:
-        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0)
+        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     # Shift k = u at the slab's first element: mean = k + mean(u - k) is exact for a constant group.
     k = tl.load(X + n * C * HW + g * CPG * stride_c).to(tl.float32)
     if HAS_ADD:
-        k = k + tl.load(ADD + n * C + g * CPG)
+        k = k + tl.load(ADD + n * C + g * CPG).to(tl.float32)
     u = tl.where(mask, x + add[:, None] - k, 0.0)
     mean = k + tl.sum(tl.sum(u, axis=1), axis=0) / cnt
     u = tl.where(mask, x + add[:, None], 0.0)
@@ -85,18 +85,18 @@ def _gn_fused_kernel(
     rstd = tl.where(var == 0.0, 0.0, 1.0 / tl.sqrt(var + eps))
     ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
     if HAS_W:
-        ws = ws * tl.load(W + c, mask=c_ok, other=1.0)
+        ws = ws * tl.load(W + c, mask=c_ok, other=1.0).to(tl.float32)
     bb = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_B:
-        bb = tl.load(B + c, mask=c_ok, other=0.0)
+        bb = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
     b = (add - mean) * ws + bb
     a = ws
     if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0)
+        s1 = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
         a = a * s1
         b = b * s1
     if HAS_SHIFT:
-        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0)
+        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     v = x * a[:, None] + b[:, None]
     if SILU:
         v = _silu_f32(v)
@@ -149,11 +149,11 @@ def _gn_finalize_kernel(
     S2,  # (N, C, SPLIT) fp32 partial sums of (x - k_c)^2
     A,  # (N, C) fp32 out: y = act(A * x + Bo)
     Bo,  # (N, C) fp32 out
-    W,  # (C,) fp32 weight
-    B,  # (C,) fp32 bias
-    ADD,  # (N, C) fp32
-    SCALE,  # (N, C) fp32
-    SHIFT,  # (N, C) fp32
+    W,  # (C,) weight, fp32/fp16/bf16, read as fp32
+    B,  # (C,) bias
+    ADD,  # (N, C) contiguous
+    SCALE,  # (N, C) contiguous
+    SHIFT,  # (N, C) contiguous
     C,  # channels
     HW,  # spatial size
     G,  # groups
@@ -185,7 +185,7 @@ def _gn_finalize_kernel(
     dm = s1 / m
     add = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_ADD:
-        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0)
+        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     mean_c = k + dm + add  # channel means of u = x + add
     m2_c = tl.maximum(s2 - s1 * dm, 0.0)
     # group mean relative to the first channel's: exact when all channel means agree
@@ -197,18 +197,18 @@ def _gn_finalize_kernel(
     rstd = tl.where(var == 0.0, 0.0, 1.0 / tl.sqrt(var + eps))
     ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
     if HAS_W:
-        ws = ws * tl.load(W + c, mask=c_ok, other=1.0)
+        ws = ws * tl.load(W + c, mask=c_ok, other=1.0).to(tl.float32)
     bb = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_B:
-        bb = tl.load(B + c, mask=c_ok, other=0.0)
+        bb = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
     b = (add - mean) * ws + bb
     a = ws
     if HAS_SCALE:
-        sc = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0)
+        sc = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
         a = a * sc
         b = b * sc
     if HAS_SHIFT:
-        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0)
+        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(A + n * C + c, a, mask=c_ok)
     tl.store(Bo + n * C + c, b, mask=c_ok)
 
@@ -258,7 +258,8 @@ def _sm_count(index: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) -> dict:
-    """Kernel plan (block sizes, split, warps) keyed on shape, dtype size, layout, SM count."""
+    """Kernel plan (block sizes, split, warps, grids) keyed on shape, dtype size, layout, SM
+    count; memoised, so a launch does no Python-side planning after the first call."""
     cpg = c // g
     slab = _p2(cpg) * _p2(hw)
     vec = 16 // itemsize  # elements per 16-byte access
@@ -271,6 +272,7 @@ def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) 
             "BLOCK_C": _p2(cpg),
             "BLOCK_S": _p2(hw),
             "num_warps": 4 if slab <= 2048 else (8 if slab <= 8192 else 16),
+            "grid": (n * g,),
         }
     if nhwc:
         block_c = min(_p2(c), 16 * vec)  # contiguous along C
@@ -291,7 +293,15 @@ def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) 
         "SPLIT": split,
         "CHUNK": chunk,
         "num_warps": 4 if block_c * block_s <= 1024 else 8,
+        "BLOCK_P": _p2(split),
+        "grid_stats": (n * n_cb * split,),
+        "grid_finalize": (n * g,),
+        "grid_apply": (n * n_cb * triton.cdiv(hw, block_s),),
     }
+
+
+def _sm_count_of(device: torch.device) -> int:
+    return _sm_count(device.index or 0) if device.type == "cuda" else 4
 
 
 def group_norm_silu_forward(
@@ -305,35 +315,39 @@ def group_norm_silu_forward(
     scale: torch.Tensor | None,
     shift: torch.Tensor | None,
     silu: bool,
+    nhwc: bool | None = None,
 ) -> None:
     """Launch the plan for ``x`` [N x C x *spatial] (contiguous or channels-last) into ``out``
-    (same strides). ``weight``/``bias`` [C] and ``add``/``scale``/``shift`` [N x C]: fp32
-    contiguous or None."""
-    from fastdiff.ops.group_norm_silu import is_channels_last
+    (same strides). ``weight``/``bias`` [C] and ``add``/``scale``/``shift`` [N x C]: contiguous,
+    fp32, fp16 or bf16 (read as fp32 in the kernels), or None. ``nhwc``: whether ``x`` is
+    channels-last (computed from ``x`` when None).
 
+    Per-call host work is kept to the plan lookup and the launches: absent optional tensors are
+    passed as ``x`` (never read: their ``HAS_*`` flag is off), so nothing is allocated for them.
+    """
     n, c = x.shape[:2]
     hw = x.numel() // (n * c)
     g = num_groups
-    cpg = c // g
-    nhwc = is_channels_last(x)
+    if nhwc is None:
+        from fastdiff.ops.group_norm_silu import is_channels_last
+
+        nhwc = is_channels_last(x)
     stride_c, stride_s = (1, c) if nhwc else (hw, 1)
-    sms = _sm_count(x.device.index or 0) if x.device.type == "cuda" else 4
-    plan = _plan(n, c, hw, g, x.element_size(), nhwc, sms)
-    dummy = torch.empty(1, device=x.device, dtype=torch.float32)
-    flags = {
-        "HAS_W": weight is not None,
-        "HAS_B": bias is not None,
-        "HAS_ADD": add is not None,
-        "HAS_SCALE": scale is not None,
-        "HAS_SHIFT": shift is not None,
-    }
-    opt = (weight, bias, add, scale, shift)
-    w_, b_, add_, sc_, sh_ = (t if t is not None else dummy for t in opt)
+    plan = _plan(n, c, hw, g, x.element_size(), nhwc, _sm_count_of(x.device))
+    has_w, has_b = weight is not None, bias is not None
+    has_add, has_sc, has_sh = add is not None, scale is not None, shift is not None
+    w_ = weight if has_w else x
+    b_ = bias if has_b else x
+    add_ = add if has_add else x
+    sc_ = scale if has_sc else x
+    sh_ = shift if has_sh else x
     if plan["kind"] == "fused":
-        _gn_fused_kernel[(n * g,)](
+        cpg = c // g
+        _gn_fused_kernel[plan["grid"]](
             x, out, w_, b_, add_, sc_, sh_, c, hw, g, cpg, stride_c, stride_s, float(cpg * hw),
             float(eps),
-            **flags, SILU=silu, BLOCK_C=plan["BLOCK_C"], BLOCK_S=plan["BLOCK_S"],
+            HAS_W=has_w, HAS_B=has_b, HAS_ADD=has_add, HAS_SCALE=has_sc, HAS_SHIFT=has_sh,
+            SILU=silu, BLOCK_C=plan["BLOCK_C"], BLOCK_S=plan["BLOCK_S"],
             num_warps=plan["num_warps"],
         )  # fmt: skip
         return
@@ -343,17 +357,18 @@ def group_norm_silu_forward(
     s2 = torch.empty_like(s1)
     a = torch.empty((n, c), device=x.device, dtype=torch.float32)
     b = torch.empty_like(a)
-    n_cb = triton.cdiv(c, bc)
-    _gn_stats_kernel[(n * n_cb * split,)](
+    _gn_stats_kernel[plan["grid_stats"]](
         x, s1, s2, c, hw, split, chunk, stride_c, stride_s,
         BLOCK_C=bc, BLOCK_S=bs, num_warps=plan["num_warps"],
     )  # fmt: skip
-    _gn_finalize_kernel[(n * g,)](
+    cpg = c // g
+    _gn_finalize_kernel[plan["grid_finalize"]](
         x, s1, s2, a, b, w_, b_, add_, sc_, sh_, c, hw, g, cpg, split, stride_c, float(hw),
         float(eps),
-        **flags, BLOCK_C=_p2(cpg), BLOCK_P=_p2(split), num_warps=4,
+        HAS_W=has_w, HAS_B=has_b, HAS_ADD=has_add, HAS_SCALE=has_sc, HAS_SHIFT=has_sh,
+        BLOCK_C=_p2(cpg), BLOCK_P=plan["BLOCK_P"], num_warps=4,
     )  # fmt: skip
-    _gn_apply_kernel[(n * n_cb * triton.cdiv(hw, bs),)](
+    _gn_apply_kernel[plan["grid_apply"]](
         x, out, a, b, c, hw, stride_c, stride_s,
         SILU=silu, BLOCK_C=bc, BLOCK_S=bs, num_warps=plan["num_warps"],
     )  # fmt: skip
