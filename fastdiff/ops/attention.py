@@ -20,6 +20,7 @@ for them raises ``RuntimeError``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,37 +54,55 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         raise TypeError(
             f"attention: q, k, v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}"
         )
-    if k.device != q.device or v.device != q.device:
+    qdev = q.device
+    if k.device != qdev or v.device != qdev:
         raise ValueError(
             f"attention: q, k, v must be on one device, got q {q.device}, k {k.device}, "
             f"v {v.device}"
         )
     B, H, Lq, D = q.shape
-    if k.shape != v.shape:
+    ks = k.shape
+    if ks != v.shape:
         raise ValueError(
             f"attention: k and v must have the same shape [B x H x Lk x D], got k "
             f"{tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+    if ks[0] != B or ks[1] != H or ks[3] != D:
         raise ValueError(
             f"attention: k/v must be [B={B} x H={H} x Lk x D={D}] to match q {tuple(q.shape)}, "
             f"got {tuple(k.shape)}"
         )
-    if B < 1 or H < 1 or Lq < 1 or k.shape[2] < 1 or D < 1:
+    if B < 1 or H < 1 or Lq < 1 or ks[2] < 1 or D < 1:
         raise ValueError(
             f"attention: every dimension must be >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"attention: scale must be finite, got {scale}")
+    if (
+        scale is not None
+        and type(scale) is not float
+        and (isinstance(scale, bool) or not isinstance(scale, (int, float)))
+    ):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"attention: scale must be finite, got {scale}")
 
 
 def unsupported_backends(q: torch.Tensor, k: torch.Tensor) -> dict[str, str]:
     """Backends that cannot take these particular inputs, with the reason (for ``resolve``)."""
+    return dict(_unsupported(q))
+
+
+def _unsupported(q: torch.Tensor) -> dict[str, str]:
+    """:func:`unsupported_backends`, memoised (a shared dict: do not mutate)."""
+    shape = q.shape
+    cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+    lq = shape[-2]
+    return _unsupported_memo(shape[-1], lq if lq > _MAX_LQ_FUSED else 0, cpu_bf16)
+
+
+@functools.lru_cache(maxsize=256)
+def _unsupported_memo(D: int, long_lq: int, cpu_bf16: bool) -> dict[str, str]:
+    """``long_lq``: Lq when it exceeds the fused kernels' limit, else 0."""
     out: dict[str, str] = {}
-    D, Lq = q.shape[-1], q.shape[-2]
     if D not in SUPPORTED_HEAD_DIMS:
         why = (
             f"head dim {D} is not one of the fused kernels' {list(SUPPORTED_HEAD_DIMS)} "
@@ -91,11 +110,11 @@ def unsupported_backends(q: torch.Tensor, k: torch.Tensor) -> dict[str, str]:
         )
         out["triton"] = why
         out["cuda"] = why
-    if Lq > _MAX_LQ_FUSED:
-        why = f"Lq={Lq} exceeds the fused kernels' limit {_MAX_LQ_FUSED}"
+    if long_lq:
+        why = f"Lq={long_lq} exceeds the fused kernels' limit {_MAX_LQ_FUSED}"
         out.setdefault("triton", why)
         out.setdefault("cuda", why)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if cpu_bf16:
         out.setdefault("triton", "the Triton CPU interpreter has no bfloat16 arithmetic")
     return out
 
@@ -228,7 +247,7 @@ def attention(
     """
     _validate(q, k, v, scale)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _dispatch.resolve("attention", q.device, unsupported=unsupported_backends(q, k))
+    backend = _dispatch.resolve("attention", q.device, unsupported=_unsupported(q))
     if _plain_call(q, k, v):
         # Inference on plain tensors: skip the custom-op dispatcher (~10+ us per call, which is
         # most of the time of a short-sequence attention). Autograd, torch.compile and tensor
