@@ -199,11 +199,13 @@ def test_nan_in_nan_out(case):
         assert torch.isnan(x0.view(-1)[17])
 
 
-def _randn(case, shape, seed, offset):
+def _randn(case, shape, seed, offset, channels_last=False):
     dev = case[0]
     gs = torch.tensor([seed, offset], device=dev, dtype=torch.int64)
     x = torch.zeros(shape, device=dev)
     mo = torch.zeros(shape, device=dev)
+    if channels_last:
+        x, mo = x.to(memory_format=torch.channels_last), mo.to(memory_format=torch.channels_last)
     coef = torch.tensor([1, 1, 0, 0, 0, 1, 0, 0], dtype=torch.float32, device=dev)
     return run(case, x, mo, coef, generator_state=gs)  # x_prev = 1 * z
 
@@ -215,10 +217,21 @@ def test_philox_noise(case):
     assert torch.equal(z, _randn(case, shape, 42, 0))  # deterministic
     assert not torch.equal(z, _randn(case, shape, 42, 1))  # offset moves the stream
     assert not torch.equal(z, _randn(case, shape, 43, 0))  # so does the seed
-    # counter layout: element e uses offset + e
+    # counter layout: element e is lane e % 4 of counter offset + e // 4
     n = z[0].numel()
-    tail = _randn(case, (3, 3, 16, 16), 42, n)
+    tail = _randn(case, (3, 3, 16, 16), 42, n // 4)
     torch.testing.assert_close(tail, z[1:], rtol=0, atol=1e-5)
+    # all four lanes of a counter are distinct normals (none discarded or repeated)
+    quads = z.flatten().reshape(-1, 4)
+    assert (quads[:, :, None] != quads[:, None, :]).sum().item() == quads.shape[0] * 12
+    # odd sizes: tiles and samples start mid-counter; the stream is still the flat one
+    odd = (3, 3, 17, 19)
+    flat = _randn(case, (math.prod(odd),), 42, 5).reshape(odd)
+    torch.testing.assert_close(_randn(case, odd, 42, 5), flat, rtol=0, atol=1e-5)
+    # channels_last with C > the CPU tile: scattered logical runs per channel
+    wide = (2, 600, 3, 2)
+    zc = _randn(case, wide, 7, 3, channels_last=True)
+    torch.testing.assert_close(zc, _randn(case, wide, 7, 3), rtol=0, atol=1e-5)
     # same stream as the torch reference (which matches Triton's tl.randn), across 2^32
     ref = philox_randn(torch.tensor([2**40 + 3, 2**32 - 100]), shape)
     got = _randn(case, shape, 2**40 + 3, 2**32 - 100).cpu()

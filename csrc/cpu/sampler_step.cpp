@@ -21,12 +21,42 @@ constexpr int64_t kTile = 512;
 #define FD_CPU_CLONES
 #endif
 
-// z[j] = N(0,1) of counter (hi[j]:lo[j]); 32-bit lanes only, so the loop vectorises fully.
-FD_CPU_CLONES void fill_normals(float* __restrict z, const uint32_t* __restrict lo,
-                                const uint32_t* __restrict hi, int64_t len, uint32_t key0,
-                                uint32_t key1) {
+// Planar normals: (p0, p1, p2, p3)[k] = tl.randn4x of counter (hi[k]:lo[k]); 32-bit lanes only,
+// so the loop vectorises fully.
+FD_CPU_CLONES void fill_normals4(float* __restrict p0, float* __restrict p1,
+                                 float* __restrict p2, float* __restrict p3,
+                                 const uint32_t* __restrict lo, const uint32_t* __restrict hi,
+                                 int64_t len, uint32_t key0, uint32_t key1) {
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) z[j] = philox_randn2(key0, key1, lo[j], hi[j]);
+  for (int64_t k = 0; k < len; ++k) philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
+}
+
+constexpr int64_t kGroups = kTile / 4 + 4;  // counters per tile (+ partial groups at both ends)
+
+// dst[0, len) = noise of logical elements [e0, e0 + len): element e is lane e % 4 of counter
+// offset + e / 4 (len <= kTile + 8).
+void normals_range(float* dst, uint64_t e0, int64_t len, uint64_t offset, uint32_t key0,
+                   uint32_t key1) {
+  alignas(64) uint32_t clo[kGroups], chi[kGroups];
+  alignas(64) float p0[kGroups], p1[kGroups], p2[kGroups], p3[kGroups], buf[4 * kGroups];
+  const int64_t r = (int64_t)(e0 & 3u);
+  const int64_t ng = (r + len + 3) >> 2;
+  const uint64_t c0 = offset + (e0 >> 2);
+  const uint32_t blo = (uint32_t)c0, bhi = (uint32_t)(c0 >> 32);
+#pragma omp simd
+  for (int64_t k = 0; k < ng; ++k) {  // c0 + k in 32-bit halves (carry into hi when lo wraps)
+    const uint32_t l = blo + (uint32_t)k;
+    clo[k] = l;
+    chi[k] = bhi + (l < blo ? 1u : 0u);
+  }
+  fill_normals4(p0, p1, p2, p3, clo, chi, ng, key0, key1);
+  for (int64_t k = 0; k < ng; ++k) {
+    buf[4 * k] = p0[k];
+    buf[4 * k + 1] = p1[k];
+    buf[4 * k + 2] = p2[k];
+    buf[4 * k + 3] = p3[k];
+  }
+  std::memcpy(dst, buf + r, (size_t)len * sizeof(float));
 }
 
 template <typename T>
@@ -53,13 +83,13 @@ void run(const StepArgs& A) {
   const float a = cp[0], s = cp[1], k2 = cp[2], k3 = cp[3], k4 = cp[4], k5 = cp[5], k6 = cp[6],
               k7 = cp[7];
   uint32_t key0 = 0, key1 = 0;
-  int64_t offset = 0;
+  uint64_t offset = 0;
   if (A.gen) {
     const int64_t* g = reinterpret_cast<const int64_t*>(A.gen);
     const uint64_t seed = (uint64_t)g[0];
     key0 = (uint32_t)seed;
     key1 = (uint32_t)(seed >> 32);
-    offset = g[1];
+    offset = (uint64_t)g[1];
   }
   const TX* X = reinterpret_cast<const TX*>(A.x);
   const TM* Mc = reinterpret_cast<const TM*>(A.m);
@@ -80,7 +110,6 @@ void run(const StepArgs& A) {
     const int64_t i0 = (t - n * tiles) * kTile;
     const int64_t len = std::min(kTile, M - i0);
     alignas(64) float xb[kTile], mb[kTile], ub[kTile], vb[kTile], zb[kTile], ob[kTile], x0b[kTile];
-    alignas(64) uint32_t clo[kTile], chi[kTile];
     load_tile(X + n * A.bs_x + i0, len, xb);
     load_tile(Mc + n * A.bs_m + i0, len, mb);
     const float* up = mb;
@@ -99,29 +128,22 @@ void run(const StepArgs& A) {
       load_tile(Z + n * A.bs_z + i0, len, zb);
       zp = zb;
     } else if (philox) {
-      const uint64_t base = (uint64_t)offset + (uint64_t)(n * M);
-      if (A.nhwc_c > 0) {  // memory index i = hw * C + c -> logical c * HW + hw
-        int64_t hw = i0 / A.nhwc_c, c = i0 - hw * A.nhwc_c;
-        for (int64_t j = 0; j < len; ++j) {
-          const uint64_t ctr = base + (uint64_t)(c * A.hw + hw);
-          clo[j] = (uint32_t)ctr;
-          chi[j] = (uint32_t)(ctr >> 32);
-          if (++c == A.nhwc_c) {
-            c = 0;
-            ++hw;
-          }
+      const uint64_t base = (uint64_t)(n * M);  // logical index of the sample's first element
+      if (A.nhwc_c > 0) {
+        // memory index i = hw * C + c <-> logical c * HW + hw: one logical run per channel
+        const int64_t C = A.nhwc_c, i1 = i0 + len - 1;
+        const int64_t hw0 = i0 / C, c0 = i0 - hw0 * C, hw1 = i1 / C, c1 = i1 - hw1 * C;
+        alignas(64) float run[kTile + 8];
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t first = hw0 + (c < c0 ? 1 : 0), last = hw1 - (c > c1 ? 1 : 0);
+          if (last < first) continue;
+          normals_range(run, base + (uint64_t)(c * A.hw + first), last - first + 1, offset,
+                        key0, key1);
+          for (int64_t h = first; h <= last; ++h) zb[h * C + c - i0] = run[h - first];
         }
-      } else {  // base + i0 + j in 32-bit halves (carry into hi when lo wraps)
-        const uint64_t b0 = base + (uint64_t)i0;
-        const uint32_t blo = (uint32_t)b0, bhi = (uint32_t)(b0 >> 32);
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          const uint32_t l = blo + (uint32_t)j;
-          clo[j] = l;
-          chi[j] = bhi + (l < blo ? 1u : 0u);
-        }
+      } else {
+        normals_range(zb, base + (uint64_t)i0, len, offset, key0, key1);
       }
-      fill_normals(zb, clo, chi, len, key0, key1);
       zp = zb;
     }
     if (o.mode == 0) {

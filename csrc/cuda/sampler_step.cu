@@ -155,12 +155,22 @@ __global__ void __launch_bounds__(kThreads)
     if (Z) {
       load_chunk(Z + n * A.bs_z + j0, zv, cnt, full);
     } else if (philox) {
-      const uint64_t base = offset + (uint64_t)(n * M);
-      if (A.nhwc_c > 0) {  // memory index hw * C + c -> logical c * HW + hw
+      // logical element e is lane e % 4 of counter offset + e / 4
+      const uint64_t base = (uint64_t)(n * M);
+      if (A.nhwc_c == 0 && M % 4 == 0) {  // chunk = 2 whole counters
+        const uint64_t c = offset + ((base + (uint64_t)j0) >> 2);
+#pragma unroll
+        for (int q = 0; q < kVec / 4; ++q) {
+          const uint64_t cq = c + (uint64_t)q;
+          philox_randn4(key0, key1, (uint32_t)cq, (uint32_t)(cq >> 32), zv[4 * q], zv[4 * q + 1],
+                        zv[4 * q + 2], zv[4 * q + 3]);
+        }
+      } else if (A.nhwc_c > 0) {  // memory index hw * C + c -> logical c * HW + hw
         int64_t hw = j0 / A.nhwc_c, c = j0 - hw * A.nhwc_c;
 #pragma unroll
         for (int k = 0; k < kVec; ++k) {
-          zv[k] = philox_randn(key0, key1, base + (uint64_t)(c * A.hw + hw));
+          const uint64_t e = base + (uint64_t)(c * A.hw + hw);
+          zv[k] = philox_randn_lane(key0, key1, offset + (e >> 2), (int)(e & 3u));
           if (++c == A.nhwc_c) {
             c = 0;
             ++hw;
@@ -168,7 +178,10 @@ __global__ void __launch_bounds__(kThreads)
         }
       } else {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) zv[k] = philox_randn(key0, key1, base + (uint64_t)(j0 + k));
+        for (int k = 0; k < kVec; ++k) {
+          const uint64_t e = base + (uint64_t)(j0 + k);
+          zv[k] = philox_randn_lane(key0, key1, offset + (e >> 2), (int)(e & 3u));
+        }
       }
     }
 #pragma unroll

@@ -101,18 +101,20 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def philox_randn(generator_state: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """N(0,1) fp32 of ``shape``: element ``e`` (row-major) = Triton ``tl.randn(seed, offset + e)``.
+    """N(0,1) fp32 of ``shape``: element ``e`` (row-major) = lane ``e % 4`` of Triton
+    ``tl.randn4x(seed, offset + e // 4)``.
 
     Philox4x32-10 in int64 torch arithmetic masked to 32 bits (Salmon et al. 2011), key =
-    (seed lo, seed hi), counter = (ctr lo, ctr hi, 0, 0); Box-Muller on the first two outputs with
-    Triton's uint -> uniform conversion. No host sync: seed and offset stay on the device.
+    (seed lo, seed hi), counter = (ctr lo, ctr hi, 0, 0); Box-Muller on the output pairs (0, 1)
+    and (2, 3) with Triton's uint -> uniform conversion, giving 4 normals per counter. Uses
+    ``ceil(numel / 4)`` counters. No host sync: seed and offset stay on the device.
     """
     dev = generator_state.device
     numel = 1
     for s in shape:
         numel *= s
     seed, offset = generator_state[0], generator_state[1]
-    ctr = torch.arange(numel, dtype=torch.int64, device=dev) + offset
+    ctr = torch.arange((numel + 3) // 4, dtype=torch.int64, device=dev) + offset
     c0, c1 = ctr & _M32, (ctr >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -130,10 +132,15 @@ def philox_randn(generator_state: Tensor, shape: tuple[int, ...]) -> Tensor:
         u = torch.where(u >= 2**31, _M32 - u, u)
         return u.to(torch.float32) * 4.6566127342e-10
 
-    u1 = torch.clamp_min(uniform(c0), 1.0e-7)
-    th = uniform(c1) * 6.283185307179586
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return (r * torch.cos(th)).reshape(shape)
+    def box_muller(ua: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+        r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(uniform(ua), 1.0e-7)))
+        th = uniform(ub) * 6.283185307179586
+        return r * torch.cos(th), r * torch.sin(th)
+
+    n0, n1 = box_muller(c0, c1)
+    n2, n3 = box_muller(c2, c3)
+    # [ceil(numel/4) x 4] lanes -> element order
+    return torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)[:numel].reshape(shape)
 
 
 def _torch_x0_eps(
@@ -502,10 +509,13 @@ def sampler_step(
         noise: z, same shape as ``x``.
         generator_state: int64 ``[2] = (seed, offset)`` on x's device: z is drawn in the kernel
             with Philox4x32-10; element e (row-major index in x's logical NCHW order, so layout
-            independent) uses counter ``offset + e``, exactly Triton's ``tl.randn(seed, offset
-            + e)``. The cpu, cuda, triton and torch backends produce the same uint32 stream for
-            the same (seed, offset); normals agree to the float rounding of log/cos/sin
-            (<= 1e-5 abs). The sampler advances the offset by ``x.numel()`` per step.
+            independent) is lane ``e % 4`` of Triton's ``tl.randn4x(seed, offset + e // 4)``
+            (Box-Muller on both output pairs: all 4 Philox outputs are used). One step uses
+            the ``ceil(x.numel() / 4)`` counters ``offset ..``; the caller must advance the
+            offset by at least that much before the next draw (the samplers advance it by
+            ``x.numel()``, which keeps streams disjoint). The cpu, cuda, triton and torch
+            backends produce the same uint32 stream for the same (seed, offset); normals agree
+            to the float rounding of log/cos/sin (<= 1e-5 abs).
         return_x0: also return the (clipped) x0 prediction.
 
     Math per element, fp32 (DDIM: Song et al. 2021 eq. 12; DDPM posterior: Ho et al. 2020 eq. 7)::

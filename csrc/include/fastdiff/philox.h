@@ -1,13 +1,15 @@
 // Philox4x32-10 counter-based RNG (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
-// SC 2011) and the Box-Muller normal of Triton's `tl.randn(seed, offset)`, bit for bit in the
+// SC 2011) and the Box-Muller normals of Triton's `tl.randn4x(seed, counter)`, bit for bit in the
 // uint32 stream:
 //   key      = (seed & 0xffffffff, seed >> 32)             (64-bit seed split lo/hi)
-//   counter  = (offset & 0xffffffff, offset >> 32, 0, 0)   (64-bit offset)
+//   counter  = (ctr & 0xffffffff, ctr >> 32, 0, 0)         (64-bit counter)
 //   uniform  = u as int32, negative -> ~u, times 4.6566127342e-10f      ([0, 1))
-//   normal   = sqrt(-2 log(max(u1, 1e-7))) * cos(6.283185307179586f * u2)  (first two outputs)
-// log and cos are our own fp32 polynomials (Cephes-style, ~1-2 ulp) so the CPU loop vectorises
-// and the CPU and CUDA builds compute identical values; Triton's libdevice/numpy results agree to
-// float rounding.
+//   normals  = Box-Muller on (u0, u1) and (u2, u3): r = sqrt(-2 log(max(u_even, 1e-7))),
+//              th = 6.283185307179586f * u_odd, (r cos th, r sin th) -> 4 normals per counter.
+// The noise of the sampler step uses all four: logical element e takes lane e % 4 of counter
+// offset + e / 4. log, sin and cos are our own fp32 polynomials (Cephes-style, ~1-2 ulp) so the
+// CPU loop vectorises and the CPU and CUDA builds compute identical values; Triton's
+// libdevice/numpy results agree to float rounding.
 #pragma once
 
 #include <cstdint>
@@ -98,8 +100,9 @@ FD_PHILOX float fd_logf(float x) {
   return r;
 }
 
-// cos(t) for 0 <= t < 8 (Cephes sinf/cosf polynomials, 3-part Cody-Waite reduction by pi/2).
-FD_PHILOX float fd_cos_small(float t) {
+// sin(t) and cos(t) for 0 <= t < 8 (Cephes sinf/cosf polynomials, 3-part Cody-Waite reduction
+// by pi/2), branch free.
+FD_PHILOX void fd_sincos_small(float t, float& sn, float& cs) {
   const int q = (int)(t * 0.636619772367581343f + 0.5f);  // nearest multiple of pi/2 (t >= 0)
   const float fq = (float)q;
   float r = ((t - fq * 1.5703125f) - fq * 4.837512969970703125e-4f) - fq * 7.54978995489188216e-8f;
@@ -108,10 +111,13 @@ FD_PHILOX float fd_cos_small(float t) {
   const float c = 1.0f - 0.5f * z +
                   z * z * ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z +
                            4.166664568298827e-2f);
-  // quadrant k = q mod 4: cos, -sin, -cos, sin (bit selects, branch free)
+  // quadrant k = q mod 4: cos = (c, -s, -c, s), sin = (s, c, -s, -c) (bit selects)
   const uint32_t odd = 0u - (uint32_t)(q & 1);
-  const uint32_t neg = (uint32_t)(((q + 1) >> 1) & 1) << 31;
-  return fd_bits_float(((fd_float_bits(s) & odd) | (fd_float_bits(c) & ~odd)) ^ neg);
+  const uint32_t cneg = (uint32_t)(((q + 1) >> 1) & 1) << 31;
+  const uint32_t sneg = (uint32_t)((q >> 1) & 1) << 31;
+  const uint32_t sb = fd_float_bits(s), cb = fd_float_bits(c);
+  cs = fd_bits_float(((sb & odd) | (cb & ~odd)) ^ cneg);
+  sn = fd_bits_float(((cb & odd) | (sb & ~odd)) ^ sneg);
 }
 
 // sqrt(x) for x >= 0. CUDA: sqrtf. Host: rsqrt bit estimate + 3 Newton steps (a few ulp), since
@@ -129,24 +135,33 @@ FD_PHILOX float fd_sqrtf(float x) {
 #endif
 }
 
-// N(0, 1) for the 64-bit counter (ctr_hi:ctr_lo) under key (k0, k1): Triton tl.randn.
-FD_PHILOX float philox_randn2(uint32_t k0, uint32_t k1, uint32_t ctr_lo, uint32_t ctr_hi) {
-  uint32_t c0 = ctr_lo, c1 = ctr_hi, c2 = 0u, c3 = 0u;
-  philox4x32_10(c0, c1, c2, c3, k0, k1);
-  // u1 = max(u1, 1e-7f), as an int max on the bits (u1 >= 0), which keeps the loop vectorisable
-  int32_t b1 = (int32_t)fd_float_bits(philox_uniform(c0));
+// Box-Muller on one pair of uniform bits (Triton pair_uniform_to_normal).
+FD_PHILOX void philox_box_muller(uint32_t ua, uint32_t ub, float& n0, float& n1) {
+  // u = max(u, 1e-7f), as an int max on the bits (u >= 0), which keeps the loop vectorisable
+  int32_t b = (int32_t)fd_float_bits(philox_uniform(ua));
   const int32_t lo = 0x33d6bf95;  // bits of 1e-7f
-  b1 = b1 > lo ? b1 : lo;
-  const float u1 = fd_bits_float((uint32_t)b1);
-  const float u2 = philox_uniform(c1);
-  const float th = 6.283185307179586f * u2;
-  const float r = fd_sqrtf(-2.0f * fd_logf(u1));
-  return r * fd_cos_small(th);
+  b = b > lo ? b : lo;
+  const float r = fd_sqrtf(-2.0f * fd_logf(fd_bits_float((uint32_t)b)));
+  float sn, cs;
+  fd_sincos_small(6.283185307179586f * philox_uniform(ub), sn, cs);
+  n0 = r * cs;
+  n1 = r * sn;
 }
 
-// N(0, 1) for counter `ctr` under the 64-bit seed split into (k0, k1) = (lo, hi).
-FD_PHILOX float philox_randn(uint32_t k0, uint32_t k1, uint64_t ctr) {
-  return philox_randn2(k0, k1, (uint32_t)ctr, (uint32_t)(ctr >> 32));
+// Four N(0, 1) for the 64-bit counter (ctr_hi:ctr_lo) under key (k0, k1): Triton tl.randn4x.
+FD_PHILOX void philox_randn4(uint32_t k0, uint32_t k1, uint32_t ctr_lo, uint32_t ctr_hi,
+                             float& n0, float& n1, float& n2, float& n3) {
+  uint32_t c0 = ctr_lo, c1 = ctr_hi, c2 = 0u, c3 = 0u;
+  philox4x32_10(c0, c1, c2, c3, k0, k1);
+  philox_box_muller(c0, c1, n0, n1);
+  philox_box_muller(c2, c3, n2, n3);
+}
+
+// Lane `lane` (0..3) of philox_randn4 for the 64-bit counter `ctr` (odd-size/scattered paths).
+FD_PHILOX float philox_randn_lane(uint32_t k0, uint32_t k1, uint64_t ctr, int lane) {
+  float n0, n1, n2, n3;
+  philox_randn4(k0, k1, (uint32_t)ctr, (uint32_t)(ctr >> 32), n0, n1, n2, n3);
+  return lane == 0 ? n0 : lane == 1 ? n1 : lane == 2 ? n2 : n3;
 }
 
 }  // namespace fastdiff

@@ -2,8 +2,9 @@
 
 One program walks (sample, tile) pairs with a grid-stride loop (grid capped), int64 offsets.
 Operands are base pointers plus per-sample strides; each sample's block is dense in x's memory
-order (see fastdiff/ops/sampler_step.py). In-kernel noise is ``tl.randn(seed, offset + e)`` with
-``e`` the logical NCHW row-major index, the stream the cpu/cuda/torch backends reproduce.
+order (see fastdiff/ops/sampler_step.py). In-kernel noise: element ``e`` (logical NCHW row-major
+index) is lane ``e % 4`` of ``tl.randn4x(seed, offset + e // 4)``, the stream the cpu/cuda/torch
+backends reproduce.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def _sampler_step_kernel(
     HAS_Z: tl.constexpr,  # 0 none, 1 tensor Z, 2 Philox from GEN
     WRITE_X0: tl.constexpr,  # store x0
     NHWC: tl.constexpr,  # per-sample memory order HWC (logical index for Philox)
+    QUAD: tl.constexpr,  # Philox noise with NCHW order and inner % 4 == 0 (4 lanes per counter)
     BLOCK: tl.constexpr,  # elements per tile
 ):
     pid = tl.program_id(0)
@@ -57,6 +59,7 @@ def _sampler_step_kernel(
     k6 = tl.load(COEF + 6)
     k7 = tl.load(COEF + 7)
     lane = tl.arange(0, BLOCK).to(tl.int64)
+    quad = tl.arange(0, BLOCK // 4).to(tl.int64)
     for t in range(pid, total_tiles, nprog):
         t64 = tl.full((), t, tl.int64)
         n = t64 // tiles_per_sample
@@ -89,11 +92,19 @@ def _sampler_step_kernel(
                 else:
                     seed = tl.load(GEN)
                     offset = tl.load(GEN + 1)
-                    if NHWC:
-                        logical = (offs % nhwc_c) * hw + offs // nhwc_c
-                    else:
-                        logical = offs
-                    z = tl.randn(seed, offset + n * inner + logical)
+                    if QUAD:  # tile starts on a counter boundary: BLOCK // 4 counters, 4 lanes
+                        q0 = offset + (n * inner + (t64 - n * tiles_per_sample) * BLOCK) // 4
+                        z0, z1, z2, z3 = tl.randn4x(seed, q0 + quad)
+                        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK,))
+                    else:  # element e = lane e % 4 of counter offset + e // 4
+                        if NHWC:
+                            logical = (offs % nhwc_c) * hw + offs // nhwc_c
+                        else:
+                            logical = offs
+                        e = n * inner + logical
+                        z0, z1, z2, z3 = tl.randn4x(seed, offset + e // 4)
+                        r = e % 4
+                        z = tl.where(r == 0, z0, tl.where(r == 1, z1, tl.where(r == 2, z2, z3)))
                 sigma = k5
                 if LV:
                     v = tl.load(V + n * bs_v + offs, mask=mask, other=0.0).to(tl.float32)
@@ -134,5 +145,5 @@ def sampler_step_forward(
         *bs, inner, tiles, total, max(nhwc_c, 1), hw, float(clip_r), float(g),
         MODE=mode, PRED=pred, CLIP=bool(clip), RECOMPUTE=bool(recompute), CFG=bool(cfg),
         LV=v is not None and mode == 0, HAS_Z=has_z, WRITE_X0=x0 is not None,
-        NHWC=nhwc_c > 0, BLOCK=block,
+        NHWC=nhwc_c > 0, QUAD=has_z == 2 and nhwc_c == 0 and inner % 4 == 0, BLOCK=block,
     )  # fmt: skip
