@@ -241,7 +241,9 @@ def _resolve_traced(device: str, dtype: torch.dtype, empty: bool) -> str:
 
 # ------------------------------------------------------------------------------- custom op
 def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.to(torch.float32).contiguous()
 
 
 @torch.library.custom_op("fastdiff::group_norm_silu", mutates_args=())
@@ -282,9 +284,9 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
     args = (x, out, num_groups, _f32(weight), _f32(bias), eps, _f32(add), _f32(scale))
     args = args + (_f32(shift), silu)
     if backend == "cpu":
-        _native_forward(*args, cuda=False)
+        _native_forward(*args, cuda=False, nhwc=not x.is_contiguous())
     elif backend == "cuda":
-        _native_forward(*args, cuda=True)
+        _native_forward(*args, cuda=True, nhwc=not x.is_contiguous())
     else:
         raise RuntimeError(f"group_norm_silu: unknown backend {backend!r}")
     return out
@@ -329,10 +331,9 @@ def _addr(t: Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, *, cuda):
+def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, *, cuda, nhwc):
     n, c = x.shape[:2]
     hw = x.numel() // max(n * c, 1)
-    nhwc = is_channels_last(x)
     common = (
         x.data_ptr(),
         out.data_ptr(),
@@ -354,8 +355,12 @@ def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, si
     if cuda:
         ws_n = C.group_norm_silu_cuda_workspace(*common[:8])
         ws = torch.empty(max(ws_n, 1), device=x.device, dtype=torch.float32)
-        with torch.cuda.device(x.device):
+        idx = x.device.index
+        if idx is None or torch.cuda.current_device() == idx:  # skip the device switch
             C.group_norm_silu_cuda(*common, ws.data_ptr(), ws_n, _ext.stream_handle(x))
+        else:
+            with torch.cuda.device(idx):
+                C.group_norm_silu_cuda(*common, ws.data_ptr(), ws_n, _ext.stream_handle(x))
     else:
         C.group_norm_silu_cpu(*common)
 
