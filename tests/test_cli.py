@@ -263,6 +263,27 @@ def test_load_pretrained_from_package(tmp_path):
     assert r.stdout.strip() == "1000"
 
 
+@needs_weights
+def test_weights_load_from_a_built_package(tmp_path):
+    """Non-editable layout: setuptools copies the package with its package data (build_py, what
+    a wheel holds apart from the compiled extension) into a fresh directory; that copy, not the
+    checkout, finds and loads the model."""
+    lib = tmp_path / "lib"
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (lib / "fastdiff" / "weights" / "digits.safetensors").is_file()
+    code = ("import fastdiff; from fastdiff.models import load_pretrained; "
+            "m = load_pretrained('digits'); print(fastdiff.__file__); "
+            "print(m.schedule.num_train_timesteps)")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(lib), "PYTHONNOUSERSITE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                       text=True, env=env, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    where, T = r.stdout.split()
+    assert Path(where).is_relative_to(lib) and T == "1000"
+
+
 def test_no_pickle_in_loading():
     src = (ROOT / "fastdiff" / "models" / "pretrained.py").read_text()
     assert "torch.load" not in src and "pickle" not in src.replace("no pickle", "")
