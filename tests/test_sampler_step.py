@@ -358,6 +358,34 @@ def test_opcheck_dpm_solver_2m_step(case):
     torch.library.opcheck(op, (x, mo[:2, :3], coef, None, case[1], 0, None, None))
 
 
+@pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
+def test_cpu_eager_fast_path_matches_op():
+    # the public functions skip the custom op (cached launch geometry); results, dtypes and
+    # layouts must equal the op's, for dense, channels_last, sliced and cast operands alike
+    coef = make_coef("cpu")
+    gs = torch.tensor([5, 9])
+    op = torch.ops.fastdiff.sampler_step.default
+    big = torch.randn(4, 6, 5, 7)
+    cases = [
+        (torch.randn(2, 3, 5, 7), torch.randn(4, 6, 5, 7), 2.0, True),
+        (big[::2, :3].to(memory_format=torch.channels_last), torch.randn(2, 3, 5, 7), None, False),
+        (big[1::2, 3:], big[::2, :3].half(), None, False),
+    ]
+    for x, mo, g, lv in cases:
+        for _ in range(2):  # second call: cached plan
+            got, gx0 = sampler_step(x, mo, coef, guidance_scale=g, learned_variance=lv,
+                                    generator_state=gs, clip_range=1.0, return_x0=True)  # fmt: skip
+            ref, rx0 = op(x, mo, coef, None, gs, "cpu", 0, 1.0, False, g, lv, True)
+            for a, b in ((got, ref), (gx0, rx0)):
+                assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype
+        prev = torch.randn_like(x)
+        got = dpm_solver_2m_step(x, mo[:, : x.shape[1]] if lv else mo, coef, prev, guidance_scale=g)
+        ref = torch.ops.fastdiff.dpm_solver_2m_step.default(
+            x, mo[:, : x.shape[1]] if lv else mo, coef, prev, "cpu", 0, None, g
+        )
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
 CUDA_BACKENDS = [b for d, b in CASES if d == "cuda"]
 
 

@@ -14,6 +14,8 @@ first made dense by one copy. ``x_prev`` (and ``x0``) come back in ``x``'s memor
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils import _python_dispatch
@@ -74,7 +76,7 @@ def _dense(t: Tensor, order: str) -> Tensor:
 
 
 def _batch_stride(t: Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t[0].numel()
+    return t.stride(0) if t.shape[0] > 1 else math.prod(t.shape[1:])
 
 
 def _new_out(x: Tensor, order: str) -> Tensor:
@@ -464,14 +466,83 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
 
 
+_UNSUPPORTED: list = [object(), {}]  # [the _C module it was computed for, the dict]
+
+
 def _unsupported(x: Tensor) -> dict[str, str]:
     """Backends that cannot run now: a fastdiff._C built before these kernels existed."""
-    out = {}
     c = _ext._C
+    if _UNSUPPORTED[0] is c:
+        return _UNSUPPORTED[1]
+    out = {}
     for b in ("cpu", "cuda"):
         if c is not None and not hasattr(c, f"sampler_step_{b}"):
             out[b] = f"fastdiff._C has no sampler_step_{b} (stale build: run tools/dev_build.sh)"
+    _UNSUPPORTED[:] = [c, out]
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# eager fast path of the cpu backend: the per-layout work of _run_kernel, cached
+# ----------------------------------------------------------------------------------------------
+_PLANS: dict[tuple, tuple | None] = {}
+
+
+def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool) -> tuple | None:
+    """Launch geometry for this layout, or None when an operand needs a copy or a cast (then
+    the general path runs). Model-output operands are byte offsets from ``mo``'s address."""
+    order = _order_of(x)
+    cond, unc, var = _split_model_output(x, mo, 1.0 if cfg else None, lv)
+    ops = (x, cond, unc, var, third)
+    if any(t is not None and not _inner_dense(t, order) for t in ops):
+        return None
+    if third is not None and third.dtype != x.dtype:
+        return None
+    base = mo.data_ptr()
+
+    def geo(t: Tensor | None) -> tuple[int, int]:
+        return (0, 0) if t is None else (t.data_ptr() - base, _batch_stride(t))
+
+    like = x.stride() == _new_out(x, order).stride()  # empty_like(x) gives the output layout
+    nhwc = order == "nhwc"
+    inner = math.prod(x.shape[1:])
+    return (
+        order, like, x.shape[0], inner, x.shape[1] if nhwc else 0,
+        x.shape[2] * x.shape[3] if nhwc else inner, _batch_stride(x), *geo(cond), *geo(unc),
+        *geo(var), _batch_stride(third) if third is not None else 0, _ext.dtype_code(x),
+        _ext.dtype_code(cond),
+    )  # fmt: skip
+
+
+def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv, return_x0):
+    """``(x_prev, x0 or None)`` computed by the cpu kernel with cached launch geometry, or None
+    when this call needs the general path (copies, casts, a non-contiguous coef)."""
+    key = (mode, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, g is not None,
+           lv, None if third is None else (third.stride(), third.dtype))  # fmt: skip
+    plan = _PLANS.get(key, False)
+    if plan is False:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _cpu_plan(x, mo, third, g is not None, lv)
+    if plan is None or not coef.is_contiguous():
+        return None
+    order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m = plan
+    out = torch.empty_like(x) if like else _new_out(x, order)
+    x0 = None
+    if return_x0:
+        x0 = torch.empty_like(x) if like else _new_out(x, order)
+    if n * inner == 0:
+        return out, x0
+    mp = mo.data_ptr()
+    _ext._C.sampler_step_cpu(
+        mode, n, inner, nhwc_c, hw, x.data_ptr(), bs_x, mp + om, bs_m, mp + ou if g is not None
+        else 0, bs_u, mp + ov if lv else 0, bs_v, third.data_ptr() if third is not None else 0,
+        bs_z, gen.data_ptr() if gen is not None else 0, coef.data_ptr(), out.data_ptr(),
+        x0.data_ptr() if x0 is not None else 0, dt_x, dt_m, pred, clip_range is not None,
+        clip_range if clip_range is not None else 0.0, recompute, g is not None,
+        g if g is not None else 0.0,
+    )  # fmt: skip
+    return out, x0
 
 
 def sampler_step(
@@ -554,12 +625,19 @@ def sampler_step(
         if not generator_state.is_contiguous():
             generator_state = generator_state.contiguous()
     backend = _dispatch.resolve("sampler_step", x.device, _unsupported(x))
-    fn = _sampler_step_impl if _plain_eager(x, model_output, coef, noise) else _sampler_step_op
+    clip = None if clip_range is None else float(clip_range)
+    g = None if guidance_scale is None else float(guidance_scale)
+    pred = PREDICTION_TYPES[prediction_type]
+    plain = _plain_eager(x, model_output, coef, noise, generator_state)
+    if plain and backend == "cpu":
+        r = _fast_cpu(0, x, model_output, coef, noise, generator_state, pred, clip,
+                      bool(recompute_eps), g, bool(learned_variance), bool(return_x0))  # fmt: skip
+        if r is not None:
+            return r if return_x0 else r[0]
+    fn = _sampler_step_impl if plain else _sampler_step_op
     x_prev, x0 = fn(
-        x, model_output, coef, noise, generator_state, backend, PREDICTION_TYPES[prediction_type],
-        None if clip_range is None else float(clip_range), bool(recompute_eps),
-        None if guidance_scale is None else float(guidance_scale), bool(learned_variance),
-        bool(return_x0),
+        x, model_output, coef, noise, generator_state, backend, pred, clip, bool(recompute_eps),
+        g, bool(learned_variance), bool(return_x0),
     )  # fmt: skip
     return (x_prev, x0) if return_x0 else x_prev
 
@@ -596,9 +674,13 @@ def dpm_solver_2m_step(
                 f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
             )
     backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x))
-    fn = _dpm_2m_impl if _plain_eager(x, model_output, coef, x0_prev) else _dpm_2m_op
-    return fn(
-        x, model_output, coef, x0_prev, backend, PREDICTION_TYPES[prediction_type],
-        None if clip_range is None else float(clip_range),
-        None if guidance_scale is None else float(guidance_scale),
-    )  # fmt: skip
+    clip = None if clip_range is None else float(clip_range)
+    g = None if guidance_scale is None else float(guidance_scale)
+    pred = PREDICTION_TYPES[prediction_type]
+    plain = _plain_eager(x, model_output, coef, x0_prev)
+    if plain and backend == "cpu":
+        r = _fast_cpu(1, x, model_output, coef, x0_prev, None, pred, clip, False, g, False, True)
+        if r is not None:
+            return r
+    fn = _dpm_2m_impl if plain else _dpm_2m_op
+    return fn(x, model_output, coef, x0_prev, backend, pred, clip, g)
