@@ -4,6 +4,9 @@
 #pragma GCC optimize("no-trapping-math")
 #include <algorithm>
 #include <cstring>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "fastdiff/philox.h"
 #include "fastdiff/sampler_math.h"
@@ -13,22 +16,155 @@ namespace {
 
 constexpr int64_t kTile = 512;
 
-// Philox + Box-Muller is the compute-heavy part: an AVX2 clone (8 lanes, picked at load time via
-// ifunc) besides the baseline SSE2 one. No FMA in the clone, so results equal the baseline's.
+// Planar normals: (p0, p1, p2, p3)[k] = tl.randn4x of counter (hi[k]:lo[k]); baseline (SSE2)
+// vectorised loop, 32-bit lanes only.
+void fill_normals4_base(float* __restrict p0, float* __restrict p1, float* __restrict p2,
+                        float* __restrict p3, const uint32_t* __restrict lo,
+                        const uint32_t* __restrict hi, int64_t len, uint32_t key0, uint32_t key1) {
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k)
+    philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
+}
+
+// ---- AVX2 Philox + Box-Muller, 8 counters per step: the exact operation sequence of
+// philox_randn4 (philox.h; separate mul/add, no FMA), so the results equal the scalar ones bit
+// for bit. GCC's auto-vectorisation of the 32x32->64 products shuffles too much (~15 ns/counter).
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FD_CPU_CLONES
+#define FD_HAVE_AVX2_PHILOX 1
+#define FD_AVX2 __attribute__((target("avx2"), always_inline)) inline
+
+// (hi, lo) 32-bit halves of the 64-bit products a * b per 32-bit lane (b a broadcast constant).
+FD_AVX2 void mul_hi_lo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, b);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), b);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+FD_AVX2 __m256 uniform8(__m256i u) {  // philox_uniform
+  const __m256i i = _mm256_xor_si256(u, _mm256_srai_epi32(u, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(4.6566127342e-10f));
+}
+
+#define FD_PS(v) _mm256_set1_ps(v)
+FD_AVX2 __m256 logf8(__m256 x) {  // fd_logf
+  const __m256i ix = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(ix, 23), _mm256_set1_epi32(0xff)),
+                               _mm256_set1_epi32(126));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(ix, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  const __m256 small = _mm256_cmp_ps(m, FD_PS(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // mask is -1 where small
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), FD_PS(1.0f));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = FD_PS(7.0376836292e-2f);
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(1.1514610310e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(1.1676998740e-1f));
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(1.2420140846e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(1.4249322787e-1f));
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(1.6668057665e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(2.0000714765e-1f));
+  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(2.4999993993e-1f));
+  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  const __m256 fe = _mm256_cvtepi32_ps(e);
+  y = _mm256_add_ps(y, _mm256_mul_ps(FD_PS(-2.12194440e-4f), fe));
+  y = _mm256_add_ps(y, _mm256_mul_ps(FD_PS(-0.5f), z));
+  __m256 r = _mm256_add_ps(m, y);
+  return _mm256_add_ps(r, _mm256_mul_ps(FD_PS(0.693359375f), fe));
+}
+
+FD_AVX2 __m256 sqrtf8(__m256 x) {  // fd_sqrtf (host)
+  __m256 y = _mm256_castsi256_ps(_mm256_sub_epi32(
+      _mm256_set1_epi32(0x5f375a86), _mm256_srli_epi32(_mm256_castps_si256(x), 1)));
+  const __m256 h = _mm256_mul_ps(FD_PS(0.5f), x);
+  for (int k = 0; k < 3; ++k)
+    y = _mm256_mul_ps(y, _mm256_sub_ps(FD_PS(1.5f), _mm256_mul_ps(_mm256_mul_ps(h, y), y)));
+  return _mm256_mul_ps(x, y);
+}
+
+FD_AVX2 void sincos8(__m256 t, __m256& sn, __m256& cs) {  // fd_sincos_small
+  const __m256i q = _mm256_cvttps_epi32(
+      _mm256_add_ps(_mm256_mul_ps(t, FD_PS(0.636619772367581343f)), FD_PS(0.5f)));
+  const __m256 fq = _mm256_cvtepi32_ps(q);
+  const __m256 r = _mm256_sub_ps(
+      _mm256_sub_ps(_mm256_sub_ps(t, _mm256_mul_ps(fq, FD_PS(1.5703125f))),
+                    _mm256_mul_ps(fq, FD_PS(4.837512969970703125e-4f))),
+      _mm256_mul_ps(fq, FD_PS(7.54978995489188216e-8f)));
+  const __m256 z = _mm256_mul_ps(r, r);
+  const __m256 ps = _mm256_sub_ps(
+      _mm256_mul_ps(_mm256_add_ps(_mm256_mul_ps(FD_PS(-1.9515295891e-4f), z), FD_PS(8.3321608736e-3f)),
+                    z),
+      FD_PS(1.6666654611e-1f));
+  const __m256 s = _mm256_add_ps(r, _mm256_mul_ps(_mm256_mul_ps(r, z), ps));
+  const __m256 pc = _mm256_add_ps(
+      _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(FD_PS(2.443315711809948e-5f), z),
+                                  FD_PS(1.388731625493765e-3f)),
+                    z),
+      FD_PS(4.166664568298827e-2f));
+  const __m256 c = _mm256_add_ps(_mm256_sub_ps(FD_PS(1.0f), _mm256_mul_ps(FD_PS(0.5f), z)),
+                                 _mm256_mul_ps(_mm256_mul_ps(z, z), pc));
+  const __m256i one = _mm256_set1_epi32(1);
+  const __m256 odd = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_and_si256(q, one)));
+  const __m256 cneg = _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_and_si256(_mm256_srli_epi32(_mm256_add_epi32(q, one), 1), one), 31));
+  const __m256 sneg = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(q, 1), one), 31));
+  cs = _mm256_xor_ps(_mm256_blendv_ps(c, s, odd), cneg);
+  sn = _mm256_xor_ps(_mm256_blendv_ps(s, c, odd), sneg);
+}
+#undef FD_PS
+
+FD_AVX2 void box_muller8(__m256i ua, __m256i ub, __m256& n0, __m256& n1) {
+  const __m256i b = _mm256_max_epi32(_mm256_castps_si256(uniform8(ua)), _mm256_set1_epi32(0x33d6bf95));
+  const __m256 r = sqrtf8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), logf8(_mm256_castsi256_ps(b))));
+  __m256 sn, cs;
+  sincos8(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), uniform8(ub)), sn, cs);
+  n0 = _mm256_mul_ps(r, cs);
+  n1 = _mm256_mul_ps(r, sn);
+}
+
+__attribute__((target("avx2"))) void fill_normals4_avx2(
+    float* __restrict p0, float* __restrict p1, float* __restrict p2, float* __restrict p3,
+    const uint32_t* __restrict lo, const uint32_t* __restrict hi, int64_t len, uint32_t key0,
+    uint32_t key1) {
+  const __m256i ra = _mm256_set1_epi32((int)0xD2511F53u), rb = _mm256_set1_epi32((int)0xCD9E8D57u);
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+    __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + k));
+    __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + k));
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    uint32_t k0 = key0, k1 = key1;
+    for (int r = 0; r < 10; ++r) {
+      __m256i hb, lb, ha, la;
+      mul_hi_lo8(c2, rb, hb, lb);
+      mul_hi_lo8(c0, ra, ha, la);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1), _mm256_set1_epi32((int)k0));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3), _mm256_set1_epi32((int)k1));
+      c1 = lb;
+      c3 = la;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    __m256 n0, n1, n2, n3;
+    box_muller8(c0, c1, n0, n1);
+    box_muller8(c2, c3, n2, n3);
+    _mm256_storeu_ps(p0 + k, n0);
+    _mm256_storeu_ps(p1 + k, n1);
+    _mm256_storeu_ps(p2 + k, n2);
+    _mm256_storeu_ps(p3 + k, n3);
+  }
+  for (; k < len; ++k) philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
+}
 #endif
 
-// Planar normals: (p0, p1, p2, p3)[k] = tl.randn4x of counter (hi[k]:lo[k]); 32-bit lanes only,
-// so the loop vectorises fully.
-FD_CPU_CLONES void fill_normals4(float* __restrict p0, float* __restrict p1,
-                                 float* __restrict p2, float* __restrict p3,
-                                 const uint32_t* __restrict lo, const uint32_t* __restrict hi,
-                                 int64_t len, uint32_t key0, uint32_t key1) {
-#pragma omp simd
-  for (int64_t k = 0; k < len; ++k) philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
+void fill_normals4(float* p0, float* p1, float* p2, float* p3, const uint32_t* lo,
+                   const uint32_t* hi, int64_t len, uint32_t key0, uint32_t key1) {
+#ifdef FD_HAVE_AVX2_PHILOX
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return fill_normals4_avx2(p0, p1, p2, p3, lo, hi, len, key0, key1);
+#endif
+  fill_normals4_base(p0, p1, p2, p3, lo, hi, len, key0, key1);
 }
 
 constexpr int64_t kGroups = kTile / 4 + 4;  // counters per tile (+ partial groups at both ends)
