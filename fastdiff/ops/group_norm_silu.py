@@ -269,11 +269,13 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
         return out
     if backend == "triton":
         # The Triton kernels read weight/bias/add/scale/shift in their own dtype (converted to
-        # fp32 in registers, exactly as .to(float32) would): no cast kernels per call.
-        cast = _triton_operand(x)
+        # fp32 in registers, exactly as .to(float32) would) and take the [N x C] operands' row
+        # stride: no cast or copy kernels per call.
+        bf16 = x.is_cuda  # the interpreter (CPU tensors) has no bf16
         _triton_forward()(
-            x, out, num_groups, cast(weight), cast(bias), eps, cast(add), cast(scale),
-            cast(shift), silu, nhwc=not x.is_contiguous(),
+            x, out, num_groups, _triton_operand(weight, bf16), _triton_operand(bias, bf16), eps,
+            _triton_rows(add, bf16), _triton_rows(scale, bf16), _triton_rows(shift, bf16), silu,
+            nhwc=not x.is_contiguous(),
         )  # fmt: skip
         return out
     if backend == "torch":
@@ -292,26 +294,30 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
     return out
 
 
-def _f32_or_bf16(t: Tensor | None) -> Tensor | None:
+_TRITON_READS = (torch.float32, torch.float16)
+_TRITON_READS_GPU = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_operand(t: Tensor | None, bf16: bool) -> Tensor | None:
+    """A [C] operand as the Triton kernels read it: contiguous, in a dtype they load (fp32/fp16,
+    bf16 on a GPU), else cast to fp32."""
     if t is None:
         return None
-    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return t.contiguous()
-    return t.to(torch.float32).contiguous()
+    if t.dtype not in (_TRITON_READS_GPU if bf16 else _TRITON_READS):
+        t = t.to(torch.float32)
+    return t.contiguous()
 
 
-def _f32_or_f16(t: Tensor | None) -> Tensor | None:
+def _triton_rows(t: Tensor | None, bf16: bool) -> Tensor | None:
+    """An [N x C] operand as the Triton kernels read it: unit channel stride (any row stride),
+    in a dtype they load, else cast to fp32."""
     if t is None:
         return None
-    if t.dtype in (torch.float32, torch.float16):
-        return t.contiguous()
-    return t.to(torch.float32).contiguous()
-
-
-def _triton_operand(x: Tensor):
-    """How optional operands are passed to Triton: as they are when the kernels can read their
-    dtype (bf16 only on a GPU: the interpreter has no bf16), else as fp32."""
-    return _f32_or_bf16 if x.is_cuda else _f32_or_f16
+    if t.dtype not in (_TRITON_READS_GPU if bf16 else _TRITON_READS):
+        t = t.to(torch.float32)
+    if t.stride(1) != 1 and t.shape[1] > 1:
+        t = t.contiguous()
+    return t
 
 
 @functools.cache

@@ -40,15 +40,18 @@ def _gn_fused_kernel(
     Y,  # (N, C, HW) output, same strides as X
     W,  # (C,) weight, fp32/fp16/bf16, read as fp32 (unused when not HAS_W)
     B,  # (C,) bias
-    ADD,  # (N, C) contiguous, added to x before the statistics
-    SCALE,  # (N, C) contiguous; output * (1 + scale)
-    SHIFT,  # (N, C) contiguous; output + shift
+    ADD,  # (N, C) row stride stride_add, unit channel stride; added to x before the statistics
+    SCALE,  # (N, C) row stride stride_scale; output * (1 + scale)
+    SHIFT,  # (N, C) row stride stride_shift; output + shift
     C,  # channels
     HW,  # spatial size (product of spatial dims)
     G,  # groups
     CPG,  # channels per group
     stride_c,  # element stride between channels (HW for NCHW, 1 for NHWC)
     stride_s,  # element stride between spatial positions (1 for NCHW, C for NHWC)
+    stride_add,  # element stride between rows (samples) of ADD
+    stride_scale,  # element stride between rows of SCALE
+    stride_shift,  # element stride between rows of SHIFT
     cnt,  # float(CPG * HW): elements per group
     eps,  # added to the variance
     HAS_W: tl.constexpr,
@@ -72,11 +75,11 @@ def _gn_fused_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_C x BLOCK_S]
     add = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_ADD:
-        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        add = tl.load(ADD + n * stride_add + c, mask=c_ok, other=0.0).to(tl.float32)
     # Shift k = u at the slab's first element: mean = k + mean(u - k) is exact for a constant group.
     k = tl.load(X + n * C * HW + g * CPG * stride_c).to(tl.float32)
     if HAS_ADD:
-        k = k + tl.load(ADD + n * C + g * CPG).to(tl.float32)
+        k = k + tl.load(ADD + n * stride_add + g * CPG).to(tl.float32)
     u = tl.where(mask, x + add[:, None] - k, 0.0)
     mean = k + tl.sum(tl.sum(u, axis=1), axis=0) / cnt
     u = tl.where(mask, x + add[:, None], 0.0)
@@ -92,11 +95,11 @@ def _gn_fused_kernel(
     b = (add - mean) * ws + bb
     a = ws
     if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        s1 = 1.0 + tl.load(SCALE + n * stride_scale + c, mask=c_ok, other=0.0).to(tl.float32)
         a = a * s1
         b = b * s1
     if HAS_SHIFT:
-        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        b = b + tl.load(SHIFT + n * stride_shift + c, mask=c_ok, other=0.0).to(tl.float32)
     v = x * a[:, None] + b[:, None]
     if SILU:
         v = _silu_f32(v)
@@ -151,15 +154,18 @@ def _gn_finalize_kernel(
     Bo,  # (N, C) fp32 out
     W,  # (C,) weight, fp32/fp16/bf16, read as fp32
     B,  # (C,) bias
-    ADD,  # (N, C) contiguous
-    SCALE,  # (N, C) contiguous
-    SHIFT,  # (N, C) contiguous
+    ADD,  # (N, C) row stride stride_add, unit channel stride
+    SCALE,  # (N, C) row stride stride_scale
+    SHIFT,  # (N, C) row stride stride_shift
     C,  # channels
     HW,  # spatial size
     G,  # groups
     CPG,  # channels per group
     SPLIT,  # partials per channel
     stride_c,  # element stride between channels of X
+    stride_add,  # element stride between rows (samples) of ADD
+    stride_scale,  # element stride between rows of SCALE
+    stride_shift,  # element stride between rows of SHIFT
     m,  # float(HW): elements per channel
     eps,  # added to the variance
     HAS_W: tl.constexpr,
@@ -185,7 +191,7 @@ def _gn_finalize_kernel(
     dm = s1 / m
     add = tl.zeros([BLOCK_C], dtype=tl.float32)
     if HAS_ADD:
-        add = tl.load(ADD + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        add = tl.load(ADD + n * stride_add + c, mask=c_ok, other=0.0).to(tl.float32)
     mean_c = k + dm + add  # channel means of u = x + add
     m2_c = tl.maximum(s2 - s1 * dm, 0.0)
     # group mean relative to the first channel's: exact when all channel means agree
@@ -204,11 +210,11 @@ def _gn_finalize_kernel(
     b = (add - mean) * ws + bb
     a = ws
     if HAS_SCALE:
-        sc = 1.0 + tl.load(SCALE + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        sc = 1.0 + tl.load(SCALE + n * stride_scale + c, mask=c_ok, other=0.0).to(tl.float32)
         a = a * sc
         b = b * sc
     if HAS_SHIFT:
-        b = b + tl.load(SHIFT + n * C + c, mask=c_ok, other=0.0).to(tl.float32)
+        b = b + tl.load(SHIFT + n * stride_shift + c, mask=c_ok, other=0.0).to(tl.float32)
     tl.store(A + n * C + c, a, mask=c_ok)
     tl.store(Bo + n * C + c, b, mask=c_ok)
 
@@ -318,7 +324,8 @@ def group_norm_silu_forward(
     nhwc: bool | None = None,
 ) -> None:
     """Launch the plan for ``x`` [N x C x *spatial] (contiguous or channels-last) into ``out``
-    (same strides). ``weight``/``bias`` [C] and ``add``/``scale``/``shift`` [N x C]: contiguous,
+    (same strides). ``weight``/``bias`` [C] contiguous and ``add``/``scale``/``shift`` [N x C]
+    with unit channel stride (any row stride, e.g. ``chunk`` views of an [N x 2C] projection):
     fp32, fp16 or bf16 (read as fp32 in the kernels), or None. ``nhwc``: whether ``x`` is
     channels-last (computed from ``x`` when None).
 
@@ -341,11 +348,16 @@ def group_norm_silu_forward(
     add_ = add if has_add else x
     sc_ = scale if has_sc else x
     sh_ = shift if has_sh else x
+    rows = (
+        add.stride(0) if has_add else 0,
+        scale.stride(0) if has_sc else 0,
+        shift.stride(0) if has_sh else 0,
+    )
     if plan["kind"] == "fused":
         cpg = c // g
         _gn_fused_kernel[plan["grid"]](
-            x, out, w_, b_, add_, sc_, sh_, c, hw, g, cpg, stride_c, stride_s, float(cpg * hw),
-            float(eps),
+            x, out, w_, b_, add_, sc_, sh_, c, hw, g, cpg, stride_c, stride_s, *rows,
+            float(cpg * hw), float(eps),
             HAS_W=has_w, HAS_B=has_b, HAS_ADD=has_add, HAS_SCALE=has_sc, HAS_SHIFT=has_sh,
             SILU=silu, BLOCK_C=plan["BLOCK_C"], BLOCK_S=plan["BLOCK_S"],
             num_warps=plan["num_warps"],
@@ -363,8 +375,8 @@ def group_norm_silu_forward(
     )  # fmt: skip
     cpg = c // g
     _gn_finalize_kernel[plan["grid_finalize"]](
-        x, s1, s2, a, b, w_, b_, add_, sc_, sh_, c, hw, g, cpg, split, stride_c, float(hw),
-        float(eps),
+        x, s1, s2, a, b, w_, b_, add_, sc_, sh_, c, hw, g, cpg, split, stride_c, *rows,
+        float(hw), float(eps),
         HAS_W=has_w, HAS_B=has_b, HAS_ADD=has_add, HAS_SCALE=has_sc, HAS_SHIFT=has_sh,
         BLOCK_C=_p2(cpg), BLOCK_P=plan["BLOCK_P"], num_warps=4,
     )  # fmt: skip
