@@ -238,8 +238,11 @@ void run(const StepArgs& A) {
   const int64_t tiles = (M + kTile - 1) / kTile;
   const int64_t total = A.n * tiles;
   const bool philox = A.gen != 0 && A.opt.mode == 0;
-  // Fork threads only when the work pays for it (Philox costs ~8x a plain element).
-  const bool parallel = total > 1 && A.n * M * (philox ? 8 : 1) >= (int64_t(1) << 16);
+  // Fork threads only when the work pays for it: ~0.5 ms of single-thread work or more (Philox
+  // noise costs ~5x a plain element). Below that, waking a descheduled worker on a busy machine
+  // costs more than it saves (measured: a 65k-element step went from ~0.1 ms to ~8 ms with 2
+  // threads on a shared 2-core machine; notes/sampler_perf.md).
+  const bool parallel = total > 1 && A.n * M * (philox ? 5 : 1) >= (int64_t(1) << 20);
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t t = 0; t < total; ++t) {
     const int64_t n = t / tiles;
