@@ -155,10 +155,9 @@ def _triton_importable() -> tuple[bool, str]:
     return True, ""
 
 
-@functools.cache
 def _available(name: str, dev_type: str, interpret: bool) -> tuple[bool, str]:
-    """Memo of :func:`backend_available`: everything it reads is fixed for the process except
-    ``TRITON_INTERPRET``, which is part of the key."""
+    """What :func:`backend_available` memoises: everything it reads is fixed for the process
+    except ``TRITON_INTERPRET``, which is part of the key."""
     if name in ("torch", "sdpa"):
         return True, ""
     if name == "cpu":
@@ -186,10 +185,19 @@ def _available(name: str, dev_type: str, interpret: bool) -> tuple[bool, str]:
     return False, f"triton cannot run on {dev_type} tensors"
 
 
+# (backend, device type, interpret) -> (ok, why). A plain dict, not lru_cache: dynamo traces it
+# without warnings when an op resolves inside torch.compile.
+_AVAILABLE: dict[tuple[str, str, bool], tuple[bool, str]] = {}
+
+
 def _available_on(name: str, dev_type: str) -> tuple[bool, str]:
     # Only triton on CPU tensors depends on the environment.
     interpret = name == "triton" and dev_type == "cpu" and _getenv("TRITON_INTERPRET") == "1"
-    return _available(name, dev_type, interpret)
+    key = (name, dev_type, interpret)
+    hit = _AVAILABLE.get(key)
+    if hit is None:
+        hit = _AVAILABLE[key] = _available(name, dev_type, interpret)
+    return hit
 
 
 def backend_available(name: str, device: torch.device | str) -> tuple[bool, str]:

@@ -20,7 +20,6 @@ for them raises ``RuntimeError``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -96,11 +95,19 @@ def _unsupported(q: torch.Tensor) -> dict[str, str]:
     shape = q.shape
     cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
     lq = shape[-2]
-    return _unsupported_memo(shape[-1], lq if lq > _MAX_LQ_FUSED else 0, cpu_bf16)
+    key = (shape[-1], lq if lq > _MAX_LQ_FUSED else 0, cpu_bf16)
+    hit = _UNSUPPORTED.get(key)
+    if hit is None:
+        hit = _UNSUPPORTED[key] = _unsupported_table(*key)
+    return hit
 
 
-@functools.lru_cache(maxsize=256)
-def _unsupported_memo(D: int, long_lq: int, cpu_bf16: bool) -> dict[str, str]:
+# (D, Lq if over the limit else 0, cpu bf16) -> table. A plain dict, not lru_cache: dynamo traces
+# it without warnings under torch.compile.
+_UNSUPPORTED: dict[tuple[int, int, bool], dict[str, str]] = {}
+
+
+def _unsupported_table(D: int, long_lq: int, cpu_bf16: bool) -> dict[str, str]:
     """``long_lq``: Lq when it exceeds the fused kernels' limit, else 0."""
     out: dict[str, str] = {}
     if D not in SUPPORTED_HEAD_DIMS:
