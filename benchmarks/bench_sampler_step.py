@@ -1,4 +1,13 @@
-"""Fused DDIM step (eta=1, clip, in-kernel Philox noise) vs the eager diffusers-style step."""
+"""Fused DDIM step vs the eager diffusers-style step (CPU fp32 target: >= 4x eager).
+
+Groups (variant "eager" is the baseline of each):
+* ``sampler_step ddim-eta1 <shape> fp32``: eta=1 with clipping; eager draws ``torch.randn``, the
+  fused step draws in-kernel Philox noise (4 normals per counter); "fused-randn" is the fused step
+  reading a ``torch.randn`` tensor; "fused-triton" on GPU.
+* ``sampler_step ddim-eta0 <shape> fp32``: the deterministic step (no RNG): the fusion win alone.
+
+Shapes: (16, 3, 64, 64) and (4, 4, 64, 64) everywhere, plus (16, 3, 256, 256) on GPU.
+"""
 
 import math
 
@@ -57,7 +66,7 @@ def test_ddim_step(benchmark, device, shape, variant):
     if variant not in backends:
         pytest.skip(f"{variant} not available on {device}")
     numel = math.prod(shape)
-    group = f"sampler_step {tuple(shape)} fp32"
+    group = f"sampler_step ddim-eta1 {tuple(shape)} fp32"
     nbytes = 3 * numel * 4  # read x, read eps, write x_prev
 
     if variant == "eager":
@@ -99,20 +108,29 @@ def eager_ddim_eta0(x, eps, alphas_cumprod, t, t_prev):
     return alpha_prod_t_prev**0.5 * pred_x0 + pred_dir
 
 
-@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", ["eager", "fused"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton"])
 def test_ddim_step_eta0(benchmark, device, shape, variant):
+    if shape not in _shapes(device):
+        pytest.skip("GPU-only shape")
+    backends = dict(_variants(device))
+    if variant not in backends:
+        pytest.skip(f"{variant} not available on {device}")
     numel = math.prod(shape)
     ac = torch.tensor([AB, AB_PREV], device=device)
     coef = torch.tensor([math.sqrt(AB), math.sqrt(1 - AB), math.sqrt(AB_PREV),
                          math.sqrt(1 - AB_PREV), 0, 0, 0, 0], device=device)  # fmt: skip
+    backend = backends[variant]
 
     def make():
         return torch.randn(shape, device=device), torch.randn(shape, device=device)
 
-    if variant == "eager":
-        fn = lambda x, e: eager_ddim_eta0(x, e, ac, 0, 1)  # noqa: E731
-    else:
-        fn = lambda x, e: sampler_step(x, e, coef, clip_range=1.0)  # noqa: E731
-    bench(benchmark, fn, make, group=f"sampler_step eta0 {tuple(shape)} fp32", variant=variant,
-          bytes=3 * numel * 4, device=device)  # fmt: skip
+    def fused(x, e):
+        if backend is None:
+            return sampler_step(x, e, coef, clip_range=1.0)
+        with fastdiff.use_backend(backend, "sampler_step"):
+            return sampler_step(x, e, coef, clip_range=1.0)
+
+    fn = (lambda x, e: eager_ddim_eta0(x, e, ac, 0, 1)) if variant == "eager" else fused
+    bench(benchmark, fn, make, group=f"sampler_step ddim-eta0 {tuple(shape)} fp32",
+          variant=variant, bytes=3 * numel * 4, device=device)  # fmt: skip

@@ -212,12 +212,65 @@ inline void store_tile<float>(float* p, int64_t len, const float* src) {
   std::memcpy(p, src, (size_t)len * sizeof(float));
 }
 
+// The elementwise math of one tile (fp32 buffers). PRED is a template argument so each loop is
+// straight-line; the runtime options are loop invariant (GCC unswitches them) and copied to
+// locals so no store to ob/x0b can alias them.
+template <int PRED>
+inline __attribute__((always_inline)) void tile_math_t(
+    const StepOptions& opt, const float* cf, int64_t len, const float* __restrict xb,
+    const float* __restrict mb, const float* __restrict up, const float* __restrict sp,
+    const float* __restrict zp, float* __restrict ob, float* __restrict x0b) {
+  const int mode = opt.mode, cfg = opt.cfg, clip = opt.clip, recompute = opt.recompute;
+  const int lv = opt.learned_var, has_z = opt.has_z;
+  const float g = opt.g, clip_r = opt.clip_r;
+  const float a = cf[0], s = cf[1], k2 = cf[2], k3 = cf[3], k4 = cf[4], k5 = cf[5];
+  if (mode == 0) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      // unconditional loads (every pointer is valid) keep the loop free of control flow
+      const float uv = up[j], sv = sp[j], zv = zp[j];
+      const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+      float x0, eps;
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, recompute, true, x0, eps);
+      const float sigma = lv ? sv : k5;
+      ob[j] = sampler_update(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
+      x0b[j] = x0;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float uv = up[j], zv = zp[j];
+      const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+      float x0, eps;
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
+      ob[j] = dpm2m_update(k2, k3, k4, xb[j], x0, has_z, zv);
+      x0b[j] = x0;
+    }
+  }
+}
+
+// AVX2 clone besides the baseline one (no FMA in either, so both round identically).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void tile_math(int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
+               const float* mb, const float* up, const float* sp, const float* zp, float* ob,
+               float* x0b) {
+  switch (pred) {
+    case kEpsilon: return tile_math_t<kEpsilon>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+    case kVPrediction:
+      return tile_math_t<kVPrediction>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+    default: return tile_math_t<kSample>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+  }
+}
+
 template <typename TX, typename TM, int PRED>
 void run(const StepArgs& A) {
   const StepOptions o = A.opt;
   const float* cp = reinterpret_cast<const float*>(A.coef);
-  const float a = cp[0], s = cp[1], k2 = cp[2], k3 = cp[3], k4 = cp[4], k5 = cp[5], k6 = cp[6],
-              k7 = cp[7];
+  float coefs[8];
+  for (int k = 0; k < 8; ++k) coefs[k] = cp[k];
+  const float k5 = coefs[5], k6 = coefs[6], k7 = coefs[7];
   uint32_t key0 = 0, key1 = 0;
   uint64_t offset = 0;
   if (A.gen) {
@@ -285,29 +338,7 @@ void run(const StepArgs& A) {
       }
       zp = zb;
     }
-    if (o.mode == 0) {
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        // unconditional loads (every pointer is valid) keep the loop free of control flow
-        const float uv = up[j], sv = sp[j], zv = zp[j];
-        const float m = o.cfg ? cfg_combine(mb[j], uv, o.g) : mb[j];
-        float x0, eps;
-        predict_x0_eps<PRED>(xb[j], m, a, s, o.clip, o.clip_r, o.recompute, true, x0, eps);
-        const float sigma = o.learned_var ? sv : k5;
-        ob[j] = sampler_update(k2, k3, k4, xb[j], x0, eps, o.has_z, sigma, zv);
-        x0b[j] = x0;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        const float uv = up[j], zv = zp[j];
-        const float m = o.cfg ? cfg_combine(mb[j], uv, o.g) : mb[j];
-        float x0, eps;
-        predict_x0_eps<PRED>(xb[j], m, a, s, o.clip, o.clip_r, 0, false, x0, eps);
-        ob[j] = dpm2m_update(k2, k3, k4, xb[j], x0, o.has_z, zv);
-        x0b[j] = x0;
-      }
-    }
+    tile_math(PRED, o, coefs, len, xb, mb, up, sp, zp, ob, x0b);
     store_tile(Out + n * M + i0, len, ob);
     if (X0) store_tile(X0 + n * M + i0, len, x0b);
   }

@@ -48,13 +48,10 @@ FD_HD void predict_x0_eps(float x, float m, float a, float s, int clip, float cl
     eps = 0.0f;
     if (need_eps) eps = (x - a * x0) / s;
   }
-  // selects rather than branches so that the CPU loops if-convert and vectorise
-  // (divisions computed unconditionally: GCC will not speculate a division under trapping math)
+  // a select rather than a branch so that the CPU loops if-convert and vectorise; the eps
+  // recomputation is under a loop-invariant condition (CPU loops are unswitched on it)
   x0 = clip ? nan_clamp(x0, -clip_r, clip_r) : x0;
-  if (need_eps) {
-    const float eps_clipped = (x - a * x0) / s;
-    eps = (clip && recompute) ? eps_clipped : eps;
-  }
+  if (need_eps && clip && recompute) eps = (x - a * x0) / s;
 }
 
 // Improved DDPM learned range (Nichol & Dhariwal 2021, eq. 15): sigma = c_noise * exp(log var / 2).
