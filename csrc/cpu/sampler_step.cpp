@@ -195,6 +195,19 @@ void normals_range(float* dst, uint64_t e0, int64_t len, uint64_t offset, uint32
   std::memcpy(dst, buf + r, (size_t)len * sizeof(float));
 }
 
+// fp32 operands are read in place; other dtypes are converted into the fp32 tile buffer.
+template <typename T>
+inline const float* tile_in(const T* p, int64_t len, float* buf) {
+  for (int64_t j = 0; j < len; ++j) buf[j] = HostIO<T>::load(p + j);
+  return buf;
+}
+inline const float* tile_in(const float* p, int64_t, float*) { return p; }
+template <typename T>
+inline float* tile_out(T*, float* buf) {
+  return buf;
+}
+inline float* tile_out(float* p, float*) { return p; }
+
 template <typename T>
 inline void load_tile(const T* p, int64_t len, float* dst) {
   for (int64_t j = 0; j < len; ++j) dst[j] = HostIO<T>::load(p + j);
@@ -302,23 +315,19 @@ void run(const StepArgs& A) {
     const int64_t i0 = (t - n * tiles) * kTile;
     const int64_t len = std::min(kTile, M - i0);
     alignas(64) float xb[kTile], mb[kTile], ub[kTile], vb[kTile], zb[kTile], ob[kTile], x0b[kTile];
-    load_tile(X + n * A.bs_x + i0, len, xb);
-    load_tile(Mc + n * A.bs_m + i0, len, mb);
-    const float* up = mb;
-    const float* sp = mb;
-    const float* zp = mb;
-    if (o.cfg) {
-      load_tile(Mu + n * A.bs_mu + i0, len, ub);
-      up = ub;
-    }
+    const float* xp = tile_in(X + n * A.bs_x + i0, len, xb);
+    const float* mp = tile_in(Mc + n * A.bs_m + i0, len, mb);
+    const float* up = mp;
+    const float* sp = mp;
+    const float* zp = mp;
+    if (o.cfg) up = tile_in(Mu + n * A.bs_mu + i0, len, ub);
     if (o.learned_var) {  // sigma per element (expf: its own loop so the main loop vectorises)
       load_tile(V + n * A.bs_v + i0, len, vb);
       for (int64_t j = 0; j < len; ++j) vb[j] = learned_sigma(k5, vb[j], k6, k7);
       sp = vb;
     }
     if (Z) {
-      load_tile(Z + n * A.bs_z + i0, len, zb);
-      zp = zb;
+      zp = tile_in(Z + n * A.bs_z + i0, len, zb);
     } else if (philox) {
       const uint64_t base = (uint64_t)(n * M);  // logical index of the sample's first element
       if (A.nhwc_c > 0) {
@@ -338,9 +347,12 @@ void run(const StepArgs& A) {
       }
       zp = zb;
     }
-    tile_math(PRED, o, coefs, len, xb, mb, up, sp, zp, ob, x0b);
-    store_tile(Out + n * M + i0, len, ob);
-    if (X0) store_tile(X0 + n * M + i0, len, x0b);
+    // fp32 outputs are written in place; other dtypes go through the fp32 tiles
+    float* op = tile_out(Out + n * M + i0, ob);
+    float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : x0b;
+    tile_math(PRED, o, coefs, len, xp, mp, up, sp, zp, op, x0p);
+    if (op == ob) store_tile(Out + n * M + i0, len, ob);
+    if (X0 && x0p == x0b) store_tile(X0 + n * M + i0, len, x0b);
   }
 }
 
