@@ -62,7 +62,7 @@ def _accuracy(model, clf, sampler: str, steps: int, n: int, guidance: float | No
 
 @needs_weights
 def test_class_conditional_ddim_50(model, clf):
-    assert _accuracy(model, clf, "ddim", 50, 40, None) >= 0.95
+    assert _accuracy(model, clf, "ddim", 50, 40, 2.0) >= 0.95
 
 
 @needs_weights
