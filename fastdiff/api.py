@@ -219,7 +219,9 @@ def sample(
             per-step scalars, timesteps and noise are copied into static device buffers before
             each replay. CUDA only.
         **sampler_options: passed to the sampler, e.g. ``prediction_type``,
-            ``timestep_spacing``, ``clip_sample``, ``variance_type``, ``thresholding``.
+            ``timestep_spacing``, ``clip_sample``, ``variance_type``, ``thresholding``. With
+            ``guidance_scale`` != 1 the DDIM sampler defaults to ``use_clipped_model_output=True``
+            (eps re-derived from the clipped x0); pass it explicitly to override.
 
     Returns:
         The samples in model space ``[N x ...]`` (see :func:`to_images`), and the trajectory
@@ -268,6 +270,16 @@ def sample(
             pt = _cfg_get(model, "prediction_type")
             if isinstance(pt, str):
                 opts["prediction_type"] = pt
+        if (
+            SAMPLERS[name] is SAMPLERS["ddim"]
+            and guidance_scale not in (None, 1, 1.0)
+            and "use_clipped_model_output" not in opts
+        ):
+            # Under guidance the combined eps drives x0 far outside the clip range; stepping with
+            # the clipped x0 but the unclipped eps then smears noise into the sample (measured on
+            # the digits model: 12.5% recognised at w=3 vs 100% with this). Re-derive eps from
+            # the clipped x0 unless the caller chose otherwise.
+            opts["use_clipped_model_output"] = True
         if name == "ddpm" and "variance_type" not in opts and _learned_variance(model):
             opts["variance_type"] = "learned_range"
         smp = make_sampler(name, sched, n_steps, **opts)

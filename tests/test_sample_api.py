@@ -191,14 +191,22 @@ def test_classifier_free_guidance_matches_manual_combine():
     w = 4.0
     out = fastdiff.sample(model, steps=6, noise=x_T, cond=labels, guidance_scale=w)
     assert [t.shape for t in model.seen_t] == [(4,)] * 6  # one batched call over [uncond, cond]
-    smp = DDIMSampler(NoiseSchedule("linear"), 6)
     null = torch.full((2,), 5)
-    x = x_T
-    for i, t in enumerate(smp.timesteps):
-        tt = t.expand(2)
-        e_u, e_c = model(x, tt, class_labels=null), model(x, tt, class_labels=labels)
-        x = smp.step(e_u + w * (e_c - e_u), i, x)
-    assert (out - x).abs().max().item() <= 1e-5
+
+    def manual(**opts):
+        smp = DDIMSampler(NoiseSchedule("linear"), 6, **opts)
+        x = x_T
+        for i, t in enumerate(smp.timesteps):
+            tt = t.expand(2)
+            e_u, e_c = model(x, tt, class_labels=null), model(x, tt, class_labels=labels)
+            x = smp.step(e_u + w * (e_c - e_u), i, x)
+        return x
+
+    # under guidance, DDIM re-derives eps from the clipped x0 by default
+    assert (out - manual(use_clipped_model_output=True)).abs().max().item() <= 1e-5
+    raw = fastdiff.sample(model, steps=6, noise=x_T, cond=labels, guidance_scale=w,
+                          use_clipped_model_output=False)  # fmt: skip
+    assert (raw - manual()).abs().max().item() <= 1e-5
     # guidance 1 is plain conditional sampling; an explicit uncond dict is accepted
     one = fastdiff.sample(model, steps=6, noise=x_T, cond={"class_labels": labels},
                           uncond={"class_labels": null}, guidance_scale=1.0)  # fmt: skip
