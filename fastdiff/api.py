@@ -248,7 +248,7 @@ def sample(
     elif isinstance(sampler, str):
         if sampler.lower() not in SAMPLERS:
             raise ValueError(
-                f"sampler: expected 'ddim', 'ddpm', 'dpm++' or a fastdiff sampler object, "
+                f"sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler' or a fastdiff sampler object, "
                 f"got {sampler!r}"
             )
         sched = _resolve_schedule(model, schedule)

@@ -1,4 +1,4 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M (each step is one fused op call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler (each step is one fused op call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -19,6 +19,7 @@ from fastdiff.samplers.base import Sampler, spaced_timesteps
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
+from fastdiff.samplers.euler import EulerSampler
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPPSampler",
+    "EulerSampler",
     "Sampler",
     "make_sampler",
     "spaced_timesteps",
@@ -38,11 +40,12 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm++": DPMSolverPPSampler,
     "dpmsolver++": DPMSolverPPSampler,
     "dpm-solver++": DPMSolverPPSampler,
+    "euler": EulerSampler,
 }
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
