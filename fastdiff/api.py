@@ -188,7 +188,7 @@ def sample(
             int64 tensor on the model's device, returning a tensor, an object with ``.sample``
             (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
-        sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, or a sampler object from
+        sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, ``"euler"``, or a sampler object from
             :mod:`fastdiff.samplers` (its own steps and schedule are used).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule`, else linear DDPM; a diffusers scheduler (or its
@@ -285,7 +285,7 @@ def sample(
         smp = make_sampler(name, sched, n_steps, **opts)
     else:
         raise TypeError(
-            f"sampler: expected a name ('ddim', 'ddpm', 'dpm++') or a fastdiff sampler object, "
+            f"sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler') or a fastdiff sampler object, "
             f"got {type(sampler).__name__}"
         )
 
