@@ -188,8 +188,8 @@ def sample(
             int64 tensor on the model's device, returning a tensor, an object with ``.sample``
             (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
-        sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, ``"euler"``, or a sampler object from
-            :mod:`fastdiff.samplers` (its own steps and schedule are used).
+        sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, ``"euler"``, or a sampler object
+            from :mod:`fastdiff.samplers` (its own steps and schedule are used).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule`, else linear DDPM; a diffusers scheduler (or its
             config) is converted with :meth:`NoiseSchedule.from_diffusers`.
@@ -285,8 +285,8 @@ def sample(
         smp = make_sampler(name, sched, n_steps, **opts)
     else:
         raise TypeError(
-            f"sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler') or a fastdiff sampler object, "
-            f"got {type(sampler).__name__}"
+            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler') or a fastdiff sampler "
+            f"object, got {type(sampler).__name__}"
         )
 
     # ---- device, dtype, batch, shape
