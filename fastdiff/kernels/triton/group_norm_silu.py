@@ -35,6 +35,34 @@ def _silu_f32(v):
 
 
 @triton.jit
+def _fold_affine(
+    mean, rstd,  # fp32 group statistics (scalars)
+    add,  # [BLOCK_C] fp32 per-channel add (zeros when absent)
+    W, B, SCALE, SHIFT,  # (C,) weight/bias, (N, C) scale/shift rows; unused when absent
+    n, c, c_ok,  # sample index, [BLOCK_C] channel indices and their mask
+    stride_scale, stride_shift,  # row strides of SCALE / SHIFT
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Fold mean, rstd, weight, bias, (1 + scale) and shift into y = a * x + b per channel."""
+    ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
+    if HAS_W:
+        ws = ws * tl.load(W + c, mask=c_ok, other=1.0).to(tl.float32)
+    bb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_B:
+        bb = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
+    b = (add - mean) * ws + bb
+    a = ws
+    if HAS_SCALE:
+        s1 = 1.0 + tl.load(SCALE + n * stride_scale + c, mask=c_ok, other=0.0).to(tl.float32)
+        a = a * s1
+        b = b * s1
+    if HAS_SHIFT:
+        b = b + tl.load(SHIFT + n * stride_shift + c, mask=c_ok, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def _gn_fused_kernel(
     X,  # (N, C, HW) input, strides (C*HW, stride_c, stride_s)
     Y,  # (N, C, HW) output, same strides as X
@@ -86,20 +114,9 @@ def _gn_fused_kernel(
     d = tl.where(mask, u - mean, 0.0)
     var = tl.sum(tl.sum(d * d, axis=1), axis=0) / cnt
     rstd = tl.where(var == 0.0, 0.0, 1.0 / tl.sqrt(var + eps))
-    ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    if HAS_W:
-        ws = ws * tl.load(W + c, mask=c_ok, other=1.0).to(tl.float32)
-    bb = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        bb = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
-    b = (add - mean) * ws + bb
-    a = ws
-    if HAS_SCALE:
-        s1 = 1.0 + tl.load(SCALE + n * stride_scale + c, mask=c_ok, other=0.0).to(tl.float32)
-        a = a * s1
-        b = b * s1
-    if HAS_SHIFT:
-        b = b + tl.load(SHIFT + n * stride_shift + c, mask=c_ok, other=0.0).to(tl.float32)
+    a, b = _fold_affine(mean, rstd, add, W, B, SCALE, SHIFT, n, c, c_ok,
+                        stride_scale, stride_shift, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+                        BLOCK_C)  # fmt: skip
     v = x * a[:, None] + b[:, None]
     if SILU:
         v = _silu_f32(v)
@@ -201,20 +218,9 @@ def _gn_finalize_kernel(
     m2 = tl.sum(tl.where(c_ok, m2_c, 0.0), axis=0) + m * tl.sum(dc * dc, axis=0)
     var = m2 / (m * CPG)
     rstd = tl.where(var == 0.0, 0.0, 1.0 / tl.sqrt(var + eps))
-    ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
-    if HAS_W:
-        ws = ws * tl.load(W + c, mask=c_ok, other=1.0).to(tl.float32)
-    bb = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_B:
-        bb = tl.load(B + c, mask=c_ok, other=0.0).to(tl.float32)
-    b = (add - mean) * ws + bb
-    a = ws
-    if HAS_SCALE:
-        sc = 1.0 + tl.load(SCALE + n * stride_scale + c, mask=c_ok, other=0.0).to(tl.float32)
-        a = a * sc
-        b = b * sc
-    if HAS_SHIFT:
-        b = b + tl.load(SHIFT + n * stride_shift + c, mask=c_ok, other=0.0).to(tl.float32)
+    a, b = _fold_affine(mean, rstd, add, W, B, SCALE, SHIFT, n, c, c_ok,
+                        stride_scale, stride_shift, HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT,
+                        BLOCK_C)  # fmt: skip
     tl.store(A + n * C + c, a, mask=c_ok)
     tl.store(Bo + n * C + c, b, mask=c_ok)
 
