@@ -15,6 +15,7 @@ namespace fastdiff {
 namespace {
 
 constexpr int64_t kTile = 512;
+constexpr int64_t kGrain = int64_t(1) << 15;  // work units per parallel region (see run())
 
 // Planar normals: (p0, p1, p2, p3)[k] = tl.randn4x of counter (hi[k]:lo[k]); baseline (SSE2)
 // vectorised loop, 32-bit lanes only.
@@ -304,11 +305,11 @@ void run(const StepArgs& A) {
   const int64_t tiles = (M + kTile - 1) / kTile;
   const int64_t total = A.n * tiles;
   const bool philox = A.gen != 0 && A.opt.mode == 0;
-  // Fork threads only when the work pays for it: ~0.5 ms of single-thread work or more (Philox
-  // noise costs ~5x a plain element). Below that, waking a descheduled worker on a busy machine
-  // costs more than it saves (measured: a 65k-element step went from ~0.1 ms to ~8 ms with 2
-  // threads on a shared 2-core machine; notes/sampler_perf.md).
-  const bool parallel = total > 1 && A.n * M * (philox ? 5 : 1) >= (int64_t(1) << 20);
+  // Fork threads from ~32k element-units of work, torch's own grain (at::internal::GRAIN_SIZE;
+  // a Philox element counts 5 units): the eager steps this replaces fork at the same size. On an
+  // oversubscribed machine a parallel region can cost a scheduler tick; there,
+  // OMP_NUM_THREADS=1 turns threading off.
+  const bool parallel = total > 1 && A.n * M * (philox ? 5 : 1) >= kGrain;
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
   for (int64_t t = 0; t < total; ++t) {
     const int64_t n = t / tiles;
