@@ -354,6 +354,24 @@ void attention_forward_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, 
   check_arg(sq[3] == 1 && sk[3] == 1 && sv[3] == 1, "attention: head dim must have unit stride");
   check_arg(B * H <= 2147483647LL, "attention: B*H exceeds the grid's x limit");
   const DType dt = to_dtype(dtype);
+  // What the kernels assume about addresses (a violation would be a sticky CUDA
+  // 'misaligned address' error that ruins the context, so refuse it here). Strides of size-1 dims
+  // are never used. mma kernel: K/V rows are read as 16-byte vectors, Q and O as 4-byte pairs.
+  auto aligned = [&](uintptr_t p, const int64_t* s, int64_t L, int64_t bytes) {
+    const int64_t es = dt == DType::Float32 ? 4 : 2;
+    const auto ok = [&](int64_t n, int64_t st) { return n == 1 || (st * es) % bytes == 0; };
+    return p % bytes == 0 && ok(B, s[0]) && ok(H, s[1]) && ok(L, s[2]);
+  };
+  if (dt == DType::Float16 || dt == DType::BFloat16) {
+    check_arg(aligned(k, sk, Lk, 16) && aligned(v, sv, Lk, 16),
+              "attention: fp16/bf16 k and v need 16-byte aligned base addresses and row/head/"
+              "batch strides (multiples of 8 elements)");
+    check_arg(aligned(q, sq, Lq, 4) && o % 4 == 0,
+              "attention: fp16/bf16 q and o need 4-byte aligned addresses and even strides");
+  } else {
+    check_arg(q % 4 == 0 && k % 4 == 0 && v % 4 == 0 && o % 4 == 0,
+              "attention: fp32 q, k, v, o need 4-byte aligned addresses");
+  }
   const Args a{q, k, v, o, B, H, Lq, Lk, sq, sk, sv, scale * attn::kLog2e, as_stream(stream)};
   switch (D) {
     case 32: return launch_dtype<32>(a, dt);
