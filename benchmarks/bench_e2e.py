@@ -5,7 +5,8 @@ Groups ("e2e <model> b<batch> <dtype>") and variants, ratios always within one g
 * fastdiff UNet (``ddpm-cifar10`` b1/b16 and ``adm-256`` b1, fp16, GPU; ``digits`` fp32 CPU):
     - ``eager``: plain PyTorch, what a user has without fastdiff: the same weights in a twin
       UNet whose norms are ``F.group_norm`` + ``F.silu`` and whose attention is
-      ``F.scaled_dot_product_attention``, in fastdiff's DDIM loop with the ``torch`` backend;
+      ``F.scaled_dot_product_attention``, whose upsampling is ``F.interpolate`` + conv, in
+      fastdiff's DDIM loop with the ``torch`` backend;
     - ``compile-max-autotune-no-cudagraphs`` / ``compile-max-autotune``: that twin under
       ``torch.compile`` (only with ``FASTDIFF_BENCH_E2E_COMPILE=1``: ~4 min of autotuning each);
     - ``fused``: ``fastdiff.sample`` on the fused UNet; ``fused-graph``: with ``cuda_graph=True``;
@@ -33,7 +34,7 @@ from torch import nn
 
 import fastdiff
 from fastdiff.models import UNet
-from fastdiff.nn import Attention, GroupNormSiLU
+from fastdiff.nn import Attention, GroupNormSiLU, Upsample
 from fastdiff.samplers import DDIMSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -86,6 +87,19 @@ class TorchAttention(nn.Module):
         return x + o.transpose(1, 2).reshape(n, c, h, w)
 
 
+class TorchUpsample(nn.Module):
+    """``fastdiff.nn.Upsample`` as written in the papers: nearest 2x, then the 3x3 conv (no
+    folded transposed conv)."""
+
+    def __init__(self, up: Upsample) -> None:
+        super().__init__()
+        self.conv = up.conv
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.conv is not None else x
+
+
 def torch_twin(model: UNet) -> UNet:
     """A copy of ``model`` running only stock PyTorch ops (same weights, same math)."""
     twin = copy.deepcopy(model)
@@ -95,6 +109,8 @@ def torch_twin(model: UNet) -> UNet:
                 setattr(parent, name, TorchGroupNormAct(child))
             elif isinstance(child, Attention):
                 setattr(parent, name, TorchAttention(child))
+            elif isinstance(child, Upsample):
+                setattr(parent, name, TorchUpsample(child))
     return twin
 
 
@@ -275,11 +291,22 @@ def test_e2e_diffusers_unet_gpu(benchmark, device, variant):
     _run_bench(benchmark, fn, x, group, variant, GPU_STEPS, device, rounds=5)
 
 
-@pytest.mark.parametrize("variant", ["eager", "fused"])
+CPU_VARIANTS = ["eager", "eager-channels-last", "fused", "fused-channels-last"]
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
 def test_e2e_cpu(benchmark, device, unet_cache, variant):
+    """Digits model, fp32, batch 8. On CPU the 3x3 convolutions (oneDNN, near the FMA peak) are
+    ~80% of a step, so the fused ops alone move the total little; channels_last speeds the
+    convolutions themselves. ``eager-channels-last`` (the plain twin in channels_last) shows
+    how much of ``fused-channels-last``'s gain is the layout alone."""
     _skip_unless(device == "cpu", "the CPU end-to-end case runs on CPU")
     _needs(variant, device)
     model = _unet(unet_cache, "digits", "cpu", torch.float32)
     x = torch.randn(8, 1, 16, 16)
-    fn = _variant_fn(model, variant, CPU_STEPS)
+    if variant == "eager-channels-last":
+        twin = torch_twin(model).to(memory_format=torch.channels_last)
+        fn = ddim_loop(twin, CPU_STEPS)
+    else:
+        fn = _variant_fn(model, variant, CPU_STEPS)
     _run_bench(benchmark, fn, x, "e2e digits b8 fp32", variant, CPU_STEPS, device, rounds=5)

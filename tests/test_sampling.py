@@ -1,0 +1,108 @@
+"""fastdiff.nn.Upsample's folded path: nearest 2x + 3x3 conv as one stride-2 transposed conv."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_fa_rule
+
+from fastdiff.nn import Upsample
+from fastdiff.nn.sampling import fold_upsample_conv
+
+
+def _reference(x, conv):
+    """The definition: nearest 2x upsampling, then the 3x3 conv (float64)."""
+    up = F.interpolate(x.double(), scale_factor=2.0, mode="nearest")
+    return F.conv2d(up, conv.weight.double(), conv.bias.double(), padding=1)
+
+
+def _eager(x, conv):
+    return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 16, 1, 1), (3, 8, 4, 9), (1, 32, 16, 16)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_upsample_matches_definition(shape, channels_last):
+    torch.manual_seed(sum(shape))
+    up = Upsample(shape[1])
+    x = torch.randn(shape)
+    if channels_last:
+        up = up.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = up(x)
+        eager = _eager(x, up.conv)
+    assert out.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    assert_fa_rule(out, _reference(x, up.conv), eager, name=f"{shape} cl={channels_last}")
+    if channels_last and shape[2] * shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_folded_weight_is_a_w_at():
+    """W' = A W A^T per axis, checked on a one-hot 3x3 kernel against the hand derivation."""
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0, 0, 2] = 1.0  # tap (dy=-1, dx=+1)
+    folded = fold_upsample_conv(w)[0, 0]
+    # rows: tap w0 goes to k = 2, 3; columns: tap w2 goes to k = 0, 1
+    expect = torch.zeros(4, 4)
+    expect[2:, :2] = 1.0
+    assert torch.equal(folded, expect)
+
+
+def test_nan_and_inf_propagate():
+    """NaN masks equal the definition's. With an inf input the definition adds w1*inf + w2*inf,
+    which is NaN where the taps have opposite signs, while the folded kernel multiplies
+    (w1 + w2)*inf: the limit value. Same non-finite positions, possibly inf for NaN."""
+    torch.manual_seed(1)
+    up = Upsample(4)
+    x = torch.randn(1, 4, 6, 5)
+    x[0, 1, 2, 3] = float("nan")
+    with torch.no_grad():
+        out, ref = up(x), _reference(x, up.conv)
+    assert out.isnan().any()
+    assert torch.equal(out.isnan(), ref.isnan())
+    x = torch.randn(1, 4, 6, 5)
+    x[0, 2, 0, 0] = float("inf")
+    with torch.no_grad():
+        out, ref = up(x), _reference(x, up.conv)
+    assert (~ref.isfinite()).any()
+    assert torch.equal(out.isfinite(), ref.isfinite())
+
+
+def test_cache_follows_in_place_weight_updates():
+    torch.manual_seed(2)
+    up = Upsample(4)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        first = up(x)
+        up.conv.weight.mul_(-0.5)  # bumps the version counter: the folded weight is refolded
+        second = up(x)
+        eager = _eager(x, up.conv)
+    assert not torch.allclose(first, second)
+    assert_fa_rule(second, _reference(x, up.conv), eager, name="after update")
+
+
+def test_gradients_match_the_definition():
+    torch.manual_seed(3)
+    up = Upsample(3)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    g = torch.randn(2, 3, 8, 10)
+    up(x).backward(g)
+    got = (x.grad.clone(), up.conv.weight.grad.clone(), up.conv.bias.grad.clone())
+    x.grad = None
+    up.zero_grad()
+    _eager(x, up.conv).backward(g)
+    want = (x.grad, up.conv.weight.grad, up.conv.bias.grad)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_unchanged():
+    up = Upsample(4)
+    with torch.no_grad():
+        up(torch.randn(1, 4, 3, 3))
+    assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
+
+
+def test_fold_rejects_non_3x3():
+    with pytest.raises(ValueError, match="3 x 3"):
+        fold_upsample_conv(torch.randn(4, 4, 5, 5))
