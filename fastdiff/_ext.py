@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -27,6 +29,16 @@ def dtype_code(t: torch.Tensor) -> int:
         return DTYPE_CODES[t.dtype]
     except KeyError:
         raise TypeError(f"fastdiff: unsupported dtype {t.dtype}") from None
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device current for a kernel launch (a no-op when it already is, or for
+    CPU tensors). Kernels launch on the current device: a tensor on another GPU would otherwise
+    fail with "invalid resource handle" or run on the wrong device."""
+    idx = t.device.index
+    if t.device.type != "cuda" or idx is None or torch.cuda.current_device() == idx:
+        return contextlib.nullcontext()
+    return torch.cuda.device(idx)
 
 
 def stream_handle(t: torch.Tensor) -> int:

@@ -40,9 +40,9 @@ class Upsample(nn.Module):
     On CPU, nearest + 3x3 conv runs as one stride-2 transposed conv with the folded 4x4 kernel
     (:func:`fold_upsample_conv`; same result up to fp rounding, 0.44x the FLOPs, and PyTorch's
     NCHW nearest upsampling is slow on CPU). NaN propagates as before; an inf input may give
-    inf where the unfolded sum ``w1*inf + w2*inf`` gives NaN. The folded weight is cached while the conv weight
-    is unchanged (its version counter) and recomputed under autograd. CUDA keeps interpolate +
-    conv (the folded path has not been measured on a GPU).
+    inf where the unfolded sum ``w1*inf + w2*inf`` gives NaN. The folded weight is cached while
+    the conv weight is unchanged (its version counter) and recomputed under autograd. CUDA keeps
+    interpolate + conv (the folded path has not been measured on a GPU).
     """
 
     def __init__(self, channels: int, use_conv: bool = True) -> None:

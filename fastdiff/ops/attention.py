@@ -170,12 +170,13 @@ def _cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
-    _ext.native().attention_forward_cuda(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        B, H, Lq, Lk, D,
-        list(q.stride()), list(k.stride()), list(v.stride()),
-        float(scale), _ext.dtype_code(q), _ext.stream_handle(q),
-    )  # fmt: skip
+    with _ext.device_guard(q):
+        _ext.native().attention_forward_cuda(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+            B, H, Lq, Lk, D,
+            list(q.stride()), list(k.stride()), list(v.stride()),
+            float(scale), _ext.dtype_code(q), _ext.stream_handle(q),
+        )  # fmt: skip
     return out
 
 
@@ -187,7 +188,8 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backen
     if backend == "triton":
         from fastdiff.kernels.triton.attention import attention_forward
 
-        return attention_forward(q, k, v, scale)
+        with _ext.device_guard(q):
+            return attention_forward(q, k, v, scale)
     if backend == "cuda":
         return _cuda(q, k, v, scale)
     raise RuntimeError(f"attention: unknown backend {backend!r}")

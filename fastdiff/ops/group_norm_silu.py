@@ -272,11 +272,12 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
         # fp32 in registers, exactly as .to(float32) would) and take the [N x C] operands' row
         # stride: no cast or copy kernels per call.
         bf16 = x.is_cuda  # the interpreter (CPU tensors) has no bf16
-        _triton_forward()(
-            x, out, num_groups, _triton_operand(weight, bf16), _triton_operand(bias, bf16), eps,
-            _triton_rows(add, bf16), _triton_rows(scale, bf16), _triton_rows(shift, bf16), silu,
-            nhwc=not x.is_contiguous(),
-        )  # fmt: skip
+        with _ext.device_guard(x):
+            _triton_forward()(
+                x, out, num_groups, _triton_operand(weight, bf16), _triton_operand(bias, bf16),
+                eps, _triton_rows(add, bf16), _triton_rows(scale, bf16), _triton_rows(shift, bf16),
+                silu, nhwc=not x.is_contiguous(),
+            )  # fmt: skip
         return out
     if backend == "torch":
         out.copy_(

@@ -303,12 +303,13 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
         from fastdiff.kernels.triton.sampler_step import sampler_step_forward
 
         bs = [args[k][1] for k in ("x", "m", "mu", "v", "z")]
-        sampler_step_forward(
-            xd, cond, unc, var, third, generator_state if mode == 0 else None, coef, x_prev,
-            x0 if return_x0 else None, mode=mode, n=n, inner=inner, nhwc_c=nhwc_c, hw=hw, bs=bs,
-            pred=pred, clip=clip_range is not None, clip_r=args["clip_r"],
-            recompute=bool(recompute_eps), cfg=guidance_scale is not None, g=args["g"],
-        )  # fmt: skip
+        with _ext.device_guard(x):
+            sampler_step_forward(
+                xd, cond, unc, var, third, generator_state if mode == 0 else None, coef, x_prev,
+                x0 if return_x0 else None, mode=mode, n=n, inner=inner, nhwc_c=nhwc_c, hw=hw,
+                bs=bs, pred=pred, clip=clip_range is not None, clip_r=args["clip_r"],
+                recompute=bool(recompute_eps), cfg=guidance_scale is not None, g=args["g"],
+            )  # fmt: skip
     else:
         c = _ext.native()
         fn = c.sampler_step_cpu if backend == "cpu" else c.sampler_step_cuda
@@ -320,7 +321,10 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
         ]  # fmt: skip
         if backend == "cuda":
             flat.append(_ext.stream_handle(x))
-        fn(*flat)
+            with _ext.device_guard(x):
+                fn(*flat)
+        else:
+            fn(*flat)
     return x_prev, x0
 
 
