@@ -261,3 +261,28 @@ def test_cuda_graph_sampling_with_optimized_unet():
     assert torch.isfinite(eager).all()
     torch.testing.assert_close(graph.float(), eager.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(again, graph, rtol=0, atol=0)
+
+
+def test_upsample2d_folded_on_cpu_equals_diffusers():
+    """FoldedUpsample2D: the transposed-conv path on CPU matches diffusers' interpolate + conv;
+    an explicit output_size runs diffusers' own forward; odd modules are left with a reason."""
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(0)
+    up = randomize_(Upsample2D(8, use_conv=True))
+    ref = copy.deepcopy(up)
+    odd = Upsample2D(8, use_conv=True, kernel_size=5, padding=2)
+    holder = torch.nn.ModuleDict({"up": up, "odd": odd})
+    report = fastdiff.optimize(holder).fastdiff_report
+    assert type(up).__name__ == "FoldedUpsample2D"
+    assert report.counts(report.replaced) == {"Upsample2D: folded transposed conv on CPU": 1}
+    assert report.left == [("odd", "Upsample2D whose conv is not a plain 3x3, padding 1")]
+    assert set(up.state_dict()) == set(ref.state_dict())
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        got, want = up(x), ref(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        sized = up(x, output_size=(11, 15))  # not 2x: diffusers' forward
+        torch.testing.assert_close(sized, ref(x, output_size=(11, 15)), rtol=0, atol=0)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(up(xc), want, rtol=1e-5, atol=1e-5)

@@ -49,7 +49,6 @@ class Upsample(nn.Module):
         super().__init__()
         self.channels = channels
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
-        self._folded: tuple[tuple, Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is not None and x.device.type == "cpu":
@@ -59,16 +58,24 @@ class Upsample(nn.Module):
         return self.conv(x) if self.conv is not None else x
 
     def _folded_weight(self) -> Tensor:
-        w = self.conv.weight
-        if (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling():
-            return fold_upsample_conv(w)
-        try:
-            key = (w._version, w.data_ptr(), w.dtype, w.device, w.stride())
-        except RuntimeError:  # an inference tensor has no version counter: do not cache
-            return fold_upsample_conv(w)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, fold_upsample_conv(w))
-        return self._folded[1]
+        return cached_fold(self, self.conv.weight)
+
+
+def cached_fold(owner: nn.Module, weight: Tensor) -> Tensor:
+    """:func:`fold_upsample_conv` of ``weight``, cached on ``owner`` while the weight is
+    unchanged (same storage, layout and version counter); recomputed, differentiably, when
+    autograd records or under ``torch.compile``."""
+    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        return fold_upsample_conv(weight)
+    try:
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.stride())
+    except RuntimeError:  # an inference tensor has no version counter: do not cache
+        return fold_upsample_conv(weight)
+    hit = owner.__dict__.get("_fastdiff_fold")
+    if hit is None or hit[0] != key:
+        hit = (key, fold_upsample_conv(weight))
+        owner.__dict__["_fastdiff_fold"] = hit
+    return hit[1]
 
 
 class Downsample(nn.Module):
