@@ -310,3 +310,37 @@ def test_e2e_cpu(benchmark, device, unet_cache, variant):
     else:
         fn = _variant_fn(model, variant, CPU_STEPS)
     _run_bench(benchmark, fn, x, "e2e digits b8 fp32", variant, CPU_STEPS, device, rounds=5)
+
+
+DIFFUSERS_CPU_VARIANTS = ["eager", "optimize-diffusers-loop", "optimize", "optimize-channels-last"]
+
+
+@pytest.mark.parametrize("variant", DIFFUSERS_CPU_VARIANTS)
+def test_e2e_diffusers_unet_cpu(benchmark, device, variant):
+    """A small diffusers UNet2DModel (fp32, batch 4, 32x32, attention at 16x16) on CPU, 10 steps:
+    the diffusers loop as is, the same loop on ``fastdiff.optimize(unet)``, and
+    ``fastdiff.sample`` on it (also with ``channels_last``)."""
+    _skip_unless(device == "cpu", "the CPU end-to-end case runs on CPU")
+    pytest.importorskip("diffusers")
+    _needs(variant, device)
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=16,
+    ).eval()
+    if variant == "eager":
+        fn = diffusers_loop(unet, CPU_STEPS)
+    elif variant == "optimize-diffusers-loop":
+        fn = diffusers_loop(fastdiff.optimize(unet), CPU_STEPS)
+    else:
+        cl = variant.endswith("channels-last")
+        fn = fastdiff_loop(fastdiff.optimize(unet, channels_last=cl), CPU_STEPS)
+    x = torch.randn(4, 3, 32, 32)
+    group = "e2e diffusers-small b4 fp32"
+    _run_bench(benchmark, fn, x, group, variant, CPU_STEPS, device, rounds=5)
