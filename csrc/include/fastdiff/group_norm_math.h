@@ -28,25 +28,9 @@
 namespace fastdiff {
 namespace gn {
 
-FD_GN float as_float(int32_t i) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
-#else
-  float f;
-  std::memcpy(&f, &i, 4);
-  return f;
-#endif
-}
+FD_GN float as_float(int32_t i) { return fd_bits_float((uint32_t)i); }
 
-FD_GN int32_t as_int(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(f);
-#else
-  int32_t i;
-  std::memcpy(&i, &f, 4);
-  return i;
-#endif
-}
+FD_GN int32_t as_int(float f) { return (int32_t)fd_float_bits(f); }
 
 // min(max(x, lo), hi) with NaN passing through, as bit masks: GCC refuses to if-convert
 // (and so to vectorise) loops holding two float ternaries plus further arithmetic.
