@@ -27,12 +27,16 @@ void fill_normals4_base(float* __restrict p0, float* __restrict p1, float* __res
     philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
 }
 
-// ---- AVX2 Philox + Box-Muller, 8 counters per step: the exact operation sequence of
-// philox_randn4 (philox.h; separate mul/add, no FMA), so the results equal the scalar ones bit
-// for bit. GCC's auto-vectorisation of the 32x32->64 products shuffles too much (~15 ns/counter).
+// ---- AVX2+FMA Philox + Box-Muller, 16 counters per loop step (two independent 8-lane groups, so
+// the out-of-order core overlaps their dependency chains). The Philox integer rounds are exactly
+// philox4x32_10's; the Box-Muller float math is philox_box_muller's with FMAs, an Estrin-scheme
+// log polynomial and the hardware square root (latency: a Horner chain bounded the loop), so
+// normals equal the scalar path's to within ~2 ulp, not bit for bit (the stream promise is "to
+// the float rounding of log/cos/sin", <= 1e-5 absolute).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define FD_HAVE_AVX2_PHILOX 1
-#define FD_AVX2 __attribute__((target("avx2"), always_inline)) inline
+#define FD_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
+#define FD_PS(v) _mm256_set1_ps(v)
 
 // (hi, lo) 32-bit halves of the 64-bit products a * b per 32-bit lane (b a broadcast constant).
 FD_AVX2 void mul_hi_lo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
@@ -42,13 +46,24 @@ FD_AVX2 void mul_hi_lo8(__m256i a, __m256i b, __m256i& hi, __m256i& lo) {
   lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-FD_AVX2 __m256 uniform8(__m256i u) {  // philox_uniform
-  const __m256i i = _mm256_xor_si256(u, _mm256_srai_epi32(u, 31));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(4.6566127342e-10f));
+// One Philox4x32 round on a group of 8 counters; k0, k1 are the broadcast round keys.
+FD_AVX2 void philox_round8(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, __m256i k0,
+                           __m256i k1) {
+  __m256i hb, lb, ha, la;
+  mul_hi_lo8(c2, _mm256_set1_epi32((int)0xCD9E8D57u), hb, lb);
+  mul_hi_lo8(c0, _mm256_set1_epi32((int)0xD2511F53u), ha, la);
+  c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1), k0);
+  c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3), k1);
+  c1 = lb;
+  c3 = la;
 }
 
-#define FD_PS(v) _mm256_set1_ps(v)
-FD_AVX2 __m256 logf8(__m256 x) {  // fd_logf
+FD_AVX2 __m256 uniform8(__m256i u) {  // philox_uniform
+  const __m256i i = _mm256_xor_si256(u, _mm256_srai_epi32(u, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(i), FD_PS(4.6566127342e-10f));
+}
+
+FD_AVX2 __m256 logf8(__m256 x) {  // fd_logf (Cephes logf), polynomial by Estrin's scheme
   const __m256i ix = _mm256_castps_si256(x);
   __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(ix, 23), _mm256_set1_epi32(0xff)),
                                _mm256_set1_epi32(126));
@@ -57,54 +72,38 @@ FD_AVX2 __m256 logf8(__m256 x) {  // fd_logf
   const __m256 small = _mm256_cmp_ps(m, FD_PS(0.707106781186547524f), _CMP_LT_OQ);
   e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // mask is -1 where small
   m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), FD_PS(1.0f));
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 y = FD_PS(7.0376836292e-2f);
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(1.1514610310e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(1.1676998740e-1f));
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(1.2420140846e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(1.4249322787e-1f));
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(1.6668057665e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(2.0000714765e-1f));
-  y = _mm256_sub_ps(_mm256_mul_ps(y, m), FD_PS(2.4999993993e-1f));
-  y = _mm256_add_ps(_mm256_mul_ps(y, m), FD_PS(3.3333331174e-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  const __m256 z = _mm256_mul_ps(m, m), z2 = _mm256_mul_ps(z, z), z4 = _mm256_mul_ps(z2, z2);
+  // p(m) = c0 m^8 + c1 m^7 + ... + c8
+  const __m256 p78 = _mm256_fmadd_ps(FD_PS(-2.4999993993e-1f), m, FD_PS(3.3333331174e-1f));
+  const __m256 p56 = _mm256_fmadd_ps(FD_PS(-1.6668057665e-1f), m, FD_PS(2.0000714765e-1f));
+  const __m256 p34 = _mm256_fmadd_ps(FD_PS(-1.2420140846e-1f), m, FD_PS(1.4249322787e-1f));
+  const __m256 p12 = _mm256_fmadd_ps(FD_PS(-1.1514610310e-1f), m, FD_PS(1.1676998740e-1f));
+  const __m256 p58 = _mm256_fmadd_ps(p56, z, p78);
+  const __m256 p14 = _mm256_fmadd_ps(p12, z, p34);
+  const __m256 p18 = _mm256_fmadd_ps(p14, z2, p58);
+  const __m256 poly = _mm256_fmadd_ps(FD_PS(7.0376836292e-2f), z4, p18);
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(poly, m), z);
   const __m256 fe = _mm256_cvtepi32_ps(e);
-  y = _mm256_add_ps(y, _mm256_mul_ps(FD_PS(-2.12194440e-4f), fe));
-  y = _mm256_add_ps(y, _mm256_mul_ps(FD_PS(-0.5f), z));
-  __m256 r = _mm256_add_ps(m, y);
-  return _mm256_add_ps(r, _mm256_mul_ps(FD_PS(0.693359375f), fe));
-}
-
-FD_AVX2 __m256 sqrtf8(__m256 x) {  // fd_sqrtf (host)
-  __m256 y = _mm256_castsi256_ps(_mm256_sub_epi32(
-      _mm256_set1_epi32(0x5f375a86), _mm256_srli_epi32(_mm256_castps_si256(x), 1)));
-  const __m256 h = _mm256_mul_ps(FD_PS(0.5f), x);
-  for (int k = 0; k < 3; ++k)
-    y = _mm256_mul_ps(y, _mm256_sub_ps(FD_PS(1.5f), _mm256_mul_ps(_mm256_mul_ps(h, y), y)));
-  return _mm256_mul_ps(x, y);
+  y = _mm256_fmadd_ps(FD_PS(-2.12194440e-4f), fe, y);
+  y = _mm256_fmadd_ps(FD_PS(-0.5f), z, y);
+  return _mm256_fmadd_ps(FD_PS(0.693359375f), fe, _mm256_add_ps(m, y));
 }
 
 FD_AVX2 void sincos8(__m256 t, __m256& sn, __m256& cs) {  // fd_sincos_small
-  const __m256i q = _mm256_cvttps_epi32(
-      _mm256_add_ps(_mm256_mul_ps(t, FD_PS(0.636619772367581343f)), FD_PS(0.5f)));
+  const __m256i q = _mm256_cvttps_epi32(_mm256_fmadd_ps(t, FD_PS(0.636619772367581343f), FD_PS(0.5f)));
   const __m256 fq = _mm256_cvtepi32_ps(q);
-  const __m256 r = _mm256_sub_ps(
-      _mm256_sub_ps(_mm256_sub_ps(t, _mm256_mul_ps(fq, FD_PS(1.5703125f))),
-                    _mm256_mul_ps(fq, FD_PS(4.837512969970703125e-4f))),
-      _mm256_mul_ps(fq, FD_PS(7.54978995489188216e-8f)));
+  __m256 r = _mm256_fnmadd_ps(fq, FD_PS(1.5703125f), t);
+  r = _mm256_fnmadd_ps(fq, FD_PS(4.837512969970703125e-4f), r);
+  r = _mm256_fnmadd_ps(fq, FD_PS(7.54978995489188216e-8f), r);
   const __m256 z = _mm256_mul_ps(r, r);
-  const __m256 ps = _mm256_sub_ps(
-      _mm256_mul_ps(_mm256_add_ps(_mm256_mul_ps(FD_PS(-1.9515295891e-4f), z), FD_PS(8.3321608736e-3f)),
-                    z),
-      FD_PS(1.6666654611e-1f));
-  const __m256 s = _mm256_add_ps(r, _mm256_mul_ps(_mm256_mul_ps(r, z), ps));
-  const __m256 pc = _mm256_add_ps(
-      _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(FD_PS(2.443315711809948e-5f), z),
-                                  FD_PS(1.388731625493765e-3f)),
-                    z),
+  const __m256 ps = _mm256_fmadd_ps(
+      _mm256_fmadd_ps(FD_PS(-1.9515295891e-4f), z, FD_PS(8.3321608736e-3f)), z,
+      FD_PS(-1.6666654611e-1f));
+  const __m256 s = _mm256_fmadd_ps(_mm256_mul_ps(r, z), ps, r);
+  const __m256 pc = _mm256_fmadd_ps(
+      _mm256_fmadd_ps(FD_PS(2.443315711809948e-5f), z, FD_PS(-1.388731625493765e-3f)), z,
       FD_PS(4.166664568298827e-2f));
-  const __m256 c = _mm256_add_ps(_mm256_sub_ps(FD_PS(1.0f), _mm256_mul_ps(FD_PS(0.5f), z)),
-                                 _mm256_mul_ps(_mm256_mul_ps(z, z), pc));
+  const __m256 c = _mm256_fmadd_ps(_mm256_mul_ps(z, z), pc, _mm256_fnmadd_ps(FD_PS(0.5f), z, FD_PS(1.0f)));
   const __m256i one = _mm256_set1_epi32(1);
   const __m256 odd = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_setzero_si256(), _mm256_and_si256(q, one)));
   const __m256 cneg = _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -114,58 +113,106 @@ FD_AVX2 void sincos8(__m256 t, __m256& sn, __m256& cs) {  // fd_sincos_small
   cs = _mm256_xor_ps(_mm256_blendv_ps(c, s, odd), cneg);
   sn = _mm256_xor_ps(_mm256_blendv_ps(s, c, odd), sneg);
 }
-#undef FD_PS
 
 FD_AVX2 void box_muller8(__m256i ua, __m256i ub, __m256& n0, __m256& n1) {
   const __m256i b = _mm256_max_epi32(_mm256_castps_si256(uniform8(ua)), _mm256_set1_epi32(0x33d6bf95));
-  const __m256 r = sqrtf8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), logf8(_mm256_castsi256_ps(b))));
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(FD_PS(-2.0f), logf8(_mm256_castsi256_ps(b))));
   __m256 sn, cs;
-  sincos8(_mm256_mul_ps(_mm256_set1_ps(6.283185307179586f), uniform8(ub)), sn, cs);
+  sincos8(_mm256_mul_ps(FD_PS(6.283185307179586f), uniform8(ub)), sn, cs);
   n0 = _mm256_mul_ps(r, cs);
   n1 = _mm256_mul_ps(r, sn);
 }
+#undef FD_PS
 
-__attribute__((target("avx2"))) void fill_normals4_avx2(
+// Philox (10 rounds) and Box-Muller on counters lo/hi + [k, k + 8 * G): G groups of 8 at once.
+template <int G>
+FD_AVX2 void normals8x(float* p0, float* p1, float* p2, float* p3, const uint32_t* lo,
+                       const uint32_t* hi, int64_t k, uint32_t key0, uint32_t key1) {
+  __m256i c0[G], c1[G], c2[G], c3[G];
+  for (int g = 0; g < G; ++g) {
+    c0[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + k + 8 * g));
+    c1[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + k + 8 * g));
+    c2[g] = c3[g] = _mm256_setzero_si256();
+  }
+  uint32_t k0 = key0, k1 = key1;
+  for (int r = 0; r < 10; ++r) {
+    const __m256i kv0 = _mm256_set1_epi32((int)k0), kv1 = _mm256_set1_epi32((int)k1);
+    for (int g = 0; g < G; ++g) philox_round8(c0[g], c1[g], c2[g], c3[g], kv0, kv1);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int g = 0; g < G; ++g) {
+    __m256 n0, n1, n2, n3;
+    box_muller8(c0[g], c1[g], n0, n1);
+    box_muller8(c2[g], c3[g], n2, n3);
+    const int64_t o = k + 8 * g;
+    _mm256_storeu_ps(p0 + o, n0);
+    _mm256_storeu_ps(p1 + o, n1);
+    _mm256_storeu_ps(p2 + o, n2);
+    _mm256_storeu_ps(p3 + o, n3);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void fill_normals4_avx2(
     float* __restrict p0, float* __restrict p1, float* __restrict p2, float* __restrict p3,
     const uint32_t* __restrict lo, const uint32_t* __restrict hi, int64_t len, uint32_t key0,
     uint32_t key1) {
-  const __m256i ra = _mm256_set1_epi32((int)0xD2511F53u), rb = _mm256_set1_epi32((int)0xCD9E8D57u);
+  int64_t k = 0;
+  for (; k + 16 <= len; k += 16) normals8x<2>(p0, p1, p2, p3, lo, hi, k, key0, key1);
+  for (; k + 8 <= len; k += 8) normals8x<1>(p0, p1, p2, p3, lo, hi, k, key0, key1);
+  for (; k < len; ++k) philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
+}
+
+// out[4k + j] = pj[k] for k < len: 8 counters (32 floats) per step as a 4x8 transpose.
+__attribute__((target("avx2"))) void interleave4_avx2(float* __restrict out,
+                                                      const float* __restrict p0,
+                                                      const float* __restrict p1,
+                                                      const float* __restrict p2,
+                                                      const float* __restrict p3, int64_t len) {
   int64_t k = 0;
   for (; k + 8 <= len; k += 8) {
-    __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + k));
-    __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + k));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    uint32_t k0 = key0, k1 = key1;
-    for (int r = 0; r < 10; ++r) {
-      __m256i hb, lb, ha, la;
-      mul_hi_lo8(c2, rb, hb, lb);
-      mul_hi_lo8(c0, ra, ha, la);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hb, c1), _mm256_set1_epi32((int)k0));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(ha, c3), _mm256_set1_epi32((int)k1));
-      c1 = lb;
-      c3 = la;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    __m256 n0, n1, n2, n3;
-    box_muller8(c0, c1, n0, n1);
-    box_muller8(c2, c3, n2, n3);
-    _mm256_storeu_ps(p0 + k, n0);
-    _mm256_storeu_ps(p1 + k, n1);
-    _mm256_storeu_ps(p2 + k, n2);
-    _mm256_storeu_ps(p3 + k, n3);
+    const __m256 a = _mm256_loadu_ps(p0 + k), b = _mm256_loadu_ps(p1 + k);
+    const __m256 c = _mm256_loadu_ps(p2 + k), d = _mm256_loadu_ps(p3 + k);
+    const __m256 ab0 = _mm256_unpacklo_ps(a, b), ab1 = _mm256_unpackhi_ps(a, b);  // a0 b0 a1 b1
+    const __m256 cd0 = _mm256_unpacklo_ps(c, d), cd1 = _mm256_unpackhi_ps(c, d);
+    const __m256 q0 = _mm256_shuffle_ps(ab0, cd0, 0x44), q1 = _mm256_shuffle_ps(ab0, cd0, 0xEE);
+    const __m256 q2 = _mm256_shuffle_ps(ab1, cd1, 0x44), q3 = _mm256_shuffle_ps(ab1, cd1, 0xEE);
+    // q0 = counters (0, 4), q1 = (1, 5), q2 = (2, 6), q3 = (3, 7): one counter per 128-bit half
+    _mm256_storeu_ps(out + 4 * k, _mm256_permute2f128_ps(q0, q1, 0x20));
+    _mm256_storeu_ps(out + 4 * k + 8, _mm256_permute2f128_ps(q2, q3, 0x20));
+    _mm256_storeu_ps(out + 4 * k + 16, _mm256_permute2f128_ps(q0, q1, 0x31));
+    _mm256_storeu_ps(out + 4 * k + 24, _mm256_permute2f128_ps(q2, q3, 0x31));
   }
-  for (; k < len; ++k) philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
+  for (; k < len; ++k) {
+    out[4 * k] = p0[k];
+    out[4 * k + 1] = p1[k];
+    out[4 * k + 2] = p2[k];
+    out[4 * k + 3] = p3[k];
+  }
 }
 #endif
 
 void fill_normals4(float* p0, float* p1, float* p2, float* p3, const uint32_t* lo,
                    const uint32_t* hi, int64_t len, uint32_t key0, uint32_t key1) {
 #ifdef FD_HAVE_AVX2_PHILOX
-  static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2) return fill_normals4_avx2(p0, p1, p2, p3, lo, hi, len, key0, key1);
 #endif
   fill_normals4_base(p0, p1, p2, p3, lo, hi, len, key0, key1);
+}
+
+void interleave4(float* out, const float* p0, const float* p1, const float* p2, const float* p3,
+                 int64_t len) {
+#ifdef FD_HAVE_AVX2_PHILOX
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return interleave4_avx2(out, p0, p1, p2, p3, len);
+#endif
+  for (int64_t k = 0; k < len; ++k) {
+    out[4 * k] = p0[k];
+    out[4 * k + 1] = p1[k];
+    out[4 * k + 2] = p2[k];
+    out[4 * k + 3] = p3[k];
+  }
 }
 
 constexpr int64_t kGroups = kTile / 4 + 4;  // counters per tile (+ partial groups at both ends)
@@ -187,12 +234,7 @@ void normals_range(float* dst, uint64_t e0, int64_t len, uint64_t offset, uint32
     chi[k] = bhi + (l < blo ? 1u : 0u);
   }
   fill_normals4(p0, p1, p2, p3, clo, chi, ng, key0, key1);
-  for (int64_t k = 0; k < ng; ++k) {
-    buf[4 * k] = p0[k];
-    buf[4 * k + 1] = p1[k];
-    buf[4 * k + 2] = p2[k];
-    buf[4 * k + 3] = p3[k];
-  }
+  interleave4(buf, p0, p1, p2, p3, ng);
   std::memcpy(dst, buf + r, (size_t)len * sizeof(float));
 }
 
