@@ -24,7 +24,7 @@ if ON_CUDA:
     VARIANTS = ["eager", "compile", "fused-triton", "fused-cuda"]
 else:
     SHAPES = [(16, 128, 32, 32), (8, 256, 16, 16), (2, 320, 64, 64)]
-    DTYPE, LAYOUTS = torch.float32, ["nchw"]
+    DTYPE, LAYOUTS = torch.float32, ["nchw", "channels_last"]
     VARIANTS = ["eager", "fused-cpu"]
 
 _DT = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
