@@ -239,13 +239,27 @@ def resolve(op: str, device: torch.device, unsupported: Mapping[str, str] | None
                 f"fastdiff: backend {req!r} was requested for {op} but {unsupported[req]}"
             )
         return req
-    order = CUDA_PREFERENCE[op] if dev_type == "cuda" else CPU_PREFERENCE[op]
-    for b in order:
-        if unsupported and b in unsupported:
-            continue
-        if _available_on(b, dev_type)[0]:
+    for b in _auto_order(op, dev_type):
+        if not unsupported or b not in unsupported:
             return b
     return "torch"
+
+
+# (op, device type, TRITON_INTERPRET on) -> the preference order filtered to available backends.
+_ORDERS: dict[tuple[str, str, bool], tuple[str, ...]] = {}
+
+
+def _auto_order(op: str, dev_type: str) -> tuple[str, ...]:
+    """The automatic-choice order for ``op`` on ``dev_type`` restricted to the backends that
+    can run now (memoised: availability only changes with ``TRITON_INTERPRET``, part of the key).
+    """
+    interpret = dev_type == "cpu" and _getenv("TRITON_INTERPRET") == "1"
+    key = (op, dev_type, interpret)
+    hit = _ORDERS.get(key)
+    if hit is None:
+        prefs = CUDA_PREFERENCE[op] if dev_type == "cuda" else CPU_PREFERENCE[op]
+        hit = _ORDERS[key] = tuple(b for b in prefs if _available_on(b, dev_type)[0])
+    return hit
 
 
 def dispatch_table() -> dict[str, dict[str, tuple[str, ...]]]:

@@ -18,7 +18,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
 from fastdiff import _dispatch, _ext
 
@@ -426,11 +425,14 @@ def _check_device(name: str, t: Tensor, x: Tensor) -> None:
 def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale, lv):
     _check_float("x", x)
     _check_float("model_output", model_output)
-    _check_device("model_output", model_output, x)
+    dev = x.device
+    if model_output.device != dev:
+        _check_device("model_output", model_output, x)
     if not isinstance(coef, Tensor) or coef.dtype != torch.float32:
         got = coef.dtype if isinstance(coef, Tensor) else type(coef).__name__
         raise TypeError(f"coef must be a float32 tensor, got {got}")
-    _check_device("coef", coef, x)
+    if coef.device != dev:
+        _check_device("coef", coef, x)
     if coef.numel() < 8:
         raise ValueError(f"coef must have >= 8 elements, got {coef.numel()}")
     if prediction_type not in PREDICTION_TYPES:
@@ -465,9 +467,12 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     """True when nothing traces these tensors (no torch.compile, no dispatch mode, no subclass,
     no autograd), so calling the op's implementation directly is the same as calling the op and
     skips ~50 us of custom-op Python overhead per sampler step."""
-    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
+    for t in tensors:  # noqa: SIM110 (a plain loop: ~2x faster than all() over a generator)
+        if t is not None and (type(t) is not Tensor or t.requires_grad):
+            return False
+    return True
 
 
 _UNSUPPORTED: list = [object(), {}]  # [the _C module it was computed for, the dict]
