@@ -106,3 +106,13 @@ def test_state_dict_unchanged():
 def test_fold_rejects_non_3x3():
     with pytest.raises(ValueError, match="3 x 3"):
         fold_upsample_conv(torch.randn(4, 4, 5, 5))
+
+
+def test_torch_compile_fullgraph():
+    """The folded path traces without graph breaks (the fold is recomputed inside the graph)."""
+    torch.manual_seed(4)
+    up = Upsample(4).eval()
+    x = torch.randn(2, 4, 5, 3)
+    compiled = torch.compile(up, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), up(x), rtol=1e-6, atol=1e-6)
