@@ -46,7 +46,10 @@ def test_ops_on_a_non_current_gpu(op):
         def run():
             return attention(q, k, v)
 
-    for backend in _backends():
+    backends = _backends()
+    if not backends:
+        pytest.skip("neither the cuda nor the triton backend can run on cuda:1")
+    for backend in backends:
         with fastdiff.use_backend(backend, op):
             with torch.cuda.device(1):
                 want = run()

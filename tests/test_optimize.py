@@ -272,11 +272,14 @@ def test_upsample2d_folded_on_cpu_equals_diffusers():
     up = randomize_(Upsample2D(8, use_conv=True))
     ref = copy.deepcopy(up)
     odd = Upsample2D(8, use_conv=True, kernel_size=5, padding=2)
-    holder = torch.nn.ModuleDict({"up": up, "odd": odd})
+    wide = randomize_(Upsample2D(8, use_conv=True, out_channels=16))  # Co != Ci folds too
+    wide_ref = copy.deepcopy(wide)
+    holder = torch.nn.ModuleDict({"up": up, "odd": odd, "wide": wide})
     report = fastdiff.optimize(holder).fastdiff_report
     assert type(up).__name__ == "FoldedUpsample2D"
-    assert report.counts(report.replaced) == {"Upsample2D: folded transposed conv on CPU": 1}
-    assert report.left == [("odd", "Upsample2D whose conv is not a plain 3x3, padding 1")]
+    assert report.counts(report.replaced) == {"Upsample2D: folded transposed conv on CPU": 2}
+    why = "Upsample2D: the conv is not 3x3, stride 1, padding 1 on these channels"
+    assert report.left == [("odd", why)]
     assert set(up.state_dict()) == set(ref.state_dict())
     x = torch.randn(2, 8, 5, 7)
     with torch.no_grad():
@@ -286,3 +289,8 @@ def test_upsample2d_folded_on_cpu_equals_diffusers():
         torch.testing.assert_close(sized, ref(x, output_size=(11, 15)), rtol=0, atol=0)
         xc = x.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(up(xc), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(wide(x), wide_ref(x), rtol=1e-5, atol=1e-5)
+        calls = []  # a hooked conv (e.g. a LoRA wrapper's) runs diffusers' own forward
+        up.conv.register_forward_hook(lambda m, i, o: calls.append(1))
+        torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)
+        assert calls == [1]

@@ -68,17 +68,61 @@ def test_nan_and_inf_propagate():
     assert torch.equal(out.isfinite(), ref.isfinite())
 
 
-def test_cache_follows_in_place_weight_updates():
+@pytest.mark.parametrize("how", ["in-place", "data", "inference-mode-then-grad"])
+def test_weight_updates_are_always_seen(how):
+    """No folded weight is cached: in-place and ``.data`` updates (EMA swaps) are seen at once,
+    and a forward under inference_mode leaves nothing that breaks a later autograd forward."""
     torch.manual_seed(2)
     up = Upsample(4)
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         first = up(x)
-        up.conv.weight.mul_(-0.5)  # bumps the version counter: the folded weight is refolded
-        second = up(x)
-        eager = _eager(x, up.conv)
+    if how == "in-place":
+        with torch.no_grad():
+            up.conv.weight.mul_(-0.5)
+    elif how == "data":
+        up.conv.weight.data.copy_(torch.randn_like(up.conv.weight))
+    else:
+        up.requires_grad_(False)
+        with torch.inference_mode():
+            up(x)
+        xg = x.clone().requires_grad_(True)
+        up(xg).sum().backward()  # would raise if an inference tensor had been kept
+        assert xg.grad is not None
+        up.conv.weight.data.mul_(2.0)
+    with torch.no_grad():
+        second, eager = up(x), _eager(x, up.conv)
     assert not torch.allclose(first, second)
-    assert_fa_rule(second, _reference(x, up.conv), eager, name="after update")
+    assert_fa_rule(second, _reference(x, up.conv), eager, name=how)
+
+
+def test_hooked_or_replaced_conv_runs_as_a_module():
+    """A hook (pruning, LoRA wrappers, ...) or a parametrization must see the conv called."""
+    torch.manual_seed(5)
+    up = Upsample(4)
+    x = torch.randn(1, 4, 3, 3)
+    calls = []
+    handle = up.conv.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    with torch.no_grad():
+        up(x)
+    handle.remove()
+    assert calls == [torch.Size([1, 4, 6, 6])]
+
+    class Negate(torch.nn.Module):
+        def forward(self, w):
+            return -w
+
+    torch.nn.utils.parametrize.register_parametrization(up.conv, "weight", Negate())
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), _eager(x, up.conv), rtol=0, atol=0)
+
+
+def test_float64_fold_is_exact():
+    torch.manual_seed(6)
+    up = Upsample(3).double()
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(up(x), _eager(x, up.conv), rtol=1e-12, atol=1e-12)
 
 
 def test_gradients_match_the_definition():
@@ -96,11 +140,13 @@ def test_gradients_match_the_definition():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_state_dict_unchanged():
+def test_state_dict_and_attributes_unchanged():
     up = Upsample(4)
+    before = set(vars(up))
     with torch.no_grad():
         up(torch.randn(1, 4, 3, 3))
     assert set(up.state_dict()) == {"conv.weight", "conv.bias"}
+    assert set(vars(up)) == before  # nothing cached on the module
 
 
 def test_fold_rejects_non_3x3():

@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export FASTDIFF_CUDA="${FASTDIFF_CUDA:-0}"
 # Both flavours link the same output file, which ninja would call up to date after switching
-# FASTDIFF_CUDA: remove it so the flavour asked for is always the one relinked and copied.
-rm -f build/lib.*/fastdiff/_C.*.so
-exec flock /tmp/fastdiff-build.lock python setup.py -q build_ext --inplace \
-  --build-temp "build/temp-cuda${FASTDIFF_CUDA}"
+# FASTDIFF_CUDA: remove it (under the lock) so the flavour asked for is the one relinked.
+exec flock /tmp/fastdiff-build.lock sh -c 'rm -f build/lib.*/fastdiff/_C.*.so && exec "$@"' sh \
+  python setup.py -q build_ext --inplace --build-temp "build/temp-cuda${FASTDIFF_CUDA}"

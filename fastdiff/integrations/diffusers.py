@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import cached_fold
+from fastdiff.nn.sampling import foldable_conv, upsample_conv
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 __all__ = ["FastAttnProcessor", "OptimizeReport", "optimize"]
@@ -85,7 +84,7 @@ def _gn_silu(norm: nn.GroupNorm, x: torch.Tensor, **kw: Any) -> torch.Tensor:
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *a, **k):
     """diffusers ``ResnetBlock2D.forward`` with its two GroupNorm->SiLU pairs fused."""
     if self.time_emb_proj is None and temb is not None:
-        return super(type(self), self).forward(input_tensor, temb, *a, **k)  # unusual: as is
+        return super(_fused_resnet_class(), self).forward(input_tensor, temb, *a, **k)
 
     hidden_states = _gn_silu(self.norm1, input_tensor)  # silu(GN(x))     [N x Cin x H x W]
     if self.upsample is not None:
@@ -175,11 +174,19 @@ def _patch_resnet(name: str, block: nn.Module, report: OptimizeReport) -> None:
 def _folded_upsample_forward(self, hidden_states: torch.Tensor, output_size=None, *a, **k):
     """diffusers ``Upsample2D.forward``; on CPU, nearest 2x + 3x3 conv as one folded stride-2
     transposed conv (same result up to fp rounding)."""
-    if hidden_states.device.type != "cpu" or output_size is not None or a or k:
-        return super(type(self), self).forward(hidden_states, output_size, *a, **k)
-    conv = self.conv if self.name == "conv" else self.Conv2d_0
-    w = cached_fold(self, conv.weight)
-    return F.conv_transpose2d(hidden_states, w, conv.bias, stride=2, padding=1)
+    conv = self.conv if self.name == "conv" else getattr(self, "Conv2d_0", None)
+    if (
+        hidden_states.device.type != "cpu"
+        or output_size is not None
+        or a
+        or k
+        or self.norm is not None
+        or self.use_conv_transpose
+        or not (self.interpolate and self.use_conv)
+        or foldable_conv(conv, hidden_states.shape[1]) is not None
+    ):
+        return super(_folded_upsample_class(), self).forward(hidden_states, output_size, *a, **k)
+    return upsample_conv(hidden_states, conv)
 
 
 @functools.cache
@@ -196,17 +203,8 @@ def _foldable_upsample(up: nn.Module) -> str | None:
     if up.norm is not None or up.use_conv_transpose or not up.interpolate or not up.use_conv:
         return "Upsample2D with a norm, a transposed conv, no interpolation or no conv"
     conv = up.conv if up.name == "conv" else getattr(up, "Conv2d_0", None)
-    plain = (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
-        and conv.in_channels == conv.out_channels == up.channels
-    )
-    return None if plain else "Upsample2D whose conv is not a plain 3x3, padding 1"
+    why = foldable_conv(conv, up.channels)
+    return None if why is None else f"Upsample2D: {why}"
 
 
 def _patch_upsample(name: str, up: nn.Module, report: OptimizeReport) -> None:

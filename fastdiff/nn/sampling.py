@@ -23,15 +23,59 @@ def fold_upsample_conv(weight: Tensor) -> Tensor:
     output ``2i + a`` from row ``i`` through tap ``k = a + 1``, from row ``i - 1`` through
     ``k = a + 3`` and from row ``i + 1`` through ``k = a - 1``, hence the 4-tap kernel
     ``[w2, w1 + w2, w0 + w1, w0]`` and, in 2-D, ``W' = A W A^T``. That is 4 taps per output pixel
-    instead of 9 (0.44x the FLOPs) and no upsampled copy of the input. Sums in fp32.
+    instead of 9 (0.44x the FLOPs) and no upsampled copy of the input.
+
+    Computed as one small GEMM (``[Co*Ci x 9] @ kron(A, A)^T``) in at least fp32, cheap enough
+    (~10% of the conv it replaces at 64 channels) to redo on every call: no cache that an
+    in-place ``.data`` update, a parametrization or ``inference_mode`` could make stale.
     """
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError(f"weight must be [Co x Ci x 3 x 3], got {tuple(weight.shape)}")
-    a = torch.tensor(_FOLD, dtype=torch.float32, device=weight.device)
-    w = torch.einsum("kd,oidx,lx->iokl", a, weight.float(), a).to(weight.dtype)
-    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
-        return w.contiguous(memory_format=torch.channels_last)
-    return w.contiguous()
+    co, ci = weight.shape[:2]
+    ct = torch.promote_types(weight.dtype, torch.float32)
+    a = torch.tensor(_FOLD, dtype=ct, device=weight.device)
+    k = torch.kron(a, a).t()  # [9 x 16]: (dy*3 + dx) -> (ky*4 + kx)
+    w = (weight.reshape(co * ci, 9).to(ct) @ k).reshape(co, ci, 4, 4).transpose(0, 1)
+    fmt = torch.channels_last
+    if weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous():
+        return w.to(weight.dtype).contiguous(memory_format=fmt)
+    return w.to(weight.dtype).contiguous()
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Module or global forward/backward hooks that calling ``m`` would run."""
+    from torch.nn.modules import module as _mod
+
+    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks")  # fmt: skip
+    return any(own) or any(getattr(_mod, n, None) for n in names)
+
+
+def foldable_conv(conv: nn.Module, channels: int) -> str | None:
+    """None when ``conv`` is a plain ``nn.Conv2d`` (3x3, stride 1, padding 1, zeros, no groups,
+    no dilation, ``channels`` inputs) with no hooks, so that nearest 2x + ``conv`` may run as the
+    folded transposed conv; otherwise why not (a subclass, a parametrization or a hook, e.g.
+    LoRA or pruning, must run as a module)."""
+    if type(conv) is not nn.Conv2d:
+        return f"the conv is a {type(conv).__name__}, not a plain nn.Conv2d"
+    if _hooked(conv):
+        return "the conv has hooks"
+    plain = (
+        conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and conv.in_channels == channels
+    )
+    return None if plain else "the conv is not 3x3, stride 1, padding 1 on these channels"
+
+
+def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(up2(x))`` as one folded stride-2 transposed conv (``foldable_conv(conv)`` holds)."""
+    return F.conv_transpose2d(x, fold_upsample_conv(conv.weight), conv.bias, stride=2, padding=1)
 
 
 class Upsample(nn.Module):
@@ -39,10 +83,10 @@ class Upsample(nn.Module):
 
     On CPU, nearest + 3x3 conv runs as one stride-2 transposed conv with the folded 4x4 kernel
     (:func:`fold_upsample_conv`; same result up to fp rounding, 0.44x the FLOPs, and PyTorch's
-    NCHW nearest upsampling is slow on CPU). NaN propagates as before; an inf input may give
-    inf where the unfolded sum ``w1*inf + w2*inf`` gives NaN. The folded weight is cached while
-    the conv weight is unchanged (its version counter) and recomputed under autograd. CUDA keeps
-    interpolate + conv (the folded path has not been measured on a GPU).
+    NCHW nearest upsampling is slow on CPU), unless the conv was replaced or hooked
+    (:func:`foldable_conv`). NaN propagates as before; an inf input may give inf where the
+    unfolded sum ``w1*inf + w2*inf`` gives NaN. CUDA keeps interpolate + conv (the folded path
+    has not been measured on a GPU).
     """
 
     def __init__(self, channels: int, use_conv: bool = True) -> None:
@@ -51,31 +95,11 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is not None and x.device.type == "cpu":
-            w = self._folded_weight()
-            return F.conv_transpose2d(x, w, self.conv.bias, stride=2, padding=1)
+        conv = self.conv
+        if conv is not None and x.device.type == "cpu" and foldable_conv(conv, x.shape[1]) is None:
+            return upsample_conv(x, conv)  # [N x C x 2H x 2W]
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [N x C x 2H x 2W]
-        return self.conv(x) if self.conv is not None else x
-
-    def _folded_weight(self) -> Tensor:
-        return cached_fold(self, self.conv.weight)
-
-
-def cached_fold(owner: nn.Module, weight: Tensor) -> Tensor:
-    """:func:`fold_upsample_conv` of ``weight``, cached on ``owner`` while the weight is
-    unchanged (same storage, layout and version counter); recomputed, differentiably, when
-    autograd records or under ``torch.compile``."""
-    if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
-        return fold_upsample_conv(weight)
-    try:
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.stride())
-    except RuntimeError:  # an inference tensor has no version counter: do not cache
-        return fold_upsample_conv(weight)
-    hit = owner.__dict__.get("_fastdiff_fold")
-    if hit is None or hit[0] != key:
-        hit = (key, fold_upsample_conv(weight))
-        owner.__dict__["_fastdiff_fold"] = hit
-    return hit[1]
+        return conv(x) if conv is not None else x
 
 
 class Downsample(nn.Module):
