@@ -441,3 +441,22 @@ def test_gpu_past_int32_offsets(case, layout):
     assert torch.isfinite(out[0, :2]).all()
     del x, out
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_silu_of_very_negative_values_underflows_to_zero(case, channels_last):
+    """silu(v) for v far below -88 is -0 (e^-v overflows), not v / e^88: a kernel that clamps
+    exp's argument must not return e.g. -1.8 for v = -3e38."""
+    dev, backend = case
+    torch.manual_seed(7)
+    x = torch.randn(2, 16, 9, 7, device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.ones(16, device=dev)
+    for b in (-1e30, -3e38, -100.0):
+        bias = torch.full((16,), b, device=dev)
+        y = _run(backend, x, 8, {"weight": w, "bias": bias})
+        ref = F.silu(F.group_norm(x.double(), 8, w.double(), bias.double()))
+        assert torch.isfinite(y).all()
+        assert (y.double() - ref).abs().max().item() <= 1e-30, (backend, b)

@@ -110,8 +110,10 @@ FD_CLONES void affine_act_vec_generic(const float* __restrict x, float* __restri
 // per 8 elements (the portable loop needs ~18 and bounds the kernel). With FMA the reduction
 // r = t - n ln2 needs one ln2 constant: the product is not rounded separately. Max relative
 // error 1.9e-7 over [-20, 20] and 3.1e-7 (~2.6 ulp, near v = -85) over [-87, 88], against float64. NaN propagates through the
-// division; t is clamped to [-87, 88] as in gn::exp_poly.
+// division; t is clamped to [-87, 88] as in gn::exp_poly, and below v = -88 the result is
+// v * 0 as in gn::silu (-0, or NaN for -inf: e^-v overflows).
 FD_AVX2_FMA_INLINE __m256 silu8(__m256 v) {
+  const __m256 under = _mm256_cmp_ps(v, _mm256_set1_ps(-88.0f), _CMP_LT_OQ);
   const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), v),
                                                _mm256_set1_ps(-87.0f)),
                                  _mm256_set1_ps(88.0f));
@@ -130,7 +132,8 @@ FD_AVX2_FMA_INLINE __m256 silu8(__m256 v) {
   q = _mm256_fmadd_ps(q, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));  // e^r
   const __m256 pow2n = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
-  return _mm256_div_ps(v, _mm256_fmadd_ps(q, pow2n, _mm256_set1_ps(1.0f)));
+  const __m256 y = _mm256_div_ps(v, _mm256_fmadd_ps(q, pow2n, _mm256_set1_ps(1.0f)));
+  return _mm256_blendv_ps(y, _mm256_mul_ps(v, _mm256_setzero_ps()), under);
 }
 
 FD_AVX2_FMA void affine_act_row_avx2(const float* __restrict x, float* __restrict y, int64_t n,

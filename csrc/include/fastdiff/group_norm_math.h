@@ -67,12 +67,17 @@ FD_GN float exp_poly(float x) {
   return p * as_float((ni + 127) << 23);
 }
 
-// SiLU(v) = v * sigmoid(v) = v / (1 + e^-v) in fp32 (Elfwing et al. 2018).
+// SiLU(v) = v * sigmoid(v) = v / (1 + e^-v) in fp32 (Elfwing et al. 2018). Below v = -88,
+// e^-v overflows fp32 and the result is v * 0 (-0, or NaN for v = -inf, as PyTorch gives); the
+// host's exp_poly clamps its argument, so that case is selected explicitly (as bit masks, which
+// keeps the loops vectorisable).
 FD_GN float silu(float v) {
 #if defined(__CUDA_ARCH__)
   return v / (1.0f + __expf(-v));
 #else
-  return v / (1.0f + exp_poly(-v));
+  const float y = v / (1.0f + exp_poly(-v));
+  const int32_t under = -(int32_t)(v < -88.0f);
+  return as_float((as_int(y) & ~under) | (as_int(v * 0.0f) & under));
 #endif
 }
 
