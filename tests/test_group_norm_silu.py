@@ -443,6 +443,7 @@ def test_gpu_past_int32_offsets(case, layout):
     torch.cuda.empty_cache()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # interpreter
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_silu_of_very_negative_values_underflows_to_zero(case, channels_last):
