@@ -199,9 +199,21 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.fastdiff.attention.default, (q, k, v, 0.3, backend))
 
 
-def test_autograd_matches_math():
+@pytest.mark.parametrize("requested", [None, "cpu", "torch"])
+def test_autograd_matches_math(requested, monkeypatch):
+    """Automatic choice: SDPA's native backward (no custom op); a requested backend: the op."""
+    import fastdiff.ops.attention as amod
+
+    calls = []
+    real_op = amod._attention_op
+    monkeypatch.setattr(amod, "_attention_op", lambda *a: calls.append(a[-1]) or real_op(*a))
     q, k, v = (torch.randn(2, 2, n, 40, requires_grad=True) for n in (11, 6, 6))
-    out = attention(q, k, v, scale=0.4)
+    if requested is None:
+        out = attention(q, k, v, scale=0.4)
+    else:
+        with fastdiff.use_backend(requested, "attention"):
+            out = attention(q, k, v, scale=0.4)
+    assert calls == ([] if requested is None else [requested])
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), g)
     q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))

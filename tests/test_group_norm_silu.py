@@ -461,3 +461,34 @@ def test_silu_of_very_negative_values_underflows_to_zero(case, channels_last):
         ref = F.silu(F.group_norm(x.double(), 8, w.double(), bias.double()))
         assert torch.isfinite(y).all()
         assert (y.double() - ref).abs().max().item() <= 1e-30, (backend, b)
+
+
+def test_training_uses_native_kernels_unless_a_backend_is_requested(monkeypatch):
+    """Autograd with the automatic choice runs PyTorch's native GroupNorm (its one-kernel
+    backward); an explicitly requested backend keeps the custom op (fused forward, analytic
+    backward). Gradients match the float64 reference either way."""
+    torch.manual_seed(8)
+    x, p = _inputs((2, 12, 4, 5), torch.float32, "cpu")
+    leaves = {"x": x.clone().requires_grad_()}
+    leaves.update({k: v.clone().requires_grad_() for k, v in p.items()})
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    ref = _eager(ref_leaves["x"], 3, {k: ref_leaves[k] for k in p})
+    gy = torch.randn(ref.shape)
+    g_ref = torch.autograd.grad(ref, list(ref_leaves.values()), gy.double())
+
+    calls = []
+    real_op = gmod._group_norm_silu_op
+    monkeypatch.setattr(gmod, "_group_norm_silu_op", lambda *a: calls.append(a[-1]) or real_op(*a))
+    for requested in (None, "cpu", "torch"):
+        calls.clear()
+        kw = {k: leaves[k] for k in p}
+        if requested is None:
+            out = group_norm_silu(leaves["x"], 3, **kw)
+        else:
+            with fastdiff.use_backend(requested, op="group_norm_silu"):
+                out = group_norm_silu(leaves["x"], 3, **kw)
+        assert calls == ([] if requested is None else [requested])
+        grads = torch.autograd.grad(out, list(leaves.values()), gy)
+        for name, a, b in zip(leaves, grads, g_ref, strict=True):
+            msg = f"{requested} {name}"
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=msg)

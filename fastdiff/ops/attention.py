@@ -252,7 +252,9 @@ def attention(
         ``[B x H x Lq x D]`` contiguous, in q's dtype. Softmax statistics and accumulators are fp32.
 
     The backend comes from :func:`fastdiff._dispatch.resolve`; head dims outside
-    :data:`SUPPORTED_HEAD_DIMS` go to SDPA in the automatic choice.
+    :data:`SUPPORTED_HEAD_DIMS` go to SDPA in the automatic choice. Under autograd with the
+    automatic choice (training) it runs SDPA, whose backward is O(L) memory; an explicitly
+    requested backend uses the op's math backward (materialises P).
     """
     _validate(q, k, v, scale)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -262,7 +264,19 @@ def attention(
         # most of the time of a short-sequence attention). Autograd, torch.compile and tensor
         # subclasses (fake/functional tensors) go through the registered op.
         return _run(q, k, v, s, backend)
+    if _native_training(q, k, v):
+        # Training with the automatic choice: SDPA's own O(L)-memory backward (the op's backward
+        # materialises P). An explicitly requested backend keeps the custom op.
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=s).contiguous()
     return _attention_op(q, k, v, s, backend)
+
+
+def _native_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if _dispatch.requested_backend("attention") is not None:
+        return False
+    return type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor
 
 
 def _plain_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -466,6 +466,10 @@ def group_norm_silu(
         ``y`` with ``x``'s shape and dtype, in ``x``'s memory format (contiguous or channels-last;
         any other strides are made contiguous first). Statistics are fp32.
 
+    Under autograd with the automatic backend choice (training) it runs PyTorch's native
+    ``F.group_norm`` (+ add, scale/shift, SiLU), whose backward is one fused kernel; an explicitly
+    requested backend runs the fused forward with the op's analytic backward.
+
     Raises:
         ValueError / TypeError: on bad arguments, before any kernel runs.
         RuntimeError: when an explicitly requested backend cannot run.
@@ -478,10 +482,35 @@ def group_norm_silu(
     dev = x.device
     backend = _dispatch.resolve(_OP, dev, _unsupported(dev, x.dtype, x.numel() == 0))
     if _needs_op(x, weight, bias, add, scale, shift):
+        if _native_training(x, weight, bias, add, scale, shift):
+            return _native_autograd(x, *args)
         return _group_norm_silu_op(_canon(x), *args, backend)
     # Eager inference: nothing to record for autograd and no tracing, so skip the dispatcher
     # round trip of the custom op (tens of microseconds, the size of a small GPU kernel).
     return _forward_impl(x, *args, backend)
+
+
+def _native_training(*tensors: Tensor | None) -> bool:
+    """Autograd on plain tensors with the backend chosen automatically: training. PyTorch's
+    native GroupNorm has a one-kernel backward; the op's analytic backward is ~20 torch ops
+    (a digits-model training step on CPU: 333 ms through the op, 228 ms native). An explicitly
+    requested backend keeps the fused forward and the analytic backward."""
+    if _dispatch.requested_backend(_OP) is not None or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
+
+
+def _native_autograd(x, num_groups, weight, bias, eps, add, scale, shift, silu):
+    """``act(GroupNorm(x + add) * (1 + scale) + shift)`` in PyTorch's native ops, for autograd."""
+    bshape = x.shape[:2] + (1,) * (x.dim() - 2)
+    u = x if add is None else x + add.reshape(bshape).to(x.dtype)
+    w, b = (None if t is None else t.to(x.dtype) for t in (weight, bias))  # F.group_norm: one dtype
+    y = F.group_norm(u, num_groups, w, b, eps)
+    if scale is not None:
+        y = y * (1 + scale.reshape(bshape).to(y.dtype))
+    if shift is not None:
+        y = y + shift.reshape(bshape).to(y.dtype)
+    return F.silu(y) if silu else y
 
 
 def _needs_op(*tensors: Tensor | None) -> bool:
