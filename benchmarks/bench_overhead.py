@@ -83,5 +83,6 @@ def test_overhead(benchmark, device, op, variant):
             variant=variant,
             rounds=30,
         )
-    per_call = benchmark.stats.stats.median / REPEAT
-    benchmark.extra_info["us_per_call"] = round(per_call * 1e6, 2)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        per_call = benchmark.stats.stats.median / REPEAT
+        benchmark.extra_info["us_per_call"] = round(per_call * 1e6, 2)

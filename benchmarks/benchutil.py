@@ -88,6 +88,8 @@ def bench(
     benchmark.extra_info.update(
         variant=variant, bytes=int(bytes), flops=int(flops), inner=inner, device=device
     )
+    if benchmark.stats is None:  # --benchmark-disable: the function ran once, nothing timed
+        return
     median = benchmark.stats.stats.median / inner
     if bytes:
         benchmark.extra_info["GB/s"] = round(bytes / median / 1e9, 2)
