@@ -144,6 +144,26 @@ def test_plain_group_norm_activation_none(case, cond):
     _check(out, x, 6, p, eps=1e-3, silu=False)
 
 
+# Each CPU kernel path: NCHW rows <= its tile with > 64 channels per group (chunked stats) and
+# short rows with tails; NHWC one-task-per-sample (<= 64k elements) and the chunked path above.
+PATH_SHAPES = [((3, 130, 4, 4), 1), ((2, 70, 9), 2), ((1, 32, 2100), 4), ((4, 64, 16, 16), 8)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,groups", PATH_SHAPES, ids=[str(s[0]) for s in PATH_SHAPES])
+def test_channels_with_far_apart_means(case, shape, groups, layout):
+    """Per-channel means spread over +-300 (and a time-embedding add): the group statistics
+    merge channel moments, which must not cancel."""
+    device, backend = case
+    x, p = _inputs(shape, torch.float32, device, cond=True)
+    offset = 100 * torch.randn(shape[1]).reshape(1, -1, *([1] * (len(shape) - 2)))
+    x = _to_layout(x + offset.to(device), layout)
+    p["add"] = p["add"] * 10
+    out = _run(backend, x, groups, p)
+    _check(out, x, groups, p, name=f"{backend} {shape} {layout}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_non_contiguous_inputs(case):
     device, backend = case

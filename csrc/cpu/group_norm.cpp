@@ -1,23 +1,28 @@
 // Fused GroupNorm(+add, +scale/shift)+SiLU on CPU: OpenMP over work items, vectorised inner loops.
 //
 // NCHW: one task per (n, g). The (n, g) slab is C/G contiguous rows of HW elements; the task
-// computes per-row shifted sums, merges them (Chan) into the group's mean/M2, then immediately
-// applies y = act(a*x + b) row by row while the slab is still in L2 (one DRAM read of x for
-// slabs that fit in cache).
-// NHWC: rows of C contiguous channels. Pass 1: tasks over (n, chunk of HW rows) accumulate
-// per-channel shifted sums, vectorised along C. Merge per (n, g). Pass 2: tasks over
-// (n, chunk) apply y = act(a[c]*x + b[c]) along C.
+// computes per-row shifted sums, merges them into the group's mean/M2, then immediately applies
+// y = act(a*x + b) row by row while the slab is still in L2 (one DRAM read of x for slabs that
+// fit in cache). fp32 rows up to kTile (run_nchw_rows) take one stats call and one apply call per
+// block of channels and merge without a division chain: at (8, 64, 4, 4) the per-row calls of
+// the general path (run_nchw) cost more than the 32 elements of a group.
+// NHWC: rows of C contiguous channels. fp32 samples up to 64k elements (run_nhwc_sample): one
+// task per sample runs all passes in L2. Larger ones (run_nhwc): pass 1, tasks over
+// (n, chunk of HW rows) accumulate per-channel shifted sums, vectorised along C; merge per
+// (n, g); pass 2, tasks over (n, chunk) apply y = act(a[c]*x + b[c]) along C.
 //
-// Work is handed out dynamically (one task at a time): on a shared, oversubscribed machine a
-// descheduled thread then holds back one task, not half of the work.
+// Work is handed out dynamically (chunks of tasks, parallel_tasks): on a shared, oversubscribed
+// machine a descheduled thread then holds back one chunk, not half of the work.
 //
 // The hot loops are plain float loops (no libm: SiLU uses gn::exp_poly), compiled for the
 // baseline ISA and, on x86-64 GCC, also for x86-64-v3 (AVX2+FMA) via target_clones with
 // runtime dispatch, so the binary stays portable (no -march=native).
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
+#include "fastdiff/cpu_parallel.h"
 #include "fastdiff/group_norm_math.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -109,7 +114,8 @@ FD_CLONES void affine_act_vec_generic(const float* __restrict x, float* __restri
 // SiLU of 8 lanes, v / (1 + e^-v): gn::exp_poly's Cephes polynomial with FMAs, 12 FMA-pipe ops
 // per 8 elements (the portable loop needs ~18 and bounds the kernel). With FMA the reduction
 // r = t - n ln2 needs one ln2 constant: the product is not rounded separately. Max relative
-// error 1.9e-7 over [-20, 20] and 3.1e-7 (~2.6 ulp, near v = -85) over [-87, 88], against float64. NaN propagates through the
+// error 1.9e-7 over [-20, 20] and 3.1e-7 (~2.6 ulp, near v = -85) over [-87, 88], against
+// float64. NaN propagates through the
 // division; t is clamped to [-87, 88] as in gn::exp_poly, and below v = -88 the result is
 // v * 0 as in gn::silu (-0, or NaN for -inf: e^-v overflows).
 FD_AVX2_FMA_INLINE __m256 silu8(__m256 v) {
@@ -162,6 +168,27 @@ FD_AVX2_FMA void affine_act_vec_avx2(const float* __restrict x, float* __restric
   if (i < n) affine_act_vec_generic(x + i, y + i, n - i, a + i, b + i, silu);
 }
 
+// y = act(a[r] * x + b[r]) over `rows` contiguous rows of n floats (one call per channel chunk).
+FD_AVX2_FMA void affine_act_rows_avx2(const float* __restrict x, float* __restrict y,
+                                      int64_t rows, int64_t n, const float* __restrict a,
+                                      const float* __restrict b, bool silu) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    float* yr = y + r * n;
+    const __m256 av = _mm256_set1_ps(a[r]), bv = _mm256_set1_ps(b[r]);
+    int64_t i = 0;
+    if (silu) {
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(yr + i, silu8(_mm256_fmadd_ps(_mm256_loadu_ps(xr + i), av, bv)));
+      for (; i < n; ++i) yr[i] = gn::silu(gn::apply(xr[i], a[r], b[r]));
+    } else {
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(yr + i, _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), av, bv));
+      for (; i < n; ++i) yr[i] = gn::apply(xr[i], a[r], b[r]);
+    }
+  }
+}
+
 bool avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -173,6 +200,15 @@ inline void affine_act_row(const float* x, float* y, int64_t n, float a, float b
   if (avx2_fma()) return affine_act_row_avx2(x, y, n, a, b, silu);
 #endif
   affine_act_row_generic(x, y, n, a, b, silu);
+}
+
+inline void affine_act_rows(const float* x, float* y, int64_t rows, int64_t n, const float* a,
+                            const float* b, bool silu) {
+#ifdef FD_HAVE_AVX2_SILU
+  if (avx2_fma()) return affine_act_rows_avx2(x, y, rows, n, a, b, silu);
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    affine_act_row_generic(x + r * n, y + r * n, n, a[r], b[r], silu);
 }
 
 inline void affine_act_vec(const float* x, float* y, int64_t n, const float* a, const float* b,
@@ -190,6 +226,48 @@ FD_CLONES void chan_shifted_sums(const float* __restrict x, int64_t n, const flo
     float d = x[i] - k[i];
     s1[i] += d;
     s2[i] += d * d;
+  }
+}
+
+// Per-row shifted sums of `rows` contiguous rows of n <= kTile floats: k[r] = the row's first
+// element, s1[r] = sum(x - k[r]), s2[r] = sum((x - k[r])^2); fp32 lanes, pairwise lane sums.
+// One call per group of channels: for small rows (HW = 16, 64) the per-row call, the fp64 lane
+// reduction and the merge divisions of the general path cost more than the data.
+FD_CLONES void rows_shifted_sums(const float* __restrict x, int64_t rows, int64_t n,
+                                 float* __restrict k, float* __restrict s1,
+                                 float* __restrict s2) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * n;
+    const float kr = row[0];
+    const v8f kv = {kr, kr, kr, kr, kr, kr, kr, kr};
+    v8f a1 = {}, a2 = {}, b1 = {}, b2 = {};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const v8f d0 = load8(row + i) - kv;
+      const v8f d1 = load8(row + i + 8) - kv;
+      a1 += d0;
+      a2 += d0 * d0;
+      b1 += d1;
+      b2 += d1 * d1;
+    }
+    if (i + 8 <= n) {
+      const v8f d0 = load8(row + i) - kv;
+      a1 += d0;
+      a2 += d0 * d0;
+      i += 8;
+    }
+    a1 += b1;
+    a2 += b2;
+    float t1 = ((a1[0] + a1[4]) + (a1[2] + a1[6])) + ((a1[1] + a1[5]) + (a1[3] + a1[7]));
+    float t2 = ((a2[0] + a2[4]) + (a2[2] + a2[6])) + ((a2[1] + a2[5]) + (a2[3] + a2[7]));
+    for (; i < n; ++i) {
+      const float d = row[i] - kr;
+      t1 += d;
+      t2 += d * d;
+    }
+    k[r] = kr;
+    s1[r] = t1;
+    s2[r] = t2;
   }
 }
 
@@ -241,14 +319,74 @@ struct Params {
   }
 };
 
+// Merges per-channel moments (mean_c, M2_c over hw elements each) into the group's mean and
+// rstd without a division chain: M2 = sum M2_c + hw * sum (mean_c - mean)^2, that last sum taken
+// shifted by the first channel's mean (d1 = sum e, d2 = sum e^2, e = mean_c - mean_first).
+struct GroupAcc {
+  double mu0 = 0.0, d1 = 0.0, d2 = 0.0, m2 = 0.0;
+  int64_t count = 0;
+  // one channel from its shifted sums s1, s2 about the shift k (inv_hw = 1 / hw)
+  inline void add_channel(double k, double s1, double s2, double inv_hw, double add) {
+    const double d = s1 * inv_hw;
+    const double mc = k + d + add;
+    const double v = s2 - s1 * d;
+    m2 += v > 0.0 ? v : 0.0;
+    if (count++ == 0) mu0 = mc;
+    const double e = mc - mu0;
+    d1 += e;
+    d2 += e * e;
+  }
+  inline void finish(int64_t hw, float eps, float* mean, float* rstd) const {
+    const double dm = d1 / (double)count;
+    const double spread = d2 - d1 * dm;
+    const double total = m2 + (double)hw * (spread > 0.0 ? spread : 0.0);
+    *mean = (float)(mu0 + dm);
+    *rstd = gn::rstd_from((float)(total / ((double)count * (double)hw)), eps);
+  }
+};
+
+constexpr int64_t kChanBlock = 64;  // channels per stats/apply call in run_nchw_rows
+
+// NCHW fp32 with rows of HW <= kTile: per (n, g) task, the slab's per-row shifted sums come from
+// one call per block of channels; the channel moments merge without a division chain
+// (mean_c = k + s1/HW, M2_c = s2 - s1 * (s1/HW), then the group's M2 = sum M2_c +
+// HW * sum (mean_c - mean)^2, the last sum shifted by the first channel's mean); then one apply
+// call per block. Same statistics as run_nchw (shifted by a member of each row, fp64 merge).
+void run_nchw_rows(const float* x, float* y, int64_t N, int64_t C, int64_t HW, int64_t G,
+                   const Params& p) {
+  const int64_t cpg = C / G;
+  const int64_t tasks = N * G;
+  const double inv_hw = 1.0 / (double)HW;
+  parallel_tasks(tasks, cpg * HW, [&](int64_t t) {
+    const int64_t n = t / G, g = t % G;
+    const int64_t c_begin = g * cpg;
+    const float* slab = x + (n * C + c_begin) * HW;
+    float k[kChanBlock], s1[kChanBlock], s2[kChanBlock];
+    GroupAcc acc;
+    for (int64_t c0 = 0; c0 < cpg; c0 += kChanBlock) {
+      const int64_t nc = std::min(kChanBlock, cpg - c0);
+      rows_shifted_sums(slab + c0 * HW, nc, HW, k, s1, s2);
+      for (int64_t r = 0; r < nc; ++r)
+        acc.add_channel(k[r], s1[r], s2[r], inv_hw, p.add ? p.add[n * C + c_begin + c0 + r] : 0.0);
+    }
+    float fmean, rstd;
+    acc.finish(HW, p.eps, &fmean, &rstd);
+    float a[kChanBlock], b[kChanBlock];
+    for (int64_t c0 = 0; c0 < cpg; c0 += kChanBlock) {
+      const int64_t nc = std::min(kChanBlock, cpg - c0);
+      for (int64_t r = 0; r < nc; ++r)
+        p.fold_channel(n, C, c_begin + c0 + r, fmean, rstd, &a[r], &b[r]);
+      const int64_t off = (n * C + c_begin + c0) * HW;
+      affine_act_rows(x + off, y + off, nc, HW, a, b, p.silu);
+    }
+  });
+}
+
 template <typename T>
 void run_nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t cpg = C / G;
   const int64_t tasks = N * G;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) if (N * C * HW > 16384)
-#endif
-  for (int64_t t = 0; t < tasks; ++t) {
+  parallel_tasks(tasks, cpg * HW, [&](int64_t t) {
     const int64_t n = t / G, g = t % G;
     float ibuf[kTile], obuf[kTile];
     double cnt = 0.0, mean = 0.0, m2 = 0.0;
@@ -279,7 +417,50 @@ void run_nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
         store_f32(yrow + i, o, len);
       }
     }
-  }
+  });
+}
+
+constexpr int64_t kSampleElems = int64_t(1) << 16;  // run_nhwc_sample: one sample <= 256 KB
+
+// NHWC fp32, samples of HW * C <= kSampleElems: one task per sample, its three passes (channel
+// sums, group merge + fold, apply) back to back while the sample sits in L2, with per-thread
+// scratch reused across calls (no allocation, one parallel region). Same statistics as run_nhwc:
+// per-channel shift = the channel's first element, fp32 sums over <= kChunkRows rows, fp64 above.
+void run_nhwc_sample(const float* x, float* y, int64_t N, int64_t C, int64_t HW, int64_t G,
+                     const Params& p) {
+  const int64_t cpg = C / G;
+  const double inv_hw = 1.0 / (double)HW;
+  parallel_tasks(N, HW * C, [&](int64_t n) {
+    static thread_local std::vector<float> scratch;
+    static thread_local std::vector<double> dscratch;
+    if ((int64_t)scratch.size() < 5 * C) scratch.resize(5 * C);
+    if ((int64_t)dscratch.size() < 2 * C) dscratch.resize(2 * C);
+    float *K = scratch.data(), *s1 = K + C, *s2 = s1 + C, *A = s2 + C, *B = A + C;
+    double *S1 = dscratch.data(), *S2 = S1 + C;
+    const float* xs = x + n * HW * C;
+    float* ys = y + n * HW * C;
+    std::memcpy(K, xs, (size_t)C * sizeof(float));
+    std::fill(S1, S1 + 2 * C, 0.0);
+    for (int64_t r0 = 0; r0 < HW; r0 += kChunkRows) {
+      const int64_t r1 = std::min(HW, r0 + kChunkRows);
+      std::fill(s1, s1 + 2 * C, 0.0f);
+      for (int64_t r = r0; r < r1; ++r) chan_shifted_sums(xs + r * C, C, K, s1, s2);
+      for (int64_t c = 0; c < C; ++c) {
+        S1[c] += s1[c];
+        S2[c] += s2[c];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      GroupAcc acc;
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+        acc.add_channel(K[c], S1[c], S2[c], inv_hw, p.add ? p.add[n * C + c] : 0.0);
+      float fmean, rstd;
+      acc.finish(HW, p.eps, &fmean, &rstd);
+      for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+        p.fold_channel(n, C, c, fmean, rstd, &A[c], &B[c]);
+    }
+    for (int64_t r = 0; r < HW; ++r) affine_act_vec(xs + r * C, ys + r * C, C, A, B, p.silu);
+  });
 }
 
 template <typename T>
@@ -370,8 +551,15 @@ void group_norm_silu_cpu(const GroupNormArgs& a) {
   FASTDIFF_DISPATCH_HOST_DTYPE(a.dtype, "group_norm_silu_cpu", [&] {
     const scalar_t* x = reinterpret_cast<const scalar_t*>(a.x);
     scalar_t* y = reinterpret_cast<scalar_t*>(a.y);
-    if (a.nhwc)
+    constexpr bool f32 = std::is_same<scalar_t, float>::value;
+    if (a.nhwc && f32 && a.HW * a.C <= kSampleElems)
+      run_nhwc_sample(reinterpret_cast<const float*>(a.x), reinterpret_cast<float*>(a.y), a.N,
+                      a.C, a.HW, a.G, p);
+    else if (a.nhwc)
       run_nhwc<scalar_t>(x, y, a.N, a.C, a.HW, a.G, p);
+    else if (f32 && a.HW <= kTile)
+      run_nchw_rows(reinterpret_cast<const float*>(a.x), reinterpret_cast<float*>(a.y), a.N, a.C,
+                    a.HW, a.G, p);
     else
       run_nchw<scalar_t>(x, y, a.N, a.C, a.HW, a.G, p);
   });
