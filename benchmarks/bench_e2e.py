@@ -10,7 +10,10 @@ Groups ("e2e <model> b<batch> <dtype>") and variants, ratios always within one g
     - ``compile-max-autotune-no-cudagraphs`` / ``compile-max-autotune``: that twin under
       ``torch.compile`` (only with ``FASTDIFF_BENCH_E2E_COMPILE=1``: ~4 min of autotuning each);
     - ``fused``: ``fastdiff.sample`` on the fused UNet; ``fused-graph``: with ``cuda_graph=True``;
-      ``fused-graph-channels-last``: the model in ``torch.channels_last`` too.
+      ``fused-graph-channels-last``: the model in ``torch.channels_last`` too;
+    - CPU (``digits``): ``eager``, ``eager-channels-last`` (the twin in channels_last),
+      ``fused`` (``fastdiff.sample`` as is: channels_last by default on CPU) and ``fused-nchw``
+      (``channels_last=False``).
 * diffusers ``UNet2DModel`` with the google/ddpm-cifar10-32 architecture (fp16, GPU):
     - ``eager``: the diffusers loop (``unet(x, t).sample`` + ``DDIMScheduler.step``);
     - ``optimize-diffusers-loop``: the same loop on ``fastdiff.optimize(unet)``;
@@ -101,8 +104,9 @@ class TorchUpsample(nn.Module):
 
 
 def torch_twin(model: UNet) -> UNet:
-    """A copy of ``model`` running only stock PyTorch ops (same weights, same math)."""
-    twin = copy.deepcopy(model)
+    """A copy of ``model`` running only stock PyTorch ops (same weights, same math), its weights
+    contiguous (NCHW) whatever ``model``'s layout."""
+    twin = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, GroupNormSiLU):
@@ -149,9 +153,11 @@ def diffusers_loop(unet, steps: int):
     return run
 
 
-def fastdiff_loop(model, steps: int, cuda_graph: bool = False):
+def fastdiff_loop(model, steps: int, cuda_graph: bool = False, channels_last: bool | None = None):
     def run(x):
-        return fastdiff.sample(model, steps=steps, noise=x, cuda_graph=cuda_graph)
+        return fastdiff.sample(
+            model, steps=steps, noise=x, cuda_graph=cuda_graph, channels_last=channels_last
+        )
 
     return run
 
@@ -230,6 +236,9 @@ def _variant_fn(model, variant: str, steps: int):
         return ddim_loop(torch.compile(torch_twin(model), mode=mode), steps)
     if variant.endswith("channels-last"):
         model = fastdiff.optimize(copy.deepcopy(model), channels_last=True)
+    if variant == "fused-nchw":  # sample()'s automatic channels_last (CPU) turned off
+        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        return fastdiff_loop(model, steps, channels_last=False)
     return fastdiff_loop(model, steps, cuda_graph="graph" in variant)
 
 
@@ -291,15 +300,17 @@ def test_e2e_diffusers_unet_gpu(benchmark, device, variant):
     _run_bench(benchmark, fn, x, group, variant, GPU_STEPS, device, rounds=5)
 
 
-CPU_VARIANTS = ["eager", "eager-channels-last", "fused", "fused-channels-last"]
+CPU_VARIANTS = ["eager", "eager-channels-last", "fused-nchw", "fused"]
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
 def test_e2e_cpu(benchmark, device, unet_cache, variant):
     """Digits model, fp32, batch 8. On CPU the 3x3 convolutions (oneDNN, near the FMA peak) are
     ~80% of a step, so the fused ops alone move the total little; channels_last speeds the
-    convolutions themselves. ``eager-channels-last`` (the plain twin in channels_last) shows
-    how much of ``fused-channels-last``'s gain is the layout alone."""
+    convolutions themselves. ``fused`` is ``fastdiff.sample(model)`` as is, which on CPU runs a
+    fastdiff UNet in channels_last; ``fused-nchw`` turns that off (``channels_last=False``) and
+    ``eager-channels-last`` (the plain twin in channels_last) shows how much of ``fused``'s gain
+    is the layout alone."""
     _skip_unless(device == "cpu", "the CPU end-to-end case runs on CPU")
     _needs(variant, device)
     model = _unet(unet_cache, "digits", "cpu", torch.float32)

@@ -358,3 +358,71 @@ def test_cuda_graph_equals_eager(opts):
         torch.testing.assert_close(out, eager[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(traj["x0"], eager[1]["x0"], rtol=1e-5, atol=1e-5)
     assert torch.equal(graphed[0][0], graphed[1][0])
+
+
+# ----------------------------------------------------------------------------- channels_last
+def _tiny_unet():
+    from fastdiff.models import UNet
+
+    torch.manual_seed(0)
+    return UNet.from_preset("tiny").eval()
+
+
+def _is_cl(model):
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    return all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_unet_on_cpu_runs_channels_last_by_default(trajectory):
+    """sample() runs a fastdiff UNet on CPU in channels_last (weights converted in place, values
+    unchanged), returns contiguous samples, and matches the NCHW run within fp32 rounding."""
+    import copy
+
+    model = _tiny_unet()
+    nchw = copy.deepcopy(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    c, s = model.config.in_channels, 16
+    x_t = torch.randn(2, c, s, s)
+    kw = dict(steps=4, noise=x_t, return_trajectory=trajectory)
+    out = fastdiff.sample(model, **kw)
+    ref = fastdiff.sample(nchw, channels_last=False, **kw)
+    assert _is_cl(model) and not _is_cl(nchw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    if trajectory:
+        (out, traj), (ref, traj_ref) = out, ref
+        for k in ("x", "x0"):
+            assert traj[k].is_contiguous()
+            torch.testing.assert_close(traj[k], traj_ref[k], rtol=1e-4, atol=1e-4)
+    assert out.is_contiguous() and out.shape == x_t.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # channels_last noise in -> channels_last samples out
+    cl = fastdiff.sample(model, steps=4, noise=x_t.contiguous(memory_format=torch.channels_last))
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    torch.testing.assert_close(cl, out, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_option_on_other_models():
+    """Explicit True converts any nn.Module; the default leaves non-fastdiff models alone."""
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def model(x, t):
+        return conv(x)
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    net = ConvNet()
+    fastdiff.sample(net, steps=2, shape=(3, 8, 8))
+    assert not _is_cl(net)
+    out = fastdiff.sample(net, steps=2, shape=(3, 8, 8), channels_last=True)
+    assert _is_cl(net) and out.is_contiguous()
+    fastdiff.sample(model, steps=2, shape=(3, 8, 8), channels_last=True)  # a plain callable
+    with pytest.raises(TypeError, match="channels_last"):
+        fastdiff.sample(net, steps=2, shape=(3, 8, 8), channels_last="yes")
