@@ -270,6 +270,40 @@ FD_CLONES void rows_shifted_sums(const float* __restrict x, int64_t rows, int64_
   }
 }
 
+// NHWC: s1[c] += sum_r (x[r*C + c] - k[c]), s2[c] += sum_r (...)^2 over nr <= kChunkRows rows,
+// 32 channels at a time with the sums in registers (the per-row chan_shifted_sums loop reloads
+// and stores both sum arrays for every row).
+FD_CLONES void chan_block_sums(const float* __restrict x, int64_t C, int64_t nr,
+                               const float* __restrict k, float* __restrict s1,
+                               float* __restrict s2) {
+  int64_t c = 0;
+  for (; c + 32 <= C; c += 32) {
+    const v8f k0 = load8(k + c), k1 = load8(k + c + 8), k2 = load8(k + c + 16),
+              k3 = load8(k + c + 24);
+    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {}, q0 = {}, q1 = {}, q2 = {}, q3 = {};
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* row = x + r * C + c;
+      const v8f d0 = load8(row) - k0, d1 = load8(row + 8) - k1;
+      const v8f d2 = load8(row + 16) - k2, d3 = load8(row + 24) - k3;
+      a0 += d0;
+      a1 += d1;
+      a2 += d2;
+      a3 += d3;
+      q0 += d0 * d0;
+      q1 += d1 * d1;
+      q2 += d2 * d2;
+      q3 += d3 * d3;
+    }
+    const v8f* acc[8] = {&a0, &a1, &a2, &a3, &q0, &q1, &q2, &q3};
+    for (int v = 0; v < 4; ++v)
+      for (int j = 0; j < 8; ++j) {
+        s1[c + 8 * v + j] += (*acc[v])[j];
+        s2[c + 8 * v + j] += (*acc[4 + v])[j];
+      }
+  }
+  for (int64_t r = 0; r < nr; ++r) chan_shifted_sums(x + r * C + c, C - c, k + c, s1 + c, s2 + c);
+}
+
 // Loads n elements as floats: the pointer itself for float storage, else converted into buf.
 template <typename T>
 inline const float* as_f32(const T* p, int64_t n, float* buf) {
@@ -443,7 +477,7 @@ void run_nhwc_sample(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
     for (int64_t r0 = 0; r0 < HW; r0 += kChunkRows) {
       const int64_t r1 = std::min(HW, r0 + kChunkRows);
       std::fill(s1, s1 + 2 * C, 0.0f);
-      for (int64_t r = r0; r < r1; ++r) chan_shifted_sums(xs + r * C, C, K, s1, s2);
+      chan_block_sums(xs + r0 * C, C, r1 - r0, K, s1, s2);
       for (int64_t c = 0; c < C; ++c) {
         S1[c] += s1[c];
         S2[c] += s2[c];
