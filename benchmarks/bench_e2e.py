@@ -323,14 +323,14 @@ def test_e2e_cpu(benchmark, device, unet_cache, variant):
     _run_bench(benchmark, fn, x, "e2e digits b8 fp32", variant, CPU_STEPS, device, rounds=5)
 
 
-DIFFUSERS_CPU_VARIANTS = ["eager", "optimize-diffusers-loop", "optimize", "optimize-channels-last"]
+DIFFUSERS_CPU_VARIANTS = ["eager", "optimize-diffusers-loop", "optimize", "optimize-nchw"]
 
 
 @pytest.mark.parametrize("variant", DIFFUSERS_CPU_VARIANTS)
 def test_e2e_diffusers_unet_cpu(benchmark, device, variant):
     """A small diffusers UNet2DModel (fp32, batch 4, 32x32, attention at 16x16) on CPU, 10 steps:
-    the diffusers loop as is, the same loop on ``fastdiff.optimize(unet)``, and
-    ``fastdiff.sample`` on it (also with ``channels_last``)."""
+    the diffusers loop as is, the same loop on ``fastdiff.optimize(unet)`` (channels_last by
+    default on CPU), ``fastdiff.sample`` on it, and on ``optimize(unet, channels_last=False)``."""
     _skip_unless(device == "cpu", "the CPU end-to-end case runs on CPU")
     pytest.importorskip("diffusers")
     _needs(variant, device)
@@ -350,7 +350,7 @@ def test_e2e_diffusers_unet_cpu(benchmark, device, variant):
     elif variant == "optimize-diffusers-loop":
         fn = diffusers_loop(fastdiff.optimize(unet), CPU_STEPS)
     else:
-        cl = variant.endswith("channels-last")
+        cl = False if variant == "optimize-nchw" else None  # None: channels_last on CPU
         fn = fastdiff_loop(fastdiff.optimize(unet, channels_last=cl), CPU_STEPS)
     x = torch.randn(4, 3, 32, 32)
     group = "e2e diffusers-small b4 fp32"

@@ -222,9 +222,10 @@ def sample(
         channels_last: run the model on x in ``torch.channels_last`` (4-D samples). ``True``
             also converts an ``nn.Module`` model's weights in place, as
             ``fastdiff.optimize(model, channels_last=True)`` does (their memory layout only:
-            values and ``state_dict`` are unchanged). ``None`` (default) means ``True`` for a
-            fastdiff :class:`~fastdiff.models.UNet` on CPU, where oneDNN's convolutions are
-            faster in that layout (digits model, 10 DDIM steps on 2 cores: ~1.2x), else
+            values and ``state_dict`` are unchanged). ``None`` (default) means ``True`` on CPU
+            for a fastdiff :class:`~fastdiff.models.UNet` and for a model whose conv weights are
+            already channels_last (``fastdiff.optimize`` on CPU), where oneDNN's convolutions
+            are faster in that layout (digits model, 10 DDIM steps on 2 cores: ~1.2x), else
             ``False``. The returned samples are in x_T's layout (contiguous unless ``noise`` was
             channels_last).
         **sampler_options: passed to the sampler, e.g. ``prediction_type``,
@@ -440,8 +441,17 @@ def _use_channels_last(
     if channels_last is None:
         from fastdiff.models.unet import UNet
 
-        return device.type == "cpu" and isinstance(model, UNet)
+        if device.type != "cpu" or not isinstance(model, torch.nn.Module):
+            return False
+        return isinstance(model, UNet) or _weights_channels_last(model)
     return channels_last
+
+
+def _weights_channels_last(model: torch.nn.Module) -> bool:
+    """Its first 4-D (conv) weight is channels_last (e.g. after ``fastdiff.optimize`` on CPU)."""
+    fmt = torch.channels_last
+    w = next((p for p in model.parameters() if p.ndim == 4), None)
+    return w is not None and w.is_contiguous(memory_format=fmt) and not w.is_contiguous()
 
 
 def _model_to_channels_last(model: torch.nn.Module) -> None:

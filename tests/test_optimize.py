@@ -195,6 +195,23 @@ def test_deepcopy_and_channels_last():
     torch.testing.assert_close(run(clone, xc, t, ctx), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_channels_last_by_default_on_cpu_only_when_asked_otherwise():
+    """optimize() on a CPU model converts it to channels_last unless channels_last=False; the
+    outputs match the unpatched model either way; a non-bool is a TypeError."""
+    model, x, _ = MODELS["unet2d"]()
+    t = torch.tensor([1, 999])
+    ref = run(model, x, t)
+    nchw = fastdiff.optimize(copy.deepcopy(model), channels_last=False)
+    assert not nchw.fastdiff_report.channels_last and nchw.conv_in.weight.is_contiguous()
+    fastdiff.optimize(model)
+    assert model.fastdiff_report.channels_last
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(run(model, x, t), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(nchw, x, t), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="channels_last"):
+        fastdiff.optimize(model, channels_last="yes")
+
+
 def test_ddim_pipeline_with_optimized_unet():
     model = unet2d(size=8)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
@@ -275,7 +292,7 @@ def test_upsample2d_folded_on_cpu_equals_diffusers():
     wide = randomize_(Upsample2D(8, use_conv=True, out_channels=16))  # Co != Ci folds too
     wide_ref = copy.deepcopy(wide)
     holder = torch.nn.ModuleDict({"up": up, "odd": odd, "wide": wide})
-    report = fastdiff.optimize(holder).fastdiff_report
+    report = fastdiff.optimize(holder, channels_last=False).fastdiff_report
     assert type(up).__name__ == "FoldedUpsample2D"
     assert report.counts(report.replaced) == {"Upsample2D: folded transposed conv on CPU": 2}
     why = "Upsample2D: the conv is not 3x3, stride 1, padding 1 on these channels"

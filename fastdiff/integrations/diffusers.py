@@ -278,7 +278,7 @@ def _patch_out_norm(model: nn.Module, report: OptimizeReport) -> None:
 # ---- entry point ----------------------------------------------------------------------------
 
 
-def optimize(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
+def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Module:
     """Patch ``model`` in place to run on fastdiff's fused kernels and return it.
 
     ``model`` is a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` (or any module holding
@@ -289,13 +289,23 @@ def optimize(model: nn.Module, *, channels_last: bool = False) -> nn.Module:
     work as before. Idempotent.
 
     ``channels_last=True`` also converts the weights to ``torch.channels_last``, so the convs
-    (and the fused kernels, natively) run NHWC.
+    (and the fused kernels, natively) run NHWC. ``None`` (default) does that when the model is
+    on CPU, where oneDNN's convolutions are faster in that layout (a small UNet2DModel, 10
+    steps: 1.08x eager in NCHW, 1.14x in channels_last); on a GPU the layout is left as it is
+    (channels_last there has not been measured with fastdiff's kernels).
 
     The report of what was replaced, what was already, and what was left alone and why, is
     attached as ``model.fastdiff_report`` (printable).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(
+            f"optimize: channels_last must be True, False or None, got {channels_last!r}"
+        )
+    if channels_last is None:
+        param = next(model.parameters(), None)
+        channels_last = param is not None and param.device.type == "cpu"
     report = OptimizeReport(model=type(model).__name__, channels_last=channels_last)
 
     from fastdiff.models.unet import UNet
