@@ -539,7 +539,16 @@ def _trajectory(smp: Sampler, xs: list[Tensor], x0s: list[Tensor]) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------ CUDA graphs
-_GRAPHS: weakref.WeakKeyDictionary[Any, dict[tuple, _StepGraph]] = weakref.WeakKeyDictionary()
+# model -> {graph key: _StepGraph, "params": _param_signature(model) the graphs were captured on}
+_GRAPHS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
+
+
+def _param_signature(model: Any) -> tuple:
+    """Where the model's weights live: a captured graph reads them at these addresses, so a
+    ``model.to(...)`` that reallocates them (dtype, device, memory format) must recapture."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
 
 
 def _kw_signature(kwargs: Mapping[str, Any]) -> tuple:
@@ -641,6 +650,10 @@ def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, re
         per_model = _GRAPHS.setdefault(model, {})
     except TypeError:  # not weak-referenceable: cache on nothing, capture every call
         per_model = {}
+    params = _param_signature(model)
+    if per_model.get("params", params) != params:
+        per_model.clear()  # the weights moved (model.to(...), a new layout): the graphs read them
+    per_model["params"] = params
     g = per_model.get(key)
     if g is None:
         g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state)

@@ -426,3 +426,18 @@ def test_channels_last_option_on_other_models():
     fastdiff.sample(model, steps=2, shape=(3, 8, 8), channels_last=True)  # a plain callable
     with pytest.raises(TypeError, match="channels_last"):
         fastdiff.sample(net, steps=2, shape=(3, 8, 8), channels_last="yes")
+
+
+def test_graph_cache_key_follows_the_weights_storage():
+    """A captured CUDA graph reads the weights at their addresses: reallocating them (here a
+    layout change, as channels_last=True does) must change the signature the graph cache checks;
+    an in-place load_state_dict must not."""
+    from fastdiff.api import _param_signature
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 3, 1))
+    sig = _param_signature(net)
+    net.load_state_dict({k: torch.randn_like(v) for k, v in net.state_dict().items()})
+    assert _param_signature(net) == sig
+    net.to(memory_format=torch.channels_last)
+    assert _param_signature(net) != sig
+    assert _param_signature(lambda x, t: x) == ()
