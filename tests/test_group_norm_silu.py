@@ -164,6 +164,27 @@ def test_channels_with_far_apart_means(case, shape, groups, layout):
     _check(out, x, groups, p, name=f"{backend} {shape} {layout}")
 
 
+def test_is_channels_last_matches_its_definition():
+    """The fast check (torch's channels_last formats for 4-D/5-D) equals the definition: the
+    permuted tensor with C innermost is contiguous, and x itself is not."""
+    for shape in [
+        (2, 3, 4, 5),
+        (1, 3, 1, 1),
+        (2, 1, 4, 5),
+        (2, 3, 1, 5),
+        (2, 3, 2, 3, 4),
+        (2, 3, 5),
+    ]:
+        base = torch.randn(shape)
+        perm = (0, *range(2, base.dim()), 1)
+        inv = (0, base.dim() - 1, *range(1, base.dim() - 1))
+        views = [base, base.permute(perm).contiguous().permute(inv), base.transpose(0, -1)]
+        views.append(torch.randn(shape[0], shape[1] + 1, *shape[2:])[:, 1:])
+        for x in views:
+            want = not x.is_contiguous() and x.permute(perm).is_contiguous()
+            assert gmod.is_channels_last(x) == want, (shape, x.stride())
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_non_contiguous_inputs(case):
     device, backend = case

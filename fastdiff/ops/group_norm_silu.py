@@ -36,10 +36,16 @@ _ACTIVATIONS = ("silu", None)
 
 
 # ----------------------------------------------------------------------------------- layouts
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def is_channels_last(x: Tensor) -> bool:
     """True when ``x`` [N x C x *spatial] is dense with C innermost and not plain contiguous."""
     if x.is_contiguous():
         return False
+    fmt = _CL_FORMATS.get(x.dim())
+    if fmt is not None:  # same answer as the permuted check below, without building a view
+        return x.is_contiguous(memory_format=fmt)
     perm = (0, *range(2, x.dim()), 1)
     return x.permute(perm).is_contiguous()
 
@@ -334,30 +340,16 @@ def _(x, num_groups, weight, bias, eps, add, scale, shift, silu, backend):
     return torch.empty_like(_canon(x))
 
 
-def _addr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, *, cuda, nhwc):
-    n, c = x.shape[:2]
+    shape = x.shape
+    n, c = shape[0], shape[1]
     hw = x.numel() // max(n * c, 1)
     common = (
-        x.data_ptr(),
-        out.data_ptr(),
-        n,
-        c,
-        hw,
-        num_groups,
-        nhwc,
-        _ext.dtype_code(x),
-        _addr(weight),
-        _addr(bias),
-        _addr(add),
-        _addr(scale),
-        _addr(shift),
-        float(eps),
-        bool(silu),
-    )
+        x.data_ptr(), out.data_ptr(), n, c, hw, num_groups, nhwc, _ext.DTYPE_CODES[x.dtype],
+        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        0 if add is None else add.data_ptr(), 0 if scale is None else scale.data_ptr(),
+        0 if shift is None else shift.data_ptr(), float(eps), bool(silu),
+    )  # fmt: skip
     C = _ext.native()
     if cuda:
         ws_n = C.group_norm_silu_cuda_workspace(*common[:8])
