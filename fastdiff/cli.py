@@ -421,6 +421,7 @@ def cmd_show_reverse(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastdiff`` command's argument parser (sample, train, bench, info, show)."""
     p = _Parser(prog="fastdiff", description="diffusion sampling on fused kernels")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 

@@ -53,6 +53,7 @@ class OptimizeReport:
     left: list[tuple[str, str]] = field(default_factory=list)  # not understood: left alone
 
     def counts(self, entries: list[tuple[str, str]]) -> dict[str, int]:
+        """How many entries share each description, e.g. ``report.counts(report.replaced)``."""
         out: dict[str, int] = {}
         for _, what in entries:
             out[what] = out.get(what, 0) + 1

@@ -61,9 +61,14 @@ class UNetConfig:
         return [self.sample_size // 2**i for i in range(len(self.channel_mult))]
 
     def level_channels(self, level: int) -> int:
+        """Channels at ``level``: ``base_channels * channel_mult[level]``."""
         return self.base_channels * self.channel_mult[level]
 
     def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for an inconsistent config (sizes, groups
+        dividing channels, heads dividing attention channels, attention resolutions that
+        never occur)."""
+
         def positive(name: str) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -122,6 +127,7 @@ class UNetConfig:
                 )
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of the fields (tuples as lists)."""
         d = dataclasses.asdict(self)
         d["channel_mult"] = list(self.channel_mult)
         d["attention_resolutions"] = list(self.attention_resolutions)
@@ -129,6 +135,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """Inverse of :meth:`to_dict`; unknown fields are a ``ValueError``."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -414,4 +421,5 @@ class UNet(nn.Module):
         return "\n".join([fmt(rows[0]), rule, *map(fmt, rows[1:]), rule, fmt(total)])
 
     def num_parameters(self) -> int:
+        """Total parameter count (``ddpm-cifar10``: 35.7M)."""
         return sum(p.numel() for p in self.parameters())
