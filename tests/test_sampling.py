@@ -162,3 +162,20 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(up, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), up(x), rtol=1e-6, atol=1e-6)
+
+
+def test_fold_matrix_cached_under_inference_mode_serves_autograd():
+    """The cached kron(A, A) constant is built outside inference mode even when the first call
+    runs inside it, so a later autograd forward may save it for backward."""
+    from fastdiff.nn import sampling
+
+    sampling._KRON.clear()
+    torch.manual_seed(7)
+    up = Upsample(4)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.inference_mode():
+        up(x)
+    assert not any(k.is_inference() for k in sampling._KRON.values())
+    xg = x.clone().requires_grad_(True)
+    up(xg).sum().backward()
+    assert xg.grad is not None and up.conv.weight.grad is not None

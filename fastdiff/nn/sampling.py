@@ -11,6 +11,21 @@ from torch import Tensor, nn
 _FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
+_KRON: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _fold_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``kron(A, A)`` [16 x 9], (ky*4 + kx) <- (dy*3 + dx): a constant, cached per dtype and
+    device (built outside inference mode, so autograd may save it for a later backward)."""
+    key = (dtype, device)
+    k = _KRON.get(key)
+    if k is None:
+        with torch.inference_mode(False):
+            a = torch.tensor(_FOLD, dtype=dtype, device=device)
+            k = _KRON[key] = torch.kron(a, a)
+    return k
+
+
 def fold_upsample_conv(weight: Tensor) -> Tensor:
     """``[Co x Ci x 3 x 3]`` conv weight -> ``[Ci x Co x 4 x 4]`` transposed-conv weight with
     ``conv_transpose2d(x, W', b, stride=2, padding=1) == conv2d(up2(x), W, b, padding=1)``,
@@ -37,8 +52,7 @@ def fold_upsample_conv(weight: Tensor) -> Tensor:
         raise ValueError(f"weight must be [Co x Ci x 3 x 3], got {tuple(weight.shape)}")
     co, ci = weight.shape[:2]
     ct = torch.promote_types(weight.dtype, torch.float32)
-    a = torch.tensor(_FOLD, dtype=ct, device=weight.device)
-    k = torch.kron(a, a)  # [16 x 9]: (ky*4 + kx) <- (dy*3 + dx)
+    k = _fold_matrix(ct, weight.device)  # [16 x 9]
     w = weight.to(ct).contiguous().permute(1, 2, 3, 0).reshape(ci, 9, co)  # [Ci x 9 x Co] view
     w = torch.matmul(k, w)  # [Ci x 16 x Co]
     return w.view(ci, 4, 4, co).permute(0, 3, 1, 2).to(weight.dtype)  # [Ci x Co x 4 x 4]
