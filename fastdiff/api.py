@@ -448,10 +448,13 @@ def _use_channels_last(
 
 
 def _weights_channels_last(model: torch.nn.Module) -> bool:
-    """Its first 4-D (conv) weight is channels_last (e.g. after ``fastdiff.optimize`` on CPU)."""
+    """Its first conv weight whose layout is unambiguous (more than one input channel and
+    tap) is channels_last, e.g. after ``fastdiff.optimize`` on CPU."""
     fmt = torch.channels_last
-    w = next((p for p in model.parameters() if p.ndim == 4), None)
-    return w is not None and w.is_contiguous(memory_format=fmt) and not w.is_contiguous()
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1:
+            return p.is_contiguous(memory_format=fmt) and not p.is_contiguous()
+    return False
 
 
 def _model_to_channels_last(model: torch.nn.Module) -> None:

@@ -424,6 +424,14 @@ def test_channels_last_option_on_other_models():
     out = fastdiff.sample(net, steps=2, shape=(3, 8, 8), channels_last=True)
     assert _is_cl(net) and out.is_contiguous()
     fastdiff.sample(model, steps=2, shape=(3, 8, 8), channels_last=True)  # a plain callable
+    from fastdiff.api import _weights_channels_last
+
+    assert _weights_channels_last(net)  # converted above: the default now runs x channels_last
+    one_in = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)).to(
+        memory_format=torch.channels_last
+    )
+    assert _weights_channels_last(one_in)  # the 1-channel first conv is ambiguous: skipped
+    assert not _weights_channels_last(nn.Sequential(nn.Conv2d(4, 4, 3)))
     with pytest.raises(TypeError, match="channels_last"):
         fastdiff.sample(net, steps=2, shape=(3, 8, 8), channels_last="yes")
 
