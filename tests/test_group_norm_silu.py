@@ -504,6 +504,30 @@ def test_silu_of_very_negative_values_underflows_to_zero(case, channels_last):
         assert (y.double() - ref).abs().max().item() <= 1e-30, (backend, b)
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_silu_accuracy_over_its_range(case, channels_last):
+    """weight = 0 makes every output exactly act(bias): the kernels' SiLU itself, checked against
+    float64 over [-87, 87] (and the sign of its underflow below) with a tight relative bound; the
+    GroupNorm tests' tolerance would hide a SiLU a few hundred ulp off."""
+    dev, backend = case
+    c = 2048
+    torch.manual_seed(8)
+    x = torch.randn(1, c, 3, 3, device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    v = torch.cat([torch.linspace(-87.0, 87.0, c - 8), torch.tensor([0.0, 1e-30, -1e-30, 1e-8,
+                   -1e-8, 5e-4, -5e-4, 30.0])]).to(dev)  # fmt: skip
+    y = _run(backend, x, 32, {"weight": torch.zeros(c, device=dev), "bias": v})
+    want = F.silu(v.double())[None, :, None, None].expand(1, c, 3, 3)
+    # host kernels measure <= 3.7e-7; CUDA's __expf is documented at 2 + 1.17|x| ulp, so a GPU
+    # gets a looser relative bound (and outputs below 1e-12 an absolute one)
+    rtol = 8e-7 if dev == "cpu" else 4e-6
+    excess = (y.double() - want).abs() - (rtol * want.abs() + 1e-12)
+    assert excess.max().item() <= 0, (backend, excess.max().item())
+    assert torch.equal(torch.signbit(y), torch.signbit(want.float())), backend
+
+
 def test_training_uses_native_kernels_unless_a_backend_is_requested(monkeypatch):
     """Autograd with the automatic choice runs PyTorch's native GroupNorm (its one-kernel
     backward); an explicitly requested backend keeps the custom op (fused forward, analytic
