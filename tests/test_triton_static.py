@@ -31,7 +31,7 @@ def _nvidia_backend() -> bool:
 
 @pytest.mark.skipif(not _nvidia_backend(), reason="needs triton's NVIDIA backend (bundled ptxas)")
 @pytest.mark.skipif(
-    torch.cuda.is_available(), reason="on a GPU the kernels are compiled and run by the suite itself"
+    torch.cuda.is_available(), reason="on a GPU the suite compiles and runs the kernels itself"
 )
 @pytest.mark.parametrize("arch", [90, 80])
 def test_kernels_compile_for_a_gpu_target(arch, tmp_path):
