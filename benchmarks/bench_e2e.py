@@ -326,6 +326,21 @@ def test_e2e_cpu(benchmark, device, unet_cache, variant):
 DIFFUSERS_CPU_VARIANTS = ["eager", "optimize-diffusers-loop", "optimize", "optimize-nchw"]
 
 
+def small_diffusers_unet():
+    """The CPU case's diffusers UNet2DModel: 32x32, 3 levels, attention at 16x16, fp32, eval."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=16,
+    ).eval()
+
+
 @pytest.mark.parametrize("variant", DIFFUSERS_CPU_VARIANTS)
 def test_e2e_diffusers_unet_cpu(benchmark, device, variant):
     """A small diffusers UNet2DModel (fp32, batch 4, 32x32, attention at 16x16) on CPU, 10 steps:
@@ -334,17 +349,7 @@ def test_e2e_diffusers_unet_cpu(benchmark, device, variant):
     _skip_unless(device == "cpu", "the CPU end-to-end case runs on CPU")
     pytest.importorskip("diffusers")
     _needs(variant, device)
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=16,
-    ).eval()
+    unet = small_diffusers_unet()
     if variant == "eager":
         fn = diffusers_loop(unet, CPU_STEPS)
     elif variant == "optimize-diffusers-loop":

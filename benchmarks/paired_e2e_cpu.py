@@ -44,17 +44,7 @@ def _digits():
 
 
 def _diffusers():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=32,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=16,
-    ).eval()
+    unet = B.small_diffusers_unet()
     fns = {
         "eager": B.diffusers_loop(copy.deepcopy(unet), B.CPU_STEPS),
         "optimize-nchw": B.fastdiff_loop(
