@@ -1,11 +1,11 @@
 // Fused GroupNorm(+add, +scale/shift)+SiLU on CPU: OpenMP over work items, vectorised inner loops.
 //
 // NCHW: one task per (n, g). The (n, g) slab is C/G contiguous rows of HW elements; the task
-// computes per-row shifted sums, merges them into the group's mean/M2, then immediately applies
+// computes per-row shifted sums, merges them into the group's mean/M2 (GroupAcc), then applies
 // y = act(a*x + b) row by row while the slab is still in L2 (one DRAM read of x for slabs that
 // fit in cache). fp32 rows up to kTile (run_nchw_rows) take one stats call and one apply call per
-// block of channels and merge without a division chain: at (8, 64, 4, 4) the per-row calls of
-// the general path (run_nchw) cost more than the 32 elements of a group.
+// block of channels: at (8, 64, 4, 4) the per-row calls of the general path (run_nchw) cost more
+// than the 32 elements of a group.
 // NHWC: rows of C contiguous channels. fp32 samples up to 64k elements (run_nhwc_sample): one
 // task per sample runs all passes in L2. Larger ones (run_nhwc): pass 1, tasks over
 // (n, chunk of HW rows) accumulate per-channel shifted sums, vectorised along C; merge per
@@ -419,10 +419,11 @@ template <typename T>
 void run_nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t cpg = C / G;
   const int64_t tasks = N * G;
+  const double inv_hw = 1.0 / (double)HW;
   parallel_tasks(tasks, cpg * HW, [&](int64_t t) {
     const int64_t n = t / G, g = t % G;
     float ibuf[kTile], obuf[kTile];
-    double cnt = 0.0, mean = 0.0, m2 = 0.0;
+    GroupAcc acc;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const T* row = x + (n * C + c) * HW;
       const float k = HostIO<T>::load(row);
@@ -431,13 +432,10 @@ void run_nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
         const int64_t len = std::min(kTile, HW - i);
         row_shifted_sums(as_f32(row + i, len, ibuf), len, k, &s1, &s2);
       }
-      double mc, m2c;
-      gn::shifted_to_moments<double>(k, s1, s2, (double)HW, &mc, &m2c);
-      if (p.add) mc += p.add[n * C + c];
-      gn::chan_merge<double>(&cnt, &mean, &m2, (double)HW, mc, m2c);
+      acc.add_channel(k, s1, s2, inv_hw, p.add ? p.add[n * C + c] : 0.0);
     }
-    const float fmean = (float)mean;
-    const float rstd = gn::rstd_from((float)(m2 / cnt), p.eps);
+    float fmean, rstd;
+    acc.finish(HW, p.eps, &fmean, &rstd);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       float a, b;
       p.fold_channel(n, C, c, fmean, rstd, &a, &b);
@@ -499,6 +497,7 @@ void run_nhwc_sample(const float* x, float* y, int64_t N, int64_t C, int64_t HW,
 template <typename T>
 void run_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, const Params& p) {
   const int64_t cpg = C / G;
+  const double inv_hw = 1.0 / (double)HW;
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(kChunkRows, (1 << 16) / C));
   const int64_t chunks = (HW + rows - 1) / rows;
   const int64_t tasks = N * chunks;
@@ -532,20 +531,17 @@ void run_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
 #endif
   for (int64_t t = 0; t < N * G; ++t) {
     const int64_t n = t / G, g = t % G;
-    double cnt = 0.0, mean = 0.0, m2 = 0.0;
+    GroupAcc acc;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       double s1 = 0.0, s2 = 0.0;
       for (int64_t k = 0; k < chunks; ++k) {
         s1 += P1[(n * chunks + k) * C + c];
         s2 += P2[(n * chunks + k) * C + c];
       }
-      double mc, m2c;
-      gn::shifted_to_moments<double>(K[n * C + c], s1, s2, (double)HW, &mc, &m2c);
-      if (p.add) mc += p.add[n * C + c];
-      gn::chan_merge<double>(&cnt, &mean, &m2, (double)HW, mc, m2c);
+      acc.add_channel(K[n * C + c], s1, s2, inv_hw, p.add ? p.add[n * C + c] : 0.0);
     }
-    const float fmean = (float)mean;
-    const float rstd = gn::rstd_from((float)(m2 / cnt), p.eps);
+    float fmean, rstd;
+    acc.finish(HW, p.eps, &fmean, &rstd);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
       p.fold_channel(n, C, c, fmean, rstd, &A[n * C + c], &B[n * C + c]);
   }

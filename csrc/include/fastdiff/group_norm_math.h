@@ -109,18 +109,6 @@ FD_GN void fold(float mean, float rstd, float w, float bias, float add, float sc
   *b = ((add - mean) * ws + bias) * s1 + shift;
 }
 
-// Chan et al. (1979) parallel merge of (count, mean, M2) summaries: (n, mean, m2) += (nb, mb, m2b).
-template <typename Acc>
-FD_GN void chan_merge(Acc* n, Acc* mean, Acc* m2, Acc nb, Acc mb, Acc m2b) {
-  Acc nab = *n + nb;
-  if (nab == Acc(0)) return;
-  Acc delta = mb - *mean;
-  Acc f = nb / nab;
-  *mean += delta * f;
-  *m2 += m2b + delta * delta * (*n) * f;
-  *n = nab;
-}
-
 // Shifted sums (relative to shift k) over `count` elements -> (mean, M2).
 template <typename Acc>
 FD_GN void shifted_to_moments(Acc k, Acc s1, Acc s2, Acc count, Acc* mean, Acc* m2) {
