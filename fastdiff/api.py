@@ -239,6 +239,10 @@ def sample(
     """
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise TypeError(
+            f"channels_last: expected True, False or None, got {type(channels_last).__name__}"
+        )
     param = _model_param(model)
 
     # ---- sampler and schedule
@@ -399,19 +403,19 @@ def sample(
         x = noise.to(device=device, dtype=dtype)
     else:
         x = randn_like_with(torch.empty(full, device=device, dtype=dtype), generator)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph: CUDA graphs need CUDA tensors, but sampling runs on {device}; "
+            "use cuda_graph=False on CPU"
+        )
     fmt = torch.preserve_format
-    if _use_channels_last(channels_last, model, device, x):
+    if _use_channels_last(channels_last, model, device, x):  # after every check: it writes
         fmt = torch.contiguous_format if x.is_contiguous() else torch.preserve_format
         if isinstance(model, torch.nn.Module):
             _model_to_channels_last(model)
         x = x.contiguous(memory_format=torch.channels_last)
 
     if cuda_graph:
-        if device.type != "cuda":
-            raise ValueError(
-                f"cuda_graph: CUDA graphs need CUDA tensors, but sampling runs on {device}; "
-                "use cuda_graph=False on CPU"
-            )
         res = _sample_graphed(
             model, smp, x, kwargs, guidance_scale, generator, progress, callback,
             return_trajectory,
@@ -432,10 +436,6 @@ def sample(
 def _use_channels_last(
     channels_last: bool | None, model: Any, device: torch.device, x: Tensor
 ) -> bool:
-    if channels_last is not None and not isinstance(channels_last, bool):
-        raise TypeError(
-            f"channels_last: expected True, False or None, got {type(channels_last).__name__}"
-        )
     if x.ndim != 4:
         return False
     if channels_last is None:

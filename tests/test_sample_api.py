@@ -434,6 +434,10 @@ def test_channels_last_option_on_other_models():
     assert not _weights_channels_last(nn.Sequential(nn.Conv2d(4, 4, 3)))
     with pytest.raises(TypeError, match="channels_last"):
         fastdiff.sample(net, steps=2, shape=(3, 8, 8), channels_last="yes")
+    fresh = ConvNet()  # a call that fails its checks leaves the model's layout alone
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fastdiff.sample(fresh, steps=2, shape=(3, 8, 8), channels_last=True, cuda_graph=True)
+    assert not _is_cl(fresh)
 
 
 def test_graph_cache_key_follows_the_weights_storage():
