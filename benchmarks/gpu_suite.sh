@@ -14,8 +14,9 @@ export FASTDIFF_CUDA=1 FASTDIFF_BENCH_COMPILE="${FASTDIFF_BENCH_COMPILE:-1}"
 export FASTDIFF_CUDA_ARCHS="${FASTDIFF_CUDA_ARCHS:-90-real}" MAX_JOBS="${MAX_JOBS:-16}"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
-# Test-only wheels (diffusers, importlib_metadata) carried to an offline GPU machine in .whl/.
-if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import diffusers" 2>/dev/null; then
+# Test-only wheels (diffusers, importlib_metadata, pytest-xdist, execnet) carried to an offline
+# GPU machine in .whl/.
+if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import diffusers, xdist" 2>/dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdiff-site .whl/*.whl
   export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -34,7 +35,11 @@ for stage in ${what/all/tests bench}; do
   case "$stage" in
     tests)
       echo "== tests"
-      timeout -s INT "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf \
+      # pytest-xdist when available: the first run JIT-compiles every Triton specialization
+      # (hundreds), one process at a time otherwise. TEST_WORKERS=0 runs in one process.
+      workers=""
+      if python -c "import xdist" 2>/dev/null; then workers="-n ${TEST_WORKERS:-8}"; fi
+      timeout -s INT "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf $workers \
         --junitxml="$dest/tests.xml" -o junit_family=xunit1 ${TEST_ARGS:-} >"$dest/tests.log" 2>&1
       tail -25 "$dest/tests.log"
       ;;
