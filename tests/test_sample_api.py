@@ -397,6 +397,11 @@ def test_unet_on_cpu_runs_channels_last_by_default(trajectory):
             torch.testing.assert_close(traj[k], traj_ref[k], rtol=1e-4, atol=1e-4)
     assert out.is_contiguous() and out.shape == x_t.shape
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # the converted model called directly on NCHW x still returns a contiguous tensor
+    t = torch.full((2,), 500)
+    direct = model(x_t, t)
+    assert direct.is_contiguous()
+    torch.testing.assert_close(direct, nchw(x_t, t), rtol=1e-4, atol=1e-4)
     # channels_last noise in -> channels_last samples out
     cl = fastdiff.sample(model, steps=4, noise=x_t.contiguous(memory_format=torch.channels_last))
     assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()

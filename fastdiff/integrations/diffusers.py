@@ -293,9 +293,10 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     (and the fused kernels, natively) run NHWC. ``None`` (default) does that when the model is
     on CPU, where oneDNN's convolutions are faster in that layout (a small UNet2DModel, 10
     steps: 1.08x eager in NCHW, 1.14x in channels_last); on a GPU the layout is left as it is
-    (channels_last there has not been measured with fastdiff's kernels). A model optimized on
-    CPU and then moved to a GPU keeps channels_last weights; pass ``channels_last=False`` (or
-    optimize after moving it) to keep NCHW there.
+    (channels_last there has not been measured with fastdiff's kernels). Its outputs are then
+    channels_last tensors (same values: ``.view`` on them needs ``.contiguous()``). A model
+    optimized on CPU and then moved to a GPU keeps channels_last weights; pass
+    ``channels_last=False`` (or optimize after moving it) to keep NCHW there.
 
     The report of what was replaced, what was already, and what was left alone and why, is
     attached as ``model.fastdiff_report`` (printable).

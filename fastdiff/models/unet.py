@@ -268,7 +268,11 @@ class UNet(nn.Module):
         t: torch.Tensor | float,
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [N x C x H x W] (NCHW or channels_last), t [N] or scalar -> [N x C_out x H x W]."""
+        """x [N x C x H x W] (NCHW or channels_last), t [N] or scalar -> [N x C_out x H x W].
+
+        The output is contiguous for a contiguous x even when the weights are channels_last
+        (``fastdiff.sample`` converts them on CPU), so callers' ``.view`` keeps working; a
+        channels_last x gives a channels_last output."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNet.forward: x must be [N x {self.in_channels} x H x W], got {tuple(x.shape)}"
@@ -300,7 +304,10 @@ class UNet(nn.Module):
             if block.skip_channels:
                 h = torch.cat([h, skips.pop()], dim=1)  # [N x (C_h + C_skip) x h x w]
             h = block(h, emb)
-        return self.conv_out(self.norm_out(h))  # [N x out_channels x H x W]
+        out = self.conv_out(self.norm_out(h))  # [N x out_channels x H x W]
+        if x.is_contiguous() and not out.is_contiguous():
+            out = out.contiguous()  # channels_last weights, NCHW caller
+        return out
 
     # ---- construction, persistence, inspection -------------------------------------------
 
