@@ -53,7 +53,8 @@ FD_GN float exp_poly(float x) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
   float t = x * 1.44269504088896341f + magic;
   float n = t - magic;
-  int32_t ni = as_int(t) - 0x4B400000;
+  // n's low bits; unsigned so that NaN (a garbage n) shifts without undefined behaviour
+  const uint32_t ni = fd_float_bits(t) - 0x4B400000u;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float r2 = r * r;
@@ -64,7 +65,7 @@ FD_GN float exp_poly(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
-  return p * as_float((ni + 127) << 23);
+  return p * fd_bits_float((ni + 127u) << 23);
 }
 
 // SiLU(v) = v * sigmoid(v) = v / (1 + e^-v) in fp32 (Elfwing et al. 2018). Below v = -88,
