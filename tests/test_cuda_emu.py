@@ -1,0 +1,270 @@
+"""The csrc CUDA kernels, run without a GPU by the emulator in tests/cuda_emu.
+
+``tests/cuda_emu/build.py`` compiles csrc/cuda/*.cu with g++ against a CPU emulation of the CUDA
+execution model (one fiber per CUDA thread, block barriers, warp shuffles, mma.sync m16n8k16 per
+the PTX fragment layouts, launch-limit checks, UBSan alignment/bounds/overflow checks) into a
+second ``fastdiff._C``. The ``emu`` fixture swaps that module in and lets the dispatch run the
+``cuda`` backend on CPU tensors, so the public ops take their real CUDA path: Python argument
+marshalling, the pybind11 entry points, the host-side launch code and the kernels.
+
+The emulated backend then passes the same checks as every other backend: the tests below call the
+op test modules' own test functions with ``case = ("cpu", "cuda")``, plus cases that reach the
+kernels' other plans (split GroupNorm, grid-stride sampler loops, long attention rows).
+
+What this cannot show: speed, occupancy, races between blocks (blocks run one after another) and
+the ``__CUDA_ARCH__`` branches of csrc/include (the host branches run). The GPU suite
+(benchmarks/gpu_suite.sh) covers those on real hardware.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import test_attention as t_attn
+import test_group_norm_silu as t_gn
+import test_sampler_step as t_step
+import torch
+from cuda_emu import build as emu_build
+from helpers import assert_fa_rule, poison_
+from test_attention import nan_empty  # noqa: F401  (fixture used by the attention cases)
+
+import fastdiff
+import fastdiff._dispatch as dispatch
+import fastdiff._ext as ext
+import fastdiff.ops.group_norm_silu as gmod
+
+CASE = ("cpu", "cuda")
+
+
+@pytest.fixture(scope="module")
+def emu_module():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the suite runs the real CUDA kernels")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the emulator's context switch is x86-64 assembly")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    if emu_build.cuda_include() is None:
+        pytest.skip("CUDA headers (cuda_fp16.h) not found; set CUDA_HOME")
+    return emu_build.load(emu_build.build())
+
+
+@pytest.fixture
+def emu(emu_module, monkeypatch):
+    """fastdiff with the emulated fastdiff._C, and ``cuda`` runnable on CPU tensors."""
+    real = dispatch._available_on
+
+    def available_on(name: str, dev_type: str):
+        if name == "cuda" and dev_type == "cpu":
+            return True, ""
+        return real(name, dev_type)
+
+    monkeypatch.setattr(ext, "_C", emu_module)
+    monkeypatch.setattr(ext, "native", lambda: emu_module)
+    monkeypatch.setattr(dispatch, "_available_on", available_on)
+    monkeypatch.setenv("FD_EMU_SMS", "1")  # small grids: the grid-stride loops run
+    gmod._stale_build.cache_clear()
+    gmod._unsupported_memo.cache_clear()
+    yield emu_module
+    gmod._stale_build.cache_clear()
+    gmod._unsupported_memo.cache_clear()
+
+
+def test_emulated_build_has_the_cuda_entry_points(emu):
+    assert emu.BUILD_INFO["cuda"] is True and emu.BUILD_INFO["cuda_archs"] == "emulated"
+    for sym in ("sampler_step_cuda", "group_norm_silu_cuda", "attention_forward_cuda"):
+        assert hasattr(emu, sym)
+    x = torch.randn(2, 8, 3, 3)
+    with fastdiff.use_backend("cuda"):
+        assert fastdiff._dispatch.resolve("group_norm_silu", x.device) == "cuda"
+
+
+# ------------------------------------------------------------------------------ sampler step
+@pytest.mark.parametrize("pred", t_step.PREDS)
+@pytest.mark.parametrize("clip", ["none", "clip", "clip+recompute"])
+def test_step_prediction_types_and_clip(emu, pred, clip):
+    t_step.test_prediction_types_and_clip(CASE, pred, clip)
+
+
+@pytest.mark.parametrize("combo", ["cfg", "lv", "cfg+lv", "noise", "cfg+lv+noise+clip"])
+def test_step_guidance_variance_noise(emu, combo):
+    t_step.test_guidance_variance_noise(CASE, combo)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        t_step.test_fp16_large_values_stay_finite,
+        t_step.test_layouts,
+        t_step.test_nan_in_nan_out,
+        t_step.test_philox_noise,
+        t_step.test_opcheck_sampler_step,
+        t_step.test_opcheck_dpm_solver_2m_step,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+def test_step_checks(emu, check):
+    check(CASE)
+
+
+@pytest.mark.parametrize("pred", t_step.PREDS)
+def test_step_dpm_solver_2m(emu, pred):
+    t_step.test_dpm_solver_2m(CASE, pred)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 70, 70), (2, 5, 33, 31)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_step_grid_stride_and_noise_match_cpu(emu, shape, layout, dtype):
+    """Past one grid of threads (1 emulated SM: 16 blocks x 256 threads x 8 elements), with the
+    vector path (inner % 8 == 0) and the scalar tail; the in-kernel Philox noise is the cpu
+    backend's stream (the design's promise) and both match the float64 reference."""
+    x = torch.randn(shape).to(dtype)
+    mo = torch.randn(shape).to(dtype)
+    if layout == "cl":
+        x, mo = (t.to(memory_format=torch.channels_last) for t in (x, mo))
+    coef = t_step.make_coef("cpu")
+    outs = {}
+    for backend in ("cuda", "cpu"):
+        gs = torch.tensor([987654321, 12345], dtype=torch.int64)
+        with fastdiff.use_backend(backend, "sampler_step"):
+            outs[backend] = t_step.sampler_step(
+                x, mo, coef, clip_range=1.0, generator_state=gs, return_x0=True
+            )
+    (out, x0), (out_cpu, x0_cpu) = outs["cuda"], outs["cpu"]
+    tol = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), out_cpu.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(x0.float(), x0_cpu.float(), rtol=tol, atol=tol)
+    z = t_step.philox_randn(torch.tensor([987654321, 12345]), shape)
+    t_step.check(out, x0, x, mo, coef, dtype, atol=1e-6, clip=1.0, z=z)
+
+
+# ---------------------------------------------------------------------------- group norm
+SD_IDS = [f"{c}-{l}" for c, l in t_gn.SD_CASES]
+PATH_IDS = [str(s[0]) for s in t_gn.PATH_SHAPES]
+
+
+@pytest.mark.parametrize("channels,layout", t_gn.SD_CASES, ids=SD_IDS)
+def test_gn_sd_channels(emu, channels, layout):
+    t_gn.test_sd_channels(CASE, channels, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,groups", t_gn.SHAPES, ids=[str(s[0]) for s in t_gn.SHAPES])
+def test_gn_shapes_dtypes_layouts(emu, shape, groups, layout, dtype):
+    t_gn.test_shapes_dtypes_layouts(CASE, shape, groups, layout, dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,groups", t_gn.PATH_SHAPES, ids=PATH_IDS)
+def test_gn_channels_with_far_apart_means(emu, shape, groups, layout):
+    t_gn.test_channels_with_far_apart_means(CASE, shape, groups, layout)
+
+
+@pytest.mark.parametrize("cond", [False, True])
+def test_gn_activation_none(emu, cond):
+    t_gn.test_plain_group_norm_activation_none(CASE, cond)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_gn_constant_group(emu, layout):
+    t_gn.test_constant_group_gives_silu_of_shift_plus_bias(CASE, layout)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gn_silu_range(emu, channels_last):
+    t_gn.test_silu_of_very_negative_values_underflows_to_zero(CASE, channels_last)
+    t_gn.test_silu_accuracy_over_its_range(CASE, channels_last)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        t_gn.test_non_contiguous_inputs,
+        t_gn.test_fp16_times_1000_stays_finite,
+        t_gn.test_output_fully_written,
+        t_gn.test_opcheck,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+def test_gn_checks(emu, check):
+    check(CASE)
+
+
+# Shapes whose (n, g) slab is too large for the fused kernel (cpg * HW / vec > 2048): the split
+# plan (partial statistics, finalize, apply), with 16-byte vectors and scalar accesses.
+SPLIT_SHAPES = [
+    ((1, 32, 48, 48), 4),  # NCHW and NHWC vectorised
+    ((1, 16, 65, 65), 2),  # odd HW: NCHW scalar, NHWC vectorised
+    ((2, 18, 40, 40), 2),  # C % 4 != 0: NHWC scalar
+    ((2, 320, 24, 24), 32),  # SD channels (cpg 10), NHWC channel tiles
+    ((1, 1152, 8, 8), 32),  # SDXL cpg 36: more than 256 channel vectors -> several NHWC tiles
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,groups", SPLIT_SHAPES, ids=[str(s[0]) for s in SPLIT_SHAPES])
+def test_gn_split_plan(emu, shape, groups, layout, dtype):
+    x, p = t_gn._inputs(shape, dtype, "cpu", cond=True)
+    x = t_gn._to_layout(x, layout)
+    out = t_gn._run("cuda", x, groups, p)
+    t_gn._check(out, x, groups, p, name=f"cuda-emu split {shape} {layout} {dtype}")
+    assert out.stride() == x.stride()
+
+
+def test_gn_misaligned_input_takes_the_scalar_path(emu):
+    """A view starting 1 element into its storage cannot use 16-byte vectors (UBSan's alignment
+    check would abort the run if a kernel tried)."""
+    base = torch.randn(2 * 64 * 8 * 8 + 1)
+    x = base[1:].view(2, 64, 8, 8)
+    assert x.data_ptr() % 16 != 0
+    p = {"weight": torch.randn(64), "bias": torch.randn(64), "add": None, "scale": None,
+         "shift": None}  # fmt: skip
+    out = t_gn._run("cuda", x, 8, p)
+    t_gn._check(out, x, 8, p, name="misaligned")
+
+
+# ------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("shape", t_attn.SHAPES, ids=lambda p: f"D{p[0]}-Lq{p[1][0]}-Lk{p[1][1]}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_attn_matches_reference(emu, shape, dtype, nan_empty):  # noqa: F811
+    t_attn.test_matches_reference(CASE, shape, dtype, None)
+
+
+@pytest.mark.parametrize("D", [40, 64, 160])
+def test_attn_bfloat16(emu, D, nan_empty):  # noqa: F811
+    q, k, v = t_attn._qkv(2, 3, 77, 130, D, torch.bfloat16, "cpu")
+    t_attn._check(t_attn._run("cuda", q, k, v), q, k, v, name=f"cuda-emu bf16 D={D}")
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        t_attn.test_strided_views_of_fused_qkv,
+        t_attn.test_custom_scale,
+        t_attn.test_fp16_large_logits_finite,
+        t_attn.test_opcheck,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+def test_attn_checks(emu, check, nan_empty):  # noqa: F811
+    params = check.__code__.co_varnames[: check.__code__.co_argcount]
+    check(CASE, *([None] if "nan_empty" in params else []))
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_attn_block(emu, cross):
+    t_attn.test_attention_block(CASE, cross)
+
+
+def test_attn_several_query_tiles_and_heads(emu, nan_empty):  # noqa: F811
+    """Lq over several 64-row tiles, keys over several 64-key tiles with a ragged end, B*H > 1."""
+    q, k, v = t_attn._qkv(2, 2, 200, 300, 80, torch.float16, "cpu", scale=2.0)
+    out = poison_(torch.empty_like(q))
+    out.copy_(t_attn._run("cuda", q, k, v))
+    ref = t_attn.attention_reference(q.double(), k.double(), v.double(), 80**-0.5)
+    assert_fa_rule(out, ref, t_attn._eager(q, k, v, 80**-0.5), k=2.0, atol=1e-4, name="tiles")
