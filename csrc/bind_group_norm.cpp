@@ -42,25 +42,28 @@ void register_group_norm(pybind11::module_& m) {
       "group_norm_silu_cuda",
       [](uintptr_t x, uintptr_t y, int64_t N, int64_t C, int64_t HW, int64_t G, bool nhwc,
          int dtype, uintptr_t weight, uintptr_t bias, uintptr_t add, uintptr_t scale,
-         uintptr_t shift, double eps, bool silu, uintptr_t workspace, int64_t workspace_floats,
-         uintptr_t stream) {
+         uintptr_t shift, double eps, bool silu, int wb_dtype, int cond_dtype, int64_t add_rs,
+         int64_t scale_rs, int64_t shift_rs, uintptr_t workspace, int64_t workspace_floats,
+         uintptr_t stream) -> int64_t {
         GroupNormArgs a =
             make_args(x, y, N, C, HW, G, nhwc, dtype, weight, bias, add, scale, shift, eps, silu);
+        a.wb_dtype = wb_dtype;
+        a.cond_dtype = cond_dtype;
+        a.add_rs = add_rs;
+        a.scale_rs = scale_rs;
+        a.shift_rs = shift_rs;
+        const int64_t need = group_norm_silu_cuda_workspace(a);
+        if (need > workspace_floats) return need;  // nothing launched: allocate, call again
         a.workspace = workspace;
         a.workspace_floats = workspace_floats;
         pybind11::gil_scoped_release release;
         group_norm_silu_cuda(a, stream);
+        return 0;
       },
-      "Fused GroupNorm+SiLU on CUDA (arguments of group_norm_silu_cpu, then an fp32 workspace "
-      "of group_norm_silu_cuda_workspace(...) floats, then a stream).");
-  m.def(
-      "group_norm_silu_cuda_workspace",
-      [](uintptr_t x, uintptr_t y, int64_t N, int64_t C, int64_t HW, int64_t G, bool nhwc,
-         int dtype) {
-        GroupNormArgs a = make_args(x, y, N, C, HW, G, nhwc, dtype, 0, 0, 0, 0, 0, 1e-5, true);
-        return group_norm_silu_cuda_workspace(a);
-      },
-      "fp32 workspace elements group_norm_silu_cuda needs for these sizes and addresses.");
+      "Fused GroupNorm+SiLU on CUDA: the arguments of group_norm_silu_cpu, then the dtype codes "
+      "of weight/bias and of add/scale/shift, the row strides of add/scale/shift, an fp32 "
+      "workspace (address, floats) and a stream. Returns 0 after launching, or, launching "
+      "nothing, the workspace floats this call needs when more than given (the split plan).");
 #endif
 }
 

@@ -210,10 +210,43 @@ SPLIT_SHAPES = [
 @pytest.mark.parametrize("shape,groups", SPLIT_SHAPES, ids=[str(s[0]) for s in SPLIT_SHAPES])
 def test_gn_split_plan(emu, shape, groups, layout, dtype):
     x, p = t_gn._inputs(shape, dtype, "cpu", cond=True)
+    if dtype != torch.float32:  # a half model: parameters and conditioning in x's dtype
+        p = {k: v.to(dtype) for k, v in p.items()}
     x = t_gn._to_layout(x, layout)
     out = t_gn._run("cuda", x, groups, p)
     t_gn._check(out, x, groups, p, name=f"cuda-emu split {shape} {layout} {dtype}")
     assert out.stride() == x.stride()
+
+
+_COPIES = {"aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone", "aten::copy_"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gn_operands_in_their_dtype_and_row_strides(emu, dtype):
+    """A half model: weight/bias and add/scale/shift are read in their dtype, scale/shift as
+    chunk() views (row stride 2C) and add as an expanded row (stride 0), with no cast or copy."""
+    n, c = 3, 64
+    x = torch.randn(n, c, 5, 6).to(dtype)
+    scale, shift = (0.5 * torch.randn(n, 2 * c)).to(dtype).chunk(2, dim=1)
+    add = torch.randn(1, c).to(dtype).expand(n, c)
+    p = {"weight": torch.randn(c).to(dtype), "bias": torch.randn(c).to(dtype), "add": add,
+         "scale": scale, "shift": shift}  # fmt: skip
+    assert scale.stride(0) == 2 * c and p["add"].stride(0) == 0
+    with torch.profiler.profile() as prof:
+        out = t_gn._run("cuda", x, 8, p)
+    assert not {e.name for e in prof.events()} & _COPIES
+    t_gn._check(out, x, 8, p, name=f"{dtype} operands")
+
+
+def test_gn_mixed_operand_dtypes_are_cast(emu):
+    """weight fp16 with bias fp32 (one dtype slot): both go to fp32; conditioning in bf16 with
+    an fp32 x stays bf16."""
+    n, c = 2, 48
+    x = torch.randn(n, c, 7, 3)
+    p = {"weight": torch.randn(c).half(), "bias": torch.randn(c), "add": None,
+         "scale": torch.randn(n, c).bfloat16(), "shift": torch.randn(n, c).bfloat16()}  # fmt: skip
+    out = t_gn._run("cuda", x, 6, p)
+    t_gn._check(out, x, 6, p, name="mixed")
 
 
 def test_gn_misaligned_input_takes_the_scalar_path(emu):

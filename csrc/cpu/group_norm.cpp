@@ -573,6 +573,9 @@ void group_norm_silu_cpu(const GroupNormArgs& a) {
   check_arg(a.N > 0 && a.C > 0 && a.HW > 0 && a.G > 0, "group_norm_silu_cpu: empty or bad sizes");
   check_arg(a.C % a.G == 0, "group_norm_silu_cpu: C must be divisible by G");
   check_arg(a.x != 0 && a.y != 0, "group_norm_silu_cpu: null x or y");
+  check_arg(a.wb_dtype == 0 && a.cond_dtype == 0, "group_norm_silu_cpu: operands must be fp32");
+  for (int64_t rs : {a.add_rs, a.scale_rs, a.shift_rs})
+    check_arg(rs == -1 || rs == a.C, "group_norm_silu_cpu: [N x C] operands must be contiguous");
   Params p{reinterpret_cast<const float*>(a.weight), reinterpret_cast<const float*>(a.bias),
            reinterpret_cast<const float*>(a.add),    reinterpret_cast<const float*>(a.scale),
            reinterpret_cast<const float*>(a.shift),  a.eps,

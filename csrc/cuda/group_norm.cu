@@ -89,15 +89,28 @@ __device__ __forceinline__ float2 block_sum2(float2 v) {
   return scratch[0];
 }
 
+// Element i of an fp32 / fp16 / bf16 operand, as fp32 (exact: fp16 and bf16 widen exactly).
+__device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {
+  if (dtype == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  if (dtype == 2) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  return static_cast<const float*>(p)[i];
+}
+
+// weight/bias [C] (dtype wb_dt), add/scale/shift rows (dtype cond_dt, row strides *_rs).
 struct DevParams {
-  const float *w, *b, *add, *scale, *shift;
+  const void *w, *b, *add, *scale, *shift;
+  int wb_dt, cond_dt;
+  int64_t add_rs, scale_rs, shift_rs;
   float eps;
   bool silu;
-  __device__ __forceinline__ void fold(int64_t n, int64_t C, int64_t c, float mean, float rstd,
-                                       float* a, float* bb) const {
-    const int64_t nc = n * C + c;
-    gn::fold(mean, rstd, w ? w[c] : 1.0f, b ? b[c] : 0.0f, add ? add[nc] : 0.0f,
-             scale ? scale[nc] : 0.0f, shift ? shift[nc] : 0.0f, a, bb);
+  __device__ __forceinline__ float add_at(int64_t n, int64_t c) const {
+    return add ? load_any(add, cond_dt, n * add_rs + c) : 0.0f;
+  }
+  __device__ __forceinline__ void fold(int64_t n, int64_t c, float mean, float rstd, float* a,
+                                       float* bb) const {
+    gn::fold(mean, rstd, w ? load_any(w, wb_dt, c) : 1.0f, b ? load_any(b, wb_dt, c) : 0.0f,
+             add_at(n, c), scale ? load_any(scale, cond_dt, n * scale_rs + c) : 0.0f,
+             shift ? load_any(shift, cond_dt, n * shift_rs + c) : 0.0f, a, bb);
   }
 };
 
@@ -123,7 +136,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   float* s_a = sm + cpg;
   float* s_b = sm + 2 * cpg;
   for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
-    s_add[cl] = p.add ? p.add[n * C + c0 + cl] : 0.0f;
+    s_add[cl] = p.add_at(n, c0 + cl);
   __syncthreads();
   // element (vector vi, lane j) -> global offset and channel within the group
   auto off_of = [&](int64_t vi) -> int64_t {
@@ -163,7 +176,7 @@ __global__ void __launch_bounds__(kFusedThreads)
   const float var = block_sum2(acc).x / cnt;
   const float rstd = gn::rstd_from(var, p.eps);
   for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
-    p.fold(n, C, c0 + cl, mean, rstd, &s_a[cl], &s_b[cl]);
+    p.fold(n, c0 + cl, mean, rstd, &s_a[cl], &s_b[cl]);
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kFusedMaxVecs; ++i) {
@@ -287,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float k = to_f(x[nhwc ? n * HW * C + c : (n * C + c) * HW]);
     gn::shifted_to_moments<float>(k, s1, s2, m, mean_c, m2_c);
-    if (p.add) *mean_c += p.add[n * C + c];
+    *mean_c += p.add_at(n, c);
   };
   // Group mean relative to the first channel's mean: exact when all channel means agree.
   float kg, unused;
@@ -312,7 +325,7 @@ __global__ void __launch_bounds__(kThreads)
   const float var = (m2_within + m * acc.x) / (m * (float)cpg);
   const float rstd = gn::rstd_from(var, p.eps);
   for (int64_t cl = threadIdx.x; cl < cpg; cl += blockDim.x)
-    p.fold(n, C, c0 + cl, mean, rstd, &A[n * C + c0 + cl], &B[n * C + c0 + cl]);
+    p.fold(n, c0 + cl, mean, rstd, &A[n * C + c0 + cl], &B[n * C + c0 + cl]);
 }
 
 // ---------------------------------------------------------------------------- split: apply
@@ -412,10 +425,11 @@ template <typename T, int V>
 void launch(const GroupNormArgs& a, const Plan& pl, cudaStream_t st) {
   const T* x = reinterpret_cast<const T*>(a.x);
   T* y = reinterpret_cast<T*>(a.y);
-  DevParams p{reinterpret_cast<const float*>(a.weight), reinterpret_cast<const float*>(a.bias),
-              reinterpret_cast<const float*>(a.add),    reinterpret_cast<const float*>(a.scale),
-              reinterpret_cast<const float*>(a.shift),  a.eps,
-              a.silu};
+  auto ptr = [](uintptr_t v) { return reinterpret_cast<const void*>(v); };
+  auto rows = [&](int64_t rs) { return rs < 0 ? a.C : rs; };
+  const DevParams p{ptr(a.weight),     ptr(a.bias),         ptr(a.add),         ptr(a.scale),
+                    ptr(a.shift),      a.wb_dtype,          a.cond_dtype,       rows(a.add_rs),
+                    rows(a.scale_rs),  rows(a.shift_rs),    a.eps,              a.silu};
   const int64_t cpg = a.C / a.G;
   if (pl.fused) {
     const size_t smem = 3 * cpg * sizeof(float);
@@ -478,6 +492,10 @@ int64_t group_norm_silu_cuda_workspace(const GroupNormArgs& a) { return make_pla
 void group_norm_silu_cuda(const GroupNormArgs& a, uintptr_t stream) {
   // Grids are 1-D over grid.x; their products must stay below 2^31 blocks.
   check_arg(a.N * a.C * kMaxSplit < (int64_t)2147483647, "group_norm_silu_cuda: too many rows");
+  for (int dt : {a.wb_dtype, a.cond_dtype})
+    check_arg(dt >= 0 && dt <= 2, "group_norm_silu_cuda: operands must be fp32, fp16 or bf16");
+  for (int64_t rs : {a.add_rs, a.scale_rs, a.shift_rs})
+    check_arg(rs >= -1, "group_norm_silu_cuda: negative row stride");
   cudaStream_t st = as_stream(stream);
   switch (to_dtype(a.dtype)) {
     case DType::Float32: run<float>(a, st); break;

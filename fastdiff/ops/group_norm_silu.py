@@ -290,12 +290,11 @@ def _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, bac
             group_norm_silu_reference(x, num_groups, weight, bias, eps, add, scale, shift, silu)
         )
         return out
-    args = (x, out, num_groups, _f32(weight), _f32(bias), eps, _f32(add), _f32(scale))
-    args = args + (_f32(shift), silu)
-    if backend == "cpu":
-        _native_forward(*args, cuda=False, nhwc=not x.is_contiguous())
-    elif backend == "cuda":
-        _native_forward(*args, cuda=True, nhwc=not x.is_contiguous())
+    if backend == "cuda":
+        _cuda_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu)
+    elif backend == "cpu":
+        _native_forward(x, out, num_groups, _f32(weight), _f32(bias), eps, _f32(add),
+                        _f32(scale), _f32(shift), silu, nhwc=not x.is_contiguous())  # fmt: skip
     else:
         raise RuntimeError(f"group_norm_silu: unknown backend {backend!r}")
     return out
@@ -340,28 +339,67 @@ def _(x, num_groups, weight, bias, eps, add, scale, shift, silu, backend):
     return torch.empty_like(_canon(x))
 
 
-def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, *, cuda, nhwc):
+def _common_args(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, nhwc):
+    """The leading arguments of the csrc entry points (addresses, sizes, flags)."""
     shape = x.shape
     n, c = shape[0], shape[1]
-    hw = x.numel() // max(n * c, 1)
-    common = (
-        x.data_ptr(), out.data_ptr(), n, c, hw, num_groups, nhwc, _ext.DTYPE_CODES[x.dtype],
-        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        0 if add is None else add.data_ptr(), 0 if scale is None else scale.data_ptr(),
-        0 if shift is None else shift.data_ptr(), float(eps), bool(silu),
+    return (
+        x.data_ptr(), out.data_ptr(), n, c, x.numel() // max(n * c, 1), num_groups, nhwc,
+        _ext.DTYPE_CODES[x.dtype], 0 if weight is None else weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(), 0 if add is None else add.data_ptr(),
+        0 if scale is None else scale.data_ptr(), 0 if shift is None else shift.data_ptr(),
+        float(eps), bool(silu),
     )  # fmt: skip
-    C = _ext.native()
-    if cuda:
-        ws_n = C.group_norm_silu_cuda_workspace(*common[:8])
-        ws = torch.empty(max(ws_n, 1), device=x.device, dtype=torch.float32)
-        idx = x.device.index
-        if idx is None or torch.cuda.current_device() == idx:  # skip the device switch
-            C.group_norm_silu_cuda(*common, ws.data_ptr(), ws_n, _ext.stream_handle(x))
-        else:
-            with torch.cuda.device(idx):
-                C.group_norm_silu_cuda(*common, ws.data_ptr(), ws_n, _ext.stream_handle(x))
-    else:
-        C.group_norm_silu_cpu(*common)
+
+
+def _native_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, *, nhwc):
+    """The cpu kernel: fp32 contiguous operands."""
+    common = _common_args(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, nhwc)
+    _ext.native().group_norm_silu_cpu(*common)
+
+
+_CUDA_READS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _same_dtype(ts: list[Tensor | None]) -> tuple[list[Tensor | None], int]:
+    """Operands that share one dtype slot of the CUDA kernel: kept in their dtype when it is one
+    the kernel loads (fp32/fp16/bf16) and they agree, else cast to fp32. Returns the code too."""
+    dts = {t.dtype for t in ts if t is not None}
+    if not dts:
+        return ts, 0
+    dt = dts.pop()
+    if dts or dt not in _CUDA_READS:
+        ts, dt = [None if t is None else t.float() for t in ts], torch.float32
+    return ts, _ext.DTYPE_CODES[dt]
+
+
+def _cuda_forward(x, out, num_groups, weight, bias, eps, add, scale, shift, silu):
+    """The csrc CUDA kernel. It loads weight/bias and add/scale/shift in their own dtype and the
+    rows of add/scale/shift at their row stride, so an fp16 model's parameters and ``chunk`` /
+    ``expand`` views cost no cast or copy kernels; the split plan's fp32 workspace is allocated
+    only when the kernel asks for one (its return value)."""
+    (weight, bias), wb_dt = _same_dtype([weight, bias])
+    (add, scale, shift), cond_dt = _same_dtype([add, scale, shift])
+    weight = weight if weight is None or weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()
+
+    def rows(t: Tensor | None) -> tuple[Tensor | None, int]:
+        if t is None:
+            return None, -1
+        if t.stride(1) != 1 and t.shape[1] > 1:
+            t = t.contiguous()
+        return t, t.stride(0)
+
+    (add, add_rs), (scale, scale_rs), (shift, shift_rs) = rows(add), rows(scale), rows(shift)
+    nhwc = not x.is_contiguous()
+    common = _common_args(x, out, num_groups, weight, bias, eps, add, scale, shift, silu, nhwc)
+    common = (*common, wb_dt, cond_dt, add_rs, scale_rs, shift_rs)
+    fn, stream = _ext.native().group_norm_silu_cuda, _ext.stream_handle(x)
+    with _ext.device_guard(x):
+        need = fn(*common, 0, 0, stream)
+        if need:  # the split plan: partial sums in an fp32 workspace
+            ws = torch.empty(need, device=x.device, dtype=torch.float32)
+            fn(*common, ws.data_ptr(), need, stream)
 
 
 # ---------------------------------------------------------------------------------- autograd

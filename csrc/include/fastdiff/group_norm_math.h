@@ -132,6 +132,12 @@ struct GroupNormArgs {
   uintptr_t weight, bias, add, scale, shift;
   float eps;
   bool silu;
+  // CUDA only. Operand storage: dtype codes of weight/bias and of add/scale/shift (fp32, fp16 or
+  // bf16, converted to fp32 on load) and the row strides (elements) of add/scale/shift, so an
+  // fp16 model's parameters and chunk()/expand() views need no cast or copy kernels. The CPU
+  // kernel takes fp32 contiguous operands (the defaults).
+  int wb_dtype = 0, cond_dtype = 0;
+  int64_t add_rs = -1, scale_rs = -1, shift_rs = -1;  // -1: C
   // CUDA only: fp32 scratch of group_norm_silu_cuda_workspace(args) floats (0 when none needed).
   uintptr_t workspace = 0;
   int64_t workspace_floats = 0;
