@@ -97,7 +97,8 @@ __attribute__((noinline)) void yield() {
   fd_emu_swap(&f.sp, b.sched_sp);
 }
 
-void wait_at(Barrier& bar, bool block_level) {
+// Returns true for the thread whose arrival completes the barrier (it continues at once).
+bool wait_at(Barrier& bar, bool block_level) {
   Block& b = *g_block;
   Fiber& f = b.fibers[b.cur];
   const unsigned long long gen = bar.gen;
@@ -105,7 +106,7 @@ void wait_at(Barrier& bar, bool block_level) {
   if (++bar.arrived == bar.size) {
     bar.arrived = 0;
     ++bar.gen;
-    return;
+    return true;
   }
   f.state = State::Waiting;
   f.at_block_barrier = block_level;
@@ -113,6 +114,7 @@ void wait_at(Barrier& bar, bool block_level) {
   ++g_events;
   f.state = State::Ready;
   f.at_block_barrier = false;
+  return false;
 }
 
 [[noreturn]] void fiber_main() {
@@ -193,10 +195,10 @@ void run_block(Block& b) {
 
 void block_barrier() { wait_at(g_block->block_bar, true); }
 
-void warp_barrier() {
+bool warp_barrier() {
   Block& b = *g_block;
   const int w = linear_tid(b.fibers[b.cur].tid) / 32;
-  wait_at(b.warp_bars[w], false);
+  return wait_at(b.warp_bars[w], false);
 }
 
 unsigned char* warp_slot(int lane) {
@@ -267,37 +269,49 @@ float half_bits_to_float(uint16_t h, bool bf16) {
 }
 
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
-  struct Regs {
+  // Every lane deposits its registers; the lane that completes the barrier (it runs on while
+  // the others still wait) computes all 32 lanes' results into their slots; after the second
+  // barrier each lane takes its own.
+  struct Slot {
     uint32_t a[4], b[2];
+    float c[4];
+    float d[4];
   };
+  static_assert(sizeof(Slot) <= kSlot, "mma slot too large");
   const int lane = lane_id();
-  Regs mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
-  std::memcpy(warp_slot(lane), &mine, sizeof(Regs));
+  Slot* mine = reinterpret_cast<Slot*>(warp_slot(lane));
+  for (int i = 0; i < 4; ++i) mine->a[i] = a[i], mine->c[i] = d[i];
+  mine->b[0] = b0;
+  mine->b[1] = b1;
+  if (warp_barrier()) {
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const Slot* r = reinterpret_cast<const Slot*>(warp_slot(l));
+      const int g = l >> 2, t = l & 3;
+      for (int reg = 0; reg < 4; ++reg) {
+        const int row = g + 8 * (reg & 1), col = 2 * t + 8 * (reg >> 1);
+        A[row][col] = half_bits_to_float((uint16_t)(r->a[reg] & 0xFFFFu), bf16);
+        A[row][col + 1] = half_bits_to_float((uint16_t)(r->a[reg] >> 16), bf16);
+      }
+      for (int reg = 0; reg < 2; ++reg) {
+        const int k = 2 * t + 8 * reg;
+        B[k][g] = half_bits_to_float((uint16_t)(r->b[reg] & 0xFFFFu), bf16);
+        B[k + 1][g] = half_bits_to_float((uint16_t)(r->b[reg] >> 16), bf16);
+      }
+    }
+    for (int l = 0; l < 32; ++l) {
+      Slot* r = reinterpret_cast<Slot*>(warp_slot(l));
+      const int g = l >> 2, t = l & 3;
+      for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = r->c[i];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        r->d[i] = acc;
+      }
+    }
+  }
   warp_barrier();
-  float A[16][16], B[16][8];
-  for (int l = 0; l < 32; ++l) {
-    Regs r;
-    std::memcpy(&r, warp_slot(l), sizeof(Regs));
-    const int g = l >> 2, t = l & 3;
-    for (int reg = 0; reg < 4; ++reg) {
-      const int row = g + 8 * (reg & 1), col = 2 * t + 8 * (reg >> 1);
-      A[row][col] = half_bits_to_float((uint16_t)(r.a[reg] & 0xFFFFu), bf16);
-      A[row][col + 1] = half_bits_to_float((uint16_t)(r.a[reg] >> 16), bf16);
-    }
-    for (int reg = 0; reg < 2; ++reg) {
-      const int k = 2 * t + 8 * reg;
-      B[k][g] = half_bits_to_float((uint16_t)(r.b[reg] & 0xFFFFu), bf16);
-      B[k + 1][g] = half_bits_to_float((uint16_t)(r.b[reg] >> 16), bf16);
-    }
-  }
-  warp_barrier();  // every lane has read the slots before anyone reuses them
-  const int g = lane >> 2, t = lane & 3;
-  for (int i = 0; i < 4; ++i) {
-    const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
-    float acc = d[i];
-    for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
-    d[i] = acc;
-  }
+  for (int i = 0; i < 4; ++i) d[i] = mine->d[i];
 }
 
 }  // namespace fd_emu

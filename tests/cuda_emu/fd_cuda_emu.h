@@ -54,10 +54,10 @@ extern uint3 g_block_idx;
 extern dim3 g_block_dim;
 extern dim3 g_grid_dim;
 
-void block_barrier();                    // __syncthreads
-void warp_barrier();                     // the lanes of the caller's warp meet
-unsigned char* warp_slot(int lane);      // 64 bytes per lane, shared by the caller's warp
-unsigned char* dyn_smem();               // the block's dynamic shared memory
+void block_barrier();  // __syncthreads
+bool warp_barrier();  // the lanes of the caller's warp meet; true for the one completing it
+unsigned char* warp_slot(int lane);  // 64 bytes per lane, shared by the caller's warp
+unsigned char* dyn_smem();           // the block's dynamic shared memory
 [[noreturn]] void fail(const char* what);
 
 // Runs body once per thread of every block of the grid (blocks in order).
