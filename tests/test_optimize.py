@@ -280,10 +280,18 @@ def test_cuda_graph_sampling_with_optimized_unet():
     torch.testing.assert_close(again, graph, rtol=0, atol=0)
 
 
-def test_upsample2d_folded_on_cpu_equals_diffusers():
+def test_upsample2d_folded_on_cpu_equals_diffusers(monkeypatch):
     """FoldedUpsample2D: the transposed-conv path on CPU matches diffusers' interpolate + conv;
     an explicit output_size runs diffusers' own forward; odd modules are left with a reason."""
     from diffusers.models.upsampling import Upsample2D
+
+    from fastdiff.nn import sampling
+
+    monkeypatch.setattr(sampling, "FOLD_MIN_PIXELS", {False: 0, True: 0})  # fold at any size
+    folds = []
+    real = sampling.upsample_conv
+    monkeypatch.setattr(fastdiff.integrations.diffusers, "upsample_conv",
+                        lambda x, c: folds.append(1) or real(x, c))  # fmt: skip
 
     torch.manual_seed(0)
     up = randomize_(Upsample2D(8, use_conv=True))
@@ -307,7 +315,31 @@ def test_upsample2d_folded_on_cpu_equals_diffusers():
         xc = x.contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(up(xc), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(wide(x), wide_ref(x), rtol=1e-5, atol=1e-5)
+        assert len(folds) == 3  # x, xc and wide folded; the sized call did not
         calls = []  # a hooked conv (e.g. a LoRA wrapper's) runs diffusers' own forward
         up.conv.register_forward_hook(lambda m, i, o: calls.append(1))
         torch.testing.assert_close(up(x), want, rtol=1e-5, atol=1e-5)
         assert calls == [1]
+
+
+def test_upsample2d_small_maps_run_diffusers_forward(monkeypatch):
+    """Below fold_pays' threshold (per layout) the folded path would be slower: diffusers'
+    interpolate + conv runs."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from fastdiff.nn import sampling
+
+    torch.manual_seed(1)
+    up = randomize_(Upsample2D(8, use_conv=True))
+    ref = copy.deepcopy(up)
+    fastdiff.optimize(torch.nn.ModuleDict({"up": up}), channels_last=False)
+    folds = []
+    real = sampling.upsample_conv
+    monkeypatch.setattr(fastdiff.integrations.diffusers, "upsample_conv",
+                        lambda x, c: folds.append(tuple(x.shape)) or real(x, c))  # fmt: skip
+    small, big = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 8, 8)  # 16 and 64 pixels
+    big_cl = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)  # 256
+    with torch.no_grad():
+        for x in (small, big, big.contiguous(memory_format=torch.channels_last), big_cl):
+            torch.testing.assert_close(up(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert folds == [(1, 8, 8, 8), (1, 8, 16, 16)]

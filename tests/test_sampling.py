@@ -5,8 +5,15 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_fa_rule
 
-from fastdiff.nn import Upsample
+from fastdiff.nn import Upsample, sampling
 from fastdiff.nn.sampling import fold_upsample_conv
+
+
+@pytest.fixture(autouse=True)
+def always_fold(monkeypatch, request):
+    """The tests below use small maps: fold at any size (fold_pays is tested on its own)."""
+    if "fold_threshold" not in request.node.name:
+        monkeypatch.setattr(sampling, "FOLD_MIN_PIXELS", {False: 0, True: 0})
 
 
 def _reference(x, conv):
@@ -179,3 +186,28 @@ def test_fold_matrix_cached_under_inference_mode_serves_autograd():
     xg = x.clone().requires_grad_(True)
     up(xg).sum().backward()
     assert xg.grad is not None and up.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last,folds",
+    [((1, 8, 4, 4), False, False), ((1, 8, 8, 8), False, True), ((4, 8, 4, 4), False, True),
+     ((1, 8, 8, 8), True, False), ((4, 8, 4, 4), True, False), ((1, 8, 16, 16), True, True),
+     ((16, 8, 4, 4), True, True)],
+)  # fmt: skip
+def test_fold_threshold(shape, channels_last, folds, monkeypatch):
+    """The fold runs where it is faster (N*H*W >= 64 NCHW, >= 256 channels_last); smaller maps
+    take nearest 2x + conv. Both give the definition's result."""
+    calls = []
+    real = sampling.upsample_conv
+    monkeypatch.setattr(sampling, "upsample_conv", lambda x, c: calls.append(1) or real(x, c))
+    torch.manual_seed(7)
+    up = Upsample(shape[1])
+    x = torch.randn(shape)
+    if channels_last:
+        up = up.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert sampling.fold_pays(x) is folds
+    with torch.no_grad():
+        out = up(x)
+    assert bool(calls) is folds
+    assert_fa_rule(out, _reference(x, up.conv), _eager(x, up.conv), name=str(shape))

@@ -18,8 +18,9 @@ What is patched, in place (parameters and state-dict keys never change):
 * every ``Transformer2DModel`` input GroupNorm: the fused GroupNorm kernel;
 * every plain ``Upsample2D`` (nearest 2x, then a 3x3 conv): class swapped for
   :class:`FoldedUpsample2D`, which on CPU runs the pair as one stride-2 transposed conv with the
-  folded 4x4 kernel (:func:`fastdiff.nn.sampling.fold_upsample_conv`: 0.44x the FLOPs); on GPU,
-  or with an explicit ``output_size``, it runs diffusers' forward unchanged.
+  folded 4x4 kernel (:func:`fastdiff.nn.sampling.fold_upsample_conv`: 0.44x the FLOPs) when the
+  input is large enough for that to pay (:func:`fastdiff.nn.sampling.fold_pays`); on GPU, on
+  small maps, or with an explicit ``output_size``, it runs diffusers' forward unchanged.
 
 Everything else is left alone and listed in the report with the reason. Calling it again changes
 nothing (the report then lists the patches as already applied).
@@ -36,7 +37,7 @@ from torch import nn
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import foldable_conv, upsample_conv
+from fastdiff.nn.sampling import fold_pays, foldable_conv, upsample_conv
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 __all__ = ["FastAttnProcessor", "OptimizeReport", "optimize"]
@@ -184,6 +185,8 @@ def _folded_upsample_forward(self, hidden_states: torch.Tensor, output_size=None
         or self.norm is not None
         or self.use_conv_transpose
         or not (self.interpolate and self.use_conv)
+        or hidden_states.dim() != 4
+        or not fold_pays(hidden_states)
         or foldable_conv(conv, hidden_states.shape[1]) is not None
     ):
         return super(_folded_upsample_class(), self).forward(hidden_states, output_size, *a, **k)

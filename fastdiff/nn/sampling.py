@@ -89,6 +89,20 @@ def foldable_conv(conv: nn.Module, channels: int) -> str | None:
     return None if plain else "the conv is not 3x3, stride 1, padding 1 on these channels"
 
 
+# Input pixels (N * H * W) from which the folded path is faster on CPU, by layout (channels_last:
+# True). It saves conv FLOPs but pays the weight fold on every call, and oneDNN's transposed conv
+# is slow on tiny maps. Measured (1 thread, 64 / 128 / 256 channels, N = 1 and 8, H = 1..16): NCHW
+# wins from 64 pixels (1.1-1.5x at 8x8, N=1) and loses below (0.3-0.8x at N=1, H <= 4);
+# channels_last wins from 256 (1.3-1.4x at 16x16, N=1) and loses at 64-128 (0.65-0.9x).
+FOLD_MIN_PIXELS = {False: 64, True: 256}
+
+
+def fold_pays(x: Tensor) -> bool:
+    """Whether the folded transposed conv beats nearest 2x + conv for ``x`` on CPU."""
+    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return x.shape[0] * x.shape[2] * x.shape[3] >= FOLD_MIN_PIXELS[cl]
+
+
 def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """``conv(up2(x))`` as one folded stride-2 transposed conv (``foldable_conv(conv)`` holds)."""
     return F.conv_transpose2d(x, fold_upsample_conv(conv.weight), conv.bias, stride=2, padding=1)
@@ -99,9 +113,10 @@ class Upsample(nn.Module):
 
     On CPU, nearest + 3x3 conv runs as one stride-2 transposed conv with the folded 4x4 kernel
     (:func:`fold_upsample_conv`; same result up to fp rounding, 0.44x the FLOPs, and PyTorch's
-    NCHW nearest upsampling is slow on CPU), unless the conv was replaced or hooked
-    (:func:`foldable_conv`). NaN propagates as before; an inf input may give inf where the
-    unfolded sum ``w1*inf + w2*inf`` gives NaN. CUDA keeps interpolate + conv (the folded path
+    NCHW nearest upsampling is slow on CPU) when the input is large enough for that to pay
+    (:func:`fold_pays`), unless the conv was replaced or hooked (:func:`foldable_conv`). NaN
+    propagates as before; an inf input may give inf where the unfolded sum
+    ``w1*inf + w2*inf`` gives NaN. CUDA keeps interpolate + conv (the folded path
     has not been measured on a GPU).
     """
 
@@ -112,7 +127,12 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if conv is not None and x.device.type == "cpu" and foldable_conv(conv, x.shape[1]) is None:
+        if (
+            conv is not None
+            and x.device.type == "cpu"
+            and fold_pays(x)
+            and foldable_conv(conv, x.shape[1]) is None
+        ):
             return upsample_conv(x, conv)  # [N x C x 2H x 2W]
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # [N x C x 2H x 2W]
         return conv(x) if conv is not None else x
