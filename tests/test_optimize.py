@@ -157,6 +157,23 @@ def test_report_lists_what_it_left_and_output_still_equal():
     torch.testing.assert_close(run(model, x, t), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("factor", [1.0, 2.0])
+def test_resnet_output_scale_factor(factor):
+    """(x + h) / output_scale_factor as diffusers computes it; a factor of 1 skips the division
+    kernel, which changes nothing (x / 1 == x exactly)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(3)
+    block = randomize_(ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=4,
+                                     output_scale_factor=factor)).eval()  # fmt: skip
+    ref = copy.deepcopy(block)
+    fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
+    assert type(block).__name__ == "FusedResnetBlock2D"
+    x, temb = torch.randn(2, 16, 5, 5), torch.randn(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, temb), ref(x, temb), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_resnet_class_is_listed():
     from diffusers.models.resnet import ResnetBlockCondNorm2D
 

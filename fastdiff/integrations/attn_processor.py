@@ -116,7 +116,8 @@ class FastAttnProcessor:
             )
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
+        if attn.rescale_output_factor != 1.0:  # x / 1 == x exactly: skip that kernel
+            hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
 
 
