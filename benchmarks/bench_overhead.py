@@ -5,8 +5,9 @@ set-up) costs as much as its kernel. These groups time one call on tiny tensors,
 itself is negligible, so the numbers are the wrappers' host cost. Each round runs ``REPEAT`` calls;
 ``extra_info["us_per_call"]`` is the per-call median.
 
-Groups ``overhead <op> <case>``: variant "eager" (the plain PyTorch equivalent, the baseline) and
-"fused" (the fastdiff op on the backend the dispatch picks for the device). On CPU the fused
+Groups ``overhead <op> <case>``: variant "eager" (the plain PyTorch equivalent, the baseline),
+"fused" (the fastdiff op on the backend the dispatch picks for the device) and, on a GPU,
+"fused-triton" / "fused-cuda" (each backend's launch path). On CPU the fused
 variants run the C++ kernels (group_norm_silu) and SDPA (attention); the Triton launch path is only
 timed on a GPU machine, where the same groups run on CUDA tensors in fp16.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from benchutil import BENCH_DEVICE, bench
 
+import fastdiff
 from fastdiff.ops.attention import attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -69,11 +71,32 @@ def _repeat(fn):
     return run
 
 
-@pytest.mark.parametrize("variant", ["eager", "fused"])
+def _on_backend(fn, op: str, backend: str):
+    name = op.split("+")[0]
+
+    def run(*args):
+        with fastdiff.use_backend(backend, op=name):
+            return fn(*args)
+
+    return run
+
+
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton", "fused-cuda"])
 @pytest.mark.parametrize("op", list(CASES))
 def test_overhead(benchmark, device, op, variant):
+    """ "fused" is the dispatch's choice; on a GPU "fused-triton" / "fused-cuda" time each backend's
+    launch path (the csrc one is a single pybind call), which is what the dispatch table's order
+    for small, launch-bound calls should follow."""
     eager, fused, make_args = CASES[op]
     fn = eager if variant == "eager" else fused
+    if variant.startswith("fused-"):
+        backend = variant.split("-", 1)[1]
+        if not device.startswith("cuda"):
+            pytest.skip("per-backend launch paths are timed on a GPU")
+        ok, why = fastdiff.backend_available(backend, device)
+        if not ok:
+            pytest.skip(why)
+        fn = _on_backend(fused, op, backend)
     with torch.inference_mode():
         bench(
             benchmark,
