@@ -52,8 +52,9 @@ def emu_module():
 
 
 @pytest.fixture
-def emu(emu_module, monkeypatch):
-    """fastdiff with the emulated fastdiff._C, and ``cuda`` runnable on CPU tensors."""
+def emu(emu_module, monkeypatch, capfd):
+    """fastdiff with the emulated fastdiff._C, and ``cuda`` runnable on CPU tensors. A UBSan
+    report of the kernels (written to fd 2 while the test ran) fails the test."""
     real = dispatch._available_on
 
     def available_on(name: str, dev_type: str):
@@ -70,6 +71,9 @@ def emu(emu_module, monkeypatch):
     yield emu_module
     gmod._stale_build.cache_clear()
     gmod._unsupported_memo.cache_clear()
+    err = capfd.readouterr().err
+    if "runtime error:" in err:
+        pytest.fail(f"UBSan in the emulated CUDA kernels:\n{err[:4000]}")
 
 
 def test_emulated_build_has_the_cuda_entry_points(emu):
