@@ -226,11 +226,13 @@ _COPIES = {"aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone", "ate
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_gn_operands_in_their_dtype_and_row_strides(emu, dtype):
+@pytest.mark.parametrize("hw", [(5, 6), (48, 48)], ids=["fused", "split"])
+def test_gn_operands_in_their_dtype_and_row_strides(emu, dtype, hw):
     """A half model: weight/bias and add/scale/shift are read in their dtype, scale/shift as
-    chunk() views (row stride 2C) and add as an expanded row (stride 0), with no cast or copy."""
+    chunk() views (row stride 2C) and add as an expanded row (stride 0), with no cast or copy,
+    on both plans (48 x 48 x 8 channels per group is past the fused kernel's slab)."""
     n, c = 3, 64
-    x = torch.randn(n, c, 5, 6).to(dtype)
+    x = torch.randn(n, c, *hw).to(dtype)
     scale, shift = (0.5 * torch.randn(n, 2 * c)).to(dtype).chunk(2, dim=1)
     add = torch.randn(1, c).to(dtype).expand(n, c)
     p = {"weight": torch.randn(c).to(dtype), "bias": torch.randn(c).to(dtype), "add": add,

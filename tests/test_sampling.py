@@ -211,3 +211,8 @@ def test_fold_threshold(shape, channels_last, folds, monkeypatch):
         out = up(x)
     assert bool(calls) is folds
     assert_fa_rule(out, _reference(x, up.conv), _eager(x, up.conv), name=str(shape))
+
+
+def test_fold_pays_only_for_4d_maps():
+    assert not sampling.fold_pays(torch.randn(64, 32, 32))  # [C x H x W]: never folded
+    assert sampling.fold_pays(torch.randn(1, 4, 16, 16))

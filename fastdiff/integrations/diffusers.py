@@ -188,7 +188,6 @@ def _folded_upsample_forward(self, hidden_states: torch.Tensor, output_size=None
         or self.norm is not None
         or self.use_conv_transpose
         or not (self.interpolate and self.use_conv)
-        or hidden_states.dim() != 4
         or not fold_pays(hidden_states)
         or foldable_conv(conv, hidden_states.shape[1]) is not None
     ):

@@ -99,6 +99,8 @@ FOLD_MIN_PIXELS = {False: 64, True: 256}
 
 def fold_pays(x: Tensor) -> bool:
     """Whether the folded transposed conv beats nearest 2x + conv for ``x`` on CPU."""
+    if x.dim() != 4:
+        return False
     cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     return x.shape[0] * x.shape[2] * x.shape[3] >= FOLD_MIN_PIXELS[cl]
 

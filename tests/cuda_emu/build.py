@@ -1,9 +1,11 @@
 """Build fastdiff._C with csrc/cuda/*.cu compiled for the CPU emulator (fd_cuda_emu.h).
 
-The .cu files are copied with two mechanical rewrites, nothing else changes:
+The .cu files are copied with three mechanical rewrites, nothing else changes:
 * ``kernel<targs><<<grid, block, smem, stream>>>(args);`` becomes
   ``fd_emu::launch([&] { kernel<targs>(args); }, grid, block, smem, stream);``
 * ``extern __shared__ T name[];`` becomes ``T* name = reinterpret_cast<T*>(fd_emu::dyn_smem());``
+* ``__shared__ T name[...];`` (a function static in the emulator) is followed by
+  ``fd_emu::poison_shared(name, sizeof(name));``: garbage at the start of every block.
 
 Then g++ builds one module from bindings.cpp, bind_*.cpp, cpu/*.cpp, the rewritten .cu files and
 the emulator's runtime, with FASTDIFF_WITH_CUDA (so the bindings expose the ``*_cuda`` entry
@@ -64,10 +66,18 @@ _EXTERN_SMEM = re.compile(
 )
 
 
+_STATIC_SMEM = re.compile(
+    r"(__shared__\s+(?:__align__\(\d+\)\s+)?[\w:]+\s+(\w+)\s*(?:\[[^\];]+\])+\s*;)"
+)
+
+
 def translate(src: str) -> str:
-    """Rewrite the launches and dynamic shared memory of one .cu file (see the module doc)."""
+    """Rewrite the launches and shared memory of one .cu file (see the module doc)."""
     src = _EXTERN_SMEM.sub(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::fd_emu::dyn_smem());", src
+    )
+    src = _STATIC_SMEM.sub(
+        lambda m: f"{m[1]} ::fd_emu::poison_shared({m[2]}, sizeof({m[2]}));", src
     )
     out, pos = [], 0
     for m in _LAUNCH.finditer(src):
@@ -105,15 +115,20 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     for f in _inputs():
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(f.read_bytes())
-    h.update(sys.version.encode())
-    h.update(" ".join(SANITIZE).encode())
+    gxx = subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
+    for part in (sys.version, " ".join(SANITIZE), gxx, str(inc), pybind11.__version__):
+        h.update(part.encode())
+    h.update((inc / "cuda_fp16.h").read_bytes())
     key = h.hexdigest()[:16]
     cache = Path(os.environ.get("FASTDIFF_EMU_CACHE", Path.home() / ".cache" / "fastdiff-cuda-emu"))
-    out_dir = out_dir or cache / key
+    final = out_dir or cache / key
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    target = out_dir / f"_C{suffix}"
+    target = final / f"_C{suffix}"
     if target.is_file():
         return target
+    # build in a private directory, then rename it into place (concurrent builds do not mix)
+    out_dir = final.parent / f"{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(out_dir, ignore_errors=True)
     gen = out_dir / "gen"
     objs = out_dir / "obj"
     gen.mkdir(parents=True, exist_ok=True)
@@ -149,13 +164,29 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
 
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as ex:
         obj_files = list(ex.map(compile_one, units))
-    tmp = out_dir / f"_C.tmp{os.getpid()}{suffix}"
-    link = ["g++", "-shared", "-fopenmp", *SANITIZE, *map(str, obj_files), "-o", str(tmp)]
+    so = out_dir / f"_C{suffix}"
+    link = ["g++", "-shared", "-fopenmp", *SANITIZE, *map(str, obj_files), "-o", str(so)]
     r = subprocess.run(link, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"linking failed:\n{' '.join(link)}\n{r.stderr[-6000:]}")
-    os.replace(tmp, target)
+    try:
+        os.rename(out_dir, final)
+    except OSError:  # another process finished first: use its build
+        shutil.rmtree(out_dir, ignore_errors=True)
+    if final.parent == cache:
+        _prune(cache, keep=4)
     return target
+
+
+def _prune(cache: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest builds in the cache."""
+    builds = sorted(
+        (d for d in cache.iterdir() if d.is_dir() and ".tmp" not in d.name),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for d in builds[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def load(path: Path):

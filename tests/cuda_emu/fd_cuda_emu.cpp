@@ -2,6 +2,9 @@
 #include "fd_cuda_emu.h"
 
 #include <cstdio>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
@@ -16,7 +19,7 @@
 // *save_sp, switch to load_sp, pop and return into the other context. MXCSR and the x87 control
 // word are shared by every fiber (nobody changes them).
 asm(R"(
-.text
+.pushsection .text
 .globl fd_emu_swap
 .type fd_emu_swap,@function
 fd_emu_swap:
@@ -36,26 +39,28 @@ fd_emu_swap:
   popq %rbp
   ret
 .size fd_emu_swap, .-fd_emu_swap
+.popsection
 )");
 extern "C" void fd_emu_swap(void** save_sp, void* load_sp);
 
 namespace fd_emu {
 
-uint3 g_thread_idx;
-uint3 g_block_idx;
-dim3 g_block_dim;
-dim3 g_grid_dim;
+// Emulator state is per OS thread (the bindings release the GIL; fibers never migrate).
+thread_local uint3 g_thread_idx;
+thread_local uint3 g_block_idx;
+thread_local dim3 g_block_dim;
+thread_local dim3 g_grid_dim;
 
 namespace {
 
 constexpr size_t kStack = 256 * 1024;  // per fiber; kernels keep arrays of a few KB
 constexpr int kSlot = 64;
+constexpr size_t kCanary = 64;  // guard bytes after dynamic shared memory
 
 enum class State { Ready, Waiting, Done };
 
 struct Fiber {
   void* sp = nullptr;
-  std::vector<unsigned char> stack;
   uint3 tid{};
   State state = State::Ready;
   bool at_block_barrier = false;
@@ -71,7 +76,8 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<Barrier> warp_bars;
   std::vector<unsigned char> warp_slots;  // [warps x 32 x kSlot]
-  std::vector<unsigned char> smem;
+  std::vector<unsigned char> smem;        // dynamic shared memory + kCanary guard bytes
+  size_t smem_size = 0;
   Barrier block_bar;
   int cur = -1;
   int live = 0;
@@ -80,11 +86,34 @@ struct Block {
   std::string error;
 };
 
-Block* g_block = nullptr;
-cudaError_t g_last_error = cudaSuccess;
-unsigned long long g_events = 0;  // barrier arrivals, departures and finished threads
-unsigned long long g_launches = 0;
-unsigned long long g_blocks_run = 0;
+thread_local Block* g_block = nullptr;
+thread_local cudaError_t g_last_error = cudaSuccess;
+thread_local unsigned long long g_events = 0;  // barrier arrivals, departures, finished threads
+thread_local unsigned long long g_launches = 0;
+thread_local unsigned long long g_blocks_run = 0;  // also the epoch of static shared memory
+thread_local std::vector<std::pair<const void*, unsigned long long>> g_poisoned;
+
+// Fiber stacks: mmap'd once per OS thread and reused, each with a PROT_NONE guard page below it
+// (a stack overflow faults instead of corrupting a neighbour).
+struct StackPool {
+  std::vector<unsigned char*> tops;
+  size_t page = 4096;
+  unsigned char* top(size_t i) {
+    while (tops.size() <= i) {
+      page = (size_t)sysconf(_SC_PAGESIZE);
+      void* m = mmap(nullptr, kStack + page, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (m == MAP_FAILED) throw std::runtime_error("CUDA emulator: cannot map a fiber stack");
+      mprotect(m, page, PROT_NONE);
+      tops.push_back(static_cast<unsigned char*>(m) + page + kStack);
+    }
+    return tops[i];
+  }
+  ~StackPool() {
+    for (unsigned char* t : tops) munmap(t - kStack - page, kStack + page);
+  }
+};
+thread_local StackPool g_stacks;
 
 int linear_tid(const uint3& t) {
   return (int)(t.x + g_block_dim.x * (t.y + g_block_dim.y * t.z));
@@ -123,6 +152,8 @@ bool wait_at(Barrier& bar, bool block_level) {
     (*b.body)();
   } catch (const std::exception& e) {
     if (b.error.empty()) b.error = e.what();
+  } catch (...) {
+    if (b.error.empty()) b.error = "a thread threw a non-std exception";
   }
   Fiber& f = b.fibers[b.cur];
   f.state = State::Done;
@@ -133,34 +164,44 @@ bool wait_at(Barrier& bar, bool block_level) {
   std::abort();  // a finished fiber is never resumed
 }
 
-void prepare(Fiber& f) {
-  if (f.stack.size() != kStack) f.stack.assign(kStack, 0);
-  uintptr_t top = reinterpret_cast<uintptr_t>(f.stack.data() + kStack) & ~uintptr_t(15);
+void prepare(Fiber& f, size_t i) {
+  uintptr_t top = reinterpret_cast<uintptr_t>(g_stacks.top(i)) & ~uintptr_t(15);
   auto* sp = reinterpret_cast<uintptr_t*>(top);
-  *--sp = 0;                                              // fake return address of fiber_main
-  *--sp = reinterpret_cast<uintptr_t>(&fiber_main);       // where the first swap returns to
-  for (int i = 0; i < 6; ++i) *--sp = 0;                  // rbp rbx r12 r13 r14 r15
+  *--sp = 0;                                         // fake return address of fiber_main
+  *--sp = reinterpret_cast<uintptr_t>(&fiber_main);  // where the first swap returns to
+  for (int k = 0; k < 6; ++k) *--sp = 0;             // rbp rbx r12 r13 r14 r15
   f.sp = sp;
   f.state = State::Ready;
 }
 
+// Runs fiber i until it blocks or finishes.
+void resume(Block& b, int i) {
+  Fiber& f = b.fibers[i];
+  if (f.state == State::Done) return;
+  b.cur = i;
+  g_thread_idx = f.tid;
+  fd_emu_swap(&b.sched_sp, f.sp);
+}
+
 void run_block(Block& b) {
   const int n = (int)b.fibers.size();
+  const int nw = (int)b.warp_bars.size();
   b.live = n;
-  for (int i = 0; i < n; ++i) prepare(b.fibers[i]);
+  for (int i = 0; i < n; ++i) prepare(b.fibers[i], (size_t)i);
   b.block_bar = Barrier{n, 0, 0};
-  for (size_t w = 0; w < b.warp_bars.size(); ++w) {
-    const int lanes = std::min(32, n - (int)w * 32);
-    b.warp_bars[w] = Barrier{lanes, 0, 0};
-  }
-  std::memset(b.smem.data(), 0xFF, b.smem.size());
-  // The order the threads run in between barriers: forward, reverse or shuffled, varying from
-  // block to block and launch to launch, so that a missing __syncthreads shows up whichever way
-  // round the racing threads are (a reader running before its writer reads poison or stale data).
+  for (int w = 0; w < nw; ++w) b.warp_bars[w] = Barrier{std::min(32, n - w * 32), 0, 0};
+  std::memset(b.smem.data(), 0xFF, b.smem_size);  // shared memory starts as garbage (NaN)
+  std::memset(b.smem.data() + b.smem_size, 0xA5, kCanary);
+  // The order threads run in between barriers varies from block to block and launch to launch,
+  // so that a missing __syncthreads shows up whichever way round the racing threads are (a
+  // reader running before its writer reads poison or stale data): threads forward, reverse or
+  // shuffled, one step (to the next barrier) each per round; or warp by warp (forward or reverse),
+  // each warp run until it blocks at __syncthreads, so that one warp gets ahead of the others
+  // across its shuffles and mma.
   std::vector<int> order(n);
   for (int i = 0; i < n; ++i) order[i] = i;
-  const unsigned long long kind = (g_launches + g_blocks_run++) % 3;
-  if (kind == 1) {
+  const unsigned long long kind = (g_launches + g_blocks_run++) % 5;
+  if (kind == 1 || kind == 4) {
     std::reverse(order.begin(), order.end());
   } else if (kind == 2) {
     unsigned long long st = 0x9E3779B97F4A7C15ull ^ g_blocks_run;
@@ -169,15 +210,24 @@ void run_block(Block& b) {
       std::swap(order[i], order[(int)((st >> 33) % (unsigned long long)(i + 1))]);
     }
   }
+  const bool warp_greedy = kind >= 3;
   while (b.live > 0) {
     const unsigned long long events = g_events;
-    for (int i : order) {
-      Fiber& f = b.fibers[i];
-      if (f.state == State::Done) continue;
-      b.cur = i;
-      g_thread_idx = f.tid;
-      fd_emu_swap(&b.sched_sp, f.sp);
-      if (!b.error.empty()) break;
+    if (warp_greedy) {
+      for (int k = 0; k < nw && b.error.empty(); ++k) {
+        const int w = kind == 3 ? k : nw - 1 - k;
+        const int lo = w * 32, hi = std::min(n, lo + 32);
+        for (;;) {  // this warp until it stops making progress (blocked at __syncthreads / done)
+          const unsigned long long ev = g_events;
+          for (int i = lo; i < hi && b.error.empty(); ++i) resume(b, i);
+          if (!b.error.empty() || g_events == ev) break;
+        }
+      }
+    } else {
+      for (int i : order) {
+        resume(b, i);
+        if (!b.error.empty()) break;
+      }
     }
     if (!b.error.empty()) break;
     if (g_events == events) {
@@ -187,6 +237,15 @@ void run_block(Block& b) {
                 std::to_string(done) + " finished, " + std::to_string(b.live - at_block) +
                 " wait at a warp-collective: a barrier not reached by every thread";
       break;
+    }
+  }
+  if (b.error.empty()) {
+    for (size_t k = 0; k < kCanary; ++k) {
+      if (b.smem[b.smem_size + k] != 0xA5) {
+        b.error = "a write past the end of dynamic shared memory (" +
+                  std::to_string(b.smem_size) + " bytes)";
+        break;
+      }
     }
   }
 }
@@ -207,7 +266,27 @@ unsigned char* warp_slot(int lane) {
   return b.warp_slots.data() + ((size_t)w * 32 + lane) * kSlot;
 }
 
+void check_full_warp(const char* what) {
+  Block& b = *g_block;
+  const int w = linear_tid(b.fibers[b.cur].tid) / 32;
+  if (b.warp_bars[w].size != 32) fail((std::string(what) + " in a partial warp").c_str());
+}
+
 unsigned char* dyn_smem() { return g_block->smem.data(); }
+
+void poison_shared(void* p, size_t bytes) {
+  for (auto& e : g_poisoned) {
+    if (e.first == p) {
+      if (e.second != g_blocks_run) {
+        e.second = g_blocks_run;
+        std::memset(p, 0xFF, bytes);
+      }
+      return;
+    }
+  }
+  g_poisoned.emplace_back(p, g_blocks_run);
+  std::memset(p, 0xFF, bytes);
+}
 
 void fail(const char* what) { throw std::runtime_error(std::string("CUDA emulator: ") + what); }
 
@@ -217,7 +296,8 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
   b.fibers.resize(n);
   b.warp_bars.resize((n + 31) / 32);
   b.warp_slots.assign(b.warp_bars.size() * 32 * kSlot, 0);
-  b.smem.assign(smem ? smem : 1, 0);
+  b.smem_size = smem;
+  b.smem.assign(smem + kCanary, 0);
   b.body = &body;
   g_grid_dim = grid;
   g_block_dim = block;
@@ -277,13 +357,18 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
     float c[4];
     float d[4];
   };
-  static_assert(sizeof(Slot) <= kSlot, "mma slot too large");
+  static_assert(sizeof(Slot) <= kTagOffset, "mma slot too large");
+  check_full_warp("mma.sync");
   const int lane = lane_id();
+  const uint32_t tag = bf16 ? 0x3A000002u : 0x3A000001u;
   Slot* mine = reinterpret_cast<Slot*>(warp_slot(lane));
   for (int i = 0; i < 4; ++i) mine->a[i] = a[i], mine->c[i] = d[i];
   mine->b[0] = b0;
   mine->b[1] = b1;
+  set_tag(lane, tag);
   if (warp_barrier()) {
+    for (int l = 0; l < 32; ++l)
+      if (get_tag(l) != tag) fail("mma.sync: lanes of a warp in different collectives");
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
       const Slot* r = reinterpret_cast<const Slot*>(warp_slot(l));

@@ -49,35 +49,55 @@ namespace fd_emu {
 struct Fiber;
 
 // Per-thread built-ins of the running fiber (the scheduler sets them before every resume).
-extern uint3 g_thread_idx;
-extern uint3 g_block_idx;
-extern dim3 g_block_dim;
-extern dim3 g_grid_dim;
+extern thread_local uint3 g_thread_idx;
+extern thread_local uint3 g_block_idx;
+extern thread_local dim3 g_block_dim;
+extern thread_local dim3 g_grid_dim;
 
 void block_barrier();  // __syncthreads
 bool warp_barrier();  // the lanes of the caller's warp meet; true for the one completing it
 unsigned char* warp_slot(int lane);  // 64 bytes per lane, shared by the caller's warp
 unsigned char* dyn_smem();           // the block's dynamic shared memory
+void check_full_warp(const char* what);  // warp collectives: all 32 lanes must exist
+// Static __shared__ arrays are function statics; build.py calls this after each declaration so
+// that every block starts with them poisoned (0xFF bytes), not zero or the last block's data.
+void poison_shared(void* p, size_t bytes);
 [[noreturn]] void fail(const char* what);
 
 // Runs body once per thread of every block of the grid (blocks in order).
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
 inline int lane_id() {
-  const unsigned t = g_thread_idx.x + g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z);
+  const unsigned t =
+      g_thread_idx.x + g_block_dim.x * (g_thread_idx.y + g_block_dim.y * g_thread_idx.z);
   return (int)(t & 31u);
+}
+
+// The last 4 bytes of a lane's slot tag the collective it is in: lanes of one warp meeting in
+// different collectives (a shuffle and an mma, or shuffles of different sizes) is a bug.
+constexpr int kTagOffset = 60;
+inline void set_tag(int lane, uint32_t tag) { std::memcpy(warp_slot(lane) + kTagOffset, &tag, 4); }
+inline uint32_t get_tag(int lane) {
+  uint32_t t;
+  std::memcpy(&t, warp_slot(lane) + kTagOffset, 4);
+  return t;
 }
 
 template <typename T>
 T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
-  static_assert(sizeof(T) <= 64, "shuffle operand too large");
+  static_assert(sizeof(T) <= 56, "shuffle operand too large");
   if (mask != 0xffffffffu) fail("__shfl_xor_sync: the emulator supports the full mask only");
   if (width != 32) fail("__shfl_xor_sync: the emulator supports width 32 only");
+  check_full_warp("__shfl_xor_sync with the full mask");
   const int lane = lane_id();
+  const uint32_t tag = 0x5F000000u | (uint32_t)sizeof(T);
   std::memcpy(warp_slot(lane), &v, sizeof(T));
+  set_tag(lane, tag);
   warp_barrier();
+  const int src = (lane ^ lane_mask) & 31;
+  if (get_tag(src) != tag) fail("__shfl_xor_sync: lanes of a warp in different collectives");
   T r;
-  std::memcpy(&r, warp_slot((lane ^ lane_mask) & 31), sizeof(T));
+  std::memcpy(&r, warp_slot(src), sizeof(T));
   warp_barrier();
   return r;
 }
