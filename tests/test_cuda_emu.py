@@ -113,6 +113,24 @@ def test_step_checks(emu, check):
     check(CASE)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_step_misaligned_views_take_the_scalar_path(emu, dtype):
+    """Views starting one element into their storage (inner % 8 == 0 otherwise): the kernel must
+    not use 16-byte vectors there (UBSan's alignment check would stop the run)."""
+    shape = (2, 4, 8, 8)
+    n = 2 * 4 * 8 * 8
+
+    def view():
+        return torch.randn(n + 1).to(dtype)[1:].view(shape)
+
+    x, mo, z = view(), view(), view()
+    assert x.data_ptr() % 16 and mo.data_ptr() % 16
+    coef = t_step.make_coef("cpu")
+    with fastdiff.use_backend("cuda", "sampler_step"):
+        out, x0 = t_step.sampler_step(x, mo, coef, noise=z, clip_range=1.0, return_x0=True)
+    t_step.check(out, x0, x, mo, coef, dtype, atol=1e-6, clip=1.0, z=z)
+
+
 @pytest.mark.parametrize("pred", t_step.PREDS)
 def test_step_dpm_solver_2m(emu, pred):
     t_step.test_dpm_solver_2m(CASE, pred)
