@@ -134,12 +134,68 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
         return own if isinstance(own, NoiseSchedule) else NoiseSchedule("linear")
     if isinstance(schedule, NoiseSchedule):
         return schedule
+    if isinstance(schedule, str):  # "linear", "scaled_linear", "cosine"
+        return NoiseSchedule(schedule)
     if hasattr(schedule, "config") or isinstance(schedule, Mapping):
         return NoiseSchedule.from_diffusers(schedule)
     raise TypeError(
-        "schedule: expected a fastdiff.NoiseSchedule (or a diffusers scheduler/config), "
-        f"got {type(schedule).__name__}"
+        "schedule: expected a fastdiff.NoiseSchedule, a schedule name ('linear', "
+        f"'scaled_linear', 'cosine') or a diffusers scheduler/config, got {type(schedule).__name__}"
     )
+
+
+def _check_sampler_options(name: str, opts: Mapping[str, Any]) -> None:
+    """Unknown sampler options are a TypeError naming them and the valid ones."""
+    params = inspect.signature(SAMPLERS[name].__init__).parameters
+    valid = sorted(k for k, p in params.items() if k not in ("self", "schedule", "steps")
+                   and p.kind is not p.VAR_KEYWORD)  # fmt: skip
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"sample: unknown option(s) {unknown} for sampler {name!r}; its options are {valid}"
+        )
+
+
+def _resolve_device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device: expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device: {device!r} asked for CUDA, but torch.cuda.is_available() is False (a CPU "
+            f"build of torch {torch.__version__}, or no GPU visible)"
+        )
+    return dev
+
+
+def _num_class_labels(model: Any) -> int | None:
+    """How many class labels the model's embedding takes (its null class included), if known."""
+    null_class = getattr(model, "null_class", None)
+    if isinstance(getattr(model, "num_classes", None), int) and isinstance(null_class, int):
+        return null_class + 1  # fastdiff UNet: labels 0..num_classes-1 and the null class
+    n = _cfg_get(model, "num_class_embeds")
+    return n if isinstance(n, int) else None
+
+
+def _check_class_labels(model: Any, kwargs: Mapping[str, Any]) -> None:
+    """Labels outside the model's class embedding give a ValueError before sampling (one check
+    on the host before the loop, instead of an IndexError deep inside the first model call)."""
+    labels = kwargs.get("class_labels")
+    n = _num_class_labels(model)
+    if n is None or not isinstance(labels, Tensor) or labels.is_floating_point():
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"cond: class label {bad} is outside the model's {n} class embeddings (0..{n - 1}"
+            + (", the last one the null class)" if hasattr(model, "null_class") else ")")
+        )
 
 
 def _check_generator(generator: Any, n: int) -> None:
@@ -296,6 +352,7 @@ def sample(
             opts["use_clipped_model_output"] = True
         if name == "ddpm" and "variance_type" not in opts and _learned_variance(model):
             opts["variance_type"] = "learned_range"
+        _check_sampler_options(name, opts)
         smp = make_sampler(name, sched, n_steps, **opts)
     else:
         raise TypeError(
@@ -310,7 +367,7 @@ def sample(
         device = (
             param.device if param is not None else (noise.device if noise is not None else "cpu")
         )
-    device = torch.device(device)
+    device = _resolve_device(device)
     if dtype is None:
         if param is not None and param.is_floating_point():
             dtype = param.dtype
@@ -394,6 +451,7 @@ def sample(
         if uncond is not None:
             raise ValueError("uncond: only used with guidance_scale; got guidance_scale=None")
         kwargs.update(cond_kw)
+    _check_class_labels(model, kwargs)
     ehs = kwargs.get("encoder_hidden_states")
     if isinstance(ehs, Tensor) and ehs.is_floating_point():
         kwargs["encoder_hidden_states"] = ehs.to(device=device, dtype=dtype)  # the model's dtype

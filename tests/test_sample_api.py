@@ -310,6 +310,36 @@ def test_bad_inputs():
     _bad("cuda_graph", cuda_graph=True, device="cpu")
     _bad("uncond", uncond=torch.tensor([0]))
     _bad("dtype", TypeError, dtype=torch.int32)
+    _bad("device", device="gpu")
+    if not torch.cuda.is_available():
+        _bad("is_available", device="cuda")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['foo'\] for sampler 'ddim'"):
+        fastdiff.sample(_net(), steps=2, foo=1)
+
+
+@torch.no_grad()
+def test_class_labels_outside_the_embedding():
+    """A label past the model's classes (its null class included) is a ValueError before
+    sampling, not an IndexError inside the first model call."""
+    from fastdiff.models import UNet
+
+    torch.manual_seed(0)
+    net = UNet.from_preset("tiny", num_classes=4).eval()  # labels 0..3, null class 4
+    out = fastdiff.sample(net, steps=2, batch_size=2, cond=torch.tensor([4, 3]))  # null: allowed
+    assert out.shape[0] == 2
+    with pytest.raises(ValueError, match="class label 5 is outside the model's 5 class"):
+        fastdiff.sample(net, steps=2, batch_size=2, cond=torch.tensor([5, 0]))
+    with pytest.raises(ValueError, match="class label -1"):
+        fastdiff.sample(net, steps=2, cond=torch.tensor([-1]))
+
+
+@torch.no_grad()
+def test_schedule_by_name():
+    net = _net()
+    x_t = torch.randn(1, 3, 8, 8)
+    a = fastdiff.sample(net, steps=3, schedule="cosine", noise=x_t)
+    b = fastdiff.sample(net, steps=3, schedule=NoiseSchedule("cosine"), noise=x_t)
+    assert torch.equal(a, b)
 
 
 def test_sampler_object_and_model_schedule():
