@@ -227,10 +227,14 @@ def resolve(op: str, device: torch.device, unsupported: Mapping[str, str] | None
     req = requested_backend(op)
     if req is not None:
         if req not in IMPLEMENTED[op]:
-            raise RuntimeError(
+            msg = (
                 f"fastdiff: backend {req!r} was requested for {op}, which implements "
                 f"{sorted(IMPLEMENTED[op])}"
             )
+            ops = sorted(o for o, names in IMPLEMENTED.items() if req in names)
+            if ops:  # e.g. sdpa, attention's only: the request was probably meant for that op
+                msg += f"; to request it for one op, use e.g. use_backend({req!r}, op={ops[0]!r})"
+            raise RuntimeError(msg)
         ok, why = _available_on(req, dev_type)
         if not ok:
             raise RuntimeError(f"fastdiff: backend {req!r} was requested for {op} but {why}")

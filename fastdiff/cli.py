@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "euler")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -46,6 +46,10 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:  # --help shows every option's default
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, no usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -426,16 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     s = sub.add_parser("sample", help="generate a PNG grid with the embedded digits model")
-    s.add_argument("--steps", type=_positive_int, default=50)
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    s.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
     s.add_argument("--n", type=_positive_int, default=64, help="number of images")
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     s.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
     s.add_argument("--nrow", type=_positive_int, default=None, help="images per row")
     s.add_argument("--scale", type=_positive_int, default=4, help="pixel upscale factor")

@@ -81,6 +81,8 @@ def _ckpt_paths(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
 def _save_checkpoint(path, model, ema, opt, gen, step, elapsed, hparams) -> None:
     from safetensors.torch import save_file
 
+    from fastdiff.models.pretrained import default_mode
+
     st_path, js_path = _ckpt_paths(path)
     st_path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -96,6 +98,7 @@ def _save_checkpoint(path, model, ema, opt, gen, step, elapsed, hparams) -> None
     meta = {"step": step, "elapsed_s": elapsed, "hparams": hparams}
     tmp = st_path.with_name(st_path.name + ".tmp")
     save_file(tensors, str(tmp))
+    default_mode(tmp)
     jtmp = js_path.with_name(js_path.name + ".tmp")
     jtmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, st_path)

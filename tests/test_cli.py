@@ -59,7 +59,7 @@ def test_sample_console_script_end_to_end(tmp_path):
 
 
 @needs_weights
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "euler"])
 def test_sample_samplers_labels_guidance(tmp_path, capsys, sampler):
     out = tmp_path / "s.png"
     args = ["sample", "--steps", "2", "--n", "4", "--sampler", sampler, "--out", str(out),
@@ -160,6 +160,18 @@ def test_sample_bad_input(case, tmp_path, capsys):
     _assert_one_line_error(rc, capsys.readouterr().err)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_train_writes_files_with_the_default_mode(tmp_path):
+    """Like open(path, "w"): 0666 minus the umask (safetensors' temporary file is 0600)."""
+    out = tmp_path / "m.safetensors"
+    assert main(["train", "--steps", "1", "--out", str(out), "--quiet"]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    written = sorted(tmp_path.glob("m*.safetensors"))
+    assert written
+    for f in written:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f.name
 
 
 @pytest.mark.parametrize("where", ["no_dir", "is_dir"])

@@ -75,3 +75,12 @@ def test_build_info_fields():
     assert "torch" in info["backends"]["cpu"]["sampler_step"]
     if os.environ.get("TRITON_INTERPRET") == "1" and info["triton"]:
         assert "triton" in info["backends"]["cpu"]["sampler_step"]
+
+
+def test_backend_of_another_op_hints_at_op_scoping():
+    """use_backend("sdpa") (attention's backend) on group_norm_silu: the error says how to scope
+    the request to the op that has it."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    with fastdiff.use_backend("sdpa"), pytest.raises(RuntimeError, match="op='attention'"):
+        group_norm_silu(torch.randn(1, 8, 2, 2), 2)

@@ -83,6 +83,14 @@ def build_schedule(cfg: dict[str, Any]):
     return NoiseSchedule(name, **cfg)
 
 
+def default_mode(path: str | os.PathLike) -> None:
+    """Give a file written through a private temporary (safetensors writes mode 0600) the mode
+    a plain ``open(path, "w")`` would: 0666 minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_model_file(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -116,6 +124,7 @@ def save_model_file(
         tensors[k] = v.contiguous()
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    default_mode(tmp)
     jpath = path.with_suffix(".json")
     jtmp = jpath.with_name(jpath.name + ".tmp")
     jtmp.write_text(json.dumps(meta, indent=2) + "\n")
