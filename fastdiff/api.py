@@ -375,6 +375,16 @@ def sample(
             dtype = noise.dtype if noise is not None else torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    if (
+        param is not None
+        and param.is_floating_point()
+        and param.dtype != dtype
+        and not torch.is_autocast_enabled(device.type)
+    ):
+        raise ValueError(
+            f"dtype: samples in {dtype} but the model's parameters are {param.dtype}; convert the "
+            f"model (e.g. model.to({dtype})), run under torch.autocast, or leave dtype=None"
+        )
     if noise is not None:
         if noise.ndim < 1:
             raise ValueError("noise: expected x_T of shape [N x ...]")

@@ -311,6 +311,9 @@ def test_bad_inputs():
     _bad("uncond", uncond=torch.tensor([0]))
     _bad("dtype", TypeError, dtype=torch.int32)
     _bad("device", device="gpu")
+    _bad("model.to", dtype=torch.float16)  # fp32 model, fp16 samples: a clear error
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # allowed under autocast
+        assert fastdiff.sample(_net(), steps=2, dtype=torch.bfloat16).dtype == torch.bfloat16
     if not torch.cuda.is_available():
         _bad("is_available", device="cuda")
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['foo'\] for sampler 'ddim'"):
