@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -121,6 +122,11 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     h.update((inc / "cuda_fp16.h").read_bytes())
     key = h.hexdigest()[:16]
     cache = Path(os.environ.get("FASTDIFF_EMU_CACHE", Path.home() / ".cache" / "fastdiff-cuda-emu"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: a per-user temporary directory
+        cache = Path(tempfile.gettempdir()) / f"fastdiff-cuda-emu-{os.getuid()}"
+        cache.mkdir(parents=True, exist_ok=True)
     final = out_dir or cache / key
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     target = final / f"_C{suffix}"
