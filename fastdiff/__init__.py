@@ -28,7 +28,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "to_images": ("fastdiff.api", "to_images"),
     "NoiseSchedule": ("fastdiff.schedules", "NoiseSchedule"),
     "optimize": ("fastdiff.integrations.diffusers", "optimize"),
-    "train": ("fastdiff.train", "train"),
+    "train": ("fastdiff.training", "train"),
     "ops": ("fastdiff.ops", None),
     "nn": ("fastdiff.nn", None),
     "samplers": ("fastdiff.samplers", None),

@@ -11,7 +11,7 @@ from torch import nn
 import fastdiff
 from fastdiff.models import UNet
 from fastdiff.models.pretrained import load_model_file, read_meta
-from fastdiff.train import _lr_at, train
+from fastdiff.training import _lr_at, train
 
 
 class Recorder(nn.Module):
@@ -169,3 +169,12 @@ def test_train_on_cuda(tmp_path):
                 progress=False)  # fmt: skip
     assert next(ema.parameters()).is_cuda
     assert load_model_file(out).schedule is not None
+
+
+def test_fastdiff_train_stays_the_function_after_importing_its_module():
+    """The function lives in fastdiff.training: importing that module (as this file does) must
+    not rebind fastdiff.train to a module (the CLI calls fastdiff.train(...))."""
+    import fastdiff
+    import fastdiff.training
+
+    assert fastdiff.train is fastdiff.training.train and callable(fastdiff.train)
