@@ -178,7 +178,8 @@ def _num_class_labels(model: Any) -> int | None:
     null_class = getattr(model, "null_class", None)
     if isinstance(getattr(model, "num_classes", None), int) and isinstance(null_class, int):
         return null_class + 1  # fastdiff UNet: labels 0..num_classes-1 and the null class
-    n = _cfg_get(model, "num_class_embeds")
+    cfg = getattr(model, "config", None)  # diffusers: config only (the attribute is deprecated)
+    n = cfg.get("num_class_embeds") if isinstance(cfg, Mapping) else None
     return n if isinstance(n, int) else None
 
 

@@ -334,6 +334,13 @@ def test_class_labels_outside_the_embedding():
         fastdiff.sample(net, steps=2, batch_size=2, cond=torch.tensor([5, 0]))
     with pytest.raises(ValueError, match="class label -1"):
         fastdiff.sample(net, steps=2, cond=torch.tensor([-1]))
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(
+        sample_size=8, block_out_channels=(32, 64), norm_num_groups=8, num_class_embeds=5,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="class label 5 is outside the model's 5 class"):
+        fastdiff.sample(unet, steps=2, cond=torch.tensor([5]))
 
 
 @torch.no_grad()
