@@ -38,6 +38,11 @@ import fastdiff.ops.group_norm_silu as gmod
 CASE = ("cpu", "cuda")
 
 
+def over_checks(*checks):
+    """Parametrize a test over other modules' test functions that take only ``case``."""
+    return pytest.mark.parametrize("check", checks, ids=lambda f: f.__name__.removeprefix("test_"))
+
+
 @pytest.fixture(scope="module")
 def emu_module():
     if torch.cuda.is_available():
@@ -97,17 +102,13 @@ def test_step_guidance_variance_noise(emu, combo):
     t_step.test_guidance_variance_noise(CASE, combo)
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        t_step.test_fp16_large_values_stay_finite,
-        t_step.test_layouts,
-        t_step.test_nan_in_nan_out,
-        t_step.test_philox_noise,
-        t_step.test_opcheck_sampler_step,
-        t_step.test_opcheck_dpm_solver_2m_step,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
+@over_checks(
+    t_step.test_fp16_large_values_stay_finite,
+    t_step.test_layouts,
+    t_step.test_nan_in_nan_out,
+    t_step.test_philox_noise,
+    t_step.test_opcheck_sampler_step,
+    t_step.test_opcheck_dpm_solver_2m_step,
 )
 def test_step_checks(emu, check):
     check(CASE)
@@ -202,15 +203,11 @@ def test_gn_silu_range(emu, channels_last):
     t_gn.test_silu_accuracy_over_its_range(CASE, channels_last)
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        t_gn.test_non_contiguous_inputs,
-        t_gn.test_fp16_times_1000_stays_finite,
-        t_gn.test_output_fully_written,
-        t_gn.test_opcheck,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
+@over_checks(
+    t_gn.test_non_contiguous_inputs,
+    t_gn.test_fp16_times_1000_stays_finite,
+    t_gn.test_output_fully_written,
+    t_gn.test_opcheck,
 )
 def test_gn_checks(emu, check):
     check(CASE)
@@ -298,15 +295,11 @@ def test_attn_bfloat16(emu, D, nan_empty):  # noqa: F811
     t_attn._check(t_attn._run("cuda", q, k, v), q, k, v, name=f"cuda-emu bf16 D={D}")
 
 
-@pytest.mark.parametrize(
-    "check",
-    [
-        t_attn.test_strided_views_of_fused_qkv,
-        t_attn.test_custom_scale,
-        t_attn.test_fp16_large_logits_finite,
-        t_attn.test_opcheck,
-    ],
-    ids=lambda f: f.__name__.removeprefix("test_"),
+@over_checks(
+    t_attn.test_strided_views_of_fused_qkv,
+    t_attn.test_custom_scale,
+    t_attn.test_fp16_large_logits_finite,
+    t_attn.test_opcheck,
 )
 def test_attn_checks(emu, check, nan_empty):  # noqa: F811
     params = check.__code__.co_varnames[: check.__code__.co_argcount]
