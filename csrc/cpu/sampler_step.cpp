@@ -268,15 +268,17 @@ inline void store_tile<float>(float* p, int64_t len, const float* src) {
   std::memcpy(p, src, (size_t)len * sizeof(float));
 }
 
-// The elementwise math of one tile (fp32 buffers). PRED is a template argument so each loop is
-// straight-line; the runtime options are loop invariant (GCC unswitches them) and copied to
-// locals so no store to ob/x0b can alias them.
-template <int PRED>
+// The elementwise math of one tile (fp32 buffers). PRED, the eps recomputation and the x0 store
+// are template arguments so each loop is straight-line with no dead work (GCC if-converts the
+// eps recomputation into a select it evaluates for every element otherwise); the other runtime
+// options are loop invariant (GCC unswitches them) and copied to locals so no store to ob/x0b
+// can alias them.
+template <int PRED, bool RECOMP, bool X0>
 inline __attribute__((always_inline)) void tile_math_t(
     const StepOptions& opt, const float* cf, int64_t len, const float* __restrict xb,
     const float* __restrict mb, const float* __restrict up, const float* __restrict sp,
     const float* __restrict zp, float* __restrict ob, float* __restrict x0b) {
-  const int mode = opt.mode, cfg = opt.cfg, clip = opt.clip, recompute = opt.recompute;
+  const int mode = opt.mode, cfg = opt.cfg, clip = opt.clip;
   const int lv = opt.learned_var, has_z = opt.has_z;
   const float g = opt.g, clip_r = opt.clip_r;
   const float a = cf[0], s = cf[1], k2 = cf[2], k3 = cf[3], k4 = cf[4], k5 = cf[5];
@@ -287,10 +289,10 @@ inline __attribute__((always_inline)) void tile_math_t(
       const float uv = up[j], sv = sp[j], zv = zp[j];
       const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
       float x0, eps;
-      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, recompute, true, x0, eps);
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, RECOMP, true, x0, eps);
       const float sigma = lv ? sv : k5;
       ob[j] = sampler_update(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
-      x0b[j] = x0;
+      if (X0) x0b[j] = x0;
     }
   } else {
 #pragma omp simd
@@ -300,24 +302,64 @@ inline __attribute__((always_inline)) void tile_math_t(
       float x0, eps;
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
       ob[j] = dpm2m_update(k2, k3, k4, xb[j], x0, has_z, zv);
-      x0b[j] = x0;
+      if (X0) x0b[j] = x0;
     }
   }
 }
 
-// AVX2 clone besides the baseline one (no FMA in either, so both round identically).
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target_clones("avx2", "default")))
-#endif
-void tile_math(int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
-               const float* mb, const float* up, const float* sp, const float* zp, float* ob,
-               float* x0b) {
+template <bool RECOMP, bool X0>
+inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptions& opt,
+                                                       const float* cf, int64_t len,
+                                                       const float* xb, const float* mb,
+                                                       const float* up, const float* sp,
+                                                       const float* zp, float* ob, float* x0b) {
   switch (pred) {
-    case kEpsilon: return tile_math_t<kEpsilon>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+    case kEpsilon:
+      return tile_math_t<kEpsilon, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
     case kVPrediction:
-      return tile_math_t<kVPrediction>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
-    default: return tile_math_t<kSample>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+      return tile_math_t<kVPrediction, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+    default: return tile_math_t<kSample, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
   }
+}
+
+// x0 is stored only when asked for (x0b == nullptr otherwise).
+#define FD_TILE_MATH_BODY                                                                   \
+  const bool rc = opt.recompute != 0 && opt.clip != 0;                                      \
+  if (x0b != nullptr) {                                                                     \
+    if (rc) return tile_math_p<true, true>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b); \
+    return tile_math_p<false, true>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b);        \
+  }                                                                                         \
+  if (rc) return tile_math_p<true, false>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b);  \
+  return tile_math_p<false, false>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+
+using TileMathFn = void (*)(int, const StepOptions&, const float*, int64_t, const float*,
+                            const float*, const float*, const float*, const float*, float*,
+                            float*);
+
+void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t len,
+                    const float* xb, const float* mb, const float* up, const float* sp,
+                    const float* zp, float* ob, float* x0b) {
+  FD_TILE_MATH_BODY
+}
+
+// AVX2+FMA clone: GCC contracts a * b + c into FMAs here (C++ default -ffp-contract=fast, as
+// nvcc does on the GPU), which halves the arithmetic of the loop (it bounded the step in cache);
+// the baseline (SSE2) clone rounds each product separately, so the two clones can differ in the
+// last bit. Chosen once per process, so results are reproducible on one machine.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) void tile_math_avx2(
+    int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
+    const float* mb, const float* up, const float* sp, const float* zp, float* ob, float* x0b) {
+  FD_TILE_MATH_BODY
+}
+#endif
+#undef FD_TILE_MATH_BODY
+
+TileMathFn pick_tile_math() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_math_avx2;
+#endif
+  return tile_math_base;
 }
 
 template <typename TX, typename TM, int PRED>
@@ -347,6 +389,7 @@ void run(const StepArgs& A) {
   const int64_t tiles = (M + kTile - 1) / kTile;
   const int64_t total = A.n * tiles;
   const bool philox = A.gen != 0 && A.opt.mode == 0;
+  static const TileMathFn tile_math = pick_tile_math();
   // Fork threads from ~32k element-units of work, torch's own grain (at::internal::GRAIN_SIZE;
   // a Philox element counts 5 units): the eager steps this replaces fork at the same size. On an
   // oversubscribed machine a parallel region can cost a scheduler tick; there,
@@ -392,7 +435,7 @@ void run(const StepArgs& A) {
     }
     // fp32 outputs are written in place; other dtypes go through the fp32 tiles
     float* op = tile_out(Out + n * M + i0, ob);
-    float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : x0b;
+    float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : nullptr;
     tile_math(PRED, o, coefs, len, xp, mp, up, sp, zp, op, x0p);
     if (op == ob) store_tile(Out + n * M + i0, len, ob);
     if (X0 && x0p == x0b) store_tile(X0 + n * M + i0, len, x0b);
