@@ -2,6 +2,7 @@
 // addresses, sizes, strides, a dtype code and (CUDA) a stream handle.
 #include <pybind11/pybind11.h>
 
+#include "fastdiff/common.h"
 #include "fastdiff/registry.h"
 #ifdef FASTDIFF_WITH_CUDA
 #include "fastdiff/cuda_api.h"
@@ -34,6 +35,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   info["cxx_compiler"] = FASTDIFF_CXX_COMPILER;
   m.attr("BUILD_INFO") = info;
+  m.attr("ABI_VERSION") = FASTDIFF_ABI_VERSION;
 
   fastdiff::register_sampler_step(m);
   fastdiff::register_group_norm(m);

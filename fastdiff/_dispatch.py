@@ -168,11 +168,13 @@ def _available(name: str, dev_type: str, interpret: bool) -> tuple[bool, str]:
         if dev_type != "cpu":
             return False, f"the cpu backend runs on CPU tensors, got {dev_type} tensors"
         if not _ext.has_native():
-            return False, f"fastdiff._C failed to import: {_ext.C_IMPORT_ERROR}"
+            return False, f"fastdiff._C is unavailable: {_ext.C_IMPORT_ERROR}"
         return True, ""
     if name == "cuda":
         if dev_type != "cuda":
             return False, f"the cuda backend runs on CUDA tensors, got {dev_type} tensors"
+        if not _ext.has_native():
+            return False, f"fastdiff._C is unavailable: {_ext.C_IMPORT_ERROR}"
         if not _ext.has_native_cuda():
             return False, "fastdiff._C was built without CUDA (no nvcc, or FASTDIFF_CUDA=0)"
         return True, ""

@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
-try:
-    from fastdiff import _C  # type: ignore[attr-defined]
+# Must equal FASTDIFF_ABI_VERSION in csrc/include/fastdiff/common.h (the entry points' argument
+# lists); bumped together with it on every signature change.
+ABI_VERSION = 2
 
-    C_IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    _C = None
-    C_IMPORT_ERROR = str(exc)
+
+def _load_native():
+    """(fastdiff._C or None, why it is unusable or None). A module built from sources with another
+    ABI_VERSION (an old in-place build left behind) is refused here, with a warning, rather than
+    failing on some later call with pybind11's "incompatible function arguments"."""
+    try:
+        from fastdiff import _C as mod  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        return None, str(exc)
+    got = getattr(mod, "ABI_VERSION", None)
+    if got != ABI_VERSION:
+        why = (
+            f"fastdiff._C at {mod.__file__} is a stale build (ABI_VERSION {got}, this fastdiff "
+            f"needs {ABI_VERSION}): reinstall with `pip install .` (or run tools/dev_build.sh "
+            "in a source checkout)"
+        )
+        warnings.warn(why + "; the cpu/cuda backends are disabled until then", stacklevel=3)
+        return None, why
+    return mod, None
+
+
+_C, C_IMPORT_ERROR = _load_native()
 
 # Must match csrc/include/fastdiff/common.h `enum class DType`.
 DTYPE_CODES: dict[torch.dtype, int] = {

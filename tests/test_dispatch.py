@@ -84,3 +84,39 @@ def test_backend_of_another_op_hints_at_op_scoping():
 
     with fastdiff.use_backend("sdpa"), pytest.raises(RuntimeError, match="op='attention'"):
         group_norm_silu(torch.randn(1, 8, 2, 2), 2)
+
+
+def test_abi_version_matches_the_header_and_the_build():
+    from pathlib import Path
+
+    from fastdiff import _ext
+
+    header = Path(__file__).parents[1] / "csrc/include/fastdiff/common.h"
+    line = next(ln for ln in header.read_text().splitlines() if "define FASTDIFF_ABI_VERSION" in ln)
+    assert int(line.split()[-1]) == _ext.ABI_VERSION
+    if _ext.has_native():
+        assert _ext.native().ABI_VERSION == _ext.ABI_VERSION
+
+
+def test_stale_native_build_is_refused_with_a_reason(monkeypatch):
+    import types
+
+    from fastdiff import _ext
+
+    stale = types.ModuleType("fastdiff._C")
+    stale.__file__ = "/somewhere/_C.so"
+    stale.ABI_VERSION = _ext.ABI_VERSION - 1
+    monkeypatch.setattr(fastdiff, "_C", stale, raising=False)
+    with pytest.warns(UserWarning, match="stale build"):
+        mod, why = _ext._load_native()
+    assert mod is None
+    assert f"ABI_VERSION {_ext.ABI_VERSION - 1}" in why and "pip install ." in why
+    del stale.ABI_VERSION  # built before the stamp existed
+    with pytest.warns(UserWarning, match="ABI_VERSION None"):
+        assert _ext._load_native()[0] is None
+    # the disabled module makes the native backends unavailable, with that reason
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "C_IMPORT_ERROR", why)
+    monkeypatch.setattr(_dispatch, "_AVAILABLE", {})
+    ok, reason = _dispatch.backend_available("cpu", "cpu")
+    assert not ok and "stale build" in reason

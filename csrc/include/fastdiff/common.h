@@ -24,6 +24,12 @@
 #define FD_HD_INLINE inline __attribute__((always_inline))
 #endif
 
+// Version of the Python <-> fastdiff._C calling convention (argument lists of the entry points).
+// Bump it with every signature change, together with ABI_VERSION in fastdiff/_ext.py: a module
+// built from older sources is then refused at import with "stale build" instead of failing
+// later with a pybind11 TypeError about incompatible arguments.
+#define FASTDIFF_ABI_VERSION 2
+
 namespace fastdiff {
 
 // The bits of a float as uint32 and back (no aliasing UB: memcpy on the host).
