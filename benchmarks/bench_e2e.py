@@ -107,6 +107,7 @@ def torch_twin(model: UNet) -> UNet:
     """A copy of ``model`` running only stock PyTorch ops (same weights, same math), its weights
     contiguous (NCHW) whatever ``model``'s layout."""
     twin = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    twin.batch_emb_proj = False  # one Linear per ResBlock, as stock UNets (diffusers) project
     for parent in list(twin.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, GroupNormSiLU):

@@ -98,6 +98,55 @@ def test_backward_matches_torch_backend():
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", VARIANTS[:2], ids=["ddpm", "adm"])
+def test_batched_emb_projections_equal_per_block(overrides):
+    # one GEMM over the stacked emb_proj weights (the CUDA default), split into strided views
+    # that the fused norms read in place: same output and gradients as per-block projections
+    model = make(**overrides)
+    x, t, y = inputs(model, n=3, labels=model.num_classes is not None)
+    calls = []
+    hook = torch.nn.Linear.forward
+
+    def counting(self, inp):
+        calls.append(self)
+        return hook(self, inp)
+
+    def run(batched):
+        model.batch_emb_proj = batched
+        model.zero_grad()
+        calls.clear()
+        torch.nn.Linear.forward = counting
+        try:
+            out = model(x, t, y)
+        finally:
+            torch.nn.Linear.forward = hook
+        out.square().mean().backward()
+        return out, [p.grad.clone() for p in model.parameters()], len(calls)
+
+    ref, ref_g, n_ref = run(False)
+    out, g, n_out = run(True)
+    n_res = sum(isinstance(m, ResBlock) for m in model.modules())
+    assert n_res >= 8 and n_ref - n_out == n_res  # the projections ran as one F.linear
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad(), fastdiff.use_backend("torch"):
+        torch.testing.assert_close(model(x, t, y), ref, rtol=1e-4, atol=1e-4)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the GPU path: triton norms, strided rows
+        with torch.no_grad(), fastdiff.use_backend("triton", "group_norm_silu"):
+            torch.testing.assert_close(model(x, t, y), ref, rtol=1e-4, atol=1e-4)
+    # channels_last, and a projection that is no plain nn.Linear: per-block for all of them
+    model_cl = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(model_cl(x.to(memory_format=torch.channels_last), t, y), ref)
+        model.down[0].layer.emb_proj.register_forward_hook(lambda m, i, o: o * 2)
+        assert model._emb_projections(torch.randn(3, 64)) is None
+        hooked = model(x, t, y)
+        model.batch_emb_proj = False
+        torch.testing.assert_close(hooked, model(x, t, y))
+    assert not torch.allclose(hooked, ref)  # the hook ran
+
+
 def test_channels_last_equals_nchw():
     model = make(num_classes=3, resblock_updown=True)
     x, t, y = inputs(model, labels=True)

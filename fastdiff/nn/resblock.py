@@ -64,13 +64,18 @@ class ResBlock(nn.Module):
         else:
             self.skip = nn.Conv2d(in_channels, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x [N x Cin x H x W], emb [N x E] -> [N x Cout x H' x W'] (H' = 2H up, H/2 down)."""
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, proj: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [N x Cin x H x W], emb [N x E] -> [N x Cout x H' x W'] (H' = 2H up, H/2 down).
+
+        ``proj``: ``emb_proj(emb)`` computed by the caller, e.g. by :class:`fastdiff.models.UNet`,
+        which projects for all its blocks in one GEMM (any row stride)."""
         h = self.norm1(x)  # silu(GN(x))                            [N x Cin x H x W]
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)  #             [N x Cin x H' x W']
         h = self.conv1(h)  #                                        [N x Cout x H' x W']
-        e = self.emb_proj(emb)  #                                   [N x Cout] or [N x 2Cout]
+        e = self.emb_proj(emb) if proj is None else proj  #         [N x Cout] or [N x 2Cout]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)  #                     [N x Cout] each
             h = self.norm2(h, scale=scale, shift=shift)  # silu(GN(h) * (1 + scale) + shift)
