@@ -400,6 +400,86 @@ def test_cuda_graph_equals_eager(opts):
     assert torch.equal(graphed[0][0], graphed[1][0])
 
 
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: capture records nothing, replay re-runs the
+    captured step's body and copies its x0 into the static output, as a real replay overwrites
+    the captured output buffer. Whatever the body reads must come from the static buffers
+    that ``_StepGraph.load`` / ``replay`` refresh, as on a GPU, or the results drift from eager."""
+
+    owner = None
+
+    def replay(self):
+        self.owner.x0.copy_(self.owner._body())
+
+
+@pytest.fixture
+def fake_cuda_graphs(monkeypatch):
+    import contextlib
+
+    from fastdiff import api
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    init = api._StepGraph.__init__
+    captured = []
+
+    def init_and_keep(self, model, *args):
+        init(self, model, *args)
+        self.graph.owner, self.model = self, model  # the fake replays the body: keep the model
+        captured.append(self)
+
+    monkeypatch.setattr(api._StepGraph, "__init__", init_and_keep)
+    monkeypatch.setattr(api, "_GRAPHS", api.weakref.WeakKeyDictionary())
+    return captured
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(sampler="ddim", eta=1.0),
+        dict(sampler="ddpm"),
+        dict(sampler="dpm++"),
+        dict(sampler="ddim", guidance_scale=2.5, cond=torch.tensor([1, 0, 3])),
+        dict(sampler="ddpm", philox=True),
+        dict(sampler="euler"),
+    ],  # fmt: skip
+    ids=["ddim-eta1", "ddpm-learned", "dpm++", "ddim-cfg", "ddpm-philox", "euler"],
+)
+@torch.no_grad()
+def test_graphed_loop_bookkeeping_equals_eager_on_cpu(opts, fake_cuda_graphs, monkeypatch):
+    """The CUDA-graph sampling loop (capture once, then per step: refresh t, coef, noise and
+    the Philox state in static buffers and replay; DPM-Solver's x0 history; CFG; the graph cache
+    across calls) run on CPU with a fake graph: same samples and x0 trajectory as the eager loop,
+    and the second call replays the cached capture. The GPU suite runs the real graphs."""
+    from fastdiff import api
+
+    opts = dict(opts)
+    philox = opts.pop("philox", False)
+    model = _net(num_classes=4, out_mult=2 if opts["sampler"] == "ddpm" else 1)
+    runs = []
+    for graphed in (False, True, True):
+        if graphed:
+            monkeypatch.setattr(api, "_sample_eager", api._sample_graphed)
+        torch.manual_seed(0)  # philox: the seed comes from the global generator
+        gens = None if philox else _gens([1, 2, 3])
+        runs.append(fastdiff.sample(model, steps=10, generator=gens, batch_size=3,
+                                    return_trajectory=True, **opts))  # fmt: skip
+    (eager, etraj), *graphed_runs = runs
+    assert len(fake_cuda_graphs) == 1  # captured once, replayed by the second call
+    for out, traj in graphed_runs:
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x"], etraj["x"], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(etraj["x"][1], etraj["x"][-1])  # the steps did move x
+
+
 # ----------------------------------------------------------------------------- channels_last
 def _tiny_unet():
     from fastdiff.models import UNet
