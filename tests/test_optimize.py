@@ -185,6 +185,57 @@ def test_unknown_resnet_class_is_listed():
     assert type(model.extra) is ResnetBlockCondNorm2D
 
 
+@pytest.mark.parametrize("kind", ["unet2d", "unet2d-scale-shift", "unet2d-cond"])
+def test_time_projections_in_one_gemm(kind, monkeypatch):
+    """All ResnetBlock2Ds' silu(temb) @ W_i^T + b_i from one SiLU and one GEMM (the CUDA
+    default, forced here): same output and gradients, one Linear call instead of one per block;
+    a hooked projection makes every block project itself again (the hook runs)."""
+    from fastdiff.integrations.diffusers import TimeProjections
+
+    model, x, ctx = MODELS[kind]()
+    t = torch.tensor([3, 700])
+    ref_model = copy.deepcopy(model)
+    ref = run(ref_model, x, t, ctx)
+    fastdiff.optimize(model, channels_last=False)
+    groups = {id(m.__dict__.get("_fastdiff_time_group")) for m in model.modules()
+              if type(m).__name__ == "FusedResnetBlock2D"}  # fmt: skip
+    group = next(m for m in model.modules() if type(m).__name__ == "FusedResnetBlock2D")
+    group = group.__dict__["_fastdiff_time_group"]
+    assert isinstance(group, TimeProjections) and len(groups) == 1 and len(group.blocks) >= 4
+    assert any("time_emb_proj: one SiLU + one GEMM" in w for _, w in model.fastdiff_report.replaced)
+
+    calls = []
+    forward = torch.nn.Linear.forward
+
+    def counting(self, inp):
+        calls.append(self)
+        return forward(self, inp)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    counts = {}
+    for enabled in (False, True):
+        group.enabled = enabled
+        calls.clear()
+        out = run(model, x, t, ctx)
+        counts[enabled] = sum(any(m is b.time_emb_proj for b in group.blocks) for m in calls)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert counts == {False: len(group.blocks), True: 0}
+    model.zero_grad()
+    ref_model.zero_grad()
+    model(x, t, *([ctx] if ctx is not None else [])).sample.square().mean().backward()
+    ref_model(x, t, *([ctx] if ctx is not None else [])).sample.square().mean().backward()
+    for p, r in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5)
+    seen = []
+    group.blocks[-1].time_emb_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    calls.clear()
+    torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-4, atol=1e-4)
+    assert len(seen) == 1 and sum(any(m is b.time_emb_proj for b in group.blocks)
+                                  for m in calls) == len(group.blocks)  # fmt: skip
+    fastdiff.optimize(model, channels_last=False)  # idempotent: the same group stays
+    assert group.blocks[0].__dict__["_fastdiff_time_group"] is group
+
+
 def test_backward_through_patched_model():
     model, x, _ = MODELS["unet2d"]()
     t = torch.tensor([5, 900])

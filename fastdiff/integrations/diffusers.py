@@ -16,6 +16,9 @@ What is patched, in place (parameters and state-dict keys never change):
   standard ``1/sqrt(d)`` scale): :class:`FastAttnProcessor`, and its ``group_norm`` (if any) runs
   on the fused GroupNorm kernel (``activation=None``);
 * every ``Transformer2DModel`` input GroupNorm: the fused GroupNorm kernel;
+* the fused ResnetBlock2Ds' time projections ``time_emb_proj(silu(temb))``: on CUDA one SiLU
+  and one GEMM over the stacked weights for all blocks (:class:`TimeProjections`) instead of a
+  SiLU and a GEMM per block;
 * every plain ``Upsample2D`` (nearest 2x, then a 3x3 conv): class swapped for
   :class:`FoldedUpsample2D`, which on CPU runs the pair as one stride-2 transposed conv with the
   folded 4x4 kernel (:func:`fastdiff.nn.sampling.fold_upsample_conv`: 0.44x the FLOPs) when the
@@ -37,10 +40,10 @@ from torch import nn
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import fold_pays, foldable_conv, upsample_conv
+from fastdiff.nn.sampling import _hooked, fold_pays, foldable_conv, upsample_conv
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
-__all__ = ["FastAttnProcessor", "OptimizeReport", "optimize"]
+__all__ = ["FastAttnProcessor", "OptimizeReport", "TimeProjections", "optimize"]
 
 
 @dataclass
@@ -102,9 +105,14 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor |
 
     cond: dict[str, torch.Tensor] = {}
     if self.time_emb_proj is not None:
-        if not self.skip_time_act:
-            temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)  #                               [N x Cout] or [N x 2Cout]
+        group = self.__dict__.get("_fastdiff_time_group")  # TimeProjections, or None
+        proj = group.projection(self, temb) if group is not None else None
+        if proj is not None:  # silu(temb) @ W^T + b of all blocks, from one GEMM
+            temb = proj
+        else:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)  #                           [N x Cout] or [N x 2Cout]
         n = hidden_states.shape[0]
         if temb.shape[0] != n:
             temb = temb.expand(n, -1)
@@ -171,6 +179,66 @@ def _patch_resnet(name: str, block: nn.Module, report: OptimizeReport) -> None:
         return
     block.__class__ = fused_cls
     report.replaced.append((name, "ResnetBlock2D: fused GroupNorm+SiLU"))
+
+
+class TimeProjections:
+    """The time-embedding projections ``time_emb_proj(silu(temb))`` of all the fused
+    ResnetBlock2Ds of one UNet, from one SiLU and one GEMM over their stacked weights.
+
+    diffusers runs a SiLU and a small GEMM per ResnetBlock2D on the same ``temb`` (22 of each in
+    the ddpm-cifar10 UNet2DModel), each a launch-bound kernel at small batch. The first block
+    that needs its projection in a forward computes them all for that ``temb`` object (the UNet
+    hands the same tensor to every block) and the others take their ``[N x C_i]`` slice. The
+    weights are stacked on every forward, never cached (an in-place ``.data`` update cannot make
+    them stale); that copy is worth it on a GPU, not on CPU, so ``enabled=None`` (default) means
+    "for CUDA tensors". Off under ``torch.compile`` (it traces the per-block path), and
+    per block whenever a projection is not a plain ``nn.Linear`` with a bias and no hooks.
+    """
+
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        self.blocks = blocks
+        self.enabled: bool | None = None
+        self._cache: tuple[Any, dict[int, torch.Tensor]] = (None, {})  # (temb, {id(block): proj})
+
+    def projection(self, block: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
+        """``block``'s projection of ``temb``, or None: then the block projects itself."""
+        use = self.enabled
+        if not (temb.is_cuda if use is None else use) or torch.compiler.is_compiling():
+            return None
+        cache = self._cache  # one read: a consistent (temb, projections) pair across threads
+        if cache[0] is not temb:
+            lins = [b.time_emb_proj for b in self.blocks]
+            if any(type(m) is not nn.Linear or m.bias is None or _hooked(m) for m in lins):
+                return None
+            w = torch.cat([m.weight for m in lins])  # [sum C_i x E]
+            b = torch.cat([m.bias for m in lins])  # [sum C_i]
+            out = nn.functional.linear(nn.functional.silu(temb), w, b)  # [N x sum C_i]
+            parts = out.split([m.out_features for m in lins], dim=1)  # [N x C_i] views
+            cache = (temb, {id(blk): p for blk, p in zip(self.blocks, parts, strict=True)})
+            self._cache = cache
+        return cache[1].get(id(block))
+
+
+def _group_time_projections(model: nn.Module, report: OptimizeReport) -> None:
+    """One :class:`TimeProjections` over every fused ResnetBlock2D with a time projection."""
+    fused_cls = _fused_resnet_class()
+    blocks = [
+        m
+        for m in model.modules()
+        if type(m) is fused_cls and m.time_emb_proj is not None and not m.skip_time_act
+    ]
+    if len(blocks) < 2:
+        return
+    what = f"{len(blocks)} ResnetBlock2D time_emb_proj: one SiLU + one GEMM on CUDA"
+    groups = {id(b.__dict__.get("_fastdiff_time_group")) for b in blocks}
+    old = blocks[0].__dict__.get("_fastdiff_time_group")
+    if len(groups) == 1 and old is not None and old.blocks == blocks:
+        report.already.append(("", what))
+        return
+    group = TimeProjections(blocks)
+    for b in blocks:
+        b.__dict__["_fastdiff_time_group"] = group
+    report.replaced.append(("", what))
 
 
 # ---- Upsample2D ----------------------------------------------------------------------------
@@ -363,6 +431,7 @@ def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
             handled.add(id(m.norm))
     _patch_out_norm(model, report)
     handled.add(id(getattr(model, "conv_norm_out", None)))
+    _group_time_projections(model, report)
 
     for name, m in model.named_modules():
         if type(m) is nn.GroupNorm and id(m) not in handled:
