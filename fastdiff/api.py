@@ -215,6 +215,7 @@ def _check_generator(generator: Any, n: int) -> None:
 
 
 # --------------------------------------------------------------------------------- the loop
+@torch.no_grad()
 def sample(
     model: Callable[..., Any],
     steps: int | None = None,
@@ -240,6 +241,10 @@ def sample(
     **sampler_options: Any,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Draw samples from a diffusion model: x_T ~ N(0, I), then ``steps`` reverse steps.
+
+    Runs under ``torch.no_grad()``, as diffusers' pipelines do: without it a model whose
+    parameters require grad would record an autograd graph through every step (memory growing
+    with the steps, the fused kernels bypassed for autograd) for samples nothing can backprop.
 
     Args:
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``

@@ -363,6 +363,27 @@ def test_sampler_object_and_model_schedule():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+def test_sample_runs_without_autograd_even_when_the_caller_has_grad_on():
+    """Parameters that require grad (a model straight from training) and no ``no_grad`` at the
+    call site: no autograd graph through the steps, and the fused eager paths still run."""
+    from fastdiff.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet.from_preset("tiny")
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_grad_enabled()))
+    x = fastdiff.sample(model, steps=3, batch_size=2)
+    assert seen == [False] * 3
+    assert not x.requires_grad and x.grad_fn is None
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = fastdiff.sample(model, steps=3, batch_size=2)
+    torch.manual_seed(1)
+    torch.testing.assert_close(fastdiff.sample(model, steps=3, batch_size=2), a, rtol=0, atol=0)
+    assert torch.is_grad_enabled()  # restored for the caller
+
+
 # ------------------------------------------------------------------------------ CUDA graphs
 @pytest.mark.cuda
 @pytest.mark.parametrize(
