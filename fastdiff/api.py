@@ -245,6 +245,8 @@ def sample(
     Runs under ``torch.no_grad()``, as diffusers' pipelines do: without it a model whose
     parameters require grad would record an autograd graph through every step (memory growing
     with the steps, the fused kernels bypassed for autograd) for samples nothing can backprop.
+    An ``nn.Module`` model in training mode runs in eval mode (no dropout) and gets its modes
+    back afterwards.
 
     Args:
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
@@ -489,22 +491,32 @@ def sample(
             _model_to_channels_last(model)
         x = x.contiguous(memory_format=torch.channels_last)
 
-    if cuda_graph:
-        res = _sample_graphed(
-            model, smp, x, kwargs, guidance_scale, generator, progress, callback,
-            return_trajectory,
-        )  # fmt: skip
-    else:
-        res = _sample_eager(
-            model, smp, x, kwargs, guidance_scale, generator, progress, callback,
-            return_trajectory,
-        )  # fmt: skip
+    loop = _sample_graphed if cuda_graph else _sample_eager
+    training = _switch_to_eval(model)
+    try:
+        res = loop(model, smp, x, kwargs, guidance_scale, generator, progress, callback,
+                   return_trajectory)  # fmt: skip
+    finally:
+        for m in training:
+            m.training = True  # only those that were (not m.train(): it recurses)
     if fmt is torch.preserve_format:
         return res
     if return_trajectory:  # back to x_T's (contiguous) layout
         out, traj = res
         return out.contiguous(), {k: v.contiguous() for k, v in traj.items()}
     return res.contiguous()
+
+
+def _switch_to_eval(model: Any) -> list[torch.nn.Module]:
+    """Put an ``nn.Module`` model's submodules that are in training mode into eval mode (no
+    dropout: a model sampled mid-training, or ``UNet.from_preset`` with ``dropout > 0``);
+    returns them, so the caller restores their mode afterwards."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    return training
 
 
 def _use_channels_last(

@@ -384,6 +384,34 @@ def test_sample_runs_without_autograd_even_when_the_caller_has_grad_on():
     assert torch.is_grad_enabled()  # restored for the caller
 
 
+@torch.no_grad()
+def test_sample_runs_a_training_mode_model_in_eval_mode_and_restores_it():
+    """A model sampled mid-training (dropout active) samples as in eval mode; every module's
+    mode is back afterwards, including a submodule the user had put in eval mode."""
+    from fastdiff.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet.from_preset("tiny", dropout=0.5)
+    with torch.no_grad():  # conv2 is zero-initialised: make the dropout matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.up[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    assert modes[""] and not modes["up.0"]
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    noise = torch.randn(2, model.in_channels, model.sample_size, model.sample_size)
+    a = fastdiff.sample(model, steps=3, noise=noise, sampler="ddim")
+    assert seen == [False] * 3
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    model.eval()
+    b = fastdiff.sample(model, steps=3, noise=noise, sampler="ddim")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.train()  # the check can fail: in training mode the dropout changes the output
+    x, t = noise, torch.tensor([500, 500])
+    assert not torch.allclose(model(x, t), model(x, t))
+
+
 # ------------------------------------------------------------------------------ CUDA graphs
 @pytest.mark.cuda
 @pytest.mark.parametrize(
