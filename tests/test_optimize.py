@@ -185,11 +185,16 @@ def test_unknown_resnet_class_is_listed():
     assert type(model.extra) is ResnetBlockCondNorm2D
 
 
+def _time_group(model):
+    block = next(m for m in model.modules() if type(m).__name__ == "FusedResnetBlock2D")
+    return block.__dict__.get("_fastdiff_time_group")
+
+
 @pytest.mark.parametrize("kind", ["unet2d", "unet2d-scale-shift", "unet2d-cond"])
 def test_time_projections_in_one_gemm(kind, monkeypatch):
     """All ResnetBlock2Ds' silu(temb) @ W_i^T + b_i from one SiLU and one GEMM (the CUDA
-    default, forced here): same output and gradients, one Linear call instead of one per block;
-    a hooked projection makes every block project itself again (the hook runs)."""
+    default, forced here) in forwards without autograd: same output, one Linear call instead
+    of one per block; with grad on, a hooked projection, or after deepcopy: correct too."""
     from fastdiff.integrations.diffusers import TimeProjections
 
     model, x, ctx = MODELS[kind]()
@@ -197,12 +202,11 @@ def test_time_projections_in_one_gemm(kind, monkeypatch):
     ref_model = copy.deepcopy(model)
     ref = run(ref_model, x, t, ctx)
     fastdiff.optimize(model, channels_last=False)
-    groups = {id(m.__dict__.get("_fastdiff_time_group")) for m in model.modules()
-              if type(m).__name__ == "FusedResnetBlock2D"}  # fmt: skip
-    group = next(m for m in model.modules() if type(m).__name__ == "FusedResnetBlock2D")
-    group = group.__dict__["_fastdiff_time_group"]
-    assert isinstance(group, TimeProjections) and len(groups) == 1 and len(group.blocks) >= 4
-    assert any("time_emb_proj: one SiLU + one GEMM" in w for _, w in model.fastdiff_report.replaced)
+    group = _time_group(model)
+    blocks = [m for m in model.modules() if type(m).__name__ == "FusedResnetBlock2D"]
+    assert isinstance(group, TimeProjections) and group.blocks == blocks and len(blocks) >= 4
+    assert all(b.__dict__["_fastdiff_time_group"] is group for b in blocks)
+    assert any("one SiLU + one GEMM" in w for _, w in model.fastdiff_report.replaced)
 
     calls = []
     forward = torch.nn.Linear.forward
@@ -211,29 +215,59 @@ def test_time_projections_in_one_gemm(kind, monkeypatch):
         calls.append(self)
         return forward(self, inp)
 
+    def projections_called():
+        return sum(any(m is b.time_emb_proj for b in blocks) for m in calls)
+
     monkeypatch.setattr(torch.nn.Linear, "forward", counting)
     counts = {}
     for enabled in (False, True):
         group.enabled = enabled
         calls.clear()
-        out = run(model, x, t, ctx)
-        counts[enabled] = sum(any(m is b.time_emb_proj for b in group.blocks) for m in calls)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert counts == {False: len(group.blocks), True: 0}
+        torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-4, atol=1e-4)
+        counts[enabled] = projections_called()
+    assert counts == {False: len(blocks), True: 0}
+    # autograd (training, gradient checkpointing): diffusers' per-block path, same gradients
+    calls.clear()
     model.zero_grad()
     ref_model.zero_grad()
     model(x, t, *([ctx] if ctx is not None else [])).sample.square().mean().backward()
     ref_model(x, t, *([ctx] if ctx is not None else [])).sample.square().mean().backward()
+    assert projections_called() == len(blocks)
     for p, r in zip(model.parameters(), ref_model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-3, atol=1e-5)
+    # deepcopy after a forward (an EMA copy): the copy has its own group and an empty cache
+    run(model, x, t, ctx)
+    clone = copy.deepcopy(model)
+    cgroup = _time_group(clone)
+    assert cgroup is not group and cgroup._cache[0] is None and cgroup.enabled is True
+    torch.testing.assert_close(run(clone, x, t, ctx), ref, rtol=1e-4, atol=1e-4)
+    # a hook on one projection: every block projects itself again, and the hook runs
     seen = []
-    group.blocks[-1].time_emb_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    blocks[-1].time_emb_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     calls.clear()
     torch.testing.assert_close(run(model, x, t, ctx), ref, rtol=1e-4, atol=1e-4)
-    assert len(seen) == 1 and sum(any(m is b.time_emb_proj for b in group.blocks)
-                                  for m in calls) == len(group.blocks)  # fmt: skip
+    assert len(seen) == 1 and projections_called() == len(blocks)
     fastdiff.optimize(model, channels_last=False)  # idempotent: the same group stays
-    assert group.blocks[0].__dict__["_fastdiff_time_group"] is group
+    assert _time_group(model) is group
+
+
+def test_time_projections_one_group_per_unet_in_a_container():
+    """Two UNets of different widths and dtypes in one container: one group each, each
+    forward computes only its own UNet's projections."""
+    a, xa, _ = MODELS["unet2d"]()
+    b = unet2d(block_out_channels=(16, 32), norm_num_groups=4, attention_head_dim=16).double()
+    xb = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    t = torch.tensor([3, 700])
+    refs = run(copy.deepcopy(a), xa, t), run(copy.deepcopy(b), xb, t)
+    box = torch.nn.ModuleDict({"a": a, "b": b})
+    fastdiff.optimize(box, channels_last=False)
+    ga, gb = _time_group(a), _time_group(b)
+    assert ga is not None and gb is not None and ga is not gb
+    assert {n for n, w in box.fastdiff_report.replaced if "one GEMM" in w} == {"a", "b"}
+    ga.enabled = gb.enabled = True
+    torch.testing.assert_close(run(a, xa, t), refs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(b, xb, t), refs[1], rtol=1e-6, atol=1e-6)
+    assert ga._cache[0] is not None and gb._cache[0] is not None
 
 
 def test_backward_through_patched_model():

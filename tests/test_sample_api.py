@@ -506,27 +506,35 @@ def test_graphed_loop_bookkeeping_equals_eager_on_cpu(opts, fake_cuda_graphs, mo
     """The CUDA-graph sampling loop (capture once, then per step: refresh t, coef, noise and
     the Philox state in static buffers and replay; DPM-Solver's x0 history; CFG; the graph cache
     across calls) run on CPU with a fake graph: same samples and x0 trajectory as the eager loop,
-    and the second call replays the cached capture. The GPU suite runs the real graphs."""
+    and a second call with other x_T, noise, seed and conditioning replays the cached capture.
+    The fake re-runs the step's Python on replay, so Python state that a real graph would freeze
+    at capture is not checked here: the GPU suite runs the real graphs."""
     from fastdiff import api
 
     opts = dict(opts)
     philox = opts.pop("philox", False)
     model = _net(num_classes=4, out_mult=2 if opts["sampler"] == "ddpm" else 1)
-    runs = []
-    for graphed in (False, True, True):
-        if graphed:
-            monkeypatch.setattr(api, "_sample_eager", api._sample_graphed)
-        torch.manual_seed(0)  # philox: the seed comes from the global generator
-        gens = None if philox else _gens([1, 2, 3])
-        runs.append(fastdiff.sample(model, steps=10, generator=gens, batch_size=3,
-                                    return_trajectory=True, **opts))  # fmt: skip
-    (eager, etraj), *graphed_runs = runs
-    assert len(fake_cuda_graphs) == 1  # captured once, replayed by the second call
-    for out, traj in graphed_runs:
+    eager_loop = api._sample_eager
+
+    def run(graphed, call):  # call 1 and 2: other x_T, noise, Philox seed and conditioning
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        torch.manual_seed(call)  # philox: the seed comes from the global generator
+        gens = None if philox else _gens([call + 1, call + 2, call + 3])
+        kw = dict(opts)
+        if "cond" in kw and call == 2:
+            kw["cond"] = torch.tensor([3, 3, 1])
+        return fastdiff.sample(model, steps=10, generator=gens, batch_size=3,
+                               return_trajectory=True, **kw)  # fmt: skip
+
+    for call in (1, 2):  # the second call replays the first call's capture with new inputs
+        eager, etraj = run(False, call)
+        out, traj = run(True, call)
         torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(traj["x"], etraj["x"], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(etraj["x"][1], etraj["x"][-1])  # the steps did move x
+        assert not torch.allclose(etraj["x"][1], etraj["x"][-1])  # the steps did move x
+    assert len(fake_cuda_graphs) == 1  # captured once
+    assert not torch.allclose(out, run(False, 1)[0])  # the two calls differ
 
 
 # ----------------------------------------------------------------------------- channels_last

@@ -182,17 +182,19 @@ def _patch_resnet(name: str, block: nn.Module, report: OptimizeReport) -> None:
 
 
 class TimeProjections:
-    """The time-embedding projections ``time_emb_proj(silu(temb))`` of all the fused
-    ResnetBlock2Ds of one UNet, from one SiLU and one GEMM over their stacked weights.
+    """The time-embedding projections ``time_emb_proj(silu(temb))`` of the fused ResnetBlock2Ds
+    of one UNet, from one SiLU and one GEMM over their stacked weights.
 
     diffusers runs a SiLU and a small GEMM per ResnetBlock2D on the same ``temb`` (22 of each in
-    the ddpm-cifar10 UNet2DModel), each a launch-bound kernel at small batch. The first block
-    that needs its projection in a forward computes them all for that ``temb`` object (the UNet
-    hands the same tensor to every block) and the others take their ``[N x C_i]`` slice. The
-    weights are stacked on every forward, never cached (an in-place ``.data`` update cannot make
-    them stale); that copy is worth it on a GPU, not on CPU, so ``enabled=None`` (default) means
-    "for CUDA tensors". Off under ``torch.compile`` (it traces the per-block path), and
-    per block whenever a projection is not a plain ``nn.Linear`` with a bias and no hooks.
+    the ddpm-cifar10 UNet2DModel), each a launch-bound kernel at small batch. In a forward
+    without autograd (sampling), the first block that needs its projection computes them all for
+    that ``temb`` object (the UNet hands the same tensor to every block) and the others take
+    their ``[N x C_i]`` slice. The weights are stacked on every forward, never cached (an
+    in-place ``.data`` update cannot make them stale); that copy is worth it on a GPU, not on
+    CPU, so ``enabled=None`` (default) means "for CUDA tensors". Per block (diffusers' own path)
+    with grad enabled (a cache that outlives a forward and gradient checkpointing's recompute do
+    not mix), under ``torch.compile``, and whenever the projections are not plain
+    ``nn.Linear`` s with a bias and no hooks, of one input width, dtype and device.
     """
 
     def __init__(self, blocks: list[nn.Module]) -> None:
@@ -200,16 +202,26 @@ class TimeProjections:
         self.enabled: bool | None = None
         self._cache: tuple[Any, dict[int, torch.Tensor]] = (None, {})  # (temb, {id(block): proj})
 
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: not the last forward's cache
+        return {**self.__dict__, "_cache": (None, {})}
+
     def projection(self, block: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
         """``block``'s projection of ``temb``, or None: then the block projects itself."""
         use = self.enabled
-        if not (temb.is_cuda if use is None else use) or torch.compiler.is_compiling():
+        if not (temb.is_cuda if use is None else use) or torch.is_grad_enabled():
+            return None
+        if torch.compiler.is_compiling():
             return None
         cache = self._cache  # one read: a consistent (temb, projections) pair across threads
         if cache[0] is not temb:
             lins = [b.time_emb_proj for b in self.blocks]
-            if any(type(m) is not nn.Linear or m.bias is None or _hooked(m) for m in lins):
-                return None
+            w0 = lins[0].weight
+            for m in lins:
+                if type(m) is not nn.Linear or m.bias is None or _hooked(m):
+                    return None
+                w = m.weight
+                if w.shape[1] != w0.shape[1] or w.dtype != w0.dtype or w.device != w0.device:
+                    return None
             w = torch.cat([m.weight for m in lins])  # [sum C_i x E]
             b = torch.cat([m.bias for m in lins])  # [sum C_i]
             out = nn.functional.linear(nn.functional.silu(temb), w, b)  # [N x sum C_i]
@@ -219,26 +231,45 @@ class TimeProjections:
         return cache[1].get(id(block))
 
 
+def _unet_owner(name: str, mods: dict[str, nn.Module]) -> str | None:
+    """Name of the nearest module enclosing ``name`` that has a ``time_embedding`` (its UNet)."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:k])
+        if hasattr(mods.get(prefix), "time_embedding"):
+            return prefix
+    return None
+
+
 def _group_time_projections(model: nn.Module, report: OptimizeReport) -> None:
-    """One :class:`TimeProjections` over every fused ResnetBlock2D with a time projection."""
+    """One :class:`TimeProjections` per UNet (the nearest enclosing module with a
+    ``time_embedding``, so a container of several UNets gets one group each) over its fused
+    ResnetBlock2Ds that have a time projection."""
     fused_cls = _fused_resnet_class()
-    blocks = [
-        m
-        for m in model.modules()
-        if type(m) is fused_cls and m.time_emb_proj is not None and not m.skip_time_act
-    ]
-    if len(blocks) < 2:
-        return
-    what = f"{len(blocks)} ResnetBlock2D time_emb_proj: one SiLU + one GEMM on CUDA"
-    groups = {id(b.__dict__.get("_fastdiff_time_group")) for b in blocks}
-    old = blocks[0].__dict__.get("_fastdiff_time_group")
-    if len(groups) == 1 and old is not None and old.blocks == blocks:
-        report.already.append(("", what))
-        return
-    group = TimeProjections(blocks)
-    for b in blocks:
-        b.__dict__["_fastdiff_time_group"] = group
-    report.replaced.append(("", what))
+    mods = dict(model.named_modules())
+    owners: dict[str, list[nn.Module]] = {}
+    for name, m in mods.items():
+        if type(m) is not fused_cls or m.time_emb_proj is None or m.skip_time_act:
+            continue
+        owner = _unet_owner(name, mods)
+        if owner is not None:
+            owners.setdefault(owner, []).append(m)
+    for owner, blocks in owners.items():
+        if len(blocks) < 2:
+            continue
+        what = f"ResnetBlock2D time_emb_proj x{len(blocks)}: one SiLU + one GEMM on CUDA"
+        old = blocks[0].__dict__.get("_fastdiff_time_group")
+        if (
+            old is not None
+            and old.blocks == blocks
+            and all(b.__dict__.get("_fastdiff_time_group") is old for b in blocks)
+        ):
+            report.already.append((owner, what))
+            continue
+        group = TimeProjections(blocks)
+        for b in blocks:
+            b.__dict__["_fastdiff_time_group"] = group
+        report.replaced.append((owner, what))
 
 
 # ---- Upsample2D ----------------------------------------------------------------------------
