@@ -40,7 +40,7 @@ from torch import nn
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import _hooked, fold_pays, foldable_conv, upsample_conv
+from fastdiff.nn.sampling import fold_pays, foldable_conv, has_hooks, upsample_conv
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 __all__ = ["FastAttnProcessor", "OptimizeReport", "TimeProjections", "optimize"]
@@ -217,7 +217,7 @@ class TimeProjections:
             lins = [b.time_emb_proj for b in self.blocks]
             w0 = lins[0].weight
             for m in lins:
-                if type(m) is not nn.Linear or m.bias is None or _hooked(m):
+                if type(m) is not nn.Linear or m.bias is None or has_hooks(m):
                     return None
                 w = m.weight
                 if w.shape[1] != w0.shape[1] or w.dtype != w0.dtype or w.device != w0.device:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.nn import Attention, Downsample, GroupNormSiLU, ResBlock, TimestepEmbedding, Upsample
-from fastdiff.nn.sampling import _hooked
+from fastdiff.nn.sampling import has_hooks
 
 
 @dataclass
@@ -336,7 +336,8 @@ class UNet(nn.Module):
         if not (emb.is_cuda if use is None else use):
             return None
         lins = [b.layer.emb_proj for b in (*self.down, *self.mid, *self.up) if _is_res(b)]
-        if not lins or any(type(m) is not nn.Linear or m.bias is None or _hooked(m) for m in lins):
+        plain = all(type(m) is nn.Linear and m.bias is not None and not has_hooks(m) for m in lins)
+        if not lins or not plain:
             return None
         w = torch.cat([m.weight for m in lins])  # [sum C_i x E]
         b = torch.cat([m.bias for m in lins])  # [sum C_i]

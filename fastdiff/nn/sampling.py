@@ -58,7 +58,7 @@ def fold_upsample_conv(weight: Tensor) -> Tensor:
     return w.view(ci, 4, 4, co).permute(0, 3, 1, 2).to(weight.dtype)  # [Ci x Co x 4 x 4]
 
 
-def _hooked(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
     """Module or global forward/backward hooks that calling ``m`` would run."""
     from torch.nn.modules import module as _mod
 
@@ -75,7 +75,7 @@ def foldable_conv(conv: nn.Module, channels: int) -> str | None:
     LoRA or pruning, must run as a module)."""
     if type(conv) is not nn.Conv2d:
         return f"the conv is a {type(conv).__name__}, not a plain nn.Conv2d"
-    if _hooked(conv):
+    if has_hooks(conv):
         return "the conv has hooks"
     plain = (
         conv.kernel_size == (3, 3)
