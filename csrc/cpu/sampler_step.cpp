@@ -158,6 +158,9 @@ __attribute__((target("avx2,fma"))) void fill_normals4_avx2(
     const uint32_t* __restrict lo, const uint32_t* __restrict hi, int64_t len, uint32_t key0,
     uint32_t key1) {
   int64_t k = 0;
+  // 4 groups of 8 in flight: the ten dependent Philox rounds of one group are latency-bound
+  // (2.7 ns per counter with 2 groups, 2.3 with 4, measured in isolation).
+  for (; k + 32 <= len; k += 32) normals8x<4>(p0, p1, p2, p3, lo, hi, k, key0, key1);
   for (; k + 16 <= len; k += 16) normals8x<2>(p0, p1, p2, p3, lo, hi, k, key0, key1);
   for (; k + 8 <= len; k += 8) normals8x<1>(p0, p1, p2, p3, lo, hi, k, key0, key1);
   for (; k < len; ++k) philox_randn4(key0, key1, lo[k], hi[k], p0[k], p1[k], p2[k], p3[k]);
@@ -234,6 +237,10 @@ void normals_range(float* dst, uint64_t e0, int64_t len, uint64_t offset, uint32
     chi[k] = bhi + (l < blo ? 1u : 0u);
   }
   fill_normals4(p0, p1, p2, p3, clo, chi, ng, key0, key1);
+  if (r == 0 && (len & 3) == 0) {  // whole counters: interleave straight into dst
+    interleave4(dst, p0, p1, p2, p3, ng);
+    return;
+  }
   interleave4(buf, p0, p1, p2, p3, ng);
   std::memcpy(dst, buf + r, (size_t)len * sizeof(float));
 }
