@@ -270,6 +270,17 @@ def test_time_projections_one_group_per_unet_in_a_container():
     assert ga._cache[0] is not None and gb._cache[0] is not None
 
 
+@torch.no_grad()
+def test_torch_compile_of_an_optimized_model():
+    """dynamo traces the patched classes (fullgraph: no graph break), same output as eager."""
+    model, x, _ = MODELS["unet2d"]()
+    t = torch.tensor([3, 700])
+    ref = run(model, x, t)
+    fastdiff.optimize(model, channels_last=False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, t).sample, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_backward_through_patched_model():
     model, x, _ = MODELS["unet2d"]()
     t = torch.tensor([5, 900])
