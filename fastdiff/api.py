@@ -144,6 +144,28 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
     )
 
 
+def _scheduler_options(schedule: Any, name: str) -> dict[str, Any]:
+    """The sampling settings of a diffusers scheduler (or config) passed as ``schedule`` that
+    sampler ``name`` takes: ``prediction_type``, ``timestep_spacing``, ``steps_offset``,
+    ``clip_sample``, ``thresholding``, ``set_alpha_to_one``, ``variance_type``, ... A scheduler
+    object's values that are its class defaults (diffusers' ``_use_default_values``) are
+    skipped: fastdiff's samplers have diffusers' defaults for their own type, and a DDPM
+    default must not override a DDIM one. ``None`` values are skipped."""
+    if isinstance(schedule, (NoiseSchedule, str)) or schedule is None:
+        return {}
+    cfg = getattr(schedule, "config", schedule)
+    if not isinstance(cfg, Mapping):
+        return {}
+    params = inspect.signature(SAMPLERS[name].__init__).parameters
+    defaults = set(cfg.get("_use_default_values", ()))
+    return {
+        k: v
+        for k, v in cfg.items()
+        if k in params and k not in ("self", "schedule", "steps", "eta")
+        and k not in defaults and v is not None
+    }  # fmt: skip
+
+
 def _check_sampler_options(name: str, opts: Mapping[str, Any]) -> None:
     """Unknown sampler options are a TypeError naming them and the valid ones."""
     params = inspect.signature(SAMPLERS[name].__init__).parameters
@@ -257,7 +279,10 @@ def sample(
             from :mod:`fastdiff.samplers` (its own steps and schedule are used).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule`, else linear DDPM; a diffusers scheduler (or its
-            config) is converted with :meth:`NoiseSchedule.from_diffusers`.
+            config) is converted with :meth:`NoiseSchedule.from_diffusers`, and the settings it
+            sets that the sampler takes (``prediction_type``, ``timestep_spacing``,
+            ``steps_offset``, ``clip_sample``, ``set_alpha_to_one``, ...) become the sampler's
+            defaults (``sampler_options`` win).
         batch_size: number of samples (default: from ``noise``, a generator list, or 1).
         shape: per-sample shape, e.g. ``(3, 64, 64)``; inferred from diffusers'
             ``config.sample_size`` / ``in_channels`` or a fastdiff UNet's attributes.
@@ -338,8 +363,10 @@ def sample(
                 f"steps: expected 1 <= steps <= num_train_timesteps = "
                 f"{sched.num_train_timesteps}, got {n_steps}"
             )
-        opts = dict(sampler_options)
         name = sampler.lower()
+        # a diffusers scheduler's own settings (e.g. prediction_type="v_prediction") are the
+        # defaults; options passed here win
+        opts = {**_scheduler_options(schedule, name), **sampler_options}
         if eta is not None:
             if SAMPLERS[name] is not SAMPLERS["ddim"]:
                 raise ValueError(f"eta: only the 'ddim' sampler takes eta, got sampler={sampler!r}")

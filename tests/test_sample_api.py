@@ -412,6 +412,41 @@ def test_sample_runs_a_training_mode_model_in_eval_mode_and_restores_it():
     assert not torch.allclose(model(x, t), model(x, t))
 
 
+@torch.no_grad()
+def test_diffusers_scheduler_settings_become_sampler_defaults():
+    """schedule=<a diffusers scheduler>: its non-default settings are the sampler's defaults
+    (a v-prediction scheduler samples as v-prediction), explicit options win."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from fastdiff.api import _scheduler_options
+
+    model = _net()
+    noise = torch.randn(2, 3, 8, 8)
+    sched = DDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                          clip_sample=False, steps_offset=1)  # fmt: skip
+    got = fastdiff.sample(model, steps=4, noise=noise, schedule=sched)
+    want = fastdiff.sample(model, steps=4, noise=noise, schedule=fastdiff.NoiseSchedule("linear"),
+                           prediction_type="v_prediction", timestep_spacing="trailing",
+                           clip_sample=False, steps_offset=1)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    plain = fastdiff.sample(model, steps=4, noise=noise, schedule=DDIMScheduler())
+    assert not torch.allclose(got, plain)
+    assert _scheduler_options(DDIMScheduler(), "ddim") == {}
+    assert _scheduler_options(sched, "euler") == {
+        "prediction_type": "v_prediction",
+        "timestep_spacing": "trailing",
+        "steps_offset": 1,
+    }
+    assert _scheduler_options(DDPMScheduler(variance_type="fixed_large").config, "ddpm") == {
+        "variance_type": "fixed_large"}  # fmt: skip
+    assert _scheduler_options({"prediction_type": "sample", "solver_order": 2}, "dpm++") == {
+        "prediction_type": "sample"}  # a plain dict: every key the sampler takes  # fmt: skip
+    explicit = fastdiff.sample(model, steps=4, noise=noise, schedule=sched,
+                               prediction_type="epsilon", timestep_spacing="leading",
+                               clip_sample=True, steps_offset=0)  # fmt: skip
+    torch.testing.assert_close(explicit, plain, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ CUDA graphs
 @pytest.mark.cuda
 @pytest.mark.parametrize(
