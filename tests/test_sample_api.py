@@ -587,21 +587,34 @@ def _is_cl(model):
 
 @pytest.mark.parametrize("trajectory", [False, True])
 def test_unet_on_cpu_runs_channels_last_by_default(trajectory):
-    """sample() runs a fastdiff UNet on CPU in channels_last (weights converted in place, values
-    unchanged), returns contiguous samples, and matches the NCHW run within fp32 rounding."""
+    """sample() runs a fastdiff UNet on CPU in channels_last (weights converted for the call and
+    given their layout back: the user's state_dict stays contiguous for safetensors), returns
+    contiguous samples, and matches the NCHW run within fp32 rounding."""
     import copy
+
+    import safetensors.torch
 
     model = _tiny_unet()
     nchw = copy.deepcopy(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
     c, s = model.config.in_channels, 16
     x_t = torch.randn(2, c, s, s)
     kw = dict(steps=4, noise=x_t, return_trajectory=trajectory)
+    during = []
+    cl = torch.channels_last
+    hook = model.register_forward_pre_hook(
+        lambda m, a: during.append(_is_cl(m) and a[0].is_contiguous(memory_format=cl))
+    )
     out = fastdiff.sample(model, **kw)
+    hook.remove()
     ref = fastdiff.sample(nchw, channels_last=False, **kw)
-    assert _is_cl(model) and not _is_cl(nchw)
+    assert during == [True] * 4  # ran channels_last
+    assert not _is_cl(model) and not _is_cl(nchw)  # and gave the weights their layout back
+    assert list(model.parameters()) == params  # the same Parameter objects (optimizers)
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+        assert torch.equal(v, state[k]) and v.is_contiguous(), k
+    safetensors.torch.save(model.state_dict())  # needs contiguous tensors
     if trajectory:
         (out, traj), (ref, traj_ref) = out, ref
         for k in ("x", "x0"):
@@ -611,6 +624,7 @@ def test_unet_on_cpu_runs_channels_last_by_default(trajectory):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     # the converted model called directly on NCHW x still returns a contiguous tensor
     t = torch.full((2,), 500)
+    model.to(memory_format=torch.channels_last)
     direct = model(x_t, t)
     assert direct.is_contiguous()
     torch.testing.assert_close(direct, nchw(x_t, t), rtol=1e-4, atol=1e-4)
