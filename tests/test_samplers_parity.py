@@ -313,3 +313,14 @@ def test_dpm_solver_history_resets_at_step_zero():
             x = ours.step(mos[i], i, x)
         runs.append(x)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_dpm_solver_with_repeated_timesteps_is_a_clear_error(spacing):
+    # 1000 steps over 1000 training timesteps: linspace/leading repeat timesteps (h = 0; diffusers
+    # returns NaN there); trailing does not
+    with pytest.raises(ValueError, match="repeat timesteps.*trailing"):
+        DPMSolverPPSampler(NoiseSchedule("linear"), 1000, timestep_spacing=spacing)
+    assert len(set(DPMSolverPPSampler(NoiseSchedule("linear"), 999, timestep_spacing=spacing)
+                   .timesteps.tolist())) == 999  # fmt: skip
+    DPMSolverPPSampler(NoiseSchedule("linear"), 1000, timestep_spacing="trailing")

@@ -109,6 +109,14 @@ class DPMSolverPPSampler(Sampler):
         return ab
 
     def coefficients(self) -> np.ndarray:
+        ts = [int(t) for t in self._ts]
+        if len(set(ts)) < len(ts):  # e^{-h} = 1 between equal steps: h = 0 divides
+            raise ValueError(
+                f"steps: {self.steps} steps with timestep_spacing={self.timestep_spacing!r} over "
+                f"{self.schedule.num_train_timesteps} training timesteps repeat timesteps "
+                f"({ts[:3]} ... {ts[-3:]}), which DPM-Solver++ cannot step between; use fewer "
+                "steps or timestep_spacing='trailing'"
+            )
         ab = self._alphas_cumprod()
         # DPM-Solver's sigma (noise-to-signal ratio) sigma/alpha = sqrt((1 - ab)/ab) per step,
         # then the end point.
