@@ -332,6 +332,75 @@ def test_dpm_solver_2m(case, pred):
         assert torch.equal(x0, x0b)
 
 
+GRAD_COMBOS = {  # name: (prediction, clip, recompute, guidance, learned variance, noise)
+    "eps-clip-noise": ("epsilon", 1.0, False, None, False, "tensor"),
+    "v-cfg": ("v_prediction", None, False, 3.0, False, None),
+    "sample-lv-philox": ("sample", None, False, None, True, "philox"),
+    "eps-clip-recompute-cfg": ("epsilon", 0.8, True, 2.0, False, None),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("combo", sorted(GRAD_COMBOS))
+def test_backward_matches_autograd_of_the_float64_reference(case, combo):
+    """Gradients of x_prev and x0 w.r.t. x, the model output and the noise tensor (the op's
+    backward recomputes through the torch reference) vs autograd of the plain float64 step; the
+    Philox offset advanced in place after the forward (as the samplers do) changes nothing."""
+    dev = case[0]
+    pred, clip, recompute, g, lv, noise = GRAD_COMBOS[combo]
+    coef = make_coef(dev)
+    shp = [SHAPE[0] * (2 if g else 1), SHAPE[1] * (2 if lv else 1), *SHAPE[2:]]
+    x = torch.randn(SHAPE, device=dev, requires_grad=True)
+    mo = torch.randn(shp, device=dev)
+    if lv:
+        mo[:, SHAPE[1] :] = mo[:, SHAPE[1] :].tanh()  # variance values in [-1, 1]
+    mo.requires_grad_(True)
+    z = torch.randn(SHAPE, device=dev, requires_grad=True) if noise == "tensor" else None
+    gs = torch.tensor([77, 5], device=dev) if noise == "philox" else None
+    out, x0 = run(case, x, mo, coef, prediction_type=pred, clip_range=clip,
+                  recompute_eps=recompute, guidance_scale=g, learned_variance=lv, noise=z,
+                  generator_state=gs, return_x0=True)  # fmt: skip
+    assert out.requires_grad and x0.requires_grad
+    w1, w2 = torch.randn_like(out), torch.randn_like(x0)
+    leaves = [x, mo] + ([z] if z is not None else [])
+    if gs is not None:
+        zr = philox_randn(gs, SHAPE).double()
+        gs[1] += 10_000  # the sampler advances the offset before any backward
+    else:
+        zr = z
+    loss = (out * w1).sum() + (x0 * w2).sum()
+    got = torch.autograd.grad(loss, leaves)
+
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
+    zr = ref_leaves[2] if z is not None else zr
+    ro, rx0 = reference(ref_leaves[0], ref_leaves[1], coef, pred=pred, clip=clip,
+                        recompute=recompute, g=g, lv=lv, z=zr)  # fmt: skip
+    rloss = (ro * w1.double()).sum() + (rx0 * w2.double()).sum()
+    want = torch.autograd.grad(rloss, ref_leaves)
+    for name, a, b in zip(("x", "model_output", "noise"), got, want, strict=False):
+        assert b.abs().max() > 0, name
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
+def test_dpm_solver_2m_backward(case):
+    dev = case[0]
+    coef = torch.tensor(DPM_COEF + [0, 0, 0], device=dev)
+    x, prev = (torch.randn(SHAPE, device=dev, requires_grad=True) for _ in range(2))
+    mo = torch.randn((2 * SHAPE[0],) + SHAPE[1:], device=dev, requires_grad=True)
+    with fastdiff.use_backend(case[1]):
+        out, x0 = dpm_solver_2m_step(x, mo, coef, prev, prediction_type="v_prediction",
+                                     guidance_scale=2.0, clip_range=1.5)  # fmt: skip
+    w1, w2 = torch.randn_like(out), torch.randn_like(x0)
+    got = torch.autograd.grad((out * w1).sum() + (x0 * w2).sum(), [x, mo, prev])
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, mo, prev)]
+    r, rx0 = dpm_reference(*leaves, "v_prediction", torch.float64, True)
+    want = torch.autograd.grad((r * w1.double()).sum() + (rx0 * w2.double()).sum(), leaves)
+    for a, b in zip(got, want, strict=True):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
 def _opcheck_args(dev):
     x = torch.randn(2, 3, 4, 5, device=dev)
     mo = torch.randn(4, 6, 4, 5, device=dev).clamp(-1, 1)
@@ -348,6 +417,8 @@ def test_opcheck_sampler_step(case):
     xc = x.to(memory_format=torch.channels_last)
     torch.library.opcheck(op, (xc, mo[:2, :3], coef, x, None, case[1], 0, None, False, None,
                                False, False))  # fmt: skip
+    xg, mg = x.clone().requires_grad_(True), mo.clone().requires_grad_(True)  # + the autograd
+    torch.library.opcheck(op, (xg, mg, coef, None, gs, case[1], 1, 1.0, True, 2.0, True, True))
 
 
 @pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
@@ -356,6 +427,8 @@ def test_opcheck_dpm_solver_2m_step(case):
     op = torch.ops.fastdiff.dpm_solver_2m_step.default
     torch.library.opcheck(op, (x, mo[:, :3], coef, x * 2, case[1], 2, 1.0, 3.0))
     torch.library.opcheck(op, (x, mo[:2, :3], coef, None, case[1], 0, None, None))
+    xg, mg = x.clone().requires_grad_(True), mo[:, :3].clone().requires_grad_(True)
+    torch.library.opcheck(op, (xg, mg, coef, x * 2, case[1], 1, 1.0, 3.0))
 
 
 @pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")

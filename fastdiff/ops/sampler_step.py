@@ -408,6 +408,67 @@ def _(x, model_output, coef, x0_prev, backend, prediction_type, clip_range, guid
 
 
 # ----------------------------------------------------------------------------------------------
+# autograd: through the torch reference (the update is elementwise; backward is never the hot path)
+# ----------------------------------------------------------------------------------------------
+def _grads(ctx, outs_fn, grads_out, tensors, grad_slots):
+    """Gradients of ``outs_fn(*leaves)`` for the saved ``tensors`` whose input slot needs one."""
+    slots = zip(grad_slots, tensors, strict=True)
+    needs = [ctx.needs_input_grad[i] and t is not None for i, t in slots]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) if t is not None else None
+                  for t, n in zip(tensors, needs, strict=True)]  # fmt: skip
+        outs = outs_fn(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, grads_out, strict=True)
+                 if g is not None and o.numel() > 0]  # fmt: skip
+        wrt = [t for t, n in zip(leaves, needs, strict=True) if n]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                       allow_unused=True) if wrt and pairs else ())  # fmt: skip
+        return [next(got, None) if n else None for n in needs]
+
+
+def _step_setup(ctx, inputs, output):
+    x, mo, coef, noise, gen, _backend, *opts = inputs
+    # the samplers advance the Philox offset in place after the step: keep this step's state
+    ctx.save_for_backward(x, mo, coef, noise, gen.clone() if gen is not None else None)
+    ctx.opts = opts
+
+
+def _step_backward(ctx, g_prev, g_x0):
+    x, mo, coef, noise, gen = ctx.saved_tensors
+    pred, clip, recompute, g, lv, return_x0 = ctx.opts
+
+    def run(x_, mo_, coef_, noise_):
+        return _torch_sampler_step(x_, mo_, coef_, noise_, gen, pred, clip, recompute, g, lv,
+                                   return_x0, _order_of(x_))  # fmt: skip
+
+    gx, gmo, gcoef, gnoise = _grads(ctx, run, (g_prev, g_x0), (x, mo, coef, noise), (0, 1, 2, 3))
+    return gx, gmo, gcoef, gnoise, None, None, None, None, None, None, None, None
+
+
+_sampler_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+
+
+def _dpm_setup(ctx, inputs, output):
+    x, mo, coef, x0_prev, _backend, *opts = inputs
+    ctx.save_for_backward(x, mo, coef, x0_prev)
+    ctx.opts = opts
+
+
+def _dpm_backward(ctx, g_next, g_x0):
+    x, mo, coef, x0_prev = ctx.saved_tensors
+    pred, clip, g = ctx.opts
+
+    def run(x_, mo_, coef_, prev_):
+        return _torch_dpm_2m(x_, mo_, coef_, prev_, pred, clip, g, _order_of(x_))
+
+    gx, gmo, gcoef, gprev = _grads(ctx, run, (g_next, g_x0), (x, mo, coef, x0_prev), (0, 1, 2, 3))
+    return gx, gmo, gcoef, gprev, None, None, None, None
+
+
+_dpm_2m_op.register_autograd(_dpm_backward, setup_context=_dpm_setup)
+
+
+# ----------------------------------------------------------------------------------------------
 # validation and public API
 # ----------------------------------------------------------------------------------------------
 def _check_float(name: str, t: Tensor) -> None:
@@ -607,6 +668,8 @@ def sampler_step(
     Dynamic thresholding (Imagen) is NOT part of this op: it needs a per-sample quantile, which
     the sampler computes with a separate torch reduction (then passes ``prediction_type="sample"``).
     No host synchronisation anywhere; the CUDA kernel runs on torch's current stream.
+    Autograd: gradients w.r.t. ``x``, ``model_output``, ``coef`` and ``noise`` (the backward
+    recomputes the step through the torch reference; the Philox noise is that of the forward).
 
     Returns:
         ``x_prev`` in x's dtype and memory format, or ``(x_prev, x0)`` with ``return_x0``.
