@@ -87,7 +87,9 @@ def use_backend(name: str, op: str | None = None) -> Iterator[None]:
 
 
 def set_backend(name: str | None, op: str | None = None) -> None:
-    """Force backend ``name`` for ``op`` (all ops when None) process-wide; ``name=None`` clears."""
+    """Force backend ``name`` for ``op`` (all ops when None) process-wide; ``name=None`` clears
+    that setting only: ``set_backend(None)`` clears the all-ops one, a per-op setting is cleared
+    with ``set_backend(None, op=...)`` (and wins over the all-ops one while set)."""
     _check_op(op)
     if name is None:
         _global_override.pop(op, None)

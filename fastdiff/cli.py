@@ -125,9 +125,12 @@ def _load_model(path: str | None, dev: torch.device):
     return load_model_file(p, device=dev)
 
 
-def _check_out(path: str) -> Path:
+def _check_out(path: str, suffix: str = ".png") -> Path:
     from fastdiff.viz import check_writable
 
+    if Path(path).suffix.lower() != suffix:
+        raise CLIError(f"--out: the file is written as {suffix[1:]}, so its name must end in "
+                       f"{suffix}, got {path}")  # fmt: skip
     try:
         return check_writable(path)
     except ValueError as exc:
@@ -193,9 +196,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
     dev = _device(a.device)
     _check_backend(a.backend, dev)
-    out = _check_out(a.out)
-    if out.suffix != ".safetensors":
-        raise CLIError(f"--out must end in .safetensors, got {out.name}")
+    out = _check_out(a.out, ".safetensors")
     if a.threads:
         torch.set_num_threads(a.threads)
     ckpt = a.checkpoint or str(out.with_name(out.stem + "-ckpt"))
@@ -324,6 +325,15 @@ def cmd_info(a: argparse.Namespace) -> None:
     info["fastdiff"] = fastdiff.__version__
     info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     info["threads"] = torch.get_num_threads()
+    env = os.environ.get("FASTDIFF_BACKEND")
+    if env is not None:
+        from fastdiff import _dispatch
+
+        try:
+            _dispatch._parse_env(env)
+            info["FASTDIFF_BACKEND"] = env
+        except ValueError as exc:
+            info["FASTDIFF_BACKEND"] = f"{env!r} is invalid: {exc}"
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -341,8 +351,10 @@ def cmd_info(a: argparse.Namespace) -> None:
         "cuda_compiler",
         "cxx_compiler",
         "openmp",
+        "FASTDIFF_BACKEND",
     ):
-        print(f"{k:14s} {info.get(k)}")  # fmt: skip
+        if k != "FASTDIFF_BACKEND" or k in info:
+            print(f"{k:14s} {info.get(k)}")  # fmt: skip
     if info.get("native_error"):
         print(f"{'native_error':14s} {info['native_error']}")
     for dev, ops in info["backends"].items():

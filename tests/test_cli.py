@@ -123,6 +123,15 @@ def test_info_json(capsys):
     assert "backends[cpu]" in capsys.readouterr().out
 
 
+def test_info_shows_the_backend_env_var(monkeypatch, capsys):
+    monkeypatch.setenv("FASTDIFF_BACKEND", "numpy")
+    assert main(["info"]) == 0
+    assert "'numpy' is invalid: unknown fastdiff backend" in capsys.readouterr().out
+    monkeypatch.setenv("FASTDIFF_BACKEND", "group_norm_silu=torch")
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["FASTDIFF_BACKEND"] == "group_norm_silu=torch"
+
+
 def test_bench_json(capsys):
     assert main(["bench", "--json", "--ops-only", "--repeat", "1", "--device", "cpu"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -210,6 +219,8 @@ def test_cuda_without_cuda(cmd, tmp_path, capsys):
         ["train", "--out", "{d}/m.safetensors", "--backend", "nope"],
         ["show", "unet", "--preset", "nope"],
         ["show", "forward", "--out", "{d}/f.png", "--digit", "12"],
+        ["show", "forward", "--out", "{d}/f.jpg"],
+        ["sample", "--out", "{d}/s.jpeg", "--steps", "2"],
         ["show", "forward", "--out", "{d}/f.png", "--schedule", "quadratic"],
         ["show", "reverse", "--out", "{d}/r.png", "--label", "11"],
         ["show", "reverse", "--out", "{d}/r.png", "--model", "{d}/nope.safetensors"],
