@@ -489,6 +489,12 @@ def sample(
         for k in cond_kw:
             c, u = cond_kw[k], unc_kw[k]
             if isinstance(c, Tensor):
+                if not isinstance(u, Tensor) or u.shape[1:] != c.shape[1:]:
+                    got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+                    raise ValueError(
+                        f"uncond: {k!r} must match cond's per-sample shape {tuple(c.shape[1:])} "
+                        f"(one batched model call over [uncond, cond]), got {got}"
+                    )
                 kwargs[k] = torch.cat([u.to(c.dtype), c])  # [uncond, cond]
             else:
                 kwargs[k] = c

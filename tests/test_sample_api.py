@@ -309,6 +309,9 @@ def test_bad_inputs():
     _bad("steps", sampler=DDIMSampler(NoiseSchedule(), 10), steps=20)
     _bad("cuda_graph", cuda_graph=True, device="cpu")
     _bad("uncond", uncond=torch.tensor([0]))
+    _bad(r"uncond: 'encoder_hidden_states' must match cond's per-sample shape \(5, 4\)",
+         model=CtxNet(), shape=(3, 4, 4), guidance_scale=2.0, cond=torch.randn(1, 5, 4),
+         uncond=torch.randn(1, 7, 4))  # fmt: skip
     _bad("dtype", TypeError, dtype=torch.int32)
     _bad("device", device="gpu")
     _bad("model.to", dtype=torch.float16)  # fp32 model, fp16 samples: a clear error

@@ -484,7 +484,8 @@ def group_norm_silu(
     """Fused ``act(GroupNorm(x + add) * (1 + scale) + shift)``.
 
     Args:
-        x: ``[N x C x *spatial]`` with 1-3 spatial dims; float32, float16 or bfloat16.
+        x: ``[N x C x *spatial]`` with 1-3 spatial dims; float32, float16 or bfloat16 (float64
+            is accepted and runs on the torch reference backend only).
         num_groups: G, dividing C.
         weight, bias: optional per-channel affine ``[C]`` (as ``nn.GroupNorm``).
         eps: added to the variance.
