@@ -324,3 +324,31 @@ def test_dpm_solver_with_repeated_timesteps_is_a_clear_error(spacing):
     assert len(set(DPMSolverPPSampler(NoiseSchedule("linear"), 999, timestep_spacing=spacing)
                    .timesteps.tolist())) == 999  # fmt: skip
     DPMSolverPPSampler(NoiseSchedule("linear"), 1000, timestep_spacing="trailing")
+
+
+@pytest.mark.parametrize("begin", [3, 7])
+def test_dpm_solver_run_starting_mid_schedule_matches_diffusers_begin_index(begin):
+    """img2img-style: a fresh sampler stepped from i = begin (diffusers: set_begin_index) takes
+    a first-order first step, and a sampler reused after a full run (other batch size too)
+    gives the same as a fresh one: no stale history."""
+    sch, cfg = _schedule("scaled_linear")
+    theirs = diffusers.DPMSolverMultistepScheduler(**cfg)
+    theirs.set_timesteps(10)
+    theirs.set_begin_index(begin)
+    ours = DPMSolverPPSampler(sch, 10)
+    g = torch.Generator().manual_seed(1)
+    x_start = torch.randn(SHAPE, generator=g)
+    mos = [_model_output(x_start, g, None) for _ in range(10)]
+    x_ref, x = x_start, x_start
+    for i in range(begin, 10):
+        x_ref = theirs.step(mos[i], theirs.timesteps[i], x_ref).prev_sample
+        x = ours.step(mos[i], i, x)
+        assert _rel(x, x_ref) <= RTOL, (i, _rel(x, x_ref))
+    reused = DPMSolverPPSampler(sch, 10)
+    y = torch.randn(3, *SHAPE[1:], generator=g)
+    for i in range(10):  # a full run at another batch size first
+        y = reused.step(torch.randn(y.shape, generator=g), i, y)
+    x = x_start
+    for i in range(begin, 10):
+        x = reused.step(mos[i], i, x)
+    torch.testing.assert_close(x, x_ref, rtol=1e-5, atol=1e-5)

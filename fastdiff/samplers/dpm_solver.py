@@ -83,6 +83,7 @@ class DPMSolverPPSampler(Sampler):
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
         self._x0_prev: Tensor | None = None
+        self._prev_i = -1  # the step whose x0 is in _x0_prev
         super().__init__(
             schedule,
             steps,
@@ -128,6 +129,7 @@ class DPMSolverPPSampler(Sampler):
         n = self.steps
         final_first = self.final_sigmas_type == "zero" or (self.lower_order_final and n < 15)
         rows = np.zeros((n, 8), dtype=np.float64)
+        first_rows = np.zeros((n, 8), dtype=np.float64)  # every step first order (no history)
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
             exp_neg_h = ratio[i + 1] / ratio[i]  # e^{-h}, exact also for the final sigma = 0
@@ -140,6 +142,9 @@ class DPMSolverPPSampler(Sampler):
                 r = (lam[i] - lam[i - 1]) / h
                 c_x0, c_prev = phi * (1.0 + 0.5 / r), -phi * 0.5 / r
             rows[i] = [a_s, s_s, s_t / s_s, c_x0, c_prev, 0.0, 0.0, 0.0]
+            first_rows[i] = [a_s, s_s, s_t / s_s, phi, 0.0, 0.0, 0.0, 0.0]
+        self._first64 = first_rows
+        self._first_tables: dict[torch.device, Tensor] = {}
         return rows
 
     def _needs_noise_row(self, i: int) -> bool:
@@ -155,6 +160,15 @@ class DPMSolverPPSampler(Sampler):
 
     def reset(self) -> None:
         self._x0_prev = None
+        self._prev_i = -1
+
+    def _first_order_table(self, device: torch.device) -> Tensor:
+        """``coef_table`` with every step first order (c_prev = 0): for a step whose previous
+        step did not run on this sampler (a run starting at i > 0, e.g. img2img)."""
+        tab = self._first_tables.get(device)
+        if tab is None:
+            tab = self._first_tables[device] = torch.from_numpy(self._first64).float().to(device)
+        return tab
 
     def step(
         self,
@@ -171,19 +185,27 @@ class DPMSolverPPSampler(Sampler):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One DPM-Solver++ step from ``timesteps[i]`` to the next noise level (one fused call).
 
-        The history m_{s-1} is kept on the sampler (reset at ``i == 0``); pass ``x0_prev`` to
-        manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer).
+        The history m_{s-1} is kept on the sampler and used only when step ``i - 1`` was the last
+        one it ran (for this x shape): a run that starts at ``i > 0`` (img2img, diffusers'
+        ``set_begin_index``) or a reused sampler takes a first-order step first; pass ``x0_prev``
+        to manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer).
         ``noise`` and ``generator`` are accepted for API symmetry and unused (the 2M solver is
         deterministic). Returns x_t, or ``(x_t, m_s)`` with ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         external = x0_prev is not _UNSET
+        first = False
         if not external:
-            if i == 0:
-                self._x0_prev = None
-            x0_prev = self._x0_prev if self._uses_prev[i] else None
+            prev = self._x0_prev
+            # the history is m_{i-1} only if step i - 1 just ran on this sampler for this x
+            # shape; otherwise (a run starting at i > 0, as diffusers' set_begin_index, or a
+            # reused sampler) this step is first order, as diffusers' lower_order_nums makes it
+            valid = prev is not None and self._prev_i == i - 1 and prev.shape == x.shape
+            first = self._uses_prev[i] and not valid
+            x0_prev = prev if self._uses_prev[i] and valid else None
         if coef is None:
-            coef = self.coef_table(x.device)[i]
+            table = self._first_order_table(x.device) if first else self.coef_table(x.device)
+            coef = table[i]
         ops = _ops()
         if self.thresholding:
             m = _combine_cfg(model_output, guidance_scale)
@@ -201,5 +223,5 @@ class DPMSolverPPSampler(Sampler):
                 guidance_scale=guidance_scale,
             )
         if not external:
-            self._x0_prev = x0
+            self._x0_prev, self._prev_i = x0, i
         return (x_next, x0) if return_x0 else x_next
