@@ -189,10 +189,6 @@ def train(
     Returns:
         The EMA model in eval mode with ``.schedule`` set.
     """
-    from tqdm.auto import tqdm
-
-    from fastdiff.schedules import NoiseSchedule
-
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -201,7 +197,40 @@ def train(
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if out is not None:
+        from fastdiff.viz import check_writable
+
+        check_writable(out)  # before the training, not after it
+    if model is not None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            "model has no trainable parameters (fastdiff.models.load_pretrained returns a "
+            "frozen eval-mode model); call model.requires_grad_(True) to fine-tune it"
+        )
     dev = _resolve_device(device)
+    # seeds and dropout use torch's global RNG: fork it, so the caller's RNG stream is untouched
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
+        dev.type == "cuda") else []  # fmt: skip
+    with torch.random.fork_rng(devices=devices):
+        return _train(
+            model, steps, batch_size, lr, weight_decay, warmup, grad_clip, ema_decay,
+            label_dropout, beta_schedule, num_train_timesteps, seed, dev, data, out, out_dtype,
+            checkpoint, checkpoint_every, resume, stop_after, progress, log_every, backend,
+        )  # fmt: skip
+
+
+def _train(
+    model, steps, batch_size, lr, weight_decay, warmup, grad_clip, ema_decay, label_dropout,
+    beta_schedule, num_train_timesteps, seed, dev, data, out, out_dtype, checkpoint,
+    checkpoint_every, resume, stop_after, progress, log_every, backend,
+):  # fmt: skip
+    """The body of :func:`train`, run inside a fork of torch's global RNG."""
+    from tqdm.auto import tqdm
+
+    from fastdiff.schedules import NoiseSchedule
 
     torch.manual_seed(seed)
     if model is None:
@@ -241,6 +270,16 @@ def train(
     if checkpoint is not None and resume and _ckpt_paths(checkpoint)[1].is_file():
         meta = _load_checkpoint(checkpoint, model, ema, opt, gen)
         start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
+        saved = meta.get("hparams", {})
+        diff = sorted(k for k in hparams if k in saved and saved[k] != hparams[k])
+        if diff:
+            got = ", ".join(f"{k}={hparams[k]!r} (checkpoint: {saved[k]!r})" for k in diff)
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained with other settings: {got}; pass the "
+                "same settings to resume, or resume=False (or another checkpoint) to start over"
+            )
+        if start > steps:
+            raise ValueError(f"checkpoint {checkpoint} is at step {start} > steps={steps}")
     end = steps if stop_after is None else min(steps, stop_after)
 
     ctx = contextlib.nullcontext()

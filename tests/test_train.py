@@ -120,6 +120,28 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         assert torch.equal(sd_full[k], again.state_dict()[k]), k
 
 
+def test_resume_with_other_settings_is_an_error(tmp_path):
+    kw = dict(steps=4, batch_size=4, warmup=2, data=_data(), progress=False, checkpoint_every=2)
+    ck = tmp_path / "ck"
+    train(_tiny_unet(), checkpoint=ck, stop_after=2, **kw)
+    with pytest.raises(ValueError, match=r"batch_size=2 \(checkpoint: 4\)"):
+        train(_tiny_unet(), checkpoint=ck, **{**kw, "batch_size": 2})
+    with pytest.raises(ValueError, match="steps=1 "):
+        train(_tiny_unet(), checkpoint=ck, **{**kw, "steps": 1})
+    train(_tiny_unet(), checkpoint=ck, resume=False, **{**kw, "batch_size": 2})  # starts over
+
+
+def test_global_rng_untouched_and_frozen_models_rejected():
+    model, data = Recorder(), _data()
+    torch.manual_seed(123)
+    expect = torch.rand(3)
+    torch.manual_seed(123)
+    m = train(model, steps=2, batch_size=2, data=data, progress=False, seed=7)
+    torch.testing.assert_close(torch.rand(3), expect, rtol=0, atol=0)  # the caller's stream
+    with pytest.raises(ValueError, match="requires_grad_"):
+        train(m.requires_grad_(False), steps=1, data=_data(), progress=False)
+
+
 def test_lr_schedule():
     assert _lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
     assert _lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
@@ -135,6 +157,8 @@ def test_lr_schedule():
         (dict(batch_size=0), "batch_size"),
         (dict(label_dropout=1.0), "label_dropout"),
         (dict(ema_decay=1.0), "ema_decay"),
+        (dict(checkpoint_every=0), "checkpoint_every"),
+        (dict(out="no/such/dir/m.safetensors"), "does not exist"),  # before any training step
     ],
 )
 def test_bad_arguments(kw, match):
