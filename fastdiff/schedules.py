@@ -108,6 +108,11 @@ class NoiseSchedule:
                 lo, hi = _DEFAULT_RANGE[beta_schedule]
                 lo = lo if beta_start is None else float(beta_start)
                 hi = hi if beta_end is None else float(beta_end)
+                if not 0.0 < lo <= hi < 1.0:
+                    raise ValueError(
+                        f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got "
+                        f"{lo} and {hi}"
+                    )
                 if beta_schedule == "linear":
                     b = torch.linspace(lo, hi, T, dtype=torch.float64)
                 else:
@@ -155,6 +160,18 @@ class NoiseSchedule:
                 "scheduler_or_config: expected a diffusers scheduler or its config dict, "
                 f"got {type(scheduler_or_config).__name__}"
             )
+        name = type(scheduler_or_config).__name__
+        if "beta_schedule" not in cfg and "trained_betas" not in cfg:  # flow matching, EDM, VE
+            raise ValueError(
+                f"scheduler_or_config: {name} has no beta schedule (a flow-matching, EDM or "
+                "variance-exploding scheduler?); fastdiff samples DDPM-family (beta) schedules"
+            )
+        for key, neutral in (("snr_shift_scale", 1.0), ("shift", 1.0)):
+            if key in cfg and cfg[key] not in (None, neutral):
+                raise ValueError(
+                    f"scheduler_or_config: {name} sets {key}={cfg[key]}, which changes its noise "
+                    "levels beyond the betas; fastdiff's NoiseSchedule does not model it"
+                )
         trained = cfg.get("trained_betas")
         kind = cfg.get("beta_schedule", "linear")
         if trained is None and kind not in BETA_SCHEDULES:
@@ -186,6 +203,15 @@ class NoiseSchedule:
         tt = torch.as_tensor(t)
         if tt.dtype.is_floating_point or tt.dtype == torch.bool:
             raise TypeError(f"t: expected integer timesteps, got dtype {tt.dtype}")
+        # range-checked where that costs no device sync (ints, CPU tensors): a negative t would
+        # silently index from the end of the tables
+        if tt.device.type == "cpu" and tt.numel():
+            lo, hi = int(tt.min()), int(tt.max())
+            if lo < 0 or hi >= self.num_train_timesteps:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"t: expected timesteps in 0..{self.num_train_timesteps - 1}, got {bad}"
+                )
 
     def q_sample(
         self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor
@@ -209,6 +235,8 @@ class NoiseSchedule:
         Salimans & Ho, 2022 (arXiv:2202.00512), section 4 / appendix D.
         """
         self._check_t(t)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         a = self._gather(self.sqrt_alphas_cumprod, t, x0)
         s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return a * noise - s * x0

@@ -131,6 +131,20 @@ def test_bad_inputs():
         s.q_sample(x, torch.tensor([1.0, 2.0]), torch.randn(2, 3))
     with pytest.raises(ValueError, match="prediction_type"):
         s.training_target(x, 1, x, "flow")
+    for lo, hi in ((1e-4, 2.0), (-0.1, 0.02), (0.02, 1e-4)):
+        with pytest.raises(ValueError, match="0 < beta_start <= beta_end < 1"):
+            NoiseSchedule("linear", beta_start=lo, beta_end=hi)
+    for t in (-1, 1000, torch.tensor([3, -2])):  # no silent wrap-around into the tables
+        with pytest.raises(ValueError, match=r"t: expected timesteps in 0\.\.999"):
+            s.q_sample(x, t, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="noise"):
+        s.velocity(x, 1, torch.randn(1, 3))
+    # diffusers schedulers whose noise levels are not (only) a beta schedule are refused
+    assert NoiseSchedule.from_diffusers({"beta_schedule": "linear", "shift": 1.0})
+    for cfg in ({"shift": 3.0, "num_train_timesteps": 1000},  # flow matching: no betas
+                {"beta_schedule": "scaled_linear", "snr_shift_scale": 3.0}):  # fmt: skip
+        with pytest.raises(ValueError, match="no beta schedule|changes its noise levels"):
+            NoiseSchedule.from_diffusers(cfg)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
