@@ -174,7 +174,8 @@ def test_safetensors_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "config.json").read_text())["num_classes"] == 3
-    loaded = UNet.from_pretrained(tmp_path).eval()
+    loaded = UNet.from_pretrained(tmp_path)
+    assert not loaded.training  # eval, as load_model_file.eval()
     assert loaded.config == model.config
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t, y), model(x, t, y), rtol=0, atol=0)
@@ -216,6 +217,27 @@ def test_scalar_timestep_broadcasts():
         model(x, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="x must be"):
         model(torch.randn(2, 1, 8, 8), 7)
+    with pytest.raises(ValueError, match="multiples of 2"):  # 8 -> 4 -> 4.5: no clean U
+        model(torch.randn(2, 3, 9, 8), 7)
+    with pytest.raises(ValueError, match="N >= 1"):
+        model(torch.randn(0, 3, 8, 8), 7)
+
+
+@torch.no_grad()
+def test_class_labels_checked_and_broadcast():
+    model = make(num_classes=5)
+    x, t, _ = inputs(model)
+    ref = model(x, t, torch.tensor([3, 3]))
+    torch.testing.assert_close(model(x, t, 3), ref)  # a scalar label broadcasts, like t
+    torch.testing.assert_close(model(x, t, torch.tensor([3])), ref)
+    with pytest.raises(TypeError, match="integers"):
+        model(x, t, torch.tensor([1.7, 2.0]))  # was truncated to 1
+    with pytest.raises(ValueError, match=r"0\.\.5 \(the last one the null class\), got 6"):
+        model(x, t, torch.tensor([1, 6]))  # was an IndexError inside the embedding
+    with pytest.raises(ValueError, match="got -1"):
+        model(x, t, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="class_labels must be a scalar"):
+        model(x, t, torch.tensor([1, 2, 3]))
 
 
 def test_timestep_embedding_formula():

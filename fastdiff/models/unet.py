@@ -288,11 +288,39 @@ class UNet(nn.Module):
                 f"UNet.forward: x must be [N x {self.in_channels} x H x W], got {tuple(x.shape)}"
             )
         n = x.shape[0]
+        down = 2 ** (len(self.config.channel_mult) - 1)  # the U halves the map this many times
+        if n == 0 or x.shape[2] % down or x.shape[3] % down:
+            raise ValueError(
+                f"UNet.forward: x must be [N >= 1 x C x H x W] with H and W multiples of {down} "
+                f"(the U halves them {len(self.config.channel_mult) - 1}x), "
+                f"got {tuple(x.shape)}"
+            )
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0 or t.numel() == 1:
             t = t.reshape(1).expand(n)
         if t.shape != (n,):
             raise ValueError(f"UNet.forward: t must be a scalar or [{n}], got {tuple(t.shape)}")
+        if class_labels is not None:
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+            if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+                raise TypeError(
+                    f"UNet.forward: class_labels must be integers, got dtype {class_labels.dtype}"
+                )
+            if class_labels.numel() == 1:
+                class_labels = class_labels.reshape(1).expand(n)
+            if class_labels.shape != (n,):
+                raise ValueError(
+                    f"UNet.forward: class_labels must be a scalar or [{n}], got "
+                    f"{tuple(class_labels.shape)}"
+                )
+            cpu = class_labels.device.type == "cpu" and not torch.compiler.is_compiling()
+            if self.num_classes is not None and cpu:
+                lo, hi = int(class_labels.min()), int(class_labels.max())
+                if lo < 0 or hi > self.null_class:  # checked where it costs no device sync
+                    raise ValueError(
+                        f"UNet.forward: class labels must be in 0..{self.null_class} (the last "
+                        f"one the null class), got {lo if lo < 0 else hi}"
+                    )
 
         emb = self.time_embed(t)  # [N x 4C]
         if self.class_embed is not None:
@@ -380,7 +408,8 @@ class UNet(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
     ) -> UNet:
-        """Load a model written by :meth:`save_pretrained` (safetensors only, never pickle)."""
+        """Load a model written by :meth:`save_pretrained` (safetensors only, never pickle),
+        in eval mode (as ``fastdiff.models.load_model_file``); call ``.train()`` to fine-tune."""
         from safetensors.torch import load_file
 
         with open(os.path.join(path, "config.json")) as f:
@@ -393,7 +422,7 @@ class UNet(nn.Module):
 
             with open(schedule_path) as f:
                 model.schedule = build_schedule(json.load(f))
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()
 
     def summary(self) -> str:
         """The architecture as a table: the U of blocks with resolution, channels, attention,
