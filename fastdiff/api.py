@@ -820,10 +820,15 @@ def to_images(x: Tensor) -> Tensor:
     """Samples in model space ([-1, 1]) -> uint8 images ``[N x H x W x C]`` (CPU).
 
     ``(x / 2 + 0.5).clamp(0, 1) * 255``, rounded, channels last (as diffusers' pipelines).
-    Accepts ``[N x C x H x W]`` or a single ``[C x H x W]``.
+    Accepts ``[N x C x H x W]`` or a single ``[C x H x W]``; NaN becomes 0 (black).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"x: expected floating samples in model space [-1, 1], got dtype {x.dtype} (already "
+            "images?)"
+        )
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if x.ndim != 4:

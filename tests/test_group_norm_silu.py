@@ -420,6 +420,12 @@ def test_fuse_group_norm_silu_replaces_pairs():
     assert type(net[4]) is torch.nn.GroupNorm
     torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
     assert fuse_group_norm_silu(net) == 0
+    hooked = torch.nn.Sequential(torch.nn.GroupNorm(4, 16), torch.nn.SiLU())
+    seen = []
+    hooked[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert fuse_group_norm_silu(hooked) == 0  # the hook would be dropped: left alone
+    hooked(torch.randn(1, 16, 2, 2))
+    assert type(hooked[0]) is torch.nn.GroupNorm and len(seen) == 1
 
 
 # ------------------------------------------------------------------------- property test

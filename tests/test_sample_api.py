@@ -276,6 +276,8 @@ def test_to_images():
         fastdiff.to_images(torch.zeros(2, 3))
     with pytest.raises(TypeError, match="x"):
         fastdiff.to_images([1, 2])
+    with pytest.raises(TypeError, match="already images"):  # uint8 input is not model space
+        fastdiff.to_images(img.permute(0, 3, 1, 2))
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -93,7 +93,10 @@ class GroupNormSiLU(nn.Module):
 def fuse_group_norm_silu(module: nn.Module) -> int:
     """Replace, in place, every ``nn.GroupNorm`` directly followed by ``nn.SiLU`` inside an
     ``nn.Sequential`` (anywhere in ``module``) by one ``GroupNormSiLU`` and an ``nn.Identity``
-    (indices stay valid). Returns how many pairs were replaced."""
+    (indices stay valid). A pair where either module has hooks (which the fused module would
+    silently drop) is left alone. Returns how many pairs were replaced."""
+    from fastdiff.nn.sampling import has_hooks
+
     count = 0
     for sub in list(module.modules()):
         if not isinstance(sub, nn.Sequential):
@@ -102,7 +105,12 @@ def fuse_group_norm_silu(module: nn.Module) -> int:
         i = 0
         while i + 1 < len(keys):
             a, b = sub._modules[keys[i]], sub._modules[keys[i + 1]]
-            if type(a) is nn.GroupNorm and isinstance(b, nn.SiLU):
+            if (
+                type(a) is nn.GroupNorm
+                and isinstance(b, nn.SiLU)
+                and not has_hooks(a)
+                and not has_hooks(b)
+            ):
                 sub._modules[keys[i]] = GroupNormSiLU.from_group_norm(a)
                 sub._modules[keys[i + 1]] = nn.Identity()
                 count += 1
