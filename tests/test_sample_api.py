@@ -453,18 +453,18 @@ def test_diffusers_scheduler_settings_become_sampler_defaults():
 
 
 # ------------------------------------------------------------------------------ CUDA graphs
+# sampler configurations the CUDA-graph loop is checked with (real graphs here, a fake on CPU)
+GRAPH_OPTS = {
+    "ddim-eta1": dict(sampler="ddim", eta=1.0),
+    "ddpm-learned": dict(sampler="ddpm"),
+    "dpm++": dict(sampler="dpm++"),
+    "ddim-cfg": dict(sampler="ddim", guidance_scale=2.5, cond=torch.tensor([1, 0, 3])),
+    "ddpm-philox": dict(sampler="ddpm", philox=True),
+}
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    "opts",
-    [
-        dict(sampler="ddim", eta=1.0),
-        dict(sampler="ddpm"),
-        dict(sampler="dpm++"),
-        dict(sampler="ddim", guidance_scale=2.5, cond=torch.tensor([1, 0, 3])),
-        dict(sampler="ddpm", philox=True),
-    ],  # fmt: skip
-    ids=["ddim-eta1", "ddpm-learned", "dpm++", "ddim-cfg", "ddpm-philox"],
-)
+@pytest.mark.parametrize("opts", list(GRAPH_OPTS.values()), ids=list(GRAPH_OPTS))
 @torch.no_grad()
 def test_cuda_graph_equals_eager(opts):
     opts = dict(opts)
@@ -531,15 +531,8 @@ def fake_cuda_graphs(monkeypatch):
 
 @pytest.mark.parametrize(
     "opts",
-    [
-        dict(sampler="ddim", eta=1.0),
-        dict(sampler="ddpm"),
-        dict(sampler="dpm++"),
-        dict(sampler="ddim", guidance_scale=2.5, cond=torch.tensor([1, 0, 3])),
-        dict(sampler="ddpm", philox=True),
-        dict(sampler="euler"),
-    ],  # fmt: skip
-    ids=["ddim-eta1", "ddpm-learned", "dpm++", "ddim-cfg", "ddpm-philox", "euler"],
+    [*GRAPH_OPTS.values(), dict(sampler="euler")],
+    ids=[*GRAPH_OPTS, "euler"],
 )
 @torch.no_grad()
 def test_graphed_loop_bookkeeping_equals_eager_on_cpu(opts, fake_cuda_graphs, monkeypatch):
