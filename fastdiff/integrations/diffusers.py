@@ -40,7 +40,8 @@ from torch import nn
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import fold_pays, foldable_conv, has_hooks, upsample_conv
+from fastdiff.nn.sampling import fold_pays, foldable_conv, upsample_conv
+from fastdiff.nn.stacked import stacked_linear
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 __all__ = ["FastAttnProcessor", "OptimizeReport", "TimeProjections", "optimize"]
@@ -217,18 +218,10 @@ class TimeProjections:
         cache = self._cache  # one read: a consistent (temb, projections) pair across threads
         if cache[0] is not temb:
             lins = [b.time_emb_proj for b in self.blocks]
-            w0 = lins[0].weight
-            for m in lins:
-                if type(m) is not nn.Linear or m.bias is None or has_hooks(m):
-                    return None
-                w = m.weight
-                if w.shape[1] != w0.shape[1] or w.dtype != w0.dtype or w.device != w0.device:
-                    return None
-            w = torch.cat([m.weight for m in lins])  # [sum C_i x E]
-            b = torch.cat([m.bias for m in lins])  # [sum C_i]
-            out = nn.functional.linear(nn.functional.silu(temb), w, b)  # [N x sum C_i]
-            parts = out.split([m.out_features for m in lins], dim=1)  # [N x C_i] views
-            cache = (temb, {id(blk): p for blk, p in zip(self.blocks, parts, strict=True)})
+            parts = stacked_linear(lins, nn.functional.silu(temb))  # [N x C_i] each, or None
+            # not eligible (a hooked or wrapped projection): remember that for this temb too
+            got = {} if parts is None else dict(zip(map(id, self.blocks), parts, strict=True))
+            cache = (temb, got)
             self._cache = cache
         return cache[1].get(id(block))
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.nn import Attention, Downsample, GroupNormSiLU, ResBlock, TimestepEmbedding, Upsample
-from fastdiff.nn.sampling import has_hooks
+from fastdiff.nn.stacked import stacked_linear
 
 
 @dataclass
@@ -364,14 +364,9 @@ class UNet(nn.Module):
         if not (emb.is_cuda if use is None else use):
             return None
         lins = [b.layer.emb_proj for b in (*self.down, *self.mid, *self.up) if _is_res(b)]
-        plain = all(type(m) is nn.Linear and m.bias is not None and not has_hooks(m) for m in lins)
-        if not lins or not plain:
-            return None
-        w = torch.cat([m.weight for m in lins])  # [sum C_i x E]
-        b = torch.cat([m.bias for m in lins])  # [sum C_i]
-        out = F.linear(emb, w, b)  # [N x sum C_i]
-        projs = list(out.split([m.out_features for m in lins], dim=1))  # [N x C_i] views
-        projs.reverse()
+        projs = stacked_linear(lins, emb)  # [N x C_i] each, or None
+        if projs is not None:
+            projs.reverse()
         return projs
 
     # ---- construction, persistence, inspection -------------------------------------------
