@@ -9,6 +9,7 @@ cross-attention (Rombach et al. 2022, eq. 3), on the fused op :func:`fastdiff.op
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,9 @@ class Attention(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        for name, v in (("channels", channels), ("num_heads", num_heads), ("head_dim", head_dim)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v < 1):
+                raise ValueError(f"Attention: {name} must be a positive int, got {v!r}")
         if num_heads is None and head_dim is None:
             num_heads = 1
         if num_heads is None:
@@ -81,7 +85,8 @@ class Attention(nn.Module):
         if self.context_dim is not None:
             if context is None:
                 raise ValueError("Attention: built with context_dim, so a context is required")
-            if context.dim() != 3 or context.shape[0] != x.shape[0]:
+            cs = context.shape
+            if len(cs) != 3 or cs[0] != x.shape[0] or cs[2] != self.context_dim:
                 raise ValueError(
                     f"Attention: context must be [B={x.shape[0]} x Lc x {self.context_dim}], "
                     f"got {tuple(context.shape)}"

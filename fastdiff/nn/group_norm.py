@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 from torch import Tensor, nn
 
@@ -28,12 +30,18 @@ class GroupNormSiLU(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
+                raise ValueError(f"GroupNormSiLU: {name} must be a positive int, got {v!r}")
         if num_channels % num_groups != 0:
-            raise ValueError("num_channels must be divisible by num_groups")
+            raise ValueError(
+                f"GroupNormSiLU: num_channels={num_channels} must be divisible by "
+                f"num_groups={num_groups}"
+            )
         if activation not in ("silu", None):
             raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
-        self.num_groups = num_groups
-        self.num_channels = num_channels
+        self.num_groups = int(num_groups)
+        self.num_channels = int(num_channels)
         self.eps = eps
         self.affine = affine
         self.activation = activation
@@ -93,13 +101,15 @@ class GroupNormSiLU(nn.Module):
 def fuse_group_norm_silu(module: nn.Module) -> int:
     """Replace, in place, every ``nn.GroupNorm`` directly followed by ``nn.SiLU`` inside an
     ``nn.Sequential`` (anywhere in ``module``) by one ``GroupNormSiLU`` and an ``nn.Identity``
-    (indices stay valid). A pair where either module has hooks (which the fused module would
-    silently drop) is left alone. Returns how many pairs were replaced."""
+    (indices stay valid). Left alone, since fusing could change the result: a pair where either
+    module has hooks (which the fused module would silently drop), subclasses of ``GroupNorm`` /
+    ``SiLU``, and a ``Sequential`` subclass with its own ``forward`` (which need not run its
+    children in order). Returns how many pairs were replaced."""
     from fastdiff.nn.sampling import has_hooks
 
     count = 0
     for sub in list(module.modules()):
-        if not isinstance(sub, nn.Sequential):
+        if not isinstance(sub, nn.Sequential) or type(sub).forward is not nn.Sequential.forward:
             continue
         keys = list(sub._modules.keys())
         i = 0
@@ -107,7 +117,7 @@ def fuse_group_norm_silu(module: nn.Module) -> int:
             a, b = sub._modules[keys[i]], sub._modules[keys[i + 1]]
             if (
                 type(a) is nn.GroupNorm
-                and isinstance(b, nn.SiLU)
+                and type(b) is nn.SiLU
                 and not has_hooks(a)
                 and not has_hooks(b)
             ):

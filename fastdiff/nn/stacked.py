@@ -10,8 +10,8 @@ from fastdiff.nn.sampling import has_hooks
 
 
 def stacked_linear(lins: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
-    """``[lin(x) for lin in lins]`` from one GEMM: ``x [N x E] @ cat(W_i)^T + cat(b_i)``, split
-    into ``[N x C_i]`` views. One kernel (plus two small weight concatenations) instead of one
+    """``[lin(x) for lin in lins]`` from one GEMM: ``x [... x E] @ cat(W_i)^T + cat(b_i)``, split
+    into ``[... x C_i]`` views. One kernel (plus two small weight concatenations) instead of one
     per layer; the weights are stacked on every call, never cached (an in-place ``.data`` update
     cannot make them stale). None, so the caller runs each layer as a module, unless every layer
     is a plain ``nn.Linear`` with a bias and no hooks, all of one input width, dtype and device.
@@ -27,5 +27,5 @@ def stacked_linear(lins: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]
             return None
     w = torch.cat([m.weight for m in lins])  # [sum C_i x E]
     b = torch.cat([m.bias for m in lins])  # [sum C_i]
-    out = F.linear(x, w, b)  # [N x sum C_i]
-    return list(out.split([m.out_features for m in lins], dim=1))  # [N x C_i] views
+    out = F.linear(x, w, b)  # [... x sum C_i]
+    return list(out.split([m.out_features for m in lins], dim=-1))  # [... x C_i] views
