@@ -15,6 +15,7 @@ first made dense by one copy. ``x_prev`` (and ``x0``) come back in ``x``'s memor
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -494,16 +495,22 @@ def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_s
         raise TypeError(f"coef must be a float32 tensor, got {got}")
     if coef.device != dev:
         _check_device("coef", coef, x)
-    if coef.numel() < 8:
-        raise ValueError(f"coef must have >= 8 elements, got {coef.numel()}")
+    if coef.dim() != 1 or coef.shape[0] < 8:
+        raise ValueError(
+            f"coef must have >= 8 elements in one dimension, got shape {tuple(coef.shape)}"
+        )
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"unknown prediction_type {prediction_type!r}; valid: {sorted(PREDICTION_TYPES)}"
         )
     if x.dim() < 1:
         raise ValueError("x must have a batch dimension [N x ...]")
-    if clip_range is not None and not float(clip_range) >= 0:
+    clip = None if clip_range is None else _real("clip_range", clip_range)
+    if clip is not None and not clip >= 0:
         raise ValueError(f"clip_range must be a float >= 0, got {clip_range!r}")
+    g = None if guidance_scale is None else _real("guidance_scale", guidance_scale)
+    if g is not None and not math.isfinite(g):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
     exp = list(x.shape)
     if guidance_scale is not None:
         exp[0] *= 2
@@ -522,6 +529,16 @@ def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_s
             f" (guidance_scale={guidance_scale}, learned_variance={lv}), "
             f"got {tuple(model_output.shape)}"
         )
+    return clip, g
+
+
+def _real(name: str, v: object) -> float:
+    """``v`` as a float: a real number (not a bool) or a one-element non-bool tensor."""
+    if isinstance(v, Real) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, Tensor) and v.numel() == 1 and v.dtype != torch.bool:
+        return float(v)
+    raise TypeError(f"{name} must be a real number or None, got {type(v).__name__}")
 
 
 def _plain_eager(*tensors: Tensor | None) -> bool:
@@ -674,8 +691,8 @@ def sampler_step(
     Returns:
         ``x_prev`` in x's dtype and memory format, or ``(x_prev, x0)`` with ``return_x0``.
     """
-    _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
-                  learned_variance)  # fmt: skip
+    clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
+                            learned_variance)  # fmt: skip
     if noise is not None and generator_state is not None:
         raise ValueError("pass at most one of noise and generator_state, got both")
     if noise is not None:
@@ -697,8 +714,6 @@ def sampler_step(
         if not generator_state.is_contiguous():
             generator_state = generator_state.contiguous()
     backend = _dispatch.resolve("sampler_step", x.device, _unsupported(x))
-    clip = None if clip_range is None else float(clip_range)
-    g = None if guidance_scale is None else float(guidance_scale)
     pred = PREDICTION_TYPES[prediction_type]
     plain = _plain_eager(x, model_output, coef, noise, generator_state)
     if plain and backend == "cpu":
@@ -737,7 +752,8 @@ def dpm_solver_2m_step(
     Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
     overwritten, e.g. by CUDA graph replay).
     """
-    _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale, False)
+    clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
+                            False)  # fmt: skip
     if x0_prev is not None:
         _check_float("x0_prev", x0_prev)
         _check_device("x0_prev", x0_prev, x)
@@ -746,8 +762,6 @@ def dpm_solver_2m_step(
                 f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
             )
     backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x))
-    clip = None if clip_range is None else float(clip_range)
-    g = None if guidance_scale is None else float(guidance_scale)
     pred = PREDICTION_TYPES[prediction_type]
     plain = _plain_eager(x, model_output, coef, x0_prev)
     if plain and backend == "cpu":
