@@ -174,3 +174,42 @@ def test_group_norm_silu_module_grads_match_eager_in_float64():
     want = torch.autograd.grad(F.silu(gn(x)), (x, gn.weight), g)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------- group_norm_silu: dynamic shapes, empty
+def test_group_norm_silu_compiles_for_a_second_batch_size():
+    """torch.compile marks a changed size dynamic on the second shape (automatic dynamic)."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    torch._dynamo.reset()
+    w, b = torch.randn(8), torch.randn(8)
+
+    def fn(x, add):
+        return group_norm_silu(x, 4, w, b, add=add)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for n, h in ((2, 4), (3, 4), (5, 6)):
+        x, add = torch.randn(n, 8, h, 3), torch.randn(n, 8)
+        torch.testing.assert_close(compiled(x, add), fn(x, add))
+    block = Attention(64, head_dim=32, num_groups=8)
+    compiled_block = torch.compile(block, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (1, 2):
+        x = torch.randn(n, 64, 3, 2)
+        torch.testing.assert_close(compiled_block(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", backend_cases("group_norm_silu"), ids=case_id)
+@pytest.mark.parametrize("shape", [(0, 8, 3), (2, 8, 0), (0, 8, 2, 2)])
+def test_group_norm_silu_empty_input_on_a_requested_backend(case, shape):
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    device, backend = case
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w = torch.randn(8, device=device, requires_grad=True)
+    add = torch.randn(shape[0], 8, device=device, requires_grad=True)
+    with fastdiff.use_backend(backend):
+        y = group_norm_silu(x, 4, w, None, add=add)
+    assert y.shape == x.shape
+    gx, gw, ga = torch.autograd.grad(y.sum(), (x, w, add), allow_unused=True)
+    assert gx.shape == x.shape and ga.shape == add.shape
+    assert gw is None or torch.equal(gw, torch.zeros_like(w))

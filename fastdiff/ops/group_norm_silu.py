@@ -215,34 +215,30 @@ def _interpreting() -> bool:
 _NO_F64 = "the fused kernels take float32, float16 or bfloat16, got float64"
 
 
-def _unsupported(device: torch.device, dtype: torch.dtype, empty: bool) -> dict[str, str]:
+def _unsupported(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """Backends that cannot take these inputs, with the reason (a shared, memoised dict: do not
-    mutate)."""
+    mutate). An empty input is no reason: every backend returns it without launching a kernel."""
     interp = dtype == torch.bfloat16 and device.type == "cpu" and _interpreting()
-    return _unsupported_memo(device.type, dtype, empty, interp)
+    return _unsupported_memo(device.type, dtype, interp)
 
 
 @functools.cache
-def _unsupported_memo(
-    dev_type: str, dtype: torch.dtype, empty: bool, interp_bf16: bool
-) -> dict[str, str]:
+def _unsupported_memo(dev_type: str, dtype: torch.dtype, interp_bf16: bool) -> dict[str, str]:
     out: dict[str, str] = dict(_stale_build())
     if dtype == torch.float64:
         out.update(cpu=_NO_F64, cuda=_NO_F64, triton=_NO_F64)
     elif interp_bf16:
         out.setdefault("triton", "the Triton interpreter has no bfloat16 arithmetic")
-    if empty:
-        for b in ("cpu", "cuda", "triton"):
-            out.setdefault(b, "empty input")
     return out
 
 
 @torch.compiler.assume_constant_result
-def _resolve_traced(device: str, dtype: torch.dtype, empty: bool) -> str:
+def _resolve_traced(device: str, dtype: torch.dtype) -> str:
     """The backend, evaluated once at trace time under torch.compile (the dispatch seam reads a
-    ContextVar, which dynamo cannot trace)."""
+    ContextVar, which dynamo cannot trace). Its arguments must be constants under dynamic
+    shapes too: nothing here may depend on a size."""
     dev = torch.device(device)
-    return _dispatch.resolve(_OP, dev, _unsupported(dev, dtype, empty))
+    return _dispatch.resolve(_OP, dev, _unsupported(dev, dtype))
 
 
 # ------------------------------------------------------------------------------- custom op
@@ -413,6 +409,11 @@ def _backward(ctx, grad_out):
     """Analytic GN backward in fp32 torch ops (traceable; no graph recompute)."""
     x, weight, bias, add, scale, shift = ctx.saved_tensors
     g, eps, silu = ctx.num_groups, ctx.eps, ctx.silu
+    if x.numel() == 0:  # no statistics to differentiate: zero gradients of the right shapes
+        return tuple(
+            None if t is None or i in (1, 4, 8, 9) else torch.zeros_like(t)
+            for i, t in enumerate((x, None, weight, bias, None, add, scale, shift, None, None))
+        )
     n, c = x.shape[:2]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     bshape = (n, c) + (1,) * (x.dim() - 2)
@@ -508,10 +509,10 @@ def group_norm_silu(
     add, scale, shift = _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation)
     args = (int(num_groups), weight, bias, float(eps), add, scale, shift, activation == "silu")
     if torch.compiler.is_compiling():
-        backend = _resolve_traced(str(x.device), x.dtype, x.numel() == 0)
+        backend = _resolve_traced(str(x.device), x.dtype)
         return _group_norm_silu_op(_canon(x), *args, backend)
     dev = x.device
-    backend = _dispatch.resolve(_OP, dev, _unsupported(dev, x.dtype, x.numel() == 0))
+    backend = _dispatch.resolve(_OP, dev, _unsupported(dev, x.dtype))
     if _needs_op(x, weight, bias, add, scale, shift):
         if _native_training(x, weight, bias, add, scale, shift):
             return _native_autograd(x, *args)
