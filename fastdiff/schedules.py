@@ -15,6 +15,7 @@ coefficient tables once.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -96,11 +97,17 @@ class NoiseSchedule:
             num_train_timesteps = b.numel()
             beta_schedule = "custom"
         else:
-            if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            try:  # numpy ints too; bool is not a number of steps
+                if isinstance(num_train_timesteps, bool):
+                    raise TypeError
+                T = operator.index(num_train_timesteps)
+            except TypeError:
+                T = -1
+            if T < 1:
                 raise ValueError(
                     f"num_train_timesteps: expected a positive int, got {num_train_timesteps!r}"
                 )
-            T = num_train_timesteps
+            num_train_timesteps = T
             if beta_schedule in ("cosine", "squaredcos_cap_v2"):
                 beta_schedule = "cosine"
                 b = _cosine_betas(T)
@@ -199,10 +206,23 @@ class NoiseSchedule:
             return v
         return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
 
-    def _check_t(self, t: torch.Tensor | int) -> None:
+    def _check_t(
+        self, t: torch.Tensor | int, like: torch.Tensor | None = None, name: str = "x0"
+    ) -> None:
+        """TypeError/ValueError unless ``t`` is integer timesteps in 0..T-1, a scalar or, with
+        ``like`` ([N x ...]), one per sample (``[N]`` or ``[1]``)."""
         tt = torch.as_tensor(t)
-        if tt.dtype.is_floating_point or tt.dtype == torch.bool:
+        if tt.dtype.is_floating_point or tt.dtype.is_complex or tt.dtype == torch.bool:
             raise TypeError(f"t: expected integer timesteps, got dtype {tt.dtype}")
+        if like is not None:
+            if not like.dtype.is_floating_point:
+                raise TypeError(f"{name}: expected a floating-point tensor, got dtype {like.dtype}")
+            n = like.shape[0] if like.ndim else 1
+            if tt.ndim > 1 or (tt.ndim == 1 and tt.numel() not in (1, n)):
+                raise ValueError(
+                    f"t: expected an int or one timestep per sample (shape ({n},)), got shape "
+                    f"{tuple(tt.shape)}"
+                )
         # range-checked where that costs no device sync (ints, CPU tensors): a negative t would
         # silently index from the end of the tables
         if tt.device.type == "cpu" and tt.numel():
@@ -220,7 +240,7 @@ class NoiseSchedule:
 
         DDPM eq. 4. ``t`` is an int or an (N,) integer tensor; ``noise`` is eps, shaped like x0.
         """
-        self._check_t(t)
+        self._check_t(t, x0)
         if noise.shape != x0.shape:
             raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         a = self._gather(self.sqrt_alphas_cumprod, t, x0)
@@ -234,7 +254,7 @@ class NoiseSchedule:
 
         Salimans & Ho, 2022 (arXiv:2202.00512), section 4 / appendix D.
         """
-        self._check_t(t)
+        self._check_t(t, x0)
         if noise.shape != x0.shape:
             raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         a = self._gather(self.sqrt_alphas_cumprod, t, x0)
@@ -274,6 +294,7 @@ class NoiseSchedule:
 
         eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v.
         """
+        self._check_t(t, x_t, "x_t")
         a = self._gather(self.sqrt_alphas_cumprod, t, x_t)
         s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         if prediction_type == "epsilon":
@@ -294,6 +315,7 @@ class NoiseSchedule:
         prediction_type: str = "epsilon",
     ) -> torch.Tensor:
         """The model's estimate of eps: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), or directly."""
+        self._check_t(t, x_t, "x_t")
         a = self._gather(self.sqrt_alphas_cumprod, t, x_t)
         s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)
         if prediction_type == "epsilon":

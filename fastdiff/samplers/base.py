@@ -62,6 +62,15 @@ def spaced_timesteps(
     return ts
 
 
+def check_thresholding(ratio: float, max_value: float) -> None:
+    """ValueError unless dynamic thresholding's options are usable: the quantile ``ratio`` in
+    (0, 1] and the largest threshold ``max_value`` > 0 (a negative one flipped x0's sign)."""
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio: expected in (0, 1], got {ratio}")
+    if not 0.0 < float(max_value) < math.inf:
+        raise ValueError(f"sample_max_value: expected a finite float > 0, got {max_value}")
+
+
 def threshold_x0(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     """Dynamic thresholding (Imagen, Saharia et al. 2022, arXiv:2205.11487, section 2.3).
 

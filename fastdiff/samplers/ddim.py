@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,6 +15,7 @@ from fastdiff.samplers.base import (
     _sqrt,
     advance_generator_state,
     alpha_bar_prev,
+    check_thresholding,
     threshold_x0,
 )
 from fastdiff.schedules import NoiseSchedule
@@ -81,18 +83,16 @@ class DDIMSampler(Sampler):
         prev_timestep: str = "diffusers",
     ) -> None:
         eta = float(eta)
-        if not eta >= 0.0:
-            raise ValueError(f"eta: expected a float >= 0, got {eta}")
+        if not 0.0 <= eta < math.inf:
+            raise ValueError(f"eta: expected a finite float >= 0, got {eta}")
         if prev_timestep not in PREV_TIMESTEP_RULES:
             raise ValueError(
                 f"prev_timestep: expected one of {list(PREV_TIMESTEP_RULES)}, got {prev_timestep!r}"
             )
         if clip_sample and not float(clip_sample_range) > 0:
             raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
-        if thresholding and not 0.0 < float(dynamic_thresholding_ratio) <= 1.0:
-            raise ValueError(
-                f"dynamic_thresholding_ratio: expected in (0, 1], got {dynamic_thresholding_ratio}"
-            )
+        if thresholding:
+            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.eta = eta
         self.clip_sample = bool(clip_sample)
         self.clip_sample_range = float(clip_sample_range)
@@ -133,6 +133,12 @@ class DDIMSampler(Sampler):
             ab_p = alpha_bar_prev(self.schedule, int(pt), final)
             var = (1.0 - ab_p) / (1.0 - ab_t) * (1.0 - ab_t / ab_p)  # DDIM eq. 16 / eta^2
             sigma = self.eta * _sqrt(var)
+            if 1.0 - ab_p - sigma * sigma < -1e-12:  # eta > 1: the eps direction is imaginary
+                raise ValueError(
+                    f"eta: {self.eta} makes sigma^2 > 1 - alpha_bar_prev at step {i} (t = {t}), "
+                    "so DDIM eq. 12's sqrt(1 - alpha_bar_prev - sigma^2) is undefined; use "
+                    "eta <= 1"
+                )
             rows[i] = [
                 _sqrt(ab_t),
                 _sqrt(1.0 - ab_t),
@@ -236,6 +242,7 @@ class DDIMSampler(Sampler):
             out = ops.sampler_step(
                 eps, x0, swap, prediction_type="sample", return_x0=return_x0, **nkw
             )
+        advance_generator_state(nkw, x)  # the next step draws fresh in-kernel noise
         return out
 
 

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, _sqrt, advance_generator_state, threshold_x0
+from fastdiff.samplers.base import (
+    Sampler,
+    _ops,
+    _sqrt,
+    advance_generator_state,
+    check_thresholding,
+    threshold_x0,
+)
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.schedules import NoiseSchedule
 
@@ -74,6 +81,8 @@ class DDPMSampler(Sampler):
             )
         if clip_sample and not float(clip_sample_range) > 0:
             raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        if thresholding:
+            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.variance_type = variance_type
         self.learned_variance = variance_type == "learned_range"
         self.clip_sample = bool(clip_sample)

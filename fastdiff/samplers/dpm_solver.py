@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, threshold_x0
+from fastdiff.samplers.base import Sampler, _ops, check_thresholding, threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.schedules import NoiseSchedule
 
@@ -75,6 +75,8 @@ class DPMSolverPPSampler(Sampler):
             )
         if clip_sample and not float(clip_sample_range) > 0:
             raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        if thresholding:
+            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.lower_order_final = bool(lower_order_final)
         self.final_sigmas_type = final_sigmas_type
         self.clip_sample = bool(clip_sample)

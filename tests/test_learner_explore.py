@@ -1,0 +1,78 @@
+"""Session 6 exploration (a learner's path): bugs found by using the public API by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import DDIMSampler, DDPMSampler, DPMSolverPPSampler
+
+
+def _x(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("method", ["predict_x0", "predict_eps"])
+@pytest.mark.parametrize("t", [-1, 1000, 5.0])
+def test_predict_checks_t(method, t):
+    """A negative t silently read the table from the end; a float t was truncated."""
+    s = NoiseSchedule()
+    x, m = _x(2, 1, 4, 4), _x(2, 1, 4, 4, seed=1)
+    with pytest.raises((ValueError, TypeError), match="t: expected"):
+        getattr(s, method)(x, t, m)
+
+
+@pytest.mark.parametrize("t", [torch.tensor([1, 2, 3]), torch.tensor([[1], [2]])])
+def test_q_sample_t_shape(t):
+    """t of the wrong length or rank: a broadcasting RuntimeError or a silent reshape."""
+    s = NoiseSchedule()
+    x0 = _x(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="t: expected"):
+        s.q_sample(x0, t, torch.randn_like(x0))
+
+
+def test_q_sample_integer_images():
+    """uint8 images came back as all zeros (the tables were cast to uint8)."""
+    s = NoiseSchedule()
+    x0 = torch.full((2, 1, 4, 4), 200, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="x0: expected a floating-point"):
+        s.q_sample(x0, 5, torch.randn(2, 1, 4, 4))
+
+
+def test_num_train_timesteps_numpy_and_bool():
+    assert NoiseSchedule(num_train_timesteps=np.int64(10)).num_train_timesteps == 10
+    with pytest.raises(ValueError, match="num_train_timesteps: expected a positive int"):
+        NoiseSchedule(num_train_timesteps=True)
+
+
+# --------------------------------------------------------------------------- samplers
+def test_ddim_thresholding_advances_philox_offset():
+    """With thresholding the in-kernel noise reused one offset: the same z on every step."""
+    smp = DDIMSampler(NoiseSchedule(), 10, eta=1.0, thresholding=True)
+    x, m = _x(2, 1, 4, 4), _x(2, 1, 4, 4, seed=1)
+    state = torch.tensor([123, 0])
+    a = smp.step(m, 1, x, generator_state=state)
+    assert state.tolist() == [123, x.numel()]
+    b = smp.step(m, 1, x, generator_state=state)
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("eta", [float("inf"), 3.0])
+def test_ddim_eta_out_of_range(eta):
+    """eta=inf gave inf coefficients; eta=3 clamped a negative variance to 0 silently."""
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(NoiseSchedule(), 10, eta=eta)
+
+
+@pytest.mark.parametrize("cls", [DDIMSampler, DDPMSampler, DPMSolverPPSampler])
+@pytest.mark.parametrize(
+    "bad", [dict(dynamic_thresholding_ratio=0.0), dict(dynamic_thresholding_ratio=2.0),
+            dict(sample_max_value=-1.0), dict(sample_max_value=float("nan"))],
+)  # fmt: skip
+def test_thresholding_options_checked(cls, bad):
+    """sample_max_value=-1 flipped the sign of x0; ratio 2 failed deep in torch.quantile."""
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        cls(NoiseSchedule(), 10, thresholding=True, **bad)
