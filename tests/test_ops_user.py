@@ -213,3 +213,33 @@ def test_group_norm_silu_empty_input_on_a_requested_backend(case, shape):
     gx, gw, ga = torch.autograd.grad(y.sum(), (x, w, add), allow_unused=True)
     assert gx.shape == x.shape and ga.shape == add.shape
     assert gw is None or torch.equal(gw, torch.zeros_like(w))
+
+
+# ------------------------------------------------------------------ scalars from numpy
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    np = pytest.importorskip("numpy")
+    from fastdiff.ops.attention import attention
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 3, 3)
+    want = group_norm_silu(x, 4, eps=1e-3)
+    torch.testing.assert_close(group_norm_silu(x, np.int64(4), eps=np.float32(1e-3)), want)
+    torch.testing.assert_close(GroupNormSiLU(np.int64(4), np.int64(8))(x), group_norm_silu(x, 4))
+    q = torch.randn(1, 2, 5, 32)
+    want = attention(q, q, q, scale=0.25)
+    torch.testing.assert_close(attention(q, q, q, scale=np.float32(0.25)), want)
+    with pytest.raises(TypeError, match="scale must be a float or None, got bool"):
+        attention(q, q, q, scale=True)
+    with pytest.raises(ValueError, match="num_groups must be a positive int, got True"):
+        group_norm_silu(x, True)
+
+
+# -------------------------------------------------------------------- timestep_embedding
+@pytest.mark.parametrize("t", [torch.tensor(5), torch.tensor([[1, 2]]), [1, 2]])
+def test_timestep_embedding_names_bad_t(t):
+    from fastdiff.nn import timestep_embedding
+
+    exc = TypeError if isinstance(t, list) else ValueError
+    with pytest.raises(exc, match=r"timestep_embedding: t must be a 1-D tensor \[N\], got"):
+        timestep_embedding(t, 16)

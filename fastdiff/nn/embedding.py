@@ -17,6 +17,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     are computed in float32 on ``t``'s device, so a half-precision model keeps exact phases and
     the call never syncs with the host (CUDA-graph safe).
     """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"timestep_embedding: t must be a 1-D tensor [N], got {type(t).__name__}")
+    if t.dim() != 1:
+        raise ValueError(
+            f"timestep_embedding: t must be a 1-D tensor [N], got shape {tuple(t.shape)}"
+        )
     if dim < 4 or dim % 2:
         raise ValueError(f"timestep embedding dim must be even and >= 4, got {dim}")
     half = dim // 2

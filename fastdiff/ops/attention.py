@@ -21,6 +21,7 @@ for them raises ``RuntimeError``.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 
@@ -78,7 +79,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if (
         scale is not None
         and type(scale) is not float
-        and (isinstance(scale, bool) or not isinstance(scale, (int, float)))
+        and (isinstance(scale, bool) or not isinstance(scale, Real))
     ):
         raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
     if scale is not None and not math.isfinite(float(scale)):

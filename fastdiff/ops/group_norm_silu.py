@@ -21,6 +21,7 @@ stride pattern (slices, transposes) is first made contiguous with ``x.contiguous
 from __future__ import annotations
 
 import functools
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,8 @@ def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
         raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
     if x.dtype not in _ALL_DTYPES:
         raise ValueError(
-            f"group_norm_silu: x must be float32, float16 or bfloat16, got dtype {x.dtype}"
+            "group_norm_silu: x must be float32, float16 or bfloat16 (float64: torch backend "
+            f"only), got dtype {x.dtype}"
         )
     shape = x.shape
     if not 3 <= len(shape) <= 5:
@@ -170,7 +172,7 @@ def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
             f"got shape {_shape(x)}"
         )
     if type(num_groups) is not int and (
-        isinstance(num_groups, bool) or not isinstance(num_groups, int)
+        isinstance(num_groups, bool) or not isinstance(num_groups, Integral)
     ):
         raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
     if num_groups <= 0:
@@ -181,7 +183,7 @@ def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
             "group_norm_silu: Expected number of channels in input to be divisible by "
             f"num_groups, but got input of shape {_shape(x)} and num_groups={num_groups}"
         )
-    if type(eps) is not float and (not isinstance(eps, (int, float)) or isinstance(eps, bool)):
+    if type(eps) is not float and (not isinstance(eps, Real) or isinstance(eps, bool)):
         raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
     if not eps >= 0:
         raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
