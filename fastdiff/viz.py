@@ -26,7 +26,19 @@ __all__ = [
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-space images ``[N x C x H x W]`` in [-1, 1] -> uint8 ``[N x C x H x W]``."""
+    """Model-space images ``[N x C x H x W]`` in [-1, 1] -> uint8 ``[N x C x H x W]``.
+
+    uint8 input is taken as pixels already (returned on the CPU unchanged); other integer and
+    bool tensors are a TypeError (their range is ambiguous).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.uint8:
+        return x.detach().cpu()
+    if not x.dtype.is_floating_point:
+        raise TypeError(
+            f"x: expected floating-point images in [-1, 1] or uint8 pixels, got dtype {x.dtype}"
+        )
     return ((x.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
 
 
@@ -34,15 +46,29 @@ def make_grid(
     x: torch.Tensor, nrow: int | None = None, scale: int = 4, pad: int = 2, pad_value: int = 255
 ):
     """A ``PIL.Image`` grid of ``[N x C x H x W]`` images in [-1, 1] (C = 1 -> mode "L", 3 ->
-    "RGB"), ``nrow`` images per row (default ceil(sqrt(N))), each upscaled ``scale`` times with
-    nearest-neighbour, ``pad`` pixels between and around them.
+    "RGB"; uint8 tensors are taken as pixels 0..255; one ``[C x H x W]`` image is a grid of
+    one), ``nrow`` images per row (default ceil(sqrt(N))), each upscaled ``scale`` times with
+    nearest-neighbour, ``pad`` pixels of ``pad_value`` (0..255) between and around them.
 
     Size: ``(ncol * H * scale + (ncol + 1) * pad) x (nrows * ...)``.
     """
     from PIL import Image
 
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise ValueError(f"x: expected [N x 1|3 x H x W], got {tuple(x.shape)}")
+        raise ValueError(f"x: expected [N x 1|3 x H x W] or [1|3 x H x W], got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x: expected at least one image, got an empty batch")
+    for name, v, lo in (("scale", scale, 1), ("pad", pad, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1):
+        raise ValueError(f"nrow: expected a positive int or None, got {nrow!r}")
+    if not 0 <= pad_value <= 255:
+        raise ValueError(f"pad_value: expected a pixel value in 0..255, got {pad_value!r}")
     n, c, h, w = x.shape
     ncol = max(1, min(n, nrow or math.ceil(math.sqrt(n))))
     nrows = math.ceil(n / ncol)
@@ -77,7 +103,16 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def save_png(image, path: str | os.PathLike) -> Path:
-    """Save a PIL image as PNG atomically (a temporary beside ``path``, then rename)."""
+    """Save a PIL image as PNG atomically (a temporary beside ``path``, then rename).
+
+    ``image`` may also be a tensor of images, drawn with :func:`make_grid`'s defaults.
+    """
+    if isinstance(image, torch.Tensor):
+        image = make_grid(image)
+    if not callable(getattr(image, "save", None)):
+        raise TypeError(
+            f"image: expected a PIL image or a tensor of images, got {type(image).__name__}"
+        )
     p = check_writable(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     try:
@@ -138,6 +173,11 @@ def forward_strip(
     """
     if x0.ndim == 3:
         x0 = x0.unsqueeze(0)
+    if x0.ndim != 4 or x0.shape[0] != 1:
+        raise ValueError(f"x0: expected one image [C x H x W] or [1 x C x H x W], got "
+                         f"{tuple(x0.shape)}")  # fmt: skip
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames: expected a positive int, got {num_frames!r}")
     T = schedule.num_train_timesteps
     ts = torch.linspace(0, T - 1, num_frames).round().long()
     g = torch.Generator().manual_seed(seed)

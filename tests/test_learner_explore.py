@@ -76,3 +76,62 @@ def test_thresholding_options_checked(cls, bad):
     """sample_max_value=-1 flipped the sign of x0; ratio 2 failed deep in torch.quantile."""
     with pytest.raises(ValueError, match=next(iter(bad))):
         cls(NoiseSchedule(), 10, thresholding=True, **bad)
+
+
+# --------------------------------------------------------------------------- viz
+def test_make_grid_uint8_and_single_image():
+    """uint8 pixels came out all white (clamped as if in [-1, 1]); a [C x H x W] image failed."""
+    from fastdiff.viz import make_grid
+
+    u8 = torch.randint(0, 256, (3, 1, 4, 5), dtype=torch.uint8, generator=torch.Generator())
+    im = make_grid(u8, nrow=3, scale=1, pad=0)
+    assert np.array_equal(np.asarray(im), u8[:, 0].permute(1, 0, 2).reshape(4, 15).numpy())
+    x = torch.rand(3, 4, 5) * 2 - 1
+    assert make_grid(x, scale=1, pad=0).size == (5, 4)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(scale=0), dict(scale=-1), dict(pad=-1), dict(nrow=-2), dict(pad_value=300)]
+)
+def test_make_grid_checks_options(kw):
+    from fastdiff.viz import make_grid
+
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        make_grid(torch.rand(3, 1, 4, 4), **kw)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.zeros(0, 1, 4, 4),
+        torch.ones(2, 1, 4, 4, dtype=torch.bool),
+        torch.ones(2, 1, 4, 4, dtype=torch.long),
+    ],
+)
+def test_make_grid_rejects_empty_and_ambiguous(x):
+    from fastdiff.viz import make_grid
+
+    with pytest.raises((ValueError, TypeError), match="x: expected"):
+        make_grid(x)
+
+
+def test_save_png_tensor(tmp_path):
+    """save_png(tensor) raised AttributeError 'Tensor' object has no attribute 'save'."""
+    from PIL import Image
+
+    from fastdiff.viz import make_grid, save_png
+
+    x = torch.rand(4, 3, 4, 4) * 2 - 1
+    save_png(x, tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").tobytes() == make_grid(x).tobytes()
+    with pytest.raises(TypeError, match="image: expected"):
+        save_png([1, 2], tmp_path / "b.png")
+    assert not (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("x0, frames", [(torch.zeros(2, 1, 4, 4), 3), (torch.zeros(1, 4, 4), 0)])
+def test_forward_strip_checks(x0, frames):
+    from fastdiff.viz import forward_strip
+
+    with pytest.raises(ValueError, match="x0|num_frames"):
+        forward_strip(x0, NoiseSchedule(), num_frames=frames)
