@@ -135,3 +135,25 @@ def test_forward_strip_checks(x0, frames):
 
     with pytest.raises(ValueError, match="x0|num_frames"):
         forward_strip(x0, NoiseSchedule(), num_frames=frames)
+
+
+# --------------------------------------------------------------------------- model files
+def test_load_model_file_bad_files(tmp_path):
+    """A foreign .json beside the weights gave KeyError: 'config'; the .json itself or a
+    non-safetensors file gave a bare SafetensorError."""
+    from fastdiff.models.pretrained import load_model_file, weights_path
+
+    st = tmp_path / "m.safetensors"
+    st.write_bytes(weights_path("digits").read_bytes())
+    (tmp_path / "m.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a fastdiff model config"):
+        load_model_file(st)
+    (tmp_path / "m.json").unlink()
+    assert load_model_file(st).config.num_classes == 10  # the metadata copy of the config
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(ValueError, match="expected the .safetensors weights file"):
+        load_model_file(tmp_path / "c.json")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("garbage")
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        load_model_file(bad)

@@ -11,6 +11,7 @@ Loading is safetensors-only: no pickle anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import json
@@ -140,14 +141,37 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
+    if path.suffix.lower() == ".json":
+        raise ValueError(
+            f"{path}: expected the .safetensors weights file, got its .json config; pass "
+            f"{path.with_suffix('.safetensors')}"
+        )
     jpath = path.with_suffix(".json")
     if jpath.is_file():
-        return json.loads(jpath.read_text())
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
-    if META_KEY not in md:
-        raise ValueError(f"{path} has no fastdiff config (no {jpath.name} and no metadata)")
-    return json.loads(md[META_KEY])
+        meta, where = json.loads(jpath.read_text()), jpath
+    else:
+        with _safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+        if META_KEY not in md:
+            raise ValueError(f"{path} has no fastdiff config (no {jpath.name} and no metadata)")
+        meta, where = json.loads(md[META_KEY]), path
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(
+            f"{where} is not a fastdiff model config (no 'config' entry; files written by "
+            "fastdiff.train / save_model_file have one)"
+        )
+    return meta
+
+
+@contextlib.contextmanager
+def _safetensors_errors(path: Path):
+    """Turn safetensors' parse errors into a ValueError that names the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable .safetensors file: {exc}") from exc
 
 
 def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -164,7 +188,8 @@ def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu")
     if unknown:
         raise ValueError(f"{path}: unknown UNetConfig fields {sorted(unknown)}")
     model = UNet(UNetConfig(**cfg))
-    state = load_file(str(path), device="cpu")
+    with _safetensors_errors(Path(path)):
+        state = load_file(str(path), device="cpu")
     ref = model.state_dict()
     state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
