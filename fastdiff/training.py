@@ -25,6 +25,7 @@ import contextlib
 import copy
 import json
 import math
+import operator
 import os
 import platform
 import time
@@ -129,6 +130,13 @@ def _load_checkpoint(path, model, ema, opt, gen) -> dict[str, Any]:
     return meta
 
 
+def _positive_int(name: str, v: Any) -> int:
+    """``v`` as an int >= 1 (numpy ints too), else a ValueError naming ``name``."""
+    if isinstance(v, bool) or not hasattr(v, "__index__") or operator.index(v) < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return operator.index(v)
+
+
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -189,10 +197,12 @@ def train(
     Returns:
         The EMA model in eval mode with ``.schedule`` set.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    steps, batch_size = _positive_int("steps", steps), _positive_int("batch_size", batch_size)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if grad_clip is not None and not 0.0 <= grad_clip < math.inf:
+        # a negative max norm turned clip_grad_norm_'s scale negative: gradient ascent
+        raise ValueError(f"grad_clip must be None, 0 (off) or a positive norm, got {grad_clip}")
     if not 0.0 <= label_dropout < 1.0:
         raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
     if not 0.0 <= ema_decay < 1.0:
@@ -247,9 +257,16 @@ def _train(
         from fastdiff.data import load_digits
 
         data = load_digits()
-    x_all, y_all = (t.to(dev) for t in data)
+    x_all, y_all = (torch.as_tensor(t) for t in data)
     if x_all.ndim != 4 or y_all.shape != (x_all.shape[0],):
         raise ValueError(f"data must be ([N,C,H,W], [N]); got {tuple(x_all.shape)}, {y_all.shape}")
+    if x_all.shape[0] == 0:
+        raise ValueError("data: expected at least one training image, got an empty set")
+    if not x_all.dtype.is_floating_point:
+        raise TypeError(f"data: expected floating-point images in [-1, 1], got {x_all.dtype}")
+    # images in the model's dtype (float64 arrays failed deep in the first conv)
+    x_all = x_all.to(dev, next(model.parameters()).dtype)
+    y_all = y_all.to(dev)
     n = x_all.shape[0]
 
     schedule = NoiseSchedule(beta_schedule, num_train_timesteps=num_train_timesteps)

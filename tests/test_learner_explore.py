@@ -157,3 +157,40 @@ def test_load_model_file_bad_files(tmp_path):
     bad.write_text("garbage")
     with pytest.raises(ValueError, match="not a readable .safetensors file"):
         load_model_file(bad)
+
+
+# --------------------------------------------------------------------------- training
+def _digits_like(n: int = 6):
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1, (
+        torch.arange(n) % 10
+    )
+
+
+def test_train_float64_data_and_numpy_steps():
+    """float64 images (numpy arrays) failed in the first conv; np.int64 steps were rejected."""
+    import fastdiff
+
+    x, y = _digits_like()
+    ref = fastdiff.train(data=(x, y), steps=1, batch_size=2, progress=False)
+    got = fastdiff.train(data=(x.double(), y), steps=np.int64(1), batch_size=2, progress=False)
+    for p, q in zip(ref.parameters(), got.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(grad_clip=-1.0), "grad_clip"),
+        (dict(warmup=-1), "warmup"),
+        (dict(batch_size=True), "batch_size"),
+        (dict(data=(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))), "empty"),
+        (dict(data=(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4))), "floating"),
+    ],
+)
+def test_train_rejects_bad_options(kw, match):
+    """grad_clip=-1 made clip_grad_norm_ scale the gradients by a negative factor (ascent)."""
+    import fastdiff
+
+    kw = {"data": _digits_like(), "steps": 1, "batch_size": 2, "progress": False, **kw}
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastdiff.train(**kw)
