@@ -64,6 +64,16 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
 def _label(s: str) -> int | str:
     if s == "all":
         return s
@@ -414,6 +424,8 @@ def cmd_show_reverse(a: argparse.Namespace) -> None:
 
     dev = _device(a.device)
     out = _check_out(a.out)
+    if a.label == "all":
+        raise CLIError("--label all asks for several images; show reverse follows one (0-9)")
     model = _load_model(a.model, dev)
     label = _labels(model, a.label, 1, dev)
     if a.frames < 2:
@@ -471,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--fp16", action="store_true", help="store the output weights in float16")
-    t.add_argument("--log-every", type=int, default=0, help="also print a line every N steps")
+    t.add_argument("--log-every", type=_nonneg_int, default=0,
+                   help="also print a line every N steps (0: never)")  # fmt: skip
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -531,6 +544,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         args.func(args)
+    except BrokenPipeError:  # `fastdiff bench | head`: the reader left; no error line
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is quiet
+        return 141
     except KeyboardInterrupt:
         print("fastdiff: interrupted", file=sys.stderr)
         return 130

@@ -293,7 +293,8 @@ def _train(
             got = ", ".join(f"{k}={hparams[k]!r} (checkpoint: {saved[k]!r})" for k in diff)
             raise ValueError(
                 f"checkpoint {checkpoint} was trained with other settings: {got}; pass the "
-                "same settings to resume, or resume=False (or another checkpoint) to start over"
+                "same settings to resume, or resume=False (--no-resume) or another checkpoint to "
+                "start over"
             )
         if start > steps:
             raise ValueError(f"checkpoint {checkpoint} is at step {start} > steps={steps}")

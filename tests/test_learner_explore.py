@@ -194,3 +194,37 @@ def test_train_rejects_bad_options(kw, match):
     kw = {"data": _digits_like(), "steps": 1, "batch_size": 2, "progress": False, **kw}
     with pytest.raises((ValueError, TypeError), match=match):
         fastdiff.train(**kw)
+
+
+# --------------------------------------------------------------------------- the command
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--out", "{d}/m.safetensors", "--steps", "1", "--log-every", "-1"],
+        ["show", "reverse", "--out", "{d}/r.png", "--label", "all", "--steps", "2"],
+    ],
+    ids=["log_every_neg", "reverse_label_all"],
+)
+def test_cli_more_bad_input(args, tmp_path, capsys):
+    """--log-every -1 logged every step; show reverse --label all drew a 0 silently."""
+    from fastdiff.cli import main
+
+    rc = main([a.format(d=tmp_path) for a in args] + ["--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "error:" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_broken_pipe_is_quiet(tmp_path):
+    """`fastdiff info | head -1` printed 'fastdiff info: error: [Errno 32] Broken pipe'."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("fastdiff")
+    cmd = [exe] if exe else [sys.executable, "-m", "fastdiff.cli"]
+    p = subprocess.Popen(cmd + ["info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader goes away before the first line
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    assert "error" not in err and "Traceback" not in err, err
