@@ -228,3 +228,19 @@ def test_cli_broken_pipe_is_quiet(tmp_path):
     err = p.stderr.read().decode()
     p.wait(timeout=120)
     assert "error" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((1000, 0), "steps"),
+        ((1000, 2000), "steps"),  # leading spacing returned 2000 zeros
+        ((1000, -3), "steps"),  # an empty array
+        ((1000, 10, "leading", -1), "steps_offset"),
+    ],
+)
+def test_spaced_timesteps_checks(args, match):
+    from fastdiff.samplers import spaced_timesteps
+
+    with pytest.raises(ValueError, match=match):
+        spaced_timesteps(*args)

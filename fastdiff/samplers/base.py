@@ -46,8 +46,17 @@ def spaced_timesteps(
     * ``leading``:  arange(steps) * (T // steps), reversed, + steps_offset (DDIM paper spacing)
     * ``trailing``: round(arange(T, 0, -T/steps)) - 1 (always starts at T - 1)
     * ``linspace``: round(linspace(0, T - 1, steps)), reversed
+
+    As in diffusers, ``steps_offset`` may push ``leading`` timesteps past T - 1 (the samplers
+    reject such a list).
     """
     T = num_train_timesteps
+    for name, v, lo in (("num_train_timesteps", T, 1), ("steps", steps, 1),
+                        ("steps_offset", steps_offset, 0)):  # fmt: skip
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if steps > T:
+        raise ValueError(f"steps: expected 1 <= steps <= num_train_timesteps = {T}, got {steps}")
     if spacing == "leading":
         ratio = T // steps
         ts = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.int64) + steps_offset
