@@ -247,7 +247,11 @@ class DDIMSampler(Sampler):
 
 
 def _combine_cfg(model_output: Tensor, guidance_scale: float | None) -> Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): u + w (c - u) on [uncond, cond]."""
+    """Classifier-free guidance on ``[uncond, cond]``: u + w (c - u).
+
+    Ho & Salimans 2022, eq. 6 writes (1 + w') c - w' u; this is the same with w = 1 + w' (the
+    diffusers / Imagen convention: w = 1 is the plain conditional model, w = 0 unconditional).
+    """
     if guidance_scale is None:
         return model_output
     u, c = model_output.chunk(2)

@@ -43,7 +43,9 @@ class DDPMSampler(Sampler):
       at 1e-20 as diffusers does);
     * ``"fixed_large"``: sigma^2 = beta'_t;
     * ``"learned_range"``: the model outputs 2C channels ``[prediction, v]`` and
-      log sigma^2 = f log beta'_t + (1 - f) log beta~_t, f = (v + 1)/2 (improved DDPM eq. 15).
+      log sigma^2 = f log beta'_t + (1 - f) log beta~_t, f = (v + 1)/2 (improved DDPM eq. 15,
+      whose interpolation weight v in [0, 1] is mapped from the model's [-1, 1] output as in
+      its code and diffusers).
 
     Each step is one fused ``sampler_step`` call with the precomputed row
     ``[sqrt(ab_t), sqrt(1-ab_t), c_x0, 0, c_x, c_noise, log beta'_t, log beta~_t]``.
