@@ -35,8 +35,8 @@ def load_digits(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     8x8 images with values 0..16 are scaled to [0, 1], upsampled bilinearly to ``size`` and mapped
     to [-1, 1]. Deterministic: the same tensors on every call.
     """
-    if size < 8:
-        raise ValueError(f"size must be >= 8, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"size: expected an int >= 8, got {size!r}")
     d = _sklearn_digits()
     x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N x 1 x 8 x 8]
     if size != 8:
@@ -49,7 +49,12 @@ def load_digits(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
 def split(
     x: torch.Tensor, y: torch.Tensor, test_fraction: float = 0.25, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A fixed random train/test split: ``(x_train, y_train, x_test, y_test)``."""
+    """A fixed random train/test split: ``(x_train, y_train, x_test, y_test)``, with
+    ``round(N * test_fraction)`` test samples (``test_fraction`` in [0, 1])."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} labels (one per image), got {y.shape[0]}")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction: expected a fraction in [0, 1], got {test_fraction}")
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(x.shape[0], generator=g)
     n_test = int(round(x.shape[0] * test_fraction))

@@ -244,3 +244,19 @@ def test_spaced_timesteps_checks(args, match):
 
     with pytest.raises(ValueError, match=match):
         spaced_timesteps(*args)
+
+
+# --------------------------------------------------------------------------- data
+def test_split_checks():
+    """test_fraction=-0.5 gave a 'test' set of 899 (negative slice); y shorter -> IndexError."""
+    from fastdiff.data import split
+
+    x, y = torch.randn(20, 1, 8, 8), torch.arange(20) % 10
+    xtr, ytr, xte, yte = split(x, y, 0.25)
+    assert (len(xtr), len(xte)) == (15, 5) and torch.equal(torch.sort(torch.cat([ytr, yte]))[0],
+                                                          torch.sort(y)[0])  # fmt: skip
+    for bad in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="test_fraction"):
+            split(x, y, bad)
+    with pytest.raises(ValueError, match="y: expected 20"):
+        split(x, y[:10])
