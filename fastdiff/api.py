@@ -166,6 +166,68 @@ def _scheduler_options(schedule: Any, name: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# The diffusers scheduler each sampler reproduces, and the settings of that scheduler that change
+# its method (not its betas) which the sampler does not implement: {key: neutral value}. A
+# non-neutral one there would be silently dropped, the samples no longer diffusers'.
+_SCHEDULER_OF = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+_SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
+                   "use_beta_sigmas": False}  # fmt: skip
+_UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
+    "dpm++": {
+        **_SIGMAS_NEUTRAL,
+        "solver_order": 2,
+        "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint",
+        "euler_at_final": False,
+        "use_lu_lambdas": False,
+        "use_flow_sigmas": False,
+        "use_dynamic_shifting": False,
+        "lambda_min_clipped": -float("inf"),
+        "variance_type": None,
+    },
+    "euler": {
+        **_SIGMAS_NEUTRAL,
+        "interpolation_type": "linear",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+        "sigma_min": None,
+        "sigma_max": None,
+    },
+}
+
+
+def _check_scheduler_settings(schedule: Any, name: str) -> None:
+    """``schedule`` is the sampler's own diffusers scheduler (or its saved config) with a
+    setting the sampler cannot reproduce (Karras sigmas, another solver order, ...): a
+    ValueError naming it, instead of samples that silently differ from diffusers'."""
+    if isinstance(schedule, (NoiseSchedule, str)) or schedule is None:
+        return
+    cfg = getattr(schedule, "config", schedule)
+    if not isinstance(cfg, Mapping):
+        return
+    cls = cfg.get("_class_name") if isinstance(cfg.get("_class_name"), str) else None
+    name = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
+    if (cls or type(schedule).__name__) != _SCHEDULER_OF[name]:
+        return
+    bad = {
+        k: cfg[k]
+        for k, neutral in _UNSUPPORTED_SETTINGS.get(name, {}).items()
+        if k in cfg and cfg[k] != neutral
+    }
+    if bad:
+        setting = ", ".join(f"{k}={v!r}" for k, v in bad.items())
+        raise ValueError(
+            f"schedule: {_SCHEDULER_OF[name]} sets {setting}, which fastdiff's {name!r} sampler "
+            "does not implement (its samples would differ from diffusers'); use the "
+            "scheduler's default for it, or run diffusers' own loop"
+        )
+
+
 def _check_sampler_options(name: str, opts: Mapping[str, Any]) -> None:
     """Unknown sampler options are a TypeError naming them and the valid ones."""
     params = inspect.signature(SAMPLERS[name].__init__).parameters
@@ -367,6 +429,7 @@ def sample(
         name = sampler.lower()
         # a diffusers scheduler's own settings (e.g. prediction_type="v_prediction") are the
         # defaults; options passed here win
+        _check_scheduler_settings(schedule, name)
         opts = {**_scheduler_options(schedule, name), **sampler_options}
         if eta is not None:
             if SAMPLERS[name] is not SAMPLERS["ddim"]:
