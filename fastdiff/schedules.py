@@ -89,7 +89,10 @@ class NoiseSchedule:
         rescale_betas_zero_snr: bool = False,
     ) -> None:
         if betas is not None:
-            b = torch.as_tensor(betas, dtype=torch.float64).flatten().clone()
+            b = torch.as_tensor(betas, dtype=torch.float64).clone()
+            if b.ndim > 1:
+                raise ValueError(f"betas: expected a 1-D sequence, got shape {tuple(b.shape)}")
+            b = b.reshape(-1).cpu()
             if b.numel() < 1:
                 raise ValueError("betas: expected a non-empty sequence of betas, got an empty one")
             if not bool(((b > 0) & (b <= 1)).all()):
@@ -131,6 +134,11 @@ class NoiseSchedule:
                     f"got {beta_schedule!r}"
                 )
         if rescale_betas_zero_snr:
+            if b.numel() < 2:  # alpha_bar's first and last values coincide: 0/0
+                raise ValueError(
+                    "rescale_betas_zero_snr: needs at least 2 timesteps, got "
+                    f"num_train_timesteps={b.numel()}"
+                )
             b = rescale_zero_terminal_snr(b)
         self.beta_schedule = beta_schedule
         self.beta_start = beta_start

@@ -260,3 +260,29 @@ def test_split_checks():
             split(x, y, bad)
     with pytest.raises(ValueError, match="y: expected 20"):
         split(x, y[:10])
+
+
+def test_schedule_bad_betas():
+    """2-D betas were flattened silently; zero-SNR rescaling of one timestep gave NaN betas."""
+    with pytest.raises(ValueError, match="betas: expected a 1-D"):
+        NoiseSchedule(betas=[[0.1, 0.2], [0.3, 0.4]])
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr"):
+        NoiseSchedule(num_train_timesteps=1, rescale_betas_zero_snr=True)
+
+
+@pytest.mark.parametrize("cls", [DPMSolverPPSampler, "euler"])
+def test_user_betas_reaching_one(cls):
+    """betas ending in 1 (zero terminal SNR given as betas, which NoiseSchedule accepts):
+    DPM-Solver++ raised ZeroDivisionError and Euler built NaN coefficients."""
+    from fastdiff.samplers import EulerSampler
+
+    cls = EulerSampler if cls == "euler" else cls
+    b = torch.linspace(1e-4, 0.02, 100, dtype=torch.float64)
+    b[-1] = 1.0
+    zs = NoiseSchedule(betas=b)
+    smp = cls(zs, 10, prediction_type="v_prediction")
+    assert np.isfinite(smp.coef64).all()
+    x = _x(2, 1, 4, 4)
+    for i in range(smp.steps):
+        x = smp.step(torch.tanh(x), i, x)
+    assert torch.isfinite(x).all()

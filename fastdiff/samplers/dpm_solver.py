@@ -109,6 +109,8 @@ class DPMSolverPPSampler(Sampler):
         ab = self.schedule.alphas_cumprod.clone()
         if self.schedule.rescale_betas_zero_snr:
             ab[-1] = 2.0**-24  # as diffusers: keep lambda finite at zero terminal SNR
+        # user betas reaching 1 (a zero-SNR schedule given as betas) divided by zero here
+        ab[ab == 0] = 2.0**-24
         return ab
 
     def coefficients(self) -> np.ndarray:

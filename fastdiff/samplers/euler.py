@@ -83,6 +83,8 @@ class EulerSampler(Sampler):
         ab = self.schedule.alphas_cumprod.clone()
         if self.schedule.rescale_betas_zero_snr:
             ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
+        # user betas reaching 1 (a zero-SNR schedule given as betas) divided by zero here
+        ab[ab == 0] = 2.0**-24
         ab = ab.numpy().astype(np.float64)
         train = np.sqrt((1.0 - ab) / ab)  # sigma at t = 0 .. T-1
         sig = np.interp(self._frac_timesteps().astype(np.float64), np.arange(len(train)), train)
