@@ -214,10 +214,11 @@ def _check_scheduler_settings(schedule: Any, name: str) -> None:
     name = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
     if (cls or type(schedule).__name__) != _SCHEDULER_OF[name]:
         return
+    takes = inspect.signature(SAMPLERS[name].__init__).parameters  # a setting it gains is fine
     bad = {
         k: cfg[k]
         for k, neutral in _UNSUPPORTED_SETTINGS.get(name, {}).items()
-        if k in cfg and cfg[k] != neutral
+        if k in cfg and k not in takes and cfg[k] != neutral
     }
     if bad:
         setting = ", ".join(f"{k}={v!r}" for k, v in bad.items())
