@@ -286,3 +286,21 @@ def test_user_betas_reaching_one(cls):
     for i in range(smp.steps):
         x = smp.step(torch.tanh(x), i, x)
     assert torch.isfinite(x).all()
+
+
+def test_show_unet_does_not_allocate_weights(monkeypatch, capsys):
+    """`fastdiff show unet --preset adm-256` built 554 M random weights (2.5 GB, 12 s)."""
+    from fastdiff.cli import main
+    from fastdiff.models import UNet
+
+    devices = []
+    orig = UNet.__init__
+
+    def spy(self, *args, **kwargs):
+        devices.append(torch.empty(0).device.type)  # the default device while it is built
+        orig(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "__init__", spy)
+    assert main(["show", "unet", "--preset", "adm-256"]) == 0
+    assert devices == ["meta"]
+    assert "553,839,110" in capsys.readouterr().out
