@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
-    t.add_argument("--backend", default=None)
+    t.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
     t.add_argument("--checkpoint", default=None, help="checkpoint stem (default <out>-ckpt)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=100)
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")

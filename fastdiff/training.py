@@ -192,7 +192,8 @@ def train(
         stop_after: stop (after checkpointing) once this many steps are done in total, without
             finishing; used to test resuming and to split long runs.
         progress: show a tqdm bar. ``log_every`` > 0 also prints a line every that many steps.
-        backend: force a fastdiff backend for the fused ops during training (e.g. "torch").
+        backend: force a fastdiff backend for the fused ops during training (e.g. "torch";
+            "sdpa" applies to attention only).
 
     Returns:
         The EMA model in eval mode with ``.schedule`` set.
@@ -304,7 +305,8 @@ def _train(
     if backend is not None:
         from fastdiff import use_backend
 
-        ctx = use_backend(backend)
+        # sdpa exists for attention only (as in ``fastdiff sample --backend sdpa``)
+        ctx = use_backend("sdpa", op="attention") if backend == "sdpa" else use_backend(backend)
 
     bar = tqdm(
         total=steps, initial=start, disable=not progress, desc="train", unit="step",

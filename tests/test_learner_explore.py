@@ -304,3 +304,14 @@ def test_show_unet_does_not_allocate_weights(monkeypatch, capsys):
     assert main(["show", "unet", "--preset", "adm-256"]) == 0
     assert devices == ["meta"]
     assert "553,839,110" in capsys.readouterr().out
+
+
+def test_train_backend_sdpa(tmp_path, capsys):
+    """`fastdiff train --backend sdpa` failed (sdpa forced on group_norm_silu) while
+    `fastdiff sample --backend sdpa` applies it to attention only."""
+    from fastdiff.cli import main
+
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--out", str(out), "--steps", "1", "--batch-size", "2", "--quiet"]
+    assert main(args + ["--backend", "sdpa"]) == 0, capsys.readouterr().err
+    assert out.is_file()
