@@ -196,6 +196,11 @@ def reverse_figure(xs: torch.Tensor, x0s: torch.Tensor, timesteps: Sequence[int]
     ``xs`` and ``x0s`` are ``[K x C x H x W]`` (one image per selected step), ``timesteps`` the
     K model timesteps.
     """
+    if xs.shape != x0s.shape or xs.ndim != 4 or len(timesteps) != xs.shape[0]:
+        raise ValueError(
+            f"xs, x0s, timesteps: expected two [K x C x H x W] stacks of one shape and K "
+            f"timesteps, got {tuple(xs.shape)}, {tuple(x0s.shape)} and {len(timesteps)}"
+        )
     pad = 2
     k = xs.shape[0]
     cell = xs.shape[-1] * scale

@@ -315,3 +315,14 @@ def test_train_backend_sdpa(tmp_path, capsys):
     args = ["train", "--out", str(out), "--steps", "1", "--batch-size", "2", "--quiet"]
     assert main(args + ["--backend", "sdpa"]) == 0, capsys.readouterr().err
     assert out.is_file()
+
+
+def test_reverse_figure_checks():
+    """Three frames with two timestep labels were drawn with a short label row, silently."""
+    from fastdiff.viz import reverse_figure
+
+    xs = torch.rand(3, 1, 4, 4) * 2 - 1
+    assert reverse_figure(xs, xs, [900, 500, 0]).size[0] > 0
+    for x0s, ts in ((xs, [900, 500]), (xs[:2], [900, 500, 0])):
+        with pytest.raises(ValueError, match="timesteps"):
+            reverse_figure(xs, x0s, ts)
