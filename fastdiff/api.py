@@ -11,6 +11,7 @@ with ``cuda_graph=True`` the whole step (model + update) is captured once and re
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -284,6 +285,19 @@ def _check_class_labels(model: Any, kwargs: Mapping[str, Any]) -> None:
         )
 
 
+def _guidance(w: Any) -> float:
+    """``guidance_scale`` as a finite float, checked before anything runs (a NaN or a string
+    failed only inside the first sampler step, after a model call)."""
+    is_num = isinstance(w, (int, float)) or (isinstance(w, Tensor) and w.numel() == 1)
+    if isinstance(w, bool) or not is_num or (isinstance(w, Tensor) and w.is_complex()):
+        got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else repr(w)
+        raise TypeError(f"guidance_scale: expected a real number, got {got}")
+    w = float(w)
+    if not math.isfinite(w):
+        raise ValueError(f"guidance_scale: expected a finite number, got {w}")
+    return w
+
+
 def _check_generator(generator: Any, n: int) -> None:
     if generator is None or isinstance(generator, torch.Generator):
         return
@@ -396,6 +410,8 @@ def sample(
         raise TypeError(
             f"channels_last: expected True, False or None, got {type(channels_last).__name__}"
         )
+    if guidance_scale is not None:
+        guidance_scale = _guidance(guidance_scale)
     param = _model_param(model)
 
     # ---- sampler and schedule
@@ -525,7 +541,6 @@ def sample(
         kwargs.update(model_kwargs)
     cond_kw = _as_kwargs("cond", cond, key, n, device)
     if guidance_scale is not None:
-        guidance_scale = float(guidance_scale)
         if cond is None:
             raise ValueError(
                 "guidance_scale: classifier-free guidance needs cond= (the conditioning to guide "

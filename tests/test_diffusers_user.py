@@ -110,3 +110,25 @@ def test_other_schedulers_settings_do_not_bind_a_different_sampler():
     got = fastdiff.sample(model, steps=3, sampler="ddim", schedule=sched, noise=noise)
     want = fastdiff.sample(model, steps=3, sampler="ddim", noise=noise)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------- guidance_scale checked first
+@pytest.mark.parametrize("w,exc", [(float("nan"), ValueError), (float("inf"), ValueError),
+                                   ("2", TypeError), (True, TypeError),
+                                   (torch.ones(2), TypeError)])  # fmt: skip
+def test_bad_guidance_scale_raises_before_the_model_runs(w, exc):
+    """guidance_scale=nan ran one model call and failed inside the sampler op; '2' was parsed
+    as 2.0 and a 2-element tensor gave float()'s unnamed error. Now each is named up front."""
+    calls = []
+
+    def model(x, t, class_labels):
+        calls.append(t)
+        return torch.zeros_like(x)
+
+    with pytest.raises(exc, match="guidance_scale"):
+        fastdiff.sample(model, steps=2, shape=(3, 4, 4), cond=torch.tensor([1]),
+                        uncond=torch.tensor([0]), guidance_scale=w)  # fmt: skip
+    assert calls == []
+    got = fastdiff.sample(model, steps=2, shape=(3, 4, 4), cond=torch.tensor([1]),
+                          uncond=torch.tensor([0]), guidance_scale=torch.tensor(2.0))  # fmt: skip
+    assert got.shape == (1, 3, 4, 4)
