@@ -45,9 +45,22 @@ class CLIError(Exception):
     """A user error: reported as one line, exit status 1."""
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option's help, also to options without help text
+    (argparse's ArgumentDefaultsHelpFormatter skips those), but not ``None`` / ``False``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default == argparse.SUPPRESS)
+        if action.option_strings and shown and "default:" not in text:
+            text = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:  # --help shows every option's default
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # one line, no usage block
@@ -473,14 +486,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the digits model (DDPM Algorithm 1, CFG, EMA)")
     t.add_argument("--out", required=True, help="output .safetensors (config .json beside it)")
-    t.add_argument("--steps", type=_positive_int, default=2000)
-    t.add_argument("--batch-size", type=_positive_int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--steps", type=_positive_int, default=2000, help="optimisation steps")
+    t.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     t.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
-    t.add_argument("--checkpoint", default=None, help="checkpoint stem (default <out>-ckpt)")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    t.add_argument("--checkpoint", default=None, help="checkpoint stem, <out>-ckpt if not given")
+    t.add_argument("--checkpoint-every", type=_positive_int, default=100,
+                   help="steps between checkpoints")  # fmt: skip
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     t.add_argument("--fp16", action="store_true", help="store the output weights in float16")
@@ -490,43 +504,45 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("bench", help="fused vs eager, per op and end to end")
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--device", default=None)
-    b.add_argument("--repeat", type=_positive_int, default=10)
+    b.add_argument("--json", action="store_true", help="print the table as JSON")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--repeat", type=_positive_int, default=10, help="timed runs per case (median)")
     b.add_argument("--ops-only", action="store_true", help="skip the end-to-end sampling run")
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="build info, backends, device, versions")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the info as JSON")
     i.set_defaults(func=cmd_info)
 
     sh = sub.add_parser("show", help="pictures and tables that explain diffusion")
     ssub = sh.add_subparsers(dest="what", required=True, parser_class=_Parser)
     u = ssub.add_parser("unet", help="the UNet summary table")
-    u.add_argument("--preset", default="digits")
+    u.add_argument("--preset", default="digits", help="digits, tiny, ddpm-cifar10, adm-64, adm-256")
     u.set_defaults(func=cmd_show_unet)
     f = ssub.add_parser("forward", help="one digit noised at evenly spaced t")
-    f.add_argument("--out", default="forward.png")
-    f.add_argument("--schedule", choices=("both", "linear", "cosine"), default="both")
-    f.add_argument("--digit", type=int, default=3)
+    f.add_argument("--out", default="forward.png", help="PNG to write")
+    f.add_argument("--schedule", choices=("both", "linear", "cosine"), default="both",
+                   help="noise schedule(s) to show")  # fmt: skip
+    f.add_argument("--digit", type=int, default=3, help="which digit, 0-9")
     f.add_argument("--index", type=int, default=0, help="which example of that digit")
-    f.add_argument("--frames", type=int, default=11)
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--frames", type=int, default=11, help="noise levels shown (>= 2)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the noise draw")
     f.set_defaults(func=cmd_show_forward)
     sc = ssub.add_parser("schedules", help="abar_t and SNR: linear vs cosine (matplotlib)")
-    sc.add_argument("--out", default="schedules.png")
+    sc.add_argument("--out", default="schedules.png", help="PNG to write")
     sc.set_defaults(func=cmd_show_schedules)
     r = ssub.add_parser("reverse", help="x_t and the x0 prediction along one sampling run")
-    r.add_argument("--out", default="reverse.png")
-    r.add_argument("--steps", type=_positive_int, default=50)
-    r.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    r.add_argument("--label", type=_label, default=3)
-    r.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    r.add_argument("--frames", type=int, default=10)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--model", default=None)
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--out", default="reverse.png", help="PNG to write")
+    r.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
+    r.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
+    r.add_argument("--label", type=_label, default=3, help="digit 0-9 to draw")
+    r.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (1: none)")  # fmt: skip
+    r.add_argument("--frames", type=int, default=10, help="sampling steps shown (>= 2)")
+    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_show_reverse)
     return p
 

@@ -326,3 +326,28 @@ def test_reverse_figure_checks():
     for x0s, ts in ((xs, [900, 500]), (xs[:2], [900, 500, 0])):
         with pytest.raises(ValueError, match="timesteps"):
             reverse_figure(xs, x0s, ts)
+
+
+def test_help_shows_every_default():
+    """The parser promised '--help shows every option's default', but argparse's formatter
+    skipped every option without help text (train --steps/--lr/--seed, all of show reverse)."""
+    import argparse
+
+    from fastdiff.cli import build_parser
+
+    def parsers(p):
+        yield p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub in a.choices.values():
+                    yield from parsers(sub)
+
+    for p in parsers(build_parser()):
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            if not a.option_strings or a.default is None or a.default is False:
+                continue
+            if a.default == argparse.SUPPRESS:
+                continue
+            assert a.help, (p.prog, a.option_strings)
+            assert f"default: {a.default}" in text, (p.prog, a.option_strings)
