@@ -221,17 +221,15 @@ def schedules_figure(schedules: dict[str, Any]):
 
     Raises ImportError with the install hint when matplotlib is missing.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure: no pyplot, so the caller's matplotlib backend is left alone
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
             "this picture needs matplotlib: pip install 'fastdiff[plot]' (or pip install "
             "matplotlib)"
         ) from exc
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3), dpi=100)
+    fig = Figure(figsize=(8, 3), dpi=100)
+    a1, a2 = fig.subplots(1, 2)
     for name, s in schedules.items():
         ab = s.alphas_cumprod.double()
         t = torch.arange(ab.numel())

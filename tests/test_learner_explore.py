@@ -351,3 +351,19 @@ def test_help_shows_every_default():
                 continue
             assert a.help, (p.prog, a.option_strings)
             assert f"default: {a.default}" in text, (p.prog, a.option_strings)
+
+
+def test_schedules_figure_keeps_the_matplotlib_backend(tmp_path):
+    """schedules_figure called matplotlib.use('Agg'): a notebook's inline backend was replaced."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from fastdiff.viz import schedules_figure
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        fig = schedules_figure({"linear": NoiseSchedule(), "cosine": NoiseSchedule("cosine")})
+        assert matplotlib.get_backend() == "svg"
+        fig.savefig(tmp_path / "s.png", format="png")
+        assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        matplotlib.use(before)
