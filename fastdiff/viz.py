@@ -222,6 +222,7 @@ def schedules_figure(schedules: dict[str, Any]):
     Raises ImportError with the install hint when matplotlib is missing.
     """
     try:  # a bare Figure: no pyplot, so the caller's matplotlib backend is left alone
+        import matplotlib  # noqa: F401  (the package itself: the check the hint is for)
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
