@@ -125,3 +125,63 @@ def test_residual_rescale_and_group_norm():
         ref = AttnProcessor2_0()(attn, x)
         out = FastAttnProcessor()(attn, x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("only_cross", [False, True])
+def test_added_kv_attention_matches_attn_added_kv_processor(case, only_cross):
+    """An Attention with added K/V projections (SimpleCrossAttn / UnCLIP blocks): FastAttnProcessor
+    ignored add_k_proj/add_v_proj and crashed with a matmul shape error (or, where the widths
+    happened to agree, gave a different answer). It now mirrors AttnAddedKVProcessor2_0."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+
+    device, backend = case
+    torch.manual_seed(0)
+    attn = DiffusersAttention(query_dim=64, cross_attention_dim=64, added_kv_proj_dim=40,
+                              heads=2, dim_head=32, norm_num_groups=8,
+                              only_cross_attention=only_cross).to(device)  # fmt: skip
+    x = torch.randn(2, 64, 3, 5, device=device)
+    ctx = torch.randn(2, 7, 40, device=device)
+    with torch.no_grad():
+        ref = AttnAddedKVProcessor2_0()(attn, x, ctx)
+        proc = FastAttnProcessor()
+        with fastdiff.use_backend(backend, "attention"):
+            out = proc(attn, x, ctx)
+    assert proc.fused_calls == 1 and out.shape == x.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    if only_cross:
+        return  # diffusers' own processor pads the mask by the image keys it does not have
+    mask = torch.ones(2, 1, 7, device=device)  # [B x 1 x Lctx]: diffusers pads the image keys
+    mask[0, :, 3:] = 0
+    mask = (1 - mask) * -10000.0
+    with torch.no_grad():
+        ref = AttnAddedKVProcessor2_0()(attn, x, ctx, attention_mask=mask)
+        out = proc(attn, x, ctx, attention_mask=mask)
+    assert proc.sdpa_calls == 1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_simple_cross_attn_unet_optimized():
+    """optimize() replaces the added-KV processors of a SimpleCrossAttn UNet2DConditionModel
+    (they were left alone) and the output is unchanged."""
+    import copy
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=24,
+        attention_head_dim=32, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
+    ).eval()  # fmt: skip
+    ref_unet = copy.deepcopy(unet)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        ref = ref_unet(x, t, ctx).sample
+        fastdiff.optimize(unet)
+        with fastdiff.use_backend("torch", "attention"):
+            out = unet(x, t, ctx).sample
+    report = unet.fastdiff_report
+    assert report.left == []
+    assert report.counts(report.replaced)["Attention: FastAttnProcessor"] == 4
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,9 @@
 
 It mirrors diffusers' ``AttnProcessor2_0`` step for step (spatial norm, group norm, 4-D reshape,
 norm_cross, q/k/v projections, q/k norms, output projection and dropout, residual connection,
-rescale_output_factor) and only swaps the attention call. Inputs the fused op does not take go to
+rescale_output_factor) and only swaps the attention call; on an ``Attention`` with added
+key/value projections (``added_kv_proj_dim``: SimpleCrossAttn / UnCLIP blocks) it mirrors
+``AttnAddedKVProcessor2_0`` instead. Inputs the fused op does not take go to
 ``torch.nn.functional.scaled_dot_product_attention`` exactly as ``AttnProcessor2_0`` would call it:
 an attention mask, or a dtype other than fp16/bf16/fp32. Head dims outside the fused kernels' set
 are routed to SDPA by the dispatch table itself.
@@ -46,6 +48,8 @@ class FastAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
+            return self._added_kv(attn, hidden_states, encoder_hidden_states, attention_mask)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -90,20 +94,7 @@ class FastAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        fused = (
-            attention_mask is None
-            and query.dtype in _FUSED_DTYPES
-            and key.dtype == query.dtype
-            and value.dtype == query.dtype
-        )
-        if fused:
-            self.fused_calls += 1
-            hidden_states = attention(query, key, value)
-        else:
-            self.sdpa_calls += 1
-            hidden_states = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-            )
+        hidden_states = self._attend(query, key, value, attention_mask)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -119,6 +110,65 @@ class FastAttnProcessor:
         if attn.rescale_output_factor != 1.0:  # x / 1 == x exactly: skip that kernel
             hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+    def _attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over ``[B x heads x L x Dh]``: fused, or SDPA with a mask
+        or another dtype."""
+        fused = (
+            mask is None
+            and query.dtype in _FUSED_DTYPES
+            and key.dtype == query.dtype
+            and value.dtype == query.dtype
+        )
+        if fused:
+            self.fused_calls += 1
+            return attention(query, key, value)
+        self.sdpa_calls += 1
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False
+        )
+
+    def _added_kv(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """diffusers' ``AttnAddedKVProcessor2_0`` (UnCLIP / SimpleCrossAttn blocks): keys and
+        values of the context (``add_k_proj`` / ``add_v_proj``) come before the image's own
+        (none with ``only_cross_attention``); the residual is always added."""
+        residual = hidden_states  #                                          [B x C x H x W]
+        hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1)
+        hidden_states = hidden_states.transpose(1, 2)  #                     [B x HW x C]
+        batch_size, sequence_length, _ = hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(
+            attention_mask, sequence_length, batch_size, out_dim=4
+        )
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B x L x heads*Dh] -> [B x heads x L x Dh]
+            return attn.head_to_batch_dim(t, out_dim=4)
+
+        query = heads(attn.to_q(hidden_states))
+        key = heads(attn.add_k_proj(encoder_hidden_states))
+        value = heads(attn.add_v_proj(encoder_hidden_states))
+        if not attn.only_cross_attention:
+            key = torch.cat([key, heads(attn.to_k(hidden_states))], dim=2)
+            value = torch.cat([value, heads(attn.to_v(hidden_states))], dim=2)
+
+        hidden_states = self._attend(query, key, value, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, residual.shape[1])
+        hidden_states = attn.to_out[0](hidden_states)  # linear projection
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        hidden_states = hidden_states.transpose(-1, -2).reshape(residual.shape)
+        return hidden_states + residual
 
 
 def set_attn_processor(model: torch.nn.Module, processor: Any) -> int:

@@ -12,7 +12,8 @@ What is patched, in place (parameters and state-dict keys never change):
   ``time_embedding_norm="scale_shift"``) are each one fused ``group_norm_silu`` call;
 * the UNet's final ``conv_norm_out -> conv_act`` pair: a :class:`GroupNormSiLU` sharing the
   GroupNorm's parameters, and ``conv_act`` becomes ``nn.Identity``;
-* every ``Attention`` on the default processor (``AttnProcessor2_0``/``AttnProcessor`` with the
+* every ``Attention`` on the default processor (``AttnProcessor2_0``/``AttnProcessor``, or
+  ``AttnAddedKVProcessor(2_0)`` for the added-KV attention of SimpleCrossAttn blocks, with the
   standard ``1/sqrt(d)`` scale): :class:`FastAttnProcessor`, and its ``group_norm`` (if any) runs
   on the fused GroupNorm kernel (``activation=None``);
 * every ``Transformer2DModel`` input GroupNorm: the fused GroupNorm kernel;
@@ -328,10 +329,19 @@ def _patch_upsample(name: str, up: nn.Module, report: OptimizeReport) -> None:
 
 def _standard_attention(attn: nn.Module) -> str | None:
     """None when ``attn`` runs the default attention math FastAttnProcessor mirrors; else why."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        AttnAddedKVProcessor,
+        AttnAddedKVProcessor2_0,
+        AttnProcessor,
+        AttnProcessor2_0,
+    )
 
     proc = attn.processor
-    if type(proc) not in (AttnProcessor, AttnProcessor2_0):
+    added_kv = getattr(attn, "added_kv_proj_dim", None) is not None
+    defaults = (AttnAddedKVProcessor, AttnAddedKVProcessor2_0)
+    if not added_kv:
+        defaults = (AttnProcessor, AttnProcessor2_0)
+    if type(proc) not in defaults:
         return f"Attention with processor {type(proc).__name__} (only the default is replaced)"
     head_dim = attn.inner_dim // attn.heads
     if abs(attn.scale - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
