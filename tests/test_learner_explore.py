@@ -367,3 +367,14 @@ def test_schedules_figure_keeps_the_matplotlib_backend(tmp_path):
         assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         matplotlib.use(before)
+
+
+@pytest.mark.parametrize("cls", [DDIMSampler, DDPMSampler, DPMSolverPPSampler])
+@pytest.mark.parametrize(
+    "g, exc", [(float("nan"), ValueError), ("2", TypeError), (True, TypeError)]
+)
+def test_thresholding_checks_guidance_scale(cls, g, exc):
+    """With thresholding the CFG combine ran before the op's checks: NaN went through."""
+    smp = cls(NoiseSchedule(), 10, thresholding=True)
+    with pytest.raises(exc, match="guidance_scale"):
+        smp.step(_x(4, 1, 2, 2), 0, _x(2, 1, 2, 2, seed=1), guidance_scale=g)

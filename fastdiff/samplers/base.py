@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -239,6 +240,7 @@ class Sampler:
             raise TypeError(f"i: expected the int step index, got {type(i).__name__}")
         if not 0 <= i < self.steps:
             raise ValueError(f"i: expected a step index in [0, {self.steps}), got {i}")
+        check_guidance_scale(guidance_scale)
         check_model_output(model_output, x, guidance_scale, learned_variance)
         if noise is not None and tuple(noise.shape) != tuple(x.shape):
             raise ValueError(f"noise: expected shape {tuple(x.shape)}, got {tuple(noise.shape)}")
@@ -272,6 +274,24 @@ def advance_generator_state(nkw: dict[str, Tensor], x: Tensor) -> None:
     state = nkw.get("generator_state")
     if state is not None:
         state[1:].add_(x.numel())
+
+
+def check_guidance_scale(guidance_scale: Any) -> None:
+    """None, a finite real number or a one-element tensor (not checked for finiteness: that
+    would sync with the device). The thresholding paths combine CFG in Python, before the op's
+    own check, and took NaN silently."""
+    if guidance_scale is None:
+        return
+    if isinstance(guidance_scale, Tensor):
+        if guidance_scale.numel() == 1 and guidance_scale.dtype != torch.bool:
+            return
+    elif isinstance(guidance_scale, Real) and not isinstance(guidance_scale, bool):
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        return
+    raise TypeError(
+        f"guidance_scale must be a real number or None, got {type(guidance_scale).__name__}"
+    )
 
 
 def check_model_output(
