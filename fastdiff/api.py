@@ -879,8 +879,8 @@ def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, re
         if return_trajectory:
             traj_x.append(g.x.clone())
             traj_x0.append(g.x0.clone())
-        if callback is not None:
-            callback(i, ts_host[i], g.x)
+        if callback is not None:  # its own copy: the next replay overwrites the static g.x
+            callback(i, ts_host[i], g.x.clone())
     out = g.x.clone()
     if return_trajectory:
         return out, {

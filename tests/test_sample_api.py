@@ -687,3 +687,25 @@ def test_graph_cache_key_follows_the_weights_storage():
     net.to(memory_format=torch.channels_last)
     assert _param_signature(net) != sig
     assert _param_signature(lambda x, t: x) == ()
+
+
+@torch.no_grad()
+def test_graphed_loop_callback_gets_each_steps_x_not_the_static_buffer(
+    fake_cuda_graphs, monkeypatch
+):
+    """With cuda_graph=True the callback got the graph's static x buffer, which the next replay
+    overwrites: a callback that kept x (``xs.append(x)``, a preview queue) ended up with the
+    final sample at every step. It now gets each step's x, as in the eager loop."""
+    from fastdiff import api
+
+    model = _net()
+    eager_loop = api._sample_eager
+    seen = {}
+    for graphed in (False, True):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        xs = []
+        fastdiff.sample(model, steps=5, noise=torch.randn(2, 3, 8, 8, generator=_gens([0])[0]),
+                        callback=lambda i, t, x: xs.append(x))  # fmt: skip
+        seen[graphed] = torch.stack(xs)
+    assert not torch.allclose(seen[True][0], seen[True][-1])
+    torch.testing.assert_close(seen[True], seen[False], rtol=1e-6, atol=1e-6)
