@@ -703,9 +703,9 @@ def test_graphed_loop_callback_gets_each_steps_x_not_the_static_buffer(
     seen = {}
     for graphed in (False, True):
         monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
-        xs = []
+        xs: list[torch.Tensor] = []
         fastdiff.sample(model, steps=5, noise=torch.randn(2, 3, 8, 8, generator=_gens([0])[0]),
-                        callback=lambda i, t, x: xs.append(x))  # fmt: skip
+                        callback=lambda i, t, x, xs=xs: xs.append(x))  # fmt: skip
         seen[graphed] = torch.stack(xs)
     assert not torch.allclose(seen[True][0], seen[True][-1])
     torch.testing.assert_close(seen[True], seen[False], rtol=1e-6, atol=1e-6)
