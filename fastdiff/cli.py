@@ -549,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     msg = " ".join(str(exc).split()) or type(exc).__name__
-    return msg
+    # dispatch errors start with "fastdiff: "; the line already says "fastdiff <cmd>: error:"
+    return msg.removeprefix("fastdiff: ")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

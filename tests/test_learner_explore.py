@@ -378,3 +378,18 @@ def test_thresholding_checks_guidance_scale(cls, g, exc):
     smp = cls(NoiseSchedule(), 10, thresholding=True)
     with pytest.raises(exc, match="guidance_scale"):
         smp.step(_x(4, 1, 2, 2), 0, _x(2, 1, 2, 2, seed=1), guidance_scale=g)
+
+
+def test_cli_env_backend_error_has_one_prefix(tmp_path, capsys, monkeypatch):
+    """FASTDIFF_BACKEND=triton on CPU: 'fastdiff sample: error: fastdiff: backend ...'."""
+    from fastdiff import _dispatch
+    from fastdiff.cli import main
+
+    if _dispatch.backend_available("triton", torch.device("cpu"))[0]:
+        pytest.skip("triton runs on CPU here (TRITON_INTERPRET=1)")
+    monkeypatch.setenv("FASTDIFF_BACKEND", "triton")
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--steps", "1", "--n", "1", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("fastdiff sample: error: backend 'triton'"), err
+    assert not out.exists()
