@@ -213,9 +213,9 @@ def train(
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if out is not None:
-        from fastdiff.viz import check_writable
+        from fastdiff.models.pretrained import check_model_path
 
-        check_writable(out)  # before the training, not after it
+        check_model_path(out)  # before the training, not after it
     if model is not None and not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "model has no trainable parameters (fastdiff.models.load_pretrained returns a "

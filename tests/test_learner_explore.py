@@ -393,3 +393,20 @@ def test_cli_env_backend_error_has_one_prefix(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("fastdiff sample: error: backend 'triton'"), err
     assert not out.exists()
+
+
+def test_model_file_named_json(tmp_path):
+    """save_model_file('m.json') wrote the config over the weights and then failed with
+    FileNotFoundError; train(out='m.json') found out only after the whole run."""
+    import fastdiff
+    from fastdiff.models import UNet
+    from fastdiff.models.pretrained import save_model_file
+
+    with pytest.raises(ValueError, match="own file name"):
+        save_model_file(UNet.from_preset("tiny"), tmp_path / "m.json")
+    with pytest.raises(ValueError, match="does not exist"):
+        save_model_file(UNet.from_preset("tiny"), tmp_path / "no" / "m.safetensors")
+    with pytest.raises(ValueError, match="own file name"):
+        fastdiff.train(data=_digits_like(), steps=1, batch_size=2, progress=False,
+                       out=tmp_path / "m.json")  # fmt: skip
+    assert list(tmp_path.iterdir()) == []

@@ -92,6 +92,21 @@ def default_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def check_model_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if weights can be written there: not a ``.json`` name (the config is
+    written beside it as ``<stem>.json``: the two files would be one) and in a writable
+    directory. ValueError otherwise, before anything is written."""
+    from fastdiff.viz import check_writable
+
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        raise ValueError(
+            f"{p}: the weights need their own file name (the config is written beside them as "
+            f"{p.name}); use {p.with_suffix('.safetensors')}"
+        )
+    return check_writable(p)
+
+
 def save_model_file(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -107,7 +122,7 @@ def save_model_file(
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = check_model_path(path)
     meta = {
         "format": "fastdiff-model-v1",
         "model": f"{type(model).__module__}.{type(model).__name__}",
