@@ -216,6 +216,14 @@ def train(
         from fastdiff.models.pretrained import check_model_path
 
         check_model_path(out)  # before the training, not after it
+        if checkpoint is not None:
+            mine = {Path(out).resolve(), Path(out).with_suffix(".json").resolve()}
+            if mine & {p.resolve() for p in _ckpt_paths(checkpoint)}:
+                raise ValueError(
+                    f"checkpoint: {checkpoint} names the same files as out={out} (the output "
+                    "would overwrite the checkpoint); use another stem, e.g. "
+                    f"{Path(out).with_suffix('')}-ckpt"
+                )
     if model is not None and not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             "model has no trainable parameters (fastdiff.models.load_pretrained returns a "

@@ -410,3 +410,16 @@ def test_model_file_named_json(tmp_path):
         fastdiff.train(data=_digits_like(), steps=1, batch_size=2, progress=False,
                        out=tmp_path / "m.json")  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("ckpt", ["m", "m.safetensors", "m.json"])
+def test_checkpoint_same_files_as_out(tmp_path, ckpt, capsys):
+    """`fastdiff train --out m.safetensors --checkpoint m`: the output overwrote the checkpoint,
+    and the rerun failed with a 150-key 'Missing key(s) in state_dict' line."""
+    from fastdiff.cli import main
+
+    args = ["train", "--out", str(tmp_path / "m.safetensors"), "--checkpoint",
+            str(tmp_path / ckpt), "--steps", "1", "--batch-size", "2", "--quiet"]  # fmt: skip
+    assert main(args) == 1
+    assert "names the same files" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
