@@ -119,11 +119,48 @@ def _batched(name: str, v: Any, n: int, device: torch.device) -> Any:
     return v
 
 
+def _batched_tree(name: str, v: Any, n: int, device: torch.device) -> Any:
+    """:func:`_batched` on a value, and on the tensors inside a dict value (e.g. diffusers'
+    ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``); other nested values as given."""
+    if isinstance(v, Mapping):
+        return {k: _batched_tree(f"{name}[{k!r}]", x, n, device) if isinstance(x, (Tensor, Mapping))
+                else x for k, x in v.items()}  # fmt: skip
+    return _batched(name, v, n, device)
+
+
+def _uncond_cond(name: str, u: Any, c: Any) -> Any:
+    """One kwarg of the batched guidance call: ``[uncond, cond]`` along the batch, into dicts."""
+    if isinstance(c, Tensor):
+        if not isinstance(u, Tensor) or u.shape[1:] != c.shape[1:]:
+            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(
+                f"uncond: {name} must match cond's per-sample shape {tuple(c.shape[1:])} "
+                f"(one batched model call over [uncond, cond]), got {got}"
+            )
+        return torch.cat([u.to(c.dtype), c])  # [uncond, cond]
+    if isinstance(c, Mapping):
+        if not isinstance(u, Mapping) or set(u) != set(c):
+            got = sorted(u) if isinstance(u, Mapping) else type(u).__name__
+            raise ValueError(f"uncond: {name} must have cond's keys {sorted(c)}, got {got}")
+        return {k: _uncond_cond(f"{name}[{k!r}]", u[k], x) for k, x in c.items()}
+    return c
+
+
+def _doubled(v: Any, n: int) -> Any:
+    """A model kwarg with batch n, repeated for the batched ``[uncond, cond]`` call (also the
+    tensors inside a dict value)."""
+    if isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
+        return torch.cat([v, v])
+    if isinstance(v, Mapping):
+        return {k: _doubled(x, n) for k, x in v.items()}
+    return v
+
+
 def _as_kwargs(name: str, v: Any, key: str, n: int, device: torch.device) -> dict[str, Any]:
     if v is None:
         return {}
     if isinstance(v, Mapping):
-        return {k: _batched(f"{name}[{k!r}]", x, n, device) for k, x in v.items()}
+        return {k: _batched_tree(f"{name}[{k!r}]", x, n, device) for k, x in v.items()}
     if isinstance(v, (Tensor, int)) and not isinstance(v, bool):
         return {key: _batched(name, v, n, device)}
     raise TypeError(f"{name}: expected a tensor or a dict of model kwargs, got {type(v).__name__}")
@@ -564,20 +601,10 @@ def sample(
                 f"uncond: expected the same kwargs as cond {sorted(cond_kw)}, got {sorted(unc_kw)}"
             )
         for k in cond_kw:
-            c, u = cond_kw[k], unc_kw[k]
-            if isinstance(c, Tensor):
-                if not isinstance(u, Tensor) or u.shape[1:] != c.shape[1:]:
-                    got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
-                    raise ValueError(
-                        f"uncond: {k!r} must match cond's per-sample shape {tuple(c.shape[1:])} "
-                        f"(one batched model call over [uncond, cond]), got {got}"
-                    )
-                kwargs[k] = torch.cat([u.to(c.dtype), c])  # [uncond, cond]
-            else:
-                kwargs[k] = c
+            kwargs[k] = _uncond_cond(repr(k), unc_kw[k], cond_kw[k])
         for k, v in list(kwargs.items()):
-            if k not in cond_kw and isinstance(v, Tensor) and v.ndim and v.shape[0] == n:
-                kwargs[k] = torch.cat([v, v])
+            if k not in cond_kw:
+                kwargs[k] = _doubled(v, n)
     else:
         if uncond is not None:
             raise ValueError("uncond: only used with guidance_scale; got guidance_scale=None")
