@@ -294,7 +294,8 @@ def _train(
 
     start, elapsed = 0, 0.0
     if checkpoint is not None and resume and _ckpt_paths(checkpoint)[1].is_file():
-        meta = _load_checkpoint(checkpoint, model, ema, opt, gen)
+        # settings first: a mismatch must not leave the checkpoint's weights in ``model``
+        meta = json.loads(_ckpt_paths(checkpoint)[1].read_text())
         start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
         saved = meta.get("hparams", {})
         diff = sorted(k for k in hparams if k in saved and saved[k] != hparams[k])
@@ -307,6 +308,7 @@ def _train(
             )
         if start > steps:
             raise ValueError(f"checkpoint {checkpoint} is at step {start} > steps={steps}")
+        _load_checkpoint(checkpoint, model, ema, opt, gen)
     end = steps if stop_after is None else min(steps, stop_after)
 
     ctx = contextlib.nullcontext()

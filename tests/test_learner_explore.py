@@ -423,3 +423,20 @@ def test_checkpoint_same_files_as_out(tmp_path, ckpt, capsys):
     assert main(args) == 1
     assert "names the same files" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_mismatch_leaves_the_model_alone(tmp_path):
+    """The checkpoint's weights were loaded into the caller's model before the settings check
+    raised: the error left the model overwritten."""
+    import fastdiff
+    from fastdiff.models import UNet
+
+    kw = dict(data=_digits_like(), batch_size=2, progress=False, checkpoint=tmp_path / "ck")
+    fastdiff.train(steps=1, **kw)
+    torch.manual_seed(1)
+    model = UNet.from_preset("digits")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="other settings"):
+        fastdiff.train(model, steps=2, **kw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
