@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,9 @@ def make_grid(
     if x.shape[0] == 0:
         raise ValueError("x: expected at least one image, got an empty batch")
     for name, v, lo in (("scale", scale, 1), ("pad", pad, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        if isinstance(v, bool) or not isinstance(v, Integral) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1):
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, Integral) or nrow < 1):
         raise ValueError(f"nrow: expected a positive int or None, got {nrow!r}")
     if not 0 <= pad_value <= 255:
         raise ValueError(f"pad_value: expected a pixel value in 0..255, got {pad_value!r}")
@@ -176,7 +177,7 @@ def forward_strip(
     if x0.ndim != 4 or x0.shape[0] != 1:
         raise ValueError(f"x0: expected one image [C x H x W] or [1 x C x H x W], got "
                          f"{tuple(x0.shape)}")  # fmt: skip
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+    if isinstance(num_frames, bool) or not isinstance(num_frames, Integral) or num_frames < 1:
         raise ValueError(f"num_frames: expected a positive int, got {num_frames!r}")
     T = schedule.num_train_timesteps
     ts = torch.linspace(0, T - 1, num_frames).round().long()

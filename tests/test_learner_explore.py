@@ -440,3 +440,10 @@ def test_resume_mismatch_leaves_the_model_alone(tmp_path):
         fastdiff.train(model, steps=2, **kw)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_make_grid_numpy_ints():
+    from fastdiff.viz import make_grid
+
+    x = torch.rand(4, 1, 4, 4) * 2 - 1
+    assert make_grid(x, nrow=np.int64(2), scale=np.int64(1), pad=np.int64(0)).size == (8, 8)
