@@ -788,14 +788,36 @@ def _param_signature(model: Any) -> tuple:
 
 
 def _kw_signature(kwargs: Mapping[str, Any]) -> tuple:
+    """The graph-cache key of the model kwargs: tensors (also inside dicts) by shape, dtype and
+    device (their values are copied into the capture's buffers), other values by repr."""
     sig = []
-    for k in sorted(kwargs):
+    for k in sorted(kwargs, key=repr):
         v = kwargs[k]
         if isinstance(v, Tensor):
             sig.append((k, "T", tuple(v.shape), v.dtype, str(v.device)))
+        elif isinstance(v, Mapping):
+            sig.append((k, "D", _kw_signature(v)))
         else:
             sig.append((k, "V", repr(v)))
     return tuple(sig)
+
+
+def _clone_tree(v: Any) -> Any:
+    """Static copies of the tensors of a kwarg value (into dicts); other values as they are."""
+    if isinstance(v, Tensor):
+        return v.clone()
+    if isinstance(v, Mapping):
+        return {k: _clone_tree(x) for k, x in v.items()}
+    return v
+
+
+def _copy_tree(dst: Any, src: Any) -> None:
+    """Refresh the static tensors ``dst`` (from :func:`_clone_tree`) with ``src``'s values."""
+    if isinstance(dst, Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, Mapping):
+        for k, x in dst.items():
+            _copy_tree(x, src[k])
 
 
 class _StepGraph:
@@ -820,7 +842,7 @@ class _StepGraph:
         self.gen_state = gen_state.clone() if gen_state is not None else None
         self.noise = torch.zeros_like(x) if self.has_noise and gen_state is None else None
         self.x0_prev = torch.zeros_like(x) if self.multistep else None
-        self.kwargs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+        self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -855,9 +877,7 @@ class _StepGraph:
             self.gen_state.copy_(gen_state)
         if self.x0_prev is not None:
             self.x0_prev.zero_()
-        for k, v in kwargs.items():
-            if isinstance(v, Tensor):
-                self.kwargs[k].copy_(v)
+        _copy_tree(self.kwargs, kwargs)
 
     def replay(self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None) -> None:
         self.coef.copy_(smp.coef_table(self.x.device)[i])
