@@ -201,6 +201,9 @@ def train(
     steps, batch_size = _positive_int("steps", steps), _positive_int("batch_size", batch_size)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for name, v in (("log_every", log_every), ("stop_after", stop_after)):
+        if v is not None and (isinstance(v, bool) or not hasattr(v, "__index__") or v < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
     if grad_clip is not None and not 0.0 <= grad_clip < math.inf:
         # a negative max norm turned clip_grad_norm_'s scale negative: gradient ascent
         raise ValueError(f"grad_clip must be None, 0 (off) or a positive norm, got {grad_clip}")

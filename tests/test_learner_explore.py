@@ -182,6 +182,8 @@ def test_train_float64_data_and_numpy_steps():
     [
         (dict(grad_clip=-1.0), "grad_clip"),
         (dict(warmup=-1), "warmup"),
+        (dict(log_every=-1), "log_every"),
+        (dict(stop_after=-2), "stop_after"),
         (dict(batch_size=True), "batch_size"),
         (dict(data=(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))), "empty"),
         (dict(data=(torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.arange(4))), "floating"),
