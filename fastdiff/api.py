@@ -79,6 +79,7 @@ def _unwrap(out: Any) -> Tensor:
 
 def _cond_key(model: Any) -> str:
     """Keyword a tensor ``cond`` is passed as: encoder_hidden_states or class_labels."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule: the model
     if type(model).__name__ in ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel"):
         return "encoder_hidden_states"
     fwd = getattr(model, "forward", model)

@@ -194,3 +194,27 @@ def test_guidance_nested_uncond_must_have_conds_keys():
          "added_cond_kwargs": {"text_embeds": torch.zeros(1, 24)}}  # fmt: skip
     with pytest.raises(ValueError, match="added_cond_kwargs.*keys"):
         fastdiff.sample(unet, steps=2, cond=c, uncond=u, guidance_scale=2.0)
+
+
+# ------------------------------------------------------------------- torch.compile'd models
+@torch.no_grad()
+def test_compiled_unet2d_condition_model_gets_cond_as_encoder_hidden_states():
+    """sample(torch.compile(unet), cond=ctx): the compiled wrapper (OptimizedModule) hid the
+    UNet2DConditionModel, so a tensor cond went in as class_labels and the model raised
+    "missing 1 required positional argument: 'encoder_hidden_states'"."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32), norm_num_groups=8, cross_attention_dim=24,
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()  # fmt: skip
+    fastdiff.optimize(unet)
+    noise, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 24)
+    want = fastdiff.sample(unet, steps=2, noise=noise, cond=ctx, uncond=torch.zeros(1, 7, 24),
+                           guidance_scale=2.0)  # fmt: skip
+    got = fastdiff.sample(torch.compile(unet, backend="eager"), steps=2, noise=noise, cond=ctx,
+                          uncond=torch.zeros(1, 7, 24), guidance_scale=2.0)  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
