@@ -311,6 +311,15 @@ def _check_class_labels(model: Any, kwargs: Mapping[str, Any]) -> None:
     """Labels outside the model's class embedding give a ValueError before sampling (one check
     on the host before the loop, instead of an IndexError deep inside the first model call)."""
     labels = kwargs.get("class_labels")
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the model
+    # diffusers UNets without a class embedding ignore class_labels without a word:
+    # conditioning (and guidance over it) would silently do nothing
+    if labels is not None and getattr(inner, "class_embedding", 0) is None:
+        raise ValueError(
+            f"cond: class labels given, but this {type(inner).__name__} has no class "
+            "embedding (config num_class_embeds / class_embed_type are None) and would "
+            "ignore them; pass the conditioning the model takes, e.g. encoder_hidden_states"
+        )
     n = _num_class_labels(model)
     if n is None or not isinstance(labels, Tensor) or labels.is_floating_point():
         return

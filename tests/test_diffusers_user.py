@@ -218,3 +218,20 @@ def test_compiled_unet2d_condition_model_gets_cond_as_encoder_hidden_states():
     got = fastdiff.sample(torch.compile(unet, backend="eager"), steps=2, noise=noise, cond=ctx,
                           uncond=torch.zeros(1, 7, 24), guidance_scale=2.0)  # fmt: skip
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------- class labels the model would ignore
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_class_labels_for_a_unet_without_class_embedding_raise(guidance):
+    """A diffusers UNet2DModel without num_class_embeds ignores class_labels silently, so
+    sample(unet, cond=labels, guidance_scale=3) ran an unconditional model (guidance a no-op)
+    and returned as if conditioned. Now a ValueError says the labels would be ignored."""
+    unet = _unet()
+    kw = dict(uncond=torch.tensor([0]), guidance_scale=guidance) if guidance else {}
+    with pytest.raises(ValueError, match="no class embedding"):
+        fastdiff.sample(unet, steps=2, cond=torch.tensor([3]), **kw)
+    with pytest.raises(ValueError, match="no class embedding"):
+        fastdiff.sample(torch.compile(unet, backend="eager"), steps=2, cond=torch.tensor([3]), **kw)
+    torch.manual_seed(0)
+    labelled = UNet2DModel(**{**unet.config, "num_class_embeds": 4}).eval()
+    assert fastdiff.sample(labelled, steps=2, cond=torch.tensor([3]), **kw).shape == (1, 3, 8, 8)
