@@ -167,14 +167,18 @@ def _digits_like(n: int = 6):
 
 
 def test_train_float64_data_and_numpy_steps():
-    """float64 images (numpy arrays) failed in the first conv; np.int64 steps were rejected."""
+    """float64 images failed in the first conv, numpy arrays in ``.to``; np.int64 steps were
+    rejected."""
     import fastdiff
 
     x, y = _digits_like()
     ref = fastdiff.train(data=(x, y), steps=1, batch_size=2, progress=False)
     got = fastdiff.train(data=(x.double(), y), steps=np.int64(1), batch_size=2, progress=False)
-    for p, q in zip(ref.parameters(), got.parameters(), strict=True):
+    arrays = fastdiff.train(data=(x.double().numpy(), y.numpy()), steps=1, batch_size=2,
+                            progress=False)  # fmt: skip
+    for p, q, r in zip(ref.parameters(), got.parameters(), arrays.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p, r)
 
 
 @pytest.mark.parametrize(
