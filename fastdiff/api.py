@@ -227,7 +227,6 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "use_flow_sigmas": False,
         "use_dynamic_shifting": False,
         "lambda_min_clipped": -float("inf"),
-        "variance_type": None,
     },
     "euler": {
         **_SIGMAS_NEUTRAL,

@@ -235,3 +235,20 @@ def test_class_labels_for_a_unet_without_class_embedding_raise(guidance):
     torch.manual_seed(0)
     labelled = UNet2DModel(**{**unet.config, "num_class_embeds": 4}).eval()
     assert fastdiff.sample(labelled, steps=2, cond=torch.tensor([3]), **kw).shape == (1, 3, 8, 8)
+
+
+@torch.no_grad()
+def test_dpm_scheduler_with_learned_variance_runs_like_diffusers():
+    """DPMSolverMultistepScheduler(variance_type="learned_range") on a 2C-channel model: diffusers
+    drops the variance channels, as sample() does; the setting is not refused."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**_unet().config, "out_channels": 6}).eval()
+    noise = torch.randn(1, 3, 8, 8)
+    sched = DPMSolverMultistepScheduler(variance_type="learned_range")
+    sched.set_timesteps(4)
+    x = noise.clone()
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t).sample, t, x).prev_sample
+    again = DPMSolverMultistepScheduler(variance_type="learned_range")
+    got = fastdiff.sample(unet, steps=4, sampler="dpm++", noise=noise, schedule=again)
+    assert ((got - x).abs().max() / x.abs().max()).item() < 1e-4
