@@ -233,9 +233,7 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "interpolation_type": "linear",
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
-        "sigma_min": None,
-        "sigma_max": None,
-    },
+    },  # sigma_min / sigma_max: only read by the Karras / exponential / beta sigmas above
 }
 
 
