@@ -450,6 +450,11 @@ def sample(
     """
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t), got {type(model).__name__}")
+    if isinstance(getattr(model, "unet", None), torch.nn.Module) and hasattr(model, "scheduler"):
+        raise TypeError(
+            f"model: got a {type(model).__name__} (a diffusers pipeline); pass its UNet and "
+            "scheduler: fastdiff.sample(pipe.unet, schedule=pipe.scheduler, ...)"
+        )
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(
             f"channels_last: expected True, False or None, got {type(channels_last).__name__}"

@@ -252,3 +252,17 @@ def test_dpm_scheduler_with_learned_variance_runs_like_diffusers():
     again = DPMSolverMultistepScheduler(variance_type="learned_range")
     got = fastdiff.sample(unet, steps=4, sampler="dpm++", noise=noise, schedule=again)
     assert ((got - x).abs().max() / x.abs().max()).item() < 1e-4
+
+
+# ---------------------------------------------------------------- a pipeline passed as model
+def test_pipeline_passed_as_model_names_its_unet():
+    """sample(pipe) said "shape: not given and cannot be inferred" (and with shape= it would
+    call the pipeline as a model); optimize(pipe) did not say what to pass. Both now point to
+    pipe.unet."""
+    from diffusers import DDIMPipeline
+
+    pipe = DDIMPipeline(unet=_unet(), scheduler=DDIMScheduler())
+    with pytest.raises(TypeError, match=r"pipe\.unet, schedule=pipe\.scheduler"):
+        fastdiff.sample(pipe, steps=2, shape=(3, 8, 8))
+    with pytest.raises(TypeError, match=r"optimize\(pipe\.unet\)"):
+        fastdiff.optimize(pipe)

@@ -413,7 +413,12 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     attached as ``model.fastdiff_report`` (printable).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"optimize: model must be a torch.nn.Module, got {type(model).__name__}")
+        hint = ""
+        if isinstance(getattr(model, "unet", None), nn.Module):  # a diffusers pipeline
+            hint = "; for a pipeline, optimize its UNet: fastdiff.optimize(pipe.unet)"
+        raise TypeError(
+            f"optimize: model must be a torch.nn.Module, got {type(model).__name__}{hint}"
+        )
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(
             f"optimize: channels_last must be True, False or None, got {channels_last!r}"
