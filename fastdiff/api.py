@@ -415,9 +415,10 @@ def sample(
             ``class_labels`` (class-conditional models, diffusers ``UNet2DModel``) or
             ``encoder_hidden_states`` (``UNet2DConditionModel``). ``uncond`` defaults to the
             model's ``null_cond`` / ``null_class`` when it has one.
-        guidance_scale: classifier-free guidance w (Ho & Salimans 2022, eq. 6):
-            ``eps = eps_u + w (eps_c - eps_u)``; one batched model call over ``[uncond, cond]``,
-            the combine fused into the sampler op.
+        guidance_scale: classifier-free guidance (Ho & Salimans 2022, eq. 6 with
+            w = 1 + w_paper, the diffusers convention): ``eps = eps_u + w (eps_c - eps_u)``;
+            w = 1 is the plain conditional model; one batched model call over
+            ``[uncond, cond]``, the combine fused into the sampler op.
         model_kwargs: extra kwargs for every model call.
         dtype, device: of x (default: the model's parameters, else ``noise``, else fp32 / CPU).
         progress: show a tqdm progress bar.
