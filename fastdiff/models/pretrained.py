@@ -107,6 +107,28 @@ def check_model_path(path: str | os.PathLike) -> Path:
     return check_writable(p)
 
 
+def safetensors_state(
+    state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """``state`` as safetensors' ``save_file`` takes it: detached, on the CPU, contiguous,
+    floating tensors in ``dtype`` when given, and no two tensors sharing memory (tied weights,
+    e.g. one ``nn.Parameter`` in two modules, are written once per key, as copies; loading
+    fills each key, so the tie's modules get the same values back)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    return out
+
+
 def save_model_file(
     model: torch.nn.Module,
     path: str | os.PathLike,
@@ -132,12 +154,7 @@ def save_model_file(
         ),
         "training": training or {},
     }
-    tensors = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        tensors[k] = v.contiguous()
+    tensors = safetensors_state(model.state_dict(), dtype)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
     default_mode(tmp)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,8 +51,8 @@ class UNetConfig:
     mid_attention: bool = True  # self-attention in the bottleneck
 
     def __post_init__(self) -> None:
-        self.channel_mult = tuple(int(m) for m in self.channel_mult)
-        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
+        self.attention_resolutions = _int_tuple("attention_resolutions", self.attention_resolutions)
         if self.out_channels is None:
             self.out_channels = self.in_channels
         self.validate()
@@ -77,12 +78,24 @@ class UNetConfig:
 
         for name in ("in_channels", "out_channels", "base_channels", "num_groups", "sample_size"):
             positive(name)
-        if not isinstance(self.num_res_blocks, int) or self.num_res_blocks < 1:
+        if isinstance(self.num_res_blocks, bool) or not isinstance(self.num_res_blocks, int):
             raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {self.num_res_blocks!r}")
+        if self.num_res_blocks < 1:
+            raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {self.num_res_blocks!r}")
+        for name in ("num_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                positive(name)
+        for name in ("use_scale_shift_norm", "resblock_updown", "mid_attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"UNetConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
         if not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError(
                 f"UNetConfig.channel_mult must be non-empty positive ints, got {self.channel_mult}"
             )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
+            raise TypeError(f"UNetConfig.dropout must be a float, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None:
@@ -142,6 +155,22 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"UNetConfig: unknown fields {unknown}")
         return cls(**d)
+
+
+def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
+    """``values`` (a sequence of integers, numpy ints included) as a tuple of python ints:
+    TypeError naming the field for a non-sequence, ValueError for a non-integer element (a
+    float such as 1.5 must not be truncated)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(
+            f"UNetConfig.{name} must be a sequence of ints, got {type(values).__name__} {values!r}"
+        )
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"UNetConfig.{name} must hold ints, got {v!r} in {tuple(values)!r}")
+        out.append(int(v))
+    return tuple(out)
 
 
 def _is_res(block: UNetBlock) -> bool:
@@ -296,6 +325,8 @@ class UNet(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         t = torch.as_tensor(t, device=x.device)
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"UNet.forward: t must be integer or float timesteps, got {t.dtype}")
         if t.ndim == 0 or t.numel() == 1:
             t = t.reshape(1).expand(n)
         if t.shape != (n,):
@@ -373,21 +404,37 @@ class UNet(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> UNet:
-        """Build a named architecture (see ``fastdiff.models.presets``), with random weights."""
+        """Build a named architecture (see ``fastdiff.models.presets``), with random weights.
+
+        ``overrides`` replace config fields; an ``in_channels`` without ``out_channels`` keeps
+        the preset's ratio (``out_channels = in_channels``, or ``2 * in_channels`` for a
+        learned-variance preset such as ``adm-64``)."""
         from fastdiff.models.presets import PRESETS
 
         if name not in PRESETS:
             raise ValueError(f"unknown UNet preset {name!r}; valid presets are {sorted(PRESETS)}")
-        return cls(dataclasses.replace(PRESETS[name], **overrides))
+        preset = PRESETS[name]
+        if "in_channels" in overrides and "out_channels" not in overrides:
+            # out_channels follows in_channels as in the preset: C, or 2C (learned variance)
+            ratio = 2 if preset.out_channels == 2 * preset.in_channels else 1
+            in_channels = overrides["in_channels"]
+            if isinstance(in_channels, int) and not isinstance(in_channels, bool):
+                overrides["out_channels"] = ratio * in_channels
+        return cls(dataclasses.replace(preset, **overrides))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``path/model.safetensors`` (weights), ``path/config.json`` (UNetConfig) and,
         when the model carries a schedule, ``path/schedule.json``."""
         from safetensors.torch import save_file
 
+        from fastdiff.models.pretrained import default_mode, safetensors_state
+
         os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        weights = os.path.join(path, "model.safetensors")
+        tmp = weights + ".tmp"
+        save_file(safetensors_state(self.state_dict()), tmp, metadata={"format": "pt"})
+        default_mode(tmp)  # safetensors writes 0600; config.json gets open()'s mode
+        os.replace(tmp, weights)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
         if self.schedule is not None:

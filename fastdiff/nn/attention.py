@@ -12,10 +12,12 @@ import math
 from numbers import Integral
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff import _dispatch
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.ops.attention import attention
+from fastdiff.ops.attention import attention, attention_reference
 
 __all__ = ["Attention"]
 
@@ -103,7 +105,7 @@ class Attention(nn.Module):
             q = self.to_q(h).view(B, L, H, Dh).transpose(1, 2)
             kv = self.to_kv(context.to(h.dtype)).view(B, Lc, 2, H, Dh)
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-        o = attention(q, k, v, scale=1.0 / math.sqrt(Dh))  # [B x H x L x Dh]
+        o = _attend(q, k, v, 1.0 / math.sqrt(Dh))  # [B x H x L x Dh]
         o = self.to_out(o.transpose(1, 2).reshape(B, L, H * Dh))  # [B x L x C]
         return x + o.transpose(1, 2).reshape(x.shape)
 
@@ -112,6 +114,19 @@ class Attention(nn.Module):
             f"channels={self.channels}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"context_dim={self.context_dim}"
         )
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The fused op, or for float64 (which the fused kernels do not take) PyTorch's SDPA, or the
+    math reference when the torch backend is requested; another explicitly requested backend
+    still raises for float64 (no silent fallback)."""
+    if q.dtype == torch.float64:
+        requested = _dispatch.requested_backend("attention")
+        if requested in (None, "sdpa"):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if requested == "torch":
+            return attention_reference(q, k, v, scale=scale)
+    return attention(q, k, v, scale=scale)
 
 
 def _reference_forward(block: Attention, x: Tensor, context: Tensor | None = None) -> Tensor:

@@ -19,6 +19,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"timestep_embedding: t must be a 1-D tensor [N], got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"timestep_embedding: t must be integer or float, got dtype {t.dtype}")
     if t.dim() != 1:
         raise ValueError(
             f"timestep_embedding: t must be a 1-D tensor [N], got shape {tuple(t.shape)}"

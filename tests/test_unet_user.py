@@ -1,0 +1,209 @@
+"""fastdiff.models.UNet and its fastdiff.nn blocks used as a user who trains and samples their own
+model does (session 7 exploration): each test pins a bug a user hit."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.models import UNet, UNetConfig
+from fastdiff.models.pretrained import load_model_file, save_model_file
+from fastdiff.nn import Attention
+from fastdiff.nn.attention import _reference_forward
+
+SMALL = dict(
+    in_channels=3,
+    base_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_heads=2,
+    num_groups=4,
+    sample_size=8,
+)
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model.eval()
+
+
+# ---- from_preset with a different in_channels --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,in_ch,out_ch", [("tiny", 1, 1), ("ddpm-cifar10", 4, 4), ("adm-64", 1, 2)]
+)
+def test_from_preset_in_channels_override_keeps_out_channels_coupled(name, in_ch, out_ch):
+    # was: from_preset("tiny", in_channels=1) kept the preset's out_channels=3, so the model
+    # predicted 3 channels for 1-channel images and fastdiff.sample failed on the shape
+    # (adm-64's learned variance became 6 channels for 1-channel input: no learned variance)
+    with torch.device("meta"):
+        model = UNet.from_preset(name, in_channels=in_ch)
+    assert model.out_channels == out_ch
+    assert model.learned_variance == (name == "adm-64")
+
+
+def test_from_preset_in_channels_override_samples():
+    model = randomize_(UNet.from_preset("tiny", in_channels=1))
+    x = fastdiff.sample(model, steps=2, batch_size=1, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (1, 1, 16, 16)
+    # an explicit out_channels still wins
+    assert UNet.from_preset("tiny", in_channels=1, out_channels=2).out_channels == 2
+
+
+# ---- UNetConfig validation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(channel_mult=(1, 1.5)), "channel_mult"),  # was silently truncated to (1, 1)
+        (dict(attention_resolutions=(4.5,)), "attention_resolutions"),  # was 4
+        (dict(channel_mult=(1, True)), "channel_mult"),
+    ],
+)
+def test_config_non_integer_sequences_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        UNetConfig(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(channel_mult=2), "channel_mult"),  # was "'int' object is not iterable"
+        (dict(attention_resolutions=4), "attention_resolutions"),
+        (dict(dropout="0.1"), "dropout"),  # was "'<=' not supported between ..."
+    ],
+)
+def test_config_wrong_types_raise_naming_the_field(overrides, match):
+    with pytest.raises(TypeError, match=match):
+        UNetConfig(**{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(num_heads=2.0), "num_heads"),  # config accepted it, UNet(config) then failed
+        (dict(num_heads=None, head_dim=8.0), "head_dim"),
+        (dict(num_res_blocks=True), "num_res_blocks"),
+        (dict(num_heads=0), "num_heads"),
+        (dict(use_scale_shift_norm="no"), "use_scale_shift_norm"),  # "no" meant True
+        (dict(resblock_updown=1), "resblock_updown"),
+        (dict(mid_attention="False"), "mid_attention"),
+    ],
+)
+def test_config_invalid_values_raise_at_construction(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        UNetConfig(**{**SMALL, **overrides})
+
+
+def test_config_integer_like_values_still_accepted():
+    import numpy as np
+
+    cfg = UNetConfig(**{**SMALL, "channel_mult": [np.int64(1), 2], "attention_resolutions": [4]})
+    assert cfg.channel_mult == (1, 2) and cfg.attention_resolutions == (4,)
+    assert all(type(m) is int for m in cfg.channel_mult)
+    assert UNetConfig(**{**SMALL, "dropout": 0}).dropout == 0
+
+
+# ---- float64 -------------------------------------------------------------------------------
+
+
+def test_attention_float64():
+    # was: TypeError "attention: q must be float16, bfloat16 or float32" from inside forward
+    torch.manual_seed(0)
+    block = randomize_(Attention(32, num_heads=2, num_groups=4)).double()
+    x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
+    out = block(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _reference_forward(block, x), rtol=1e-12, atol=1e-12)
+    ctx_block = randomize_(Attention(32, num_heads=2, num_groups=4, context_dim=6)).double()
+    ctx = torch.randn(2, 7, 6, dtype=torch.float64)
+    torch.testing.assert_close(
+        ctx_block(x, ctx), _reference_forward(ctx_block, x, ctx), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_unet_float64_forward_backward_is_the_fp32_reference():
+    torch.manual_seed(0)
+    model = randomize_(UNet(UNetConfig(**{**SMALL, "num_classes": 3})))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = model(x, t, y)
+    m64 = copy.deepcopy(model).double()
+    x64 = x.double().requires_grad_()
+    out = m64(x64, t, y)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    assert x64.grad is not None and x64.grad.isfinite().all()
+
+
+def test_attention_float64_explicit_fused_backend_still_raises():
+    block = Attention(32, num_heads=1, num_groups=4).double()
+    x = torch.randn(1, 32, 2, 2, dtype=torch.float64)
+    with fastdiff.use_backend("cpu", op="attention"), pytest.raises((TypeError, RuntimeError)):
+        block(x)
+
+
+# ---- persistence -----------------------------------------------------------------------------
+
+
+def test_save_pretrained_weights_file_mode_like_config(tmp_path):
+    # was: model.safetensors 0600 (safetensors' private temporary), config.json 0644
+    model = UNet(UNetConfig(**SMALL))
+    model.save_pretrained(tmp_path)
+    mode = stat.S_IMODE(os.stat(tmp_path / "model.safetensors").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "config.json").st_mode)
+
+
+def tied_model() -> UNet:
+    model = randomize_(UNet(UNetConfig(**SMALL)))
+    model.up[1].layer.emb_proj.weight = model.up[0].layer.emb_proj.weight  # tied weights
+    return model
+
+
+def test_save_pretrained_tied_weights_round_trip(tmp_path):
+    # was: safetensors RuntimeError "Some tensors share memory"
+    model = tied_model()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    model.save_pretrained(tmp_path)
+    again = UNet.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t), model(x, t), rtol=0, atol=0)
+
+
+def test_save_model_file_tied_weights_round_trip(tmp_path):
+    model = tied_model()
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    path = tmp_path / "m.safetensors"
+    save_model_file(model, path)
+    again = load_model_file(path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t), model(x, t), rtol=0, atol=0)
+
+
+# ---- timesteps -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [torch.tensor([True, False]), torch.tensor([1 + 2j, 3j])])
+def test_non_real_timesteps_raise(t):
+    # was: bool t silently meant 0/1, complex t dropped its imaginary part (with a warning)
+    model = UNet(UNetConfig(**SMALL))
+    with pytest.raises(TypeError, match="t must"):
+        model(torch.randn(2, 3, 8, 8), t)
+
+
+def test_timestep_embedding_rejects_bool():
+    from fastdiff.nn import timestep_embedding
+
+    with pytest.raises(TypeError, match="t must be integer or float"):
+        timestep_embedding(torch.tensor([True]), 8)
