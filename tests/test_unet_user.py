@@ -207,3 +207,36 @@ def test_timestep_embedding_rejects_bool():
 
     with pytest.raises(TypeError, match="t must be integer or float"):
         timestep_embedding(torch.tensor([True]), 8)
+
+
+# ---- the model's config is its own -----------------------------------------------------------
+
+
+def test_config_reused_for_a_second_model_does_not_change_the_first(tmp_path):
+    # was: UNet kept the caller's config object; `cfg.base_channels = 32; UNet(cfg)` (a sweep)
+    # changed the first model's .config, so its save_pretrained could not be loaded back
+    cfg = UNetConfig(**SMALL)
+    first = UNet(cfg)
+    cfg.base_channels = 32
+    UNet(cfg)
+    assert first.config.base_channels == 16
+    first.save_pretrained(tmp_path)
+    assert UNet.from_pretrained(tmp_path).config == first.config
+
+
+def test_unet_config_type_checked():
+    with pytest.raises(TypeError, match="UNetConfig"):
+        UNet(dict(SMALL))
+
+
+@pytest.mark.parametrize("x", [[[1.0]], "img"])
+def test_non_tensor_x_is_a_type_error(x):
+    # was: AttributeError "'list' object has no attribute 'ndim'"
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        UNet(UNetConfig(**SMALL))(x, 3)
+
+
+def test_non_tensor_numpy_x_is_a_type_error():
+    # was: conv2d's "received an invalid combination of arguments" from deep inside
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        UNet(UNetConfig(**SMALL))(torch.randn(1, 3, 8, 8).numpy(), 3)

@@ -208,7 +208,8 @@ def _safetensors_errors(path: Path):
 
 def load_model_file(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A ``UNet`` from a file written by :func:`save_model_file`, in eval mode, with
-    ``.schedule`` set to its training schedule."""
+    ``.schedule`` set to its training schedule, and frozen (``requires_grad`` off: to fine-tune,
+    ``model.train().requires_grad_(True)``)."""
     from safetensors.torch import load_file
 
     from fastdiff.models.unet import UNet, UNetConfig
@@ -236,6 +237,7 @@ def load_pretrained(name: str = "digits", device: torch.device | str = "cpu") ->
 
     ``"digits"``: a class-conditional 16x16 UNet trained on scikit-learn's handwritten digits
     (labels 0-9; the null class for classifier-free guidance is ``model.null_class``). How it was
-    trained is in ``fastdiff/weights/TRAINING.md`` and ``model.training_info``.
+    trained is in ``fastdiff/weights/TRAINING.md`` and ``model.training_info``. Frozen and in
+    eval mode, as :func:`load_model_file` returns it.
     """
     return load_model_file(weights_path(name), device=device)

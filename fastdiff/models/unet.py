@@ -217,8 +217,14 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
+        if not isinstance(config, UNetConfig):
+            raise TypeError(
+                f"UNet: config must be a UNetConfig (UNetConfig(**d) or UNetConfig.from_dict(d) "
+                f"for a dict), got {type(config).__name__}"
+            )
         config.validate()
-        self.config = config
+        # a copy: a caller's later edit of its config (a sweep) must not change this model's
+        self.config = config = dataclasses.replace(config)
         self.in_channels = config.in_channels
         self.out_channels = config.out_channels
         self.sample_size = config.sample_size
@@ -312,6 +318,8 @@ class UNet(nn.Module):
         The output is contiguous for a contiguous x even when the weights are channels_last
         (``fastdiff.sample`` converts them on CPU), so callers' ``.view`` keeps working; a
         channels_last x gives a channels_last output."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"UNet.forward: x must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"UNet.forward: x must be [N x {self.in_channels} x H x W], got {tuple(x.shape)}"
@@ -451,7 +459,8 @@ class UNet(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> UNet:
         """Load a model written by :meth:`save_pretrained` (safetensors only, never pickle),
-        in eval mode (as ``fastdiff.models.load_model_file``); call ``.train()`` to fine-tune."""
+        in eval mode with ``requires_grad`` on (unlike ``fastdiff.models.load_model_file``, which
+        freezes); call ``.train()`` to fine-tune."""
         from safetensors.torch import load_file
 
         with open(os.path.join(path, "config.json")) as f:

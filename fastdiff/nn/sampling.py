@@ -119,7 +119,9 @@ class Upsample(nn.Module):
     (:func:`fold_pays`), unless the conv was replaced or hooked (:func:`foldable_conv`). NaN
     propagates as before; an inf input may give inf where the unfolded sum
     ``w1*inf + w2*inf`` gives NaN. CUDA keeps interpolate + conv (the folded path
-    has not been measured on a GPU).
+    has not been measured on a GPU). The folded path's output is channels_last (the folded
+    weight's layout, which oneDNN runs fastest) even for an NCHW input: same values, but call
+    ``.contiguous()`` before a ``.view`` that needs NCHW strides.
     """
 
     def __init__(self, channels: int, use_conv: bool = True) -> None:
