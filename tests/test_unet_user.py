@@ -240,3 +240,22 @@ def test_non_tensor_numpy_x_is_a_type_error():
     # was: conv2d's "received an invalid combination of arguments" from deep inside
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         UNet(UNetConfig(**SMALL))(torch.randn(1, 3, 8, 8).numpy(), 3)
+
+
+# ---- the two weight formats point to each other ----------------------------------------------
+
+
+def test_from_pretrained_on_a_model_file_says_which_loader(tmp_path):
+    # was: NotADirectoryError "m.safetensors/config.json"
+    path = tmp_path / "m.safetensors"
+    save_model_file(UNet(UNetConfig(**SMALL)), path)
+    with pytest.raises(ValueError, match="load_model_file"):
+        UNet.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        UNet.from_pretrained(tmp_path / "missing")
+
+
+def test_load_model_file_on_save_pretrained_output_says_which_loader(tmp_path):
+    UNet(UNetConfig(**SMALL)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="from_pretrained"):
+        load_model_file(tmp_path / "model.safetensors")

@@ -185,7 +185,15 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         with _safetensors_errors(path), safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
         if META_KEY not in md:
-            raise ValueError(f"{path} has no fastdiff config (no {jpath.name} and no metadata)")
+            hint = ""
+            if (path.parent / "config.json").is_file():
+                hint = (
+                    f"; if {path.parent} was written by UNet.save_pretrained, load it with "
+                    "fastdiff.models.UNet.from_pretrained(directory)"
+                )
+            raise ValueError(
+                f"{path} has no fastdiff config (no {jpath.name} and no metadata){hint}"
+            )
         meta, where = json.loads(md[META_KEY]), path
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError(

@@ -463,6 +463,17 @@ class UNet(nn.Module):
         freezes); call ``.train()`` to fine-tune."""
         from safetensors.torch import load_file
 
+        if os.path.isfile(path):
+            raise ValueError(
+                f"UNet.from_pretrained: {path} is a file; it takes the directory written by "
+                "save_pretrained (a .safetensors written by save_model_file or `fastdiff train` "
+                "loads with fastdiff.models.pretrained.load_model_file)"
+            )
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(
+                f"UNet.from_pretrained: no config.json in {path} (a directory written by "
+                "UNet.save_pretrained holds config.json and model.safetensors)"
+            )
         with open(os.path.join(path, "config.json")) as f:
             config = UNetConfig.from_dict(json.load(f))
         model = cls(config)
