@@ -259,3 +259,16 @@ def test_load_model_file_on_save_pretrained_output_says_which_loader(tmp_path):
     UNet(UNetConfig(**SMALL)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="from_pretrained"):
         load_model_file(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "name,overrides,heads",
+    [("adm-64", dict(num_heads=4), (4, None)), ("ddpm-cifar10", dict(head_dim=64), (None, 64))],
+)
+def test_from_preset_heads_override_replaces_the_presets_other_head_field(name, overrides, heads):
+    # was: ValueError "give num_heads or head_dim, not both" although the user gave one
+    with torch.device("meta"):
+        model = UNet.from_preset(name, **overrides)
+    assert (model.config.num_heads, model.config.head_dim) == heads
+    with pytest.raises(ValueError, match="not both"):
+        UNet.from_preset(name, num_heads=4, head_dim=64)

@@ -416,7 +416,8 @@ class UNet(nn.Module):
 
         ``overrides`` replace config fields; an ``in_channels`` without ``out_channels`` keeps
         the preset's ratio (``out_channels = in_channels``, or ``2 * in_channels`` for a
-        learned-variance preset such as ``adm-64``)."""
+        learned-variance preset such as ``adm-64``), and a ``num_heads`` (``head_dim``) without
+        the other replaces the preset's ``head_dim`` (``num_heads``)."""
         from fastdiff.models.presets import PRESETS
 
         if name not in PRESETS:
@@ -428,6 +429,9 @@ class UNet(nn.Module):
             in_channels = overrides["in_channels"]
             if isinstance(in_channels, int) and not isinstance(in_channels, bool):
                 overrides["out_channels"] = ratio * in_channels
+        for given, other in (("num_heads", "head_dim"), ("head_dim", "num_heads")):
+            if overrides.get(given) is not None and other not in overrides:
+                overrides[other] = None  # the preset's other head field would clash
         return cls(dataclasses.replace(preset, **overrides))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
