@@ -272,3 +272,24 @@ def test_from_preset_heads_override_replaces_the_presets_other_head_field(name, 
     assert (model.config.num_heads, model.config.head_dim) == heads
     with pytest.raises(ValueError, match="not both"):
         UNet.from_preset(name, num_heads=4, head_dim=64)
+
+
+def test_save_model_file_of_a_compiled_unet_loads_back(tmp_path):
+    # was: the OptimizedModule's state_dict keys carry "_orig_mod." and load_model_file failed
+    # with 'Missing key(s) in state_dict' for every weight
+    model = randomize_(UNet(UNetConfig(**SMALL)))
+    path = tmp_path / "m.safetensors"
+    save_model_file(torch.compile(model, backend="aot_eager"), path)
+    again = load_model_file(path)
+    x, t = torch.randn(1, 3, 8, 8), torch.tensor([5])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t), model(x, t), rtol=0, atol=0)
+
+
+def test_save_model_file_refuses_a_model_it_cannot_load(tmp_path):
+    # was: a diffusers UNet2DModel was written, then load_model_file said "unknown UNetConfig
+    # fields [...]"; an nn.Linear raised AttributeError 'config'
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(TypeError, match="fastdiff.models.UNet"):
+        save_model_file(torch.nn.Linear(2, 2), path)
+    assert not os.listdir(tmp_path)

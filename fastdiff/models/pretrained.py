@@ -144,6 +144,15 @@ def save_model_file(
     """
     from safetensors.torch import save_file
 
+    from fastdiff.models.unet import UNet
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the UNet's own keys
+    if not isinstance(model, UNet):
+        raise TypeError(
+            f"save_model_file: model must be a fastdiff.models.UNet (load_model_file rebuilds "
+            f"one from the saved UNetConfig), got {type(model).__name__}; a diffusers model "
+            f"saves with its own save_pretrained"
+        )
     path = check_model_path(path)
     meta = {
         "format": "fastdiff-model-v1",
