@@ -293,3 +293,22 @@ def test_save_model_file_refuses_a_model_it_cannot_load(tmp_path):
     with pytest.raises(TypeError, match="fastdiff.models.UNet"):
         save_model_file(torch.nn.Linear(2, 2), path)
     assert not os.listdir(tmp_path)
+
+
+# ---- tracing must not leak into eager calls ------------------------------------------------------
+
+
+def test_export_then_eager_upsample_returns_real_tensors():
+    # was: torch.export traced nn.Upsample's folded path with fake tensors and cached the fake
+    # fold matrix in a module-level dict: every later eager call returned a FakeTensor
+    from fastdiff.nn import Upsample, sampling
+
+    sampling._KRON.clear()
+    up = randomize_(Upsample(8))
+    x = torch.randn(2, 8, 8, 8)  # 128 pixels: the folded path
+    exported = torch.export.export(up, (x,))
+    out = up(x)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(exported.module()(x), out)
+    ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

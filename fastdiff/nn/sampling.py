@@ -16,13 +16,17 @@ _KRON: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 def _fold_matrix(dtype: torch.dtype, device: torch.device) -> Tensor:
     """``kron(A, A)`` [16 x 9], (ky*4 + kx) <- (dy*3 + dx): a constant, cached per dtype and
-    device (built outside inference mode, so autograd may save it for a later backward)."""
+    device (built outside inference mode, so autograd may save it for a later backward). Only
+    a plain tensor is cached: one built while tracing (``torch.export``'s fake tensors) would
+    make every later eager call return fake tensors."""
     key = (dtype, device)
     k = _KRON.get(key)
     if k is None:
         with torch.inference_mode(False):
             a = torch.tensor(_FOLD, dtype=dtype, device=device)
-            k = _KRON[key] = torch.kron(a, a)
+            k = torch.kron(a, a)
+        if type(k) is torch.Tensor:
+            _KRON[key] = k
     return k
 
 
