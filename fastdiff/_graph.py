@@ -1,0 +1,181 @@
+"""``fastdiff.sample(..., cuda_graph=True)``: one whole step (model call + fused update)
+captured once as a CUDA graph and replayed for every step.
+
+A graph replays fixed kernels on fixed addresses, so everything a step reads lives in static
+device buffers (x, t, the sampler's coefficient row, noise, the DPM-Solver history, the tensor
+conditioning), refreshed with device copies before each replay: no host sync. Captures are cached
+per model and keyed by everything that changes the kernels (sampler structure, shape, dtype,
+device, guidance, the kwargs' shapes); a ``model.to(...)`` that moves the weights drops them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastdiff._conditioning import _prepare_output, _unwrap
+from fastdiff._loop import _philox_state, _progress, _timestep_rows, _trajectory
+from fastdiff.samplers import DPMSolverPPSampler, Sampler
+from fastdiff.samplers.base import randn_like_with
+
+
+def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callback,
+                   return_trajectory):  # fmt: skip
+    """The loop of :func:`fastdiff._loop._sample_eager`, each step a replay of a captured
+    :class:`_StepGraph`; ``graphs`` is the capture cache ``{model: {key: _StepGraph}}``."""
+    n = x.shape[0]
+    rows = 2 * n if gs is not None else n
+    t_all = _timestep_rows(smp, rows, x.device)
+    gen_state = _philox_state(smp, generator, x.device)
+    key = (
+        gen_state is not None,
+        smp.__class__.__name__,
+        tuple(sorted(smp.config().items())),
+        tuple(x.shape),
+        x.dtype,
+        str(x.device),
+        gs,
+        _kw_signature(kwargs),
+    )
+    try:
+        per_model = graphs.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: cache on nothing, capture every call
+        per_model = {}
+    params = _param_signature(model)
+    if per_model.get("params", params) != params:
+        per_model.clear()  # the weights moved (model.to(...), a new layout): the graphs read them
+    per_model["params"] = params
+    g = per_model.get(key)
+    if g is None:
+        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state)
+        per_model[key] = g
+    g.smp = smp
+    g.load(x, kwargs, gen_state)
+    ts_host = smp.timesteps.tolist()
+    traj_x, traj_x0 = ([x.clone()], []) if return_trajectory else (None, None)
+    for i in _progress(range(smp.steps), progress, smp.steps):
+        noise = None
+        if smp.needs_noise(i) and gen_state is None:
+            noise = randn_like_with(x, generator)
+        g.replay(smp, i, t_all[i], noise)
+        if return_trajectory:
+            traj_x.append(g.x.clone())
+            traj_x0.append(g.x0.clone())
+        if callback is not None:  # its own copy: the next replay overwrites the static g.x
+            callback(i, ts_host[i], g.x.clone())
+    out = g.x.clone()
+    if return_trajectory:
+        return out, _trajectory(smp, traj_x, traj_x0)
+    return out
+
+
+class _StepGraph:
+    """One captured step: ``out = model(x, t, **kw)``, fused update, ``x <- x_prev`` in place.
+
+    Static device buffers: x (the state), t, coef (the sampler's row for the step), noise,
+    the DPM-Solver history x0_prev (read by the update, then overwritten at the end of the
+    graph with the new x0, so a replay never reads a buffer it has already overwritten), and
+    the tensor kwargs (conditioning), all refreshed with device copies before each replay.
+    """
+
+    def __init__(
+        self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor, gen_state: Tensor | None
+    ) -> None:
+        self.model, self.gs = model, gs
+        self.multistep = isinstance(smp, DPMSolverPPSampler)
+        self.x = x.clone()
+        self.t = t_row.clone()
+        self.coef = smp.coef_table(x.device)[0].clone()
+        self.has_noise = any(smp.needs_noise(i) for i in range(smp.steps))
+        self.i_cap = next((i for i in range(smp.steps) if smp.needs_noise(i)), 0)
+        self.gen_state = gen_state.clone() if gen_state is not None else None
+        self.noise = torch.zeros_like(x) if self.has_noise and gen_state is None else None
+        self.x0_prev = torch.zeros_like(x) if self.multistep else None
+        self.kwargs = _clone_tree(dict(kwargs))
+        self.smp = smp
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # warm-up: cuDNN / Triton autotuning happens outside capture
+                self._body()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.x0 = self._body()
+        self.model = None  # the graph holds what it needs; let the cache's weak key die
+
+    def _body(self) -> Tensor:
+        smp, gs = self.smp, self.gs
+        x_in = torch.cat([self.x, self.x]) if gs is not None else self.x
+        out = _prepare_output(_unwrap(self.model(x_in, self.t, **self.kwargs)), self.x, smp, gs,
+                              self.model)  # fmt: skip
+        if self.multistep:
+            x_new, x0 = smp.step(out, 0, self.x, coef=self.coef, x0_prev=self.x0_prev,
+                                 guidance_scale=gs, return_x0=True)  # fmt: skip
+            self.x0_prev.copy_(x0)
+        else:
+            skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
+            x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
+                                 guidance_scale=gs, return_x0=True, **skw)  # fmt: skip
+        self.x.copy_(x_new)
+        return x0
+
+    def load(self, x: Tensor, kwargs, gen_state: Tensor | None) -> None:
+        self.x.copy_(x)
+        if gen_state is not None:
+            self.gen_state.copy_(gen_state)
+        if self.x0_prev is not None:
+            self.x0_prev.zero_()
+        _copy_tree(self.kwargs, kwargs)
+
+    def replay(self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None) -> None:
+        self.coef.copy_(smp.coef_table(self.x.device)[i])
+        self.t.copy_(t_row)
+        if noise is not None:
+            self.noise.copy_(noise)
+        self.graph.replay()
+
+
+# ------------------------------------------------------------------------ cache keys, buffers
+def _param_signature(model: Any) -> tuple:
+    """Where the model's weights live: a captured graph reads them at these addresses, so a
+    ``model.to(...)`` that reallocates them (dtype, device, memory format) must recapture."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+
+
+def _kw_signature(kwargs: Mapping[str, Any]) -> tuple:
+    """The graph-cache key of the model kwargs: tensors (also inside dicts) by shape, dtype and
+    device (their values are copied into the capture's buffers), other values by repr."""
+    sig = []
+    for k in sorted(kwargs, key=repr):
+        v = kwargs[k]
+        if isinstance(v, Tensor):
+            sig.append((k, "T", tuple(v.shape), v.dtype, str(v.device)))
+        elif isinstance(v, Mapping):
+            sig.append((k, "D", _kw_signature(v)))
+        else:
+            sig.append((k, "V", repr(v)))
+    return tuple(sig)
+
+
+def _clone_tree(v: Any) -> Any:
+    """Static copies of the tensors of a kwarg value (into dicts); other values as they are."""
+    if isinstance(v, Tensor):
+        return v.clone()
+    if isinstance(v, Mapping):
+        return {k: _clone_tree(x) for k, x in v.items()}
+    return v
+
+
+def _copy_tree(dst: Any, src: Any) -> None:
+    """Refresh the static tensors ``dst`` (from :func:`_clone_tree`) with ``src``'s values."""
+    if isinstance(dst, Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, Mapping):
+        for k, x in dst.items():
+            _copy_tree(x, src[k])
