@@ -295,7 +295,7 @@ def test_save_model_file_refuses_a_model_it_cannot_load(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-# ---- tracing must not leak into eager calls ------------------------------------------------------
+# ---- tracing must not leak into eager calls ------------------------------------------------
 
 
 def test_export_then_eager_upsample_returns_real_tensors():
@@ -312,3 +312,33 @@ def test_export_then_eager_upsample_returns_real_tensors():
     torch.testing.assert_close(exported.module()(x), out)
     ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- a module whose forward was replaced on the instance runs as a module ------------------
+
+
+def test_upsample_honours_a_patched_conv_forward():
+    # was: the folded CPU path read conv.weight directly, bypassing `conv.forward = ...`
+    # (a monkeypatched LoRA, accelerate's offload hooks)
+    from fastdiff.nn import Upsample
+
+    up = Upsample(8)
+    orig = up.conv.forward
+    up.conv.forward = lambda inp: orig(inp) * 0 + 1.0
+    assert (up(torch.randn(2, 8, 8, 8)) == 1).all()  # 128 pixels: would fold
+
+
+def test_batched_emb_projection_honours_a_patched_linear_forward():
+    model = randomize_(UNet(UNetConfig(**SMALL)))
+    model.batch_emb_proj = True
+    calls = []
+    lin = model.down[0].layer.emb_proj
+    orig = lin.forward
+
+    def patched(inp):
+        calls.append(1)
+        return orig(inp)
+
+    lin.forward = patched
+    model(torch.randn(1, 3, 8, 8), 3)
+    assert calls == [1]

@@ -63,9 +63,13 @@ def fold_upsample_conv(weight: Tensor) -> Tensor:
 
 
 def has_hooks(m: nn.Module) -> bool:
-    """Module or global forward/backward hooks that calling ``m`` would run."""
+    """Module or global forward/backward hooks that calling ``m`` would run, or a ``forward``
+    replaced on the instance (a monkeypatched LoRA, accelerate's offload hooks): either way the
+    module must be called, not bypassed through its weights."""
     from torch.nn.modules import module as _mod
 
+    if "forward" in vars(m):
+        return True
     own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
     names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
              "_global_backward_pre_hooks")  # fmt: skip
@@ -80,7 +84,7 @@ def foldable_conv(conv: nn.Module, channels: int) -> str | None:
     if type(conv) is not nn.Conv2d:
         return f"the conv is a {type(conv).__name__}, not a plain nn.Conv2d"
     if has_hooks(conv):
-        return "the conv has hooks"
+        return "the conv has hooks or a replaced forward"
     plain = (
         conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
