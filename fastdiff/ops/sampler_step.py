@@ -10,6 +10,10 @@ CFG halves ``[uncond, cond]`` of a ``[2N x ...]`` batch and the learned-variance
 a ``[N x 2C x ...]`` output are therefore free views. An operand whose per-sample block is not
 dense in ``x``'s order (e.g. the channel split of a channels_last output, or a sliced ``x``) is
 first made dense by one copy. ``x_prev`` (and ``x0``) come back in ``x``'s memory format.
+
+Here: the torch reference (the math, fp32), the custom ops and their autograd, validation and
+the public functions. The kernel launches (operand views, the cpu fast path) are in
+:mod:`fastdiff.ops._sampler_step_kernels`, the Philox reference RNG in :mod:`fastdiff.ops._philox`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ import torch
 from torch import Tensor
 
 from fastdiff import _dispatch, _ext
+from fastdiff.ops._philox import philox_randn
+from fastdiff.ops._sampler_step_kernels import (
+    _fast_cpu,
+    _new_out,
+    _order_of,
+    _run_kernel,
+    _split_model_output,
+)
 
 PREDICTION_TYPES: dict[str, int] = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -29,122 +41,8 @@ __all__ = ["PREDICTION_TYPES", "dpm_solver_2m_step", "sampler_step"]
 
 
 # ----------------------------------------------------------------------------------------------
-# layout helpers
-# ----------------------------------------------------------------------------------------------
-def _expected_inner_strides(shape: tuple[int, ...], order: str) -> tuple[int, ...]:
-    # strides of dims 1.. for a per-sample block dense in ``order``
-    rest = shape[1:]
-    if order == "nhwc":
-        c, h, w = rest
-        return (1, w * c, c)
-    strides, acc = [], 1
-    for s in reversed(rest):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
-
-
-def _inner_dense(t: Tensor, order: str) -> bool:
-    if order == "nhwc" and t.dim() != 4:
-        return False
-    exp = _expected_inner_strides(tuple(t.shape), order)
-    dims = zip(t.shape[1:], t.stride()[1:], exp, strict=True)
-    return all(sz <= 1 or st == e for sz, st, e in dims)
-
-
-def _order_of(x: Tensor) -> str:
-    """Memory order of ``x``'s per-sample block: "nchw" (row-major) or "nhwc" (channels_last).
-
-    Channels_last is kept only when it is the unambiguous dense order (C > 1, H*W > 1).
-    Anything not dense in either order is treated as NCHW (and made contiguous by the kernels).
-    """
-    big = x.dim() == 4 and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1
-    if big and _inner_dense(x, "nhwc") and not _inner_dense(x, "nchw"):
-        return "nhwc"
-    return "nchw"
-
-
-def _memory_format(order: str) -> torch.memory_format:
-    return torch.channels_last if order == "nhwc" else torch.contiguous_format
-
-
-def _dense(t: Tensor, order: str) -> Tensor:
-    """``t`` itself when each sample's block is dense in ``order``; otherwise a dense copy."""
-    if _inner_dense(t, order):
-        return t
-    return t.contiguous(memory_format=_memory_format(order))
-
-
-def _batch_stride(t: Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else math.prod(t.shape[1:])
-
-
-def _new_out(x: Tensor, order: str) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(order))
-
-
-# ----------------------------------------------------------------------------------------------
 # torch reference backend (fp32 math)
 # ----------------------------------------------------------------------------------------------
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_M32 = 0xFFFFFFFF
-
-
-def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    # 32x32 -> 64 bit product of constant a and uint32 values b held in int64, without overflow
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    p_hi, p_lo = a * b_hi, a * b_lo  # each < 2^48
-    hi = (p_hi + (p_lo >> 16)) >> 16
-    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return hi & _M32, lo
-
-
-def philox_randn(generator_state: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """N(0,1) fp32 of ``shape``: element ``e`` (row-major) = lane ``e % 4`` of Triton
-    ``tl.randn4x(seed, offset + e // 4)``.
-
-    Philox4x32-10 in int64 torch arithmetic masked to 32 bits (Salmon et al. 2011), key =
-    (seed lo, seed hi), counter = (ctr lo, ctr hi, 0, 0); Box-Muller on the output pairs (0, 1)
-    and (2, 3) with Triton's uint -> uniform conversion, giving 4 normals per counter. Uses
-    ``ceil(numel / 4)`` counters. No host sync: seed and offset stay on the device.
-    """
-    dev = generator_state.device
-    numel = 1
-    for s in shape:
-        numel *= s
-    seed, offset = generator_state[0], generator_state[1]
-    ctr = torch.arange((numel + 3) // 4, dtype=torch.int64, device=dev) + offset
-    c0, c1 = ctr & _M32, (ctr >> 32) & _M32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
-        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
-        c1, c3 = lo_b, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _M32
-        k1 = (k1 + _PHILOX_KEY_B) & _M32
-
-    def uniform(u: Tensor) -> Tensor:
-        # bitcast to int32, x<0 -> ~x, times 4.6566127342e-10 in fp32
-        u = torch.where(u >= 2**31, _M32 - u, u)
-        return u.to(torch.float32) * 4.6566127342e-10
-
-    def box_muller(ua: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
-        r = torch.sqrt(-2.0 * torch.log(torch.clamp_min(uniform(ua), 1.0e-7)))
-        th = uniform(ub) * 6.283185307179586
-        return r * torch.cos(th), r * torch.sin(th)
-
-    n0, n1 = box_muller(c0, c1)
-    n2, n3 = box_muller(c2, c3)
-    # [ceil(numel/4) x 4] lanes -> element order
-    return torch.stack((n0, n1, n2, n3), dim=1).reshape(-1)[:numel].reshape(shape)
-
-
 def _torch_x0_eps(
     x: Tensor,
     m: Tensor,
@@ -171,22 +69,6 @@ def _torch_x0_eps(
         if recompute_eps and need_eps:
             eps = (x - a * x0) / s
     return x0, eps
-
-
-def _split_model_output(
-    x: Tensor, mo: Tensor, guidance_scale: float | None, learned_variance: bool
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(main [cond] half, uncond half or None, variance values or None), all views of ``mo``."""
-    n, c = x.shape[0], (x.shape[1] if x.dim() > 1 else 0)
-    cond = mo[n:] if guidance_scale is not None else mo
-    unc = mo[:n] if guidance_scale is not None else None
-    var = None
-    if learned_variance:
-        var = cond[:, c:]
-        cond = cond[:, :c]
-        if unc is not None:
-            unc = unc[:, :c]
-    return cond, unc, var
 
 
 def _torch_sampler_step(
@@ -229,103 +111,6 @@ def _torch_dpm_2m(x, model_output, coef, x0_prev, pred, clip_range, guidance_sca
     if x0_prev is not None:
         out = out + c_prev * x0_prev.float()
     return _new_out(x, order).copy_(out), _new_out(x, order).copy_(x0)
-
-
-# ----------------------------------------------------------------------------------------------
-# kernel backends (cpu / cuda / triton): operands as (tensor, batch stride), dense per sample
-# ----------------------------------------------------------------------------------------------
-def _kernel_operands(x, model_output, noise, extra, guidance_scale, learned_variance):
-    """Dense-per-sample views for the kernels, in x's memory order.
-
-    Returns (order, x, cond, unc, var, third) where ``third`` is noise (sampler_step) or x0_prev
-    (dpm_solver_2m_step), each cast to the dtype its kernel slot expects.
-    """
-    order = _order_of(x)
-    xd = _dense(x, order)
-    mo = model_output
-    cond, unc, var = _split_model_output(x, mo, guidance_scale, learned_variance)
-    cond = _dense(cond, order)
-    unc = _dense(unc, order) if unc is not None else None
-    var = _dense(var, order) if var is not None else None
-    if unc is not None and unc.dtype != cond.dtype:
-        unc = unc.to(cond.dtype)
-    if var is not None and var.dtype != cond.dtype:
-        var = var.to(cond.dtype)
-    third = noise if noise is not None else extra
-    if third is not None:
-        third = _dense(third.to(x.dtype), order)
-    return order, xd, cond, unc, var, third
-
-
-def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pred, clip_range,
-                recompute_eps, guidance_scale, learned_variance, return_x0):  # fmt: skip
-    order, xd, cond, unc, var, third = _kernel_operands(
-        x, model_output, third, None, guidance_scale, learned_variance
-    )
-    x_prev = _new_out(x, order)
-    x0 = _new_out(x, order) if return_x0 else x.new_empty(0)
-    if x.numel() == 0:
-        return x_prev, x0
-    n = x.shape[0]
-    inner = x[0].numel()
-    nhwc_c = x.shape[1] if order == "nhwc" else 0
-    hw = x.shape[2] * x.shape[3] if order == "nhwc" else inner
-    coef = coef if coef.is_contiguous() else coef.contiguous()
-
-    def op(t):
-        return (0, 0) if t is None else (t.data_ptr(), _batch_stride(t))
-
-    args = dict(
-        mode=mode,
-        n=n,
-        inner=inner,
-        nhwc_c=nhwc_c,
-        hw=hw,
-        x=op(xd),
-        m=op(cond),
-        mu=op(unc),
-        v=op(var),
-        z=op(third),
-        gen=generator_state.data_ptr() if generator_state is not None else 0,
-        coef=coef.data_ptr(),
-        out=x_prev.data_ptr(),
-        x0=x0.data_ptr() if return_x0 else 0,
-        dtype_x=_ext.dtype_code(xd),
-        dtype_m=_ext.dtype_code(cond),
-        pred=pred,
-        clip=clip_range is not None,
-        clip_r=float(clip_range) if clip_range is not None else 0.0,
-        recompute=bool(recompute_eps),
-        cfg=guidance_scale is not None,
-        g=float(guidance_scale) if guidance_scale is not None else 0.0,
-    )
-    if backend == "triton":
-        from fastdiff.kernels.triton.sampler_step import sampler_step_forward
-
-        bs = [args[k][1] for k in ("x", "m", "mu", "v", "z")]
-        with _ext.device_guard(x):
-            sampler_step_forward(
-                xd, cond, unc, var, third, generator_state if mode == 0 else None, coef, x_prev,
-                x0 if return_x0 else None, mode=mode, n=n, inner=inner, nhwc_c=nhwc_c, hw=hw,
-                bs=bs, pred=pred, clip=clip_range is not None, clip_r=args["clip_r"],
-                recompute=bool(recompute_eps), cfg=guidance_scale is not None, g=args["g"],
-            )  # fmt: skip
-    else:
-        c = _ext.native()
-        fn = c.sampler_step_cpu if backend == "cpu" else c.sampler_step_cuda
-        flat = [
-            args["mode"], n, inner, nhwc_c, hw, *args["x"], *args["m"], *args["mu"], *args["v"],
-            *args["z"], args["gen"], args["coef"], args["out"], args["x0"], args["dtype_x"],
-            args["dtype_m"], pred, args["clip"], args["clip_r"], args["recompute"], args["cfg"],
-            args["g"],
-        ]  # fmt: skip
-        if backend == "cuda":
-            flat.append(_ext.stream_handle(x))
-            with _ext.device_guard(x):
-                fn(*flat)
-        else:
-            fn(*flat)
-    return x_prev, x0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -567,69 +352,6 @@ def _unsupported(x: Tensor) -> dict[str, str]:
             out[b] = f"fastdiff._C has no sampler_step_{b} (stale build: run tools/dev_build.sh)"
     _UNSUPPORTED[:] = [c, out]
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# eager fast path of the cpu backend: the per-layout work of _run_kernel, cached
-# ----------------------------------------------------------------------------------------------
-_PLANS: dict[tuple, tuple | None] = {}
-
-
-def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool) -> tuple | None:
-    """Launch geometry for this layout, or None when an operand needs a copy or a cast (then
-    the general path runs). Model-output operands are byte offsets from ``mo``'s address."""
-    order = _order_of(x)
-    cond, unc, var = _split_model_output(x, mo, 1.0 if cfg else None, lv)
-    ops = (x, cond, unc, var, third)
-    if any(t is not None and not _inner_dense(t, order) for t in ops):
-        return None
-    if third is not None and third.dtype != x.dtype:
-        return None
-    base = mo.data_ptr()
-
-    def geo(t: Tensor | None) -> tuple[int, int]:
-        return (0, 0) if t is None else (t.data_ptr() - base, _batch_stride(t))
-
-    like = x.stride() == _new_out(x, order).stride()  # empty_like(x) gives the output layout
-    nhwc = order == "nhwc"
-    inner = math.prod(x.shape[1:])
-    return (
-        order, like, x.shape[0], inner, x.shape[1] if nhwc else 0,
-        x.shape[2] * x.shape[3] if nhwc else inner, _batch_stride(x), *geo(cond), *geo(unc),
-        *geo(var), _batch_stride(third) if third is not None else 0, _ext.dtype_code(x),
-        _ext.dtype_code(cond),
-    )  # fmt: skip
-
-
-def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv, return_x0):
-    """``(x_prev, x0 or None)`` computed by the cpu kernel with cached launch geometry, or None
-    when this call needs the general path (copies, casts, a non-contiguous coef)."""
-    key = (mode, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, g is not None,
-           lv, None if third is None else (third.stride(), third.dtype))  # fmt: skip
-    plan = _PLANS.get(key, False)
-    if plan is False:
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        plan = _PLANS[key] = _cpu_plan(x, mo, third, g is not None, lv)
-    if plan is None or not coef.is_contiguous():
-        return None
-    order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m = plan
-    out = torch.empty_like(x) if like else _new_out(x, order)
-    x0 = None
-    if return_x0:
-        x0 = torch.empty_like(x) if like else _new_out(x, order)
-    if n * inner == 0:
-        return out, x0
-    mp = mo.data_ptr()
-    _ext._C.sampler_step_cpu(
-        mode, n, inner, nhwc_c, hw, x.data_ptr(), bs_x, mp + om, bs_m, mp + ou if g is not None
-        else 0, bs_u, mp + ov if lv else 0, bs_v, third.data_ptr() if third is not None else 0,
-        bs_z, gen.data_ptr() if gen is not None else 0, coef.data_ptr(), out.data_ptr(),
-        x0.data_ptr() if x0 is not None else 0, dt_x, dt_m, pred, clip_range is not None,
-        clip_range if clip_range is not None else 0.0, recompute, g is not None,
-        g if g is not None else 0.0,
-    )  # fmt: skip
-    return out, x0
 
 
 def sampler_step(
