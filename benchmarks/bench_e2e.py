@@ -8,7 +8,8 @@ Groups ("e2e <model> b<batch> <dtype>") and variants, ratios always within one g
       ``F.scaled_dot_product_attention``, whose upsampling is ``F.interpolate`` + conv, in
       fastdiff's DDIM loop with the ``torch`` backend;
     - ``compile-max-autotune-no-cudagraphs`` / ``compile-max-autotune``: that twin under
-      ``torch.compile`` (only with ``FASTDIFF_BENCH_E2E_COMPILE=1``: ~4 min of autotuning each);
+      ``torch.compile`` (only with ``FASTDIFF_BENCH_E2E_COMPILE=1`` and ``FASTDIFF_BENCH_COMPILE``
+      not ``0``: ~4 min of autotuning each);
     - ``fused``: ``fastdiff.sample`` on the fused UNet; ``fused-graph``: with ``cuda_graph=True``;
       ``fused-graph-channels-last``: the model in ``torch.channels_last`` too;
     - CPU (``digits``): ``eager``, ``eager-channels-last`` (the twin in channels_last),
@@ -29,7 +30,7 @@ from __future__ import annotations
 import copy
 import os
 
-import benchutil  # noqa: F401  (steady malloc on CPU)
+import benchutil  # steady malloc on CPU; COMPILE
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ from fastdiff.schedules import NoiseSchedule
 # torch.compile(mode="max-autotune*") of a whole UNet autotunes for ~4 minutes per model and
 # mode on an H100: far past the GPU suite's benchmark time limit, so these variants have their
 # own switch (FASTDIFF_BENCH_COMPILE still gates them too).
-COMPILE = os.environ.get("FASTDIFF_BENCH_E2E_COMPILE") == "1"
+COMPILE = os.environ.get("FASTDIFF_BENCH_E2E_COMPILE") == "1" and benchutil.COMPILE
 GPU_STEPS = 50
 CPU_STEPS = 10
 
@@ -245,7 +246,7 @@ def _variant_fn(model, variant: str, steps: int):
 
 def _needs(variant: str, device: str) -> None:
     if variant.startswith("compile-"):
-        _skip_unless(COMPILE, "set FASTDIFF_BENCH_COMPILE=1 for the torch.compile variants")
+        _skip_unless(COMPILE, "set FASTDIFF_BENCH_E2E_COMPILE=1 for the torch.compile variants")
     if variant.startswith("fused") or variant.startswith("optimize"):
         try:
             import fastdiff.api  # noqa: F401

@@ -1,7 +1,8 @@
 """GroupNorm + SiLU: eager ``F.silu(F.group_norm(...))`` vs torch.compile vs the fused backends.
 
 GPU: fp16, Stable Diffusion shapes, NCHW and channels_last; variants "eager", "compile",
-"fused-triton", "fused-cuda". CPU: fp32, NCHW; variants "eager", "fused-cpu".
+"fused-triton", "fused-cuda" ("compile" skipped with FASTDIFF_BENCH_COMPILE=0). CPU: fp32,
+NCHW and channels_last; variants "eager", "fused-cpu".
 ``bytes`` is the minimum traffic: read x once, write y once, plus weight and bias.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from benchutil import BENCH_DEVICE, bench
+from benchutil import BENCH_DEVICE, COMPILE, bench
 
 import fastdiff
 from fastdiff.ops.group_norm_silu import group_norm_silu
@@ -68,6 +69,8 @@ def test_group_norm_silu(benchmark, device, shape, layout, variant):
     if variant == "eager":
         fn = _eager
     elif variant == "compile":
+        if not COMPILE:
+            pytest.skip("FASTDIFF_BENCH_COMPILE=0: torch.compile variants off")
         fn = _compiled_fn()
         try:
             fn(*make())

@@ -3,7 +3,8 @@
 Groups (variant "eager" is the baseline of each):
 * ``sampler_step ddim-eta1 <shape> fp32``: eta=1 with clipping; eager draws ``torch.randn``, the
   fused step draws in-kernel Philox noise (4 normals per counter); "fused-randn" is the fused step
-  reading a ``torch.randn`` tensor; "fused-triton" on GPU.
+  reading a ``torch.randn`` tensor; "fused-triton" and "fused-cuda" on GPU ("fused" is what the
+  dispatch picks).
 * ``sampler_step ddim-eta0 <shape> fp32``: the deterministic step (no RNG): the fusion win alone.
 
 Shapes: (16, 3, 64, 64) and (4, 4, 64, 64) everywhere, plus (16, 3, 256, 256) on GPU.
@@ -52,13 +53,15 @@ def _shapes(device):
 def _variants(device):
     # fused-randn: torch.randn noise (torch's generator) + the fused step reading it
     out = [("eager", None), ("fused", None), ("fused-randn", None)]
-    if device.startswith("cuda") and fastdiff.backend_available("triton", device)[0]:
-        out.append(("fused-triton", "triton"))
+    if device.startswith("cuda"):
+        for backend in ("triton", "cuda"):
+            if fastdiff.backend_available(backend, device)[0]:
+                out.append((f"fused-{backend}", backend))
     return out
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton", "fused-randn"])
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton", "fused-cuda", "fused-randn"])
 def test_ddim_step(benchmark, device, shape, variant):
     if shape not in _shapes(device):
         pytest.skip("GPU-only shape")
@@ -109,7 +112,7 @@ def eager_ddim_eta0(x, eps, alphas_cumprod, t, t_prev):
 
 
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton"])
+@pytest.mark.parametrize("variant", ["eager", "fused", "fused-triton", "fused-cuda"])
 def test_ddim_step_eta0(benchmark, device, shape, variant):
     if shape not in _shapes(device):
         pytest.skip("GPU-only shape")

@@ -35,6 +35,9 @@ _steady_malloc()
 BENCH_DEVICE = os.environ.get("FASTDIFF_BENCH_DEVICE") or (
     "cuda" if torch.cuda.is_available() else "cpu"
 )
+# The torch.compile variants (GroupNorm+SiLU "compile"; bench_e2e's also need
+# FASTDIFF_BENCH_E2E_COMPILE=1): on unless FASTDIFF_BENCH_COMPILE=0.
+COMPILE = os.environ.get("FASTDIFF_BENCH_COMPILE", "1") != "0"
 
 
 def _nbytes(obj: Any) -> int:

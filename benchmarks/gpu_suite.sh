@@ -6,7 +6,7 @@
 #   4. write one JSON under benchmarks/results/ (and $OUT when set) and print a short table.
 # Usage: bash benchmarks/gpu_suite.sh [tests|bench|all]   (default all)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 what="${1:-all}"
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest" benchmarks/results
@@ -21,14 +21,37 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import diffusers, xdist" 2>/dev
   export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-if [ "${FORCE_BUILD:-0}" = 1 ] || ! (cd /tmp && python -c "import fastdiff._C as c; assert c.BUILD_INFO['cuda']") 2>/dev/null; then
+# Checks run from /tmp: from the checkout, `python -c` would import the source tree's fastdiff/
+# (no _C there) instead of the installed build.
+has_cuda_build() { (cd /tmp && python -c "import fastdiff._C as c; assert c.BUILD_INFO['cuda']") 2>/dev/null; }
+if [ "${FORCE_BUILD:-0}" = 1 ] || ! has_cuda_build; then
   echo "== build"
+  # --no-build-isolation (the GPU machine is offline): the build requirements must be installed.
+  missing=""
+  for mod in setuptools pybind11; do
+    python -c "import $mod" 2>/dev/null || missing="$missing $mod"
+  done
+  command -v nvcc >/dev/null || [ -n "${CUDACXX:-}" ] || missing="$missing nvcc"
+  for tool in cmake ninja; do command -v $tool >/dev/null || missing="$missing $tool"; done
+  if [ -n "$missing" ]; then
+    echo "gpu_suite: cannot build fastdiff._C with CUDA, missing:$missing (carry their wheels in .whl/)"
+    exit 1
+  fi
   pip install -q --no-build-isolation --no-deps . 2>&1 | tail -20 || exit 1
+  has_cuda_build || { echo "gpu_suite: the installed fastdiff._C has no CUDA kernels"; exit 1; }
 fi
-python -c "import fastdiff, json; print(json.dumps(fastdiff.build_info()['backends']))"
+(cd /tmp && python -c "import fastdiff, json; print(json.dumps(fastdiff.build_info()['backends']))")
 
 gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
 stamp=$(date -u +%Y%m%dT%H%M)
+# The op-level benchmarks first (never run on a GPU yet), the end-to-end runs (measured) last, so
+# that a timeout cuts the latter.
+bench_files=(benchmarks/bench_copy.py)
+for f in benchmarks/bench_*.py; do
+  case "$f" in */bench_copy.py | */bench_e2e.py) ;; *) bench_files+=("$f") ;; esac
+done
+bench_files+=(benchmarks/bench_e2e.py)
+junit=()
 # Stages run in the order given (default: tests then bench); extra pytest args via
 # TEST_ARGS / BENCH_ARGS; each stage has its own timeout so one slow stage cannot eat the rest.
 for stage in ${what/all/tests bench}; do
@@ -39,19 +62,23 @@ for stage in ${what/all/tests bench}; do
       # (hundreds), one process at a time otherwise. TEST_WORKERS=0 runs in one process.
       workers=""
       if python -c "import xdist" 2>/dev/null; then workers="-n ${TEST_WORKERS:-8}"; fi
+      rm -f "$dest/tests.xml"
+      # shellcheck disable=SC2086  # $workers and $TEST_ARGS are word lists
       timeout -s INT "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf $workers \
         --junitxml="$dest/tests.xml" -o junit_family=xunit1 ${TEST_ARGS:-} >"$dest/tests.log" 2>&1
       tail -25 "$dest/tests.log"
+      [ -s "$dest/tests.xml" ] && junit=(--junit "$dest/tests.xml")
       ;;
     bench)
       echo "== benchmarks"
-      timeout -s INT "${BENCH_TIMEOUT:-420}" pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+      rm -f "$dest/bench.json"
+      # shellcheck disable=SC2086  # $BENCH_ARGS is a word list
+      timeout -s INT "${BENCH_TIMEOUT:-420}" pytest "${bench_files[@]}" --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$dest/bench.json" ${BENCH_ARGS:-} >"$dest/bench.log" 2>&1
-      tail -5 "$dest/bench.log"
+      grep -iE "passed|failed|error|no tests ran" "$dest/bench.log" | tail -3
       ;;
   esac
 done
 if [ -s "$dest/bench.json" ]; then
-  python benchmarks/summarize.py "$dest/bench.json" --junit "$dest/tests.xml" \
-    --out "$dest/gpu-$gpu-$stamp.json"
+  python benchmarks/summarize.py "$dest/bench.json" ${junit[@]+"${junit[@]}"} --out "$dest/gpu-$gpu-$stamp.json"
 fi

@@ -59,19 +59,23 @@ def _junit(path: str | None) -> dict | None:
     return tot
 
 
-def summarize(bench_json: str) -> list[dict]:
-    data = json.loads(Path(bench_json).read_text())
+def rows_from(benchmarks: list[dict]) -> list[dict]:
+    """One row per benchmark (pytest-benchmark's JSON entries, or ``Metadata.as_dict()``), with
+    the speed-up over its group's "eager" variant, GB/s, % of the "copy" group's bandwidth and
+    TFLOP/s. Rows come back grouped (groups in order of first appearance, eager first)."""
     rows = []
-    for b in data["benchmarks"]:
-        ex = b.get("extra_info", {})
+    for b in benchmarks:
+        stats = b.get("stats") or {}
+        if not stats.get("median"):  # an errored or untimed (--benchmark-disable) case
+            continue
+        ex = b.get("extra_info") or {}
         inner = ex.get("inner", 1) or 1
-        t = b["stats"]["median"] / inner
         rows.append(
             {
                 "group": b.get("group") or b["name"],
                 "variant": ex.get("variant", b["name"]),
                 "test": b["name"],
-                "time_us": t * 1e6,
+                "time_us": stats["median"] / inner * 1e6,
                 "bytes": ex.get("bytes", 0),
                 "flops": ex.get("flops", 0),
             }
@@ -83,8 +87,10 @@ def summarize(bench_json: str) -> list[dict]:
     by_group: dict[str, list[dict]] = {}
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
-    for _group, rs in by_group.items():
-        eager = next((r for r in rs if r["variant"] == "eager"), None)
+    out = []
+    for rs in by_group.values():
+        rs.sort(key=lambda r: r["variant"] != "eager")  # stable: eager first, then as run
+        eager = rs[0] if rs[0]["variant"] == "eager" else None
         for r in rs:
             if eager is not None:
                 r["speedup_vs_eager"] = eager["time_us"] / r["time_us"]
@@ -94,35 +100,94 @@ def summarize(bench_json: str) -> list[dict]:
                     r["pct_of_copy_bw"] = 100.0 * r["GB/s"] / copy_bw
             if r["flops"]:
                 r["TFLOP/s"] = r["flops"] / (r["time_us"] * 1e-6) / 1e12
-    return rows
+        out += rs
+    return out
+
+
+def load(bench_json: str) -> list[dict]:
+    """The ``benchmarks`` list of a pytest-benchmark JSON file; ValueError on anything else."""
+    path = Path(bench_json)
+    if not path.is_file():
+        raise ValueError(f"{bench_json}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{bench_json}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError(
+            f"{bench_json}: not a pytest-benchmark JSON (no 'benchmarks' list); "
+            "write one with pytest benchmarks --benchmark-only --benchmark-json=FILE"
+        )
+    return data["benchmarks"]
+
+
+def summarize(bench_json: str) -> list[dict]:
+    """:func:`rows_from` on a pytest-benchmark JSON file."""
+    return rows_from(load(bench_json))
+
+
+def _time(us: float) -> str:
+    if us >= 1e6:
+        return f"{us / 1e6:.3g} s"
+    if us >= 1e3:
+        return f"{us / 1e3:.3g} ms"
+    return f"{us:.3g} us"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def table(rows: list[dict]) -> str:
-    head = ("group", "variant", "time", "x eager", "GB/s", "%copy", "TFLOP/s")
-    lines = ["{:<48} {:<34} {:>10} {:>8} {:>8} {:>6} {:>8}".format(*head)]
+    """Rows as a text table: median time per call, x eager (same run), GB/s, % copy, TFLOP/s."""
+    gw = max([len("group")] + [len(r["group"]) for r in rows])
+    vw = max([len("variant")] + [len(r["variant"]) for r in rows])
+    fmt = f"{{:<{gw}}}  {{:<{vw}}}  {{:>9}}  {{:>7}}  {{:>8}}  {{:>6}}  {{:>7}}"
+    lines = [fmt.format("group", "variant", "median", "x eager", "GB/s", "%copy", "TFLOP/s")]
+    prev = None
     for r in rows:
         lines.append(
-            f"{r['group'][:48]:<48} {r['variant'][:34]:<34} {r['time_us']:>8.1f}us "
-            f"{r.get('speedup_vs_eager', float('nan')):>8.2f} {r.get('GB/s', float('nan')):>8.1f} "
-            f"{r.get('pct_of_copy_bw', float('nan')):>6.1f} {r.get('TFLOP/s', float('nan')):>8.2f}"
+            fmt.format(
+                r["group"] if r["group"] != prev else "",
+                r["variant"],
+                _time(r["time_us"]),
+                _num(r.get("speedup_vs_eager"), ".2f"),
+                _num(r.get("GB/s"), ".3g"),
+                _num(r.get("pct_of_copy_bw"), ".0f"),
+                _num(r.get("TFLOP/s"), ".3g"),
+            )
         )
+        prev = r["group"]
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("bench_json")
-    ap.add_argument("--junit")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    rows = summarize(args.bench_json)
-    result = {"env": _env(), "tests": _junit(args.junit), "cases": rows}
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("bench_json", help="pytest-benchmark JSON (--benchmark-json=FILE)")
+    ap.add_argument("--junit", help="pytest --junitxml file of the test run, if any")
+    ap.add_argument("--out", required=True, help="results JSON to write")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        ap.error(f"--out {args.out}: directory {out.parent} does not exist")
+    try:
+        rows = summarize(args.bench_json)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if not rows:
+        ap.error(f"{args.bench_json}: no timed benchmark in it")
+    try:
+        tests = _junit(args.junit)
+    except ET.ParseError as exc:
+        print(f"summarize.py: warning: --junit {args.junit}: not readable XML ({exc})")
+        tests = None
+    result = {"env": _env(), "tests": tests, "cases": rows}
+    out.write_text(json.dumps(result, indent=1, default=str))
     print(table(rows))
-    if result["tests"]:
-        t = result["tests"]
-        bad = t["failures"] + t["errors"]
-        print(f"tests: {t['passed']} passed, {bad} failed, {t['skipped']} skipped")
+    if tests:
+        bad = tests["failures"] + tests["errors"]
+        print(f"tests: {tests['passed']} passed, {bad} failed, {tests['skipped']} skipped")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""The benchmark tooling and the build options behave as README.md says (CPU, no build run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _summarize():
+    """benchmarks/summarize.py as a module (stdlib only at import)."""
+    spec = importlib.util.spec_from_file_location("bench_summarize", BENCH / "summarize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _in_bench_process(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter with benchmarks/ on sys.path, as pytest-benchmark's run
+    sees it (benchutil changes malloc settings at import: kept out of the test process)."""
+    full_env = {**os.environ, **env}
+    r = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r})\n{code}"],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _case(group, variant, median, bytes=0, flops=0, inner=1):
+    return {
+        "group": group,
+        "name": f"test[{variant}]",
+        "extra_info": {"variant": variant, "bytes": bytes, "flops": flops, "inner": inner},
+        "stats": {"median": median},
+    }
+
+
+def test_summarize_rows_grouped_eager_first_and_ratios():
+    summarize = _summarize()
+    cases = [
+        _case("gn a", "fused", 1e-3, bytes=4e6),
+        _case("copy", "copy", 1e-3, bytes=8e6),
+        _case("attn", "fused", 2e-3, flops=4e9, inner=2),
+        _case("gn a", "eager", 3e-3, bytes=4e6),
+        _case("attn", "eager", 4e-3),
+        {"group": "broken", "name": "x", "extra_info": {}, "stats": None},  # errored case
+    ]
+    rows = summarize.rows_from(cases)
+    assert [(r["group"], r["variant"]) for r in rows] == [
+        ("gn a", "eager"),
+        ("gn a", "fused"),
+        ("copy", "copy"),
+        ("attn", "eager"),
+        ("attn", "fused"),
+    ]
+    by = {(r["group"], r["variant"]): r for r in rows}
+    assert by["gn a", "fused"]["speedup_vs_eager"] == pytest.approx(3.0)
+    assert by["gn a", "fused"]["GB/s"] == pytest.approx(4.0)
+    assert by["gn a", "fused"]["pct_of_copy_bw"] == pytest.approx(50.0)
+    assert by["attn", "fused"]["time_us"] == pytest.approx(1000.0)  # median / inner
+    assert by["attn", "fused"]["TFLOP/s"] == pytest.approx(4.0)
+    assert "speedup_vs_eager" not in by["copy", "copy"]
+    text = summarize.table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["group", "variant", "median", "x"]
+    assert "3.00" in lines[2] and "1 ms" in lines[2] and "4" in lines[2]
+    assert "nan" not in text
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [(None, "no such file"), ("garbage", "not JSON"), ("{}", "not a pytest-benchmark JSON")],
+)
+def test_summarize_bad_input_is_one_error_line(tmp_path, content, expected):
+    src = tmp_path / "bench.json"
+    if content is not None:
+        src.write_text(content)
+    out = tmp_path / "out.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "summarize.py"), str(src), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    assert expected in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_summarize_missing_out_dir_fails_before_work(tmp_path):
+    src = tmp_path / "bench.json"
+    src.write_text(json.dumps({"benchmarks": [_case("g", "eager", 1e-3)]}))
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "summarize.py"), str(src), "--out", str(tmp_path / "n/o")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_sampler_step_has_a_cuda_variant_on_gpu():
+    """The GPU suite must time the csrc CUDA sampler kernel, not only triton (the dispatch table
+    waits on those numbers)."""
+    out = _in_bench_process(
+        "import fastdiff, bench_sampler_step as m\n"
+        "fastdiff.backend_available = lambda b, d: (True, '')\n"
+        "print(dict(m._variants('cuda')), dict(m._variants('cpu')))"
+    )
+    assert "'fused-triton': 'triton'" in out and "'fused-cuda': 'cuda'" in out
+    assert out.count("fused-cuda") == 1  # not on cpu
+
+
+def test_bench_compile_switch():
+    """FASTDIFF_BENCH_COMPILE=0 (the GPU suite's quick first pass) turns the torch.compile
+    variants off; the env var was exported by gpu_suite.sh and read by nothing."""
+    code = (
+        "import os, importlib, benchutil, bench_e2e\n"
+        "for v in ('1', '0', None):\n"
+        "    os.environ.pop('FASTDIFF_BENCH_COMPILE', None)\n"
+        "    if v is not None: os.environ['FASTDIFF_BENCH_COMPILE'] = v\n"
+        "    importlib.reload(benchutil); importlib.reload(bench_e2e)\n"
+        "    print(benchutil.COMPILE, bench_e2e.COMPILE)\n"
+    )
+    out = _in_bench_process(code, FASTDIFF_BENCH_E2E_COMPILE="1")
+    assert out.split() == ["True", "True", "False", "False", "True", "True"]
+
+
+def test_gpu_suite_shell_syntax():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    r = subprocess.run([bash, "-n", str(BENCH / "gpu_suite.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
