@@ -342,3 +342,18 @@ def test_batched_emb_projection_honours_a_patched_linear_forward():
     lin.forward = patched
     model(torch.randn(1, 3, 8, 8), 3)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("base", [2, 3, 5])
+def test_config_base_channels_too_small_or_odd_for_the_timestep_embedding(base):
+    # was: the config and the model built; the first forward said "timestep embedding dim must
+    # be even and >= 4" without naming base_channels (the sinusoid width)
+    with pytest.raises(ValueError, match="base_channels"):
+        UNetConfig(**{**SMALL, "base_channels": base, "num_groups": 1})
+
+
+def test_timestep_embedding_module_validates_dim_at_construction():
+    from fastdiff.nn import TimestepEmbedding
+
+    with pytest.raises(ValueError, match="even"):
+        TimestepEmbedding(15, 64)

@@ -98,6 +98,11 @@ class UNetConfig:
             raise TypeError(f"UNetConfig.dropout must be a float, got {self.dropout!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.base_channels < 4 or self.base_channels % 2:
+            raise ValueError(
+                f"UNetConfig.base_channels must be even and >= 4 (it is also the width of the "
+                f"sinusoidal timestep embedding), got {self.base_channels}"
+            )
         if self.num_classes is not None:
             positive("num_classes")
         levels = len(self.channel_mult)

@@ -39,6 +39,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, dim: int, emb_dim: int) -> None:
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4 or dim % 2:
+            raise ValueError(f"TimestepEmbedding: dim must be even and >= 4, got {dim!r}")
         self.dim = dim
         self.linear1 = nn.Linear(dim, emb_dim)
         self.act = nn.SiLU()
