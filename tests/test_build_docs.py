@@ -143,3 +143,73 @@ def test_gpu_suite_shell_syntax():
         pytest.skip("no bash")
     r = subprocess.run([bash, "-n", str(BENCH / "gpu_suite.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def _setup_namespace() -> dict:
+    """setup.py's definitions without running its setup() call."""
+    src = (ROOT / "setup.py").read_text()
+    ns: dict = {"__file__": str(ROOT / "setup.py"), "__name__": "fastdiff_setup"}
+    exec(compile(src[: src.index("\nsetup(")], "setup.py", "exec"), ns)
+    return ns
+
+
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, {"cuda": "AUTO", "archs": "80-real;90-real;90-virtual", "build_type": "Release"}),
+        ({"FASTDIFF_CUDA": "0"}, {"cuda": "OFF"}),
+        ({"FASTDIFF_CUDA": "1"}, {"cuda": "ON"}),
+        ({"FASTDIFF_CUDA": "on"}, {"cuda": "ON"}),
+        ({"FASTDIFF_CUDA_ARCHS": "90-real"}, {"archs": "90-real"}),
+        ({"FASTDIFF_CUDA_ARCHS": "80-real; 90a-real"}, {"archs": "80-real;90a-real"}),
+        ({"FASTDIFF_CUDA_ARCHS": "all-major"}, {"archs": "all-major"}),
+        ({"MAX_JOBS": "3"}, {"jobs": "3"}),
+        ({"FASTDIFF_BUILD_TYPE": "Debug"}, {"build_type": "Debug"}),
+    ],
+)
+def test_build_options_documented_values(env, expected):
+    opts = _setup_namespace()["build_options"](env)
+    assert {k: opts[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "env,name",
+    [
+        ({"FASTDIFF_CUDA": "2"}, "FASTDIFF_CUDA"),
+        ({"FASTDIFF_CUDA": "cuda"}, "FASTDIFF_CUDA"),
+        ({"FASTDIFF_CUDA_ARCHS": "sm_90"}, "FASTDIFF_CUDA_ARCHS"),
+        ({"FASTDIFF_CUDA_ARCHS": "9.0"}, "FASTDIFF_CUDA_ARCHS"),
+        ({"FASTDIFF_CUDA_ARCHS": "90;abc"}, "FASTDIFF_CUDA_ARCHS"),
+        ({"MAX_JOBS": "0"}, "MAX_JOBS"),
+        ({"MAX_JOBS": "four"}, "MAX_JOBS"),
+        ({"FASTDIFF_BUILD_TYPE": "release-ish"}, "FASTDIFF_BUILD_TYPE"),
+    ],
+)
+def test_build_options_reject_bad_values(env, name):
+    """A typo was silently a default build (FASTDIFF_CUDA=2 -> AUTO) or a CMake error naming
+    CMAKE_CUDA_ARCHITECTURES after a 30 s configure."""
+    with pytest.raises(ValueError, match=name):
+        _setup_namespace()["build_options"](env)
+
+
+def test_bad_build_option_fails_before_cmake(tmp_path):
+    env = {**os.environ, "FASTDIFF_CUDA_ARCHS": "sm_90"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "build_ext",
+            "--build-temp",
+            str(tmp_path / "t"),
+            "--build-lib",
+            str(tmp_path / "l"),
+        ],  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0
+    assert "FASTDIFF_CUDA_ARCHS='sm_90'" in r.stderr
+    assert not (tmp_path / "t" / "cmake").exists()
