@@ -357,3 +357,29 @@ def test_timestep_embedding_module_validates_dim_at_construction():
 
     with pytest.raises(ValueError, match="even"):
         TimestepEmbedding(15, 64)
+
+
+# ---- nn.Attention edge cases ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context_dim", [0, -3, 2.0, True])
+def test_attention_context_dim_validated(context_dim):
+    # was: 0 accepted (a Linear with 0 inputs), 2.0 torch's "empty(): argument 'size' ..."
+    with pytest.raises(ValueError, match="context_dim"):
+        Attention(32, num_groups=4, context_dim=context_dim)
+
+
+def test_attention_empty_context_is_a_clear_error():
+    block = Attention(32, num_groups=4, context_dim=6)
+    with pytest.raises(ValueError, match="context"):
+        block(torch.randn(2, 32, 3, 3), torch.randn(2, 0, 6))
+
+
+@pytest.mark.parametrize("shape", [(0, 32, 4, 4), (2, 32, 0, 4), (0, 32, 5)])
+def test_attention_empty_input_returns_empty(shape):
+    # was: B=0 RuntimeError "cannot reshape tensor of 0 elements ... ambiguous"; L=0 an error
+    # from the attention op about q's dimensions
+    block = Attention(32, num_groups=4)
+    x = torch.randn(shape)
+    out = block(x)
+    assert out.shape == x.shape

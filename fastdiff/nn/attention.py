@@ -48,7 +48,13 @@ class Attention(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        for name, v in (("channels", channels), ("num_heads", num_heads), ("head_dim", head_dim)):
+        named = (
+            ("channels", channels),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("context_dim", context_dim),
+        )
+        for name, v in named:
             if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v < 1):
                 raise ValueError(f"Attention: {name} must be a positive int, got {v!r}")
         if num_heads is None and head_dim is None:
@@ -88,15 +94,17 @@ class Attention(nn.Module):
             if context is None:
                 raise ValueError("Attention: built with context_dim, so a context is required")
             cs = context.shape
-            if len(cs) != 3 or cs[0] != x.shape[0] or cs[2] != self.context_dim:
+            if len(cs) != 3 or cs[0] != x.shape[0] or cs[2] != self.context_dim or cs[1] < 1:
                 raise ValueError(
-                    f"Attention: context must be [B={x.shape[0]} x Lc x {self.context_dim}], "
-                    f"got {tuple(context.shape)}"
+                    f"Attention: context must be [B={x.shape[0]} x Lc >= 1 x "
+                    f"{self.context_dim}], got {tuple(context.shape)}"
                 )
+        if x.numel() == 0:  # no queries (B = 0 or an empty spatial dim): y = x
+            return x.clone()
         B, C = x.shape[:2]
         H, Dh = self.num_heads, self.head_dim
-        h = self.norm(x).reshape(B, C, -1).transpose(1, 2)  # [B x L x C]
-        L = h.shape[1]
+        L = math.prod(x.shape[2:])  # product of the spatial dims
+        h = self.norm(x).reshape(B, C, L).transpose(1, 2)  # [B x L x C]
         if self.context_dim is None:
             qkv = self.to_qkv(h).view(B, L, 3, H, Dh)  # [B x L x 3 x H x Dh]
             q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B x H x L x Dh] views
