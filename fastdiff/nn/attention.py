@@ -94,11 +94,13 @@ class Attention(nn.Module):
             if context is None:
                 raise ValueError("Attention: built with context_dim, so a context is required")
             cs = context.shape
-            if len(cs) != 3 or cs[0] != x.shape[0] or cs[2] != self.context_dim or cs[1] < 1:
+            if len(cs) != 3 or cs[0] != x.shape[0] or cs[2] != self.context_dim:
                 raise ValueError(
-                    f"Attention: context must be [B={x.shape[0]} x Lc >= 1 x "
-                    f"{self.context_dim}], got {tuple(context.shape)}"
+                    f"Attention: context must be [B={x.shape[0]} x Lc x {self.context_dim}], "
+                    f"got {tuple(context.shape)}"
                 )
+            if cs[1] < 1:
+                raise ValueError(f"Attention: context has no tokens (Lc = 0): {tuple(cs)}")
         if x.numel() == 0:  # no queries (B = 0 or an empty spatial dim): y = x
             return x.clone()
         B, C = x.shape[:2]
