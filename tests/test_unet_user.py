@@ -383,3 +383,13 @@ def test_attention_empty_input_returns_empty(shape):
     x = torch.randn(shape)
     out = block(x)
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, "float16"])
+def test_save_model_file_storage_dtype_must_be_floating(tmp_path, dtype):
+    # was: int8 / bool silently truncated every weight (the file loaded back as garbage);
+    # "float16" said "Invalid device string"
+    path = tmp_path / "m.safetensors"
+    with pytest.raises((TypeError, ValueError), match="dtype"):
+        save_model_file(UNet(UNetConfig(**SMALL)), path, dtype=dtype)
+    assert not os.listdir(tmp_path)

@@ -153,6 +153,13 @@ def save_model_file(
             f"one from the saved UNetConfig), got {type(model).__name__}; a diffusers model "
             f"saves with its own save_pretrained"
         )
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"save_model_file: dtype must be a torch.dtype, got {dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(
+            f"save_model_file: dtype must be a floating-point dtype (e.g. torch.float16), got "
+            f"{dtype}: the weights would be truncated"
+        )
     path = check_model_path(path)
     meta = {
         "format": "fastdiff-model-v1",
