@@ -393,3 +393,44 @@ def test_save_model_file_storage_dtype_must_be_floating(tmp_path, dtype):
     with pytest.raises((TypeError, ValueError), match="dtype"):
         save_model_file(UNet(UNetConfig(**SMALL)), path, dtype=dtype)
     assert not os.listdir(tmp_path)
+
+
+# ---- model.schedule ------------------------------------------------------------------------------
+
+
+def test_schedule_name_on_the_model_is_used_by_sample_and_saved(tmp_path):
+    # was: `model.schedule = "cosine"` was silently sampled with the linear schedule (sample
+    # only reads a NoiseSchedule there) and save_pretrained / save_model_file raised
+    # AttributeError 'str' object has no attribute 'beta_schedule' after writing the weights
+    from fastdiff.schedules import NoiseSchedule
+
+    model = randomize_(UNet(UNetConfig(**SMALL)))
+    model.schedule = "cosine"
+    assert isinstance(model.schedule, NoiseSchedule)
+    assert model.schedule.beta_schedule == "cosine"
+    kw = dict(steps=3, batch_size=1, sampler="ddim")
+    noise = torch.randn(1, 3, 8, 8)
+    got = fastdiff.sample(model, noise=noise, **kw)
+    ref = fastdiff.sample(model, noise=noise, schedule="cosine", **kw)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    assert UNet.from_pretrained(tmp_path).schedule.beta_schedule == "cosine"
+    path = tmp_path / "m.safetensors"
+    save_model_file(model, path)
+    assert load_model_file(path).schedule.beta_schedule == "cosine"
+
+
+def test_schedule_of_a_wrong_type_is_refused_when_set():
+    model = UNet(UNetConfig(**SMALL))
+    with pytest.raises(TypeError, match="schedule"):
+        model.schedule = 0.02
+    with pytest.raises(ValueError):
+        model.schedule = "nope"
+    assert model.schedule is None
+    model.schedule = None
+
+
+def test_save_model_file_explicit_schedule_name(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_model_file(UNet(UNetConfig(**SMALL)), path, schedule="cosine")
+    assert load_model_file(path).schedule.beta_schedule == "cosine"

@@ -52,9 +52,18 @@ def model_config(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def schedule_config(schedule: Any) -> dict[str, Any]:
-    """The arguments that rebuild ``schedule`` (``NoiseSchedule``)."""
+    """The arguments that rebuild ``schedule`` (a ``NoiseSchedule`` or a schedule name)."""
     if schedule is None:
         return {}
+    if isinstance(schedule, str):
+        from fastdiff.schedules import NoiseSchedule
+
+        schedule = NoiseSchedule(schedule)
+    if not hasattr(schedule, "to_config") and not hasattr(schedule, "beta_schedule"):
+        raise TypeError(
+            f"schedule must be a fastdiff.NoiseSchedule or a schedule name, got "
+            f"{type(schedule).__name__}"
+        )
     if hasattr(schedule, "to_config"):
         return dict(schedule.to_config())
     cfg: dict[str, Any] = {

@@ -236,7 +236,7 @@ class UNet(nn.Module):
         self.num_classes = config.num_classes
         self.null_class = config.num_classes  # index of the extra "no class" embedding row
         self.learned_variance = config.out_channels == 2 * config.in_channels
-        self.schedule = None  # a fastdiff.NoiseSchedule; fastdiff.sample uses it when set
+        self.schedule = None  # the training NoiseSchedule; fastdiff.sample uses it when set
         # all ResBlocks' embedding projections in one GEMM: None = on CUDA (_emb_projections)
         self.batch_emb_proj: bool | None = None
 
@@ -311,6 +311,28 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, config.out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the untrained model predicts 0 (ADM)
         nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def schedule(self) -> Any:
+        """The training ``fastdiff.NoiseSchedule`` (or None): ``fastdiff.sample`` uses it, and
+        ``save_pretrained`` / ``save_model_file`` save it. A name (``"cosine"``) set here
+        becomes ``NoiseSchedule(name)``; anything else but None is a ``TypeError``."""
+        d = self.__dict__
+        return d.get("_schedule", d.get("schedule"))  # "schedule": a pickle from before
+
+    @schedule.setter
+    def schedule(self, value: Any) -> None:
+        from fastdiff.schedules import NoiseSchedule
+
+        if isinstance(value, str):
+            value = NoiseSchedule(value)
+        if value is not None and not isinstance(value, NoiseSchedule):
+            raise TypeError(
+                f"UNet.schedule must be a fastdiff.NoiseSchedule, a schedule name or None, got "
+                f"{type(value).__name__} (a diffusers scheduler: "
+                f"NoiseSchedule.from_diffusers(scheduler), or fastdiff.sample(schedule=...))"
+            )
+        self.__dict__["_schedule"] = value
 
     def forward(
         self,
@@ -444,8 +466,9 @@ class UNet(nn.Module):
         when the model carries a schedule, ``path/schedule.json``."""
         from safetensors.torch import save_file
 
-        from fastdiff.models.pretrained import default_mode, safetensors_state
+        from fastdiff.models.pretrained import default_mode, safetensors_state, schedule_config
 
+        schedule = schedule_config(self.schedule) if self.schedule is not None else None
         os.makedirs(path, exist_ok=True)
         weights = os.path.join(path, "model.safetensors")
         tmp = weights + ".tmp"
@@ -454,11 +477,9 @@ class UNet(nn.Module):
         os.replace(tmp, weights)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
-        if self.schedule is not None:
-            from fastdiff.models.pretrained import schedule_config
-
+        if schedule is not None:
             with open(os.path.join(path, "schedule.json"), "w") as f:
-                json.dump(schedule_config(self.schedule), f, indent=2)
+                json.dump(schedule, f, indent=2)
 
     @classmethod
     def from_pretrained(
