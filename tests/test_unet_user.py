@@ -434,3 +434,19 @@ def test_save_model_file_explicit_schedule_name(tmp_path):
     path = tmp_path / "m.safetensors"
     save_model_file(UNet(UNetConfig(**SMALL)), path, schedule="cosine")
     assert load_model_file(path).schedule.beta_schedule == "cosine"
+
+
+# ---- nn.Upsample / nn.Downsample input checks ----------------------------------------------
+
+
+@pytest.mark.parametrize("use_conv", [True, False])
+@pytest.mark.parametrize("cls", ["Upsample", "Downsample"])
+@pytest.mark.parametrize("shape", [(8, 8, 16), (2, 5, 8, 8), (8, 16)])
+def test_resamplers_check_the_input_shape(cls, use_conv, shape):
+    # was: a 3-D [N x C x L] input with N == C went through conv2d as one unbatched image
+    # ([8, 8, 16] -> [8, 8, 32] mixing the batch); a wrong channel count passed without a conv
+    import fastdiff.nn as fnn
+
+    block = getattr(fnn, cls)(8, use_conv=use_conv)
+    with pytest.raises(ValueError, match=f"{cls}: x must be"):
+        block(torch.randn(shape))
