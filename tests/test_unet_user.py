@@ -450,3 +450,21 @@ def test_resamplers_check_the_input_shape(cls, use_conv, shape):
     block = getattr(fnn, cls)(8, use_conv=use_conv)
     with pytest.raises(ValueError, match=f"{cls}: x must be"):
         block(torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    "x_shape,emb_shape,match",
+    [
+        ((16, 16, 10), (16, 20), "x must be"),  # was: silently ran as one unbatched image
+        ((2, 8, 8, 8), (2, 20), "x must be"),
+        ((2, 16, 8, 8), (20,), "emb must be"),
+        ((2, 16, 8, 8), (1, 20), "emb must be"),
+        ((2, 16, 8, 8), (2, 19), "emb must be"),
+    ],
+)
+def test_resblock_checks_its_inputs(x_shape, emb_shape, match):
+    from fastdiff.nn import ResBlock
+
+    block = ResBlock(16, 16, 20, num_groups=4)
+    with pytest.raises(ValueError, match=f"ResBlock: {match}"):
+        block(torch.randn(x_shape), torch.randn(emb_shape))

@@ -44,6 +44,7 @@ class ResBlock(nn.Module):
             raise ValueError("ResBlock: up and down cannot both be set")
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.emb_channels = emb_channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.norm1 = GroupNormSiLU(num_groups, in_channels)
         if up:
@@ -71,6 +72,15 @@ class ResBlock(nn.Module):
 
         ``proj``: ``emb_proj(emb)`` computed by the caller, e.g. by :class:`fastdiff.models.UNet`,
         which projects for all its blocks in one GEMM (any row stride)."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(  # a 3-D x would reach conv2d as one unbatched image
+                f"ResBlock: x must be [N x {self.in_channels} x H x W], got {tuple(x.shape)}"
+            )
+        if proj is None and (emb.dim() != 2 or emb.shape != (x.shape[0], self.emb_channels)):
+            raise ValueError(
+                f"ResBlock: emb must be [N={x.shape[0]} x {self.emb_channels}], got "
+                f"{tuple(emb.shape)}"
+            )
         h = self.norm1(x)  # silu(GN(x))                            [N x Cin x H x W]
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)  #             [N x Cin x H' x W']
