@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 
@@ -55,12 +56,22 @@ def _diffusers():
     return fns, torch.randn(4, 3, 32, 32)
 
 
-def main() -> None:
+def _positive_int(s: str) -> int:
+    try:
+        value = int(s)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["digits", "diffusers"], default="digits")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--rounds", type=int, default=20)
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=_positive_int, default=torch.get_num_threads())
+    ap.add_argument("--rounds", type=_positive_int, default=20)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     fns, x = _digits() if args.model == "digits" else _diffusers()
     times: dict[str, list[float]] = {v: [] for v in fns}
@@ -76,8 +87,8 @@ def main() -> None:
     for v, ts in times.items():
         ratios = sorted(e / t for e, t in zip(times["eager"], ts, strict=True))
         n = len(ratios)
-        med_ms = sorted(ts)[n // 2] * 1e3
-        print(f"  {v:22s} {med_ms:8.1f} ms   eager/this {ratios[n // 2]:.2f}x "
+        med_ms = statistics.median(ts) * 1e3
+        print(f"  {v:22s} {med_ms:8.1f} ms   eager/this {statistics.median(ratios):.2f}x "
               f"[{ratios[n // 4]:.2f}-{ratios[3 * n // 4]:.2f}]")  # fmt: skip
 
 
