@@ -240,6 +240,26 @@ def test_philox_noise(case):
     assert stats.kstest(z.flatten().cpu().double().numpy(), "norm").pvalue > 1e-3
 
 
+def test_philox_cpu_long_runs_and_wide_channels_last():
+    """cpu noise vs the torch reference: runs longer than a CPU tile (1024 elements) that start
+    at every counter lane and both sides of a 2^32 counter wrap (the AVX2 generator pipelines
+    8-counter groups across each run), and channels_last with C > the tile."""
+    case = ("cpu", "cpu")
+    for seed, offset, shape in [
+        (3, 2**32 - 300, (2, 1, 3001)),  # odd runs: samples start mid-counter
+        (-11, 7, (3, 1, 2053)),
+        (2**62 + 5, 2**40 - 1, (1, 4, 1031)),
+    ]:
+        got = _randn(case, shape, seed, offset)
+        ref = philox_randn(torch.tensor([seed, offset]), shape)
+        assert (got - ref).abs().max().item() <= 1e-5, (seed, offset, shape)
+    wide = (2, 1100, 2, 3)  # channels_last with C > the CPU tile
+    zc = _randn(case, wide, 9, 2**32 - 1000, channels_last=True)
+    ref = philox_randn(torch.tensor([9, 2**32 - 1000]), wide)
+    assert zc.is_contiguous(memory_format=torch.channels_last)
+    assert (zc - ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.skipif(
     not ({"cpu", "triton"} <= {b for d, b in CASES if d == "cpu"}),
     reason="needs the cpu backend and triton under TRITON_INTERPRET=1",
