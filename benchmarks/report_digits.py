@@ -119,15 +119,35 @@ def samples_png(model, path: str, device: str, guidance: float | None = None) ->
     save_png(make_grid(x, nrow=10, scale=3, pad=2), path)
 
 
-def main() -> None:
+def _count(s: str) -> int:
+    try:
+        value = int(s)
+    except ValueError:
+        value = 0
+    if value < 10:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 10 (one per digit), got {s!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=_count, default=1000, help="samples per configuration (>= 10)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--model", default=None)
-    p.add_argument("--json", default=None)
+    p.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
+    p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--samples", default=None, help="also write the 10x10 sample grid here")
     p.add_argument("--quick", action="store_true", help="DDIM 50 and DPM-Solver++ 10 only")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    # checked before the (minutes-long) run, not when its results are written
+    for flag, path in (("--json", a.json), ("--samples", a.samples)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            p.error(f"{flag} {path}: directory {Path(path).parent} does not exist")
+    if a.model is not None and not Path(a.model).is_file():
+        p.error(f"--model {a.model}: no such file")
+    try:
+        torch.empty(0, device=a.device)
+    except (RuntimeError, AssertionError) as exc:
+        p.error(f"--device {a.device}: {exc}")
     model = (
         load_pretrained("digits", device=a.device)
         if a.model is None

@@ -213,3 +213,18 @@ def test_bad_build_option_fails_before_cmake(tmp_path):
     assert r.returncode != 0
     assert "FASTDIFF_CUDA_ARCHS='sm_90'" in r.stderr
     assert not (tmp_path / "t" / "cmake").exists()
+
+
+@pytest.mark.parametrize(
+    "script,args,expected",
+    [
+        # the results were written after the ~12 min run: a bad --json path lost it at the end
+        ("report_digits.py", ["--quick", "--json", "/nonexistent-dir/r.json"], "does not exist"),
+        ("paired_e2e_cpu.py", ["--rounds", "0"], "positive integer"),  # was an IndexError
+    ],
+)
+def test_bench_scripts_reject_bad_options_up_front(script, args, expected):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
