@@ -468,3 +468,16 @@ def test_resblock_checks_its_inputs(x_shape, emb_shape, match):
     block = ResBlock(16, 16, 20, num_groups=4)
     with pytest.raises(ValueError, match=f"ResBlock: {match}"):
         block(torch.randn(x_shape), torch.randn(emb_shape))
+
+
+def test_config_fields_edited_after_construction_are_normalised_by_unet():
+    # a config edited after construction (out_channels back to its None default, a list
+    # channel_mult, a float channel_mult) is normalised and validated by UNet(config)
+    cfg = UNetConfig(**SMALL)
+    cfg.out_channels = None
+    cfg.channel_mult = [1, 2]
+    model = UNet(cfg)
+    assert model.out_channels == 3 and model.config.channel_mult == (1, 2)
+    cfg.channel_mult = (1, 2.5)
+    with pytest.raises(ValueError, match="channel_mult"):
+        UNet(cfg)

@@ -227,8 +227,8 @@ class UNet(nn.Module):
                 f"UNet: config must be a UNetConfig (UNetConfig(**d) or UNetConfig.from_dict(d) "
                 f"for a dict), got {type(config).__name__}"
             )
-        config.validate()
-        # a copy: a caller's later edit of its config (a sweep) must not change this model's
+        # a copy (normalised and validated by __post_init__): a caller's later edit of its
+        # config (a sweep) must not change this model's
         self.config = config = dataclasses.replace(config)
         self.in_channels = config.in_channels
         self.out_channels = config.out_channels
