@@ -3,10 +3,11 @@
     pytest benchmarks/bench_e2e.py --benchmark-only --benchmark-json=e2e.json
     python benchmarks/plot_e2e.py e2e.json --out e2e.png
 
-Reads a pytest-benchmark JSON (or the GPU suite's JSON, which embeds it under "benchmarks"),
-keeps the groups starting with "e2e", and draws horizontal bars of the median time per step in
-milliseconds, each labelled with its speedup over the group's "eager". Needs matplotlib (the
-``plot`` extra).
+Reads a pytest-benchmark JSON or a results JSON written by ``summarize.py`` (the GPU suite's,
+``benchmarks/results/*.json``: its "cases"; ``--steps`` gives the steps per run where the cases
+do not record them), keeps the groups starting with "e2e", and draws horizontal bars of the
+median time per step in milliseconds, each labelled with its speedup over the group's "eager".
+Needs matplotlib (the ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -16,10 +17,19 @@ import json
 from collections import defaultdict
 
 
-def load_rows(path: str) -> dict[str, list[tuple[str, float]]]:
-    """{group: [(variant, ms per step), ...]} for the e2e groups of a benchmark JSON."""
-    with open(path) as f:
-        data = json.load(f)
+def load_rows(path: str, steps: int | None = None) -> dict[str, list[tuple[str, float]]]:
+    """{group: [(variant, ms per step), ...]} for the e2e groups of a benchmark JSON.
+
+    ValueError (naming the file) for anything that is not one of the two formats."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not ("benchmarks" in data or "cases" in data):
+        raise ValueError(f"{path}: neither a pytest-benchmark JSON nor a summarize.py results JSON")
     groups: dict[str, list[tuple[str, float]]] = defaultdict(list)
     for b in data.get("benchmarks", []):
         group = b.get("group") or ""
@@ -27,8 +37,16 @@ def load_rows(path: str) -> dict[str, list[tuple[str, float]]]:
             continue
         info = b.get("extra_info", {})
         per_call = b["stats"]["median"] / info.get("inner", 1)
-        steps = info.get("steps", 1)
-        groups[group].append((info.get("variant", b["name"]), 1e3 * per_call / steps))
+        n = info.get("steps") or steps or 1
+        groups[group].append((info.get("variant", b["name"]), 1e3 * per_call / n))
+    for c in data.get("cases", []):
+        group = c.get("group") or ""
+        if not group.startswith("e2e"):
+            continue
+        n = c.get("steps") or steps
+        if n is None:
+            raise ValueError(f"{path}: its cases do not record the steps per run; pass --steps")
+        groups[group].append((c["variant"], c["time_us"] / 1e3 / n))
     return dict(groups)
 
 
@@ -62,10 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", default="e2e.png", help="PNG to write")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run, if not recorded")
     args = parser.parse_args()
-    groups = load_rows(args.json)
+    try:
+        groups = load_rows(args.json, args.steps)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not groups:
-        raise SystemExit(f"{args.json}: no 'e2e' benchmark groups")
+        parser.error(f"{args.json}: no 'e2e' benchmark groups")
     plot(groups, args.out)
     for group, rows in sorted(groups.items()):
         print(group)

@@ -80,6 +80,8 @@ def rows_from(benchmarks: list[dict]) -> list[dict]:
                 "flops": ex.get("flops", 0),
             }
         )
+        if ex.get("steps"):  # bench_e2e: sampling steps per timed run
+            rows[-1]["steps"] = ex["steps"]
     copy_bw = None
     for r in rows:
         if r["group"] == "copy" and r["bytes"]:

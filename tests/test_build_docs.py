@@ -228,3 +228,23 @@ def test_bench_scripts_reject_bad_options_up_front(script, args, expected):
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plot_e2e_reads_the_results_json_it_documents(tmp_path):
+    """plot_e2e.py said it reads the GPU suite's JSON; it found "no 'e2e' benchmark groups" in
+    every summarize.py output (benchmarks/results/*.json keep their rows under "cases")."""
+    spec = importlib.util.spec_from_file_location("plot_e2e", BENCH / "plot_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    committed = sorted((BENCH / "results").glob("h100-e2e-*.json"))[0]
+    groups = mod.load_rows(str(committed), steps=50)
+    assert "e2e ddpm-cifar10 b1 fp16" in groups
+    assert dict(groups["e2e ddpm-cifar10 b1 fp16"])["fused-graph"] == pytest.approx(1.86, abs=0.01)
+    with pytest.raises(ValueError, match="--steps"):
+        mod.load_rows(str(committed))
+    summarize = _summarize()
+    rows = summarize.rows_from([{**_case("e2e m b1", "eager", 0.5), "extra_info": {
+        "variant": "eager", "steps": 10}}])  # fmt: skip
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"env": {}, "tests": None, "cases": rows}))
+    assert mod.load_rows(str(out)) == {"e2e m b1": [("eager", pytest.approx(50.0))]}
