@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import platform
 from typing import Any
 
@@ -10,9 +12,23 @@ import torch
 from fastdiff import _dispatch, _ext
 
 
+def _native_error() -> str | None:
+    """Why fastdiff._C is unusable, in words: with no compiled module at all, Python's own message
+    blames a "partially initialized module ... (most likely due to a circular import)"."""
+    if _ext.has_native():
+        return None
+    if importlib.util.find_spec("fastdiff._C") is None:
+        pkg = os.path.dirname(os.path.abspath(_ext.__file__))
+        return (
+            f"fastdiff._C is not built (no compiled extension in {pkg}): install with "
+            "`pip install .`, or run tools/dev_build.sh in a source checkout"
+        )
+    return _ext.C_IMPORT_ERROR
+
+
 def build_info() -> dict[str, Any]:
     """Build and runtime facts: CUDA compiled in (archs, compiler), OpenMP, backends, versions."""
-    info: dict[str, Any] = {"native": _ext.has_native(), "native_error": _ext.C_IMPORT_ERROR}
+    info: dict[str, Any] = {"native": _ext.has_native(), "native_error": _native_error()}
     if _ext.has_native():
         b = dict(_ext.native().BUILD_INFO)
         info.update(
@@ -25,7 +41,9 @@ def build_info() -> dict[str, Any]:
         if b["cuda"]:
             info["cuda_runtime_version"] = _ext.native().cuda_runtime_version()
     else:
-        info.update(cuda_compiled=False, cuda_archs=[], cuda_compiler="", openmp=False)
+        info.update(
+            cuda_compiled=False, cuda_archs=[], cuda_compiler="", cxx_compiler="", openmp=False
+        )
     try:
         import triton
 

@@ -248,3 +248,23 @@ def test_plot_e2e_reads_the_results_json_it_documents(tmp_path):
     out = tmp_path / "r.json"
     out.write_text(json.dumps({"env": {}, "tests": None, "cases": rows}))
     assert mod.load_rows(str(out)) == {"e2e m b1": [("eager", pytest.approx(50.0))]}
+
+
+def test_build_info_without_native_says_not_built(tmp_path):
+    """A fastdiff without its compiled _C (installed from a copy, build skipped): build_info()
+    said "cannot import name '_C' from partially initialized module ... circular import"."""
+    shutil.copytree(ROOT / "fastdiff", tmp_path / "fastdiff", ignore=shutil.ignore_patterns("*.so"))
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    code = (
+        f"import sys; sys.path[:0] = [{str(tmp_path)!r}]; sys.path += {site!r}\n"
+        "import fastdiff, json; i = fastdiff.build_info()\n"
+        "assert fastdiff.__file__.startswith(sys.path[0]), fastdiff.__file__\n"
+        "print(json.dumps([i['native'], i['native_error'], i['cxx_compiler'], i['backends']]))"
+    )
+    # -S: no .pth files, so an editable install's finder cannot supply the checkout's _C
+    r = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    native, why, cxx, backends = json.loads(r.stdout.splitlines()[-1])
+    assert native is False and cxx == ""
+    assert "not built" in why and "pip install ." in why and "circular" not in why
+    assert backends["cpu"]["group_norm_silu"] == ["torch"]
