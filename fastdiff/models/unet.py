@@ -78,10 +78,9 @@ class UNetConfig:
 
         for name in ("in_channels", "out_channels", "base_channels", "num_groups", "sample_size"):
             positive(name)
-        if isinstance(self.num_res_blocks, bool) or not isinstance(self.num_res_blocks, int):
-            raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {self.num_res_blocks!r}")
-        if self.num_res_blocks < 1:
-            raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {self.num_res_blocks!r}")
+        nrb = self.num_res_blocks
+        if isinstance(nrb, bool) or not isinstance(nrb, int) or nrb < 1:
+            raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {nrb!r}")
         for name in ("num_heads", "head_dim"):
             if getattr(self, name) is not None:
                 positive(name)
