@@ -32,7 +32,9 @@ from fastdiff.nn.stacked import stacked_linear
 
 @dataclass
 class UNetConfig:
-    """Hyperparameters of :class:`UNet`. Validated on construction (``ValueError``)."""
+    """Hyperparameters of :class:`UNet`. Validated on construction (``ValueError``; a
+    ``TypeError`` for a non-sequence ``channel_mult`` / ``attention_resolutions`` or a
+    non-numeric ``dropout``), and again by ``UNet(config)``, which keeps its own copy."""
 
     in_channels: int = 3
     out_channels: int | None = None  # None -> in_channels; 2 * in_channels = learned variance

@@ -35,7 +35,8 @@ class Attention(nn.Module):
         eps: GroupNorm epsilon.
 
     Queries/keys/values are views of one projection output ``[B x L x 3 x H x Dh]`` (strided; the
-    attention kernels take strides), so the block adds no copies before attention.
+    attention kernels take strides), so the block adds no copies before attention. A float64
+    block (``.double()``) runs PyTorch's SDPA (the fused kernels take fp16 / bf16 / fp32).
     """
 
     def __init__(
