@@ -268,3 +268,31 @@ def test_build_info_without_native_says_not_built(tmp_path):
     assert native is False and cxx == ""
     assert "not built" in why and "pip install ." in why and "circular" not in why
     assert backends["cpu"]["group_norm_silu"] == ["torch"]
+
+
+def test_benchmark_run_prints_ratio_and_bandwidth_per_case():
+    """README: `pytest benchmarks --benchmark-only` shows each case's ratio to eager (same run)
+    and GB/s; pytest-benchmark's own tables show neither."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/bench_sampler_loop.py",
+            "--benchmark-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-min-rounds=1",
+        ],  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:]
+    summary = r.stdout[r.stdout.index("fastdiff: each case vs eager") :].splitlines()
+    assert summary[1].split()[-5:] == ["x", "eager", "GB/s", "%copy", "TFLOP/s"]
+    fused = next(line for line in summary if " fused " in f" {line} ")
+    ratio, gbs = fused.split()[-4], fused.split()[-3]
+    assert float(ratio) > 0 and float(gbs) > 0
