@@ -93,6 +93,8 @@ def resolve_sampler(
 def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
     if schedule is None:
         own = getattr(model, "schedule", None)
+        if isinstance(own, str):  # a model's schedule name, as fastdiff's UNet accepts
+            return NoiseSchedule(own)
         return own if isinstance(own, NoiseSchedule) else NoiseSchedule("linear")
     if isinstance(schedule, NoiseSchedule):
         return schedule

@@ -88,11 +88,11 @@ def sample(
         sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, ``"euler"``, or a sampler object
             from :mod:`fastdiff.samplers` (its own steps and schedule are used).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
-            :class:`~fastdiff.NoiseSchedule`, else linear DDPM; a diffusers scheduler (or its
-            config) is converted with :meth:`NoiseSchedule.from_diffusers`, and the settings it
-            sets that the sampler takes (``prediction_type``, ``timestep_spacing``,
-            ``steps_offset``, ``clip_sample``, ``set_alpha_to_one``, ...) become the sampler's
-            defaults (``sampler_options`` win).
+            :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
+            scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,
+            and the settings it sets that the sampler takes (``prediction_type``,
+            ``timestep_spacing``, ``steps_offset``, ``clip_sample``, ``set_alpha_to_one``, ...)
+            become the sampler's defaults (``sampler_options`` win).
         batch_size: number of samples (default: from ``noise``, a generator list, or 1).
         shape: per-sample shape, e.g. ``(3, 64, 64)``; inferred from diffusers'
             ``config.sample_size`` / ``in_channels`` or a fastdiff UNet's attributes.

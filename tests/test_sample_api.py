@@ -368,6 +368,17 @@ def test_sampler_object_and_model_schedule():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+def test_model_schedule_given_by_name_is_used():
+    """A plain model whose ``.schedule`` is a name samples on that schedule, not linear."""
+    model = _net()
+    model.schedule = "cosine"
+    x_T = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        a = fastdiff.sample(model, steps=5, noise=x_T)
+        b = fastdiff.sample(model, steps=5, noise=x_T, schedule=NoiseSchedule("cosine"))
+    assert torch.equal(a, b)
+
+
 def test_sample_runs_without_autograd_even_when_the_caller_has_grad_on():
     """Parameters that require grad (a model straight from training) and no ``no_grad`` at the
     call site: no autograd graph through the steps, and the fused eager paths still run."""
