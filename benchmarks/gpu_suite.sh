@@ -3,11 +3,25 @@
 #   1. build and install fastdiff with the CUDA kernels,
 #   2. run the whole test suite with the cuda and triton backends live,
 #   3. run the benchmarks (incl. the device-copy roofline),
-#   4. write one JSON under benchmarks/results/ (and $OUT when set) and print a short table.
+#   4. write one JSON under $OUT when set, else benchmarks/results/, and print a short table.
 # Usage: bash benchmarks/gpu_suite.sh [tests|bench|all]   (default all)
+# Environment: FORCE_BUILD=1 (rebuild even if a CUDA build is installed), FASTDIFF_BENCH_COMPILE=0
+# (skip the torch.compile variants), TEST_ARGS / BENCH_ARGS (extra pytest words, split on spaces),
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage, 420), TEST_WORKERS (pytest-xdist, 8; 0 = one
+# process), FASTDIFF_CUDA_ARCHS (90-real), MAX_JOBS (16).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 what="${1:-all}"
+# Checked before anything else: a typo (or --help) must not start a CUDA build first.
+for stage in ${what/all/tests bench}; do
+  case "$stage" in
+    tests | bench) ;;
+    *)
+      echo "usage: bash benchmarks/gpu_suite.sh [tests|bench|all]  (stages may be combined: \"bench tests\")"
+      exit 2
+      ;;
+  esac
+done
 dest="${OUT:-benchmarks/results}"
 mkdir -p "$dest" benchmarks/results
 export FASTDIFF_CUDA=1 FASTDIFF_BENCH_COMPILE="${FASTDIFF_BENCH_COMPILE:-1}"

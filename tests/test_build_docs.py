@@ -296,3 +296,16 @@ def test_benchmark_run_prints_ratio_and_bandwidth_per_case():
     fused = next(line for line in summary if " fused " in f" {line} ")
     ratio, gbs = fused.split()[-4], fused.split()[-3]
     assert float(ratio) > 0 and float(gbs) > 0
+
+
+@pytest.mark.parametrize("arg", ["--help", "bench tets"])
+def test_gpu_suite_bad_stage_exits_before_building(arg, tmp_path):
+    """`bash benchmarks/gpu_suite.sh --help` started a CUDA build (then ran no stage)."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PATH": "/nonexistent"}  # no pip, no python
+    r = subprocess.run([bash, str(BENCH / "gpu_suite.sh"), arg], capture_output=True, text=True,
+                       env=env)  # fmt: skip
+    assert r.returncode == 2 and "usage:" in r.stdout
+    assert not (tmp_path / "out").exists()
