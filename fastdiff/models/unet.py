@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastdiff.nn import Attention, Downsample, GroupNormSiLU, ResBlock, TimestepEmbedding, Upsample
+from fastdiff.nn._checks import check_nchw
 from fastdiff.nn.stacked import stacked_linear
 
 
@@ -348,10 +349,7 @@ class UNet(nn.Module):
         channels_last x gives a channels_last output."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"UNet.forward: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"UNet.forward: x must be [N x {self.in_channels} x H x W], got {tuple(x.shape)}"
-            )
+        check_nchw("UNet.forward", x, self.in_channels)
         n = x.shape[0]
         down = 2 ** (len(self.config.channel_mult) - 1)  # the U halves the map this many times
         if n == 0 or x.shape[2] % down or x.shape[3] % down:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdiff.nn._checks import check_nchw
 from fastdiff.nn.group_norm import GroupNormSiLU
 from fastdiff.nn.sampling import Downsample, Upsample
 
@@ -72,10 +73,7 @@ class ResBlock(nn.Module):
 
         ``proj``: ``emb_proj(emb)`` computed by the caller, e.g. by :class:`fastdiff.models.UNet`,
         which projects for all its blocks in one GEMM (any row stride)."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(  # a 3-D x would reach conv2d as one unbatched image
-                f"ResBlock: x must be [N x {self.in_channels} x H x W], got {tuple(x.shape)}"
-            )
+        check_nchw("ResBlock", x, self.in_channels)
         if proj is None and (emb.dim() != 2 or emb.shape != (x.shape[0], self.emb_channels)):
             raise ValueError(
                 f"ResBlock: emb must be [N={x.shape[0]} x {self.emb_channels}], got "

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdiff.nn._checks import check_nchw
+
 # Per axis, the 3 taps (w0, w1, w2) of a conv applied after 2x nearest upsampling, as the 4 taps
 # k = 0..3 of a stride-2 transposed conv with padding 1 (see fold_upsample_conv).
 _FOLD = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
@@ -118,13 +120,6 @@ def upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     return F.conv_transpose2d(x, fold_upsample_conv(conv.weight), conv.bias, stride=2, padding=1)
 
 
-def _check_input(name: str, x: Tensor, channels: int) -> None:
-    """x must be ``[N x channels x H x W]``: a 3-D ``[N x C x L]`` would reach conv2d as one
-    unbatched image and mix the batch."""
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"{name}: x must be [N x {channels} x H x W], got {tuple(x.shape)}")
-
-
 class Upsample(nn.Module):
     """[N x C x H x W] -> [N x C x 2H x 2W]: nearest-neighbour, then a 3x3 conv if ``use_conv``.
 
@@ -145,7 +140,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input("Upsample", x, self.channels)
+        check_nchw("Upsample", x, self.channels)
         conv = self.conv
         if (
             conv is not None
@@ -167,7 +162,7 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input("Downsample", x, self.channels)
+        check_nchw("Downsample", x, self.channels)
         if self.conv is not None:
             return self.conv(x)
         return F.avg_pool2d(x, kernel_size=2, stride=2)
