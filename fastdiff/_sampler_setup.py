@@ -108,6 +108,15 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
     )
 
 
+def _scheduler_config(schedule: Any) -> Mapping[str, Any] | None:
+    """The config of a diffusers scheduler (or the saved config itself) passed as ``schedule``;
+    None for a ``NoiseSchedule``, a schedule name or None."""
+    if isinstance(schedule, (NoiseSchedule, str)) or schedule is None:
+        return None
+    cfg = getattr(schedule, "config", schedule)
+    return cfg if isinstance(cfg, Mapping) else None
+
+
 def _scheduler_options(schedule: Any, name: str) -> dict[str, Any]:
     """The sampling settings of a diffusers scheduler (or config) passed as ``schedule`` that
     sampler ``name`` takes: ``prediction_type``, ``timestep_spacing``, ``steps_offset``,
@@ -115,10 +124,8 @@ def _scheduler_options(schedule: Any, name: str) -> dict[str, Any]:
     object's values that are its class defaults (diffusers' ``_use_default_values``) are
     skipped: fastdiff's samplers have diffusers' defaults for their own type, and a DDPM
     default must not override a DDIM one. ``None`` values are skipped."""
-    if isinstance(schedule, (NoiseSchedule, str)) or schedule is None:
-        return {}
-    cfg = getattr(schedule, "config", schedule)
-    if not isinstance(cfg, Mapping):
+    cfg = _scheduler_config(schedule)
+    if cfg is None:
         return {}
     params = inspect.signature(SAMPLERS[name].__init__).parameters
     defaults = set(cfg.get("_use_default_values", ()))
@@ -166,10 +173,8 @@ def _check_scheduler_settings(schedule: Any, name: str) -> None:
     """``schedule`` is the sampler's own diffusers scheduler (or its saved config) with a
     setting the sampler cannot reproduce (Karras sigmas, another solver order, ...): a
     ValueError naming it, instead of samples that silently differ from diffusers'."""
-    if isinstance(schedule, (NoiseSchedule, str)) or schedule is None:
-        return
-    cfg = getattr(schedule, "config", schedule)
-    if not isinstance(cfg, Mapping):
+    cfg = _scheduler_config(schedule)
+    if cfg is None:
         return
     cls = cfg.get("_class_name") if isinstance(cfg.get("_class_name"), str) else None
     name = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
