@@ -30,9 +30,13 @@ unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 # Test-only wheels (diffusers, importlib_metadata, pytest-xdist, execnet) carried to an offline
 # GPU machine in .whl/.
-if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import diffusers, xdist" 2>/dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastdiff-site .whl/*.whl
+# Build tools for the offline build (pybind11, cmake, ninja wheels) may be carried there too; their
+# executables land in /tmp/fastdiff-site/bin.
+if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import diffusers, xdist, pybind11" 2>/dev/null; then
+  python -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/fastdiff-site \
+    .whl/*.whl
   export PYTHONPATH="/tmp/fastdiff-site${PYTHONPATH:+:$PYTHONPATH}"
+  export PATH="$PATH:/tmp/fastdiff-site/bin"
 fi
 
 # Checks run from /tmp: from the checkout, `python -c` would import the source tree's fastdiff/
@@ -48,7 +52,8 @@ if [ "${FORCE_BUILD:-0}" = 1 ] || ! has_cuda_build; then
   command -v nvcc >/dev/null || [ -n "${CUDACXX:-}" ] || missing="$missing nvcc"
   for tool in cmake ninja; do command -v $tool >/dev/null || missing="$missing $tool"; done
   if [ -n "$missing" ]; then
-    echo "gpu_suite: cannot build fastdiff._C with CUDA, missing:$missing (carry their wheels in .whl/)"
+    echo "gpu_suite: cannot build fastdiff._C with CUDA, missing:$missing (python packages and"
+    echo "  cmake/ninja: carry their wheels in .whl/; nvcc: put it on PATH or set CUDACXX)"
     exit 1
   fi
   pip install -q --no-build-isolation --no-deps . 2>&1 | tail -20 || exit 1
