@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import warnings
 
 import torch
@@ -19,6 +21,12 @@ def _load_native():
     try:
         from fastdiff import _C as mod  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        if importlib.util.find_spec("fastdiff._C") is None:
+            here = os.path.dirname(os.path.abspath(__file__))
+            return None, (
+                f"fastdiff._C is not built (no compiled extension in {here}): install with "
+                "`pip install .`, or run tools/dev_build.sh in a source checkout"
+            )
         return None, str(exc)
     got = getattr(mod, "ABI_VERSION", None)
     if got != ABI_VERSION:
