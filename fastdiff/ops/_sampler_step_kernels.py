@@ -91,7 +91,7 @@ def _split_model_output(
 # ----------------------------------------------------------------------------------------------
 # kernel backends (cpu / cuda / triton): operands as (tensor, batch stride), dense per sample
 # ----------------------------------------------------------------------------------------------
-def _kernel_operands(x, model_output, noise, extra, guidance_scale, learned_variance):
+def _kernel_operands(x, model_output, third, guidance_scale, learned_variance):
     """Dense-per-sample views for the kernels, in x's memory order.
 
     Returns (order, x, cond, unc, var, third) where ``third`` is noise (sampler_step) or x0_prev
@@ -99,8 +99,7 @@ def _kernel_operands(x, model_output, noise, extra, guidance_scale, learned_vari
     """
     order = _order_of(x)
     xd = _dense(x, order)
-    mo = model_output
-    cond, unc, var = _split_model_output(x, mo, guidance_scale, learned_variance)
+    cond, unc, var = _split_model_output(x, model_output, guidance_scale, learned_variance)
     cond = _dense(cond, order)
     unc = _dense(unc, order) if unc is not None else None
     var = _dense(var, order) if var is not None else None
@@ -108,7 +107,6 @@ def _kernel_operands(x, model_output, noise, extra, guidance_scale, learned_vari
         unc = unc.to(cond.dtype)
     if var is not None and var.dtype != cond.dtype:
         var = var.to(cond.dtype)
-    third = noise if noise is not None else extra
     if third is not None:
         third = _dense(third.to(x.dtype), order)
     return order, xd, cond, unc, var, third
@@ -117,7 +115,7 @@ def _kernel_operands(x, model_output, noise, extra, guidance_scale, learned_vari
 def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pred, clip_range,
                 recompute_eps, guidance_scale, learned_variance, return_x0):  # fmt: skip
     order, xd, cond, unc, var, third = _kernel_operands(
-        x, model_output, third, None, guidance_scale, learned_variance
+        x, model_output, third, guidance_scale, learned_variance
     )
     x_prev = _new_out(x, order)
     x0 = _new_out(x, order) if return_x0 else x.new_empty(0)
