@@ -114,12 +114,17 @@ def resolve_x(
         )
     if noise is not None:
         if noise.ndim < 1:
-            raise ValueError("noise: expected x_T of shape [N x ...]")
+            raise ValueError(
+                f"noise: expected x_T of shape [N x ...], got shape {tuple(noise.shape)}"
+            )
         if batch_size is not None and batch_size != noise.shape[0]:
-            raise ValueError(f"batch_size: {batch_size} != noise batch {noise.shape[0]}")
+            raise ValueError(
+                f"batch_size: expected noise's batch {noise.shape[0]} (or None), got {batch_size}"
+            )
         if shape is not None and tuple(shape) != tuple(noise.shape[1:]):
             raise ValueError(
-                f"shape: {tuple(shape)} != noise per-sample shape {tuple(noise.shape[1:])}"
+                f"shape: expected noise's per-sample shape {tuple(noise.shape[1:])} (or None), "
+                f"got {tuple(shape)}"
             )
         batch_size, shape = noise.shape[0], tuple(noise.shape[1:])
     if batch_size is None:

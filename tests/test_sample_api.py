@@ -305,6 +305,11 @@ def test_bad_inputs():
     _bad("eta", sampler="ddpm", eta=0.5)
     _bad("batch_size", batch_size=0)
     _bad("noise", TypeError, noise=[1.0])
+    _bad(r"noise: expected x_T of shape \[N x \.\.\.\], got shape \(\)", noise=torch.tensor(1.0))
+    _bad(r"batch_size: expected noise's batch 2 \(or None\), got 3",
+         noise=torch.randn(2, 3, 8, 8), batch_size=3)  # fmt: skip
+    _bad(r"shape: expected noise's per-sample shape \(3, 8, 8\) \(or None\), got \(3, 4, 4\)",
+         noise=torch.randn(2, 3, 8, 8), shape=(3, 4, 4))  # fmt: skip
     _bad("model", TypeError, model=3)
     _bad("model", TypeError, model=lambda x, t: "nope", shape=(3, 4, 4))
     _bad("schedule", TypeError, schedule=42)
