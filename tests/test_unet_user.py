@@ -459,6 +459,13 @@ def test_save_model_file_explicit_schedule_name(tmp_path):
     assert load_model_file(path).schedule.beta_schedule == "cosine"
 
 
+def test_save_model_file_schedule_of_a_wrong_type_writes_nothing(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(TypeError, match="schedule: expected a fastdiff.NoiseSchedule"):
+        save_model_file(UNet(UNetConfig(**SMALL)), path, schedule=0.02)
+    assert not os.listdir(tmp_path)
+
+
 # ---- nn.Upsample / nn.Downsample input checks ----------------------------------------------
 
 

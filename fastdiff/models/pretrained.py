@@ -61,7 +61,7 @@ def schedule_config(schedule: Any) -> dict[str, Any]:
         schedule = NoiseSchedule(schedule)
     if not hasattr(schedule, "to_config") and not hasattr(schedule, "beta_schedule"):
         raise TypeError(
-            f"schedule must be a fastdiff.NoiseSchedule or a schedule name, got "
+            f"schedule: expected a fastdiff.NoiseSchedule or a schedule name, got "
             f"{type(schedule).__name__}"
         )
     if hasattr(schedule, "to_config"):
