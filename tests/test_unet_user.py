@@ -93,7 +93,8 @@ def test_config_wrong_types_raise_naming_the_field(overrides, match):
     [
         (dict(num_heads=2.0), "num_heads"),  # config accepted it, UNet(config) then failed
         (dict(num_heads=None, head_dim=8.0), "head_dim"),
-        (dict(num_res_blocks=True), "num_res_blocks"),
+        (dict(num_res_blocks=True), "num_res_blocks must be a positive int, got True"),
+        (dict(num_res_blocks=0), "num_res_blocks must be a positive int, got 0"),
         (dict(num_heads=0), "num_heads"),
         (dict(use_scale_shift_norm="no"), "use_scale_shift_norm"),  # "no" meant True
         (dict(resblock_updown=1), "resblock_updown"),
@@ -383,6 +384,13 @@ def test_timestep_embedding_module_validates_dim_at_construction():
 
 
 # ---- nn.Attention edge cases ------------------------------------------------------------------
+
+
+def test_attention_heads_not_dividing_channels_name_the_block():
+    with pytest.raises(ValueError, match="Attention: channels=32 is not divisible by head_dim=5"):
+        Attention(32, head_dim=5, num_groups=4)
+    with pytest.raises(ValueError, match="Attention: channels=32 is not divisible by num_heads=3"):
+        Attention(32, num_heads=3, num_groups=4)
 
 
 @pytest.mark.parametrize("context_dim", [0, -3, 2.0, True])

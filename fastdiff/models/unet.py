@@ -79,11 +79,10 @@ class UNetConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"UNetConfig.{name} must be a positive int, got {v!r}")
 
-        for name in ("in_channels", "out_channels", "base_channels", "num_groups", "sample_size"):
+        sizes = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "num_groups",
+                 "sample_size")  # fmt: skip
+        for name in sizes:
             positive(name)
-        nrb = self.num_res_blocks
-        if isinstance(nrb, bool) or not isinstance(nrb, int) or nrb < 1:
-            raise ValueError(f"UNetConfig.num_res_blocks must be >= 1, got {nrb!r}")
         for name in ("num_heads", "head_dim"):
             if getattr(self, name) is not None:
                 positive(name)

@@ -60,16 +60,19 @@ class Attention(nn.Module):
                 raise ValueError(f"Attention: {name} must be a positive int, got {v!r}")
         if num_heads is None and head_dim is None:
             num_heads = 1
+        # both positive from here on: channels is a positive multiple of the one given
         if num_heads is None:
             if channels % head_dim != 0:
-                raise ValueError(f"channels={channels} is not divisible by head_dim={head_dim}")
+                raise ValueError(
+                    f"Attention: channels={channels} is not divisible by head_dim={head_dim}"
+                )
             num_heads = channels // head_dim
         if head_dim is None:
             if channels % num_heads != 0:
-                raise ValueError(f"channels={channels} is not divisible by num_heads={num_heads}")
+                raise ValueError(
+                    f"Attention: channels={channels} is not divisible by num_heads={num_heads}"
+                )
             head_dim = channels // num_heads
-        if num_heads < 1 or head_dim < 1:
-            raise ValueError(f"num_heads and head_dim must be >= 1, got {num_heads}, {head_dim}")
         self.channels = channels
         self.num_heads = num_heads
         self.head_dim = head_dim
