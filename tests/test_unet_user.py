@@ -198,6 +198,8 @@ def test_save_pretrained_tied_weights_round_trip(tmp_path):
     again = UNet.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(x, t), model(x, t), rtol=0, atol=0)
+    # as documented: eval mode, requires_grad on (load_model_file freezes instead)
+    assert not again.training and all(p.requires_grad for p in again.parameters())
 
 
 def test_save_model_file_tied_weights_round_trip(tmp_path):
@@ -208,6 +210,7 @@ def test_save_model_file_tied_weights_round_trip(tmp_path):
     again = load_model_file(path)
     with torch.no_grad():
         torch.testing.assert_close(again(x, t), model(x, t), rtol=0, atol=0)
+    assert not again.training and not any(p.requires_grad for p in again.parameters())
 
 
 # ---- timesteps -------------------------------------------------------------------------------
