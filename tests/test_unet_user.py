@@ -382,8 +382,17 @@ def test_config_base_channels_too_small_or_odd_for_the_timestep_embedding(base):
 def test_timestep_embedding_module_validates_dim_at_construction():
     from fastdiff.nn import TimestepEmbedding
 
-    with pytest.raises(ValueError, match="even"):
+    with pytest.raises(ValueError, match="TimestepEmbedding: dim must be an even int >= 4"):
         TimestepEmbedding(15, 64)
+
+
+@pytest.mark.parametrize("dim", [7, 2, 8.0, True])
+def test_timestep_embedding_dim_checked_like_the_module(dim):
+    # the function took a float dim (8.0 ran) and named no argument in its message
+    from fastdiff.nn import timestep_embedding
+
+    with pytest.raises(ValueError, match="timestep_embedding: dim must be an even int >= 4"):
+        timestep_embedding(torch.zeros(2), dim)
 
 
 # ---- nn.Attention edge cases ------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -25,8 +26,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
         raise ValueError(
             f"timestep_embedding: t must be a 1-D tensor [N], got shape {tuple(t.shape)}"
         )
-    if dim < 4 or dim % 2:
-        raise ValueError(f"timestep embedding dim must be even and >= 4, got {dim}")
+    _check_dim("timestep_embedding", dim)
     half = dim // 2
     i = torch.arange(half, device=t.device, dtype=torch.float32)
     freqs = torch.exp(i * (-math.log(max_period) / (half - 1)))  # [dim/2]
@@ -34,13 +34,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # [N x dim]
 
 
+def _check_dim(owner: str, dim: int) -> None:
+    """The sinusoid width: an even int >= 4 (two halves, sin and cos, of at least 2 frequencies,
+    ``half - 1`` being the divisor of the frequency exponent)."""
+    if isinstance(dim, bool) or not isinstance(dim, Integral) or dim < 4 or dim % 2:
+        raise ValueError(f"{owner}: dim must be an even int >= 4, got {dim!r}")
+
+
 class TimestepEmbedding(nn.Module):
     """t [N] -> sinusoidal features [N x dim] -> Linear -> SiLU -> Linear -> [N x emb_dim]."""
 
     def __init__(self, dim: int, emb_dim: int) -> None:
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4 or dim % 2:
-            raise ValueError(f"TimestepEmbedding: dim must be even and >= 4, got {dim!r}")
+        _check_dim("TimestepEmbedding", dim)
         self.dim = dim
         self.linear1 = nn.Linear(dim, emb_dim)
         self.act = nn.SiLU()
