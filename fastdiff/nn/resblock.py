@@ -74,7 +74,7 @@ class ResBlock(nn.Module):
         ``proj``: ``emb_proj(emb)`` computed by the caller, e.g. by :class:`fastdiff.models.UNet`,
         which projects for all its blocks in one GEMM (any row stride)."""
         check_nchw("ResBlock", x, self.in_channels)
-        if proj is None and (emb.dim() != 2 or emb.shape != (x.shape[0], self.emb_channels)):
+        if proj is None and emb.shape != (x.shape[0], self.emb_channels):
             raise ValueError(
                 f"ResBlock: emb must be [N={x.shape[0]} x {self.emb_channels}], got "
                 f"{tuple(emb.shape)}"
