@@ -25,7 +25,8 @@ from fastdiff.samplers.base import randn_like_with
 def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callback,
                    return_trajectory):  # fmt: skip
     """The loop of :func:`fastdiff._loop._sample_eager`, each step a replay of a captured
-    :class:`_StepGraph`; ``graphs`` is the capture cache ``{model: {key: _StepGraph}}``."""
+    :class:`_StepGraph`; ``graphs`` is the capture cache ``{model: {key: _StepGraph, "params":
+    the _param_signature the graphs were captured on}}``."""
     n = x.shape[0]
     rows = 2 * n if gs is not None else n
     t_all = _timestep_rows(smp, rows, x.device)
