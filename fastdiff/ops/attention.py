@@ -182,6 +182,15 @@ def _cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
+    if torch.is_autocast_enabled(q.device.type):
+        # The op's contract (q's dtype, fp32 statistics) holds under autocast too: SDPA would
+        # return bf16 for fp32 inputs and the reference's matmuls would run in bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            return _run_backend(q, k, v, scale, backend)
+    return _run_backend(q, k, v, scale, backend)
+
+
+def _run_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
     if backend == "torch":
         return attention_reference(q, k, v, scale)
     if backend in ("sdpa", "cpu"):

@@ -1,0 +1,47 @@
+"""fastdiff under the global state a user's program sets up: autocast, default dtype, threads."""
+
+import threading
+
+import pytest
+import torch
+from helpers import backend_cases
+
+import fastdiff
+from fastdiff.ops.attention import attention
+
+
+@pytest.mark.parametrize("device,backend", backend_cases("attention"))
+def test_attention_under_autocast_keeps_q_dtype_and_fp32_accuracy(device, backend):
+    # autocast around fp32 inputs: the op's contract is "in q's dtype, fp32 statistics". The
+    # cpu/sdpa backends returned bf16 (SDPA autocasts), the torch backend ran its matmuls in bf16.
+    if backend == "triton" and device == "cpu":
+        pytest.skip("no bf16 arithmetic under the interpreter")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 32, generator=g).to(device) for _ in range(3))
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32**0.5, -1) @ v.double()
+    with fastdiff.use_backend(backend), torch.autocast(device, dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.float32
+    assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+def test_use_backend_is_per_thread():
+    # A use_backend context in one thread must not leak into another thread.
+    from fastdiff import _dispatch
+
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def holder():
+        with fastdiff.use_backend("torch"):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    entered.wait(10)
+    other = threading.Thread(target=lambda: seen.append(_dispatch.requested_backend("attention")))
+    other.start()
+    other.join()
+    release.set()
+    t.join()
+    assert seen == [None]
