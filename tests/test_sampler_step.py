@@ -522,3 +522,39 @@ def test_cuda_large_batch_grid_limit(backend):
     with fastdiff.use_backend("torch"):
         ref = sampler_step(x, mo, coef, generator_state=gs)
     assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_common_case_checks_exact():
+    """The cheaper checks of the common case (no CFG, no learned variance, float clip_range)
+    give the same verdicts and messages as the general ones, and clip_range of every accepted
+    form (float, int, float subclass, one-element tensor) gives the same step."""
+    x = torch.randn(SHAPE)
+    mo = torch.randn(SHAPE)
+    coef = make_coef("cpu")
+    out = poison_(torch.empty(SHAPE))
+    want = (
+        f"model_output must have shape {tuple(SHAPE)} for x of shape {tuple(SHAPE)} "
+        f"(guidance_scale=None, learned_variance=False), got {tuple(mo[:, :2].shape)}"
+    )
+    with pytest.raises(ValueError) as e:
+        sampler_step(x, mo[:, :2], coef, clip_range=1.0)
+    assert str(e.value) == want
+    with pytest.raises(ValueError, match=r"must have shape .* got \(3, 3, 5, 7\)"):
+        sampler_step(x, mo.reshape(3, 3, 5, 7), coef)  # same numel, other shape
+    with pytest.raises(ValueError, match=r"must have shape .* got \(3, 3, 7, 5, 1\)"):
+        sampler_step(x, mo[..., None], coef)
+    with pytest.raises(ValueError, match=r"generator_state must have shape \(2,\), got \(2, 1\)"):
+        sampler_step(x, mo, coef, generator_state=torch.tensor([[1], [2]]))
+    with pytest.raises(TypeError, match="clip_range must be a real number or None, got bool"):
+        sampler_step(x, mo, coef, clip_range=True)
+    with pytest.raises(ValueError, match="clip_range must be a float >= 0"):
+        sampler_step(x, mo, coef, clip_range=-1.0)
+
+    class F(float):
+        pass
+
+    ref = sampler_step(x, mo, coef, clip_range=1.0)
+    for c in (F(1.0), 1, torch.tensor(1.0), torch.tensor([1.0], dtype=torch.float64)):
+        out.copy_(sampler_step(x, mo, coef, clip_range=c))
+        assert torch.equal(out, ref), c
+    assert not torch.equal(sampler_step(x, mo, coef, clip_range=0.5), ref)
