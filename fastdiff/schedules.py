@@ -43,7 +43,7 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Te
 
     T = num_train_timesteps
     betas = [min(1.0 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
-    return torch.tensor(betas, dtype=torch.float64)
+    return torch.tensor(betas, dtype=torch.float64, device="cpu")
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class NoiseSchedule:
         rescale_betas_zero_snr: bool = False,
     ) -> None:
         if betas is not None:
-            b = torch.as_tensor(betas, dtype=torch.float64).clone()
+            b = torch.as_tensor(betas, dtype=torch.float64, device="cpu").clone()
             if b.ndim > 1:
                 raise ValueError(f"betas: expected a 1-D sequence, got shape {tuple(b.shape)}")
             b = b.reshape(-1).cpu()
@@ -124,9 +124,9 @@ class NoiseSchedule:
                         f"{lo} and {hi}"
                     )
                 if beta_schedule == "linear":
-                    b = torch.linspace(lo, hi, T, dtype=torch.float64)
+                    b = torch.linspace(lo, hi, T, dtype=torch.float64, device="cpu")
                 else:
-                    b = torch.linspace(lo**0.5, hi**0.5, T, dtype=torch.float64) ** 2
+                    b = torch.linspace(lo**0.5, hi**0.5, T, dtype=torch.float64, device="cpu") ** 2
                 beta_start, beta_end = lo, hi
             else:
                 raise ValueError(

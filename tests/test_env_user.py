@@ -45,3 +45,45 @@ def test_use_backend_is_per_thread():
     release.set()
     t.join()
     assert seen == [None]
+
+
+@pytest.fixture
+def meta_default_device():
+    # torch.set_default_device("cuda") is a common notebook setup; "meta" stands in for it on a
+    # CPU machine (a tensor created without device= lands there and cannot be read back).
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+def test_schedule_is_host_float64_under_a_default_device(meta_default_device, name):
+    # The schedule is a host float64 table; under set_default_device it was built on that
+    # device (Euler then failed with "can't convert ... to numpy", the others in .item()).
+    for sch in (
+        fastdiff.NoiseSchedule(name, num_train_timesteps=50),
+        fastdiff.NoiseSchedule(betas=[0.1, 0.2, 0.3], rescale_betas_zero_snr=True),
+    ):
+        for v in (sch.betas, sch.alphas_cumprod, sch.log_snr):
+            assert v.device.type == "cpu" and v.dtype == torch.float64
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "euler"])
+def test_sample_cpu_model_under_a_default_device(sampler):
+    torch.manual_seed(0)
+    model = fastdiff.models.UNet.from_preset("tiny")
+
+    def run():
+        g = torch.Generator(device="cpu").manual_seed(3)
+        return fastdiff.sample(model, steps=3, sampler=sampler, schedule="cosine", generator=g)
+
+    ref = run()
+    torch.set_default_device("meta")
+    try:
+        out = run()
+    finally:
+        torch.set_default_device(None)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
