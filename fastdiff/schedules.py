@@ -219,7 +219,7 @@ class NoiseSchedule:
     ) -> None:
         """TypeError/ValueError unless ``t`` is integer timesteps in 0..T-1, a scalar or, with
         ``like`` ([N x ...]), one per sample (``[N]`` or ``[1]``)."""
-        tt = torch.as_tensor(t)
+        tt = t if isinstance(t, torch.Tensor) else torch.as_tensor(t, device="cpu")
         if tt.dtype.is_floating_point or tt.dtype.is_complex or tt.dtype == torch.bool:
             raise TypeError(f"t: expected integer timesteps, got dtype {tt.dtype}")
         if like is not None:

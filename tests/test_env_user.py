@@ -87,3 +87,13 @@ def test_sample_cpu_model_under_a_default_device(sampler):
         torch.set_default_device(None)
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_schedule_checks_int_t_under_a_default_device(meta_default_device):
+    # an int t became a tensor on the default device, where the range check is skipped (no sync):
+    # a negative t then silently indexed from the end of the tables
+    sch = fastdiff.NoiseSchedule("linear", num_train_timesteps=50)
+    x0 = torch.randn(2, 3, device="cpu")
+    for bad in (-1, 50):
+        with pytest.raises(ValueError, match="t: expected timesteps in 0..49"):
+            sch.q_sample(x0, bad, torch.randn(2, 3, device="cpu"))
