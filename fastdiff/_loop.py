@@ -69,7 +69,7 @@ def _philox_state(smp: Sampler, generator: Any, device: torch.device) -> Tensor 
     ``torch.manual_seed`` makes runs reproducible; no device sync)."""
     if generator is not None or not any(smp.needs_noise(i) for i in range(smp.steps)):
         return None
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # not the default device
     return torch.tensor([seed, 0], dtype=torch.int64, device=device)
 
 

@@ -761,3 +761,17 @@ def test_graphed_loop_reads_the_current_tensors_inside_dict_kwargs(fake_cuda_gra
                                         model_kwargs={"extra": {"emb": emb}}))  # fmt: skip
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
     assert len(fake_cuda_graphs) == 1
+
+
+def test_philox_seed_comes_from_the_cpu_generator_under_a_default_device():
+    """The in-kernel noise seed is drawn from torch's CPU generator even when the caller set a
+    default device (on CUDA the draw would sync with the device; on meta it failed)."""
+    from fastdiff._loop import _philox_state
+
+    smp = DDIMSampler(NoiseSchedule("linear"), 5, eta=1.0)
+    torch.manual_seed(0)
+    a = _philox_state(smp, None, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        b = _philox_state(smp, None, torch.device("cpu"))
+    assert a is not None and torch.equal(a, b)
