@@ -286,7 +286,9 @@ def _folded_upsample_forward(self, hidden_states: torch.Tensor, output_size=None
         or not fold_pays(hidden_states)
         or foldable_conv(conv, hidden_states.shape[1]) is not None
     ):
-        base = _folded_upsample_class().__bases__[0]  # not super(): see _fused_resnet_forward
+        # not super(): see _fused_resnet_forward; type(self), not the functools.cache'd
+        # _folded_upsample_class(): dynamo warns on a cached call inside a compiled forward
+        base = type(self).__bases__[0]
         return base.forward(self, hidden_states, output_size, *a, **k)
     return upsample_conv(hidden_states, conv)
 
