@@ -52,3 +52,24 @@ def assert_fa_rule(
     eager_err = (eager64 - ref64)[fin].abs().max().item()
     bound = k * eager_err + atol
     assert err <= bound, f"{name}: max err {err:.3e} > {k} x eager err {eager_err:.3e} + {atol:.1e}"
+
+
+# A small config that exercises every feature: classes, scale-shift, resblock up/down, heads.
+SMALL = dict(
+    in_channels=3,
+    base_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_heads=2,
+    num_groups=4,
+    sample_size=8,
+)
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Perturb every parameter, so zero-initialised convs do not make outputs trivially equal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model.eval()

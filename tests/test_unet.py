@@ -9,30 +9,11 @@ import os
 
 import pytest
 import torch
+from helpers import SMALL, randomize_
 
 import fastdiff
 from fastdiff.models import PRESETS, UNet, UNetConfig
 from fastdiff.nn import GroupNormSiLU, ResBlock, timestep_embedding
-
-# A small config that exercises every feature: classes, scale-shift, resblock up/down, heads.
-SMALL = dict(
-    in_channels=3,
-    base_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    num_heads=2,
-    num_groups=4,
-    sample_size=8,
-)
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    """Perturb every parameter, so zero-initialised convs do not make outputs trivially equal."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
 
 
 def make(**overrides) -> UNet:

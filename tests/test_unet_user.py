@@ -9,31 +9,13 @@ import stat
 
 import pytest
 import torch
+from helpers import SMALL, randomize_
 
 import fastdiff
 from fastdiff.models import UNet, UNetConfig
 from fastdiff.models.pretrained import load_model_file, save_model_file
 from fastdiff.nn import Attention
 from fastdiff.nn.attention import _reference_forward
-
-SMALL = dict(
-    in_channels=3,
-    base_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    num_heads=2,
-    num_groups=4,
-    sample_size=8,
-)
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
-
 
 # ---- from_preset with a different in_channels --------------------------------------------
 
