@@ -243,3 +243,24 @@ def test_timestep_embedding_names_bad_t(t):
     exc = TypeError if isinstance(t, list) else ValueError
     with pytest.raises(exc, match=r"timestep_embedding: t must be a 1-D tensor \[N\], got"):
         timestep_embedding(t, 16)
+
+
+def test_op_modules_are_callable_as_their_op():
+    """`fastdiff.ops.group_norm_silu(x, g)` and `fastdiff.ops.attention(q, k, v)` (the issue texts'
+    spelling) call the op; the module attributes stay reachable."""
+    import fastdiff.ops
+
+    x = torch.randn(2, 6, 5, 3)
+    ref = fastdiff.ops.group_norm_silu.group_norm_silu(x, 3, add=torch.randn(2, 6))
+    torch.manual_seed(1)
+    add = torch.randn(2, 6)
+    got = fastdiff.ops.group_norm_silu(x, 3, add=add)
+    torch.testing.assert_close(got, fastdiff.ops.group_norm_silu.group_norm_silu(x, 3, add=add))
+    assert not torch.equal(got, ref)
+    q, k, v = (torch.randn(1, 2, 7, 32) for _ in range(3))
+    torch.testing.assert_close(
+        fastdiff.ops.attention(q, k, v, scale=0.3),
+        fastdiff.ops.attention.attention_reference(q, k, v, scale=0.3),
+    )
+    with pytest.raises(ValueError, match="num_groups"):
+        fastdiff.ops.group_norm_silu(x, 4)

@@ -6,14 +6,31 @@ torch reference beside it:
 * :func:`fastdiff.ops.attention.attention` - flash-style attention
 
 Submodules load on first use (``fastdiff.ops.attention`` works without importing it first).
+Each op module is also callable as its op, so ``fastdiff.ops.group_norm_silu(x, 32)`` and
+``fastdiff.ops.attention(q, k, v)`` work as the issue texts and papers' pseudo-code write them,
+while ``fastdiff.ops.group_norm_silu.group_norm_silu`` stays the function itself.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _SUBMODULES = ("sampler_step", "group_norm_silu", "attention")
+
+
+class _OpModule(types.ModuleType):
+    """A module that calls its op (the function of the same name) when called."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+def _make_callable(module_name: str) -> None:
+    """Let ``fastdiff.ops.<op>(...)`` call ``fastdiff.ops.<op>.<op>(...)``."""
+    sys.modules[module_name].__class__ = _OpModule
 
 
 def __getattr__(name: str) -> Any:

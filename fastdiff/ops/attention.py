@@ -26,6 +26,7 @@ from numbers import Real
 import torch
 
 from fastdiff import _dispatch, _ext
+from fastdiff.ops import _make_callable
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "attention", "attention_reference", "unsupported_backends"]
 
@@ -301,3 +302,6 @@ def _plain_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def resolved_backend(q: torch.Tensor, k: torch.Tensor) -> str:
     """The backend :func:`attention` would run for these inputs now."""
     return _dispatch.resolve("attention", q.device, unsupported=unsupported_backends(q, k))
+
+
+_make_callable(__name__)

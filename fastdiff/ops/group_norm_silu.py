@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdiff import _dispatch, _ext
+from fastdiff.ops import _make_callable
 
 __all__ = ["group_norm_silu", "group_norm_silu_reference"]
 
@@ -558,3 +559,6 @@ def _needs_op(*tensors: Tensor | None) -> bool:
         if grad and t.requires_grad:
             return True
     return torch._C._len_torch_dispatch_stack() > 0
+
+
+_make_callable(__name__)
