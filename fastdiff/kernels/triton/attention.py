@@ -23,6 +23,9 @@ import triton
 import triton.language as tl
 
 from fastdiff import _dispatch
+from fastdiff.kernels.triton import _compat
+
+_compat.patch_interpreter()
 
 _LOG2E = 1.4426950408889634
 

@@ -26,6 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels.triton import _compat
+
+_compat.patch_interpreter()
+
 _MAX_FUSED = 16384  # elements of one (n, g) slab held in registers by the fused kernel
 
 

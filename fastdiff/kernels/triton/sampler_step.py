@@ -12,6 +12,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastdiff.kernels.triton import _compat
+
+_compat.patch_interpreter()
+
 
 @triton.jit
 def _sampler_step_kernel(
