@@ -1,5 +1,6 @@
 """fastdiff under the global state a user's program sets up: autocast, default dtype, threads."""
 
+import os
 import threading
 
 import pytest
@@ -97,3 +98,21 @@ def test_schedule_checks_int_t_under_a_default_device(meta_default_device):
     for bad in (-1, 50):
         with pytest.raises(ValueError, match="t: expected timesteps in 0..49"):
             sch.q_sample(x0, bad, torch.randn(2, 3, device="cpu"))
+
+
+def _gn_sum(seed: int) -> float:
+    x = torch.randn(8, 64, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return float(fastdiff.ops.group_norm_silu.group_norm_silu(x, 32).double().sum())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_pool_with_one_thread_per_worker_runs_after_the_parent_used_openmp():
+    """README's workaround: GNU OpenMP's thread pool does not survive fork (plain PyTorch hangs
+    too), so fork workers set one thread. The parent uses the OpenMP pool first."""
+    import multiprocessing as mp
+
+    expect = [_gn_sum(s) for s in (1, 2)]
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        got = pool.map_async(_gn_sum, [1, 2]).get(timeout=120)
+    assert got == pytest.approx(expect, rel=1e-6)
