@@ -95,13 +95,16 @@ def resolve_x(
             param.device if param is not None else (noise.device if noise is not None else "cpu")
         )
     device = _resolve_device(device)
+    source = ""
     if dtype is None:
         if param is not None and param.is_floating_point():
             dtype = param.dtype
+            source = " (the model's parameters; pass dtype= or convert the model)"
         else:
             dtype = noise.dtype if noise is not None else torch.float32
+            source = " (noise's dtype; pass dtype=)" if noise is not None else ""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}{source}")
     if (
         param is not None
         and param.is_floating_point()

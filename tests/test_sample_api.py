@@ -775,3 +775,15 @@ def test_philox_seed_comes_from_the_cpu_generator_under_a_default_device():
     with torch.device("meta"):
         b = _philox_state(smp, None, torch.device("cpu"))
     assert a is not None and torch.equal(a, b)
+
+
+def test_float64_dtype_error_says_where_the_dtype_came_from():
+    """An fp64 model (e.g. built under torch.set_default_dtype(torch.float64)) or fp64 noise:
+    the error names the source, since the user passed no dtype."""
+    model = nn.Conv2d(3, 3, 1).double()
+    with pytest.raises(TypeError, match=r"got torch.float64 \(the model's parameters"):
+        fastdiff.sample(model, steps=2, shape=(3, 4, 4))
+    with pytest.raises(TypeError, match=r"got torch.float64 \(noise's dtype"):
+        fastdiff.sample(lambda x, t: x, steps=2, noise=torch.randn(1, 3, 4, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"got torch.float64$"):
+        fastdiff.sample(nn.Conv2d(3, 3, 1), steps=2, shape=(3, 4, 4), dtype=torch.float64)
