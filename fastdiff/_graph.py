@@ -5,7 +5,8 @@ A graph replays fixed kernels on fixed addresses, so everything a step reads liv
 device buffers (x, t, the sampler's coefficient row, noise, the DPM-Solver history, the tensor
 conditioning), refreshed with device copies before each replay: no host sync. Captures are cached
 per model and keyed by everything that changes the kernels (sampler structure, shape, dtype,
-device, guidance, the kwargs' shapes); a ``model.to(...)`` that moves the weights drops them.
+device, guidance, the kwargs' shapes, the requested backends); a ``model.to(...)`` that moves
+the weights drops them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastdiff import _dispatch
 from fastdiff._conditioning import _prepare_output, _unwrap
 from fastdiff._loop import _philox_state, _progress, _timestep_rows, _trajectory
 from fastdiff.samplers import DPMSolverPPSampler, Sampler
@@ -40,6 +42,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
         str(x.device),
         gs,
         _kw_signature(kwargs),
+        _backend_signature(),
     )
     try:
         per_model = graphs.setdefault(model, {})
@@ -71,6 +74,12 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
     if return_trajectory:
         return out, _trajectory(smp, traj_x, traj_x0)
     return out
+
+
+def _backend_signature() -> tuple[str | None, ...]:
+    """The backend asked for per op now (use_backend / set_backend / FASTDIFF_BACKEND): a graph
+    captured under one request must not be replayed under another."""
+    return tuple(_dispatch.requested_backend(op) for op in sorted(_dispatch.IMPLEMENTED))
 
 
 class _StepGraph:

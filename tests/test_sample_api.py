@@ -763,6 +763,25 @@ def test_graphed_loop_reads_the_current_tensors_inside_dict_kwargs(fake_cuda_gra
     assert len(fake_cuda_graphs) == 1
 
 
+@torch.no_grad()
+def test_graph_cache_is_keyed_by_the_requested_backend(fake_cuda_graphs, monkeypatch):
+    """A capture made under the automatic choice is not replayed inside use_backend("torch")
+    (on a GPU that would run the first capture's triton/cuda kernels: a silent fallback)."""
+    from fastdiff import api
+
+    model = _net()
+    monkeypatch.setattr(api, "_sample_eager", api._sample_graphed)
+    noise = torch.randn(2, 3, 4, 4)
+    auto = fastdiff.sample(model, steps=3, noise=noise)
+    with fastdiff.use_backend("torch"):
+        forced = fastdiff.sample(model, steps=3, noise=noise)
+    with fastdiff.use_backend("torch", op="sampler_step"):
+        fastdiff.sample(model, steps=3, noise=noise)
+    fastdiff.sample(model, steps=3, noise=noise)  # the automatic capture again: replayed
+    assert len(fake_cuda_graphs) == 3
+    torch.testing.assert_close(forced, auto, rtol=1e-5, atol=1e-5)
+
+
 def test_philox_seed_comes_from_the_cpu_generator_under_a_default_device():
     """The in-kernel noise seed is drawn from torch's CPU generator even when the caller set a
     default device (on CUDA the draw would sync with the device; on meta it failed)."""
