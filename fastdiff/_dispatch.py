@@ -60,6 +60,8 @@ _ctx_override: contextvars.ContextVar[tuple[tuple[str | None, str], ...]] = cont
     "fastdiff_backend_override", default=()
 )
 _global_override: dict[str | None, str] = {}
+# Snapshot of _global_override (hashable): part of the key of resolve's verdict cache.
+_global_key: tuple[tuple[str | None, str], ...] = ()
 
 
 def _check_name(name: str) -> str:
@@ -90,11 +92,13 @@ def set_backend(name: str | None, op: str | None = None) -> None:
     """Force backend ``name`` for ``op`` (all ops when None) process-wide; ``name=None`` clears
     that setting only: ``set_backend(None)`` clears the all-ops one, a per-op setting is cleared
     with ``set_backend(None, op=...)`` (and wins over the all-ops one while set)."""
+    global _global_key
     _check_op(op)
     if name is None:
         _global_override.pop(op, None)
-        return
-    _global_override[op] = _check_name(name)
+    else:
+        _global_override[op] = _check_name(name)
+    _global_key = tuple(_global_override.items())
 
 
 @functools.lru_cache(maxsize=8)
@@ -224,9 +228,53 @@ def resolve(op: str, device: torch.device, unsupported: Mapping[str, str] | None
     """Pick the backend for ``op`` on ``device``.
 
     ``unsupported`` maps backend -> reason, for backends that cannot take these particular inputs.
-    Cheap enough to call per kernel launch (~1-2 us): availability is memoised, and only the
-    override state (context, ``set_backend``, ``FASTDIFF_BACKEND``) is read on each call.
+    Cheap enough to call per kernel launch (~1 us): in eager mode the verdict is cached, keyed on
+    everything it depends on (see :func:`resolve_eager`); under ``torch.compile`` it is computed.
     """
+    if torch.compiler.is_compiling():
+        return _resolve(op, device, unsupported)
+    return resolve_eager(op, device, unsupported)
+
+
+# (op, device, use_backend context, set_backend snapshot, FASTDIFF_BACKEND, TRITON_INTERPRET,
+# unsupported items) -> backend; valid for the _AVAILABLE memo it was computed with.
+_VERDICTS: dict[tuple, str] = {}
+_VERDICTS_FOR: list = [None]  # the _AVAILABLE dict the verdicts were computed with
+
+
+def resolve_eager(
+    op: str, device: torch.device, unsupported: Mapping[str, str] | None = None
+) -> str:
+    """:func:`resolve` for callers that are not traced by ``torch.compile`` (it reads the
+    ``use_backend`` ContextVar, which dynamo cannot trace). The verdict is cached under a key of
+    everything it depends on: the op, the device, the ``use_backend`` context, the
+    ``set_backend`` state, the ``FASTDIFF_BACKEND`` and ``TRITON_INTERPRET`` values read now (so
+    changes to the environment are seen on the next call) and ``unsupported``'s items.
+    Errors are not cached: a request that cannot run raises on every call."""
+    env = _ENV_DATA
+    if env is not None:
+        fb, ti = env.get(b"FASTDIFF_BACKEND"), env.get(b"TRITON_INTERPRET")
+    else:
+        fb, ti = os.environ.get("FASTDIFF_BACKEND"), os.environ.get("TRITON_INTERPRET")
+    key = (op, device, _ctx_override.get(), _global_key, fb, ti,
+           tuple(unsupported.items()) if unsupported else None)  # fmt: skip
+    if _VERDICTS_FOR[0] is not _AVAILABLE:  # availability was reset (tests): start over
+        _VERDICTS.clear()
+        _VERDICTS_FOR[0] = _AVAILABLE
+    try:
+        hit = _VERDICTS.get(key)
+    except TypeError:  # an unhashable device or reason: no caching
+        return _resolve(op, device, unsupported)
+    if hit is None:
+        hit = _resolve(op, device, unsupported)
+        if len(_VERDICTS) >= 1024:
+            _VERDICTS.clear()
+        _VERDICTS[key] = hit
+    return hit
+
+
+def _resolve(op: str, device: torch.device, unsupported: Mapping[str, str] | None) -> str:
+    """The verdict of :func:`resolve`, computed."""
     dev_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     req = requested_backend(op)
     if req is not None:

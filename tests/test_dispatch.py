@@ -120,3 +120,73 @@ def test_stale_native_build_is_refused_with_a_reason(monkeypatch):
     monkeypatch.setattr(_dispatch, "_AVAILABLE", {})
     ok, reason = _dispatch.backend_available("cpu", "cpu")
     assert not ok and "stale build" in reason
+
+
+def test_cached_verdicts_follow_every_input(monkeypatch):
+    """resolve caches its verdict in eager mode: every input of the verdict is part of the key
+    (env values read on each call, set_backend, use_backend, device, unsupported's items)."""
+    dev = torch.device("cpu")
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    resolve = _dispatch.resolve
+    assert resolve("sampler_step", dev) == resolve("sampler_step", dev) == "cpu"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
+    assert resolve("sampler_step", dev) == "torch"
+    monkeypatch.setenv("FASTDIFF_BACKEND", "sampler_step=cpu,torch")
+    assert resolve("sampler_step", dev) == "cpu"
+    assert resolve("group_norm_silu", dev) == "torch"
+    monkeypatch.delenv("FASTDIFF_BACKEND")
+    assert resolve("group_norm_silu", dev) == "cpu"
+    fastdiff.set_backend("torch")
+    try:
+        assert resolve("sampler_step", dev) == "torch"
+        fastdiff.set_backend("cpu", op="sampler_step")
+        assert resolve("sampler_step", dev) == "cpu"
+        assert resolve("group_norm_silu", dev) == "torch"
+    finally:
+        fastdiff.set_backend(None, op="sampler_step")
+        fastdiff.set_backend(None)
+    assert resolve("group_norm_silu", dev) == "cpu"
+    with fastdiff.use_backend("torch"):
+        assert resolve("sampler_step", dev) == "torch"
+        with fastdiff.use_backend("cpu", op="sampler_step"):
+            assert resolve("sampler_step", dev) == "cpu"
+        assert resolve("sampler_step", dev) == "torch"
+    unsupported = {}
+    assert resolve("sampler_step", dev, unsupported) == "cpu"
+    unsupported["cpu"] = "not these inputs"
+    assert resolve("sampler_step", dev, unsupported) == "torch"
+    assert resolve("sampler_step", "cpu", unsupported) == "torch"
+    with fastdiff.use_backend("cpu"), pytest.raises(RuntimeError, match="not these inputs"):
+        resolve("sampler_step", dev, unsupported)
+    assert resolve("sampler_step", "cpu") == _dispatch._resolve("sampler_step", "cpu", None)
+
+
+def test_cached_verdicts_never_cache_errors(monkeypatch):
+    dev = torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with fastdiff.use_backend("triton"):
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+                _dispatch.resolve("sampler_step", dev)
+        if _dispatch._triton_importable()[0]:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+            assert _dispatch.resolve("sampler_step", dev) == "triton"
+            monkeypatch.setenv("TRITON_INTERPRET", "0")
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+                _dispatch.resolve("sampler_step", dev)
+
+
+def test_cached_verdicts_reset_with_availability(monkeypatch):
+    """A reset of the availability memo (as after a native module change) drops the verdicts."""
+    from fastdiff import _ext
+
+    if not _ext.has_native():
+        pytest.skip("needs fastdiff._C")
+    dev = torch.device("cpu")
+    with fastdiff.use_backend("cpu"):
+        assert _dispatch.resolve("sampler_step", dev) == "cpu"
+        monkeypatch.setattr(_ext, "_C", None)
+        monkeypatch.setattr(_ext, "C_IMPORT_ERROR", "gone for this test")
+        monkeypatch.setattr(_dispatch, "_AVAILABLE", {})
+        with pytest.raises(RuntimeError, match="gone for this test"):
+            _dispatch.resolve("sampler_step", dev)

@@ -445,9 +445,10 @@ def sampler_step(
         _check_device("generator_state", generator_state, x)
         if not generator_state.is_contiguous():
             generator_state = generator_state.contiguous()
-    backend = _dispatch.resolve("sampler_step", x.device, _unsupported(x))
-    pred = PREDICTION_TYPES[prediction_type]
     plain = _plain_eager(x, model_output, coef, noise, generator_state)
+    resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
+    backend = resolve("sampler_step", x.device, _unsupported(x))
+    pred = PREDICTION_TYPES[prediction_type]
     if plain and backend == "cpu":
         r = _fast_cpu(0, x, model_output, coef, noise, generator_state, pred, clip,
                       bool(recompute_eps), g, bool(learned_variance), bool(return_x0))  # fmt: skip
@@ -493,9 +494,10 @@ def dpm_solver_2m_step(
             raise ValueError(
                 f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
             )
-    backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x))
-    pred = PREDICTION_TYPES[prediction_type]
     plain = _plain_eager(x, model_output, coef, x0_prev)
+    resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
+    backend = resolve("dpm_solver_2m_step", x.device, _unsupported(x))
+    pred = PREDICTION_TYPES[prediction_type]
     if plain and backend == "cpu":
         r = _fast_cpu(1, x, model_output, coef, x0_prev, None, pred, clip, False, g, False, True)
         if r is not None:
