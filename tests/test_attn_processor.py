@@ -109,6 +109,30 @@ def test_mask_goes_to_sdpa_and_matches():
     assert proc.sdpa_calls == 1
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("what", ["mask", "float64"])
+def test_sdpa_only_inputs_raise_under_an_explicit_kernel_backend(backend, what):
+    """A mask or float64 goes to SDPA under the automatic choice, but an explicitly requested
+    cuda/triton backend is an error, never a silent SDPA fallback (as in fastdiff.nn.Attention)."""
+    torch.manual_seed(0)
+    attn = DiffusersAttention(query_dim=64, cross_attention_dim=32, heads=2, dim_head=32)
+    x, ctx = torch.randn(2, 10, 64), torch.randn(2, 6, 32)
+    kw = {"attention_mask": torch.zeros(2, 6)} if what == "mask" else {}
+    if what == "float64":
+        attn, x, ctx = attn.double(), x.double(), ctx.double()
+    proc = FastAttnProcessor()
+    with torch.no_grad(), fastdiff.use_backend("sdpa", op="attention"):
+        proc(attn, x, ctx, **kw)
+    msg = f"backend '{backend}' was requested"
+    with (
+        torch.no_grad(),
+        fastdiff.use_backend(backend, op="attention"),
+        pytest.raises(RuntimeError, match=msg),
+    ):
+        proc(attn, x, ctx, **kw)
+    assert proc.sdpa_calls == 1
+
+
 def test_residual_rescale_and_group_norm():
     torch.manual_seed(0)
     attn = DiffusersAttention(

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastdiff import _dispatch
 from fastdiff.ops.attention import attention
 
 __all__ = ["FastAttnProcessor", "set_attn_processor"]
@@ -115,7 +116,8 @@ class FastAttnProcessor:
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any
     ) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v over ``[B x heads x L x Dh]``: fused, or SDPA with a mask
-        or another dtype."""
+        or another dtype. SDPA is PyTorch's (the ``torch``/``sdpa`` backends, and ``cpu`` on CPU
+        tensors): an explicitly requested ``cuda``/``triton`` backend raises instead."""
         fused = (
             mask is None
             and query.dtype in _FUSED_DTYPES
@@ -125,6 +127,14 @@ class FastAttnProcessor:
         if fused:
             self.fused_calls += 1
             return attention(query, key, value)
+        requested = _dispatch.requested_backend("attention")
+        if requested in ("cuda", "triton") or (requested == "cpu" and query.device.type != "cpu"):
+            what = "an attention mask" if mask is not None else f"{query.dtype} inputs"
+            raise RuntimeError(
+                f"fastdiff: backend {requested!r} was requested for attention, but "
+                f"FastAttnProcessor got {what}, which only PyTorch's SDPA runs (use the "
+                f"automatic choice or use_backend('sdpa', op='attention'))"
+            )
         self.sdpa_calls += 1
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False
