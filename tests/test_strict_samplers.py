@@ -1,0 +1,78 @@
+"""Sampler paths the parity and sampling tests did not pin down (found by mutation testing).
+
+Each test compares two routes that must give the same step: a caller-supplied ``coef`` row
+against the sampler's own table, and a thresholding pass that changes nothing against no
+thresholding. A wrong coefficient or a wrong half of the model output in only one route fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import DDIMSampler, DDPMSampler
+
+SHAPE = (2, 3, 5, 7)  # odd spatial sizes
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_ddim_thresholding_with_external_coef_matches_own_table(use_clipped, eta):
+    """CUDA graphs pass ``coef`` from a static buffer: with dynamic thresholding the DDIM step
+    then builds its (a = 0, s = 1) row from that buffer; it must equal the cached table's."""
+    smp = DDIMSampler(
+        NoiseSchedule("linear"),
+        10,
+        eta=eta,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.9,
+        sample_max_value=3.0,
+        use_clipped_model_output=use_clipped,
+    )
+    table = smp.coef_table("cpu")
+    for i in (0, 4, 9):
+        x = torch.randn(SHAPE) * 2.0
+        mo = torch.randn(SHAPE) * 1.5  # x0 = (x - s eps) / a exceeds 1: thresholding is active
+        z = torch.randn(SHAPE)
+        own = smp.step(mo, i, x, noise=z)
+        ext = smp.step(mo, i, x, noise=z, coef=table[i].clone())
+        torch.testing.assert_close(ext, own, rtol=1e-6, atol=1e-6, msg=f"step {i}")
+        assert not torch.equal(own, x)
+
+
+def test_ddpm_noop_thresholding_with_learned_variance_and_guidance_uses_cond_variance():
+    """With every |x0| <= 1, dynamic thresholding changes nothing (s = 1), so the thresholding
+    route must give the plain route's step; that includes sigma from the learned-range variance
+    values of the *conditional* half of ``[uncond, cond]`` (the op's convention)."""
+    n, c = SHAPE[0], SHAPE[1]
+    smp_plain = DDPMSampler(
+        NoiseSchedule("linear"),
+        10,
+        variance_type="learned_range",
+        prediction_type="sample",
+        clip_sample=False,
+    )
+    smp_thr = DDPMSampler(
+        NoiseSchedule("linear"),
+        10,
+        variance_type="learned_range",
+        prediction_type="sample",
+        clip_sample=False,
+        thresholding=True,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=2.0,
+    )
+    g = 1.5
+    for i in (0, 5, 8):  # steps with noise (the last step, t = 0, adds none)
+        x = torch.randn(SHAPE)
+        unc = torch.rand(SHAPE) * 0.6 - 0.3  # x0 = u + g (c - u) stays within [-0.75, 0.75]
+        cond = torch.rand(SHAPE) * 0.6 - 0.3
+        v_unc = torch.rand(SHAPE) * 2 - 1
+        v_cond = torch.rand(SHAPE) * 2 - 1
+        mo = torch.cat([torch.cat([unc, v_unc], 1), torch.cat([cond, v_cond], 1)])
+        assert mo.shape == (2 * n, 2 * c, *SHAPE[2:])
+        z = torch.randn(SHAPE) * 3.0  # large noise: a wrong sigma shows
+        plain = smp_plain.step(mo, i, x, noise=z, guidance_scale=g)
+        thr = smp_thr.step(mo, i, x, noise=z, guidance_scale=g)
+        torch.testing.assert_close(thr, plain, rtol=1e-5, atol=1e-5, msg=f"step {i}")
