@@ -139,6 +139,7 @@ def sample(
         dict with ``return_trajectory``.
     """
     check_model(model, channels_last)
+    _check_flags(callback, cuda_graph, progress, return_trajectory)
     if guidance_scale is not None:
         guidance_scale = _guidance(guidance_scale)
 
@@ -170,6 +171,18 @@ def sample(
         res = loop(model, smp, x, kwargs, guidance_scale, generator, progress, callback,
                    return_trajectory)  # fmt: skip
     return contiguous_result(res, return_trajectory) if back_to_contiguous else res
+
+
+def _check_flags(callback: Any, cuda_graph: Any, progress: Any, return_trajectory: Any) -> None:
+    """Up front, before any work: a bad callback would fail only at the first step."""
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback: expected a callable(i, t, x) or None, got {type(callback).__name__}"
+        )
+    for name, v in (("cuda_graph", cuda_graph), ("progress", progress),
+                    ("return_trajectory", return_trajectory)):  # fmt: skip
+        if not isinstance(v, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
 
 
 # CUDA graphs captured by sample(cuda_graph=True): model -> {key: _StepGraph, "params": ...}

@@ -806,3 +806,24 @@ def test_float64_dtype_error_says_where_the_dtype_came_from():
         fastdiff.sample(lambda x, t: x, steps=2, noise=torch.randn(1, 3, 4, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"got torch.float64$"):
         fastdiff.sample(nn.Conv2d(3, 3, 1), steps=2, shape=(3, 4, 4), dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(callback=5), r"callback: expected a callable\(i, t, x\) or None, got int"),
+        (dict(cuda_graph="yes"), "cuda_graph: expected a bool, got str"),
+        (dict(progress=None), "progress: expected a bool, got NoneType"),
+        (dict(return_trajectory=1), "return_trajectory: expected a bool, got int"),
+    ],
+)
+def test_flags_are_checked_before_any_step(kw, match):
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return x
+
+    with pytest.raises(TypeError, match=match):
+        fastdiff.sample(model, steps=2, shape=(3, 4, 4), **kw)
+    assert calls == []
