@@ -827,3 +827,60 @@ def test_flags_are_checked_before_any_step(kw, match):
     with pytest.raises(TypeError, match=match):
         fastdiff.sample(model, steps=2, shape=(3, 4, 4), **kw)
     assert calls == []
+
+
+class _SyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that read a tensor's value on the host (``.item()``, ``bool(t)``,
+    ``torch.equal``, ``nonzero``): on a CUDA tensor each is a device sync. Armed by the model's
+    first call, so the setup before the loop (host float64 tables) is not counted."""
+
+    SYNC = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.nonzero.default,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.armed, self.seen = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.armed and func in self.SYNC:
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(sampler="ddim"),
+        dict(sampler="ddim", eta=1.0),  # in-kernel Philox noise
+        dict(sampler="ddpm"),
+        dict(sampler="dpm++"),
+        dict(sampler="euler"),
+        dict(sampler="ddim", cfg=True),
+    ],
+    ids=["ddim", "ddim-eta1", "ddpm", "dpm++", "euler", "ddim-cfg"],
+)
+@torch.no_grad()
+def test_no_host_sync_inside_the_sampling_loop(opts):
+    """The loop reads no tensor value on the host (the README's "no .item() in the loop")."""
+    opts = dict(opts)
+    spy = _SyncSpy()
+    if opts.pop("cfg", False):
+        net = CtxNet()
+        opts.update(cond=torch.randn(2, 2, 4), uncond=torch.randn(2, 2, 4), guidance_scale=3.0)
+        opts.update(shape=(3, 4, 4))
+    else:
+        net = _tiny_unet()
+        opts.update(shape=(net.config.in_channels, 8, 8))
+
+    def model(x, t, encoder_hidden_states=None):  # the name tells sample() where cond goes
+        spy.armed = True
+        return net(x, t) if encoder_hidden_states is None else net(x, t, encoder_hidden_states)
+
+    with spy:
+        out = fastdiff.sample(model, steps=4, batch_size=2, **opts)
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
