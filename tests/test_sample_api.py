@@ -863,24 +863,34 @@ class _SyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
     ],
     ids=["ddim", "ddim-eta1", "ddpm", "dpm++", "euler", "ddim-cfg"],
 )
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_no_host_sync_inside_the_sampling_loop(opts):
-    """The loop reads no tensor value on the host (the README's "no .item() in the loop")."""
+def test_no_host_sync_inside_the_sampling_loop(opts, device):
+    """The loop reads no tensor value on the host (the README's "no .item() in the loop"). On
+    CUDA, torch.cuda.set_sync_debug_mode("error") is armed too: any synchronizing call raises."""
     opts = dict(opts)
     spy = _SyncSpy()
     if opts.pop("cfg", False):
         net = CtxNet()
-        opts.update(cond=torch.randn(2, 2, 4), uncond=torch.randn(2, 2, 4), guidance_scale=3.0)
-        opts.update(shape=(3, 4, 4))
+        cond, uncond = torch.randn(2, 2, 4, device=device), torch.randn(2, 2, 4, device=device)
+        opts.update(cond=cond, uncond=uncond, guidance_scale=3.0, shape=(3, 4, 4))
     else:
         net = _tiny_unet()
         opts.update(shape=(net.config.in_channels, 8, 8))
+    net.to(device)
+    cuda = device == "cuda"
 
     def model(x, t, encoder_hidden_states=None):  # the name tells sample() where cond goes
         spy.armed = True
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
         return net(x, t) if encoder_hidden_states is None else net(x, t, encoder_hidden_states)
 
-    with spy:
-        out = fastdiff.sample(model, steps=4, batch_size=2, **opts)
+    try:
+        with spy:
+            out = fastdiff.sample(model, steps=4, batch_size=2, device=device, **opts)
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
     assert spy.armed and torch.isfinite(out).all()
     assert spy.seen == []
