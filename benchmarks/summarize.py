@@ -4,7 +4,8 @@
 
 For every benchmark group the "eager" variant is the baseline; each variant gets its time, its
 speed-up over eager measured in the same run, GB/s and % of the measured device-copy bandwidth
-(the "copy" group), and TFLOP/s where the benchmark declared its flops.
+(the "copy" group), TFLOP/s where the benchmark declared its flops, and in attention groups the
+fastest SDPA variant (default / flash / efficient / cuDNN) and each variant's ratio to it.
 """
 
 from __future__ import annotations
@@ -102,8 +103,21 @@ def rows_from(benchmarks: list[dict]) -> list[dict]:
                     r["pct_of_copy_bw"] = 100.0 * r["GB/s"] / copy_bw
             if r["flops"]:
                 r["TFLOP/s"] = r["flops"] / (r["time_us"] * 1e-6) / 1e12
+        _vs_best_sdpa(rs)
         out += rs
     return out
+
+
+def _vs_best_sdpa(rs: list[dict]) -> None:
+    """In a group that timed PyTorch's SDPA ("sdpa", "sdpa-flash", ...): which SDPA variant was
+    fastest, and every variant's speed-up over it (issue 5's bar: >= 1.0x the best SDPA)."""
+    sdpa = [r for r in rs if r["variant"] == "sdpa" or r["variant"].startswith("sdpa-")]
+    if not sdpa:
+        return
+    best = min(sdpa, key=lambda r: r["time_us"])
+    for r in rs:
+        r["best_sdpa"] = best["variant"]
+        r["speedup_vs_best_sdpa"] = best["time_us"] / r["time_us"]
 
 
 def load(bench_json: str) -> list[dict]:
@@ -141,25 +155,31 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Rows as a text table: median time per call, x eager (same run), GB/s, % copy, TFLOP/s."""
+    """Rows as a text table: median time per call, x eager (same run), x the group's best SDPA
+    variant (marked ``*``), GB/s, % copy, TFLOP/s."""
     gw = max([len("group")] + [len(r["group"]) for r in rows])
-    vw = max([len("variant")] + [len(r["variant"]) for r in rows])
-    fmt = f"{{:<{gw}}}  {{:<{vw}}}  {{:>9}}  {{:>7}}  {{:>8}}  {{:>6}}  {{:>7}}"
-    lines = [fmt.format("group", "variant", "median", "x eager", "GB/s", "%copy", "TFLOP/s")]
+    vw = max([len("variant")] + [len(r["variant"]) + 1 for r in rows])
+    fmt = f"{{:<{gw}}}  {{:<{vw}}}  {{:>9}}  {{:>7}}  {{:>6}}  {{:>8}}  {{:>6}}  {{:>7}}"
+    head = ("group", "variant", "median", "x eager", "x sdpa", "GB/s", "%copy", "TFLOP/s")
+    lines = [fmt.format(*head)]
     prev = None
     for r in rows:
+        best = "*" if r.get("best_sdpa") == r["variant"] else ""
         lines.append(
             fmt.format(
                 r["group"] if r["group"] != prev else "",
-                r["variant"],
+                r["variant"] + best,
                 _time(r["time_us"]),
                 _num(r.get("speedup_vs_eager"), ".2f"),
+                _num(r.get("speedup_vs_best_sdpa"), ".2f"),
                 _num(r.get("GB/s"), ".3g"),
                 _num(r.get("pct_of_copy_bw"), ".0f"),
                 _num(r.get("TFLOP/s"), ".3g"),
             )
         )
         prev = r["group"]
+    if any("best_sdpa" in r for r in rows):
+        lines.append("x sdpa: speed-up over the fastest SDPA variant of the group (marked *)")
     return "\n".join(lines)
 
 

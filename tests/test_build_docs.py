@@ -78,6 +78,31 @@ def test_summarize_rows_grouped_eager_first_and_ratios():
     assert lines[0].split()[:4] == ["group", "variant", "median", "x"]
     assert "3.00" in lines[2] and "1 ms" in lines[2] and "4" in lines[2]
     assert "nan" not in text
+    assert "x sdpa" not in text.splitlines()[-1]  # no SDPA variant: no footnote
+
+
+def test_summarize_names_the_best_sdpa_variant():
+    """Issue 5: compare with SDPA's default and its best backend, and record which it was."""
+    summarize = _summarize()
+    cases = [
+        _case("attn", "eager", 8e-3),
+        _case("attn", "sdpa", 3e-3),
+        _case("attn", "sdpa-flash", 2e-3),
+        _case("attn", "sdpa-efficient", 2.5e-3),
+        _case("attn", "fused-triton", 1.6e-3),
+        _case("gn", "eager", 2e-3),
+        _case("gn", "fused", 1e-3),
+    ]
+    rows = summarize.rows_from(cases)
+    by = {(r["group"], r["variant"]): r for r in rows}
+    assert {r["best_sdpa"] for r in rows if r["group"] == "attn"} == {"sdpa-flash"}
+    assert by["attn", "fused-triton"]["speedup_vs_best_sdpa"] == pytest.approx(1.25)
+    assert by["attn", "sdpa"]["speedup_vs_best_sdpa"] == pytest.approx(2 / 3)
+    assert "best_sdpa" not in by["gn", "fused"]
+    lines = summarize.table(rows).splitlines()
+    assert lines[0].split()[5:7] == ["x", "sdpa"]
+    assert [ln for ln in lines if "sdpa-flash*" in ln] and "1.25" in lines[5]
+    assert lines[-1].startswith("x sdpa:")
 
 
 @pytest.mark.parametrize(
