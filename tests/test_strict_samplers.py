@@ -76,3 +76,22 @@ def test_ddpm_noop_thresholding_with_learned_variance_and_guidance_uses_cond_var
         plain = smp_plain.step(mo, i, x, noise=z, guidance_scale=g)
         thr = smp_thr.step(mo, i, x, noise=z, guidance_scale=g)
         torch.testing.assert_close(thr, plain, rtol=1e-5, atol=1e-5, msg=f"step {i}")
+
+
+@pytest.mark.parametrize("steps", [12, 14, 15])
+def test_dpm_solver_lower_order_final_threshold_matches_diffusers(steps):
+    """With ``final_sigmas_type="sigma_min"`` the last step is first order only for fewer than
+    15 steps (diffusers' ``lower_order_final``); the parity tests ran 8 and 20 steps, so any
+    threshold in 9..20 passed them. 14 and 15 sit on both sides of the boundary."""
+    pytest.importorskip("diffusers")
+    import diffusers
+    import test_samplers_parity as par
+
+    from fastdiff.samplers import DPMSolverPPSampler
+
+    sch, cfg = par._schedule("scaled_linear")
+    opts = dict(final_sigmas_type="sigma_min")
+    theirs = diffusers.DPMSolverMultistepScheduler(**cfg, **opts)
+    theirs.set_timesteps(steps)
+    ours = DPMSolverPPSampler(sch, steps, **opts)
+    par._loop(ours, theirs, lambda mo, t, x, z: theirs.step(mo, t, x).prev_sample, steps)
