@@ -95,3 +95,23 @@ def test_dpm_solver_lower_order_final_threshold_matches_diffusers(steps):
     theirs.set_timesteps(steps)
     ours = DPMSolverPPSampler(sch, steps, **opts)
     par._loop(ours, theirs, lambda mo, t, x, z: theirs.step(mo, t, x).prev_sample, steps)
+
+
+def test_dpm_solver_reused_sampler_mid_schedule_start_ignores_stale_history():
+    """A sampler that just finished a run and then starts another at step i > 0 (img2img)
+    holds the history of its last step, not of step i - 1: the new run's first step must be
+    first order, exactly as on a fresh sampler."""
+    from fastdiff.samplers import DPMSolverPPSampler
+
+    sch = NoiseSchedule("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    reused = DPMSolverPPSampler(sch, 10)
+    x = torch.randn(SHAPE)
+    for i in range(10):  # a full run: the history is now step 9's x0
+        x = reused.step(torch.randn(SHAPE), i, x)
+    fresh = DPMSolverPPSampler(sch, 10)
+    x_a = x_b = torch.randn(SHAPE)
+    for i in range(3, 10):
+        mo = torch.randn(SHAPE)
+        x_a = reused.step(mo, i, x_a)
+        x_b = fresh.step(mo, i, x_b)
+        torch.testing.assert_close(x_a, x_b, rtol=0, atol=0, msg=f"step {i}")
