@@ -45,7 +45,7 @@ def test_index_broken_detects_a_failing_or_wrong_conversion():
 
 def test_patched_interpreter_hook_converts_one_element_arrays_and_restores():
     interpreter = pytest.importorskip("triton.runtime.interpreter")
-    assert _compat.patch_interpreter()
+    assert _compat.patch_interpreter(force=True)
     assert _compat.patch_interpreter()  # idempotent: wrapped once
     hook = interpreter._patch_lang_tensor
     assert hasattr(hook, "__wrapped__") and not hasattr(hook.__wrapped__, "__wrapped__")
@@ -59,6 +59,23 @@ def test_patched_interpreter_hook_converts_one_element_arrays_and_restores():
         assert Stand.__index__(_handle(data)) == int(data.reshape(-1)[0])
     scope.restore()
     assert "__index__" not in vars(Stand)  # the launch's scope undoes the shim with the rest
+
+
+def test_interpreting_reads_tritons_setting(monkeypatch):
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if not hasattr(runtime, "interpret"):
+        pytest.skip("this Triton has no knobs: the environment fallback is tested below")
+    for val in (True, False):
+        monkeypatch.setattr(runtime, "interpret", val)
+        assert _compat.interpreting() is val
+
+
+def test_interpreting_falls_back_to_the_environment(monkeypatch):
+    monkeypatch.setattr(triton, "knobs", types.SimpleNamespace(), raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _compat.interpreting() is True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _compat.interpreting() is False
 
 
 def test_interpreter_loop_over_a_runtime_bound():

@@ -14,11 +14,24 @@ the installed Triton behaves.
 
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
 
 _PATCHED = False
+
+
+def interpreting() -> bool:
+    """Whether ``@triton.jit`` builds interpreted functions now (``TRITON_INTERPRET``), read as
+    Triton reads it (``triton.knobs.runtime.interpret``; the environment variable where Triton
+    has no knobs). Triton decides at decoration time, i.e. when a kernel module is imported."""
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is not None and hasattr(runtime, "interpret"):
+        return bool(runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _index_broken(index_fn) -> bool:
@@ -34,17 +47,20 @@ def _index(self) -> int:
     return int(self.handle.data.squeeze())
 
 
-def patch_interpreter() -> bool:
+def patch_interpreter(force: bool = False) -> bool:
     """Make the Triton interpreter's scalar ``__index__`` NumPy-2.4-safe where it is not.
 
     Wraps ``triton.runtime.interpreter._patch_lang_tensor`` (called at each interpreted launch) so
     that after it installs its ``__index__`` on ``tl.tensor`` a broken one is replaced, through
-    the same restore scope, by ``int(data.squeeze())``. Idempotent; returns whether the wrapper
-    is installed. A Triton without that hook (a future layout) is left alone.
+    the same restore scope, by ``int(data.squeeze())``. Only when :func:`interpreting` (or
+    ``force``): a compiled-kernel process never imports the interpreter. Idempotent; returns
+    whether the wrapper is installed. A Triton without that hook (a future layout) is left alone.
     """
     global _PATCHED
     if _PATCHED:
         return True
+    if not (force or interpreting()):
+        return False
     try:
         from triton.runtime import interpreter
     except Exception:  # no interpreter module in this Triton: nothing to patch
