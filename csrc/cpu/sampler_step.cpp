@@ -1,7 +1,11 @@
 // CPU kernel of the fused sampler update: OpenMP over (sample, tile) pairs, each tile staged
 // through fp32 buffers in L1 so the math and Philox loops vectorise (omp simd).
 // No FP traps are ever enabled: let GCC if-convert the selects in the tile loops (vectorise).
-#pragma GCC optimize("no-trapping-math")
+// Pre-register-allocation scheduling (register-pressure aware; off by default on x86): the
+// pipelined Philox + Box-Muller loop spills less (316 vs 356 stack accesses in
+// gen_normals_avx2); same instructions' results (outputs bit-identical). Measured at 1 thread:
+// eta1 step min unchanged (~100-107 us), paired median per round 0.1-6 us faster under load.
+#pragma GCC optimize("no-trapping-math", "schedule-insns", "sched-pressure")
 #include <algorithm>
 #include <cstring>
 #if defined(__x86_64__) && defined(__GNUC__)
