@@ -317,9 +317,9 @@ def test_benchmark_run_prints_ratio_and_bandwidth_per_case():
     )
     assert r.returncode == 0, r.stdout[-2000:]
     summary = r.stdout[r.stdout.index("fastdiff: each case vs eager") :].splitlines()
-    assert summary[1].split()[-5:] == ["x", "eager", "GB/s", "%copy", "TFLOP/s"]
+    assert summary[1].split()[-7:] == ["x", "eager", "x", "sdpa", "GB/s", "%copy", "TFLOP/s"]
     fused = next(line for line in summary if " fused " in f" {line} ")
-    ratio, gbs = fused.split()[-4], fused.split()[-3]
+    ratio, gbs = fused.split()[-5], fused.split()[-3]
     assert float(ratio) > 0 and float(gbs) > 0
 
 
