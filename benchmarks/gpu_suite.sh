@@ -3,8 +3,12 @@
 #   1. build and install fastdiff with the CUDA kernels,
 #   2. run the whole test suite with the cuda and triton backends live,
 #   3. run the benchmarks (incl. the device-copy roofline),
-#   4. write one JSON under $OUT when set, else benchmarks/results/, and print a short table.
-# Usage: bash benchmarks/gpu_suite.sh [tests|bench|all]   (default all)
+#   4. write one JSON under $OUT when set, else benchmarks/results/, print a short table, and
+#      plot the end-to-end time per step (PNG).
+# Usage: bash benchmarks/gpu_suite.sh [tests|bench|e2e-compile|all]   (default all = tests bench)
+# e2e-compile: the end-to-end runs again with torch.compile(mode="max-autotune*") beside eager and
+# fastdiff (issue 6's comparison, same run); autotuning takes minutes per model, so it is its own
+# stage with its own timeout (COMPILE_TIMEOUT, 1500 s) and JSON/PNG.
 # Environment: FORCE_BUILD=1 (rebuild even if a CUDA build is installed), FASTDIFF_BENCH_COMPILE=0
 # (skip the torch.compile variants), TEST_ARGS / BENCH_ARGS (extra pytest words, split on spaces),
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage, 420), TEST_WORKERS (pytest-xdist, 8; 0 = one
@@ -15,9 +19,9 @@ what="${1:-all}"
 # Checked before anything else: a typo (or --help) must not start a CUDA build first.
 for stage in ${what/all/tests bench}; do
   case "$stage" in
-    tests | bench) ;;
+    tests | bench | e2e-compile) ;;
     *)
-      echo "usage: bash benchmarks/gpu_suite.sh [tests|bench|all]  (stages may be combined: \"bench tests\")"
+      echo "usage: bash benchmarks/gpu_suite.sh [tests|bench|e2e-compile|all]  (stages may be combined: \"bench tests\")"
       exit 2
       ;;
   esac
@@ -91,13 +95,38 @@ for stage in ${what/all/tests bench}; do
     bench)
       echo "== benchmarks"
       rm -f "$dest/bench.json"
+      ran_bench=1
       # shellcheck disable=SC2086  # $BENCH_ARGS is a word list
       timeout -s INT "${BENCH_TIMEOUT:-420}" pytest "${bench_files[@]}" --benchmark-only -q -p no:cacheprovider \
         --benchmark-json="$dest/bench.json" ${BENCH_ARGS:-} >"$dest/bench.log" 2>&1
       grep -iE "passed|failed|error|no tests ran" "$dest/bench.log" | tail -3
       ;;
+    e2e-compile)
+      echo "== end to end with torch.compile (max-autotune: minutes per model)"
+      rm -f "$dest/e2e-compile.json"
+      ran_compile=1
+      # shellcheck disable=SC2086  # $BENCH_ARGS is a word list
+      FASTDIFF_BENCH_E2E_COMPILE=1 timeout -s INT "${COMPILE_TIMEOUT:-1500}" pytest benchmarks/bench_e2e.py \
+        --benchmark-only -q -p no:cacheprovider --benchmark-json="$dest/e2e-compile.json" \
+        ${BENCH_ARGS:-} >"$dest/e2e-compile.log" 2>&1
+      grep -iE "passed|failed|error|no tests ran" "$dest/e2e-compile.log" | tail -3
+      ;;
   esac
 done
-if [ -s "$dest/bench.json" ]; then
+# Only what this invocation ran is summarized (a stale JSON of an earlier run is not).
+if [ -n "${ran_bench:-}" ] && [ -s "$dest/bench.json" ]; then
+  # One command may not hold both stages (a lent GPU allows 10 minutes per command): the tests
+  # of an earlier `gpu_suite.sh tests` in the same $dest are attached, and said to be.
+  if [ ${#junit[@]} -eq 0 ] && [ -s "$dest/tests.xml" ]; then
+    echo "gpu_suite: attaching $dest/tests.xml of an earlier tests stage"
+    junit=(--junit "$dest/tests.xml")
+  fi
   python benchmarks/summarize.py "$dest/bench.json" ${junit[@]+"${junit[@]}"} --out "$dest/gpu-$gpu-$stamp.json"
+  python benchmarks/plot_e2e.py "$dest/bench.json" --out "$dest/e2e-$gpu-$stamp.png" ||
+    echo "gpu_suite: no e2e plot (matplotlib missing or no e2e case)"
+fi
+if [ -n "${ran_compile:-}" ] && [ -s "$dest/e2e-compile.json" ]; then
+  python benchmarks/summarize.py "$dest/e2e-compile.json" --out "$dest/gpu-$gpu-$stamp-e2e-compile.json"
+  python benchmarks/plot_e2e.py "$dest/e2e-compile.json" --out "$dest/e2e-compile-$gpu-$stamp.png" ||
+    echo "gpu_suite: no e2e-compile plot (matplotlib missing or no e2e case)"
 fi
