@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import backend_cases, case_id
 
 import fastdiff
+from fastdiff.ops.group_norm_silu import group_norm_silu
 from fastdiff.ops.sampler_step import sampler_step
 
 SHAPE = (3, 4, 5, 7)  # [N x C x H x W], odd spatial sizes
@@ -46,3 +49,27 @@ def test_cpu_fast_path_plan_follows_model_output_strides():
             got = sampler_step(x, m, coef, guidance_scale=g, clip_range=1.0)
             ref = _torch_step(x, m, coef, guidance_scale=g, clip_range=1.0)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"model output {k}")
+
+
+GN_CASES = backend_cases("group_norm_silu")
+
+
+@pytest.mark.parametrize("case", GN_CASES, ids=[case_id(c) for c in GN_CASES])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_silu_is_relatively_accurate_deep_in_the_negative_range(case, channels_last):
+    """silu(v) for v in [-87.9, -60] is a normal fp32 number (down to -6e-37), not -0: the
+    kernels' underflow select must start only where e^-v overflows (v < -88). The SiLU range
+    test allows 1e-12 absolute, which a kernel returning -0 below -80 passed."""
+    dev, backend = case
+    c = 64
+    x = torch.randn(1, c, 3, 5, device=dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    v = torch.linspace(-87.9, -60.0, c, device=dev)
+    with fastdiff.use_backend(backend, op="group_norm_silu"):
+        y = group_norm_silu(x, 8, torch.zeros(c, device=dev), v)  # weight 0: y = silu(bias)
+    want = F.silu(v.double())[None, :, None, None].expand_as(y)
+    assert (want.abs() > 1e-37).all()
+    rtol = 1e-5 if dev == "cpu" else 1e-4  # CUDA's __expf: 2 + 1.17|x| ulp
+    rel = ((y.double() - want).abs() / want.abs()).max().item()
+    assert rel <= rtol, (backend, rel)
