@@ -135,7 +135,10 @@ def requested_backend(op: str) -> str | None:
             return _global_override[None]
     env = _getenv("FASTDIFF_BACKEND")
     if env:
-        table = _parse_env(env)
+        try:
+            table = _parse_env(env)
+        except ValueError as exc:  # say where the bad name came from
+            raise ValueError(f"FASTDIFF_BACKEND={env!r}: {exc}") from None
         if table:
             return table.get(op, table.get(None))
     return None

@@ -190,3 +190,15 @@ def test_cached_verdicts_reset_with_availability(monkeypatch):
         monkeypatch.setattr(_dispatch, "_AVAILABLE", {})
         with pytest.raises(RuntimeError, match="gone for this test"):
             _dispatch.resolve("sampler_step", dev)
+
+
+def test_bad_env_var_error_names_the_variable(monkeypatch):
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    monkeypatch.setenv("FASTDIFF_BACKEND", "bogus")
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"FASTDIFF_BACKEND='bogus': unknown fastdiff backend"):
+        group_norm_silu(x, 2)
+    monkeypatch.setenv("FASTDIFF_BACKEND", "attention=torch,nope=cpu")
+    with pytest.raises(ValueError, match=r"FASTDIFF_BACKEND='attention=torch,nope=cpu': .*nope"):
+        group_norm_silu(x, 2)
