@@ -111,6 +111,22 @@ def test_strided_views_of_fused_qkv(case, nan_empty):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_nan_inf_masks_match_the_reference(case, dtype, nan_empty):
+    """A NaN query spoils its row; a NaN key its (b, h) block; an inf value its column of that
+    (b, h): the NaN/inf masks equal the float64 reference's, the finite rest by the FA rule."""
+    dev, backend = case
+    q, k, v = _qkv(2, 2, 7, 9, 40, dtype, dev)
+    q[0, 0, 3, 5] = float("nan")
+    k[1, 1, 4, 0] = float("nan")
+    v[0, 1, 2, 7] = float("inf")
+    out = _run(backend, q, k, v)
+    _check(out, q, k, v, name=f"{backend}-{dtype}")
+    assert torch.isnan(out[0, 0, 3]).all() and torch.isnan(out[1, 1]).all()
+    assert torch.isinf(out[0, 1, :, 7]).all() and torch.isfinite(out[1, 0]).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_custom_scale(case, nan_empty):
     dev, backend = case
     q, k, v = _qkv(1, 2, 17, 23, 64, torch.float32, dev)

@@ -239,6 +239,24 @@ def test_output_fully_written(case):
     torch.testing.assert_close(out2[1], out[1])
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_nan_inf_masks_match_the_reference(case, layout):
+    """An inf spoils its own group (mean inf, variance NaN), a NaN in add its (n, c) row's group,
+    an inf in shift only its channel: NaN/inf masks as the float64 reference, the rest by the
+    FA rule."""
+    device, backend = case
+    x, p = _inputs((2, 24, 5, 7), torch.float32, device, cond=True)
+    x = _to_layout(x, layout)
+    x[0, 3, 2, 4] = float("inf")
+    p["add"][1, 17] = float("nan")
+    p["shift"][1, 2] = float("inf")
+    out = _run(backend, x, 4, p)
+    _check(out, x, 4, p)
+    assert torch.isnan(out[0, :6]).all() and torch.isfinite(out[0, 6:]).all()
+    assert torch.isnan(out[1, 12:18]).all() and torch.isinf(out[1, 2]).all()
+
+
 TRITON_CASES = [c for c in CASES if c[1] == "triton"]
 
 

@@ -363,7 +363,7 @@ struct GroupAcc {
     const double d = s1 * inv_hw;
     const double mc = k + d + add;
     const double v = s2 - s1 * d;
-    m2 += v > 0.0 ? v : 0.0;
+    m2 += gn::nonneg(v);
     if (count++ == 0) mu0 = mc;
     const double e = mc - mu0;
     d1 += e;
@@ -372,7 +372,7 @@ struct GroupAcc {
   inline void finish(int64_t hw, float eps, float* mean, float* rstd) const {
     const double dm = d1 / (double)count;
     const double spread = d2 - d1 * dm;
-    const double total = m2 + (double)hw * (spread > 0.0 ? spread : 0.0);
+    const double total = m2 + (double)hw * gn::nonneg(spread);
     *mean = (float)(mu0 + dm);
     *rstd = gn::rstd_from((float)(total / ((double)count * (double)hw)), eps);
   }

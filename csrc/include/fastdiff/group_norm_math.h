@@ -110,13 +110,20 @@ FD_GN void fold(float mean, float rstd, float w, float bias, float add, float sc
   *b = ((add - mean) * ws + bias) * s1 + shift;
 }
 
+// max(v, 0) for a rounding-negative sum of squares, with NaN passing through: an inf in a group
+// makes its M2 inf - inf = NaN, and `v > 0 ? v : 0` would turn that into 0 (a finite rstd, then
+// (x - inf) * rstd = -inf where the reference has NaN).
+template <typename Acc>
+FD_GN Acc nonneg(Acc v) {
+  return v < Acc(0) ? Acc(0) : v;
+}
+
 // Shifted sums (relative to shift k) over `count` elements -> (mean, M2).
 template <typename Acc>
 FD_GN void shifted_to_moments(Acc k, Acc s1, Acc s2, Acc count, Acc* mean, Acc* m2) {
   Acc d = s1 / count;
   *mean = k + d;
-  Acc v = s2 - s1 * d;
-  *m2 = v > Acc(0) ? v : Acc(0);
+  *m2 = nonneg(s2 - s1 * d);
 }
 
 }  // namespace gn
