@@ -213,3 +213,15 @@ def test_readme_h100_numbers_are_the_committed_json():
                 assert any(round(v, digits) == value or f"{v:.3g}" == num[0] for v in pool), (
                     f"README H100 table: {num[0]}{num[1]} is not in the committed JSON"
                 )
+
+
+def test_ci_runs_the_readme_install_and_test_commands_verbatim():
+    """CI installs exactly as README says and runs README's test command (the brief's rule)."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    test_cmd = "TRITON_INTERPRET=1 pytest tests -q"
+    assert f'pip install ".[test]" && {test_cmd}' in readme
+    assert re.search(rf"^{re.escape(test_cmd)}$", ci, re.M), "CI's test line differs from README"
+    assert "pip install torch==2.13.0" in readme
+    assert re.search(r"^pip install -q torch==2\.13\.0$", ci, re.M)
+    assert re.search(r'^pip install -q "\.\[test\]"$', ci, re.M)
