@@ -45,8 +45,9 @@ def _fold_affine(
     W, B, SCALE, SHIFT,  # (C,) weight/bias, (N, C) scale/shift rows; unused when absent
     n, c, c_ok,  # sample index, [BLOCK_C] channel indices and their mask
     stride_scale, stride_shift,  # row strides of SCALE / SHIFT
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr,  # weight / bias given (else 1 / 0)
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,  # scale / shift given (else 0)
+    BLOCK_C: tl.constexpr,  # >= CPG, power of 2: channels of the group
 ):  # fmt: skip
     """Fold mean, rstd, weight, bias, (1 + scale) and shift into y = a * x + b per channel."""
     ws = tl.zeros([BLOCK_C], dtype=tl.float32) + rstd
@@ -86,12 +87,12 @@ def _gn_fused_kernel(
     stride_shift,  # element stride between rows of SHIFT
     cnt,  # float(CPG * HW): elements per group
     eps,  # added to the variance
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_ADD: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    SILU: tl.constexpr,
+    HAS_W: tl.constexpr,  # weight given (else 1)
+    HAS_B: tl.constexpr,  # bias given (else 0)
+    HAS_ADD: tl.constexpr,  # add given (else 0)
+    HAS_SCALE: tl.constexpr,  # scale given (else 0)
+    HAS_SHIFT: tl.constexpr,  # shift given (else 0)
+    SILU: tl.constexpr,  # apply SiLU (else plain GroupNorm)
     BLOCK_C: tl.constexpr,  # >= CPG, power of 2
     BLOCK_S: tl.constexpr,  # >= HW, power of 2
 ):
@@ -189,11 +190,11 @@ def _gn_finalize_kernel(
     stride_shift,  # element stride between rows of SHIFT
     m,  # float(HW): elements per channel
     eps,  # added to the variance
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_ADD: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
+    HAS_W: tl.constexpr,  # weight given (else 1)
+    HAS_B: tl.constexpr,  # bias given (else 0)
+    HAS_ADD: tl.constexpr,  # add given (else 0)
+    HAS_SCALE: tl.constexpr,  # scale given (else 0)
+    HAS_SHIFT: tl.constexpr,  # shift given (else 0)
     BLOCK_C: tl.constexpr,  # >= CPG
     BLOCK_P: tl.constexpr,  # >= SPLIT
 ):
@@ -214,7 +215,9 @@ def _gn_finalize_kernel(
     if HAS_ADD:
         add = tl.load(ADD + n * stride_add + c, mask=c_ok, other=0.0).to(tl.float32)
     mean_c = k + dm + add  # channel means of u = x + add
-    m2_c = tl.maximum(s2 - s1 * dm, 0.0)
+    v = s2 - s1 * dm
+    # max(v, 0) keeping NaN (an inf in the group): tl.maximum drops NaN on a GPU (fmaxf)
+    m2_c = tl.where(v < 0.0, 0.0, v)
     # group mean relative to the first channel's: exact when all channel means agree
     kg = tl.sum(tl.where(c_loc == 0, mean_c, 0.0), axis=0)
     mean = kg + tl.sum(tl.where(c_ok, mean_c - kg, 0.0), axis=0) / CPG
@@ -239,7 +242,7 @@ def _gn_apply_kernel(
     HW,  # spatial size
     stride_c,  # element stride between channels
     stride_s,  # element stride between spatial positions
-    SILU: tl.constexpr,
+    SILU: tl.constexpr,  # apply SiLU (else plain GroupNorm)
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile
 ):
