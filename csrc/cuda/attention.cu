@@ -103,9 +103,12 @@ __global__ void __launch_bounds__(kWarps * 32)
                         const uint16_t* __restrict__ K,  // [B x H x Lk x D]
                         const uint16_t* __restrict__ V,  // [B x H x Lk x D]
                         uint16_t* __restrict__ O,        // [B x H x Lq x D] contiguous
-                        int64_t H, int64_t Lq, int64_t Lk, int64_t sqb, int64_t sqh, int64_t sqm,
-                        int64_t skb, int64_t skh, int64_t skn, int64_t svb, int64_t svh,
-                        int64_t svn, float scale_log2) {
+                        int64_t H,                    // heads
+                        int64_t Lq, int64_t Lk,       // query / key lengths
+                        int64_t sqb, int64_t sqh, int64_t sqm,  // Q strides (batch, head, row)
+                        int64_t skb, int64_t skh, int64_t skn,  // K strides (batch, head, row)
+                        int64_t svb, int64_t svh, int64_t svn,  // V strides (batch, head, row)
+                        float scale_log2) {           // softmax scale * log2(e)
   constexpr int DK = (D + 15) / 16 * 16;  // QK^T contraction, padded to the mma's k = 16
   constexpr int KS = DK / 16;             // k-steps of QK^T
   constexpr int ND = D / 8;               // n = 8 tiles of the output
@@ -255,9 +258,12 @@ __global__ void __launch_bounds__(kF32Rows)
                         const float* __restrict__ K,  // [B x H x Lk x D]
                         const float* __restrict__ V,  // [B x H x Lk x D]
                         float* __restrict__ O,        // [B x H x Lq x D] contiguous
-                        int64_t H, int64_t Lq, int64_t Lk, int64_t sqb, int64_t sqh, int64_t sqm,
-                        int64_t skb, int64_t skh, int64_t skn, int64_t svb, int64_t svh,
-                        int64_t svn, float scale_log2) {
+                        int64_t H,                    // heads
+                        int64_t Lq, int64_t Lk,       // query / key lengths
+                        int64_t sqb, int64_t sqh, int64_t sqm,  // Q strides (batch, head, row)
+                        int64_t skb, int64_t skh, int64_t skn,  // K strides (batch, head, row)
+                        int64_t svb, int64_t svh, int64_t svn,  // V strides (batch, head, row)
+                        float scale_log2) {           // softmax scale * log2(e)
   __shared__ float Ks[kF32BN][D];
   __shared__ float Vs[kF32BN][D];
   const int64_t bh = blockIdx.x;

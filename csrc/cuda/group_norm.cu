@@ -121,8 +121,12 @@ struct DevParams {
 // (needs cpg % V == 0).
 template <typename T, int V, bool NHWC>
 __global__ void __launch_bounds__(kFusedThreads)
-    gn_fused_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t C, int64_t HW, int64_t G,
-                    DevParams p) {
+    gn_fused_kernel(const T* __restrict__ x,  // [N x C x HW] (NCHW) or [N x HW x C] (NHWC) input
+                    T* __restrict__ y,        // same shape and layout as x: output
+                    int64_t C,                // channels
+                    int64_t HW,               // spatial positions per channel
+                    int64_t G,                // groups (C % G == 0)
+                    DevParams p) {            // weight/bias, add/scale/shift rows, eps, silu
   extern __shared__ float sm[];  // [3 * cpg]: add, a, b of the group's channels
   const int64_t ng = blockIdx.x;
   const int64_t n = ng / G, g = ng % G;
@@ -198,8 +202,12 @@ __global__ void __launch_bounds__(kFusedThreads)
 // Writes s1 = sum(x - k_c), s2 = sum((x - k_c)^2) with k_c = x[n, c, 0].
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_row_stats_kernel(const T* __restrict__ x, float* __restrict__ S1, float* __restrict__ S2,
-                        int64_t HW, int64_t split, int64_t chunk) {
+    gn_row_stats_kernel(const T* __restrict__ x,  // [N*C x HW] NCHW input
+                        float* __restrict__ S1,   // [N*C x split] shifted sums (out)
+                        float* __restrict__ S2,   // [N*C x split] shifted squared sums (out)
+                        int64_t HW,               // spatial positions per row
+                        int64_t split,            // chunks per row
+                        int64_t chunk) {          // positions per chunk
   const int64_t row = blockIdx.x / split, sp = blockIdx.x % split;
   const T* xr = x + row * HW;
   const float k = to_f(xr[0]);
@@ -227,8 +235,14 @@ __global__ void __launch_bounds__(kThreads)
 // so every row of the tile is read as contiguous 16-byte vectors along C.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_chan_stats_kernel(const T* __restrict__ x, float* __restrict__ S1, float* __restrict__ S2,
-                         int64_t C, int64_t HW, int64_t n_ct, int64_t split, int64_t chunk) {
+    gn_chan_stats_kernel(const T* __restrict__ x,  // [N x HW x C] NHWC input
+                         float* __restrict__ S1,   // [N*C x split] shifted sums (out)
+                         float* __restrict__ S2,   // [N*C x split] shifted squared sums (out)
+                         int64_t C,                // channels (C % V == 0)
+                         int64_t HW,               // spatial positions
+                         int64_t n_ct,             // channel tiles per sample
+                         int64_t split,            // row chunks per (n, tile)
+                         int64_t chunk) {          // rows per chunk
   __shared__ float sh1[kThreads * V];
   __shared__ float sh2[kThreads * V];
   const int64_t b = blockIdx.x;
@@ -285,9 +299,17 @@ __global__ void __launch_bounds__(kThreads)
 // partials in each pass rather than stored, so any C/G fits.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    gn_finalize_kernel(const T* __restrict__ x, const float* __restrict__ S1,
-                       const float* __restrict__ S2, float* __restrict__ A, float* __restrict__ B,
-                       int64_t C, int64_t HW, int64_t G, int64_t split, bool nhwc, DevParams p) {
+    gn_finalize_kernel(const T* __restrict__ x,         // input (its first element per row: k_c)
+                       const float* __restrict__ S1,    // [N*C x split] shifted sums
+                       const float* __restrict__ S2,    // [N*C x split] shifted squared sums
+                       float* __restrict__ A,           // [N x C] folded scale a (out)
+                       float* __restrict__ B,           // [N x C] folded offset b (out)
+                       int64_t C,                       // channels
+                       int64_t HW,                      // spatial positions per channel
+                       int64_t G,                       // groups
+                       int64_t split,                   // partials per channel
+                       bool nhwc,                       // x is [N x HW x C]
+                       DevParams p) {                   // weight/bias, add/scale/shift, eps
   const int64_t ng = blockIdx.x;
   const int64_t n = ng / G, g = ng % G;
   const int64_t cpg = C / G, c0 = g * cpg;
@@ -332,8 +354,13 @@ __global__ void __launch_bounds__(kThreads)
 // NCHW: block b -> row (n, c) = b / parts, part b % parts of kThreads * 4 vectors.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_apply_nchw_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A,
-                         const float* __restrict__ B, int64_t HW, int64_t parts, bool silu) {
+    gn_apply_nchw_kernel(const T* __restrict__ x,      // [N*C x HW] NCHW input
+                         T* __restrict__ y,            // [N*C x HW] output
+                         const float* __restrict__ A,  // [N*C] folded scale
+                         const float* __restrict__ B,  // [N*C] folded offset
+                         int64_t HW,                   // spatial positions per row
+                         int64_t parts,                // blocks per row
+                         bool silu) {                  // y = silu(a x + b), else a x + b
   const int64_t row = blockIdx.x / parts, part = blockIdx.x % parts;
   const float a = A[row], b = B[row];
   const int64_t per = (int64_t)kThreads * 4 * V;
@@ -352,9 +379,15 @@ __global__ void __launch_bounds__(kThreads)
 // NHWC: block b -> (n, row chunk) of `rows` rows x C; thread loop over (row, channel vector).
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_apply_nhwc_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ A,
-                         const float* __restrict__ B, int64_t C, int64_t HW, int64_t rows,
-                         int64_t n_rb, bool silu) {
+    gn_apply_nhwc_kernel(const T* __restrict__ x,      // [N x HW x C] NHWC input
+                         T* __restrict__ y,            // [N x HW x C] output
+                         const float* __restrict__ A,  // [N x C] folded scale
+                         const float* __restrict__ B,  // [N x C] folded offset
+                         int64_t C,                    // channels (C % V == 0)
+                         int64_t HW,                   // spatial positions
+                         int64_t rows,                 // rows per block
+                         int64_t n_rb,                 // row blocks per sample
+                         bool silu) {                  // y = silu(a x + b), else a x + b
   const int64_t n = blockIdx.x / n_rb, rb = blockIdx.x % n_rb;
   const int64_t r0 = rb * rows, r1 = imin(HW, r0 + rows);
   const int64_t cv = C / V;
