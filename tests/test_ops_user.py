@@ -231,8 +231,10 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
     torch.testing.assert_close(attention(q, q, q, scale=np.float32(0.25)), want)
     with pytest.raises(TypeError, match="scale must be a float or None, got bool"):
         attention(q, q, q, scale=True)
-    with pytest.raises(ValueError, match="num_groups must be a positive int, got True"):
+    with pytest.raises(TypeError, match="num_groups must be a positive int, got True"):
         group_norm_silu(x, True)
+    with pytest.raises(TypeError, match="num_groups must be a positive int, got '4'"):
+        group_norm_silu(x, "4")
 
 
 # -------------------------------------------------------------------- timestep_embedding

@@ -5,6 +5,11 @@ torch reference beside it:
 * :func:`fastdiff.ops.group_norm_silu.group_norm_silu` - GroupNorm (+ add, scale-shift) + SiLU
 * :func:`fastdiff.ops.attention.attention` - flash-style attention
 
+Layers, Liger-style: ``_x_kernel`` (Triton) -> ``x_forward()`` launcher (fastdiff/kernels/triton)
+or the csrc entry point -> the ``torch.library.custom_op`` here, whose ``register_autograd``
+backward plays the role of an ``autograd.Function`` (and traces under torch.compile, which a
+Python Function would not without more work) -> the ``nn.Module`` s in fastdiff/nn.
+
 Submodules load on first use (``fastdiff.ops.attention`` works without importing it first).
 Each op module is also callable as its op, so ``fastdiff.ops.group_norm_silu(x, 32)`` and
 ``fastdiff.ops.attention(q, k, v)`` work as the issue texts and papers' pseudo-code write them,

@@ -175,7 +175,7 @@ def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
     if type(num_groups) is not int and (
         isinstance(num_groups, bool) or not isinstance(num_groups, Integral)
     ):
-        raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
+        raise TypeError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
     if num_groups <= 0:
         raise ValueError(f"group_norm_silu: num_groups must be a positive int, got {num_groups!r}")
     n, c = shape[0], shape[1]

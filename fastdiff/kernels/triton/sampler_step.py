@@ -9,8 +9,11 @@ backends reproduce.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from fastdiff.kernels.triton import _compat
 
@@ -126,9 +129,29 @@ def _sampler_step_kernel(
 
 
 def sampler_step_forward(
-    x, m, mu, v, z, gen, coef, out, x0, *, mode, n, inner, nhwc_c, hw, bs, pred, clip, clip_r,
-    recompute, cfg, g,
-):  # fmt: skip
+    x: Tensor,  # [N x ...] x_t
+    m: Tensor,  # model output (the cond half with CFG)
+    mu: Tensor | None,  # the uncond half (CFG only), or None
+    v: Tensor | None,  # learned-variance channels, or None
+    z: Tensor | None,  # caller's noise (mode 0) or x0_prev (mode 1), or None
+    gen: Tensor | None,  # [2] int64 Philox (seed, offset), or None
+    coef: Tensor,  # [>= 8] fp32 step coefficients
+    out: Tensor,  # [N x ...] x_{t-1} (written)
+    x0: Tensor | None,  # [N x ...] x0 estimate (written), or None
+    *,
+    mode: int,  # 0 sampler step, 1 DPM-Solver++ 2M
+    n: int,  # batch
+    inner: int,  # elements per sample
+    nhwc_c: int,  # C for channels_last inputs, else 0
+    hw: int,  # spatial positions per sample
+    bs: Sequence[int],  # batch strides of x, m, mu, v, z (elements)
+    pred: int,  # 0 epsilon, 1 v_prediction, 2 sample
+    clip: bool,  # clamp x0 to [-clip_r, clip_r]
+    clip_r: float,
+    recompute: bool,  # eps from the clipped x0
+    cfg: bool,  # eps = mu + g (m - mu)
+    g: float,  # guidance scale
+) -> None:
     """Launch the kernel. Tensors per-sample dense in x's order; ``bs`` = batch strides
     (x, m, mu, v, z); absent operands are None (a dummy pointer is passed, never read)."""
     block = 1024
