@@ -7,8 +7,8 @@ torch reference beside it:
 
 Layers, Liger-style: ``_x_kernel`` (Triton) -> ``x_forward()`` launcher (fastdiff/kernels/triton)
 or the csrc entry point -> the ``torch.library.custom_op`` here, whose ``register_autograd``
-backward plays the role of an ``autograd.Function`` (and traces under torch.compile, which a
-Python Function would not without more work) -> the ``nn.Module`` s in fastdiff/nn.
+backward plays the role of an ``autograd.Function`` (one object carries the op, its fake
+implementation and its backward for torch.compile) -> the ``nn.Module`` s in fastdiff/nn.
 
 Submodules load on first use (``fastdiff.ops.attention`` works without importing it first).
 Each op module is also callable as its op, so ``fastdiff.ops.group_norm_silu(x, 32)`` and
