@@ -110,6 +110,7 @@ def test_strided_views_of_fused_qkv(case, nan_empty):
     _check(_run(backend, q2, k2, v2), q2, k2, v2, name=f"{case} strided D")
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy (interpreter)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_nan_inf_masks_match_the_reference(case, dtype, nan_empty):

@@ -239,6 +239,7 @@ def test_output_fully_written(case):
     torch.testing.assert_close(out2[1], out[1])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy (interpreter)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_nan_inf_masks_match_the_reference(case, layout):
