@@ -200,3 +200,31 @@ def test_graph_cache_is_keyed_by_the_kwargs_dtype(fake_graphs):
         ref = fastdiff.sample(model, sampler="ddim", steps=3, noise=noise, model_kwargs=kw)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert len(fake_graphs) == 2
+
+
+@pytest.mark.parametrize("w", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_guidance_scale_is_a_value_error(w):
+    net = _AffineNet().eval()
+    with pytest.raises(ValueError, match="guidance_scale: expected a finite number"):
+        fastdiff.sample(net, steps=2, batch_size=1, cond=torch.tensor([1]), guidance_scale=w,
+                        model_kwargs={"extra": torch.ones(1)})  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(3, 0, 4), (0, 2, 2)])
+def test_zero_sized_shape_is_a_value_error(shape):
+    with pytest.raises(ValueError, match="shape: expected positive sizes"):
+        fastdiff.sample(lambda x, t: x, steps=2, shape=shape)
+
+
+def test_non_square_sample_size_from_config_keeps_its_order():
+    class Rect(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = {"in_channels": 2, "sample_size": (3, 5)}
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x, t):
+            return 0.1 * self.w * x
+
+    out = fastdiff.sample(Rect().eval(), steps=2, batch_size=2)
+    assert out.shape == (2, 2, 3, 5)
