@@ -228,3 +228,18 @@ def test_non_square_sample_size_from_config_keeps_its_order():
 
     out = fastdiff.sample(Rect().eval(), steps=2, batch_size=2)
     assert out.shape == (2, 2, 3, 5)
+
+
+def test_batch_one_tensors_inside_a_dict_kwarg_are_expanded_to_the_batch():
+    """diffusers' added_cond_kwargs-style dict: a batch-1 tensor inside is expanded to batch N."""
+    seen = []
+
+    def model(x, t, added):
+        seen.append(added["a"].shape[0])
+        return 0.3 * x + added["a"].reshape(-1, 1, 1, 1)
+
+    model.in_channels, model.sample_size = 2, 3
+    fastdiff.sample(
+        model, steps=2, batch_size=3, model_kwargs={}, cond={"added": {"a": torch.ones(1)}}
+    )
+    assert seen and all(b == 3 for b in seen)
