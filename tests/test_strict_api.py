@@ -4,8 +4,6 @@ CUDA-graph capture cache (on CPU with a fake graph that replays the captured ste
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from torch import nn
@@ -101,39 +99,6 @@ def test_encoder_hidden_states_follow_the_models_dtype():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-class _FakeGraph:
-    """torch.cuda.CUDAGraph on CPU: replay re-runs the captured step's body."""
-
-    owner = None
-
-    def replay(self):
-        self.owner.x0.copy_(self.owner._body())
-
-
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    class _Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
-    init = api._StepGraph.__init__
-    captured = []
-
-    def init_and_keep(self, model, *args):
-        init(self, model, *args)
-        self.graph.owner, self.model = self, model
-        captured.append(self)
-
-    monkeypatch.setattr(api._StepGraph, "__init__", init_and_keep)
-    monkeypatch.setattr(api, "_GRAPHS", api.weakref.WeakKeyDictionary())
-    return captured
-
-
 def _graphed(model, **kw):
     """sample(cuda_graph=True) on CPU: the device check is for real CUDA, so call the loop."""
     from fastdiff._conditioning import model_kwargs_for
@@ -150,7 +115,7 @@ def _graphed(model, **kw):
 
 
 @torch.no_grad()
-def test_graph_cache_is_keyed_by_the_guidance_scale(fake_graphs):
+def test_graph_cache_is_keyed_by_the_guidance_scale(fake_cuda_graphs):
     torch.manual_seed(0)
     net = _AffineNet().eval()
     fwd = net.forward
@@ -162,11 +127,11 @@ def test_graph_cache_is_keyed_by_the_guidance_scale(fake_graphs):
         ref = fastdiff.sample(net, sampler="ddim", steps=3, noise=noise, cond=cond,
                               guidance_scale=gs)  # fmt: skip
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert len(fake_graphs) == 2
+    assert len(fake_cuda_graphs) == 2
 
 
 @torch.no_grad()
-def test_graphed_dpm_solver_reuse_starts_without_history(fake_graphs):
+def test_graphed_dpm_solver_reuse_starts_without_history(fake_cuda_graphs):
     """A cached DPM-Solver++ graph run twice: the second run equals the first (history reset)."""
     torch.manual_seed(0)
     net = _ConfigLV().eval()
@@ -176,14 +141,14 @@ def test_graphed_dpm_solver_reuse_starts_without_history(fake_graphs):
     noise = torch.randn(2, 2, 4, 4)
     first = _graphed(net, sampler="dpm++", steps=4, noise=noise)
     second = _graphed(net, sampler="dpm++", steps=4, noise=noise)
-    assert len(fake_graphs) == 1
+    assert len(fake_cuda_graphs) == 1
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     ref = fastdiff.sample(net, sampler="dpm++", steps=4, noise=noise)
     torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
-def test_graph_cache_is_keyed_by_the_kwargs_dtype(fake_graphs):
+def test_graph_cache_is_keyed_by_the_kwargs_dtype(fake_cuda_graphs):
     """The capture's static kwarg buffers keep their dtype: a kwarg of another dtype recaptures."""
 
     def model(x, t, extra):
@@ -199,7 +164,7 @@ def test_graph_cache_is_keyed_by_the_kwargs_dtype(fake_graphs):
         got = _graphed(model, sampler="ddim", steps=3, noise=noise, model_kwargs=kw)
         ref = fastdiff.sample(model, sampler="ddim", steps=3, noise=noise, model_kwargs=kw)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert len(fake_graphs) == 2
+    assert len(fake_cuda_graphs) == 2
 
 
 @pytest.mark.parametrize("w", [float("inf"), float("-inf"), float("nan")])
