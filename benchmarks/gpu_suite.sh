@@ -53,6 +53,9 @@ if [ "${FORCE_BUILD:-0}" = 1 ] || ! has_cuda_build; then
   for mod in setuptools pybind11; do
     python -c "import $mod" 2>/dev/null || missing="$missing $mod"
   done
+  # pyproject's SPDX `license` string needs setuptools >= 77 (PEP 639)
+  python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+    2>/dev/null || missing="$missing setuptools>=77"
   command -v nvcc >/dev/null || [ -n "${CUDACXX:-}" ] || missing="$missing nvcc"
   for tool in cmake ninja; do command -v $tool >/dev/null || missing="$missing $tool"; done
   if [ -n "$missing" ]; then
