@@ -17,6 +17,51 @@ __all__ = ["DPMSolverPPSampler"]
 
 _UNSET = object()
 FINAL_SIGMAS = ("zero", "sigma_min")
+SIGMA_GRIDS = ("karras", "exponential", "beta")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """The ``n`` noise levels of Karras et al. 2022 (arXiv:2206.00364), eq. 5, descending::
+
+        sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+
+    rho = 7 (the paper's choice) spends the steps near sigma_min; i = 0 .. n-1 (n = 1: sigma_max).
+    """
+    ramp = np.linspace(0.0, 1.0, n)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """``n`` noise levels evenly spaced in log sigma, from sigma_max down to sigma_min."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(
+    sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6
+) -> np.ndarray:
+    """``n`` noise levels at the Beta(alpha, beta) quantiles of 1 - i/(n-1) (Lee et al. 2024,
+    "Beta Sampling is All You Need", arXiv:2407.12173): sigma_min + ppf * (sigma_max -
+    sigma_min); alpha = beta = 0.6 puts more steps at both ends. Needs scipy."""
+    try:
+        from scipy.stats import beta as beta_dist
+    except ImportError as e:  # pragma: no cover - scipy is a test dependency
+        raise ImportError("use_beta_sigmas: needs scipy (pip install scipy)") from e
+    ppf = beta_dist.ppf(1.0 - np.linspace(0.0, 1.0, n), alpha, beta)
+    return sigma_min + ppf * (sigma_max - sigma_min)
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timesteps of noise levels ``sigma``: piecewise-linear interpolation
+    of log sigma over the training grid ``log_sigmas`` (ascending in t), clamped to
+    [0, T - 1]; the same arithmetic as diffusers' ``_sigma_to_t`` so rounding agrees."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    if len(log_sigmas) < 2:  # a single training timestep
+        return np.zeros_like(log_sigma)
+    lo = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    hi = lo + 1
+    w = np.clip((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[hi]), 0.0, 1.0)
+    return (1.0 - w) * lo + w * hi
 
 
 class DPMSolverPPSampler(Sampler):
@@ -35,6 +80,17 @@ class DPMSolverPPSampler(Sampler):
     folded into the precomputed row ``[alpha_s, sigma_s, c_x, c_x0, c_prev, 0, 0, 0]`` so that a
     step is one fused ``dpm_solver_2m_step`` call: ``x_t = c_x x_s + c_x0 m_s + c_prev m_{s-1}``.
 
+    With ``use_karras_sigmas`` ("DPM++ 2M Karras"), ``use_exponential_sigmas`` or
+    ``use_beta_sigmas`` the steps are taken on that grid of noise levels sigma/alpha between the
+    schedule's smallest and largest (:func:`karras_sigmas`, ...) instead of at the spaced
+    timesteps. The model is called at the timestep whose training noise level matches
+    (:func:`sigma_to_t`; rounded for Karras, truncated otherwise, as diffusers), so timesteps may
+    repeat (near t = 0; at t = T - 1 on cosine and zero-SNR schedules); the solver uses the grid's
+    sigmas, which do not. Steps are indexed, not looked up by timestep: diffusers' scheduler,
+    given a repeated first timestep without ``set_begin_index(0)``, starts at step 1 instead.
+    With ``final_sigmas_type="sigma_min"`` the grid already ends at sigma_min, so the last
+    step is the identity (h = 0), as in diffusers.
+
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler`. Default spacing ``"linspace"``; as in
@@ -46,6 +102,10 @@ class DPMSolverPPSampler(Sampler):
         clip_sample, clip_sample_range: clip the data prediction (off by default, as diffusers).
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the
             data prediction (Imagen; DPM-Solver++ section 3.3).
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid
+            (at most one; ``timestep_spacing`` and ``steps_offset`` are then unused). The beta
+            grid uses Beta(0.6, 0.6) and needs scipy. As diffusers' scheduler, the grid spans
+            the float32 training noise levels at t = 0 and t = T - 1.
     """
 
     name = "dpm++"
@@ -67,7 +127,19 @@ class DPMSolverPPSampler(Sampler):
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
     ) -> None:
+        grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
+                                                  use_beta_sigmas), strict=True) if on]  # fmt: skip
+        if len(grids) > 1:
+            raise ValueError(
+                "use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: at most one may be "
+                f"True, got {', '.join(f'use_{g}_sigmas=True' for g in grids)}"
+            )
+        #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
+        self.sigma_grid: str | None = grids[0] if grids else None
         if final_sigmas_type not in FINAL_SIGMAS:
             raise ValueError(
                 f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
@@ -95,7 +167,52 @@ class DPMSolverPPSampler(Sampler):
         )
         self._uses_prev = [bool(self._coef64[i, 4] != 0.0) for i in range(self.steps)]
 
+    def _train_sigmas32(self) -> np.ndarray:
+        """diffusers' float32 training noise levels sqrt((1 - ab_t) / ab_t), t = 0 .. T-1.
+
+        diffusers builds its betas and alpha_bar in float32 and derives the grid's end points
+        and the sigma -> t map from them; rebuilding them the same way keeps the rounded model
+        timesteps identical (float64 ones move a t across a rounding boundary now and then).
+        Zero-SNR schedules use fastdiff's float64 alpha_bar, cast.
+        """
+        sch = self.schedule
+        T = sch.num_train_timesteps
+        if sch.rescale_betas_zero_snr:
+            ab = self._alphas_cumprod().to(torch.float32)
+        else:
+            if sch.beta_schedule == "linear":
+                b = torch.linspace(sch.beta_start, sch.beta_end, T, dtype=torch.float32)
+            elif sch.beta_schedule == "scaled_linear":
+                lo, hi = sch.beta_start**0.5, sch.beta_end**0.5
+                b = torch.linspace(lo, hi, T, dtype=torch.float32) ** 2
+            else:  # cosine and user betas: computed in float64, then cast, as diffusers
+                b = sch.betas.to(torch.float32)
+            ab = torch.cumprod(1.0 - b, 0)
+            ab[ab == 0] = 2.0**-24
+        return (((1 - ab) / ab) ** 0.5).numpy()
+
+    def _grid_timesteps(self) -> np.ndarray:
+        """Model timesteps of the sigma grid; sets ``self._grid`` (float64 ``[steps + 1]``: the
+        grid's float32 values, as diffusers keeps them, then the final sigma)."""
+        train = self._train_sigmas32()  # ascending in t
+        lo, hi = train[0].item(), train[-1].item()
+        n = self.steps
+        if self.sigma_grid == "karras":
+            sig = karras_sigmas(lo, hi, n)
+        elif self.sigma_grid == "exponential":
+            sig = exponential_sigmas(lo, hi, n)
+        else:
+            sig = beta_sigmas(lo, hi, n)
+        ts = sigma_to_t(sig, np.log(train))
+        if self.sigma_grid == "karras" and self.schedule.beta_schedule != "cosine":
+            ts = ts.round()  # diffusers rounds only here; elsewhere int64 truncates
+        last = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        self._grid = np.append(sig, last).astype(np.float32).astype(np.float64)
+        return ts.astype(np.int64)
+
     def _make_timesteps(self) -> np.ndarray:
+        if self.sigma_grid is not None:
+            return self._grid_timesteps()
         T, n = self.schedule.num_train_timesteps, self.steps
         if self.timestep_spacing == "linspace":
             return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
@@ -113,7 +230,10 @@ class DPMSolverPPSampler(Sampler):
         ab[ab == 0] = 2.0**-24
         return ab
 
-    def coefficients(self) -> np.ndarray:
+    def _ratios(self) -> list[float]:
+        """sigma/alpha at each step, then at the end point (``[steps + 1]``, float64)."""
+        if self.sigma_grid is not None:
+            return self._grid.tolist()  # repeated timesteps are fine here: the sigmas differ
         ts = [int(t) for t in self._ts]
         if len(set(ts)) < len(ts):  # e^{-h} = 1 between equal steps: h = 0 divides
             raise ValueError(
@@ -127,6 +247,10 @@ class DPMSolverPPSampler(Sampler):
         # then the end point.
         ratio = [math.sqrt((1.0 - float(ab[t])) / float(ab[t])) for t in self._ts]
         ratio.append(0.0 if self.final_sigmas_type == "zero" else math.sqrt((1 - ab[0]) / ab[0]))
+        return ratio
+
+    def coefficients(self) -> np.ndarray:
+        ratio = self._ratios()
         alpha = [1.0 / math.sqrt(r * r + 1.0) for r in ratio]  # alpha_t
         sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]  # sigma_t
         lam = [-math.log(r) if r > 0 else math.inf for r in ratio]  # lambda_t = log(alpha/sigma)
@@ -139,11 +263,19 @@ class DPMSolverPPSampler(Sampler):
             exp_neg_h = ratio[i + 1] / ratio[i]  # e^{-h}, exact also for the final sigma = 0
             phi = a_t * (1.0 - exp_neg_h)  # -alpha_t (e^{-h} - 1)
             first = i == 0 or (i == n - 1 and final_first)
-            if first:
+            h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1] if i > 0 else 0.0
+            if first or h == 0.0:
+                # h = 0 (a sigma grid's last sigma_min, then final_sigmas_type="sigma_min"
+                # again): phi = 0, x_t = x_s, as diffusers' update (there r = inf, D1 = 0)
                 c_x0, c_prev = phi, 0.0
+            elif h_prev == 0.0:  # r = 0: diffusers' D1 = (m_s - m_{s-1}) / r is inf / NaN
+                raise ValueError(
+                    f"steps: steps {i - 1} and {i} of the {self.sigma_grid} sigma grid share the "
+                    f"noise level {ratio[i]:.6g}, after which DPM-Solver++'s second-order step "
+                    "divides by zero; use fewer steps"
+                )
             else:
-                h = lam[i + 1] - lam[i]
-                r = (lam[i] - lam[i - 1]) / h
+                r = h_prev / h
                 c_x0, c_prev = phi * (1.0 + 0.5 / r), -phi * 0.5 / r
             rows[i] = [a_s, s_s, s_t / s_s, c_x0, c_prev, 0.0, 0.0, 0.0]
             first_rows[i] = [a_s, s_s, s_t / s_s, phi, 0.0, 0.0, 0.0, 0.0]
