@@ -1,5 +1,15 @@
 // Python bindings of the fused sampler update (CPU and, when compiled in, CUDA).
+//
+// Two CPU entry points: the general `sampler_step_cpu` (27 arguments through pybind11) and the
+// planned pair used by the eager fast path of fastdiff/ops/_sampler_step_kernels.py:
+// `sampler_step_cpu_plan(...)` packs the per-layout arguments once into a capsule, and
+// `sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g)` is a METH_FASTCALL
+// function (no pybind11 dispatcher: ~1 us less per call) that adds the per-call addresses.
 #include <pybind11/pybind11.h>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
 
 #include "fastdiff/registry.h"
 #include "fastdiff/sampler_math.h"
@@ -51,6 +61,84 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   return A;
 }
 
+// Per-layout part of StepArgs (addresses zero), and the model-output operands as byte offsets
+// from the model output's address (the CFG halves and the variance channels are views of it).
+struct StepPlan {
+  StepArgs base;
+  uintptr_t off_m = 0, off_mu = 0, off_v = 0;
+  bool lv = false;
+};
+
+constexpr const char* kPlanName = "fastdiff.sampler_step_plan";
+constexpr int64_t kGilFreeElems = int64_t{1} << 14;  // smaller steps keep the GIL (~0.1 us)
+
+// Address argument: a Python int (0 = absent).
+bool addr_arg(PyObject* o, uintptr_t* out) {
+  unsigned long long v = PyLong_AsUnsignedLongLong(o);
+  if (v == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return false;
+  *out = static_cast<uintptr_t>(v);
+  return true;
+}
+
+// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g) -> None
+PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 10) {
+    PyErr_Format(PyExc_TypeError, "sampler_step_cpu_run takes 10 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  auto* plan = static_cast<const StepPlan*>(PyCapsule_GetPointer(args[0], kPlanName));
+  if (plan == nullptr) return nullptr;
+  uintptr_t x, mo, z, gen, coef, out, x0;
+  if (!addr_arg(args[1], &x) || !addr_arg(args[2], &mo) || !addr_arg(args[3], &z) ||
+      !addr_arg(args[4], &gen) || !addr_arg(args[5], &coef) || !addr_arg(args[6], &out) ||
+      !addr_arg(args[7], &x0))
+    return nullptr;
+  double clip_r = PyFloat_AsDouble(args[8]);
+  if (clip_r == -1.0 && PyErr_Occurred()) return nullptr;
+  double g = PyFloat_AsDouble(args[9]);
+  if (g == -1.0 && PyErr_Occurred()) return nullptr;
+  StepArgs A = plan->base;
+  const int mode = A.opt.mode;
+  A.x = x;
+  A.m = mo + plan->off_m;
+  A.mu = A.opt.cfg ? mo + plan->off_mu : 0;
+  A.v = plan->lv ? mo + plan->off_v : 0;
+  A.z = z;
+  A.gen = mode == 0 ? gen : 0;
+  A.coef = coef;
+  A.out = out;
+  A.x0 = x0;
+  A.opt.clip_r = static_cast<float>(clip_r);
+  A.opt.g = static_cast<float>(g);
+  A.opt.learned_var = mode == 0 && A.v != 0;
+  A.opt.has_z = A.z != 0 || A.gen != 0;
+  PyObject* exc_type = nullptr;
+  std::string msg;
+  PyThreadState* ts = A.n * A.inner >= kGilFreeElems ? PyEval_SaveThread() : nullptr;
+  try {
+    sampler_step_cpu(A);
+  } catch (const std::invalid_argument& e) {
+    exc_type = PyExc_ValueError;
+    msg = e.what();
+  } catch (const std::exception& e) {
+    exc_type = PyExc_RuntimeError;
+    msg = e.what();
+  }
+  if (ts != nullptr) PyEval_RestoreThread(ts);
+  if (exc_type != nullptr) {
+    PyErr_SetString(exc_type, msg.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef run_planned_def = {
+    "sampler_step_cpu_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(run_planned)),
+    METH_FASTCALL,
+    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g): the cpu step with "
+    "a plan from sampler_step_cpu_plan; addresses are ints (0 = absent), mo is the model "
+    "output's address (the plan holds the operands' byte offsets from it)"};
+
 }  // namespace
 
 void register_sampler_step(pybind11::module_& m) {
@@ -69,6 +157,30 @@ void register_sampler_step(pybind11::module_& m) {
         sampler_step_cpu(A);
       },
       "Fused sampler update / DPM-Solver++ 2M step on CPU buffers (see sampler_math.h StepArgs)");
+  m.def(
+      "sampler_step_cpu_plan",
+      [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, int64_t bs_x,
+         uintptr_t off_m, int64_t bs_m, uintptr_t off_mu, int64_t bs_mu, uintptr_t off_v,
+         int64_t bs_v, int64_t bs_z, int dtype_x, int dtype_m, int pred, bool clip,
+         bool recompute, bool cfg, bool lv) {
+        auto plan = std::make_unique<StepPlan>();
+        plan->base = make_args(mode, n, inner, nhwc_c, hw, 0, bs_x, 0, bs_m, 0, bs_mu, 0, bs_v, 0,
+                               bs_z, 0, 0, 0, 0, dtype_x, dtype_m, pred, clip, 0.0f, recompute,
+                               cfg, 0.0f);
+        plan->off_m = off_m;
+        plan->off_mu = off_mu;
+        plan->off_v = off_v;
+        plan->lv = lv;
+        py::capsule cap(plan.get(), kPlanName,
+                        [](void* p) { delete static_cast<StepPlan*>(p); });
+        plan.release();
+        return cap;
+      },
+      "Launch plan (a capsule) of one cpu sampler-step layout for sampler_step_cpu_run: the "
+      "arguments of sampler_step_cpu without addresses, model-output operands as byte offsets");
+  m.add_object("sampler_step_cpu_run",
+               py::reinterpret_steal<py::object>(
+                   PyCFunction_NewEx(&run_planned_def, nullptr, m.attr("__name__").ptr())));
 #ifdef FASTDIFF_WITH_CUDA
   m.def(
       "sampler_step_cuda",

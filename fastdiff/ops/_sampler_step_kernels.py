@@ -3,8 +3,9 @@
 The kernels take each operand as a base address plus a per-sample (batch) stride, each sample's
 block dense in ``x``'s memory order (NCHW or channels_last; see the memory contract in
 :mod:`fastdiff.ops.sampler_step`). Here: the layout helpers, the views of the model output (CFG
-halves, learned-variance channels), the general launch, and the eager fast path of the cpu
-backend that caches the per-layout work.
+halves, learned-variance channels), the general launch, the eager fast path of the cpu
+backend that caches the per-layout work, and the cache of validated cpu calls that lets a
+repeated call skip validation and launch geometry altogether.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastdiff import _ext
+from fastdiff import _dispatch, _ext
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,3 +245,90 @@ def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv,
         g if g is not None else 0.0,
     )  # fmt: skip
     return out, x0
+
+
+# ----------------------------------------------------------------------------------------------
+# validated-call cache: a repeat of a validated cpu call skips the checks and the plan lookup
+# ----------------------------------------------------------------------------------------------
+_VALIDATED: dict[tuple, tuple] = {}
+_CPU = torch.device("cpu")
+
+
+def _tensor_key(t: Tensor | None) -> tuple | None:
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.is_cpu)
+
+
+def _validated_key(x, mo, coef, third, gen, opts) -> tuple | None:
+    """Key of everything the checks of a cpu call read (exact tensor types, shapes, strides,
+    dtypes, devices, the options ``opts`` with the types of the float ones, the native
+    module), or None when the call cannot use the cache: a tensor subclass or non-tensor, x not
+    on cpu, an operand that requires grad, a dispatch mode active. The caller has checked that
+    nothing is compiling."""
+    if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
+            or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
+            or torch._C._len_torch_dispatch_stack()):  # fmt: skip
+        return None
+    if third is not None and (type(third) is not Tensor or third.requires_grad):
+        return None
+    if gen is not None and type(gen) is not Tensor:
+        return None
+    try:
+        return (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype,
+                mo.is_cpu, coef.shape, coef.stride(), coef.dtype, coef.is_cpu, _tensor_key(third),
+                _tensor_key(gen), opts)  # fmt: skip
+    except RuntimeError:  # a tensor without strides: the general path decides
+        return None
+
+
+def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | None, tuple | None]:
+    """``(key, (x_prev, x0 or None))`` for a call whose exact combination was validated before
+    and resolves to the cpu backend now; ``(key, None)`` when the general path must run (key
+    None: this call cannot be cached). Backend resolution is redone on every call."""
+    key = _validated_key(x, mo, coef, third, gen, opts)
+    if key is None:
+        return None, None
+    try:
+        ent = _VALIDATED.get(key)
+    except TypeError:  # an unhashable option: the general path decides
+        return None, None
+    if ent is None:
+        return key, None
+    plan, like, order, empty, return_x0, clip_r, g, unsupported, run = ent
+    if _dispatch.resolve_eager(op, _CPU, unsupported) != "cpu":
+        return None, None
+    out = torch.empty_like(x) if like else _new_out(x, order)
+    x0 = None
+    if return_x0:
+        x0 = torch.empty_like(x) if like else _new_out(x, order)
+    if not empty:
+        run(plan, x.data_ptr(), mo.data_ptr(), 0 if third is None else third.data_ptr(),
+            0 if gen is None else gen.data_ptr(), coef.data_ptr(), out.data_ptr(),
+            0 if x0 is None else x0.data_ptr(), clip_r, g)  # fmt: skip
+    return key, (out, x0)
+
+
+def _remember_validated(key, mode, x, mo, third, pred, clip_range, recompute, g, lv, return_x0,
+                        unsupported) -> None:  # fmt: skip
+    """Cache the call with ``key`` that passed every check and ran through :func:`_fast_cpu`
+    (so its layout needs no copy or cast). The caller guarantees that the cached verdict only
+    depends on ``key``: float or None clip_range / guidance_scale, a contiguous generator
+    state used as given."""
+    c = _ext._C
+    if c is None or not hasattr(c, "sampler_step_cpu_run"):  # stale build: _fast_cpu only
+        return
+    geo = _cpu_plan(x, mo, third, g is not None, lv)
+    if geo is None:
+        return
+    order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m = geo
+    plan = c.sampler_step_cpu_plan(
+        mode, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou if g is not None else 0, bs_u,
+        ov if lv else 0, bs_v, bs_z, dt_x, dt_m, pred, clip_range is not None, recompute,
+        g is not None, lv,
+    )  # fmt: skip
+    if len(_VALIDATED) >= 256:
+        _VALIDATED.clear()
+    _VALIDATED[key] = (
+        plan, like, order, n * inner == 0, return_x0,
+        0.0 if clip_range is None else clip_range, 0.0 if g is None else g, unsupported,
+        c.sampler_step_cpu_run,
+    )  # fmt: skip

@@ -27,9 +27,11 @@ from torch import Tensor
 from fastdiff import _dispatch, _ext
 from fastdiff.ops._philox import philox_randn
 from fastdiff.ops._sampler_step_kernels import (
+    _cached_cpu_step,
     _fast_cpu,
     _new_out,
     _order_of,
+    _remember_validated,
     _run_kernel,
     _split_model_output,
 )
@@ -364,6 +366,12 @@ def _unsupported(x: Tensor) -> dict[str, str]:
     return out
 
 
+def _cacheable(clip_range: object, guidance_scale: object) -> bool:
+    """Whether a validated call may be cached: its verdict must follow from the cache key,
+    which holds these options' types and values (a tensor's value can change in place)."""
+    return type(clip_range) in (float, type(None)) and type(guidance_scale) in (float, type(None))
+
+
 def sampler_step(
     x: Tensor,
     model_output: Tensor,
@@ -423,6 +431,15 @@ def sampler_step(
     Returns:
         ``x_prev`` in x's dtype and memory format, or ``(x_prev, x0)`` with ``return_x0``.
     """
+    key = None
+    if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no plan
+        opts = (prediction_type, type(clip_range), clip_range, recompute_eps,
+                type(guidance_scale), guidance_scale, learned_variance, return_x0)  # fmt: skip
+        key, r = _cached_cpu_step("sampler_step", x, model_output, coef, noise, generator_state,
+                                  opts)  # fmt: skip
+        if r is not None:
+            return r if return_x0 else r[0]
+    gen_in = generator_state
     clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
                             learned_variance)  # fmt: skip
     if noise is not None and generator_state is not None:
@@ -453,6 +470,15 @@ def sampler_step(
         r = _fast_cpu(0, x, model_output, coef, noise, generator_state, pred, clip,
                       bool(recompute_eps), g, bool(learned_variance), bool(return_x0))  # fmt: skip
         if r is not None:
+            if (
+                key is not None
+                and generator_state is gen_in
+                and _cacheable(clip_range, guidance_scale)
+            ):
+                _remember_validated(
+                    key, 0, x, model_output, noise, pred, clip, bool(recompute_eps), g,
+                    bool(learned_variance), bool(return_x0), _unsupported(x),
+                )  # fmt: skip
             return r if return_x0 else r[0]
     fn = _sampler_step_impl if plain else _sampler_step_op
     x_prev, x0 = fn(
@@ -485,6 +511,12 @@ def dpm_solver_2m_step(
     Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
     overwritten, e.g. by CUDA graph replay).
     """
+    key = None
+    if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no plan
+        opts = (prediction_type, type(clip_range), clip_range, type(guidance_scale), guidance_scale)
+        key, r = _cached_cpu_step("dpm_solver_2m_step", x, model_output, coef, x0_prev, None, opts)
+        if r is not None:
+            return r
     clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
                             False)  # fmt: skip
     if x0_prev is not None:
@@ -501,6 +533,9 @@ def dpm_solver_2m_step(
     if plain and backend == "cpu":
         r = _fast_cpu(1, x, model_output, coef, x0_prev, None, pred, clip, False, g, False, True)
         if r is not None:
+            if key is not None and _cacheable(clip_range, guidance_scale):
+                _remember_validated(key, 1, x, model_output, x0_prev, pred, clip, False, g, False,
+                                    True, _unsupported(x))  # fmt: skip
             return r
     fn = _dpm_2m_impl if plain else _dpm_2m_op
     return fn(x, model_output, coef, x0_prev, backend, pred, clip, g)
