@@ -561,3 +561,145 @@ def test_common_case_checks_exact():
         out.copy_(sampler_step(x, mo, coef, clip_range=c))
         assert torch.equal(out, ref), c
     assert not torch.equal(sampler_step(x, mo, coef, clip_range=0.5), ref)
+
+
+def _spy_checks(monkeypatch) -> list[int]:
+    """Count the calls of the full validation (_check_common) of the public functions; start
+    with an empty validated-call cache."""
+    import fastdiff.ops._sampler_step_kernels as kernels
+    import fastdiff.ops.sampler_step as mod
+
+    monkeypatch.setattr(kernels, "_VALIDATED", {})
+
+    calls = []
+    real = mod._check_common
+
+    def spy(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(mod, "_check_common", spy)
+    return calls
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
+def test_validated_cache_hits_equal_the_op(monkeypatch):
+    # a repeat of a validated cpu call skips the checks (the spy sees one call per combination)
+    # and gives exactly the op's result, for every operand kind the cache handles
+    calls = _spy_checks(monkeypatch)
+    coef = make_coef("cpu")
+    gs = torch.tensor([11, 7])
+    big = torch.randn(4, 6, 5, 7)
+    op = torch.ops.fastdiff.sampler_step.default
+    cases = [  # x, mo, noise, gen, g, lv, clip, recompute, return_x0, pred
+        (torch.randn(3, 3, 7, 5), torch.randn(3, 3, 7, 5), None, gs, None, False, 1.0, False,
+         False, "epsilon"),
+        (torch.randn(2, 3, 5, 7), big, None, gs, 2.5, True, 0.8, True, True, "v_prediction"),
+        (torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last),
+         torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last),
+         torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last), None, None, False, None,
+         False, True, "sample"),
+        (torch.randn(2, 3, 5, 7).half(), torch.randn(4, 3, 5, 7), None, None, 3.0, False, None,
+         False, False, "epsilon"),
+        (torch.randn(0, 3, 5, 7), torch.randn(0, 3, 5, 7), None, gs, None, False, None, False,
+         True, "epsilon"),
+    ]  # fmt: skip
+    for x, mo, z, gen, g, lv, clip, rec, rx0, pred in cases:
+        kw = dict(prediction_type=pred, clip_range=clip, recompute_eps=rec, guidance_scale=g,
+                  learned_variance=lv, noise=z, generator_state=gen, return_x0=rx0)  # fmt: skip
+        before = len(calls)
+        ref = op(x, mo, coef, z, gen, "cpu", PRED_CODE[pred], clip, rec, g, lv, rx0)
+        for _ in range(3):
+            got = sampler_step(x, mo, coef, **kw)
+            got = got if rx0 else (got, None)
+            for a, b in zip(got, ref, strict=False):
+                if a is not None:
+                    assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype
+        assert len(calls) == before + 1  # only the first call was validated
+    # dpm_solver_2m_step: with and without x0_prev, with CFG and clipping
+    x, mo, prev = torch.randn(2, 3, 5, 7), torch.randn(4, 3, 5, 7), torch.randn(2, 3, 5, 7)
+    for p in (prev, None):
+        before = len(calls)
+        ref = torch.ops.fastdiff.dpm_solver_2m_step.default(x, mo, coef, p, "cpu", 1, 1.5, 2.0)
+        for _ in range(3):
+            got = dpm_solver_2m_step(x, mo, coef, p, prediction_type="v_prediction",
+                                     clip_range=1.5, guidance_scale=2.0)  # fmt: skip
+            assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+        assert len(calls) == before + 1
+
+
+PRED_CODE = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
+def test_validated_cache_rechecks_every_change(monkeypatch):
+    # after a cached call, any change of what the checks read is validated again: bad inputs
+    # raise the general path's errors with nothing written, and other paths are taken anew
+    calls = _spy_checks(monkeypatch)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    coef = make_coef("cpu")
+    gs = torch.tensor([5, 3])
+    before = (x.clone(), mo.clone(), coef.clone(), gs.clone())
+
+    def step(*a, **kw):
+        return sampler_step(*a, **{"clip_range": 1.0, "generator_state": gs, **kw})
+
+    ref = step(x, mo, coef)
+    assert torch.equal(step(x, mo, coef), ref) and len(calls) == 1  # cached
+    bad = [  # (args, kwargs, error, match)
+        ((x, mo, coef), dict(clip_range=True), TypeError, "clip_range must be a real number"),
+        ((x, mo, coef), dict(clip_range=-1.0), ValueError, "clip_range must be a float >= 0"),
+        ((x, mo, coef), dict(guidance_scale=math.nan), ValueError, "guidance_scale must be"),
+        ((x, mo, coef), dict(prediction_type="flow"), ValueError, "unknown prediction_type"),
+        ((x, mo, coef.double()), {}, TypeError, "coef must be a float32 tensor"),
+        ((x, mo.to("meta"), coef), {}, ValueError, "model_output is on meta"),
+        ((x, mo, coef.to("meta")), {}, ValueError, "coef is on meta"),
+        ((x, mo.int(), coef), {}, TypeError, "model_output must be float32"),
+        ((x, mo, coef), dict(generator_state=gs.int()), TypeError, "generator_state must be"),
+        ((x, mo, coef), dict(generator_state=gs.to("meta")), ValueError, "generator_state is on"),
+        ((x, mo, coef), dict(noise=mo), ValueError, "at most one"),
+        ((x, mo, coef), dict(learned_variance=True), ValueError, "model_output must have shape"),
+    ]  # fmt: skip
+    for args, kw, err, match in bad:
+        with pytest.raises(err, match=match):
+            step(*args, **kw)
+    # a tensor whose metadata changed in place is rechecked
+    short = make_coef("cpu")
+    assert torch.equal(step(x, mo, short), ref)
+    short.resize_(4)
+    with pytest.raises(ValueError, match="coef must have >= 8"):
+        step(x, mo, short)
+    # a tensor clip_range is never cached: its value can change in place
+    c = torch.tensor(1.0)
+    assert torch.equal(step(x, mo, coef, clip_range=c), ref)
+    assert torch.equal(step(x, mo, coef, clip_range=c), ref)
+    c.fill_(-1.0)
+    with pytest.raises(ValueError, match="clip_range must be a float >= 0"):
+        step(x, mo, coef, clip_range=c)
+    assert all(torch.equal(a, b) for a, b in zip((x, mo, coef, gs), before, strict=True))
+    # a strided generator state is copied, never read in place by a cached launch
+    wide = torch.tensor([5, 0, 3, 0])[::2]
+    for _ in range(2):
+        assert torch.equal(step(x, mo, coef, generator_state=wide), ref)
+    # autograd, a dispatch mode and another backend take their own paths after a cached call
+    xg = x.clone().requires_grad_(True)
+    out = step(xg, mo, coef)
+    assert out.requires_grad and torch.equal(out.detach(), ref)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen() as mode:
+        assert torch.equal(step(x, mo, coef), ref)
+    assert any("fastdiff.sampler_step" in o for o in mode.ops), mode.ops
+    want = torch.ops.fastdiff.sampler_step.default(x, mo, coef, None, gs, "torch", 0, 1.0, False,
+                                                   None, False, False)[0]  # fmt: skip
+    assert not torch.equal(want, ref)  # the torch backend's noise differs in the last bits
+    with fastdiff.use_backend("torch", "sampler_step"):
+        assert torch.equal(step(x, mo, coef), want)
+    assert torch.equal(step(x, mo, coef), ref)
