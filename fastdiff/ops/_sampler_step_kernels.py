@@ -252,44 +252,38 @@ def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv,
 # ----------------------------------------------------------------------------------------------
 _VALIDATED: dict[tuple, tuple] = {}
 _CPU = torch.device("cpu")
-
-
-def _tensor_key(t: Tensor | None) -> tuple | None:
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.is_cpu)
-
-
-def _validated_key(x, mo, coef, third, gen, opts) -> tuple | None:
-    """Key of everything the checks of a cpu call read (exact tensor types, shapes, strides,
-    dtypes, devices, the options ``opts`` with the types of the float ones, the native
-    module), or None when the call cannot use the cache: a tensor subclass or non-tensor, x not
-    on cpu, an operand that requires grad, a dispatch mode active. The caller has checked that
-    nothing is compiling."""
-    if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
-            or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
-            or torch._C._len_torch_dispatch_stack()):  # fmt: skip
-        return None
-    if third is not None and (type(third) is not Tensor or third.requires_grad):
-        return None
-    if gen is not None and type(gen) is not Tensor:
-        return None
-    try:
-        return (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype,
-                mo.is_cpu, coef.shape, coef.stride(), coef.dtype, coef.is_cpu, _tensor_key(third),
-                _tensor_key(gen), opts)  # fmt: skip
-    except RuntimeError:  # a tensor without strides: the general path decides
-        return None
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
 
 
 def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | None, tuple | None]:
     """``(key, (x_prev, x0 or None))`` for a call whose exact combination was validated before
-    and resolves to the cpu backend now; ``(key, None)`` when the general path must run (key
-    None: this call cannot be cached). Backend resolution is redone on every call."""
-    key = _validated_key(x, mo, coef, third, gen, opts)
-    if key is None:
+    and resolves to the cpu backend now; ``(key, None)`` when the general path must run, with
+    key None when this call cannot be cached: a tensor subclass or non-tensor, x not on cpu, an
+    operand that requires grad, a dispatch mode active (the caller has checked that nothing is
+    compiling). The key holds everything the checks read: exact tensor types, shapes, strides,
+    dtypes, devices, the options ``opts`` (with the types of the float ones) and the native
+    module. Backend resolution is redone on every call."""
+    if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
+            or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
+            or _dispatch_stack_len()):  # fmt: skip
         return None, None
     try:
+        if third is None:
+            tk = None
+        elif type(third) is Tensor and not third.requires_grad:
+            tk = (third.shape, third.stride(), third.dtype, third.is_cpu)
+        else:
+            return None, None
+        if gen is None:
+            gk = None
+        elif type(gen) is Tensor:
+            gk = (gen.shape, gen.stride(), gen.dtype, gen.is_cpu)
+        else:
+            return None, None
+        key = (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, mo.is_cpu,
+               coef.shape, coef.stride(), coef.dtype, coef.is_cpu, tk, gk, opts)  # fmt: skip
         ent = _VALIDATED.get(key)
-    except TypeError:  # an unhashable option: the general path decides
+    except (RuntimeError, TypeError):  # no strides, an unhashable option: the general path
         return None, None
     if ent is None:
         return key, None
