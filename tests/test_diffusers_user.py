@@ -44,7 +44,6 @@ def _diffusers_loop(unet, sched, steps: int, noise: torch.Tensor) -> torch.Tenso
 UNSUPPORTED = [
     ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
     ("dpm-solver++", DPMSolverMultistepScheduler, dict(solver_order=1), "solver_order"),
-    ("dpm++", DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas"),
     ("dpm++", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm"),
     ("dpm++", DPMSolverMultistepScheduler, dict(solver_type="heun"), "solver_type"),
     ("euler", EulerDiscreteScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas"),
@@ -80,6 +79,8 @@ SUPPORTED = [
     ("ddim", DDIMScheduler, dict(steps_offset=1, set_alpha_to_one=False, clip_sample=False)),
     ("dpm++", DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min")),
     ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=2, lower_order_final=False)),
+    ("dpm++", DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),  # DPM++ 2M Karras
+    ("dpm++", DPMSolverMultistepScheduler, dict(use_exponential_sigmas=True)),
     (
         "dpm++",
         DPMSolverMultistepScheduler,
