@@ -703,3 +703,36 @@ def test_validated_cache_rechecks_every_change(monkeypatch):
     with fastdiff.use_backend("torch", "sampler_step"):
         assert torch.equal(step(x, mo, coef), want)
     assert torch.equal(step(x, mo, coef), ref)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
+def test_planned_binding_errors():
+    # the METH_FASTCALL entry point converts its arguments and the kernel's errors itself
+    from fastdiff import _ext
+
+    c = _ext.native()
+    x, mo, out = torch.randn(2, 3), torch.randn(2, 3), poison_(torch.empty(2, 3))
+    coef = make_coef("cpu")
+    plan = c.sampler_step_cpu_plan(0, 2, 3, 0, 3, 3, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, False, False,
+                                   False, False)  # fmt: skip
+    ptrs = [x.data_ptr(), mo.data_ptr(), 0, 0, coef.data_ptr(), out.data_ptr(), 0]
+    with pytest.raises(TypeError, match="takes 10 arguments, got 9"):
+        c.sampler_step_cpu_run(plan, *ptrs, 0.0)
+    with pytest.raises(ValueError, match="PyCapsule"):
+        c.sampler_step_cpu_run(object(), *ptrs, 0.0, 0.0)
+    with pytest.raises(TypeError):
+        c.sampler_step_cpu_run(plan, *ptrs[:-1], "0", 0.0, 0.0)
+    with pytest.raises(TypeError):
+        c.sampler_step_cpu_run(plan, *ptrs, "1.0", 0.0)
+    bad = list(ptrs)
+    bad[0] = 0
+    with pytest.raises(ValueError, match="sampler_step: null operand"):
+        c.sampler_step_cpu_run(plan, *bad, 0.0, 0.0)
+    assert torch.isnan(out).all()  # nothing was written by the failed calls
+    with pytest.raises(ValueError, match="prediction type code"):
+        c.sampler_step_cpu_plan(0, 2, 3, 0, 3, 3, 0, 3, 0, 0, 0, 0, 0, 0, 0, 7, False, False,
+                                False, False)  # fmt: skip
+    c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0)
+    ref = torch.ops.fastdiff.sampler_step.default(x, mo, coef, None, None, "cpu", 0, None, False,
+                                                  None, False, False)[0]  # fmt: skip
+    assert torch.equal(out, ref)
