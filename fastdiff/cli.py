@@ -204,6 +204,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
     opts = sampler_options(a.sampler, guidance)
     if a.eta is not None:
         opts["eta"] = a.eta
+    if a.karras:
+        if a.sampler != "dpm++":
+            raise CLIError(f"--karras: for --sampler dpm++, got --sampler {a.sampler}")
+        opts["use_karras_sigmas"] = True
     with _backend_ctx(a.backend), torch.no_grad():
         x = fastdiff.sample(
             model, steps=a.steps, sampler=a.sampler, batch_size=a.n, cond=labels,
@@ -474,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    s.add_argument(
+        "--karras", action="store_true", help='dpm++ on the Karras sigma grid ("DPM++ 2M Karras")'
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")

@@ -70,6 +70,25 @@ def test_sample_samplers_labels_guidance(tmp_path, capsys, sampler):
 
 
 @needs_weights
+def test_sample_karras_steps_on_the_karras_grid(tmp_path, monkeypatch):
+    """--karras reaches the dpm++ sampler: its timesteps are the Karras grid's, not linspace's."""
+    seen = []
+    real = fastdiff.sample
+
+    def spy(model, **kw):
+        seen.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(fastdiff, "sample", spy)
+    outs = [tmp_path / "k.png", tmp_path / "l.png"]
+    for out, extra in zip(outs, (["--karras"], []), strict=True):
+        assert main(["sample", "--steps", "4", "--n", "2", "--sampler", "dpm++", "--quiet",
+                     "--out", str(out), *extra]) == 0  # fmt: skip
+    assert seen[0].get("use_karras_sigmas") is True and "use_karras_sigmas" not in seen[1]
+    assert outs[0].read_bytes() != outs[1].read_bytes()
+
+
+@needs_weights
 def test_sample_same_seed_same_png(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for p in (a, b):
@@ -155,12 +174,14 @@ BAD_SAMPLE = {
     "unavailable_backend": ["--backend", "cuda"],  # the cuda backend on CPU tensors
     "missing_model": ["--model", "does/not/exist.safetensors"],
     "bad_device": ["--device", "tpu"],
+    "karras_without_dpm": ["--karras"],  # the default sampler is ddim
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLE))
 def test_sample_bad_input(case, tmp_path, capsys):
-    needs_model = case in ("steps_too_many", "label_10", "label_neg", "guidance_without_label")
+    needs_model = case in ("steps_too_many", "label_10", "label_neg", "guidance_without_label",
+                           "karras_without_dpm")  # fmt: skip
     if needs_model and not HAS_WEIGHTS:
         pytest.skip("needs the shipped model")
     out = tmp_path / "samples.png"
