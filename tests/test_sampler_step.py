@@ -736,3 +736,19 @@ def test_planned_binding_errors():
     ref = torch.ops.fastdiff.sampler_step.default(x, mo, coef, None, None, "cpu", 0, None, False,
                                                   None, False, False)[0]  # fmt: skip
     assert torch.equal(out, ref)
+
+
+def test_fullgraph_compile_after_cached_calls():
+    # torch.compile traces the custom op, never the validated-call cache (eager calls first, so
+    # the cache holds this exact combination)
+    x, mo, prev = torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 7), torch.randn(2, 3, 5, 7)
+    coef = make_coef("cpu")
+    gs = torch.tensor([3, 1])
+
+    def fn(x, mo, prev):
+        a = sampler_step(x, mo, coef, clip_range=1.0, generator_state=gs)
+        return a, dpm_solver_2m_step(x, mo, coef, prev)[0]
+
+    want = [fn(x, mo, prev) for _ in range(2)][1]
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, mo, prev)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
