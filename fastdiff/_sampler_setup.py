@@ -44,13 +44,13 @@ def resolve_sampler(
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
-            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler') or a fastdiff sampler "
-            f"object, got {type(sampler).__name__}"
+            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a') or a fastdiff "
+            f"sampler object, got {type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
-            f"sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler' or a fastdiff sampler object, "
-            f"got {sampler!r}"
+            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler', 'euler_a' or a fastdiff sampler "
+            f"object, got {sampler!r}"
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
@@ -145,6 +145,7 @@ _SCHEDULER_OF = {
     "ddpm": "DDPMScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
 }
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
                    "use_beta_sigmas": False}  # fmt: skip
@@ -161,11 +162,17 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "lambda_min_clipped": -float("inf"),
     },
     "euler": {
-        **_SIGMAS_NEUTRAL,
         "interpolation_type": "linear",
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
-    },  # sigma_min / sigma_max: only read by the Karras / exponential / beta sigmas above
+    },
+    # diffusers 0.42's EulerAncestralDiscreteScheduler has no method-changing setting fastdiff
+    # lacks (its sigma grids are a fastdiff extension); these guard a future one (Euler's)
+    "euler_a": {
+        "interpolation_type": "linear",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    },
 }
 
 

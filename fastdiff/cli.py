@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -205,8 +205,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler != "dpm++":
-            raise CLIError(f"--karras: for --sampler dpm++, got --sampler {a.sampler}")
+        if a.sampler not in ("dpm++", "euler", "euler_a"):
+            raise CLIError(
+                f"--karras: for --sampler dpm++, euler or euler_a, got --sampler {a.sampler}"
+            )
         opts["use_karras_sigmas"] = True
     with _backend_ctx(a.backend), torch.no_grad():
         x = fastdiff.sample(

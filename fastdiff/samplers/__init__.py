@@ -1,4 +1,4 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler (each step is one fused op call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral (each step is one fused op call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -20,6 +20,7 @@ from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
+from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverPPSampler",
+    "EulerAncestralSampler",
     "EulerSampler",
     "Sampler",
     "make_sampler",
@@ -41,11 +43,12 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpmsolver++": DPMSolverPPSampler,
     "dpm-solver++": DPMSolverPPSampler,
     "euler": EulerSampler,
+    "euler_a": EulerAncestralSampler,
 }
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler", "euler_a")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastdiff.samplers.base import Sampler, _ops
+from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["EulerSampler"]
@@ -43,9 +45,22 @@ class EulerSampler(Sampler):
     sample it sees, x = a x_sigma, is the same as diffusers'). Start from x_T ~ N(0, I) in VP
     space (diffusers' x_sigma = init_noise_sigma-scaled noise is x_T / a_0 for the same draw).
 
+    With ``use_karras_sigmas`` (Karras et al. 2022 eq. 5, rho = 7), ``use_exponential_sigmas``
+    or ``use_beta_sigmas`` the steps are taken on that grid of noise levels instead
+    (:mod:`fastdiff.samplers.sigmas`), between the noise levels of the first and last spaced
+    timesteps (or ``sigma_max`` / ``sigma_min`` when given), as diffusers'
+    ``EulerDiscreteScheduler`` builds it. diffusers then calls the model at the fractional
+    training timestep of each grid sigma (log-sigma interpolation); fastdiff calls it at that
+    timestep rounded to int64, while the update uses the grid's sigmas exactly (the same
+    situation as ``linspace`` spacing above).
+
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``).
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid (at
+            most one; the beta grid uses Beta(0.6, 0.6) and needs scipy).
+        sigma_min, sigma_max: the grid's end noise levels (default: those of the last and the
+            first spaced timestep); only read with a grid, as in diffusers.
     """
 
     name = "euler"
@@ -59,7 +74,24 @@ class EulerSampler(Sampler):
         prediction_type: str = "epsilon",
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
     ) -> None:
+        #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
+        self.sigma_grid: str | None = pick_sigma_grid(
+            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
+        for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, Real) or not 0.0 < float(v) < math.inf
+            ):
+                raise ValueError(f"{name}: expected None or a finite float > 0, got {v!r}")
+        self.sigma_min = None if sigma_min is None else float(sigma_min)
+        self.sigma_max = None if sigma_max is None else float(sigma_max)
+        self._grid: tuple[np.ndarray, np.ndarray] | None = None
         super().__init__(
             schedule,
             steps,
@@ -68,18 +100,53 @@ class EulerSampler(Sampler):
             steps_offset=steps_offset,
         )
 
-    def _frac_timesteps(self) -> np.ndarray:
-        """diffusers' (float32) timesteps: fractional under ``linspace``, else integer-valued."""
+    def _spaced_frac(self) -> np.ndarray:
+        """diffusers' (float32) spaced timesteps: fractional under ``linspace``."""
         T, n = self.schedule.num_train_timesteps, self.steps
         if self.timestep_spacing == "linspace":
             return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
-        return super()._make_timesteps().astype(np.float32)
+        ts = super()._make_timesteps()
+        if ts.max() >= T:
+            raise ValueError(
+                f"steps_offset: timesteps {ts.max()}..{ts.min()} fall outside [0, {T - 1}]"
+            )
+        return ts.astype(np.float32)
+
+    def _sigma_grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sigmas, fractional model timesteps), float64 ``[steps]`` each, of the sigma grid.
+
+        As diffusers: the grid spans the float32 training noise levels interpolated at the first
+        and last spaced timesteps (unless ``sigma_max`` / ``sigma_min`` are given), its
+        timesteps come from :func:`~fastdiff.samplers.sigmas.sigma_to_t`, and its sigmas are
+        kept in float32 (the values diffusers' step uses)."""
+        if self._grid is None:
+            train = train_sigmas32(self.schedule)  # ascending in t
+            ends = np.interp(self._spaced_frac(), np.arange(len(train)), train)
+            lo = self.sigma_min if self.sigma_min is not None else ends[-1].item()
+            hi = self.sigma_max if self.sigma_max is not None else ends[0].item()
+            if not lo < hi and self.steps > 1:
+                raise ValueError(
+                    f"sigma_min, sigma_max: the {self.sigma_grid} sigma grid needs sigma_min < "
+                    f"sigma_max, got {lo:.6g} and {hi:.6g}"
+                )
+            sig = make_sigma_grid(self.sigma_grid, lo, hi, self.steps)
+            ts = sigma_to_t(sig, np.log(train))
+            self._grid = (sig.astype(np.float32).astype(np.float64), ts)
+        return self._grid
+
+    def _frac_timesteps(self) -> np.ndarray:
+        """diffusers' (float32) timesteps: fractional under ``linspace`` or a sigma grid."""
+        if self.sigma_grid is not None:
+            return self._sigma_grid()[1].astype(np.float32)
+        return self._spaced_frac()
 
     def _make_timesteps(self) -> np.ndarray:
         return np.round(self._frac_timesteps()).astype(np.int64)
 
     def sigmas(self) -> np.ndarray:
         """float64 ``[steps + 1]``: sigma_i at each step, then the final sigma = 0."""
+        if self.sigma_grid is not None:
+            return np.concatenate([self._sigma_grid()[0], [0.0]])
         ab = self.schedule.alphas_cumprod.clone()
         if self.schedule.rescale_betas_zero_snr:
             ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
@@ -87,7 +154,7 @@ class EulerSampler(Sampler):
         ab[ab == 0] = 2.0**-24
         ab = ab.numpy().astype(np.float64)
         train = np.sqrt((1.0 - ab) / ab)  # sigma at t = 0 .. T-1
-        sig = np.interp(self._frac_timesteps().astype(np.float64), np.arange(len(train)), train)
+        sig = np.interp(self._spaced_frac().astype(np.float64), np.arange(len(train)), train)
         return np.concatenate([sig, [0.0]])
 
     def coefficients(self) -> np.ndarray:
