@@ -108,3 +108,47 @@ def test_non_affine_conv_norm_out_keeps_its_silu():
     assert "conv_norm_out" in dict(model.fastdiff_report.left)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t).sample, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_and_transformer_group_norms_run_fused():
+    """optimize() promises the fused GroupNorm kernel (no activation) for every replaced
+    Attention's ``group_norm`` and every Transformer2DModel's input norm, sharing the
+    GroupNorm's parameters; outputs unchanged."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from fastdiff.nn import GroupNormSiLU
+
+    torch.manual_seed(4)
+    plain = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=16,
+    )  # fmt: skip
+    cond = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+        norm_num_groups=4, attention_head_dim=2,
+    )  # fmt: skip
+    for model, name, x, extra in (
+        (plain, "Attention", torch.randn(2, 3, 8, 8), ()),
+        (cond, "Transformer2DModel", torch.randn(2, 4, 8, 8), (torch.randn(2, 3, 8),)),
+    ):
+        _randomize_(model)
+        t = torch.tensor([7, 800])
+        norms = {
+            n: (m, getattr(m, "group_norm", None) if name == "Attention" else m.norm)
+            for n, m in model.named_modules()
+            if type(m).__name__ == name
+        }
+        norms = {n: v for n, v in norms.items() if isinstance(v[1], torch.nn.GroupNorm)}
+        assert norms, name
+        with torch.no_grad():
+            ref = model(x, t, *extra).sample
+        fastdiff.optimize(model, channels_last=False)
+        for n, (m, gn) in norms.items():
+            fused = m.group_norm if name == "Attention" else m.norm
+            assert isinstance(fused, GroupNormSiLU), (n, type(fused))
+            assert fused.activation is None and fused.weight is gn.weight, n
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, *extra).sample, ref, rtol=1e-4, atol=1e-4)
