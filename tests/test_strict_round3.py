@@ -152,3 +152,83 @@ def test_attention_and_transformer_group_norms_run_fused():
             assert fused.activation is None and fused.weight is gn.weight, n
         with torch.no_grad():
             torch.testing.assert_close(model(x, t, *extra).sample, ref, rtol=1e-4, atol=1e-4)
+
+
+class _HalvedResnet(ResnetBlock2D):
+    """A user subclass with its own forward: the fused class would drop it."""
+
+    def forward(self, x, temb, *a, **k):
+        return 0.5 * super().forward(x, temb, *a, **k)
+
+
+def test_resnet_subclass_keeps_its_class_and_forward():
+    torch.manual_seed(5)
+    block = _randomize_(_HalvedResnet(in_channels=8, out_channels=16, temb_channels=12, groups=4))
+    ref = copy.deepcopy(block)
+    box = fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
+    assert type(block) is _HalvedResnet
+    assert "subclass" in dict(box.fastdiff_report.left)["b"]
+    x, temb = torch.randn(2, 8, 5, 7), torch.randn(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, temb), ref(x, temb), rtol=1e-5, atol=1e-5)
+
+
+def test_skip_time_act_blocks_project_the_raw_temb():
+    """ResnetBlock2D(skip_time_act=True) (UnCLIP-style UNets) projects temb without the SiLU:
+    the fused forward must skip it too, and such blocks stay out of the stacked one-GEMM
+    projections (which apply the SiLU), also when those are forced on (as on CUDA)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(6)
+    model = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+        layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=8,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", resnet_skip_time_act=True,
+    )  # fmt: skip
+    _randomize_(model)
+    blocks = [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    assert len(blocks) >= 4 and all(b.skip_time_act for b in blocks)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([9, 900]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        ref = model(x, t, ctx).sample
+    fastdiff.optimize(model, channels_last=False)
+    assert all(type(b).__name__ == "FusedResnetBlock2D" for b in blocks)
+    groups = {id(g): g for b in blocks if (g := b.__dict__.get("_fastdiff_time_group"))}
+    for g in groups.values():
+        g.enabled = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, ctx).sample, ref, rtol=1e-4, atol=1e-4)
+    assert not groups
+
+
+# ---- schedules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("betas", [[0.0, 0.1, 0.2], [0.1, 0.0, 0.2], [0.1, -0.01, 0.2]])
+def test_user_betas_must_be_positive(betas):
+    """beta = 0 makes alpha_bar_0 = 1: sqrt(1 - alpha_bar) = 0, log-SNR = inf and every
+    x0 -> eps conversion divides by zero."""
+    from fastdiff.schedules import NoiseSchedule
+
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        NoiseSchedule(betas=betas)
+
+
+def test_one_timestep_broadcasts_over_the_batch():
+    """t of shape [1] (documented: an int, ``[N]`` or ``[1]``) serves every sample."""
+    from fastdiff.schedules import NoiseSchedule
+
+    s = NoiseSchedule("linear", num_train_timesteps=100)
+    x0, noise, mo = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    one, scalar = torch.tensor([37]), 37
+    torch.testing.assert_close(s.q_sample(x0, one, noise), s.q_sample(x0, scalar, noise))
+    torch.testing.assert_close(s.velocity(x0, one, noise), s.velocity(x0, scalar, noise))
+    for kind in ("epsilon", "v_prediction", "sample"):
+        torch.testing.assert_close(
+            s.predict_x0(x0, one, mo, kind), s.predict_x0(x0, scalar, mo, kind)
+        )
+        torch.testing.assert_close(
+            s.predict_eps(x0, one, mo, kind), s.predict_eps(x0, scalar, mo, kind)
+        )
