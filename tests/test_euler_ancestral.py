@@ -269,6 +269,26 @@ def test_philox_noise_is_reproducible_with_manual_seed():
     assert not torch.allclose(d, e)  # euler_a adds noise where euler does not
 
 
+@pytest.mark.parametrize("generator", [None, 3], ids=["philox", "generator"])
+@torch.no_grad()
+def test_no_host_sync_inside_the_sampling_loop(generator):
+    """No tensor value is read on the host during the loop (.item(), nonzero, ...)."""
+    from test_sample_api import _SyncSpy
+
+    spy, net = _SyncSpy(), _Net().eval()
+
+    def model(x, t):
+        spy.armed = True
+        return net(x, t)
+
+    gen = None if generator is None else torch.Generator().manual_seed(generator)
+    with spy:
+        out = fastdiff.sample(model, steps=4, sampler="euler_a", shape=(3, 8, 8), batch_size=2,
+                              generator=gen)  # fmt: skip
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
+
+
 @pytest.mark.parametrize("philox", [False, True], ids=["generator", "philox"])
 @torch.no_grad()
 def test_cuda_graph_loop_equals_eager(philox, fake_cuda_graphs, monkeypatch):
