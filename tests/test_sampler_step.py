@@ -663,6 +663,13 @@ def test_validated_cache_rechecks_every_change(monkeypatch):
     for args, kw, err, match in bad:
         with pytest.raises(err, match=match):
             step(*args, **kw)
+    # an int clip_range is cached under its type: True (== 1, same hash) is still refused
+    for _ in range(2):
+        assert torch.equal(step(x, mo, coef, clip_range=1), ref)
+    n = len(calls)
+    with pytest.raises(TypeError, match="clip_range must be a real number or None, got bool"):
+        step(x, mo, coef, clip_range=True)
+    assert len(calls) == n + 1
     # a tensor whose metadata changed in place is rechecked
     short = make_coef("cpu")
     assert torch.equal(step(x, mo, short), ref)

@@ -366,10 +366,14 @@ def _unsupported(x: Tensor) -> dict[str, str]:
     return out
 
 
+_CACHEABLE_REAL = (float, int, type(None))  # exact types: a bool or float subclass is not cached
+
+
 def _cacheable(clip_range: object, guidance_scale: object) -> bool:
     """Whether a validated call may be cached: its verdict must follow from the cache key,
-    which holds these options' types and values (a tensor's value can change in place)."""
-    return type(clip_range) in (float, type(None)) and type(guidance_scale) in (float, type(None))
+    which holds these options' types and values (a tensor's value can change in place, a
+    subclass may convert differently)."""
+    return type(clip_range) in _CACHEABLE_REAL and type(guidance_scale) in _CACHEABLE_REAL
 
 
 def sampler_step(
