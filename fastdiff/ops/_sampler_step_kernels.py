@@ -261,7 +261,7 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | No
     key None when this call cannot be cached: a tensor subclass or non-tensor, x not on cpu, an
     operand that requires grad, a dispatch mode active (the caller has checked that nothing is
     compiling). The key holds everything the checks read: exact tensor types, shapes, strides,
-    dtypes, devices, the options ``opts`` (with the types of the float ones) and the native
+    dtypes, devices, the options ``opts`` (with the types of the real ones) and the native
     module. Backend resolution is redone on every call."""
     if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
             or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
@@ -305,8 +305,8 @@ def _remember_validated(key, mode, x, mo, third, pred, clip_range, recompute, g,
                         unsupported) -> None:  # fmt: skip
     """Cache the call with ``key`` that passed every check and ran through :func:`_fast_cpu`
     (so its layout needs no copy or cast). The caller guarantees that the cached verdict only
-    depends on ``key``: float or None clip_range / guidance_scale, a contiguous generator
-    state used as given."""
+    depends on ``key``: clip_range / guidance_scale of exact type float, int or None, a
+    contiguous generator state used as given."""
     c = _ext._C
     if c is None or not hasattr(c, "sampler_step_cpu_run"):  # stale build: _fast_cpu only
         return
