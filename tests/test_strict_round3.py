@@ -232,3 +232,21 @@ def test_one_timestep_broadcasts_over_the_batch():
         torch.testing.assert_close(
             s.predict_eps(x0, one, mo, kind), s.predict_eps(x0, scalar, mo, kind)
         )
+
+
+# ---- timestep spacing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "dpm++", "euler"])
+def test_steps_offset_past_the_last_training_timestep_is_rejected(name):
+    """leading spacing + steps_offset may pass T - 1 (as in diffusers); the samplers must say so
+    up front. T = 100, 10 steps: the largest timestep is 90 + offset (DDIM, DDPM, Euler) or
+    90 + offset (DPM-Solver++: 100 // 11 = 9 apart, 10 of the 11 kept)."""
+    from fastdiff.samplers import make_sampler
+    from fastdiff.schedules import NoiseSchedule
+
+    sched = NoiseSchedule("linear", num_train_timesteps=100)
+    ok = make_sampler(name, sched, 10, timestep_spacing="leading", steps_offset=9)
+    assert int(ok.timesteps.max()) == 99 and int(ok.timesteps.min()) >= 9
+    with pytest.raises(ValueError, match="steps_offset"):
+        make_sampler(name, sched, 10, timestep_spacing="leading", steps_offset=10)
