@@ -123,6 +123,9 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   } catch (const std::exception& e) {
     exc_type = PyExc_RuntimeError;
     msg = e.what();
+  } catch (...) {
+    exc_type = PyExc_RuntimeError;
+    msg = "fastdiff: sampler_step: unknown C++ exception";
   }
   if (ts != nullptr) PyEval_RestoreThread(ts);
   if (exc_type != nullptr) {
