@@ -250,3 +250,126 @@ def test_steps_offset_past_the_last_training_timestep_is_rejected(name):
     assert int(ok.timesteps.max()) == 99 and int(ok.timesteps.min()) >= 9
     with pytest.raises(ValueError, match="steps_offset"):
         make_sampler(name, sched, 10, timestep_spacing="leading", steps_offset=10)
+
+
+# ---- attention_math.h (the CUDA kernels' online-softmax row update, via its CPU twin) ------
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_online_softmax_twin_with_minus_inf_logits(block):
+    """Keys whose logits are -inf (a -inf key entry met by a positive query entry) get zero
+    weight. When a whole first tile is -inf the running max is still -inf: the row update must
+    use 0 as its reference there (2^(-inf - -inf) is NaN), as attention_math.h says."""
+    from fastdiff import _ext
+
+    if not _ext.has_native():
+        pytest.skip("fastdiff._C is not built")
+    torch.manual_seed(7)
+    B, H, Lq, Lk, D, scale = 1, 2, 5, 11, 8, 0.4
+    q, k, v = (torch.randn(B, H, n, D) for n in (Lq, Lk, Lk))
+    q[..., 0] = q[..., 0].abs() + 0.5
+    k[:, :, :4, 0] = float("-inf")  # keys 0..3: logit -inf for every query
+    out = torch.full_like(q, float("nan"))
+    _ext.native().attention_twin_cpu(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D, scale, block
+    )
+    qd, kd, vd = q.double(), k[:, :, 4:].double(), v[:, :, 4:].double()
+    ref = torch.softmax(qd @ kd.transpose(-1, -2) * scale, dim=-1) @ vd
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+class _TinyEps(torch.nn.Module):
+    """A one-conv class-conditional eps-model that records its weights at every forward (the
+    weights after the previous optimiser step) and counts its forwards in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+        self.null_class = 10
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.seen: list[list[torch.Tensor]] = []
+
+    def forward(self, x, t, class_labels=None):
+        self.seen.append([p.detach().clone() for p in self.parameters()])
+        self.calls += 1
+        return self.conv(x) + 0.01 * t.view(-1, 1, 1, 1).to(x.dtype)
+
+
+def _digits_like(n: int = 24):
+    g = torch.Generator().manual_seed(2)
+    return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 10
+
+
+def test_ema_follows_its_warm_up_formula_exactly():
+    """EMA after step s: ema <- ema + (1 - d_s) (w_s - ema), d_s = min(decay, (1 + s) / (10 + s)),
+    w_s the weights after step s, starting from the initial weights; buffers copied."""
+    from fastdiff.training import train
+
+    torch.manual_seed(0)
+    model = _TinyEps()
+    init = [p.detach().clone() for p in model.parameters()]
+    steps, decay = 5, 0.3
+    ema = train(model, steps=steps, batch_size=4, warmup=1, ema_decay=decay,
+                data=_digits_like(), progress=False)  # fmt: skip
+    weights = model.seen[1:] + [[p.detach() for p in model.parameters()]]  # w_0 .. w_{steps-1}
+    expect = init
+    for s, w in enumerate(weights):
+        d = min(decay, (1 + s) / (10 + s))
+        expect = [torch.lerp(e, p, 1.0 - d) for e, p in zip(expect, w, strict=True)]
+    for got, want in zip(ema.parameters(), expect, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert int(ema.calls) == steps == int(model.calls)
+
+
+def test_gradients_are_clipped_to_grad_clip(monkeypatch):
+    from fastdiff.training import train
+
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        seen.append(max_norm)
+        return clip(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train(_TinyEps(), steps=3, batch_size=4, grad_clip=0.25, data=_digits_like(), progress=False)
+    assert seen == [0.25] * 3
+    seen.clear()
+    train(_TinyEps(), steps=2, batch_size=4, grad_clip=None, data=_digits_like(), progress=False)
+    assert seen == []
+    with pytest.raises(ValueError, match="grad_clip"):
+        train(_TinyEps(), steps=1, grad_clip=-1.0, data=_digits_like(), progress=False)
+
+
+def test_stopped_run_writes_no_output_and_checkpoint_collisions_are_rejected(tmp_path):
+    from fastdiff.training import train
+
+    out = tmp_path / "m.safetensors"
+    kw = dict(steps=4, batch_size=4, data=_digits_like(), progress=False)
+    train(_TinyEps(), out=out, checkpoint=tmp_path / "ck", stop_after=2, **kw)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert (tmp_path / "ck.json").is_file()
+    for stem in (tmp_path / "m", tmp_path / "m.json"):
+        with pytest.raises(ValueError, match="same files"):
+            train(_TinyEps(), out=out, checkpoint=stem, **kw)
+
+
+def test_checkpoint_past_the_requested_steps_is_an_error(tmp_path):
+    """A checkpoint json without recorded hyperparameters (hand-made or older) at step 4 cannot
+    resume a 2-step run."""
+    import json
+
+    from fastdiff.training import train
+
+    ck = tmp_path / "ck"
+    kw = dict(batch_size=4, data=_digits_like(), progress=False)
+    train(_TinyEps(), steps=4, checkpoint=ck, **kw)
+    meta = json.loads((tmp_path / "ck.json").read_text())
+    del meta["hparams"]
+    (tmp_path / "ck.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="at step 4 > steps=2"):
+        train(_TinyEps(), steps=2, checkpoint=ck, **kw)
