@@ -373,3 +373,30 @@ def test_checkpoint_past_the_requested_steps_is_an_error(tmp_path):
     (tmp_path / "ck.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="at step 4 > steps=2"):
         train(_TinyEps(), steps=2, checkpoint=ck, **kw)
+
+
+@pytest.mark.parametrize(
+    "name, spacing, steps, offset",
+    [
+        ("dpm++", "trailing", 7, 0),
+        ("dpm++", "trailing", 13, 0),
+        ("dpm++", "leading", 7, 1),
+        ("dpm++", "linspace", 13, 0),
+        ("euler", "trailing", 7, 0),
+        ("euler", "leading", 13, 1),
+    ],
+)
+def test_sampler_timesteps_match_diffusers_for_uneven_step_counts(name, spacing, steps, offset):
+    """DPM-Solver++ spaces its own timesteps (steps + 1 points, the last dropped); Euler uses the
+    shared spacing. Step counts that do not divide T, and steps_offset, against diffusers."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    from fastdiff.samplers import make_sampler
+    from fastdiff.schedules import NoiseSchedule
+
+    cls = DPMSolverMultistepScheduler if name == "dpm++" else EulerDiscreteScheduler
+    theirs = cls(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
+    theirs.set_timesteps(steps)
+    ours = make_sampler(name, NoiseSchedule("linear"), steps, timestep_spacing=spacing,
+                        steps_offset=offset)  # fmt: skip
+    assert ours.timesteps.tolist() == theirs.timesteps.round().long().tolist()
