@@ -480,9 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    s.add_argument(
-        "--karras", action="store_true", help='dpm++ on the Karras sigma grid ("DPM++ 2M Karras")'
-    )
+    karras = 'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras")'
+    s.add_argument("--karras", action="store_true", help=karras)
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
