@@ -73,3 +73,15 @@ def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * std)
     return model.eval()
+
+
+# Parity with the diffusers schedulers (test_samplers_parity, test_sampler_euler, test_dpm_sigmas,
+# test_euler_ancestral): the sample shape, the relative tolerance in fp32, and the beta schedules
+# as diffusers' scheduler kwargs.
+PARITY_SHAPE = (2, 3, 8, 8)
+PARITY_RTOL = 1e-5
+DIFFUSERS_BETAS = {
+    "linear": dict(beta_schedule="linear"),
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "cosine": dict(beta_schedule="squaredcos_cap_v2"),
+}

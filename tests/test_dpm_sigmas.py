@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -21,13 +22,7 @@ from fastdiff.samplers import dpm_solver as dpm_mod
 
 diffusers = pytest.importorskip("diffusers")
 
-SHAPE = (2, 3, 8, 8)
-RTOL = 1e-5
-SCHEDULES = {
-    "linear": dict(beta_schedule="linear"),
-    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    "cosine": dict(beta_schedule="squaredcos_cap_v2"),
-}
+SHAPE, RTOL, SCHEDULES = PARITY_SHAPE, PARITY_RTOL, DIFFUSERS_BETAS
 FLAGS = {g: f"use_{g}_sigmas" for g in ("karras", "exponential", "beta")}
 
 

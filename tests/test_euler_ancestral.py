@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -27,12 +28,8 @@ from fastdiff.samplers.euler_ancestral import ancestral_step
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea_mod  # noqa: E402
 
-SHAPE = (2, 3, 8, 8)
-RTOL = 1e-5
-SCHEDULES = {
-    "linear": dict(beta_schedule="linear"),
-    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-}
+SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
+SCHEDULES = {k: DIFFUSERS_BETAS[k] for k in ("linear", "scaled_linear")}
 FLAGS = {g: f"use_{g}_sigmas" for g in ("karras", "exponential", "beta")}
 
 

@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -25,13 +26,7 @@ from fastdiff.samplers import SAMPLERS, EulerSampler, make_sampler
 
 diffusers = pytest.importorskip("diffusers")
 
-SHAPE = (2, 3, 8, 8)
-RTOL = 1e-5
-SCHEDULES = {
-    "linear": dict(beta_schedule="linear"),
-    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    "cosine": dict(beta_schedule="squaredcos_cap_v2"),
-}
+SHAPE, RTOL, SCHEDULES = PARITY_SHAPE, PARITY_RTOL, DIFFUSERS_BETAS
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
