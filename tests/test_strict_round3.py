@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastdiff
+from fastdiff.nn import GroupNormSiLU
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
@@ -88,8 +89,9 @@ def test_attention_with_a_non_default_scale_is_left_alone():
         torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_non_affine_conv_norm_out_keeps_its_silu():
-    """conv_norm_out -> conv_act is fused only for an affine GroupNorm; otherwise both stay."""
+def test_non_affine_conv_norm_out_is_fused_with_its_silu():
+    """conv_norm_out -> conv_act is fused for a non-affine GroupNorm too (no weight, no bias);
+    the SiLU must not be lost."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(3)
@@ -104,8 +106,10 @@ def test_non_affine_conv_norm_out_keeps_its_silu():
     with torch.no_grad():
         ref = model(x, t).sample
     fastdiff.optimize(model, channels_last=False)
-    assert isinstance(model.conv_act, torch.nn.SiLU)
-    assert "conv_norm_out" in dict(model.fastdiff_report.left)
+    assert isinstance(model.conv_norm_out, GroupNormSiLU) and not model.conv_norm_out.affine
+    assert model.conv_norm_out.activation == "silu"
+    assert isinstance(model.conv_act, torch.nn.Identity)
+    assert "conv_norm_out" in dict(model.fastdiff_report.replaced)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t).sample, ref, rtol=1e-4, atol=1e-4)
 
@@ -115,8 +119,6 @@ def test_attention_and_transformer_group_norms_run_fused():
     Attention's ``group_norm`` and every Transformer2DModel's input norm, sharing the
     GroupNorm's parameters; outputs unchanged."""
     from diffusers import UNet2DConditionModel, UNet2DModel
-
-    from fastdiff.nn import GroupNormSiLU
 
     torch.manual_seed(4)
     plain = UNet2DModel(

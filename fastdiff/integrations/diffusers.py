@@ -355,9 +355,10 @@ def _standard_attention(attn: nn.Module) -> str | None:
 
 
 def _fuse_norm(parent: nn.Module, attr: str, activation: str | None) -> bool:
-    """Replace ``parent.<attr>`` (an nn.GroupNorm) by a GroupNormSiLU sharing its parameters."""
+    """Replace ``parent.<attr>`` (an nn.GroupNorm, affine or not) by a GroupNormSiLU sharing its
+    parameters."""
     gn = getattr(parent, attr)
-    if type(gn) is not nn.GroupNorm or not gn.affine:
+    if type(gn) is not nn.GroupNorm:
         return False
     setattr(parent, attr, GroupNormSiLU.from_group_norm(gn, activation=activation))
     return True
@@ -383,7 +384,7 @@ def _patch_out_norm(model: nn.Module, report: OptimizeReport) -> None:
     what = "conv_norm_out+conv_act: fused GroupNorm+SiLU"
     if isinstance(norm, GroupNormSiLU) and isinstance(act, nn.Identity):
         report.already.append(("conv_norm_out", what))
-    elif type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU) and norm.affine:
+    elif type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
         _fuse_norm(model, "conv_norm_out", "silu")
         model.conv_act = nn.Identity()
         report.replaced.append(("conv_norm_out", what))
