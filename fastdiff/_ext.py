@@ -59,6 +59,15 @@ def dtype_code(t: torch.Tensor) -> int:
         raise TypeError(f"fastdiff: unsupported dtype {t.dtype}") from None
 
 
+def resolve_neg(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``ts`` with every lazily negated view materialised. A real tensor can carry PyTorch's
+    negative bit (``z.conj().imag`` of a complex ``z``): its memory holds -values, and the
+    kernels read memory by address. Other tensors (and None) pass through unchanged."""
+    if torch.compiler.is_compiling():  # is_neg() is not traceable; resolve_neg() is
+        return tuple(None if t is None else t.resolve_neg() for t in ts)
+    return tuple(t.resolve_neg() if t is not None and t.is_neg() else t for t in ts)
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make ``t``'s CUDA device current for a kernel launch (a no-op when it already is, or for
     CPU tensors). Kernels launch on the current device: a tensor on another GPU would otherwise

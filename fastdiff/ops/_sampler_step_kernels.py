@@ -259,24 +259,25 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | No
     """``(key, (x_prev, x0 or None))`` for a call whose exact combination was validated before
     and resolves to the cpu backend now; ``(key, None)`` when the general path must run, with
     key None when this call cannot be cached: a tensor subclass or non-tensor, x not on cpu, an
-    operand that requires grad, a dispatch mode active (the caller has checked that nothing is
-    compiling). The key holds everything the checks read: exact tensor types, shapes, strides,
-    dtypes, devices, the options ``opts`` (with the types of the real ones) and the native
-    module. Backend resolution is redone on every call."""
+    operand that requires grad or is a lazily negated view (``is_neg``: its memory holds
+    -values; the general path materialises it), a dispatch mode active (the caller has checked
+    that nothing is compiling). The key holds everything the checks read: exact tensor types,
+    shapes, strides, dtypes, devices, the options ``opts`` (with the types of the real ones) and
+    the native module. Backend resolution is redone on every call."""
     if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
             or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
-            or _dispatch_stack_len()):  # fmt: skip
+            or x.is_neg() or mo.is_neg() or coef.is_neg() or _dispatch_stack_len()):  # fmt: skip
         return None, None
     try:
         if third is None:
             tk = None
-        elif type(third) is Tensor and not third.requires_grad:
+        elif type(third) is Tensor and not third.requires_grad and not third.is_neg():
             tk = (third.shape, third.stride(), third.dtype, third.is_cpu)
         else:
             return None, None
         if gen is None:
             gk = None
-        elif type(gen) is Tensor:
+        elif type(gen) is Tensor and not gen.is_neg():
             gk = (gen.shape, gen.stride(), gen.dtype, gen.is_cpu)
         else:
             return None, None

@@ -268,6 +268,7 @@ def attention(
     requested backend uses the op's math backward (materialises P).
     """
     _validate(q, k, v, scale)
+    q, k, v = _ext.resolve_neg(q, k, v)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = _dispatch.resolve("attention", q.device, unsupported=_unsupported(q))
     if _plain_call(q, k, v):

@@ -510,6 +510,7 @@ def group_norm_silu(
         RuntimeError: when an explicitly requested backend cannot run.
     """
     add, scale, shift = _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation)
+    x, weight, bias, add, scale, shift = _ext.resolve_neg(x, weight, bias, add, scale, shift)
     args = (int(num_groups), weight, bias, float(eps), add, scale, shift, activation == "silu")
     if torch.compiler.is_compiling():
         backend = _resolve_traced(str(x.device), x.dtype)

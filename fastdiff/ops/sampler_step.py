@@ -466,6 +466,9 @@ def sampler_step(
         _check_device("generator_state", generator_state, x)
         if not generator_state.is_contiguous():
             generator_state = generator_state.contiguous()
+    x, model_output, coef, noise, generator_state = _ext.resolve_neg(
+        x, model_output, coef, noise, generator_state
+    )
     plain = _plain_eager(x, model_output, coef, noise, generator_state)
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("sampler_step", x.device, _unsupported(x))
@@ -530,6 +533,7 @@ def dpm_solver_2m_step(
             raise ValueError(
                 f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
             )
+    x, model_output, coef, x0_prev = _ext.resolve_neg(x, model_output, coef, x0_prev)
     plain = _plain_eager(x, model_output, coef, x0_prev)
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("dpm_solver_2m_step", x.device, _unsupported(x))
