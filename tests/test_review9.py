@@ -338,3 +338,43 @@ def test_one_sampler_object_reused_across_runs(name, opts):
     run(smp, noise[:1])  # another batch size in between leaves no stale history
     assert torch.equal(run(smp, noise), a)
     torch.testing.assert_close(run(name, noise, steps=6, **opts), a, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("dpm++", dict(use_karras_sigmas=True, thresholding=True, sample_max_value=1.5)),
+        ("dpm++", dict(use_exponential_sigmas=True, prediction_type="v_prediction")),
+        ("euler_a", dict(timestep_spacing="trailing")),
+        ("euler", dict(use_karras_sigmas=True)),
+    ],
+)
+def test_guidance_in_the_step_equals_diffusers_on_the_combined_output(name, opts, monkeypatch):
+    """step([uncond, cond], guidance_scale=g) = diffusers' step on uncond + g (cond - uncond)
+    (the pipeline's combination), on sigma grids and with thresholding."""
+    box: dict = {}
+    monkeypatch.setattr(ea_mod, "randn_tensor", lambda *a, **k: box["z"].clone())
+    cfg, steps, g = DIFFUSERS_BETAS["scaled_linear"], 7, 3.0
+    cls = {"dpm++": "DPMSolverMultistepScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+           "euler": "EulerDiscreteScheduler"}[name]  # fmt: skip
+    theirs = getattr(diffusers, cls)(**cfg, **opts)
+    theirs.set_timesteps(steps)
+    theirs.set_begin_index(0)
+    ours = make_sampler(name, NoiseSchedule.from_diffusers(cfg), steps, **opts)
+    sig = ours.sigmas() if name != "dpm++" else None
+    gen = torch.Generator().manual_seed(4)
+    x_d = torch.randn(PAR_SHAPE, generator=gen)  # diffusers' state
+    if sig is not None:
+        x_d = x_d * math.sqrt(1.0 + sig[0] ** 2)
+    for i in range(steps):
+        t = theirs.timesteps[i]
+        x = theirs.scale_model_input(x_d, t) if sig is not None else x_d
+        mu = _fake_model(x, ours.timesteps[i])
+        mc = _fake_model(1.1 * x + 0.2, ours.timesteps[i])
+        box["z"] = z = torch.randn(PAR_SHAPE, generator=gen)
+        ref = theirs.step(mu + g * (mc - mu), t, x_d).prev_sample
+        got = ours.step(torch.cat([mu, mc]), i, x, noise=z, guidance_scale=g).double()
+        if sig is not None:
+            got = got * math.sqrt(1.0 + sig[i + 1] ** 2)
+        assert _rel(got, ref) <= PARITY_RTOL, (i, _rel(got, ref))
+        x_d = ref
