@@ -378,3 +378,43 @@ def test_guidance_in_the_step_equals_diffusers_on_the_combined_output(name, opts
             got = got * math.sqrt(1.0 + sig[i + 1] ** 2)
         assert _rel(got, ref) <= PARITY_RTOL, (i, _rel(got, ref))
         x_d = ref
+
+
+@pytest.mark.parametrize(
+    "opts,begin",
+    [
+        (dict(use_karras_sigmas=True), 0),
+        (dict(use_karras_sigmas=True), 3),  # img2img: a run starting mid-grid
+        (dict(use_beta_sigmas=True, prediction_type="v_prediction"), 2),
+        (dict(use_exponential_sigmas=True, timestep_spacing="trailing"), 0),
+    ],
+)
+def test_euler_a_on_sigma_grids_is_diffusers_ancestral_step_on_the_grid(opts, begin, monkeypatch):
+    """diffusers' ancestral scheduler has no grids: its step, given our grid (float64 sigmas and
+    timesteps), is the reference; the grid and model timesteps are Euler's."""
+    if opts.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    box: dict = {}
+    monkeypatch.setattr(ea_mod, "randn_tensor", lambda *a, **k: box["z"].clone())
+    cfg, steps = DIFFUSERS_BETAS["scaled_linear"], 8
+    ours = EulerAncestralSampler(NoiseSchedule.from_diffusers(cfg), steps, **opts)
+    euler = EulerSampler(NoiseSchedule.from_diffusers(cfg), steps, **opts)
+    assert np.array_equal(ours.sigmas(), euler.sigmas())
+    assert torch.equal(ours.timesteps, euler.timesteps)
+    twin = diffusers.EulerAncestralDiscreteScheduler(
+        **cfg, **{k: v for k, v in opts.items() if "sigmas" not in k}
+    )
+    twin.set_timesteps(steps)
+    twin.sigmas, twin.timesteps = torch.from_numpy(ours.sigmas()), ours.timesteps.double()
+    twin.set_begin_index(begin)
+    sig = ours.sigmas()
+    gen = torch.Generator().manual_seed(begin)
+    x_sig = torch.randn(PAR_SHAPE, generator=gen).double() * math.sqrt(1.0 + sig[begin] ** 2)
+    for i in range(begin, steps):
+        x = twin.scale_model_input(x_sig, twin.timesteps[i]).float()
+        mo = _fake_model(x, ours.timesteps[i])
+        box["z"] = z = torch.randn(PAR_SHAPE, generator=gen)
+        ref = twin.step(mo.double(), twin.timesteps[i], x_sig).prev_sample
+        got = ours.step(mo, i, x, noise=z).double() * math.sqrt(1.0 + sig[i + 1] ** 2)
+        assert _rel(got, ref) <= PARITY_RTOL, (i, _rel(got, ref))
+        x_sig = ref
