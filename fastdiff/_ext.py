@@ -59,6 +59,14 @@ def dtype_code(t: torch.Tensor) -> int:
         raise TypeError(f"fastdiff: unsupported dtype {t.dtype}") from None
 
 
+def transforms_active() -> bool:
+    """A torch.func transform (functionalize, vmap, grad, jvp) or a TorchDispatchMode is active:
+    tensors may be wrappers whose Python type is plain ``torch.Tensor`` but which have no
+    storage a kernel could read by address, so an op must go through its registered custom op
+    (or fail there) rather than a raw-pointer fast path."""
+    return torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0
+
+
 def resolve_neg(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """``ts`` with every lazily negated view materialised. A real tensor can carry PyTorch's
     negative bit (``z.conj().imag`` of a complex ``z``): its memory holds -values, and the

@@ -292,7 +292,7 @@ def _native_training(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _plain_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _ext.transforms_active():
         return False
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return False

@@ -559,7 +559,7 @@ def _needs_op(*tensors: Tensor | None) -> bool:
             return True
         if grad and t.requires_grad:
             return True
-    return torch._C._len_torch_dispatch_stack() > 0
+    return _ext.transforms_active()
 
 
 _make_callable(__name__)

@@ -342,7 +342,7 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     """True when nothing traces these tensors (no torch.compile, no dispatch mode, no subclass,
     no autograd), so calling the op's implementation directly is the same as calling the op and
     skips ~50 us of custom-op Python overhead per sampler step."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or _ext.transforms_active():
         return False
     for t in tensors:  # noqa: SIM110 (a plain loop: ~2x faster than all() over a generator)
         if t is not None and (type(t) is not Tensor or t.requires_grad):
@@ -436,7 +436,10 @@ def sampler_step(
         ``x_prev`` in x's dtype and memory format, or ``(x_prev, x0)`` with ``return_x0``.
     """
     key = None
-    if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no plan
+    # a repeat of a validated cpu call: no checks, no plan (the flags must be real bools: the key
+    # holds them by value, and a mutable truthy object could change under an equal key)
+    flags_ok = type(recompute_eps) is bool and type(learned_variance) is bool
+    if flags_ok and type(return_x0) is bool and not torch.compiler.is_compiling():
         opts = (prediction_type, type(clip_range), clip_range, recompute_eps,
                 type(guidance_scale), guidance_scale, learned_variance, return_x0)  # fmt: skip
         key, r = _cached_cpu_step("sampler_step", x, model_output, coef, noise, generator_state,
