@@ -116,6 +116,24 @@ def _parse_env(value: str) -> dict[str | None, str]:
     return out
 
 
+def forward_ad_backend(op: str, backend: str, *tensors: torch.Tensor | None) -> str:
+    """``backend``, or the torch reference when forward-mode AD is on and an input carries a
+    tangent (``torch.autograd.forward_ad`` dual tensors look like plain tensors): the fused
+    kernels read memory by address and would drop the tangent silently. An explicitly requested
+    fused backend is a RuntimeError instead (never a silent fallback)."""
+    if backend == "torch" or torch.autograd.forward_ad._current_level < 0:
+        return backend
+    unpack = torch.autograd.forward_ad.unpack_dual
+    if not any(t is not None and unpack(t).tangent is not None for t in tensors):
+        return backend
+    if requested_backend(op) is not None:
+        raise RuntimeError(
+            f"fastdiff: backend {backend!r} was requested for {op} but an input carries a "
+            "forward-mode AD tangent, which only the torch backend propagates"
+        )
+    return "torch"
+
+
 @torch.compiler.assume_constant_result
 def requested_backend(op: str) -> str | None:
     """The explicitly requested backend for ``op``, or None for the automatic choice.

@@ -253,6 +253,7 @@ def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv,
 _VALIDATED: dict[tuple, tuple] = {}
 _CPU = torch.device("cpu")
 _transforms_active = _ext.transforms_active
+_fwad = torch.autograd.forward_ad
 
 
 def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | None, tuple | None]:
@@ -260,14 +261,15 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | No
     and resolves to the cpu backend now; ``(key, None)`` when the general path must run, with
     key None when this call cannot be cached: a tensor subclass or non-tensor, x not on cpu, an
     operand that requires grad or is a lazily negated view (``is_neg``: its memory holds
-    -values; the general path materialises it), a dispatch mode or torch.func transform active
-    (the caller has checked that nothing is compiling). The key holds everything the checks
-    read: exact tensor types, shapes, strides, dtypes, devices, the options ``opts`` (with the
-    types of the real ones) and the native module. Backend resolution is redone on every
-    call."""
+    -values; the general path materialises it), a dispatch mode, torch.func transform or
+    forward-mode AD level active (the caller has checked that nothing is compiling). The key
+    holds everything the checks read: exact tensor types, shapes, strides, dtypes, devices, the
+    options ``opts`` (with the types of the real ones) and the native module. Backend
+    resolution is redone on every call."""
     if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
             or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
-            or x.is_neg() or mo.is_neg() or coef.is_neg() or _transforms_active()):  # fmt: skip
+            or x.is_neg() or mo.is_neg() or coef.is_neg() or _transforms_active()
+            or _fwad._current_level >= 0):  # fmt: skip
         return None, None
     try:
         if third is None:

@@ -271,6 +271,7 @@ def attention(
     q, k, v = _ext.resolve_neg(q, k, v)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backend = _dispatch.resolve("attention", q.device, unsupported=_unsupported(q))
+    backend = _dispatch.forward_ad_backend("attention", backend, q, k, v)
     if _plain_call(q, k, v):
         # Inference on plain tensors: skip the custom-op dispatcher (~10+ us per call, which is
         # most of the time of a short-sequence attention). Autograd, torch.compile and tensor

@@ -517,6 +517,7 @@ def group_norm_silu(
         return _group_norm_silu_op(_canon(x), *args, backend)
     dev = x.device
     backend = _dispatch.resolve(_OP, dev, _unsupported(dev, x.dtype))
+    backend = _dispatch.forward_ad_backend(_OP, backend, x, weight, bias, add, scale, shift)
     if _needs_op(x, weight, bias, add, scale, shift):
         if _native_training(x, weight, bias, add, scale, shift):
             return _native_autograd(x, *args)

@@ -475,6 +475,7 @@ def sampler_step(
     plain = _plain_eager(x, model_output, coef, noise, generator_state)
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("sampler_step", x.device, _unsupported(x))
+    backend = _dispatch.forward_ad_backend("sampler_step", backend, x, model_output, coef, noise)
     pred = PREDICTION_TYPES[prediction_type]
     if plain and backend == "cpu":
         r = _fast_cpu(0, x, model_output, coef, noise, generator_state, pred, clip,
@@ -540,6 +541,8 @@ def dpm_solver_2m_step(
     plain = _plain_eager(x, model_output, coef, x0_prev)
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("dpm_solver_2m_step", x.device, _unsupported(x))
+    backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output, coef,
+                                           x0_prev)  # fmt: skip
     pred = PREDICTION_TYPES[prediction_type]
     if plain and backend == "cpu":
         r = _fast_cpu(1, x, model_output, coef, x0_prev, None, pred, clip, False, g, False, True)
