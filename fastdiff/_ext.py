@@ -73,7 +73,10 @@ def resolve_neg(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     kernels read memory by address. Other tensors (and None) pass through unchanged."""
     if torch.compiler.is_compiling():  # is_neg() is not traceable; resolve_neg() is
         return tuple(None if t is None else t.resolve_neg() for t in ts)
-    return tuple(t.resolve_neg() if t is not None and t.is_neg() else t for t in ts)
+    for t in ts:  # the common case, no negative bit: ts as given (a plain loop, the hot path)
+        if t is not None and t.is_neg():
+            return tuple(None if u is None else u.resolve_neg() for u in ts)
+    return ts
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
