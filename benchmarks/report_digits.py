@@ -26,6 +26,7 @@ import fastdiff  # noqa: E402
 from fastdiff.cli import sampler_options  # noqa: E402
 from fastdiff.models.pretrained import load_model_file, load_pretrained  # noqa: E402
 
+KARRAS = "dpm++ karras"  # DPM-Solver++ on the Karras sigma grid ("DPM++ 2M Karras")
 CONFIGS = [  # (sampler, steps, guidance scale; None = plain conditional)
     ("ddim", 50, None),
     ("ddim", 50, 2.0),
@@ -33,12 +34,19 @@ CONFIGS = [  # (sampler, steps, guidance scale; None = plain conditional)
     ("dpm++", 10, None),
     ("dpm++", 10, 2.0),
     ("dpm++", 10, 3.0),
+    (KARRAS, 10, None),
+    (KARRAS, 10, 2.0),
+    ("euler_a", 30, None),
+    ("euler_a", 30, 2.0),
     ("ddpm", 100, None),
 ]
-QUICK = [c for c in CONFIGS if c[0] != "ddpm" and c != ("ddim", 50, 3.0)]
+QUICK = [c for c in CONFIGS if c[0] in ("ddim", "dpm++") and c != ("ddim", 50, 3.0)]
 
 
 def _sample(model, sampler, steps, n, guidance, cond=True, seed=0, device="cpu", bs=500):
+    opts = sampler_options(sampler, guidance)
+    if sampler == KARRAS:
+        sampler, opts = "dpm++", {**opts, "use_karras_sigmas": True}
     outs = []
     for start in range(0, n, bs):
         m = min(bs, n - start)
@@ -48,7 +56,7 @@ def _sample(model, sampler, steps, n, guidance, cond=True, seed=0, device="cpu",
             outs.append(
                 fastdiff.sample(model, steps=steps, sampler=sampler, batch_size=m, cond=labels,
                                 guidance_scale=guidance, generator=g, device=device,
-                                **sampler_options(sampler, guidance)).cpu()
+                                **opts).cpu()
             )  # fmt: skip
     return torch.cat(outs)
 
