@@ -46,7 +46,11 @@ def is_channels_last(x: Tensor) -> bool:
     if x.is_contiguous():
         return False
     fmt = _CL_FORMATS.get(x.dim())
-    if fmt is not None:  # same answer as the permuted check below, without building a view
+    # same answer as the permuted check below, without building a view; not inside vmap, which
+    # does not implement is_contiguous(memory_format=...) for its batched tensors
+    if fmt is not None and (
+        torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active()
+    ):
         return x.is_contiguous(memory_format=fmt)
     perm = (0, *range(2, x.dim()), 1)
     return x.permute(perm).is_contiguous()
