@@ -30,10 +30,10 @@ def resolve_sampler(
     """The sampler object ``sample`` runs: ``sampler`` itself, or the one it names, built on
     the schedule with ``steps`` steps and its options."""
     if isinstance(sampler, Sampler):
-        if steps is not None and steps != sampler.steps:
-            raise ValueError(
-                f"steps: got {steps} but the sampler object was built for {sampler.steps}"
-            )
+        # a multi-stage sampler (Heun: 2N - 1 model calls) was built for N steps
+        built = getattr(sampler, "num_inference_steps", sampler.steps)
+        if steps is not None and steps != built:
+            raise ValueError(f"steps: got {steps} but the sampler object was built for {built}")
         if sampler_options or eta is not None or schedule is not None:
             extra = sorted([*sampler_options, *(["eta"] if eta is not None else []),
                             *(["schedule"] if schedule is not None else [])])  # fmt: skip
@@ -44,13 +44,13 @@ def resolve_sampler(
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
-            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a') or a fastdiff "
-            f"sampler object, got {type(sampler).__name__}"
+            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun') or a "
+            f"fastdiff sampler object, got {type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
-            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler', 'euler_a' or a fastdiff sampler "
-            f"object, got {sampler!r}"
+            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun' or a fastdiff "
+            f"sampler object, got {sampler!r}"
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
@@ -146,6 +146,7 @@ _SCHEDULER_OF = {
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
 }
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
                    "use_beta_sigmas": False}  # fmt: skip
@@ -169,6 +170,13 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # diffusers 0.42's EulerAncestralDiscreteScheduler has no method-changing setting fastdiff
     # lacks (its sigma grids are a fastdiff extension); these guard a future one (Euler's)
     "euler_a": {
+        "interpolation_type": "linear",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    },
+    # diffusers 0.42's HeunDiscreteScheduler: every setting it has is implemented (it hard-codes
+    # Karras' churn gamma = 0); these guard a future one (its Euler sibling's)
+    "heun": {
         "interpolation_type": "linear",
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -205,9 +205,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("dpm++", "euler", "euler_a"):
+        if a.sampler not in ("dpm++", "euler", "euler_a", "heun"):
             raise CLIError(
-                f"--karras: for --sampler dpm++, euler or euler_a, got --sampler {a.sampler}"
+                f"--karras: for --sampler dpm++, euler, euler_a or heun, got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
     with _backend_ctx(a.backend), torch.no_grad():
@@ -480,7 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
-    karras = 'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras")'
+    karras = (
+        'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
+        ' ("Heun Karras")'
+    )
     s.add_argument("--karras", action="store_true", help=karras)
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")

@@ -59,7 +59,7 @@ def test_sample_console_script_end_to_end(tmp_path):
 
 
 @needs_weights
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++", "euler", "heun"])
 def test_sample_samplers_labels_guidance(tmp_path, capsys, sampler):
     out = tmp_path / "s.png"
     args = ["sample", "--steps", "2", "--n", "4", "--sampler", sampler, "--out", str(out),

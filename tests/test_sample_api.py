@@ -819,9 +819,10 @@ class _SyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
         dict(sampler="ddpm"),
         dict(sampler="dpm++"),
         dict(sampler="euler"),
+        dict(sampler="heun"),
         dict(sampler="ddim", cfg=True),
     ],
-    ids=["ddim", "ddim-eta1", "ddpm", "dpm++", "euler", "ddim-cfg"],
+    ids=["ddim", "ddim-eta1", "ddpm", "dpm++", "euler", "heun", "ddim-cfg"],
 )
 @pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral (each step is one fused op call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun (one fused op call per
+model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -21,6 +22,7 @@ from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
+from fastdiff.samplers.heun import HeunSampler
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "DPMSolverPPSampler",
     "EulerAncestralSampler",
     "EulerSampler",
+    "HeunSampler",
     "Sampler",
     "make_sampler",
     "spaced_timesteps",
@@ -44,11 +47,12 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm-solver++": DPMSolverPPSampler,
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
+    "heun": HeunSampler,
 }
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler", "euler_a")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "

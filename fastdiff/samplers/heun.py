@@ -1,0 +1,219 @@
+"""Heun sampler of the probability-flow ODE (Karras et al., 2022, arXiv:2206.00364, Alg. 1)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.samplers.base import _ops
+from fastdiff.samplers.euler import EulerSampler
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["HeunSampler"]
+
+_UNSET = object()
+
+
+class HeunSampler(EulerSampler):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 with
+    S_churn = 0), as diffusers' ``HeunDiscreteScheduler``.
+
+    With x_sigma = x0 + sigma eps and D the denoiser (the x0 prediction), one step from sigma_i
+    to sigma_{i+1} (h = sigma_{i+1} - sigma_i) is two model calls (Algorithm 1, lines 5-8)::
+
+        stage 1 (Euler):   d_1 = (x_sigma - D(x_sigma; sigma_i)) / sigma_i
+                           x'  = x_sigma + h d_1
+        stage 2 (Heun):    d_2 = (x' - D(x'; sigma_{i+1})) / sigma_{i+1}
+                           x_sigma_next = x_sigma + h (d_1 + d_2) / 2
+
+    and the last step, to sigma = 0, is Euler only (line 7's condition sigma_{i+1} != 0): N steps
+    are 2N - 1 model calls. As diffusers, ``len(sampler)`` and ``timesteps`` count the model
+    calls: ``[t_0, t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}]``, and ``step(out, i, x)`` is one
+    of them, each one fused ``dpm_solver_2m_step`` call ``x_next = c_x x + c_x0 m + c_prev
+    m_prev`` (m = the x0 prediction of this call, m_prev = the previous call's).
+
+    Stage 1 in x0 form is x' = (sigma_{i+1}/sigma_i) x_sigma + (1 - sigma_{i+1}/sigma_i) m_1.
+    Solving it for x_sigma gives d_1 = (x' - m_1) / sigma_{i+1}, so stage 2 needs only x' and m_1
+    (not x_sigma)::
+
+        x_sigma_next = x' + h / (2 sigma_{i+1}) (m_1 - m_2)
+
+    fastdiff keeps the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
+    :class:`~fastdiff.samplers.euler.EulerSampler`), so the rows ``[a, s, c_x, c_x0, c_prev, 0, 0,
+    0]`` are, with s_i = a_i sigma_i at the sample's noise level and r = sigma_{i+1} / sigma_i::
+
+        stage 1:  [a_i, s_i, a_{i+1} r / a_i, a_{i+1} (1 - r), 0]
+        stage 2:  [a_{i+1}, s_{i+1}, 1, -a_{i+1} h / (2 sigma_{i+1}), a_{i+1} h / (2 sigma_{i+1})]
+
+    Stage 2's sample is x' (at sigma_{i+1}, where the model is called), so its x0 prediction
+    uses a_{i+1}, s_{i+1}, as diffusers' (which uses sigma_next there). The history m_1 is kept
+    on the sampler (as DPM-Solver++'s); stage 2 is algebraically diffusers' update from its stored
+    x_sigma and d_1 and differs only by fp32 rounding (<= 1e-5 relative per call, tested).
+    ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0).
+
+    Timesteps and sigmas are Euler's (default ``linspace`` spacing: fractional timesteps, which
+    the model gets rounded to int64; Karras / exponential / beta grids as diffusers builds them).
+
+    Args:
+        schedule, prediction_type, timestep_spacing, steps_offset, use_karras_sigmas,
+        use_exponential_sigmas, use_beta_sigmas, sigma_min, sigma_max: see
+            :class:`~fastdiff.samplers.euler.EulerSampler` (default spacing ``"linspace"``;
+            ``sigma_min`` / ``sigma_max`` are a fastdiff extension: diffusers' Heun has none).
+        steps: number of Heun steps N (diffusers' ``num_inference_steps``): 2N - 1 model calls.
+        clip_sample, clip_sample_range: clip the x0 prediction to ``[-r, r]`` (off by default,
+            as diffusers).
+    """
+
+    name = "heun"
+    is_multistep = True
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        *,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> None:
+        if clip_sample and not 0.0 < float(clip_sample_range) < math.inf:
+            raise ValueError(
+                f"clip_sample_range: expected a finite float > 0, got {clip_sample_range!r}"
+            )
+        self.clip_sample = bool(clip_sample)
+        self.clip_sample_range = float(clip_sample_range)
+        self._x0_prev: Tensor | None = None
+        self._prev_i = -1  # the model call whose x0 is in _x0_prev
+        super().__init__(
+            schedule,
+            steps,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+        )
+
+    def _make_timesteps(self) -> np.ndarray:
+        # The base class validated steps = N (diffusers' num_inference_steps) and Euler's grid
+        # code reads it: take the N timesteps and N + 1 sigmas, then count model calls.
+        #: number of Heun steps N (``steps`` is the number of model calls, 2N - 1)
+        self.num_inference_steps = n = self.steps
+        ts = super()._make_timesteps()  # [N]
+        self._sig = super().sigmas()  # [N + 1], float64, ends at 0
+        self.steps = 2 * n - 1
+        return np.concatenate([ts[:1], np.repeat(ts[1:], 2)])  # [t0, t1, t1, ..., tN-1, tN-1]
+
+    def sigmas(self) -> np.ndarray:
+        """float64 ``[N + 1]``: sigma_i of each Heun step, then the final sigma = 0."""
+        return self._sig.copy()
+
+    def coefficients(self) -> np.ndarray:
+        sig = self._sig
+        a = [1.0 / math.sqrt(1.0 + s * s) for s in sig]  # a = sqrt(ab) = 1 / sqrt(1 + sigma^2)
+        rows = np.zeros((self.steps, 8), dtype=np.float64)
+        for j in range(self.num_inference_steps):
+            r = sig[j + 1] / sig[j]  # sigma_{j+1} / sigma_j (0 at the last step: x' = m)
+            rows[2 * j, :5] = [a[j], sig[j] * a[j], a[j + 1] * r / a[j], a[j + 1] * (1.0 - r), 0.0]
+            if 2 * j + 1 < self.steps:  # the correction at sigma_{j+1} > 0
+                c = a[j + 1] * (sig[j + 1] - sig[j]) / (2.0 * sig[j + 1])  # a h / (2 sigma')
+                rows[2 * j + 1, :5] = [a[j + 1], sig[j + 1] * a[j + 1], 1.0, -c, c]
+        return rows
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.num_inference_steps} ({self.steps} model calls),"
+            f" prediction_type={self.prediction_type!r}, timestep_spacing="
+            f"{self.timestep_spacing!r}, schedule={self.schedule!r})"
+        )
+
+    def config(self) -> dict:
+        return {**super().config(), "clip": self.clip_sample, "clip_range": self.clip_sample_range}
+
+    def reset(self) -> None:
+        self._x0_prev = None
+        self._prev_i = -1
+
+    def is_correction(self, i: int) -> bool:
+        """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""
+        return i % 2 == 1
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        coef: Tensor | None = None,
+        x0_prev: Tensor | None | object = _UNSET,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Model call ``i`` of the Heun run (one fused op call): the Euler stage (even ``i``,
+        x_i -> x') or the correction (odd ``i``, x' -> x_{i+1}), both in VP space.
+
+        ``model_output`` is the raw model output at ``timesteps[i]`` (``[2N, ...] = [uncond,
+        cond]`` with ``guidance_scale``). The correction needs the x0 prediction of call
+        ``i - 1``, which the sampler keeps when it ran that call (for this x); pass ``x0_prev``
+        to manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer; a
+        stage-1 row has c_prev = 0). ``noise``, ``generator`` and ``generator_state`` are
+        accepted for API symmetry and unused (the ODE step is deterministic). Returns the new
+        sample, or ``(sample, x0)`` with ``return_x0``.
+        """
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        external = x0_prev is not _UNSET
+        if coef is not None and not external:
+            # the row, not i, then decides the stage: a correction row without the history
+            # would silently drop its c_prev term
+            raise ValueError(
+                "coef: a HeunSampler step with an explicit coefficient row needs x0_prev too "
+                "(the previous call's x0 prediction; any finite tensor for an Euler-stage row)"
+            )
+        if not external:
+            x0_prev = None
+            if self.is_correction(i):
+                prev = self._x0_prev
+                if (
+                    prev is None
+                    or self._prev_i != i - 1
+                    or prev.shape != x.shape
+                    or prev.device != x.device
+                ):
+                    raise ValueError(
+                        f"i: model call {i} is the Heun correction of call {i - 1}, whose x0 "
+                        "prediction this sampler did not keep (for this x); run call "
+                        f"{i - 1} first (start a run at an even call, as diffusers' "
+                        "timesteps[2 k:]) or pass x0_prev"
+                    )
+                x0_prev = prev
+        if coef is None:
+            coef = self.coef_table(x.device)[i]
+        x_next, x0 = _ops().dpm_solver_2m_step(
+            x,
+            model_output,
+            coef,
+            x0_prev,  # type: ignore[arg-type]
+            prediction_type=self.prediction_type,
+            clip_range=self.clip_sample_range if self.clip_sample else None,
+            guidance_scale=guidance_scale,
+        )
+        if not external:
+            self._x0_prev, self._prev_i = x0, i
+        return (x_next, x0) if return_x0 else x_next
