@@ -26,7 +26,10 @@ What is patched, in place (parameters and state-dict keys never change):
   input is large enough for that to pay (:func:`fastdiff.nn.sampling.fold_pays`); on GPU, on
   small maps, or with an explicit ``output_size``, it runs diffusers' forward unchanged.
 
-Everything else is left alone and listed in the report with the reason. Calling it again changes
+Everything else is left alone and listed in the report with the reason, including a block whose
+norm / activation has hooks (forward or pre-forward hooks, a forward replaced on the instance):
+the fused code would never call those modules, so their hooks would silently not run. Hooks
+added after ``optimize`` are not seen. Calling it again changes
 nothing (the report then lists the patches as already applied).
 """
 
@@ -41,7 +44,7 @@ from torch import nn
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import fold_pays, foldable_conv, upsample_conv
+from fastdiff.nn.sampling import fold_pays, foldable_conv, has_hooks, upsample_conv
 from fastdiff.nn.stacked import stacked_linear
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -180,6 +183,10 @@ def _patch_resnet(name: str, block: nn.Module, report: OptimizeReport) -> None:
         return
     if type(block.norm1) is not nn.GroupNorm or type(block.norm2) is not nn.GroupNorm:
         report.left.append((name, "ResnetBlock2D whose norms are not nn.GroupNorm"))
+        return
+    hooked = [a for a in ("norm1", "norm2", "nonlinearity") if has_hooks(getattr(block, a))]
+    if hooked:  # the fused forward never calls these modules: their hooks would not run
+        report.left.append((name, f"ResnetBlock2D whose {'/'.join(hooked)} has hooks"))
         return
     block.__class__ = fused_cls
     report.replaced.append((name, "ResnetBlock2D: fused GroupNorm+SiLU"))
@@ -355,10 +362,10 @@ def _standard_attention(attn: nn.Module) -> str | None:
 
 
 def _fuse_norm(parent: nn.Module, attr: str, activation: str | None) -> bool:
-    """Replace ``parent.<attr>`` (an nn.GroupNorm, affine or not) by a GroupNormSiLU sharing its
-    parameters."""
+    """Replace ``parent.<attr>`` (an nn.GroupNorm, affine or not, without hooks, which the new
+    module would not run) by a GroupNormSiLU sharing its parameters."""
     gn = getattr(parent, attr)
-    if type(gn) is not nn.GroupNorm:
+    if type(gn) is not nn.GroupNorm or has_hooks(gn):
         return False
     setattr(parent, attr, GroupNormSiLU.from_group_norm(gn, activation=activation))
     return True
@@ -373,9 +380,14 @@ def _patch_attention(name: str, attn: nn.Module, proc: Any, report: OptimizeRepo
         report.left.append((name, why))
         return
     attn.set_processor(proc)
-    if getattr(attn, "group_norm", None) is not None:
-        _fuse_norm(attn, "group_norm", None)
+    norm = getattr(attn, "group_norm", None)
+    fresh = norm is not None and not isinstance(norm, GroupNormSiLU)
+    if fresh and not _fuse_norm(attn, "group_norm", None):
+        report.left.append((f"{name}.group_norm", _NORM_LEFT))
     report.replaced.append((name, "Attention: FastAttnProcessor"))
+
+
+_NORM_LEFT = "GroupNorm with hooks (or not a plain nn.GroupNorm): run as a module"
 
 
 def _patch_out_norm(model: nn.Module, report: OptimizeReport) -> None:
@@ -384,6 +396,8 @@ def _patch_out_norm(model: nn.Module, report: OptimizeReport) -> None:
     what = "conv_norm_out+conv_act: fused GroupNorm+SiLU"
     if isinstance(norm, GroupNormSiLU) and isinstance(act, nn.Identity):
         report.already.append(("conv_norm_out", what))
+    elif norm is not None and (has_hooks(norm) or (act is not None and has_hooks(act))):
+        report.left.append(("conv_norm_out", "conv_norm_out or conv_act has hooks"))
     elif type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
         _fuse_norm(model, "conv_norm_out", "silu")
         model.conv_act = nn.Identity()
@@ -481,6 +495,8 @@ def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
                 report.already.append((f"{name}.norm", what))
             elif _fuse_norm(m, "norm", None):
                 report.replaced.append((f"{name}.norm", what))
+            elif type(m.norm) is nn.GroupNorm:
+                report.left.append((f"{name}.norm", _NORM_LEFT))
             handled.add(id(m.norm))
     _patch_out_norm(model, report)
     handled.add(id(getattr(model, "conv_norm_out", None)))
