@@ -1,6 +1,6 @@
 // Python bindings of the fused sampler update (CPU and, when compiled in, CUDA).
 //
-// Two CPU entry points: the general `sampler_step_cpu` (27 arguments through pybind11) and the
+// Two CPU entry points: the general `sampler_step_cpu` (29 arguments through pybind11) and the
 // planned pair used by the eager fast path of fastdiff/ops/_sampler_step_kernels.py:
 // `sampler_step_cpu_plan(...)` packs the per-layout arguments once into a capsule, and
 // `sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g)` is a METH_FASTCALL
@@ -23,9 +23,10 @@ namespace {
 // Flat argument list (see fastdiff/ops/sampler_step.py::_run_kernel) -> StepArgs.
 StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x,
                    int64_t bs_x, uintptr_t m, int64_t bs_m, uintptr_t mu, int64_t bs_mu,
-                   uintptr_t v, int64_t bs_v, uintptr_t z, int64_t bs_z, uintptr_t gen,
-                   uintptr_t coef, uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred,
-                   bool clip, float clip_r, bool recompute, bool cfg, float g) {
+                   uintptr_t v, int64_t bs_v, uintptr_t z, int64_t bs_z, uintptr_t w,
+                   int64_t bs_w, uintptr_t gen, uintptr_t coef, uintptr_t out, uintptr_t x0,
+                   int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool recompute,
+                   bool cfg, float g) {
   check_arg(mode == 0 || mode == 1, "sampler_step: mode must be 0 or 1");
   check_arg(pred >= 0 && pred <= 2, "sampler_step: prediction type code must be 0, 1 or 2");
   StepArgs A;
@@ -43,7 +44,9 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.bs_v = bs_v;
   A.z = z;
   A.bs_z = bs_z;
-  A.gen = mode == 0 ? gen : 0;
+  A.w = mode == 1 ? w : 0;
+  A.bs_w = bs_w;
+  A.gen = gen;
   A.coef = coef;
   A.out = out;
   A.x0 = x0;
@@ -57,7 +60,8 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.opt.cfg = cfg;
   A.opt.g = g;
   A.opt.learned_var = mode == 0 && v != 0;
-  A.opt.has_z = z != 0 || A.gen != 0;
+  A.opt.has_z = z != 0 || (mode == 0 && A.gen != 0);
+  A.opt.has_noise = mode == 1 && (A.w != 0 || A.gen != 0);
   return A;
 }
 
@@ -80,10 +84,11 @@ bool addr_arg(PyObject* o, uintptr_t* out) {
   return true;
 }
 
-// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g) -> None
+// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w]) -> None
 PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 10) {
-    PyErr_Format(PyExc_TypeError, "sampler_step_cpu_run takes 10 arguments, got %zd", nargs);
+  if (nargs != 10 && nargs != 11) {
+    PyErr_Format(PyExc_TypeError, "sampler_step_cpu_run takes 10 or 11 arguments, got %zd",
+                 nargs);
     return nullptr;
   }
   auto* plan = static_cast<const StepPlan*>(PyCapsule_GetPointer(args[0], kPlanName));
@@ -93,6 +98,8 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !addr_arg(args[4], &gen) || !addr_arg(args[5], &coef) || !addr_arg(args[6], &out) ||
       !addr_arg(args[7], &x0))
     return nullptr;
+  uintptr_t w = 0;
+  if (nargs == 11 && !addr_arg(args[10], &w)) return nullptr;
   double clip_r = PyFloat_AsDouble(args[8]);
   if (clip_r == -1.0 && PyErr_Occurred()) return nullptr;
   double g = PyFloat_AsDouble(args[9]);
@@ -104,14 +111,16 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   A.mu = A.opt.cfg ? mo + plan->off_mu : 0;
   A.v = plan->lv ? mo + plan->off_v : 0;
   A.z = z;
-  A.gen = mode == 0 ? gen : 0;
+  A.w = mode == 1 ? w : 0;
+  A.gen = gen;
   A.coef = coef;
   A.out = out;
   A.x0 = x0;
   A.opt.clip_r = static_cast<float>(clip_r);
   A.opt.g = static_cast<float>(g);
   A.opt.learned_var = mode == 0 && A.v != 0;
-  A.opt.has_z = A.z != 0 || A.gen != 0;
+  A.opt.has_z = A.z != 0 || (mode == 0 && A.gen != 0);
+  A.opt.has_noise = mode == 1 && (A.w != 0 || A.gen != 0);
   PyObject* exc_type = nullptr;
   std::string msg;
   PyThreadState* ts = A.n * A.inner >= kGilFreeElems ? PyEval_SaveThread() : nullptr;
@@ -138,9 +147,10 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef run_planned_def = {
     "sampler_step_cpu_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(run_planned)),
     METH_FASTCALL,
-    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g): the cpu step with "
-    "a plan from sampler_step_cpu_plan; addresses are ints (0 = absent), mo is the model "
-    "output's address (the plan holds the operands' byte offsets from it)"};
+    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w]): the cpu step "
+    "with a plan from sampler_step_cpu_plan; addresses are ints (0 = absent), mo is the model "
+    "output's address (the plan holds the operands' byte offsets from it); w is the noise of a "
+    "dpm step (mode 1)"};
 
 }  // namespace
 
@@ -150,12 +160,12 @@ void register_sampler_step(pybind11::module_& m) {
       "sampler_step_cpu",
       [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x, int64_t bs_x,
          uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
-         uintptr_t z, int64_t bs_z, uintptr_t gen, uintptr_t coef, uintptr_t out, uintptr_t x0,
-         int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool recompute, bool cfg,
-         float g) {
+         uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
+         uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
+         bool recompute, bool cfg, float g) {
         StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
-                               z, bs_z, gen, coef, out, x0, dtype_x, dtype_m, pred, clip, clip_r,
-                               recompute, cfg, g);
+                               z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
+                               clip_r, recompute, cfg, g);
         py::gil_scoped_release nogil;
         sampler_step_cpu(A);
       },
@@ -165,11 +175,11 @@ void register_sampler_step(pybind11::module_& m) {
       [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, int64_t bs_x,
          uintptr_t off_m, int64_t bs_m, uintptr_t off_mu, int64_t bs_mu, uintptr_t off_v,
          int64_t bs_v, int64_t bs_z, int dtype_x, int dtype_m, int pred, bool clip,
-         bool recompute, bool cfg, bool lv) {
+         bool recompute, bool cfg, bool lv, int64_t bs_w) {
         auto plan = std::make_unique<StepPlan>();
         plan->base = make_args(mode, n, inner, nhwc_c, hw, 0, bs_x, 0, bs_m, 0, bs_mu, 0, bs_v, 0,
-                               bs_z, 0, 0, 0, 0, dtype_x, dtype_m, pred, clip, 0.0f, recompute,
-                               cfg, 0.0f);
+                               bs_z, 0, bs_w, 0, 0, 0, 0, dtype_x, dtype_m, pred, clip, 0.0f,
+                               recompute, cfg, 0.0f);
         plan->off_m = off_m;
         plan->off_mu = off_mu;
         plan->off_v = off_v;
@@ -180,7 +190,12 @@ void register_sampler_step(pybind11::module_& m) {
         return cap;
       },
       "Launch plan (a capsule) of one cpu sampler-step layout for sampler_step_cpu_run: the "
-      "arguments of sampler_step_cpu without addresses, model-output operands as byte offsets");
+      "arguments of sampler_step_cpu without addresses, model-output operands as byte offsets",
+      py::arg("mode"), py::arg("n"), py::arg("inner"), py::arg("nhwc_c"), py::arg("hw"),
+      py::arg("bs_x"), py::arg("off_m"), py::arg("bs_m"), py::arg("off_mu"), py::arg("bs_mu"),
+      py::arg("off_v"), py::arg("bs_v"), py::arg("bs_z"), py::arg("dtype_x"), py::arg("dtype_m"),
+      py::arg("pred"), py::arg("clip"), py::arg("recompute"), py::arg("cfg"), py::arg("lv"),
+      py::arg("bs_w") = 0);
   m.add_object("sampler_step_cpu_run",
                py::reinterpret_steal<py::object>(
                    PyCFunction_NewEx(&run_planned_def, nullptr, m.attr("__name__").ptr())));
@@ -189,12 +204,12 @@ void register_sampler_step(pybind11::module_& m) {
       "sampler_step_cuda",
       [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x, int64_t bs_x,
          uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
-         uintptr_t z, int64_t bs_z, uintptr_t gen, uintptr_t coef, uintptr_t out, uintptr_t x0,
-         int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool recompute, bool cfg,
-         float g, uintptr_t stream) {
+         uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
+         uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
+         bool recompute, bool cfg, float g, uintptr_t stream) {
         StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
-                               z, bs_z, gen, coef, out, x0, dtype_x, dtype_m, pred, clip, clip_r,
-                               recompute, cfg, g);
+                               z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
+                               clip_r, recompute, cfg, g);
         sampler_step_cuda(A, stream);
       },
       "Fused sampler update / DPM-Solver++ 2M step on CUDA buffers, on `stream`");

@@ -448,10 +448,10 @@ def test_opcheck_sampler_step(case):
 def test_opcheck_dpm_solver_2m_step(case):
     x, mo, coef, _ = _opcheck_args(case[0])
     op = torch.ops.fastdiff.dpm_solver_2m_step.default
-    torch.library.opcheck(op, (x, mo[:, :3], coef, x * 2, case[1], 2, 1.0, 3.0))
-    torch.library.opcheck(op, (x, mo[:2, :3], coef, None, case[1], 0, None, None))
+    torch.library.opcheck(op, (x, mo[:, :3], coef, x * 2, None, None, case[1], 2, 1.0, 3.0))
+    torch.library.opcheck(op, (x, mo[:2, :3], coef, None, None, None, case[1], 0, None, None))
     xg, mg = x.clone().requires_grad_(True), mo[:, :3].clone().requires_grad_(True)
-    torch.library.opcheck(op, (xg, mg, coef, x * 2, case[1], 1, 1.0, 3.0))
+    torch.library.opcheck(op, (xg, mg, coef, x * 2, None, None, case[1], 1, 1.0, 3.0))
 
 
 @pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
@@ -477,7 +477,7 @@ def test_cpu_eager_fast_path_matches_op():
         prev = torch.randn_like(x)
         got = dpm_solver_2m_step(x, mo[:, : x.shape[1]] if lv else mo, coef, prev, guidance_scale=g)
         ref = torch.ops.fastdiff.dpm_solver_2m_step.default(
-            x, mo[:, : x.shape[1]] if lv else mo, coef, prev, "cpu", 0, None, g
+            x, mo[:, : x.shape[1]] if lv else mo, coef, prev, None, None, "cpu", 0, None, g
         )
         assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
@@ -620,7 +620,8 @@ def test_validated_cache_hits_equal_the_op(monkeypatch):
     x, mo, prev = torch.randn(2, 3, 5, 7), torch.randn(4, 3, 5, 7), torch.randn(2, 3, 5, 7)
     for p in (prev, None):
         before = len(calls)
-        ref = torch.ops.fastdiff.dpm_solver_2m_step.default(x, mo, coef, p, "cpu", 1, 1.5, 2.0)
+        ref = torch.ops.fastdiff.dpm_solver_2m_step.default(x, mo, coef, p, None, None, "cpu", 1,
+                                                            1.5, 2.0)  # fmt: skip
         for _ in range(3):
             got = dpm_solver_2m_step(x, mo, coef, p, prediction_type="v_prediction",
                                      clip_range=1.5, guidance_scale=2.0)  # fmt: skip
@@ -723,7 +724,7 @@ def test_planned_binding_errors():
     plan = c.sampler_step_cpu_plan(0, 2, 3, 0, 3, 3, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, False, False,
                                    False, False)  # fmt: skip
     ptrs = [x.data_ptr(), mo.data_ptr(), 0, 0, coef.data_ptr(), out.data_ptr(), 0]
-    with pytest.raises(TypeError, match="takes 10 arguments, got 9"):
+    with pytest.raises(TypeError, match="takes 10 or 11 arguments, got 9"):
         c.sampler_step_cpu_run(plan, *ptrs, 0.0)
     with pytest.raises(ValueError, match="PyCapsule"):
         c.sampler_step_cpu_run(object(), *ptrs, 0.0, 0.0)

@@ -363,6 +363,16 @@ inline __attribute__((always_inline)) void tile_math_t(
       ob[j] = sampler_update(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
       if (X0) x0b[j] = x0;
     }
+  } else if (opt.has_noise) {  // SDE variant: sp is the noise tile here (no variance in dpm)
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float uv = up[j], zv = zp[j], wv = sp[j];
+      const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+      float x0, eps;
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
+      ob[j] = dpm2m_sde_update(k2, k3, k4, xb[j], x0, has_z, zv, k5, wv);
+      if (X0) x0b[j] = x0;
+    }
   } else {
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
@@ -431,6 +441,28 @@ TileMathFn pick_tile_math() {
   return tile_math_base;
 }
 
+// dst[0, len) = the Philox noise of sample n's memory elements [i0, i0 + len): element e
+// (logical NCHW index) is lane e % 4 of counter offset + e / 4.
+void philox_tile(float* dst, const StepArgs& A, int64_t n, int64_t M, int64_t i0, int64_t len,
+                 uint64_t offset, uint32_t key0, uint32_t key1) {
+  const uint64_t base = (uint64_t)(n * M);  // logical index of the sample's first element
+  if (A.nhwc_c > 0) {
+    // memory index i = hw * C + c <-> logical c * HW + hw: one logical run per channel
+    const int64_t C = A.nhwc_c, i1 = i0 + len - 1;
+    const int64_t hw0 = i0 / C, c0 = i0 - hw0 * C, hw1 = i1 / C, c1 = i1 - hw1 * C;
+    alignas(64) float run[kTile + 8];
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t first = hw0 + (c < c0 ? 1 : 0), last = hw1 - (c > c1 ? 1 : 0);
+      if (last < first) continue;
+      normals_range(run, base + (uint64_t)(c * A.hw + first), last - first + 1, offset, key0,
+                    key1);
+      for (int64_t h = first; h <= last; ++h) dst[h * C + c - i0] = run[h - first];
+    }
+  } else {
+    normals_range(dst, base + (uint64_t)i0, len, offset, key0, key1);
+  }
+}
+
 template <typename TX, typename TM, int PRED>
 void run(const StepArgs& A) {
   const StepOptions o = A.opt;
@@ -452,12 +484,13 @@ void run(const StepArgs& A) {
   const TM* Mu = reinterpret_cast<const TM*>(A.mu);
   const TM* V = reinterpret_cast<const TM*>(A.v);
   const TX* Z = reinterpret_cast<const TX*>(A.z);
+  const TX* W = reinterpret_cast<const TX*>(A.w);
   TX* Out = reinterpret_cast<TX*>(A.out);
   TX* X0 = reinterpret_cast<TX*>(A.x0);
   const int64_t M = A.inner;
   const int64_t tiles = (M + kTile - 1) / kTile;
   const int64_t total = A.n * tiles;
-  const bool philox = A.gen != 0 && A.opt.mode == 0;
+  const bool philox = A.gen != 0;
   static const TileMathFn tile_math = pick_tile_math();
   // Fork threads from ~32k element-units of work, torch's own grain (at::internal::GRAIN_SIZE;
   // a Philox element counts 5 units): the eager steps this replaces fork at the same size. On an
@@ -483,24 +516,17 @@ void run(const StepArgs& A) {
     }
     if (Z) {
       zp = tile_in(Z + n * A.bs_z + i0, len, zb);
-    } else if (philox) {
-      const uint64_t base = (uint64_t)(n * M);  // logical index of the sample's first element
-      if (A.nhwc_c > 0) {
-        // memory index i = hw * C + c <-> logical c * HW + hw: one logical run per channel
-        const int64_t C = A.nhwc_c, i1 = i0 + len - 1;
-        const int64_t hw0 = i0 / C, c0 = i0 - hw0 * C, hw1 = i1 / C, c1 = i1 - hw1 * C;
-        alignas(64) float run[kTile + 8];
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t first = hw0 + (c < c0 ? 1 : 0), last = hw1 - (c > c1 ? 1 : 0);
-          if (last < first) continue;
-          normals_range(run, base + (uint64_t)(c * A.hw + first), last - first + 1, offset,
-                        key0, key1);
-          for (int64_t h = first; h <= last; ++h) zb[h * C + c - i0] = run[h - first];
-        }
-      } else {
-        normals_range(zb, base + (uint64_t)i0, len, offset, key0, key1);
-      }
+    } else if (philox && o.mode == 0) {
+      philox_tile(zb, A, n, M, i0, len, offset, key0, key1);
       zp = zb;
+    }
+    if (o.mode == 1 && o.has_noise) {  // the SDE noise goes in the (unused) variance slot
+      if (W) {
+        sp = tile_in(W + n * A.bs_w + i0, len, vb);
+      } else {
+        philox_tile(vb, A, n, M, i0, len, offset, key0, key1);
+        sp = vb;
+      }
     }
     // fp32 outputs are written in place; other dtypes go through the fp32 tiles
     float* op = tile_out(Out + n * M + i0, ob);
@@ -528,6 +554,8 @@ void sampler_step_cpu(const StepArgs& A) {
   check_arg(A.x && A.m && A.coef && A.out, "sampler_step: null operand");
   check_arg(!A.opt.cfg || A.mu, "sampler_step: cfg needs the uncond operand");
   check_arg(!A.opt.learned_var || A.v, "sampler_step: learned_var needs the variance operand");
+  check_arg(!A.opt.has_noise || (A.opt.mode == 1 && (A.w || A.gen)),
+            "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
     using TX = scalar_t;

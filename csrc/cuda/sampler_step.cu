@@ -114,6 +114,40 @@ __device__ __forceinline__ void store_chunk(T* p, const float* v, int cnt, bool 
   }
 }
 
+// zv[0, kVec) = the Philox noise of sample n's memory elements [j0, j0 + kVec): logical element
+// e is lane e % 4 of counter offset + e / 4 (past the sample's end: never stored).
+__device__ __forceinline__ void philox_chunk(float* zv, const StepArgs& A, int64_t n, int64_t M,
+                                             int64_t j0, uint64_t offset, uint32_t key0,
+                                             uint32_t key1) {
+  const uint64_t base = (uint64_t)(n * M);
+  if (A.nhwc_c == 0 && M % 4 == 0) {  // chunk = 2 whole counters
+    const uint64_t c = offset + ((base + (uint64_t)j0) >> 2);
+#pragma unroll
+    for (int q = 0; q < kVec / 4; ++q) {
+      const uint64_t cq = c + (uint64_t)q;
+      philox_randn4(key0, key1, (uint32_t)cq, (uint32_t)(cq >> 32), zv[4 * q], zv[4 * q + 1],
+                    zv[4 * q + 2], zv[4 * q + 3]);
+    }
+  } else if (A.nhwc_c > 0) {  // memory index hw * C + c -> logical c * HW + hw
+    int64_t hw = j0 / A.nhwc_c, c = j0 - hw * A.nhwc_c;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const uint64_t e = base + (uint64_t)(c * A.hw + hw);
+      zv[k] = philox_randn_lane(key0, key1, offset + (e >> 2), (int)(e & 3u));
+      if (++c == A.nhwc_c) {
+        c = 0;
+        ++hw;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const uint64_t e = base + (uint64_t)(j0 + k);
+      zv[k] = philox_randn_lane(key0, key1, offset + (e >> 2), (int)(e & 3u));
+    }
+  }
+}
+
 template <typename TX, typename TM, int PRED>
 __global__ void __launch_bounds__(kThreads)
     sampler_step_kernel(const StepArgs A, const bool vec_ok) {
@@ -136,6 +170,7 @@ __global__ void __launch_bounds__(kThreads)
   const TM* Mu = reinterpret_cast<const TM*>(A.mu);
   const TM* V = reinterpret_cast<const TM*>(A.v);
   const TX* Z = reinterpret_cast<const TX*>(A.z);
+  const TX* W = reinterpret_cast<const TX*>(A.w);
   TX* Out = reinterpret_cast<TX*>(A.out);
   TX* X0 = reinterpret_cast<TX*>(A.x0);
   const int64_t M = A.inner;
@@ -147,42 +182,16 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t j0 = (gi - n * chunks) * kVec;
     const int cnt = (int)min((int64_t)kVec, M - j0);
     const bool full = vec_ok && cnt == kVec;
-    float xv[kVec], mv[kVec], uv[kVec], vv[kVec], zv[kVec], ov[kVec], x0v[kVec];
+    float xv[kVec], mv[kVec], uv[kVec], vv[kVec], zv[kVec], wv[kVec], ov[kVec], x0v[kVec];
     load_chunk(X + n * A.bs_x + j0, xv, cnt, full);
     load_chunk(Mc + n * A.bs_m + j0, mv, cnt, full);
     if (o.cfg) load_chunk(Mu + n * A.bs_mu + j0, uv, cnt, full);
     if (o.learned_var) load_chunk(V + n * A.bs_v + j0, vv, cnt, full);
-    if (Z) {
-      load_chunk(Z + n * A.bs_z + j0, zv, cnt, full);
-    } else if (philox) {
-      // logical element e is lane e % 4 of counter offset + e / 4
-      const uint64_t base = (uint64_t)(n * M);
-      if (A.nhwc_c == 0 && M % 4 == 0) {  // chunk = 2 whole counters
-        const uint64_t c = offset + ((base + (uint64_t)j0) >> 2);
-#pragma unroll
-        for (int q = 0; q < kVec / 4; ++q) {
-          const uint64_t cq = c + (uint64_t)q;
-          philox_randn4(key0, key1, (uint32_t)cq, (uint32_t)(cq >> 32), zv[4 * q], zv[4 * q + 1],
-                        zv[4 * q + 2], zv[4 * q + 3]);
-        }
-      } else if (A.nhwc_c > 0) {  // memory index hw * C + c -> logical c * HW + hw
-        int64_t hw = j0 / A.nhwc_c, c = j0 - hw * A.nhwc_c;
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const uint64_t e = base + (uint64_t)(c * A.hw + hw);
-          zv[k] = philox_randn_lane(key0, key1, offset + (e >> 2), (int)(e & 3u));
-          if (++c == A.nhwc_c) {
-            c = 0;
-            ++hw;
-          }
-        }
-      } else {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const uint64_t e = base + (uint64_t)(j0 + k);
-          zv[k] = philox_randn_lane(key0, key1, offset + (e >> 2), (int)(e & 3u));
-        }
-      }
+    if (Z) load_chunk(Z + n * A.bs_z + j0, zv, cnt, full);
+    else if (philox && o.mode == 0) philox_chunk(zv, A, n, M, j0, offset, key0, key1);
+    if (o.has_noise) {  // dpm (SDE variant): noise from W or Philox
+      if (W) load_chunk(W + n * A.bs_w + j0, wv, cnt, full);
+      else philox_chunk(wv, A, n, M, j0, offset, key0, key1);
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -194,7 +203,8 @@ __global__ void __launch_bounds__(kThreads)
         ov[k] = sampler_update(k2, k3, k4, xv[k], x0, eps, o.has_z, sigma, zv[k]);
       } else {
         predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, 0, false, x0, eps);
-        ov[k] = dpm2m_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
+        ov[k] = o.has_noise ? dpm2m_sde_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k], k5, wv[k])
+                            : dpm2m_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
       }
       x0v[k] = x0;
     }
@@ -216,9 +226,9 @@ bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
 template <typename TX, typename TM>
 void launch(const StepArgs& A, cudaStream_t stream) {
   bool vec_ok = A.inner % kVec == 0;
-  const uintptr_t ptrs[] = {A.x, A.m, A.mu, A.v, A.z, A.out, A.x0};
+  const uintptr_t ptrs[] = {A.x, A.m, A.mu, A.v, A.z, A.w, A.out, A.x0};
   for (uintptr_t p : ptrs) vec_ok = vec_ok && (p == 0 || aligned16(p));
-  const int64_t strides[] = {A.bs_x, A.bs_m, A.bs_mu, A.bs_v, A.bs_z};
+  const int64_t strides[] = {A.bs_x, A.bs_m, A.bs_mu, A.bs_v, A.bs_z, A.bs_w};
   for (int64_t s : strides) vec_ok = vec_ok && (s % kVec == 0);
   const int64_t chunks = (A.inner + kVec - 1) / kVec;
   const int64_t blocks_needed = (A.n * chunks + kThreads - 1) / kThreads;
@@ -246,6 +256,8 @@ void sampler_step_cuda(const StepArgs& A, uintptr_t stream) {
   check_arg(!A.opt.cfg || A.mu, "sampler_step: cfg needs the uncond operand");
   check_arg(!A.opt.learned_var || A.v, "sampler_step: learned_var needs the variance operand");
   check_arg(A.opt.pred >= 0 && A.opt.pred <= 2, "sampler_step: unknown prediction type");
+  check_arg(!A.opt.has_noise || (A.opt.mode == 1 && (A.w || A.gen)),
+            "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
     using TX = scalar_t;

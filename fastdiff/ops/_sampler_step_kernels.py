@@ -92,11 +92,12 @@ def _split_model_output(
 # ----------------------------------------------------------------------------------------------
 # kernel backends (cpu / cuda / triton): operands as (tensor, batch stride), dense per sample
 # ----------------------------------------------------------------------------------------------
-def _kernel_operands(x, model_output, third, guidance_scale, learned_variance):
+def _kernel_operands(x, model_output, third, guidance_scale, learned_variance, fourth=None):
     """Dense-per-sample views for the kernels, in x's memory order.
 
-    Returns (order, x, cond, unc, var, third) where ``third`` is noise (sampler_step) or x0_prev
-    (dpm_solver_2m_step), each cast to the dtype its kernel slot expects.
+    Returns (order, x, cond, unc, var, third, fourth) where ``third`` is noise (sampler_step)
+    or x0_prev (dpm_solver_2m_step) and ``fourth`` the noise of dpm_solver_2m_step, each cast to
+    the dtype its kernel slot expects.
     """
     order = _order_of(x)
     xd = _dense(x, order)
@@ -110,13 +111,18 @@ def _kernel_operands(x, model_output, third, guidance_scale, learned_variance):
         var = var.to(cond.dtype)
     if third is not None:
         third = _dense(third.to(x.dtype), order)
-    return order, xd, cond, unc, var, third
+    if fourth is not None:
+        fourth = _dense(fourth.to(x.dtype), order)
+    return order, xd, cond, unc, var, third, fourth
 
 
 def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pred, clip_range,
-                recompute_eps, guidance_scale, learned_variance, return_x0):  # fmt: skip
-    order, xd, cond, unc, var, third = _kernel_operands(
-        x, model_output, third, guidance_scale, learned_variance
+                recompute_eps, guidance_scale, learned_variance, return_x0,
+                fourth=None):  # fmt: skip
+    """Launch one step on ``backend``; ``fourth`` is the noise tensor of a dpm step (mode 1),
+    ``generator_state`` draws the noise in the kernel in either mode."""
+    order, xd, cond, unc, var, third, fourth = _kernel_operands(
+        x, model_output, third, guidance_scale, learned_variance, fourth
     )
     x_prev = _new_out(x, order)
     x0 = _new_out(x, order) if return_x0 else x.new_empty(0)
@@ -142,6 +148,7 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
         mu=op(unc),
         v=op(var),
         z=op(third),
+        w=op(fourth),
         gen=generator_state.data_ptr() if generator_state is not None else 0,
         coef=coef.data_ptr(),
         out=x_prev.data_ptr(),
@@ -158,12 +165,12 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
     if backend == "triton":
         from fastdiff.kernels.triton.sampler_step import sampler_step_forward
 
-        bs = [args[k][1] for k in ("x", "m", "mu", "v", "z")]
+        bs = [args[k][1] for k in ("x", "m", "mu", "v", "z", "w")]
         with _ext.device_guard(x):
             sampler_step_forward(
-                xd, cond, unc, var, third, generator_state if mode == 0 else None, coef, x_prev,
-                x0 if return_x0 else None, mode=mode, n=n, inner=inner, nhwc_c=nhwc_c, hw=hw,
-                bs=bs, pred=pred, clip=clip_range is not None, clip_r=args["clip_r"],
+                xd, cond, unc, var, third, generator_state, coef, x_prev,
+                x0 if return_x0 else None, w=fourth, mode=mode, n=n, inner=inner, nhwc_c=nhwc_c,
+                hw=hw, bs=bs, pred=pred, clip=clip_range is not None, clip_r=args["clip_r"],
                 recompute=bool(recompute_eps), cfg=guidance_scale is not None, g=args["g"],
             )  # fmt: skip
     else:
@@ -171,9 +178,9 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
         fn = c.sampler_step_cpu if backend == "cpu" else c.sampler_step_cuda
         flat = [
             args["mode"], n, inner, nhwc_c, hw, *args["x"], *args["m"], *args["mu"], *args["v"],
-            *args["z"], args["gen"], args["coef"], args["out"], args["x0"], args["dtype_x"],
-            args["dtype_m"], pred, args["clip"], args["clip_r"], args["recompute"], args["cfg"],
-            args["g"],
+            *args["z"], *args["w"], args["gen"], args["coef"], args["out"], args["x0"],
+            args["dtype_x"], args["dtype_m"], pred, args["clip"], args["clip_r"],
+            args["recompute"], args["cfg"], args["g"],
         ]  # fmt: skip
         if backend == "cuda":
             flat.append(_ext.stream_handle(x))
@@ -190,15 +197,18 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
 _PLANS: dict[tuple, tuple | None] = {}
 
 
-def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool) -> tuple | None:
+def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool,
+              fourth: Tensor | None = None) -> tuple | None:  # fmt: skip
     """Launch geometry for this layout, or None when an operand needs a copy or a cast (then
     the general path runs). Model-output operands are byte offsets from ``mo``'s address."""
     order = _order_of(x)
     cond, unc, var = _split_model_output(x, mo, 1.0 if cfg else None, lv)
-    ops = (x, cond, unc, var, third)
+    ops = (x, cond, unc, var, third, fourth)
     if any(t is not None and not _inner_dense(t, order) for t in ops):
         return None
     if third is not None and third.dtype != x.dtype:
+        return None
+    if fourth is not None and fourth.dtype != x.dtype:
         return None
     base = mo.data_ptr()
 
@@ -212,23 +222,27 @@ def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool) 
         order, like, x.shape[0], inner, x.shape[1] if nhwc else 0,
         x.shape[2] * x.shape[3] if nhwc else inner, _batch_stride(x), *geo(cond), *geo(unc),
         *geo(var), _batch_stride(third) if third is not None else 0, _ext.dtype_code(x),
-        _ext.dtype_code(cond),
+        _ext.dtype_code(cond), _batch_stride(fourth) if fourth is not None else 0,
     )  # fmt: skip
 
 
-def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv, return_x0):
+def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv, return_x0,
+              fourth=None):  # fmt: skip
     """``(x_prev, x0 or None)`` computed by the cpu kernel with cached launch geometry, or None
-    when this call needs the general path (copies, casts, a non-contiguous coef)."""
+    when this call needs the general path (copies, casts, a non-contiguous coef). ``fourth``:
+    the noise tensor of a dpm step (mode 1)."""
     key = (mode, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, g is not None,
-           lv, None if third is None else (third.stride(), third.dtype))  # fmt: skip
+           lv, None if third is None else (third.stride(), third.dtype),
+           None if fourth is None else (fourth.stride(), fourth.dtype))  # fmt: skip
     plan = _PLANS.get(key, False)
     if plan is False:
         if len(_PLANS) > 256:
             _PLANS.clear()
-        plan = _PLANS[key] = _cpu_plan(x, mo, third, g is not None, lv)
+        plan = _PLANS[key] = _cpu_plan(x, mo, third, g is not None, lv, fourth)
     if plan is None or not coef.is_contiguous():
         return None
-    order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m = plan
+    (order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m,
+     bs_w) = plan  # fmt: skip
     out = torch.empty_like(x) if like else _new_out(x, order)
     x0 = None
     if return_x0:
@@ -239,7 +253,8 @@ def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv,
     _ext._C.sampler_step_cpu(
         mode, n, inner, nhwc_c, hw, x.data_ptr(), bs_x, mp + om, bs_m, mp + ou if g is not None
         else 0, bs_u, mp + ov if lv else 0, bs_v, third.data_ptr() if third is not None else 0,
-        bs_z, gen.data_ptr() if gen is not None else 0, coef.data_ptr(), out.data_ptr(),
+        bs_z, fourth.data_ptr() if fourth is not None else 0, bs_w,
+        gen.data_ptr() if gen is not None else 0, coef.data_ptr(), out.data_ptr(),
         x0.data_ptr() if x0 is not None else 0, dt_x, dt_m, pred, clip_range is not None,
         clip_range if clip_range is not None else 0.0, recompute, g is not None,
         g if g is not None else 0.0,
@@ -256,7 +271,8 @@ _transforms_active = _ext.transforms_active
 _fwad = torch.autograd.forward_ad
 
 
-def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | None, tuple | None]:
+def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts,
+                     fourth=None) -> tuple[tuple | None, tuple | None]:  # fmt: skip
     """``(key, (x_prev, x0 or None))`` for a call whose exact combination was validated before
     and resolves to the cpu backend now; ``(key, None)`` when the general path must run, with
     key None when this call cannot be cached: a tensor subclass or non-tensor, x not on cpu, an
@@ -265,7 +281,7 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | No
     forward-mode AD level active (the caller has checked that nothing is compiling). The key
     holds everything the checks read: exact tensor types, shapes, strides, dtypes, devices, the
     options ``opts`` (with the types of the real ones) and the native module. Backend
-    resolution is redone on every call."""
+    resolution is redone on every call. ``fourth``: the noise tensor of a dpm step."""
     if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
             or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
             or x.is_neg() or mo.is_neg() or coef.is_neg() or _transforms_active()
@@ -284,8 +300,14 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | No
             gk = (gen.shape, gen.stride(), gen.dtype, gen.is_cpu)
         else:
             return None, None
+        if fourth is None:
+            wk = None
+        elif type(fourth) is Tensor and not fourth.requires_grad and not fourth.is_neg():
+            wk = (fourth.shape, fourth.stride(), fourth.dtype, fourth.is_cpu)
+        else:
+            return None, None
         key = (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, mo.is_cpu,
-               coef.shape, coef.stride(), coef.dtype, coef.is_cpu, tk, gk, opts)  # fmt: skip
+               coef.shape, coef.stride(), coef.dtype, coef.is_cpu, tk, gk, wk, opts)  # fmt: skip
         ent = _VALIDATED.get(key)
     except (RuntimeError, TypeError):  # no strides, an unhashable option: the general path
         return None, None
@@ -298,15 +320,21 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts) -> tuple[tuple | No
     x0 = None
     if return_x0:
         x0 = torch.empty_like(x) if like else _new_out(x, order)
-    if not empty:
+    if empty:
+        pass
+    elif fourth is None:
         run(plan, x.data_ptr(), mo.data_ptr(), 0 if third is None else third.data_ptr(),
             0 if gen is None else gen.data_ptr(), coef.data_ptr(), out.data_ptr(),
             0 if x0 is None else x0.data_ptr(), clip_r, g)  # fmt: skip
+    else:
+        run(plan, x.data_ptr(), mo.data_ptr(), 0 if third is None else third.data_ptr(),
+            0 if gen is None else gen.data_ptr(), coef.data_ptr(), out.data_ptr(),
+            0 if x0 is None else x0.data_ptr(), clip_r, g, fourth.data_ptr())  # fmt: skip
     return key, (out, x0)
 
 
 def _remember_validated(key, mode, x, mo, third, pred, clip_range, recompute, g, lv, return_x0,
-                        unsupported) -> None:  # fmt: skip
+                        unsupported, fourth=None) -> None:  # fmt: skip
     """Cache the call with ``key`` that passed every check and ran through :func:`_fast_cpu`
     (so its layout needs no copy or cast). The caller guarantees that the cached verdict only
     depends on ``key``: clip_range / guidance_scale of exact type float, int or None, a
@@ -314,14 +342,15 @@ def _remember_validated(key, mode, x, mo, third, pred, clip_range, recompute, g,
     c = _ext._C
     if c is None or not hasattr(c, "sampler_step_cpu_run"):  # stale build: _fast_cpu only
         return
-    geo = _cpu_plan(x, mo, third, g is not None, lv)
+    geo = _cpu_plan(x, mo, third, g is not None, lv, fourth)
     if geo is None:
         return
-    order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m = geo
+    (order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m,
+     bs_w) = geo  # fmt: skip
     plan = c.sampler_step_cpu_plan(
         mode, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou if g is not None else 0, bs_u,
         ov if lv else 0, bs_v, bs_z, dt_x, dt_m, pred, clip_range is not None, recompute,
-        g is not None, lv,
+        g is not None, lv, bs_w,
     )  # fmt: skip
     if len(_VALIDATED) >= 256:
         _VALIDATED.clear()

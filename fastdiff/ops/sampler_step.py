@@ -99,9 +99,10 @@ def _torch_sampler_step(
     return x_prev, x0_out
 
 
-def _torch_dpm_2m(x, model_output, coef, x0_prev, pred, clip_range, guidance_scale, order):
+def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, clip_range,
+                  guidance_scale, order):  # fmt: skip
     coef = coef.float()
-    a, s, c_x, c_x0, c_prev = (coef[i] for i in range(5))
+    a, s, c_x, c_x0, c_prev, c_noise = (coef[i] for i in range(6))
     xf = x.float()
     cond, unc, _ = _split_model_output(x, model_output, guidance_scale, False)
     m = cond.float()
@@ -112,6 +113,9 @@ def _torch_dpm_2m(x, model_output, coef, x0_prev, pred, clip_range, guidance_sca
     out = c_x * xf + c_x0 * x0
     if x0_prev is not None:
         out = out + c_prev * x0_prev.float()
+    if noise is not None or generator_state is not None:  # the SDE variant
+        z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
+        out = out + c_noise * z
     return _new_out(x, order).copy_(out), _new_out(x, order).copy_(x0)
 
 
@@ -161,16 +165,16 @@ def _(x, model_output, coef, noise, generator_state, backend, prediction_type, c
     return _new_out(x, order), (_new_out(x, order) if return_x0 else x.new_empty(0))
 
 
-def _dpm_2m_impl(x, model_output, coef, x0_prev, backend, prediction_type, clip_range,
-                 guidance_scale):  # fmt: skip
+def _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
+                 prediction_type, clip_range, guidance_scale):  # fmt: skip
     if backend == "torch":
         return _torch_dpm_2m(
-            x, model_output, coef, x0_prev, prediction_type, clip_range, guidance_scale,
-            _order_of(x),
+            x, model_output, coef, x0_prev, noise, generator_state, prediction_type, clip_range,
+            guidance_scale, _order_of(x),
         )  # fmt: skip
     return _run_kernel(
-        backend, 1, x, model_output, coef, x0_prev, None, prediction_type, clip_range, False,
-        guidance_scale, False, True,
+        backend, 1, x, model_output, coef, x0_prev, generator_state, prediction_type, clip_range,
+        False, guidance_scale, False, True, fourth=noise,
     )  # fmt: skip
 
 
@@ -180,17 +184,20 @@ def _dpm_2m_op(
     model_output: Tensor,
     coef: Tensor,
     x0_prev: Tensor | None,
+    noise: Tensor | None,
+    generator_state: Tensor | None,
     backend: str,
     prediction_type: int,
     clip_range: float | None,
     guidance_scale: float | None,
 ) -> tuple[Tensor, Tensor]:
-    return _dpm_2m_impl(x, model_output, coef, x0_prev, backend, prediction_type, clip_range,
-                        guidance_scale)  # fmt: skip
+    return _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
+                        prediction_type, clip_range, guidance_scale)  # fmt: skip
 
 
 @_dpm_2m_op.register_fake
-def _(x, model_output, coef, x0_prev, backend, prediction_type, clip_range, guidance_scale):
+def _(x, model_output, coef, x0_prev, noise, generator_state, backend, prediction_type,
+      clip_range, guidance_scale):  # fmt: skip
     order = _order_of(x)
     return _new_out(x, order), _new_out(x, order)
 
@@ -206,8 +213,10 @@ def _grads(ctx, outs_fn, grads_out, tensors, grad_slots):
         leaves = [t.detach().requires_grad_(n) if t is not None else None
                   for t, n in zip(tensors, needs, strict=True)]  # fmt: skip
         outs = outs_fn(*leaves)
+        # an output that does not depend on the leaves asked for (x0 when only the noise
+        # needs a gradient) has no graph: skip it
         pairs = [(o, g) for o, g in zip(outs, grads_out, strict=True)
-                 if g is not None and o.numel() > 0]  # fmt: skip
+                 if g is not None and o.numel() > 0 and o.requires_grad]  # fmt: skip
         wrt = [t for t, n in zip(leaves, needs, strict=True) if n]
         got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                        allow_unused=True) if wrt and pairs else ())  # fmt: skip
@@ -237,20 +246,22 @@ _sampler_step_op.register_autograd(_step_backward, setup_context=_step_setup)
 
 
 def _dpm_setup(ctx, inputs, output):
-    x, mo, coef, x0_prev, _backend, *opts = inputs
-    ctx.save_for_backward(x, mo, coef, x0_prev)
+    x, mo, coef, x0_prev, noise, gen, _backend, *opts = inputs
+    # the sampler advances the Philox offset in place after the step: keep this step's state
+    ctx.save_for_backward(x, mo, coef, x0_prev, noise, gen.clone() if gen is not None else None)
     ctx.opts = opts
 
 
 def _dpm_backward(ctx, g_next, g_x0):
-    x, mo, coef, x0_prev = ctx.saved_tensors
+    x, mo, coef, x0_prev, noise, gen = ctx.saved_tensors
     pred, clip, g = ctx.opts
 
-    def run(x_, mo_, coef_, prev_):
-        return _torch_dpm_2m(x_, mo_, coef_, prev_, pred, clip, g, _order_of(x_))
+    def run(x_, mo_, coef_, prev_, noise_):
+        return _torch_dpm_2m(x_, mo_, coef_, prev_, noise_, gen, pred, clip, g, _order_of(x_))
 
-    gx, gmo, gcoef, gprev = _grads(ctx, run, (g_next, g_x0), (x, mo, coef, x0_prev), (0, 1, 2, 3))
-    return gx, gmo, gcoef, gprev, None, None, None, None
+    saved = (x, mo, coef, x0_prev, noise)
+    gx, gmo, gcoef, gprev, gnoise = _grads(ctx, run, (g_next, g_x0), saved, (0, 1, 2, 3, 4))
+    return gx, gmo, gcoef, gprev, gnoise, None, None, None, None, None
 
 
 _dpm_2m_op.register_autograd(_dpm_backward, setup_context=_dpm_setup)
@@ -325,6 +336,32 @@ def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_s
             f"got {tuple(model_output.shape)}"
         )
     return clip, g
+
+
+def _check_noise(x: Tensor, noise: Tensor | None, generator_state: Tensor | None) -> Tensor | None:
+    """Validate the noise arguments (at most one; noise like x, generator_state int64 [2] on x's
+    device); returns generator_state, contiguous."""
+    if noise is not None and generator_state is not None:
+        raise ValueError("pass at most one of noise and generator_state, got both")
+    if noise is not None:
+        _check_float("noise", noise)
+        _check_device("noise", noise, x)
+        if noise.shape != x.shape:
+            raise ValueError(
+                f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
+            )
+    if generator_state is not None:
+        if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.int64:
+            got = getattr(generator_state, "dtype", type(generator_state).__name__)
+            raise TypeError(f"generator_state must be an int64 tensor [2], got {got}")
+        if generator_state.shape != (2,):
+            raise ValueError(
+                f"generator_state must have shape (2,), got {tuple(generator_state.shape)}"
+            )
+        _check_device("generator_state", generator_state, x)
+        if not generator_state.is_contiguous():
+            generator_state = generator_state.contiguous()
+    return generator_state
 
 
 def _real(name: str, v: object) -> float:
@@ -449,26 +486,7 @@ def sampler_step(
     gen_in = generator_state
     clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
                             learned_variance)  # fmt: skip
-    if noise is not None and generator_state is not None:
-        raise ValueError("pass at most one of noise and generator_state, got both")
-    if noise is not None:
-        _check_float("noise", noise)
-        _check_device("noise", noise, x)
-        if noise.shape != x.shape:
-            raise ValueError(
-                f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
-            )
-    if generator_state is not None:
-        if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.int64:
-            got = getattr(generator_state, "dtype", type(generator_state).__name__)
-            raise TypeError(f"generator_state must be an int64 tensor [2], got {got}")
-        if generator_state.shape != (2,):
-            raise ValueError(
-                f"generator_state must have shape (2,), got {tuple(generator_state.shape)}"
-            )
-        _check_device("generator_state", generator_state, x)
-        if not generator_state.is_contiguous():
-            generator_state = generator_state.contiguous()
+    generator_state = _check_noise(x, noise, generator_state)
     x, model_output, coef, noise, generator_state = _ext.resolve_neg(
         x, model_output, coef, noise, generator_state
     )
@@ -508,16 +526,26 @@ def dpm_solver_2m_step(
     prediction_type: str = "epsilon",
     clip_range: float | None = None,
     guidance_scale: float | None = None,
+    noise: Tensor | None = None,
+    generator_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """DPM-Solver++ 2M update (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction).
+    """DPM-Solver++ 2M update (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction),
+    and its SDE variant (SDE-DPM-Solver++(2M), same paper, appendix) with ``noise`` or
+    ``generator_state``.
 
     ``x0`` is derived from ``model_output`` as in :func:`sampler_step` (with optional CFG and
-    clipping), then ``x_next = c_x x + c_x0 x0 + c_prev x0_prev`` with coef fp32 ``[8] = [a, s,
-    c_x, c_x0, c_prev, 0, 0, 0]``. The sampler folds the multistep terms into the coefficients:
-    with ``h = lambda_t - lambda_s`` and ``r = h_prev / h``, midpoint form,
-    ``c_x = sigma_t/sigma_s``, ``c_x0 = -alpha_t (e^{-h} - 1)(1 + 1/(2r))``,
-    ``c_prev = alpha_t (e^{-h} - 1)/(2r)``. ``x0_prev=None`` is the first-order step: the term
-    is skipped (not multiplied by 0, so garbage or NaN in a stale buffer cannot leak).
+    clipping), then ``x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_noise z`` with coef fp32
+    ``[8] = [a, s, c_x, c_x0, c_prev, c_noise, 0, 0]``. The sampler folds the multistep terms
+    into the coefficients: with ``h = lambda_t - lambda_s`` and ``r = h_prev / h``, midpoint
+    form, ``c_x = sigma_t/sigma_s``, ``c_x0 = -alpha_t (e^{-h} - 1)(1 + 1/(2r))``,
+    ``c_prev = alpha_t (e^{-h} - 1)/(2r)`` (ODE), or ``c_x = (sigma_t/sigma_s) e^{-h}``,
+    ``c_x0 = alpha_t (1 - e^{-2h})(1 + 1/(2r))``, ``c_prev = -alpha_t (1 - e^{-2h})/(2r)``,
+    ``c_noise = sigma_t sqrt(1 - e^{-2h})`` (SDE). ``x0_prev=None`` is the first-order step: the
+    term is skipped (not multiplied by 0, so garbage or NaN in a stale buffer cannot leak).
+
+    ``noise`` (z, x's shape) or ``generator_state`` (int64 ``[2] = (seed, offset)``: z drawn in
+    the kernel with Philox, the stream contract of :func:`sampler_step`; the caller advances the
+    offset) add the ``c_noise z`` term; without either it is skipped.
 
     Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
     overwritten, e.g. by CUDA graph replay).
@@ -525,9 +553,11 @@ def dpm_solver_2m_step(
     key = None
     if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no plan
         opts = (prediction_type, type(clip_range), clip_range, type(guidance_scale), guidance_scale)
-        key, r = _cached_cpu_step("dpm_solver_2m_step", x, model_output, coef, x0_prev, None, opts)
+        key, r = _cached_cpu_step("dpm_solver_2m_step", x, model_output, coef, x0_prev,
+                                  generator_state, opts, noise)  # fmt: skip
         if r is not None:
             return r
+    gen_in = generator_state
     clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
                             False)  # fmt: skip
     if x0_prev is not None:
@@ -537,19 +567,27 @@ def dpm_solver_2m_step(
             raise ValueError(
                 f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
             )
-    x, model_output, coef, x0_prev = _ext.resolve_neg(x, model_output, coef, x0_prev)
-    plain = _plain_eager(x, model_output, coef, x0_prev)
+    generator_state = _check_noise(x, noise, generator_state)
+    x, model_output, coef, x0_prev, noise, generator_state = _ext.resolve_neg(
+        x, model_output, coef, x0_prev, noise, generator_state
+    )
+    plain = _plain_eager(x, model_output, coef, x0_prev, noise, generator_state)
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("dpm_solver_2m_step", x.device, _unsupported(x))
     backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output, coef,
-                                           x0_prev)  # fmt: skip
+                                           x0_prev, noise)  # fmt: skip
     pred = PREDICTION_TYPES[prediction_type]
     if plain and backend == "cpu":
-        r = _fast_cpu(1, x, model_output, coef, x0_prev, None, pred, clip, False, g, False, True)
+        r = _fast_cpu(1, x, model_output, coef, x0_prev, generator_state, pred, clip, False, g,
+                      False, True, noise)  # fmt: skip
         if r is not None:
-            if key is not None and _cacheable(clip_range, guidance_scale):
+            if (
+                key is not None
+                and generator_state is gen_in
+                and _cacheable(clip_range, guidance_scale)
+            ):
                 _remember_validated(key, 1, x, model_output, x0_prev, pred, clip, False, g, False,
-                                    True, _unsupported(x))  # fmt: skip
+                                    True, _unsupported(x), noise)  # fmt: skip
             return r
     fn = _dpm_2m_impl if plain else _dpm_2m_op
-    return fn(x, model_output, coef, x0_prev, backend, pred, clip, g)
+    return fn(x, model_output, coef, x0_prev, noise, generator_state, backend, pred, clip, g)

@@ -1,4 +1,4 @@
-"""DPM-Solver++ (2M) multistep sampler (Lu et al., 2022, arXiv:2211.01095)."""
+"""DPM-Solver++ (2M) multistep sampler and its SDE variant (Lu et al., 2022, arXiv:2211.01095)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, check_thresholding, threshold_x0
+from fastdiff.samplers.base import (
+    Sampler,
+    _ops,
+    advance_generator_state,
+    check_thresholding,
+    threshold_x0,
+)
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import (
     SIGMA_GRIDS,
@@ -25,6 +31,7 @@ __all__ = ["DPMSolverPPSampler"]
 
 _UNSET = object()
 FINAL_SIGMAS = ("zero", "sigma_min")
+ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 
 
 class DPMSolverPPSampler(Sampler):
@@ -40,8 +47,22 @@ class DPMSolverPPSampler(Sampler):
 
     (diffusers' "midpoint" form). The first step is first order; so is the last one when the
     final sigma is zero, or when ``lower_order_final`` and fewer than 15 steps. All of this is
-    folded into the precomputed row ``[alpha_s, sigma_s, c_x, c_x0, c_prev, 0, 0, 0]`` so that a
-    step is one fused ``dpm_solver_2m_step`` call: ``x_t = c_x x_s + c_x0 m_s + c_prev m_{s-1}``.
+    folded into the precomputed row ``[alpha_s, sigma_s, c_x, c_x0, c_prev, c_noise, 0, 0]`` so
+    that a step is one fused ``dpm_solver_2m_step`` call:
+    ``x_t = c_x x_s + c_x0 m_s + c_prev m_{s-1} (+ c_noise z)``.
+
+    ``algorithm_type="sde-dpmsolver++"`` is "DPM++ 2M SDE": SDE-DPM-Solver++(2M) (Lu et al. 2022,
+    appendix; the first-order step is their SDE-DPM-Solver++1), with fresh noise z ~ N(0, I) at
+    every step (the last included, where its coefficient is 0, so a ``generator`` advances as in
+    diffusers)::
+
+        first order:  x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) m_s
+                            + sigma_t sqrt(1 - e^{-2h}) z
+        2M:           x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D
+                            + sigma_t sqrt(1 - e^{-2h}) z,   D as above
+
+    z comes from ``noise``, else ``generator`` (torch.randn), else in-kernel Philox
+    (``generator_state``, advanced by ``x.numel()`` per step).
 
     With ``use_karras_sigmas`` ("DPM++ 2M Karras"), ``use_exponential_sigmas`` or
     ``use_beta_sigmas`` the steps are taken on that grid of noise levels sigma/alpha between the
@@ -66,6 +87,8 @@ class DPMSolverPPSampler(Sampler):
         clip_sample, clip_sample_range: clip the data prediction (off by default, as diffusers).
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the
             data prediction (Imagen; DPM-Solver++ section 3.3).
+        algorithm_type: ``"dpmsolver++"`` (the ODE solver) or ``"sde-dpmsolver++"`` (its SDE
+            variant, "DPM++ 2M SDE"); diffusers' ``DPMSolverMultistepScheduler`` option.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid
             (at most one; ``timestep_spacing`` and ``steps_offset`` are then unused). The beta
             grid uses Beta(0.6, 0.6) and needs scipy. As diffusers' scheduler, the grid spans
@@ -94,7 +117,15 @@ class DPMSolverPPSampler(Sampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        algorithm_type: str = "dpmsolver++",
     ) -> None:
+        if algorithm_type not in ALGORITHM_TYPES:
+            raise ValueError(
+                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
+            )
+        #: "dpmsolver++" (ODE) or "sde-dpmsolver++" (SDE variant: fresh noise every step)
+        self.algorithm_type = algorithm_type
+        self.sde = algorithm_type == "sde-dpmsolver++"
         grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
                                                   use_beta_sigmas), strict=True) if on]  # fmt: skip
         if len(grids) > 1:
@@ -205,7 +236,14 @@ class DPMSolverPPSampler(Sampler):
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
             exp_neg_h = ratio[i + 1] / ratio[i]  # e^{-h}, exact also for the final sigma = 0
-            phi = a_t * (1.0 - exp_neg_h)  # -alpha_t (e^{-h} - 1)
+            c_x, c_noise = s_t / s_s, 0.0
+            if self.sde:  # SDE-DPM-Solver++: e^{-h} x_s, alpha_t (1 - e^{-2h}), noise term
+                one_m_e2h = 1.0 - exp_neg_h * exp_neg_h  # 1 - e^{-2h}
+                c_x *= exp_neg_h
+                phi = a_t * one_m_e2h
+                c_noise = s_t * math.sqrt(one_m_e2h)
+            else:
+                phi = a_t * (1.0 - exp_neg_h)  # -alpha_t (e^{-h} - 1)
             first = i == 0 or (i == n - 1 and final_first)
             h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1] if i > 0 else 0.0
             if first or h == 0.0:
@@ -221,18 +259,21 @@ class DPMSolverPPSampler(Sampler):
             else:
                 r = h_prev / h
                 c_x0, c_prev = phi * (1.0 + 0.5 / r), -phi * 0.5 / r
-            rows[i] = [a_s, s_s, s_t / s_s, c_x0, c_prev, 0.0, 0.0, 0.0]
-            first_rows[i] = [a_s, s_s, s_t / s_s, phi, 0.0, 0.0, 0.0, 0.0]
+            rows[i] = [a_s, s_s, c_x, c_x0, c_prev, c_noise, 0.0, 0.0]
+            first_rows[i] = [a_s, s_s, c_x, phi, 0.0, c_noise, 0.0, 0.0]
         self._first64 = first_rows
         self._first_tables: dict[torch.device, Tensor] = {}
         return rows
 
     def _needs_noise_row(self, i: int) -> bool:
-        return False
+        # the SDE variant: diffusers draws noise on every step, the last included (c_noise = 0
+        # there when the final sigma is 0), so a generator advances the same way
+        return self.sde
 
     def config(self) -> dict:
         return {
             **super().config(),
+            "algorithm_type": self.algorithm_type,
             "clip": self.clip_sample,
             "clip_range": self.clip_sample_range,
             "thresholding": self.thresholding,
@@ -261,6 +302,7 @@ class DPMSolverPPSampler(Sampler):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         coef: Tensor | None = None,
         x0_prev: Tensor | None | object = _UNSET,
+        generator_state: Tensor | None = None,
         return_x0: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One DPM-Solver++ step from ``timesteps[i]`` to the next noise level (one fused call).
@@ -269,10 +311,15 @@ class DPMSolverPPSampler(Sampler):
         one it ran (for this x shape): a run that starts at ``i > 0`` (img2img, diffusers'
         ``set_begin_index``) or a reused sampler takes a first-order step first; pass ``x0_prev``
         to manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer).
-        ``noise`` and ``generator`` are accepted for API symmetry and unused (the 2M solver is
-        deterministic). Returns x_t, or ``(x_t, m_s)`` with ``return_x0``.
+        With ``algorithm_type="sde-dpmsolver++"`` the step adds ``c_noise z``: z is ``noise``,
+        else drawn with ``generator`` (one generator, or one per sample), else drawn in the
+        kernel with Philox from ``generator_state`` (int64 ``[2]`` = (seed, offset) on x's
+        device; its offset is then advanced by ``x.numel()`` in place), else drawn from torch's
+        global generator. The ODE solver ignores ``noise``, ``generator`` and
+        ``generator_state``. Returns x_t, or ``(x_t, m_s)`` with ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
         external = x0_prev is not _UNSET
         first = False
         if not external:
@@ -291,7 +338,14 @@ class DPMSolverPPSampler(Sampler):
             m = _combine_cfg(model_output, guidance_scale)
             x0, _ = _x0_eps(x, m, coef[0], coef[1], self.prediction_type)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            x_next, x0 = ops.dpm_solver_2m_step(x, x0, coef, x0_prev, prediction_type="sample")
+            x_next, x0 = ops.dpm_solver_2m_step(
+                x,
+                x0,
+                coef,
+                x0_prev,
+                prediction_type="sample",
+                **nkw,  # type: ignore[arg-type]
+            )
         else:
             x_next, x0 = ops.dpm_solver_2m_step(
                 x,
@@ -301,7 +355,9 @@ class DPMSolverPPSampler(Sampler):
                 prediction_type=self.prediction_type,
                 clip_range=self.clip_sample_range if self.clip_sample else None,
                 guidance_scale=guidance_scale,
+                **nkw,
             )
+        advance_generator_state(nkw, x)
         if not external:
             self._x0_prev, self._prev_i = x0, i
         return (x_next, x0) if return_x0 else x_next

@@ -22,6 +22,7 @@ struct StepOptions {
   float g;
   int learned_var;   // sigma from the variance values v
   int has_z;         // noise tensor or in-kernel Philox (sampler_step); x0_prev (dpm)
+  int has_noise;     // dpm only: noise w (tensor or in-kernel Philox), the SDE variant's term
 };
 
 // clamp that returns NaN for NaN input (comparisons with NaN are false).
@@ -78,6 +79,13 @@ FD_HD float dpm2m_update(float c_x, float c_x0, float c_prev, float x, float x0,
   return has_prev ? v + c_prev * x0_prev : v;
 }
 
+// SDE-DPM-Solver++ 2M (Lu et al. 2022, arXiv:2211.01095, appendix: the SDE variant): the 2M
+// update with its own c_x, c_x0, c_prev (folded by the sampler) plus c_noise z.
+FD_HD float dpm2m_sde_update(float c_x, float c_x0, float c_prev, float x, float x0, int has_prev,
+                             float x0_prev, float c_noise, float z) {
+  return dpm2m_update(c_x, c_x0, c_prev, x, x0, has_prev, x0_prev) + c_noise * z;
+}
+
 }  // namespace fastdiff
 
 namespace fastdiff {
@@ -93,11 +101,13 @@ struct StepArgs {
   int64_t hw = 0;      // H*W (used with nhwc_c to recover the logical NCHW index for Philox)
   uintptr_t x = 0, m = 0, mu = 0, v = 0, z = 0;  // x_t; model output (cond); uncond; variance;
   int64_t bs_x = 0, bs_m = 0, bs_mu = 0, bs_v = 0, bs_z = 0;  // noise (mode 0) / x0_prev (mode 1)
-  uintptr_t gen = 0;   // int64[2] (seed, offset) for in-kernel Philox noise, or 0
+  uintptr_t w = 0;     // mode 1 only: noise z of the SDE variant (dtype_x), or 0
+  int64_t bs_w = 0;
+  uintptr_t gen = 0;   // int64[2] (seed, offset) for in-kernel Philox noise (either mode), or 0
   uintptr_t coef = 0;  // fp32[8]
   uintptr_t out = 0;   // x_prev / x_next, dtype_x
   uintptr_t x0 = 0;    // x0 output (dtype_x) or 0
-  int dtype_x = 0;     // x, z, out, x0
+  int dtype_x = 0;     // x, z, w, out, x0
   int dtype_m = 0;     // m, mu, v
   StepOptions opt{};
 };

@@ -21,12 +21,47 @@ _compat.patch_interpreter()
 
 
 @triton.jit
+def _philox_noise(
+    GEN,  # int64 [2] (seed, offset)
+    n,  # sample index (int64)
+    t64,  # tile index (int64)
+    offs,  # [BLOCK] memory offsets within the sample (int64)
+    quad,  # [BLOCK // 4] counter lanes 0 .. BLOCK // 4 - 1 (int64)
+    inner,  # elements per sample
+    tiles_per_sample,  # cdiv(inner, BLOCK)
+    nhwc_c,  # C when the per-sample order is HWC
+    hw,  # H * W (HWC order only)
+    NHWC: tl.constexpr,  # per-sample memory order HWC
+    QUAD: tl.constexpr,  # NCHW order and inner % 4 == 0: the tile starts on a counter boundary
+    BLOCK: tl.constexpr,  # elements per tile
+):
+    """[BLOCK] normals: logical element e is lane e % 4 of tl.randn4x(seed, offset + e // 4)."""
+    seed = tl.load(GEN)
+    offset = tl.load(GEN + 1)
+    if QUAD:  # BLOCK // 4 counters, 4 lanes
+        q0 = offset + (n * inner + (t64 - n * tiles_per_sample) * BLOCK) // 4
+        z0, z1, z2, z3 = tl.randn4x(seed, q0 + quad)
+        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK,))
+    else:
+        if NHWC:
+            logical = (offs % nhwc_c) * hw + offs // nhwc_c
+        else:
+            logical = offs
+        e = n * inner + logical
+        z0, z1, z2, z3 = tl.randn4x(seed, offset + e // 4)
+        r = e % 4
+        z = tl.where(r == 0, z0, tl.where(r == 1, z1, tl.where(r == 2, z2, z3)))
+    return z
+
+
+@triton.jit
 def _sampler_step_kernel(
     X,  # [N x inner] x_t, per-sample dense, batch stride bs_x
     M,  # [N x inner] model output (cond half with CFG; first C channels with learned variance)
     MU,  # [N x inner] uncond half (CFG only)
     V,  # [N x inner] variance values v in [-1, 1] (learned variance only)
     Z,  # [N x inner] noise z (mode 0) or x0_prev (mode 1)
+    W,  # [N x inner] noise z of the SDE dpm step (mode 1, HAS_NOISE == 1 only)
     GEN,  # int64 [2] (seed, offset) for in-kernel Philox noise
     COEF,  # fp32 [8] step coefficients
     OUT,  # [N x inner] x_prev / x_next, dense
@@ -36,6 +71,7 @@ def _sampler_step_kernel(
     bs_mu,  # batch stride of MU
     bs_v,  # batch stride of V
     bs_z,  # batch stride of Z
+    bs_w,  # batch stride of W
     inner,  # elements per sample
     tiles_per_sample,  # cdiv(inner, BLOCK)
     total_tiles,  # N * tiles_per_sample
@@ -50,6 +86,7 @@ def _sampler_step_kernel(
     CFG: tl.constexpr,  # classifier-free guidance from MU/M
     LV: tl.constexpr,  # learned variance from V
     HAS_Z: tl.constexpr,  # 0 none, 1 tensor Z, 2 Philox from GEN
+    HAS_NOISE: tl.constexpr,  # mode 1: 0 none, 1 tensor W, 2 Philox from GEN
     WRITE_X0: tl.constexpr,  # store x0
     NHWC: tl.constexpr,  # per-sample memory order HWC (logical index for Philox)
     QUAD: tl.constexpr,  # Philox noise with NCHW order and inner % 4 == 0 (4 lanes per counter)
@@ -97,21 +134,8 @@ def _sampler_step_kernel(
                 if HAS_Z == 1:
                     z = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
                 else:
-                    seed = tl.load(GEN)
-                    offset = tl.load(GEN + 1)
-                    if QUAD:  # tile starts on a counter boundary: BLOCK // 4 counters, 4 lanes
-                        q0 = offset + (n * inner + (t64 - n * tiles_per_sample) * BLOCK) // 4
-                        z0, z1, z2, z3 = tl.randn4x(seed, q0 + quad)
-                        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (BLOCK,))
-                    else:  # element e = lane e % 4 of counter offset + e // 4
-                        if NHWC:
-                            logical = (offs % nhwc_c) * hw + offs // nhwc_c
-                        else:
-                            logical = offs
-                        e = n * inner + logical
-                        z0, z1, z2, z3 = tl.randn4x(seed, offset + e // 4)
-                        r = e % 4
-                        z = tl.where(r == 0, z0, tl.where(r == 1, z1, tl.where(r == 2, z2, z3)))
+                    z = _philox_noise(GEN, n, t64, offs, quad, inner, tiles_per_sample, nhwc_c,
+                                      hw, NHWC, QUAD, BLOCK)  # fmt: skip
                 sigma = k5
                 if LV:
                     v = tl.load(V + n * bs_v + offs, mask=mask, other=0.0).to(tl.float32)
@@ -123,6 +147,13 @@ def _sampler_step_kernel(
             if HAS_Z == 1:
                 xp = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
                 out = out + k4 * xp
+            if HAS_NOISE == 1:
+                w = tl.load(W + n * bs_w + offs, mask=mask, other=0.0).to(tl.float32)
+                out = out + k5 * w
+            elif HAS_NOISE == 2:
+                w = _philox_noise(GEN, n, t64, offs, quad, inner, tiles_per_sample, nhwc_c, hw,
+                                  NHWC, QUAD, BLOCK)  # fmt: skip
+                out = out + k5 * w
         tl.store(OUT + n * inner + offs, out.to(OUT.dtype.element_ty), mask=mask)
         if WRITE_X0:
             tl.store(X0 + n * inner + offs, x0.to(X0.dtype.element_ty), mask=mask)
@@ -139,12 +170,13 @@ def sampler_step_forward(
     out: Tensor,  # [N x ...] x_{t-1} (written)
     x0: Tensor | None,  # [N x ...] x0 estimate (written), or None
     *,
+    w: Tensor | None = None,  # noise of the SDE dpm step (mode 1), or None
     mode: int,  # 0 sampler step, 1 DPM-Solver++ 2M
     n: int,  # batch
     inner: int,  # elements per sample
     nhwc_c: int,  # C for channels_last inputs, else 0
     hw: int,  # spatial positions per sample
-    bs: Sequence[int],  # batch strides of x, m, mu, v, z (elements)
+    bs: Sequence[int],  # batch strides of x, m, mu, v, z[, w] (elements)
     pred: int,  # 0 epsilon, 1 v_prediction, 2 sample
     clip: bool,  # clamp x0 to [-clip_r, clip_r]
     clip_r: float,
@@ -153,7 +185,8 @@ def sampler_step_forward(
     g: float,  # guidance scale
 ) -> None:
     """Launch the kernel. Tensors per-sample dense in x's order; ``bs`` = batch strides
-    (x, m, mu, v, z); absent operands are None (a dummy pointer is passed, never read)."""
+    (x, m, mu, v, z[, w]); absent operands are None (a dummy pointer is passed, never read).
+    ``gen`` draws the noise of sampler_step (mode 0) or, without ``w``, of the dpm step."""
     block = 1024
     tiles = triton.cdiv(inner, block)
     total = n * tiles
@@ -166,11 +199,15 @@ def sampler_step_forward(
         cap = 4  # interpreter: few programs, each a vectorised numpy tile loop
     grid = (max(1, min(total, cap)),)
     has_z = 2 if (gen is not None and mode == 0) else (1 if z is not None else 0)
+    has_noise = 0 if mode == 0 else (1 if w is not None else (2 if gen is not None else 0))
+    bs = [*bs, 0][:6]
     _sampler_step_kernel[grid](
         x, m, mu if mu is not None else m, v if v is not None else m, z if z is not None else x,
-        gen if gen is not None else coef, coef, out, x0 if x0 is not None else out,
+        w if w is not None else x, gen if gen is not None else coef, coef, out,
+        x0 if x0 is not None else out,
         *bs, inner, tiles, total, max(nhwc_c, 1), hw, float(clip_r), float(g),
         MODE=mode, PRED=pred, CLIP=bool(clip), RECOMPUTE=bool(recompute), CFG=bool(cfg),
-        LV=v is not None and mode == 0, HAS_Z=has_z, WRITE_X0=x0 is not None,
-        NHWC=nhwc_c > 0, QUAD=has_z == 2 and nhwc_c == 0 and inner % 4 == 0, BLOCK=block,
+        LV=v is not None and mode == 0, HAS_Z=has_z, HAS_NOISE=has_noise,
+        WRITE_X0=x0 is not None, NHWC=nhwc_c > 0,
+        QUAD=(has_z == 2 or has_noise == 2) and nhwc_c == 0 and inner % 4 == 0, BLOCK=block,
     )  # fmt: skip
