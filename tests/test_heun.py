@@ -255,9 +255,13 @@ def test_correction_needs_the_euler_stage_of_this_sampler():
     # an explicit history gives the same result; a second sampler needs no state
     t = HeunSampler(NoiseSchedule("linear"), 5)
     torch.testing.assert_close(t.step(mo, 1, x1, x0_prev=m1), ref, rtol=0, atol=0)
-    s.reset()
+    s.step(mo, 0, x)
+    s.reset()  # forgets the history: a new run
     with pytest.raises(ValueError, match="correction"):
         s.step(mo, 1, x1)
+    # an explicit row (CUDA graphs) decides the stage by its values: it needs the history too
+    with pytest.raises(ValueError, match="needs x0_prev"):
+        s.step(mo, 0, x, coef=s.coef_table("cpu")[1])
 
 
 def test_sampler_reused_for_two_runs_gives_the_same_samples():
@@ -275,6 +279,7 @@ def test_sampler_reused_for_two_runs_gives_the_same_samples():
     [
         (dict(clip_sample=True, clip_sample_range=0.0), ValueError, "clip_sample_range"),
         (dict(clip_sample=True, clip_sample_range=float("nan")), ValueError, "clip_sample_range"),
+        (dict(clip_sample=True, clip_sample_range=float("inf")), ValueError, "clip_sample_range"),
         (dict(use_karras_sigmas=True, use_beta_sigmas=True), ValueError, "at most one"),
         (dict(prediction_type="x0"), ValueError, "prediction_type"),
         (dict(timestep_spacing="even"), ValueError, "timestep_spacing"),
