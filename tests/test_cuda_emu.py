@@ -23,6 +23,7 @@ import shutil
 
 import pytest
 import test_attention as t_attn
+import test_dpm_sde as t_sde
 import test_group_norm_silu as t_gn
 import test_sampler_step as t_step
 import torch
@@ -162,6 +163,51 @@ def test_step_grid_stride_and_noise_match_cpu(emu, shape, layout, dtype):
     torch.testing.assert_close(x0.float(), x0_cpu.float(), rtol=tol, atol=tol)
     z = t_step.philox_randn(torch.tensor([987654321, 12345]), shape)
     t_step.check(out, x0, x, mo, coef, dtype, atol=1e-6, clip=1.0, z=z)
+
+
+@pytest.mark.parametrize("pred", t_sde.PREDS)
+def test_step_dpm_sde_noise_tensor(emu, pred):
+    t_sde.test_sde_step_with_noise_tensor(CASE, pred)
+
+
+@over_checks(
+    t_sde.test_sde_step_fp16_large_values_stay_finite,
+    t_sde.test_sde_step_philox_noise_and_layouts,
+    t_sde.test_philox_stream_is_the_same_on_every_backend,
+    t_sde.test_noise_with_zero_c_noise_is_the_ode_step,
+    t_sde.test_opcheck_sde,
+)
+def test_step_dpm_sde_checks(emu, check):
+    check(CASE)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 70, 70), (2, 5, 33, 31)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("noise", ["philox", "tensor"])
+def test_step_dpm_sde_grid_stride_matches_cpu(emu, shape, layout, noise):
+    """The SDE noise path of the dpm kernel past one grid (vector path and scalar tail): the
+    in-kernel Philox z is the cpu backend's stream, and both match the float64 reference."""
+    x, mo, prev = (torch.randn(shape) for _ in range(3))
+    if layout == "cl":
+        x, mo, prev = (t.to(memory_format=torch.channels_last) for t in (x, mo, prev))
+    coef = t_sde._coef("cpu")
+    gs = torch.tensor([987654321, 12345], dtype=torch.int64)
+    z = t_step.philox_randn(gs, shape)
+    kw = dict(generator_state=gs) if noise == "philox" else dict(noise=z)
+    outs = {}
+    for backend in ("cuda", "cpu"):
+        with fastdiff.use_backend(backend, "dpm_solver_2m_step"):
+            outs[backend] = t_sde.dpm_solver_2m_step(x, mo, coef, prev, **kw)
+    (out, x0), (out_cpu, x0_cpu) = outs["cuda"], outs["cpu"]
+    tol = 2 * torch.finfo(torch.float32).eps
+    # the cpu backend's AVX2 normals are within ~5 ulp of the scalar ones (the stream promise:
+    # equal uint32 stream, normals to the rounding of log/cos/sin)
+    ztol = 1e-5 if noise == "philox" else tol
+    torch.testing.assert_close(out, out_cpu, rtol=tol, atol=ztol)
+    torch.testing.assert_close(x0, x0_cpu, rtol=tol, atol=tol)
+    r, _ = t_sde.sde_reference(x, mo, prev, z, "epsilon", torch.float64)
+    e, _ = t_sde.sde_reference(x, mo, prev, z, "epsilon", torch.float32)
+    assert_fa_rule(out, r, e, atol=1e-6, name="x_next")
 
 
 # ---------------------------------------------------------------------------- group norm
