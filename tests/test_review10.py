@@ -152,3 +152,38 @@ def test_optimize_deepcopy_of_hooked_model_still_equal():
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
     with torch.no_grad():
         torch.testing.assert_close(model(x, t).sample, ref_model(x, t).sample)
+
+
+# ------------------------------------------------------------------------- autocast + autograd
+def test_attention_keeps_q_dtype_under_autocast_with_grad():
+    """The op returns q's dtype under autocast (its inference path disables autocast), but the
+    automatic training path called SDPA under autocast: fp32 inputs came back bf16, computed
+    with bf16 matmuls, only when they required grad."""
+    from fastdiff.ops.attention import attention
+
+    q, k, v = (torch.randn(1, 2, 7, 32, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        ref = attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+        with torch.no_grad():
+            out_nograd = attention(q, k, v)
+    assert out_nograd.dtype == torch.float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert q.grad.dtype == torch.float32
+
+
+@pytest.mark.cuda
+def test_group_norm_silu_keeps_x_dtype_under_cuda_autocast_with_grad():
+    """CUDA autocast runs F.group_norm in fp32; the op's contract is x's dtype, as its inference
+    path gives."""
+    x = torch.randn(2, 8, 5, 5, device="cuda", dtype=torch.float16, requires_grad=True)
+    w, b = torch.randn(8, device="cuda"), torch.randn(8, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = group_norm_silu(x, 4, w, b)
+        with torch.no_grad():
+            ref = group_norm_silu(x, 4, w, b)
+    assert out.dtype == ref.dtype == torch.float16
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)

@@ -279,8 +279,12 @@ def attention(
         return _run(q, k, v, s, backend)
     if _native_training(q, k, v):
         # Training with the automatic choice: SDPA's own O(L)-memory backward (the op's backward
-        # materialises P). An explicitly requested backend keeps the custom op.
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=s).contiguous()
+        # materialises P). An explicitly requested backend keeps the custom op. Under autocast
+        # too the result is in q's dtype (as the inference path gives), so autocast is off here.
+        if torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return _sdpa(q, k, v, s)
+        return _sdpa(q, k, v, s)
     return _attention_op(q, k, v, s, backend)
 
 

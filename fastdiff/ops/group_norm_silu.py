@@ -524,6 +524,9 @@ def group_norm_silu(
     backend = _dispatch.forward_ad_backend(_OP, backend, x, weight, bias, add, scale, shift)
     if _needs_op(x, weight, bias, add, scale, shift):
         if _native_training(x, weight, bias, add, scale, shift):
+            if torch.is_autocast_enabled(x.device.type):  # CUDA autocast: F.group_norm in fp32
+                with torch.autocast(x.device.type, enabled=False):
+                    return _native_autograd(x, *args)
             return _native_autograd(x, *args)
         return _group_norm_silu_op(_canon(x), *args, backend)
     # Eager inference: nothing to record for autograd and no tracing, so skip the dispatcher
