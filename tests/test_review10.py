@@ -187,3 +187,20 @@ def test_group_norm_silu_keeps_x_dtype_under_cuda_autocast_with_grad():
             ref = group_norm_silu(x, 4, w, b)
     assert out.dtype == ref.dtype == torch.float16
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------ public reference, empty
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0, 3), (2, 0, 3, 3), (0, 8, 5)])
+def test_group_norm_silu_reference_takes_empty_inputs(shape):
+    """The public eager reference raised "cannot reshape tensor of 0 elements into shape
+    [0, 4, -1]" for an empty input, which the op itself returns as an empty output."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu_reference
+
+    x = torch.randn(shape)
+    c = shape[1]
+    w, b = torch.randn(c), torch.randn(c)
+    add = torch.randn(shape[0], c)
+    ref = group_norm_silu_reference(x, 4, w, b, add=add, scale=add, shift=add)
+    assert ref.shape == x.shape and ref.dtype == x.dtype
+    with fastdiff.use_backend("torch"):
+        assert group_norm_silu(x, 4, w, b, add=add, scale=add, shift=add).shape == x.shape

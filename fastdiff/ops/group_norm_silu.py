@@ -21,6 +21,7 @@ stride pattern (slices, transposes) is first made contiguous with ``x.contiguous
 from __future__ import annotations
 
 import functools
+import math
 from numbers import Integral, Real
 
 import torch
@@ -85,7 +86,7 @@ def group_norm_silu_reference(
     u = x.to(compute_dtype)
     if add is not None:
         u = u + add.to(compute_dtype).reshape(bshape)
-    ug = u.reshape(n, num_groups, -1)
+    ug = u.reshape(n, num_groups, math.prod(u.shape[1:]) // num_groups)  # not -1: N may be 0
     k = ug[..., :1]  # shift by a member: the mean of a constant group is then exact
     mean = k + (ug - k).mean(-1, keepdim=True)
     d = ug - mean
