@@ -204,3 +204,38 @@ def test_group_norm_silu_reference_takes_empty_inputs(shape):
     assert ref.shape == x.shape and ref.dtype == x.dtype
     with fastdiff.use_backend("torch"):
         assert group_norm_silu(x, 4, w, b, add=add, scale=add, shift=add).shape == x.shape
+
+
+# ------------------------------------------------------------- torch.compile and use_backend
+@pytest.mark.parametrize("op", ["group_norm_silu", "attention"])
+def test_compiled_function_follows_use_backend_per_call(op, monkeypatch):
+    """A function compiled once ran the backend of its first trace forever: a later
+    use_backend("torch") still ran the fused kernel, and a requested backend that cannot run
+    (cuda on a CPU tensor) ran another one silently instead of raising (README: "there is no
+    silent fallback"; use_backend wins)."""
+    from fastdiff.ops import attention as amod
+    from fastdiff.ops import group_norm_silu as gmod
+
+    ran: list[str] = []
+    if op == "group_norm_silu":
+        orig = gmod._forward_impl
+        monkeypatch.setattr(gmod, "_forward_impl", lambda *a: (ran.append(a[-1]), orig(*a))[1])
+        x = torch.randn(2, 4, 3, 3)
+        fn = torch.compile(
+            lambda x: gmod.group_norm_silu(x, 2), backend="aot_eager", fullgraph=True
+        )
+    else:
+        orig = amod._run_backend
+        monkeypatch.setattr(amod, "_run_backend", lambda *a: (ran.append(a[-1]), orig(*a))[1])
+        x = torch.randn(1, 2, 5, 32)
+        fn = torch.compile(lambda q: amod.attention(q, q, q), backend="aot_eager", fullgraph=True)
+    auto = fastdiff._dispatch.resolve(op, torch.device("cpu"))
+    ref = fn(x)
+    assert ran == [auto]
+    ran.clear()
+    with fastdiff.use_backend("torch"):
+        torch.testing.assert_close(fn(x), ref, rtol=1e-5, atol=1e-5)
+    assert ran == ["torch"]
+    if "cuda" not in fastdiff.available_backends(op, "cpu"):
+        with fastdiff.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
+            fn(x)

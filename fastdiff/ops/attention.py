@@ -36,6 +36,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_LQ_FUSED = 65535 * 16
 # Element budget of one chunk of logits in the torch reference ([B x H x chunk x Lk]).
 _REF_CHUNK_ELEMS = 1 << 26
+# The backend argument of the op under torch.compile: resolved when the op runs (its body is
+# opaque to dynamo), so use_backend / set_backend apply to every call of a compiled function,
+# not only to the one that traced it, and a requested backend that cannot run raises then.
+_AUTO = "auto"
 
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:
@@ -183,6 +187,8 @@ def _cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
+    if backend == _AUTO:
+        backend = _dispatch.resolve("attention", q.device, unsupported=_unsupported(q))
     if torch.is_autocast_enabled(q.device.type):
         # The op's contract (q's dtype, fp32 statistics) holds under autocast too: SDPA would
         # return bf16 for fp32 inputs and the reference's matmuls would run in bf16.
@@ -270,6 +276,8 @@ def attention(
     _validate(q, k, v, scale)
     q, k, v = _ext.resolve_neg(q, k, v)
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        return _attention_op(q, k, v, s, _AUTO)
     backend = _dispatch.resolve("attention", q.device, unsupported=_unsupported(q))
     backend = _dispatch.forward_ad_backend("attention", backend, q, k, v)
     if _plain_call(q, k, v):

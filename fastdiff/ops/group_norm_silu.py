@@ -240,13 +240,10 @@ def _unsupported_memo(dev_type: str, dtype: torch.dtype, interp_bf16: bool) -> d
     return out
 
 
-@torch.compiler.assume_constant_result
-def _resolve_traced(device: str, dtype: torch.dtype) -> str:
-    """The backend, evaluated once at trace time under torch.compile (the dispatch seam reads a
-    ContextVar, which dynamo cannot trace). Its arguments must be constants under dynamic
-    shapes too: nothing here may depend on a size."""
-    dev = torch.device(device)
-    return _dispatch.resolve(_OP, dev, _unsupported(dev, dtype))
+# The backend argument of the op under torch.compile: resolved when the op runs (its body is
+# opaque to dynamo), so use_backend / set_backend apply to every call of a compiled function,
+# not only to the one that traced it, and a requested backend that cannot run raises then.
+_AUTO = "auto"
 
 
 # ------------------------------------------------------------------------------- custom op
@@ -269,6 +266,8 @@ def _group_norm_silu_op(
     silu: bool,
     backend: str,
 ) -> Tensor:
+    if backend == _AUTO:
+        backend = _dispatch.resolve(_OP, x.device, _unsupported(x.device, x.dtype))
     return _forward_impl(x, num_groups, weight, bias, eps, add, scale, shift, silu, backend)
 
 
@@ -518,8 +517,7 @@ def group_norm_silu(
     x, weight, bias, add, scale, shift = _ext.resolve_neg(x, weight, bias, add, scale, shift)
     args = (int(num_groups), weight, bias, float(eps), add, scale, shift, activation == "silu")
     if torch.compiler.is_compiling():
-        backend = _resolve_traced(str(x.device), x.dtype)
-        return _group_norm_silu_op(_canon(x), *args, backend)
+        return _group_norm_silu_op(_canon(x), *args, _AUTO)
     dev = x.device
     backend = _dispatch.resolve(_OP, dev, _unsupported(dev, x.dtype))
     backend = _dispatch.forward_ad_backend(_OP, backend, x, weight, bias, add, scale, shift)
