@@ -24,7 +24,7 @@ import fastdiff
 from fastdiff import NoiseSchedule
 from fastdiff._sampler_setup import resolve_sampler
 from fastdiff.ops._philox import philox_randn
-from fastdiff.ops.sampler_step import dpm_solver_2m_step
+from fastdiff.ops.sampler_step import dpm_solver_2m_step, sampler_step
 from fastdiff.samplers import DPMSolverPPSampler
 
 diffusers = pytest.importorskip("diffusers")
@@ -230,8 +230,11 @@ def test_validation_errors_name_the_argument_and_write_nothing():
     ]  # fmt: skip
     for backend in {b for _, b in CASES}:
         for kw, exc, msg in bad:
-            with fastdiff.use_backend(backend), pytest.raises(exc, match=msg):
+            with fastdiff.use_backend(backend), pytest.raises(exc, match=msg) as e:
                 dpm_solver_2m_step(x, mo, coef, prev, **kw)
+            assert str(e.value).startswith("dpm_solver_2m_step: ")  # named, as the other ops'
+    with pytest.raises(ValueError, match="^sampler_step: noise must have x's shape"):
+        sampler_step(x, mo, coef, noise=z[:2])
     for a, b in zip((x, mo, prev, z, gs), snap, strict=True):
         assert torch.equal(a, b)
 

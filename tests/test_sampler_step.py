@@ -536,7 +536,7 @@ def test_common_case_checks_exact():
     coef = make_coef("cpu")
     out = poison_(torch.empty(SHAPE))
     want = (
-        f"model_output must have shape {tuple(SHAPE)} for x of shape {tuple(SHAPE)} "
+        f"sampler_step: model_output must have shape {tuple(SHAPE)} for x of shape {tuple(SHAPE)} "
         f"(guidance_scale=None, learned_variance=False), got {tuple(mo[:, :2].shape)}"
     )
     with pytest.raises(ValueError) as e:

@@ -484,9 +484,12 @@ def sampler_step(
         if r is not None:
             return r if return_x0 else r[0]
     gen_in = generator_state
-    clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
-                            learned_variance)  # fmt: skip
-    generator_state = _check_noise(x, noise, generator_state)
+    try:
+        clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
+                                guidance_scale, learned_variance)  # fmt: skip
+        generator_state = _check_noise(x, noise, generator_state)
+    except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
+        raise type(e)(f"sampler_step: {e}") from None
     x, model_output, coef, noise, generator_state = _ext.resolve_neg(
         x, model_output, coef, noise, generator_state
     )
@@ -558,16 +561,19 @@ def dpm_solver_2m_step(
         if r is not None:
             return r
     gen_in = generator_state
-    clip, g = _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale,
-                            False)  # fmt: skip
-    if x0_prev is not None:
-        _check_float("x0_prev", x0_prev)
-        _check_device("x0_prev", x0_prev, x)
-        if x0_prev.shape != x.shape:
-            raise ValueError(
-                f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
-            )
-    generator_state = _check_noise(x, noise, generator_state)
+    try:
+        clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
+                                guidance_scale, False)  # fmt: skip
+        if x0_prev is not None:
+            _check_float("x0_prev", x0_prev)
+            _check_device("x0_prev", x0_prev, x)
+            if x0_prev.shape != x.shape:
+                raise ValueError(
+                    f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
+                )
+        generator_state = _check_noise(x, noise, generator_state)
+    except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
+        raise type(e)(f"dpm_solver_2m_step: {e}") from None
     x, model_output, coef, x0_prev, noise, generator_state = _ext.resolve_neg(
         x, model_output, coef, x0_prev, noise, generator_state
     )
