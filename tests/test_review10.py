@@ -239,3 +239,23 @@ def test_compiled_function_follows_use_backend_per_call(op, monkeypatch):
     if "cuda" not in fastdiff.available_backends(op, "cpu"):
         with fastdiff.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda"):
             fn(x)
+
+
+# ----------------------------------------------------------------------- nn.GroupNormSiLU
+def test_group_norm_silu_module_materialises_from_meta_like_nn_group_norm():
+    """GroupNormSiLU is a drop-in for nn.GroupNorm, but had no reset_parameters: a model built
+    on the meta device and materialised with to_empty() + reset_parameters() (PyTorch's meta
+    init, e.g. FSDP's default param_init) kept uninitialised GroupNorm weights."""
+    from fastdiff.nn import GroupNormSiLU
+
+    with torch.device("meta"):
+        ours = GroupNormSiLU(4, 8, activation=None)
+        ref = torch.nn.GroupNorm(4, 8)
+    ours.to_empty(device="cpu")
+    ref.to_empty(device="cpu")
+    for m in (ours, ref):
+        torch.nn.init.constant_(m.weight, float("nan"))  # what to_empty may leave behind
+        m.reset_parameters()
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(ours(x), ref(x))
+    GroupNormSiLU(4, 8, affine=False).reset_parameters()  # no parameters: nothing to do

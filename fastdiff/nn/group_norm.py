@@ -52,6 +52,14 @@ class GroupNormSiLU(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    def reset_parameters(self) -> None:
+        """``weight = 1``, ``bias = 0``, as ``nn.GroupNorm.reset_parameters`` (meta-device init:
+        ``to_empty()`` then ``reset_parameters()``)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(
         self,
         x: Tensor,
