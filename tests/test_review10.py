@@ -259,3 +259,19 @@ def test_group_norm_silu_module_materialises_from_meta_like_nn_group_norm():
     x = torch.randn(2, 8, 3, 3)
     torch.testing.assert_close(ours(x), ref(x))
     GroupNormSiLU(4, 8, affine=False).reset_parameters()  # no parameters: nothing to do
+
+
+# ------------------------------------------------------------------------------ meta device
+@pytest.mark.parametrize("grad", [False, True])
+def test_ops_on_meta_tensors_give_meta_outputs(grad):
+    """Shape inference on the meta device (a model built under torch.device("meta")):
+    group_norm_silu returned a meta tensor, attention raised "unknown device type for autocast"
+    (torch.is_autocast_enabled("meta"))."""
+    from fastdiff.ops.attention import attention
+
+    q = torch.empty(1, 2, 5, 32, device="meta", requires_grad=grad)
+    out = attention(q, q, q)
+    assert out.device.type == "meta" and out.shape == q.shape
+    x = torch.empty(2, 4, 3, 3, device="meta", requires_grad=grad)
+    y = group_norm_silu(x, 2, torch.empty(4, device="meta"))
+    assert y.device.type == "meta" and y.shape == x.shape
