@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>  // before cuda_utils.cuh, which uses uintptr_t (nvcc 13 + g++ 13 need it)
+
 #include "fastdiff/cuda_utils.cuh"
 #include "fastdiff/philox.h"
 #include "fastdiff/sampler_math.h"
