@@ -275,3 +275,31 @@ def test_ops_on_meta_tensors_give_meta_outputs(grad):
     x = torch.empty(2, 4, 3, 3, device="meta", requires_grad=grad)
     y = group_norm_silu(x, 2, torch.empty(4, device="meta"))
     assert y.device.type == "meta" and y.shape == x.shape
+
+
+@pytest.mark.parametrize("how", ["forward_hook", "pre_hook", "instance_forward"])
+def test_hooks_added_after_optimize_still_run(how):
+    """The usual order in a pipeline is optimize() first, then hooks (accelerate's offload
+    replaces each leaf module's forward on the instance; feature extractors add forward hooks).
+    A fused ResnetBlock2D never calls its norm1 / norm2 / nonlinearity, so such hooks were
+    silently skipped: it must run diffusers' own forward while they are present."""
+    model = _rand_(UNet2DModel(**UNET2D))
+    ref_model = copy.deepcopy(model)
+    fastdiff.optimize(model, channels_last=False)
+    calls: list[int] = []
+    for m in (model, ref_model):
+        norm = m.down_blocks[1].resnets[0].norm2
+        if how == "forward_hook":
+            norm.register_forward_hook(lambda mod, i, o: (calls.append(1), o * 0.5)[1])
+        elif how == "pre_hook":
+            norm.register_forward_pre_hook(lambda mod, i: (calls.append(1), (i[0] * 0.5,))[1])
+        else:
+            plain = norm.forward
+            norm.forward = lambda x, plain=plain: (calls.append(1), plain(x) * 0.5)[1]
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        ref = ref_model(x, t).sample
+        n_ref = len(calls)
+        out = model(x, t).sample
+    assert len(calls) == 2 * n_ref > 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
