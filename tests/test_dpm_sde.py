@@ -346,6 +346,25 @@ def test_per_step_parity_with_diffusers(sched, spacing, pred, steps, opts):
     assert worst <= PARITY_RTOL
 
 
+@pytest.mark.parametrize("begin", [3, 7])
+def test_run_starting_mid_schedule_matches_diffusers_begin_index(begin):
+    """img2img-style: from i = begin (diffusers: set_begin_index) the first step is SDE first
+    order (with its noise term), then 2M SDE; the same noise replayed into diffusers."""
+    sch, cfg = _schedule("scaled_linear")
+    theirs = diffusers.DPMSolverMultistepScheduler(**cfg, algorithm_type=SDE)
+    theirs.set_timesteps(10)
+    theirs.set_begin_index(begin)
+    ours = DPMSolverPPSampler(sch, 10, algorithm_type=SDE)
+    g = torch.Generator().manual_seed(1)
+    x_ref = x = torch.randn(PARITY_SHAPE, generator=g)
+    for i in range(begin, 10):
+        mo, z = (torch.randn(PARITY_SHAPE, generator=g) for _ in range(2))
+        x_ref = theirs.step(mo, theirs.timesteps[i], x_ref, variance_noise=z).prev_sample
+        x = ours.step(mo, i, x, noise=z)
+        rel = ((x - x_ref).abs().max() / x_ref.abs().max()).item()
+        assert rel <= PARITY_RTOL, (i, rel)
+
+
 def test_step_generator_draws_what_diffusers_draws():
     """A generator given to our step and the same seed given to diffusers' step: same z, the
     same result, and the generators advance alike (the last step included)."""
