@@ -303,3 +303,18 @@ def test_hooks_added_after_optimize_still_run(how):
         out = model(x, t).sample
     assert len(calls) == 2 * n_ref > 0
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_silu_module_loads_a_bias_free_group_norm_state_dict():
+    """nn.GroupNorm(bias=False) (torch >= 2.1) has only a weight: GroupNormSiLU, documented to
+    load an nn.GroupNorm state dict, had no way to be built without a bias."""
+    from fastdiff.nn import GroupNormSiLU
+
+    gn = _rand_(torch.nn.GroupNorm(4, 8, bias=False), std=0.3)
+    ours = GroupNormSiLU(4, 8, activation=None, bias=False)
+    ours.load_state_dict(gn.state_dict())
+    assert ours.bias is None and list(ours.state_dict()) == ["weight"]
+    x = torch.randn(2, 8, 3, 3)
+    torch.testing.assert_close(ours(x), gn(x))
+    assert GroupNormSiLU.from_group_norm(gn).bias is None
+    assert "bias=False" in repr(ours)

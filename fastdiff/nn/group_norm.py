@@ -16,7 +16,8 @@ class GroupNormSiLU(nn.Module):
     """``act(GroupNorm(x + add) * (1 + scale) + shift)`` in one fused kernel.
 
     Parameters are named like ``nn.GroupNorm``'s (``weight``, ``bias``), so a GroupNorm's
-    ``state_dict`` loads directly. ``activation="silu"`` (default) or ``None`` (plain GroupNorm).
+    ``state_dict`` loads directly (``bias=False`` for an ``nn.GroupNorm(..., bias=False)``).
+    ``activation="silu"`` (default) or ``None`` (plain GroupNorm).
     """
 
     def __init__(
@@ -28,6 +29,8 @@ class GroupNormSiLU(nn.Module):
         activation: str | None = "silu",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         for name, v in (("num_groups", num_groups), ("num_channels", num_channels)):
@@ -47,7 +50,10 @@ class GroupNormSiLU(nn.Module):
         self.activation = activation
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
-            self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -92,6 +98,7 @@ class GroupNormSiLU(nn.Module):
             activation,
             device=w.device if w is not None else None,
             dtype=w.dtype if w is not None else None,
+            bias=gn.bias is not None,
         )
         if gn.affine:
             mod.weight = gn.weight
@@ -102,7 +109,8 @@ class GroupNormSiLU(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-            f"activation={self.activation!r}"
+            + ("bias=False, " if self.affine and self.bias is None else "")
+            + f"activation={self.activation!r}"
         )
 
 
