@@ -318,3 +318,34 @@ def test_group_norm_silu_module_loads_a_bias_free_group_norm_state_dict():
     torch.testing.assert_close(ours(x), gn(x))
     assert GroupNormSiLU.from_group_norm(gn).bias is None
     assert "bias=False" in repr(ours)
+
+
+def test_optimize_channels_last_on_a_model_with_5d_weights():
+    """optimize() on CPU converts the weights to channels_last by default; a model with 5-D
+    weights (UNet3DConditionModel's temporal Conv3d) raised "required rank 4 tensor to use
+    channels_last format" from model.to(), after patching it half-way. Only the 4-D tensors
+    take the 2-D layout."""
+    from diffusers import UNet3DConditionModel
+
+    model = UNet3DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        norm_num_groups=8,
+        cross_attention_dim=12,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    )
+    model = _rand_(model)
+    ref_model = copy.deepcopy(model)
+    fastdiff.optimize(model)
+    assert model.fastdiff_report.channels_last
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, c = torch.randn(1, 4, 2, 8, 8), torch.tensor([5]), torch.randn(1, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, t, c).sample, ref_model(x, t, c).sample, rtol=1e-4, atol=1e-4
+        )

@@ -490,9 +490,15 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     else:
         _optimize_diffusers(model, report)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        # the 4-D tensors only: model.to(memory_format=channels_last) raises on a 5-D weight
+        # (a Conv3d, e.g. UNet3DConditionModel's temporal convs)
+        model._apply(_channels_last_4d)
     model.fastdiff_report = report
     return model
+
+
+def _channels_last_4d(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
 def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
