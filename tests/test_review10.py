@@ -349,3 +349,16 @@ def test_optimize_channels_last_on_a_model_with_5d_weights():
         torch.testing.assert_close(
             model(x, t, c).sample, ref_model(x, t, c).sample, rtol=1e-4, atol=1e-4
         )
+
+
+def test_vmap_over_upsample_with_strided_slices():
+    """nn.Upsample (and optimize's FoldedUpsample2D) asked is_contiguous(memory_format=
+    channels_last) of its input to pick the folded path: not implemented inside vmap for a
+    non-contiguous per-sample view (in_dims=1)."""
+    from fastdiff.nn import Upsample
+
+    up = _rand_(Upsample(8), std=0.3)
+    x = torch.randn(2, 3, 8, 6, 6)
+    out = torch.vmap(up, in_dims=1)(x)
+    ref = torch.stack([up(x[:, i]) for i in range(3)])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdiff.nn._checks import check_nchw
+from fastdiff.ops.group_norm_silu import is_channels_last
 
 # Per axis, the 3 taps (w0, w1, w2) of a conv applied after 2x nearest upsampling, as the 4 taps
 # k = 0..3 of a stride-2 transposed conv with padding 1 (see fold_upsample_conv).
@@ -111,7 +112,7 @@ def fold_pays(x: Tensor) -> bool:
     """Whether the folded transposed conv beats nearest 2x + conv for ``x`` on CPU."""
     if x.dim() != 4:
         return False
-    cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    cl = is_channels_last(x)  # vmap-safe (is_contiguous(memory_format=) is NYI in vmap)
     return x.shape[0] * x.shape[2] * x.shape[3] >= FOLD_MIN_PIXELS[cl]
 
 
