@@ -362,3 +362,16 @@ def test_vmap_over_upsample_with_strided_slices():
     out = torch.vmap(up, in_dims=1)(x)
     ref = torch.stack([up(x[:, i]) for i in range(3)])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_channels_last_restrides_like_module_to():
+    """The 4-D-only conversion must restride exactly as model.to(memory_format=channels_last)
+    does, 1x1 conv weights included (whose NCHW strides already count as channels_last
+    contiguous, but make oneDNN return NCHW outputs)."""
+    model = UNet2DModel(**UNET2D)
+    ref = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    fastdiff.optimize(model, channels_last=True)
+    got = {n: p.stride() for n, p in model.named_parameters()}
+    want = {n: p.stride() for n, p in ref.named_parameters()}
+    assert got == want
+    assert any(p.shape[2:] == (1, 1) for p in model.parameters() if p.dim() == 4)

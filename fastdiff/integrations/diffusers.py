@@ -498,7 +498,7 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
 
 
 def _channels_last_4d(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    return t.to(memory_format=torch.channels_last) if t.dim() == 4 else t  # as model.to() does
 
 
 def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
