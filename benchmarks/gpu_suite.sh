@@ -63,7 +63,7 @@ if [ "${FORCE_BUILD:-0}" = 1 ] || ! has_cuda_build; then
     echo "  cmake/ninja: carry their wheels in .whl/; nvcc: put it on PATH or set CUDACXX)"
     exit 1
   fi
-  pip install -q --no-build-isolation --no-deps . 2>&1 | tail -20 || exit 1
+  python -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -20 || exit 1
   has_cuda_build || { echo "gpu_suite: the installed fastdiff._C has no CUDA kernels"; exit 1; }
 fi
 (cd /tmp && python -c "import fastdiff, json; print(json.dumps(fastdiff.build_info()['backends']))")
