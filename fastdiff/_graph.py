@@ -20,7 +20,7 @@ from torch import Tensor
 from fastdiff import _dispatch
 from fastdiff._conditioning import _prepare_output, _unwrap
 from fastdiff._loop import _philox_state, _progress, _timestep_rows, _trajectory
-from fastdiff.samplers import DPMSolverPPSampler, Sampler
+from fastdiff.samplers import Sampler
 from fastdiff.samplers.base import randn_like_with
 
 
@@ -95,7 +95,7 @@ class _StepGraph:
         self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor, gen_state: Tensor | None
     ) -> None:
         self.model, self.gs = model, gs
-        self.multistep = isinstance(smp, DPMSolverPPSampler)
+        self.multistep = smp.is_multistep
         self.x = x.clone()
         self.t = t_row.clone()
         self.coef = smp.coef_table(x.device)[0].clone()
@@ -122,12 +122,13 @@ class _StepGraph:
         x_in = torch.cat([self.x, self.x]) if gs is not None else self.x
         out = _prepare_output(_unwrap(self.model(x_in, self.t, **self.kwargs)), self.x, smp, gs,
                               self.model)  # fmt: skip
-        if self.multistep:
-            x_new, x0 = smp.step(out, 0, self.x, coef=self.coef, x0_prev=self.x0_prev,
-                                 guidance_scale=gs, return_x0=True)  # fmt: skip
+        skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
+        if self.multistep:  # DPM-Solver++, Heun: the x0 history rides in x0_prev
+            x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
+                                 x0_prev=self.x0_prev, guidance_scale=gs, return_x0=True,
+                                 **skw)  # fmt: skip
             self.x0_prev.copy_(x0)
         else:
-            skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
                                  guidance_scale=gs, return_x0=True, **skw)  # fmt: skip
         self.x.copy_(x_new)

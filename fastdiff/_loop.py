@@ -31,6 +31,7 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
     dev = x.device
     rows = 2 * n if gs is not None else n
     t_all = _timestep_rows(smp, rows, dev)  # [steps x B]
+    smp.coef_table(dev)  # the coefficient rows' one host -> device copy, before the loop
     ts_host = smp.timesteps.tolist()
     smp.reset()
     gen_state = _philox_state(smp, generator, dev)

@@ -154,7 +154,6 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     "dpm++": {
         **_SIGMAS_NEUTRAL,
         "solver_order": 2,
-        "algorithm_type": "dpmsolver++",
         "solver_type": "midpoint",
         "euler_at_final": False,
         "use_lu_lambdas": False,

@@ -210,6 +210,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
                 f"--karras: for --sampler dpm++, euler, euler_a or heun, got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
+    if a.sde:
+        if a.sampler != "dpm++":
+            raise CLIError(f"--sde: for --sampler dpm++, got --sampler {a.sampler}")
+        opts["algorithm_type"] = "sde-dpmsolver++"
     with _backend_ctx(a.backend), torch.no_grad():
         x = fastdiff.sample(
             model, steps=a.steps, sampler=a.sampler, batch_size=a.n, cond=labels,
@@ -485,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
         ' ("Heun Karras")'
     )
     s.add_argument("--karras", action="store_true", help=karras)
+    sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'
+    s.add_argument("--sde", action="store_true", help=sde)
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")

@@ -89,6 +89,26 @@ def test_sample_karras_steps_on_the_karras_grid(tmp_path, monkeypatch):
 
 
 @needs_weights
+def test_sample_sde_runs_dpm_solver_sde(tmp_path, monkeypatch):
+    """--sde reaches the dpm++ sampler as algorithm_type="sde-dpmsolver++", with --karras too."""
+    seen = []
+    real = fastdiff.sample
+
+    def spy(model, **kw):
+        seen.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(fastdiff, "sample", spy)
+    outs = [tmp_path / "s.png", tmp_path / "o.png"]
+    for out, extra in zip(outs, (["--sde", "--karras"], []), strict=True):
+        assert main(["sample", "--steps", "4", "--n", "2", "--sampler", "dpm++", "--quiet",
+                     "--out", str(out), *extra]) == 0  # fmt: skip
+    assert seen[0].get("algorithm_type") == "sde-dpmsolver++" and "algorithm_type" not in seen[1]
+    assert seen[0].get("use_karras_sigmas") is True
+    assert outs[0].read_bytes() != outs[1].read_bytes()
+
+
+@needs_weights
 def test_sample_same_seed_same_png(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     for p in (a, b):
@@ -175,13 +195,14 @@ BAD_SAMPLE = {
     "missing_model": ["--model", "does/not/exist.safetensors"],
     "bad_device": ["--device", "tpu"],
     "karras_without_dpm": ["--karras"],  # the default sampler is ddim
+    "sde_without_dpm": ["--sde", "--sampler", "euler"],
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLE))
 def test_sample_bad_input(case, tmp_path, capsys):
     needs_model = case in ("steps_too_many", "label_10", "label_neg", "guidance_without_label",
-                           "karras_without_dpm")  # fmt: skip
+                           "karras_without_dpm", "sde_without_dpm")  # fmt: skip
     if needs_model and not HAS_WEIGHTS:
         pytest.skip("needs the shipped model")
     out = tmp_path / "samples.png"

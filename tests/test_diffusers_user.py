@@ -44,7 +44,13 @@ def _diffusers_loop(unet, sched, steps: int, noise: torch.Tensor) -> torch.Tenso
 UNSUPPORTED = [
     ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
     ("dpm-solver++", DPMSolverMultistepScheduler, dict(solver_order=1), "solver_order"),
-    ("dpm++", DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm"),
+    pytest.param(
+        "dpm++",
+        DPMSolverMultistepScheduler,
+        dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+        "algorithm",
+        marks=pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
+    ),  # non-++ algorithms are deprecated in diffusers, still accepted there
     ("dpm++", DPMSolverMultistepScheduler, dict(solver_type="heun"), "solver_type"),
     ("euler", EulerDiscreteScheduler, dict(interpolation_type="log_linear"), "interpolation"),
     ("euler", EulerDiscreteScheduler, dict(timestep_type="continuous"), "timestep_type"),
