@@ -311,6 +311,9 @@ def test_benchmark_run_prints_ratio_and_bandwidth_per_case():
             "--benchmark-min-rounds=1",
         ],  # fmt: skip
         cwd=ROOT,
+        # under pytest-xdist (the GPU suite) this worker's PYTEST_XDIST_WORKER would make
+        # pytest-benchmark disable itself in the child, and --benchmark-only then refuse to run
+        env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
         capture_output=True,
         text=True,
         timeout=300,
