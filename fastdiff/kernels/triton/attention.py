@@ -264,11 +264,36 @@ def _launch_tuned(common: tuple, B: int, H: int, Lq: int, Lk: int, D: int, d0: i
     )
 
 
+# Devices on which fp16/bf16 head dims with masked lanes (D = 40: 32 + 16, 8 lanes masked) run
+# zero-padded to the exact split (48 = 32 + 16) instead. The H100 GPU suite (triton 3.6,
+# 2026-11-24) hit an illegal memory access while autotuning fp16 D=40, Lq=5, Lk=257 (configs
+# with BLOCK_N >= 64); fp32 D=40 and fp16 D=80 (exact 64 + 16) passed, so the masked-lane loads
+# are the suspect. Zero columns change no logit; the padded output columns are dropped.
+_PAD_MASKED_HEAD_DIM_ON: tuple[str, ...] = ("cuda",)
+
+
+def _padded_head_dim(q: torch.Tensor, d0: int, d1: int) -> int:
+    """D0 + D1 when q's head dim should be zero-padded to it, else 0."""
+    D = q.shape[-1]
+    pad = d0 + d1 > D and q.dtype != torch.float32
+    return d0 + d1 if pad and q.device.type in _PAD_MASKED_HEAD_DIM_ON else 0
+
+
+def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
+    out = t.new_zeros((*t.shape[:-1], width))
+    out[..., : t.shape[-1]] = t
+    return out
+
+
 def attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Launch the flash forward. q [B x H x Lq x D], k/v [B x H x Lk x D] (any strides) ->
     contiguous [B x H x Lq x D] in q's dtype. Callers validate shapes/dtypes."""
+    padded = _padded_head_dim(q, *_split_head_dim(q.shape[-1]))
+    if padded:  # [B x H x L x D] -> [B x H x L x padded], zeros beyond D
+        out = attention_forward(*(_pad_last(t, padded) for t in (q, k, v)), scale)
+        return out[..., : q.shape[-1]].contiguous()
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
