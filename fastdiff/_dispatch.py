@@ -138,8 +138,13 @@ def forward_ad_backend(op: str, backend: str, *tensors: torch.Tensor | None) -> 
 def requested_backend(op: str) -> str | None:
     """The explicitly requested backend for ``op``, or None for the automatic choice.
 
-    Under ``torch.compile`` this is evaluated once at trace time (dynamo cannot trace the
-    ContextVar): the backend in force when a function is compiled is baked into its graph.
+    Under ``torch.compile`` a call traced by dynamo is evaluated once, at trace time (dynamo
+    cannot trace the ContextVar), and its value is a constant of the graph. The ops do not pick
+    their backend that way: in a compiled function each op gets an ``"auto"`` backend argument
+    and resolves it when it runs (its body is opaque to dynamo), so ``use_backend`` /
+    ``set_backend`` apply per call. What a trace-time call still fixes is a Python-level choice
+    made around an op, e.g. where ``fastdiff.nn.Attention`` sends float64 inputs, or whether
+    ``FastAttnProcessor`` raises for inputs that only SDPA runs.
     """
     ctx = _ctx_override.get()
     if ctx:

@@ -230,7 +230,8 @@ def _weights_channels_last(model: torch.nn.Module) -> bool:
 
 
 def _model_to_channels_last(model: torch.nn.Module) -> None:
-    """``model.to(memory_format=torch.channels_last)`` unless its 4-D weights already are.
+    """:func:`channels_last_4d` (``model.to(memory_format=torch.channels_last)`` for the 4-D
+    tensors) unless its 4-D weights already are channels_last.
 
     ``.to`` restrides every 4-D tensor, also those whose layout is ambiguous (1x1 convs,
     1-input-channel convs), which ``.contiguous(memory_format=...)`` would leave as they are:
@@ -238,4 +239,16 @@ def _model_to_channels_last(model: torch.nn.Module) -> None:
     channels_last op copies it (5 activation copies per digits forward, 15-20% of a step)."""
     fmt = torch.channels_last
     if any(p.ndim == 4 and not p.is_contiguous(memory_format=fmt) for p in model.parameters()):
-        model.to(memory_format=fmt)
+        channels_last_4d(model)
+
+
+def channels_last_4d(model: torch.nn.Module) -> None:
+    """Convert ``model``'s 4-D parameters and buffers to ``torch.channels_last`` in place,
+    restriding each as ``model.to(memory_format=torch.channels_last)`` does (``t.to``); the
+    other ranks stay as they are, where ``model.to`` raises "required rank 4 tensor to use
+    channels_last format" on a 5-D one (a Conv3d, e.g. UNet3DConditionModel's temporal convs)."""
+    model._apply(_channels_last_4d)
+
+
+def _channels_last_4d(t: Tensor) -> Tensor:
+    return t.to(memory_format=torch.channels_last) if t.dim() == 4 else t

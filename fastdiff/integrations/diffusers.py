@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from fastdiff._prepare import channels_last_4d
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
 from fastdiff.nn.sampling import fold_pays, foldable_conv, has_hooks, upsample_conv
@@ -492,13 +493,9 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     if channels_last:
         # the 4-D tensors only: model.to(memory_format=channels_last) raises on a 5-D weight
         # (a Conv3d, e.g. UNet3DConditionModel's temporal convs)
-        model._apply(_channels_last_4d)
+        channels_last_4d(model)
     model.fastdiff_report = report
     return model
-
-
-def _channels_last_4d(t: torch.Tensor) -> torch.Tensor:
-    return t.to(memory_format=torch.channels_last) if t.dim() == 4 else t  # as model.to() does
 
 
 def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:

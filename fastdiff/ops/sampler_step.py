@@ -41,6 +41,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["PREDICTION_TYPES", "dpm_solver_2m_step", "sampler_step"]
 
+# The backend argument of the ops under torch.compile: resolved when the op runs (its body is
+# opaque to dynamo), so use_backend / set_backend apply to every call of a compiled function,
+# not only to the one that traced it, and a requested backend that cannot run raises then.
+_AUTO = "auto"
+
 
 # ----------------------------------------------------------------------------------------------
 # torch reference backend (fp32 math)
@@ -152,6 +157,10 @@ def _sampler_step_op(
     learned_variance: bool,
     return_x0: bool,
 ) -> tuple[Tensor, Tensor]:
+    if backend == _AUTO:
+        backend = _dispatch.resolve("sampler_step", x.device, _unsupported(x))
+        backend = _dispatch.forward_ad_backend("sampler_step", backend, x, model_output, coef,
+                                               noise)  # fmt: skip
     return _sampler_step_impl(
         x, model_output, coef, noise, generator_state, backend, prediction_type, clip_range,
         recompute_eps, guidance_scale, learned_variance, return_x0,
@@ -191,6 +200,10 @@ def _dpm_2m_op(
     clip_range: float | None,
     guidance_scale: float | None,
 ) -> tuple[Tensor, Tensor]:
+    if backend == _AUTO:
+        backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x))
+        backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output,
+                                               coef, x0_prev, noise)  # fmt: skip
     return _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
                         prediction_type, clip_range, guidance_scale)  # fmt: skip
 
@@ -494,6 +507,12 @@ def sampler_step(
         x, model_output, coef, noise, generator_state
     )
     plain = _plain_eager(x, model_output, coef, noise, generator_state)
+    if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
+        x_prev, x0 = _sampler_step_op(
+            x, model_output, coef, noise, generator_state, _AUTO, PREDICTION_TYPES[prediction_type],
+            clip, bool(recompute_eps), g, bool(learned_variance), bool(return_x0),
+        )  # fmt: skip
+        return (x_prev, x0) if return_x0 else x_prev
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("sampler_step", x.device, _unsupported(x))
     backend = _dispatch.forward_ad_backend("sampler_step", backend, x, model_output, coef, noise)
@@ -578,6 +597,9 @@ def dpm_solver_2m_step(
         x, model_output, coef, x0_prev, noise, generator_state
     )
     plain = _plain_eager(x, model_output, coef, x0_prev, noise, generator_state)
+    if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
+        return _dpm_2m_op(x, model_output, coef, x0_prev, noise, generator_state, _AUTO,
+                          PREDICTION_TYPES[prediction_type], clip, g)  # fmt: skip
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
     backend = resolve("dpm_solver_2m_step", x.device, _unsupported(x))
     backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output, coef,
