@@ -299,7 +299,7 @@ def test_gn_operands_in_their_dtype_and_row_strides(emu, dtype, hw):
     p = {"weight": torch.randn(c).to(dtype), "bias": torch.randn(c).to(dtype), "add": add,
          "scale": scale, "shift": shift}  # fmt: skip
     assert scale.stride(0) == 2 * c and p["add"].stride(0) == 0
-    with torch.profiler.profile() as prof:
+    with torch.profiler.profile(acc_events=True) as prof:  # (torch 2.11 warns without it)
         out = t_gn._run("cuda", x, 8, p)
     assert not {e.name for e in prof.events()} & _COPIES
     t_gn._check(out, x, 8, p, name=f"{dtype} operands")
