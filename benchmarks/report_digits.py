@@ -27,6 +27,7 @@ from fastdiff.cli import sampler_options  # noqa: E402
 from fastdiff.models.pretrained import load_model_file, load_pretrained  # noqa: E402
 
 KARRAS = "dpm++ karras"  # DPM-Solver++ on the Karras sigma grid ("DPM++ 2M Karras")
+SDE_KARRAS = "dpm++ sde karras"  # its SDE variant on the same grid ("DPM++ 2M SDE Karras")
 CONFIGS = [  # (sampler, steps, guidance scale; None = plain conditional)
     ("ddim", 50, None),
     ("ddim", 50, 2.0),
@@ -38,6 +39,10 @@ CONFIGS = [  # (sampler, steps, guidance scale; None = plain conditional)
     (KARRAS, 10, 2.0),
     ("euler_a", 30, None),
     ("euler_a", 30, 2.0),
+    ("heun", 15, None),  # 29 model calls
+    ("heun", 15, 2.0),
+    (SDE_KARRAS, 20, None),
+    (SDE_KARRAS, 20, 2.0),
     ("ddpm", 100, None),
 ]
 QUICK = [c for c in CONFIGS if c[0] in ("ddim", "dpm++") and c != ("ddim", 50, 3.0)]
@@ -47,6 +52,9 @@ def _sample(model, sampler, steps, n, guidance, cond=True, seed=0, device="cpu",
     opts = sampler_options(sampler, guidance)
     if sampler == KARRAS:
         sampler, opts = "dpm++", {**opts, "use_karras_sigmas": True}
+    elif sampler == SDE_KARRAS:
+        sde = {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}
+        sampler, opts = "dpm++", {**opts, **sde}
     outs = []
     for start in range(0, n, bs):
         m = min(bs, n - start)
