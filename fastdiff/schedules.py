@@ -14,6 +14,7 @@ coefficient tables once.
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -58,6 +59,29 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     ab = sqrt_ab**2
     alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
     return 1.0 - alphas
+
+
+_SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+
+
+def _class_defaults(class_name: object) -> dict[str, Any]:
+    """The schedule defaults of the diffusers scheduler class ``class_name`` ({} when unknown or
+    diffusers is not installed): a saved config may omit keys left at their defaults."""
+    if not isinstance(class_name, str) or not class_name.isidentifier():
+        return {}
+    try:
+        import diffusers
+    except ImportError:
+        return {}
+    cls = getattr(diffusers, class_name, None)
+    if not isinstance(cls, type):
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        k: params[k].default
+        for k in _SCHEDULE_KEYS
+        if k in params and params[k].default is not inspect.Parameter.empty
+    }
 
 
 class NoiseSchedule:
@@ -167,7 +191,9 @@ class NoiseSchedule:
         """Build the schedule of a diffusers scheduler (or its ``config`` dict).
 
         Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
-        ``trained_betas`` and ``rescale_betas_zero_snr``.
+        ``trained_betas`` and ``rescale_betas_zero_snr``. A key missing from a config dict takes
+        the default of the scheduler class its ``_class_name`` names (e.g. HeunDiscreteScheduler:
+        beta_start 0.00085), else DDPM's (1e-4 .. 0.02 over 1000 steps).
         """
         cfg = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(cfg, Mapping):
@@ -187,6 +213,7 @@ class NoiseSchedule:
                     f"scheduler_or_config: {name} sets {key}={cfg[key]}, which changes its noise "
                     "levels beyond the betas; fastdiff's NoiseSchedule does not model it"
                 )
+        cfg = {**_class_defaults(cfg.get("_class_name")), **cfg}
         trained = cfg.get("trained_betas")
         kind = cfg.get("beta_schedule", "linear")
         if trained is None and kind not in BETA_SCHEDULES:

@@ -54,6 +54,24 @@ def test_trained_betas_from_diffusers():
     torch.testing.assert_close(ours.betas, betas)
 
 
+@pytest.mark.parametrize(
+    "cls",
+    ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "EulerDiscreteScheduler", "DDPMScheduler"],
+)
+def test_config_dict_missing_keys_take_its_scheduler_class_defaults(cls):
+    """A hand-written or trimmed config dict ({"_class_name": ..., "beta_schedule": "linear"})
+    gets the named class's beta_start/beta_end (Heun, KDPM2: 0.00085..0.012; DDPM, Euler:
+    1e-4..0.02), as diffusers' from_config would; an unknown class keeps DDPM's."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = getattr(diffusers, cls)(beta_schedule="linear").betas.double()
+    got = NoiseSchedule.from_diffusers({"_class_name": cls, "beta_schedule": "linear"}).betas
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-9)
+    plain = NoiseSchedule.from_diffusers(
+        {"_class_name": "NoSuchScheduler", "beta_schedule": "linear"}
+    )
+    torch.testing.assert_close(plain.betas.double(), NoiseSchedule("linear").betas.double())
+
+
 def test_cosine_definition():
     """Improved DDPM eq. 17: alpha_bar(t) = f(t)/f(0) wherever the 0.999 cap is not hit."""
     s = NoiseSchedule("cosine")
