@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import DEVICES
 from torch import nn
 
 import fastdiff
@@ -16,18 +17,18 @@ from fastdiff.ops import sampler_step as smod
 _OPS = ["sampler_step", "dpm_solver_2m_step"]
 
 
-def _coef() -> torch.Tensor:
+def _coef(device: str = "cpu") -> torch.Tensor:
     ab, ab_prev = 0.5, 0.7
     var = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
     vals = [math.sqrt(ab), math.sqrt(1 - ab), math.sqrt(ab_prev),
             math.sqrt(1 - ab_prev - var), 0.1, math.sqrt(var), 0.0, 0.0]  # fmt: skip
-    return torch.tensor(vals, dtype=torch.float64).float()
+    return torch.tensor(vals, dtype=torch.float64).float().to(device)
 
 
 def _compiled(op: str, coef: torch.Tensor):
     """A fullgraph-compiled function calling ``op`` (clipping, and Philox noise for the
     sampler step, so the kernels' extra paths are part of the graph)."""
-    gs = torch.tensor([7, 0])
+    gs = torch.tensor([7, 0], device=coef.device)
     if op == "sampler_step":
 
         def fn(x, mo, prev):
@@ -55,22 +56,23 @@ def _spy(monkeypatch, op: str) -> list[str]:
     return ran
 
 
-def _inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     shape = (2, 3, 5, 3)  # odd sizes
-    return torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    return tuple(torch.randn(shape, device=device) for _ in range(3))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", _OPS)
-def test_compiled_sampler_op_follows_use_backend_per_call(op, monkeypatch):
+def test_compiled_sampler_op_follows_use_backend_per_call(op, device, monkeypatch):
     """A function compiled once must run the backend in force at each call, not the one of its
     first trace (README: use_backend wins; there is no silent fallback)."""
     ran = _spy(monkeypatch, op)
-    fn = _compiled(op, _coef())
-    x, mo, prev = _inputs()
-    auto = fastdiff._dispatch.resolve(op, torch.device("cpu"))
+    fn = _compiled(op, _coef(device))
+    x, mo, prev = _inputs(device)
+    auto = fastdiff._dispatch.resolve(op, torch.device(device))
     ref = fn(x, mo, prev)
     assert ran == [auto]
-    others = [b for b in fastdiff.available_backends(op, "cpu") if b != auto]
+    others = [b for b in fastdiff.available_backends(op, device) if b != auto]
     assert "torch" in others or auto == "torch"
     for b in others:
         ran.clear()
@@ -103,14 +105,14 @@ def test_compiled_sampler_op_follows_set_backend_and_op_scoped_requests(op, monk
     assert ran == [auto, other, auto]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", _OPS)
-def test_compiled_sampler_op_raises_for_an_unavailable_requested_backend(op):
-    fn = _compiled(op, _coef())
-    x, mo, prev = _inputs()
+def test_compiled_sampler_op_raises_for_an_unavailable_requested_backend(op, device):
+    fn = _compiled(op, _coef(device))
+    x, mo, prev = _inputs(device)
     fn(x, mo, prev)  # traced with the automatic choice
-    if "cuda" in fastdiff.available_backends(op, "cpu"):
-        pytest.skip("cuda runs on CPU tensors here")
-    with fastdiff.use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' was requested"):
+    other = "cuda" if device == "cpu" else "cpu"  # a backend for the other device's tensors
+    with fastdiff.use_backend(other), pytest.raises(RuntimeError, match=f"'{other}' was requested"):
         fn(x, mo, prev)
     with fastdiff.use_backend("sdpa"), pytest.raises(RuntimeError, match="'sdpa' was requested"):
         fn(x, mo, prev)
