@@ -67,6 +67,15 @@ def transforms_active() -> bool:
     return torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0
 
 
+def autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False for a device type autocast does not
+    know (``meta``: shape inference), for which it raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def resolve_neg(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """``ts`` with every lazily negated view materialised. A real tensor can carry PyTorch's
     negative bit (``z.conj().imag`` of a complex ``z``): its memory holds -values, and the

@@ -70,8 +70,17 @@ def test_sample_samplers_labels_guidance(tmp_path, capsys, sampler):
 
 
 @needs_weights
-def test_sample_karras_steps_on_the_karras_grid(tmp_path, monkeypatch):
-    """--karras reaches the dpm++ sampler: its timesteps are the Karras grid's, not linspace's."""
+@pytest.mark.parametrize(
+    "flags,options",
+    [
+        (["--karras"], {"use_karras_sigmas": True}),
+        (["--sde", "--karras"], {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+    ],
+    ids=["karras", "sde-karras"],
+)
+def test_sample_flags_reach_the_dpm_sampler(flags, options, tmp_path, monkeypatch):
+    """--karras / --sde reach the dpm++ sampler as its options (Karras grid, SDE variant); the
+    images differ from a plain dpm++ run with the same seed."""
     seen = []
     real = fastdiff.sample
 
@@ -81,30 +90,11 @@ def test_sample_karras_steps_on_the_karras_grid(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fastdiff, "sample", spy)
     outs = [tmp_path / "k.png", tmp_path / "l.png"]
-    for out, extra in zip(outs, (["--karras"], []), strict=True):
+    for out, extra in zip(outs, (flags, []), strict=True):
         assert main(["sample", "--steps", "4", "--n", "2", "--sampler", "dpm++", "--quiet",
                      "--out", str(out), *extra]) == 0  # fmt: skip
-    assert seen[0].get("use_karras_sigmas") is True and "use_karras_sigmas" not in seen[1]
-    assert outs[0].read_bytes() != outs[1].read_bytes()
-
-
-@needs_weights
-def test_sample_sde_runs_dpm_solver_sde(tmp_path, monkeypatch):
-    """--sde reaches the dpm++ sampler as algorithm_type="sde-dpmsolver++", with --karras too."""
-    seen = []
-    real = fastdiff.sample
-
-    def spy(model, **kw):
-        seen.append(kw)
-        return real(model, **kw)
-
-    monkeypatch.setattr(fastdiff, "sample", spy)
-    outs = [tmp_path / "s.png", tmp_path / "o.png"]
-    for out, extra in zip(outs, (["--sde", "--karras"], []), strict=True):
-        assert main(["sample", "--steps", "4", "--n", "2", "--sampler", "dpm++", "--quiet",
-                     "--out", str(out), *extra]) == 0  # fmt: skip
-    assert seen[0].get("algorithm_type") == "sde-dpmsolver++" and "algorithm_type" not in seen[1]
-    assert seen[0].get("use_karras_sigmas") is True
+    assert {k: seen[0].get(k) for k in options} == options
+    assert not set(options) & set(seen[1])
     assert outs[0].read_bytes() != outs[1].read_bytes()
 
 

@@ -155,15 +155,6 @@ def attention_reference(
     return out.to(q.dtype).contiguous()
 
 
-def _autocast_on(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``; False for a device type autocast does not
-    know (``meta``: shape inference), for which it raises."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     return out.contiguous()
@@ -198,7 +189,7 @@ def _cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str):
     if backend == _AUTO:
         backend = _dispatch.resolve("attention", q.device, unsupported=_unsupported(q))
-    if _autocast_on(q.device.type):
+    if _ext.autocast_on(q.device.type):
         # The op's contract (q's dtype, fp32 statistics) holds under autocast too: SDPA would
         # return bf16 for fp32 inputs and the reference's matmuls would run in bf16.
         with torch.autocast(q.device.type, enabled=False):
@@ -298,7 +289,7 @@ def attention(
         # Training with the automatic choice: SDPA's own O(L)-memory backward (the op's backward
         # materialises P). An explicitly requested backend keeps the custom op. Under autocast
         # too the result is in q's dtype (as the inference path gives), so autocast is off here.
-        if _autocast_on(q.device.type):
+        if _ext.autocast_on(q.device.type):
             with torch.autocast(q.device.type, enabled=False):
                 return _sdpa(q, k, v, s)
         return _sdpa(q, k, v, s)

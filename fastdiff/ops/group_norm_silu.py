@@ -523,7 +523,7 @@ def group_norm_silu(
     backend = _dispatch.forward_ad_backend(_OP, backend, x, weight, bias, add, scale, shift)
     if _needs_op(x, weight, bias, add, scale, shift):
         if _native_training(x, weight, bias, add, scale, shift):
-            if _autocast_on(x.device.type):  # CUDA autocast: F.group_norm in fp32
+            if _ext.autocast_on(x.device.type):  # CUDA autocast: F.group_norm in fp32
                 with torch.autocast(x.device.type, enabled=False):
                     return _native_autograd(x, *args)
             return _native_autograd(x, *args)
@@ -531,15 +531,6 @@ def group_norm_silu(
     # Eager inference: nothing to record for autograd and no tracing, so skip the dispatcher
     # round trip of the custom op (tens of microseconds, the size of a small GPU kernel).
     return _forward_impl(x, *args, backend)
-
-
-def _autocast_on(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``; False for a device type autocast does not
-    know (``meta``: shape inference), for which it raises."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 def _native_training(*tensors: Tensor | None) -> bool:

@@ -295,6 +295,14 @@ def _check_device(name: str, t: Tensor, x: Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must match")
 
 
+def _check_like_x(name: str, t: Tensor, x: Tensor) -> None:
+    """A per-element operand (noise, x0_prev): a float tensor on x's device with x's shape."""
+    _check_float(name, t)
+    _check_device(name, t, x)
+    if t.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
 def _check_common(x, model_output, coef, prediction_type, clip_range, guidance_scale, lv):
     _check_float("x", x)
     _check_float("model_output", model_output)
@@ -357,12 +365,7 @@ def _check_noise(x: Tensor, noise: Tensor | None, generator_state: Tensor | None
     if noise is not None and generator_state is not None:
         raise ValueError("pass at most one of noise and generator_state, got both")
     if noise is not None:
-        _check_float("noise", noise)
-        _check_device("noise", noise, x)
-        if noise.shape != x.shape:
-            raise ValueError(
-                f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}"
-            )
+        _check_like_x("noise", noise, x)
     if generator_state is not None:
         if not isinstance(generator_state, Tensor) or generator_state.dtype != torch.int64:
             got = getattr(generator_state, "dtype", type(generator_state).__name__)
@@ -584,12 +587,7 @@ def dpm_solver_2m_step(
         clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
                                 guidance_scale, False)  # fmt: skip
         if x0_prev is not None:
-            _check_float("x0_prev", x0_prev)
-            _check_device("x0_prev", x0_prev, x)
-            if x0_prev.shape != x.shape:
-                raise ValueError(
-                    f"x0_prev must have x's shape {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
-                )
+            _check_like_x("x0_prev", x0_prev, x)
         generator_state = _check_noise(x, noise, generator_state)
     except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
         raise type(e)(f"dpm_solver_2m_step: {e}") from None
