@@ -14,6 +14,7 @@ from fastdiff.samplers.base import (
     _ops,
     advance_generator_state,
     check_thresholding,
+    randn_like_with,
     threshold_x0,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
@@ -264,6 +265,13 @@ class DPMSolverPPSampler(Sampler):
         self._first64 = first_rows
         self._first_tables: dict[torch.device, Tensor] = {}
         return rows
+
+    def _draw_noise(
+        self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+    ) -> Tensor:
+        # as diffusers' SDE step: z is drawn in float32 whatever x's dtype (torch's fp16/bf16
+        # randn gives other values and advances a generator differently); the op reads fp32 z
+        return randn_like_with(torch.empty_like(x, dtype=torch.float32), generator)
 
     def _needs_noise_row(self, i: int) -> bool:
         # the SDE variant: diffusers draws noise on every step, the last included (c_noise = 0
