@@ -7,9 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import backend_cases
-from test_dpm_sde import _schedule
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA backend)
+from test_dpm_sde import _coef, _schedule
 
 import fastdiff
+from fastdiff.ops._philox import philox_randn
+from fastdiff.ops.sampler_step import dpm_solver_2m_step
 from fastdiff.samplers import DPMSolverPPSampler
 
 diffusers = pytest.importorskip("diffusers")
@@ -74,3 +77,50 @@ def test_sde_sample_fp16_with_a_generator_is_diffusers_fp16_loop():
     )
     assert got.dtype == torch.float16
     assert _rel(got, x) <= 8 * torch.finfo(torch.float16).eps
+
+
+# (seed, offset) pairs whose counters cross 2^32 (carry into the high counter word) and 2^63 /
+# 2^64 (int64 wrap: the offset is a uint64 counter), and seeds with the sign bit set
+EDGE_STATES = [
+    (1, 2**32 - 10),
+    (2**32 - 1, 5),
+    (-1, 3),
+    (2**63 - 1, 2**63 - 20),
+    (5, 2**63 - 1),
+    (5, -30),
+    (-(2**63), -(2**62) - 3),
+]
+
+
+def _edge_outputs(backends):
+    coef = _coef("cpu")
+    shape = (1, 3, 5, 7)  # 105 values: a scalar tail of the 4-lane Philox output
+    g = torch.Generator().manual_seed(2)
+    x, mo, prev = (torch.randn(shape, generator=g) for _ in range(3))
+    xs = {"nchw": x, "channels_last": x.to(memory_format=torch.channels_last)}
+    for seed, off in EDGE_STATES:
+        gs = torch.tensor([seed, off], dtype=torch.int64)
+        with fastdiff.use_backend("torch"):
+            ref, _ = dpm_solver_2m_step(x, mo, coef, prev, noise=philox_randn(gs, shape))
+        for backend in backends:
+            for name, xl in xs.items():
+                with fastdiff.use_backend(backend, "dpm_solver_2m_step"):
+                    out, _ = dpm_solver_2m_step(xl, mo, coef, prev, generator_state=gs)
+                assert gs.tolist() == [seed, off]  # the op does not advance it
+                yield (backend, name, seed, off), out, ref
+
+
+def test_philox_stream_at_counter_edges_is_the_same_on_every_backend():
+    """The in-kernel SDE noise at offsets near 2^32 / 2^63 / 2^64 and negative int64 seeds is
+    the torch reference's philox_randn on torch, cpu and triton (interpreter: int overflow
+    raises there), NCHW and channels_last x."""
+    backends = sorted({b for d, b in CASES if d == "cpu"})
+    for key, out, ref in _edge_outputs(backends):
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-6, msg=str(key))
+
+
+@pytest.mark.usefixtures("emu")
+def test_philox_stream_at_counter_edges_on_emulated_cuda():
+    """As above, the csrc CUDA kernel under the emulator (UBSan: no signed overflow)."""
+    for key, out, ref in _edge_outputs(["cuda"]):
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-6, msg=str(key))
