@@ -124,3 +124,31 @@ def test_philox_stream_at_counter_edges_on_emulated_cuda():
     """As above, the csrc CUDA kernel under the emulator (UBSan: no signed overflow)."""
     for key, out, ref in _edge_outputs(["cuda"]):
         torch.testing.assert_close(out, ref, rtol=0, atol=2e-6, msg=str(key))
+
+
+@pytest.mark.parametrize("algo", ["dpmsolver++", SDE])
+@torch.no_grad()
+def test_cuda_graph_is_not_replayed_with_another_thresholding_setting(
+    algo, fake_cuda_graphs, monkeypatch
+):
+    """Dynamic thresholding's ratio and max value are Python floats baked into a captured step
+    (a real CUDA graph replays its kernels' arguments; the fake graph re-runs the Python body,
+    so the graph cache itself is what the test checks): a cuda_graph run with other values
+    must capture its own graph, not replay the first run's."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+
+    def run(graphed, smv, ratio):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(ODD, generator=torch.Generator().manual_seed(4)) * 3
+        return fastdiff.sample(_net, steps=5, sampler="dpm++", algorithm_type=algo, noise=z,
+                               thresholding=True, sample_max_value=smv,
+                               dynamic_thresholding_ratio=ratio,
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+
+    for smv, ratio in [(1.5, 0.995), (3.0, 0.995), (3.0, 0.6)]:
+        eager, graphed = run(False, smv, ratio), run(True, smv, ratio)
+        torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6, msg=f"{smv}, {ratio}")
+    assert len(fake_cuda_graphs) == 3  # one capture per thresholding setting
+    assert run(True, 1.5, 0.995) is not None and len(fake_cuda_graphs) == 3  # a cache hit

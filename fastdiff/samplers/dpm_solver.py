@@ -285,6 +285,9 @@ class DPMSolverPPSampler(Sampler):
             "clip": self.clip_sample,
             "clip_range": self.clip_sample_range,
             "thresholding": self.thresholding,
+            # Python floats a captured CUDA graph bakes into its threshold kernels
+            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
+            "sample_max_value": self.sample_max_value if self.thresholding else None,
         }
 
     def reset(self) -> None:
