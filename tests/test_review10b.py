@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backend_cases
+from helpers import backend_cases, case_id
 from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA backend)
 from test_dpm_sde import _coef, _schedule
 
@@ -152,3 +152,49 @@ def test_cuda_graph_is_not_replayed_with_another_thresholding_setting(
         torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6, msg=f"{smv}, {ratio}")
     assert len(fake_cuda_graphs) == 3  # one capture per thresholding setting
     assert run(True, 1.5, 0.995) is not None and len(fake_cuda_graphs) == 3  # a cache hit
+
+
+def _noise_layout_outputs(backend):
+    """(name, out, ref): the SDE step with noise that aliases x or x0_prev, is a broadcast
+    (stride-0) or transposed view, or is float32 under a half-precision x; ref is the torch
+    backend on contiguous copies."""
+    coef = _coef("cpu")
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g)
+
+    shape = (2, 3, 5, 7)
+    x, mo, prev = rnd(*shape), rnd(*shape), rnd(*shape)
+    cases = {
+        "noise_is_x": (x, x, prev),
+        "noise_is_x0_prev": (x, prev, prev),
+        "broadcast_batch": (x, rnd(1, 3, 5, 7).expand(shape), prev),
+        "broadcast_scalar": (x, torch.tensor(0.7).expand(shape), prev),
+        "transposed": (x, rnd(2, 3, 7, 5).transpose(2, 3), prev),
+        "x_channels_last": (x.to(memory_format=torch.channels_last), rnd(*shape), prev),
+        "fp16_x_fp32_noise": (x.half(), rnd(*shape), prev.half()),
+    }
+    for name, (xx, z, pp) in cases.items():
+        m = mo.to(xx.dtype)
+        with fastdiff.use_backend("torch"):
+            ref, _ = dpm_solver_2m_step(
+                xx.contiguous(), m, coef, pp.contiguous(), noise=z.contiguous().clone()
+            )
+        with fastdiff.use_backend(backend, "dpm_solver_2m_step"):
+            out, _ = dpm_solver_2m_step(xx, m, coef, pp, noise=z)
+        yield name, out, ref
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "cpu"], ids=case_id)
+def test_sde_noise_views_and_aliases(case):
+    for name, out, ref in _noise_layout_outputs(case[1]):
+        tol = 2e-6 if out.dtype == torch.float32 else 4e-3
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol, msg=name)
+
+
+@pytest.mark.usefixtures("emu")
+def test_sde_noise_views_and_aliases_on_emulated_cuda():
+    for name, out, ref in _noise_layout_outputs("cuda"):
+        tol = 2e-6 if out.dtype == torch.float32 else 4e-3
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol, msg=name)
