@@ -198,3 +198,30 @@ def test_sde_noise_views_and_aliases_on_emulated_cuda():
     for name, out, ref in _noise_layout_outputs("cuda"):
         tol = 2e-6 if out.dtype == torch.float32 else 4e-3
         torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("algo", ["dpmsolver++", SDE])
+def test_dpm_step_with_explicit_no_history_is_the_first_order_step(algo):
+    """step(..., x0_prev=None) says "no previous x0": the step is first order, as a sampler
+    without history takes it (diffusers' set_begin_index start), not the 2M row with its c_prev
+    term dropped (which is neither method)."""
+    sch, _ = _schedule("scaled_linear")
+    g = torch.Generator().manual_seed(2)
+    x, mo, z = (torch.randn(ODD, generator=g) for _ in range(3))
+    for i in (2, 4):
+        want = DPMSolverPPSampler(sch, 8, algorithm_type=algo).step(mo, i, x, noise=z)
+        got = DPMSolverPPSampler(sch, 8, algorithm_type=algo).step(mo, i, x, noise=z, x0_prev=None)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_heun_correction_with_explicit_no_history_is_refused():
+    """A Heun correction (odd call) needs the Euler stage's x0: x0_prev=None (and no coef) is a
+    ValueError naming x0_prev, not the correction row with its c_prev term silently dropped."""
+    from fastdiff.samplers import HeunSampler
+
+    smp = HeunSampler(_schedule("scaled_linear")[0], 5)
+    x, mo = torch.randn(ODD), torch.randn(ODD)
+    smp.step(mo, 0, x)
+    with pytest.raises(ValueError, match="x0_prev"):
+        smp.step(mo, 1, x, x0_prev=None)
+    assert smp.step(mo, 2, x, x0_prev=None).isfinite().all()  # an Euler stage needs none

@@ -321,7 +321,8 @@ class DPMSolverPPSampler(Sampler):
         The history m_{s-1} is kept on the sampler and used only when step ``i - 1`` was the last
         one it ran (for this x shape): a run that starts at ``i > 0`` (img2img, diffusers'
         ``set_begin_index``) or a reused sampler takes a first-order step first; pass ``x0_prev``
-        to manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer).
+        to manage it yourself (``None``: no history, a first-order step; CUDA graphs pass a
+        buffer and ``coef`` from a static buffer).
         With ``algorithm_type="sde-dpmsolver++"`` the step adds ``c_noise z``: z is ``noise``,
         else drawn with ``generator`` (one generator, or one per sample), else drawn in the
         kernel with Philox from ``generator_state`` (int64 ``[2]`` = (seed, offset) on x's
@@ -341,6 +342,8 @@ class DPMSolverPPSampler(Sampler):
             valid = prev is not None and self._prev_i == i - 1 and prev.shape == x.shape
             first = self._uses_prev[i] and not valid
             x0_prev = prev if self._uses_prev[i] and valid else None
+        elif x0_prev is None:  # "no history": first order, not the 2M row without c_prev
+            first = self._uses_prev[i]
         if coef is None:
             table = self._first_order_table(x.device) if first else self.coef_table(x.device)
             coef = table[i]

@@ -188,6 +188,11 @@ class HeunSampler(EulerSampler):
                 "coef: a HeunSampler step with an explicit coefficient row needs x0_prev too "
                 "(the previous call's x0 prediction; any finite tensor for an Euler-stage row)"
             )
+        if external and x0_prev is None and coef is None and self.is_correction(i):
+            raise ValueError(
+                f"x0_prev: model call {i} is the Heun correction of call {i - 1} and needs "
+                f"that call's x0 prediction, got None"
+            )
         if not external:
             x0_prev = None
             if self.is_correction(i):
