@@ -225,3 +225,22 @@ def test_heun_correction_with_explicit_no_history_is_refused():
     with pytest.raises(ValueError, match="x0_prev"):
         smp.step(mo, 1, x, x0_prev=None)
     assert smp.step(mo, 2, x, x0_prev=None).isfinite().all()  # an Euler stage needs none
+
+
+def test_sde_step_with_bad_noise_raises_and_keeps_the_history():
+    """A rejected noise tensor (shape, dtype, device) writes nothing: x and the sampler's x0
+    history are unchanged, and the next step is still the 2M step of the kept history."""
+    sch, _ = _schedule("scaled_linear")
+    ref, smp = (DPMSolverPPSampler(sch, 6, algorithm_type=SDE) for _ in range(2))
+    g = torch.Generator().manual_seed(9)
+    x, mo, mo1, z = (torch.randn(ODD, generator=g) for _ in range(4))
+    x1 = ref.step(mo, 0, x, noise=z)
+    assert torch.equal(smp.step(mo, 0, x, noise=z), x1)
+    snap = x1.clone()
+    for bad, exc in [(z[:, :2], ValueError), (z.double(), TypeError), (z.to("meta"), ValueError)]:
+        with pytest.raises(exc, match="noise"):
+            smp.step(mo1, 1, x1, noise=bad)
+    assert torch.equal(x1, snap)
+    torch.testing.assert_close(smp.step(mo1, 1, x1, noise=z), ref.step(mo1, 1, x1, noise=z),
+                               rtol=0, atol=0)  # fmt: skip
+    assert smp.coef64[1, 4] != 0  # step 1 is a 2M step: it read the kept history
