@@ -21,7 +21,6 @@ from fastdiff import _dispatch
 from fastdiff._conditioning import _prepare_output, _unwrap
 from fastdiff._loop import _philox_state, _progress, _timestep_rows, _trajectory
 from fastdiff.samplers import Sampler
-from fastdiff.samplers.base import randn_like_with
 
 
 def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callback,
@@ -63,7 +62,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
     for i in _progress(range(smp.steps), progress, smp.steps):
         noise = None
         if smp.needs_noise(i) and gen_state is None:
-            noise = randn_like_with(x, generator)
+            noise = smp._draw_noise(x, generator)  # the sampler's dtype (SDE: fp32)
         g.replay(smp, i, t_all[i], noise)
         if return_trajectory:
             traj_x.append(g.x.clone())
@@ -102,7 +101,9 @@ class _StepGraph:
         self.has_noise = any(smp.needs_noise(i) for i in range(smp.steps))
         self.i_cap = next((i for i in range(smp.steps) if smp.needs_noise(i)), 0)
         self.gen_state = gen_state.clone() if gen_state is not None else None
-        self.noise = torch.zeros_like(x) if self.has_noise and gen_state is None else None
+        # fp32: holds any sampler's draw unrounded (DPM++ SDE draws z in fp32 under fp16 x)
+        noise_buf = self.has_noise and gen_state is None
+        self.noise = torch.zeros_like(x, dtype=torch.float32) if noise_buf else None
         self.x0_prev = torch.zeros_like(x) if self.multistep else None
         self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp

@@ -18,7 +18,6 @@ from torch import Tensor
 
 from fastdiff._conditioning import _prepare_output, _unwrap
 from fastdiff.samplers import Sampler
-from fastdiff.samplers.base import randn_like_with
 
 
 def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory):
@@ -42,7 +41,7 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
         out = _prepare_output(_unwrap(model(x_in, t_all[i], **kwargs)), x, smp, gs, model)
         noise = None
         if smp.needs_noise(i) and gen_state is None:
-            noise = randn_like_with(x, generator)
+            noise = smp._draw_noise(x, generator)  # the sampler's dtype (SDE: fp32)
         res = smp.step(
             out, i, x, noise=noise, guidance_scale=gs, return_x0=return_trajectory, **skw
         )

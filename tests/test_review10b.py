@@ -55,13 +55,6 @@ def _net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (0.6 * torch.tanh(0.8 * x.float() + 0.1) + 0.5 * torch.sin(tt / 150.0)).to(x.dtype)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="fastdiff/_loop.py and fastdiff/_graph.py draw the step noise with "
-    "randn_like_with(x, generator) (x's dtype), not the sampler's own _draw_noise (float32 for "
-    "DPM++ SDE, as diffusers); the fix is in those shared files (see the review10b report)",
-)
 def test_sde_sample_fp16_with_a_generator_is_diffusers_fp16_loop():
     """sample(dtype=float16, generator=g) of DPM++ 2M SDE is diffusers' own fp16 loop with the
     same seed (a latent size that is not a multiple of 16)."""
