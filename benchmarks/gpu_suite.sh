@@ -11,7 +11,7 @@
 # stage with its own timeout (COMPILE_TIMEOUT, 1500 s) and JSON/PNG.
 # Environment: FORCE_BUILD=1 (rebuild even if a CUDA build is installed), FASTDIFF_BENCH_COMPILE=0
 # (skip the torch.compile variants), TEST_ARGS / BENCH_ARGS (extra pytest words, split on spaces),
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage, 420), TEST_WORKERS (pytest-xdist, 8; 0 = one
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage, 420), TEST_WORKERS (pytest-xdist, 14; 0 = one
 # process), FASTDIFF_CUDA_ARCHS (90-real), MAX_JOBS (16).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -77,6 +77,12 @@ for f in benchmarks/bench_*.py; do
   case "$f" in */bench_copy.py | */bench_e2e.py) ;; *) bench_files+=("$f") ;; esac
 done
 bench_files+=(benchmarks/bench_e2e.py)
+# The kernel test files first, then the rest: a stage cut by its timeout has run them.
+test_files=(tests/test_sampler_step.py tests/test_dpm_sde.py tests/test_group_norm_silu.py
+  tests/test_attention.py tests/test_attn_processor.py tests/test_compile_backend.py)
+for f in tests/test_*.py; do
+  case " ${test_files[*]} " in *" $f "*) ;; *) test_files+=("$f") ;; esac
+done
 junit=()
 # Stages run in the order given (default: tests then bench); extra pytest args via
 # TEST_ARGS / BENCH_ARGS; each stage has its own timeout so one slow stage cannot eat the rest.
@@ -87,11 +93,13 @@ for stage in ${what/all/tests bench}; do
       # pytest-xdist when available: the first run JIT-compiles every Triton specialization
       # (hundreds), one process at a time otherwise. TEST_WORKERS=0 runs in one process.
       workers=""
-      if python -c "import xdist" 2>/dev/null; then workers="-n ${TEST_WORKERS:-8}"; fi
+      if python -c "import xdist" 2>/dev/null; then workers="-n ${TEST_WORKERS:-14}"; fi
       rm -f "$dest/tests.xml"
       # shellcheck disable=SC2086  # $workers and $TEST_ARGS are word lists
-      timeout -s INT "${TEST_TIMEOUT:-420}" pytest tests -q -p no:cacheprovider -rf $workers \
-        --junitxml="$dest/tests.xml" -o junit_family=xunit1 ${TEST_ARGS:-} >"$dest/tests.log" 2>&1
+      # A test that loses the CUDA context ends its xdist worker (tests/conftest.py).
+      timeout -s INT "${TEST_TIMEOUT:-420}" pytest "${test_files[@]}" -q -p no:cacheprovider \
+        -rf --durations=30 $workers --junitxml="$dest/tests.xml" -o junit_family=xunit1 \
+        ${TEST_ARGS:-} >"$dest/tests.log" 2>&1
       tail -25 "$dest/tests.log"
       [ -s "$dest/tests.xml" ] && junit=(--junit "$dest/tests.xml")
       ;;
