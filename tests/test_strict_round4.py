@@ -1,0 +1,60 @@
+"""Mutation testing, round 4 (session 10): tests that kill the mutants of today's new code (Heun,
+the DPM++ 2M SDE path, its noise operand) that the existing suite let live. Each test names the
+behaviour it pins; /work/notes/s8/mutation_log.md ("Round 4") lists the mutants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastdiff import NoiseSchedule
+from fastdiff.ops import sampler_step as smod
+from fastdiff.samplers import DPMSolverPPSampler, HeunSampler
+
+SDE = "sde-dpmsolver++"
+ODD = (2, 3, 5, 3)  # odd sizes
+
+
+def _randn(n: int, seed: int, shape=ODD) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda s: HeunSampler(s, 5), lambda s: DPMSolverPPSampler(s, 6, algorithm_type=SDE)],
+    ids=["heun", "dpm-sde"],
+)
+def test_a_step_with_explicit_history_leaves_the_kept_history_alone(make):
+    """A step given ``x0_prev`` (CUDA-graph capture passes its static buffers) is managed by
+    the caller: the sampler's own history, kept from its last sampler-managed call, must stay
+    that call's x0 prediction (the next managed step reads it)."""
+    sch = NoiseSchedule("linear")
+    ref, smp = make(sch), make(sch)
+    x, mo, mo1, y, buf, z = _randn(6, 3)
+    x1 = ref.step(mo, 0, x, noise=z)
+    assert torch.equal(smp.step(mo, 0, x, noise=z), x1)
+    smp.step(mo1, 0, y, noise=z, x0_prev=buf)  # an externally managed call in between
+    want = ref.step(mo1, 1, x1, noise=z)
+    torch.testing.assert_close(smp.step(mo1, 1, x1, noise=z), want, rtol=0, atol=0)
+
+
+def test_compiled_sde_step_adds_the_noise_term():
+    """Under torch.compile the dpm step goes through the custom op with the 'auto' backend: the
+    noise operand must reach it (x_next = ... + c_noise z), as in eager."""
+    ab, ab_prev = 0.5, 0.7
+    c_noise = math.sqrt(1 - ab_prev) * 0.6
+    vals = [math.sqrt(ab), math.sqrt(1 - ab), 0.8, 0.3, -0.1, c_noise, 0.0, 0.0]
+    coef = torch.tensor(vals, dtype=torch.float64).float()
+
+    def fn(x, mo, prev, z):
+        return smod.dpm_solver_2m_step(x, mo, coef, prev, noise=z, clip_range=1.0)[0]
+
+    x, mo, prev, z = _randn(4, 5)
+    want = fn(x, mo, prev, z)
+    no_noise = smod.dpm_solver_2m_step(x, mo, coef, prev, clip_range=1.0)[0]
+    assert (want - no_noise).abs().max() > 0.1  # the noise term is visible
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, mo, prev, z)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
