@@ -58,3 +58,17 @@ def test_compiled_sde_step_adds_the_noise_term():
     assert (want - no_noise).abs().max() > 0.1  # the noise term is visible
     got = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, mo, prev, z)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", ["HeunDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_config_values_win_over_the_scheduler_class_defaults(cls):
+    """from_diffusers fills only the keys a config omits with its class's defaults: the values a
+    config (or a scheduler instance's config) does give are kept."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = dict(beta_schedule="linear", beta_start=2e-4, beta_end=0.03, num_train_timesteps=500)
+    theirs = getattr(diffusers, cls)(**cfg)
+    want = theirs.betas.double()
+    for src in ({"_class_name": cls, **cfg}, theirs.config, theirs):
+        got = NoiseSchedule.from_diffusers(src)
+        assert got.num_train_timesteps == 500
+        torch.testing.assert_close(got.betas.double(), want, rtol=1e-6, atol=1e-9)
