@@ -72,3 +72,27 @@ def test_config_values_win_over_the_scheduler_class_defaults(cls):
         got = NoiseSchedule.from_diffusers(src)
         assert got.num_train_timesteps == 500
         torch.testing.assert_close(got.betas.double(), want, rtol=1e-6, atol=1e-9)
+
+
+def test_dpm_history_of_another_x_shape_is_not_used():
+    """A reused DPM-Solver++ sampler whose last step ran on another batch (x shape) takes a
+    first-order step (as a fresh sampler), not the 2M step with a history it cannot apply."""
+    sch = NoiseSchedule("linear")
+    for algo in ("dpmsolver++", SDE):
+        smp = DPMSolverPPSampler(sch, 6, algorithm_type=algo)
+        x, mo, mo1, z = _randn(4, 7)
+        smp.step(mo, 0, x, noise=z)
+        x1, m1, z1 = x[:1] + 0.1, mo1[:1], z[:1]  # the next step on one sample only
+        assert smp.coef64[1, 4] != 0  # step 1 is a 2M step when it has the history
+        want = DPMSolverPPSampler(sch, 6, algorithm_type=algo).step(m1, 1, x1, noise=z1)
+        torch.testing.assert_close(smp.step(m1, 1, x1, noise=z1), want, rtol=0, atol=0)
+
+
+def test_heun_sigmas_is_a_copy():
+    """sigmas() hands out a copy: writing to it changes neither the sampler's sigmas nor its
+    coefficient rows."""
+    smp = HeunSampler(NoiseSchedule("linear"), 4)
+    sig, rows = smp.sigmas(), smp.coefficients()
+    smp.sigmas()[:] = 1.0
+    assert (smp.sigmas() == sig).all()
+    assert (smp.coefficients() == rows).all()
