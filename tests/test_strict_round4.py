@@ -96,3 +96,52 @@ def test_heun_sigmas_is_a_copy():
     smp.sigmas()[:] = 1.0
     assert (smp.sigmas() == sig).all()
     assert (smp.coefficients() == rows).all()
+
+
+def _net16(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    tt = torch.as_tensor(t).float().reshape(-1, *[1] * (x.ndim - 1))
+    return (0.6 * torch.tanh(0.8 * x.float() + 0.1) + 0.5 * torch.sin(tt / 150.0)).to(x.dtype)
+
+
+class _Net16(torch.nn.Module):
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _net16(x, t)
+
+
+def _manual_sde_fp16(x_t: torch.Tensor, seed: int) -> torch.Tensor:
+    """The SDE loop by hand: z drawn in float32 (as diffusers) and handed to the step as is."""
+    smp = DPMSolverPPSampler(NoiseSchedule("linear"), 6, algorithm_type=SDE)
+    x, g = x_t, torch.Generator().manual_seed(seed)
+    for i, t in enumerate(smp.timesteps):
+        mo = _net16(x, torch.full((x.shape[0],), int(t)))
+        z = torch.randn(x.shape, generator=g, dtype=torch.float32)
+        x = smp.step(mo, i, x, noise=z)
+    return x
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["auto", "torch"])
+def test_fp16_sde_sample_steps_with_the_float32_noise(backend, fake_cuda_graphs, monkeypatch):
+    """sample() of DPM++ 2M SDE in fp16 with a generator hands each step the float32 z it drew
+    (not z rounded to fp16): it equals the hand-written loop exactly, eager and through the
+    CUDA-graph loop (whose static noise buffer is float32). The torch backend reads z in
+    float32, so there z rounded to fp16 by the loop would show."""
+    import contextlib
+
+    import fastdiff
+    from fastdiff import api
+
+    ctx = contextlib.nullcontext if backend is None else lambda: fastdiff.use_backend(backend)
+    x_t = torch.randn(ODD, generator=torch.Generator().manual_seed(1)).half()
+    with ctx():
+        want = _manual_sde_fp16(x_t, 5)
+    eager_loop = api._sample_eager
+    for graphed in (False, True):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        with ctx():
+            got = api.sample(_Net16(), steps=6, sampler="dpm++", algorithm_type=SDE,
+                             schedule=NoiseSchedule("linear"), noise=x_t, dtype=torch.float16,
+                             generator=torch.Generator().manual_seed(5))  # fmt: skip
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(fake_cuda_graphs) == 1 and fake_cuda_graphs[0].noise.dtype == torch.float32
