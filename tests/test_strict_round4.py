@@ -145,3 +145,23 @@ def test_fp16_sde_sample_steps_with_the_float32_noise(backend, fake_cuda_graphs,
         assert got.dtype == torch.float16
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert len(fake_cuda_graphs) == 1 and fake_cuda_graphs[0].noise.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["heun", "dpm++"])
+def test_sample_builds_the_coefficient_table_before_the_first_model_call(name, monkeypatch):
+    """The eager loop makes the coefficient rows' one host -> device copy before the loop (on
+    CUDA a lazy copy at step 0 is a host sync between the model and the step)."""
+    from fastdiff import api
+    from fastdiff.samplers import make_sampler
+
+    smp = make_sampler(name, NoiseSchedule("linear"), 4)
+    events: list[str] = []
+    table = smp.coef_table
+    monkeypatch.setattr(smp, "coef_table", lambda dev: events.append("coef") or table(dev))
+
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        events.append("model")
+        return _net16(x, t)
+
+    api.sample(net, sampler=smp, noise=torch.randn(ODD))
+    assert events[0] == "coef" and events.count("model") == smp.steps
