@@ -43,12 +43,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _torch_module
 
 from fastdiff._prepare import channels_last_4d
 from fastdiff.integrations.attn_processor import FastAttnProcessor
 from fastdiff.nn.group_norm import GroupNormSiLU
-from fastdiff.nn.sampling import fold_pays, foldable_conv, has_hooks, upsample_conv
+from fastdiff.nn.sampling import (
+    fold_pays,
+    foldable_conv,
+    global_hooks,
+    has_hooks,
+    own_hooks,
+    upsample_conv,
+)
 from fastdiff.nn.stacked import stacked_linear
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
@@ -100,23 +106,7 @@ def _bypassed_hooks(block: nn.Module) -> bool:
     modules the fused forward never calls, added after :func:`optimize` looked. Reads the
     instance dicts directly (~0.7 us; nn.Module attribute access would be ~4 us)."""
     mods = block._modules
-    for name in ("norm1", "norm2", "nonlinearity"):
-        d = mods[name].__dict__
-        if (
-            "forward" in d
-            or d["_forward_hooks"]
-            or d["_forward_pre_hooks"]
-            or d["_backward_hooks"]
-            or d["_backward_pre_hooks"]
-        ):
-            return True
-    g = _torch_module
-    return bool(
-        g._global_forward_hooks
-        or g._global_forward_pre_hooks
-        or g._global_backward_hooks
-        or g._global_backward_pre_hooks
-    )
+    return any(own_hooks(mods[n]) for n in ("norm1", "norm2", "nonlinearity")) or global_hooks()
 
 
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *a, **k):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from fastdiff.nn._checks import check_nchw
 from fastdiff.ops.group_norm_silu import is_channels_last
@@ -69,14 +70,29 @@ def has_hooks(m: nn.Module) -> bool:
     """Module or global forward/backward hooks that calling ``m`` would run, or a ``forward``
     replaced on the instance (a monkeypatched LoRA, accelerate's offload hooks): either way the
     module must be called, not bypassed through its weights."""
-    from torch.nn.modules import module as _mod
+    return own_hooks(m) or global_hooks()
 
-    if "forward" in vars(m):
-        return True
-    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
-    names = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-             "_global_backward_pre_hooks")  # fmt: skip
-    return any(own) or any(getattr(_mod, n, None) for n in names)
+
+def own_hooks(m: nn.Module) -> bool:
+    """:func:`has_hooks` without the global hooks; reads the instance dict (~0.2 us)."""
+    d = m.__dict__
+    return bool(
+        "forward" in d
+        or d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
+    )
+
+
+def global_hooks() -> bool:
+    """Hooks registered for every module (``nn.modules.module.register_module_forward_hook``...)."""
+    return bool(
+        _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks
+        or _module._global_backward_pre_hooks
+    )
 
 
 def foldable_conv(conv: nn.Module, channels: int) -> str | None:
