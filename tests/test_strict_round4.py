@@ -165,3 +165,27 @@ def test_sample_builds_the_coefficient_table_before_the_first_model_call(name, m
 
     api.sample(net, sampler=smp, noise=torch.randn(ODD))
     assert events[0] == "coef" and events.count("model") == smp.steps
+
+
+@pytest.mark.parametrize("name", ["dpm++", "heun"])
+@torch.no_grad()
+def test_cuda_graph_is_not_replayed_with_another_clip_range(name, fake_cuda_graphs, monkeypatch):
+    """clip_sample_range is a Python float baked into a captured step: a cuda_graph run with
+    another range must capture its own graph (sampler config()), not replay the first one's."""
+    from fastdiff import api
+
+    eager_loop, net = api._sample_eager, _Net16()  # one model: one graph cache
+
+    def run(graphed, r):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(ODD, generator=torch.Generator().manual_seed(4)) * 3
+        return api.sample(net, steps=5, sampler=name, noise=z, clip_sample=True,
+                          clip_sample_range=r, schedule=NoiseSchedule("linear"))  # fmt: skip
+
+    outs = []
+    for r in (0.5, 2.0):
+        eager, graphed = run(False, r), run(True, r)
+        torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6, msg=f"{r}")
+        outs.append(eager)
+    assert not torch.allclose(outs[0], outs[1])  # the range matters here
+    assert len(fake_cuda_graphs) == 2  # one capture per range
