@@ -270,7 +270,8 @@ class DPMSolverPPSampler(Sampler):
         self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
     ) -> Tensor:
         # as diffusers' SDE step: z is drawn in float32 whatever x's dtype (torch's fp16/bf16
-        # randn gives other values and advances a generator differently); the op reads fp32 z
+        # randn gives other values and advances a generator differently). The torch backend adds
+        # it in fp32; the fused backends read z in x's dtype (one rounding of z under fp16 x)
         return randn_like_with(torch.empty_like(x, dtype=torch.float32), generator)
 
     def _needs_noise_row(self, i: int) -> bool:
