@@ -10,6 +10,7 @@ order, ...) a ValueError, rather than samples that silently differ from diffuser
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ from fastdiff.schedules import NoiseSchedule
 
 def resolve_sampler(
     model: Any,
-    sampler: str | Sampler,
+    sampler: str | Sampler | None,
     steps: int | None,
     schedule: Any,
     eta: float | None,
@@ -28,7 +29,10 @@ def resolve_sampler(
     sampler_options: Mapping[str, Any],
 ) -> Sampler:
     """The sampler object ``sample`` runs: ``sampler`` itself, or the one it names, built on
-    the schedule with ``steps`` steps and its options."""
+    the schedule with ``steps`` steps and its options; None: the one :func:`infer_sampler`
+    picks for ``schedule``."""
+    if sampler is None:
+        sampler = infer_sampler(schedule)
     if isinstance(sampler, Sampler):
         # a multi-stage sampler (Heun: 2N - 1 model calls) was built for N steps
         built = getattr(sampler, "num_inference_steps", sampler.steps)
@@ -183,6 +187,39 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
+def infer_sampler(schedule: Any) -> str:
+    """The sampler ``sample(sampler=None)`` runs: the one that reproduces ``schedule``'s
+    diffusers scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"``, ...; its settings
+    then apply as for an explicit name), else ``"ddim"``. A diffusers scheduler class fastdiff
+    has no sampler for (e.g. ``PNDMScheduler``) warns: its noise schedule is used, sampled with
+    DDIM."""
+    cfg = _scheduler_config(schedule)
+    if cfg is None:
+        return "ddim"
+    cls = _scheduler_class(schedule, cfg)
+    name = next((k for k, v in _SCHEDULER_OF.items() if v == cls), None)
+    if name is not None:
+        return name
+    if cls is not None:
+        known = ", ".join(f"{v} -> {k!r}" for k, v in _SCHEDULER_OF.items())
+        warnings.warn(
+            f"schedule: fastdiff has no sampler for {cls}; sampling its noise schedule with "
+            f"DDIM. Pass sampler= to choose one (samplers reproduce {known})",
+            UserWarning,
+            stacklevel=5,  # infer_sampler < resolve_sampler < sample < no_grad wrapper < caller
+        )
+    return "ddim"
+
+
+def _scheduler_class(schedule: Any, cfg: Mapping[str, Any]) -> str | None:
+    """The diffusers scheduler class name of ``schedule`` (an object, or a saved config with
+    ``_class_name``); None for a plain mapping without one."""
+    cls = cfg.get("_class_name")
+    if isinstance(cls, str):
+        return cls
+    return type(schedule).__name__ if hasattr(schedule, "config") else None
+
+
 def _check_scheduler_settings(schedule: Any, name: str) -> None:
     """``schedule`` is the sampler's own diffusers scheduler (or its saved config) with a
     setting the sampler cannot reproduce (Karras sigmas, another solver order, ...): a
@@ -190,9 +227,8 @@ def _check_scheduler_settings(schedule: Any, name: str) -> None:
     cfg = _scheduler_config(schedule)
     if cfg is None:
         return
-    cls = cfg.get("_class_name") if isinstance(cfg.get("_class_name"), str) else None
     name = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
-    if (cls or type(schedule).__name__) != _SCHEDULER_OF[name]:
+    if _scheduler_class(schedule, cfg) != _SCHEDULER_OF[name]:
         return
     takes = inspect.signature(SAMPLERS[name].__init__).parameters  # a setting it gains is fine
     bad = {

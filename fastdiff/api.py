@@ -52,7 +52,7 @@ def sample(
     model: Callable[..., Any],
     steps: int | None = None,
     *,
-    sampler: str | Sampler = "ddim",
+    sampler: str | Sampler | None = None,
     schedule: NoiseSchedule | Any | None = None,
     batch_size: int | None = None,
     shape: Sequence[int] | None = None,
@@ -85,8 +85,12 @@ def sample(
             int64 tensor on the model's device, returning a tensor, an object with ``.sample``
             (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
-        sampler: ``"ddim"`` (default), ``"ddpm"``, ``"dpm++"``, ``"euler"``, or a sampler object
-            from :mod:`fastdiff.samplers` (its own steps and schedule are used).
+        sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
+            or a sampler object from :mod:`fastdiff.samplers` (its own steps and schedule are
+            used). Default: the sampler that reproduces ``schedule``'s diffusers scheduler class
+            (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
+            ``EulerDiscreteScheduler`` -> ``"euler"``, ...), else ``"ddim"`` (a diffusers
+            scheduler class without a fastdiff sampler, e.g. ``PNDMScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
             scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,
