@@ -38,6 +38,7 @@ BACKENDS: tuple[str, ...] = ("torch", "cpu", "cuda", "triton", "sdpa")
 CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sampler_step": ("triton", "cuda", "torch"),
     "dpm_solver_2m_step": ("triton", "cuda", "torch"),
+    "unipc_step": ("torch",),
     "group_norm_silu": ("triton", "cuda", "torch"),
     "attention": ("sdpa", "triton", "cuda", "torch"),
 }
@@ -45,6 +46,7 @@ CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {
 CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sampler_step": ("cpu", "torch"),
     "dpm_solver_2m_step": ("cpu", "torch"),
+    "unipc_step": ("torch",),
     "group_norm_silu": ("cpu", "torch"),
     "attention": ("cpu", "sdpa", "torch"),
 }
@@ -52,6 +54,7 @@ CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "sampler_step": frozenset({"torch", "cpu", "cuda", "triton"}),
     "dpm_solver_2m_step": frozenset({"torch", "cpu", "cuda", "triton"}),
+    "unipc_step": frozenset({"torch"}),
     "group_norm_silu": frozenset({"torch", "cpu", "cuda", "triton"}),
     "attention": frozenset({"torch", "cpu", "cuda", "triton", "sdpa"}),
 }

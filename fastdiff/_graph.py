@@ -105,6 +105,9 @@ class _StepGraph:
         noise_buf = self.has_noise and gen_state is None
         self.noise = torch.zeros_like(x, dtype=torch.float32) if noise_buf else None
         self.x0_prev = torch.zeros_like(x) if self.multistep else None
+        # UniPC: its history (last corrected x, m_{i-1}, m_{i-2}) in static buffers of its own
+        self.unipc = hasattr(smp, "step_with_history")
+        self.hist = [torch.zeros_like(x) for _ in range(3)] if self.unipc else None
         self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp
         s = torch.cuda.Stream()
@@ -124,6 +127,15 @@ class _StepGraph:
         out = _prepare_output(_unwrap(self.model(x_in, self.t, **self.kwargs)), self.x, smp, gs,
                               self.model)  # fmt: skip
         skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
+        if self.unipc:  # the op reads every buffer before the copies below overwrite them
+            last, m1, m2 = self.hist
+            x_c, x0, x_new = smp.step_with_history(out, self.i_cap, self.x, self.coef, last, m1,
+                                                   m2, guidance_scale=gs)  # fmt: skip
+            m2.copy_(m1)
+            m1.copy_(x0)
+            last.copy_(x_c)
+            self.x.copy_(x_new)
+            return x0
         if self.multistep:  # DPM-Solver++, Heun: the x0 history rides in x0_prev
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
                                  x0_prev=self.x0_prev, guidance_scale=gs, return_x0=True,
@@ -141,6 +153,8 @@ class _StepGraph:
             self.gen_state.copy_(gen_state)
         if self.x0_prev is not None:
             self.x0_prev.zero_()
+        for h in self.hist or ():
+            h.zero_()
         _copy_tree(self.kwargs, kwargs)
 
     def replay(self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None) -> None:

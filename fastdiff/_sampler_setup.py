@@ -151,6 +151,7 @@ _SCHEDULER_OF = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
 }
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
                    "use_beta_sigmas": False}  # fmt: skip
@@ -183,6 +184,15 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "interpolation_type": "linear",
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
+    },
+    # solver_order != 2 and predict_x0=False are refused by UniPCSampler itself (it takes them)
+    "unipc": {
+        "solver_p": None,
+        "use_flow_sigmas": False,
+        "use_dynamic_shifting": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "shift_terminal": None,
     },
 }
 

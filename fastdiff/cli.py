@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun", "unipc")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 

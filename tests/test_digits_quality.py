@@ -71,6 +71,12 @@ def test_class_conditional_dpmpp_10(model, clf):
 
 
 @needs_weights
+def test_class_conditional_unipc_10_is_at_least_dpmpp_10(model, clf):
+    unipc = _accuracy(model, clf, "unipc", 10, 60, 2.0)
+    assert unipc >= 0.90 and unipc >= _accuracy(model, clf, "dpm++", 10, 60, 2.0)
+
+
+@needs_weights
 def test_unconditional_covers_all_classes(model, clf):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -4,6 +4,7 @@ torch reference beside it:
 * :func:`fastdiff.ops.sampler_step.sampler_step` / ``dpm_solver_2m_step`` - one sampler step
 * :func:`fastdiff.ops.group_norm_silu.group_norm_silu` - GroupNorm (+ add, scale-shift) + SiLU
 * :func:`fastdiff.ops.attention.attention` - flash-style attention
+* :func:`fastdiff.ops.unipc_step.unipc_step` - one UniPC step (corrector + predictor)
 
 Layers, Liger-style: ``_x_kernel`` (Triton) -> ``x_forward()`` launcher (fastdiff/kernels/triton)
 or the csrc entry point -> the ``torch.library.custom_op`` here, whose ``register_autograd``
@@ -23,7 +24,7 @@ import sys
 import types
 from typing import Any
 
-_SUBMODULES = ("sampler_step", "group_norm_silu", "attention")
+_SUBMODULES = ("sampler_step", "group_norm_silu", "attention", "unipc_step")
 
 
 class _OpModule(types.ModuleType):

@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun (one fused op call per
-model call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, UniPC (one fused op call
+per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -23,6 +23,7 @@ from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.heun import HeunSampler
+from fastdiff.samplers.unipc import UniPCSampler
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "EulerSampler",
     "HeunSampler",
     "Sampler",
+    "UniPCSampler",
     "make_sampler",
     "spaced_timesteps",
 ]
@@ -48,11 +50,13 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "heun": HeunSampler,
+    "unipc": UniPCSampler,
 }
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun",
+    "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "

@@ -110,6 +110,7 @@ class Sampler:
     name = "base"
     default_spacing = "leading"
     is_multistep = False
+    coef_width = 8  # columns of the coefficient table (UniPC's rows are wider)
 
     def __init__(
         self,
@@ -157,7 +158,7 @@ class Sampler:
         #: model timesteps, descending, int64 [steps] (CPU; ``timesteps_on(device)`` caches copies)
         self.timesteps = torch.from_numpy(ts.copy())
         self._coef64 = self.coefficients()
-        assert self._coef64.shape == (self.steps, 8)
+        assert self._coef64.shape == (self.steps, self.coef_width)
         self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
         self._tables: dict[torch.device, Tensor] = {}
         self._ts_dev: dict[torch.device, Tensor] = {}

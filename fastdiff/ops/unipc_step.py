@@ -1,0 +1,258 @@
+"""Fused UniPC step (Zhao et al. 2023, arXiv:2302.04867): the UniC corrector of the previous
+step and the UniP-2 predictor of this one in one elementwise pass.
+
+Per element, with the coefficient row ``coef`` fp32 ``[>= 10] = [a, s, c_x, c_last, c_m, c_m1,
+c_m2, p_xc, p_m, p_m1]`` (computed in float64 by :class:`fastdiff.samplers.UniPCSampler`)::
+
+    m      = x0(x, model_output)                  as sampler_step: prediction type, CFG, clip
+    x_c    = c_x x + c_last last + c_m m + c_m1 m_prev + c_m2 m_prev2     (UniC, corrected x)
+    x_next = p_xc x_c + p_m m + p_m1 m_prev                               (UniP, predictor)
+
+A term whose operand (``last``, ``m_prev``, ``m_prev2``) is None is skipped, not multiplied by
+zero, so a stale buffer holding NaN cannot leak. x_c is kept in fp32 for the predictor (it is
+also written, in x's dtype, as the next step's ``last``). The x0 derivation is the one of
+:func:`fastdiff.ops.sampler_step.sampler_step` (shared code: ``_torch_x0_eps`` here, the
+``predict_x0_eps`` of csrc/include/fastdiff/sampler_math.h in the C++ / CUDA kernels).
+
+Memory contract as :mod:`fastdiff.ops.sampler_step`: each operand is a base address plus a
+per-sample stride with every sample's block dense in x's memory order (NCHW or channels_last);
+other layouts are made dense by one copy. Outputs come back in x's dtype and memory format.
+Dynamic thresholding is not part of the op (the sampler thresholds x0 in a separate torch pass
+and passes it with ``prediction_type="sample"``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdiff import _dispatch, _ext
+from fastdiff.ops import _make_callable
+from fastdiff.ops._sampler_step_kernels import (
+    _batch_stride,
+    _dense,
+    _new_out,
+    _order_of,
+    _split_model_output,
+)
+from fastdiff.ops.sampler_step import (
+    PREDICTION_TYPES,
+    _check_common,
+    _check_like_x,
+    _grads,
+    _plain_eager,
+    _torch_x0_eps,
+)
+
+__all__ = ["COEF_LEN", "unipc_step"]
+
+#: Length of a UniPC coefficient row: [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1].
+COEF_LEN = 10
+_AUTO = "auto"
+_OP = "unipc_step"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference backend (fp32 math)
+# ----------------------------------------------------------------------------------------------
+def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, guidance_scale,
+                 order):  # fmt: skip
+    coef = coef.float()
+    a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1 = (coef[i] for i in range(COEF_LEN))
+    xf = x.float()
+    cond, unc, _ = _split_model_output(x, model_output, guidance_scale, False)
+    mo = cond.float()
+    if unc is not None:
+        u = unc.float()
+        mo = u + guidance_scale * (mo - u)
+    m, _ = _torch_x0_eps(xf, mo, a, s, pred, clip_range, False, False)
+    xc = c_x * xf + c_m * m
+    if last is not None:
+        xc = xc + c_last * last.float()
+    if m_prev is not None:
+        xc = xc + c_m1 * m_prev.float()
+    if m_prev2 is not None:
+        xc = xc + c_m2 * m_prev2.float()
+    xn = p_xc * xc + p_m * m
+    if m_prev is not None:
+        xn = xn + p_m1 * m_prev.float()
+    return (
+        _new_out(x, order).copy_(xc),
+        _new_out(x, order).copy_(m),
+        _new_out(x, order).copy_(xn),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel backends (cpu / cuda / triton)
+# ----------------------------------------------------------------------------------------------
+def _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, g):
+    order = _order_of(x)
+    xd = _dense(x, order)
+    cond, unc, _ = _split_model_output(x, model_output, g, False)
+    cond = _dense(cond, order)
+    if unc is not None:
+        unc = _dense(unc.to(cond.dtype), order)
+    hist = [None if t is None else _dense(t.to(x.dtype), order) for t in (last, m_prev, m_prev2)]
+    outs = tuple(_new_out(x, order) for _ in range(3))
+    if x.numel() == 0:
+        return outs
+    coef = coef if coef.is_contiguous() else coef.contiguous()
+
+    def op(t):
+        return (0, 0) if t is None else (t.data_ptr(), _batch_stride(t))
+
+    n, inner = x.shape[0], x[0].numel()
+    if backend == "triton":
+        from fastdiff.kernels.triton.unipc_step import unipc_step_forward
+
+        with _ext.device_guard(x):
+            unipc_step_forward(xd, cond, unc, *hist, coef, *outs, n=n, inner=inner, pred=pred,
+                               clip_r=clip_range, g=g)  # fmt: skip
+        return outs
+    c = _ext.native()
+    flat = [
+        n, inner, *op(xd), *op(cond), *op(unc), *op(hist[0]), *op(hist[1]), *op(hist[2]),
+        coef.data_ptr(), *(t.data_ptr() for t in outs), _ext.dtype_code(xd),
+        _ext.dtype_code(cond), pred, clip_range is not None,
+        float(clip_range) if clip_range is not None else 0.0, g is not None,
+        float(g) if g is not None else 0.0,
+    ]  # fmt: skip
+    if backend == "cuda":
+        with _ext.device_guard(x):
+            c.unipc_step_cuda(*flat, _ext.stream_handle(x))
+    else:
+        c.unipc_step_cpu(*flat)
+    return outs
+
+
+def _unsupported(x: Tensor) -> dict[str, str]:
+    """Backends that cannot run now: a fastdiff._C built before this kernel existed."""
+    c = _ext._C
+    out = {}
+    for b in ("cpu", "cuda"):
+        if c is not None and not hasattr(c, f"unipc_step_{b}"):
+            out[b] = f"fastdiff._C has no unipc_step_{b} (stale build: run tools/dev_build.sh)"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# custom op
+# ----------------------------------------------------------------------------------------------
+def _impl(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip_range, g):
+    if backend == "torch":
+        return _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, g,
+                            _order_of(x))  # fmt: skip
+    return _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, g)
+
+
+@torch.library.custom_op("fastdiff::unipc_step", mutates_args=())
+def _unipc_op(
+    x: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    last: Tensor | None,
+    m_prev: Tensor | None,
+    m_prev2: Tensor | None,
+    backend: str,
+    prediction_type: int,
+    clip_range: float | None,
+    guidance_scale: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == _AUTO:
+        backend = _dispatch.resolve(_OP, x.device, _unsupported(x))
+        backend = _dispatch.forward_ad_backend(_OP, backend, x, model_output, coef, last, m_prev,
+                                               m_prev2)  # fmt: skip
+    return _impl(x, model_output, coef, last, m_prev, m_prev2, backend, prediction_type,
+                 clip_range, guidance_scale)  # fmt: skip
+
+
+@_unipc_op.register_fake
+def _(x, model_output, coef, last, m_prev, m_prev2, backend, prediction_type, clip_range,
+      guidance_scale):  # fmt: skip
+    order = _order_of(x)
+    return _new_out(x, order), _new_out(x, order), _new_out(x, order)
+
+
+def _setup(ctx, inputs, output):
+    x, mo, coef, last, m1, m2, _backend, *opts = inputs
+    ctx.save_for_backward(x, mo, coef, last, m1, m2)
+    ctx.opts = opts
+
+
+def _backward(ctx, g_xc, g_m, g_xn):
+    x, mo, coef, last, m1, m2 = ctx.saved_tensors
+    pred, clip, g = ctx.opts
+
+    def run(x_, mo_, coef_, last_, m1_, m2_):
+        return _torch_unipc(x_, mo_, coef_, last_, m1_, m2_, pred, clip, g, _order_of(x_))
+
+    grads = _grads(ctx, run, (g_xc, g_m, g_xn), (x, mo, coef, last, m1, m2), range(6))
+    return (*grads, None, None, None, None)
+
+
+_unipc_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def unipc_step(
+    x: Tensor,
+    model_output: Tensor,
+    coef: Tensor,
+    last: Tensor | None = None,
+    m_prev: Tensor | None = None,
+    m_prev2: Tensor | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    guidance_scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One UniPC step: ``(x_c, m, x_next)`` from ``x`` and the model output at ``x``.
+
+    Args:
+        x: ``[N x ...]`` the sample the model saw (the previous predictor's output), fp32 /
+            fp16 / bf16, any layout.
+        model_output: x's shape, or ``[2N x ...] = [uncond, cond]`` with ``guidance_scale``.
+        coef: fp32 ``[>= 10]`` on x's device (see the module docstring for the layout).
+        last: the previous step's corrected sample x_c (UniC's ``x_{t_{i-1}}``), or None.
+        m_prev, m_prev2: the data predictions m_{i-1} and m_{i-2}, or None.
+        prediction_type: "epsilon" | "v_prediction" | "sample".
+        clip_range: clip m to ``[-r, r]`` (NaN propagates).
+        guidance_scale: classifier-free guidance on the raw output halves.
+
+    Returns:
+        ``(x_c, m, x_next)`` in x's dtype and memory format: the corrected sample (the next
+        step's ``last``), the data prediction (the next ``m_prev``) and the predictor's sample
+        at the next noise level (the model's next input).
+    """
+    try:
+        clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
+                                guidance_scale, False)  # fmt: skip
+        if coef.shape[0] < COEF_LEN:
+            raise ValueError(
+                f"coef must have >= {COEF_LEN} elements in one dimension, "
+                f"got shape {tuple(coef.shape)}"
+            )
+        for name, t in (("last", last), ("m_prev", m_prev), ("m_prev2", m_prev2)):
+            if t is not None:
+                _check_like_x(name, t, x)
+    except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
+        raise type(e)(f"unipc_step: {e}") from None
+    x, model_output, coef, last, m_prev, m_prev2 = _ext.resolve_neg(
+        x, model_output, coef, last, m_prev, m_prev2
+    )
+    pred = PREDICTION_TYPES[prediction_type]
+    plain = _plain_eager(x, model_output, coef, last, m_prev, m_prev2)
+    if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
+        return _unipc_op(x, model_output, coef, last, m_prev, m_prev2, _AUTO, pred, clip, g)
+    resolve = _dispatch.resolve_eager if plain else _dispatch.resolve
+    backend = resolve(_OP, x.device, _unsupported(x))
+    backend = _dispatch.forward_ad_backend(_OP, backend, x, model_output, coef, last, m_prev,
+                                           m_prev2)  # fmt: skip
+    fn = _impl if plain else _unipc_op
+    return fn(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip, g)
+
+
+_make_callable(__name__)

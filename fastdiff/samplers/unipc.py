@@ -1,0 +1,376 @@
+"""UniPC multistep sampler (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for
+Fast Sampling of Diffusion Models", arXiv:2302.04867), as diffusers' ``UniPCMultistepScheduler``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
+from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.dpm_solver import FINAL_SIGMAS, DPMSolverPPSampler
+from fastdiff.samplers.sigmas import (
+    SIGMA_GRIDS,
+    beta_sigmas,
+    exponential_sigmas,
+    karras_sigmas,
+    sigma_to_t,
+)
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["UniPCSampler"]
+
+SOLVER_TYPES = ("bh1", "bh2")
+_UNSET = object()
+
+
+def _unipc_ops():
+    from fastdiff.ops import unipc_step as mod
+
+    return mod
+
+
+class UniPCSampler(DPMSolverPPSampler):
+    """UniPC: the UniP-2 predictor and the UniC corrector in data prediction (``predict_x0``).
+
+    With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t), the
+    data predictions m_i = x0_theta(x_i, t_i) (x_i: the sample the model sees) and, for a
+    step from s = t_i to t = t_{i+1}, h = lambda_t - lambda_s, hh = -h, h phi_1 = e^{hh} - 1 and
+    B(h) = hh ("bh1") or e^{hh} - 1 ("bh2") (the paper's section 3.3 / appendix C, eq. 16-17):
+
+    UniP-p (Algorithm 2 of the paper, data prediction), with r_k = (lambda_{s_k} - lambda_s)/h
+    and D_k = (m_{s_k} - m_s) / r_k for the p - 1 earlier points::
+
+        x_t = (sigma_t/sigma_s) x_s - alpha_t h phi_1 m_s - alpha_t B(h) sum_k a_k D_k
+
+    For p = 2 diffusers takes a_1 = 1/2 (one earlier point, r_1 = (lambda_{i-1} - lambda_i)/h).
+
+    UniC-p (Algorithm 1, the corrector, applied at the start of the next step with the fresh
+    model output m_t at the predicted x_t; ``last`` = the x_s the predictor started from)::
+
+        x_t^c = (sigma_t/sigma_s) last - alpha_t h phi_1 m_s
+                - alpha_t B(h) (sum_k rho_k D_k + rho_p (m_t - m_s))
+
+    rho solves R rho = b (eq. 9: R_{jk} = r_k^{j-1}, b_j = phi_{j+1}(hh) j! / B(h) with the
+    phi functions of the exponential integrator, r_p = 1); for p = 1 diffusers takes
+    rho = 1/2. The model is not called at x^c: the next predictor starts from it.
+
+    Orders as diffusers' scheduler: the predictor's order at step i is
+    min(2, steps - i (``lower_order_final``), steps run so far + 1); the corrector at step i
+    has the order the predictor of step i - 1 had, and is skipped at a run's first step and
+    when i - 1 is in ``disable_corrector``. The last step's x is the predictor's (uncorrected).
+
+    Fused form. Everything above is linear in (x_i, last, m_i, m_{i-1}, m_{i-2}) with scalar
+    weights that depend only on the schedule, so step i is one :func:`fastdiff.ops.unipc_step`
+    call with the float64-computed row ``[a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1]``::
+
+        m_i     = x0(x_i, model_output)                                  (a = alpha_i, s = sigma_i)
+        x_c     = c_x x_i + c_last last + c_m m_i + c_m1 m_{i-1} + c_m2 m_{i-2}   (UniC)
+        x_{i+1} = p_xc x_c + p_m m_i + p_m1 m_{i-1}                               (UniP)
+
+    Without a corrector c_x = 1 and c_last = c_m = c_m1 = c_m2 = 0. For UniC-1,
+    c_last = sigma_i/sigma_{i-1}, c_m = -alpha_i B(h)/2, c_m1 = -alpha_i (h phi_1 - B(h)/2); for
+    UniC-2 (rho_1, rho_2 from the 2 x 2 system) c_m = -alpha_i B(h) rho_2,
+    c_m2 = -alpha_i B(h) rho_1 / r_1, c_m1 = -alpha_i (h phi_1 - B(h)(rho_1/r_1 + rho_2)). For
+    UniP-1, p_xc = sigma_{i+1}/sigma_i, p_m = -alpha_{i+1} h phi_1, p_m1 = 0; for UniP-2,
+    p_m1 = -alpha_{i+1} B(h) / (2 r_1) and p_m = -alpha_{i+1} h phi_1 - p_m1. (The final step
+    to sigma = 0 has h = inf: x_n = m_{n-1}.)
+
+    Args:
+        schedule, steps, prediction_type, timestep_spacing, steps_offset: see
+            :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``; the
+            ``linspace`` / ``leading`` grids over ``steps + 1`` points as diffusers').
+        solver_order: 2 (diffusers' default; the only order implemented).
+        solver_type: ``"bh2"`` (B(h) = e^{-h} - 1, default) or ``"bh1"`` (B(h) = -h).
+        predict_x0: True (data prediction; the noise-prediction variant is not implemented).
+        lower_order_final: first-order predictor at the last step.
+        disable_corrector: step indices whose predictor output is not corrected.
+        final_sigmas_type: ``"zero"`` or ``"sigma_min"``, as :class:`DPMSolverPPSampler`.
+        clip_sample, clip_sample_range: clip the data prediction (a fastdiff extension, off).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic thresholding
+            of the data prediction (a separate torch pass before the fused op).
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid, as
+            diffusers builds it (at most one).
+    """
+
+    name = "unipc"
+    default_spacing = "linspace"
+    is_multistep = True
+    coef_width = 10
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        *,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        solver_order: int = 2,
+        solver_type: str = "bh2",
+        predict_x0: bool = True,
+        lower_order_final: bool = True,
+        disable_corrector: Iterable[int] = (),
+        final_sigmas_type: str = "zero",
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+    ) -> None:
+        if isinstance(solver_order, bool) or solver_order != 2:
+            raise ValueError(
+                f"solver_order: only 2 (diffusers' default) is implemented, got {solver_order!r}"
+            )
+        if solver_type not in SOLVER_TYPES:
+            raise ValueError(
+                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
+            )
+        if predict_x0 is not True:
+            raise ValueError(
+                f"predict_x0: only True (data prediction, diffusers' default) is implemented, "
+                f"got {predict_x0!r}"
+            )
+        try:
+            disabled = sorted({int(k) for k in disable_corrector})
+        except TypeError:
+            raise TypeError(
+                "disable_corrector: expected a list of step indices, "
+                f"got {type(disable_corrector).__name__}"
+            ) from None
+        grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
+                                                  use_beta_sigmas), strict=True) if on]  # fmt: skip
+        if len(grids) > 1:
+            raise ValueError(
+                "use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: at most one may be "
+                f"True, got {', '.join(f'use_{g}_sigmas=True' for g in grids)}"
+            )
+        if final_sigmas_type not in FINAL_SIGMAS:
+            raise ValueError(
+                f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
+                f"got {final_sigmas_type!r}"
+            )
+        if clip_sample and not float(clip_sample_range) > 0:
+            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        if thresholding:
+            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        self.sigma_grid: str | None = grids[0] if grids else None
+        self.solver_type = solver_type
+        self.disable_corrector = disabled
+        self.lower_order_final = bool(lower_order_final)
+        self.final_sigmas_type = final_sigmas_type
+        self.clip_sample = bool(clip_sample)
+        self.clip_sample_range = float(clip_sample_range)
+        self.thresholding = bool(thresholding)
+        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
+        self.sample_max_value = float(sample_max_value)
+        self.algorithm_type, self.sde = "dpmsolver++", False  # read by inherited helpers only
+        self.reset()
+        Sampler.__init__(
+            self,
+            schedule,
+            steps,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+        )
+
+    # ------------------------------------------------------------------ timesteps and tables
+    def _grid_timesteps(self) -> np.ndarray:
+        """As :meth:`DPMSolverPPSampler._grid_timesteps`, but Karras timesteps are always
+        rounded (diffusers' UniPC has no cosine exception)."""
+        train = self._train_sigmas32()
+        lo, hi = train[0].item(), train[-1].item()
+        make = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
+        sig = make[self.sigma_grid](lo, hi, self.steps)
+        ts = sigma_to_t(sig, np.log(train))
+        if self.sigma_grid == "karras":
+            ts = ts.round()
+        last = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
+        self._grid = np.append(sig, last).astype(np.float32).astype(np.float64)
+        return ts.astype(np.int64)
+
+    def _rows(self, ratio: list[float], since: int | None) -> np.ndarray:
+        """float64 ``[steps x 10]``: row i for step i when ``since`` steps of this run precede
+        it (None: i of them, a run from step 0)."""
+        alpha = [1.0 / math.sqrt(r * r + 1.0) for r in ratio]
+        sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]
+        lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in
+               zip(alpha, sigma, strict=True)]  # fmt: skip
+        n, bh1 = self.steps, self.solver_type == "bh1"
+
+        def hphi_bh(h: float) -> tuple[float, float, float]:
+            hh = -h
+            hphi1 = math.expm1(hh)  # h phi_1(hh) = e^{hh} - 1
+            return hh, hphi1, (hh if bh1 else hphi1)
+
+        rows = np.zeros((n, self.coef_width), dtype=np.float64)
+        for i in range(n):
+            d = i if since is None else min(since, i)
+            row = rows[i]
+            row[0], row[1] = alpha[i], sigma[i]
+            # UniC: corrects the previous step's predictor output, with that step's order
+            p_c = min(2, n - i + 1 if self.lower_order_final else 2, d)
+            if p_c >= 1 and (i - 1) not in self.disable_corrector:
+                h = lam[i] - lam[i - 1]
+                if h == 0.0:
+                    raise ValueError(
+                        f"steps: steps {i - 1} and {i} share the noise level {ratio[i]:.6g}; "
+                        "UniPC cannot step between them; use fewer steps"
+                    )
+                hh, hphi1, bh = hphi_bh(h)
+                a_t = alpha[i]
+                row[3] = sigma[i] / sigma[i - 1]
+                if p_c == 1:
+                    rho_c, rho_1, r1 = 0.5, 0.0, 1.0
+                else:
+                    r1 = (lam[i - 2] - lam[i - 1]) / h
+                    hphi_k = hphi1 / hh - 1.0  # phi_2 (times 1!)
+                    b1 = hphi_k / bh
+                    hphi_k = hphi_k / hh - 0.5  # phi_3 (times 2!)
+                    b2 = hphi_k * 2.0 / bh
+                    rho_1 = (b1 - b2) / (1.0 - r1)  # R rho = b, R = [[1, 1], [r1, 1]]
+                    rho_c = b1 - rho_1
+                row[4] = -a_t * bh * rho_c
+                row[6] = -a_t * bh * rho_1 / r1
+                row[5] = -a_t * hphi1 - row[4] - row[6]
+            else:
+                row[2] = 1.0
+            # UniP: from this (corrected) sample to the next noise level
+            p_p = min(2, n - i if self.lower_order_final else 2, d + 1)
+            h = lam[i + 1] - lam[i]
+            if h == 0.0:  # a sigma grid's last sigma_min to sigma_min again: the identity
+                row[7] = 1.0
+                continue
+            hh, hphi1, bh = hphi_bh(h)
+            a_t = alpha[i + 1]
+            row[7] = sigma[i + 1] / sigma[i]
+            row[8] = -a_t * hphi1
+            if p_p == 2:
+                if math.isinf(h):
+                    raise ValueError(
+                        "lower_order_final: False with final_sigmas_type='zero' makes the last "
+                        "UniP-2 step divide by the infinite log-SNR step (diffusers returns inf / "
+                        "NaN there); use lower_order_final=True or final_sigmas_type='sigma_min'"
+                    )
+                r1 = (lam[i - 1] - lam[i]) / h
+                row[9] = -a_t * bh * 0.5 / r1
+                row[8] -= row[9]
+        return rows
+
+    def coefficients(self) -> np.ndarray:
+        ratio = self._ratios()
+        self._first64 = self._rows(ratio, 0)  # a run's first step (no history)
+        self._second64 = self._rows(ratio, 1)  # a run's second step (a UniC-1 corrector)
+        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
+        return self._rows(ratio, None)
+
+    def _needs_noise_row(self, i: int) -> bool:
+        return False
+
+    def _variant(self, since: int, device: torch.device) -> Tensor:
+        """The table of rows for a run that started ``since`` (0 or 1) steps before."""
+        tab = self._variant_tables.get((since, device))
+        if tab is None:
+            rows = self._first64 if since == 0 else self._second64
+            tab = torch.from_numpy(rows).float().to(device)
+            self._variant_tables[(since, device)] = tab
+        return tab
+
+    def config(self) -> dict:
+        return {
+            "cls": type(self).__name__,
+            "prediction_type": self.prediction_type,
+            "clip": self.clip_sample,
+            "clip_range": self.clip_sample_range,
+            "thresholding": self.thresholding,
+            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
+            "sample_max_value": self.sample_max_value if self.thresholding else None,
+        }
+
+    def reset(self) -> None:
+        self._last: Tensor | None = None
+        self._m1: Tensor | None = None
+        self._m2: Tensor | None = None
+        self._prev_i = -1  # the step whose outputs the history holds
+        self._start = 0  # the first step of the current run
+
+    # ------------------------------------------------------------------ stepping
+    def step_with_history(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        coef: Tensor,
+        last: Tensor | None,
+        m_prev: Tensor | None,
+        m_prev2: Tensor | None,
+        *,
+        guidance_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One fused UniPC call with the caller's history and coefficient row (CUDA graphs):
+        returns ``(x_c, m_i, x_{i+1})``; the sampler's own history is left alone."""
+        self._check_step_args(model_output, i, x, None, guidance_scale)
+        ops = _unipc_ops()
+        if self.thresholding:
+            mo = _combine_cfg(model_output, guidance_scale)
+            x0, _ = _x0_eps(x, mo, coef[0], coef[1], self.prediction_type)
+            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+            return ops.unipc_step(x, x0, coef, last, m_prev, m_prev2, prediction_type="sample")
+        return ops.unipc_step(
+            x,
+            model_output,
+            coef,
+            last,
+            m_prev,
+            m_prev2,
+            prediction_type=self.prediction_type,
+            clip_range=self.clip_sample_range if self.clip_sample else None,
+            guidance_scale=guidance_scale,
+        )
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """One UniPC step at ``timesteps[i]``: correct x (UniC, with the model output at x),
+        then predict the sample at the next noise level (UniP). One fused op call.
+
+        The history (the previous corrected sample and data predictions) is kept on the
+        sampler and used only when step ``i - 1`` was the last one it ran for this x shape; a
+        run that starts at ``i > 0`` (img2img, diffusers' ``set_begin_index``) or a reused
+        sampler starts without a corrector and with a first-order predictor, as diffusers.
+        UniPC is deterministic: ``noise``, ``generator`` and ``generator_state`` are unused.
+        Returns x_{i+1}, or ``(x_{i+1}, m_i)`` with ``return_x0``.
+        """
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        m1 = self._m1
+        valid = m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+        if not valid:
+            self._start, self._m2 = i, None
+        since = i - self._start
+        table = self.coef_table(x.device) if since >= 2 else self._variant(since, x.device)
+        rows = self._coef64 if since >= 2 else (self._first64 if since == 0 else self._second64)
+        r = rows[i]
+        last = self._last if valid and r[3] != 0.0 else None
+        m_prev = m1 if valid and (r[5] != 0.0 or r[9] != 0.0) else None
+        m_prev2 = self._m2 if valid and r[6] != 0.0 else None
+        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m_prev,
+                                                m_prev2, guidance_scale=guidance_scale)  # fmt: skip
+        self._last, self._m2, self._m1, self._prev_i = x_c, m1 if valid else None, m, i
+        return (x_next, m) if return_x0 else x_next
