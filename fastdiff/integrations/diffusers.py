@@ -10,8 +10,9 @@ What is patched, in place (parameters and state-dict keys never change):
   :class:`FusedResnetBlock2D`, whose forward is diffusers' step for step except that
   ``norm1 -> SiLU`` and ``(+temb) -> norm2 -> SiLU`` (or ``norm2 -> scale/shift -> SiLU`` for
   ``time_embedding_norm="scale_shift"``) are each one fused ``group_norm_silu`` call;
-* the UNet's final ``conv_norm_out -> conv_act`` pair: a :class:`GroupNormSiLU` sharing the
-  GroupNorm's parameters, and ``conv_act`` becomes ``nn.Identity``;
+* the UNet's final ``conv_norm_out -> conv_act`` pair (and an ``AutoencoderKL``'s encoder and
+  decoder ones): a :class:`GroupNormSiLU` sharing the GroupNorm's parameters, and ``conv_act``
+  becomes ``nn.Identity``;
 * every ``Attention`` on the default processor (``AttnProcessor2_0``/``AttnProcessor``, or
   ``AttnAddedKVProcessor(2_0)`` for the added-KV attention of SimpleCrossAttn blocks, with the
   standard ``1/sqrt(d)`` scale): :class:`FastAttnProcessor`, and its ``group_norm`` (if any) runs
@@ -411,20 +412,33 @@ def _patch_attention(name: str, attn: nn.Module, proc: Any, report: OptimizeRepo
 _NORM_LEFT = "GroupNorm with hooks (or not a plain nn.GroupNorm): run as a module"
 
 
-def _patch_out_norm(model: nn.Module, report: OptimizeReport) -> None:
-    """The UNet's ``conv_norm_out -> conv_act`` (UNet2DModel, UNet2DConditionModel)."""
+def _patch_out_norm(model: nn.Module, report: OptimizeReport, prefix: str = "") -> None:
+    """A ``conv_norm_out -> conv_act`` pair that ``model.forward`` runs back to back: the UNet's
+    (UNet2DModel, UNet2DConditionModel) and the VAE Encoder's / Decoder's (``prefix``: the
+    module's name and a dot, for the report)."""
     norm, act = getattr(model, "conv_norm_out", None), getattr(model, "conv_act", None)
     what = "conv_norm_out+conv_act: fused GroupNorm+SiLU"
+    where = f"{prefix}conv_norm_out"
     if isinstance(norm, GroupNormSiLU) and isinstance(act, nn.Identity):
-        report.already.append(("conv_norm_out", what))
+        report.already.append((where, what))
     elif norm is not None and (has_hooks(norm) or (act is not None and has_hooks(act))):
-        report.left.append(("conv_norm_out", "conv_norm_out or conv_act has hooks"))
+        report.left.append((where, "conv_norm_out or conv_act has hooks"))
     elif type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
         _fuse_norm(model, "conv_norm_out", "silu")
         model.conv_act = nn.Identity()
-        report.replaced.append(("conv_norm_out", what))
+        report.replaced.append((where, what))
     elif norm is not None:
-        report.left.append(("conv_norm_out", f"{type(norm).__name__} -> {type(act).__name__}"))
+        report.left.append((where, f"{type(norm).__name__} -> {type(act).__name__}"))
+
+
+def _vae_coders() -> tuple[type, ...]:
+    """diffusers' VAE ``Encoder`` / ``Decoder``: forward ends ``conv_norm_out -> conv_act ->
+    conv_out`` (the Decoder's ``conv_norm_out`` is a SpatialNorm for MoVQ: left, by type)."""
+    try:
+        from diffusers.models.autoencoders.vae import Decoder, Encoder
+    except ImportError:  # an older layout: nothing to fuse there
+        return ()
+    return (Encoder, Decoder)
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -502,8 +516,12 @@ def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
 
     handled: set[int] = set()  # ids of GroupNorms handled or intentionally kept
     proc = FastAttnProcessor()
+    coders = _vae_coders()
     for name, m in list(model.named_modules()):
-        if isinstance(m, ResnetBlock2D):
+        if type(m) in coders and name:  # exact classes: a subclass may run its pair otherwise
+            handled.add(id(getattr(m, "conv_norm_out", None)))
+            _patch_out_norm(m, report, prefix=f"{name}.")
+        elif isinstance(m, ResnetBlock2D):
             _patch_resnet(name, m, report)
             handled.update({id(m.norm1), id(m.norm2)})
         elif isinstance(m, DiffusersAttention):
