@@ -202,7 +202,9 @@ class NoiseSchedule:
                 f"got {type(scheduler_or_config).__name__}"
             )
         name = type(scheduler_or_config).__name__
-        if "beta_schedule" not in cfg and "trained_betas" not in cfg:  # flow matching, EDM, VE
+        defaults = _class_defaults(cfg.get("_class_name"))
+        # flow matching, EDM, VE, and IPNDM (trained_betas=None, sin^2 of continuous time)
+        if "beta_schedule" not in {**defaults, **cfg} and cfg.get("trained_betas") is None:
             raise ValueError(
                 f"scheduler_or_config: {name} has no beta schedule (a flow-matching, EDM or "
                 "variance-exploding scheduler?); fastdiff samples DDPM-family (beta) schedules"
@@ -213,7 +215,7 @@ class NoiseSchedule:
                     f"scheduler_or_config: {name} sets {key}={cfg[key]}, which changes its noise "
                     "levels beyond the betas; fastdiff's NoiseSchedule does not model it"
                 )
-        cfg = {**_class_defaults(cfg.get("_class_name")), **cfg}
+        cfg = {**defaults, **cfg}
         trained = cfg.get("trained_betas")
         kind = cfg.get("beta_schedule", "linear")
         if trained is None and kind not in BETA_SCHEDULES:

@@ -1,0 +1,75 @@
+"""Regression tests from the session-11 review (review11) of the CLI, training, data, the
+schedules, the pretrained model files and the sample() API's argument handling, as a demanding
+user would call them.
+
+Each test failed before its fix (the commit that fixed it names the test); the non-bugs that
+were checked are listed in notes/s11/review11_log.md. Tests marked xfail(strict=True) are bugs
+in files this review does not own (reported to the lead).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.schedules import NoiseSchedule
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ schedules
+def test_from_diffusers_refuses_a_scheduler_without_betas_ipndm():
+    """IPNDMScheduler has no beta schedule (its config is only num_train_timesteps and
+    trained_betas=None; its noise levels are sin^2 of continuous time), yet from_diffusers
+    returned linear DDPM betas for it, so sample(schedule=IPNDMScheduler()) silently ran on a
+    schedule the scheduler does not have. A config whose trained_betas is None and that has no
+    beta_schedule (its own or its class's) is refused like the other non-beta schedulers."""
+    with pytest.raises(ValueError, match="no beta schedule"):
+        NoiseSchedule.from_diffusers(diffusers.IPNDMScheduler())
+    with pytest.raises(ValueError, match="no beta schedule"):
+        NoiseSchedule.from_diffusers({"num_train_timesteps": 1000, "trained_betas": None})
+    # a pruned config of a beta scheduler class still takes the class's beta_schedule
+    s = NoiseSchedule.from_diffusers({"_class_name": "DDIMScheduler", "trained_betas": None})
+    assert s.beta_schedule == "linear" and len(s) == 1000
+    betas = [0.1, 0.2, 0.3]  # trained betas alone are a schedule
+    assert NoiseSchedule.from_diffusers({"trained_betas": betas}).betas.tolist() == betas
+
+
+# ----------------------------------------------------------- sample(): argument handling
+def _zero_model(x, t):
+    return torch.zeros_like(x)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fastdiff/_prepare.py (not owned by review11): a numpy int batch_size is refused "
+    "with 'expected an int >= 1, got np.int64(2)'",
+)
+def test_sample_batch_size_numpy_int():
+    """sample(batch_size=np.int64(2)) raised ValueError 'batch_size: expected an int >= 1, got
+    np.int64(2)': the message contradicts itself (2 >= 1). NoiseSchedule and train() take numpy
+    ints (operator.index); sample's batch_size should too (bool stays refused)."""
+    x = fastdiff.sample(_zero_model, steps=2, shape=(1, 4, 4), batch_size=np.int64(2))
+    assert x.shape == (2, 1, 4, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fastdiff/_prepare.py (not owned by review11): shape=16 fails with a bare "
+    "\"'int' object is not iterable\"",
+)
+def test_sample_shape_not_a_sequence_names_shape():
+    """sample(shape=16) raised TypeError "'int' object is not iterable", naming no argument;
+    the error should name shape= and what is expected (a per-sample shape such as (3, 64, 64))."""
+    with pytest.raises(TypeError, match="shape"):
+        fastdiff.sample(_zero_model, steps=2, shape=16)
