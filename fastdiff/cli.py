@@ -86,6 +86,17 @@ _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
+def _seed(s: str) -> int:
+    """An argparse type: a seed torch.Generator.manual_seed takes (-2**63 .. 2**64 - 1)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
+    if not -(2**63) <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected a seed in -2**63 .. 2**64-1, got {v}")
+    return v
+
+
 def _label(s: str) -> int | str:
     if s == "all":
         return s
@@ -491,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'
     s.add_argument("--sde", action="store_true", help=sde)
-    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     s.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
@@ -505,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive_int, default=2000, help="optimisation steps")
     t.add_argument("--batch-size", type=_positive_int, default=128, help="images per step")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--seed", type=_seed, default=0, help="random seed")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     t.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
     t.add_argument("--checkpoint", default=None, help="checkpoint stem, <out>-ckpt if not given")
@@ -542,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--digit", type=int, default=3, help="which digit, 0-9")
     f.add_argument("--index", type=int, default=0, help="which example of that digit")
     f.add_argument("--frames", type=int, default=11, help="noise levels shown (>= 2)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the noise draw")
+    f.add_argument("--seed", type=_seed, default=0, help="seed of the noise draw")
     f.set_defaults(func=cmd_show_forward)
     sc = ssub.add_parser("schedules", help="abar_t and SNR: linear vs cosine (matplotlib)")
     sc.add_argument("--out", default="schedules.png", help="PNG to write")
@@ -555,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (1: none)")  # fmt: skip
     r.add_argument("--frames", type=int, default=10, help="sampling steps shown (>= 2)")
-    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--seed", type=_seed, default=0, help="random seed")
     r.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     r.add_argument("--quiet", action="store_true", help="no progress bar")

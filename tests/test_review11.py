@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastdiff
+from fastdiff.cli import main
 from fastdiff.schedules import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -43,6 +44,30 @@ def test_from_diffusers_refuses_a_scheduler_without_betas_ipndm():
     assert s.beta_schedule == "linear" and len(s) == 1000
     betas = [0.1, 0.2, 0.3]  # trained betas alone are a schedule
     assert NoiseSchedule.from_diffusers({"trained_betas": betas}).betas.tolist() == betas
+
+
+# ------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("seed", ["99999999999999999999999", str(2**64), str(-(2**63) - 1)])
+def test_cli_seed_out_of_range_names_the_option(seed, tmp_path, capsys):
+    """--seed beyond what torch.Generator.manual_seed takes (-2**63 .. 2**64-1) loaded the model
+    and then failed with torch's 'Overflow when unpacking long long', naming no option. It is
+    now an argparse error that names --seed and the range."""
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--steps", "1", "--n", "1", "--quiet", "--out", str(out), "--seed", seed])
+    line = _one_error_line(capsys)
+    assert rc != 0 and not out.exists()
+    assert "--seed" in line and seed in line, line
+
+
+def test_cli_seed_range_edges_are_accepted():
+    """The edges of torch's seed range parse (negative seeds kept working)."""
+    from fastdiff.cli import build_parser
+
+    p = build_parser()
+    for seed in (-(2**63), -1, 0, 2**64 - 1):
+        assert p.parse_args(["sample", "--seed", str(seed)]).seed == seed
+        assert p.parse_args(["train", "--out", "m.safetensors", "--seed", str(seed)]).seed == seed
+        torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------- sample(): argument handling
