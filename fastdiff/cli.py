@@ -153,7 +153,7 @@ def _load_model(path: str | None, dev: torch.device):
     if path is None:
         return load_pretrained("digits", device=dev)
     p = Path(path)
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():  # a directory: load_model_file says what it expects
         raise CLIError(f"model file not found: {p}")
     return load_model_file(p, device=dev)
 

@@ -15,6 +15,8 @@ import torch
 
 import fastdiff
 from fastdiff.cli import main
+from fastdiff.models import UNet
+from fastdiff.models.pretrained import load_model_file, read_meta, save_model_file
 from fastdiff.schedules import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -68,6 +70,49 @@ def test_cli_seed_range_edges_are_accepted():
         assert p.parse_args(["sample", "--seed", str(seed)]).seed == seed
         assert p.parse_args(["train", "--out", "m.safetensors", "--seed", str(seed)]).seed == seed
         torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------- model files
+def _small_unet(tmp_path):
+    torch.manual_seed(0)
+    u = UNet.from_preset("tiny")
+    path = tmp_path / "m.safetensors"
+    save_model_file(u, path, schedule="linear")
+    return path
+
+
+def test_malformed_json_config_names_the_file(tmp_path, capsys):
+    """A broken <stem>.json beside the weights (hand-edited, truncated by a full disk) raised
+    json's bare 'Expecting property name enclosed in double quotes: line 1 column 2', naming
+    no file; `fastdiff sample --model` printed just that. Now a ValueError naming the .json."""
+    path = _small_unet(tmp_path)
+    jpath = path.with_suffix(".json")
+    jpath.write_text("{not json")
+    with pytest.raises(ValueError, match=r"m\.json"):
+        read_meta(path)
+    with pytest.raises(ValueError, match=r"m\.json"):
+        load_model_file(path)
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--model", str(path), "--steps", "1", "--n", "1", "--quiet",
+               "--out", str(out)])  # fmt: skip
+    line = _one_error_line(capsys)
+    assert rc != 0 and not out.exists() and "m.json" in line, line
+
+
+def test_model_path_that_is_a_directory_is_not_reported_missing(tmp_path, capsys):
+    """load_model_file(dir) and `fastdiff sample --model dir` said 'model file not found: dir'
+    for a directory that exists (e.g. one written by UNet.save_pretrained). The error now says
+    it is a directory and that a .safetensors file is expected."""
+    d = tmp_path / "weights_dir"
+    d.mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        load_model_file(d)
+    out = tmp_path / "s.png"
+    rc = main(["sample", "--model", str(d), "--steps", "1", "--n", "1", "--quiet",
+               "--out", str(out)])  # fmt: skip
+    line = _one_error_line(capsys)
+    assert rc != 0 and not out.exists()
+    assert "is a directory" in line and "not found" not in line, line
 
 
 # ----------------------------------------------------------- sample(): argument handling

@@ -196,6 +196,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a directory; expected a .safetensors weights file (a directory written "
+            "by UNet.save_pretrained loads with fastdiff.models.UNet.from_pretrained(directory))"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     if path.suffix.lower() == ".json":
@@ -205,7 +210,10 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         )
     jpath = path.with_suffix(".json")
     if jpath.is_file():
-        meta, where = json.loads(jpath.read_text()), jpath
+        try:
+            meta, where = json.loads(jpath.read_text()), jpath
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{jpath}: the model's config is not valid JSON ({exc})") from None
     else:
         with _safetensors_errors(path), safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
