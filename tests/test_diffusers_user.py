@@ -266,12 +266,12 @@ def test_dpm_scheduler_with_learned_variance_runs_like_diffusers():
 # ---------------------------------------------------------------- a pipeline passed as model
 def test_pipeline_passed_as_model_names_its_unet():
     """sample(pipe) said "shape: not given and cannot be inferred" (and with shape= it would
-    call the pipeline as a model); optimize(pipe) did not say what to pass. Both now point to
-    pipe.unet."""
+    call the pipeline as a model); it now points to pipe.unet. optimize(pipe) optimizes the
+    pipeline's diffusers models (tests/test_optimize_vae.py)."""
     from diffusers import DDIMPipeline
 
     pipe = DDIMPipeline(unet=_unet(), scheduler=DDIMScheduler())
     with pytest.raises(TypeError, match=r"pipe\.unet, schedule=pipe\.scheduler"):
         fastdiff.sample(pipe, steps=2, shape=(3, 8, 8))
-    with pytest.raises(TypeError, match=r"optimize\(pipe\.unet\)"):
-        fastdiff.optimize(pipe)
+    assert fastdiff.optimize(pipe) is pipe
+    assert "unet" in pipe.fastdiff_report

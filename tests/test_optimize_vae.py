@@ -1,6 +1,6 @@
-"""``fastdiff.optimize`` on a diffusers ``AutoencoderKL``: its ResnetBlock2Ds, mid-block
+"""``fastdiff.optimize`` on a diffusers ``AutoencoderKL`` (its ResnetBlock2Ds, mid-block
 attention, upsamplers and the encoder's / decoder's ``conv_norm_out -> conv_act`` pairs run on the
-fused ops, and encode / decode equal the unpatched VAE's."""
+fused ops, and encode / decode equal the unpatched VAE's) and on a whole pipeline."""
 
 from __future__ import annotations
 
@@ -85,3 +85,46 @@ def test_hooked_or_spatial_norm_pair_is_left_and_named():
     )  # fmt: skip
     report = fastdiff.optimize(holder).fastdiff_report
     assert ("dec.conv_norm_out", "SpatialNorm -> SiLU") in report.left
+
+
+class _Pipe:
+    """A diffusers-pipeline stand-in: ``components`` as ``DiffusionPipeline`` has it."""
+
+    def __init__(self, **components: object) -> None:
+        self.__dict__.update(components)
+        self.components = components
+
+
+@torch.no_grad()
+def test_optimize_pipeline_optimizes_each_diffusers_model():
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()  # fmt: skip
+    pipe = DDIMPipeline(unet=copy.deepcopy(unet), scheduler=DDIMScheduler())
+    ref = pipe(batch_size=1, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert fastdiff.optimize(pipe) is pipe
+    report = pipe.fastdiff_report
+    assert set(report) == {"unet"} and report["unet"].replaced and not report["unet"].left
+    assert ("scheduler", "DDIMScheduler: not a diffusers model") in report.left
+    assert "unet: fastdiff.optimize(UNet2DModel)" in str(report)
+    got = pipe(batch_size=1, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert abs(got - ref).max() < 1e-4
+
+    vae, text = _vae(), torch.nn.Linear(4, 4)
+    other = _Pipe(unet=unet, vae=vae, text_encoder=text, safety_checker=None)
+    report = fastdiff.optimize(other, channels_last=False).fastdiff_report
+    assert set(report) == {"unet", "vae"}
+    assert isinstance(vae.decoder.conv_norm_out, GroupNormSiLU)
+    assert report.left == [("text_encoder", "Linear: not a diffusers model")]
+    assert all(not r.channels_last for r in report.values())
+    assert type(text) is torch.nn.Linear and not hasattr(text, "fastdiff_report")
+    with pytest.raises(TypeError, match="torch.nn.Module or a diffusers pipeline, got _Pipe"):
+        fastdiff.optimize(_Pipe())
+    with pytest.raises(TypeError, match="channels_last must be True, False or None"):
+        fastdiff.optimize(other, channels_last=1)

@@ -59,7 +59,7 @@ from fastdiff.nn.sampling import (
 from fastdiff.nn.stacked import stacked_linear
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
-__all__ = ["FastAttnProcessor", "OptimizeReport", "TimeProjections", "optimize"]
+__all__ = ["FastAttnProcessor", "OptimizeReport", "PipelineReport", "TimeProjections", "optimize"]
 
 
 @dataclass
@@ -467,21 +467,27 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     The report of what was replaced, what was already, and what was left alone and why, is
     attached as ``model.fastdiff_report`` (printable).
 
+    A diffusers pipeline (anything with a ``components`` dict, e.g. ``DDIMPipeline`` or
+    ``StableDiffusionPipeline``) has each of its diffusers models (``unet``, ``vae``, ...)
+    optimized in place and is returned; ``pipe.fastdiff_report`` maps each component name to its
+    report, and lists the components left alone (text encoders, schedulers: not diffusers
+    models).
+
     Deviation from issue 6's ``optimize(model, *, channels_last=False)``: the default is ``None``
     (channels_last on CPU only, as measured above; ``False`` on a GPU, as the issue asks), and
     the model is returned (so ``pipe.unet = fastdiff.optimize(pipe.unet)`` reads naturally) with
     the report beside it as ``model.fastdiff_report``.
     """
-    if not isinstance(model, nn.Module):
-        hint = ""
-        if isinstance(getattr(model, "unet", None), nn.Module):  # a diffusers pipeline
-            hint = "; for a pipeline, optimize its UNet: fastdiff.optimize(pipe.unet)"
-        raise TypeError(
-            f"optimize: model must be a torch.nn.Module, got {type(model).__name__}{hint}"
-        )
     if channels_last is not None and not isinstance(channels_last, bool):
         raise TypeError(
             f"optimize: channels_last must be True, False or None, got {channels_last!r}"
+        )
+    if not isinstance(model, nn.Module):
+        if _pipeline_components(model):
+            return _optimize_pipeline(model, channels_last)
+        raise TypeError(
+            "optimize: model must be a torch.nn.Module or a diffusers pipeline, got "
+            f"{type(model).__name__}"
         )
     if channels_last is None:
         param = next(model.parameters(), None)
@@ -500,6 +506,39 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
         channels_last_4d(model)
     model.fastdiff_report = report
     return model
+
+
+class PipelineReport(dict):
+    """``optimize(pipe)``'s report: ``{component name: OptimizeReport}``, and ``.left``, the
+    components left alone with the reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left: list[tuple[str, str]] = []
+
+    def __str__(self) -> str:
+        lines = [f"{name}: {report}" for name, report in self.items()]
+        lines += [f"left {name}: {why}" for name, why in self.left]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _pipeline_components(pipe: Any) -> dict[str, Any] | None:
+    comps = getattr(pipe, "components", None)
+    return comps if isinstance(comps, dict) and comps else None
+
+
+def _optimize_pipeline(pipe: Any, channels_last: bool | None) -> Any:
+    """Optimize each diffusers model of a pipeline in place (see :func:`optimize`)."""
+    report = PipelineReport()
+    for name, comp in _pipeline_components(pipe).items():
+        if isinstance(comp, nn.Module) and type(comp).__module__.startswith("diffusers."):
+            report[name] = optimize(comp, channels_last=channels_last).fastdiff_report
+        elif comp is not None:
+            report.left.append((name, f"{type(comp).__name__}: not a diffusers model"))
+    pipe.fastdiff_report = report
+    return pipe
 
 
 def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
