@@ -30,6 +30,8 @@ CASES = [
     ("EulerDiscreteScheduler", {}, "euler"),
     ("EulerAncestralDiscreteScheduler", {}, "euler_a"),
     ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun"),
+    ("UniPCMultistepScheduler", {}, "unipc"),
+    ("UniPCMultistepScheduler", {"solver_type": "bh1", "use_karras_sigmas": True}, "unipc"),
 ]
 
 
