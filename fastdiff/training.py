@@ -25,6 +25,7 @@ import contextlib
 import copy
 import json
 import math
+import numbers
 import operator
 import os
 import platform
@@ -137,6 +138,14 @@ def _positive_int(name: str, v: Any) -> int:
     return operator.index(v)
 
 
+def _real(name: str, v: Any) -> float:
+    """``v`` as a Python float (numpy scalars too: the hyperparameters are written as JSON),
+    else a TypeError naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {v!r}")
+    return float(v)
+
+
 def _resolve_device(device: torch.device | str | None) -> torch.device:
     dev = torch.device(device or "cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -199,6 +208,16 @@ def train(
         The EMA model in eval mode with ``.schedule`` set.
     """
     steps, batch_size = _positive_int("steps", steps), _positive_int("batch_size", batch_size)
+    # plain Python numbers: numpy ones failed at the first checkpoint (JSON), after the work
+    num_train_timesteps = _positive_int("num_train_timesteps", num_train_timesteps)
+    lr, weight_decay = _real("lr", lr), _real("weight_decay", weight_decay)
+    ema_decay, label_dropout = _real("ema_decay", ema_decay), _real("label_dropout", label_dropout)
+    grad_clip = None if grad_clip is None else _real("grad_clip", grad_clip)
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = operator.index(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must be in -2**63 .. 2**64-1 (torch's seed range), got {seed}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
     for name, v in (("log_every", log_every), ("stop_after", stop_after)):

@@ -115,6 +115,46 @@ def test_model_path_that_is_a_directory_is_not_reported_missing(tmp_path, capsys
     assert "is a directory" in line and "not found" not in line, line
 
 
+# ------------------------------------------------------------------------------ training
+def _tiny_classes_unet() -> UNet:
+    from fastdiff.models.unet import UNetConfig
+
+    cfg = UNetConfig(in_channels=1, out_channels=1, base_channels=8, channel_mult=(1,),
+                     num_res_blocks=1, attention_resolutions=(), num_classes=3, num_groups=4,
+                     sample_size=8, head_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    return UNet(cfg)
+
+
+def test_train_takes_numpy_hyperparameters(tmp_path):
+    """fastdiff.train(seed=np.int64(3)) failed with torch's bare 'an integer is required', and
+    numpy num_train_timesteps / lr / ema_decay / label_dropout (np.arange seeds, np.float32
+    sweeps) trained and then failed at the first checkpoint (or the final save) with 'Object of
+    type float32 is not JSON serializable', after the work, leaving a .safetensors.tmp behind.
+    They are now plain Python numbers from the start, and the run equals the one with Python
+    numbers."""
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, torch.arange(8) % 3)
+    common = dict(steps=2, batch_size=4, data=data, progress=False, checkpoint_every=1)
+    runs = {}
+    for kind, conv in (("py", lambda v: v.item()), ("np", lambda v: v)):
+        runs[kind] = fastdiff.train(
+            _tiny_classes_unet(), seed=conv(np.int64(3)), lr=conv(np.float32(2e-3)),
+            ema_decay=conv(np.float32(0.99)), label_dropout=conv(np.float64(0.2)),
+            num_train_timesteps=conv(np.int64(50)), grad_clip=conv(np.float32(0.5)),
+            checkpoint=tmp_path / f"ck_{kind}", out=tmp_path / f"m_{kind}.safetensors",
+            **common,
+        )  # fmt: skip
+    assert not list(tmp_path.glob("*.tmp"))
+    for a, b in zip(runs["py"].parameters(), runs["np"].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert load_model_file(tmp_path / "m_np.safetensors").training_info["seed"] == 3
+    with pytest.raises(TypeError, match="seed"):
+        fastdiff.train(_tiny_classes_unet(), seed=1.5, **common)
+    with pytest.raises(TypeError, match="lr"):
+        fastdiff.train(_tiny_classes_unet(), lr="1e-3", **common)
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
