@@ -80,6 +80,22 @@ def _ckpt_paths(checkpoint: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def _check_checkpoint_path(checkpoint: str | os.PathLike) -> None:
+    """ValueError unless the checkpoint files can be written (their directory is created when
+    missing): checked before training, not at the first checkpoint after the work."""
+    for p in _ckpt_paths(checkpoint):
+        if p.is_dir():
+            raise ValueError(f"checkpoint: {p} is a directory; use another checkpoint stem")
+    parent = _ckpt_paths(checkpoint)[0].parent.absolute()
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"checkpoint: cannot create directory {parent}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"checkpoint: cannot write in {existing}: permission denied")
+
+
 def _save_checkpoint(path, model, ema, opt, gen, step, elapsed, hparams) -> None:
     from safetensors.torch import save_file
 
@@ -234,6 +250,8 @@ def train(
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if checkpoint is not None:
+        _check_checkpoint_path(checkpoint)
     if out is not None:
         from fastdiff.models.pretrained import check_model_path
 

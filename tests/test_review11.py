@@ -155,6 +155,36 @@ def test_train_takes_numpy_hyperparameters(tmp_path):
         fastdiff.train(_tiny_classes_unet(), lr="1e-3", **common)
 
 
+@pytest.mark.parametrize("where", ["under_a_file", "stem_is_a_directory"])
+def test_train_checks_the_checkpoint_path_before_training(where, tmp_path, capsys):
+    """An unusable checkpoint path (its directory would be under a regular file, or
+    <stem>.safetensors is a directory) was found only at the first checkpoint, after
+    checkpoint_every steps of training (100 with the CLI, 500 with the API), as a bare OSError
+    ("[Errno 17] File exists: 'afile'"), leaving .tmp files. It is now a ValueError naming the
+    checkpoint before any step, and nothing is written."""
+    (tmp_path / "afile").write_text("x")
+    if where == "under_a_file":
+        ckpt = tmp_path / "afile" / "ck"
+    else:
+        ckpt = tmp_path / "ck"
+        (tmp_path / "ck.safetensors").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    model = _tiny_classes_unet()
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("training started before the checkpoint path was checked")
+
+    model.forward = no_forward
+    data = (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="checkpoint"):
+        fastdiff.train(model, steps=2, batch_size=2, data=data, checkpoint=ckpt, progress=False)
+    out = tmp_path / "m.safetensors"
+    rc = main(["train", "--out", str(out), "--checkpoint", str(ckpt), "--steps", "2", "--quiet"])
+    line = _one_error_line(capsys)
+    assert rc != 0 and "checkpoint" in line, line
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
