@@ -154,8 +154,11 @@ PyMethodDef run_planned_def = {
 
 }  // namespace
 
+void register_unipc_step(pybind11::module_& m);  // csrc/bind_unipc.cpp
+
 void register_sampler_step(pybind11::module_& m) {
   namespace py = pybind11;
+  register_unipc_step(m);
   m.def(
       "sampler_step_cpu",
       [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x, int64_t bs_x,
