@@ -38,7 +38,7 @@ BACKENDS: tuple[str, ...] = ("torch", "cpu", "cuda", "triton", "sdpa")
 CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sampler_step": ("triton", "cuda", "torch"),
     "dpm_solver_2m_step": ("triton", "cuda", "torch"),
-    "unipc_step": ("torch",),
+    "unipc_step": ("triton", "cuda", "torch"),
     "group_norm_silu": ("triton", "cuda", "torch"),
     "attention": ("sdpa", "triton", "cuda", "torch"),
 }
@@ -46,7 +46,7 @@ CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {
 CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "sampler_step": ("cpu", "torch"),
     "dpm_solver_2m_step": ("cpu", "torch"),
-    "unipc_step": ("torch",),
+    "unipc_step": ("cpu", "torch"),
     "group_norm_silu": ("cpu", "torch"),
     "attention": ("cpu", "sdpa", "torch"),
 }
@@ -54,7 +54,7 @@ CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "sampler_step": frozenset({"torch", "cpu", "cuda", "triton"}),
     "dpm_solver_2m_step": frozenset({"torch", "cpu", "cuda", "triton"}),
-    "unipc_step": frozenset({"torch"}),
+    "unipc_step": frozenset({"torch", "cpu", "cuda", "triton"}),
     "group_norm_silu": frozenset({"torch", "cpu", "cuda", "triton"}),
     "attention": frozenset({"torch", "cpu", "cuda", "triton", "sdpa"}),
 }

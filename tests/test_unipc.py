@@ -16,6 +16,7 @@ from helpers import (
     case_id,
     poison_,
 )
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -352,10 +353,10 @@ def test_unipc_op_nan_in_nan_out_and_poisoned_outputs(case, monkeypatch):
         return poison_(real_empty(*a, **k)) if k.get("dtype") is not torch.int64 else \
             real_empty(*a, **k)  # fmt: skip
 
-    monkeypatch.setattr(torch, "empty", poisoned)
-    with fastdiff.use_backend(backend, op="unipc_step"):
-        xc, m, xn = unipc_step(x, mo, _row().to(dev), last, m1, m2)
-    monkeypatch.undo()
+    with monkeypatch.context() as mp:  # not undo(): the emulator's patches must stay
+        mp.setattr(torch, "empty", poisoned)
+        with fastdiff.use_backend(backend, op="unipc_step"):
+            xc, m, xn = unipc_step(x, mo, _row().to(dev), last, m1, m2)
     ref = _ref64(x, mo, _row().to(dev), last, m1, m2, "epsilon", None, None)
     for o, r in zip((xc, m, xn), ref, strict=True):
         assert torch.equal(o.isnan(), r.isnan())
@@ -419,3 +420,52 @@ def test_unipc_op_opcheck(case):
                  (x, torch.cat([mo, mo]), coef, None, m1, None, backend, 1, 1.0, 3.0)]:  # fmt: skip
         torch.library.opcheck(_unipc_op, args)
     assert COEF_LEN == 10
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+def test_unipc_sampler_on_every_backend_matches_the_reference(case):
+    """A whole guided run (a disabled corrector, clipping) on each backend vs the torch
+    backend: the same history handling and rows on every backend."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(4)
+    x_t = torch.randn(2, 3, 5, 6, generator=g).to(dev)
+    w = torch.randn(4, 3, 5, 6, generator=g).to(dev)
+    outs = []
+    for b in ("torch", backend):
+        smp = UniPCSampler(NoiseSchedule("linear"), 7, disable_corrector=[2], clip_sample=True)
+        x = x_t
+        with fastdiff.use_backend(b, op="unipc_step"):
+            for i in range(7):
+                mo = torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w  # [uncond, cond]
+                x = smp.step(mo, i, x, guidance_scale=2.0)
+        outs.append(x)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- the CUDA kernel, on the CPU emulator
+EMU = ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,layout,pred,clip,cfg,hist",
+    [
+        ((2, 3, 5, 7), "contiguous", "epsilon", None, False, 3),
+        ((3, 4, 9, 5), "channels_last", "v_prediction", 1.0, True, 2),
+        ((1, 3, 6, 11), "strided", "sample", 0.7, False, 1),
+        ((2, 5, 3, 3), "contiguous", "epsilon", None, True, 0),
+        ((5, 1031), "contiguous", "v_prediction", None, False, 3),
+    ],
+)
+@pytest.mark.usefixtures("emu")
+def test_unipc_emulated_cuda_kernel(dtype, shape, layout, pred, clip, cfg, hist):
+    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
+    assert hasattr(fastdiff._ext.native(), "unipc_step_cuda")
+    test_unipc_op_vs_float64_reference(EMU, dtype, shape, layout, pred, clip, cfg, hist)
+
+
+@pytest.mark.usefixtures("emu")
+def test_unipc_emulated_cuda_nan_poison_and_sampler(monkeypatch):
+    test_unipc_op_nan_in_nan_out_and_poisoned_outputs(EMU, monkeypatch)
+    test_unipc_sampler_on_every_backend_matches_the_reference(EMU)
+    test_unipc_op_opcheck(EMU)
