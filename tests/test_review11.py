@@ -115,6 +115,18 @@ def test_model_path_that_is_a_directory_is_not_reported_missing(tmp_path, capsys
     assert "is a directory" in line and "not found" not in line, line
 
 
+def test_save_with_a_directory_where_the_config_goes_writes_nothing(tmp_path):
+    """save_model_file(m, "m.safetensors") with a directory named m.json replaced the weights
+    file and then failed renaming the config (IsADirectoryError): a new weights file beside no
+    config, and `fastdiff train --out` found it only after the whole training. Now a ValueError
+    before anything is written."""
+    (tmp_path / "m.json").mkdir()
+    u = UNet.from_preset("tiny")
+    with pytest.raises(ValueError, match=r"m\.json"):
+        save_model_file(u, tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
 # ------------------------------------------------------------------------------ training
 def _tiny_classes_unet() -> UNet:
     from fastdiff.models.unet import UNetConfig

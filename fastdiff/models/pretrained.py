@@ -113,6 +113,11 @@ def check_model_path(path: str | os.PathLike) -> Path:
             f"{p}: the weights need their own file name (the config is written beside them as "
             f"{p.name}); use {p.with_suffix('.safetensors')}"
         )
+    if p.with_suffix(".json").is_dir():
+        raise ValueError(
+            f"{p}: its config is written beside it as {p.with_suffix('.json')}, which is a "
+            "directory; use another file name"
+        )
     return check_writable(p)
 
 
