@@ -352,7 +352,8 @@ class UniPCSampler(DPMSolverPPSampler):
         then predict the sample at the next noise level (UniP). One fused op call.
 
         The history (the previous corrected sample and data predictions) is kept on the
-        sampler and used only when step ``i - 1`` was the last one it ran for this x shape; a
+        sampler and used only when step ``i - 1`` was the last one it ran for this x shape and
+        device; a
         run that starts at ``i > 0`` (img2img, diffusers' ``set_begin_index``) or a reused
         sampler starts without a corrector and with a first-order predictor, as diffusers.
         UniPC is deterministic: ``noise``, ``generator`` and ``generator_state`` are unused.
@@ -360,7 +361,8 @@ class UniPCSampler(DPMSolverPPSampler):
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         m1 = self._m1
-        valid = m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+                 and m1.device == x.device)  # fmt: skip
         if not valid:
             self._start, self._m2 = i, None
         since = i - self._start
