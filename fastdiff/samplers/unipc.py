@@ -40,24 +40,27 @@ class UniPCSampler(DPMSolverPPSampler):
     With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t), the
     data predictions m_i = x0_theta(x_i, t_i) (x_i: the sample the model sees) and, for a
     step from s = t_i to t = t_{i+1}, h = lambda_t - lambda_s, hh = -h, h phi_1 = e^{hh} - 1 and
-    B(h) = hh ("bh1") or e^{hh} - 1 ("bh2") (the paper's section 3.3 / appendix C, eq. 16-17):
+    B(h) = hh ("bh1") or e^{hh} - 1 ("bh2") (the paper's two choices of B(h), section 3):
 
-    UniP-p (Algorithm 2 of the paper, data prediction), with r_k = (lambda_{s_k} - lambda_s)/h
-    and D_k = (m_{s_k} - m_s) / r_k for the p - 1 earlier points::
+    UniP-p (the paper's UniP, section 3.2, in data prediction), with
+    r_k = (lambda_{s_k} - lambda_s)/h and D_k = (m_{s_k} - m_s) / r_k for the p - 1 earlier
+    points::
 
         x_t = (sigma_t/sigma_s) x_s - alpha_t h phi_1 m_s - alpha_t B(h) sum_k a_k D_k
 
     For p = 2 diffusers takes a_1 = 1/2 (one earlier point, r_1 = (lambda_{i-1} - lambda_i)/h).
 
-    UniC-p (Algorithm 1, the corrector, applied at the start of the next step with the fresh
-    model output m_t at the predicted x_t; ``last`` = the x_s the predictor started from)::
+    UniC-p (the paper's UniC, section 3.1: the corrector, applied at the start of the next step
+    with the fresh model output m_t at the predicted x_t; ``last`` = the x_s the predictor
+    started from)::
 
         x_t^c = (sigma_t/sigma_s) last - alpha_t h phi_1 m_s
                 - alpha_t B(h) (sum_k rho_k D_k + rho_p (m_t - m_s))
 
-    rho solves R rho = b (eq. 9: R_{jk} = r_k^{j-1}, b_j = phi_{j+1}(hh) j! / B(h) with the
-    phi functions of the exponential integrator, r_p = 1); for p = 1 diffusers takes
-    rho = 1/2. The model is not called at x^c: the next predictor starts from it.
+    rho solves R rho = b (UniC's order conditions: R_{jk} = r_k^{j-1},
+    b_j = phi_{j+1}(hh) j! / B(h) with the phi functions of the exponential integrator,
+    r_p = 1); for p = 1 diffusers takes rho = 1/2. The model is not called at x^c: the next
+    predictor starts from it.
 
     Orders as diffusers' scheduler: the predictor's order at step i is
     min(2, steps - i (``lower_order_final``), steps run so far + 1); the corrector at step i
