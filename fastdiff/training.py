@@ -239,6 +239,9 @@ def train(
     for name, v in (("log_every", log_every), ("stop_after", stop_after)):
         if v is not None and (isinstance(v, bool) or not hasattr(v, "__index__") or v < 0):
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    for name, v in (("lr", lr), ("weight_decay", weight_decay)):
+        if not 0.0 <= v < math.inf:  # inf trained to NaN weights and wrote them
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
     if grad_clip is not None and not 0.0 <= grad_clip < math.inf:
         # a negative max norm turned clip_grad_norm_'s scale negative: gradient ascent
         raise ValueError(f"grad_clip must be None, 0 (off) or a positive norm, got {grad_clip}")

@@ -197,6 +197,21 @@ def test_train_checks_the_checkpoint_path_before_training(where, tmp_path, capsy
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("kw", [{"lr": float("inf")}, {"weight_decay": float("inf")},
+                                {"lr": float("nan")}, {"lr": -1.0}])  # fmt: skip
+def test_train_refuses_an_infinite_learning_rate(kw, tmp_path):
+    """train(lr=inf) (or weight_decay=inf; `fastdiff train --lr inf`) passed AdamW's check
+    (0 <= lr), trained to NaN weights and wrote them to out= without a word. lr and
+    weight_decay must now be finite and >= 0, a ValueError naming the argument, before any
+    step and with nothing written."""
+    data = (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        fastdiff.train(_tiny_classes_unet(), steps=2, batch_size=2, data=data, out=out,
+                       progress=False, **kw)  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
