@@ -316,6 +316,14 @@ def _train(
         raise ValueError("data: expected at least one training image, got an empty set")
     if not x_all.dtype.is_floating_point:
         raise TypeError(f"data: expected floating-point images in [-1, 1], got {x_all.dtype}")
+    if y_all.dtype.is_floating_point or y_all.dtype.is_complex or y_all.dtype == torch.bool:
+        raise TypeError(f"data: expected integer class labels, got dtype {y_all.dtype}")
+    if y_all.numel() and not 0 <= int(y_all.min()) <= int(y_all.max()) < null_class:
+        # label null_class silently trained as the unconditional (CFG) class
+        raise ValueError(
+            f"data: expected class labels in 0..{null_class - 1} (the model's classes; "
+            f"{null_class} is its null class), got {int(y_all.min())}..{int(y_all.max())}"
+        )
     # images in the model's dtype (float64 arrays failed deep in the first conv)
     x_all = x_all.to(dev, next(model.parameters()).dtype)
     y_all = y_all.to(dev)

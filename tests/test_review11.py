@@ -212,16 +212,24 @@ def test_train_refuses_an_infinite_learning_rate(kw, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("labels", [[1, 2, 3, 3], [0, 1, -1, 2]])
+def test_train_refuses_labels_outside_the_models_classes(labels):
+    """train(data=(x, y)) with labels 1..3 for a 3-class model (1-based labels) trained label 3,
+    the model's null class, as the unconditional class of classifier-free guidance, without a
+    word; label -1 trained whenever the batches missed it. Labels must lie in
+    0..num_classes-1, checked before any step."""
+    model = _tiny_classes_unet()
+    assert model.null_class == 3
+    data = (torch.zeros(4, 1, 8, 8), torch.tensor(labels))
+    with pytest.raises(ValueError, match=r"data: expected class labels in 0\.\.2"):
+        fastdiff.train(model, steps=2, batch_size=4, data=data, progress=False)
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastdiff/_prepare.py (not owned by review11): a numpy int batch_size is refused "
-    "with 'expected an int >= 1, got np.int64(2)'",
-)
 def test_sample_batch_size_numpy_int():
     """sample(batch_size=np.int64(2)) raised ValueError 'batch_size: expected an int >= 1, got
     np.int64(2)': the message contradicts itself (2 >= 1). NoiseSchedule and train() take numpy
@@ -230,11 +238,6 @@ def test_sample_batch_size_numpy_int():
     assert x.shape == (2, 1, 4, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastdiff/_prepare.py (not owned by review11): shape=16 fails with a bare "
-    "\"'int' object is not iterable\"",
-)
 def test_sample_shape_not_a_sequence_names_shape():
     """sample(shape=16) raised TypeError "'int' object is not iterable", naming no argument;
     the error should name shape= and what is expected (a per-sample shape such as (3, 64, 64))."""
