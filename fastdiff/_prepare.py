@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -63,6 +64,36 @@ def _model_param(model: Any) -> Tensor | None:
         return None
 
 
+def _as_batch_size(batch_size: Any) -> int:
+    """An int >= 1 (numpy integers too); bool and non-integers are a ValueError."""
+    if not isinstance(batch_size, bool):
+        try:
+            n = operator.index(batch_size)
+        except TypeError:
+            n = 0
+        if n >= 1:
+            return n
+    raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+
+
+def _as_shape(shape: Any) -> tuple[int, ...]:
+    """A per-sample shape as a tuple of ints (numpy integers too; not floats or bools)."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise TypeError(
+            f"shape: expected the per-sample shape as a sequence of ints, e.g. (3, 64, 64), got "
+            f"{type(shape).__name__} {shape!r}"
+        )
+    out = []
+    for s in shape:
+        try:
+            out.append(operator.index(s) if not isinstance(s, bool) else None)
+        except TypeError:
+            out.append(None)
+    if None in out:
+        raise TypeError(f"shape: expected a sequence of ints, e.g. (3, 64, 64), got {shape!r}")
+    return tuple(out)
+
+
 def _infer_shape(model: Any) -> tuple[int, ...] | None:
     size = _cfg_get(model, "sample_size")
     if size is None:
@@ -88,6 +119,8 @@ def resolve_x(
     """x_T's device, dtype and shape ``(N, *shape)``: as given, else from ``noise``, the model's
     parameters and config; checked against each other and ``generator``."""
     param = _model_param(model)
+    batch_size = None if batch_size is None else _as_batch_size(batch_size)
+    shape = None if shape is None else _as_shape(shape)
     if noise is not None and not isinstance(noise, Tensor):
         raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
     if device is None:
@@ -144,7 +177,7 @@ def resolve_x(
                 "shape: not given and cannot be inferred from the model (no config.sample_size /"
                 " in_channels); pass the per-sample shape, e.g. shape=(3, 64, 64), or noise=x_T"
             )
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(shape)
     if any(s < 1 for s in shape):
         raise ValueError(f"shape: expected positive sizes, got {shape}")
     _check_generator(generator, batch_size)

@@ -181,6 +181,23 @@ def test_zero_sized_shape_is_a_value_error(shape):
         fastdiff.sample(lambda x, t: x, steps=2, shape=shape)
 
 
+@pytest.mark.parametrize("shape", [(3, 4.5, 4), (3, True, 4), "344", (3, "4", 4)])
+def test_non_integer_shape_is_a_type_error(shape):
+    """shape=(3, 4.5, 4) was truncated to (3, 4, 4) by int(): samples of another shape than
+    asked for."""
+    with pytest.raises(TypeError, match="shape: expected"):
+        fastdiff.sample(lambda x, t: x, steps=2, shape=shape)
+
+
+def test_numpy_shape_and_batch_size_are_taken():
+    import numpy as np
+
+    x = fastdiff.sample(lambda x, t: x, steps=2, shape=(np.int64(2), 3), batch_size=np.int32(2))
+    assert x.shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1"):
+        fastdiff.sample(lambda x, t: x, steps=2, shape=(2, 3), batch_size=2.0)
+
+
 def test_non_square_sample_size_from_config_keeps_its_order():
     class Rect(nn.Module):
         def __init__(self):
