@@ -360,7 +360,8 @@ def _train(
         if start > steps:
             raise ValueError(f"checkpoint {checkpoint} is at step {start} > steps={steps}")
         _load_checkpoint(checkpoint, model, ema, opt, gen)
-    end = steps if stop_after is None else min(steps, stop_after)
+    # a checkpoint already past stop_after: nothing to do, and the record says where it is
+    end = steps if stop_after is None else max(start, min(steps, stop_after))
 
     ctx = contextlib.nullcontext()
     if backend is not None:

@@ -225,6 +225,21 @@ def test_train_refuses_labels_outside_the_models_classes(labels):
         fastdiff.train(model, steps=2, batch_size=4, data=data, progress=False)
 
 
+def test_train_resumed_past_stop_after_records_the_steps_done(tmp_path):
+    """Resuming a checkpoint at step 2 with stop_after=1 returned the step-2 EMA model but
+    recorded training_info["steps_done"] = 1 (min(steps, stop_after), not the steps the
+    weights had seen)."""
+    g = torch.Generator().manual_seed(0)
+    data = (torch.rand(8, 1, 8, 8, generator=g) * 2 - 1, torch.arange(8) % 3)
+    common = dict(steps=3, batch_size=4, data=data, progress=False, checkpoint=tmp_path / "ck")
+    first = fastdiff.train(_tiny_classes_unet(), stop_after=2, **common)
+    assert first.training_info["steps_done"] == 2
+    again = fastdiff.train(_tiny_classes_unet(), stop_after=1, **common)
+    assert again.training_info["steps_done"] == 2
+    for a, b in zip(first.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
