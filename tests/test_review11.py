@@ -258,3 +258,43 @@ def test_sample_shape_not_a_sequence_names_shape():
     the error should name shape= and what is expected (a per-sample shape such as (3, 64, 64))."""
     with pytest.raises(TypeError, match="shape"):
         fastdiff.sample(_zero_model, steps=2, shape=16)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fastdiff/_sampler_setup.py + samplers/base.py (not owned by review11): "
+    "steps=np.int64(2) is 'expected an int, got int64'",
+)
+def test_sample_steps_numpy_int():
+    """sample(steps=np.int64(2)) raised TypeError 'steps: expected an int, got int64', while
+    batch_size, NoiseSchedule(num_train_timesteps=) and train(steps=) take numpy integers
+    (steps from np.arange sweeps); bool stays refused."""
+    x = fastdiff.sample(_zero_model, steps=np.int64(2), shape=(1, 4, 4))
+    assert x.shape == (1, 1, 4, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fastdiff/_conditioning.py (not owned by review11): guidance_scale=np.float32(2.0) "
+    "is 'expected a real number, got np.float32(2.0)'",
+)
+def test_sample_guidance_scale_numpy_float():
+    """sample(guidance_scale=np.float32(2.0)) raised TypeError 'guidance_scale: expected a real
+    number, got np.float32(2.0)': the message contradicts itself (np.float32 is a
+    numbers.Real); eta=np.float32 is taken."""
+    x = fastdiff.sample(_zero_model, steps=2, shape=(1, 4, 4), cond=torch.tensor([1]),
+                        guidance_scale=np.float32(2.0))  # fmt: skip
+    assert x.shape == (1, 1, 4, 4)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="fastdiff/_prepare.py (not owned by review11): dtype='float32' is 'expected "
+    "float32, float16 or bfloat16, got float32'",
+)
+def test_sample_dtype_string_message_does_not_contradict_itself():
+    """sample(dtype="float32") raised 'dtype: expected float32, float16 or bfloat16, got
+    float32': the string prints like the dtype it is not. The error should show what it got
+    (the str 'float32') and ask for a torch.dtype (torch.float32)."""
+    with pytest.raises(TypeError, match=r"torch\.float32|'float32'"):
+        fastdiff.sample(_zero_model, steps=2, shape=(1, 4, 4), dtype="float32")
