@@ -98,3 +98,23 @@ def test_cuda_backend_needs_a_cuda_build_of_the_extension():
     assert "cuda" not in fastdiff.available_backends("group_norm_silu", "cuda")
     with fastdiff.use_backend("cuda"), pytest.raises(RuntimeError, match="built without CUDA"):
         _dispatch.resolve("sampler_step", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype", STORE_DTYPES, ids=str)
+@pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
+def test_nan_payloads_in_the_low_bits_stay_nan_in_half_outputs(case, dtype):
+    """fp32 model output, fp16/bf16 x: x0 = model_output (prediction "sample", no clip) is
+    stored without arithmetic, so a NaN whose payload sits only in the low mantissa bits (lost
+    by the narrowing) must still be stored as a NaN (the quiet bit set), never as inf."""
+    if case == ("cpu", "triton") and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    bits = torch.tensor([0x7F800001, -0x007FFFFF, 0x7F80FFFF, 0x7F801000, 0x3F800000],
+                        dtype=torch.int32)  # fmt: skip
+    mo = bits.view(torch.float32).repeat(4).reshape(4, 5)
+    x = torch.zeros(4, 5, dtype=dtype)
+    coef = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    with fastdiff.use_backend(case[1]):
+        out, x0 = dpm_solver_2m_step(x, mo, coef, prediction_type="sample")
+    for t in (x0, out):
+        assert torch.isnan(t[:, :4]).all(), t
+        assert (t[:, 4] == 1).all()
