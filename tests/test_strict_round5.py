@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backend_cases, case_id, poison_
+from helpers import assert_fa_rule, backend_cases, case_id, poison_
 
 import fastdiff
+from fastdiff.ops.group_norm_silu import group_norm_silu, group_norm_silu_reference
 from fastdiff.ops.sampler_step import dpm_solver_2m_step
 
 DPM_CASES = backend_cases("dpm_solver_2m_step")
@@ -118,3 +119,58 @@ def test_nan_payloads_in_the_low_bits_stay_nan_in_half_outputs(case, dtype):
     for t in (x0, out):
         assert torch.isnan(t[:, :4]).all(), t
         assert (t[:, 4] == 1).all()
+
+
+GN_CASES = backend_cases("group_norm_silu", include_torch=False)
+# Shapes that walk the CPU kernel's other loops (csrc/cpu/group_norm.cpp), each with a
+# conditioning add/scale/shift that differs per sample:
+GN_SHAPES = [
+    # fp32 NCHW, rows <= kTile: 80 channels per group = one whole and one partial block of 64
+    ((2, 160, 5, 7), 2, torch.float32, "nchw"),
+    # fp32 NHWC sample <= 64k elements: 195 rows = two row chunks (the per-chunk sums restart),
+    # C = 40: one 32-channel block plus an 8-channel tail
+    ((2, 40, 15, 13), 8, torch.float32, "cl"),
+    # fp16 NHWC: the general path, 300 rows in chunks of 128 (a partial last chunk)
+    ((3, 24, 20, 15), 6, torch.float16, "cl"),
+    # fp16 NCHW: the general row path, add/scale/shift rows of each sample
+    ((3, 12, 9, 7), 3, torch.float16, "nchw"),
+]
+
+
+@pytest.mark.parametrize("case", GN_CASES, ids=case_id)
+@pytest.mark.parametrize("shape,groups,dtype,layout", GN_SHAPES, ids=lambda v: str(v))
+def test_group_norm_kernel_loops_match_the_float64_reference(case, shape, groups, dtype, layout):
+    """Channel blocks past the first, row chunks past the first, channel tails of the NHWC
+    sums and per-sample conditioning rows: every element by the FlashAttention rule against
+    float64, with a different mean per group so a misplaced block shows."""
+    if case == ("cpu", "triton") and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    dev = case[0]
+    n, c = shape[:2]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=gen) * 2
+    x += 0.1 * torch.arange(c, dtype=torch.float32).reshape(1, c, *([1] * (len(shape) - 2)))
+    p = {
+        "weight": torch.randn(c, generator=gen),
+        "bias": torch.randn(c, generator=gen),
+        "add": torch.randn(n, c, generator=gen),
+        "scale": 0.5 * torch.randn(n, c, generator=gen),
+        "shift": torch.randn(n, c, generator=gen),
+    }
+    x = x.to(dtype)
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    x = x.to(dev)
+    pd = {k: v.to(dev) for k, v in p.items()}
+    with fastdiff.use_backend(case[1], op="group_norm_silu"):
+        out = group_norm_silu(x, groups, **pd)
+    p64 = {k: v.double() for k, v in p.items()}
+    ref = group_norm_silu_reference(x.cpu().double(), groups, p64["weight"], p64["bias"], 1e-5,
+                                    p64["add"], p64["scale"], p64["shift"])  # fmt: skip
+    bshape = (n, c) + (1,) * (len(shape) - 2)
+    u = x.cpu() + p["add"].to(dtype).reshape(bshape)
+    y = torch.nn.functional.group_norm(u, groups, p["weight"].to(dtype), p["bias"].to(dtype))
+    y = y * (1 + p["scale"].to(dtype).reshape(bshape)) + p["shift"].to(dtype).reshape(bshape)
+    eager = torch.nn.functional.silu(y)
+    atol = 4 * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
+    assert_fa_rule(out.cpu(), ref, eager, atol=atol, name=f"{shape} {layout}")
