@@ -346,8 +346,15 @@ def _train(
     start, elapsed = 0, 0.0
     if checkpoint is not None and resume and _ckpt_paths(checkpoint)[1].is_file():
         # settings first: a mismatch must not leave the checkpoint's weights in ``model``
-        meta = json.loads(_ckpt_paths(checkpoint)[1].read_text())
-        start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
+        js = _ckpt_paths(checkpoint)[1]
+        try:
+            meta = json.loads(js.read_text())
+            start, elapsed = int(meta["step"]), float(meta["elapsed_s"])
+        except (ValueError, KeyError, TypeError) as exc:  # json's errors named no file
+            raise ValueError(
+                f"checkpoint: {js} is not a fastdiff checkpoint record ({type(exc).__name__}: "
+                f"{exc}); resume=False (--no-resume) starts over"
+            ) from None
         saved = meta.get("hparams", {})
         diff = sorted(k for k in hparams if k in saved and saved[k] != hparams[k])
         if diff:

@@ -240,6 +240,18 @@ def test_train_resumed_past_stop_after_records_the_steps_done(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("text", ["{truncated", '{"elapsed_s": 1.0}', "[]"])
+def test_train_unreadable_checkpoint_record_names_the_file(text, tmp_path):
+    """A checkpoint record (<stem>.json) that is not JSON, or lacks its step, failed the resume
+    with json's bare 'Expecting property name ...' or KeyError 'step', naming no file (the CLI
+    printed "error: 'step'"). It is now a ValueError naming the .json and --no-resume."""
+    (tmp_path / "ck.json").write_text(text)
+    data = (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ck\.json.*--no-resume"):
+        fastdiff.train(_tiny_classes_unet(), steps=2, batch_size=2, data=data, progress=False,
+                       checkpoint=tmp_path / "ck")  # fmt: skip
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
