@@ -72,6 +72,19 @@ def test_cli_seed_range_edges_are_accepted():
         torch.Generator().manual_seed(seed)
 
 
+def test_readme_cli_row_lists_every_sampler_choice():
+    """The README's `fastdiff sample` row listed the samplers ddim .. heun after --sampler
+    unipc was added to the command."""
+    from pathlib import Path
+
+    from fastdiff.cli import SAMPLERS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| `fastdiff sample "))
+    listed = row.split("samplers ", 1)[1].split(";", 1)[0]
+    assert all(f"`{s}`" in listed for s in SAMPLERS), listed
+
+
 # ------------------------------------------------------------------------- model files
 def _small_unet(tmp_path):
     torch.manual_seed(0)
