@@ -1,5 +1,8 @@
 // CPU kernel of the fused UniPC step: OpenMP over (sample, tile) tasks, per-element math from
 // fastdiff/unipc_math.h (shared with the CUDA kernel).
+// No FP traps are ever enabled: let GCC hoist the loop-invariant reciprocals of predict_x0_eps
+// and if-convert the selects, so the math loop vectorises (as csrc/cpu/sampler_step.cpp).
+#pragma GCC optimize("no-trapping-math")
 #include <algorithm>
 
 #include "fastdiff/common.h"
@@ -9,38 +12,69 @@
 namespace fastdiff {
 namespace {
 
-constexpr int64_t kTile = 4096;
+// Elements per tile: each tile's operands are staged through fp32 buffers (~72 KB of stack), so
+// the math loop is branch-free over plain floats (vectorised) and the dtype conversions run in
+// their own loops.
+constexpr int64_t kTile = 2048;
+
+template <typename T>
+inline void load_tile(const T* __restrict p, float* __restrict o, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) o[k] = HostIO<T>::load(p + k);
+}
+
+template <typename T>
+inline void store_tile(T* __restrict p, const float* __restrict v, int64_t len) {
+  for (int64_t k = 0; k < len; ++k) HostIO<T>::store(p + k, v[k]);
+}
 
 template <typename TX, typename TM, int PRED>
 void run(const UniPCArgs& A) {
   const float* c = reinterpret_cast<const float*>(A.coef);
   float coef[kUniPCCoefLen];
   for (int k = 0; k < kUniPCCoefLen; ++k) coef[k] = c[k];
+  const float* cf = coef;
+  const int has_last = A.last != 0, has_m1 = A.m1 != 0, has_m2 = A.m2 != 0;
   const int64_t tiles = (A.inner + kTile - 1) / kTile;
   parallel_tasks(A.n * tiles, kTile, [&](int64_t task) {
     const int64_t b = task / tiles, lo = (task % tiles) * kTile;
-    const int64_t hi = std::min(A.inner, lo + kTile);
-    const TX* x = reinterpret_cast<const TX*>(A.x) + b * A.bs_x;
-    const TM* m = reinterpret_cast<const TM*>(A.m) + b * A.bs_m;
-    const TM* mu = A.mu ? reinterpret_cast<const TM*>(A.mu) + b * A.bs_mu : nullptr;
-    const TX* last = A.last ? reinterpret_cast<const TX*>(A.last) + b * A.bs_last : nullptr;
-    const TX* m1 = A.m1 ? reinterpret_cast<const TX*>(A.m1) + b * A.bs_m1 : nullptr;
-    const TX* m2 = A.m2 ? reinterpret_cast<const TX*>(A.m2) + b * A.bs_m2 : nullptr;
-    TX* xc = reinterpret_cast<TX*>(A.xc) + b * A.inner;
-    TX* x0 = reinterpret_cast<TX*>(A.x0) + b * A.inner;
-    TX* xn = reinterpret_cast<TX*>(A.xn) + b * A.inner;
-    for (int64_t e = lo; e < hi; ++e) {
-      float mo = HostIO<TM>::load(m + e);
-      if (mu) mo = cfg_combine(mo, HostIO<TM>::load(mu + e), A.g);
-      float vc, vm, vn;
-      unipc_element<PRED>(coef, HostIO<TX>::load(x + e), mo, A.clip, A.clip_r, last != nullptr,
-                          last ? HostIO<TX>::load(last + e) : 0.0f, m1 != nullptr,
-                          m1 ? HostIO<TX>::load(m1 + e) : 0.0f, m2 != nullptr,
-                          m2 ? HostIO<TX>::load(m2 + e) : 0.0f, vc, vm, vn);
-      HostIO<TX>::store(xc + e, vc);
-      HostIO<TX>::store(x0 + e, vm);
-      HostIO<TX>::store(xn + e, vn);
+    const int64_t len = std::min(A.inner, lo + kTile) - lo;
+    float bx[kTile], bm[kTile], bl[kTile], b1[kTile], b2[kTile], oc[kTile], om[kTile], on[kTile];
+    load_tile(reinterpret_cast<const TX*>(A.x) + b * A.bs_x + lo, bx, len);
+    load_tile(reinterpret_cast<const TM*>(A.m) + b * A.bs_m + lo, bm, len);
+    if (A.mu) {  // classifier-free guidance on the raw output halves (ou: the uncond half)
+      float* ou = oc;  // scratch until the outputs are computed
+      load_tile(reinterpret_cast<const TM*>(A.mu) + b * A.bs_mu + lo, ou, len);
+      const float g = A.g;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) bm[k] = cfg_combine(bm[k], ou[k], g);
     }
+    // An absent operand's staging buffer holds zeros (never the caller's memory), so the math
+    // loop is branch-free: adding its +0 term leaves every finite value as skipping it would.
+    if (has_last) {
+      load_tile(reinterpret_cast<const TX*>(A.last) + b * A.bs_last + lo, bl, len);
+    } else {
+      std::fill(bl, bl + len, 0.0f);
+    }
+    if (has_m1) {
+      load_tile(reinterpret_cast<const TX*>(A.m1) + b * A.bs_m1 + lo, b1, len);
+    } else {
+      std::fill(b1, b1 + len, 0.0f);
+    }
+    if (has_m2) {
+      load_tile(reinterpret_cast<const TX*>(A.m2) + b * A.bs_m2 + lo, b2, len);
+    } else {
+      std::fill(b2, b2 + len, 0.0f);
+    }
+    const int clip = A.clip;
+    const float clip_r = A.clip_r;
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) {
+      unipc_element<PRED>(cf, bx[k], bm[k], clip, clip_r, 1, bl[k], 1, b1[k], 1, b2[k], oc[k],
+                          om[k], on[k]);
+    }
+    store_tile(reinterpret_cast<TX*>(A.xc) + b * A.inner + lo, oc, len);
+    store_tile(reinterpret_cast<TX*>(A.x0) + b * A.inner + lo, om, len);
+    store_tile(reinterpret_cast<TX*>(A.xn) + b * A.inner + lo, on, len);
   });
 }
 

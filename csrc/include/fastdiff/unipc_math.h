@@ -31,9 +31,9 @@ struct UniPCArgs {
 // One element: m = x0(x, model output); x_c = c_x x + c_last last + c_m m + c_m1 m1 + c_m2 m2;
 // x_next = p_xc x_c + p_m m + p_m1 m1 (absent operands' terms skipped).
 template <int PRED>
-FD_HD void unipc_element(const float* c, float x, float mo, int clip, float clip_r, int has_last,
-                         float last, int has_m1, float m1, int has_m2, float m2, float& xc,
-                         float& m, float& xn) {
+FD_HD_INLINE void unipc_element(const float* c, float x, float mo, int clip, float clip_r, int has_last,
+                                float last, int has_m1, float m1, int has_m2, float m2,
+                                float& xc, float& m, float& xn) {
   float eps;
   predict_x0_eps<PRED>(x, mo, c[0], c[1], clip, clip_r, 0, false, m, eps);
   float v = c[2] * x + c[4] * m;
