@@ -253,6 +253,10 @@ def train(
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if out_dtype is not None and (
+        not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point
+    ):  # checked by save_model_file too, but only after the whole training
+        raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
     if checkpoint is not None:
         _check_checkpoint_path(checkpoint)
     if out is not None:

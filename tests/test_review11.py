@@ -265,6 +265,23 @@ def test_train_unreadable_checkpoint_record_names_the_file(text, tmp_path):
                        checkpoint=tmp_path / "ck")  # fmt: skip
 
 
+@pytest.mark.parametrize("out_dtype", ["float16", torch.int8])
+def test_train_checks_out_dtype_before_training(out_dtype, tmp_path):
+    """train(out=..., out_dtype="float16") (a string) or an integer dtype trained every step and
+    only then failed in save_model_file, losing the run. out_dtype is now checked up front."""
+    model = _tiny_classes_unet()
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("training started before out_dtype was checked")
+
+    model.forward = no_forward
+    data = (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="out_dtype"):
+        fastdiff.train(model, steps=2, batch_size=2, data=data, progress=False,
+                       out=tmp_path / "m.safetensors", out_dtype=out_dtype)  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
