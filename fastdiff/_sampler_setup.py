@@ -48,13 +48,13 @@ def resolve_sampler(
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
-            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun') or a "
-            f"fastdiff sampler object, got {type(sampler).__name__}"
+            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun', "
+            f"'unipc') or a fastdiff sampler object, got {type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
-            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun' or a fastdiff "
-            f"sampler object, got {sampler!r}"
+            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun', 'unipc' or a "
+            f"fastdiff sampler object, got {sampler!r}"
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
