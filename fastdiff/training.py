@@ -261,8 +261,14 @@ def train(
         _check_checkpoint_path(checkpoint)
     if out is not None:
         from fastdiff.models.pretrained import check_model_path
+        from fastdiff.models.unet import UNet
 
         check_model_path(out)  # before the training, not after it
+        if model is not None and not isinstance(getattr(model, "_orig_mod", model), UNet):
+            raise TypeError(
+                f"out: save_model_file writes fastdiff.models.UNet models, got model of type "
+                f"{type(model).__name__}; train with out=None and save it yourself"
+            )
         if checkpoint is not None:
             mine = {Path(out).resolve(), Path(out).with_suffix(".json").resolve()}
             if mine & {p.resolve() for p in _ckpt_paths(checkpoint)}:

@@ -282,6 +282,28 @@ def test_train_checks_out_dtype_before_training(out_dtype, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_train_out_with_a_model_that_cannot_be_saved_fails_before_training(tmp_path):
+    """train(model, out=...) with a class-conditional model that is not a fastdiff UNet (any
+    nn.Module with null_class) trained every step and then failed in save_model_file ('model must
+    be a fastdiff.models.UNet'), losing the run. It is now refused before training."""
+
+    class Eps(torch.nn.Module):
+        null_class = 3
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, class_labels=None):
+            raise AssertionError("training started before out= was checked")
+
+    data = (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="out"):
+        fastdiff.train(Eps(), steps=2, batch_size=2, data=data, progress=False,
+                       out=tmp_path / "m.safetensors")  # fmt: skip
+    assert not list(tmp_path.iterdir())
+
+
 # ----------------------------------------------------------- sample(): argument handling
 def _zero_model(x, t):
     return torch.zeros_like(x)
@@ -302,11 +324,6 @@ def test_sample_shape_not_a_sequence_names_shape():
         fastdiff.sample(_zero_model, steps=2, shape=16)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastdiff/_sampler_setup.py + samplers/base.py (not owned by review11): "
-    "steps=np.int64(2) is 'expected an int, got int64'",
-)
 def test_sample_steps_numpy_int():
     """sample(steps=np.int64(2)) raised TypeError 'steps: expected an int, got int64', while
     batch_size, NoiseSchedule(num_train_timesteps=) and train(steps=) take numpy integers
@@ -315,11 +332,6 @@ def test_sample_steps_numpy_int():
     assert x.shape == (1, 1, 4, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastdiff/_conditioning.py (not owned by review11): guidance_scale=np.float32(2.0) "
-    "is 'expected a real number, got np.float32(2.0)'",
-)
 def test_sample_guidance_scale_numpy_float():
     """sample(guidance_scale=np.float32(2.0)) raised TypeError 'guidance_scale: expected a real
     number, got np.float32(2.0)': the message contradicts itself (np.float32 is a
@@ -329,11 +341,6 @@ def test_sample_guidance_scale_numpy_float():
     assert x.shape == (1, 1, 4, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastdiff/_prepare.py (not owned by review11): dtype='float32' is 'expected "
-    "float32, float16 or bfloat16, got float32'",
-)
 def test_sample_dtype_string_message_does_not_contradict_itself():
     """sample(dtype="float32") raised 'dtype: expected float32, float16 or bfloat16, got
     float32': the string prints like the dtype it is not. The error should show what it got
