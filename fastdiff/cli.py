@@ -216,9 +216,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("dpm++", "euler", "euler_a", "heun"):
+        if a.sampler not in ("dpm++", "euler", "euler_a", "heun", "unipc"):
             raise CLIError(
-                f"--karras: for --sampler dpm++, euler, euler_a or heun, got --sampler {a.sampler}"
+                "--karras: for --sampler dpm++, euler, euler_a, heun or unipc, "
+                f"got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
     if a.sde:
@@ -497,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
-        ' ("Heun Karras")'
+        ' ("Heun Karras"), unipc'
     )
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'

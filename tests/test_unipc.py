@@ -527,3 +527,12 @@ def test_unipc_op_under_torch_compile_and_autograd():
     sum((o * w[k]).sum() for k, o in enumerate(ref)).backward()
     for a, b in zip(leaves, ref_leaves, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_unipc_cli(tmp_path):
+    from fastdiff.cli import main
+
+    out = tmp_path / "u.png"
+    args = ["sample", "--steps", "3", "--n", "2", "--sampler", "unipc", "--karras", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
