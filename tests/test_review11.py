@@ -305,7 +305,7 @@ def test_train_out_with_a_model_that_cannot_be_saved_fails_before_training(tmp_p
 
 
 # ----------------------------------------------------------- sample(): argument handling
-def _zero_model(x, t):
+def _zero_model(x, t, **kwargs):
     return torch.zeros_like(x)
 
 
@@ -337,7 +337,7 @@ def test_sample_guidance_scale_numpy_float():
     number, got np.float32(2.0)': the message contradicts itself (np.float32 is a
     numbers.Real); eta=np.float32 is taken."""
     x = fastdiff.sample(_zero_model, steps=2, shape=(1, 4, 4), cond=torch.tensor([1]),
-                        guidance_scale=np.float32(2.0))  # fmt: skip
+                        uncond=torch.tensor([0]), guidance_scale=np.float32(2.0))  # fmt: skip
     assert x.shape == (1, 1, 4, 4)
 
 
