@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -175,7 +176,7 @@ def _check_class_labels(model: Any, kwargs: Mapping[str, Any]) -> None:
 def _guidance(w: Any) -> float:
     """``guidance_scale`` as a finite float, checked before anything runs (a NaN or a string
     failed only inside the first sampler step, after a model call)."""
-    is_num = isinstance(w, (int, float)) or (isinstance(w, Tensor) and w.numel() == 1)
+    is_num = isinstance(w, numbers.Real) or (isinstance(w, Tensor) and w.numel() == 1)
     if isinstance(w, bool) or not is_num or (isinstance(w, Tensor) and w.is_complex()):
         got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else repr(w)
         raise TypeError(f"guidance_scale: expected a real number, got {got}")

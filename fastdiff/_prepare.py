@@ -137,7 +137,9 @@ def resolve_x(
             dtype = noise.dtype if noise is not None else torch.float32
             source = " (noise's dtype; pass dtype=)" if noise is not None else ""
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}{source}")
+        raise TypeError(
+            f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}{source}"
+        )
     if (
         param is not None
         and param.is_floating_point()

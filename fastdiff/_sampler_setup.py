@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from fastdiff._conditioning import _cfg_get, _learned_variance
 from fastdiff.samplers import SAMPLERS, Sampler, make_sampler
 from fastdiff.schedules import NoiseSchedule
@@ -58,8 +60,9 @@ def resolve_sampler(
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int):
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
+    n_steps = int(n_steps)  # a numpy integer (np.arange sweeps) as a Python int
     if not 1 <= n_steps <= sched.num_train_timesteps:
         raise ValueError(
             f"steps: expected 1 <= steps <= num_train_timesteps = "
