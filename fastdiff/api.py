@@ -86,10 +86,11 @@ def sample(
             (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
-            or a sampler object from :mod:`fastdiff.samplers` (its own steps and schedule are
-            used). Default: the sampler that reproduces ``schedule``'s diffusers scheduler class
-            (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
-            ``EulerDiscreteScheduler`` -> ``"euler"``, ...), else ``"ddim"`` (a diffusers
+            ``"unipc"``, or a sampler object from :mod:`fastdiff.samplers` (its own steps and
+            schedule are used). Default: the sampler that reproduces ``schedule``'s diffusers
+            scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras /
+            SDE settings, ``UniPCMultistepScheduler`` -> ``"unipc"``, ...), else ``"ddim"`` (a
+            diffusers
             scheduler class without a fastdiff sampler, e.g. ``PNDMScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
