@@ -90,8 +90,7 @@ def sample(
             schedule are used). Default: the sampler that reproduces ``schedule``'s diffusers
             scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras /
             SDE settings, ``UniPCMultistepScheduler`` -> ``"unipc"``, ...), else ``"ddim"`` (a
-            diffusers
-            scheduler class without a fastdiff sampler, e.g. ``PNDMScheduler``, warns).
+            diffusers scheduler class without a fastdiff sampler, e.g. ``PNDMScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
             scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,
