@@ -43,6 +43,8 @@ CONFIGS = [  # (sampler, steps, guidance scale; None = plain conditional)
     ("heun", 15, 2.0),
     (SDE_KARRAS, 20, None),
     (SDE_KARRAS, 20, 2.0),
+    ("unipc", 10, None),
+    ("unipc", 10, 2.0),
     ("ddpm", 100, None),
 ]
 QUICK = [c for c in CONFIGS if c[0] in ("ddim", "dpm++") and c != ("ddim", 50, 3.0)]
