@@ -195,6 +195,12 @@ class NoiseSchedule:
         the default of the scheduler class its ``_class_name`` names (e.g. HeunDiscreteScheduler:
         beta_start 0.00085), else DDPM's (1e-4 .. 0.02 over 1000 steps).
         """
+        if isinstance(scheduler_or_config, type):  # DDIMScheduler for DDIMScheduler()
+            what = scheduler_or_config.__name__
+            raise TypeError(
+                f"scheduler_or_config: got the class {what}; pass an instance ({what}()) or its "
+                "config dict"
+            )
         cfg = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(cfg, Mapping):
             raise TypeError(
@@ -223,11 +229,21 @@ class NoiseSchedule:
                 f"scheduler_or_config: beta_schedule {kind!r} is not supported; "
                 f"expected one of {list(BETA_SCHEDULES)} or trained_betas"
             )
+        nums = {}
+        for key, default, conv in (("num_train_timesteps", 1000, int), ("beta_start", 1e-4, float),
+                                   ("beta_end", 0.02, float)):  # fmt: skip
+            v = cfg.get(key, default)
+            try:
+                nums[key] = conv(v)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"scheduler_or_config: {key} must be a number, got {v!r}"
+                ) from None
         return cls(
             kind,
-            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-            beta_start=float(cfg.get("beta_start", 1e-4)),
-            beta_end=float(cfg.get("beta_end", 0.02)),
+            num_train_timesteps=nums["num_train_timesteps"],
+            beta_start=nums["beta_start"],
+            beta_end=nums["beta_end"],
             betas=trained,
             rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
         )

@@ -9,6 +9,8 @@ in files this review does not own (reported to the lead).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,18 @@ def test_from_diffusers_refuses_a_scheduler_without_betas_ipndm():
     assert s.beta_schedule == "linear" and len(s) == 1000
     betas = [0.1, 0.2, 0.3]  # trained betas alone are a schedule
     assert NoiseSchedule.from_diffusers({"trained_betas": betas}).betas.tolist() == betas
+
+
+def test_from_diffusers_names_the_mistake_for_a_class_or_bad_config_values():
+    """schedule=DDIMScheduler (the class, not DDIMScheduler()) was 'expected a diffusers
+    scheduler or its config dict, got type'; a config with num_train_timesteps "abc" or
+    beta_start None failed with int()'s / float()'s bare message, naming no key."""
+    with pytest.raises(TypeError, match=r"class DDIMScheduler.*DDIMScheduler\(\)"):
+        NoiseSchedule.from_diffusers(diffusers.DDIMScheduler)
+    bad = {"num_train_timesteps": "abc", "beta_start": None, "beta_end": [1]}
+    for key, v in bad.items():
+        with pytest.raises(ValueError, match=re.escape(f"{key} must be a number, got {v!r}")):
+            NoiseSchedule.from_diffusers({"beta_schedule": "linear", key: v})
 
 
 # ------------------------------------------------------------------------------------ CLI
