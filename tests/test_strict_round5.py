@@ -174,3 +174,36 @@ def test_group_norm_kernel_loops_match_the_float64_reference(case, shape, groups
     eager = torch.nn.functional.silu(y)
     atol = 4 * torch.finfo(dtype).eps * max(1.0, ref.abs().max().item())
     assert_fa_rule(out.cpu(), ref, eager, atol=atol, name=f"{shape} {layout}")
+
+
+@pytest.mark.parametrize("case", GN_CASES, ids=case_id)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_conditioning_chunks_of_a_projection(case, layout, monkeypatch):
+    """add / scale / shift as ``chunk`` views of one [N x 3C] projection (row stride 3C, as a
+    UNet's time-embedding projection gives them): each sample must read its own row at that
+    stride (the Triton kernels take the views as they are), for every plan."""
+    from fastdiff.kernels.triton import group_norm_silu as tk
+
+    dev = case[0]
+    gen = torch.Generator().manual_seed(11)
+    n, c = 3, 24
+    x = torch.randn(n, c, 6, 5, generator=gen)
+    proj = torch.randn(n, 3 * c, generator=gen)
+    add, scale, shift = proj.chunk(3, dim=1)
+    assert add.stride(0) == 3 * c
+    w, b = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    ref = group_norm_silu_reference(x.double(), 4, w.double(), b.double(), 1e-5, add.double(),
+                                    scale.double(), shift.double())  # fmt: skip
+    if layout == "cl":
+        x = x.to(memory_format=torch.channels_last)
+    args = [t.to(dev) for t in (x, w, b, add, scale, shift)]
+    for max_fused in (tk._MAX_FUSED, 0):  # the fused plan, then the split one
+        monkeypatch.setattr(tk, "_MAX_FUSED", max_fused)
+        tk._plan.cache_clear()
+        try:
+            with fastdiff.use_backend(case[1], op="group_norm_silu"):
+                out = group_norm_silu(args[0], 4, args[1], args[2], add=args[3],
+                                      scale=args[4], shift=args[5])  # fmt: skip
+        finally:
+            tk._plan.cache_clear()
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
