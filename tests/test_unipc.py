@@ -192,9 +192,9 @@ def test_unipc_reset_and_fresh_sampler_clear_history():
     "kw,match",
     [
         (dict(solver_order=3), "solver_order"),
-        (dict(solver_order=1), "solver_order"),
+        (dict(solver_order=0), "solver_order"),
         (dict(predict_x0=False), "predict_x0"),
-        (dict(solver_type="midpoint"), "solver_type"),
+        (dict(solver_type="bh3"), "solver_type"),
         (dict(final_sigmas_type="one"), "final_sigmas_type"),
         (dict(use_karras_sigmas=True, use_beta_sigmas=True), "at most one"),
         (dict(lower_order_final=False), "lower_order_final"),

@@ -228,13 +228,14 @@ def unipc_step(
         at the next noise level (the model's next input).
     """
     try:
-        clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
-                                guidance_scale, False)  # fmt: skip
-        if coef.shape[0] < COEF_LEN:
+        # before _check_common, whose message names the 8-wide rows of the other sampler ops
+        if isinstance(coef, Tensor) and (coef.dim() != 1 or coef.shape[0] < COEF_LEN):
             raise ValueError(
                 f"coef must have >= {COEF_LEN} elements in one dimension, "
                 f"got shape {tuple(coef.shape)}"
             )
+        clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
+                                guidance_scale, False)  # fmt: skip
         for name, t in (("last", last), ("m_prev", m_prev), ("m_prev2", m_prev2)):
             if t is not None:
                 _check_like_x(name, t, x)

@@ -3,8 +3,11 @@ Fast Sampling of Diffusion Models", arXiv:2302.04867), as diffusers' ``UniPCMult
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 from collections.abc import Iterable, Sequence
+from numbers import Real
 
 import numpy as np
 import torch
@@ -25,7 +28,30 @@ from fastdiff.schedules import NoiseSchedule
 __all__ = ["UniPCSampler"]
 
 SOLVER_TYPES = ("bh1", "bh2")
+# diffusers' UniPCMultistepScheduler.__init__ maps these (DPM-Solver's names) to "bh2"
+BH2_ALIASES = ("midpoint", "heun", "logrho")
 _UNSET = object()
+
+
+def _step_indices(value: object) -> list[int]:
+    """``disable_corrector`` as sorted ints; a string, or an entry that is not an integer
+    (diffusers compares step indices with ``in``: 1.5 or "1" would never match), is refused."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"disable_corrector: expected a list of step indices, got {type(value).__name__}"
+        )
+    out = set()
+    for k in value:
+        index = None
+        if isinstance(k, Real) and not isinstance(k, bool) and float(k).is_integer():
+            index = int(k)
+        elif not isinstance(k, (bool, Real)) and hasattr(k, "__index__"):  # a 0-d int tensor
+            with contextlib.suppress(TypeError):
+                index = operator.index(k)
+        if index is None:
+            raise TypeError(f"disable_corrector: expected integer step indices, got {k!r} in it")
+        out.add(index)
+    return sorted(out)
 
 
 def _unipc_ops():
@@ -63,9 +89,10 @@ class UniPCSampler(DPMSolverPPSampler):
     predictor starts from it.
 
     Orders as diffusers' scheduler: the predictor's order at step i is
-    min(2, steps - i (``lower_order_final``), steps run so far + 1); the corrector at step i
-    has the order the predictor of step i - 1 had, and is skipped at a run's first step and
-    when i - 1 is in ``disable_corrector``. The last step's x is the predictor's (uncorrected).
+    min(solver_order, steps - i (``lower_order_final``), steps run so far + 1); the corrector
+    at step i has the order the predictor of step i - 1 had, and is skipped at a run's first
+    step and when i - 1 is in ``disable_corrector``. The last step's x is the predictor's
+    (uncorrected).
 
     Fused form. Everything above is linear in (x_i, last, m_i, m_{i-1}, m_{i-2}) with scalar
     weights that depend only on the schedule, so step i is one :func:`fastdiff.ops.unipc_step`
@@ -87,8 +114,9 @@ class UniPCSampler(DPMSolverPPSampler):
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``; the
             ``linspace`` / ``leading`` grids over ``steps + 1`` points as diffusers').
-        solver_order: 2 (diffusers' default; the only order implemented).
-        solver_type: ``"bh2"`` (B(h) = e^{-h} - 1, default) or ``"bh1"`` (B(h) = -h).
+        solver_order: 2 (diffusers' default: UniP-2 / UniC-2) or 1 (UniP-1 / UniC-1).
+        solver_type: ``"bh2"`` (B(h) = e^{-h} - 1, default) or ``"bh1"`` (B(h) = -h);
+            ``"midpoint"``, ``"heun"`` and ``"logrho"`` mean ``"bh2"``, as in diffusers.
         predict_x0: True (data prediction; the noise-prediction variant is not implemented).
         lower_order_final: first-order predictor at the last step.
         disable_corrector: step indices whose predictor output is not corrected.
@@ -128,10 +156,13 @@ class UniPCSampler(DPMSolverPPSampler):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
     ) -> None:
-        if isinstance(solver_order, bool) or solver_order != 2:
+        if isinstance(solver_order, bool) or solver_order not in (1, 2):
             raise ValueError(
-                f"solver_order: only 2 (diffusers' default) is implemented, got {solver_order!r}"
+                f"solver_order: only 1 and 2 (diffusers' default) are implemented, "
+                f"got {solver_order!r}"
             )
+        if solver_type in BH2_ALIASES:
+            solver_type = "bh2"
         if solver_type not in SOLVER_TYPES:
             raise ValueError(
                 f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
@@ -141,13 +172,7 @@ class UniPCSampler(DPMSolverPPSampler):
                 f"predict_x0: only True (data prediction, diffusers' default) is implemented, "
                 f"got {predict_x0!r}"
             )
-        try:
-            disabled = sorted({int(k) for k in disable_corrector})
-        except TypeError:
-            raise TypeError(
-                "disable_corrector: expected a list of step indices, "
-                f"got {type(disable_corrector).__name__}"
-            ) from None
+        disabled = _step_indices(disable_corrector)
         grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
                                                   use_beta_sigmas), strict=True) if on]  # fmt: skip
         if len(grids) > 1:
@@ -165,6 +190,7 @@ class UniPCSampler(DPMSolverPPSampler):
         if thresholding:
             check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.sigma_grid: str | None = grids[0] if grids else None
+        self.solver_order = int(solver_order)
         self.solver_type = solver_type
         self.disable_corrector = disabled
         self.lower_order_final = bool(lower_order_final)
@@ -200,6 +226,21 @@ class UniPCSampler(DPMSolverPPSampler):
         self._grid = np.append(sig, last).astype(np.float32).astype(np.float64)
         return ts.astype(np.int64)
 
+    def _ratios(self) -> list[float]:
+        """As :meth:`DPMSolverPPSampler._ratios`; repeated spaced timesteps (h = 0 between two
+        steps: diffusers' UniPC returns NaN) are refused with UniPC's name."""
+        if self.sigma_grid is None:
+            ts = [int(t) for t in self._ts]
+            if len(set(ts)) < len(ts):
+                raise ValueError(
+                    f"steps: {self.steps} steps with timestep_spacing={self.timestep_spacing!r} "
+                    f"over {self.schedule.num_train_timesteps} training timesteps repeat "
+                    f"timesteps ({ts[:3]} ... {ts[-3:]}), which UniPC cannot step between "
+                    "(diffusers' UniPCMultistepScheduler returns NaN there); use fewer steps or "
+                    "timestep_spacing='trailing'"
+                )
+        return super()._ratios()
+
     def _rows(self, ratio: list[float], since: int | None) -> np.ndarray:
         """float64 ``[steps x 10]``: row i for step i when ``since`` steps of this run precede
         it (None: i of them, a run from step 0)."""
@@ -207,7 +248,7 @@ class UniPCSampler(DPMSolverPPSampler):
         sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]
         lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in
                zip(alpha, sigma, strict=True)]  # fmt: skip
-        n, bh1 = self.steps, self.solver_type == "bh1"
+        n, bh1, order = self.steps, self.solver_type == "bh1", self.solver_order
 
         def hphi_bh(h: float) -> tuple[float, float, float]:
             hh = -h
@@ -220,7 +261,7 @@ class UniPCSampler(DPMSolverPPSampler):
             row = rows[i]
             row[0], row[1] = alpha[i], sigma[i]
             # UniC: corrects the previous step's predictor output, with that step's order
-            p_c = min(2, n - i + 1 if self.lower_order_final else 2, d)
+            p_c = min(order, n - i + 1 if self.lower_order_final else order, d)
             if p_c >= 1 and (i - 1) not in self.disable_corrector:
                 h = lam[i] - lam[i - 1]
                 if h == 0.0:
@@ -247,7 +288,7 @@ class UniPCSampler(DPMSolverPPSampler):
             else:
                 row[2] = 1.0
             # UniP: from this (corrected) sample to the next noise level
-            p_p = min(2, n - i if self.lower_order_final else 2, d + 1)
+            p_p = min(order, n - i if self.lower_order_final else order, d + 1)
             h = lam[i + 1] - lam[i]
             if h == 0.0:  # a sigma grid's last sigma_min to sigma_min again: the identity
                 row[7] = 1.0
