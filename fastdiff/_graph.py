@@ -104,10 +104,10 @@ class _StepGraph:
         # fp32: holds any sampler's draw unrounded (DPM++ SDE draws z in fp32 under fp16 x)
         noise_buf = self.has_noise and gen_state is None
         self.noise = torch.zeros_like(x, dtype=torch.float32) if noise_buf else None
-        self.x0_prev = torch.zeros_like(x) if self.multistep else None
         # UniPC: its history (last corrected x, m_{i-1}, m_{i-2}) in static buffers of its own
         self.unipc = hasattr(smp, "step_with_history")
         self.hist = [torch.zeros_like(x) for _ in range(3)] if self.unipc else None
+        self.x0_prev = torch.zeros_like(x) if self.multistep and not self.unipc else None
         self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp
         s = torch.cuda.Stream()
