@@ -207,3 +207,22 @@ def test_group_norm_conditioning_chunks_of_a_projection(case, layout, monkeypatc
         finally:
             tk._plan.cache_clear()
         torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
+def test_sde_philox_step_without_history_skips_the_history_term(case):
+    """DPM-Solver++ 2M SDE, noise drawn in the kernel (generator_state), x0_prev=None: the
+    first-order step, whose c_prev x0_prev term is skipped whatever c_prev holds (the Philox
+    state must not switch the history operand on; it would then read another operand). Three
+    calls: the cpu backend's first call and its cached (planned) repeats."""
+    gen = torch.Generator().manual_seed(21)
+    x, mo = torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 3, 5, 4, generator=gen)
+    coef = torch.tensor([0.8, 0.6, 0.9, 0.4, 0.7, 0.3, 0.0, 0.0])  # c_prev = 0.7
+    gs = torch.tensor([1234, 40], dtype=torch.int64)
+    with fastdiff.use_backend("torch"):
+        want, want_x0 = dpm_solver_2m_step(x, mo, coef, generator_state=gs)
+    for _ in range(3):
+        with fastdiff.use_backend(case[1]):
+            got, x0 = dpm_solver_2m_step(x, mo, coef, generator_state=gs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(x0, want_x0, rtol=1e-6, atol=1e-6)
