@@ -168,3 +168,23 @@ def test_unipc_op_batch_strided_and_strided_operands(case, cfg):
         got = unipc_step(xs, mos, coef, l_s, m1s, m2s, guidance_scale=gs)
     for name, o, r in zip(("x_c", "m", "x_next"), got, ref, strict=True):
         torch.testing.assert_close(o.double(), r, rtol=2e-6, atol=2e-6, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+@pytest.mark.parametrize("pred", ["epsilon", "sample"])
+def test_unipc_op_clip_propagates_nan_and_clamps_both_sides(case, pred):
+    """clip_range clamps m to [-r, r] on both sides and a NaN data prediction stays NaN (a
+    max/min clamp would turn it into -r or r), on every backend."""
+    dev, backend = case
+    r = 0.8
+    mo = torch.tensor([float("nan"), -5.0, -0.8, -0.3, 0.0, 0.3, 0.8, 5.0, float("inf"),
+                       -float("inf")]).reshape(1, 10).to(dev)  # fmt: skip
+    x = torch.zeros_like(mo) if pred == "sample" else 0.1 * torch.ones_like(mo)
+    coef = _row(i=0).to(dev)
+    with fastdiff.use_backend(backend, op="unipc_step"):
+        _, m, xn = unipc_step(x, mo, coef, prediction_type=pred, clip_range=r)
+    want = _ref64(x, mo, coef, None, None, None, pred, r, None)[1]
+    assert torch.isnan(m[0, 0]) and torch.isnan(xn[0, 0])
+    assert torch.equal(torch.isnan(m), torch.isnan(want))
+    torch.testing.assert_close(m.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert m[0, 1:].abs().max() <= r
