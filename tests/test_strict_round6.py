@@ -188,3 +188,55 @@ def test_unipc_op_clip_propagates_nan_and_clamps_both_sides(case, pred):
     assert torch.equal(torch.isnan(m), torch.isnan(want))
     torch.testing.assert_close(m.double(), want, rtol=1e-6, atol=1e-6, equal_nan=True)
     assert m[0, 1:].abs().max() <= r
+
+
+# --------------------------------------------------------------------------- sampler options
+def test_unipc_clip_sample_range_must_be_positive():
+    with pytest.raises(ValueError, match="clip_sample_range"):
+        UniPCSampler(NoiseSchedule("linear"), 5, clip_sample=True, clip_sample_range=0.0)
+    UniPCSampler(NoiseSchedule("linear"), 5, clip_sample=False, clip_sample_range=0.0)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(thresholding=True, sample_max_value=1.2)],
+                         ids=["plain", "thresholding"])  # fmt: skip
+def test_unipc_guidance_equals_the_precombined_output(opts):
+    """step(cat([uncond, cond]), guidance_scale=g) equals step(uncond + g (cond - uncond)):
+    the guidance is applied before the data prediction on the thresholding path too."""
+    sch, gs = NoiseSchedule("linear"), 3.0
+    a, b = UniPCSampler(sch, 6, **opts), UniPCSampler(sch, 6, **opts)
+    g = torch.Generator().manual_seed(9)
+    x = y = torch.randn(PARITY_SHAPE, generator=g)
+    for i in range(6):
+        unc, cond = (torch.randn(PARITY_SHAPE, generator=g) for _ in range(2))
+        x = a.step(torch.cat([unc, cond]), i, x, guidance_scale=gs)
+        y = b.step(unc + gs * (cond - unc), i, y)
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_unipc_cuda_graph_cache_keys_on_the_clip_range(fake_cuda_graphs, monkeypatch):
+    """sample(cuda_graph=True) (fake graphs on CPU): a UniPC sampler with another
+    clip_sample_range must not replay the graph captured for the first (its range is baked
+    into the captured call): both runs equal the eager loop."""
+    from fastdiff import api
+
+    g = torch.Generator().manual_seed(13)
+    x_t = torch.randn(2, 3, 6, 6, generator=g)
+    w = torch.randn(2, 3, 6, 6, generator=g)
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t):
+            return 3.0 * torch.tanh(x) + w * t[:, None, None, None].float() / 300.0
+
+    net = Net()
+    eager_loop = api._sample_eager
+    for r in (0.3, 1.5):
+        outs = []
+        for graphed in (False, True):
+            monkeypatch.setattr(
+                api, "_sample_eager", api._sample_graphed if graphed else eager_loop
+            )
+            smp = UniPCSampler(NoiseSchedule("linear"), 5, clip_sample=True, clip_sample_range=r)
+            outs.append(fastdiff.sample(net, steps=5, sampler=smp, noise=x_t))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert len(fake_cuda_graphs) == 2
