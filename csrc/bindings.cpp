@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "fastdiff/common.h"
+#include "fastdiff/cpu_isa.h"
 #include "fastdiff/registry.h"
 #ifdef FASTDIFF_WITH_CUDA
 #include "fastdiff/cuda_api.h"
@@ -34,6 +35,8 @@ PYBIND11_MODULE(_C, m) {
   info["openmp"] = false;
 #endif
   info["cxx_compiler"] = FASTDIFF_CXX_COMPILER;
+  // the CPU kernels' code paths: x86-64 AVX2+FMA versions picked at run time, or baseline only
+  info["cpu_dispatch"] = FD_X86_DISPATCH ? "x86-64-v3,baseline" : "baseline";
   m.attr("BUILD_INFO") = info;
   m.attr("ABI_VERSION") = FASTDIFF_ABI_VERSION;
 

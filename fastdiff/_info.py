@@ -37,12 +37,18 @@ def build_info() -> dict[str, Any]:
             cuda_compiler=b["cuda_compiler"],
             cxx_compiler=b["cxx_compiler"],
             openmp=b["openmp"],
+            cpu_dispatch=b.get("cpu_dispatch", ""),
         )
         if b["cuda"]:
             info["cuda_runtime_version"] = _ext.native().cuda_runtime_version()
     else:
         info.update(
-            cuda_compiled=False, cuda_archs=[], cuda_compiler="", cxx_compiler="", openmp=False
+            cuda_compiled=False,
+            cuda_archs=[],
+            cuda_compiler="",
+            cxx_compiler="",
+            openmp=False,
+            cpu_dispatch="",
         )
     try:
         import triton

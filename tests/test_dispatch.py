@@ -1,4 +1,5 @@
 import os
+import platform
 
 import pytest
 import torch
@@ -75,6 +76,19 @@ def test_build_info_fields():
     assert "torch" in info["backends"]["cpu"]["sampler_step"]
     if os.environ.get("TRITON_INTERPRET") == "1" and info["triton"]:
         assert "triton" in info["backends"]["cpu"]["sampler_step"]
+
+
+def test_cpu_dispatch_of_the_build():
+    """x86-64 GCC builds carry AVX2+FMA kernels picked at run time beside the baseline ones; CI's
+    second build (CXXFLAGS=-DFD_CPU_BASELINE, FASTDIFF_EXPECT_CPU_BASELINE=1) has the baseline
+    loops only, which it then tests as aarch64 would run them."""
+    got = fastdiff.build_info()["cpu_dispatch"]
+    if os.environ.get("FASTDIFF_EXPECT_CPU_BASELINE") == "1":
+        assert got == "baseline"
+    elif platform.machine() == "x86_64" and "GNU" in fastdiff.build_info()["cxx_compiler"]:
+        assert got == "x86-64-v3,baseline"
+    else:
+        assert got == "baseline"
 
 
 def test_backend_of_another_op_hints_at_op_scoping():

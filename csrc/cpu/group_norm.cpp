@@ -22,14 +22,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastdiff/cpu_isa.h"
 #include "fastdiff/cpu_parallel.h"
 #include "fastdiff/group_norm_math.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if FD_X86_DISPATCH
 #include <immintrin.h>
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if FD_X86_DISPATCH && !defined(__clang__)
 #define FD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FD_CLONES
@@ -106,7 +107,7 @@ FD_CLONES void affine_act_vec_generic(const float* __restrict x, float* __restri
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if FD_X86_DISPATCH
 #define FD_HAVE_AVX2_SILU 1
 #define FD_AVX2_FMA __attribute__((target("avx2,fma")))
 #define FD_AVX2_FMA_INLINE __attribute__((target("avx2,fma"), always_inline)) inline

@@ -8,7 +8,9 @@
 #pragma GCC optimize("no-trapping-math", "schedule-insns", "sched-pressure")
 #include <algorithm>
 #include <cstring>
-#if defined(__x86_64__) && defined(__GNUC__)
+
+#include "fastdiff/cpu_isa.h"
+#if FD_X86_DISPATCH
 #include <immintrin.h>
 #endif
 
@@ -54,7 +56,7 @@ void fill_normals4_base(float* __restrict p0, float* __restrict p1, float* __res
 // pipes, which the multiplies of the Philox rounds share). Normals equal the scalar path's to
 // within ~5 ulp (7.2e-7 absolute over 1.7M normals), not bit for bit (the stream promise is "to
 // the float rounding of log/cos/sin", <= 1e-5 absolute).
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FD_X86_DISPATCH
 #define FD_HAVE_AVX2_PHILOX 1
 #define FD_AVX2 __attribute__((target("avx2,fma"), always_inline)) inline
 #define FD_PS(v) _mm256_set1_ps(v)
@@ -425,7 +427,7 @@ void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t l
 // nvcc does on the GPU), which halves the arithmetic of the loop (it bounded the step in cache);
 // the baseline (SSE2) clone rounds each product separately, so the two clones can differ in the
 // last bit. Chosen once per process, so results are reproducible on one machine.
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FD_X86_DISPATCH
 __attribute__((target("avx2,fma"))) void tile_math_avx2(
     int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
     const float* mb, const float* up, const float* sp, const float* zp, float* ob, float* x0b) {
@@ -435,7 +437,7 @@ __attribute__((target("avx2,fma"))) void tile_math_avx2(
 #undef FD_TILE_MATH_BODY
 
 TileMathFn pick_tile_math() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if FD_X86_DISPATCH
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_math_avx2;
 #endif
   return tile_math_base;
