@@ -104,16 +104,23 @@ def _torch_sampler_step(
     return x_prev, x0_out
 
 
-def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, clip_range,
-                  guidance_scale, order):  # fmt: skip
-    coef = coef.float()
-    a, s, c_x, c_x0, c_prev, c_noise = (coef[i] for i in range(6))
-    xf = x.float()
+def _torch_guided_output(x: Tensor, model_output: Tensor, guidance_scale: float | None) -> Tensor:
+    """The model output in fp32, CFG-combined ``u + w (c - u)`` from ``[uncond, cond]`` halves
+    when ``guidance_scale`` is given (the multistep ops' torch references)."""
     cond, unc, _ = _split_model_output(x, model_output, guidance_scale, False)
     m = cond.float()
     if unc is not None:
         u = unc.float()
         m = u + guidance_scale * (m - u)
+    return m
+
+
+def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, clip_range,
+                  guidance_scale, order):  # fmt: skip
+    coef = coef.float()
+    a, s, c_x, c_x0, c_prev, c_noise = (coef[i] for i in range(6))
+    xf = x.float()
+    m = _torch_guided_output(x, model_output, guidance_scale)
     x0, _ = _torch_x0_eps(xf, m, a, s, pred, clip_range, False, False)
     out = c_x * xf + c_x0 * x0
     if x0_prev is not None:

@@ -41,6 +41,7 @@ from fastdiff.ops.sampler_step import (
     _check_like_x,
     _grads,
     _plain_eager,
+    _torch_guided_output,
     _torch_x0_eps,
 )
 
@@ -60,11 +61,7 @@ def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range,
     coef = coef.float()
     a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1 = (coef[i] for i in range(COEF_LEN))
     xf = x.float()
-    cond, unc, _ = _split_model_output(x, model_output, guidance_scale, False)
-    mo = cond.float()
-    if unc is not None:
-        u = unc.float()
-        mo = u + guidance_scale * (mo - u)
+    mo = _torch_guided_output(x, model_output, guidance_scale)
     m, _ = _torch_x0_eps(xf, mo, a, s, pred, clip_range, False, False)
     xc = c_x * xf + c_m * m
     if last is not None:
