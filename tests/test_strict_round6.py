@@ -240,3 +240,126 @@ def test_unipc_cuda_graph_cache_keys_on_the_clip_range(fake_cuda_graphs, monkeyp
             outs.append(fastdiff.sample(net, steps=5, sampler=smp, noise=x_t))
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     assert len(fake_cuda_graphs) == 2
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+@pytest.mark.parametrize("shape", [(2, 2048), (3, 2 * 2048 + 5), (1, 3, 1025)])
+def test_unipc_op_tile_edges_every_element_written(case, shape, monkeypatch):
+    """Per-sample sizes at and across the kernels' tile sizes (the CPU kernel's 2048-element
+    tiles, Triton's 1024): every output element written (outputs start as NaN) and right."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(14)
+    x, mo, last, m1, m2 = (torch.randn(shape, generator=g).to(dev) for _ in range(5))
+    coef = _row(i=4).to(dev)
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with monkeypatch.context() as mp, fastdiff.use_backend(backend, op="unipc_step"):
+        mp.setattr(torch, "empty", poisoned)
+        got = unipc_step(x, mo, coef, last, m1, m2, prediction_type="v_prediction")
+    ref = _ref64(x, mo, coef, last, m1, m2, "v_prediction", None, None)
+    for name, o, r in zip(("x_c", "m", "x_next"), got, ref, strict=True):
+        assert not o.isnan().any(), f"{backend} {name}: unwritten elements"
+        torch.testing.assert_close(o.double(), r, rtol=2e-6, atol=2e-6, msg=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+@pytest.mark.parametrize(
+    "x_dtype,mo_dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_unipc_op_model_output_in_another_dtype(case, x_dtype, mo_dtype):
+    """A model output in another float dtype than x (a half-precision model on an fp32 loop):
+    the history operands are read in x's dtype, the model output in its own."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(15)
+    shape = (2, 3, 7, 5)
+    x, last, m1, m2 = (torch.randn(shape, generator=g).to(dev, x_dtype) for _ in range(4))
+    mo = torch.randn(shape, generator=g).to(dev, mo_dtype)
+    coef = _row(i=4).to(dev)
+    with fastdiff.use_backend(backend, op="unipc_step"):
+        got = unipc_step(x, mo, coef, last, m1, m2)
+    ref = _ref64(x, mo, coef, last, m1, m2, "epsilon", None, None)
+    tol = 2e-6 if x_dtype == torch.float32 else 2e-3
+    for name, o, r in zip(("x_c", "m", "x_next"), got, ref, strict=True):
+        assert o.dtype == x_dtype
+        torch.testing.assert_close(o.double(), r, rtol=tol, atol=tol, msg=f"{backend} {name}")
+
+
+def test_unipc_solver_order_true_is_refused():
+    """solver_order=True is not the order 1 (True == 1 in Python)."""
+    with pytest.raises(ValueError, match="solver_order"):
+        UniPCSampler(NoiseSchedule("linear"), 5, solver_order=True)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(solver_p="a UniPC predictor"),
+        dict(use_flow_sigmas=True),
+        dict(use_dynamic_shifting=True),
+        dict(sigma_min=0.1),
+        dict(sigma_max=10.0),
+        dict(shift_terminal=0.5),
+    ],
+    ids=lambda d: next(iter(d)),
+)
+def test_unipc_schedule_with_an_unimplemented_setting_is_refused(setting):
+    """A UniPCMultistepScheduler config with a setting fastdiff's UniPC lacks: ValueError
+    naming it (sample() would silently differ from diffusers)."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg = dict(diffusers.UniPCMultistepScheduler().config)
+    cfg.update(setting, _class_name="UniPCMultistepScheduler")
+    key = next(iter(setting))
+    with pytest.raises(ValueError, match=key):
+        fastdiff.sample(lambda x, t: x, steps=4, shape=(3, 4, 4), schedule=cfg)
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+def test_unipc_op_opcheck_channels_last_and_fake_strides(case):
+    """The fake (meta) outputs have x's memory format, as the real ones: opcheck on
+    channels_last inputs, and the compiled op's outputs keep channels_last."""
+    from fastdiff.ops.unipc_step import _unipc_op
+
+    dev, backend = case
+    g = torch.Generator().manual_seed(16)
+    x, mo, last, m1, m2 = (
+        torch.randn(2, 3, 4, 5, generator=g).to(dev).contiguous(memory_format=torch.channels_last)
+        for _ in range(5)
+    )
+    coef = _row(i=4).to(dev)
+    torch.library.opcheck(_unipc_op, (x, mo, coef, last, m1, m2, backend, 0, None, None))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        outs = _unipc_op(fx, mode.from_tensor(mo), mode.from_tensor(coef), None, None, None,
+                         backend, 0, None, None)  # fmt: skip
+    for o in outs:
+        assert o.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+def test_unipc_op_strided_coef_and_history_in_another_dtype(case):
+    """A coefficient row that is a strided view (every other element of a longer tensor) and
+    history operands in another float dtype than x: as the float64 reference."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(17)
+    shape = (2, 3, 5, 4)
+    x, mo = (torch.randn(shape, generator=g).to(dev) for _ in range(2))
+    last, m1, m2 = (torch.randn(shape, generator=g).to(dev, torch.float16) for _ in range(3))
+    row = _row(i=4)
+    wide = torch.full((2 * row.numel(),), float("nan"))
+    wide[::2] = row
+    coef = wide.to(dev)[::2]
+    assert not coef.is_contiguous()
+    with fastdiff.use_backend(backend, op="unipc_step"):
+        got = unipc_step(x, mo, coef, last, m1, m2)
+    ref = _ref64(x, mo, row.to(dev), last, m1, m2, "epsilon", None, None)
+    for name, o, r in zip(("x_c", "m", "x_next"), got, ref, strict=True):
+        torch.testing.assert_close(o.double(), r, rtol=2e-6, atol=2e-6, msg=f"{backend} {name}")
