@@ -363,3 +363,31 @@ def test_unipc_op_strided_coef_and_history_in_another_dtype(case):
     ref = _ref64(x, mo, row.to(dev), last, m1, m2, "epsilon", None, None)
     for name, o, r in zip(("x_c", "m", "x_next"), got, ref, strict=True):
         torch.testing.assert_close(o.double(), r, rtol=2e-6, atol=2e-6, msg=f"{backend} {name}")
+
+
+def test_unipc_op_with_an_extension_built_before_it_names_the_stale_build(monkeypatch):
+    """A fastdiff._C without unipc_step_cpu (built before the op existed): an explicit cpu
+    request is a RuntimeError naming the stale build, auto runs the torch backend."""
+    from fastdiff import _ext
+
+    real = _ext._C
+
+    class Stale:
+        def __getattr__(self, name):
+            if name.startswith("unipc_step"):
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    g = torch.Generator().manual_seed(18)
+    x, mo = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    coef = _row(i=0)
+    want = unipc_step(x, mo, coef)
+    monkeypatch.setattr(_ext, "_C", Stale())
+    with (
+        pytest.raises(RuntimeError, match="stale build"),
+        fastdiff.use_backend("cpu", op="unipc_step"),
+    ):
+        unipc_step(x, mo, coef)
+    got = unipc_step(x, mo, coef)
+    for u, v in zip(got, want, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
