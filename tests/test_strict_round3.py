@@ -348,16 +348,20 @@ def test_gradients_are_clipped_to_grad_clip(monkeypatch):
 
 
 def test_stopped_run_writes_no_output_and_checkpoint_collisions_are_rejected(tmp_path):
+    from fastdiff.models import UNet
     from fastdiff.training import train
+
+    def unet():  # out= saves fastdiff UNets only (checked before training)
+        return UNet.from_preset("tiny", in_channels=1, num_classes=10)
 
     out = tmp_path / "m.safetensors"
     kw = dict(steps=4, batch_size=4, data=_digits_like(), progress=False)
-    train(_TinyEps(), out=out, checkpoint=tmp_path / "ck", stop_after=2, **kw)
+    train(unet(), out=out, checkpoint=tmp_path / "ck", stop_after=2, **kw)
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert (tmp_path / "ck.json").is_file()
     for stem in (tmp_path / "m", tmp_path / "m.json"):
         with pytest.raises(ValueError, match="same files"):
-            train(_TinyEps(), out=out, checkpoint=stem, **kw)
+            train(unet(), out=out, checkpoint=stem, **kw)
 
 
 def test_checkpoint_past_the_requested_steps_is_an_error(tmp_path):

@@ -13,6 +13,14 @@ import fastdiff
 from fastdiff.ops.group_norm_silu import group_norm_silu, group_norm_silu_reference
 from fastdiff.ops.sampler_step import dpm_solver_2m_step
 
+# Inputs include inf, NaN payloads and products that overflow fp16 on purpose: the Triton
+# interpreter's numpy arithmetic warns on those (results are compared with torch's, NaN/inf
+# included).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
 DPM_CASES = backend_cases("dpm_solver_2m_step")
 STORE_DTYPES = [torch.float16, torch.bfloat16]
 
@@ -33,10 +41,6 @@ def _same_values(got: torch.Tensor, want: torch.Tensor) -> None:
     assert bad.numel() == 0, f"{bad.numel()} values differ, e.g. got {g[bad[0]]} for {w[bad[0]]}"
 
 
-# every fp16 value includes inf and values whose product overflows: the Triton interpreter's numpy
-# arithmetic warns on those (the results are compared with torch's, NaN/inf included)
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", STORE_DTYPES, ids=str)
 @pytest.mark.parametrize("case", DPM_CASES, ids=case_id)
 @pytest.mark.parametrize("c", [1.5, 0.75, 3.0], ids=lambda c: f"c{c}")

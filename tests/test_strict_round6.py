@@ -393,18 +393,7 @@ def test_unipc_op_with_an_extension_built_before_it_names_the_stale_build(monkey
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
 
 
-_CPU_ZERO_BUFFERS = pytest.mark.xfail(
-    strict=True,
-    reason="the cpu kernel feeds absent operands as zero buffers: 0 * inf = NaN (not reachable "
-    "from UniPCSampler, which passes None only for exact-0 coefficients); for the lead: zero the "
-    "staged coefficients of absent operands in csrc/cpu/unipc_step.cpp",
-)
-NF_CASES = [
-    pytest.param(c, marks=_CPU_ZERO_BUFFERS) if c == ("cpu", "cpu") else c for c in OP_CASES
-]
-
-
-@pytest.mark.parametrize("case", NF_CASES, ids=case_id)
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
 def test_unipc_op_absent_operand_skips_even_a_non_finite_coefficient(case):
     """The op's contract: a term whose operand is None is skipped, not multiplied by zero. With
     an inf / NaN coefficient for an absent operand, every backend must give the torch result."""

@@ -32,8 +32,14 @@ void run(const UniPCArgs& A) {
   const float* c = reinterpret_cast<const float*>(A.coef);
   float coef[kUniPCCoefLen];
   for (int k = 0; k < kUniPCCoefLen; ++k) coef[k] = c[k];
-  const float* cf = coef;
   const int has_last = A.last != 0, has_m1 = A.m1 != 0, has_m2 = A.m2 != 0;
+  // An absent operand's term is skipped (the op's contract, as unipc_element's flags do): its
+  // coefficients become 0 against the zero buffers below, so an inf / NaN coefficient there
+  // cannot turn 0 * inf into NaN.
+  if (!has_last) coef[3] = 0.0f;
+  if (!has_m1) coef[5] = coef[9] = 0.0f;
+  if (!has_m2) coef[6] = 0.0f;
+  const float* cf = coef;
   const int64_t tiles = (A.inner + kTile - 1) / kTile;
   parallel_tasks(A.n * tiles, kTile, [&](int64_t task) {
     const int64_t b = task / tiles, lo = (task % tiles) * kTile;
@@ -49,7 +55,7 @@ void run(const UniPCArgs& A) {
       for (int64_t k = 0; k < len; ++k) bm[k] = cfg_combine(bm[k], ou[k], g);
     }
     // An absent operand's staging buffer holds zeros (never the caller's memory), so the math
-    // loop is branch-free: adding its +0 term leaves every finite value as skipping it would.
+    // loop is branch-free: with its coefficient zeroed above, adding the +0 term is skipping it.
     if (has_last) {
       load_tile(reinterpret_cast<const TX*>(A.last) + b * A.bs_last + lo, bl, len);
     } else {
