@@ -397,9 +397,9 @@ class UniPCSampler(DPMSolverPPSampler):
 
         The history (the previous corrected sample and data predictions) is kept on the
         sampler and used only when step ``i - 1`` was the last one it ran for this x shape and
-        device; a
-        run that starts at ``i > 0`` (img2img, diffusers' ``set_begin_index``) or a reused
-        sampler starts without a corrector and with a first-order predictor, as diffusers.
+        device; a run that starts at ``i > 0`` (img2img, diffusers' ``set_begin_index``) or a
+        reused sampler starts without a corrector and with a first-order predictor, as
+        diffusers.
         UniPC is deterministic: ``noise``, ``generator`` and ``generator_state`` are unused.
         Returns x_{i+1}, or ``(x_{i+1}, m_i)`` with ``return_x0``.
         """
