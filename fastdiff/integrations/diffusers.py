@@ -531,9 +531,17 @@ def _pipeline_components(pipe: Any) -> dict[str, Any] | None:
 
 def _optimize_pipeline(pipe: Any, channels_last: bool | None) -> Any:
     """Optimize each diffusers model of a pipeline in place (see :func:`optimize`)."""
+    try:
+        from diffusers import ModelMixin
+    except ImportError as exc:
+        raise TypeError(
+            f"optimize: {type(pipe).__name__} has components but diffusers is not importable "
+            f"({exc}); optimize a torch.nn.Module, or install diffusers"
+        ) from exc
+
     report = PipelineReport()
     for name, comp in _pipeline_components(pipe).items():
-        if isinstance(comp, nn.Module) and type(comp).__module__.startswith("diffusers."):
+        if isinstance(comp, ModelMixin):  # not a text encoder or a (CLIP) safety checker
             report[name] = optimize(comp, channels_last=channels_last).fastdiff_report
         elif comp is not None:
             report.left.append((name, f"{type(comp).__name__}: not a diffusers model"))
