@@ -22,8 +22,9 @@ class EulerSampler(Sampler):
 
     With the variance-exploding noise level sigma_t = sqrt((1 - ab_t) / ab_t) and the sample
     x_sigma = x0 + sigma eps, the ODE is dx_sigma/dsigma = (x_sigma - D(x_sigma; sigma)) / sigma
-    (Karras eq. 3 with s(t) = 1, sigma(t) = t), D the denoiser (the x0 prediction). One Euler
-    step from sigma_i to sigma_{i+1} (Algorithm 1, lines 4-5, without the Heun correction)::
+    (Karras eq. 4 with s(t) = 1, sigma(t) = t and eq. 3's score (D - x) / sigma^2), D the denoiser
+    (the x0 prediction). One Euler step from sigma_i to sigma_{i+1} (Algorithm 1, lines 4-5,
+    without the Heun correction)::
 
         d             = (x_sigma - x0) / sigma_i                         (= eps)
         x_sigma_next  = x_sigma + (sigma_{i+1} - sigma_i) d

@@ -19,18 +19,18 @@ _UNSET = object()
 
 
 class HeunSampler(EulerSampler):
-    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1 with
-    S_churn = 0), as diffusers' ``HeunDiscreteScheduler``.
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, the
+    deterministic sampler; Algorithm 2 with S_churn = 0), as diffusers' ``HeunDiscreteScheduler``.
 
     With x_sigma = x0 + sigma eps and D the denoiser (the x0 prediction), one step from sigma_i
-    to sigma_{i+1} (h = sigma_{i+1} - sigma_i) is two model calls (Algorithm 1, lines 5-8)::
+    to sigma_{i+1} (h = sigma_{i+1} - sigma_i) is two model calls (Algorithm 1, lines 4-8)::
 
         stage 1 (Euler):   d_1 = (x_sigma - D(x_sigma; sigma_i)) / sigma_i
                            x'  = x_sigma + h d_1
         stage 2 (Heun):    d_2 = (x' - D(x'; sigma_{i+1})) / sigma_{i+1}
                            x_sigma_next = x_sigma + h (d_1 + d_2) / 2
 
-    and the last step, to sigma = 0, is Euler only (line 7's condition sigma_{i+1} != 0): N steps
+    and the last step, to sigma = 0, is Euler only (line 6's condition sigma_{i+1} != 0): N steps
     are 2N - 1 model calls. As diffusers, ``len(sampler)`` and ``timesteps`` count the model
     calls: ``[t_0, t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}]``, and ``step(out, i, x)`` is one
     of them, each one fused ``dpm_solver_2m_step`` call ``x_next = c_x x + c_x0 m + c_prev
