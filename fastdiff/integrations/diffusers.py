@@ -593,5 +593,7 @@ def _optimize_diffusers(model: nn.Module, report: OptimizeReport) -> None:
     for name, m in model.named_modules():
         if type(m) is nn.GroupNorm and id(m) not in handled:
             report.left.append((name, "GroupNorm at a call site fastdiff does not know"))
-        elif "Resnet" in type(m).__name__ and not isinstance(m, ResnetBlock2D):
+        elif "Resnet" in type(m).__name__ and not any(  # not ResnetDownsampleBlock2D either
+            isinstance(c, ResnetBlock2D) for c in m.modules()
+        ):
             report.left.append((name, f"{type(m).__name__}: only ResnetBlock2D is fused"))
