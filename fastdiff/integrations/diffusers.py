@@ -25,7 +25,7 @@ What is patched, in place (parameters and state-dict keys never change):
   :class:`FoldedUpsample2D`, which on CPU runs the pair as one stride-2 transposed conv with the
   folded 4x4 kernel (:func:`fastdiff.nn.sampling.fold_upsample_conv`: 0.44x the FLOPs) when the
   input is large enough for that to pay (:func:`fastdiff.nn.sampling.fold_pays`); on GPU, on
-  small maps, or with an explicit ``output_size``, it runs diffusers' forward unchanged.
+  small maps, in fp16 or with an explicit ``output_size``, it runs diffusers' forward as is.
 
 Everything else is left alone and listed in the report with the reason, including a block whose
 norm / activation has hooks (forward or pre-forward hooks, a forward replaced on the instance):
