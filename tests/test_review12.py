@@ -101,3 +101,34 @@ def test_folded_upsample_in_fp16_keeps_the_fa_rule(which):
             out = up(x.half())
         assert out.dtype == torch.float16
         assert_fa_rule(out, ref, eager, name=f"{which} seed {seed}")
+
+
+# ------------------------------------------------------------------ GroupNormSiLU input ranks
+def test_group_norm_silu_module_takes_the_ranks_nn_group_norm_takes():
+    """GroupNormSiLU ("a drop-in for nn.GroupNorm") refused [N x C] features and inputs with
+    more than 3 spatial dims, which nn.GroupNorm takes: fuse_group_norm_silu turned a working
+    MLP (Linear -> GroupNorm -> SiLU on [N x C]) into one raising ValueError."""
+    from fastdiff.nn import GroupNormSiLU, fuse_group_norm_silu
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4)
+    )
+    x = torch.randn(3, 8)
+    ref = mlp(x)
+    assert fuse_group_norm_silu(mlp) == 1
+    torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)
+
+    gn = torch.nn.GroupNorm(2, 4)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    fused = GroupNormSiLU.from_group_norm(gn)
+    for shape in [(3, 4), (2, 4, 2, 3, 2, 3)]:
+        x = torch.randn(shape)
+        out = fused(x)
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, torch.nn.functional.silu(gn(x)), rtol=1e-5, atol=1e-6)
+    add = torch.randn(3, 4)
+    ref = torch.nn.functional.silu(gn(add))  # GN(x + add) at x = 0
+    torch.testing.assert_close(fused(torch.zeros(3, 4), add=add), ref, rtol=1e-5, atol=1e-6)

@@ -73,8 +73,13 @@ class GroupNormSiLU(nn.Module):
         scale: Tensor | None = None,
         shift: Tensor | None = None,
     ) -> Tensor:
-        """``x`` [N x C x *spatial]; optional ``add``/``scale``/``shift`` [N x C]."""
-        return group_norm_silu(
+        """``x`` [N x C x *spatial] (any number of spatial dims, none included, as
+        ``nn.GroupNorm``); optional ``add``/``scale``/``shift`` [N x C]."""
+        shape = None
+        if x.dim() == 2 or x.dim() > 5:  # the op takes 1-3 spatial dims: flatten them into one
+            shape = x.shape
+            x = x.reshape(*shape[:2], -1)
+        out = group_norm_silu(
             x,
             self.num_groups,
             self.weight,
@@ -85,6 +90,7 @@ class GroupNormSiLU(nn.Module):
             shift=shift,
             activation=self.activation,
         )
+        return out if shape is None else out.reshape(shape)
 
     @classmethod
     def from_group_norm(cls, gn: nn.GroupNorm, activation: str | None = "silu") -> GroupNormSiLU:
