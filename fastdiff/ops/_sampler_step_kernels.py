@@ -92,12 +92,13 @@ def _split_model_output(
 # ----------------------------------------------------------------------------------------------
 # kernel backends (cpu / cuda / triton): operands as (tensor, batch stride), dense per sample
 # ----------------------------------------------------------------------------------------------
-def _kernel_operands(x, model_output, third, guidance_scale, learned_variance, fourth=None):
+def _kernel_operands(x, model_output, third, guidance_scale, learned_variance, fourth=None,
+                     fifth=None):  # fmt: skip
     """Dense-per-sample views for the kernels, in x's memory order.
 
-    Returns (order, x, cond, unc, var, third, fourth) where ``third`` is noise (sampler_step)
-    or x0_prev (dpm_solver_2m_step) and ``fourth`` the noise of dpm_solver_2m_step, each cast to
-    the dtype its kernel slot expects.
+    Returns (order, x, cond, unc, var, third, fourth, fifth) where ``third`` is noise
+    (sampler_step) or x0_prev (dpm_solver_2m_step), ``fourth`` the noise and ``fifth`` the
+    x0_prev2 of dpm_solver_2m_step, each cast to the dtype its kernel slot expects.
     """
     order = _order_of(x)
     xd = _dense(x, order)
@@ -113,16 +114,18 @@ def _kernel_operands(x, model_output, third, guidance_scale, learned_variance, f
         third = _dense(third.to(x.dtype), order)
     if fourth is not None:
         fourth = _dense(fourth.to(x.dtype), order)
-    return order, xd, cond, unc, var, third, fourth
+    if fifth is not None:
+        fifth = _dense(fifth.to(x.dtype), order)
+    return order, xd, cond, unc, var, third, fourth, fifth
 
 
 def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pred, clip_range,
                 recompute_eps, guidance_scale, learned_variance, return_x0,
-                fourth=None):  # fmt: skip
-    """Launch one step on ``backend``; ``fourth`` is the noise tensor of a dpm step (mode 1),
-    ``generator_state`` draws the noise in the kernel in either mode."""
-    order, xd, cond, unc, var, third, fourth = _kernel_operands(
-        x, model_output, third, guidance_scale, learned_variance, fourth
+                fourth=None, prev2=None):  # fmt: skip
+    """Launch one step on ``backend``; ``fourth`` is the noise tensor and ``prev2`` the x0_prev2
+    of a dpm step (mode 1), ``generator_state`` draws the noise in the kernel in either mode."""
+    order, xd, cond, unc, var, third, fourth, prev2 = _kernel_operands(
+        x, model_output, third, guidance_scale, learned_variance, fourth, prev2
     )
     x_prev = _new_out(x, order)
     x0 = _new_out(x, order) if return_x0 else x.new_empty(0)
@@ -169,9 +172,10 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
         with _ext.device_guard(x):
             sampler_step_forward(
                 xd, cond, unc, var, third, generator_state, coef, x_prev,
-                x0 if return_x0 else None, w=fourth, mode=mode, n=n, inner=inner, nhwc_c=nhwc_c,
-                hw=hw, bs=bs, pred=pred, clip=clip_range is not None, clip_r=args["clip_r"],
-                recompute=bool(recompute_eps), cfg=guidance_scale is not None, g=args["g"],
+                x0 if return_x0 else None, w=fourth, q=prev2, bs_q=op(prev2)[1], mode=mode, n=n,
+                inner=inner, nhwc_c=nhwc_c, hw=hw, bs=bs, pred=pred, clip=clip_range is not None,
+                clip_r=args["clip_r"], recompute=bool(recompute_eps),
+                cfg=guidance_scale is not None, g=args["g"],
             )  # fmt: skip
     else:
         c = _ext.native()
@@ -182,12 +186,13 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
             args["dtype_x"], args["dtype_m"], pred, args["clip"], args["clip_r"],
             args["recompute"], args["cfg"], args["g"],
         ]  # fmt: skip
+        # x0_prev2 trails (passed only when given: a 2M call runs on a build without it)
+        tail = [] if prev2 is None else [*op(prev2)]
         if backend == "cuda":
-            flat.append(_ext.stream_handle(x))
             with _ext.device_guard(x):
-                fn(*flat)
+                fn(*flat, _ext.stream_handle(x), *tail)
         else:
-            fn(*flat)
+            fn(*flat, *tail)
     return x_prev, x0
 
 
@@ -198,17 +203,16 @@ _PLANS: dict[tuple, tuple | None] = {}
 
 
 def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool,
-              fourth: Tensor | None = None) -> tuple | None:  # fmt: skip
+              fourth: Tensor | None = None,
+              fifth: Tensor | None = None) -> tuple | None:  # fmt: skip
     """Launch geometry for this layout, or None when an operand needs a copy or a cast (then
     the general path runs). Model-output operands are byte offsets from ``mo``'s address."""
     order = _order_of(x)
     cond, unc, var = _split_model_output(x, mo, 1.0 if cfg else None, lv)
-    ops = (x, cond, unc, var, third, fourth)
+    ops = (x, cond, unc, var, third, fourth, fifth)
     if any(t is not None and not _inner_dense(t, order) for t in ops):
         return None
-    if third is not None and third.dtype != x.dtype:
-        return None
-    if fourth is not None and fourth.dtype != x.dtype:
+    if any(t is not None and t.dtype != x.dtype for t in (third, fourth, fifth)):
         return None
     base = mo.data_ptr()
 
@@ -223,26 +227,28 @@ def _cpu_plan(x: Tensor, mo: Tensor, third: Tensor | None, cfg: bool, lv: bool,
         x.shape[2] * x.shape[3] if nhwc else inner, _batch_stride(x), *geo(cond), *geo(unc),
         *geo(var), _batch_stride(third) if third is not None else 0, _ext.dtype_code(x),
         _ext.dtype_code(cond), _batch_stride(fourth) if fourth is not None else 0,
+        _batch_stride(fifth) if fifth is not None else 0,
     )  # fmt: skip
 
 
 def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv, return_x0,
-              fourth=None):  # fmt: skip
+              fourth=None, fifth=None):  # fmt: skip
     """``(x_prev, x0 or None)`` computed by the cpu kernel with cached launch geometry, or None
     when this call needs the general path (copies, casts, a non-contiguous coef). ``fourth``:
-    the noise tensor of a dpm step (mode 1)."""
+    the noise tensor, ``fifth`` the x0_prev2 of a dpm step (mode 1)."""
     key = (mode, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, g is not None,
            lv, None if third is None else (third.stride(), third.dtype),
-           None if fourth is None else (fourth.stride(), fourth.dtype))  # fmt: skip
+           None if fourth is None else (fourth.stride(), fourth.dtype),
+           None if fifth is None else (fifth.stride(), fifth.dtype))  # fmt: skip
     plan = _PLANS.get(key, False)
     if plan is False:
         if len(_PLANS) > 256:
             _PLANS.clear()
-        plan = _PLANS[key] = _cpu_plan(x, mo, third, g is not None, lv, fourth)
+        plan = _PLANS[key] = _cpu_plan(x, mo, third, g is not None, lv, fourth, fifth)
     if plan is None or not coef.is_contiguous():
         return None
     (order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m,
-     bs_w) = plan  # fmt: skip
+     bs_w, bs_q) = plan  # fmt: skip
     out = torch.empty_like(x) if like else _new_out(x, order)
     x0 = None
     if return_x0:
@@ -257,7 +263,7 @@ def _fast_cpu(mode, x, mo, coef, third, gen, pred, clip_range, recompute, g, lv,
         gen.data_ptr() if gen is not None else 0, coef.data_ptr(), out.data_ptr(),
         x0.data_ptr() if x0 is not None else 0, dt_x, dt_m, pred, clip_range is not None,
         clip_range if clip_range is not None else 0.0, recompute, g is not None,
-        g if g is not None else 0.0,
+        g if g is not None else 0.0, *(() if fifth is None else (fifth.data_ptr(), bs_q)),
     )  # fmt: skip
     return out, x0
 
@@ -271,8 +277,8 @@ _transforms_active = _ext.transforms_active
 _fwad = torch.autograd.forward_ad
 
 
-def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts,
-                     fourth=None) -> tuple[tuple | None, tuple | None]:  # fmt: skip
+def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts, fourth=None,
+                     fifth=None) -> tuple[tuple | None, tuple | None]:  # fmt: skip
     """``(key, (x_prev, x0 or None))`` for a call whose exact combination was validated before
     and resolves to the cpu backend now; ``(key, None)`` when the general path must run, with
     key None when this call cannot be cached: a tensor subclass or non-tensor, x not on cpu, an
@@ -281,7 +287,8 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts,
     forward-mode AD level active (the caller has checked that nothing is compiling). The key
     holds everything the checks read: exact tensor types, shapes, strides, dtypes, devices, the
     options ``opts`` (with the types of the real ones) and the native module. Backend
-    resolution is redone on every call. ``fourth``: the noise tensor of a dpm step."""
+    resolution is redone on every call. ``fourth``: the noise tensor, ``fifth`` the x0_prev2
+    of a dpm step (present or absent, it is part of the key)."""
     if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
             or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
             or x.is_neg() or mo.is_neg() or coef.is_neg() or _transforms_active()
@@ -306,8 +313,15 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts,
             wk = (fourth.shape, fourth.stride(), fourth.dtype, fourth.is_cpu)
         else:
             return None, None
+        if fifth is None:
+            qk = None
+        elif type(fifth) is Tensor and not fifth.requires_grad and not fifth.is_neg():
+            qk = (fifth.shape, fifth.stride(), fifth.dtype, fifth.is_cpu)
+        else:
+            return None, None
         key = (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, mo.is_cpu,
-               coef.shape, coef.stride(), coef.dtype, coef.is_cpu, tk, gk, wk, opts)  # fmt: skip
+               coef.shape, coef.stride(), coef.dtype, coef.is_cpu, tk, gk, wk, qk,
+               opts)  # fmt: skip
         ent = _VALIDATED.get(key)
     except (RuntimeError, TypeError):  # no strides, an unhashable option: the general path
         return None, None
@@ -322,19 +336,24 @@ def _cached_cpu_step(op: str, x, mo, coef, third, gen, opts,
         x0 = torch.empty_like(x) if like else _new_out(x, order)
     if empty:
         pass
-    elif fourth is None:
+    elif fourth is None and fifth is None:
         run(plan, x.data_ptr(), mo.data_ptr(), 0 if third is None else third.data_ptr(),
             0 if gen is None else gen.data_ptr(), coef.data_ptr(), out.data_ptr(),
             0 if x0 is None else x0.data_ptr(), clip_r, g)  # fmt: skip
-    else:
+    elif fifth is None:
         run(plan, x.data_ptr(), mo.data_ptr(), 0 if third is None else third.data_ptr(),
             0 if gen is None else gen.data_ptr(), coef.data_ptr(), out.data_ptr(),
             0 if x0 is None else x0.data_ptr(), clip_r, g, fourth.data_ptr())  # fmt: skip
+    else:
+        run(plan, x.data_ptr(), mo.data_ptr(), 0 if third is None else third.data_ptr(),
+            0 if gen is None else gen.data_ptr(), coef.data_ptr(), out.data_ptr(),
+            0 if x0 is None else x0.data_ptr(), clip_r, g,
+            0 if fourth is None else fourth.data_ptr(), fifth.data_ptr())  # fmt: skip
     return key, (out, x0)
 
 
 def _remember_validated(key, mode, x, mo, third, pred, clip_range, recompute, g, lv, return_x0,
-                        unsupported, fourth=None) -> None:  # fmt: skip
+                        unsupported, fourth=None, fifth=None) -> None:  # fmt: skip
     """Cache the call with ``key`` that passed every check and ran through :func:`_fast_cpu`
     (so its layout needs no copy or cast). The caller guarantees that the cached verdict only
     depends on ``key``: clip_range / guidance_scale of exact type float, int or None, a
@@ -342,15 +361,15 @@ def _remember_validated(key, mode, x, mo, third, pred, clip_range, recompute, g,
     c = _ext._C
     if c is None or not hasattr(c, "sampler_step_cpu_run"):  # stale build: _fast_cpu only
         return
-    geo = _cpu_plan(x, mo, third, g is not None, lv, fourth)
+    geo = _cpu_plan(x, mo, third, g is not None, lv, fourth, fifth)
     if geo is None:
         return
     (order, like, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou, bs_u, ov, bs_v, bs_z, dt_x, dt_m,
-     bs_w) = geo  # fmt: skip
+     bs_w, bs_q) = geo  # fmt: skip
     plan = c.sampler_step_cpu_plan(
         mode, n, inner, nhwc_c, hw, bs_x, om, bs_m, ou if g is not None else 0, bs_u,
         ov if lv else 0, bs_v, bs_z, dt_x, dt_m, pred, clip_range is not None, recompute,
-        g is not None, lv, bs_w,
+        g is not None, lv, bs_w, *(() if fifth is None else (bs_q,)),
     )  # fmt: skip
     if len(_VALIDATED) >= 256:
         _VALIDATED.clear()

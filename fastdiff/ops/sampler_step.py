@@ -116,15 +116,17 @@ def _torch_guided_output(x: Tensor, model_output: Tensor, guidance_scale: float 
 
 
 def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, clip_range,
-                  guidance_scale, order):  # fmt: skip
+                  guidance_scale, order, x0_prev2=None):  # fmt: skip
     coef = coef.float()
-    a, s, c_x, c_x0, c_prev, c_noise = (coef[i] for i in range(6))
+    a, s, c_x, c_x0, c_prev, c_noise, c_prev2 = (coef[i] for i in range(7))
     xf = x.float()
     m = _torch_guided_output(x, model_output, guidance_scale)
     x0, _ = _torch_x0_eps(xf, m, a, s, pred, clip_range, False, False)
     out = c_x * xf + c_x0 * x0
     if x0_prev is not None:
         out = out + c_prev * x0_prev.float()
+    if x0_prev2 is not None:  # DPM-Solver++ 3M (the caller guarantees x0_prev is given too)
+        out = out + c_prev2 * x0_prev2.float()
     if noise is not None or generator_state is not None:  # the SDE variant
         z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
         out = out + c_noise * z
@@ -182,15 +184,15 @@ def _(x, model_output, coef, noise, generator_state, backend, prediction_type, c
 
 
 def _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
-                 prediction_type, clip_range, guidance_scale):  # fmt: skip
+                 prediction_type, clip_range, guidance_scale, x0_prev2=None):  # fmt: skip
     if backend == "torch":
         return _torch_dpm_2m(
             x, model_output, coef, x0_prev, noise, generator_state, prediction_type, clip_range,
-            guidance_scale, _order_of(x),
+            guidance_scale, _order_of(x), x0_prev2,
         )  # fmt: skip
     return _run_kernel(
         backend, 1, x, model_output, coef, x0_prev, generator_state, prediction_type, clip_range,
-        False, guidance_scale, False, True, fourth=noise,
+        False, guidance_scale, False, True, fourth=noise, prev2=x0_prev2,
     )  # fmt: skip
 
 
@@ -206,18 +208,19 @@ def _dpm_2m_op(
     prediction_type: int,
     clip_range: float | None,
     guidance_scale: float | None,
+    x0_prev2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     if backend == _AUTO:
-        backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x))
+        backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x, x0_prev2))
         backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output,
-                                               coef, x0_prev, noise)  # fmt: skip
+                                               coef, x0_prev, noise, x0_prev2)  # fmt: skip
     return _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
-                        prediction_type, clip_range, guidance_scale)  # fmt: skip
+                        prediction_type, clip_range, guidance_scale, x0_prev2)  # fmt: skip
 
 
 @_dpm_2m_op.register_fake
 def _(x, model_output, coef, x0_prev, noise, generator_state, backend, prediction_type,
-      clip_range, guidance_scale):  # fmt: skip
+      clip_range, guidance_scale, x0_prev2=None):  # fmt: skip
     order = _order_of(x)
     return _new_out(x, order), _new_out(x, order)
 
@@ -266,22 +269,28 @@ _sampler_step_op.register_autograd(_step_backward, setup_context=_step_setup)
 
 
 def _dpm_setup(ctx, inputs, output):
-    x, mo, coef, x0_prev, noise, gen, _backend, *opts = inputs
+    x, mo, coef, x0_prev, noise, gen, _backend, pred, clip, g, *rest = inputs
+    prev2 = rest[0] if rest else None
     # the sampler advances the Philox offset in place after the step: keep this step's state
-    ctx.save_for_backward(x, mo, coef, x0_prev, noise, gen.clone() if gen is not None else None)
-    ctx.opts = opts
+    gen = gen.clone() if gen is not None else None
+    ctx.save_for_backward(x, mo, coef, x0_prev, noise, gen, prev2)
+    ctx.opts = (pred, clip, g)
 
 
 def _dpm_backward(ctx, g_next, g_x0):
-    x, mo, coef, x0_prev, noise, gen = ctx.saved_tensors
+    x, mo, coef, x0_prev, noise, gen, prev2 = ctx.saved_tensors
     pred, clip, g = ctx.opts
 
-    def run(x_, mo_, coef_, prev_, noise_):
-        return _torch_dpm_2m(x_, mo_, coef_, prev_, noise_, gen, pred, clip, g, _order_of(x_))
+    def run(x_, mo_, coef_, prev_, noise_, prev2_):
+        return _torch_dpm_2m(x_, mo_, coef_, prev_, noise_, gen, pred, clip, g, _order_of(x_),
+                             prev2_)  # fmt: skip
 
-    saved = (x, mo, coef, x0_prev, noise)
-    gx, gmo, gcoef, gprev, gnoise = _grads(ctx, run, (g_next, g_x0), saved, (0, 1, 2, 3, 4))
-    return gx, gmo, gcoef, gprev, gnoise, None, None, None, None, None
+    saved = (x, mo, coef, x0_prev, noise, prev2)
+    # a trailing x0_prev2=None is dropped from the op's inputs: 10 of them then
+    n_in = len(ctx.needs_input_grad)
+    slots = (0, 1, 2, 3, 4, 10 if n_in > 10 else 0)  # slot 0 for an absent x0_prev2
+    gx, gmo, gcoef, gprev, gnoise, gprev2 = _grads(ctx, run, (g_next, g_x0), saved, slots)
+    return (gx, gmo, gcoef, gprev, gnoise, None, None, None, None, None, gprev2)[:n_in]
 
 
 _dpm_2m_op.register_autograd(_dpm_backward, setup_context=_dpm_setup)
@@ -410,20 +419,27 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     return True
 
 
-_UNSUPPORTED: list = [object(), {}]  # [the _C module it was computed for, the dict]
+_STALE = "stale build: run tools/dev_build.sh"
+_UNSUPPORTED: list = [object(), {}, {}]  # [the _C module it was computed for, 2M, with x0_prev2]
+# kernel backends without an x0_prev2 path yet
+_PREV2_UNSUPPORTED: dict[str, str] = {}
 
 
-def _unsupported(x: Tensor) -> dict[str, str]:
-    """Backends that cannot run now: a fastdiff._C built before these kernels existed."""
+def _unsupported(x: Tensor, x0_prev2: Tensor | None = None) -> dict[str, str]:
+    """Backends that cannot run now: a fastdiff._C built before these kernels existed (or,
+    for a call with ``x0_prev2``, before the second history operand)."""
     c = _ext._C
-    if _UNSUPPORTED[0] is c:
-        return _UNSUPPORTED[1]
-    out = {}
-    for b in ("cpu", "cuda"):
-        if c is not None and not hasattr(c, f"sampler_step_{b}"):
-            out[b] = f"fastdiff._C has no sampler_step_{b} (stale build: run tools/dev_build.sh)"
-    _UNSUPPORTED[:] = [c, out]
-    return out
+    if _UNSUPPORTED[0] is not c:
+        out, out3 = {}, {}
+        for b in ("cpu", "cuda"):
+            if c is not None and not hasattr(c, f"sampler_step_{b}"):
+                out[b] = f"fastdiff._C has no sampler_step_{b} ({_STALE})"
+            elif c is not None and not getattr(c, "sampler_step_prev2", False):
+                out3[b] = f"fastdiff._C's sampler_step_{b} has no x0_prev2 operand ({_STALE})"
+        for b, why in _PREV2_UNSUPPORTED.items():
+            out3.setdefault(b, why)
+        _UNSUPPORTED[:] = [c, out, {**out, **out3}]
+    return _UNSUPPORTED[1] if x0_prev2 is None else _UNSUPPORTED[2]
 
 
 _CACHEABLE_REAL = (float, int, type(None))  # exact types: a bool or float subclass is not cached
@@ -555,6 +571,7 @@ def dpm_solver_2m_step(
     coef: Tensor,
     x0_prev: Tensor | None = None,
     *,
+    x0_prev2: Tensor | None = None,
     prediction_type: str = "epsilon",
     clip_range: float | None = None,
     guidance_scale: float | None = None,
@@ -563,7 +580,7 @@ def dpm_solver_2m_step(
 ) -> tuple[Tensor, Tensor]:
     """DPM-Solver++ 2M update (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction),
     and its SDE variant (SDE-DPM-Solver++(2M), same paper, appendix) with ``noise`` or
-    ``generator_state``.
+    ``generator_state``; with ``x0_prev2`` the third-order (3M) multistep update.
 
     ``x0`` is derived from ``model_output`` as in :func:`sampler_step` (with optional CFG and
     clipping), then ``x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_noise z`` with coef fp32
@@ -579,6 +596,13 @@ def dpm_solver_2m_step(
     the kernel with Philox, the stream contract of :func:`sampler_step`; the caller advances the
     offset) add the ``c_noise z`` term; without either it is skipped.
 
+    ``x0_prev2`` (x0 of two steps ago, x's shape; requires ``x0_prev``) adds ``c_prev2 x0_prev2``
+    with ``c_prev2 = coef[6]``, so that coef ``[8] = [a, s, c_x, c_x0, c_prev, c_noise, c_prev2,
+    0]`` and ``x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 + c_noise z``: the
+    third-order update of DPM-Solver++ (diffusers' ``multistep_dpm_solver_third_order_update``,
+    "DPM++ 3M" / "DPM++ 3M SDE") is linear in these operands, the sampler folds the rest into
+    the coefficients. Absent, the term is skipped (as for ``x0_prev``).
+
     Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
     overwritten, e.g. by CUDA graph replay).
     """
@@ -586,7 +610,7 @@ def dpm_solver_2m_step(
     if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no plan
         opts = (prediction_type, type(clip_range), clip_range, type(guidance_scale), guidance_scale)
         key, r = _cached_cpu_step("dpm_solver_2m_step", x, model_output, coef, x0_prev,
-                                  generator_state, opts, noise)  # fmt: skip
+                                  generator_state, opts, noise, x0_prev2)  # fmt: skip
         if r is not None:
             return r
     gen_in = generator_state
@@ -595,24 +619,29 @@ def dpm_solver_2m_step(
                                 guidance_scale, False)  # fmt: skip
         if x0_prev is not None:
             _check_like_x("x0_prev", x0_prev, x)
+        if x0_prev2 is not None:
+            if x0_prev is None:
+                raise ValueError("x0_prev2 (x0 two steps ago) needs x0_prev, got x0_prev=None")
+            _check_like_x("x0_prev2", x0_prev2, x)
         generator_state = _check_noise(x, noise, generator_state)
     except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
         raise type(e)(f"dpm_solver_2m_step: {e}") from None
-    x, model_output, coef, x0_prev, noise, generator_state = _ext.resolve_neg(
-        x, model_output, coef, x0_prev, noise, generator_state
+    x, model_output, coef, x0_prev, noise, generator_state, x0_prev2 = _ext.resolve_neg(
+        x, model_output, coef, x0_prev, noise, generator_state, x0_prev2
     )
-    plain = _plain_eager(x, model_output, coef, x0_prev, noise, generator_state)
+    plain = _plain_eager(x, model_output, coef, x0_prev, noise, generator_state, x0_prev2)
     if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
         return _dpm_2m_op(x, model_output, coef, x0_prev, noise, generator_state, _AUTO,
-                          PREDICTION_TYPES[prediction_type], clip, g)  # fmt: skip
+                          PREDICTION_TYPES[prediction_type], clip, g, x0_prev2)  # fmt: skip
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
-    backend = resolve("dpm_solver_2m_step", x.device, _unsupported(x))
+    unsupported = _unsupported(x, x0_prev2)
+    backend = resolve("dpm_solver_2m_step", x.device, unsupported)
     backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output, coef,
-                                           x0_prev, noise)  # fmt: skip
+                                           x0_prev, noise, x0_prev2)  # fmt: skip
     pred = PREDICTION_TYPES[prediction_type]
     if plain and backend == "cpu":
         r = _fast_cpu(1, x, model_output, coef, x0_prev, generator_state, pred, clip, False, g,
-                      False, True, noise)  # fmt: skip
+                      False, True, noise, x0_prev2)  # fmt: skip
         if r is not None:
             if (
                 key is not None
@@ -620,7 +649,8 @@ def dpm_solver_2m_step(
                 and _cacheable(clip_range, guidance_scale)
             ):
                 _remember_validated(key, 1, x, model_output, x0_prev, pred, clip, False, g, False,
-                                    True, _unsupported(x), noise)  # fmt: skip
+                                    True, unsupported, noise, x0_prev2)  # fmt: skip
             return r
     fn = _dpm_2m_impl if plain else _dpm_2m_op
-    return fn(x, model_output, coef, x0_prev, noise, generator_state, backend, pred, clip, g)
+    return fn(x, model_output, coef, x0_prev, noise, generator_state, backend, pred, clip, g,
+              x0_prev2)  # fmt: skip

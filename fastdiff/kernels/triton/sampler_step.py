@@ -62,6 +62,7 @@ def _sampler_step_kernel(
     V,  # [N x inner] variance values v in [-1, 1] (learned variance only)
     Z,  # [N x inner] noise z (mode 0) or x0_prev (mode 1)
     W,  # [N x inner] noise z of the SDE dpm step (mode 1, HAS_NOISE == 1 only)
+    Q,  # [N x inner] x0_prev2 of the DPM++ 3M step (mode 1, HAS_PREV2 only)
     GEN,  # int64 [2] (seed, offset) for in-kernel Philox noise
     COEF,  # fp32 [8] step coefficients
     OUT,  # [N x inner] x_prev / x_next, dense
@@ -72,6 +73,7 @@ def _sampler_step_kernel(
     bs_v,  # batch stride of V
     bs_z,  # batch stride of Z
     bs_w,  # batch stride of W
+    bs_q,  # batch stride of Q
     inner,  # elements per sample
     tiles_per_sample,  # cdiv(inner, BLOCK)
     total_tiles,  # N * tiles_per_sample
@@ -87,6 +89,7 @@ def _sampler_step_kernel(
     LV: tl.constexpr,  # learned variance from V
     HAS_Z: tl.constexpr,  # 0 none, 1 tensor Z, 2 Philox from GEN
     HAS_NOISE: tl.constexpr,  # mode 1: 0 none, 1 tensor W, 2 Philox from GEN
+    HAS_PREV2: tl.constexpr,  # mode 1: x0_prev2 from Q (3M; with x0_prev)
     WRITE_X0: tl.constexpr,  # store x0
     NHWC: tl.constexpr,  # per-sample memory order HWC (logical index for Philox)
     QUAD: tl.constexpr,  # Philox noise with NCHW order and inner % 4 == 0 (4 lanes per counter)
@@ -147,6 +150,9 @@ def _sampler_step_kernel(
             if HAS_Z == 1:
                 xp = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
                 out = out + k4 * xp
+            if HAS_PREV2:
+                q = tl.load(Q + n * bs_q + offs, mask=mask, other=0.0).to(tl.float32)
+                out = out + k6 * q
             if HAS_NOISE == 1:
                 w = tl.load(W + n * bs_w + offs, mask=mask, other=0.0).to(tl.float32)
                 out = out + k5 * w
@@ -171,6 +177,8 @@ def sampler_step_forward(
     x0: Tensor | None,  # [N x ...] x0 estimate (written), or None
     *,
     w: Tensor | None = None,  # noise of the SDE dpm step (mode 1), or None
+    q: Tensor | None = None,  # x0_prev2 of the DPM++ 3M step (mode 1, with z), or None
+    bs_q: int = 0,  # batch stride of q
     mode: int,  # 0 sampler step, 1 DPM-Solver++ 2M
     n: int,  # batch
     inner: int,  # elements per sample
@@ -185,8 +193,9 @@ def sampler_step_forward(
     g: float,  # guidance scale
 ) -> None:
     """Launch the kernel. Tensors per-sample dense in x's order; ``bs`` = batch strides
-    (x, m, mu, v, z[, w]); absent operands are None (a dummy pointer is passed, never read).
-    ``gen`` draws the noise of sampler_step (mode 0) or, without ``w``, of the dpm step."""
+    (x, m, mu, v, z[, w]), ``bs_q`` q's; absent operands are None (a dummy pointer is passed,
+    never read). ``gen`` draws the noise of sampler_step (mode 0) or, without ``w``, of the dpm
+    step."""
     block = 1024
     tiles = triton.cdiv(inner, block)
     total = n * tiles
@@ -203,11 +212,12 @@ def sampler_step_forward(
     bs = [*bs, 0][:6]
     _sampler_step_kernel[grid](
         x, m, mu if mu is not None else m, v if v is not None else m, z if z is not None else x,
-        w if w is not None else x, gen if gen is not None else coef, coef, out,
-        x0 if x0 is not None else out,
-        *bs, inner, tiles, total, max(nhwc_c, 1), hw, float(clip_r), float(g),
+        w if w is not None else x, q if q is not None else x, gen if gen is not None else coef,
+        coef, out, x0 if x0 is not None else out,
+        *bs, bs_q, inner, tiles, total, max(nhwc_c, 1), hw, float(clip_r), float(g),
         MODE=mode, PRED=pred, CLIP=bool(clip), RECOMPUTE=bool(recompute), CFG=bool(cfg),
         LV=v is not None and mode == 0, HAS_Z=has_z, HAS_NOISE=has_noise,
+        HAS_PREV2=q is not None and mode == 1,
         WRITE_X0=x0 is not None, NHWC=nhwc_c > 0,
         QUAD=(has_z == 2 or has_noise == 2) and nhwc_c == 0 and inner % 4 == 0, BLOCK=block,
     )  # fmt: skip
