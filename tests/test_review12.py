@@ -124,7 +124,7 @@ def test_group_norm_silu_module_takes_the_ranks_nn_group_norm_takes():
         gn.weight.normal_()
         gn.bias.normal_()
     fused = GroupNormSiLU.from_group_norm(gn)
-    for shape in [(3, 4), (2, 4, 2, 3, 2, 3)]:
+    for shape in [(3, 4), (0, 4), (2, 4, 2, 3, 2, 3), (0, 4, 1, 2, 1, 2)]:
         x = torch.randn(shape)
         out = fused(x)
         assert out.shape == x.shape

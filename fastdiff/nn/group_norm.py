@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from numbers import Integral
 
 import torch
@@ -78,7 +79,7 @@ class GroupNormSiLU(nn.Module):
         shape = None
         if x.dim() == 2 or x.dim() > 5:  # the op takes 1-3 spatial dims: flatten them into one
             shape = x.shape
-            x = x.reshape(*shape[:2], -1)
+            x = x.reshape(*shape[:2], math.prod(shape[2:]))  # [N x C x 1] for [N x C]
         out = group_norm_silu(
             x,
             self.num_groups,
