@@ -85,10 +85,13 @@ class _StepGraph:
     """One captured step: ``out = model(x, t, **kw)``, fused update, ``x <- x_prev`` in place.
 
     Static device buffers: x (the state), t, coef (the sampler's row for the step), noise,
-    the DPM-Solver history x0_prev (read by the update, then overwritten at the end of the
-    graph with the new x0, so a replay never reads a buffer it has already overwritten), and
+    the DPM-Solver history x0_prev (and x0_prev2 for order 3; read by the update, then shifted
+    at the end of the graph, x0_prev2 <- x0_prev <- the new x0, so a replay never reads a
+    buffer it has already overwritten), and
     the tensor kwargs (conditioning), all refreshed with device copies before each replay.
     """
+
+    x0_prev2: Tensor | None = None  # DPM-Solver++ 3M's m_{i-2} buffer (set by __init__)
 
     def __init__(
         self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor, gen_state: Tensor | None
@@ -108,6 +111,9 @@ class _StepGraph:
         self.unipc = hasattr(smp, "step_with_history")
         self.hist = [torch.zeros_like(x) for _ in range(3)] if self.unipc else None
         self.x0_prev = torch.zeros_like(x) if self.multistep and not self.unipc else None
+        # DPM-Solver++ 3M: m_{i-2} in a second buffer, shifted from x0_prev after each step
+        order3 = self.x0_prev is not None and getattr(smp, "solver_order", 2) >= 3
+        self.x0_prev2 = torch.zeros_like(x) if order3 else None
         self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp
         s = torch.cuda.Stream()
@@ -136,10 +142,14 @@ class _StepGraph:
             last.copy_(x_c)
             self.x.copy_(x_new)
             return x0
-        if self.multistep:  # DPM-Solver++, Heun: the x0 history rides in x0_prev
+        if self.multistep:  # DPM-Solver++, Heun: the x0 history rides in x0_prev (x0_prev2)
+            if self.x0_prev2 is not None:
+                skw["x0_prev2"] = self.x0_prev2
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
                                  x0_prev=self.x0_prev, guidance_scale=gs, return_x0=True,
                                  **skw)  # fmt: skip
+            if self.x0_prev2 is not None:  # after the op has read both buffers
+                self.x0_prev2.copy_(self.x0_prev)
             self.x0_prev.copy_(x0)
         else:
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
@@ -153,6 +163,8 @@ class _StepGraph:
             self.gen_state.copy_(gen_state)
         if self.x0_prev is not None:
             self.x0_prev.zero_()
+        if self.x0_prev2 is not None:
+            self.x0_prev2.zero_()
         for h in self.hist or ():
             h.zero_()
         _copy_tree(self.kwargs, kwargs)

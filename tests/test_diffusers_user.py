@@ -42,8 +42,8 @@ def _diffusers_loop(unet, sched, steps: int, noise: torch.Tensor) -> torch.Tenso
 
 # ------------------------------------------- scheduler settings the sampler cannot reproduce
 UNSUPPORTED = [
-    ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
-    ("dpm-solver++", DPMSolverMultistepScheduler, dict(solver_order=1), "solver_order"),
+    ("dpm++", DPMSolverMultistepScheduler, dict(use_dynamic_shifting=True), "dynamic_shifting"),
+    ("dpm-solver++", DPMSolverMultistepScheduler, dict(use_flow_sigmas=True), "use_flow_sigmas"),
     pytest.param(
         "dpm++",
         DPMSolverMultistepScheduler,
@@ -51,7 +51,6 @@ UNSUPPORTED = [
         "algorithm",
         marks=pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
     ),  # non-++ algorithms are deprecated in diffusers, still accepted there
-    ("dpm++", DPMSolverMultistepScheduler, dict(solver_type="heun"), "solver_type"),
     ("euler", EulerDiscreteScheduler, dict(interpolation_type="log_linear"), "interpolation"),
     ("euler", EulerDiscreteScheduler, dict(timestep_type="continuous"), "timestep_type"),
     ("euler", EulerDiscreteScheduler, dict(final_sigmas_type="sigma_min"), "final_sigmas"),
@@ -86,6 +85,8 @@ SUPPORTED = [
     ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=2, lower_order_final=False)),
     ("dpm++", DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),  # DPM++ 2M Karras
     ("dpm++", DPMSolverMultistepScheduler, dict(use_exponential_sigmas=True)),
+    ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=3)),  # DPM++ 3M (tests/test_dpm3.py)
+    ("dpm++", DPMSolverMultistepScheduler, dict(solver_order=1, solver_type="heun")),
     (
         "dpm++",
         DPMSolverMultistepScheduler,

@@ -91,5 +91,5 @@ def test_no_scheduler_class_is_ddim_silently(schedule):
 
 def test_unsupported_setting_of_inferred_sampler_is_refused():
     """The inferred sampler's scheduler checks still apply (no silent drop)."""
-    with pytest.raises(ValueError, match="solver_order=3"):
-        _run(schedule=diffusers.DPMSolverMultistepScheduler(solver_order=3))
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True"):
+        _run(schedule=diffusers.DPMSolverMultistepScheduler(use_dynamic_shifting=True))

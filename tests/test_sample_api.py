@@ -460,7 +460,7 @@ def test_diffusers_scheduler_settings_become_sampler_defaults():
     }
     assert _scheduler_options(DDPMScheduler(variance_type="fixed_large").config, "ddpm") == {
         "variance_type": "fixed_large"}  # fmt: skip
-    assert _scheduler_options({"prediction_type": "sample", "solver_order": 2}, "dpm++") == {
+    assert _scheduler_options({"prediction_type": "sample", "flow_shift": 1.0}, "dpm++") == {
         "prediction_type": "sample"}  # a plain dict: every key the sampler takes  # fmt: skip
     explicit = fastdiff.sample(model, steps=4, noise=noise, schedule=sched,
                                prediction_type="epsilon", timestep_spacing="leading",

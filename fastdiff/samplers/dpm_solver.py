@@ -1,9 +1,11 @@
-"""DPM-Solver++ (2M) multistep sampler and its SDE variant (Lu et al., 2022, arXiv:2211.01095)."""
+"""DPM-Solver++ (1S / 2M / 3M) multistep sampler and its SDE variant (Lu et al., 2022,
+arXiv:2211.01095)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 import torch
@@ -33,34 +35,45 @@ __all__ = ["DPMSolverPPSampler"]
 _UNSET = object()
 FINAL_SIGMAS = ("zero", "sigma_min")
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
+# diffusers' DPMSolverMultistepScheduler reads UniPC's solver types as "midpoint"
+SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint",
+                "bh2": "midpoint"}  # fmt: skip
 
 
 class DPMSolverPPSampler(Sampler):
-    """DPM-Solver++(2M): second-order multistep solver of the diffusion ODE in data prediction.
+    """DPM-Solver++: multistep solver of the diffusion ODE in data prediction (orders 1, 2, 3).
 
-    With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t) and
-    h_i = lambda_{t_i} - lambda_{t_{i-1}}, r_i = h_{i-1} / h_i, the data predictions
-    m_i = x0_theta(x_{t_i}, t_i), one step from s = t_{i-1} to t = t_i is (Algorithm 2)::
+    With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t),
+    h = lambda_t - lambda_{s0} and r_k = h_k / h (h_0 = lambda_{s0} - lambda_{s1}, h_1 =
+    lambda_{s1} - lambda_{s2}), the data predictions m_k = x0_theta(x_{s_k}, s_k) of the current
+    (s0) and the two previous steps, one step from s0 to t is (Lu et al. 2022, Algorithm 2 and
+    the multistep solvers of its section 4)::
 
-        first order (DPM-Solver++1 = DDIM):  x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) m_s
-        2M:  D = (1 + 1/(2 r)) m_s - 1/(2 r) m_{s-1}
-             x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) D
+        1 (DPM-Solver++1 = DDIM):  x_t = (sigma_t/sigma_s0) x_s0 + A D0
+        2M:  x_t = (sigma_t/sigma_s0) x_s0 + A D0 + B D1,                D1 = (m0 - m1) / r0
+        3M:  x_t = (sigma_t/sigma_s0) x_s0 + A D0 + B D1 + C D2,
+             D1_0 = (m0 - m1) / r0,  D1_1 = (m1 - m2) / r1,  D2 = (D1_0 - D1_1) / (r0 + r1),
+             D1 = D1_0 + r0 D2
 
-    (diffusers' "midpoint" form). The first step is first order; so is the last one when the
-    final sigma is zero, or when ``lower_order_final`` and fewer than 15 steps. All of this is
-    folded into the precomputed row ``[alpha_s, sigma_s, c_x, c_x0, c_prev, c_noise, 0, 0]`` so
-    that a step is one fused ``dpm_solver_2m_step`` call:
-    ``x_t = c_x x_s + c_x0 m_s + c_prev m_{s-1} (+ c_noise z)``.
+    with D0 = m0, A = -alpha_t (e^{-h} - 1), C = -alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2) and
+    B = A / 2 for ``solver_type="midpoint"`` (2M only), B = alpha_t ((e^{-h} - 1) / h + 1) for
+    ``"heun"`` and for 3M, as diffusers' ``DPMSolverMultistepScheduler`` writes them. The first
+    step is first order and the second at most second order (no older m yet); the last step is
+    first order when the final sigma is zero, with ``euler_at_final``, or when
+    ``lower_order_final`` and fewer than 15 steps, and then the one before it is at most
+    second order. All of this is folded into the float64 row
+    ``[alpha_s, sigma_s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]`` so that a step is one fused
+    ``dpm_solver_2m_step`` call: ``x_t = c_x x_s + c_x0 m0 + c_prev m1 + c_prev2 m2
+    (+ c_noise z)``.
 
-    ``algorithm_type="sde-dpmsolver++"`` is "DPM++ 2M SDE": SDE-DPM-Solver++(2M) (Lu et al. 2022,
-    appendix; the first-order step is their SDE-DPM-Solver++1), with fresh noise z ~ N(0, I) at
-    every step (the last included, where its coefficient is 0, so a ``generator`` advances as in
-    diffusers)::
+    ``algorithm_type="sde-dpmsolver++"`` is "DPM++ 2M SDE" / "DPM++ 3M SDE": SDE-DPM-Solver++
+    (Lu et al. 2022, appendix), with fresh noise z ~ N(0, I) at every step (the last included,
+    where its coefficient is 0, so a ``generator`` advances as in diffusers)::
 
-        first order:  x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) m_s
-                            + sigma_t sqrt(1 - e^{-2h}) z
-        2M:           x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D
-                            + sigma_t sqrt(1 - e^{-2h}) z,   D as above
+        x_t = (sigma_t/sigma_s0) e^{-h} x_s0 + A D0 + B D1 (+ C D2) + sigma_t sqrt(1 - e^{-2h}) z
+
+    with A = alpha_t (1 - e^{-2h}), B = A / 2 (midpoint) or alpha_t ((1 - e^{-2h}) / (-2h) + 1)
+    (heun, 3M), C = alpha_t ((1 - e^{-2h} - 2h) / (2h)^2 - 1/2).
 
     z comes from ``noise``, else ``generator`` (torch.randn), else in-kernel Philox
     (``generator_state``, advanced by ``x.numel()`` per step).
@@ -68,23 +81,34 @@ class DPMSolverPPSampler(Sampler):
     With ``use_karras_sigmas`` ("DPM++ 2M Karras"), ``use_exponential_sigmas`` or
     ``use_beta_sigmas`` the steps are taken on that grid of noise levels sigma/alpha between the
     schedule's smallest and largest (:func:`karras_sigmas`, ...) instead of at the spaced
-    timesteps. The model is called at the timestep whose training noise level matches
-    (:func:`sigma_to_t`; rounded for Karras, truncated otherwise, as diffusers), so timesteps may
-    repeat (near t = 0; near T - 1 on cosine and zero-SNR schedules); the solver uses the grid's
-    sigmas, which do not. Steps are indexed, not looked up by timestep: diffusers' scheduler,
-    given a repeated first timestep without ``set_begin_index(0)``, starts at a later step (and
-    runs out of sigmas at the end).
+    timesteps; ``use_lu_lambdas`` takes them evenly spaced in lambda (Lu et al. 2022, "logSNR"
+    steps: the exponential grid, with rounded model timesteps). The model is called at the
+    timestep whose training noise level matches (:func:`sigma_to_t`; rounded for Karras and Lu,
+    truncated otherwise, as diffusers), so timesteps may repeat (near t = 0; near T - 1 on cosine
+    and zero-SNR schedules); the solver uses the grid's sigmas, which do not. Steps are indexed,
+    not looked up by timestep: diffusers' scheduler, given a repeated first timestep without
+    ``set_begin_index(0)``, starts at a later step (and runs out of sigmas at the end).
     With ``final_sigmas_type="sigma_min"`` the grid already ends at sigma_min, so the last
-    step is the identity (h = 0), as in diffusers.
+    step is the identity (h = 0), as in diffusers' first and midpoint steps (its heun and 3M
+    formulas give NaN there: 0/0).
 
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler`. Default spacing ``"linspace"``; as in
             diffusers' ``DPMSolverMultistepScheduler`` the ``linspace``/``leading`` grids are
             built over ``steps + 1`` points with the last (t = 0) dropped.
-        lower_order_final: first-order last step when ``steps < 15`` (stabilises few-step runs).
+        solver_order: 1, 2 (default; "DPM++ 2M") or 3 ("DPM++ 3M", diffusers' recommendation
+            for unconditional sampling).
+        solver_type: ``"midpoint"`` (default) or ``"heun"``: the 2M step's B (above); as in
+            diffusers, ``"logrho"``, ``"bh1"`` and ``"bh2"`` mean ``"midpoint"``.
+        lower_order_final: first-order last step (and at most second-order last but one) when
+            ``steps < 15`` (stabilises few-step runs).
+        euler_at_final: first-order last step whatever the step count (for a final sigma_min).
         final_sigmas_type: ``"zero"`` (end at sigma = 0, i.e. return the x0 prediction) or
             ``"sigma_min"`` (end at the noise level of t = 0).
+        lambda_min_clipped: the spaced timesteps stop where lambda_t falls below this (as
+            diffusers: the largest is the last t with lambda_t >= it; for cosine schedules, whose
+            lambda_t plunges near T). Unused with a sigma grid.
         clip_sample, clip_sample_range: clip the data prediction (off by default, as diffusers).
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the
             data prediction (Imagen; DPM-Solver++ section 3.3).
@@ -94,11 +118,15 @@ class DPMSolverPPSampler(Sampler):
             (at most one; ``timestep_spacing`` and ``steps_offset`` are then unused). The beta
             grid uses Beta(0.6, 0.6) and needs scipy. As diffusers' scheduler, the grid spans
             the float32 training noise levels at t = 0 and t = T - 1.
+        use_lu_lambdas: step on noise levels evenly spaced in lambda over the same span. As in
+            diffusers, ``use_karras_sigmas`` wins over it and it over the exponential / beta
+            grids.
     """
 
     name = "dpm++"
     default_spacing = "linspace"
     is_multistep = True
+    lambda_min_clipped = -math.inf  # no clipping (also for subclasses without the option)
 
     def __init__(
         self,
@@ -108,8 +136,12 @@ class DPMSolverPPSampler(Sampler):
         prediction_type: str = "epsilon",
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
+        solver_order: int = 2,
+        solver_type: str = "midpoint",
         lower_order_final: bool = True,
+        euler_at_final: bool = False,
         final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -math.inf,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,
         thresholding: bool = False,
@@ -118,15 +150,35 @@ class DPMSolverPPSampler(Sampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
         algorithm_type: str = "dpmsolver++",
     ) -> None:
         if algorithm_type not in ALGORITHM_TYPES:
             raise ValueError(
                 f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
             )
+        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
+        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
+            raise ValueError(
+                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
+            )
+        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, Real):
+            raise TypeError(
+                f"lambda_min_clipped: expected a float, got {type(lambda_min_clipped).__name__}"
+            )
+        if math.isnan(lambda_min_clipped) or lambda_min_clipped == math.inf:
+            raise ValueError(
+                f"lambda_min_clipped: expected a float < inf, got {lambda_min_clipped!r}"
+            )
         #: "dpmsolver++" (ODE) or "sde-dpmsolver++" (SDE variant: fresh noise every step)
         self.algorithm_type = algorithm_type
         self.sde = algorithm_type == "sde-dpmsolver++"
+        #: the multistep order (1, 2, 3) and the 2M step's "midpoint" / "heun" form
+        self.solver_order = int(solver_order)
+        self.solver_type = SOLVER_TYPES[solver_type]
+        self.euler_at_final = bool(euler_at_final)
+        self.lambda_min_clipped = float(lambda_min_clipped)
         grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
                                                   use_beta_sigmas), strict=True) if on]  # fmt: skip
         if len(grids) > 1:
@@ -134,7 +186,10 @@ class DPMSolverPPSampler(Sampler):
                 "use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: at most one may be "
                 f"True, got {', '.join(f'use_{g}_sigmas=True' for g in grids)}"
             )
-        #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
+        if use_lu_lambdas and not use_karras_sigmas:  # diffusers' precedence
+            grids = ["lu"]
+        self.use_lu_lambdas = bool(use_lu_lambdas)
+        #: "karras", "lu", "exponential", "beta" or None (steps at the spaced timesteps)
         self.sigma_grid: str | None = grids[0] if grids else None
         if final_sigmas_type not in FINAL_SIGMAS:
             raise ValueError(
@@ -152,8 +207,8 @@ class DPMSolverPPSampler(Sampler):
         self.thresholding = bool(thresholding)
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
-        self._x0_prev: Tensor | None = None
-        self._prev_i = -1  # the step whose x0 is in _x0_prev
+        # (m, step index) of the last solver_order - 1 steps run, newest first
+        self._hist: list[tuple[Tensor, int]] = []
         super().__init__(
             schedule,
             steps,
@@ -161,7 +216,6 @@ class DPMSolverPPSampler(Sampler):
             timestep_spacing=timestep_spacing,
             steps_offset=steps_offset,
         )
-        self._uses_prev = [bool(self._coef64[i, 4] != 0.0) for i in range(self.steps)]
 
     def _train_sigmas32(self) -> np.ndarray:
         """diffusers' float32 training noise levels (see :func:`sigmas.train_sigmas32`)."""
@@ -175,12 +229,16 @@ class DPMSolverPPSampler(Sampler):
         n = self.steps
         if self.sigma_grid == "karras":
             sig = karras_sigmas(lo, hi, n)
+        elif self.sigma_grid == "lu":
+            # evenly spaced in lambda = -log(sigma/alpha), between diffusers' float32 logs
+            log_lo, log_hi = np.log(train[0]).item(), np.log(train[-1]).item()
+            sig = np.exp(log_hi + np.linspace(0.0, 1.0, n) * (log_lo - log_hi))
         elif self.sigma_grid == "exponential":
             sig = exponential_sigmas(lo, hi, n)
         else:
             sig = beta_sigmas(lo, hi, n)
         ts = sigma_to_t(sig, np.log(train))
-        if self.sigma_grid == "karras" and self.schedule.beta_schedule != "cosine":
+        if self.sigma_grid in ("karras", "lu") and self.schedule.beta_schedule != "cosine":
             ts = ts.round()  # diffusers rounds only here; elsewhere int64 truncates
         last = train[0] if self.final_sigmas_type == "sigma_min" else 0.0
         self._grid = np.append(sig, last).astype(np.float32).astype(np.float64)
@@ -190,13 +248,36 @@ class DPMSolverPPSampler(Sampler):
         if self.sigma_grid is not None:
             return self._grid_timesteps()
         T, n = self.schedule.num_train_timesteps, self.steps
+        last = self._last_timestep()  # T unless lambda_min_clipped cuts the schedule short
         if self.timestep_spacing == "linspace":
-            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
         if self.timestep_spacing == "leading":
-            ratio = T // (n + 1)
+            ratio = last // (n + 1)
             ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
             return ts + self.steps_offset
-        return np.arange(T, 0, -T / n).round().copy().astype(np.int64) - 1
+        ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+        if len(ts) != n:  # diffusers' trailing grid keeps its stride T / n from the clipped end
+            raise ValueError(
+                f"lambda_min_clipped: {self.lambda_min_clipped} ends the schedule at t = "
+                f"{last - 1}, where timestep_spacing='trailing' has {len(ts)} timesteps for "
+                f"steps={n} (diffusers would run {len(ts)} steps); use 'linspace' or 'leading'"
+            )
+        return ts
+
+    def _last_timestep(self) -> int:
+        """One past the largest timestep the spaced grids use: diffusers' ``last_timestep``,
+        T minus the number of training timesteps whose lambda_t < ``lambda_min_clipped``."""
+        T = self.schedule.num_train_timesteps
+        if self.lambda_min_clipped == -math.inf:
+            return T
+        lam = -np.log(self._train_sigmas32().astype(np.float64))  # lambda_t, descending in t
+        last = T - int(np.searchsorted(lam[::-1], self.lambda_min_clipped, side="left"))
+        if last < 1:
+            raise ValueError(
+                f"lambda_min_clipped: expected <= lambda at t = 0 ({lam[0]:.6g}), got "
+                f"{self.lambda_min_clipped}"
+            )
+        return last
 
     def _alphas_cumprod(self) -> torch.Tensor:
         ab = self.schedule.alphas_cumprod.clone()
@@ -225,15 +306,62 @@ class DPMSolverPPSampler(Sampler):
         ratio.append(0.0 if self.final_sigmas_type == "zero" else math.sqrt((1 - ab[0]) / ab[0]))
         return ratio
 
+    def _orders(self) -> list[int]:
+        """The order of each step in a run from step 0, as diffusers' ``step`` picks it from
+        ``lower_order_nums``, ``lower_order_final`` and ``lower_order_second``."""
+        n = self.steps
+        few = self.lower_order_final and n < 15
+        final_first = self.final_sigmas_type == "zero" or self.euler_at_final or few
+        orders = []
+        for i in range(n):
+            order = min(self.solver_order, i + 1)  # a step uses the m of up to order - 1 others
+            if i == n - 1 and final_first:
+                order = 1
+            elif i == n - 2 and few:
+                order = min(order, 2)
+            orders.append(order)
+        return orders
+
+    def _weights(self, order: int, h: float, h0: float, h1: float) -> tuple[float, ...]:
+        """(w0, w1, w2) with A D0 + B D1 (+ C D2) = w0 m0 + w1 m1 + w2 m2 for one step of
+        ``order`` with step sizes h (this one), h0, h1 (the previous two) in lambda; the
+        coefficients A, B, C are those of the class docstring. Float64."""
+        em1 = math.expm1(-h)  # e^{-h} - 1
+        if self.sde:
+            e2 = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
+            A = e2
+            B = e2 / (-2.0 * h) + 1.0
+            C = (e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5
+        else:
+            A = -em1
+            B = em1 / h + 1.0
+            C = -((em1 + h) / h**2 - 0.5)
+        if order == 1:
+            return (A, 0.0, 0.0)
+        r0 = h0 / h
+        if order == 2:
+            if self.solver_type == "midpoint":
+                B = 0.5 * A
+            return (A + B / r0, -B / r0, 0.0)
+        r1 = h1 / h
+        d1_0 = np.array([1.0, -1.0, 0.0]) / r0  # (m0 - m1) / r0
+        d1_1 = np.array([0.0, 1.0, -1.0]) / r1  # (m1 - m2) / r1
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        d1 = d1_0 + r0 * d2
+        w = np.array([A, 0.0, 0.0]) + B * d1 + C * d2
+        return tuple(float(v) for v in w)
+
     def coefficients(self) -> np.ndarray:
         ratio = self._ratios()
         alpha = [1.0 / math.sqrt(r * r + 1.0) for r in ratio]  # alpha_t
         sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]  # sigma_t
         lam = [-math.log(r) if r > 0 else math.inf for r in ratio]  # lambda_t = log(alpha/sigma)
         n = self.steps
-        final_first = self.final_sigmas_type == "zero" or (self.lower_order_final and n < 15)
-        rows = np.zeros((n, 8), dtype=np.float64)
-        first_rows = np.zeros((n, 8), dtype=np.float64)  # every step first order (no history)
+        orders = self._orders()
+        # rows[k][i]: step i at order min(k, orders[i]): k = 1 / 2 for a step with fewer
+        # previous m than its order needs (a run starting at i > 0, as diffusers' lower_order_nums)
+        rows = {k: np.zeros((n, 8), dtype=np.float64) for k in (1, 2, 3)}
+        need = []  # how many previous m step i's full-history row uses (0, 1, 2)
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
             exp_neg_h = ratio[i + 1] / ratio[i]  # e^{-h}, exact also for the final sigma = 0
@@ -245,26 +373,32 @@ class DPMSolverPPSampler(Sampler):
                 c_noise = s_t * math.sqrt(one_m_e2h)
             else:
                 phi = a_t * (1.0 - exp_neg_h)  # -alpha_t (e^{-h} - 1)
-            first = i == 0 or (i == n - 1 and final_first)
-            h, h_prev = lam[i + 1] - lam[i], lam[i] - lam[i - 1] if i > 0 else 0.0
-            if first or h == 0.0:
-                # h = 0 (a sigma grid's last sigma_min, then final_sigmas_type="sigma_min"
-                # again): phi = 0, x_t = x_s, as diffusers' update (there r = inf, D1 = 0)
-                c_x0, c_prev = phi, 0.0
-            elif h_prev == 0.0:  # r = 0: diffusers' D1 = (m_s - m_{s-1}) / r is inf / NaN
-                raise ValueError(
-                    f"steps: steps {i - 1} and {i} of the {self.sigma_grid} sigma grid share the "
-                    f"noise level {ratio[i]:.6g}, after which DPM-Solver++'s second-order step "
-                    "divides by zero; use fewer steps"
-                )
-            else:
-                r = h_prev / h
-                c_x0, c_prev = phi * (1.0 + 0.5 / r), -phi * 0.5 / r
-            rows[i] = [a_s, s_s, c_x, c_x0, c_prev, c_noise, 0.0, 0.0]
-            first_rows[i] = [a_s, s_s, c_x, phi, 0.0, c_noise, 0.0, 0.0]
-        self._first64 = first_rows
-        self._first_tables: dict[torch.device, Tensor] = {}
-        return rows
+            h = lam[i + 1] - lam[i]
+            hs = [lam[i - k] - lam[i - k - 1] if i - k > 0 else 0.0 for k in range(2)]  # h0, h1
+            order = orders[i] if h != 0.0 else 1
+            # h = 0 (a sigma grid's last sigma_min, then final_sigmas_type="sigma_min" again):
+            # phi = 0, x_t = x_s, as diffusers' first-order and midpoint updates
+            for k, hk in enumerate(hs[: order - 1]):
+                if hk == 0.0:  # r = 0: diffusers' D1 = (m_s - m_{s-1}) / r is inf / NaN
+                    raise ValueError(
+                        f"steps: steps {i - k - 1} and {i - k} of the {self.sigma_grid} sigma "
+                        f"grid share the noise level {ratio[i - k]:.6g}, after which "
+                        f"DPM-Solver++'s order-{order} step divides by zero; use fewer steps"
+                    )
+            need.append(order - 1)
+            for k in (1, 2, 3):
+                o = min(k, order)
+                if o == 1:
+                    w = (phi, 0.0, 0.0)  # the first-order row as before (A from e^{-h})
+                else:
+                    w = tuple(a_t * v for v in self._weights(o, h, *hs))
+                rows[k][i] = [a_s, s_s, c_x, w[0], w[1], c_noise, w[2], 0.0]
+        self._rows64 = rows
+        self._need = need
+        #: the order of each step in a run from step 0 (1, 2 or 3)
+        self.step_orders = tuple(k + 1 for k in need)
+        self._fallback_tables: dict[tuple[int, torch.device], Tensor] = {}
+        return rows[3]
 
     def _draw_noise(
         self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
@@ -283,6 +417,8 @@ class DPMSolverPPSampler(Sampler):
         return {
             **super().config(),
             "algorithm_type": self.algorithm_type,
+            # order 3 reads a second history operand (a CUDA graph's second static buffer)
+            "solver_order": self.solver_order,
             "clip": self.clip_sample,
             "clip_range": self.clip_sample_range,
             "thresholding": self.thresholding,
@@ -292,16 +428,28 @@ class DPMSolverPPSampler(Sampler):
         }
 
     def reset(self) -> None:
-        self._x0_prev = None
-        self._prev_i = -1
+        self._hist = []
 
-    def _first_order_table(self, device: torch.device) -> Tensor:
-        """``coef_table`` with every step first order (c_prev = 0): for a step whose previous
-        step did not run on this sampler (a run starting at i > 0, e.g. img2img)."""
-        tab = self._first_tables.get(device)
+    def _lower_order_table(self, order: int, device: torch.device) -> Tensor:
+        """``coef_table`` with every step at most of ``order`` (1: c_prev = c_prev2 = 0; 2:
+        c_prev2 = 0): for a step with fewer previous steps run on this sampler than its order
+        needs (a run starting at i > 0, e.g. img2img)."""
+        key = (order, device)
+        tab = self._fallback_tables.get(key)
         if tab is None:
-            tab = self._first_tables[device] = torch.from_numpy(self._first64).float().to(device)
+            tab = torch.from_numpy(self._rows64[order]).float().to(device)
+            self._fallback_tables[key] = tab
         return tab
+
+    def _history(self, i: int, x: Tensor) -> list[Tensor]:
+        """The m of steps i - 1, i - 2, ... that just ran on this sampler for this x shape
+        (newest first, as many as are consecutive)."""
+        out = []
+        for k, (m, j) in enumerate(self._hist):
+            if j != i - 1 - k or m.shape != x.shape:
+                break
+            out.append(m)
+        return out
 
     def step(
         self,
@@ -314,16 +462,19 @@ class DPMSolverPPSampler(Sampler):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         coef: Tensor | None = None,
         x0_prev: Tensor | None | object = _UNSET,
+        x0_prev2: Tensor | None | object = _UNSET,
         generator_state: Tensor | None = None,
         return_x0: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One DPM-Solver++ step from ``timesteps[i]`` to the next noise level (one fused call).
 
-        The history m_{s-1} is kept on the sampler and used only when step ``i - 1`` was the last
-        one it ran (for this x shape): a run that starts at ``i > 0`` (img2img, diffusers'
-        ``set_begin_index``) or a reused sampler takes a first-order step first; pass ``x0_prev``
-        to manage it yourself (``None``: no history, a first-order step; CUDA graphs pass a
-        buffer and ``coef`` from a static buffer).
+        The history m_{i-1}, m_{i-2} is kept on the sampler and used only when steps ``i - 1``
+        (and ``i - 2``) were the last ones it ran (for this x shape): a run that starts at
+        ``i > 0`` (img2img, diffusers' ``set_begin_index``) or a reused sampler takes a
+        first-order step first, then a second-order one, as diffusers' ``lower_order_nums``.
+        Pass ``x0_prev`` (m_{i-1}) and ``x0_prev2`` (m_{i-2}, order 3) to manage it yourself
+        (``None``: not available, a lower-order step; CUDA graphs pass buffers and ``coef`` from
+        a static buffer, whose row then decides which operands are read).
         With ``algorithm_type="sde-dpmsolver++"`` the step adds ``c_noise z``: z is ``noise``,
         else drawn with ``generator`` (one generator, or one per sample), else drawn in the
         kernel with Philox from ``generator_state`` (int64 ``[2]`` = (seed, offset) on x's
@@ -332,22 +483,28 @@ class DPMSolverPPSampler(Sampler):
         ``generator_state``. Returns x_t, or ``(x_t, m_s)`` with ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
+        external = x0_prev is not _UNSET or x0_prev2 is not _UNSET
+        if external:
+            prev = None if x0_prev is _UNSET else x0_prev
+            prev2 = None if x0_prev2 is _UNSET else x0_prev2
+            if prev is None and prev2 is not None:
+                raise ValueError(
+                    "x0_prev2: m_{i-2} was given without x0_prev (m_{i-1}); pass both, or "
+                    "neither for a first-order step"
+                )
+            hist = [m for m in (prev, prev2) if m is not None]
+        else:
+            hist = self._history(i, x)
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        external = x0_prev is not _UNSET
-        first = False
-        if not external:
-            prev = self._x0_prev
-            # the history is m_{i-1} only if step i - 1 just ran on this sampler for this x
-            # shape; otherwise (a run starting at i > 0, as diffusers' set_begin_index, or a
-            # reused sampler) this step is first order, as diffusers' lower_order_nums makes it
-            valid = prev is not None and self._prev_i == i - 1 and prev.shape == x.shape
-            first = self._uses_prev[i] and not valid
-            x0_prev = prev if self._uses_prev[i] and valid else None
-        elif x0_prev is None:  # "no history": first order, not the 2M row without c_prev
-            first = self._uses_prev[i]
         if coef is None:
-            table = self._first_order_table(x.device) if first else self.coef_table(x.device)
-            coef = table[i]
+            use = min(self._need[i], len(hist))  # previous m this step reads
+            if use < self._need[i]:  # diffusers' lower_order_nums: a lower-order step
+                coef = self._lower_order_table(use + 1, x.device)[i]
+            else:
+                coef = self.coef_table(x.device)[i]
+            hist = hist[:use]
+        prev = hist[0] if hist else None
+        hkw = {"x0_prev2": hist[1]} if len(hist) > 1 else {}
         ops = _ops()
         if self.thresholding:
             m = _combine_cfg(model_output, guidance_scale)
@@ -357,8 +514,9 @@ class DPMSolverPPSampler(Sampler):
                 x,
                 x0,
                 coef,
-                x0_prev,
+                prev,
                 prediction_type="sample",
+                **hkw,
                 **nkw,  # type: ignore[arg-type]
             )
         else:
@@ -366,13 +524,14 @@ class DPMSolverPPSampler(Sampler):
                 x,
                 model_output,
                 coef,
-                x0_prev,  # type: ignore[arg-type]
+                prev,
                 prediction_type=self.prediction_type,
                 clip_range=self.clip_sample_range if self.clip_sample else None,
                 guidance_scale=guidance_scale,
+                **hkw,
                 **nkw,
             )
         advance_generator_state(nkw, x)
-        if not external:
-            self._x0_prev, self._prev_i = x0, i
+        if not external and self.solver_order > 1:
+            self._hist = [(x0, i), *self._hist][: self.solver_order - 1]
         return (x_next, x0) if return_x0 else x_next
