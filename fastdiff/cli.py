@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun", "unipc")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "unipc")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -216,9 +216,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("dpm++", "euler", "euler_a", "heun", "unipc"):
+        if a.sampler not in ("dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "unipc"):
             raise CLIError(
-                "--karras: for --sampler dpm++, euler, euler_a, heun or unipc, "
+                "--karras: for --sampler dpm++, dpm2, dpm2_a, euler, euler_a, heun or unipc, "
                 f"got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
@@ -226,6 +226,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
         if a.sampler != "dpm++":
             raise CLIError(f"--sde: for --sampler dpm++, got --sampler {a.sampler}")
         opts["algorithm_type"] = "sde-dpmsolver++"
+    if a.solver_order is not None:
+        if a.sampler != "dpm++":
+            raise CLIError(f"--solver-order: for --sampler dpm++, got --sampler {a.sampler}")
+        opts["solver_order"] = a.solver_order
     with _backend_ctx(a.backend), torch.no_grad():
         x = fastdiff.sample(
             model, steps=a.steps, sampler=a.sampler, batch_size=a.n, cond=labels,
@@ -498,11 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
-        ' ("Heun Karras"), unipc'
+        ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), unipc'
     )
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'
     s.add_argument("--sde", action="store_true", help=sde)
+    s.add_argument("--solver-order", type=int, choices=(1, 2, 3), default=None,
+                   help='dpm++ only: 3 is "DPM++ 3M" (default 2: "DPM++ 2M")')  # fmt: skip
     s.add_argument("--seed", type=_seed, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")

@@ -50,13 +50,14 @@ def test_classifier_is_not_fooled_by_noise(clf):
     assert pred.bincount(minlength=10).max() < 200
 
 
-def _accuracy(model, clf, sampler: str, steps: int, n: int, guidance: float | None) -> float:
+def _accuracy(model, clf, sampler: str, steps: int, n: int, guidance: float | None,
+              **options) -> float:  # fmt: skip
     labels = torch.arange(n) % 10
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         x = fastdiff.sample(model, steps=steps, sampler=sampler, batch_size=n, cond=labels,
                             guidance_scale=guidance, generator=g,
-                            **sampler_options(sampler, guidance))  # fmt: skip
+                            **sampler_options(sampler, guidance), **options)  # fmt: skip
     return (digits_classifier.predict(clf, x) == labels).double().mean().item()
 
 
@@ -68,6 +69,11 @@ def test_class_conditional_ddim_50(model, clf):
 @needs_weights
 def test_class_conditional_dpmpp_10(model, clf):
     assert _accuracy(model, clf, "dpm++", 10, 60, 2.0) >= 0.90
+
+
+@needs_weights
+def test_class_conditional_dpmpp_3m_10(model, clf):
+    assert _accuracy(model, clf, "dpm++", 10, 60, 2.0, solver_order=3) >= 0.90
 
 
 @needs_weights

@@ -12,6 +12,7 @@ loop (fake graphs on CPU), and the settings still refused.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -492,3 +493,33 @@ def test_order_patterns():
         smp = DPMSolverPPSampler(sch, n, solver_order=order, lower_order_final=lof,
                                  final_sigmas_type=final, euler_at_final=eaf)  # fmt: skip
         assert smp.step_orders == want, (order, n, lof, final, eaf)
+
+
+HAS_WEIGHTS = (Path(fastdiff.__file__).parent / "weights" / "digits.safetensors").is_file()
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="needs the shipped digits model")
+def test_cli_solver_order_reaches_the_dpm_sampler(tmp_path, monkeypatch, capsys):
+    """``fastdiff sample --sampler dpm++ --solver-order 3`` is DPM++ 3M (other images than 2M
+    with the same seed); with another sampler it is a one-line error and writes nothing."""
+    from fastdiff.cli import main
+
+    seen = []
+    real = fastdiff.sample
+
+    def spy(model, **kw):
+        seen.append(kw)
+        return real(model, **kw)
+
+    monkeypatch.setattr(fastdiff, "sample", spy)
+    outs = [tmp_path / "3m.png", tmp_path / "2m.png"]
+    for out, extra in zip(outs, (["--solver-order", "3"], []), strict=True):
+        assert main(["sample", "--steps", "6", "--n", "2", "--sampler", "dpm++", "--quiet",
+                     "--out", str(out), *extra]) == 0  # fmt: skip
+    assert seen[0]["solver_order"] == 3 and "solver_order" not in seen[1]
+    assert outs[0].read_bytes() != outs[1].read_bytes()
+    capsys.readouterr()
+    bad = tmp_path / "bad.png"
+    assert main(["sample", "--steps", "2", "--n", "2", "--sampler", "ddim", "--solver-order",
+                 "3", "--quiet", "--out", str(bad)]) != 0  # fmt: skip
+    assert "--solver-order: for --sampler dpm++" in capsys.readouterr().err and not bad.exists()
