@@ -132,3 +132,32 @@ def test_group_norm_silu_module_takes_the_ranks_nn_group_norm_takes():
     add = torch.randn(3, 4)
     ref = torch.nn.functional.silu(gn(add))  # GN(x + add) at x = 0
     torch.testing.assert_close(fused(torch.zeros(3, 4), add=add), ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ UNetConfig numpy scalars
+def test_unet_config_takes_numpy_scalars_like_channel_mult(tmp_path):
+    """UNetConfig took numpy ints inside channel_mult but refused them as in_channels /
+    base_channels / num_heads ... with "must be a positive int, got np.int64(32)" (a sweep over
+    np.arange), and from_preset's in_channels override then no longer set out_channels; a
+    numpy float dropout was kept as such, so save_pretrained's config.json could not be
+    written (np.float32 is not JSON serializable)."""
+    import numpy as np
+
+    from fastdiff.models import UNet
+    from fastdiff.models.unet import UNetConfig
+
+    model = UNet.from_preset(
+        "tiny", in_channels=np.int64(1), base_channels=np.int32(8), dropout=np.float32(0.25)
+    )
+    cfg = model.config
+    assert (cfg.in_channels, cfg.out_channels, cfg.base_channels) == (1, 1, 8)
+    assert type(cfg.in_channels) is int and type(cfg.base_channels) is int
+    assert type(cfg.dropout) is float and cfg.dropout == 0.25
+    model.save_pretrained(tmp_path)
+    assert UNet.from_pretrained(tmp_path).config == cfg
+    for name in ("num_heads", "num_classes", "sample_size", "num_groups", "num_res_blocks"):
+        value = getattr(UNetConfig(), name) or 2
+        got = getattr(UNetConfig(**{name: np.int64(value)}), name)
+        assert type(got) is int and got == value, name
+    with pytest.raises(ValueError, match="in_channels must be a positive int, got True"):
+        UNetConfig(in_channels=True)

@@ -54,6 +54,12 @@ class UNetConfig:
     mid_attention: bool = True  # self-attention in the bottleneck
 
     def __post_init__(self) -> None:
+        for name in _INT_FIELDS:  # numpy ints as python ints (as in channel_mult), for JSON
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                setattr(self, name, int(v))
+        if isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, bool):
+            self.dropout = float(self.dropout)
         self.channel_mult = _int_tuple("channel_mult", self.channel_mult)
         self.attention_resolutions = _int_tuple("attention_resolutions", self.attention_resolutions)
         if self.out_channels is None:
@@ -161,6 +167,10 @@ class UNetConfig:
         if unknown:
             raise ValueError(f"UNetConfig: unknown fields {unknown}")
         return cls(**d)
+
+
+_INT_FIELDS = ("in_channels", "out_channels", "base_channels", "num_res_blocks", "num_heads",
+               "head_dim", "num_classes", "num_groups", "sample_size")  # fmt: skip
 
 
 def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
@@ -452,8 +462,8 @@ class UNet(nn.Module):
             # out_channels follows in_channels as in the preset: C, or 2C (learned variance)
             ratio = 2 if preset.out_channels == 2 * preset.in_channels else 1
             in_channels = overrides["in_channels"]
-            if isinstance(in_channels, int) and not isinstance(in_channels, bool):
-                overrides["out_channels"] = ratio * in_channels
+            if isinstance(in_channels, numbers.Integral) and not isinstance(in_channels, bool):
+                overrides["out_channels"] = ratio * int(in_channels)
         for given, other in (("num_heads", "head_dim"), ("head_dim", "num_heads")):
             if overrides.get(given) is not None and other not in overrides:
                 overrides[other] = None  # the preset's other head field would clash
