@@ -26,7 +26,7 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
                    uintptr_t v, int64_t bs_v, uintptr_t z, int64_t bs_z, uintptr_t w,
                    int64_t bs_w, uintptr_t gen, uintptr_t coef, uintptr_t out, uintptr_t x0,
                    int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool recompute,
-                   bool cfg, float g) {
+                   bool cfg, float g, uintptr_t q, int64_t bs_q) {
   check_arg(mode == 0 || mode == 1, "sampler_step: mode must be 0 or 1");
   check_arg(pred >= 0 && pred <= 2, "sampler_step: prediction type code must be 0, 1 or 2");
   StepArgs A;
@@ -46,6 +46,8 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.bs_z = bs_z;
   A.w = mode == 1 ? w : 0;
   A.bs_w = bs_w;
+  A.q = q;  // not masked by mode: the kernels refuse x0_prev2 outside mode 1 / without x0_prev
+  A.bs_q = bs_q;
   A.gen = gen;
   A.coef = coef;
   A.out = out;
@@ -62,6 +64,7 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.opt.learned_var = mode == 0 && v != 0;
   A.opt.has_z = z != 0 || (mode == 0 && A.gen != 0);
   A.opt.has_noise = mode == 1 && (A.w != 0 || A.gen != 0);
+  A.opt.has_prev2 = A.q != 0;
   return A;
 }
 
@@ -74,6 +77,16 @@ struct StepPlan {
 };
 
 constexpr const char* kPlanName = "fastdiff.sampler_step_plan";
+
+// Argument names of the general entry points (sampler_step_cpu / _cuda), so that the trailing
+// x0_prev2 operand can default to absent.
+#define FD_STEP_ARGS                                                                            \
+  py::arg("mode"), py::arg("n"), py::arg("inner"), py::arg("nhwc_c"), py::arg("hw"),           \
+      py::arg("x"), py::arg("bs_x"), py::arg("m"), py::arg("bs_m"), py::arg("mu"),              \
+      py::arg("bs_mu"), py::arg("v"), py::arg("bs_v"), py::arg("z"), py::arg("bs_z"),           \
+      py::arg("w"), py::arg("bs_w"), py::arg("gen"), py::arg("coef"), py::arg("out"),           \
+      py::arg("x0"), py::arg("dtype_x"), py::arg("dtype_m"), py::arg("pred"), py::arg("clip"),  \
+      py::arg("clip_r"), py::arg("recompute"), py::arg("cfg"), py::arg("g")
 constexpr int64_t kGilFreeElems = int64_t{1} << 14;  // smaller steps keep the GIL (~0.1 us)
 
 // Address argument: a Python int (0 = absent).
@@ -84,10 +97,12 @@ bool addr_arg(PyObject* o, uintptr_t* out) {
   return true;
 }
 
-// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w]) -> None
+// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w[, q]]) -> None
 PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 10 && nargs != 11) {
-    PyErr_Format(PyExc_TypeError, "sampler_step_cpu_run takes 10 or 11 arguments, got %zd",
+  if (nargs < 10 || nargs > 12) {
+    PyErr_Format(PyExc_TypeError,
+                 "sampler_step_cpu_run takes 10 or 11 arguments, got %zd (12 for a DPM++ 3M step: "
+                 "w, then x0_prev2)",
                  nargs);
     return nullptr;
   }
@@ -99,7 +114,9 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       !addr_arg(args[7], &x0))
     return nullptr;
   uintptr_t w = 0;
-  if (nargs == 11 && !addr_arg(args[10], &w)) return nullptr;
+  if (nargs >= 11 && !addr_arg(args[10], &w)) return nullptr;
+  uintptr_t q = 0;
+  if (nargs == 12 && !addr_arg(args[11], &q)) return nullptr;
   double clip_r = PyFloat_AsDouble(args[8]);
   if (clip_r == -1.0 && PyErr_Occurred()) return nullptr;
   double g = PyFloat_AsDouble(args[9]);
@@ -112,6 +129,7 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   A.v = plan->lv ? mo + plan->off_v : 0;
   A.z = z;
   A.w = mode == 1 ? w : 0;
+  A.q = q;
   A.gen = gen;
   A.coef = coef;
   A.out = out;
@@ -121,6 +139,7 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   A.opt.learned_var = mode == 0 && A.v != 0;
   A.opt.has_z = A.z != 0 || (mode == 0 && A.gen != 0);
   A.opt.has_noise = mode == 1 && (A.w != 0 || A.gen != 0);
+  A.opt.has_prev2 = A.q != 0;
   PyObject* exc_type = nullptr;
   std::string msg;
   PyThreadState* ts = A.n * A.inner >= kGilFreeElems ? PyEval_SaveThread() : nullptr;
@@ -147,10 +166,10 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef run_planned_def = {
     "sampler_step_cpu_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(run_planned)),
     METH_FASTCALL,
-    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w]): the cpu step "
-    "with a plan from sampler_step_cpu_plan; addresses are ints (0 = absent), mo is the model "
-    "output's address (the plan holds the operands' byte offsets from it); w is the noise of a "
-    "dpm step (mode 1)"};
+    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w[, q]]): the cpu "
+    "step with a plan from sampler_step_cpu_plan; addresses are ints (0 = absent), mo is the "
+    "model output's address (the plan holds the operands' byte offsets from it); w is the noise "
+    "and q the x0_prev2 of a dpm step (mode 1)"};
 
 }  // namespace
 
@@ -165,24 +184,26 @@ void register_sampler_step(pybind11::module_& m) {
          uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
          uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
          uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
-         bool recompute, bool cfg, float g) {
+         bool recompute, bool cfg, float g, uintptr_t q, int64_t bs_q) {
         StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
                                z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
-                               clip_r, recompute, cfg, g);
+                               clip_r, recompute, cfg, g, q, bs_q);
         py::gil_scoped_release nogil;
         sampler_step_cpu(A);
       },
-      "Fused sampler update / DPM-Solver++ 2M step on CPU buffers (see sampler_math.h StepArgs)");
+      "Fused sampler update / DPM-Solver++ 2M / 3M step on CPU buffers (see sampler_math.h "
+      "StepArgs); q, bs_q: x0_prev2 of the 3M step (optional, 0 = absent)",
+      FD_STEP_ARGS, py::arg("q") = 0, py::arg("bs_q") = 0);
   m.def(
       "sampler_step_cpu_plan",
       [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, int64_t bs_x,
          uintptr_t off_m, int64_t bs_m, uintptr_t off_mu, int64_t bs_mu, uintptr_t off_v,
          int64_t bs_v, int64_t bs_z, int dtype_x, int dtype_m, int pred, bool clip,
-         bool recompute, bool cfg, bool lv, int64_t bs_w) {
+         bool recompute, bool cfg, bool lv, int64_t bs_w, int64_t bs_q) {
         auto plan = std::make_unique<StepPlan>();
         plan->base = make_args(mode, n, inner, nhwc_c, hw, 0, bs_x, 0, bs_m, 0, bs_mu, 0, bs_v, 0,
                                bs_z, 0, bs_w, 0, 0, 0, 0, dtype_x, dtype_m, pred, clip, 0.0f,
-                               recompute, cfg, 0.0f);
+                               recompute, cfg, 0.0f, 0, bs_q);
         plan->off_m = off_m;
         plan->off_mu = off_mu;
         plan->off_v = off_v;
@@ -198,7 +219,8 @@ void register_sampler_step(pybind11::module_& m) {
       py::arg("bs_x"), py::arg("off_m"), py::arg("bs_m"), py::arg("off_mu"), py::arg("bs_mu"),
       py::arg("off_v"), py::arg("bs_v"), py::arg("bs_z"), py::arg("dtype_x"), py::arg("dtype_m"),
       py::arg("pred"), py::arg("clip"), py::arg("recompute"), py::arg("cfg"), py::arg("lv"),
-      py::arg("bs_w") = 0);
+      py::arg("bs_w") = 0, py::arg("bs_q") = 0);
+  m.attr("sampler_step_prev2") = true;  // the entry points take x0_prev2 (DPM++ 3M)
   m.add_object("sampler_step_cpu_run",
                py::reinterpret_steal<py::object>(
                    PyCFunction_NewEx(&run_planned_def, nullptr, m.attr("__name__").ptr())));
@@ -209,13 +231,15 @@ void register_sampler_step(pybind11::module_& m) {
          uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
          uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
          uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
-         bool recompute, bool cfg, float g, uintptr_t stream) {
+         bool recompute, bool cfg, float g, uintptr_t stream, uintptr_t q, int64_t bs_q) {
         StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
                                z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
-                               clip_r, recompute, cfg, g);
+                               clip_r, recompute, cfg, g, q, bs_q);
         sampler_step_cuda(A, stream);
       },
-      "Fused sampler update / DPM-Solver++ 2M step on CUDA buffers, on `stream`");
+      "Fused sampler update / DPM-Solver++ 2M / 3M step on CUDA buffers, on `stream`; q, bs_q: "
+      "x0_prev2 of the 3M step (optional, 0 = absent)",
+      FD_STEP_ARGS, py::arg("stream"), py::arg("q") = 0, py::arg("bs_q") = 0);
 #endif
 }
 

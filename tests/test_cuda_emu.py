@@ -23,6 +23,7 @@ import shutil
 
 import pytest
 import test_attention as t_attn
+import test_dpm3_op as t_dpm3
 import test_dpm_sde as t_sde
 import test_group_norm_silu as t_gn
 import test_sampler_step as t_step
@@ -30,6 +31,7 @@ import torch
 from cuda_emu import build as emu_build
 from helpers import assert_fa_rule, poison_
 from test_attention import nan_empty  # noqa: F401  (fixture used by the attention cases)
+from test_dpm3_op import poisoned  # noqa: F401  (fixture used by the DPM++ 3M cases)
 
 import fastdiff
 import fastdiff._dispatch as dispatch
@@ -208,6 +210,96 @@ def test_step_dpm_sde_grid_stride_matches_cpu(emu, shape, layout, noise):
     r, _ = t_sde.sde_reference(x, mo, prev, z, "epsilon", torch.float64)
     e, _ = t_sde.sde_reference(x, mo, prev, z, "epsilon", torch.float32)
     assert_fa_rule(out, r, e, atol=1e-6, name="x_next")
+
+
+# ------------------------------------------------------------- DPM++ 3M (x0_prev2 operand)
+@pytest.mark.parametrize("pred", t_dpm3.PREDS)
+def test_step_dpm3_against_float64(emu, pred, poisoned):  # noqa: F811
+    t_dpm3.test_3m_step_against_float64(CASE, pred, poisoned)
+
+
+def test_step_dpm3_layouts_and_philox(emu, poisoned):  # noqa: F811
+    t_dpm3.test_3m_step_layouts_and_philox(CASE, poisoned)
+
+
+@over_checks(
+    t_dpm3.test_3m_step_fp16_large_values_stay_finite,
+    t_dpm3.test_absent_operand_term_is_skipped_not_zeroed,
+    t_dpm3.test_zero_c_prev2_equals_the_2m_step,
+    t_dpm3.test_opcheck_3m,
+)
+def test_step_dpm3_checks(emu, check):
+    check(CASE)
+
+
+@pytest.mark.parametrize("algo", ["dpmsolver++", "sde-dpmsolver++"])
+def test_step_dpm3_equals_diffusers_third_order_update(emu, algo):
+    t_dpm3.test_one_3m_step_equals_diffusers_third_order_update(CASE, algo, "epsilon")
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 70, 70), (2, 5, 33, 31)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("noise", ["none", "philox"])
+def test_step_dpm3_grid_stride_matches_cpu(emu, shape, layout, noise):
+    """The 3M path of the dpm kernel past one grid (vector path and scalar tail) equals the cpu
+    backend's and the float64 reference."""
+    x, mo, p1, p2 = (torch.randn(shape) for _ in range(4))
+    if layout == "cl":
+        x, mo, p1, p2 = (t.to(memory_format=torch.channels_last) for t in (x, mo, p1, p2))
+    coef = t_dpm3._coef("cpu")
+    gs = torch.tensor([987654321, 12345], dtype=torch.int64)
+    z = t_step.philox_randn(gs, shape) if noise == "philox" else None
+    kw = dict(generator_state=gs) if noise == "philox" else {}
+    outs = {}
+    for backend in ("cuda", "cpu"):
+        with fastdiff.use_backend(backend, "dpm_solver_2m_step"):
+            outs[backend] = t_dpm3.dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2, **kw)
+    (out, x0), (out_cpu, x0_cpu) = outs["cuda"], outs["cpu"]
+    tol = 2 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(out, out_cpu, rtol=tol, atol=1e-5 if z is not None else tol)
+    torch.testing.assert_close(x0, x0_cpu, rtol=tol, atol=tol)
+    r, _ = t_dpm3.reference(x, mo, p1, p2, z, "epsilon", torch.float64)
+    e, _ = t_dpm3.reference(x, mo, p1, p2, z, "epsilon", torch.float32)
+    assert_fa_rule(out, r, e, atol=1e-6, name="x_next")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_step_dpm3_misaligned_x0_prev2_takes_the_scalar_path(emu, dtype):
+    """x0_prev2 alone one element into its storage (every other operand aligned, inner % 8 == 0):
+    the kernel must not use 16-byte vector loads (UBSan's alignment check would stop the run)."""
+    shape = (2, 4, 8, 8)
+    x, mo, p1 = (torch.randn(shape).to(dtype) for _ in range(3))
+    p2 = torch.randn(x.numel() + 1).to(dtype)[1:].view(shape)
+    assert p2.data_ptr() % 16 and not x.data_ptr() % 16
+    coef = t_dpm3._coef("cpu")
+    with fastdiff.use_backend("cuda", "dpm_solver_2m_step"):
+        out, _ = t_dpm3.dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2)
+    r, _ = t_dpm3.reference(x, mo, p1, p2, None, "epsilon", torch.float64)
+    e, _ = t_dpm3.reference(x, mo, p1, p2, None, "epsilon", dtype)
+    assert_fa_rule(out, r, e, atol=1e-6, name="misaligned x0_prev2")
+
+
+def test_raw_cuda_binding_refuses_x0_prev2_outside_a_3m_step(emu):
+    """The C++ boundary: x0_prev2 with mode 0, or without x0_prev, is a ValueError and nothing
+    is written (cpu and cuda entry points)."""
+    x, mo, q = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    coef = t_dpm3._coef("cpu")
+    for name in ("sampler_step_cpu", "sampler_step_cuda"):
+        out = poison_(torch.empty(2, 3))
+        fn = getattr(emu, name)
+        tail = (0,) if name.endswith("cuda") else ()  # the stream
+
+        def call(mode, z, fn=fn, out=out, tail=tail):
+            fn(mode, 2, 3, 0, 3, x.data_ptr(), 3, mo.data_ptr(), 3, 0, 0, 0, 0, z, 3, 0, 0, 0,
+               coef.data_ptr(), out.data_ptr(), 0, 0, 0, 0, False, 0.0, False, False, 0.0, *tail,
+               q.data_ptr(), 3)  # fmt: skip
+
+        for mode, z in ((0, x.data_ptr()), (1, 0)):
+            with pytest.raises(ValueError, match="x0_prev2 needs mode 1 and x0_prev"):
+                call(mode, z)
+        assert torch.isnan(out).all()
+        call(1, x.data_ptr())
+        assert torch.isfinite(out).all()
 
 
 # ---------------------------------------------------------------------------- group norm

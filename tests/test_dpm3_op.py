@@ -19,8 +19,7 @@ import fastdiff
 from fastdiff.ops._philox import philox_randn
 from fastdiff.ops.sampler_step import _unsupported, dpm_solver_2m_step
 
-_PENDING = _unsupported(torch.empty(1), torch.empty(1))  # kernels without x0_prev2 (stage a)
-CASES = [c for c in backend_cases("dpm_solver_2m_step") if c[1] not in _PENDING]
+CASES = backend_cases("dpm_solver_2m_step")
 PREDS = ["epsilon", "v_prediction", "sample"]
 SHAPE = (3, 3, 7, 5)  # odd sizes: scalar tails everywhere
 # [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]: every term nonzero, of mixed signs
@@ -276,9 +275,12 @@ def test_cpu_cache_tells_calls_with_and_without_x0_prev2_apart():
     def same(a, b):
         return all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
+    z = torch.randn_like(x)
     for _ in range(3):  # first call, then cached repeats, alternating
         assert same(dpm_solver_2m_step(x, mo, coef, p1), ref(None))
         assert same(dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2), ref(p2))
+        want = OP(x, mo, coef, p1, z, None, "cpu", 0, None, None, p2)
+        assert same(dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2, noise=z), want)
         p2.mul_(-1.5)
     cl = p2.contiguous(memory_format=torch.channels_last)  # another layout: re-planned
     assert same(dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=cl), ref(p2))
@@ -286,6 +288,49 @@ def test_cpu_cache_tells_calls_with_and_without_x0_prev2_apart():
         dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2[:1])
     with pytest.raises(ValueError, match="needs x0_prev"):
         dpm_solver_2m_step(x, mo, coef, None, x0_prev2=p2)
+
+
+def test_every_kernel_backend_built_here_takes_x0_prev2():
+    """No backend that runs the 2M step lacks the 3M operand (a stale fastdiff._C would)."""
+    x = torch.empty(1)
+    assert _unsupported(x, x) == _unsupported(x)
+
+
+@pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
+def test_raw_cpu_binding_refuses_x0_prev2_outside_a_3m_step():
+    """The C++ boundary: x0_prev2 with mode 0 or without x0_prev is a ValueError, nothing
+    written; the planned entry point takes it as a twelfth argument."""
+    from fastdiff import _ext
+
+    c = _ext.native()
+    x, mo, q = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    coef = _coef("cpu")
+    out = poison_(torch.empty(2, 3))
+
+    def call(mode, z):
+        c.sampler_step_cpu(mode, 2, 3, 0, 3, x.data_ptr(), 3, mo.data_ptr(), 3, 0, 0, 0, 0, z, 3,
+                           0, 0, 0, coef.data_ptr(), out.data_ptr(), 0, 0, 0, 2, False, 0.0,
+                           False, False, 0.0, q.data_ptr(), 3)  # fmt: skip
+
+    for mode, z in ((0, x.data_ptr()), (1, 0)):
+        with pytest.raises(ValueError, match="x0_prev2 needs mode 1 and x0_prev"):
+            call(mode, z)
+    assert torch.isnan(out).all()
+    call(1, x.data_ptr())  # prediction "sample": x0 = mo
+    r = ROW
+    want = r[2] * x + r[3] * mo + r[4] * x + r[6] * q
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    plan = c.sampler_step_cpu_plan(1, 2, 3, 0, 3, 3, 0, 3, 0, 0, 0, 0, 3, 0, 0, 2, False, False,
+                                   False, False, 0, 3)  # fmt: skip
+    ptrs = [x.data_ptr(), mo.data_ptr(), x.data_ptr(), 0, coef.data_ptr(), out.data_ptr(), 0]
+    poison_(out)
+    c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0, 0, q.data_ptr())
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    poison_(out)
+    c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0, 0)  # no x0_prev2: the 2M step
+    torch.testing.assert_close(out, want - r[6] * q, rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="got 13"):
+        c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0, 0, 0, 0)
 
 
 # ---------------------------------------------------------------------- diffusers 3M formula

@@ -348,7 +348,8 @@ template <int PRED, bool RECOMP, bool X0>
 inline __attribute__((always_inline)) void tile_math_t(
     const StepOptions& opt, const float* cf, int64_t len, const float* __restrict xb,
     const float* __restrict mb, const float* __restrict up, const float* __restrict sp,
-    const float* __restrict zp, float* __restrict ob, float* __restrict x0b) {
+    const float* __restrict zp, const float* __restrict qp, float* __restrict ob,
+    float* __restrict x0b) {
   const int mode = opt.mode, cfg = opt.cfg, clip = opt.clip;
   const int lv = opt.learned_var, has_z = opt.has_z;
   const float g = opt.g, clip_r = opt.clip_r;
@@ -363,6 +364,18 @@ inline __attribute__((always_inline)) void tile_math_t(
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, RECOMP, true, x0, eps);
       const float sigma = lv ? sv : k5;
       ob[j] = sampler_update(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
+      if (X0) x0b[j] = x0;
+    }
+  } else if (opt.has_prev2) {  // 3M (ODE or SDE): qp is x0_prev2, sp the noise tile if any
+    const int has_noise = opt.has_noise;
+    const float k6 = cf[6];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float uv = up[j], zv = zp[j], wv = sp[j], qv = qp[j];
+      const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+      float x0, eps;
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
+      ob[j] = dpm3m_update(k2, k3, k4, k6, xb[j], x0, zv, qv, has_noise, k5, wv);
       if (X0) x0b[j] = x0;
     }
   } else if (opt.has_noise) {  // SDE variant: sp is the noise tile here (no variance in dpm)
@@ -393,13 +406,16 @@ inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptio
                                                        const float* cf, int64_t len,
                                                        const float* xb, const float* mb,
                                                        const float* up, const float* sp,
-                                                       const float* zp, float* ob, float* x0b) {
+                                                       const float* zp, const float* qp,
+                                                       float* ob, float* x0b) {
   switch (pred) {
     case kEpsilon:
-      return tile_math_t<kEpsilon, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+      return tile_math_t<kEpsilon, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);
     case kVPrediction:
-      return tile_math_t<kVPrediction, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
-    default: return tile_math_t<kSample, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+      return tile_math_t<kVPrediction, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, qp, ob,
+                                                   x0b);
+    default:
+      return tile_math_t<kSample, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);
   }
 }
 
@@ -407,19 +423,20 @@ inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptio
 #define FD_TILE_MATH_BODY                                                                   \
   const bool rc = opt.recompute != 0 && opt.clip != 0;                                      \
   if (x0b != nullptr) {                                                                     \
-    if (rc) return tile_math_p<true, true>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b); \
-    return tile_math_p<false, true>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b);        \
+    if (rc)                                                                                 \
+      return tile_math_p<true, true>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);  \
+    return tile_math_p<false, true>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);   \
   }                                                                                         \
-  if (rc) return tile_math_p<true, false>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b);  \
-  return tile_math_p<false, false>(pred, opt, cf, len, xb, mb, up, sp, zp, ob, x0b);
+  if (rc) return tile_math_p<true, false>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b); \
+  return tile_math_p<false, false>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);
 
 using TileMathFn = void (*)(int, const StepOptions&, const float*, int64_t, const float*,
-                            const float*, const float*, const float*, const float*, float*,
-                            float*);
+                            const float*, const float*, const float*, const float*,
+                            const float*, float*, float*);
 
 void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t len,
                     const float* xb, const float* mb, const float* up, const float* sp,
-                    const float* zp, float* ob, float* x0b) {
+                    const float* zp, const float* qp, float* ob, float* x0b) {
   FD_TILE_MATH_BODY
 }
 
@@ -430,7 +447,8 @@ void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t l
 #if FD_X86_DISPATCH
 __attribute__((target("avx2,fma"))) void tile_math_avx2(
     int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
-    const float* mb, const float* up, const float* sp, const float* zp, float* ob, float* x0b) {
+    const float* mb, const float* up, const float* sp, const float* zp, const float* qp,
+    float* ob, float* x0b) {
   FD_TILE_MATH_BODY
 }
 #endif
@@ -487,6 +505,7 @@ void run(const StepArgs& A) {
   const TM* V = reinterpret_cast<const TM*>(A.v);
   const TX* Z = reinterpret_cast<const TX*>(A.z);
   const TX* W = reinterpret_cast<const TX*>(A.w);
+  const TX* Q = reinterpret_cast<const TX*>(A.q);
   TX* Out = reinterpret_cast<TX*>(A.out);
   TX* X0 = reinterpret_cast<TX*>(A.x0);
   const int64_t M = A.inner;
@@ -505,6 +524,7 @@ void run(const StepArgs& A) {
     const int64_t i0 = (t - n * tiles) * kTile;
     const int64_t len = std::min(kTile, M - i0);
     alignas(64) float xb[kTile], mb[kTile], ub[kTile], vb[kTile], zb[kTile], ob[kTile], x0b[kTile];
+    alignas(64) float qb[kTile];
     const float* xp = tile_in(X + n * A.bs_x + i0, len, xb);
     const float* mp = tile_in(Mc + n * A.bs_m + i0, len, mb);
     const float* up = mp;
@@ -530,10 +550,12 @@ void run(const StepArgs& A) {
         sp = vb;
       }
     }
+    const float* qp = mp;
+    if (Q) qp = tile_in(Q + n * A.bs_q + i0, len, qb);  // 3M: x0_prev2
     // fp32 outputs are written in place; other dtypes go through the fp32 tiles
     float* op = tile_out(Out + n * M + i0, ob);
     float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : nullptr;
-    tile_math(PRED, o, coefs, len, xp, mp, up, sp, zp, op, x0p);
+    tile_math(PRED, o, coefs, len, xp, mp, up, sp, zp, qp, op, x0p);
     if (op == ob) store_tile(Out + n * M + i0, len, ob);
     if (X0 && x0p == x0b) store_tile(X0 + n * M + i0, len, x0b);
   }
@@ -558,6 +580,8 @@ void sampler_step_cpu(const StepArgs& A) {
   check_arg(!A.opt.learned_var || A.v, "sampler_step: learned_var needs the variance operand");
   check_arg(!A.opt.has_noise || (A.opt.mode == 1 && (A.w || A.gen)),
             "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
+  check_arg(!A.opt.has_prev2 == !A.q && (!A.q || (A.opt.mode == 1 && A.z)),
+            "sampler_step: x0_prev2 needs mode 1 and x0_prev");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
     using TX = scalar_t;

@@ -150,7 +150,8 @@ __device__ __forceinline__ void philox_chunk(float* zv, const StepArgs& A, int64
   }
 }
 
-template <typename TX, typename TM, int PRED>
+// PREV2: the DPM++ 3M step (x0_prev2 in A.q); false compiles the sampler / 2M kernel as before.
+template <typename TX, typename TM, int PRED, bool PREV2>
 __global__ void __launch_bounds__(kThreads)
     sampler_step_kernel(const StepArgs A, const bool vec_ok) {
   const StepOptions o = A.opt;
@@ -173,6 +174,7 @@ __global__ void __launch_bounds__(kThreads)
   const TM* V = reinterpret_cast<const TM*>(A.v);
   const TX* Z = reinterpret_cast<const TX*>(A.z);
   const TX* W = reinterpret_cast<const TX*>(A.w);
+  const TX* Q = reinterpret_cast<const TX*>(A.q);
   TX* Out = reinterpret_cast<TX*>(A.out);
   TX* X0 = reinterpret_cast<TX*>(A.x0);
   const int64_t M = A.inner;
@@ -195,6 +197,8 @@ __global__ void __launch_bounds__(kThreads)
       if (W) load_chunk(W + n * A.bs_w + j0, wv, cnt, full);
       else philox_chunk(wv, A, n, M, j0, offset, key0, key1);
     }
+    float qv[PREV2 ? kVec : 1];
+    if (PREV2) load_chunk(Q + n * A.bs_q + j0, qv, cnt, full);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       float m = o.cfg ? cfg_combine(mv[k], uv[k], o.g) : mv[k];
@@ -205,8 +209,13 @@ __global__ void __launch_bounds__(kThreads)
         ov[k] = sampler_update(k2, k3, k4, xv[k], x0, eps, o.has_z, sigma, zv[k]);
       } else {
         predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, 0, false, x0, eps);
-        ov[k] = o.has_noise ? dpm2m_sde_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k], k5, wv[k])
-                            : dpm2m_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
+        if (PREV2)
+          ov[k] = dpm3m_update(k2, k3, k4, k6, xv[k], x0, zv[k], qv[PREV2 ? k : 0], o.has_noise,
+                               k5, wv[k]);
+        else
+          ov[k] = o.has_noise
+                      ? dpm2m_sde_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k], k5, wv[k])
+                      : dpm2m_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
       }
       x0v[k] = x0;
     }
@@ -225,27 +234,36 @@ int sm_count() {
 
 bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
 
+template <typename TX, typename TM, bool PREV2>
+void launch_pred(const StepArgs& A, unsigned int grid, bool vec_ok, cudaStream_t stream) {
+  switch (A.opt.pred) {
+    case kEpsilon:
+      sampler_step_kernel<TX, TM, kEpsilon, PREV2><<<grid, kThreads, 0, stream>>>(A, vec_ok);
+      break;
+    case kVPrediction:
+      sampler_step_kernel<TX, TM, kVPrediction, PREV2><<<grid, kThreads, 0, stream>>>(A, vec_ok);
+      break;
+    default:
+      sampler_step_kernel<TX, TM, kSample, PREV2><<<grid, kThreads, 0, stream>>>(A, vec_ok);
+      break;
+  }
+}
+
 template <typename TX, typename TM>
 void launch(const StepArgs& A, cudaStream_t stream) {
   bool vec_ok = A.inner % kVec == 0;
-  const uintptr_t ptrs[] = {A.x, A.m, A.mu, A.v, A.z, A.w, A.out, A.x0};
+  const uintptr_t ptrs[] = {A.x, A.m, A.mu, A.v, A.z, A.w, A.q, A.out, A.x0};
   for (uintptr_t p : ptrs) vec_ok = vec_ok && (p == 0 || aligned16(p));
-  const int64_t strides[] = {A.bs_x, A.bs_m, A.bs_mu, A.bs_v, A.bs_z, A.bs_w};
+  const int64_t strides[] = {A.bs_x, A.bs_m, A.bs_mu, A.bs_v, A.bs_z, A.bs_w, A.q ? A.bs_q : 0};
   for (int64_t s : strides) vec_ok = vec_ok && (s % kVec == 0);
   const int64_t chunks = (A.inner + kVec - 1) / kVec;
   const int64_t blocks_needed = (A.n * chunks + kThreads - 1) / kThreads;
   const int64_t cap = (int64_t)sm_count() * 16;  // grid-stride beyond this
   const unsigned int grid = clamp_grid_x(blocks_needed < cap ? blocks_needed : cap);
-  switch (A.opt.pred) {
-    case kEpsilon:
-      sampler_step_kernel<TX, TM, kEpsilon><<<grid, kThreads, 0, stream>>>(A, vec_ok);
-      break;
-    case kVPrediction:
-      sampler_step_kernel<TX, TM, kVPrediction><<<grid, kThreads, 0, stream>>>(A, vec_ok);
-      break;
-    default:
-      sampler_step_kernel<TX, TM, kSample><<<grid, kThreads, 0, stream>>>(A, vec_ok);
-      break;
+  if (A.opt.has_prev2) {
+    launch_pred<TX, TM, true>(A, grid, vec_ok, stream);
+  } else {
+    launch_pred<TX, TM, false>(A, grid, vec_ok, stream);
   }
   check_launch("sampler_step_kernel");
 }
@@ -260,6 +278,8 @@ void sampler_step_cuda(const StepArgs& A, uintptr_t stream) {
   check_arg(A.opt.pred >= 0 && A.opt.pred <= 2, "sampler_step: unknown prediction type");
   check_arg(!A.opt.has_noise || (A.opt.mode == 1 && (A.w || A.gen)),
             "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
+  check_arg(!A.opt.has_prev2 == !A.q && (!A.q || (A.opt.mode == 1 && A.z)),
+            "sampler_step: x0_prev2 needs mode 1 and x0_prev");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
     using TX = scalar_t;

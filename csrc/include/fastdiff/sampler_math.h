@@ -23,6 +23,7 @@ struct StepOptions {
   int learned_var;   // sigma from the variance values v
   int has_z;         // noise tensor or in-kernel Philox (sampler_step); x0_prev (dpm)
   int has_noise;     // dpm only: noise w (tensor or in-kernel Philox), the SDE variant's term
+  int has_prev2;     // dpm only: x0_prev2 q (3M; requires x0_prev)
 };
 
 // clamp that returns NaN for NaN input (comparisons with NaN are false).
@@ -86,6 +87,16 @@ FD_HD float dpm2m_sde_update(float c_x, float c_x0, float c_prev, float x, float
   return dpm2m_update(c_x, c_x0, c_prev, x, x0, has_prev, x0_prev) + c_noise * z;
 }
 
+// DPM-Solver++ 3M (diffusers' multistep_dpm_solver_third_order_update, "DPM++ 3M [SDE]"): the
+// update is linear in x, x0, x0_prev, x0_prev2 and z, so the sampler folds the rest into the
+// coefficients: x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 (+ c_noise z;
+// skipped, not zeroed, without noise). Only called with both history operands present.
+FD_HD float dpm3m_update(float c_x, float c_x0, float c_prev, float c_prev2, float x, float x0,
+                         float x0_prev, float x0_prev2, int has_noise, float c_noise, float z) {
+  const float v = dpm2m_update(c_x, c_x0, c_prev, x, x0, 1, x0_prev) + c_prev2 * x0_prev2;
+  return has_noise ? v + c_noise * z : v;
+}
+
 }  // namespace fastdiff
 
 namespace fastdiff {
@@ -103,11 +114,13 @@ struct StepArgs {
   int64_t bs_x = 0, bs_m = 0, bs_mu = 0, bs_v = 0, bs_z = 0;  // noise (mode 0) / x0_prev (mode 1)
   uintptr_t w = 0;     // mode 1 only: noise z of the SDE variant (dtype_x), or 0
   int64_t bs_w = 0;
+  uintptr_t q = 0;     // mode 1 only: x0_prev2 of the 3M step (dtype_x; needs z), or 0
+  int64_t bs_q = 0;
   uintptr_t gen = 0;   // int64[2] (seed, offset) for in-kernel Philox noise (either mode), or 0
   uintptr_t coef = 0;  // fp32[8]
   uintptr_t out = 0;   // x_prev / x_next, dtype_x
   uintptr_t x0 = 0;    // x0 output (dtype_x) or 0
-  int dtype_x = 0;     // x, z, w, out, x0
+  int dtype_x = 0;     // x, z, w, q, out, x0
   int dtype_m = 0;     // m, mu, v
   StepOptions opt{};
 };
