@@ -161,3 +161,13 @@ def test_unet_config_takes_numpy_scalars_like_channel_mult(tmp_path):
         assert type(got) is int and got == value, name
     with pytest.raises(ValueError, match="in_channels must be a positive int, got True"):
         UNetConfig(in_channels=True)
+
+
+def test_from_preset_with_a_non_string_name_says_what_it_takes():
+    """UNet.from_preset(["tiny"]) (or a dict of overrides passed by position) raised Python's
+    bare "unhashable type: 'list'", naming neither the argument nor the presets."""
+    from fastdiff.models import UNet
+
+    for bad in (["tiny"], {"base_channels": 16}):
+        with pytest.raises(TypeError, match=r"unknown UNet preset .*; valid presets are .*'tiny'"):
+            UNet.from_preset(bad)

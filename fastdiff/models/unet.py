@@ -455,8 +455,9 @@ class UNet(nn.Module):
         the other replaces the preset's ``head_dim`` (``num_heads``)."""
         from fastdiff.models.presets import PRESETS
 
-        if name not in PRESETS:
-            raise ValueError(f"unknown UNet preset {name!r}; valid presets are {sorted(PRESETS)}")
+        if not isinstance(name, str) or name not in PRESETS:  # a list: not "unhashable type"
+            exc = ValueError if isinstance(name, str) else TypeError
+            raise exc(f"unknown UNet preset {name!r}; valid presets are {sorted(PRESETS)}")
         preset = PRESETS[name]
         if "in_channels" in overrides and "out_channels" not in overrides:
             # out_channels follows in_channels as in the preset: C, or 2C (learned variance)
