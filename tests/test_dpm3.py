@@ -69,6 +69,25 @@ def _step_parity(ours, theirs, steps: int, seed: int = 0) -> float:
     return _loop(ours, theirs, step, steps, noise_fn=noise, seed=seed)
 
 
+def _whole_run_rel(steps: int, **kw) -> float:
+    """Both loops run on their own from the same x_T (a fixed x-dependent stand-in model, the
+    same noise sequence): relative difference of the final samples."""
+    ours, theirs = _pair(steps, **kw)
+    g = torch.Generator().manual_seed(21)
+    x_T = torch.randn(PARITY_SHAPE, generator=g)
+    zs = [torch.randn(PARITY_SHAPE, generator=g) for _ in range(steps)]
+
+    def model(x, t):
+        return 0.8 * torch.tanh(x) + 0.05 * math.sin(float(t) / 50.0)
+
+    x = y = x_T
+    for i, t in enumerate(theirs.timesteps):
+        z = zs[i] if ours.algorithm_type == SDE else None
+        x = theirs.step(model(x, t), t, x, variance_noise=z).prev_sample
+        y = ours.step(model(y, t), i, y, noise=z)
+    return _rel(y, x)
+
+
 # ------------------------------------------------------------------------- orders 1 / 2 / 3
 @pytest.mark.parametrize("pred", PREDS)
 @pytest.mark.parametrize("steps", [5, 10, 20])
@@ -76,13 +95,17 @@ def _step_parity(ours, theirs, steps: int, seed: int = 0) -> float:
 @pytest.mark.parametrize("algo", [ODE, SDE])
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_step_parity_per_order(order, algo, lof, steps, pred):
-    """Every step equals diffusers' (rel. err <= 1e-5 fp32), and the order of each step is
-    the one diffusers' lower_order_nums / lower_order_final / lower_order_second pick."""
+    """Every step equals diffusers' (rel. err <= 1e-5 fp32), the order of each step is the one
+    diffusers' lower_order_nums / lower_order_final / lower_order_second pick, and whole runs
+    from the same x_T (each loop on its own outputs) end within 1e-5."""
     ours, theirs = _pair(steps, solver_order=order, algorithm_type=algo, lower_order_final=lof,
                          prediction_type=pred)  # fmt: skip
     ran = _record_orders(theirs)
     assert _step_parity(ours, theirs, steps) <= PARITY_RTOL
     assert list(ours.step_orders) == ran
+    whole = _whole_run_rel(steps, solver_order=order, algorithm_type=algo, lower_order_final=lof,
+                           prediction_type=pred)  # fmt: skip
+    assert whole <= PARITY_RTOL, whole
     if order == 3:  # not vacuous: the third-order rows are used and read m_{i-2}
         assert 3 in ran and all((ours.coef64[i, 6] != 0) == (o == 3) for i, o in enumerate(ran))
 
