@@ -37,6 +37,7 @@ from fastdiff.ops._sampler_step_kernels import (
 )
 from fastdiff.ops.sampler_step import (
     PREDICTION_TYPES,
+    _cacheable,
     _check_common,
     _check_like_x,
     _grads,
@@ -134,6 +135,101 @@ def _unsupported(x: Tensor) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# validated-call cache: a repeat of a validated cpu call skips the checks and the operand views
+# ----------------------------------------------------------------------------------------------
+_VALIDATED: dict[tuple, tuple] = {}
+_CPU = torch.device("cpu")
+_fwad = torch.autograd.forward_ad
+
+
+def _tensor_key(t: Tensor | None) -> tuple | None:
+    """What the checks read of an optional operand; raises LookupError when it is not cacheable."""
+    if t is None:
+        return None
+    if type(t) is not Tensor or t.requires_grad or t.is_neg():
+        raise LookupError
+    return (t.shape, t.stride(), t.dtype, t.is_cpu)
+
+
+def _cached_cpu(x, mo, coef, last, m_prev, m_prev2, opts) -> tuple[tuple | None, tuple | None]:
+    """``(key, (x_c, m, x_next))`` for a call whose exact combination was validated before and
+    resolves to the cpu backend now; ``(key, None)`` when the general path must run, with key
+    None when this call cannot be cached (as ``_cached_cpu_step`` of the sampler-step ops: a
+    tensor subclass or non-tensor, x not on cpu, an operand that requires grad or is a lazily
+    negated view, a dispatch mode, torch.func transform or forward-mode AD level active; the
+    caller has checked that nothing is compiling). The key holds everything the checks read:
+    exact tensor types, shapes, strides, dtypes, devices, which history operands are present,
+    the options ``opts`` (with the types of the real ones) and the native module. Backend
+    resolution is redone on every call; the operands' addresses are read on every call."""
+    if (type(x) is not Tensor or type(mo) is not Tensor or type(coef) is not Tensor
+            or not x.is_cpu or x.requires_grad or mo.requires_grad or coef.requires_grad
+            or x.is_neg() or mo.is_neg() or coef.is_neg() or _ext.transforms_active()
+            or _fwad._current_level >= 0):  # fmt: skip
+        return None, None
+    try:
+        hist = (_tensor_key(last), _tensor_key(m_prev), _tensor_key(m_prev2))
+        key = (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, mo.is_cpu,
+               coef.shape, coef.stride(), coef.dtype, coef.is_cpu, hist, opts)  # fmt: skip
+        ent = _VALIDATED.get(key)
+    except (LookupError, RuntimeError, TypeError):  # no strides, an unhashable option
+        return None, None
+    if ent is None:
+        return key, None
+    run, like, order, geo, tail, unsupported = ent
+    if _dispatch.resolve_eager(_OP, _CPU, unsupported) != "cpu":
+        return None, None
+    if like:
+        outs = (torch.empty_like(x), torch.empty_like(x), torch.empty_like(x))
+    else:
+        outs = (_new_out(x, order), _new_out(x, order), _new_out(x, order))
+    if geo is None:  # empty tensors
+        return key, outs
+    n, inner, bs_x, om, bs_m, ou, bs_u, bs_l, bs_1, bs_2 = geo
+    mp = mo.data_ptr()
+    run(n, inner, x.data_ptr(), bs_x, mp + om, bs_m, 0 if ou is None else mp + ou, bs_u,
+        0 if last is None else last.data_ptr(), bs_l, 0 if m_prev is None else m_prev.data_ptr(),
+        bs_1, 0 if m_prev2 is None else m_prev2.data_ptr(), bs_2, coef.data_ptr(),
+        outs[0].data_ptr(), outs[1].data_ptr(), outs[2].data_ptr(), *tail)  # fmt: skip
+    return key, outs
+
+
+def _remember(key, x, mo, coef, last, m_prev, m_prev2, pred, clip, g, unsupported) -> None:
+    """Cache the validated call with ``key`` that ran on the cpu backend, when the kernel reads
+    its operands in place (no copy or cast: every operand dense per sample in x's order, history
+    in x's dtype, coef contiguous). The caller guarantees that the verdict only depends on
+    ``key`` (clip_range / guidance_scale of exact type float, int or None)."""
+    c = _ext._C
+    if c is None or not hasattr(c, "unipc_step_cpu") or not coef.is_contiguous():
+        return
+    order = _order_of(x)
+    cond, unc, _ = _split_model_output(x, mo, g, False)
+    hist = (last, m_prev, m_prev2)
+    if not all(t is None or _dense(t, order) is t for t in (x, cond, unc, *hist)):
+        return
+    if any(t is not None and t.dtype != x.dtype for t in hist) or (
+        unc is not None and unc.dtype != cond.dtype
+    ):
+        return
+    base = mo.data_ptr()
+    geo = None
+    if x.numel() > 0:
+        geo = (
+            x.shape[0], x[0].numel(), _batch_stride(x), cond.data_ptr() - base,
+            _batch_stride(cond), None if unc is None else unc.data_ptr() - base,
+            0 if unc is None else _batch_stride(unc),
+            *(0 if t is None else _batch_stride(t) for t in hist),
+        )  # fmt: skip
+    tail = (
+        _ext.dtype_code(x), _ext.dtype_code(cond), pred, clip is not None,
+        float(clip) if clip is not None else 0.0, g is not None, float(g) if g is not None else 0.0,
+    )  # fmt: skip
+    like = x.stride() == _new_out(x, order).stride()  # empty_like(x) gives the output layout
+    if len(_VALIDATED) >= 256:
+        _VALIDATED.clear()
+    _VALIDATED[key] = (c.unipc_step_cpu, like, order, geo, tail, unsupported)
+
+
+# ----------------------------------------------------------------------------------------------
 # custom op
 # ----------------------------------------------------------------------------------------------
 def _impl(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip_range, g):
@@ -224,6 +320,12 @@ def unipc_step(
         step's ``last``), the data prediction (the next ``m_prev``) and the predictor's sample
         at the next noise level (the model's next input).
     """
+    key = None
+    if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no views
+        opts = (prediction_type, type(clip_range), clip_range, type(guidance_scale), guidance_scale)
+        key, r = _cached_cpu(x, model_output, coef, last, m_prev, m_prev2, opts)
+        if r is not None:
+            return r
     try:
         # before _check_common, whose message names the 8-wide rows of the other sampler ops
         if isinstance(coef, Tensor) and (coef.dim() != 1 or coef.shape[0] < COEF_LEN):
@@ -246,11 +348,15 @@ def unipc_step(
     if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
         return _unipc_op(x, model_output, coef, last, m_prev, m_prev2, _AUTO, pred, clip, g)
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve
-    backend = resolve(_OP, x.device, _unsupported(x))
+    unsupported = _unsupported(x)
+    backend = resolve(_OP, x.device, unsupported)
     backend = _dispatch.forward_ad_backend(_OP, backend, x, model_output, coef, last, m_prev,
                                            m_prev2)  # fmt: skip
     fn = _impl if plain else _unipc_op
-    return fn(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip, g)
+    out = fn(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip, g)
+    if plain and backend == "cpu" and key is not None and _cacheable(clip_range, guidance_scale):
+        _remember(key, x, model_output, coef, last, m_prev, m_prev2, pred, clip, g, unsupported)
+    return out
 
 
 _make_callable(__name__)
