@@ -1,4 +1,4 @@
-"""DPM-Solver++ (1S / 2M / 3M) multistep sampler and its SDE variant (Lu et al., 2022,
+"""DPM-Solver++ (first order, 2M, 3M) multistep sampler and its SDE variant (Lu et al., 2022,
 arXiv:2211.01095)."""
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class DPMSolverPPSampler(Sampler):
     With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t),
     h = lambda_t - lambda_{s0} and r_k = h_k / h (h_0 = lambda_{s0} - lambda_{s1}, h_1 =
     lambda_{s1} - lambda_{s2}), the data predictions m_k = x0_theta(x_{s_k}, s_k) of the current
-    (s0) and the two previous steps, one step from s0 to t is (Lu et al. 2022, Algorithm 2 and
-    the multistep solvers of its section 4)::
+    (s0) and the two previous steps, one step from s0 to t is (2M: DPM-Solver++, Algorithm 2;
+    3M: the third-order multistep update of the authors' implementation, with DPM-Solver's
+    (arXiv:2206.00927) third-order terms, as diffusers writes it)::
 
         1 (DPM-Solver++1 = DDIM):  x_t = (sigma_t/sigma_s0) x_s0 + A D0
         2M:  x_t = (sigma_t/sigma_s0) x_s0 + A D0 + B D1,                D1 = (m0 - m1) / r0
@@ -81,11 +82,12 @@ class DPMSolverPPSampler(Sampler):
     With ``use_karras_sigmas`` ("DPM++ 2M Karras"), ``use_exponential_sigmas`` or
     ``use_beta_sigmas`` the steps are taken on that grid of noise levels sigma/alpha between the
     schedule's smallest and largest (:func:`karras_sigmas`, ...) instead of at the spaced
-    timesteps; ``use_lu_lambdas`` takes them evenly spaced in lambda (Lu et al. 2022, "logSNR"
-    steps: the exponential grid, with rounded model timesteps). The model is called at the
-    timestep whose training noise level matches (:func:`sigma_to_t`; rounded for Karras and Lu,
-    truncated otherwise, as diffusers), so timesteps may repeat (near t = 0; near T - 1 on cosine
-    and zero-SNR schedules); the solver uses the grid's sigmas, which do not. Steps are indexed,
+    timesteps; ``use_lu_lambdas`` takes them evenly spaced in lambda (DPM-Solver's uniform
+    logSNR steps, arXiv:2206.00927: the exponential grid, with rounded model timesteps). The
+    model is called at the timestep whose training noise level matches (:func:`sigma_to_t`;
+    rounded for Karras and Lu, truncated otherwise, as diffusers), so timesteps may repeat (near
+    t = 0; near T - 1 on cosine and zero-SNR schedules); the solver uses the grid's sigmas, which
+    do not. Steps are indexed,
     not looked up by timestep: diffusers' scheduler, given a repeated first timestep without
     ``set_begin_index(0)``, starts at a later step (and runs out of sigmas at the end).
     With ``final_sigmas_type="sigma_min"`` the grid already ends at sigma_min, so the last
@@ -113,7 +115,8 @@ class DPMSolverPPSampler(Sampler):
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the
             data prediction (Imagen; DPM-Solver++ section 3.3).
         algorithm_type: ``"dpmsolver++"`` (the ODE solver) or ``"sde-dpmsolver++"`` (its SDE
-            variant, "DPM++ 2M SDE"); diffusers' ``DPMSolverMultistepScheduler`` option.
+            variant, "DPM++ 2M SDE" / "DPM++ 3M SDE"); diffusers' ``DPMSolverMultistepScheduler``
+            option.
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid
             (at most one; ``timestep_spacing`` and ``steps_offset`` are then unused). The beta
             grid uses Beta(0.6, 0.6) and needs scipy. As diffusers' scheduler, the grid spans
