@@ -87,9 +87,9 @@ class DPMSolverPPSampler(Sampler):
     model is called at the timestep whose training noise level matches (:func:`sigma_to_t`;
     rounded for Karras and Lu, truncated otherwise, as diffusers), so timesteps may repeat (near
     t = 0; near T - 1 on cosine and zero-SNR schedules); the solver uses the grid's sigmas, which
-    do not. Steps are indexed,
-    not looked up by timestep: diffusers' scheduler, given a repeated first timestep without
-    ``set_begin_index(0)``, starts at a later step (and runs out of sigmas at the end).
+    do not. Steps are indexed, not looked up by timestep: diffusers' scheduler, given a repeated
+    first timestep without ``set_begin_index(0)``, starts at a later step (and runs out of
+    sigmas at the end).
     With ``final_sigmas_type="sigma_min"`` the grid already ends at sigma_min, so the last
     step is the identity (h = 0), as in diffusers' first and midpoint steps (its heun and 3M
     formulas give NaN there: 0/0).
