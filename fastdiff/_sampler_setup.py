@@ -50,13 +50,14 @@ def resolve_sampler(
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
-            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun', "
-            f"'unipc') or a fastdiff sampler object, got {type(sampler).__name__}"
+            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
+            "'euler_a', 'heun', 'unipc') or a fastdiff sampler object, got "
+            f"{type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
-            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'euler', 'euler_a', 'heun', 'unipc' or a "
-            f"fastdiff sampler object, got {sampler!r}"
+            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
+            f"'heun', 'unipc' or a fastdiff sampler object, got {sampler!r}"
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
@@ -151,6 +152,8 @@ _SCHEDULER_OF = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "dpm2": "KDPM2DiscreteScheduler",
+    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
@@ -179,6 +182,18 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # diffusers 0.42's HeunDiscreteScheduler: every setting it has is implemented (it hard-codes
     # Karras' churn gamma = 0); these guard a future one (its Euler sibling's)
     "heun": {
+        "interpolation_type": "linear",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    },
+    # diffusers 0.42's KDPM2 schedulers: every setting they have is implemented (gamma = 0 is
+    # hard-coded there); these guard a future one (their Euler sibling's)
+    "dpm2": {
+        "interpolation_type": "linear",
+        "timestep_type": "discrete",
+        "final_sigmas_type": "zero",
+    },
+    "dpm2_a": {
         "interpolation_type": "linear",
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",

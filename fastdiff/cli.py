@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun", "unipc")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "unipc")
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -216,9 +216,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("dpm++", "euler", "euler_a", "heun", "unipc"):
+        if a.sampler not in ("dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "unipc"):
             raise CLIError(
-                "--karras: for --sampler dpm++, euler, euler_a, heun or unipc, "
+                "--karras: for --sampler dpm++, dpm2, dpm2_a, euler, euler_a, heun or unipc, "
                 f"got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM eta")
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
-        ' ("Heun Karras"), unipc'
+        ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), unipc'
     )
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'

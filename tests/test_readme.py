@@ -140,7 +140,8 @@ def test_readme_sampler_classes_exist():
         params = list(inspect.signature(cls.step).parameters)
         assert params[:5] == ["self", "model_output", "i", "x", "noise"]
         smp = cls(NoiseSchedule("linear"), 10)
-        calls = 19 if cls is samplers.HeunSampler else 10  # Heun: 2N - 1 model calls
+        two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler)
+        calls = 19 if cls in two_stage else 10  # Heun, DPM2: 2N - 1 model calls
         assert len(smp.timesteps) == len(smp) == calls
 
 

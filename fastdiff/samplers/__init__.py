@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, UniPC (one fused op call
-per model call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC (one
+fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -23,6 +23,7 @@ from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.heun import HeunSampler
+from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.unipc import UniPCSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -30,6 +31,8 @@ __all__ = [
     "SAMPLERS",
     "DDIMSampler",
     "DDPMSampler",
+    "DPM2AncestralSampler",
+    "DPM2Sampler",
     "DPMSolverPPSampler",
     "EulerAncestralSampler",
     "EulerSampler",
@@ -47,6 +50,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm++": DPMSolverPPSampler,
     "dpmsolver++": DPMSolverPPSampler,
     "dpm-solver++": DPMSolverPPSampler,
+    "dpm2": DPM2Sampler,
+    "dpm2_a": DPM2AncestralSampler,
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "heun": HeunSampler,
@@ -55,8 +60,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "euler", "euler_a", "heun",
-    "unipc")."""
+    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
+    "euler_a", "heun", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
