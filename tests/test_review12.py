@@ -171,3 +171,25 @@ def test_from_preset_with_a_non_string_name_says_what_it_takes():
     for bad in (["tiny"], {"base_channels": 16}):
         with pytest.raises(TypeError, match=r"unknown UNet preset .*; valid presets are .*'tiny'"):
             UNet.from_preset(bad)
+
+
+# ------------------------------------------------------------------ optimize(pipe)
+def test_optimize_pipeline_with_a_compiled_unet_optimizes_the_unet():
+    """``pipe.unet = torch.compile(pipe.unet)`` (the usual speed recipe), then
+    ``fastdiff.optimize(pipe)``: the unet was left alone and reported as "OptimizedModule: not a
+    diffusers model", although ``optimize(pipe.unet)`` on the same wrapper patches it (and
+    ``save_model_file`` unwraps ``_orig_mod`` the same way)."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    torch.manual_seed(0)
+    unet = _unet2d()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    ref = _run(unet, x, t)
+    pipe = DDIMPipeline(unet=torch.compile(unet), scheduler=DDIMScheduler())
+    fastdiff.optimize(pipe)  # the compiled wrapper is never run here: no compilation cost
+    report = pipe.fastdiff_report
+    assert "unet" in report and not [n for n, _ in report.left if n == "unet"], str(report)
+    assert report["unet"].replaced and not report["unet"].left, str(report["unet"])
+    assert all(not n.startswith("_orig_mod") for n, _ in report["unet"].replaced)
+    assert any(type(m).__name__ == "FusedResnetBlock2D" for m in unet.modules())
+    torch.testing.assert_close(_run(unet, x, t), ref, rtol=1e-4, atol=1e-4)

@@ -459,10 +459,9 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     on CPU, where oneDNN's convolutions are faster in that layout (a small UNet2DModel, 10
     steps, paired runs: 1.00-1.12x eager in NCHW, 1.21-1.23x in channels_last); on a GPU the
     layout is left as it is (channels_last there has not been measured with fastdiff's
-    kernels). Its outputs are then
-    channels_last tensors (same values: ``.view`` on them needs ``.contiguous()``). A model
-    optimized on CPU and then moved to a GPU keeps channels_last weights; pass
-    ``channels_last=False`` (or optimize after moving it) to keep NCHW there.
+    kernels). Its outputs are then channels_last tensors (same values: ``.view`` on them needs
+    ``.contiguous()``). A model optimized on CPU and then moved to a GPU keeps channels_last
+    weights; pass ``channels_last=False`` (or optimize after moving it) to keep NCHW there.
 
     The report of what was replaced, what was already, and what was left alone and why, is
     attached as ``model.fastdiff_report`` (printable).
@@ -541,6 +540,7 @@ def _optimize_pipeline(pipe: Any, channels_last: bool | None) -> Any:
 
     report = PipelineReport()
     for name, comp in _pipeline_components(pipe).items():
+        comp = getattr(comp, "_orig_mod", comp)  # torch.compile's wrapper: the model inside
         if isinstance(comp, ModelMixin):  # not a text encoder or a (CLIP) safety checker
             report[name] = optimize(comp, channels_last=channels_last).fastdiff_report
         elif comp is not None:
