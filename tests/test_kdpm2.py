@@ -37,6 +37,7 @@ SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
 SCHEDULES = {
     "linear": dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
     "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "cosine": dict(beta_schedule="squaredcos_cap_v2"),  # sigma_max ~ 2e4
 }
 FLAGS = {g: f"use_{g}_sigmas" for g in ("karras", "exponential", "beta")}
 KINDS = {
@@ -148,6 +149,20 @@ def test_per_call_parity_on_sigma_grids(kind, grid, steps, monkeypatch):
                                **{FLAGS[grid]: True})  # fmt: skip
     assert ours.sigma_grid == grid
     assert _per_call_parity(ours, theirs, twin, monkeypatch, seed=1) > 0.0
+
+
+@pytest.mark.parametrize(
+    "kind,steps,opts",
+    [
+        ("dpm2", 10, {}),
+        ("dpm2", 5, {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+        ("dpm2_a", 20, {"timestep_spacing": "trailing"}),
+        ("dpm2_a", 10, {"timestep_spacing": "leading"}),
+    ],
+)
+def test_per_call_parity_on_the_cosine_schedule(kind, steps, opts, monkeypatch):
+    ours, theirs, twin = _pair(kind, "cosine", steps, **opts)
+    assert _per_call_parity(ours, theirs, twin, monkeypatch, seed=5) > 0.0
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
