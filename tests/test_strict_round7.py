@@ -1,0 +1,70 @@
+"""Mutation testing, round 7 (session 12): tests that kill the mutants of the older sampler and
+schedule code (fastdiff/schedules.py, fastdiff/samplers/{base,ddpm,ddim,euler,euler_ancestral,
+sigmas}.py), the conditioning plumbing (fastdiff/_conditioning.py, _prepare.py, _loop.py) and
+the attention / group_norm_silu validation that the suite let live. References are diffusers
+0.42 or a float64 restatement of the paper's equation, never fastdiff itself; each test names
+the behaviour it pins. /work/notes/s12/mutation7_log.md lists the mutants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import DDIMSampler, DDPMSampler, EulerAncestralSampler
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("shift", [3.0, 0.5])
+def test_from_diffusers_refuses_a_beta_config_with_a_noise_shift(shift):
+    """A config with a beta schedule and ``shift`` != 1 (a timestep shift on top of the betas)
+    is refused, as ``snr_shift_scale`` is: NoiseSchedule models only the betas (mutant s11)."""
+    with pytest.raises(ValueError, match="shift=.*changes its noise levels"):
+        NoiseSchedule.from_diffusers({"beta_schedule": "linear", "shift": shift})
+    assert NoiseSchedule.from_diffusers({"beta_schedule": "linear", "shift": None})
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_thresholding_step_refuses_a_non_finite_guidance_scale(name, bad):
+    """The dynamic-thresholding paths combine CFG in Python before the fused op checks it: a NaN
+    or inf guidance_scale must still be a ValueError naming guidance_scale, not NaN samples
+    (mutant b8: the sampler-level finiteness check removed)."""
+    sch = NoiseSchedule("linear")
+    cls = DDIMSampler if name == "ddim" else DDPMSampler
+    smp = cls(sch, 10, thresholding=True)
+    x = torch.randn(2, 3, 4, 4)
+    out = torch.randn(4, 3, 4, 4)
+    noise = torch.randn_like(x)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        smp.step(out, 0, x, noise, guidance_scale=bad)
+    assert torch.isfinite(smp.step(out, 0, x, noise, guidance_scale=3.0)).all()
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler_a", "ddim_eta"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_step_with_a_generator_list_of_the_wrong_length_names_generator(name, count):
+    """A list of generators is one per sample: a list of another length is a ValueError naming
+    ``generator`` (not the op's complaint about a ``noise`` the caller never passed; mutant b9)."""
+    sch = NoiseSchedule("linear")
+    smp = {
+        "ddpm": lambda: DDPMSampler(sch, 10),
+        "euler_a": lambda: EulerAncestralSampler(sch, 10),
+        "ddim_eta": lambda: DDIMSampler(sch, 10, eta=1.0),
+    }[name]()
+    x = torch.randn(2, 3, 4, 4)
+    gens = [torch.Generator().manual_seed(i) for i in range(count)]
+    with pytest.raises(ValueError, match=r"generator: .*one per sample \(2\)"):
+        smp.step(torch.randn_like(x), 0, x, generator=gens)
+
+
+@pytest.mark.parametrize("cls", [DDIMSampler, DDPMSampler])
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5])
+def test_thresholding_ratio_must_lie_in_zero_one(cls, ratio):
+    """dynamic_thresholding_ratio is a quantile in (0, 1]: 0 (the per-sample minimum of |x0|)
+    is refused like the values outside [0, 1] (mutant b10: the lower bound made inclusive)."""
+    sch = NoiseSchedule("linear")
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+        cls(sch, 10, thresholding=True, dynamic_thresholding_ratio=ratio)
+    cls(sch, 10, thresholding=True, dynamic_thresholding_ratio=1.0)
