@@ -90,7 +90,9 @@ def test_folded_upsample_in_fp16_keeps_the_fa_rule(which):
         if which == "fastdiff.nn.Upsample":
             up = Upsample(64)
         else:
-            up = diffusers.models.upsampling.Upsample2D(64, use_conv=True)
+            from diffusers.models.upsampling import Upsample2D
+
+            up = Upsample2D(64, use_conv=True)
         conv = up.conv
         with torch.no_grad():
             for p in up.parameters():
