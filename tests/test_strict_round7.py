@@ -68,3 +68,23 @@ def test_thresholding_ratio_must_lie_in_zero_one(cls, ratio):
     with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
         cls(sch, 10, thresholding=True, dynamic_thresholding_ratio=ratio)
     cls(sch, 10, thresholding=True, dynamic_thresholding_ratio=1.0)
+
+
+def test_explicit_noise_wins_over_generator_state():
+    """``noise`` given together with ``generator_state``: the step uses the given noise (as
+    diffusers' DDIM step with ``variance_noise``) and leaves the Philox state alone (mutant b12:
+    the in-kernel generator preferred over the caller's noise)."""
+    torch.manual_seed(0)
+    ours = DDIMSampler(NoiseSchedule("linear"), 10, eta=1.0)
+    theirs = diffusers.DDIMScheduler()
+    theirs.set_timesteps(10)
+    x = torch.randn(2, 3, 8, 8)
+    eps = torch.randn_like(x)
+    z = torch.randn_like(x)
+    for i in (0, 4):
+        t = int(theirs.timesteps[i])
+        state = torch.tensor([1234, 0], dtype=torch.int64)
+        got = ours.step(eps, i, x, z, generator_state=state)
+        want = theirs.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert state.tolist() == [1234, 0]
