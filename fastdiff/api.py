@@ -86,8 +86,9 @@ def sample(
             (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
-            ``"unipc"``, or a sampler object from :mod:`fastdiff.samplers` (its own steps and
-            schedule are used). Default: the sampler that reproduces ``schedule``'s diffusers
+            ``"dpm2"``, ``"dpm2_a"``, ``"unipc"``, or a sampler object from
+            :mod:`fastdiff.samplers` (its own steps and schedule are used). Default: the sampler
+            that reproduces ``schedule``'s diffusers
             scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras /
             SDE settings, ``UniPCMultistepScheduler`` -> ``"unipc"``, ...), else ``"ddim"`` (a
             diffusers scheduler class without a fastdiff sampler, e.g. ``PNDMScheduler``, warns).
