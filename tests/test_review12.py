@@ -203,3 +203,15 @@ def test_optimize_pipeline_with_a_compiled_unet_optimizes_the_unet():
     assert all(not n.startswith("_orig_mod") for n, _ in report["unet"].replaced)
     assert any(type(m).__name__ == "FusedResnetBlock2D" for m in unet.modules())
     torch.testing.assert_close(_run(unet, x, t), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_optimize_report_of_a_compiled_fastdiff_unet_says_it_is_fused():
+    """optimize(torch.compile(fastdiff_unet)) reported "0 replaced, 0 already optimized, 0 left
+    alone": the wrapper is not a UNet, so the walk for diffusers blocks found nothing, where the
+    uncompiled UNet reports "already: fastdiff UNet: built on fused modules"."""
+    from fastdiff.models import UNet
+
+    compiled = torch.compile(UNet.from_preset("tiny"))  # never run: no compilation cost
+    report = fastdiff.optimize(compiled, channels_last=False).fastdiff_report
+    assert report.already == [("", "fastdiff UNet: built on fused modules")], str(report)
+    assert not report.replaced and not report.left

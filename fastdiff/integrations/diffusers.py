@@ -495,7 +495,7 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
 
     from fastdiff.models.unet import UNet
 
-    if isinstance(model, UNet):
+    if isinstance(getattr(model, "_orig_mod", model), UNet):  # torch.compile'd too
         report.already.append(("", "fastdiff UNet: built on fused modules"))
     else:
         _optimize_diffusers(model, report)
