@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import PARITY_SHAPE
+from test_samplers_parity import _loop, _schedule
 
 from fastdiff import NoiseSchedule
 from fastdiff.samplers import DDIMSampler, DDPMSampler, EulerAncestralSampler
@@ -88,3 +90,48 @@ def test_explicit_noise_wins_over_generator_state():
         want = theirs.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert state.tolist() == [1234, 0]
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_thresholding_with_v_prediction_matches_diffusers(eta, use_clipped):
+    """Dynamic thresholding derives (x0, eps) from a v prediction in Python (eps = a v + s x_t,
+    Salimans & Ho 2022); the suite ran the thresholding path with eps and x0 predictions only
+    (mutant i8: eps = a v - s x_t)."""
+    steps = 25
+    sch, cfg = _schedule("scaled_linear")
+    opts = dict(thresholding=True, sample_max_value=1.5, prediction_type="v_prediction")
+    theirs = diffusers.DDIMScheduler(**cfg, **opts)
+    theirs.set_timesteps(steps)
+    ours = DDIMSampler(sch, steps, eta=eta, use_clipped_model_output=use_clipped, **opts)
+    gn = torch.Generator().manual_seed(5)
+
+    def step(mo, t, x, z):
+        return theirs.step(
+            mo, t, x, eta=eta, variance_noise=z, use_clipped_model_output=use_clipped
+        ).prev_sample
+
+    _loop(ours, theirs, step, steps, noise_fn=lambda i, t: torch.randn(PARITY_SHAPE, generator=gn))
+
+
+@pytest.mark.parametrize("eta", [-0.5, -1e-9, 3.0, float("nan")])
+def test_ddim_eta_outside_zero_one_is_refused(eta):
+    """eta < 0 is not a noise weight (DDIM eq. 16), and an eta that makes sigma^2 exceed
+    1 - alpha_bar_prev leaves sqrt(1 - alpha_bar_prev - sigma^2) undefined (diffusers gives
+    NaN); both are a ValueError naming eta, not a silently clamped coefficient (mutants i5, i9)."""
+    with pytest.raises(ValueError, match="eta"):
+        DDIMSampler(NoiseSchedule("linear"), 10, eta=eta)
+    DDIMSampler(NoiseSchedule("linear"), 10, eta=1.0)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [6, 7])
+def test_ddim_step_counts_that_do_not_divide_t_match_diffusers(spacing, steps):
+    """diffusers' DDIM moves to prev_t = t - T // steps (floor division) whatever the spacing;
+    the suite used step counts with T / steps integral or with a fraction below one half, where
+    round() and // agree (mutant i10: round(T / steps))."""
+    sch, cfg = _schedule("linear")
+    theirs = diffusers.DDIMScheduler(**cfg, timestep_spacing=spacing, clip_sample=False)
+    theirs.set_timesteps(steps)
+    ours = DDIMSampler(sch, steps, timestep_spacing=spacing, clip_sample=False)
+    _loop(ours, theirs, lambda mo, t, x, z: theirs.step(mo, t, x).prev_sample, steps)
