@@ -461,7 +461,8 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     layout is left as it is (channels_last there has not been measured with fastdiff's
     kernels). Its outputs are then channels_last tensors (same values: ``.view`` on them needs
     ``.contiguous()``). A model optimized on CPU and then moved to a GPU keeps channels_last
-    weights; pass ``channels_last=False`` (or optimize after moving it) to keep NCHW there.
+    weights; pass ``channels_last=False`` when optimizing on CPU (or optimize after moving it)
+    to keep NCHW there. ``False`` converts nothing, back to NCHW included.
 
     The report of what was replaced, what was already, and what was left alone and why, is
     attached as ``model.fastdiff_report`` (printable).
