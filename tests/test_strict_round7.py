@@ -12,6 +12,7 @@ import torch
 from helpers import PARITY_SHAPE
 from test_samplers_parity import _loop, _schedule
 
+import fastdiff
 from fastdiff import NoiseSchedule
 from fastdiff.samplers import DDIMSampler, DDPMSampler, EulerAncestralSampler
 
@@ -135,3 +136,23 @@ def test_ddim_step_counts_that_do_not_divide_t_match_diffusers(spacing, steps):
     theirs.set_timesteps(steps)
     ours = DDIMSampler(sch, steps, timestep_spacing=spacing, clip_sample=False)
     _loop(ours, theirs, lambda mo, t, x, z: theirs.step(mo, t, x).prev_sample, steps)
+
+
+def test_tensor_cond_is_class_labels_for_a_model_taking_both_kwargs():
+    """README: a tensor ``cond`` goes in as ``class_labels`` (``encoder_hidden_states`` only for
+    UNet2DConditionModel or a model without class_labels). A model whose forward takes both (a
+    DiT-style Transformer2DModel) gets the labels as class_labels, under guidance as
+    ``[uncond, cond]`` (mutant c2: encoder_hidden_states looked up first)."""
+    seen = []
+
+    def model(x, t, class_labels=None, encoder_hidden_states=None):
+        seen.append((class_labels, encoder_hidden_states))
+        return 0.1 * x
+
+    labels, null = torch.tensor([3, 1]), torch.tensor([0, 0])
+    fastdiff.sample(model, steps=2, shape=(3, 4, 4), batch_size=2, cond=labels)
+    fastdiff.sample(model, steps=2, shape=(3, 4, 4), batch_size=2, cond=labels, uncond=null,
+                    guidance_scale=2.0)  # fmt: skip
+    assert all(e is None for _, e in seen)
+    assert torch.equal(seen[0][0], labels)
+    assert torch.equal(seen[-1][0], torch.cat([null, labels]))
