@@ -16,7 +16,7 @@ UniPCArgs make_unipc_args(int64_t n, int64_t inner, uintptr_t x, int64_t bs_x, u
                           int64_t bs_last, uintptr_t m1, int64_t bs_m1, uintptr_t m2,
                           int64_t bs_m2, uintptr_t coef, uintptr_t xc, uintptr_t x0,
                           uintptr_t xn, int dtype_x, int dtype_m, int pred, bool clip,
-                          float clip_r, bool cfg, float g) {
+                          float clip_r, bool cfg, float g, uintptr_t m3, int64_t bs_m3) {
   check_arg(x != 0 && m != 0 && coef != 0 && xc != 0 && x0 != 0 && xn != 0,
             "unipc_step: x, model output, coef and the outputs must be given");
   UniPCArgs A;
@@ -34,6 +34,8 @@ UniPCArgs make_unipc_args(int64_t n, int64_t inner, uintptr_t x, int64_t bs_x, u
   A.bs_m1 = bs_m1;
   A.m2 = m2;
   A.bs_m2 = bs_m2;
+  A.m3 = m3;
+  A.bs_m3 = bs_m3;
   A.coef = coef;
   A.xc = xc;
   A.x0 = x0;
@@ -52,16 +54,18 @@ UniPCArgs make_unipc_args(int64_t n, int64_t inner, uintptr_t x, int64_t bs_x, u
 
 void register_unipc_step(pybind11::module_& m) {
   namespace py = pybind11;
+  // the kernels take the order-3 operand m_{i-3} (trailing m3, bs_m3) and read a 12-wide row
+  m.attr("unipc_step_m3") = true;
   m.def(
       "unipc_step_cpu",
       [](int64_t n, int64_t inner, uintptr_t x, int64_t bs_x, uintptr_t mo, int64_t bs_m,
          uintptr_t mu, int64_t bs_mu, uintptr_t last, int64_t bs_last, uintptr_t m1,
          int64_t bs_m1, uintptr_t m2, int64_t bs_m2, uintptr_t coef, uintptr_t xc, uintptr_t x0,
          uintptr_t xn, int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool cfg,
-         float g) {
+         float g, uintptr_t m3, int64_t bs_m3) {
         UniPCArgs A = make_unipc_args(n, inner, x, bs_x, mo, bs_m, mu, bs_mu, last, bs_last, m1,
                                       bs_m1, m2, bs_m2, coef, xc, x0, xn, dtype_x, dtype_m, pred,
-                                      clip, clip_r, cfg, g);
+                                      clip, clip_r, cfg, g, m3, bs_m3);
         py::gil_scoped_release nogil;
         unipc_step_cpu(A);
       },
@@ -73,10 +77,10 @@ void register_unipc_step(pybind11::module_& m) {
          uintptr_t mu, int64_t bs_mu, uintptr_t last, int64_t bs_last, uintptr_t m1,
          int64_t bs_m1, uintptr_t m2, int64_t bs_m2, uintptr_t coef, uintptr_t xc, uintptr_t x0,
          uintptr_t xn, int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool cfg,
-         float g, uintptr_t stream) {
+         float g, uintptr_t m3, int64_t bs_m3, uintptr_t stream) {
         UniPCArgs A = make_unipc_args(n, inner, x, bs_x, mo, bs_m, mu, bs_mu, last, bs_last, m1,
                                       bs_m1, m2, bs_m2, coef, xc, x0, xn, dtype_x, dtype_m, pred,
-                                      clip, clip_r, cfg, g);
+                                      clip, clip_r, cfg, g, m3, bs_m3);
         unipc_step_cuda(A, stream);
       },
       "fused UniPC step on CUDA memory, on the given stream");

@@ -107,9 +107,11 @@ class _StepGraph:
         # fp32: holds any sampler's draw unrounded (DPM++ SDE draws z in fp32 under fp16 x)
         noise_buf = self.has_noise and gen_state is None
         self.noise = torch.zeros_like(x, dtype=torch.float32) if noise_buf else None
-        # UniPC: its history (last corrected x, m_{i-1}, m_{i-2}) in static buffers of its own
+        # UniPC: its history (last corrected x, m_{i-1}, m_{i-2}; m_{i-3} at solver_order 3) in
+        # static buffers of its own
         self.unipc = hasattr(smp, "step_with_history")
-        self.hist = [torch.zeros_like(x) for _ in range(3)] if self.unipc else None
+        n_hist = 4 if getattr(smp, "solver_order", 2) >= 3 else 3
+        self.hist = [torch.zeros_like(x) for _ in range(n_hist)] if self.unipc else None
         self.x0_prev = torch.zeros_like(x) if self.multistep and not self.unipc else None
         # DPM-Solver++ 3M: m_{i-2} in a second buffer, shifted from x0_prev after each step
         order3 = self.x0_prev is not None and getattr(smp, "solver_order", 2) >= 3
@@ -134,9 +136,11 @@ class _StepGraph:
                               self.model)  # fmt: skip
         skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
         if self.unipc:  # the op reads every buffer before the copies below overwrite them
-            last, m1, m2 = self.hist
+            last, m1, m2, *m3 = self.hist
             x_c, x0, x_new = smp.step_with_history(out, self.i_cap, self.x, self.coef, last, m1,
-                                                   m2, guidance_scale=gs)  # fmt: skip
+                                                   m2, *m3, guidance_scale=gs)  # fmt: skip
+            if m3:
+                m3[0].copy_(m2)
             m2.copy_(m1)
             m1.copy_(x0)
             last.copy_(x_c)

@@ -198,7 +198,7 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
     },
-    # solver_order != 2 and predict_x0=False are refused by UniPCSampler itself (it takes them)
+    # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
     "unipc": {
         "solver_p": None,
         "use_flow_sigmas": False,

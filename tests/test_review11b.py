@@ -78,7 +78,8 @@ def test_solver_order_1_matches_diffusers(steps, opts, begin):
 
 def test_solver_order_1_from_a_scheduler_and_unsupported_orders_refused():
     """schedule=UniPCMultistepScheduler(solver_order=1) runs UniPC-1 (was a ValueError);
-    solver_order=3 and predict_x0=False in a saved config are still clear errors."""
+    solver_order=4 and predict_x0=False in a saved config are still clear errors (3 runs
+    since session 12: tests/test_unipc3.py)."""
     sch, cfg = _schedule("linear")
     theirs = diffusers.UniPCMultistepScheduler(**cfg, solver_order=1)
     theirs.set_timesteps(5)
@@ -89,7 +90,7 @@ def test_solver_order_1_from_a_scheduler_and_unsupported_orders_refused():
     for t in theirs.timesteps:
         y = theirs.step(model(y, t.expand(2)), t, y).prev_sample
     assert _rel(fastdiff.sample(model, steps=5, schedule=theirs, noise=x_t), y) <= 2e-5
-    for bad, match in ((dict(solver_order=3), "solver_order"), (dict(predict_x0=False),
+    for bad, match in ((dict(solver_order=4), "solver_order"), (dict(predict_x0=False),
                                                                 "predict_x0")):  # fmt: skip
         config = {"_class_name": "UniPCMultistepScheduler", **cfg, **bad}
         with pytest.raises(ValueError, match=match):
@@ -109,7 +110,7 @@ def test_disable_corrector_refuses_what_is_not_a_list_of_step_indices(value):
 
 def test_op_coef_of_the_wrong_rank_names_ten_coefficients():
     """unipc_step with a 2-D coef said "coef must have >= 8 elements" (the other sampler ops'
-    row width); a UniPC row has 10."""
+    row width); a UniPC row has 12 (10 before solver_order 3)."""
     x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(ValueError, match=r"unipc_step: coef must have >= 10 elements"):
+    with pytest.raises(ValueError, match=r"unipc_step: coef must have >= 12 elements"):
         unipc_step(x, torch.randn_like(x), _row()[None])

@@ -335,11 +335,11 @@ def test_unipc_op_opcheck_channels_last_and_fake_strides(case):
         for _ in range(5)
     )
     coef = _row(i=4).to(dev)
-    torch.library.opcheck(_unipc_op, (x, mo, coef, last, m1, m2, backend, 0, None, None))
+    torch.library.opcheck(_unipc_op, (x, mo, coef, last, m1, m2, None, backend, 0, None, None))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fx = mode.from_tensor(x)
         outs = _unipc_op(fx, mode.from_tensor(mo), mode.from_tensor(coef), None, None, None,
-                         backend, 0, None, None)  # fmt: skip
+                         None, backend, 0, None, None)  # fmt: skip
     for o in outs:
         assert o.is_contiguous(memory_format=torch.channels_last)
 
@@ -401,7 +401,7 @@ def test_unipc_op_absent_operand_skips_even_a_non_finite_coefficient(case):
     g = torch.Generator().manual_seed(19)
     x, mo = (torch.randn(1, 8, generator=g).to(dev) for _ in range(2))
     inf, nan = float("inf"), float("nan")
-    coef = torch.tensor([0.9, 0.4, 1.0, inf, 0.1, nan, -inf, 1.0, 0.2, inf]).to(dev)
+    coef = torch.tensor([0.9, 0.4, 1.0, inf, 0.1, nan, -inf, 1.0, 0.2, inf, nan, -inf]).to(dev)
     with fastdiff.use_backend(backend, op="unipc_step"):
         got = unipc_step(x, mo, coef)
     ref = _ref64(x, mo, coef, None, None, None, "epsilon", None, None)

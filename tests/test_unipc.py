@@ -191,7 +191,7 @@ def test_unipc_reset_and_fresh_sampler_clear_history():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(solver_order=3), "solver_order"),
+        (dict(solver_order=4), "solver_order"),
         (dict(solver_order=0), "solver_order"),
         (dict(predict_x0=False), "predict_x0"),
         (dict(solver_type="bh3"), "solver_type"),
@@ -207,7 +207,7 @@ def test_unipc_bad_options_are_clear_errors(kw, match):
 
 
 def test_unipc_unsupported_diffusers_settings_are_refused():
-    sch = diffusers.UniPCMultistepScheduler(solver_order=3)
+    sch = diffusers.UniPCMultistepScheduler(solver_order=4)
     with pytest.raises(ValueError, match="solver_order"):
         fastdiff.sample(lambda x, t: x, steps=4, sampler="unipc", shape=(3, 4, 4), schedule=sch)
     sch = diffusers.UniPCMultistepScheduler(predict_x0=False)
@@ -266,6 +266,8 @@ def _ref64(x, mo, coef, last, m1, m2, pred, clip, g):
     xn = c[7] * xc + c[8] * x0
     if m1 is not None:
         xn = xn + c[9] * m1.double()
+    if m2 is not None:  # p_m2: 0 in the order-2 rows used here (order 3: tests/test_unipc3.py)
+        xn = xn + c[11] * m2.double()
     return xc, x0, xn
 
 
@@ -284,6 +286,8 @@ def _eager(x, mo, coef, last, m1, m2, pred, clip, g):
     xn = c[7] * xc + c[8] * x0
     if m1 is not None:
         xn = xn + c[9] * m1
+    if m2 is not None:
+        xn = xn + c[11] * m2
     return xc, x0, xn
 
 
@@ -380,8 +384,8 @@ def test_unipc_op_skips_absent_history():
 @pytest.mark.parametrize(
     "kw,exc,match",
     [
-        (dict(coef=torch.zeros(8)), ValueError, "coef must have >= 10"),
-        (dict(coef=torch.zeros(10, dtype=torch.float64)), TypeError, "coef must be a float32"),
+        (dict(coef=torch.zeros(8)), ValueError, "coef must have >= 12"),
+        (dict(coef=torch.zeros(12, dtype=torch.float64)), TypeError, "coef must be a float32"),
         (dict(last=torch.zeros(2, 3, 4)), ValueError, "last must have x's shape"),
         (dict(m_prev=torch.zeros(2, 3, 4, 4, dtype=torch.int32)), TypeError, "m_prev must be"),
         (dict(m_prev2=torch.zeros(1, 3, 4, 4)), ValueError, "m_prev2 must have x's shape"),
@@ -416,10 +420,11 @@ def test_unipc_op_opcheck(case):
     g = torch.Generator().manual_seed(2)
     x, mo, last, m1, m2 = _inputs((2, 3, 4, 4), torch.float32, dev, "contiguous", g)
     coef = _row().to(dev)
-    for args in [(x, mo, coef, last, m1, m2, backend, 0, None, None),
-                 (x, torch.cat([mo, mo]), coef, None, m1, None, backend, 1, 1.0, 3.0)]:  # fmt: skip
+    cfg = torch.cat([mo, mo])
+    for args in [(x, mo, coef, last, m1, m2, None, backend, 0, None, None),
+                 (x, cfg, coef, None, m1, None, None, backend, 1, 1.0, 3.0)]:  # fmt: skip
         torch.library.opcheck(_unipc_op, args)
-    assert COEF_LEN == 10
+    assert COEF_LEN == 12
 
 
 @pytest.mark.parametrize("case", OP_CASES, ids=case_id)

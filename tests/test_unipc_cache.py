@@ -23,13 +23,13 @@ SHAPE = (2, 3, 7, 5)
 def _args(shape=SHAPE, cfg=True, dtype=torch.float32):
     x = torch.randn(shape).to(dtype)
     mo = torch.randn((2 * shape[0] if cfg else shape[0], *shape[1:])).to(dtype)
-    coef = torch.tensor([0.8, 0.6, 0.9, 0.1, 0.7, -0.3, 0.2, 1.1, 0.4, -0.2])
+    coef = torch.tensor([0.8, 0.6, 0.9, 0.1, 0.7, -0.3, 0.2, 1.1, 0.4, -0.2, 0.15, -0.05])
     last, m1, m2 = (torch.randn(shape).to(dtype) for _ in range(3))
     return x, mo, coef, last, m1, m2
 
 
 def _ref(x, mo, coef, last, m1, m2, pred=0, clip=None, g=2.0):
-    return OP(x, mo, coef, last, m1, m2, "cpu", pred, clip, g)
+    return OP(x, mo, coef, last, m1, m2, None, "cpu", pred, clip, g)
 
 
 def _same(a, b):
@@ -92,7 +92,7 @@ def test_changed_arguments_are_validated_again(checks):
             ((x, mo, coef, last, m1, m2[:1]), kw, ValueError, "m_prev2 must have x's shape"),
             ((x, mo, coef, last, m1.int(), m2), kw, TypeError, "m_prev must be float32"),
             ((x, mo, coef, last.to("meta"), m1, m2), kw, ValueError, "last is on meta"),
-            ((x, mo, coef[:9], last, m1, m2), kw, ValueError, "coef must have >= 10"),
+            ((x, mo, coef[:11], last, m1, m2), kw, ValueError, "coef must have >= 12"),
             ((x, mo, coef.double(), last, m1, m2), kw, TypeError, "coef must be a float32"),
             ((x, mo[:2], coef, last, m1, m2), kw, ValueError, "batch 2N"),
             ((x, mo, coef, last, m1, m2), dict(guidance_scale=float("inf")), ValueError, "finite"),

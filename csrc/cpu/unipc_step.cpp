@@ -27,7 +27,8 @@ inline void store_tile(T* __restrict p, const float* __restrict v, int64_t len) 
   for (int64_t k = 0; k < len; ++k) HostIO<T>::store(p + k, v[k]);
 }
 
-template <typename TX, typename TM, int PRED>
+// M3: the order-3 corrector's m_{i-3} operand is present (false: its buffer and term compile out).
+template <typename TX, typename TM, int PRED, bool M3>
 void run(const UniPCArgs& A) {
   const float* c = reinterpret_cast<const float*>(A.coef);
   float coef[kUniPCCoefLen];
@@ -38,13 +39,14 @@ void run(const UniPCArgs& A) {
   // cannot turn 0 * inf into NaN.
   if (!has_last) coef[3] = 0.0f;
   if (!has_m1) coef[5] = coef[9] = 0.0f;
-  if (!has_m2) coef[6] = 0.0f;
+  if (!has_m2) coef[6] = coef[11] = 0.0f;
   const float* cf = coef;
   const int64_t tiles = (A.inner + kTile - 1) / kTile;
   parallel_tasks(A.n * tiles, kTile, [&](int64_t task) {
     const int64_t b = task / tiles, lo = (task % tiles) * kTile;
     const int64_t len = std::min(A.inner, lo + kTile) - lo;
     float bx[kTile], bm[kTile], bl[kTile], b1[kTile], b2[kTile], oc[kTile], om[kTile], on[kTile];
+    float b3[M3 ? kTile : 1];
     load_tile(reinterpret_cast<const TX*>(A.x) + b * A.bs_x + lo, bx, len);
     load_tile(reinterpret_cast<const TM*>(A.m) + b * A.bs_m + lo, bm, len);
     if (A.mu) {  // classifier-free guidance on the raw output halves (ou: the uncond half)
@@ -71,12 +73,13 @@ void run(const UniPCArgs& A) {
     } else {
       std::fill(b2, b2 + len, 0.0f);
     }
+    if (M3) load_tile(reinterpret_cast<const TX*>(A.m3) + b * A.bs_m3 + lo, b3, len);
     const int clip = A.clip;
     const float clip_r = A.clip_r;
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k) {
-      unipc_element<PRED>(cf, bx[k], bm[k], clip, clip_r, 1, bl[k], 1, b1[k], 1, b2[k], oc[k],
-                          om[k], on[k]);
+      unipc_element<PRED>(cf, bx[k], bm[k], clip, clip_r, 1, bl[k], 1, b1[k], 1, b2[k], M3,
+                          M3 ? b3[k] : 0.0f, oc[k], om[k], on[k]);
     }
     store_tile(reinterpret_cast<TX*>(A.xc) + b * A.inner + lo, oc, len);
     store_tile(reinterpret_cast<TX*>(A.x0) + b * A.inner + lo, om, len);
@@ -84,11 +87,11 @@ void run(const UniPCArgs& A) {
   });
 }
 
-template <typename TX, typename TM>
+template <typename TX, typename TM, bool M3>
 void run_pred(const UniPCArgs& A) {
-  if (A.pred == kEpsilon) return run<TX, TM, kEpsilon>(A);
-  if (A.pred == kVPrediction) return run<TX, TM, kVPrediction>(A);
-  return run<TX, TM, kSample>(A);
+  if (A.pred == kEpsilon) return run<TX, TM, kEpsilon, M3>(A);
+  if (A.pred == kVPrediction) return run<TX, TM, kVPrediction, M3>(A);
+  return run<TX, TM, kSample, M3>(A);
 }
 
 }  // namespace
@@ -96,10 +99,18 @@ void run_pred(const UniPCArgs& A) {
 void unipc_step_cpu(const UniPCArgs& A) {
   check_arg(A.pred >= 0 && A.pred <= 2, "unipc_step: prediction type code must be 0, 1 or 2");
   check_arg(A.cfg == (A.mu != 0), "unipc_step: cfg needs the uncond operand and only then");
+  check_arg(A.m3 == 0 || (A.m2 != 0 && A.m1 != 0),
+            "unipc_step: m_prev3 needs m_prev2 and m_prev");
   if (A.n * A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "unipc_step", [&] {
     using TX = scalar_t;
-    FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_m, "unipc_step", [&] { run_pred<TX, scalar_t>(A); });
+    FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_m, "unipc_step", [&] {
+      if (A.m3) {
+        run_pred<TX, scalar_t, true>(A);
+      } else {
+        run_pred<TX, scalar_t, false>(A);
+      }
+    });
   });
 }
 

@@ -45,7 +45,7 @@ struct UniIO<BF16> {
   }
 };
 
-template <typename TX, typename TM, int PRED>
+template <typename TX, typename TM, int PRED, bool M3>
 __global__ void unipc_step_kernel(UniPCArgs A) {
   float c[kUniPCCoefLen];
   const float* cp = reinterpret_cast<const float*>(A.coef);
@@ -67,16 +67,19 @@ __global__ void unipc_step_kernel(UniPCArgs A) {
         A.m1 ? UniIO<TX>::load(reinterpret_cast<const TX*>(A.m1) + b * A.bs_m1 + e) : 0.0f;
     const float m2 =
         A.m2 ? UniIO<TX>::load(reinterpret_cast<const TX*>(A.m2) + b * A.bs_m2 + e) : 0.0f;
+    // M3 false: order 1 / 2, the m_{i-3} load and term compile out
+    const float m3 =
+        M3 ? UniIO<TX>::load(reinterpret_cast<const TX*>(A.m3) + b * A.bs_m3 + e) : 0.0f;
     float vc, vm, vn;
     unipc_element<PRED>(c, x, mo, A.clip, A.clip_r, A.last != 0, last, A.m1 != 0, m1, A.m2 != 0,
-                        m2, vc, vm, vn);
+                        m2, M3, m3, vc, vm, vn);
     UniIO<TX>::store(reinterpret_cast<TX*>(A.xc) + idx, vc);
     UniIO<TX>::store(reinterpret_cast<TX*>(A.x0) + idx, vm);
     UniIO<TX>::store(reinterpret_cast<TX*>(A.xn) + idx, vn);
   }
 }
 
-template <typename TX, typename TM>
+template <typename TX, typename TM, bool M3>
 void launch(const UniPCArgs& A, cudaStream_t stream) {
   int dev = 0, sms = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -87,13 +90,13 @@ void launch(const UniPCArgs& A, cudaStream_t stream) {
   const unsigned int grid = clamp_grid_x(blocks_needed < cap ? blocks_needed : cap);
   switch (A.pred) {
     case kEpsilon:
-      unipc_step_kernel<TX, TM, kEpsilon><<<grid, kThreads, 0, stream>>>(A);
+      unipc_step_kernel<TX, TM, kEpsilon, M3><<<grid, kThreads, 0, stream>>>(A);
       break;
     case kVPrediction:
-      unipc_step_kernel<TX, TM, kVPrediction><<<grid, kThreads, 0, stream>>>(A);
+      unipc_step_kernel<TX, TM, kVPrediction, M3><<<grid, kThreads, 0, stream>>>(A);
       break;
     default:
-      unipc_step_kernel<TX, TM, kSample><<<grid, kThreads, 0, stream>>>(A);
+      unipc_step_kernel<TX, TM, kSample, M3><<<grid, kThreads, 0, stream>>>(A);
       break;
   }
   check_launch("unipc_step_kernel");
@@ -105,12 +108,18 @@ void unipc_step_cuda(const UniPCArgs& A, uintptr_t stream) {
   check_arg(A.n >= 0 && A.inner >= 0, "unipc_step: negative size");
   check_arg(A.pred >= 0 && A.pred <= 2, "unipc_step: unknown prediction type");
   check_arg(A.cfg == (A.mu != 0), "unipc_step: cfg needs the uncond operand and only then");
+  check_arg(A.m3 == 0 || (A.m2 != 0 && A.m1 != 0),
+            "unipc_step: m_prev3 needs m_prev2 and m_prev");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "unipc_step", [&] {
     using TX = scalar_t;
     FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_m, "unipc_step", [&] {
       using TM = scalar_t;
-      launch<TX, TM>(A, as_stream(stream));
+      if (A.m3) {
+        launch<TX, TM, true>(A, as_stream(stream));
+      } else {
+        launch<TX, TM, false>(A, as_stream(stream));
+      }
     });
   });
 }

@@ -1,15 +1,17 @@
 """Fused UniPC step (Zhao et al. 2023, arXiv:2302.04867): the UniC corrector of the previous
-step and the UniP-2 predictor of this one in one elementwise pass.
+step and the UniP predictor (orders 1 to 3) of this one in one elementwise pass.
 
-Per element, with the coefficient row ``coef`` fp32 ``[>= 10] = [a, s, c_x, c_last, c_m, c_m1,
-c_m2, p_xc, p_m, p_m1]`` (computed in float64 by :class:`fastdiff.samplers.UniPCSampler`)::
+Per element, with the coefficient row ``coef`` fp32 ``[>= 12] = [a, s, c_x, c_last, c_m, c_m1,
+c_m2, p_xc, p_m, p_m1, c_m3, p_m2]`` (computed in float64 by
+:class:`fastdiff.samplers.UniPCSampler`)::
 
     m      = x0(x, model_output)                  as sampler_step: prediction type, CFG, clip
-    x_c    = c_x x + c_last last + c_m m + c_m1 m_prev + c_m2 m_prev2     (UniC, corrected x)
-    x_next = p_xc x_c + p_m m + p_m1 m_prev                               (UniP, predictor)
+    x_c    = c_x x + c_last last + c_m m + c_m1 m_prev + c_m2 m_prev2 + c_m3 m_prev3  (UniC)
+    x_next = p_xc x_c + p_m m + p_m1 m_prev + p_m2 m_prev2                           (UniP)
 
-A term whose operand (``last``, ``m_prev``, ``m_prev2``) is None is skipped, not multiplied by
-zero, so a stale buffer holding NaN cannot leak. x_c is kept in fp32 for the predictor (it is
+``m_prev3`` (and the weights c_m3, p_m2) serve solver_order 3 only. A term whose operand
+(``last``, ``m_prev``, ``m_prev2``, ``m_prev3``) is None is skipped, not multiplied by zero, so
+a stale buffer holding NaN cannot leak. x_c is kept in fp32 for the predictor (it is
 also written, in x's dtype, as the next step's ``last``). The x0 derivation is the one of
 :func:`fastdiff.ops.sampler_step.sampler_step` (shared code: ``_torch_x0_eps`` here, the
 ``predict_x0_eps`` of csrc/include/fastdiff/sampler_math.h in the C++ / CUDA kernels).
@@ -48,8 +50,9 @@ from fastdiff.ops.sampler_step import (
 
 __all__ = ["COEF_LEN", "unipc_step"]
 
-#: Length of a UniPC coefficient row: [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1].
-COEF_LEN = 10
+#: Length of a UniPC coefficient row:
+#: [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2].
+COEF_LEN = 12
 _AUTO = "auto"
 _OP = "unipc_step"
 
@@ -57,10 +60,12 @@ _OP = "unipc_step"
 # ----------------------------------------------------------------------------------------------
 # torch reference backend (fp32 math)
 # ----------------------------------------------------------------------------------------------
-def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, guidance_scale,
-                 order):  # fmt: skip
+def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, m_prev3, pred, clip_range,
+                 guidance_scale, order):  # fmt: skip
     coef = coef.float()
-    a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1 = (coef[i] for i in range(COEF_LEN))
+    a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2 = (
+        coef[i] for i in range(COEF_LEN)
+    )
     xf = x.float()
     mo = _torch_guided_output(x, model_output, guidance_scale)
     m, _ = _torch_x0_eps(xf, mo, a, s, pred, clip_range, False, False)
@@ -71,9 +76,13 @@ def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range,
         xc = xc + c_m1 * m_prev.float()
     if m_prev2 is not None:
         xc = xc + c_m2 * m_prev2.float()
+    if m_prev3 is not None:
+        xc = xc + c_m3 * m_prev3.float()
     xn = p_xc * xc + p_m * m
     if m_prev is not None:
         xn = xn + p_m1 * m_prev.float()
+    if m_prev2 is not None:
+        xn = xn + p_m2 * m_prev2.float()
     return (
         _new_out(x, order).copy_(xc),
         _new_out(x, order).copy_(m),
@@ -84,14 +93,18 @@ def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range,
 # ----------------------------------------------------------------------------------------------
 # kernel backends (cpu / cuda / triton)
 # ----------------------------------------------------------------------------------------------
-def _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, g):
+def _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, m_prev3, pred, clip_range,
+                g):  # fmt: skip
     order = _order_of(x)
     xd = _dense(x, order)
     cond, unc, _ = _split_model_output(x, model_output, g, False)
     cond = _dense(cond, order)
     if unc is not None:
         unc = _dense(unc.to(cond.dtype), order)
-    hist = [None if t is None else _dense(t.to(x.dtype), order) for t in (last, m_prev, m_prev2)]
+    hist = [
+        None if t is None else _dense(t.to(x.dtype), order)
+        for t in (last, m_prev, m_prev2, m_prev3)
+    ]
     outs = tuple(_new_out(x, order) for _ in range(3))
     if x.numel() == 0:
         return outs
@@ -114,7 +127,7 @@ def _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, pred, cli
         coef.data_ptr(), *(t.data_ptr() for t in outs), _ext.dtype_code(xd),
         _ext.dtype_code(cond), pred, clip_range is not None,
         float(clip_range) if clip_range is not None else 0.0, g is not None,
-        float(g) if g is not None else 0.0,
+        float(g) if g is not None else 0.0, *op(hist[3]),
     ]  # fmt: skip
     if backend == "cuda":
         with _ext.device_guard(x):
@@ -125,12 +138,18 @@ def _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, pred, cli
 
 
 def _unsupported(x: Tensor) -> dict[str, str]:
-    """Backends that cannot run now: a fastdiff._C built before this kernel existed."""
+    """Backends that cannot run now: a fastdiff._C built before this kernel existed, or before
+    it took the 12-wide row and m_prev3 (order 3; an older kernel would skip p_m2's term)."""
     c = _ext._C
     out = {}
     for b in ("cpu", "cuda"):
         if c is not None and not hasattr(c, f"unipc_step_{b}"):
             out[b] = f"fastdiff._C has no unipc_step_{b} (stale build: run tools/dev_build.sh)"
+        elif c is not None and not getattr(c, "unipc_step_m3", False):
+            out[b] = (
+                f"fastdiff._C's unipc_step_{b} predates the 12-wide row and m_prev3 "
+                "(stale build: run tools/dev_build.sh)"
+            )
     return out
 
 
@@ -151,7 +170,8 @@ def _tensor_key(t: Tensor | None) -> tuple | None:
     return (t.shape, t.stride(), t.dtype, t.is_cpu)
 
 
-def _cached_cpu(x, mo, coef, last, m_prev, m_prev2, opts) -> tuple[tuple | None, tuple | None]:
+def _cached_cpu(x, mo, coef, last, m_prev, m_prev2, m_prev3,
+                opts) -> tuple[tuple | None, tuple | None]:  # fmt: skip
     """``(key, (x_c, m, x_next))`` for a call whose exact combination was validated before and
     resolves to the cpu backend now; ``(key, None)`` when the general path must run, with key
     None when this call cannot be cached (as ``_cached_cpu_step`` of the sampler-step ops: a
@@ -167,7 +187,7 @@ def _cached_cpu(x, mo, coef, last, m_prev, m_prev2, opts) -> tuple[tuple | None,
             or _fwad._current_level >= 0):  # fmt: skip
         return None, None
     try:
-        hist = (_tensor_key(last), _tensor_key(m_prev), _tensor_key(m_prev2))
+        hist = tuple(_tensor_key(t) for t in (last, m_prev, m_prev2, m_prev3))
         key = (_ext._C, x.shape, x.stride(), x.dtype, mo.shape, mo.stride(), mo.dtype, mo.is_cpu,
                coef.shape, coef.stride(), coef.dtype, coef.is_cpu, hist, opts)  # fmt: skip
         ent = _VALIDATED.get(key)
@@ -184,16 +204,18 @@ def _cached_cpu(x, mo, coef, last, m_prev, m_prev2, opts) -> tuple[tuple | None,
         outs = (_new_out(x, order), _new_out(x, order), _new_out(x, order))
     if geo is None:  # empty tensors
         return key, outs
-    n, inner, bs_x, om, bs_m, ou, bs_u, bs_l, bs_1, bs_2 = geo
+    n, inner, bs_x, om, bs_m, ou, bs_u, bs_l, bs_1, bs_2, bs_3 = geo
     mp = mo.data_ptr()
     run(n, inner, x.data_ptr(), bs_x, mp + om, bs_m, 0 if ou is None else mp + ou, bs_u,
         0 if last is None else last.data_ptr(), bs_l, 0 if m_prev is None else m_prev.data_ptr(),
         bs_1, 0 if m_prev2 is None else m_prev2.data_ptr(), bs_2, coef.data_ptr(),
-        outs[0].data_ptr(), outs[1].data_ptr(), outs[2].data_ptr(), *tail)  # fmt: skip
+        outs[0].data_ptr(), outs[1].data_ptr(), outs[2].data_ptr(), *tail,
+        0 if m_prev3 is None else m_prev3.data_ptr(), bs_3)  # fmt: skip
     return key, outs
 
 
-def _remember(key, x, mo, coef, last, m_prev, m_prev2, pred, clip, g, unsupported) -> None:
+def _remember(key, x, mo, coef, last, m_prev, m_prev2, m_prev3, pred, clip, g,
+              unsupported) -> None:  # fmt: skip
     """Cache the validated call with ``key`` that ran on the cpu backend, when the kernel reads
     its operands in place (no copy or cast: every operand dense per sample in x's order, history
     in x's dtype, coef contiguous). The caller guarantees that the verdict only depends on
@@ -203,7 +225,7 @@ def _remember(key, x, mo, coef, last, m_prev, m_prev2, pred, clip, g, unsupporte
         return
     order = _order_of(x)
     cond, unc, _ = _split_model_output(x, mo, g, False)
-    hist = (last, m_prev, m_prev2)
+    hist = (last, m_prev, m_prev2, m_prev3)
     if not all(t is None or _dense(t, order) is t for t in (x, cond, unc, *hist)):
         return
     if any(t is not None and t.dtype != x.dtype for t in hist) or (
@@ -232,11 +254,12 @@ def _remember(key, x, mo, coef, last, m_prev, m_prev2, pred, clip, g, unsupporte
 # ----------------------------------------------------------------------------------------------
 # custom op
 # ----------------------------------------------------------------------------------------------
-def _impl(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip_range, g):
+def _impl(x, model_output, coef, last, m_prev, m_prev2, m_prev3, backend, pred, clip_range, g):
     if backend == "torch":
-        return _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, g,
-                            _order_of(x))  # fmt: skip
-    return _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, pred, clip_range, g)
+        return _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, m_prev3, pred,
+                            clip_range, g, _order_of(x))  # fmt: skip
+    return _run_kernel(backend, x, model_output, coef, last, m_prev, m_prev2, m_prev3, pred,
+                       clip_range, g)  # fmt: skip
 
 
 @torch.library.custom_op("fastdiff::unipc_step", mutates_args=())
@@ -247,6 +270,7 @@ def _unipc_op(
     last: Tensor | None,
     m_prev: Tensor | None,
     m_prev2: Tensor | None,
+    m_prev3: Tensor | None,
     backend: str,
     prediction_type: int,
     clip_range: float | None,
@@ -255,32 +279,32 @@ def _unipc_op(
     if backend == _AUTO:
         backend = _dispatch.resolve(_OP, x.device, _unsupported(x))
         backend = _dispatch.forward_ad_backend(_OP, backend, x, model_output, coef, last, m_prev,
-                                               m_prev2)  # fmt: skip
-    return _impl(x, model_output, coef, last, m_prev, m_prev2, backend, prediction_type,
+                                               m_prev2, m_prev3)  # fmt: skip
+    return _impl(x, model_output, coef, last, m_prev, m_prev2, m_prev3, backend, prediction_type,
                  clip_range, guidance_scale)  # fmt: skip
 
 
 @_unipc_op.register_fake
-def _(x, model_output, coef, last, m_prev, m_prev2, backend, prediction_type, clip_range,
+def _(x, model_output, coef, last, m_prev, m_prev2, m_prev3, backend, prediction_type, clip_range,
       guidance_scale):  # fmt: skip
     order = _order_of(x)
     return _new_out(x, order), _new_out(x, order), _new_out(x, order)
 
 
 def _setup(ctx, inputs, output):
-    x, mo, coef, last, m1, m2, _backend, *opts = inputs
-    ctx.save_for_backward(x, mo, coef, last, m1, m2)
+    x, mo, coef, last, m1, m2, m3, _backend, *opts = inputs
+    ctx.save_for_backward(x, mo, coef, last, m1, m2, m3)
     ctx.opts = opts
 
 
 def _backward(ctx, g_xc, g_m, g_xn):
-    x, mo, coef, last, m1, m2 = ctx.saved_tensors
+    x, mo, coef, last, m1, m2, m3 = ctx.saved_tensors
     pred, clip, g = ctx.opts
 
-    def run(x_, mo_, coef_, last_, m1_, m2_):
-        return _torch_unipc(x_, mo_, coef_, last_, m1_, m2_, pred, clip, g, _order_of(x_))
+    def run(x_, mo_, coef_, last_, m1_, m2_, m3_):
+        return _torch_unipc(x_, mo_, coef_, last_, m1_, m2_, m3_, pred, clip, g, _order_of(x_))
 
-    grads = _grads(ctx, run, (g_xc, g_m, g_xn), (x, mo, coef, last, m1, m2), range(6))
+    grads = _grads(ctx, run, (g_xc, g_m, g_xn), (x, mo, coef, last, m1, m2, m3), range(7))
     return (*grads, None, None, None, None)
 
 
@@ -298,6 +322,7 @@ def unipc_step(
     m_prev: Tensor | None = None,
     m_prev2: Tensor | None = None,
     *,
+    m_prev3: Tensor | None = None,
     prediction_type: str = "epsilon",
     clip_range: float | None = None,
     guidance_scale: float | None = None,
@@ -308,9 +333,10 @@ def unipc_step(
         x: ``[N x ...]`` the sample the model saw (the previous predictor's output), fp32 /
             fp16 / bf16, any layout.
         model_output: x's shape, or ``[2N x ...] = [uncond, cond]`` with ``guidance_scale``.
-        coef: fp32 ``[>= 10]`` on x's device (see the module docstring for the layout).
+        coef: fp32 ``[>= 12]`` on x's device (see the module docstring for the layout).
         last: the previous step's corrected sample x_c (UniC's ``x_{t_{i-1}}``), or None.
         m_prev, m_prev2: the data predictions m_{i-1} and m_{i-2}, or None.
+        m_prev3: m_{i-3} (solver_order 3's corrector), or None; needs m_prev2 and m_prev.
         prediction_type: "epsilon" | "v_prediction" | "sample".
         clip_range: clip m to ``[-r, r]`` (NaN propagates).
         guidance_scale: classifier-free guidance on the raw output halves.
@@ -323,7 +349,7 @@ def unipc_step(
     key = None
     if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no views
         opts = (prediction_type, type(clip_range), clip_range, type(guidance_scale), guidance_scale)
-        key, r = _cached_cpu(x, model_output, coef, last, m_prev, m_prev2, opts)
+        key, r = _cached_cpu(x, model_output, coef, last, m_prev, m_prev2, m_prev3, opts)
         if r is not None:
             return r
     try:
@@ -335,27 +361,36 @@ def unipc_step(
             )
         clip, g = _check_common(x, model_output, coef, prediction_type, clip_range,
                                 guidance_scale, False)  # fmt: skip
-        for name, t in (("last", last), ("m_prev", m_prev), ("m_prev2", m_prev2)):
+        if m_prev3 is not None and (m_prev2 is None or m_prev is None):
+            missing = " and ".join(n for n, t in (("m_prev", m_prev), ("m_prev2", m_prev2))
+                                   if t is None)  # fmt: skip
+            raise ValueError(
+                f"m_prev3 (m_{{i-3}}) needs m_prev and m_prev2, got m_prev3 without {missing}"
+            )
+        for name, t in (("last", last), ("m_prev", m_prev), ("m_prev2", m_prev2),
+                        ("m_prev3", m_prev3)):  # fmt: skip
             if t is not None:
                 _check_like_x(name, t, x)
     except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
         raise type(e)(f"unipc_step: {e}") from None
-    x, model_output, coef, last, m_prev, m_prev2 = _ext.resolve_neg(
-        x, model_output, coef, last, m_prev, m_prev2
+    x, model_output, coef, last, m_prev, m_prev2, m_prev3 = _ext.resolve_neg(
+        x, model_output, coef, last, m_prev, m_prev2, m_prev3
     )
     pred = PREDICTION_TYPES[prediction_type]
-    plain = _plain_eager(x, model_output, coef, last, m_prev, m_prev2)
+    plain = _plain_eager(x, model_output, coef, last, m_prev, m_prev2, m_prev3)
     if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
-        return _unipc_op(x, model_output, coef, last, m_prev, m_prev2, _AUTO, pred, clip, g)
+        return _unipc_op(x, model_output, coef, last, m_prev, m_prev2, m_prev3, _AUTO, pred, clip,
+                         g)  # fmt: skip
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve
     unsupported = _unsupported(x)
     backend = resolve(_OP, x.device, unsupported)
     backend = _dispatch.forward_ad_backend(_OP, backend, x, model_output, coef, last, m_prev,
-                                           m_prev2)  # fmt: skip
+                                           m_prev2, m_prev3)  # fmt: skip
     fn = _impl if plain else _unipc_op
-    out = fn(x, model_output, coef, last, m_prev, m_prev2, backend, pred, clip, g)
+    out = fn(x, model_output, coef, last, m_prev, m_prev2, m_prev3, backend, pred, clip, g)
     if plain and backend == "cpu" and key is not None and _cacheable(clip_range, guidance_scale):
-        _remember(key, x, model_output, coef, last, m_prev, m_prev2, pred, clip, g, unsupported)
+        _remember(key, x, model_output, coef, last, m_prev, m_prev2, m_prev3, pred, clip, g,
+                  unsupported)  # fmt: skip
     return out
 
 

@@ -74,7 +74,9 @@ class UniPCSampler(DPMSolverPPSampler):
 
         x_t = (sigma_t/sigma_s) x_s - alpha_t h phi_1 m_s - alpha_t B(h) sum_k a_k D_k
 
-    For p = 2 diffusers takes a_1 = 1/2 (one earlier point, r_1 = (lambda_{i-1} - lambda_i)/h).
+    For p = 2 diffusers takes a_1 = 1/2 (one earlier point, r_1 = (lambda_{i-1} - lambda_i)/h);
+    for p = 3 (r_2 = (lambda_{i-2} - lambda_i)/h) a solves the leading 2 x 2 block of UniC's
+    system below, [[1, 1], [r_1, r_2]] a = (b_1, b_2).
 
     UniC-p (the paper's UniC, section 3.1: the corrector, applied at the start of the next step
     with the fresh model output m_t at the predicted x_t; ``last`` = the x_s the predictor
@@ -94,27 +96,38 @@ class UniPCSampler(DPMSolverPPSampler):
     step and when i - 1 is in ``disable_corrector``. The last step's x is the predictor's
     (uncorrected).
 
-    Fused form. Everything above is linear in (x_i, last, m_i, m_{i-1}, m_{i-2}) with scalar
-    weights that depend only on the schedule, so step i is one :func:`fastdiff.ops.unipc_step`
-    call with the float64-computed row ``[a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1]``::
+    Fused form. Everything above is linear in (x_i, last, m_i, m_{i-1}, m_{i-2}, m_{i-3}) with
+    scalar weights that depend only on the schedule, so step i is one
+    :func:`fastdiff.ops.unipc_step` call with the float64-computed row
+    ``[a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2]``::
 
         m_i     = x0(x_i, model_output)                                  (a = alpha_i, s = sigma_i)
-        x_c     = c_x x_i + c_last last + c_m m_i + c_m1 m_{i-1} + c_m2 m_{i-2}   (UniC)
-        x_{i+1} = p_xc x_c + p_m m_i + p_m1 m_{i-1}                               (UniP)
+        x_c     = c_x x_i + c_last last + c_m m_i + c_m1 m_{i-1} + c_m2 m_{i-2}
+                  + c_m3 m_{i-3}                                                  (UniC)
+        x_{i+1} = p_xc x_c + p_m m_i + p_m1 m_{i-1} + p_m2 m_{i-2}                (UniP)
 
     Without a corrector c_x = 1 and c_last = c_m = c_m1 = c_m2 = 0. For UniC-1,
     c_last = sigma_i/sigma_{i-1}, c_m = -alpha_i B(h)/2, c_m1 = -alpha_i (h phi_1 - B(h)/2); for
     UniC-2 (rho_1, rho_2 from the 2 x 2 system) c_m = -alpha_i B(h) rho_2,
     c_m2 = -alpha_i B(h) rho_1 / r_1, c_m1 = -alpha_i (h phi_1 - B(h)(rho_1/r_1 + rho_2)). For
     UniP-1, p_xc = sigma_{i+1}/sigma_i, p_m = -alpha_{i+1} h phi_1, p_m1 = 0; for UniP-2,
-    p_m1 = -alpha_{i+1} B(h) / (2 r_1) and p_m = -alpha_{i+1} h phi_1 - p_m1. (The final step
-    to sigma = 0 has h = inf: x_n = m_{n-1}.)
+    p_m1 = -alpha_{i+1} B(h) / (2 r_1) and p_m = -alpha_{i+1} h phi_1 - p_m1. Order 3
+    (``solver_order=3``, the weights c_m3 and p_m2; zero at orders 1 and 2): UniC-3 with
+    (rho_1, rho_2, rho_3) from the 3 x 3 system over r = (r_1, r_2, 1),
+    r_k = (lambda_{i-1-k} - lambda_{i-1})/h, gives c_m = -alpha_i B(h) rho_3,
+    c_m2 = -alpha_i B(h) rho_1 / r_1, c_m3 = -alpha_i B(h) rho_2 / r_2 and
+    c_m1 = -alpha_i h phi_1 - c_m - c_m2 - c_m3; UniP-3 with (a_1, a_2) gives
+    p_m1 = -alpha_{i+1} B(h) a_1 / r_1, p_m2 = -alpha_{i+1} B(h) a_2 / r_2 and
+    p_m = -alpha_{i+1} h phi_1 - p_m1 - p_m2. (The final step to sigma = 0 has h = inf:
+    x_n = m_{n-1}. A sigma grid's last step from sigma_min to sigma_min has h = 0: x_n = x_c,
+    where diffusers' order-3 predictor divides 0 by 0.)
 
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``; the
             ``linspace`` / ``leading`` grids over ``steps + 1`` points as diffusers').
-        solver_order: 2 (diffusers' default: UniP-2 / UniC-2) or 1 (UniP-1 / UniC-1).
+        solver_order: 2 (diffusers' default: UniP-2 / UniC-2), 1 (UniP-1 / UniC-1) or 3
+            (UniP-3 / UniC-3, which diffusers recommends for unconditional sampling).
         solver_type: ``"bh2"`` (B(h) = e^{-h} - 1, default) or ``"bh1"`` (B(h) = -h);
             ``"midpoint"``, ``"heun"`` and ``"logrho"`` mean ``"bh2"``, as in diffusers.
         predict_x0: True (data prediction; the noise-prediction variant is not implemented).
@@ -131,7 +144,7 @@ class UniPCSampler(DPMSolverPPSampler):
     name = "unipc"
     default_spacing = "linspace"
     is_multistep = True
-    coef_width = 10
+    coef_width = 12
 
     def __init__(
         self,
@@ -156,10 +169,9 @@ class UniPCSampler(DPMSolverPPSampler):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
     ) -> None:
-        if isinstance(solver_order, bool) or solver_order not in (1, 2):
+        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(
-                f"solver_order: only 1 and 2 (diffusers' default) are implemented, "
-                f"got {solver_order!r}"
+                f"solver_order: expected 1, 2 (diffusers' default) or 3, got {solver_order!r}"
             )
         if solver_type in BH2_ALIASES:
             solver_type = "bh2"
@@ -242,7 +254,7 @@ class UniPCSampler(DPMSolverPPSampler):
         return super()._ratios()
 
     def _rows(self, ratio: list[float], since: int | None) -> np.ndarray:
-        """float64 ``[steps x 10]``: row i for step i when ``since`` steps of this run precede
+        """float64 ``[steps x 12]``: row i for step i when ``since`` steps of this run precede
         it (None: i of them, a run from step 0)."""
         alpha = [1.0 / math.sqrt(r * r + 1.0) for r in ratio]
         sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]
@@ -254,6 +266,15 @@ class UniPCSampler(DPMSolverPPSampler):
             hh = -h
             hphi1 = math.expm1(hh)  # h phi_1(hh) = e^{hh} - 1
             return hh, hphi1, (hh if bh1 else hphi1)
+
+        def b_vec(hh: float, hphi1: float, bh: float, k: int) -> np.ndarray:
+            """b_j = phi_{j+1}(hh) j! / B(h), j = 1..k (diffusers' recursion, in float64)."""
+            out, hphi_k, fact = [], hphi1 / hh - 1.0, 1.0
+            for j in range(1, k + 1):
+                out.append(hphi_k * fact / bh)
+                fact *= j + 1
+                hphi_k = hphi_k / hh - 1.0 / fact
+            return np.array(out)
 
         rows = np.zeros((n, self.coef_width), dtype=np.float64)
         for i in range(n):
@@ -272,8 +293,15 @@ class UniPCSampler(DPMSolverPPSampler):
                 hh, hphi1, bh = hphi_bh(h)
                 a_t = alpha[i]
                 row[3] = sigma[i] / sigma[i - 1]
+                rho_2, r2 = 0.0, 1.0
                 if p_c == 1:
                     rho_c, rho_1, r1 = 0.5, 0.0, 1.0
+                elif p_c == 3:  # R rho = b, R_jk = r_k^(j-1), r = (r1, r2, 1)
+                    r1 = (lam[i - 2] - lam[i - 1]) / h
+                    r2 = (lam[i - 3] - lam[i - 1]) / h
+                    rk = np.array([r1, r2, 1.0])
+                    rho = np.linalg.solve(np.stack([rk**0, rk, rk**2]), b_vec(hh, hphi1, bh, 3))
+                    rho_1, rho_2, rho_c = (float(v) for v in rho)
                 else:
                     r1 = (lam[i - 2] - lam[i - 1]) / h
                     hphi_k = hphi1 / hh - 1.0  # phi_2 (times 1!)
@@ -284,7 +312,8 @@ class UniPCSampler(DPMSolverPPSampler):
                     rho_c = b1 - rho_1
                 row[4] = -a_t * bh * rho_c
                 row[6] = -a_t * bh * rho_1 / r1
-                row[5] = -a_t * hphi1 - row[4] - row[6]
+                row[10] = -a_t * bh * rho_2 / r2
+                row[5] = -a_t * hphi1 - row[4] - row[6] - row[10]
             else:
                 row[2] = 1.0
             # UniP: from this (corrected) sample to the next noise level
@@ -297,22 +326,31 @@ class UniPCSampler(DPMSolverPPSampler):
             a_t = alpha[i + 1]
             row[7] = sigma[i + 1] / sigma[i]
             row[8] = -a_t * hphi1
-            if p_p == 2:
+            if p_p >= 2:
                 if math.isinf(h):
                     raise ValueError(
                         "lower_order_final: False with final_sigmas_type='zero' makes the last "
-                        "UniP-2 step divide by the infinite log-SNR step (diffusers returns inf / "
-                        "NaN there); use lower_order_final=True or final_sigmas_type='sigma_min'"
+                        f"UniP-{p_p} step divide by the infinite log-SNR step (diffusers returns "
+                        "inf / NaN there); use lower_order_final=True or "
+                        "final_sigmas_type='sigma_min'"
                     )
                 r1 = (lam[i - 1] - lam[i]) / h
-                row[9] = -a_t * bh * 0.5 / r1
-                row[8] -= row[9]
+                if p_p == 2:
+                    row[9] = -a_t * bh * 0.5 / r1
+                else:  # UniP-3: rho from the leading 2 x 2 block of R rho = b
+                    r2 = (lam[i - 2] - lam[i]) / h
+                    r_mat = np.array([[1.0, 1.0], [r1, r2]])
+                    rho = np.linalg.solve(r_mat, b_vec(hh, hphi1, bh, 2))
+                    row[9] = -a_t * bh * float(rho[0]) / r1
+                    row[11] = -a_t * bh * float(rho[1]) / r2
+                row[8] -= row[9] + row[11]
         return rows
 
     def coefficients(self) -> np.ndarray:
         ratio = self._ratios()
-        self._first64 = self._rows(ratio, 0)  # a run's first step (no history)
-        self._second64 = self._rows(ratio, 1)  # a run's second step (a UniC-1 corrector)
+        # the rows of a run's first solver_order steps (0, 1, 2 steps of history): a run that
+        # starts at i > 0 warms up as diffusers' lower_order_nums; later rows are the table's
+        self._since64 = [self._rows(ratio, k) for k in range(self.solver_order)]
         self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
         return self._rows(ratio, None)
 
@@ -320,11 +358,10 @@ class UniPCSampler(DPMSolverPPSampler):
         return False
 
     def _variant(self, since: int, device: torch.device) -> Tensor:
-        """The table of rows for a run that started ``since`` (0 or 1) steps before."""
+        """The table of rows for a run that started ``since`` (< solver_order) steps before."""
         tab = self._variant_tables.get((since, device))
         if tab is None:
-            rows = self._first64 if since == 0 else self._second64
-            tab = torch.from_numpy(rows).float().to(device)
+            tab = torch.from_numpy(self._since64[since]).float().to(device)
             self._variant_tables[(since, device)] = tab
         return tab
 
@@ -343,6 +380,7 @@ class UniPCSampler(DPMSolverPPSampler):
         self._last: Tensor | None = None
         self._m1: Tensor | None = None
         self._m2: Tensor | None = None
+        self._m3: Tensor | None = None
         self._prev_i = -1  # the step whose outputs the history holds
         self._start = 0  # the first step of the current run
 
@@ -356,18 +394,21 @@ class UniPCSampler(DPMSolverPPSampler):
         last: Tensor | None,
         m_prev: Tensor | None,
         m_prev2: Tensor | None,
+        m_prev3: Tensor | None = None,
         *,
         guidance_scale: float | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One fused UniPC call with the caller's history and coefficient row (CUDA graphs):
-        returns ``(x_c, m_i, x_{i+1})``; the sampler's own history is left alone."""
+        returns ``(x_c, m_i, x_{i+1})``; the sampler's own history is left alone. ``m_prev3``
+        (m_{i-3}) is read by order 3's corrector only."""
         self._check_step_args(model_output, i, x, None, guidance_scale)
         ops = _unipc_ops()
         if self.thresholding:
             mo = _combine_cfg(model_output, guidance_scale)
             x0, _ = _x0_eps(x, mo, coef[0], coef[1], self.prediction_type)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            return ops.unipc_step(x, x0, coef, last, m_prev, m_prev2, prediction_type="sample")
+            return ops.unipc_step(x, x0, coef, last, m_prev, m_prev2, m_prev3=m_prev3,
+                                  prediction_type="sample")  # fmt: skip
         return ops.unipc_step(
             x,
             model_output,
@@ -375,6 +416,7 @@ class UniPCSampler(DPMSolverPPSampler):
             last,
             m_prev,
             m_prev2,
+            m_prev3=m_prev3,
             prediction_type=self.prediction_type,
             clip_range=self.clip_sample_range if self.clip_sample else None,
             guidance_scale=guidance_scale,
@@ -408,15 +450,21 @@ class UniPCSampler(DPMSolverPPSampler):
         valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
                  and m1.device == x.device)  # fmt: skip
         if not valid:
-            self._start, self._m2 = i, None
+            self._start, self._m2, self._m3 = i, None, None
         since = i - self._start
-        table = self.coef_table(x.device) if since >= 2 else self._variant(since, x.device)
-        rows = self._coef64 if since >= 2 else (self._first64 if since == 0 else self._second64)
-        r = rows[i]
+        full = since >= self.solver_order  # past the warm-up: the run-from-0 table's rows
+        table = self.coef_table(x.device) if full else self._variant(since, x.device)
+        r = (self._coef64 if full else self._since64[since])[i]
+        # an operand is passed only when a weight reads it (m_prev3 needs m_prev2 needs m_prev)
+        need3 = valid and r[10] != 0.0
+        need2 = need3 or (valid and (r[6] != 0.0 or r[11] != 0.0))
         last = self._last if valid and r[3] != 0.0 else None
-        m_prev = m1 if valid and (r[5] != 0.0 or r[9] != 0.0) else None
-        m_prev2 = self._m2 if valid and r[6] != 0.0 else None
+        m_prev = m1 if need2 or (valid and (r[5] != 0.0 or r[9] != 0.0)) else None
+        m_prev2 = self._m2 if need2 else None
+        m_prev3 = self._m3 if need3 else None
         x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m_prev,
-                                                m_prev2, guidance_scale=guidance_scale)  # fmt: skip
+                                                m_prev2, m_prev3,
+                                                guidance_scale=guidance_scale)  # fmt: skip
+        self._m3 = self._m2 if valid else None
         self._last, self._m2, self._m1, self._prev_i = x_c, m1 if valid else None, m, i
         return (x_next, m) if return_x0 else x_next

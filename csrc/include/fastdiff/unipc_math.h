@@ -9,8 +9,9 @@
 
 namespace fastdiff {
 
-// coef: [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1]
-constexpr int kUniPCCoefLen = 10;
+// coef: [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2] (the last two: order 3's
+// corrector weight of m_{i-3} and predictor weight of m_{i-2})
+constexpr int kUniPCCoefLen = 12;
 
 // The kernel ABI: every operand a base address plus a per-sample stride in elements, each
 // sample's `inner` elements dense in x's memory order; outputs dense (batch stride = inner).
@@ -18,31 +19,34 @@ constexpr int kUniPCCoefLen = 10;
 // skipped, not multiplied by zero.
 struct UniPCArgs {
   int64_t n = 0, inner = 0;
-  uintptr_t x = 0, m = 0, mu = 0, last = 0, m1 = 0, m2 = 0;
-  int64_t bs_x = 0, bs_m = 0, bs_mu = 0, bs_last = 0, bs_m1 = 0, bs_m2 = 0;
-  uintptr_t coef = 0;                 // fp32[10]
+  uintptr_t x = 0, m = 0, mu = 0, last = 0, m1 = 0, m2 = 0, m3 = 0;
+  int64_t bs_x = 0, bs_m = 0, bs_mu = 0, bs_last = 0, bs_m1 = 0, bs_m2 = 0, bs_m3 = 0;
+  uintptr_t coef = 0;                 // fp32[12]
   uintptr_t xc = 0, x0 = 0, xn = 0;   // outputs, dtype_x
-  int dtype_x = 0;                    // x, last, m1, m2 and the outputs
+  int dtype_x = 0;                    // x, last, m1, m2, m3 and the outputs
   int dtype_m = 0;                    // m, mu
   int pred = 0, clip = 0, cfg = 0;
   float clip_r = 0.0f, g = 0.0f;
 };
 
-// One element: m = x0(x, model output); x_c = c_x x + c_last last + c_m m + c_m1 m1 + c_m2 m2;
-// x_next = p_xc x_c + p_m m + p_m1 m1 (absent operands' terms skipped).
+// One element: m = x0(x, model output);
+// x_c = c_x x + c_last last + c_m m + c_m1 m1 + c_m2 m2 + c_m3 m3;
+// x_next = p_xc x_c + p_m m + p_m1 m1 + p_m2 m2 (absent operands' terms skipped).
 template <int PRED>
 FD_HD_INLINE void unipc_element(const float* c, float x, float mo, int clip, float clip_r, int has_last,
                                 float last, int has_m1, float m1, int has_m2, float m2,
-                                float& xc, float& m, float& xn) {
+                                int has_m3, float m3, float& xc, float& m, float& xn) {
   float eps;
   predict_x0_eps<PRED>(x, mo, c[0], c[1], clip, clip_r, 0, false, m, eps);
   float v = c[2] * x + c[4] * m;
   if (has_last) v += c[3] * last;
   if (has_m1) v += c[5] * m1;
   if (has_m2) v += c[6] * m2;
+  if (has_m3) v += c[10] * m3;
   xc = v;
   float w = c[7] * v + c[8] * m;
   if (has_m1) w += c[9] * m1;
+  if (has_m2) w += c[11] * m2;
   xn = w;
 }
 

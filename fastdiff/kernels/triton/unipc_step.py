@@ -3,8 +3,9 @@
 One program walks (sample, tile) pairs with a grid-stride loop (grid capped), int64 offsets.
 Operands are base pointers plus per-sample strides, each sample's block dense in x's memory
 order; outputs are dense. Per element (fp32): m = x0(x, model output) as the sampler_step kernel
-derives it, x_c = c_x x + c_last last + c_m m + c_m1 m1 + c_m2 m2, x_next = p_xc x_c + p_m m +
-p_m1 m1, absent operands' terms skipped.
+derives it, x_c = c_x x + c_last last + c_m m + c_m1 m1 + c_m2 m2 + c_m3 m3, x_next = p_xc x_c +
+p_m m + p_m1 m1 + p_m2 m2, absent operands' terms skipped (HAS_M3 false: order 1 / 2, the m3
+load and term are not generated).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def _unipc_step_kernel(
     LAST,  # [N x inner] previous corrected sample (HAS_LAST only)
     M1,  # [N x inner] m_{i-1} (HAS_M1 only)
     M2,  # [N x inner] m_{i-2} (HAS_M2 only)
-    COEF,  # fp32 [10] [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1]
+    M3,  # [N x inner] m_{i-3} (HAS_M3 only: order 3's corrector)
+    COEF,  # fp32 [12] [a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2]
     XC,  # [N x inner] x_c output, dense
     X0,  # [N x inner] m output, dense
     XN,  # [N x inner] x_next output, dense
@@ -36,6 +38,7 @@ def _unipc_step_kernel(
     bs_last,
     bs_m1,
     bs_m2,
+    bs_m3,
     inner,  # elements per sample
     tiles_per_sample,  # cdiv(inner, BLOCK)
     total_tiles,  # N * tiles_per_sample
@@ -47,6 +50,7 @@ def _unipc_step_kernel(
     HAS_LAST: tl.constexpr,
     HAS_M1: tl.constexpr,
     HAS_M2: tl.constexpr,
+    HAS_M3: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -90,10 +94,17 @@ def _unipc_step_kernel(
             m1 = tl.load(M1 + n * bs_m1 + offs, mask=mask, other=0.0).to(tl.float32)
             xc = xc + c_m1 * m1
         if HAS_M2:
-            xc = xc + c_m2 * tl.load(M2 + n * bs_m2 + offs, mask=mask, other=0.0).to(tl.float32)
+            m2 = tl.load(M2 + n * bs_m2 + offs, mask=mask, other=0.0).to(tl.float32)
+            xc = xc + c_m2 * m2
+        if HAS_M3:
+            c_m3 = tl.load(COEF + 10)
+            xc = xc + c_m3 * tl.load(M3 + n * bs_m3 + offs, mask=mask, other=0.0).to(tl.float32)
         xn = p_xc * xc + p_m * m
         if HAS_M1:
             xn = xn + p_m1 * m1
+        if HAS_M2:
+            p_m2 = tl.load(COEF + 11)
+            xn = xn + p_m2 * m2
         tl.store(XC + n * inner + offs, xc.to(XC.dtype.element_ty), mask=mask)
         tl.store(X0 + n * inner + offs, m.to(X0.dtype.element_ty), mask=mask)
         tl.store(XN + n * inner + offs, xn.to(XN.dtype.element_ty), mask=mask)
@@ -106,6 +117,7 @@ def unipc_step_forward(
     last: Tensor | None,
     m1: Tensor | None,
     m2: Tensor | None,
+    m3: Tensor | None,
     coef: Tensor,
     xc: Tensor,
     x0: Tensor,
@@ -135,9 +147,10 @@ def unipc_step_forward(
     grid = (max(1, min(total, cap)),)
     _unipc_step_kernel[grid](
         x, m, mu if mu is not None else m, last if last is not None else x,
-        m1 if m1 is not None else x, m2 if m2 is not None else x, coef, xc, x0, xn,
-        bs(x), bs(m), bs(mu), bs(last), bs(m1), bs(m2), inner, tiles, total,
+        m1 if m1 is not None else x, m2 if m2 is not None else x, m3 if m3 is not None else x,
+        coef, xc, x0, xn, bs(x), bs(m), bs(mu), bs(last), bs(m1), bs(m2), bs(m3), inner, tiles,
+        total,
         float(clip_r) if clip_r is not None else 0.0, float(g) if g is not None else 0.0,
         PRED=pred, CLIP=clip_r is not None, CFG=g is not None, HAS_LAST=last is not None,
-        HAS_M1=m1 is not None, HAS_M2=m2 is not None, BLOCK=block,
+        HAS_M1=m1 is not None, HAS_M2=m2 is not None, HAS_M3=m3 is not None, BLOCK=block,
     )  # fmt: skip
