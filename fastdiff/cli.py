@@ -227,8 +227,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
             raise CLIError(f"--sde: for --sampler dpm++, got --sampler {a.sampler}")
         opts["algorithm_type"] = "sde-dpmsolver++"
     if a.solver_order is not None:
-        if a.sampler != "dpm++":
-            raise CLIError(f"--solver-order: for --sampler dpm++, got --sampler {a.sampler}")
+        if a.sampler not in ("dpm++", "unipc"):
+            raise CLIError(
+                f"--solver-order: for --sampler dpm++ or unipc, got --sampler {a.sampler}"
+            )
         opts["solver_order"] = a.solver_order
     with _backend_ctx(a.backend), torch.no_grad():
         x = fastdiff.sample(
@@ -508,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'
     s.add_argument("--sde", action="store_true", help=sde)
     s.add_argument("--solver-order", type=int, choices=(1, 2, 3), default=None,
-                   help='dpm++ only: 3 is "DPM++ 3M" (default 2: "DPM++ 2M")')  # fmt: skip
+                   help='dpm++ (3 is "DPM++ 3M", default 2) or unipc (default 2; 3 is '
+                        "diffusers' choice for unconditional sampling)")  # fmt: skip
     s.add_argument("--seed", type=_seed, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
