@@ -198,9 +198,7 @@ def test_unipc3_from_a_diffusers_scheduler_and_sample():
 
 # ---------------------------------------------------------------------------------- the op
 def _row(steps=10, i=5) -> torch.Tensor:
-    row = UniPCSampler(NoiseSchedule("linear"), steps, solver_order=3).coef_table("cpu")[i]
-    assert row[10] != 0 and row[11] != 0
-    return row.clone()
+    return UniPCSampler(NoiseSchedule("linear"), steps, solver_order=3).coef_table("cpu")[i].clone()
 
 
 def _ref64(x, mo, coef, hist, pred, clip, g):
@@ -292,6 +290,7 @@ def test_unipc3_op_vs_float64_reference(case, dtype, shape, layout, pred, clip, 
     x, mo, hist = _inputs(shape, dtype, dev, layout, g, cfg)
     hist = hist[:nhist] + [None] * (4 - nhist)
     coef = _row().to(dev)
+    assert coef[10] != 0 and coef[11] != 0
     gs = 2.5 if cfg else None
     with fastdiff.use_backend(backend, op="unipc_step"):
         got = unipc_step(x, mo, coef, *hist[:3], m_prev3=hist[3], prediction_type=pred,
@@ -513,3 +512,35 @@ def test_unipc3_cli(tmp_path):
         assert main([*args, "--out", str(out)]) == 0
         assert out.stat().st_size > 0
     assert outs[0].read_bytes() != outs[1].read_bytes()
+
+
+def test_unipc3_an_extension_without_m_prev3_is_a_stale_build(monkeypatch):
+    """A fastdiff._C whose unipc kernels predate the 12-wide row (no ``unipc_step_m3``) would
+    skip p_m2's term: an explicit cpu request names the stale build, auto runs the torch
+    backend (the right answer)."""
+    from fastdiff import _ext
+
+    real = _ext._C
+    if real is None:
+        pytest.skip("no fastdiff._C")
+
+    class Stale:
+        def __getattr__(self, name):
+            if name == "unipc_step_m3":
+                raise AttributeError(name)
+            return getattr(real, name)
+
+    g = torch.Generator().manual_seed(18)
+    x, mo, (last, m1, m2, _) = _inputs((2, 3, 4, 4), torch.float32, "cpu", "contiguous", g)
+    coef = _row(i=2)  # UniP-3 after two steps: p_m2 != 0, no m_prev3 yet
+    assert coef[11] != 0 and coef[10] == 0
+    with fastdiff.use_backend("torch", op="unipc_step"):
+        want = unipc_step(x, mo, coef, last, m1, m2)
+    monkeypatch.setattr(_ext, "_C", Stale())
+    with (
+        pytest.raises(RuntimeError, match="stale build"),
+        fastdiff.use_backend("cpu", op="unipc_step"),
+    ):
+        unipc_step(x, mo, coef, last, m1, m2)
+    for u, v in zip(unipc_step(x, mo, coef, last, m1, m2), want, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
