@@ -560,3 +560,38 @@ def test_unipc3_digits_samples_are_recognised():
     acc = _accuracy(load_pretrained("digits"), digits_classifier.fit(), "unipc", 10, 60, 2.0,
                     solver_order=3)  # fmt: skip
     assert acc >= 0.90, acc
+
+
+class _TinyNet(torch.nn.Module):
+    """A small model of x and t (weak-referenceable, with parameters: a graph-cache key)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return torch.tanh(self.conv(x)) + t[:, None, None, None].float() / 2000.0
+
+
+@torch.no_grad()
+def test_unipc3_graphed_loop_equals_eager_and_is_not_order_2s_graph(fake_cuda_graphs, monkeypatch):
+    """The CUDA-graph loop (fake graphs on CPU): an order-3 run equals the eager one, twice; a
+    graph captured for order 2 on the same model and shape is not reused for order 3 (the
+    sampler's config carries solver_order: the fourth static buffer)."""
+    from fastdiff import api
+
+    torch.manual_seed(0)
+    net = _TinyNet().eval()
+    eager_loop = api._sample_eager
+    x_t = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+
+    def run(graphed, order):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        return fastdiff.sample(net, steps=7, sampler="unipc", solver_order=order, noise=x_t)
+
+    two = run(True, 2)
+    for _ in range(2):
+        torch.testing.assert_close(run(True, 3), run(False, 3), rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2
+    assert [len(g.hist) for g in fake_cuda_graphs] == [3, 4]
+    assert _rel(run(False, 3), two) > 1e-4

@@ -369,6 +369,8 @@ class UniPCSampler(DPMSolverPPSampler):
         return {
             "cls": type(self).__name__,
             "prediction_type": self.prediction_type,
+            # order 3 reads m_{i-3} (a CUDA graph's fourth static history buffer)
+            "solver_order": self.solver_order,
             "clip": self.clip_sample,
             "clip_range": self.clip_sample_range,
             "thresholding": self.thresholding,
