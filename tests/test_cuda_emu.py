@@ -456,3 +456,50 @@ def test_attn_several_query_tiles_and_heads(emu, nan_empty):  # noqa: F811
     out.copy_(t_attn._run("cuda", q, k, v))
     ref = t_attn.attention_reference(q.double(), k.double(), v.double(), 80**-0.5)
     assert_fa_rule(out, ref, t_attn._eager(q, k, v, 80**-0.5), k=2.0, atol=1e-4, name="tiles")
+
+
+# ------------------------------------------------ UniPC order 3 (m_prev3) on the cuda kernel
+@pytest.mark.parametrize("shape", [(3, 3, 70, 70), (2, 5, 33, 31)], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_unipc3_grid_stride_matches_cpu(emu, shape, layout):
+    """The order-3 instantiation of the unipc kernel past one grid (FD_EMU_SMS=1) equals the cpu
+    backend's and the float64 reference (imported here: test_unipc3 imports this module)."""
+    from test_unipc3 import _eager, _ref64, _row
+
+    from fastdiff.ops.unipc_step import unipc_step
+
+    x, mo, last, m1, m2, m3 = (torch.randn(shape) for _ in range(6))
+    if layout == "cl":
+        x, mo, last, m1, m2, m3 = (
+            t.to(memory_format=torch.channels_last) for t in (x, mo, last, m1, m2, m3)
+        )
+    coef = _row()
+    outs = {}
+    for backend in ("cuda", "cpu"):
+        with fastdiff.use_backend(backend, "unipc_step"):
+            outs[backend] = unipc_step(x, mo, coef, last, m1, m2, m_prev3=m3)
+    tol = 2 * torch.finfo(torch.float32).eps
+    refs = _ref64(x, mo, coef, [last, m1, m2, m3], "epsilon", None, None)
+    eags = _eager(x, mo, coef, [last, m1, m2, m3], "epsilon", None, None)
+    for k, name in enumerate(("x_c", "m", "x_next")):
+        torch.testing.assert_close(outs["cuda"][k], outs["cpu"][k], rtol=tol, atol=1e-5)
+        assert_fa_rule(outs["cuda"][k], refs[k], eags[k], atol=1e-6, name=name)
+
+
+def test_raw_unipc_binding_refuses_m3_without_m2_and_m1(emu):
+    """The C++ boundary (cpu and cuda entry points): m3 without m2 or m1 is a ValueError and
+    nothing is written."""
+    from test_unipc3 import _row
+
+    x, mo, h = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
+    coef = _row()
+    for name in ("unipc_step_cpu", "unipc_step_cuda"):
+        outs = [poison_(torch.empty(2, 3)) for _ in range(3)]
+        fn = getattr(emu, name)
+        tail = (0,) if name.endswith("cuda") else ()  # the stream
+        for m1, m2 in ((h.data_ptr(), 0), (0, h.data_ptr())):
+            with pytest.raises(ValueError, match="m_prev3 needs m_prev2 and m_prev"):
+                fn(2, 3, x.data_ptr(), 3, mo.data_ptr(), 3, 0, 0, 0, 0, m1, 3, m2, 3,
+                   coef.data_ptr(), *(o.data_ptr() for o in outs), 0, 0, 0, False, 0.0, False,
+                   0.0, h.data_ptr(), 3, *tail)  # fmt: skip
+        assert all(torch.isnan(o).all() for o in outs)
