@@ -156,3 +156,39 @@ def test_tensor_cond_is_class_labels_for_a_model_taking_both_kwargs():
     assert all(e is None for _, e in seen)
     assert torch.equal(seen[0][0], labels)
     assert torch.equal(seen[-1][0], torch.cat([null, labels]))
+
+
+def test_guidance_repeats_only_batched_model_kwargs():
+    """Under guidance the model's batch is 2N: a model_kwargs tensor with batch N is repeated
+    for both halves, one whose first dim is not N (a lookup table, a mask over tokens) is
+    passed as given (mutant c11: every tensor kwarg doubled)."""
+    seen = []
+
+    def model(x, t, class_labels=None, per_sample=None, table=None):
+        seen.append((x.shape[0], per_sample, table))
+        return 0.1 * x
+
+    per_sample, table = torch.tensor([5.0, 7.0]), torch.randn(3, 4)
+    fastdiff.sample(model, steps=2, shape=(3, 4, 4), batch_size=2, cond=torch.tensor([1, 2]),
+                    uncond=torch.tensor([0, 0]), guidance_scale=3.0,
+                    model_kwargs={"per_sample": per_sample, "table": table})  # fmt: skip
+    for rows, p, tab in seen:
+        assert rows == 4
+        assert torch.equal(p, torch.cat([per_sample, per_sample]))
+        assert torch.equal(tab, table)
+
+
+def test_a_model_returning_a_tuple_is_read_from_its_first_element():
+    """A model returning a tuple (diffusers' return_dict=False, or (prediction, aux)) gives its
+    prediction as the first element; an extra element is not the prediction (mutant c9: the
+    last element taken, indistinguishable for diffusers' 1-tuples)."""
+
+    def plain(x, t):
+        return 0.2 * x + 0.001 * t.float().view(-1, 1, 1, 1)
+
+    def with_aux(x, t):
+        return plain(x, t), torch.full_like(x, 100.0)
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    want = fastdiff.sample(plain, steps=3, noise=x_T)
+    torch.testing.assert_close(fastdiff.sample(with_aux, steps=3, noise=x_T), want)
