@@ -192,3 +192,15 @@ def test_a_model_returning_a_tuple_is_read_from_its_first_element():
     x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     want = fastdiff.sample(plain, steps=3, noise=x_T)
     torch.testing.assert_close(fastdiff.sample(with_aux, steps=3, noise=x_T), want)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_attention_refuses_a_non_finite_scale(scale):
+    """A NaN / inf softmax scale is a ValueError naming scale, raised before any backend runs
+    (mutant a3: the finiteness check removed; every output would be NaN)."""
+    from fastdiff.ops.attention import attention
+
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        attention(q, q, q, scale=scale)
+    assert torch.isfinite(attention(q, q, q, scale=0.5)).all()
