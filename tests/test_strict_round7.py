@@ -204,3 +204,15 @@ def test_attention_refuses_a_non_finite_scale(scale):
     with pytest.raises(ValueError, match="scale must be finite"):
         attention(q, q, q, scale=scale)
     assert torch.isfinite(attention(q, q, q, scale=0.5)).all()
+
+
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_attention_refuses_k_or_v_in_another_dtype(which):
+    """q, k and v share one dtype: k or v alone in another is a TypeError naming all three
+    dtypes (mutant a4: only k compared with q)."""
+    from fastdiff.ops.attention import attention
+
+    q = torch.randn(1, 2, 5, 16)
+    args = {"k": q, "v": q, which: q.to(torch.bfloat16)}
+    with pytest.raises(TypeError, match="must share a dtype"):
+        attention(q, args["k"], args["v"])
