@@ -216,3 +216,20 @@ def test_attention_refuses_k_or_v_in_another_dtype(which):
     args = {"k": q, "v": q, which: q.to(torch.bfloat16)}
     with pytest.raises(TypeError, match="must share a dtype"):
         attention(q, args["k"], args["v"])
+
+
+@pytest.mark.parametrize("name", ["add", "scale", "shift"])
+def test_group_norm_silu_refuses_conditioning_of_higher_rank_than_x(name):
+    """add / scale / shift are [N, C] with optional trailing singleton dims, but never of
+    higher rank than x: eager ``x + add`` with add [N, C, 1, 1, 1] and x [N, C, H, W] does not
+    broadcast (it aligns N against C), and the fused op must not silently accept it as [N, C]
+    (mutant g1: the rank bound removed)."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    x = torch.randn(2, 4, 3, 3)
+    t = torch.randn(2, 4, 1, 1, 1)
+    with pytest.raises(RuntimeError):  # eager torch
+        x + t
+    with pytest.raises(ValueError, match=f"expected {name} of shape"):
+        group_norm_silu(x, 2, **{name: t})
+    group_norm_silu(x, 2, **{name: t[..., 0]})  # [N, C, 1, 1] is fine
