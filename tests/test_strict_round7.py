@@ -233,3 +233,13 @@ def test_group_norm_silu_refuses_conditioning_of_higher_rank_than_x(name):
     with pytest.raises(ValueError, match=f"expected {name} of shape"):
         group_norm_silu(x, 2, **{name: t})
     group_norm_silu(x, 2, **{name: t[..., 0]})  # [N, C, 1, 1] is fine
+
+
+@pytest.mark.parametrize("eps", [float("nan"), -1e-6])
+def test_group_norm_silu_refuses_a_nan_or_negative_eps(eps):
+    """eps must be a non-negative float: NaN (which ``eps < 0`` lets through and which makes
+    every output NaN) is a ValueError naming eps, as a negative eps is (mutant g2)."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    with pytest.raises(ValueError, match="eps must be a non-negative float"):
+        group_norm_silu(torch.randn(2, 4, 3, 3), 2, eps=eps)
