@@ -243,3 +243,15 @@ def test_group_norm_silu_refuses_a_nan_or_negative_eps(eps):
 
     with pytest.raises(ValueError, match="eps must be a non-negative float"):
         group_norm_silu(torch.randn(2, 4, 3, 3), 2, eps=eps)
+
+
+@pytest.mark.parametrize("name", ["add", "scale", "shift"])
+def test_group_norm_silu_refuses_per_pixel_conditioning(name):
+    """add / scale / shift are per (sample, channel): a full [N, C, H, W] tensor is a ValueError
+    naming it and its expected shape, not reshape's RuntimeError (mutant g5: the trailing dims
+    no longer required to be 1)."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=rf"expected {name} of shape \[N, C\] = \[2, 4\]"):
+        group_norm_silu(x, 2, **{name: torch.randn(2, 4, 3, 3)})
