@@ -255,3 +255,21 @@ def test_group_norm_silu_refuses_per_pixel_conditioning(name):
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match=rf"expected {name} of shape \[N, C\] = \[2, 4\]"):
         group_norm_silu(x, 2, **{name: torch.randn(2, 4, 3, 3)})
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "ddpm"])
+def test_sample_refuses_a_generator_list_of_the_wrong_length_up_front(sampler):
+    """With x_T given, a deterministic sampler never draws from the generators: a list with
+    one generator for a batch of 2 must still be refused, before the first model call (mutant
+    p5: the up-front length check removed; DDIM / Euler then ignored the list silently)."""
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return 0.1 * x
+
+    x_T = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"generator: .*one per sample \(batch 2\)"):
+        fastdiff.sample(model, steps=3, sampler=sampler, noise=x_T,
+                        generator=[torch.Generator().manual_seed(0)])  # fmt: skip
+    assert not calls
