@@ -273,3 +273,25 @@ def test_sample_refuses_a_generator_list_of_the_wrong_length_up_front(sampler):
         fastdiff.sample(model, steps=3, sampler=sampler, noise=x_T,
                         generator=[torch.Generator().manual_seed(0)])  # fmt: skip
     assert not calls
+
+
+def test_attention_refuses_empty_keys():
+    """Lk = 0 (no keys to attend to) is a ValueError like any other empty dimension, not an
+    empty softmax (mutant a5: k's length left out of the >= 1 check)."""
+    from fastdiff.ops.attention import attention
+
+    q = torch.randn(1, 2, 5, 16)
+    kv = torch.randn(1, 2, 0, 16)
+    with pytest.raises(ValueError, match="every dimension must be >= 1"):
+        attention(q, kv, kv)
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+@pytest.mark.parametrize("shape", [(4, 1), (4, 2)])
+def test_group_norm_silu_refuses_a_non_vector_weight_or_bias(name, shape):
+    """weight / bias are [C] vectors as in F.group_norm: a [C, 1] or [C, 2] tensor (whose
+    first dim is C) is a ValueError naming it (mutant g3: only the first dim compared)."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    with pytest.raises(ValueError, match=f"Expected {name} to be a vector"):
+        group_norm_silu(torch.randn(2, 4, 3, 3), 2, **{name: torch.randn(shape)})
