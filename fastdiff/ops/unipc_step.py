@@ -37,16 +37,13 @@ from fastdiff.ops._sampler_step_kernels import (
     _order_of,
     _split_model_output,
 )
-from fastdiff.ops.sampler_step import (
+from fastdiff.ops._step_checks import (
     PREDICTION_TYPES,
-    _cacheable,
     _check_common,
     _check_like_x,
-    _grads,
     _plain_eager,
-    _torch_guided_output,
-    _torch_x0_eps,
 )
+from fastdiff.ops.sampler_step import _cacheable, _grads, _torch_guided_output, _torch_x0_eps
 
 __all__ = ["COEF_LEN", "unipc_step"]
 
