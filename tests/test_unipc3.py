@@ -5,6 +5,8 @@ CUDA-graph step body on CPU and the CLI."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import DIFFUSERS_BETAS, PARITY_SHAPE, assert_fa_rule, backend_cases, case_id, poison_
@@ -251,7 +253,9 @@ EMU = ("cpu", "cuda")
 def test_unipc3_kernel_backends_are_not_filtered_out():
     """The op cases include the kernels built here (a stale build would drop them silently)."""
     names = {b for _, b in OP_CASES}
-    assert {"torch", "triton"} <= names
+    assert "torch" in names
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        assert "triton" in names  # (CI's baseline-CPU stage runs without the interpreter)
     if fastdiff._ext._C is not None:
         assert "cpu" in names and fastdiff._ext._C.unipc_step_m3
 
