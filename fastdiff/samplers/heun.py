@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from fastdiff.samplers.base import _ops
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.schedules import NoiseSchedule
 
-__all__ = ["HeunSampler"]
+__all__ = ["HeunSampler", "stage2_history"]
 
 _UNSET = object()
 
@@ -180,36 +181,8 @@ class HeunSampler(EulerSampler):
         sample, or ``(sample, x0)`` with ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        external = x0_prev is not _UNSET
-        if coef is not None and not external:
-            # the row, not i, then decides the stage: a correction row without the history
-            # would silently drop its c_prev term
-            raise ValueError(
-                "coef: a HeunSampler step with an explicit coefficient row needs x0_prev too "
-                "(the previous call's x0 prediction; any finite tensor for an Euler-stage row)"
-            )
-        if external and x0_prev is None and coef is None and self.is_correction(i):
-            raise ValueError(
-                f"x0_prev: model call {i} is the Heun correction of call {i - 1} and needs "
-                f"that call's x0 prediction, got None"
-            )
-        if not external:
-            x0_prev = None
-            if self.is_correction(i):
-                prev = self._x0_prev
-                if (
-                    prev is None
-                    or self._prev_i != i - 1
-                    or prev.shape != x.shape
-                    or prev.device != x.device
-                ):
-                    raise ValueError(
-                        f"i: model call {i} is the Heun correction of call {i - 1}, whose x0 "
-                        "prediction this sampler did not keep (for this x); run call "
-                        f"{i - 1} first (start a run at an even call, as diffusers' "
-                        "timesteps[2 k:]) or pass x0_prev"
-                    )
-                x0_prev = prev
+        x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the Heun correction",
+                                           "an Euler-stage")  # fmt: skip
         if coef is None:
             coef = self.coef_table(x.device)[i]
         x_next, x0 = _ops().dpm_solver_2m_step(
@@ -224,3 +197,47 @@ class HeunSampler(EulerSampler):
         if not external:
             self._x0_prev, self._prev_i = x0, i
         return (x_next, x0) if return_x0 else x_next
+
+
+def stage2_history(
+    smp: HeunSampler | Any,
+    i: int,
+    x: Tensor,
+    x0_prev: Tensor | None | object,
+    coef: Tensor | None,
+    stage2: str,
+    stage1: str,
+) -> tuple[Tensor | None, bool]:
+    """The history operand of model call ``i`` of a two-stage sampler (Heun, DPM2: the odd calls
+    are stage 2 and read the x0 prediction of call ``i - 1``): ``(x0_prev, external)``.
+
+    ``x0_prev`` passed (``external``) is used as given; else stage 2 takes the x0 the sampler
+    kept (``smp._x0_prev`` of call ``smp._prev_i``), which must be call ``i - 1``'s for this x.
+    ``stage2`` / ``stage1`` name the stages in the errors ("the Heun correction", "an
+    Euler-stage")."""
+    external = x0_prev is not _UNSET
+    if coef is not None and not external:
+        # the row, not i, then decides the stage: a stage-2 row without the history would
+        # silently drop its c_prev term
+        raise ValueError(
+            f"coef: a {type(smp).__name__} step with an explicit coefficient row needs x0_prev "
+            f"too (the previous call's x0 prediction; any finite tensor for {stage1} row)"
+        )
+    second = i % 2 == 1
+    if external and x0_prev is None and coef is None and second:
+        raise ValueError(
+            f"x0_prev: model call {i} is {stage2} of call {i - 1} and needs that call's x0 "
+            "prediction, got None"
+        )
+    if external:
+        return x0_prev, True  # type: ignore[return-value]
+    if not second:
+        return None, False
+    prev = smp._x0_prev
+    if prev is None or smp._prev_i != i - 1 or prev.shape != x.shape or prev.device != x.device:
+        raise ValueError(
+            f"i: model call {i} is {stage2} of call {i - 1}, whose x0 prediction this sampler "
+            f"did not keep (for this x); run call {i - 1} first (start a run at an even call, as "
+            "diffusers' timesteps[2 k:]) or pass x0_prev"
+        )
+    return prev, False

@@ -13,11 +13,10 @@ from torch import Tensor
 
 from fastdiff.samplers.base import _ops, advance_generator_state
 from fastdiff.samplers.euler import EulerSampler
+from fastdiff.samplers.heun import _UNSET, stage2_history
 from fastdiff.samplers.sigmas import train_sigmas32
 
 __all__ = ["DPM2AncestralSampler", "DPM2Sampler"]
-
-_UNSET = object()
 
 
 def _t_of_sigma32(sigma: np.ndarray, log_train: np.ndarray) -> np.ndarray:
@@ -232,37 +231,8 @@ class DPM2Sampler(EulerSampler):
         ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        external = x0_prev is not _UNSET
-        if coef is not None and not external:
-            # the row, not i, then decides the stage: a stage-2 row without the history would
-            # silently drop its c_prev term
-            raise ValueError(
-                f"coef: a {type(self).__name__} step with an explicit coefficient row needs "
-                "x0_prev too (the previous call's x0 prediction; any finite tensor for a "
-                "stage-1 row)"
-            )
-        if external and x0_prev is None and coef is None and self.is_second_stage(i):
-            raise ValueError(
-                f"x0_prev: model call {i} is the second (midpoint) stage of call {i - 1} and "
-                "needs that call's x0 prediction, got None"
-            )
-        if not external:
-            x0_prev = None
-            if self.is_second_stage(i):
-                prev = self._x0_prev
-                if (
-                    prev is None
-                    or self._prev_i != i - 1
-                    or prev.shape != x.shape
-                    or prev.device != x.device
-                ):
-                    raise ValueError(
-                        f"i: model call {i} is the second (midpoint) stage of call {i - 1}, "
-                        "whose x0 prediction this sampler did not keep (for this x); run call "
-                        f"{i - 1} first (start a run at an even call, as diffusers' "
-                        "timesteps[2 k:]) or pass x0_prev"
-                    )
-                x0_prev = prev
+        x0_prev, external = stage2_history(self, i, x, x0_prev, coef,
+                                           "the second (midpoint) stage", "a stage-1")  # fmt: skip
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state) if self.ancestral else {}
         if coef is None:
             coef = self.coef_table(x.device)[i]
