@@ -1,7 +1,7 @@
 // CPU kernel of the fused UniPC step: OpenMP over (sample, tile) tasks, per-element math from
 // fastdiff/unipc_math.h (shared with the CUDA kernel).
-// No FP traps are ever enabled: let GCC hoist the loop-invariant reciprocals of predict_x0_eps
-// and if-convert the selects, so the math loop vectorises (as csrc/cpu/sampler_step.cpp).
+// No FP traps are ever enabled: let GCC if-convert the selects of predict_x0_eps, so the math
+// loop vectorises (as csrc/cpu/sampler_step.cpp).
 #pragma GCC optimize("no-trapping-math")
 #include <algorithm>
 

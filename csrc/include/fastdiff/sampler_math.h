@@ -39,25 +39,23 @@ FD_HD float cfg_combine(float cond, float uncond, float g) { return uncond + g *
 template <int PRED>
 FD_HD void predict_x0_eps(float x, float m, float a, float s, int clip, float clip_r,
                           int recompute, bool need_eps, float& x0, float& eps) {
-  // Division by a and s as a product with the reciprocal (loop invariant: computed once per
-  // loop, not per element): the divider's throughput bounded the CPU loop, and the result is
-  // within 1 ulp of the quotient.
-  const float inv_a = 1.0f / a, inv_s = 1.0f / s;
+  // True quotients, not products with 1/a: at the first step of a sampler a is ~0.006, and the
+  // reciprocal's extra rounding took the fused x0 past 2x eager's error (tests/test_unipc.py).
   if (PRED == kEpsilon) {
     eps = m;
-    x0 = (x - s * eps) * inv_a;
+    x0 = (x - s * eps) / a;
   } else if (PRED == kVPrediction) {
     x0 = a * x - s * m;
     eps = a * m + s * x;
   } else {
     x0 = m;
     eps = 0.0f;
-    if (need_eps) eps = (x - a * x0) * inv_s;
+    if (need_eps) eps = (x - a * x0) / s;
   }
   // a select rather than a branch so that the CPU loops if-convert and vectorise; the eps
   // recomputation is under a loop-invariant condition (CPU loops are unswitched on it)
   x0 = clip ? nan_clamp(x0, -clip_r, clip_r) : x0;
-  if (need_eps && clip && recompute) eps = (x - a * x0) * inv_s;
+  if (need_eps && clip && recompute) eps = (x - a * x0) / s;
 }
 
 // Improved DDPM learned range (Nichol & Dhariwal 2021, eq. 15): sigma = c_noise * exp(log var / 2).
