@@ -228,7 +228,7 @@ def test_validation_errors_name_the_argument_and_write_nothing():
         (dict(generator_state=torch.tensor([1, 2, 3])), ValueError, r"state must .*\(2,\)"),
         (dict(generator_state=gs.to("meta")), ValueError, "generator_state is on meta"),
     ]  # fmt: skip
-    for backend in {b for _, b in CASES}:
+    for backend in dict.fromkeys(b for _, b in CASES):  # in order (a set is PYTHONHASHSEED order)
         for kw, exc, msg in bad:
             with fastdiff.use_backend(backend), pytest.raises(exc, match=msg) as e:
                 dpm_solver_2m_step(x, mo, coef, prev, **kw)
