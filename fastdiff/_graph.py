@@ -59,14 +59,20 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
     g.load(x, kwargs, gen_state)
     ts_host = smp.timesteps.tolist()
     traj_x, traj_x0 = ([x.clone()], []) if return_trajectory else (None, None)
+    # PLMS: its history skips a call's output (a device copy after the replay), and its op's m
+    # is the raw model output (x0 for trajectories from it and the step's input x)
+    fix_history, x0_of = getattr(smp, "graph_history", None), getattr(smp, "x0_of", None)
     for i in _progress(range(smp.steps), progress, smp.steps):
         noise = None
         if smp.needs_noise(i) and gen_state is None:
             noise = smp._draw_noise(x, generator)  # the sampler's dtype (SDE: fp32)
+        x_in = g.x.clone() if return_trajectory and x0_of is not None else None
         g.replay(smp, i, t_all[i], noise)
+        if fix_history is not None:
+            fix_history(i, g.hist)
         if return_trajectory:
             traj_x.append(g.x.clone())
-            traj_x0.append(g.x0.clone())
+            traj_x0.append(g.x0.clone() if x_in is None else x0_of(g.x0, i, x_in))
         if callback is not None:  # its own copy: the next replay overwrites the static g.x
             callback(i, ts_host[i], g.x.clone())
     out = g.x.clone()

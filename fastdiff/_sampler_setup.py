@@ -51,13 +51,13 @@ def resolve_sampler(
     if not isinstance(sampler, str):
         raise TypeError(
             "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'heun', 'unipc') or a fastdiff sampler object, got "
+            "'euler_a', 'heun', 'pndm', 'unipc') or a fastdiff sampler object, got "
             f"{type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
             "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
-            f"'heun', 'unipc' or a fastdiff sampler object, got {sampler!r}"
+            f"'heun', 'pndm', 'unipc' or a fastdiff sampler object, got {sampler!r}"
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
@@ -157,6 +157,7 @@ _SCHEDULER_OF = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "pndm": "PNDMScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
@@ -198,6 +199,9 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
     },
+    # PLMS only: the Runge-Kutta warm-up (diffusers' default skip_prk_steps=False) is not
+    # implemented (Stable Diffusion's configs set skip_prk_steps=True)
+    "pndm": {"skip_prk_steps": True},
     # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
     "unipc": {
         "solver_p": None,
@@ -214,8 +218,8 @@ def infer_sampler(schedule: Any) -> str:
     """The sampler ``sample(sampler=None)`` runs: the one that reproduces ``schedule``'s
     diffusers scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"``, ...; its settings
     then apply as for an explicit name), else ``"ddim"``. A diffusers scheduler class fastdiff
-    has no sampler for (e.g. ``PNDMScheduler``) warns: its noise schedule is used, sampled with
-    DDIM."""
+    has no sampler for (e.g. ``LMSDiscreteScheduler``) warns: its noise schedule is used,
+    sampled with DDIM."""
     cfg = _scheduler_config(schedule)
     if cfg is None:
         return "ddim"

@@ -86,12 +86,13 @@ def sample(
             (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
-            ``"dpm2"``, ``"dpm2_a"``, ``"unipc"``, or a sampler object from
-            :mod:`fastdiff.samplers` (its own steps and schedule are used). Default: the sampler
-            that reproduces ``schedule``'s diffusers
-            scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras /
-            SDE settings, ``UniPCMultistepScheduler`` -> ``"unipc"``, ...), else ``"ddim"`` (a
-            diffusers scheduler class without a fastdiff sampler, e.g. ``PNDMScheduler``, warns).
+            ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"unipc"``, or a sampler
+            object from :mod:`fastdiff.samplers` (its own steps and schedule are used). Default:
+            the sampler that reproduces ``schedule``'s diffusers scheduler class
+            (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
+            ``UniPCMultistepScheduler`` -> ``"unipc"``, ``PNDMScheduler`` -> ``"pndm"``, ...),
+            else ``"ddim"`` (a diffusers scheduler class without a fastdiff sampler, e.g.
+            ``LMSDiscreteScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
             scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,

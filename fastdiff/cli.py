@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "unipc")
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "pndm", "plms",
+            "unipc")  # fmt: skip
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 

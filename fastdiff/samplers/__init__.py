@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC (one
-fused op call per model call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS
+(one fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -24,6 +24,7 @@ from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.heun import HeunSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
+from fastdiff.samplers.pndm import PNDMSampler
 from fastdiff.samplers.unipc import UniPCSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -37,6 +38,7 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",
+    "PNDMSampler",
     "Sampler",
     "UniPCSampler",
     "make_sampler",
@@ -55,13 +57,15 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "heun": HeunSampler,
+    "pndm": PNDMSampler,
+    "plms": PNDMSampler,
     "unipc": UniPCSampler,
 }
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
-    "euler_a", "heun", "unipc")."""
+    "euler_a", "heun", "pndm" (alias "plms"), "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
