@@ -137,12 +137,35 @@ def _scheduler_options(schedule: Any, name: str) -> dict[str, Any]:
         return {}
     params = inspect.signature(SAMPLERS[name].__init__).parameters
     defaults = set(cfg.get("_use_default_values", ()))
+    own = _own_class_params(schedule, cfg, name)
     return {
         k: v
         for k, v in cfg.items()
         if k in params and k not in ("self", "schedule", "steps", "eta")
-        and k not in defaults and v is not None
+        and k not in defaults and v is not None and (own is None or k in own)
     }  # fmt: skip
+
+
+def _own_class_params(schedule: Any, cfg: Mapping[str, Any], name: str) -> frozenset[str] | None:
+    """The ``__init__`` parameters of ``schedule``'s diffusers class when it is the one sampler
+    ``name`` reproduces (None otherwise, or when that class cannot be found). A key of its
+    config outside them is a leftover of another scheduler's config, which ``from_config``
+    keeps and diffusers ignores (DDPM's ``clip_sample=True`` in
+    ``DPMSolverMultistepScheduler.from_config(ddpm.config)``): not a setting to apply."""
+    cls_name = _scheduler_class(schedule, cfg)
+    own = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
+    if cls_name is None or cls_name != _SCHEDULER_OF[own]:
+        return None
+    cls = type(schedule) if type(schedule).__name__ == cls_name else None
+    if cls is None:  # a saved config: its class, if diffusers is installed
+        try:
+            import diffusers
+        except ImportError:
+            return None
+        cls = getattr(diffusers, cls_name, None)
+    if not isinstance(cls, type):
+        return None
+    return frozenset(inspect.signature(cls.__init__).parameters)
 
 
 # The diffusers scheduler each sampler reproduces, and the settings of that scheduler that change
