@@ -93,7 +93,7 @@ class _StepGraph:
     Static device buffers: x (the state), t, coef (the sampler's row for the step), noise,
     the DPM-Solver history x0_prev (and x0_prev2 for order 3; read by the update, then shifted
     at the end of the graph, x0_prev2 <- x0_prev <- the new x0, so a replay never reads a
-    buffer it has already overwritten), and
+    buffer it has already overwritten; DPM2's x0_prev <- the step's input x instead), and
     the tensor kwargs (conditioning), all refreshed with device copies before each replay.
     """
 
@@ -119,6 +119,7 @@ class _StepGraph:
         n_hist = 4 if getattr(smp, "solver_order", 2) >= 3 else 3
         self.hist = [torch.zeros_like(x) for _ in range(n_hist)] if self.unipc else None
         self.x0_prev = torch.zeros_like(x) if self.multistep and not self.unipc else None
+        self.history_is_input = getattr(smp, "history_is_input", False)
         # DPM-Solver++ 3M: m_{i-2} in a second buffer, shifted from x0_prev after each step
         order3 = self.x0_prev is not None and getattr(smp, "solver_order", 2) >= 3
         self.x0_prev2 = torch.zeros_like(x) if order3 else None
@@ -160,7 +161,8 @@ class _StepGraph:
                                  **skw)  # fmt: skip
             if self.x0_prev2 is not None:  # after the op has read both buffers
                 self.x0_prev2.copy_(self.x0_prev)
-            self.x0_prev.copy_(x0)
+            # DPM2's stage 2 reads the stage-1 input (self.x, before the update below)
+            self.x0_prev.copy_(self.x if self.history_is_input else x0)
         else:
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
                                  guidance_scale=gs, return_x0=True, **skw)  # fmt: skip

@@ -207,27 +207,32 @@ def stage2_history(
     coef: Tensor | None,
     stage2: str,
     stage1: str,
+    history: str = "x0 prediction",
 ) -> tuple[Tensor | None, bool]:
     """The history operand of model call ``i`` of a two-stage sampler (Heun, DPM2: the odd calls
-    are stage 2 and read the x0 prediction of call ``i - 1``): ``(x0_prev, external)``.
+    are stage 2 and read what call ``i - 1`` left: Heun its x0 prediction, DPM2 its input
+    sample): ``(x0_prev, external)``.
 
-    ``x0_prev`` passed (``external``) is used as given; else stage 2 takes the x0 the sampler
-    kept (``smp._x0_prev`` of call ``smp._prev_i``), which must be call ``i - 1``'s for this x.
+    ``x0_prev`` passed (``external``) is used as given; else stage 2 takes the tensor the sampler
+    kept (``smp._x0_prev`` of call ``smp._prev_i``), which must be call ``i - 1``'s for this x
+    and, where the sampler recorded its version (``smp._prev_version``, a kept input), not
+    modified in place since.
     ``stage2`` / ``stage1`` name the stages in the errors ("the Heun correction", "an
-    Euler-stage")."""
+    Euler-stage"), ``history`` what call ``i - 1`` leaves for it ("x0 prediction"; DPM2: "input
+    sample")."""
     external = x0_prev is not _UNSET
     if coef is not None and not external:
         # the row, not i, then decides the stage: a stage-2 row without the history would
         # silently drop its c_prev term
         raise ValueError(
             f"coef: a {type(smp).__name__} step with an explicit coefficient row needs x0_prev "
-            f"too (the previous call's x0 prediction; any finite tensor for {stage1} row)"
+            f"too (the previous call's {history}; any finite tensor for {stage1} row)"
         )
     second = i % 2 == 1
     if external and x0_prev is None and coef is None and second:
         raise ValueError(
-            f"x0_prev: model call {i} is {stage2} of call {i - 1} and needs that call's x0 "
-            "prediction, got None"
+            f"x0_prev: model call {i} is {stage2} of call {i - 1} and needs that call's "
+            f"{history}, got None"
         )
     if external:
         return x0_prev, True  # type: ignore[return-value]
@@ -236,8 +241,22 @@ def stage2_history(
     prev = smp._x0_prev
     if prev is None or smp._prev_i != i - 1 or prev.shape != x.shape or prev.device != x.device:
         raise ValueError(
-            f"i: model call {i} is {stage2} of call {i - 1}, whose x0 prediction this sampler "
+            f"i: model call {i} is {stage2} of call {i - 1}, whose {history} this sampler "
             f"did not keep (for this x); run call {i - 1} first (start a run at an even call, as "
             "diffusers' timesteps[2 k:]) or pass x0_prev"
         )
+    version = getattr(smp, "_prev_version", None)
+    if version is not None and _version(prev) != version:
+        raise ValueError(
+            f"x: the {history} of call {i - 1}, which {stage2} reads, was modified in place "
+            "after that call (pass a new tensor to each call, or pass x0_prev)"
+        )
     return prev, False
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s in-place version counter (None for an inference-mode tensor, which has none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None

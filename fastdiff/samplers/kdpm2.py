@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastdiff.samplers.base import _ops, advance_generator_state
 from fastdiff.samplers.euler import EulerSampler
-from fastdiff.samplers.heun import _UNSET, stage2_history
+from fastdiff.samplers.heun import _UNSET, _version, stage2_history
 from fastdiff.samplers.sigmas import train_sigmas32
 
 __all__ = ["DPM2AncestralSampler", "DPM2Sampler"]
@@ -57,37 +57,39 @@ class DPM2Sampler(EulerSampler):
     the model calls: ``[t_0, t(m_0), t_1, t(m_1), ..., t(m_{N-2}), t_{N-1}]`` with t(m_i) the
     fractional training timestep of sigma_m (log-sigma interpolation; the model gets it rounded
     to int64), and ``step(out, i, x)`` is one of them, each one fused ``dpm_solver_2m_step``
-    call ``x_next = c_x x + c_x0 m + c_prev m_prev + c_noise z`` (m = the x0 prediction of this
-    call, m_prev = the previous call's).
+    call ``x_next = c_x x + c_x0 m + c_prev h + c_noise z`` (m = the x0 prediction of this
+    call; h, the op's ``x0_prev`` operand, only in stage 2: the previous call's input sample).
 
-    Stage 2 adds the slope at x_m to x_sigma, the stage-1 input, not to its own sample. Stage 1
-    in x0 form is x_m = (sigma_m / sigma_i) x_sigma + (1 - sigma_m / sigma_i) m_1; solved for
-    x_sigma and put into stage 2::
+    Stage 2 adds the slope at x_m to x_sigma, the stage-1 input, not to its own sample, so the
+    sampler keeps that input as stage 2's history operand (the op's ``x0_prev`` slot; one op
+    call per stage). fastdiff keeps the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
+    :class:`~fastdiff.samplers.euler.EulerSampler`); with a_k = 1 / sqrt(1 + sigma_k^2), s_k =
+    a_k sigma_k, t the stage-2 target (sigma_{i+1} here), x_i = a_i x_sigma the kept stage-1
+    input, x = a_m x_m stage 2's sample and m_2 its x0 prediction, stage 2 is::
 
-        x_sigma_next = (sigma_{i+1} / sigma_m) x_m - ((sigma_i - sigma_m) / sigma_m) m_1
-                       - ((sigma_{i+1} - sigma_i) / sigma_m) m_2
+        x_next = a_{i+1} [x_i / a_i + ((t - sigma_i) / sigma_m) (x / a_m - m_2)]
 
-    so stage 2 needs only its own sample x_m, its x0 prediction m_2 and the stage-1 x0
-    prediction m_1 as the history operand (kept on the sampler, as Heun's); one op call per
-    stage. fastdiff keeps the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
-    :class:`~fastdiff.samplers.euler.EulerSampler`), so the rows ``[a, s, c_x, c_x0, c_prev,
-    c_noise, 0, 0]`` are, with a_k = 1 / sqrt(1 + sigma_k^2), s_k = a_k sigma_k and t the
-    stage-2 target (sigma_{i+1} here)::
+    and the rows ``[a, s, c_x, c_x0, c_prev, c_noise, 0, 0]`` (c_prev multiplies m_1 = the
+    stage-1 x0 prediction in stage 1, which has c_prev = 0, and x_i in stage 2) are::
 
         stage 1:  [a_i, s_i, a_m (sigma_m / sigma_i) / a_i, a_m (1 - sigma_m / sigma_i), 0, 0]
-        stage 2:  [a_m, s_m, a_{i+1} t / (sigma_m a_m), -a_{i+1} (t - sigma_i) / sigma_m,
-                   -a_{i+1} (sigma_i - sigma_m) / sigma_m, 0]
+        stage 2:  [a_m, s_m, c_x = a_{i+1} (t - sigma_i) / (sigma_m a_m), -a_m c_x,
+                   a_{i+1} / a_i, 0]
 
     Each stage's x0 prediction uses the noise level of its own sample (sigma_i, then sigma_m),
     as diffusers' ``scale_model_input`` and ``step``. The update is algebraically diffusers'
-    (which stores x_sigma); it differs by fp32 rounding only: <= 1e-5 relative per call against
-    a float64 run of diffusers' step (tested), except on ill-conditioned stage-2 calls where
-    sigma_i / sigma_m is large (2 steps; the last stage 2 of a beta grid), where the stage-2 row
-    has two coefficients of size ~sigma_i / sigma_m and opposite sign: there diffusers' own
-    fp32 step is already 2e-6 .. 2e-5 off float64 (its derivative (x_m - m_2) / sigma_m loses
-    the same digits) and ours is up to ~6x that (tested <= 8x; storing x_sigma instead of m_1
-    as the history, which the CUDA-graph loop would have to special-case, measured ~1.5x
-    better there and no better elsewhere).
+    (which stores x_sigma too) and differs by fp32 rounding: <= 1e-5 relative per call against
+    a float64 run of diffusers' step (tested). Where sigma_i / sigma_m is large (2 steps; the
+    last stage 2 of a beta grid; cosine trailing ancestral: up to ~1600) both compute a slope
+    (x_m - m_2) / sigma_m from nearly equal terms: diffusers' own fp32 step is then 1e-6 .. 5e-5
+    off float64, and ours, whose c_x x + c_x0 m_2 cancel the sample (for an eps model, exactly:
+    m_2 = (x - s_m eps) / a_m) after ~5 roundings to diffusers' ~2, about 1.5 - 2.5x that
+    (tested: <= 2x plus 3e-6 relative, see tests/test_kdpm2.py). c_x0 is stored as the float32
+    value nearest -a_m c_x of the float32 a_m and c_x, so the sample's terms cancel up to one
+    rounding of the coefficients, not three. (Eliminating x_i through stage 1, x_i / a_i =
+    ((sigma_i x / a_m) - (sigma_i - sigma_m) m_1) / sigma_m, which needs only m_1 as history,
+    multiplies m_1's fp32 error, ~ulp(x_sigma) at sigma_i, by sigma_i / sigma_m: up to ~8x
+    diffusers' own error.)
 
     The noise levels are diffusers' float32 values: the step sigmas interpolated in t between
     the float32 training sigmas (or the Karras / exponential / beta grid, as
@@ -105,9 +107,13 @@ class DPM2Sampler(EulerSampler):
 
     name = "dpm2"
     is_multistep = True
+    #: stage 2's history operand is the stage-1 input sample, not its x0 prediction (the
+    #: CUDA-graph loop fills its x0_prev buffer with the step's input)
+    history_is_input = True
     ancestral = False
-    _x0_prev: Tensor | None = None  # the x0 prediction of model call _prev_i (history)
+    _x0_prev: Tensor | None = None  # the input sample of model call _prev_i (history)
     _prev_i = -1
+    _prev_version: int | None = None  # its in-place version counter then
 
     # ------------------------------------------------------------------ grids
     def _make_timesteps(self) -> np.ndarray:
@@ -173,12 +179,13 @@ class DPM2Sampler(EulerSampler):
             s, m, t = sig[j], mid[j], down[j]
             am = 1.0 / math.sqrt(1.0 + m * m)
             rows[2 * j, :4] = [a[j], s * a[j], am * (m / s) / a[j], am * (1.0 - m / s)]
-            if 2 * j + 1 < self.steps:  # stage 2, at sigma_m > 0
+            if 2 * j + 1 < self.steps:  # stage 2, at sigma_m > 0; c_prev reads x_j
                 an = a[j + 1]  # the sample after stage 2 is at sigma_{j+1} (with the noise)
-                rows[2 * j + 1, :6] = [
-                    am, m * am, an * t / (m * am), -an * (t - s) / m, -an * (s - m) / m,
-                    an * up[j],
-                ]  # fmt: skip
+                c_x = an * (t - s) / (m * am)
+                # c_x x + c_x0 m_2 cancels x (eps: m_2 = (x - s_m eps) / a_m): c_x0 = -a_m c_x
+                # of the float32 a_m, c_x, rounded once (each ~sigma_j / sigma_m large)
+                c_x0 = float(np.float32(-float(np.float32(am)) * float(np.float32(c_x))))
+                rows[2 * j + 1, :6] = [am, m * am, c_x, c_x0, an / a[j], an * up[j]]
         return rows
 
     def __repr__(self) -> str:
@@ -192,6 +199,7 @@ class DPM2Sampler(EulerSampler):
     def reset(self) -> None:
         self._x0_prev = None
         self._prev_i = -1
+        self._prev_version = None
 
     def is_second_stage(self, i: int) -> bool:
         """Whether model call ``i`` is a midpoint stage (stage 2): the odd calls."""
@@ -219,10 +227,11 @@ class DPM2Sampler(EulerSampler):
         or stage 2 (odd ``i``, x_m -> x_{i+1}), both in VP space.
 
         ``model_output`` is the raw model output at ``timesteps[i]`` (``[2N, ...] = [uncond,
-        cond]`` with ``guidance_scale``). Stage 2 needs the x0 prediction of call ``i - 1``,
-        which the sampler keeps when it ran that call (for this x); pass ``x0_prev`` to manage
-        it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer; a stage-1 row
-        has c_prev = 0). Noise (the ancestral sampler's stage 2 only): ``noise`` is z, else it
+        cond]`` with ``guidance_scale``). Stage 2 needs the input sample ``x`` of call ``i - 1``
+        (not its x0 prediction), which the sampler keeps when it ran that call (and which must
+        not be modified in place before stage 2); pass it as ``x0_prev`` to manage it yourself
+        (CUDA graphs pass a buffer and ``coef`` from a static buffer; a stage-1 row has c_prev =
+        0). Noise (the ancestral sampler's stage 2 only): ``noise`` is z, else it
         is drawn with ``generator`` (a generator or one per sample), else in the kernel with
         Philox from ``generator_state`` (int64 ``[2]`` = (seed, offset) on x's device), whose
         offset is then advanced by ``x.numel()`` in place, on every call of the ancestral
@@ -231,8 +240,8 @@ class DPM2Sampler(EulerSampler):
         ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        x0_prev, external = stage2_history(self, i, x, x0_prev, coef,
-                                           "the second (midpoint) stage", "a stage-1")  # fmt: skip
+        x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the second (midpoint) "
+                                           "stage", "a stage-1", "input sample")  # fmt: skip
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state) if self.ancestral else {}
         if coef is None:
             coef = self.coef_table(x.device)[i]
@@ -247,8 +256,8 @@ class DPM2Sampler(EulerSampler):
         )
         if self.ancestral and generator_state is not None and noise is None:
             advance_generator_state({"generator_state": generator_state}, x)
-        if not external:
-            self._x0_prev, self._prev_i = x0, i
+        if not external:  # stage 2 of this call reads its input
+            self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
         return (x_next, x0) if return_x0 else x_next
 
 
