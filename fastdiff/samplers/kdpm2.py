@@ -79,17 +79,17 @@ class DPM2Sampler(EulerSampler):
     Each stage's x0 prediction uses the noise level of its own sample (sigma_i, then sigma_m),
     as diffusers' ``scale_model_input`` and ``step``. The update is algebraically diffusers'
     (which stores x_sigma too) and differs by fp32 rounding: <= 1e-5 relative per call against
-    a float64 run of diffusers' step (tested). Where sigma_i / sigma_m is large (2 steps; the
-    last stage 2 of a beta grid; cosine trailing ancestral: up to ~1600) both compute a slope
-    (x_m - m_2) / sigma_m from nearly equal terms: diffusers' own fp32 step is then 1e-6 .. 5e-5
-    off float64, and ours, whose c_x x + c_x0 m_2 cancel the sample (for an eps model, exactly:
-    m_2 = (x - s_m eps) / a_m) after ~5 roundings to diffusers' ~2, about 1.5 - 2.5x that
-    (tested: <= 2x plus 3e-6 relative, see tests/test_kdpm2.py). c_x0 is stored as the float32
-    value nearest -a_m c_x of the float32 a_m and c_x, so the sample's terms cancel up to one
-    rounding of the coefficients, not three. (Eliminating x_i through stage 1, x_i / a_i =
-    ((sigma_i x / a_m) - (sigma_i - sigma_m) m_1) / sigma_m, which needs only m_1 as history,
-    multiplies m_1's fp32 error, ~ulp(x_sigma) at sigma_i, by sigma_i / sigma_m: up to ~8x
-    diffusers' own error.)
+    a float64 run of diffusers' step (tested), except where sigma_i / sigma_m is large (2 steps;
+    the last stage 2 of a beta grid; cosine trailing ancestral: up to ~1600). There both compute
+    a slope (x_m - m_2) / sigma_m from nearly equal terms, diffusers' own fp32 step is 1e-6 ..
+    5e-5 off float64, and ours, whose c_x x + c_x0 m_2 cancel the sample (for an eps model,
+    exactly: m_2 = (x - s_m eps) / a_m) after ~5 roundings at that scale to diffusers' ~2, is
+    about 2x that (median; <= 2.7x where the errors exceed 1e-5, tested <= 3x; up to ~6x only
+    where both are below ~3e-6). c_x0 is stored as the float32 value nearest -a_m c_x of the
+    float32 a_m and c_x, so the sample's terms cancel up to one rounding of the coefficients,
+    not three. (Eliminating x_i through stage 1, x_i / a_i = (sigma_i x / a_m - (sigma_i -
+    sigma_m) m_1) / sigma_m, which needs only m_1 as history, multiplies m_1's fp32 error,
+    ~ulp(x_sigma) at sigma_i, by sigma_i / sigma_m: up to ~8x diffusers' own error.)
 
     The noise levels are diffusers' float32 values: the step sigmas interpolated in t between
     the float32 training sigmas (or the Karras / exponential / beta grid, as
