@@ -222,9 +222,6 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
     },
-    # PLMS only: the Runge-Kutta warm-up (diffusers' default skip_prk_steps=False) is not
-    # implemented (Stable Diffusion's configs set skip_prk_steps=True)
-    "pndm": {"skip_prk_steps": True},
     # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
     "unipc": {
         "solver_p": None,

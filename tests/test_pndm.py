@@ -1,9 +1,11 @@
-"""PNDMSampler ("pndm", alias "plms") vs diffusers' PNDMScheduler(skip_prk_steps=True), and through
+"""PNDMSampler ("pndm"; "plms" = skip_prk_steps=True) vs diffusers' PNDMScheduler, and through
 sample() / CUDA graphs (faked on CPU) / every unipc_step backend / the CLI.
 
-diffusers runs N PLMS steps as N + 1 model calls over [t0, t1, t1, t2, ..., tN-1]: a first
-step, its pseudo improved-Euler correction from the same sample (the two outputs averaged), then
-the Adams-Bashforth combinations of eq. (12) (Liu et al. 2022). Per model call both sides get the
+With skip_prk_steps=True diffusers runs N PLMS steps as N + 1 model calls over [t0, t1, t1, t2,
+..., tN-1]: a first step, its pseudo improved-Euler correction from the same sample (the two
+outputs averaged), then the Adams-Bashforth combinations of eq. (12) (Liu et al. 2022). With
+skip_prk_steps=False (its default) three pseudo Runge-Kutta steps of 4 calls each come first
+(N + 9 calls), and eq. (12) reads their first outputs. Per model call both sides get the
 same sample and model output; ours must agree to a relative error <= 1e-5 (max |ours - theirs| /
 max |theirs|) with diffusers' step run in float64 on our float64 alpha_bar, and to 1e-5 plus
 diffusers' own fp32 error with the stock scheduler (whose fp32 coefficients are up to ~5e-3 off
@@ -41,15 +43,16 @@ def _toy(x: torch.Tensor, t) -> torch.Tensor:
     return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
-def _scheduler(sched: str = "scaled_linear", **opts) -> diffusers.PNDMScheduler:
-    return diffusers.PNDMScheduler(**DIFFUSERS_BETAS[sched], skip_prk_steps=True, **opts)
+def _scheduler(sched: str = "scaled_linear", prk: bool = False, **opts):
+    """diffusers' PNDMScheduler; PLMS only (skip_prk_steps=True) unless ``prk``."""
+    return diffusers.PNDMScheduler(**DIFFUSERS_BETAS[sched], skip_prk_steps=not prk, **opts)
 
 
-def _pair(steps: int, sched: str = "scaled_linear", **opts):
+def _pair(steps: int, sched: str = "scaled_linear", prk: bool = False, **opts):
     """(ours, stock diffusers, diffusers in float64 on our alpha_bar), all set to ``steps``."""
     schedule = NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
-    ours = PNDMSampler(schedule, steps, **opts)
-    theirs, twin = _scheduler(sched, **opts), _scheduler(sched, **opts)
+    ours = PNDMSampler(schedule, steps, skip_prk_steps=not prk, **opts)
+    theirs, twin = _scheduler(sched, prk, **opts), _scheduler(sched, prk, **opts)
     for s in (theirs, twin):
         s.set_timesteps(steps)
     twin.alphas_cumprod = schedule.alphas_cumprod.clone()
@@ -82,23 +85,32 @@ def _per_call(ours, theirs, twin, *, begin: int = 0, seed: int = 0) -> tuple[flo
     return worst, x
 
 
-CASES = list(
-    itertools.product(
+CASES = [
+    *itertools.product(
+        [False],
         ["leading", "linspace", "trailing"],
         ["epsilon", "v_prediction"],
         [False, True],
         [1, 2, 3, 4, 5, 10, 50],
-    )
-)
+    ),
+    *itertools.product(
+        [True],
+        ["leading", "linspace", "trailing"],
+        ["epsilon", "v_prediction"],
+        [False, True],
+        [4, 5, 7, 10, 50],
+    ),
+]
 
 
-@pytest.mark.parametrize("spacing,pred,to_one,steps", CASES)
-def test_per_call_parity_with_diffusers(spacing, pred, to_one, steps):
+@pytest.mark.parametrize("prk,spacing,pred,to_one,steps", CASES)
+def test_per_call_parity_with_diffusers(prk, spacing, pred, to_one, steps):
     sched = ("linear", "scaled_linear", "cosine")[steps % 3]
     offset = 1 if spacing == "leading" else 0
-    ours, theirs, twin = _pair(steps, sched, prediction_type=pred, timestep_spacing=spacing,
+    ours, theirs, twin = _pair(steps, sched, prk, prediction_type=pred, timestep_spacing=spacing,
                                steps_offset=offset, set_alpha_to_one=to_one)  # fmt: skip
-    assert len(ours) == len(theirs.timesteps) == (steps + 1 if steps > 1 else 1)
+    calls = steps + 9 if prk else steps + 1 if steps > 1 else 1
+    assert len(ours) == len(theirs.timesteps) == calls
     worst, _ = _per_call(ours, theirs, twin, seed=steps)
     # a real comparison ran (one linspace step goes from t = 0 to alpha_bar_0 = alpha_bar_0
     # when set_alpha_to_one is False: x unchanged on both sides)
@@ -107,14 +119,16 @@ def test_per_call_parity_with_diffusers(spacing, pred, to_one, steps):
 
 @pytest.mark.parametrize("begin", [1, 2, 3, 4, 7])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-def test_img2img_start_matches_a_fresh_diffusers_scheduler(begin, pred):
+@pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
+def test_img2img_start_matches_a_fresh_diffusers_scheduler(begin, pred, prk):
     """diffusers' img2img pipelines run ``timesteps[t_start:]`` on a freshly set scheduler, whose
     counter restarts: the first call at t_start is a first step, the second its improved-Euler
     correction (from t + T // N, diffusers' rule, also where t_start = 1 lands on the repeated
-    timestep). A sampler reused after a full run at another batch size gives the same."""
-    ours, theirs, twin = _pair(10, prediction_type=pred, steps_offset=1)
+    timestep); with the Runge-Kutta warm-up its steps start from the counter's timesteps. A
+    sampler reused after a full run at another batch size gives the same."""
+    ours, theirs, twin = _pair(10, "scaled_linear", prk, prediction_type=pred, steps_offset=1)
     _, ref = _per_call(ours, theirs, twin, begin=begin, seed=3)
-    reused, theirs2, twin2 = _pair(10, prediction_type=pred, steps_offset=1)
+    reused, theirs2, twin2 = _pair(10, "scaled_linear", prk, prediction_type=pred, steps_offset=1)
     y = torch.randn(3, *SHAPE[1:])
     for i in range(len(reused)):
         y = reused.step(torch.randn(y.shape), i, y)
@@ -135,14 +149,16 @@ RUNS = [
     ("scaled_linear", "v_prediction", "leading", {"steps_offset": 1}, 12),  # SD 2.x 768
     ("linear", "epsilon", "linspace", {"set_alpha_to_one": True}, 7),
     ("linear", "v_prediction", "trailing", {}, 5),
+    ("linear", "epsilon", "leading", {"prk": True}, 10),  # diffusers' default PNDMScheduler()
+    ("scaled_linear", "v_prediction", "trailing", {"prk": True, "set_alpha_to_one": True}, 6),
 ]
 
 
 @pytest.mark.parametrize("sched,pred,spacing,extra,steps", RUNS)
 def test_sample_with_a_pndm_scheduler_is_diffusers_loop(sched, pred, spacing, extra, steps):
-    """sample(schedule=PNDMScheduler(skip_prk_steps=True, ...)) picks "pndm" without a warning,
-    takes the scheduler's settings, calls the model at diffusers' N + 1 timesteps and lands
-    where diffusers' own loop does."""
+    """sample(schedule=PNDMScheduler(...)) picks "pndm" without a warning, takes the scheduler's
+    settings (skip_prk_steps too), calls the model at diffusers' timesteps and lands where
+    diffusers' own loop does."""
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     ref = _diffusers_loop(sch, steps, z)
@@ -164,11 +180,15 @@ def test_sample_with_a_pndm_scheduler_is_diffusers_loop(sched, pred, spacing, ex
 
 
 def test_timesteps_rows_and_registry():
-    s = PNDMSampler(NoiseSchedule("linear"), 4, set_alpha_to_one=True)  # call 4: 0 -> ab = 1
+    s = PNDMSampler(NoiseSchedule("linear"), 4, set_alpha_to_one=True, skip_prk_steps=True)
     assert (len(s), s.num_inference_steps) == (5, 4)
     assert s.timesteps.tolist() == [750, 500, 500, 250, 0]
-    one = PNDMSampler(NoiseSchedule("linear"), 1)
+    one = PNDMSampler(NoiseSchedule("linear"), 1, skip_prk_steps=True)
     assert len(one) == 1 and one.timesteps.tolist() == [0]
+    prk = PNDMSampler(NoiseSchedule("linear"), 5)  # diffusers' default: 3 RK steps, h = 100
+    assert prk.timesteps.tolist() == [800, 700, 700, 600, 600, 500, 500, 400, 400, 300, 300,
+                                      200, 200, 0]  # fmt: skip
+    assert (prk.coef64[3::4, 3] > 0).all() and (prk.coef64[3::4, 10] < 0).all()  # RK 4th calls
     assert "steps=4 (5 model calls)" in repr(s)
     c = s.coef64
     assert c.shape == (5, 12) and not any(s.needs_noise(i) for i in range(5))
@@ -182,7 +202,9 @@ def test_timesteps_rows_and_registry():
         np.testing.assert_allclose(got / got.sum(), np.array(w) / sum(w), rtol=1e-12)
         assert (c[i, [4, 5, 6, 10]][len(w) :] == 0).all() and (c[i, [8, 9, 11]] == 0).all()
     assert SAMPLERS["pndm"] is SAMPLERS["plms"] is PNDMSampler
-    assert isinstance(make_sampler("PLMS", NoiseSchedule("linear"), 10), PNDMSampler)
+    assert make_sampler("PLMS", NoiseSchedule("linear"), 10).skip_prk_steps is True
+    assert make_sampler("pndm", NoiseSchedule("linear"), 10).skip_prk_steps is False
+    assert make_sampler("plms", NoiseSchedule("linear"), 10, skip_prk_steps=False).steps == 19
 
 
 @pytest.mark.parametrize(
@@ -205,19 +227,18 @@ def test_bad_steps(steps):
         PNDMSampler(NoiseSchedule("linear"), steps)
 
 
-def test_unsupported_scheduler_settings_are_clear_errors():
-    """diffusers' default PNDMScheduler() runs the Runge-Kutta warm-up (skip_prk_steps=False),
-    which fastdiff does not implement: a ValueError naming it, not PLMS samples; eta and unknown
-    options are refused too."""
+def test_bad_settings_are_clear_errors():
+    """The Runge-Kutta warm-up spans 3 steps (diffusers' set_timesteps fails below 4 steps): a
+    ValueError naming steps and skip_prk_steps; eta and unknown options are refused too."""
     z = torch.randn(SHAPE)
-    with pytest.raises(ValueError, match="skip_prk_steps=False"):
-        fastdiff.sample(_toy, steps=5, schedule=diffusers.PNDMScheduler(), noise=z)
+    with pytest.raises(ValueError, match="skip_prk_steps=False needs >= 4 steps.*got 3"):
+        fastdiff.sample(_toy, steps=3, schedule=diffusers.PNDMScheduler(), noise=z)
     saved = dict(DIFFUSERS_BETAS["scaled_linear"], _class_name="PNDMScheduler",
                  skip_prk_steps=False, steps_offset=1)  # a scheduler_config.json  # fmt: skip
-    with pytest.raises(ValueError, match="skip_prk_steps=False"):
-        fastdiff.sample(_toy, steps=5, sampler="plms", noise=z, schedule=saved)
+    with pytest.raises(ValueError, match="skip_prk_steps=False needs >= 4 steps"):
+        fastdiff.sample(_toy, steps=2, sampler="plms", noise=z, schedule=saved)
     saved["skip_prk_steps"] = True  # Stable Diffusion's
-    assert torch.isfinite(fastdiff.sample(_toy, steps=5, noise=z, schedule=saved)).all()
+    assert torch.isfinite(fastdiff.sample(_toy, steps=2, noise=z, schedule=saved)).all()
     with pytest.raises(ValueError, match="eta"):
         fastdiff.sample(_toy, steps=5, sampler="pndm", noise=z, eta=0.5)
     with pytest.raises(TypeError, match="unknown option"):
@@ -239,11 +260,11 @@ def test_scheduler_settings_become_defaults():
 def test_history_reset_and_reuse():
     """The history belongs to one run: a call that does not follow the previous one starts a
     new run (call 0's row), reset() forgets it, and a reused sampler gives the same samples."""
-    s = PNDMSampler(NoiseSchedule("linear"), 6)
+    s = PNDMSampler(NoiseSchedule("linear"), 6, skip_prk_steps=True)
     g = torch.Generator().manual_seed(1)
     x, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     first = s.step(mo, 3, x)  # a run starting at call 3: its first-step row
-    fresh = PNDMSampler(NoiseSchedule("linear"), 6)
+    fresh = PNDMSampler(NoiseSchedule("linear"), 6, skip_prk_steps=True)
     for i in range(3):  # other outputs before (the weights sum to 1: equal ones would cancel)
         fresh.step(torch.randn(SHAPE, generator=g), i, x)
     assert not torch.allclose(fresh.step(mo, 3, x), first, atol=1e-3)  # call 3 of a run
@@ -277,8 +298,8 @@ def test_every_backend_matches_diffusers(case):
 
     ref = _diffusers_loop(_scheduler(prediction_type="v_prediction", steps_offset=1), 6, z,
                           combined)  # fmt: skip
-    smp = PNDMSampler(NoiseSchedule.from_diffusers(DIFFUSERS_BETAS["scaled_linear"]), 6,
-                      prediction_type="v_prediction", steps_offset=1)  # fmt: skip
+    sch = NoiseSchedule.from_diffusers(DIFFUSERS_BETAS["scaled_linear"])
+    smp = PNDMSampler(sch, 6, prediction_type="v_prediction", steps_offset=1, skip_prk_steps=True)
     x = z.to(dev)
     with fastdiff.use_backend(backend, op="unipc_step"):
         for i, t in enumerate(smp.timesteps):
@@ -298,7 +319,7 @@ def test_sample_with_guidance_equals_manual_cfg():
     z = torch.randn(SHAPE)
     got = fastdiff.sample(model, steps=6, sampler="plms", noise=z, cond=cond, uncond=uncond,
                           guidance_scale=w)  # fmt: skip
-    smp = PNDMSampler(NoiseSchedule("linear"), 6)
+    smp = PNDMSampler(NoiseSchedule("linear"), 6, skip_prk_steps=True)  # "plms"
     x = z
     for i, t in enumerate(smp.timesteps):
         tt = t.expand(SHAPE[0])
@@ -312,9 +333,9 @@ def test_sample_with_guidance_equals_manual_cfg():
 def test_trajectory_and_callback():
     z = torch.randn(SHAPE)
     seen = []
-    out, traj = fastdiff.sample(_toy, steps=4, sampler="pndm", noise=z, return_trajectory=True,
+    out, traj = fastdiff.sample(_toy, steps=4, sampler="plms", noise=z, return_trajectory=True,
                                 callback=lambda i, t, x: seen.append((i, t)))  # fmt: skip
-    smp = PNDMSampler(NoiseSchedule("linear"), 4)
+    smp = PNDMSampler(NoiseSchedule("linear"), 4, skip_prk_steps=True)
     assert seen == list(enumerate(smp.timesteps.tolist()))
     assert traj["x"].shape == (6, *SHAPE) and traj["x0"].shape == (5, *SHAPE)
     torch.testing.assert_close(traj["x"][-1], out, rtol=0, atol=0)
@@ -325,10 +346,12 @@ def test_trajectory_and_callback():
 
 
 @torch.no_grad()
-def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch):
+@pytest.mark.parametrize("name", ["plms", "pndm"])
+def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, name):
     """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
-    row and the history in static buffers, call 1's output dropped from the history by a device
-    copy after its replay): the eager loop's samples and trajectory, also for a second call."""
+    row and the history in static buffers; device copies after a replay drop call 1's output
+    (plms) or keep the Runge-Kutta steps' first outputs aside (pndm)): the eager loop's samples
+    and trajectory, also for a second call."""
     from fastdiff import api
 
     eager_loop = api._sample_eager
@@ -340,7 +363,7 @@ def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch):
     def run(graphed, seed):
         monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-        return fastdiff.sample(model, steps=7, sampler="pndm", noise=z, cond=cond,
+        return fastdiff.sample(model, steps=7, sampler=name, noise=z, cond=cond,
                                uncond=uncond, guidance_scale=2.0,
                                prediction_type="v_prediction", return_trajectory=True)  # fmt: skip
 
@@ -369,18 +392,21 @@ def test_no_host_sync_inside_the_sampling_loop():
     assert spy.seen == []
 
 
-def test_recovers_gaussian_mixture():
-    """The exact eps of a 2-D mixture with sharp components (tau = 0.06): 30 PLMS steps recover
-    it. (20 do not, component std ~0.10, as diffusers' own loop: 3e-5 apart from ours over the
-    run; the multistep extrapolation overshoots where eps changes fast. DDIM passes at 20.)"""
+@pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
+def test_recovers_gaussian_mixture(prk):
+    """The exact eps of a 2-D mixture with sharp components (tau = 0.06): 30 PNDM steps recover
+    it. (20 PLMS steps do not, component std ~0.10, as diffusers' own loop: 3e-5 apart from ours
+    over the run; the multistep extrapolation overshoots where eps changes fast. DDIM passes at
+    20.)"""
     sched = NoiseSchedule("linear")
     model = GMMEps(sched)
-    _assert_mixture(_run(PNDMSampler(sched, 30), model))
-    assert model.calls == 31
+    _assert_mixture(_run(PNDMSampler(sched, 30, skip_prk_steps=not prk), model))
+    assert model.calls == (39 if prk else 31)
 
 
 def test_wrong_schedule_fails_mixture_check():
-    x = _run(PNDMSampler(NoiseSchedule("cosine"), 30), GMMEps(NoiseSchedule("linear")))
+    x = _run(PNDMSampler(NoiseSchedule("cosine"), 30, skip_prk_steps=True),
+             GMMEps(NoiseSchedule("linear")))  # fmt: skip
     with pytest.raises(AssertionError):
         _assert_mixture(x)
 
@@ -396,9 +422,11 @@ def test_cli_sampler_pndm(tmp_path, monkeypatch):
         assert seen[-1]["sampler"] == name
 
 
-def test_digits_model_samples_are_recognised():
+@pytest.mark.parametrize("kind", ["plms", "pndm"])
+def test_digits_model_samples_are_recognised(kind):
     """End to end on the shipped class-conditional digits model, judged by the separate
-    classifier of tests/test_digits_quality.py: 10 PLMS steps (11 model calls), guidance 2."""
+    classifier of tests/test_digits_quality.py: 10 steps (plms: 11 model calls, pndm: 19),
+    guidance 2."""
     pytest.importorskip("sklearn")
     from test_digits_quality import HAS_WEIGHTS, _accuracy, digits_classifier
 
@@ -406,5 +434,5 @@ def test_digits_model_samples_are_recognised():
         pytest.skip("digits weights not shipped")
     from fastdiff.models import load_pretrained
 
-    acc = _accuracy(load_pretrained("digits"), digits_classifier.fit(), "pndm", 10, 40, 2.0)
+    acc = _accuracy(load_pretrained("digits"), digits_classifier.fit(), kind, 10, 40, 2.0)
     assert acc >= 0.95, acc

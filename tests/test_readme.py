@@ -142,7 +142,7 @@ def test_readme_sampler_classes_exist():
         smp = cls(NoiseSchedule("linear"), 10)
         two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler)
         calls = 19 if cls in two_stage else 10  # Heun, DPM2: 2N - 1 model calls
-        calls += cls is samplers.PNDMSampler  # PLMS: N + 1 model calls
+        calls += 9 * (cls is samplers.PNDMSampler)  # PNDM (3 Runge-Kutta steps): N + 9
         assert len(smp.timesteps) == len(smp) == calls
 
 

@@ -65,10 +65,12 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
-    "euler_a", "heun", "pndm" (alias "plms"), "unipc")."""
+    "euler_a", "heun", "pndm", "plms" (PNDM with ``skip_prk_steps=True``), "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
             f"or a Sampler object, got {name!r}"
         )
+    if name.lower() == "plms":  # PLMS without the Runge-Kutta warm-up unless asked for
+        options.setdefault("skip_prk_steps", True)
     return SAMPLERS[name.lower()](schedule, steps, **options)

@@ -1,7 +1,8 @@
-"""PLMS: the pseudo linear multistep sampler of PNDM (Liu et al. 2022, "Pseudo Numerical Methods
-for Diffusion Models on Manifolds", ICLR, arXiv:2202.09778), as diffusers' ``PNDMScheduler`` with
-``skip_prk_steps=True`` (Stable Diffusion 1.x / 2.x's default scheduler; the "PLMS" sampler of
-the original latent-diffusion code)."""
+"""PNDM / PLMS: the pseudo numerical methods of Liu et al. 2022 ("Pseudo Numerical Methods for
+Diffusion Models on Manifolds", ICLR, arXiv:2202.09778), as diffusers' ``PNDMScheduler``: the
+pseudo linear multistep method (PLMS) after a pseudo Runge-Kutta warm-up (F-PNDM), or, with
+``skip_prk_steps=True`` (Stable Diffusion 1.x / 2.x's configs; the "PLMS" sampler of the original
+latent-diffusion code), after a pseudo improved-Euler start."""
 
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ PLMS_WEIGHTS = {
     3: (23 / 12, -16 / 12, 5 / 12),
     4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 }
-_WARMUP = 4  # calls 0..3 of a run have rows of their own; from the 5th call on eq. (12) holds
 
 
 def _unipc_ops():
@@ -35,8 +35,8 @@ def _unipc_ops():
 
 
 class PNDMSampler(Sampler):
-    """PLMS (Liu et al. 2022, eq. (11) and (12)), model call for model call as diffusers'
-    ``PNDMScheduler(skip_prk_steps=True)``.
+    """PNDM (Liu et al. 2022: eq. (11), (12) and the pseudo Runge-Kutta warm-up), model call for
+    model call as diffusers' ``PNDMScheduler``.
 
     The transfer part phi (eq. (11)) moves x_t to x_{t'} along the DDIM-like direction of a
     noise estimate e, with ab = alpha_bar::
@@ -49,12 +49,20 @@ class PNDMSampler(Sampler):
 
         e' = (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24
 
-    with the lower-order Adams-Bashforth combinations (3 e_i - e_{i-1}) / 2 and
-    (23 e_i - 16 e_{i-1} + 5 e_{i-2}) / 12 while fewer outputs exist. As diffusers (after
-    crowsonkb's PLMS for latent diffusion), the run starts with a second-order pseudo improved
-    Euler step instead of the paper's Runge-Kutta warm-up: N steps are N + 1 model calls (one for
-    N = 1) at the timesteps ``[t_0, t_1, t_1, t_2, ..., t_{N-1}]``. With r = T // N (T the number
-    of training timesteps; diffusers uses t - r as the next timestep under every spacing):
+    ``skip_prk_steps=False`` (diffusers' default, F-PNDM): the first three steps are pseudo
+    Runge-Kutta steps (PRK), four model calls each at [t, t' + h, t' + h, t'] (h = T // N
+    // 2; T the number of training timesteps), every call from the step's start sample x_s with
+    diffusers' timestep arithmetic: x_a = phi(x_s, e_a, t, t - h), x_b = phi(x_s, e_b, t, t' + h),
+    x_c = phi(x_s, e_c, t, t' + h - h), then x_{t'} = phi(x_s, e_a/6 + e_b/3 + e_c/3 + e_d/6, t,
+    t'); the steps' first outputs e_a are eq. (12)'s history, and every later call is eq. (12)
+    with 4 outputs: N steps are N + 9 model calls (N >= 4).
+
+    ``skip_prk_steps=True`` (as diffusers, after crowsonkb's PLMS for latent diffusion): the
+    lower-order Adams-Bashforth combinations (3 e_i - e_{i-1}) / 2 and
+    (23 e_i - 16 e_{i-1} + 5 e_{i-2}) / 12 while fewer outputs exist, after a second-order pseudo
+    improved Euler step: N steps are N + 1 model calls (one for N = 1) at the timesteps
+    ``[t_0, t_1, t_1, t_2, ..., t_{N-1}]``. With r = T // N (diffusers uses t - r as the next
+    timestep under every spacing):
 
     * call 0: x' = phi(x, e_0, t_0, t_0 - r)
     * call 1 (the model at x', t_1): x_1 = phi(x, (e_0 + e_1) / 2, t_1 + r, t_1), from call 0's x
@@ -76,17 +84,24 @@ class PNDMSampler(Sampler):
         call 1:   c_last = k_x (last = call 0's x), c_m = c_m1 = k_e / 2, p_xc = 1
         call k:   c_x = k_x, c_m = k_e w_0, c_m1 = k_e w_1, c_m2 = k_e w_2, c_m3 = k_e w_3,
                   p_xc = 1
+        RK calls a, b, c:  x_c = the step's start sample (c_x = 1, then c_last = 1),
+                  p_xc = k_x, p_m = k_e
+        RK call d: c_last = k_x, c_m = k_e / 6, c_m1 = c_m2 = k_e / 3, c_m3 = k_e / 6, p_xc = 1
 
-    so x_next = x_c (the op's predictor part adds p_xc x_c and nothing else after call 0). A run
+    The op shifts each output into the history (m_{i-3} <- m_{i-2} <- m_{i-1} <- m, last <-
+    x_c); :meth:`history_moves` then drops call 1's output (PLMS start) or keeps the RK steps'
+    first outputs aside (F-PNDM), in the eager loop and, as device copies, in CUDA graphs. A run
     that starts at call s > 0 (img2img: diffusers' pipelines slice ``timesteps[s:]`` and the
-    scheduler starts afresh) takes the rows of calls 0, 1, 2, 3 at s, s + 1, s + 2, s + 3, as
-    diffusers' counter.
+    scheduler starts afresh) takes the rows of calls 0, 1, 2, ... at s, s + 1, s + 2, ..., as
+    diffusers' counter (which also picks the RK steps' start timesteps).
 
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"leading"``;
             ``prediction_type`` ``"epsilon"`` or ``"v_prediction"``, as diffusers).
         set_alpha_to_one: the last call moves to ab = 1 (else to ab_0, diffusers' default).
+        skip_prk_steps: PLMS from an improved-Euler start (True; ``sampler="plms"``'s default)
+            or after three Runge-Kutta steps (False, diffusers' default).
     """
 
     name = "pndm"
@@ -105,6 +120,7 @@ class PNDMSampler(Sampler):
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
         set_alpha_to_one: bool = False,
+        skip_prk_steps: bool = False,
     ) -> None:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
@@ -112,6 +128,10 @@ class PNDMSampler(Sampler):
                 f"PNDMScheduler takes no other), got {prediction_type!r}"
             )
         self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.skip_prk_steps = bool(skip_prk_steps)
+        #: calls 0 .. warmup - 1 of a run have rows of their own (PLMS start: 4; PRK: 12)
+        self.warmup = 4 if self.skip_prk_steps else 12
+        self._graph_stash: list[Tensor] = []
         self.reset()
         super().__init__(
             schedule,
@@ -124,28 +144,55 @@ class PNDMSampler(Sampler):
     # ------------------------------------------------------------------ timesteps and tables
     def _make_timesteps(self) -> np.ndarray:
         # the base class validated steps = N (diffusers' num_inference_steps); count model calls
-        #: number of PLMS steps N (``steps`` is the number of model calls, N + 1; 1 for N = 1)
+        #: number of PNDM steps N (``steps`` is the number of model calls: N + 1, 1 for N = 1;
+        #: N + 9 with the Runge-Kutta warm-up)
         self.num_inference_steps = n = self.steps
         ts = super()._make_timesteps()  # [N], descending
-        self.steps = n + 1 if n > 1 else 1
-        return np.concatenate([ts[:2], ts[1:]]) if n > 1 else ts  # [t0, t1, t1, t2, ...]
+        if self.skip_prk_steps:
+            calls = np.concatenate([ts[:2], ts[1:]]) if n > 1 else ts  # [t0, t1, t1, t2, ...]
+        else:
+            if n < 4:
+                raise ValueError(
+                    f"steps: skip_prk_steps=False needs >= 4 steps (the Runge-Kutta warm-up "
+                    f"spans the first 3 and diffusers' set_timesteps fails below 4), got {n}; "
+                    "use skip_prk_steps=True (sampler 'plms')"
+                )
+            half = self.schedule.num_train_timesteps // n // 2
+            prk = np.repeat(ts[:4][::-1], 2) + np.tile([0, half], 4)  # diffusers' layout
+            self._prk = np.repeat(prk[:-1], 2)[1:-1][::-1].copy()  # [12]: 3 RK steps
+            calls = np.concatenate([self._prk, ts[3:]])
+        self.steps = len(calls)
+        return calls.astype(np.int64)
 
-    def _row(self, i: int, k: int) -> np.ndarray:
-        """float64 row of model call ``i`` as the ``k``-th call of a run (k >= 4: eq. (12))."""
+    def _transfer(self, t: int, tp: int) -> tuple[float, float]:
+        """(k_x, k_e): phi(x, e, t, tp) = k_x x + k_e e' for the raw (combined) output e'."""
         ab = self.schedule.alphas_cumprod
-        r = self.schedule.num_train_timesteps // self.num_inference_steps
         final = 1.0 if self.set_alpha_to_one else float(ab[0])
-        t = int(self._ts[i])
-        t, tp = (t + r, t) if k == 1 else (t, t - r)
         ab_t, ab_p = float(ab[t]), alpha_bar_prev(self.schedule, tp, final)
         big_a = math.sqrt(ab_p / ab_t)
         denom = ab_t * math.sqrt(1.0 - ab_p) + math.sqrt(ab_t * (1.0 - ab_t) * ab_p)
         big_b = (ab_p - ab_t) / denom
-        k_x, k_e = big_a, -big_b
         if self.prediction_type == "v_prediction":  # e' = sqrt(ab_t) v' + sqrt(1 - ab_t) x_t
-            k_x, k_e = big_a - big_b * math.sqrt(1.0 - ab_t), -big_b * math.sqrt(ab_t)
+            return big_a - big_b * math.sqrt(1.0 - ab_t), -big_b * math.sqrt(ab_t)
+        return big_a, -big_b
+
+    def _row(self, i: int, k: int) -> np.ndarray:
+        """float64 row of model call ``i`` as the ``k``-th call of a run (k >= warmup: eq. 12)."""
+        r = self.schedule.num_train_timesteps // self.num_inference_steps
+        t = int(self._ts[i])
         row = np.zeros(self.coef_width, dtype=np.float64)
         row[0] = row[1] = 1.0  # a, s: unused by prediction_type="sample"
+        if not self.skip_prk_steps and k < 12:  # Runge-Kutta: every call from the step's start
+            start = int(self._prk[k // 4 * 4])  # diffusers reads it by its counter
+            tp = t - (0 if k % 2 else r // 2)
+            k_x, k_e = self._transfer(start, tp)
+            if k % 4 == 3:  # x = phi(start sample, e_a/6 + e_b/3 + e_c/3 + e_d/6)
+                row[3], row[4], row[5], row[6], row[10] = k_x, k_e / 6, k_e / 3, k_e / 3, k_e / 6
+                row[7] = 1.0
+            else:  # x_c carries the step's start sample; x_next = phi(it, this output)
+                row[2 if k % 4 == 0 else 3], row[7], row[8] = 1.0, k_x, k_e
+            return row
+        k_x, k_e = self._transfer(*((t + r, t) if k == 1 else (t, t - r)))
         if k == 0:
             row[2], row[7], row[8] = 1.0, k_x, k_e
             return row
@@ -153,18 +200,19 @@ class PNDMSampler(Sampler):
         if k == 1:
             row[3], row[4], row[5] = k_x, k_e / 2, k_e / 2
             return row
-        w = PLMS_WEIGHTS[min(k, _WARMUP)]
+        w = PLMS_WEIGHTS[min(k, 4)]
         row[2] = k_x
         for col, wj in zip((4, 5, 6, 10), w, strict=False):
             row[col] = k_e * wj
         return row
 
     def coefficients(self) -> np.ndarray:
-        rows = np.stack([self._row(i, min(i, _WARMUP)) for i in range(self.steps)])
-        # a run that starts at call s > 0 (img2img) takes call k's row at s + k, k < 4
+        cap = self.warmup
+        rows = np.stack([self._row(i, min(i, cap)) for i in range(self.steps)])
+        # a run that starts at call s > 0 (img2img) takes call k's row at s + k, k < warmup
         self._since64 = [
             np.stack([self._row(i, k) if i >= k else rows[i] for i in range(self.steps)])
-            for k in range(_WARMUP)
+            for k in range(cap)
         ]
         self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
         return rows
@@ -173,7 +221,7 @@ class PNDMSampler(Sampler):
         return False
 
     def _variant(self, k: int, device: torch.device) -> Tensor:
-        """The fp32 table of rows for the ``k``-th call of a run (k < 4), cached per device."""
+        """The fp32 table of rows for the ``k``-th call of a run (k < warmup), cached per device."""
         tab = self._variant_tables.get((k, device))
         if tab is None:
             tab = torch.from_numpy(self._since64[k]).float().to(device)
@@ -185,23 +233,48 @@ class PNDMSampler(Sampler):
             f"{type(self).__name__}(steps={self.num_inference_steps} ({self.steps} model calls),"
             f" prediction_type={self.prediction_type!r}, timestep_spacing="
             f"{self.timestep_spacing!r}, set_alpha_to_one={self.set_alpha_to_one},"
-            f" schedule={self.schedule!r})"
+            f" skip_prk_steps={self.skip_prk_steps}, schedule={self.schedule!r})"
         )
+
+    def config(self) -> dict:
+        return {**super().config(), "skip_prk_steps": self.skip_prk_steps}
 
     def reset(self) -> None:
         """Forget the run: the next call starts a new one (call 0's row)."""
-        self._ets: list[Tensor] = []  # the outputs eq. (12) combines (call 1's is not kept)
-        self._last: Tensor | None = None  # the sample of the run's first call
+        # [last, m_{i-1}, m_{i-2}, m_{i-3}] as the op reads them, and the Runge-Kutta steps'
+        # first outputs (the history of the first PLMS call)
+        self._hist: list[Tensor | None] = [None] * 4
+        self._stash: list[Tensor | None] = [None] * 3
         self._prev_i = -1
         self._start = 0
 
-    # ------------------------------------------------------------------ stepping
+    # ------------------------------------------------------------------ history
+    def history_moves(self, k: int) -> list[tuple[str, str]]:
+        """After the ``k``-th call of a run, once every output has been shifted into the history
+        (m_{i-3} <- m_{i-2} <- m_{i-1} <- m, last <- x_c): the ``(destination, source)`` moves
+        between ``m1``, ``m2``, ``m3`` and the stash ``s0``..``s2`` that give the next call
+        diffusers' history. PLMS start: call 1's output is averaged in, then dropped. Runge-Kutta:
+        each RK step's first output is kept (diffusers' ets) and after the 12th call they are the
+        history of the first PLMS call."""
+        if self.skip_prk_steps:
+            return [("m1", "m2")] if k == 1 else []
+        if k in (0, 4, 8):
+            return [(f"s{k // 4}", "m1")]
+        return [("m1", "s2"), ("m2", "s1"), ("m3", "s0")] if k == 11 else []
+
     def graph_history(self, i: int, hist: Sequence[Tensor]) -> None:
-        """After call ``i`` of a CUDA-graph run: the captured step shifted every output into the
-        static history ``[last, m_{i-1}, m_{i-2}, m_{i-3}]``, but eq. (12) skips call 1's
-        output (diffusers keeps e_0, e_2, e_3, ...): put e_0 back as m_{i-1} (a device copy)."""
-        if i == 1:
-            hist[1].copy_(hist[2])
+        """After call ``i`` of a CUDA-graph run (from call 0): the captured step shifted its
+        output into the static history ``[last, m_{i-1}, m_{i-2}, m_{i-3}]``; the
+        :meth:`history_moves` run as device copies (the stash: buffers of this sampler)."""
+        moves = self.history_moves(i)
+        if not moves:
+            return
+        st = self._graph_stash
+        if not st or st[0].shape != hist[1].shape or st[0].device != hist[1].device:
+            st[:] = [torch.empty_like(hist[1]) for _ in range(3)]
+        bufs = {"m1": hist[1], "m2": hist[2], "m3": hist[3], "s0": st[0], "s1": st[1], "s2": st[2]}
+        for dst, src in moves:
+            bufs[dst].copy_(bufs[src])
 
     def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
         """The x0 prediction of model call ``i`` at sample ``x`` from its (combined) output
@@ -212,6 +285,7 @@ class PNDMSampler(Sampler):
             return (a * x.float() - s * m.float()).to(x.dtype)
         return ((x.float() - s * m.float()) / a).to(x.dtype)
 
+    # ------------------------------------------------------------------ stepping
     def step_with_history(
         self,
         model_output: Tensor,
@@ -254,29 +328,39 @@ class PNDMSampler(Sampler):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Model call ``i`` (at ``timesteps[i]``, model output at ``x``): one fused op call.
 
-        The history (call 0's sample, the outputs eq. (12) combines) is kept on the sampler and
-        used only when call ``i - 1`` was the last one it ran for this x shape and device;
-        otherwise call ``i`` starts a new run (img2img: diffusers' pipelines run
-        ``timesteps[s:]`` with a fresh scheduler). PLMS is deterministic: ``noise``,
+        The history (the sample a step starts from, the outputs eq. (12) combines) is kept on
+        the sampler and used only when call ``i - 1`` was the last one it ran for this x shape
+        and device; otherwise call ``i`` starts a new run (img2img: diffusers' pipelines run
+        ``timesteps[s:]`` with a fresh scheduler). PNDM is deterministic: ``noise``,
         ``generator`` and ``generator_state`` are unused. Returns the next sample, or ``(sample,
         x0)`` with ``return_x0`` (x0: this call's x0 prediction, see :meth:`x0_of`).
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        ets = self._ets
-        valid = (bool(ets) and self._prev_i == i - 1 and ets[-1].shape == x.shape
-                 and ets[-1].device == x.device)  # fmt: skip
+        hist, stash = self._hist, self._stash
+        m1 = hist[1]
+        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+                 and m1.device == x.device)  # fmt: skip
         if not valid:
-            self._start, ets, self._last = i, [], None
+            self._start, hist, stash = i, [None] * 4, [None] * 3
         k = i - self._start
-        table = self.coef_table(x.device) if k >= _WARMUP else self._variant(k, x.device)
-        hist = ets[::-1] + [None] * 3  # newest first: e_{i-1}, e_{i-2}, e_{i-3}
-        last = self._last if k == 1 else None
-        m1, m2, m3 = (hist[0], None, None) if k == 1 else hist[:3]
-        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m1, m2, m3,
+        full = k >= self.warmup
+        table = self.coef_table(x.device) if full else self._variant(k, x.device)
+        r = (self._coef64 if full else self._since64[k])[i]
+        # an operand is passed only when a weight reads it (m_prev3 needs m_prev2 needs m_prev)
+        need3 = r[10] != 0.0
+        need2 = need3 or r[6] != 0.0 or r[11] != 0.0
+        need1 = need2 or r[5] != 0.0 or r[9] != 0.0
+        ops = [t if need else None for t, need in zip(hist, (r[3] != 0.0, need1, need2, need3),
+                                                      strict=True)]  # fmt: skip
+        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], *ops,
                                                 guidance_scale=guidance_scale)  # fmt: skip
-        if k == 0:
-            self._last = x_c  # x_c = x: call 1 steps from here again
-        if k != 1:  # diffusers' ets: call 1's output is averaged in, then dropped
-            ets = [*ets[-2:], m]
-        self._ets, self._prev_i = ets, i
+        hist = [x_c, m, hist[1], hist[2]]
+        named = {"m1": 1, "m2": 2, "m3": 3}
+        for dst, src in self.history_moves(k):
+            val = hist[named[src]] if src in named else stash[int(src[1])]
+            if dst in named:
+                hist[named[dst]] = val
+            else:
+                stash[int(dst[1])] = val
+        self._hist, self._stash, self._prev_i = hist, stash, i
         return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next
