@@ -279,8 +279,9 @@ def test_history_reset_and_reuse():
         fastdiff.sample(_toy, sampler=smp, noise=z, steps=7)
 
 
+@pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
 @pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)
-def test_every_backend_matches_diffusers(case):
+def test_every_backend_matches_diffusers(case, prk):
     """A guided run at an odd size on each backend of the fused op (cpu: the C++ kernel, triton
     under TRITON_INTERPRET=1) equals diffusers' loop on the combined output."""
     dev, backend = case
@@ -296,10 +297,12 @@ def test_every_backend_matches_diffusers(case):
         u, c = raw(x, t.expand(x.shape[0])).chunk(2)
         return u + gs * (c - u)
 
-    ref = _diffusers_loop(_scheduler(prediction_type="v_prediction", steps_offset=1), 6, z,
-                          combined)  # fmt: skip
+    ref = _diffusers_loop(_scheduler(prk=prk, prediction_type="v_prediction", steps_offset=1), 6,
+                          z, combined)  # fmt: skip
     sch = NoiseSchedule.from_diffusers(DIFFUSERS_BETAS["scaled_linear"])
-    smp = PNDMSampler(sch, 6, prediction_type="v_prediction", steps_offset=1, skip_prk_steps=True)
+    smp = PNDMSampler(sch, 6, prediction_type="v_prediction", steps_offset=1,
+                      skip_prk_steps=not prk)  # fmt: skip
+    assert len(smp) == (15 if prk else 7)
     x = z.to(dev)
     with fastdiff.use_backend(backend, op="unipc_step"):
         for i, t in enumerate(smp.timesteps):
