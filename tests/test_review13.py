@@ -80,3 +80,32 @@ def test_from_config_leftover_clip_sample_is_not_applied(cls, opts, as_dict):
     ddpm = diffusers.DDPMScheduler.from_config(DDPM_CONFIG)
     assert resolve_sampler(_toy, "dpm++", 7, ddpm.config, None, None, {}).clip_sample
     assert math.isfinite(float(got.abs().max()))
+
+
+def _diffusers_sde_loop(sch, steps: int, x: torch.Tensor, seed: int) -> torch.Tensor:
+    sch.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    for t in sch.timesteps:
+        x = sch.step(_toy(x, t.reshape(1)), t, x, generator=g).prev_sample
+    return x
+
+
+@needs_diffusers
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_sde_lu_lambdas_to_sigma_min_on_cosine_builds_and_matches(order):
+    """DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True,
+    final_sigmas_type="sigma_min", algorithm_type="sde-dpmsolver++"): the lambda grid's last
+    sigma is one float32 ulp below sigma_min, so the last step went up in sigma (h ~ -2e-7) and
+    building the sampler failed with a bare ``ValueError: math domain error`` (sqrt(1 - e^{-2h})
+    of a negative number) for every step count, where diffusers (h = 0 in float32) samples."""
+    sch = diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True, final_sigmas_type="sigma_min",
+        algorithm_type="sde-dpmsolver++", solver_order=order,
+    )  # fmt: skip
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = _diffusers_sde_loop(sch, 6, x_T, seed=4)
+    got = fastdiff.sample(_toy, steps=6, schedule=sch, noise=x_T,
+                          generator=torch.Generator().manual_seed(4))  # fmt: skip
+    assert _rel(got, ref) <= 1e-5
+    smp = resolve_sampler(_toy, None, 6, sch, None, None, {})
+    assert smp.coef64[-1, 5] == 0.0  # no noise on the (identity) last step

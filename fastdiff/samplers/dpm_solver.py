@@ -367,7 +367,10 @@ class DPMSolverPPSampler(Sampler):
         need = []  # how many previous m step i's full-history row uses (0, 1, 2)
         for i in range(n):
             a_s, s_s, a_t, s_t = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
-            exp_neg_h = ratio[i + 1] / ratio[i]  # e^{-h}, exact also for the final sigma = 0
+            # e^{-h}, exact also for the final sigma = 0. At most 1: a grid's last sigma may sit a
+            # float32 ulp below sigma_min (cosine + use_lu_lambdas), h < 0 by rounding; h = 0
+            # there (as diffusers' float32 lambdas), not a step up (SDE: sqrt of < 0)
+            exp_neg_h = min(ratio[i + 1] / ratio[i], 1.0)
             c_x, c_noise = s_t / s_s, 0.0
             if self.sde:  # SDE-DPM-Solver++: e^{-h} x_s, alpha_t (1 - e^{-2h}), noise term
                 one_m_e2h = 1.0 - exp_neg_h * exp_neg_h  # 1 - e^{-2h}
@@ -376,7 +379,7 @@ class DPMSolverPPSampler(Sampler):
                 c_noise = s_t * math.sqrt(one_m_e2h)
             else:
                 phi = a_t * (1.0 - exp_neg_h)  # -alpha_t (e^{-h} - 1)
-            h = lam[i + 1] - lam[i]
+            h = max(lam[i + 1] - lam[i], 0.0)
             hs = [lam[i - k] - lam[i - k - 1] if i - k > 0 else 0.0 for k in range(2)]  # h0, h1
             order = orders[i] if h != 0.0 else 1
             # h = 0 (a sigma grid's last sigma_min, then final_sigmas_type="sigma_min" again):
