@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -310,6 +311,13 @@ def test_every_backend_matches_diffusers(case, prk):
     assert x.device.type == dev
     err = _rel(x.cpu(), ref)
     assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.usefixtures("emu")
+@pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
+def test_emulated_cuda_kernel_matches_diffusers(prk):
+    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
+    test_every_backend_matches_diffusers(("cpu", "cuda"), prk)
 
 
 def test_sample_with_guidance_equals_manual_cfg():
