@@ -222,6 +222,15 @@ def test_bad_options(opts, match):
         PNDMSampler(NoiseSchedule("linear"), 25, **opts)
 
 
+def test_zero_terminal_snr_is_a_clear_error():
+    """alpha_bar_999 = 0: phi's sqrt(alpha_bar_prev / alpha_bar_t) is infinite."""
+    zero = NoiseSchedule.from_diffusers(dict(DIFFUSERS_BETAS["scaled_linear"],
+                                             rescale_betas_zero_snr=True))  # fmt: skip
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        PNDMSampler(zero, 10, timestep_spacing="trailing", skip_prk_steps=True)
+    assert len(PNDMSampler(zero, 10, skip_prk_steps=True)) == 11  # leading: t <= 900
+
+
 @pytest.mark.parametrize("steps", [0, 1001, 2.0])
 def test_bad_steps(steps):
     with pytest.raises((ValueError, TypeError), match="steps"):

@@ -169,6 +169,12 @@ class PNDMSampler(Sampler):
         ab = self.schedule.alphas_cumprod
         final = 1.0 if self.set_alpha_to_one else float(ab[0])
         ab_t, ab_p = float(ab[t]), alpha_bar_prev(self.schedule, tp, final)
+        if ab_t <= 0.0:
+            raise ValueError(
+                f"schedule: alpha_bar is 0 at t = {t} (zero terminal SNR), where PNDM's transfer "
+                "sqrt(alpha_bar_prev / alpha_bar_t) is infinite (diffusers' PNDMScheduler "
+                "returns inf / NaN); use a sampler with a zero-SNR limit, e.g. 'ddim' or 'unipc'"
+            )
         big_a = math.sqrt(ab_p / ab_t)
         denom = ab_t * math.sqrt(1.0 - ab_p) + math.sqrt(ab_t * (1.0 - ab_t) * ab_p)
         big_b = (ab_p - ab_t) / denom
