@@ -15,6 +15,7 @@ at t = 999 of the cosine schedule).
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -410,6 +411,36 @@ def test_no_host_sync_inside_the_sampling_loop():
         out = fastdiff.sample(model, steps=6, sampler="pndm", shape=SHAPE[1:], batch_size=2)
     assert spy.armed and torch.isfinite(out).all()
     assert spy.seen == []
+
+
+def test_beats_ddim_on_the_exact_ode():
+    """Gaussian data N(0, tau^2): the exact eps is s x / (ab tau^2 + s^2) and the probability-flow
+    ODE keeps x / sqrt(ab tau^2 + 1 - ab). From the same start, PNDM's multistep noise estimate
+    lands 20x+ closer to the exact end point than DDIM's (whose transfer holds eps constant over
+    a step) with the same steps, and closer with more steps (measured: PLMS 4.7e-3 / 1.6e-3 at 20
+    / 40 steps, DDIM 0.13 / 0.068)."""
+    from fastdiff.samplers import DDIMSampler
+
+    sch, tau = NoiseSchedule("linear"), 0.5
+    ab = sch.alphas_cumprod.double()
+
+    def error(smp) -> float:
+        a0 = float(ab[int(smp.timesteps[0])])
+        x0 = torch.linspace(-2.0, 2.0, 16, dtype=torch.float64) * math.sqrt(a0 * tau**2 + 1 - a0)
+        x = x0.float()
+        for i, t in enumerate(smp.timesteps.tolist()):
+            a = float(ab[t])
+            x = smp.step((math.sqrt(1 - a) * x.double() / (a * tau**2 + 1 - a)).float(), i, x)
+        exact = x0 * tau / math.sqrt(a0 * tau**2 + 1 - a0)  # at ab = 1 (set_alpha_to_one)
+        return (x.double() - exact).abs().max().item()
+
+    errs = {}
+    for n in (20, 40):
+        ddim = error(DDIMSampler(sch, n, clip_sample=False))
+        for prk in (False, True):
+            errs[prk, n] = error(PNDMSampler(sch, n, set_alpha_to_one=True, skip_prk_steps=not prk))
+            assert errs[prk, n] < ddim / 20, (n, prk, errs[prk, n], ddim)
+    assert errs[False, 40] < errs[False, 20] / 2 and errs[True, 40] < errs[True, 20] / 2
 
 
 @pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
