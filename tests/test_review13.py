@@ -109,3 +109,27 @@ def test_sde_lu_lambdas_to_sigma_min_on_cosine_builds_and_matches(order):
     assert _rel(got, ref) <= 1e-5
     smp = resolve_sampler(_toy, None, 6, sch, None, None, {})
     assert smp.coef64[-1, 5] == 0.0  # no noise on the (identity) last step
+
+
+@needs_diffusers
+@pytest.mark.parametrize(
+    "cls,beta_schedule",
+    [("DPMSolverMultistepScheduler", "squaredcos_cap_v2"),
+     ("DPMSolverMultistepScheduler", "linear"),
+     ("UniPCMultistepScheduler", "squaredcos_cap_v2")],
+)  # fmt: skip
+def test_final_sigma_min_on_spaced_timesteps_is_diffusers_float32_one(cls, beta_schedule):
+    """``final_sigmas_type="sigma_min"`` on the spaced timesteps (no sigma grid), 15+ steps, so
+    the last step is a third-order one: fastdiff ended at the float64 sigma_min, diffusers at
+    the one of its float32 alpha_bar (1 - ab_0 ~ 4e-5 on cosine: ~3 digits), as fastdiff's own
+    sigma grids do. Whole runs were up to 2.2e-4 (DPM++, cosine) / 9e-5 (DPM++, linear) /
+    1.3e-5 (UniPC) from diffusers' loop with ``prediction_type="sample"`` (claimed: 1e-5)."""
+    sch = getattr(diffusers, cls)(
+        beta_schedule=beta_schedule, solver_order=3, final_sigmas_type="sigma_min",
+        prediction_type="sample",
+    )  # fmt: skip
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for steps in (15, 25):
+        ref = _diffusers_loop(sch, steps, x_T)
+        got = fastdiff.sample(_toy, steps=steps, schedule=sch, noise=x_T)
+        assert _rel(got, ref) <= 1e-5, steps

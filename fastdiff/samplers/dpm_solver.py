@@ -306,8 +306,12 @@ class DPMSolverPPSampler(Sampler):
         # DPM-Solver's sigma (noise-to-signal ratio) sigma/alpha = sqrt((1 - ab)/ab) per step,
         # then the end point.
         ratio = [math.sqrt((1.0 - float(ab[t])) / float(ab[t])) for t in self._ts]
-        ratio.append(0.0 if self.final_sigmas_type == "zero" else math.sqrt((1 - ab[0]) / ab[0]))
-        return ratio
+        if self.final_sigmas_type == "zero":
+            return [*ratio, 0.0]
+        # sigma_min as diffusers has it, from its float32 alpha_bar (as the sigma grids' end
+        # points; 1 - ab_0 ~ 1e-4 keeps ~3 digits in float32), also for a step at t = 0 (h = 0)
+        s0 = float(self._train_sigmas32()[0])
+        return [s0 if t == 0 else r for t, r in zip(self._ts, ratio, strict=True)] + [s0]
 
     def _orders(self) -> list[int]:
         """The order of each step in a run from step 0, as diffusers' ``step`` picks it from
