@@ -3,9 +3,9 @@ sample() / CUDA graphs (faked on CPU) / every unipc_step backend / the CLI.
 
 With skip_prk_steps=True diffusers runs N PLMS steps as N + 1 model calls over [t0, t1, t1, t2,
 ..., tN-1]: a first step, its pseudo improved-Euler correction from the same sample (the two
-outputs averaged), then the Adams-Bashforth combinations of eq. (12) (Liu et al. 2022). With
+outputs averaged), then the Adams-Bashforth combinations of PLMS (Liu et al. 2022). With
 skip_prk_steps=False (its default) three pseudo Runge-Kutta steps of 4 calls each come first
-(N + 9 calls), and eq. (12) reads their first outputs. Per model call both sides get the
+(N + 9 calls), and PLMS reads their first outputs. Per model call both sides get the
 same sample and model output; ours must agree to a relative error <= 1e-5 (max |ours - theirs| /
 max |theirs|) with diffusers' step run in float64 on our float64 alpha_bar, and to 1e-5 plus
 diffusers' own fp32 error with the stock scheduler (whose fp32 coefficients are up to ~5e-3 off

@@ -18,8 +18,8 @@ from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["PNDMSampler"]
 
-#: PLMS weights of eq. (12) and its lower-order starts (diffusers' step_plms), newest output
-#: first, indexed by the number of outputs combined.
+#: PLMS weights (the pseudo linear multistep formula) and its lower-order starts (diffusers'
+#: step_plms), newest output first, indexed by the number of outputs combined.
 PLMS_WEIGHTS = {
     1: (1.0,),
     2: (3 / 2, -1 / 2),
@@ -35,16 +35,18 @@ def _unipc_ops():
 
 
 class PNDMSampler(Sampler):
-    """PNDM (Liu et al. 2022: eq. (11), (12) and the pseudo Runge-Kutta warm-up), model call for
-    model call as diffusers' ``PNDMScheduler``.
+    """PNDM (Liu et al. 2022: the transfer part phi, the pseudo linear multistep method PLMS and
+    the pseudo Runge-Kutta warm-up PRK), model call for model call as diffusers'
+    ``PNDMScheduler``. Equation numbers as diffusers cites them (not checked against the paper
+    here): phi is eq. (9); PRK and PLMS are eqs. (12)-(13) and Algorithm 2.
 
-    The transfer part phi (eq. (11)) moves x_t to x_{t'} along the DDIM-like direction of a
+    The transfer part phi (eq. (9)) moves x_t to x_{t'} along the DDIM-like direction of a
     noise estimate e, with ab = alpha_bar::
 
         phi(x_t, e, t, t') = A x_t - B e,      A = sqrt(ab_t' / ab_t),
         B = (ab_t' - ab_t) / (ab_t sqrt(1 - ab_t') + sqrt(ab_t (1 - ab_t) ab_t'))
 
-    and the gradient part (eq. (12)) combines the model outputs e_i of the linear multistep
+    and the gradient part (PLMS) combines the model outputs e_i of the linear multistep
     method::
 
         e' = (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24
@@ -54,7 +56,7 @@ class PNDMSampler(Sampler):
     // 2; T the number of training timesteps), every call from the step's start sample x_s with
     diffusers' timestep arithmetic: x_a = phi(x_s, e_a, t, t - h), x_b = phi(x_s, e_b, t, t' + h),
     x_c = phi(x_s, e_c, t, t' + h - h), then x_{t'} = phi(x_s, e_a/6 + e_b/3 + e_c/3 + e_d/6, t,
-    t'); the steps' first outputs e_a are eq. (12)'s history, and every later call is eq. (12)
+    t'); the steps' first outputs e_a are PLMS's history, and every later call is PLMS
     with 4 outputs: N steps are N + 9 model calls (N >= 4).
 
     ``skip_prk_steps=True`` (as diffusers, after crowsonkb's PLMS for latent diffusion): the
@@ -108,7 +110,7 @@ class PNDMSampler(Sampler):
     default_spacing = "leading"
     is_multistep = True
     coef_width = 12
-    #: the outputs eq. (12) reads: e_i .. e_{i-3} (the CUDA-graph loop keeps 4 history buffers)
+    #: the outputs PLMS reads: e_i .. e_{i-3} (the CUDA-graph loop keeps 4 history buffers)
     solver_order = 4
 
     def __init__(
@@ -183,7 +185,7 @@ class PNDMSampler(Sampler):
         return big_a, -big_b
 
     def _row(self, i: int, k: int) -> np.ndarray:
-        """float64 row of model call ``i`` as the ``k``-th call of a run (k >= warmup: eq. 12)."""
+        """float64 row of model call ``i`` as the ``k``-th call of a run (k >= warmup: PLMS)."""
         r = self.schedule.num_train_timesteps // self.num_inference_steps
         t = int(self._ts[i])
         row = np.zeros(self.coef_width, dtype=np.float64)
@@ -334,7 +336,7 @@ class PNDMSampler(Sampler):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Model call ``i`` (at ``timesteps[i]``, model output at ``x``): one fused op call.
 
-        The history (the sample a step starts from, the outputs eq. (12) combines) is kept on
+        The history (the sample a step starts from, the outputs PLMS combines) is kept on
         the sampler and used only when call ``i - 1`` was the last one it ran for this x shape
         and device; otherwise call ``i`` starts a new run (img2img: diffusers' pipelines run
         ``timesteps[s:]`` with a fresh scheduler). PNDM is deterministic: ``noise``,
