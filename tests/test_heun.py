@@ -184,10 +184,16 @@ def test_timesteps_sigmas_and_rows():
     assert coef.shape == (7, 8) and (coef[:, 5:] == 0).all()
     # Euler stages: c_prev = 0; the last one lands on sigma = 0 and returns x0
     assert (coef[0::2, 4] == 0).all() and tuple(coef[-1, 2:5]) == (0.0, 1.0, 0.0)
-    # corrections: at the next sigma (a, s of the Euler stage's target), c_x = 1, c_prev = -c_x0
+    # corrections: at the next sigma (a, s of the Euler stage's target), reading the Euler
+    # stage's input x_i: x_next = (x_i / a_i + x / a') a' / 2 + k (x - a' m), k = h / (2 sigma')
     np.testing.assert_allclose(coef[1::2, :2], coef[2::2, :2], rtol=1e-15)
-    assert (coef[1::2, 2] == 1.0).all() and (coef[1::2, 4] == -coef[1::2, 3]).all()
-    assert (coef[1::2, 4] < 0).all()  # h < 0: sigma decreases
+    a = 1.0 / np.sqrt(1.0 + s.sigmas() ** 2)
+    np.testing.assert_allclose(coef[1::2, 4], a[1:4] / (2.0 * a[:3]), rtol=1e-15)
+    np.testing.assert_allclose(coef[1::2, 2] - 0.5, -coef[1::2, 3] / a[1:4], rtol=1e-12)
+    assert (coef[1::2, 3] > 0).all()  # k < 0: sigma decreases
+    # a constant x0 prediction D is a fixed point in sigma space: c_x a' + c_x0 + c_prev a_i = a'
+    fixed = coef[1::2, 2] * a[1:4] + coef[1::2, 3] + coef[1::2, 4] * a[:3]
+    np.testing.assert_allclose(fixed, a[1:4], rtol=1e-12)
     one = HeunSampler(sch, 1, timestep_spacing="trailing")  # one Euler call to sigma = 0
     assert len(one) == 1 and one.timesteps.tolist() == [999]
     assert tuple(one.coef64[0, 2:5]) == (0.0, 1.0, 0.0)
@@ -254,7 +260,14 @@ def test_correction_needs_the_euler_stage_of_this_sampler():
     ref = s.step(mo, 1, x1)
     # an explicit history gives the same result; a second sampler needs no state
     t = HeunSampler(NoiseSchedule("linear"), 5)
-    torch.testing.assert_close(t.step(mo, 1, x1, x0_prev=m1), ref, rtol=0, atol=0)
+    # the history is the Euler stage's input x, not its x0 prediction m1
+    torch.testing.assert_close(t.step(mo, 1, x1, x0_prev=x), ref, rtol=0, atol=0)
+    assert (t.step(mo, 1, x1, x0_prev=m1) - ref).abs().max() > 1e-3
+    x_in = x.clone()  # the kept input modified in place before the correction: refused
+    s.step(mo, 0, x_in)
+    x_in.add_(1.0)
+    with pytest.raises(ValueError, match="input sample of call 0, .* modified in place"):
+        s.step(mo, 1, x1)
     s.step(mo, 0, x)
     s.reset()  # forgets the history: a new run
     with pytest.raises(ValueError, match="correction"):
@@ -412,7 +425,14 @@ def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch):
         torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
     assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
-    assert fake_cuda_graphs[0].x0_prev is not None  # the history lives in a static buffer
+    g = fake_cuda_graphs[0]
+    # the history lives in a static buffer, filled with each step's input x; with the x0
+    # prediction there the correction is wrong
+    assert g.x0_prev is not None and g.history_is_input
+    g.history_is_input = False
+    assert (run(True, 2)[0] - eager).abs().max() > 1e-3
+    g.history_is_input = True
+    torch.testing.assert_close(run(True, 2)[0], eager, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ CLI

@@ -34,28 +34,30 @@ class HeunSampler(EulerSampler):
     and the last step, to sigma = 0, is Euler only (line 6's condition sigma_{i+1} != 0): N steps
     are 2N - 1 model calls. As diffusers, ``len(sampler)`` and ``timesteps`` count the model
     calls: ``[t_0, t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}]``, and ``step(out, i, x)`` is one
-    of them, each one fused ``dpm_solver_2m_step`` call ``x_next = c_x x + c_x0 m + c_prev
-    m_prev`` (m = the x0 prediction of this call, m_prev = the previous call's).
+    of them, each one fused ``dpm_solver_2m_step`` call ``x_next = c_x x + c_x0 m + c_prev h``
+    (m = the x0 prediction of this call; h, the op's ``x0_prev`` operand, only in stage 2: the
+    previous call's input sample).
 
-    Stage 1 in x0 form is x' = (sigma_{i+1}/sigma_i) x_sigma + (1 - sigma_{i+1}/sigma_i) m_1.
-    Solving it for x_sigma gives d_1 = (x' - m_1) / sigma_{i+1}, so stage 2 needs only x' and m_1
-    (not x_sigma)::
-
-        x_sigma_next = x' + h / (2 sigma_{i+1}) (m_1 - m_2)
-
-    fastdiff keeps the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
-    :class:`~fastdiff.samplers.euler.EulerSampler`), so the rows ``[a, s, c_x, c_x0, c_prev, 0, 0,
-    0]`` are, with s_i = a_i sigma_i at the sample's noise level and r = sigma_{i+1} / sigma_i::
+    Stage 1 gives h d_1 = x' - x_sigma, so stage 2 is x_sigma_next = (x_sigma + x') / 2 + h d_2 / 2:
+    it needs x', its x0 prediction m_2 and the stage-1 input x_sigma, which the sampler keeps as
+    the history operand (the op's ``x0_prev`` slot, as diffusers stores x_sigma). fastdiff keeps
+    the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
+    :class:`~fastdiff.samplers.euler.EulerSampler`), so with x_i = a_i x_sigma the kept input,
+    x = a_{i+1} x' stage 2's sample, s_i = a_i sigma_i, r = sigma_{i+1} / sigma_i and k = h / (2
+    sigma_{i+1}), the rows ``[a, s, c_x, c_x0, c_prev, 0, 0, 0]`` (c_prev multiplies x_i) are::
 
         stage 1:  [a_i, s_i, a_{i+1} r / a_i, a_{i+1} (1 - r), 0]
-        stage 2:  [a_{i+1}, s_{i+1}, 1, -a_{i+1} h / (2 sigma_{i+1}), a_{i+1} h / (2 sigma_{i+1})]
+        stage 2:  [a_{i+1}, s_{i+1}, 1/2 + k, -a_{i+1} k, a_{i+1} / (2 a_i)]
 
     Stage 2's sample is x' (at sigma_{i+1}, where the model is called), so its x0 prediction
-    uses a_{i+1}, s_{i+1}, as diffusers' (which uses sigma_next there). The history m_1 is kept
-    on the sampler (as DPM-Solver++'s); stage 2 is algebraically diffusers' update from its stored
-    x_sigma and d_1 and differs only by fp32 rounding (<= 1e-5 relative per call, tested; with
-    very few steps, where h / sigma_{i+1} is large, about 2-4x diffusers' own fp32 rounding, e.g.
-    5.6e-4 vs 2.5e-4 relative for a 2-step linspace Heun step on the linear schedule).
+    uses a_{i+1}, s_{i+1}, as diffusers' (which uses sigma_next there). Stage 2 is
+    algebraically diffusers' update from its stored x_sigma and d_1 and differs only by fp32
+    rounding (<= 1e-5 relative per call, tested). With very few steps k is large (-243 for 2
+    steps on scaled_linear) and both fp32 steps lose digits to the cancellation in d_2: ours is
+    then ~2.3x diffusers' own fp32 error (median over seeds; worst measured 3.5x where the
+    errors exceed 1e-5, e.g. 3e-5 vs 1.3e-5 relative for 2 steps; 4.7x only below 2e-6). (The
+    form x' + k (m_1 - m_2), which needs the stage-1 x0 m_1 instead of x_i, multiplies m_1's
+    fp32 error, ~ulp(x_sigma) at sigma_i, by k: ~4x median, up to 6.8x.)
     ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0).
 
     Timesteps and sigmas are Euler's (default ``linspace`` spacing: fractional timesteps, which
@@ -73,6 +75,9 @@ class HeunSampler(EulerSampler):
 
     name = "heun"
     is_multistep = True
+    #: stage 2's history operand is the stage-1 input sample (the CUDA-graph loop fills its
+    #: x0_prev buffer with the step's input)
+    history_is_input = True
 
     def __init__(
         self,
@@ -96,8 +101,9 @@ class HeunSampler(EulerSampler):
             )
         self.clip_sample = bool(clip_sample)
         self.clip_sample_range = float(clip_sample_range)
-        self._x0_prev: Tensor | None = None
-        self._prev_i = -1  # the model call whose x0 is in _x0_prev
+        self._x0_prev: Tensor | None = None  # the input sample of model call _prev_i
+        self._prev_i = -1
+        self._prev_version: int | None = None  # its in-place version counter then
         super().__init__(
             schedule,
             steps,
@@ -133,8 +139,9 @@ class HeunSampler(EulerSampler):
             r = sig[j + 1] / sig[j]  # sigma_{j+1} / sigma_j (0 at the last step: x' = m)
             rows[2 * j, :5] = [a[j], sig[j] * a[j], a[j + 1] * r / a[j], a[j + 1] * (1.0 - r), 0.0]
             if 2 * j + 1 < self.steps:  # the correction at sigma_{j+1} > 0
-                c = a[j + 1] * (sig[j + 1] - sig[j]) / (2.0 * sig[j + 1])  # a h / (2 sigma')
-                rows[2 * j + 1, :5] = [a[j + 1], sig[j + 1] * a[j + 1], 1.0, -c, c]
+                k = (sig[j + 1] - sig[j]) / (2.0 * sig[j + 1])  # h / (2 sigma'); c_prev: x_j
+                an = a[j + 1]
+                rows[2 * j + 1, :5] = [an, sig[j + 1] * an, 0.5 + k, -an * k, an / (2.0 * a[j])]
         return rows
 
     def __repr__(self) -> str:
@@ -150,6 +157,7 @@ class HeunSampler(EulerSampler):
     def reset(self) -> None:
         self._x0_prev = None
         self._prev_i = -1
+        self._prev_version = None
 
     def is_correction(self, i: int) -> bool:
         """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""
@@ -173,16 +181,17 @@ class HeunSampler(EulerSampler):
         x_i -> x') or the correction (odd ``i``, x' -> x_{i+1}), both in VP space.
 
         ``model_output`` is the raw model output at ``timesteps[i]`` (``[2N, ...] = [uncond,
-        cond]`` with ``guidance_scale``). The correction needs the x0 prediction of call
-        ``i - 1``, which the sampler keeps when it ran that call (for this x); pass ``x0_prev``
-        to manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer; a
+        cond]`` with ``guidance_scale``). The correction needs the input sample ``x`` of call
+        ``i - 1`` (not its x0 prediction), which the sampler keeps when it ran that call (and
+        which must not be modified in place before the correction); pass it as ``x0_prev`` to
+        manage it yourself (CUDA graphs pass a buffer and ``coef`` from a static buffer; a
         stage-1 row has c_prev = 0). ``noise``, ``generator`` and ``generator_state`` are
         accepted for API symmetry and unused (the ODE step is deterministic). Returns the new
         sample, or ``(sample, x0)`` with ``return_x0``.
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the Heun correction",
-                                           "an Euler-stage")  # fmt: skip
+                                           "an Euler-stage", "input sample")  # fmt: skip
         if coef is None:
             coef = self.coef_table(x.device)[i]
         x_next, x0 = _ops().dpm_solver_2m_step(
@@ -194,8 +203,8 @@ class HeunSampler(EulerSampler):
             clip_range=self.clip_sample_range if self.clip_sample else None,
             guidance_scale=guidance_scale,
         )
-        if not external:
-            self._x0_prev, self._prev_i = x0, i
+        if not external:  # the correction of this call reads its input
+            self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
         return (x_next, x0) if return_x0 else x_next
 
 
@@ -207,19 +216,17 @@ def stage2_history(
     coef: Tensor | None,
     stage2: str,
     stage1: str,
-    history: str = "x0 prediction",
+    history: str = "input sample",
 ) -> tuple[Tensor | None, bool]:
     """The history operand of model call ``i`` of a two-stage sampler (Heun, DPM2: the odd calls
-    are stage 2 and read what call ``i - 1`` left: Heun its x0 prediction, DPM2 its input
-    sample): ``(x0_prev, external)``.
+    are stage 2 and read what call ``i - 1`` left, its input sample): ``(x0_prev, external)``.
 
     ``x0_prev`` passed (``external``) is used as given; else stage 2 takes the tensor the sampler
     kept (``smp._x0_prev`` of call ``smp._prev_i``), which must be call ``i - 1``'s for this x
     and, where the sampler recorded its version (``smp._prev_version``, a kept input), not
     modified in place since.
     ``stage2`` / ``stage1`` name the stages in the errors ("the Heun correction", "an
-    Euler-stage"), ``history`` what call ``i - 1`` leaves for it ("x0 prediction"; DPM2: "input
-    sample")."""
+    Euler-stage"), ``history`` what call ``i - 1`` leaves for it ("input sample")."""
     external = x0_prev is not _UNSET
     if coef is not None and not external:
         # the row, not i, then decides the stage: a stage-2 row without the history would
