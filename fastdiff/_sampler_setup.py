@@ -165,7 +165,9 @@ def _own_class_params(schedule: Any, cfg: Mapping[str, Any], name: str) -> froze
         cls = getattr(diffusers, cls_name, None)
     if not isinstance(cls, type):
         return None
-    return frozenset(inspect.signature(cls.__init__).parameters)
+    # diffusers' sigma-grid conversions also read these from the config when present, whether
+    # or not the class takes them (a leftover EulerDiscreteScheduler sigma_min is used)
+    return frozenset(inspect.signature(cls.__init__).parameters) | {"sigma_min", "sigma_max"}
 
 
 # The diffusers scheduler each sampler reproduces, and the settings of that scheduler that change
@@ -190,6 +192,9 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         **_SIGMAS_NEUTRAL,
         "use_flow_sigmas": False,
         "use_dynamic_shifting": False,
+        # not DPMSolverMultistepScheduler's, but its sigma grids read them from the config
+        "sigma_min": None,
+        "sigma_max": None,
     },
     "euler": {
         "interpolation_type": "linear",

@@ -133,3 +133,25 @@ def test_final_sigma_min_on_spaced_timesteps_is_diffusers_float32_one(cls, beta_
         ref = _diffusers_loop(sch, steps, x_T)
         got = fastdiff.sample(_toy, steps=steps, schedule=sch, noise=x_T)
         assert _rel(got, ref) <= 1e-5, steps
+
+
+@needs_diffusers
+def test_leftover_sigma_min_max_of_a_euler_config():
+    """diffusers' sigma grids read ``sigma_min`` / ``sigma_max`` from the config even where the
+    class does not take them: ``DPMSolverMultistepScheduler.from_config(euler.config)`` with
+    Euler's ``sigma_min=0.1, sigma_max=5`` and Karras sigmas steps on a 0.1 .. 5 grid.
+    fastdiff's "dpm++" (no sigma_min option) silently used the full 0.03 .. 14.6 grid (other
+    timesteps, final rel. error 1.8); now a ValueError naming them. KDPM2 (whose fastdiff
+    sampler takes them) keeps using them, as diffusers."""
+    euler = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, sigma_min=0.1,
+        sigma_max=5.0, use_karras_sigmas=True,
+    )  # fmt: skip
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(euler.config)
+    with pytest.raises(ValueError, match=r"sets sigma_min=0.1, sigma_max=5.0, which .*'dpm\+\+'"):
+        fastdiff.sample(_toy, steps=5, schedule=dpm, shape=(3, 4, 4))
+    kdpm2 = diffusers.KDPM2DiscreteScheduler.from_config(euler.config)
+    smp = resolve_sampler(_toy, None, 5, kdpm2, None, None, {})
+    assert (smp.sigma_min, smp.sigma_max) == (0.1, 5.0)
+    kdpm2.set_timesteps(5)
+    assert smp.timesteps.tolist() == kdpm2.timesteps.round().long().tolist()
