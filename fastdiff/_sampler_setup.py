@@ -51,13 +51,13 @@ def resolve_sampler(
     if not isinstance(sampler, str):
         raise TypeError(
             "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'heun', 'pndm', 'unipc') or a fastdiff sampler object, got "
+            "'euler_a', 'heun', 'lcm', 'pndm', 'tcd', 'unipc') or a fastdiff sampler object, got "
             f"{type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
             "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
-            f"'heun', 'pndm', 'unipc' or a fastdiff sampler object, got {sampler!r}"
+            f"'heun', 'lcm', 'pndm', 'tcd', 'unipc' or a fastdiff sampler object, got {sampler!r}"
         )
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
@@ -75,8 +75,10 @@ def resolve_sampler(
     _check_scheduler_settings(schedule, name)
     opts = {**_scheduler_options(schedule, name), **sampler_options}
     if eta is not None:
-        if SAMPLERS[name] is not SAMPLERS["ddim"]:
-            raise ValueError(f"eta: only the 'ddim' sampler takes eta, got sampler={sampler!r}")
+        if SAMPLERS[name] not in (SAMPLERS["ddim"], SAMPLERS["tcd"]):  # TCD: eta is gamma
+            raise ValueError(
+                f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={sampler!r}"
+            )
         opts["eta"] = eta
     if "prediction_type" not in opts:
         pt = _cfg_get(model, "prediction_type")
@@ -182,7 +184,9 @@ _SCHEDULER_OF = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "lcm": "LCMScheduler",
     "pndm": "PNDMScheduler",
+    "tcd": "TCDScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
@@ -227,6 +231,12 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
     },
+    # diffusers 0.42's LCMScheduler: every setting that changes its step is implemented
+    # (timestep_spacing, steps_offset and set_alpha_to_one do nothing there); TCDScheduler's
+    # step ignores its clip_sample, thresholding and timestep_scaling too, so not applying them
+    # is diffusers' behaviour. Both guard a future sigma-grid setting.
+    "lcm": {**_SIGMAS_NEUTRAL},
+    "tcd": {**_SIGMAS_NEUTRAL},
     # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
     "unipc": {
         "solver_p": None,

@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS
-(one fused op call per model call).
+"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS,
+LCM, TCD (one fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -24,6 +24,7 @@ from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.heun import HeunSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
+from fastdiff.samplers.lcm import LCMSampler, TCDSampler
 from fastdiff.samplers.pndm import PNDMSampler
 from fastdiff.samplers.unipc import UniPCSampler
 from fastdiff.schedules import NoiseSchedule
@@ -38,8 +39,10 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",
+    "LCMSampler",
     "PNDMSampler",
     "Sampler",
+    "TCDSampler",
     "UniPCSampler",
     "make_sampler",
     "spaced_timesteps",
@@ -57,15 +60,18 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "heun": HeunSampler,
+    "lcm": LCMSampler,
     "pndm": PNDMSampler,
     "plms": PNDMSampler,
+    "tcd": TCDSampler,
     "unipc": UniPCSampler,
 }
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
-    "euler_a", "heun", "pndm", "plms" (PNDM with ``skip_prk_steps=True``), "unipc")."""
+    "euler_a", "heun", "lcm", "pndm", "plms" (PNDM with ``skip_prk_steps=True``), "tcd",
+    "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "

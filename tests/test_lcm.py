@@ -1,0 +1,430 @@
+"""LCMSampler ("lcm") and TCDSampler ("tcd") vs diffusers' LCMScheduler / TCDScheduler: the
+timesteps of set_timesteps, every step (same sample, model output and noise on both sides), whole
+runs through fastdiff.sample (the same generator on both sides), img2img, every sampler_step
+backend, the CUDA-graph loop (faked on CPU), schedule inference and the errors.
+
+Per step, ours must agree with diffusers to a relative error <= 1e-5 (max |ours - theirs| /
+max |theirs|) against diffusers' step run in float64 on our float64 alpha_bar, and to 1e-5 plus
+diffusers' own fp32 error against the stock scheduler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+
+import fastdiff
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import SAMPLERS, LCMSampler, TCDSampler, make_sampler
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
+KINDS = {"lcm": (LCMSampler, "LCMScheduler"), "tcd": (TCDSampler, "TCDScheduler")}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _toy(x: torch.Tensor, t) -> torch.Tensor:
+    """Deterministic stand-in network of x and t."""
+    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
+
+
+def _scheduler(kind: str, sched: str = "scaled_linear", **opts):
+    return getattr(diffusers, KINDS[kind][1])(**DIFFUSERS_BETAS[sched], **opts)
+
+
+def _pair(kind, steps, sched="scaled_linear", set_kw=None, **opts):
+    """(stock diffusers, diffusers in float64 on our alpha_bar), both set to ``steps``."""
+    theirs, twin = _scheduler(kind, sched, **opts), _scheduler(kind, sched, **opts)
+    for s in (theirs, twin):
+        s.set_timesteps(steps, **(set_kw or {}))
+    twin.alphas_cumprod = NoiseSchedule.from_diffusers(theirs).alphas_cumprod.clone()
+    return theirs, twin
+
+
+def _per_step(ours, theirs, twin, *, begin=0, seed=0, eta=None) -> float:
+    """Steps ``begin ..`` on each side with shared samples, model outputs and noise (diffusers'
+    draw replaced by ours); the worst error vs the float64 twin."""
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    for s in (theirs, twin):
+        s.set_begin_index(begin)
+    kw = {} if eta is None else {"eta": eta}
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    worst = 0.0
+    for i in range(begin, len(ours)):
+        t = theirs.timesteps[i]
+        mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x.clamp(-3, 3)
+        z = torch.randn(SHAPE, generator=g)
+        with _their_noise(z):
+            ref64 = twin.step(mo.double(), t, x.double(), **kw).prev_sample
+            ref = theirs.step(mo, t, x, **kw).prev_sample
+        got = ours.step(mo, i, x, noise=z if ours.needs_noise(i) else None)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        err64, err = _rel(got, ref64), _rel(got, ref)
+        assert err64 <= RTOL, f"step {i} (t={int(t)}): rel err vs float64 twin {err64:.2e}"
+        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
+        assert err <= bound, f"step {i} (t={int(t)}): rel err {err:.2e} > {bound:.2e}"
+        worst = max(worst, err64)
+        x = ref64.float()
+    return worst
+
+
+@contextlib.contextmanager
+def _their_noise(z: torch.Tensor):
+    """diffusers' LCM / TCD steps draw z = ``z`` (in the dtype they ask for)."""
+    from diffusers.schedulers import scheduling_lcm, scheduling_tcd
+
+    def draw(shape, generator=None, device=None, dtype=None):
+        assert tuple(shape) == tuple(z.shape)
+        return z.to(dtype)
+
+    with mock.patch.object(scheduling_lcm, "randn_tensor", draw), \
+            mock.patch.object(scheduling_tcd, "randn_tensor", draw):  # fmt: skip
+        yield
+
+
+# ------------------------------------------------------------------------------ timesteps
+TS_CASES = list(itertools.product(["lcm", "tcd"], [1, 2, 3, 4, 8, 50], [50, 8, 25, 1000],
+                                  [1.0, 0.5, 0.3]))  # fmt: skip
+
+
+@pytest.mark.parametrize("kind,steps,orig,strength", TS_CASES)
+def test_timesteps_are_diffusers_set_timesteps(kind, steps, orig, strength):
+    theirs = _scheduler(kind, original_inference_steps=orig)
+    sch = NoiseSchedule.from_diffusers(theirs)
+    try:
+        theirs.set_timesteps(steps, strength=strength)
+    except ValueError:
+        with pytest.raises(ValueError, match="steps"):
+            KINDS[kind][0](sch, steps, original_inference_steps=orig, strength=strength)
+        return
+    ours = KINDS[kind][0](sch, steps, original_inference_steps=orig, strength=strength)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    assert ours.timesteps.dtype == torch.int64 and len(ours) == steps
+
+
+@pytest.mark.parametrize("steps,orig,strength", [(4, 50, 1.0), (3, 8, 0.6), (7, 1000, 0.5)])
+def test_tcd_explicit_original_steps_grid(steps, orig, strength):
+    """TCD's set_timesteps(original_inference_steps=n) draws from every training timestep."""
+    theirs = _scheduler("tcd")
+    theirs.set_timesteps(steps, original_inference_steps=orig, strength=strength)
+    ours = TCDSampler(NoiseSchedule.from_diffusers(theirs), steps, original_inference_steps=orig,
+                      strength=strength, origin_grid="all")  # fmt: skip
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    assert ours.timesteps.tolist() != TCDSampler(ours.schedule, steps).timesteps.tolist()
+
+
+@pytest.mark.parametrize("kind", ["lcm", "tcd"])
+def test_custom_timesteps(kind):
+    theirs = _scheduler(kind)
+    ts = [999, 639, 399, 159]
+    theirs.set_timesteps(timesteps=ts)
+    ours = KINDS[kind][0](NoiseSchedule.from_diffusers(theirs), timesteps=ts)
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist() == ts and len(ours) == 4
+    twin = _scheduler(kind)
+    twin.set_timesteps(timesteps=ts)
+    twin.alphas_cumprod = ours.schedule.alphas_cumprod.clone()
+    assert _per_step(ours, theirs, twin, seed=3) > 0.0
+
+
+# ------------------------------------------------------------------------ per-step parity
+LCM_CASES = list(itertools.product([1, 2, 4, 8], ["epsilon", "v_prediction", "sample"],
+                                   [50, 20], ["scaled_linear", "linear", "cosine"]))  # fmt: skip
+
+
+@pytest.mark.parametrize("steps,pred,orig,sched", LCM_CASES)
+def test_lcm_per_step_parity(steps, pred, orig, sched):
+    opts = dict(prediction_type=pred, original_inference_steps=orig)
+    theirs, twin = _pair("lcm", steps, sched, **opts)
+    ours = LCMSampler(NoiseSchedule.from_diffusers(theirs), steps, **opts)
+    assert [ours.needs_noise(i) for i in range(steps)] == [True] * (steps - 1) + [False]
+    assert _per_step(ours, theirs, twin, seed=steps) > 0.0
+
+
+@pytest.mark.parametrize("steps,pred,eta,sched", list(itertools.product(
+    [1, 2, 4, 8], ["epsilon", "v_prediction", "sample"], [0.0, 0.3, 1.0],
+    ["scaled_linear", "cosine"])))  # fmt: skip
+def test_tcd_per_step_parity(steps, pred, eta, sched):
+    theirs, twin = _pair("tcd", steps, sched, prediction_type=pred)
+    ours = TCDSampler(NoiseSchedule.from_diffusers(theirs), steps, eta=eta, prediction_type=pred)
+    noisy = [eta > 0 and i < steps - 1 for i in range(steps)]
+    assert [ours.needs_noise(i) for i in range(steps)] == noisy
+    assert _per_step(ours, theirs, twin, seed=steps, eta=eta) > 0.0
+
+
+@pytest.mark.parametrize("opts", [
+    dict(timestep_scaling=1.0), dict(timestep_scaling=0.05),
+    dict(clip_sample=True, clip_sample_range=0.5), dict(thresholding=True, sample_max_value=1.5),
+    dict(prediction_type="v_prediction", rescale_betas_zero_snr=True),
+])  # fmt: skip
+def test_lcm_settings(opts):
+    """timestep_scaling (c_skip visible at small tau), clipping, thresholding, zero SNR."""
+    theirs, twin = _pair("lcm", 4, original_inference_steps=50, **opts)
+    kw = {k: v for k, v in opts.items() if k != "rescale_betas_zero_snr"}
+    ours = LCMSampler(NoiseSchedule.from_diffusers(theirs), 4, **kw)
+    assert _per_step(ours, theirs, twin, seed=7) > 0.0
+
+
+def test_tcd_s_is_diffusers_float32_floor():
+    """s = floor((1 - gamma) t') in float32 as diffusers: (1 - 0.3) * 90 is 63 there (float64:
+    62.99999999999999 -> 62)."""
+    sch = NoiseSchedule.from_diffusers(DIFFUSERS_BETAS["scaled_linear"])
+    ours = TCDSampler(sch, timesteps=[999, 90], eta=0.3)
+    assert ours.s_timesteps().tolist() == [63, 0]
+    theirs, twin = _scheduler("tcd"), _scheduler("tcd")
+    for s in (theirs, twin):
+        s.set_timesteps(timesteps=[999, 90])
+    twin.alphas_cumprod = sch.alphas_cumprod.clone()
+    assert _per_step(ours, theirs, twin, eta=0.3) > 0.0
+
+
+# ------------------------------------------------------------------------------ img2img
+@pytest.mark.parametrize("kind,strength,pred", [("lcm", 0.6, "epsilon"), ("lcm", 0.35, "sample"),
+                                                ("tcd", 0.5, "v_prediction")])  # fmt: skip
+def test_img2img_strength(kind, strength, pred):
+    """LCM's img2img pipeline passes strength to set_timesteps (a shorter grid)."""
+    theirs, twin = _pair(kind, 4, set_kw={"strength": strength}, prediction_type=pred)
+    ours = KINDS[kind][0](NoiseSchedule.from_diffusers(theirs), 4, strength=strength,
+                          prediction_type=pred)  # fmt: skip
+    assert ours.timesteps[0] < 999
+    assert _per_step(ours, theirs, twin, eta=0.3 if kind == "tcd" else None) > 0.0
+
+
+@pytest.mark.parametrize("kind,begin", [("lcm", 1), ("lcm", 3), ("tcd", 2)])
+def test_img2img_start_index(kind, begin):
+    """Stable Diffusion's img2img pipelines: timesteps[begin:] after set_begin_index(begin)."""
+    theirs, twin = _pair(kind, 4, prediction_type="v_prediction")
+    ours = KINDS[kind][0](NoiseSchedule.from_diffusers(theirs), 4, prediction_type="v_prediction")
+    assert _per_step(ours, theirs, twin, begin=begin, eta=0.3 if kind == "tcd" else None) > 0.0
+
+
+# ---------------------------------------------------------------------------- whole runs
+def _diffusers_loop(sch, steps, model, shape, gen, eta=None, **set_kw):
+    sch.set_timesteps(steps, **set_kw)
+    x = torch.randn(shape, generator=gen)
+    kw = {} if eta is None else {"eta": eta}
+    for t in sch.timesteps:
+        x = sch.step(model(x, t.expand(shape[0])), t, x, generator=gen, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("kind,steps,pred,eta", [
+    ("lcm", 1, "epsilon", None), ("lcm", 2, "v_prediction", None), ("lcm", 4, "epsilon", None),
+    ("lcm", 8, "sample", None), ("tcd", 4, "epsilon", 0.3), ("tcd", 2, "v_prediction", 1.0),
+    ("tcd", 8, "epsilon", 0.0),
+])  # fmt: skip
+def test_sample_with_the_scheduler_is_diffusers_loop(kind, steps, pred, eta):
+    """sample(schedule=LCMScheduler(...)) infers the sampler and its settings, and equals
+    diffusers' loop with the same generator (x_T, then the noise of every step but the last)."""
+    opts = dict(prediction_type=pred, original_inference_steps=25, timestep_scaling=5.0)
+    if kind == "tcd":
+        del opts["timestep_scaling"]
+    sch = _scheduler(kind, **opts)
+    ref = _diffusers_loop(_scheduler(kind, **opts), steps, _toy, SHAPE,
+                          torch.Generator().manual_seed(5), eta=eta)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no sampler for LCMScheduler" fallback warning
+        got = fastdiff.sample(_toy, steps, schedule=sch, shape=SHAPE[1:], batch_size=SHAPE[0],
+                              generator=torch.Generator().manual_seed(5), eta=eta)  # fmt: skip
+    err = _rel(got, ref)
+    assert err <= 2 * RTOL, f"rel err {err:.2e}"
+    smp = fastdiff._sampler_setup.resolve_sampler(_toy, None, steps, sch, eta, None, {})
+    assert isinstance(smp, KINDS[kind][0]) and smp.prediction_type == pred
+    assert smp.original_inference_steps == 25
+    if kind == "lcm":
+        assert smp.timestep_scaling == 5.0
+    else:
+        assert smp.eta == (0.3 if eta is None else eta)
+
+
+def test_generator_list_and_philox():
+    """A generator list makes sample k the single-sample run k; without a generator the noise
+    is drawn in the kernel and torch.manual_seed reproduces the run."""
+    z = torch.randn(SHAPE)
+    gens = [torch.Generator().manual_seed(s) for s in range(SHAPE[0])]
+    both = fastdiff.sample(_toy, 4, sampler="lcm", noise=z, generator=gens)
+    one = fastdiff.sample(
+        _toy, 4, sampler="lcm", noise=z[1:], generator=[torch.Generator().manual_seed(1)]
+    )
+    torch.testing.assert_close(both[1:], one, rtol=1e-6, atol=1e-6)
+    torch.manual_seed(0)
+    a = fastdiff.sample(_toy, 4, sampler="tcd", noise=z, eta=0.5)
+    torch.manual_seed(0)
+    b = fastdiff.sample(_toy, 4, sampler="tcd", noise=z, eta=0.5)
+    c = fastdiff.sample(_toy, 4, sampler="tcd", noise=z, eta=0.5)
+    assert torch.equal(a, b) and not torch.allclose(a, c, atol=1e-3)
+    # gamma = 0: deterministic, no draw
+    assert torch.equal(fastdiff.sample(_toy, 4, sampler="tcd", noise=z, eta=0.0),
+                       fastdiff.sample(_toy, 4, sampler="tcd", noise=z, eta=0.0))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("kind", ["lcm", "tcd"])
+@pytest.mark.parametrize("case", backend_cases("sampler_step"), ids=case_id)
+def test_every_backend_matches_diffusers(case, kind):
+    """A guided run at an odd size on each backend of the fused op (cpu: the C++ kernel, triton
+    under TRITON_INTERPRET=1) equals diffusers' loop on the combined output, same noise."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 5, 7, generator=g)
+    w = torch.randn(4, 3, 5, 7, generator=g)
+    gs = 2.5
+
+    def raw(x, t):
+        return torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w + torch.sin(t[:1].float() / 300.0)
+
+    theirs = _scheduler(kind, prediction_type="v_prediction")
+    theirs.set_timesteps(4)
+    x = z
+    kw = {"eta": 0.3} if kind == "tcd" else {}
+    for i, t in enumerate(theirs.timesteps):
+        u, c = raw(x, t.expand(4)).chunk(2)
+        gen = torch.Generator().manual_seed(100 + i)
+        x = theirs.step(u + gs * (c - u), t, x, generator=gen, **kw).prev_sample
+    ref = x
+    smp = KINDS[kind][0](NoiseSchedule.from_diffusers(theirs), 4, prediction_type="v_prediction")
+    x = z.to(dev)
+    with fastdiff.use_backend(backend, op="sampler_step"):
+        for i, t in enumerate(smp.timesteps):
+            n = torch.randn(z.shape, generator=torch.Generator().manual_seed(100 + i))
+            n = n.to(dev) if smp.needs_noise(i) else None
+            x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, noise=n, guidance_scale=gs)
+    assert x.device.type == dev
+    err = _rel(x.cpu(), ref)
+    assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+# --------------------------------------------------------------------- loop, graph, setup
+@torch.no_grad()
+@pytest.mark.parametrize("kind,opts", [("lcm", {}), ("lcm", {"thresholding": True}),
+                                       ("tcd", {"eta": 0.3})])  # fmt: skip
+def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, kind, opts):
+    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture, the row and the
+    noise in static buffers, the last step's row without noise): the eager loop's samples and
+    trajectory, with generator noise and with in-kernel Philox noise."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    def run(graphed, seed, gen):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed) if gen else None
+        return fastdiff.sample(model, steps=4, sampler=kind, noise=z, cond=cond, uncond=uncond,
+                               guidance_scale=2.0, generator=g, prediction_type="v_prediction",
+                               return_trajectory=True, **opts)  # fmt: skip
+
+    for seed, gen in ((1, True), (2, False)):
+        eager, etraj = run(False, seed, gen)
+        out, traj = run(True, seed, gen)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2  # generator noise buffer / Philox: one capture each
+
+
+@torch.no_grad()
+def test_no_host_sync_inside_the_sampling_loop():
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return _toy(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, steps=4, sampler="lcm", shape=SHAPE[1:], batch_size=2)
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
+
+
+def test_registry_and_rows():
+    assert SAMPLERS["lcm"] is LCMSampler and SAMPLERS["tcd"] is TCDSampler
+    sch = NoiseSchedule("scaled_linear")
+    smp = make_sampler("lcm", sch, 4)
+    assert smp.timesteps.tolist() == [999, 759, 499, 259]
+    ab = sch.alphas_cumprod.double()
+    c_skip, c_out = smp.boundary_scalings(999)
+    row = smp.coef64[0]
+    assert row[2] == pytest.approx(ab[759].sqrt().item() * c_out, rel=1e-12)
+    assert row[4] == pytest.approx(ab[759].sqrt().item() * c_skip, rel=1e-12) and c_skip > 0
+    assert row[5] == pytest.approx((1 - ab[759]).sqrt().item(), rel=1e-12)
+    assert smp.coef64[-1, 5] == 0.0 and smp.coef64[-1, 2] == pytest.approx(smp.boundary_scalings(
+        259)[1])  # fmt: skip
+    tcd = make_sampler("tcd", sch, 4, eta=1.0)
+    assert tcd.s_timesteps().tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("kind,opts,match", [
+    ("lcm", dict(steps=51), "original_inference_steps"),
+    ("lcm", dict(steps=4, original_inference_steps=1001), "original_inference_steps"),
+    ("lcm", dict(steps=4, strength=0.0), "strength"),
+    ("lcm", dict(steps=4, strength=1.5), "strength"),
+    ("lcm", dict(steps=10, strength=0.1), "fewer than"),
+    ("lcm", dict(steps=4, timestep_scaling=-1.0), "timestep_scaling"),
+    ("lcm", dict(steps=4, clip_sample=True, clip_sample_range=0.0), "clip_sample_range"),
+    ("lcm", dict(steps=4, thresholding=True, dynamic_thresholding_ratio=1.5),
+     "dynamic_thresholding_ratio"),
+    ("lcm", dict(timesteps=[999, 999, 10]), "descending"),
+    ("lcm", dict(timesteps=[1000, 10]), r"\[0, 999\]"),
+    ("lcm", dict(timesteps=[10, -1]), r"\[0, 999\]"),
+    ("lcm", dict(steps=3, timesteps=[999, 10]), "custom timesteps"),
+    ("lcm", dict(timesteps=[999, 10], strength=0.5), "strength"),
+    ("tcd", dict(steps=4, eta=1.5), "eta"),
+    ("tcd", dict(steps=4, eta=-0.1), "eta"),
+    ("tcd", dict(steps=4, origin_grid="dense"), "origin_grid"),
+    ("tcd", dict(steps=4, prediction_type="x0"), "prediction_type"),
+])  # fmt: skip
+def test_bad_options(kind, opts, match):
+    with pytest.raises(ValueError, match=match):
+        KINDS[kind][0](NoiseSchedule("scaled_linear"), **opts)
+
+
+def test_zero_terminal_snr_epsilon_is_a_clear_error():
+    sch = NoiseSchedule("scaled_linear", rescale_betas_zero_snr=True)
+    for cls in (LCMSampler, TCDSampler):
+        with pytest.raises(ValueError, match="alpha_bar = 0"):
+            cls(sch, 4)
+        cls(sch, 4, prediction_type="v_prediction")  # fine
+
+
+def test_eta_and_unknown_options_through_sample():
+    with pytest.raises(ValueError, match="eta"):
+        fastdiff.sample(_toy, 4, sampler="lcm", shape=SHAPE[1:], eta=0.3)
+    with pytest.raises(TypeError, match="timestep_spacing"):
+        fastdiff.sample(_toy, 4, sampler="lcm", shape=SHAPE[1:], timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="steps"):
+        fastdiff.sample(_toy, 60, schedule=_scheduler("lcm"), shape=SHAPE[1:])
+
+
+def test_timestep_cond_reaches_the_unet():
+    """LCM's guidance embedding (the UNet's timestep_cond, diffusers' w_embedding) goes in
+    through model_kwargs; a UNet2DConditionModel with time_cond_proj_dim uses it."""
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+        norm_num_groups=4, attention_head_dim=2, time_cond_proj_dim=6,
+    ).eval()  # fmt: skip
+    ehs = torch.randn(1, 3, 8)
+    z = torch.randn(1, 4, 8, 8)
+    outs = [fastdiff.sample(unet, 2, sampler="lcm", noise=z, cond=ehs,
+                            model_kwargs={"timestep_cond": torch.full((1, 6), w)})
+            for w in (0.0, 3.0)]  # fmt: skip
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)
