@@ -82,7 +82,9 @@ def _skip_unsupported(device, backend, dtype):
 def _check(out, x, g, p, eps=1e-5, silu=True, name=""):
     ref = _ref64(x, g, p, eps, silu)
     eager = _eager(x, g, p, eps, silu).cpu()
-    atol = 4 * torch.finfo(x.dtype).eps * max(1.0, ref.abs().max().item())
+    # the floor scales with the largest finite reference value: with a NaN in ref, max() was NaN
+    # and the floor silently 4 eps (test_nan_inf_masks failed on 3 of 300 seeds by 2 ulp at |y| ~ 8)
+    atol = 4 * torch.finfo(x.dtype).eps * max(1.0, ref.nan_to_num(0, 0, 0).abs().max().item())
     assert out.shape == x.shape and out.dtype == x.dtype
     assert_fa_rule(out.cpu(), ref, eager, k=2, atol=atol, name=name)
 
