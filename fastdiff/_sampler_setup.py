@@ -111,6 +111,13 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
     if isinstance(schedule, str):  # "linear", "scaled_linear", "cosine"
         return NoiseSchedule(schedule)
     if hasattr(schedule, "config") or isinstance(schedule, Mapping):
+        cfg = _scheduler_config(schedule)
+        params = _diffusers_params(schedule, cfg) if cfg is not None else None
+        zsnr = "rescale_betas_zero_snr"
+        if params is not None and zsnr not in params and cfg.get(zsnr):
+            # a leftover of another config (KDPM2DiscreteScheduler.from_config(zero_snr.config)):
+            # diffusers' class does not rescale its betas
+            schedule = {k: v for k, v in cfg.items() if k != zsnr}
         return NoiseSchedule.from_diffusers(schedule)
     raise TypeError(
         "schedule: expected a fastdiff.NoiseSchedule, a schedule name ('linear', "
@@ -154,9 +161,16 @@ def _own_class_params(schedule: Any, cfg: Mapping[str, Any], name: str) -> froze
     config outside them is a leftover of another scheduler's config, which ``from_config``
     keeps and diffusers ignores (DDPM's ``clip_sample=True`` in
     ``DPMSolverMultistepScheduler.from_config(ddpm.config)``): not a setting to apply."""
-    cls_name = _scheduler_class(schedule, cfg)
     own = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
-    if cls_name is None or cls_name != _SCHEDULER_OF[own]:
+    if _scheduler_class(schedule, cfg) != _SCHEDULER_OF[own]:
+        return None
+    return _diffusers_params(schedule, cfg)
+
+
+def _diffusers_params(schedule: Any, cfg: Mapping[str, Any]) -> frozenset[str] | None:
+    """The config keys ``schedule``'s diffusers class uses (None: class unknown / not found)."""
+    cls_name = _scheduler_class(schedule, cfg)
+    if cls_name is None:
         return None
     cls = type(schedule) if type(schedule).__name__ == cls_name else None
     if cls is None:  # a saved config: its class, if diffusers is installed

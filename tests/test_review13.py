@@ -155,3 +155,48 @@ def test_leftover_sigma_min_max_of_a_euler_config():
     assert (smp.sigma_min, smp.sigma_max) == (0.1, 5.0)
     kdpm2.set_timesteps(5)
     assert smp.timesteps.tolist() == kdpm2.timesteps.round().long().tolist()
+
+
+# an SD 2.x zero-terminal-SNR fine-tune's DDIMScheduler config (Lin et al. 2023's fixes)
+ZERO_SNR_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "set_alpha_to_one": False,
+}
+
+
+@needs_diffusers
+def test_leftover_rescale_betas_zero_snr_is_not_applied():
+    """``KDPM2DiscreteScheduler.from_config(zero_snr_ddim.config)`` keeps the leftover
+    ``rescale_betas_zero_snr=True`` in its config, but KDPM2 (like Heun, PNDM, LMS) has no such
+    setting: diffusers samples the plain scaled_linear betas (sigma_max 14.6). fastdiff's
+    schedule took the leftover and rescaled to zero terminal SNR (sigma_max 4096): other model
+    timesteps and samples (rel. error 0.04 at 20 steps, 27 at 4)."""
+    sch = diffusers.KDPM2DiscreteScheduler.from_config(ZERO_SNR_CONFIG)
+    assert sch.config["rescale_betas_zero_snr"] is True  # the leftover, as diffusers keeps it
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    sch.set_timesteps(4)
+    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5  # diffusers' model input
+    ref = _diffusers_loop(sch, 4, z * sch.init_noise_sigma)
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return _toy(x, t)
+
+    got = fastdiff.sample(model, steps=4, schedule=sch, noise=x_T)
+    assert calls == sch.timesteps.round().long().tolist()
+    assert _rel(got, ref) <= 1e-5
+    for cls in ("HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        other = getattr(diffusers, cls).from_config(ZERO_SNR_CONFIG)
+        smp = resolve_sampler(_toy, None, 4, other, None, None, {})
+        assert not smp.schedule.rescale_betas_zero_snr
+    # schedulers that have the setting keep it
+    dpm = diffusers.DPMSolverMultistepScheduler.from_config(ZERO_SNR_CONFIG)
+    assert resolve_sampler(_toy, None, 4, dpm, None, None, {}).schedule.rescale_betas_zero_snr
