@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "pndm", "plms",
-            "unipc")  # fmt: skip
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "lcm", "pndm",
+            "plms", "tcd", "unipc")  # fmt: skip
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -502,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    s.add_argument("--eta", type=float, default=None, help="DDIM eta; TCD gamma")
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
         ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), unipc'

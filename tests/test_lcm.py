@@ -428,3 +428,12 @@ def test_timestep_cond_reaches_the_unet():
                             model_kwargs={"timestep_cond": torch.full((1, 6), w)})
             for w in (0.0, 3.0)]  # fmt: skip
     assert not torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("args", [["--sampler", "lcm"], ["--sampler", "tcd", "--eta", "0.5"]])
+def test_cli_sampler(tmp_path, args):
+    from fastdiff.cli import main
+
+    out = tmp_path / "s.png"
+    argv = ["sample", "--steps", "4", "--n", "2", "--quiet", "--out", str(out), *args]
+    assert main(argv) == 0 and out.is_file()
