@@ -312,7 +312,7 @@ def test_every_backend_matches_diffusers(case, kind):
 def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, kind, opts):
     """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture, the row and the
     noise in static buffers, the last step's row without noise): the eager loop's samples and
-    trajectory, with generator noise and with in-kernel Philox noise."""
+    trajectory, for a noiseless 1-step run, with generator noise and with in-kernel Philox noise."""
     from fastdiff import api
 
     eager_loop = api._sample_eager
@@ -321,21 +321,23 @@ def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, kind, opts)
     def model(x, t, encoder_hidden_states=None):
         return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
 
-    def run(graphed, seed, gen):
+    def run(graphed, seed, gen, steps=4):
         monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed) if gen else None
-        return fastdiff.sample(model, steps=4, sampler=kind, noise=z, cond=cond, uncond=uncond,
+        return fastdiff.sample(model, steps=steps, sampler=kind, noise=z, cond=cond, uncond=uncond,
                                guidance_scale=2.0, generator=g, prediction_type="v_prediction",
                                return_trajectory=True, **opts)  # fmt: skip
 
-    for seed, gen in ((1, True), (2, False)):
-        eager, etraj = run(False, seed, gen)
-        out, traj = run(True, seed, gen)
+    # one step first: a capture without noise, which the noisy runs must not reuse
+    for seed, gen, steps in ((3, True, 1), (1, True, 4), (2, False, 4)):
+        eager, etraj = run(False, seed, gen, steps)
+        out, traj = run(True, seed, gen, steps)
         torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == 2  # generator noise buffer / Philox: one capture each
+    # noiseless / generator noise buffer / Philox: one capture each
+    assert len(fake_cuda_graphs) == 3
 
 
 @torch.no_grad()
@@ -437,3 +439,26 @@ def test_cli_sampler(tmp_path, args):
     out = tmp_path / "s.png"
     argv = ["sample", "--steps", "4", "--n", "2", "--quiet", "--out", str(out), *args]
     assert main(argv) == 0 and out.is_file()
+
+
+def test_saved_config_infers_the_sampler():
+    """A saved scheduler config (pipe.scheduler.config as JSON) picks the sampler by its
+    _class_name, with the class's betas and its settings; timestep_spacing / steps_offset, which
+    LCMScheduler ignores, change nothing."""
+    from fastdiff._sampler_setup import resolve_sampler
+
+    cfg = {
+        "_class_name": "LCMScheduler",
+        "prediction_type": "v_prediction",
+        "original_inference_steps": 20,
+        "timestep_spacing": "trailing",
+        "steps_offset": 1,
+    }
+    smp = resolve_sampler(_toy, None, 4, cfg, None, None, {})
+    theirs = diffusers.LCMScheduler.from_config(cfg)
+    theirs.set_timesteps(4)
+    assert isinstance(smp, LCMSampler) and smp.prediction_type == "v_prediction"
+    assert smp.timesteps.tolist() == theirs.timesteps.tolist() == [999, 749, 499, 249]
+    torch.testing.assert_close(smp.schedule.betas.float(), theirs.betas)
+    tcd = resolve_sampler(_toy, None, 4, {**cfg, "_class_name": "TCDScheduler"}, 1.0, None, {})
+    assert isinstance(tcd, TCDSampler) and tcd.eta == 1.0
