@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import torch
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -303,6 +304,13 @@ def test_every_backend_matches_diffusers(case, kind):
     assert x.device.type == dev
     err = _rel(x.cpu(), ref)
     assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.usefixtures("emu")
+@pytest.mark.parametrize("kind", ["lcm", "tcd"])
+def test_emulated_cuda_kernel_matches_diffusers(kind):
+    """csrc/cuda's sampler_step kernel through its real entry point, on tests/cuda_emu."""
+    test_every_backend_matches_diffusers(("cpu", "cuda"), kind)
 
 
 # --------------------------------------------------------------------- loop, graph, setup
