@@ -406,6 +406,17 @@ def test_bad_options(kind, opts, match):
         KINDS[kind][0](NoiseSchedule("scaled_linear"), **opts)
 
 
+def test_bad_types():
+    with pytest.raises(TypeError, match="schedule"):
+        LCMSampler("scaled_linear", timesteps=[999, 10])
+    with pytest.raises(TypeError, match="timesteps"):
+        TCDSampler(NoiseSchedule("linear"), timesteps=["a", "b"])
+    with pytest.raises(TypeError, match="eta"):
+        TCDSampler(NoiseSchedule("linear"), 4, eta="0.3")
+    with pytest.raises(TypeError, match="steps"):
+        LCMSampler(NoiseSchedule("linear"))
+
+
 def test_zero_terminal_snr_epsilon_is_a_clear_error():
     sch = NoiseSchedule("scaled_linear", rescale_betas_zero_snr=True)
     for cls in (LCMSampler, TCDSampler):

@@ -120,18 +120,21 @@ class _DistilledSampler(Sampler):
         strength: float,
         timesteps: Sequence[int] | None,
     ) -> None:
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(
+                f"schedule: expected a fastdiff.NoiseSchedule, got {type(schedule).__name__}"
+            )
         self.original_inference_steps = original_inference_steps
         self.strength = _check_strength(strength)
-        T = schedule.num_train_timesteps if isinstance(schedule, NoiseSchedule) else None
         self._custom = None
-        if timesteps is not None and T is not None:
+        if timesteps is not None:
             if self.strength != 1.0:
                 raise ValueError(
                     "strength: custom timesteps with strength < 1 are not supported (diffusers "
                     "then keeps the full list's length and adds noise on its final step); pass "
                     f"the shortened list instead, got strength={strength}"
                 )
-            self._custom = _custom_timesteps(timesteps, T)
+            self._custom = _custom_timesteps(timesteps, schedule.num_train_timesteps)
             if steps is None:
                 steps = len(self._custom)
             elif steps != len(self._custom):
