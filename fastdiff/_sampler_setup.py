@@ -51,14 +51,18 @@ def resolve_sampler(
     if not isinstance(sampler, str):
         raise TypeError(
             "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'heun', 'lcm', 'pndm', 'tcd', 'unipc') or a fastdiff sampler object, got "
+            "'euler_a', 'flow_euler', 'heun', 'lcm', 'pndm', 'tcd', 'unipc') or a fastdiff "
+            "sampler object, got "
             f"{type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
             "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
-            f"'heun', 'lcm', 'pndm', 'tcd', 'unipc' or a fastdiff sampler object, got {sampler!r}"
+            "'flow_euler', 'heun', 'lcm', 'pndm', 'tcd', 'unipc' or a fastdiff sampler object, "
+            f"got {sampler!r}"
         )
+    if SAMPLERS[sampler.lower()] is SAMPLERS["flow_euler"]:
+        return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
@@ -100,6 +104,36 @@ def resolve_sampler(
     return make_sampler(name, sched, n_steps, **opts)
 
 
+def _resolve_flow(
+    name: str, steps: int | None, schedule: Any, eta: float | None, options: Mapping[str, Any]
+) -> Sampler:
+    """A flow-matching sampler: its grid comes from ``schedule`` (None: diffusers' defaults,
+    shift 1 and T = 1000; a ``FlowMatchEulerDiscreteScheduler`` or its config: its settings,
+    ``options`` winning), never from a VP :class:`~fastdiff.NoiseSchedule`."""
+    if schedule is not None and not _is_flow_scheduler(schedule):
+        raise ValueError(
+            f"schedule: sampler {name!r} needs None or a diffusers FlowMatchEulerDiscreteScheduler "
+            f"(or its config), got {type(schedule).__name__}: a flow model has no VP noise schedule"
+        )
+    if eta is not None:
+        raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
+    n_steps = 50 if steps is None else steps
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
+        raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
+    _check_scheduler_settings(schedule, name)
+    opts = {**_scheduler_options(schedule, name), **options}
+    _check_sampler_options(name, opts)
+    return make_sampler(name, None, int(n_steps), **opts)
+
+
+def _is_flow_scheduler(schedule: Any) -> bool:
+    """Whether ``schedule`` is a diffusers flow-matching scheduler (or its config): it has no
+    betas, so it cannot become a :class:`~fastdiff.NoiseSchedule`."""
+    cfg = _scheduler_config(schedule)
+    cls = _scheduler_class(schedule, cfg) if cfg is not None else None
+    return isinstance(cls, str) and cls.startswith("FlowMatch")
+
+
 def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
     if schedule is None:
         own = getattr(model, "schedule", None)
@@ -110,6 +144,11 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
         return schedule
     if isinstance(schedule, str):  # "linear", "scaled_linear", "cosine"
         return NoiseSchedule(schedule)
+    if _is_flow_scheduler(schedule):
+        raise ValueError(
+            "schedule: a flow-matching scheduler (FlowMatch...) has no VP noise schedule; use "
+            "sampler='flow_euler' (the default for FlowMatchEulerDiscreteScheduler)"
+        )
     if hasattr(schedule, "config") or isinstance(schedule, Mapping):
         cfg = _scheduler_config(schedule)
         params = _diffusers_params(schedule, cfg) if cfg is not None else None
@@ -197,6 +236,7 @@ _SCHEDULER_OF = {
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "lcm": "LCMScheduler",
     "pndm": "PNDMScheduler",
@@ -251,6 +291,9 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # is diffusers' behaviour. Both guard a future sigma-grid setting.
     "lcm": {**_SIGMAS_NEUTRAL},
     "tcd": {**_SIGMAS_NEUTRAL},
+    # diffusers' Karras / exponential / beta grids read a leftover sigma_min / sigma_max of
+    # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
+    "flow_euler": {"sigma_min": None, "sigma_max": None},
     # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
     "unipc": {
         "solver_p": None,

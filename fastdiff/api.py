@@ -82,12 +82,14 @@ def sample(
 
     Args:
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
-            int64 tensor on the model's device, returning a tensor, an object with ``.sample``
-            (diffusers) or a tuple.
+            int64 tensor (float32 for ``"flow_euler"``) on the model's device, returning a
+            tensor, an object with ``.sample`` (diffusers) or a tuple.
         steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
-            ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"unipc"``, or a sampler
-            object from :mod:`fastdiff.samplers` (its own steps and schedule are used). Default:
+            ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"unipc"``, ``"lcm"``,
+            ``"tcd"``, ``"flow_euler"`` (rectified-flow models: ``schedule`` None or a
+            ``FlowMatchEulerDiscreteScheduler``), or a sampler object from
+            :mod:`fastdiff.samplers` (its own steps and schedule are used). Default:
             the sampler that reproduces ``schedule``'s diffusers scheduler class
             (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
             ``UniPCMultistepScheduler`` -> ``"unipc"``, ``PNDMScheduler`` -> ``"pndm"``, ...),

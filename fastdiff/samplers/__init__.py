@@ -1,5 +1,5 @@
 """Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS,
-LCM, TCD (one fused op call per model call).
+LCM, TCD, flow-matching Euler (one fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -22,6 +22,7 @@ from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
+from fastdiff.samplers.flow import FlowMatchEulerSampler
 from fastdiff.samplers.heun import HeunSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.lcm import LCMSampler, TCDSampler
@@ -38,6 +39,7 @@ __all__ = [
     "DPMSolverPPSampler",
     "EulerAncestralSampler",
     "EulerSampler",
+    "FlowMatchEulerSampler",
     "HeunSampler",
     "LCMSampler",
     "PNDMSampler",
@@ -59,6 +61,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm2_a": DPM2AncestralSampler,
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
+    "flow_euler": FlowMatchEulerSampler,
     "heun": HeunSampler,
     "lcm": LCMSampler,
     "pndm": PNDMSampler,
@@ -70,8 +73,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
-    "euler_a", "heun", "lcm", "pndm", "plms" (PNDM with ``skip_prk_steps=True``), "tcd",
-    "unipc")."""
+    "euler_a", "flow_euler" (rectified flow; ``schedule`` must be None), "heun", "lcm", "pndm",
+    "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "

@@ -1,0 +1,329 @@
+"""Euler sampler of rectified-flow / flow-matching models (SD3, Flux, AuraFlow, Sana, ...).
+
+diffusers' ``FlowMatchEulerDiscreteScheduler`` step for step: its sigma grid (the SD3 timestep
+shift, resolution-dependent shifting with ``mu``, ``shift_terminal``, Karras / exponential / beta
+grids, custom sigmas), its deterministic and stochastic steps, and img2img ``strength``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Real
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.samplers.base import Sampler, _ops, advance_generator_state
+from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid
+
+__all__ = ["FlowMatchEulerSampler", "calculate_shift"]
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The resolution-dependent shift ``mu`` of Flux / SD3 pipelines: linear in the image's
+    sequence length (number of latent patches), ``base_shift`` at ``base_seq_len`` and
+    ``max_shift`` at ``max_seq_len``; ``shift = e^mu`` (Esser et al. 2024, arXiv:2403.03206,
+    resolution-dependent timestep shifting)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+def _real(name: str, v: Any, lo: float = -math.inf, lo_open: bool = True) -> float:
+    if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)):
+        raise ValueError(f"{name}: expected a finite float, got {v!r}")
+    if float(v) < lo or (lo_open and float(v) == lo):
+        raise ValueError(f"{name}: expected a float {'>' if lo_open else '>='} {lo}, got {v!r}")
+    return float(v)
+
+
+def _flag(name: str, v: Any) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+class FlowMatchEulerSampler(Sampler):
+    """Euler steps of the rectified-flow ODE (Liu et al. 2022, arXiv:2209.03003; Lipman et al.
+    2023, arXiv:2210.02747).
+
+    The forward process interpolates data and noise linearly, ``x_sigma = (1 - sigma) x0 +
+    sigma eps`` with sigma in [0, 1]; the model predicts the velocity ``v = eps - x0`` =
+    dx_sigma / dsigma, and one Euler step from sigma_i to sigma_{i+1} is::
+
+        x_next = x + (sigma_{i+1} - sigma_i) v
+
+    It is one call of the fused ``sampler_step`` op with the velocity in the role of the
+    op's epsilon (a = 1, s = sigma: the op's x0 = x - sigma v, the data prediction) and the row
+    ``[1, sigma_i, 0, sigma_{i+1} - sigma_i, 1, 0, 0, 0]``: the op then evaluates diffusers'
+    expression ``x + dt v`` itself, so the fp32 rounding is the scheduler's (the linear
+    combination ``(sigma_{i+1} / sigma_i) x + (1 - sigma_{i+1} / sigma_i) x0`` of
+    ``dpm_solver_2m_step`` is the same step but rounds x0 too). The last step (sigma_{i+1} = 0)
+    returns x0. With ``stochastic_sampling`` the step is x0 re-noised to the next level,
+    ``(1 - sigma_{i+1}) x0 + sigma_{i+1} z`` (row ``[1, sigma_i, 1 - sigma_{i+1}, 0, 0,
+    sigma_{i+1}, 0, 0]``).
+
+    The grid is diffusers' ``set_timesteps``: sigmas spaced linearly from 1 to the shifted
+    1 / T in the model's timestep units, then shifted (Esser et al. 2024, arXiv:2403.03206),
+    ``sigma' = shift sigma / (1 + (shift - 1) sigma)``; with ``use_dynamic_shifting`` instead
+    ``e^mu / (e^mu + 1/sigma - 1)`` (``time_shift_type="linear"``: ``mu / (mu + 1/sigma - 1)``),
+    ``mu`` given or from ``image_seq_len`` by :func:`calculate_shift`. The model is called at
+    the float32 timestep ``sigma T``; the sample starts at x_T ~ N(0, I) unscaled.
+
+    Args:
+        schedule: must be None (a flow model has no VP noise schedule; the argument keeps
+            ``make_sampler(name, schedule, steps)`` uniform).
+        steps: number of Euler steps (model calls) of the full grid.
+        num_train_timesteps, shift, use_dynamic_shifting, base_shift, max_shift,
+            base_image_seq_len, max_image_seq_len, shift_terminal, time_shift_type,
+            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas, stochastic_sampling:
+            as diffusers' ``FlowMatchEulerDiscreteScheduler``.
+        invert_sigmas: only False (Mochi's inverted grid is not implemented).
+        mu: the dynamic shift (``set_timesteps(mu=...)``); needed with ``use_dynamic_shifting``
+            unless ``image_seq_len`` is given.
+        image_seq_len: the latent sequence length from which pipelines compute ``mu``.
+        sigmas: custom sigmas (``set_timesteps(sigmas=...)``, e.g. Flux's
+            ``linspace(1, 1 / steps, steps)``), shifted like the default grid.
+        strength: img2img strength in (0, 1]: as diffusers' img2img pipelines, the run skips
+            the first ``steps - int(steps strength)`` steps; start from
+            :meth:`scale_noise` of the image latents.
+    """
+
+    name = "flow_euler"
+
+    def __init__(
+        self,
+        schedule: None = None,
+        steps: int = 50,
+        *,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        mu: float | None = None,
+        image_seq_len: int | None = None,
+        sigmas: Sequence[float] | None = None,
+        strength: float = 1.0,
+    ) -> None:
+        if schedule is not None:
+            raise TypeError(
+                "schedule: a flow-matching sampler takes no VP noise schedule (expected None, "
+                f"got {type(schedule).__name__}); pass its settings (shift, ...) as options"
+            )
+        for name, v in (("steps", steps), ("num_train_timesteps", num_train_timesteps)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v}")
+        if _flag("invert_sigmas", invert_sigmas):
+            raise ValueError(
+                "invert_sigmas: True (Mochi's inverted sigma grid) is not implemented; "
+                "expected False"
+            )
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(
+                f"time_shift_type: expected one of {list(TIME_SHIFT_TYPES)}, "
+                f"got {time_shift_type!r}"
+            )
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.shift = _real("shift", shift, 0.0)
+        self.use_dynamic_shifting = _flag("use_dynamic_shifting", use_dynamic_shifting)
+        self.time_shift_type = time_shift_type
+        self.shift_terminal = None
+        if shift_terminal:  # diffusers: a falsy value (None, 0) means no stretching
+            self.shift_terminal = _real("shift_terminal", shift_terminal)
+            if not 0.0 < self.shift_terminal < 1.0:
+                raise ValueError(
+                    f"shift_terminal: expected a float in (0, 1), got {shift_terminal}"
+                )
+        self.sigma_grid = pick_sigma_grid(
+            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
+        self.stochastic_sampling = _flag("stochastic_sampling", stochastic_sampling)
+        if isinstance(strength, bool) or not isinstance(strength, Real):
+            raise TypeError(f"strength: expected a float in (0, 1], got {type(strength).__name__}")
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength: expected a float in (0, 1], got {strength}")
+        self.strength = float(strength)
+        self.mu = self._resolve_mu(mu, image_seq_len, base_shift, max_shift,
+                                   base_image_seq_len, max_image_seq_len)  # fmt: skip
+        self.num_inference_steps = int(steps)
+        full = self._grid(sigmas)  # float32 values as float64, [N + 1] with the terminal 0
+        n = self.num_inference_steps
+        # diffusers' img2img get_timesteps; at least one step remains for any strength > 0
+        t_start = int(max(n - min(n * self.strength, n), 0))
+        #: the index of the run's first step in the full grid of ``steps`` (img2img)
+        self.t_start = t_start
+        #: float64 ``[steps + 1]``: the (float32) noise levels of the run, then the final one
+        self.sigmas = full[t_start:].copy()
+        self.steps = n - t_start
+        self.prediction_type = "velocity"
+        self.schedule = None
+        sig32 = torch.from_numpy(self.sigmas[:-1].astype(np.float32))
+        #: the model's timesteps sigma T, float32 ``[steps]``, descending
+        self.timesteps = sig32 * self.num_train_timesteps
+        self._coef64 = self.coefficients()
+        self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
+        self._tables: dict[torch.device, Tensor] = {}
+        self._ts_dev: dict[torch.device, Tensor] = {}
+        self._noise_steps = [bool(self._coef64[i, 5] != 0.0) for i in range(self.steps)]
+
+    # ------------------------------------------------------------------ the sigma grid
+    def _resolve_mu(self, mu, image_seq_len, base_shift, max_shift, base_len, max_len):
+        if mu is not None:
+            if image_seq_len is not None:
+                raise ValueError("mu, image_seq_len: give one of them, not both")
+            return _real("mu", mu)
+        if image_seq_len is None:
+            if self.use_dynamic_shifting:
+                raise ValueError(
+                    "mu: use_dynamic_shifting=True needs mu (or image_seq_len, from which "
+                    "pipelines compute it), got neither"
+                )
+            return None
+        if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, (int, np.integer)):
+            raise TypeError(f"image_seq_len: expected an int, got {type(image_seq_len).__name__}")
+        if image_seq_len < 1:
+            raise ValueError(f"image_seq_len: expected an int >= 1, got {image_seq_len}")
+        if max_len == base_len:
+            raise ValueError(
+                f"base_image_seq_len, max_image_seq_len: must differ, both are {base_len}"
+            )
+        return calculate_shift(int(image_seq_len), base_len, max_len, base_shift, max_shift)
+
+    def _shifted(self, s: np.ndarray) -> np.ndarray:
+        """The timestep shift of ``set_timesteps`` (in ``s``'s dtype, as diffusers' numpy)."""
+        if self.use_dynamic_shifting:
+            if self.time_shift_type == "exponential":
+                return math.exp(self.mu) / (math.exp(self.mu) + (1 / s - 1) ** 1.0)
+            return self.mu / (self.mu + (1 / s - 1) ** 1.0)
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def _grid(self, custom: Sequence[float] | None) -> np.ndarray:
+        """diffusers' sigmas after ``set_timesteps``: float32 values (as float64), the
+        terminal 0 appended."""
+        n, T = self.num_inference_steps, self.num_train_timesteps
+        if custom is None:
+            # the scheduler's training grid ends, float32 and shifted unless dynamic
+            ends = torch.tensor([float(T), 1.0], dtype=torch.float32) / T
+            if not self.use_dynamic_shifting:
+                ends = self.shift * ends / (1 + (self.shift - 1) * ends)
+            hi, lo = ends[0].item(), ends[1].item()
+            s = np.linspace(hi * T, lo * T, n) / T
+        else:
+            s = np.asarray(custom, dtype=np.float32)
+            if s.ndim != 1 or len(s) != n:
+                raise ValueError(f"sigmas: expected {n} (= steps) values, got shape {s.shape}")
+            if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(s <= 1)):
+                raise ValueError("sigmas: expected values in (0, 1]")
+        s = self._shifted(s)
+        if self.shift_terminal is not None:
+            one_minus = 1 - s
+            if one_minus[-1] == 0:  # diffusers: 0 / 0, a NaN grid
+                raise ValueError(
+                    "shift_terminal: the grid's last sigma is 1 (steps = 1), which cannot be "
+                    f"stretched to end at {self.shift_terminal}; use more steps"
+                )
+            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        if self.sigma_grid is not None:
+            s = make_sigma_grid(self.sigma_grid, float(s[-1]), float(s[0]), n)
+        s32 = np.asarray(s).astype(np.float32)
+        if not (np.all(np.isfinite(s32)) and np.all(s32 > 0)):
+            raise ValueError(
+                "shift, mu: the shifted sigma grid is not positive and finite "
+                f"(got {s32.min()} .. {s32.max()}); check the shift settings"
+            )
+        return np.concatenate([s32.astype(np.float64), [0.0]])
+
+    # ------------------------------------------------------------------ rows, helpers
+    def coefficients(self) -> np.ndarray:
+        """float64 ``[steps x 8]`` rows of ``sampler_step`` (see the class docstring)."""
+        rows = np.zeros((self.steps, 8), dtype=np.float64)
+        for i in range(self.steps):
+            s, s_next = self.sigmas[i], self.sigmas[i + 1]
+            if self.stochastic_sampling:
+                rows[i] = [1.0, s, 1.0 - s_next, 0.0, 0.0, s_next, 0.0, 0.0]
+            else:
+                rows[i] = [1.0, s, 0.0, s_next - s, 1.0, 0.0, 0.0, 0.0]
+        return rows
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.steps}, shift={self.shift}, mu={self.mu}, "
+            f"sigma_grid={self.sigma_grid!r}, stochastic_sampling={self.stochastic_sampling})"
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {"cls": type(self).__name__, "stochastic": self.stochastic_sampling}
+
+    @property
+    def init_sigma(self) -> float:
+        """The noise level of the run's first step (1 for a full run with the default grid)."""
+        return float(self.sigmas[0])
+
+    def scale_noise(self, x0: Tensor, noise: Tensor) -> Tensor:
+        """img2img start: ``sigma noise + (1 - sigma) x0`` at the run's first sigma (diffusers'
+        ``scale_noise``, in ``x0``'s dtype)."""
+        if not isinstance(x0, Tensor) or not isinstance(noise, Tensor):
+            raise TypeError("x0, noise: expected torch.Tensors")
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        sigma = torch.tensor(self.init_sigma, dtype=torch.float32).to(x0.device, x0.dtype)
+        return sigma * noise + (1.0 - sigma) * x0
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        coef: Tensor | None = None,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """One Euler step sigma_i -> sigma_{i+1} (one fused ``sampler_step`` call).
+
+        ``model_output`` is the velocity (``[2N, ...] = [uncond, cond]`` with
+        ``guidance_scale``, combined in the op). With ``stochastic_sampling`` the fresh noise
+        is ``noise``, else in-kernel Philox from ``generator_state``, else a draw from
+        ``generator``. ``coef`` overrides the table row (CUDA graphs). Returns x_{i+1}, or
+        ``(x_{i+1}, x0)`` with ``return_x0``.
+        """
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        if coef is None:
+            coef = self.coef_table(x.device)[i]
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
+        res = _ops().sampler_step(
+            x,
+            model_output,
+            coef,
+            **nkw,
+            prediction_type="epsilon",
+            guidance_scale=guidance_scale,
+            return_x0=return_x0,
+        )
+        advance_generator_state(nkw, x)  # the next step draws fresh in-kernel noise
+        return res
