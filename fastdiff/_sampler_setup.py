@@ -51,17 +51,16 @@ def resolve_sampler(
     if not isinstance(sampler, str):
         raise TypeError(
             "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'flow_euler', 'heun', 'lcm', 'pndm', 'tcd', 'unipc') or a fastdiff "
-            "sampler object, got "
-            f"{type(sampler).__name__}"
+            "'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'pndm', 'tcd', 'unipc') or a "
+            f"fastdiff sampler object, got {type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
             "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
-            "'flow_euler', 'heun', 'lcm', 'pndm', 'tcd', 'unipc' or a fastdiff sampler object, "
-            f"got {sampler!r}"
+            "'flow_euler', 'flow_heun', 'heun', 'lcm', 'pndm', 'tcd', 'unipc' or a fastdiff "
+            f"sampler object, got {sampler!r}"
         )
-    if SAMPLERS[sampler.lower()] is SAMPLERS["flow_euler"]:
+    if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
     n_steps = 50 if steps is None else steps
@@ -112,8 +111,8 @@ def _resolve_flow(
     ``options`` winning), never from a VP :class:`~fastdiff.NoiseSchedule`."""
     if schedule is not None and not _is_flow_scheduler(schedule):
         raise ValueError(
-            f"schedule: sampler {name!r} needs None or a diffusers FlowMatchEulerDiscreteScheduler "
-            f"(or its config), got {type(schedule).__name__}: a flow model has no VP noise schedule"
+            f"schedule: sampler {name!r} needs None or a diffusers FlowMatch scheduler (or its "
+            f"config), got {type(schedule).__name__}: a flow model has no VP noise schedule"
         )
     if eta is not None:
         raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
@@ -147,7 +146,8 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
     if _is_flow_scheduler(schedule):
         raise ValueError(
             "schedule: a flow-matching scheduler (FlowMatch...) has no VP noise schedule; use "
-            "sampler='flow_euler' (the default for FlowMatchEulerDiscreteScheduler)"
+            "sampler='flow_euler' or 'flow_heun' (the defaults for FlowMatchEulerDiscreteScheduler "
+            "and FlowMatchHeunDiscreteScheduler)"
         )
     if hasattr(schedule, "config") or isinstance(schedule, Mapping):
         cfg = _scheduler_config(schedule)
@@ -237,6 +237,7 @@ _SCHEDULER_OF = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    "flow_heun": "FlowMatchHeunDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "lcm": "LCMScheduler",
     "pndm": "PNDMScheduler",

@@ -140,9 +140,10 @@ def test_readme_sampler_classes_exist():
         params = list(inspect.signature(cls.step).parameters)
         assert params[:5] == ["self", "model_output", "i", "x", "noise"]
         # a flow model has no VP noise schedule
-        flow = cls is samplers.FlowMatchEulerSampler
+        flow = cls in (samplers.FlowMatchEulerSampler, samplers.FlowMatchHeunSampler)
         smp = cls(None if flow else NoiseSchedule("linear"), 10)
-        two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler)
+        two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler,
+                     samplers.FlowMatchHeunSampler)  # fmt: skip
         calls = 19 if cls in two_stage else 10  # Heun, DPM2: 2N - 1 model calls
         calls += 9 * (cls is samplers.PNDMSampler)  # PNDM (3 Runge-Kutta steps): N + 9
         assert len(smp.timesteps) == len(smp) == calls

@@ -1,5 +1,5 @@
 """Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS,
-LCM, TCD, flow-matching Euler (one fused op call per model call).
+LCM, TCD, flow-matching Euler and Heun (one fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -22,7 +22,7 @@ from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
-from fastdiff.samplers.flow import FlowMatchEulerSampler
+from fastdiff.samplers.flow import FlowMatchEulerSampler, FlowMatchHeunSampler
 from fastdiff.samplers.heun import HeunSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.lcm import LCMSampler, TCDSampler
@@ -40,6 +40,7 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "FlowMatchEulerSampler",
+    "FlowMatchHeunSampler",
     "HeunSampler",
     "LCMSampler",
     "PNDMSampler",
@@ -62,6 +63,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "flow_euler": FlowMatchEulerSampler,
+    "flow_heun": FlowMatchHeunSampler,
     "heun": HeunSampler,
     "lcm": LCMSampler,
     "pndm": PNDMSampler,
@@ -73,7 +75,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
-    "euler_a", "flow_euler" (rectified flow; ``schedule`` must be None), "heun", "lcm", "pndm",
+    "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None), "heun",
+    "lcm", "pndm",
     "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(

@@ -1,8 +1,9 @@
-"""Euler sampler of rectified-flow / flow-matching models (SD3, Flux, AuraFlow, Sana, ...).
+"""Euler and Heun samplers of rectified-flow / flow-matching models (SD3, Flux, AuraFlow, ...).
 
 diffusers' ``FlowMatchEulerDiscreteScheduler`` step for step: its sigma grid (the SD3 timestep
 shift, resolution-dependent shifting with ``mu``, ``shift_terminal``, Karras / exponential / beta
-grids, custom sigmas), its deterministic and stochastic steps, and img2img ``strength``.
+grids, custom sigmas), its deterministic and stochastic steps, and img2img ``strength``; and
+``FlowMatchHeunDiscreteScheduler`` model call for model call.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers.base import Sampler, _ops, advance_generator_state
+from fastdiff.samplers.heun import _UNSET, _version, stage2_history
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid
 
-__all__ = ["FlowMatchEulerSampler", "calculate_shift"]
+__all__ = ["FlowMatchEulerSampler", "FlowMatchHeunSampler", "calculate_shift"]
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 
@@ -176,12 +178,11 @@ class FlowMatchEulerSampler(Sampler):
         self.t_start = t_start
         #: float64 ``[steps + 1]``: the (float32) noise levels of the run, then the final one
         self.sigmas = full[t_start:].copy()
-        self.steps = n - t_start
+        self.steps = self._num_calls()
         self.prediction_type = "velocity"
         self.schedule = None
-        sig32 = torch.from_numpy(self.sigmas[:-1].astype(np.float32))
         #: the model's timesteps sigma T, float32 ``[steps]``, descending
-        self.timesteps = sig32 * self.num_train_timesteps
+        self.timesteps = self._call_timesteps()
         self._coef64 = self.coefficients()
         self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
         self._tables: dict[torch.device, Tensor] = {}
@@ -256,6 +257,13 @@ class FlowMatchEulerSampler(Sampler):
         return np.concatenate([s32.astype(np.float64), [0.0]])
 
     # ------------------------------------------------------------------ rows, helpers
+    def _num_calls(self) -> int:
+        return len(self.sigmas) - 1
+
+    def _call_timesteps(self) -> Tensor:
+        """float32 sigma T of each model call (diffusers' float32 product)."""
+        return torch.from_numpy(self.sigmas[:-1].astype(np.float32)) * self.num_train_timesteps
+
     def coefficients(self) -> np.ndarray:
         """float64 ``[steps x 8]`` rows of ``sampler_step`` (see the class docstring)."""
         rows = np.zeros((self.steps, 8), dtype=np.float64)
@@ -327,3 +335,118 @@ class FlowMatchEulerSampler(Sampler):
         )
         advance_generator_state(nkw, x)  # the next step draws fresh in-kernel noise
         return res
+
+
+class FlowMatchHeunSampler(FlowMatchEulerSampler):
+    """Heun's method on the rectified-flow ODE: diffusers' ``FlowMatchHeunDiscreteScheduler``.
+
+    Each step sigma_i -> sigma_{i+1} (h = sigma_{i+1} - sigma_i) is an Euler stage at the model
+    call at sigma_i, x' = x_i + h v_1, then the trapezoidal correction with the velocity v_2 at
+    (x', sigma_{i+1}): x_{i+1} = x_i + h (v_1 + v_2) / 2 = (x_i + x') / 2 + (h / 2) v_2. The
+    last step, to sigma = 0, is the Euler stage only: 2N - 1 model calls (``len(sampler)``,
+    ``.timesteps`` = diffusers' ``[t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}]``).
+
+    Each call is one fused ``dpm_solver_2m_step`` with the velocity in the op's x0 slot
+    (``prediction_type="sample"``: no cancellation through an x0 estimate) and the stage
+    input x_i as its history operand: rows ``[1, sigma_i, 1, h, 0, 0, 0, 0]`` (Euler stage)
+    and ``[1, sigma_{i+1}, 1/2, h/2, 1/2, 0, 0, 0]`` (correction, reading x_i). The trajectory's
+    x0 of a call is x - sigma v at its sigma (diffusers' ``denoised``; computed only when
+    asked for).
+
+    Args:
+        schedule: must be None.
+        steps: number of Heun steps N (2N - 1 model calls).
+        num_train_timesteps, shift: as diffusers' ``FlowMatchHeunDiscreteScheduler`` (the grid
+            is :class:`FlowMatchEulerSampler`'s with a static shift).
+    """
+
+    name = "flow_heun"
+    is_multistep = True  # the correction reads the Euler stage's input (the graph's x0_prev)
+    history_is_input = True
+
+    def __init__(
+        self, schedule: None = None, steps: int = 50, *, num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+    ) -> None:  # fmt: skip
+        super().__init__(schedule, steps, num_train_timesteps=num_train_timesteps, shift=shift)
+        self.reset()
+
+    def _num_calls(self) -> int:
+        return 2 * (len(self.sigmas) - 1) - 1
+
+    def _call_timesteps(self) -> Tensor:
+        t = super()._call_timesteps()
+        return torch.cat([t[:1], t[1:].repeat_interleave(2)])
+
+    def coefficients(self) -> np.ndarray:
+        """float64 ``[2N - 1 x 8]`` rows of ``dpm_solver_2m_step`` (see the class docstring)."""
+        sig = self.sigmas
+        rows = np.zeros((self._num_calls(), 8), dtype=np.float64)
+        for k in range(len(rows)):
+            j = k // 2  # the step this call belongs to
+            h = sig[j + 1] - sig[j]
+            if k % 2 == 0:
+                rows[k] = [1.0, sig[j], 1.0, h, 0.0, 0.0, 0.0, 0.0]
+            else:
+                rows[k] = [1.0, sig[j + 1], 0.5, 0.5 * h, 0.5, 0.0, 0.0, 0.0]
+        return rows
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(steps={self.num_inference_steps}, shift={self.shift})"
+
+    def config(self) -> dict[str, Any]:
+        return {"cls": type(self).__name__}
+
+    def reset(self) -> None:
+        self._x0_prev = None
+        self._prev_i = -1
+        self._prev_version = None
+
+    def is_correction(self, i: int) -> bool:
+        """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""
+        return i % 2 == 1
+
+    def scale_noise(self, x0: Tensor, noise: Tensor) -> Tensor:
+        raise NotImplementedError("FlowMatchHeunSampler: img2img starts are not implemented")
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        coef: Tensor | None = None,
+        x0_prev: Tensor | None | object = _UNSET,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Model call ``i``: the Euler stage (even ``i``) or the correction (odd ``i``), one
+        fused op call. ``model_output`` is the velocity (``[2N, ...] = [uncond, cond]`` with
+        ``guidance_scale``). The correction reads the input sample of call ``i - 1``, which the
+        sampler keeps (it must not be modified in place in between); pass it as ``x0_prev`` to
+        manage it yourself (CUDA graphs: with ``coef`` from a static buffer). ``noise``,
+        ``generator`` and ``generator_state`` are unused (the ODE step is deterministic).
+        Returns the new sample, or ``(sample, x0)`` with ``return_x0``."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the Heun correction",
+                                           "an Euler-stage")  # fmt: skip
+        if coef is None:
+            coef = self.coef_table(x.device)[i]
+        x_next, v = _ops().dpm_solver_2m_step(
+            x,
+            model_output,
+            coef,
+            x0_prev,  # type: ignore[arg-type]
+            prediction_type="sample",
+            guidance_scale=guidance_scale,
+        )
+        if not external:  # the correction of this call reads its input
+            self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
+        if not return_x0:
+            return x_next
+        # the data prediction x - sigma v at this call's sigma (the row's s: a graph's buffer)
+        x0 = (x.float() - coef[1].float() * v.float()).to(x.dtype)
+        return x_next, x0
