@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import backend_cases, case_id
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -280,6 +281,13 @@ def test_every_backend_matches_diffusers(case, stochastic):
     assert 0.0 <= err <= RTOL, f"{backend}: rel err {err:.2e}"
 
 
+@pytest.mark.usefixtures("emu")
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_emulated_cuda_kernel_matches_diffusers(stochastic):
+    """csrc/cuda's sampler_step kernel through its real entry point, on tests/cuda_emu."""
+    test_every_backend_matches_diffusers(("cpu", "cuda"), stochastic)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("opts", [{}, {"stochastic_sampling": True}])
 def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, opts):
@@ -516,6 +524,12 @@ def test_heun_every_backend(case):
     assert x.device.type == dev
     err = _rel(x.cpu(), _heun64(4, 3.0, z, guided))
     assert err <= RTOL, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.usefixtures("emu")
+def test_heun_emulated_cuda_kernel():
+    """csrc/cuda's dpm_solver_2m_step kernel through its real entry point, on tests/cuda_emu."""
+    test_heun_every_backend(("cpu", "cuda"))
 
 
 @torch.no_grad()
