@@ -320,6 +320,11 @@ def infer_sampler(schedule: Any) -> str:
     name = next((k for k, v in _SCHEDULER_OF.items() if v == cls), None)
     if name is not None:
         return name
+    if _is_flow_scheduler(schedule):  # no betas: DDIM cannot run it
+        raise ValueError(
+            f"schedule: fastdiff has no sampler for {cls}; flow-matching models can run "
+            "sampler='flow_euler' or 'flow_heun' (the scheduler's shift settings apply)"
+        )
     if cls is not None:
         known = ", ".join(f"{v} -> {k!r}" for k, v in _SCHEDULER_OF.items())
         warnings.warn(

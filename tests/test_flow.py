@@ -567,3 +567,30 @@ def test_heun_setup_and_errors():
         smp.step(v, 1, x1)
     with pytest.raises(TypeError, match="unknown option"):
         fastdiff.sample(_velocity, 4, noise=torch.randn(SHAPE), sampler="flow_heun", mu=0.5)
+
+
+def test_other_flow_scheduler_is_a_clear_error():
+    """A FlowMatch class without a fastdiff sampler has no betas: no DDIM fallback (which warned,
+    then failed converting it); an explicit flow sampler takes its settings."""
+    cfg = {"_class_name": "FlowMatchLCMScheduler", "shift": 3.0}
+    z = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="no sampler for FlowMatchLCMScheduler"):
+        fastdiff.sample(_velocity, 4, noise=z, schedule=cfg)
+    out = fastdiff.sample(_velocity, 4, noise=z, schedule=cfg, sampler="flow_euler")
+    ref = fastdiff.sample(_velocity, 4, noise=z, sampler="flow_euler", shift=3.0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_step_is_diffusers(dtype):
+    """diffusers upcasts the sample to fp32 and casts the result to the output's dtype; the
+    fused op computes in fp32 and writes x's dtype: the same values (<= 1 half ulp apart)."""
+    theirs, smp = _pair({"shift": 3.0}, None, 4)
+    g = torch.Generator().manual_seed(0)
+    for i, t in enumerate(theirs.timesteps):
+        x, v = (torch.randn(SHAPE, generator=g).to(dtype) for _ in range(2))
+        ref = theirs.step(v, t, x).prev_sample
+        out = smp.step(v, i, x)
+        assert out.dtype == ref.dtype == dtype
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=eps)
