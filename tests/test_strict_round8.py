@@ -1,0 +1,36 @@
+"""Mutation round 8 (session 13): tests that kill mutants of the session-12 code (DPM++ 3M, UniPC
+order 3, the graph history buffers) which the other tests let through."""
+
+from __future__ import annotations
+
+import torch
+from test_euler_ancestral import _Net
+
+import fastdiff
+
+
+@torch.no_grad()
+def test_dpm3_graph_is_not_reused_from_an_order_2_capture(fake_cuda_graphs, monkeypatch):
+    """A graph captured for DPM++ 2M on a model and shape is not reused for 3M (solver_order is
+    part of the graph-cache key: 3M needs the second static history buffer x0_prev2). Reusing
+    it would skip the c_prev2 m_{i-2} term on every step. The graphed 3M run after the 2M
+    capture equals the eager 3M run (itself checked against diffusers in test_dpm3)."""
+    from fastdiff import api
+
+    torch.manual_seed(0)
+    net = _Net(num_classes=4).eval()
+    eager_loop = api._sample_eager
+    x_t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def run(graphed, order):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        return fastdiff.sample(net, steps=7, sampler="dpm++", solver_order=order, noise=x_t,
+                               cond=torch.tensor([1, 2]), guidance_scale=2.0)  # fmt: skip
+
+    two = run(True, 2)
+    three = run(True, 3)
+    eager3 = run(False, 3)
+    torch.testing.assert_close(three, eager3, rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2
+    assert fake_cuda_graphs[0].x0_prev2 is None and fake_cuda_graphs[1].x0_prev2 is not None
+    assert (eager3 - two).abs().max() > 1e-4  # 3M is not 2M: the test can see a reused graph
