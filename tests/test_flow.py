@@ -594,3 +594,35 @@ def test_half_precision_step_is_diffusers(dtype):
         assert out.dtype == ref.dtype == dtype
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(out.float(), ref.float(), rtol=eps, atol=eps)
+
+
+@torch.no_grad()
+def test_flux_style_packed_latents_and_image_seq_len():
+    """Flux's pipeline: packed latents [N x seq x C], custom sigmas linspace(1, 1/N, N) and mu
+    from the sequence length; sample() runs the 3-D state as diffusers' loop does."""
+    import numpy as np
+
+    n, seq = 5, 64
+    z = torch.randn(2, seq, 8, generator=torch.Generator().manual_seed(0))
+    sig = np.linspace(1.0, 1 / n, n)
+    out = fastdiff.sample(_velocity, n, sampler="flow_euler", noise=z, sigmas=sig,
+                          use_dynamic_shifting=True, image_seq_len=seq)  # fmt: skip
+    theirs = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    theirs.set_timesteps(sigmas=sig, mu=calculate_shift(seq))
+    assert out.shape == z.shape and _rel(out, _their_loop(theirs, z, _velocity)) <= RTOL
+
+
+@torch.no_grad()
+def test_heun_no_host_sync_inside_the_sampling_loop():
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return _velocity(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, steps=3, sampler="flow_heun", shape=SHAPE[1:], batch_size=2)
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
