@@ -92,7 +92,8 @@ class FlowMatchEulerSampler(Sampler):
             as diffusers' ``FlowMatchEulerDiscreteScheduler``.
         invert_sigmas: only False (Mochi's inverted grid is not implemented).
         mu: the dynamic shift (``set_timesteps(mu=...)``); needed with ``use_dynamic_shifting``
-            unless ``image_seq_len`` is given.
+            unless ``image_seq_len`` is given; ignored without it, as in diffusers (Flux's
+            pipeline passes it to schnell's static-shift scheduler too).
         image_seq_len: the latent sequence length from which pipelines compute ``mu``.
         sigmas: custom sigmas (``set_timesteps(sigmas=...)``, e.g. Flux's
             ``linspace(1, 1 / steps, steps)``), shifted like the default grid.
