@@ -63,7 +63,7 @@ def resolve_sampler(
     if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
-    n_steps = 50 if steps is None else steps
+    n_steps = SAMPLERS[sampler.lower()].default_steps if steps is None else steps
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
     n_steps = int(n_steps)  # a numpy integer (np.arange sweeps) as a Python int
@@ -116,7 +116,7 @@ def _resolve_flow(
         )
     if eta is not None:
         raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
-    n_steps = 50 if steps is None else steps
+    n_steps = SAMPLERS[name].default_steps if steps is None else steps
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
     _check_scheduler_settings(schedule, name)

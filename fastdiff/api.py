@@ -84,7 +84,8 @@ def sample(
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
             int64 tensor (float32 for ``"flow_euler"``) on the model's device, returning a
             tensor, an object with ``.sample`` (diffusers) or a tuple.
-        steps: number of sampling steps (default 50; 1 .. num_train_timesteps).
+        steps: number of sampling steps (1 .. num_train_timesteps; default 50, 4 for ``"lcm"``
+            as diffusers' LatentConsistencyModelPipeline).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
             ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"unipc"``, ``"lcm"``,
             ``"tcd"``, ``"flow_euler"`` (rectified-flow models: ``schedule`` None or a
@@ -107,7 +108,8 @@ def sample(
         generator: a ``torch.Generator``, or a list with one per sample (then sample k of a
             batch equals the single-sample run with generator k).
         noise: x_T ``[N x ...]`` (batch size, shape, dtype and device follow it by default).
-        eta: DDIM's stochasticity (``"ddim"`` only).
+        eta: DDIM's stochasticity (``"ddim"``), or TCD's gamma (``"tcd"``; default 0.3 as
+            diffusers' ``TCDScheduler.step``); other samplers refuse it.
         cond, uncond: conditioning, a dict of model kwargs or a tensor passed as
             ``class_labels`` (class-conditional models, diffusers ``UNet2DModel``) or
             ``encoder_hidden_states`` (``UNet2DConditionModel``). ``uncond`` defaults to the

@@ -495,3 +495,23 @@ def test_saved_config_infers_the_sampler():
     torch.testing.assert_close(smp.schedule.betas.float(), theirs.betas)
     tcd = resolve_sampler(_toy, None, 4, {**cfg, "_class_name": "TCDScheduler"}, 1.0, None, {})
     assert isinstance(tcd, TCDSampler) and tcd.eta == 1.0
+
+
+@pytest.mark.parametrize("how", ["name", "scheduler"])
+def test_sample_without_steps_runs_the_lcm_pipeline_default_of_4(how):
+    """``fastdiff.sample`` without ``steps`` ran 50 LCM steps (12x the model calls of diffusers'
+    LatentConsistencyModelPipeline, whose default is 4); TCD keeps the common default 50."""
+    ts: list[int] = []
+
+    def model(x, t):
+        ts.append(int(t[0]))
+        return _toy(x, t)
+
+    kw = {"sampler": "lcm"} if how == "name" else {"schedule": _scheduler("lcm")}
+    fastdiff.sample(model, shape=(3, 4, 4), noise=torch.randn(1, 3, 4, 4), **kw)
+    sch = _scheduler("lcm")
+    sch.set_timesteps(4)
+    assert ts == sch.timesteps.tolist()
+    ts.clear()
+    fastdiff.sample(model, sampler="tcd", noise=torch.randn(1, 3, 4, 4))
+    assert len(ts) == 50

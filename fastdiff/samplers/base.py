@@ -111,6 +111,8 @@ class Sampler:
     default_spacing = "leading"
     is_multistep = False
     coef_width = 8  # columns of the coefficient table (UniPC's rows are wider)
+    #: the steps ``fastdiff.sample`` runs when none are given (diffusers' pipelines: 50)
+    default_steps = 50
 
     def __init__(
         self,

@@ -217,6 +217,8 @@ class LCMSampler(_DistilledSampler):
     """
 
     name = "lcm"
+    #: diffusers' LatentConsistencyModelPipeline default (a distilled model needs 2-8 steps)
+    default_steps = 4
 
     def __init__(
         self,
