@@ -26,6 +26,13 @@ PAPERS = {
     "2211.01095": "DPM-Solver++",
     "2206.00364": "EDM (Karras et al.)",
     "2302.04867": "UniPC",
+    "2202.09778": "PNDM",
+    "2303.01469": "consistency models",
+    "2310.04378": "latent consistency models",
+    "2402.19159": "TCD",
+    "2209.03003": "rectified flow",
+    "2210.02747": "flow matching",
+    "2403.03206": "SD3 (rectified flow transformers, the timestep shift)",
 }
 
 
