@@ -34,3 +34,28 @@ def test_dpm3_graph_is_not_reused_from_an_order_2_capture(fake_cuda_graphs, monk
     assert len(fake_cuda_graphs) == 2
     assert fake_cuda_graphs[0].x0_prev2 is None and fake_cuda_graphs[1].x0_prev2 is not None
     assert (eager3 - two).abs().max() > 1e-4  # 3M is not 2M: the test can see a reused graph
+
+
+@torch.no_grad()
+def test_dpm3_graph_load_clears_the_second_history_buffer(fake_cuda_graphs, monkeypatch):
+    """A graph's load() zeroes x0_prev2 (m_{i-2}) before a run: what a previous run left there
+    (here NaN, as a diverged run leaves) must not reach the first two steps, whose rows have
+    c_prev2 = 0 (0 x NaN is NaN). The second graphed run equals the eager one."""
+    from fastdiff import api
+
+    torch.manual_seed(0)
+    net = _Net(num_classes=4).eval()
+    eager_loop = api._sample_eager
+    x_t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+
+    def run(graphed):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        return fastdiff.sample(net, steps=6, sampler="dpm++", solver_order=3, noise=x_t,
+                               cond=torch.tensor([3, 0]), guidance_scale=2.0)  # fmt: skip
+
+    run(True)
+    assert len(fake_cuda_graphs) == 1
+    fake_cuda_graphs[0].x0_prev2.fill_(float("nan"))
+    again = run(True)
+    assert len(fake_cuda_graphs) == 1  # the same graph, replayed
+    torch.testing.assert_close(again, run(False), rtol=1e-6, atol=1e-6)
