@@ -3,10 +3,12 @@ order 3, the graph history buffers) which the other tests let through."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_euler_ancestral import _Net
 
 import fastdiff
+from fastdiff.ops import unipc_step
 
 
 @torch.no_grad()
@@ -59,3 +61,23 @@ def test_dpm3_graph_load_clears_the_second_history_buffer(fake_cuda_graphs, monk
     again = run(True)
     assert len(fake_cuda_graphs) == 1  # the same graph, replayed
     torch.testing.assert_close(again, run(False), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_unipc_step_m_prev3_with_m_prev2_but_without_m_prev_is_refused(backend):
+    """m_prev3 needs m_prev and m_prev2: given with m_prev2 but without m_prev it is a ValueError
+    naming m_prev (the torch reference would otherwise add c_m3 m_{i-3} and c_m2 m_{i-2} and skip
+    m_{i-1}'s terms), and nothing is written."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(8)
+    x, mo, m2, m3 = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(4))
+    coef = torch.randn(12, generator=g)
+    before = [t.clone() for t in (x, mo, m2, m3)]
+    with (
+        fastdiff.use_backend(backend, op="unipc_step"),
+        pytest.raises(ValueError, match=r"m_prev3 .*without m_prev\b(?! and)"),
+    ):
+        unipc_step(x, mo, coef, None, None, m2, m_prev3=m3)
+    for t, b in zip((x, mo, m2, m3), before, strict=True):
+        assert torch.equal(t, b)
