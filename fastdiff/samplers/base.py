@@ -271,6 +271,38 @@ class Sampler:
             return {"generator_state": generator_state}
         return {"noise": self._draw_noise(x, generator)}
 
+    def _one_op_step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None,
+        guidance_scale: float | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        coef: Tensor | None,
+        generator_state: Tensor | None,
+        return_x0: bool,
+        prediction_type: str | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """A step that is one fused :func:`~fastdiff.ops.sampler_step.sampler_step` call with
+        row ``coef`` (default: the table's row ``i``) and this step's noise operand (see
+        :meth:`_noise_kwargs`); a Philox ``generator_state`` then moves past the values used."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
+        if coef is None:
+            coef = self.coef_table(x.device)[i]
+        out = _ops().sampler_step(
+            x,
+            model_output,
+            coef,
+            prediction_type=prediction_type or self.prediction_type,
+            guidance_scale=guidance_scale,
+            return_x0=return_x0,
+            **nkw,
+        )
+        advance_generator_state(nkw, x)
+        return out
+
 
 def advance_generator_state(nkw: dict[str, Tensor], x: Tensor) -> None:
     """After a Philox draw, move the counter past the ``x.numel()`` values used (on device)."""

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import _ops, advance_generator_state
 from fastdiff.samplers.euler import EulerSampler
 
 __all__ = ["EulerAncestralSampler", "ancestral_step"]
@@ -109,18 +108,5 @@ class EulerAncestralSampler(EulerSampler):
         table row (CUDA graphs pass a static buffer). Returns x_{i+1}, or ``(x_{i+1}, x0)``
         with ``return_x0``.
         """
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        if coef is None:
-            coef = self.coef_table(x.device)[i]
-        out = _ops().sampler_step(
-            x,
-            model_output,
-            coef,
-            prediction_type=self.prediction_type,
-            guidance_scale=guidance_scale,
-            return_x0=return_x0,
-            **nkw,
-        )
-        advance_generator_state(nkw, x)
-        return out
+        return self._one_op_step(model_output, i, x, noise, guidance_scale, generator, coef,
+                                 generator_state, return_x0)  # fmt: skip

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, advance_generator_state
+from fastdiff.samplers.base import Sampler, _ops
 from fastdiff.samplers.heun import _UNSET, _version, stage2_history
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid
 
@@ -321,21 +321,9 @@ class FlowMatchEulerSampler(Sampler):
         ``generator``. ``coef`` overrides the table row (CUDA graphs). Returns x_{i+1}, or
         ``(x_{i+1}, x0)`` with ``return_x0``.
         """
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        if coef is None:
-            coef = self.coef_table(x.device)[i]
-        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        res = _ops().sampler_step(
-            x,
-            model_output,
-            coef,
-            **nkw,
-            prediction_type="epsilon",
-            guidance_scale=guidance_scale,
-            return_x0=return_x0,
-        )
-        advance_generator_state(nkw, x)  # the next step draws fresh in-kernel noise
-        return res
+        # the velocity in the op's eps slot (a = 1, s = sigma): x + (sigma' - sigma) v itself
+        return self._one_op_step(model_output, i, x, noise, guidance_scale, generator, coef,
+                                 generator_state, return_x0, prediction_type="epsilon")  # fmt: skip
 
 
 class FlowMatchHeunSampler(FlowMatchEulerSampler):

@@ -447,18 +447,5 @@ class TCDSampler(_DistilledSampler):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One TCD step at step index ``i`` (one fused op call); arguments as
         :meth:`LCMSampler.step`. Returns x_prev, or ``(x_prev, x0)`` with ``return_x0``."""
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        if coef is None:
-            coef = self.coef_table(x.device)[i]
-        out = _ops().sampler_step(
-            x,
-            model_output,
-            coef,
-            prediction_type=self.prediction_type,
-            guidance_scale=guidance_scale,
-            return_x0=return_x0,
-            **nkw,
-        )
-        advance_generator_state(nkw, x)
-        return out
+        return self._one_op_step(model_output, i, x, noise, guidance_scale, generator, coef,
+                                 generator_state, return_x0)  # fmt: skip
