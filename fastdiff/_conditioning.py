@@ -67,7 +67,7 @@ def _prepare_output(out: Tensor, x: Tensor, smp: Sampler, gs: float | None, mode
         and x.ndim > 1
         and out.ndim == x.ndim
         and out.shape[1] == 2 * x.shape[1]
-        and _learned_variance(model)
+        and (_learned_variance(model) or getattr(smp, "drop_variance_channels", False))
     ):
         out = out[:, : x.shape[1]]  # the variance channels only matter to DDPM learned_range
     check_model_output(out, x, gs, lv)

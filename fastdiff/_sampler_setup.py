@@ -100,7 +100,13 @@ def resolve_sampler(
     if name == "ddpm" and "variance_type" not in opts and _learned_variance(model):
         opts["variance_type"] = "learned_range"
     _check_sampler_options(name, opts)
-    return make_sampler(name, sched, n_steps, **opts)
+    smp = make_sampler(name, sched, n_steps, **opts)
+    cfg = _scheduler_config(schedule)
+    if cfg is not None and cfg.get("variance_type") in ("learned", "learned_range"):
+        # diffusers' DPMSolverMultistepScheduler (and others) keep the first C channels of a
+        # learned-variance output, also of a model whose config does not say it has 2C
+        smp.drop_variance_channels = not getattr(smp, "learned_variance", False)
+    return smp
 
 
 def _resolve_flow(

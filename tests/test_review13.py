@@ -200,3 +200,28 @@ def test_leftover_rescale_betas_zero_snr_is_not_applied():
     # schedulers that have the setting keep it
     dpm = diffusers.DPMSolverMultistepScheduler.from_config(ZERO_SNR_CONFIG)
     assert resolve_sampler(_toy, None, 4, dpm, None, None, {}).schedule.rescale_betas_zero_snr
+
+
+@needs_diffusers
+@pytest.mark.parametrize("as_dict", [False, True], ids=["object", "saved-config"])
+def test_learned_variance_scheduler_drops_the_variance_channels_of_a_plain_model(as_dict):
+    """A plain callable returning 2C channels (no config saying so) with a
+    DPMSolverMultistepScheduler(variance_type="learned_range") was refused ("2C channels are
+    allowed only with variance_type='learned_range' (DDPM)"); diffusers keeps the first
+    channels. Now the sample is diffusers' loop's."""
+    sch = diffusers.DPMSolverMultistepScheduler(variance_type="learned_range")
+
+    def model(x, t):
+        eps = _toy(x, t)
+        return torch.cat([eps, torch.full_like(eps, 7.0)], dim=1)  # [eps | variance channels]
+
+    x_t = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    cfg = {**sch.config, "_class_name": "DPMSolverMultistepScheduler"}  # as saved
+    got = fastdiff.sample(model, 8, schedule=cfg if as_dict else sch, noise=x_t)
+    sch.set_timesteps(8)
+    x = x_t.clone()
+    for t in sch.timesteps:
+        x = sch.step(model(x, t.reshape(1)), t, x).prev_sample
+    assert _rel(got, x) < 1e-5
+    with pytest.raises(ValueError, match="2C channels"):  # without the scheduler: still refused
+        fastdiff.sample(model, 8, sampler="dpm++", noise=x_t)

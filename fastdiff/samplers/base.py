@@ -113,6 +113,10 @@ class Sampler:
     coef_width = 8  # columns of the coefficient table (UniPC's rows are wider)
     #: the steps ``fastdiff.sample`` runs when none are given (diffusers' pipelines: 50)
     default_steps = 50
+    #: ``fastdiff.sample`` drops the second half of a 2C-channel model output (learned
+    #: variance) for this sampler: set when its diffusers scheduler says
+    #: ``variance_type="learned"`` / ``"learned_range"`` and the sampler does not use it
+    drop_variance_channels = False
 
     def __init__(
         self,
