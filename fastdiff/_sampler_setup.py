@@ -51,14 +51,14 @@ def resolve_sampler(
     if not isinstance(sampler, str):
         raise TypeError(
             "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'pndm', 'tcd', 'unipc') or a "
-            f"fastdiff sampler object, got {type(sampler).__name__}"
+            "'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', 'unipc') "
+            f"or a fastdiff sampler object, got {type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
             "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
-            "'flow_euler', 'flow_heun', 'heun', 'lcm', 'pndm', 'tcd', 'unipc' or a fastdiff "
-            f"sampler object, got {sampler!r}"
+            "'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', 'unipc' or a "
+            f"fastdiff sampler object, got {sampler!r}"
         )
     if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
@@ -246,6 +246,7 @@ _SCHEDULER_OF = {
     "flow_heun": "FlowMatchHeunDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "lcm": "LCMScheduler",
+    "lms": "LMSDiscreteScheduler",
     "pndm": "PNDMScheduler",
     "tcd": "TCDScheduler",
     "unipc": "UniPCMultistepScheduler",
@@ -298,6 +299,9 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # is diffusers' behaviour. Both guard a future sigma-grid setting.
     "lcm": {**_SIGMAS_NEUTRAL},
     "tcd": {**_SIGMAS_NEUTRAL},
+    # diffusers 0.42's LMSDiscreteScheduler: every setting is implemented; its exponential /
+    # beta grids read a leftover sigma_min / sigma_max of another scheduler's config
+    "lms": {"sigma_min": None, "sigma_max": None},
     # diffusers' Karras / exponential / beta grids read a leftover sigma_min / sigma_max of
     # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
     "flow_euler": {"sigma_min": None, "sigma_max": None},
@@ -317,7 +321,7 @@ def infer_sampler(schedule: Any) -> str:
     """The sampler ``sample(sampler=None)`` runs: the one that reproduces ``schedule``'s
     diffusers scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"``, ...; its settings
     then apply as for an explicit name), else ``"ddim"``. A diffusers scheduler class fastdiff
-    has no sampler for (e.g. ``LMSDiscreteScheduler``) warns: its noise schedule is used,
+    has no sampler for (e.g. ``DEISMultistepScheduler``) warns: its noise schedule is used,
     sampled with DDIM."""
     cfg = _scheduler_config(schedule)
     if cfg is None:

@@ -87,15 +87,15 @@ def sample(
         steps: number of sampling steps (1 .. num_train_timesteps; default 50, 4 for ``"lcm"``
             as diffusers' LatentConsistencyModelPipeline).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
-            ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"unipc"``, ``"lcm"``,
-            ``"tcd"``, ``"flow_euler"`` (rectified-flow models: ``schedule`` None or a
+            ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"lms"``, ``"unipc"``,
+            ``"lcm"``, ``"tcd"``, ``"flow_euler"`` (rectified-flow models: ``schedule`` None or a
             ``FlowMatchEulerDiscreteScheduler``), or a sampler object from
             :mod:`fastdiff.samplers` (its own steps and schedule are used). Default:
             the sampler that reproduces ``schedule``'s diffusers scheduler class
             (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
             ``UniPCMultistepScheduler`` -> ``"unipc"``, ``PNDMScheduler`` -> ``"pndm"``, ...),
             else ``"ddim"`` (a diffusers scheduler class without a fastdiff sampler, e.g.
-            ``LMSDiscreteScheduler``, warns).
+            ``DEISMultistepScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
             scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,

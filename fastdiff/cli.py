@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "lcm", "pndm",
-            "plms", "tcd", "unipc")  # fmt: skip
+SAMPLERS = ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "lcm", "lms",
+            "pndm", "plms", "tcd", "unipc")  # fmt: skip
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -217,9 +217,9 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "unipc"):
+        if a.sampler not in ("dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "lms", "unipc"):
             raise CLIError(
-                "--karras: for --sampler dpm++, dpm2, dpm2_a, euler, euler_a, heun or unipc, "
+                "--karras: for --sampler dpm++, dpm2, dpm2_a, euler, euler_a, heun, lms or unipc, "
                 f"got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM eta; TCD gamma")
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
-        ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), unipc'
+        ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), lms ("LMS Karras"), unipc'
     )
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'

@@ -65,8 +65,8 @@ def test_explicit_sampler_wins():
 
 
 def test_scheduler_without_sampler_warns_and_uses_ddim():
-    sched = diffusers.LMSDiscreteScheduler()  # (PNDMScheduler has one now: "pndm")
-    with pytest.warns(UserWarning, match=r"no sampler for LMSDiscreteScheduler.*DDIM") as rec:
+    sched = diffusers.DEISMultistepScheduler()  # (LMSDiscreteScheduler has one now: "lms")
+    with pytest.warns(UserWarning, match=r"no sampler for DEISMultistepScheduler.*DDIM") as rec:
         got = _run(schedule=sched)
     assert rec[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():

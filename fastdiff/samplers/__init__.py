@@ -1,5 +1,5 @@
 """Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS,
-LCM, TCD, flow-matching Euler and Heun (one fused op call per model call).
+LMS, LCM, TCD, flow-matching Euler and Heun (one fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -26,6 +26,7 @@ from fastdiff.samplers.flow import FlowMatchEulerSampler, FlowMatchHeunSampler
 from fastdiff.samplers.heun import HeunSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.lcm import LCMSampler, TCDSampler
+from fastdiff.samplers.lms import LMSSampler
 from fastdiff.samplers.pndm import PNDMSampler
 from fastdiff.samplers.unipc import UniPCSampler
 from fastdiff.schedules import NoiseSchedule
@@ -43,6 +44,7 @@ __all__ = [
     "FlowMatchHeunSampler",
     "HeunSampler",
     "LCMSampler",
+    "LMSSampler",
     "PNDMSampler",
     "Sampler",
     "TCDSampler",
@@ -66,6 +68,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "flow_heun": FlowMatchHeunSampler,
     "heun": HeunSampler,
     "lcm": LCMSampler,
+    "lms": LMSSampler,
     "pndm": PNDMSampler,
     "plms": PNDMSampler,
     "tcd": TCDSampler,
@@ -76,7 +79,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
     "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None), "heun",
-    "lcm", "pndm",
+    "lcm", "lms", "pndm",
     "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(

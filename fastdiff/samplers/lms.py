@@ -1,0 +1,278 @@
+"""LMS: linear multistep on the probability-flow ODE in sigma space (k-diffusion's
+``sample_lms``; Karras et al. 2022, arXiv:2206.00364, eq. 4 ODE), as diffusers'
+``LMSDiscreteScheduler``: "LMS" / "LMS Karras" of the web UIs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral
+
+import numpy as np
+import torch
+from numpy.polynomial import Polynomial
+from torch import Tensor
+
+from fastdiff.samplers.euler import EulerSampler
+from fastdiff.samplers.sigmas import train_sigmas32
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["LMSSampler", "lms_weights"]
+
+
+def _unipc_ops():
+    from fastdiff.ops import unipc_step as mod
+
+    return mod
+
+
+def lms_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
+    """The ``order`` linear multistep weights of step ``i`` (float64, newest derivative first):
+    w_j = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial
+    l_j(tau) = prod_{k != j, k < order} (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k}),
+    integrated exactly (a polynomial of degree order - 1)."""
+    nodes = [float(sig[i - k]) for k in range(order)]
+    out = np.zeros(order, dtype=np.float64)
+    for j in range(order):
+        p = Polynomial([1.0])
+        for k in range(order):
+            if k != j:
+                p = p * Polynomial([-nodes[k], 1.0]) / (nodes[j] - nodes[k])
+        q = p.integ()
+        out[j] = q(float(sig[i + 1])) - q(float(sig[i]))
+    return out
+
+
+class LMSSampler(EulerSampler):
+    """Linear multistep (LMS) on the probability-flow ODE in sigma space, step for step as
+    diffusers' ``LMSDiscreteScheduler`` (k-diffusion's ``sample_lms``).
+
+    With sigma = sqrt((1 - ab) / ab) and x_sigma = x0 + sigma eps, the ODE is dx_sigma/dsigma
+    = d(x_sigma; sigma) = (x_sigma - D(x_sigma; sigma)) / sigma (Karras et al. 2022, eq. 4 with
+    eq. 3's score), D the x0 prediction: the derivative is the model's noise estimate eps. LMS
+    keeps the derivatives d_i, d_{i-1}, ... of the last ``order`` steps and integrates the
+    polynomial through them (an Adams-Bashforth method on the non-uniform sigma grid)::
+
+        x_sigma_{i+1} = x_sigma_i + sum_{j < r} w_j d_{i-j},
+        w_j = int_{sigma_i}^{sigma_{i+1}} prod_{k != j, k < r} (tau - sigma_{i-k})
+              / (sigma_{i-j} - sigma_{i-k}) dtau
+
+    with r = min(i + 1, order) (diffusers' step(order=4) default); the weights are computed on
+    the host in float64, exactly (:func:`lms_weights`; diffusers integrates the same polynomial
+    numerically). fastdiff keeps the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2)), so::
+
+        x_{i+1} = (a_{i+1} / a_i) x_i + a_{i+1} sum_j w_j d_{i-j}
+
+    Fused form. Each step is one :func:`fastdiff.ops.unipc_step` call whose m output IS the
+    derivative d_i = eps (kept as the history m_{i-1}, m_{i-2}, m_{i-3}): the op's prediction
+    type and (a, s) slots are chosen so that m = p x + q mo is eps for the model's output mo
+    (s_i = a_i sigma_i = sqrt(1 - ab))::
+
+        epsilon:       op "sample",        m = mo                       (a, s unused: 1, 1)
+        v_prediction:  op "v_prediction",  m = a' x - s' v, a' = s_i, s' = -a_i  (eps = s x + a v)
+        sample:        op "epsilon",       m = (x - s' x0) / a', a' = s_i, s' = a_i
+
+    and the float64 row ``[a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2]`` is
+    ``[a', s', a_{i+1}/a_i, 0, a_{i+1} w_0, a_{i+1} w_1, a_{i+1} w_2, 1, 0, 0, a_{i+1} w_3, 0]``
+    (x_next = x_c). No row divides by sigma_{i+1}: the last step (sigma = 0, a = 1) is an
+    ordinary row; sigma_i > 0 on every step.
+
+    A run that starts at step s > 0 (img2img: diffusers' pipelines set ``begin_index`` and the
+    scheduler starts with no derivatives) takes, as diffusers, the weights of order min(i + 1,
+    order) but only the first min(i - s + 1, order) of them (the derivatives it has).
+
+    Args:
+        schedule, steps, prediction_type, timestep_spacing, steps_offset: see
+            :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``;
+            ``prediction_type`` "epsilon", "v_prediction" or "sample", as diffusers).
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid
+            (at most one), as :class:`~fastdiff.samplers.EulerSampler`.
+        order: the multistep order, 1 to 4 (diffusers' ``step(order=4)`` default).
+    """
+
+    name = "lms"
+    default_spacing = "linspace"
+    is_multistep = True
+    coef_width = 12
+    #: the CUDA-graph loop keeps 4 history buffers (last, d_{i-1}, d_{i-2}, d_{i-3})
+    solver_order = 4
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        *,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        order: int = 4,
+    ) -> None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                "prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got "
+                f"{prediction_type!r}"
+            )
+        if isinstance(order, bool) or not isinstance(order, Integral) or not 1 <= order <= 4:
+            raise ValueError(f"order: expected an int in 1..4, got {order!r}")
+        self.order = int(order)
+        self._sig_cache: np.ndarray | None = None
+        self.reset()
+        super().__init__(
+            schedule,
+            steps,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            use_karras_sigmas=use_karras_sigmas,
+            use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas,
+        )
+
+    # ------------------------------------------------------------------ rows
+    def sigmas(self) -> np.ndarray:
+        """float64 ``[steps + 1]``: sigma_i at each step, then 0; the float32 values diffusers'
+        ``LMSDiscreteScheduler`` builds (from its float32 alpha_bar) and its step reads."""
+        if self.sigma_grid is not None:
+            sig = self._sigma_grid()[0]
+        else:
+            train = train_sigmas32(self.schedule)
+            sig = np.interp(self._spaced_frac(), np.arange(len(train)), train)
+        return np.concatenate([sig, [0.0]]).astype(np.float32).astype(np.float64)
+
+    def _sig32(self) -> np.ndarray:
+        """:meth:`sigmas`, computed once per sampler."""
+        if getattr(self, "_sig_cache", None) is None:
+            self._sig_cache = self.sigmas()
+        return self._sig_cache
+
+    def _row(self, i: int, k: int) -> np.ndarray:
+        """float64 row of step ``i`` as the ``k``-th step of a run."""
+        sig = self._sig32()
+        a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (sig[i], sig[i + 1]))
+        s_i = a_i * float(sig[i])
+        w = lms_weights(sig, i, min(i + 1, self.order))[: min(k + 1, self.order)]
+        row = np.zeros(self.coef_width, dtype=np.float64)
+        row[0], row[1] = {
+            "epsilon": (1.0, 1.0),
+            "v_prediction": (s_i, -a_i),
+            "sample": (s_i, a_i),
+        }[self.prediction_type]
+        row[2], row[7] = a_n / a_i, 1.0
+        for col, wj in zip((4, 5, 6, 10), w, strict=False):
+            row[col] = a_n * wj
+        return row
+
+    def coefficients(self) -> np.ndarray:
+        cap = self.order - 1
+        rows = np.stack([self._row(i, i) for i in range(self.steps)])
+        self._since64 = [
+            np.stack([self._row(i, k) if i >= k else rows[i] for i in range(self.steps)])
+            for k in range(cap)
+        ]
+        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
+        return rows
+
+    def _variant(self, k: int, device: torch.device) -> Tensor:
+        tab = self._variant_tables.get((k, device))
+        if tab is None:
+            tab = torch.from_numpy(self._since64[k]).float().to(device)
+            self._variant_tables[(k, device)] = tab
+        return tab
+
+    def _op_prediction(self) -> str:
+        return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
+            self.prediction_type
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.steps}, order={self.order}, prediction_type="
+            f"{self.prediction_type!r}, timestep_spacing={self.timestep_spacing!r}, "
+            f"sigma_grid={self.sigma_grid!r}, schedule={self.schedule!r})"
+        )
+
+    def config(self) -> dict:
+        return {**super().config(), "order": self.order, "sigma_grid": self.sigma_grid}
+
+    def reset(self) -> None:
+        """Forget the run: the next step starts a new one (no derivatives)."""
+        self._hist: list[Tensor | None] = [None] * 3  # d_{i-1}, d_{i-2}, d_{i-3}
+        self._prev_i = -1
+        self._start = 0
+
+    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
+        """The x0 prediction of step ``i`` at VP sample ``x`` from its derivative ``m`` = eps
+        (for trajectories; a torch expression, not part of the fused step)."""
+        sig = float(self._sig32()[i])
+        a = 1.0 / math.sqrt(1.0 + sig * sig)
+        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
+
+    # ------------------------------------------------------------------ stepping
+    def step_with_history(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        coef: Tensor,
+        last: Tensor | None,
+        m_prev: Tensor | None,
+        m_prev2: Tensor | None,
+        m_prev3: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One fused call with the caller's history and row (CUDA graphs): ``(x_c, d_i,
+        x_next)``; ``last`` is not read (c_last = 0). The sampler's own history is left alone."""
+        self._check_step_args(model_output, i, x, None, guidance_scale)
+        return _unipc_ops().unipc_step(
+            x,
+            model_output,
+            coef,
+            None,
+            m_prev,
+            m_prev2,
+            m_prev3=m_prev3,
+            prediction_type=self._op_prediction(),
+            guidance_scale=guidance_scale,
+        )
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Step ``i`` (model output at ``x``, ``timesteps[i]``): one fused op call.
+
+        The derivatives are kept on the sampler and used only when step ``i - 1`` was the last
+        one it ran for this x shape and device; otherwise step ``i`` starts a new run (img2img).
+        LMS is deterministic: ``noise``, ``generator`` and ``generator_state`` are unused.
+        Returns x_{i+1}, or ``(x_{i+1}, x0)`` with ``return_x0``."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        hist = self._hist
+        m1 = hist[0]
+        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+                 and m1.device == x.device)  # fmt: skip
+        if not valid:
+            self._start, hist = i, [None] * 3
+        k = i - self._start
+        full = k >= self.order - 1
+        table = self.coef_table(x.device) if full else self._variant(k, x.device)
+        r = (self._coef64 if full else self._since64[k])[i]
+        need3 = r[10] != 0.0
+        need2 = need3 or r[6] != 0.0
+        need1 = need2 or r[5] != 0.0
+        ops = [t if need else None for t, need in zip(hist, (need1, need2, need3), strict=True)]
+        _, m, x_next = self.step_with_history(model_output, i, x, table[i], None, *ops,
+                                              guidance_scale=guidance_scale)  # fmt: skip
+        self._hist, self._prev_i = [m, hist[0], hist[1]], i
+        return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next

@@ -1,0 +1,356 @@
+"""LMSSampler ("lms") vs diffusers' LMSDiscreteScheduler, and through sample() / CUDA graphs
+(faked on CPU) / every unipc_step backend.
+
+LMS integrates the Lagrange polynomial through the last ``order`` ODE derivatives d = eps over
+[sigma_i, sigma_{i+1}] (k-diffusion's sample_lms). Per step both sides get the same sample and
+model output; ours must agree with a float64 restatement (diffusers' step in sigma space, exact
+weights) to a relative error <= 1e-5 (max |ours - ref| / max |ref|), and with the stock
+scheduler to 1e-5 plus diffusers' own fp32 error. fastdiff's sample is the VP one,
+x = x_sigma / sqrt(1 + sigma^2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from test_gmm_exact import GMMEps, _assert_mixture, _run
+
+import fastdiff
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import SAMPLERS, LMSSampler, make_sampler
+from fastdiff.samplers.lms import lms_weights
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _toy(x: torch.Tensor, t) -> torch.Tensor:
+    """Deterministic stand-in network of x and t."""
+    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
+
+
+def _scheduler(sched: str = "scaled_linear", **opts):
+    return diffusers.LMSDiscreteScheduler(**DIFFUSERS_BETAS[sched], **opts)
+
+
+def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
+    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
+
+
+def test_weights_are_adams_bashforth_on_a_uniform_grid():
+    """On sigma = 4, 3, 2, 1, 0 the weights are h times the Adams-Bashforth ones (h = -1)."""
+    sig = np.array([4.0, 3.0, 2.0, 1.0, 0.0])
+    ab = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
+          4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}  # fmt: skip
+    for order, want in ab.items():
+        np.testing.assert_allclose(lms_weights(sig, 3, order), -np.array(want), rtol=1e-13)
+    # non-uniform: order 2 by hand (the line through d_i and d_{i-1} integrated)
+    s = np.array([5.0, 2.0, 0.5])
+    h = s[2] - s[1]
+    w1 = (h * h / 2) / (s[0] - s[1])  # integral of (tau - s1) / (s0 - s1)
+    np.testing.assert_allclose(lms_weights(s, 1, 2), [h - w1, w1], rtol=1e-13)
+
+
+def _d64(x64, mo64, sig: float, pred: str):
+    """float64 derivative d = (x_sigma - x0) / sigma at VP sample x (diffusers' step)."""
+    a = 1.0 / math.sqrt(1.0 + sig * sig)
+    xs = x64 / a
+    if pred == "epsilon":
+        x0 = xs - sig * mo64
+    elif pred == "v_prediction":
+        x0 = mo64 * (-sig / math.sqrt(sig * sig + 1)) + xs / (sig * sig + 1)
+    else:
+        x0 = mo64
+    return (xs - x0) / sig
+
+
+def _per_step(ours: LMSSampler, theirs, *, begin: int = 0, seed: int = 0, order: int = 4):
+    """Steps ``begin ..`` on each side with shared samples and outputs; returns the worst error
+    vs the float64 restatement."""
+    sig = ours._sig32()
+    np.testing.assert_array_equal(sig, theirs.sigmas.double().numpy())
+    theirs.set_begin_index(begin)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    worst, hist = 0.0, []
+    for i in range(begin, len(ours)):
+        t = theirs.timesteps[i]
+        a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (sig[i], sig[i + 1]))
+        mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x.clamp(-3, 3)
+        hist = [_d64(x.double(), mo.double(), float(sig[i]), ours.prediction_type), *hist][:order]
+        w = lms_weights(sig, i, min(i + 1, order))
+        ref64 = a_n * (x.double() / a_i + sum(wj * d for wj, d in zip(w, hist, strict=False)))
+        theirs.scale_model_input(x / a_i, t)  # (diffusers warns unless it is called)
+        ref = theirs.step(mo, t, x / a_i, order=order).prev_sample * a_n
+        got = ours.step(mo, i, x)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        err64, err = _rel(got, ref64), _rel(got, ref)
+        assert err64 <= RTOL, f"step {i}: rel err vs float64 {err64:.2e}"
+        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
+        assert err <= bound, f"step {i}: rel err {err:.2e} > {bound:.2e}"
+        worst = max(worst, err64)
+        x = ref64.float()
+    return worst
+
+
+GRIDS = [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=["plain", "karras", "exponential"])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 20])
+def test_per_step_parity_with_diffusers(grid, pred, spacing, steps):
+    opts = dict(prediction_type=pred, timestep_spacing=spacing, **grid)
+    if spacing == "leading":
+        opts["steps_offset"] = 1
+    theirs = _scheduler(**opts)
+    theirs.set_timesteps(steps)
+    ours = LMSSampler(_schedule(), steps, **opts)
+    assert torch.equal(ours.timesteps, theirs.timesteps.round().to(torch.int64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _per_step(ours, theirs)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_lower_orders(order):
+    theirs = _scheduler(prediction_type="v_prediction")
+    theirs.set_timesteps(8)
+    ours = LMSSampler(_schedule(), 8, prediction_type="v_prediction", order=order)
+    _per_step(ours, theirs, order=order)
+
+
+@pytest.mark.parametrize("begin", [1, 2, 3, 5])
+def test_img2img_start_matches_diffusers_begin_index(begin):
+    """A run from step s > 0 (diffusers' set_begin_index): diffusers uses the first
+    min(i - s + 1, 4) weights of order min(i + 1, 4); ours the same rows."""
+    theirs = _scheduler(use_karras_sigmas=True)
+    theirs.set_timesteps(10)
+    ours = LMSSampler(_schedule(), 10, use_karras_sigmas=True)
+    _per_step(ours, theirs, begin=begin)
+
+
+def _diffusers_loop(sch, steps: int, z: torch.Tensor, model=_toy) -> torch.Tensor:
+    """diffusers' pipeline loop; the model sees the rounded timestep, as fastdiff calls it."""
+    sch.set_timesteps(steps)
+    x = z * sch.init_noise_sigma
+    for t in sch.timesteps:
+        out = model(sch.scale_model_input(x, t), t.round().expand(x.shape[0]))
+        x = sch.step(out, t, x).prev_sample
+    return x
+
+
+RUNS = [
+    ("scaled_linear", "epsilon", "linspace", {}, 20),
+    ("scaled_linear", "epsilon", "leading", {"steps_offset": 1, "use_karras_sigmas": True}, 25),
+    ("scaled_linear", "v_prediction", "trailing", {}, 12),
+    ("linear", "epsilon", "linspace", {"use_exponential_sigmas": True}, 7),
+    ("linear", "sample", "linspace", {}, 5),
+]
+
+
+@pytest.mark.parametrize("sched,pred,spacing,extra,steps", RUNS)
+def test_sample_with_an_lms_scheduler_is_diffusers_loop(sched, pred, spacing, extra, steps):
+    """sample(schedule=LMSDiscreteScheduler(...)) picks "lms" without a warning, takes the
+    scheduler's settings and lands where diffusers' own loop does."""
+    sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = _diffusers_loop(sch, steps, z)
+    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return _toy(x, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fastdiff.sample(model, steps=steps, schedule=sch, noise=x_T)
+    assert calls == sch.timesteps.round().to(torch.int64).tolist()
+    err = _rel(got, ref)
+    assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
+    euler = fastdiff.sample(_toy, steps=steps, sampler="euler", schedule=sch, noise=x_T)
+    assert _rel(euler, ref) > 1e-3  # not Euler's samples (the check can fail)
+
+
+def test_registry_infer_and_options():
+    from fastdiff._sampler_setup import infer_sampler, resolve_sampler
+
+    assert SAMPLERS["lms"] is LMSSampler
+    sch = _scheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                     use_karras_sigmas=True)  # fmt: skip
+    assert infer_sampler(sch) == "lms"
+    smp = resolve_sampler(None, None, 8, sch, None, None, {"order": 2})
+    assert isinstance(smp, LMSSampler)
+    assert (smp.prediction_type, smp.timestep_spacing, smp.sigma_grid, smp.order) == (
+        "v_prediction", "trailing", "karras", 2)  # fmt: skip
+    smp = make_sampler("lms", NoiseSchedule("linear"), 5)
+    assert smp.order == 4 and smp.coef64.shape == (5, 12)
+    assert smp.config()["order"] == 4 and "order=4" in repr(smp)
+
+
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        ({"order": 0}, "order: expected an int in 1..4, got 0"),
+        ({"order": 5}, "order"),
+        ({"order": 2.0}, "order"),
+        ({"order": True}, "order"),
+        ({"prediction_type": "flow"}, "prediction_type"),
+        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "at most one"),
+    ],
+)
+def test_bad_options(opts, match):
+    with pytest.raises(ValueError, match=match):
+        LMSSampler(NoiseSchedule("linear"), 5, **opts)
+
+
+def test_bad_settings_through_sample():
+    z = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="eta"):
+        fastdiff.sample(_toy, steps=5, sampler="lms", noise=z, eta=0.5)
+    with pytest.raises(TypeError, match="unknown option"):
+        fastdiff.sample(_toy, steps=5, sampler="lms", noise=z, clip_sample=True)
+
+
+@pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_every_backend_matches_diffusers(case, pred):
+    """A guided run at an odd size on each backend of the fused op (cpu: the C++ kernel, triton
+    under TRITON_INTERPRET=1) equals diffusers' loop on the combined output."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 5, 7, generator=g)
+    w = torch.randn(4, 3, 5, 7, generator=g)
+    gs = 2.5
+
+    def raw(x, t):
+        return torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w + torch.sin(t[:1].float() / 300.0)
+
+    def combined(x, t):
+        u, c = raw(x, t.expand(x.shape[0])).chunk(2)
+        return u + gs * (c - u)
+
+    sch = _scheduler(prediction_type=pred, use_karras_sigmas=True)
+    ref = _diffusers_loop(sch, 6, z, combined)
+    smp = LMSSampler(_schedule(), 6, prediction_type=pred, use_karras_sigmas=True)
+    x = (z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5).to(dev)
+    with fastdiff.use_backend(backend, op="unipc_step"):
+        for i, t in enumerate(smp.timesteps):
+            x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, guidance_scale=gs)
+    assert x.device.type == dev
+    err = _rel(x.cpu(), ref)
+    assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+def test_sample_with_guidance_equals_manual_cfg():
+    w = 3.0
+    cond, uncond = torch.randn(SHAPE[0], 4), torch.randn(SHAPE[0], 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    got = fastdiff.sample(model, steps=6, sampler="lms", noise=z, cond=cond, uncond=uncond,
+                          guidance_scale=w)  # fmt: skip
+    smp = LMSSampler(NoiseSchedule("linear"), 6)
+    x = z
+    for i, t in enumerate(smp.timesteps):
+        tt = t.expand(SHAPE[0])
+        u = model(x, tt, encoder_hidden_states=uncond)
+        c = model(x, tt, encoder_hidden_states=cond)
+        x = smp.step(u + w * (c - u), i, x)
+    assert _rel(got, x) <= 1e-6
+
+
+def test_history_reset_and_reuse():
+    """A sampler reused for a second run (or a step out of order) starts without history."""
+    smp = LMSSampler(NoiseSchedule("linear"), 5)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    one = fastdiff.sample(_toy, sampler=smp, noise=z, steps=5)
+    two = fastdiff.sample(_toy, sampler=smp, noise=z, steps=5)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, pred):
+    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
+    row and the derivatives in static buffers): the eager loop's samples and trajectory, also for
+    a second call; an order-2 run captures a graph of its own."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    def run(graphed, seed, **opts):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+        return fastdiff.sample(model, steps=7, sampler="lms", noise=z, cond=cond,
+                               uncond=uncond, guidance_scale=2.0, prediction_type=pred,
+                               return_trajectory=True, **opts)  # fmt: skip
+
+    for seed in (1, 2):
+        eager, etraj = run(False, seed)
+        out, traj = run(True, seed)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
+    assert len(fake_cuda_graphs[0].hist) == 4
+    eager, _ = run(False, 1, order=2)
+    out, _ = run(True, 1, order=2)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2
+
+
+@torch.no_grad()
+def test_no_host_sync_inside_the_sampling_loop():
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return _toy(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, steps=6, sampler="lms", shape=SHAPE[1:], batch_size=2)
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
+
+
+@pytest.mark.parametrize("grid", [None, "karras"])
+def test_recovers_gaussian_mixture(grid):
+    """On the exact eps of a Gaussian mixture, 25 LMS steps land on the mixture."""
+    sch = NoiseSchedule("linear")
+    smp = LMSSampler(sch, 25, use_karras_sigmas=grid == "karras")
+    _assert_mixture(_run(smp, GMMEps(sch)))
+
+
+def test_cli_sampler_lms_karras(tmp_path, monkeypatch):
+    """fastdiff sample --sampler lms [--karras] reaches sample() as "lms" (Karras sigmas)."""
+    from fastdiff.cli import main
+
+    seen = []
+    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
+                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    out = tmp_path / "lms.png"
+    args = ["sample", "--steps", "3", "--n", "2", "--sampler", "lms", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0 and out.is_file()
+    assert seen[-1]["sampler"] == "lms" and "use_karras_sigmas" not in seen[-1]
+    assert main([*args, "--karras", "--out", str(out)]) == 0
+    assert seen[-1]["use_karras_sigmas"] is True
