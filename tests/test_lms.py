@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -104,10 +105,10 @@ def _per_step(ours: LMSSampler, theirs, *, begin: int = 0, seed: int = 0, order:
     return worst
 
 
-GRIDS = [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}]
+GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
 
 
-@pytest.mark.parametrize("grid", GRIDS, ids=["plain", "karras", "exponential"])
+@pytest.mark.parametrize("grid", GRIDS, ids=["plain", "karras", "exponential", "beta"])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 20])
@@ -253,6 +254,30 @@ def test_every_backend_matches_diffusers(case, pred):
     assert x.device.type == dev
     err = _rel(x.cpu(), ref)
     assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.usefixtures("emu")
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_emulated_cuda_kernel_matches_diffusers(pred):
+    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
+    test_every_backend_matches_diffusers(("cpu", "cuda"), pred)
+
+
+def test_saved_config_and_channels_last():
+    """A saved LMSDiscreteScheduler config (scheduler_config.json) infers "lms" with its
+    settings; a channels_last x_T gives the contiguous run's samples, in channels_last."""
+    saved = dict(DIFFUSERS_BETAS["scaled_linear"], _class_name="LMSDiscreteScheduler",
+                 prediction_type="v_prediction", use_karras_sigmas=True)  # fmt: skip
+    sch = _scheduler(prediction_type="v_prediction", use_karras_sigmas=True)
+    z = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(7))
+    ref = _diffusers_loop(sch, 9, z)
+    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5
+    got = fastdiff.sample(_toy, steps=9, schedule=saved, noise=x_T)
+    assert 0.0 < _rel(got, ref) <= RTOL
+    cl = fastdiff.sample(_toy, steps=9, schedule=saved,
+                         noise=x_T.contiguous(memory_format=torch.channels_last))  # fmt: skip
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, got, rtol=1e-6, atol=1e-6)
 
 
 def test_sample_with_guidance_equals_manual_cfg():
