@@ -28,6 +28,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "to_images": ("fastdiff.api", "to_images"),
     "NoiseSchedule": ("fastdiff.schedules", "NoiseSchedule"),
     "optimize": ("fastdiff.integrations.diffusers", "optimize"),
+    "unoptimize": ("fastdiff.integrations.unoptimize", "unoptimize"),
     "train": ("fastdiff.training", "train"),
     "ops": ("fastdiff.ops", None),
     "nn": ("fastdiff.nn", None),

@@ -401,6 +401,7 @@ def _patch_attention(name: str, attn: nn.Module, proc: Any, report: OptimizeRepo
     if why is not None:
         report.left.append((name, why))
         return
+    attn.__dict__["_fastdiff_processor"] = attn.processor  # what unoptimize() puts back
     attn.set_processor(proc)
     norm = getattr(attn, "group_norm", None)
     fresh = norm is not None and not isinstance(norm, GroupNormSiLU)
@@ -452,7 +453,7 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
     ``channels_last`` applies). Outputs equal the unpatched model's within the dtype's
     tolerance; parameters, state-dict keys and the model's class are unchanged, so diffusers
     pipelines (``DDIMPipeline(unet=model, ...)``), ``save_pretrained`` and ``fastdiff.sample``
-    work as before. Idempotent.
+    work as before. Idempotent; :func:`fastdiff.unoptimize` undoes it.
 
     ``channels_last=True`` also converts the weights to ``torch.channels_last``, so the convs
     (and the fused kernels, natively) run NHWC. ``None`` (default) does that when the model is
