@@ -74,6 +74,43 @@ def _prepare_output(out: Tensor, x: Tensor, smp: Sampler, gs: float | None, mode
     return out
 
 
+def _rescaled_guidance(out: Tensor, gs: float, rescale: float) -> Tensor:
+    """Classifier-free guidance with the rescale of Lin et al. 2024 ("Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", arXiv:2305.08891, eqs. (15)-(16)), as diffusers'
+    ``rescale_noise_cfg``: ``out`` is the model's ``[uncond, cond]`` output ``[2N x ...]``;
+
+        cfg = u + w (c - u),   cfg_r = cfg * std(c) / std(cfg),   phi cfg_r + (1 - phi) cfg
+
+    with the (unbiased) standard deviations per sample over every other dimension. The result
+    ``[N x ...]`` goes to the sampler op without guidance. Computed in fp32 (diffusers: in the
+    model's dtype), rounded once to ``out.dtype``; no host sync."""
+    u, c = out.float().chunk(2)
+    cfg = u + gs * (c - u)
+    dims = list(range(1, out.ndim))
+    rescaled = cfg * (c.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True))
+    return (rescale * rescaled + (1.0 - rescale) * cfg).to(out.dtype)
+
+
+def _guidance_rescale(phi: Any, gs: float | None, smp: Sampler) -> float:
+    """``guidance_rescale`` checked up front: a real in [0, 1], only with guidance."""
+    if isinstance(phi, bool) or not isinstance(phi, numbers.Real):
+        raise TypeError(f"guidance_rescale: expected a real number in [0, 1], got {phi!r}")
+    phi = float(phi)
+    if not 0.0 <= phi <= 1.0:
+        raise ValueError(f"guidance_rescale: expected a number in [0, 1], got {phi}")
+    if phi > 0.0 and gs is None:
+        raise ValueError(
+            f"guidance_rescale: rescales classifier-free guidance, but guidance_scale is None "
+            f"(got guidance_rescale={phi}); pass guidance_scale, or guidance_rescale=0"
+        )
+    if phi > 0.0 and getattr(smp, "learned_variance", False):
+        raise ValueError(
+            "guidance_rescale: not supported with a learned-variance sampler (variance_type "
+            f"'learned_range' / 'learned'), got guidance_rescale={phi}"
+        )
+    return phi
+
+
 # ------------------------------------------------------------------------ conditioning kwargs
 def _cond_key(model: Any) -> str:
     """Keyword a tensor ``cond`` is passed as: encoder_hidden_states or class_labels."""

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from fastdiff import _dispatch
-from fastdiff._conditioning import _prepare_output, _unwrap
+from fastdiff._conditioning import _prepare_output, _rescaled_guidance, _unwrap
 from fastdiff._loop import _philox_state, _progress, _timestep_rows, _trajectory
 from fastdiff.samplers import Sampler
 
 
 def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callback,
-                   return_trajectory):  # fmt: skip
+                   return_trajectory, rescale=0.0):  # fmt: skip
     """The loop of :func:`fastdiff._loop._sample_eager`, each step a replay of a captured
     :class:`_StepGraph`; ``graphs`` is the capture cache ``{model: {key: _StepGraph, "params":
     the _param_signature the graphs were captured on}}``."""
@@ -40,6 +40,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
         x.dtype,
         str(x.device),
         gs,
+        rescale,
         _kw_signature(kwargs),
         _backend_signature(),
     )
@@ -53,7 +54,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
     per_model["params"] = params
     g = per_model.get(key)
     if g is None:
-        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state)
+        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state, rescale)
         per_model[key] = g
     g.smp = smp
     g.load(x, kwargs, gen_state)
@@ -100,9 +101,17 @@ class _StepGraph:
     x0_prev2: Tensor | None = None  # DPM-Solver++ 3M's m_{i-2} buffer (set by __init__)
 
     def __init__(
-        self, model, smp: Sampler, x: Tensor, kwargs, gs, t_row: Tensor, gen_state: Tensor | None
+        self,
+        model,
+        smp: Sampler,
+        x: Tensor,
+        kwargs,
+        gs,
+        t_row: Tensor,
+        gen_state: Tensor | None,
+        rescale: float = 0.0,
     ) -> None:
-        self.model, self.gs = model, gs
+        self.model, self.gs, self.rescale = model, gs, rescale
         self.multistep = smp.is_multistep
         self.x = x.clone()
         self.t = t_row.clone()
@@ -141,6 +150,8 @@ class _StepGraph:
         x_in = torch.cat([self.x, self.x]) if gs is not None else self.x
         out = _prepare_output(_unwrap(self.model(x_in, self.t, **self.kwargs)), self.x, smp, gs,
                               self.model)  # fmt: skip
+        if self.rescale:  # guidance rescale: combined before the op, which then has none
+            out, gs = _rescaled_guidance(out, gs, self.rescale), None
         skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
         if self.unipc:  # the op reads every buffer before the copies below overwrite them
             last, m1, m2, *m3 = self.hist

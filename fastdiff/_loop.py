@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastdiff._conditioning import _prepare_output, _unwrap
+from fastdiff._conditioning import _prepare_output, _rescaled_guidance, _unwrap
 from fastdiff.samplers import Sampler
 
 
-def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory):
+def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory,
+                  rescale=0.0):  # fmt: skip
     """x_T -> x_0: for each step i, ``out = model(x, t_i)`` and ``x = smp.step(out, i, x)``.
 
-    ``gs`` is the guidance scale (None: no guidance); the noise of a stochastic step comes from
+    ``gs`` is the guidance scale (None: no guidance), ``rescale`` the guidance rescale phi (0:
+    the op combines the halves; else :func:`_rescaled_guidance` does, before the op); the noise
+    of a stochastic step comes from
     ``generator``, else from the in-kernel Philox generator. Returns x_0, and with
     ``return_trajectory`` also ``{"timesteps", "x", "x0"}``."""
     n = x.shape[0]
@@ -36,14 +39,17 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
     gen_state = _philox_state(smp, generator, dev)
     skw = {"generator_state": gen_state} if gen_state is not None else {}
     traj_x, traj_x0 = ([x], []) if return_trajectory else (None, None)
+    gs_op = None if rescale else gs  # the guidance the op applies
     for i in _progress(range(smp.steps), progress, smp.steps):
         x_in = torch.cat([x, x]) if gs is not None else x
         out = _prepare_output(_unwrap(model(x_in, t_all[i], **kwargs)), x, smp, gs, model)
+        if rescale:
+            out = _rescaled_guidance(out, gs, rescale)
         noise = None
         if smp.needs_noise(i) and gen_state is None:
             noise = smp._draw_noise(x, generator)  # the sampler's dtype (SDE: fp32)
         res = smp.step(
-            out, i, x, noise=noise, guidance_scale=gs, return_x0=return_trajectory, **skw
+            out, i, x, noise=noise, guidance_scale=gs_op, return_x0=return_trajectory, **skw
         )
         if return_trajectory:
             x, x0 = res

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastdiff._conditioning import _guidance, model_kwargs_for
+from fastdiff._conditioning import _guidance, _guidance_rescale, model_kwargs_for
 from fastdiff._graph import _param_signature as _param_signature  # re-exported (tests)
 from fastdiff._graph import _StepGraph as _StepGraph  # re-exported (tests patch it here)
 from fastdiff._graph import sample_graphed
@@ -62,6 +62,7 @@ def sample(
     cond: Tensor | Mapping[str, Any] | None = None,
     uncond: Tensor | Mapping[str, Any] | None = None,
     guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -118,6 +119,11 @@ def sample(
             w = 1 + w_paper, the diffusers convention): ``eps = eps_u + w (eps_c - eps_u)``;
             w = 1 is the plain conditional model; one batched model call over
             ``[uncond, cond]``, the combine fused into the sampler op.
+        guidance_rescale: phi of Lin et al. 2024 (arXiv:2305.08891, eqs. (15)-(16); diffusers'
+            pipelines' ``guidance_rescale``, e.g. 0.7 for zero-terminal-SNR v-prediction
+            models): the guided output is rescaled to the conditional output's per-sample
+            standard deviation, blended by phi. 0 (default) is plain guidance; > 0 needs
+            ``guidance_scale`` and combines the halves before the op (a few more kernels).
         model_kwargs: extra kwargs for every model call.
         dtype, device: of x (default: the model's parameters, else ``noise``, else fp32 / CPU).
         progress: show a tqdm progress bar.
@@ -155,6 +161,7 @@ def sample(
 
     # the sampler: timesteps and per-step coefficients, on the model's noise schedule
     smp = resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale, sampler_options)
+    rescale = _guidance_rescale(guidance_rescale, guidance_scale, smp)
 
     # x_T's device, dtype and shape [N x ...], and the model kwargs of every call: with
     # guidance, one batched call over [uncond, cond]
@@ -179,7 +186,7 @@ def sample(
     loop = _sample_graphed if cuda_graph else _sample_eager
     with eval_mode(model):
         res = loop(model, smp, x, kwargs, guidance_scale, generator, progress, callback,
-                   return_trajectory)  # fmt: skip
+                   return_trajectory, rescale)  # fmt: skip
     return contiguous_result(res, return_trajectory) if back_to_contiguous else res
 
 
@@ -199,10 +206,11 @@ def _check_flags(callback: Any, cuda_graph: Any, progress: Any, return_trajector
 _GRAPHS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
-def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory):
+def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory,
+                    rescale=0.0):  # fmt: skip
     """:func:`fastdiff._graph.sample_graphed` with this module's capture cache."""
     return sample_graphed(_GRAPHS, model, smp, x, kwargs, gs, generator, progress, callback,
-                          return_trajectory)  # fmt: skip
+                          return_trajectory, rescale)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- images
