@@ -75,8 +75,8 @@ def _prepare_output(out: Tensor, x: Tensor, smp: Sampler, gs: float | None, mode
 
 
 def _rescaled_guidance(out: Tensor, gs: float, rescale: float) -> Tensor:
-    """Classifier-free guidance with the rescale of Lin et al. 2024 ("Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", arXiv:2305.08891, eqs. (15)-(16)), as diffusers'
+    """Classifier-free guidance with the rescale of Lin et al. 2023 ("Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", arXiv:2305.08891, Sec. 3.4), as diffusers'
     ``rescale_noise_cfg``: ``out`` is the model's ``[uncond, cond]`` output ``[2N x ...]``;
 
         cfg = u + w (c - u),   cfg_r = cfg * std(c) / std(cfg),   phi cfg_r + (1 - phi) cfg

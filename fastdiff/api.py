@@ -119,7 +119,7 @@ def sample(
             w = 1 + w_paper, the diffusers convention): ``eps = eps_u + w (eps_c - eps_u)``;
             w = 1 is the plain conditional model; one batched model call over
             ``[uncond, cond]``, the combine fused into the sampler op.
-        guidance_rescale: phi of Lin et al. 2024 (arXiv:2305.08891, eqs. (15)-(16); diffusers'
+        guidance_rescale: phi of Lin et al. 2023 (arXiv:2305.08891, Sec. 3.4; diffusers'
             pipelines' ``guidance_rescale``, e.g. 0.7 for zero-terminal-SNR v-prediction
             models): the guided output is rescaled to the conditional output's per-sample
             standard deviation, blended by phi. 0 (default) is plain guidance; > 0 needs

@@ -1,5 +1,5 @@
 """``fastdiff.sample(guidance_rescale=phi)``: classifier-free guidance rescaled as in Lin et al.
-2024 (arXiv:2305.08891, eqs. (15)-(16)) and diffusers' Stable Diffusion pipelines
+2023 (arXiv:2305.08891, Sec. 3.4) and diffusers' Stable Diffusion pipelines
 (``rescale_noise_cfg``), for every sampler, in the eager and the CUDA-graph loop."""
 
 from __future__ import annotations
