@@ -63,7 +63,7 @@ def resolve_sampler(
     if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
-    n_steps = SAMPLERS[sampler.lower()].default_steps if steps is None else steps
+    n_steps = _default_steps(sampler.lower(), steps, sampler_options, "timesteps")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
     n_steps = int(n_steps)  # a numpy integer (np.arange sweeps) as a Python int
@@ -109,6 +109,17 @@ def resolve_sampler(
     return smp
 
 
+def _default_steps(name: str, steps: Any, options: Mapping[str, Any], custom: str) -> Any:
+    """``steps``, else the length of a custom grid option (LCM / TCD ``timesteps=``, flow
+    ``sigmas=``, as diffusers' ``set_timesteps`` takes it), else the sampler's default."""
+    if steps is not None:
+        return steps
+    grid = options.get(custom)
+    if grid is not None and hasattr(grid, "__len__") and not isinstance(grid, (str, bytes)):
+        return len(grid)
+    return SAMPLERS[name].default_steps
+
+
 def _resolve_flow(
     name: str, steps: int | None, schedule: Any, eta: float | None, options: Mapping[str, Any]
 ) -> Sampler:
@@ -122,7 +133,7 @@ def _resolve_flow(
         )
     if eta is not None:
         raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
-    n_steps = SAMPLERS[name].default_steps if steps is None else steps
+    n_steps = _default_steps(name, steps, options, "sigmas")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
     _check_scheduler_settings(schedule, name)
