@@ -86,7 +86,8 @@ def sample(
             int64 tensor (float32 for ``"flow_euler"``) on the model's device, returning a
             tensor, an object with ``.sample`` (diffusers) or a tuple.
         steps: number of sampling steps (1 .. num_train_timesteps; default 50, 4 for ``"lcm"``
-            as diffusers' LatentConsistencyModelPipeline).
+            as diffusers' LatentConsistencyModelPipeline, the length of a custom ``timesteps=``
+            (lcm / tcd) or ``sigmas=`` (flow) grid).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
             ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"lms"``, ``"unipc"``,
             ``"lcm"``, ``"tcd"``, ``"flow_euler"`` (rectified-flow models: ``schedule`` None or a
