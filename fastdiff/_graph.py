@@ -99,6 +99,7 @@ class _StepGraph:
     """
 
     x0_prev2: Tensor | None = None  # DPM-Solver++ 3M's m_{i-2} buffer (set by __init__)
+    rescale: float = 0.0  # guidance rescale phi (set by __init__)
 
     def __init__(
         self,
