@@ -72,6 +72,22 @@ def spaced_timesteps(
     return ts
 
 
+def custom_timesteps(timesteps: Sequence[int], T: int) -> np.ndarray:
+    """A user timestep list as diffusers' ``set_timesteps(timesteps=...)`` accepts it: strictly
+    descending, below T (and, here, >= 0: diffusers would index alpha_bar from the end)."""
+    try:
+        ts = np.asarray([int(t) for t in timesteps], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise TypeError(f"timesteps: expected a list of ints, got {timesteps!r}") from None
+    if ts.ndim != 1 or len(ts) == 0:
+        raise ValueError(f"timesteps: expected a non-empty list of ints, got {timesteps!r}")
+    if np.any(np.diff(ts) >= 0):
+        raise ValueError(f"timesteps: expected strictly descending timesteps, got {ts.tolist()}")
+    if ts[0] >= T or ts[-1] < 0:
+        raise ValueError(f"timesteps: expected values in [0, {T - 1}], got {ts.tolist()}")
+    return ts
+
+
 def check_thresholding(ratio: float, max_value: float) -> None:
     """ValueError unless dynamic thresholding's options are usable: the quantile ``ratio`` in
     (0, 1] and the largest threshold ``max_value`` > 0 (a negative one flipped x0's sign)."""

@@ -16,6 +16,7 @@ from fastdiff.samplers.base import (
     _ops,
     advance_generator_state,
     check_thresholding,
+    custom_timesteps,
     randn_like_with,
     threshold_x0,
 )
@@ -99,6 +100,10 @@ class DPMSolverPPSampler(Sampler):
             :class:`~fastdiff.samplers.base.Sampler`. Default spacing ``"linspace"``; as in
             diffusers' ``DPMSolverMultistepScheduler`` the ``linspace``/``leading`` grids are
             built over ``steps + 1`` points with the last (t = 0) dropped.
+        timesteps: custom model timesteps, strictly descending (diffusers'
+            ``set_timesteps(timesteps=...)``, e.g. Align Your Steps' schedules); ``steps`` is
+            then their number (or None). Not with a sigma grid; ``timestep_spacing``,
+            ``steps_offset`` and ``lambda_min_clipped`` are then unused.
         solver_order: 1, 2 (default; "DPM++ 2M") or 3 ("DPM++ 3M", diffusers' recommendation
             for unconditional sampling).
         solver_type: ``"midpoint"`` (default) or ``"heun"``: the 2M step's B (above); as in
@@ -130,15 +135,17 @@ class DPMSolverPPSampler(Sampler):
     default_spacing = "linspace"
     is_multistep = True
     lambda_min_clipped = -math.inf  # no clipping (also for subclasses without the option)
+    _custom: np.ndarray | None = None  # no custom timesteps (also for such subclasses)
 
     def __init__(
         self,
         schedule: NoiseSchedule,
-        steps: int,
+        steps: int | None,
         *,
         prediction_type: str = "epsilon",
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
+        timesteps: Sequence[int] | None = None,
         solver_order: int = 2,
         solver_type: str = "midpoint",
         lower_order_final: bool = True,
@@ -191,6 +198,22 @@ class DPMSolverPPSampler(Sampler):
             )
         if use_lu_lambdas and not use_karras_sigmas:  # diffusers' precedence
             grids = ["lu"]
+        self._custom = None  # user timesteps (set_timesteps(timesteps=...)), int64, descending
+        if timesteps is not None and isinstance(schedule, NoiseSchedule):
+            if grids:
+                raise ValueError(
+                    f"timesteps: custom timesteps cannot be combined with "
+                    f"use_{grids[0]}_{'lambdas' if grids[0] == 'lu' else 'sigmas'}=True (as in "
+                    "diffusers): the grid decides the timesteps"
+                )
+            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
+            if steps is None:
+                steps = len(self._custom)
+            elif steps != len(self._custom):
+                raise ValueError(
+                    f"steps: got {steps} but {len(self._custom)} custom timesteps; pass one of "
+                    "them (or the same number)"
+                )
         self.use_lu_lambdas = bool(use_lu_lambdas)
         #: "karras", "lu", "exponential", "beta" or None (steps at the spaced timesteps)
         self.sigma_grid: str | None = grids[0] if grids else None
@@ -248,6 +271,8 @@ class DPMSolverPPSampler(Sampler):
         return ts.astype(np.int64)
 
     def _make_timesteps(self) -> np.ndarray:
+        if self._custom is not None:
+            return self._custom.copy()
         if self.sigma_grid is not None:
             return self._grid_timesteps()
         T, n = self.schedule.num_train_timesteps, self.steps

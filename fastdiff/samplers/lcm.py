@@ -23,6 +23,7 @@ from fastdiff.samplers.base import (
     _sqrt,
     advance_generator_state,
     check_thresholding,
+    custom_timesteps,
     threshold_x0,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
@@ -89,22 +90,6 @@ def _check_strength(strength: float) -> float:
     return float(strength)
 
 
-def _custom_timesteps(timesteps: Sequence[int], T: int) -> np.ndarray:
-    """A user timestep list as diffusers' ``set_timesteps(timesteps=...)`` accepts it: strictly
-    descending, below T (and, here, >= 0: diffusers would index alpha_bar from the end)."""
-    try:
-        ts = np.asarray([int(t) for t in timesteps], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise TypeError(f"timesteps: expected a list of ints, got {timesteps!r}") from None
-    if ts.ndim != 1 or len(ts) == 0:
-        raise ValueError(f"timesteps: expected a non-empty list of ints, got {timesteps!r}")
-    if np.any(np.diff(ts) >= 0):
-        raise ValueError(f"timesteps: expected strictly descending timesteps, got {ts.tolist()}")
-    if ts[0] >= T or ts[-1] < 0:
-        raise ValueError(f"timesteps: expected values in [0, {T - 1}], got {ts.tolist()}")
-    return ts
-
-
 class _DistilledSampler(Sampler):
     """Timesteps of the LCM / TCD schedulers (``set_timesteps``) and their shared options."""
 
@@ -134,7 +119,7 @@ class _DistilledSampler(Sampler):
                     "then keeps the full list's length and adds noise on its final step); pass "
                     f"the shortened list instead, got strength={strength}"
                 )
-            self._custom = _custom_timesteps(timesteps, schedule.num_train_timesteps)
+            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
             if steps is None:
                 steps = len(self._custom)
             elif steps != len(self._custom):
