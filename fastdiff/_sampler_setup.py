@@ -50,15 +50,15 @@ def resolve_sampler(
         return sampler
     if not isinstance(sampler, str):
         raise TypeError(
-            "sampler: expected a name ('ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', 'unipc') "
-            f"or a fastdiff sampler object, got {type(sampler).__name__}"
+            "sampler: expected a name ('ddim', 'ddpm', 'deis', 'dpm++', 'dpm2', 'dpm2_a', "
+            "'euler', 'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', "
+            f"'unipc') or a fastdiff sampler object, got {type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(
-            "sampler: expected 'ddim', 'ddpm', 'dpm++', 'dpm2', 'dpm2_a', 'euler', 'euler_a', "
-            "'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', 'unipc' or a "
-            f"fastdiff sampler object, got {sampler!r}"
+            "sampler: expected 'ddim', 'ddpm', 'deis', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
+            "'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', 'unipc' "
+            f"or a fastdiff sampler object, got {sampler!r}"
         )
     if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
@@ -248,6 +248,7 @@ def _diffusers_params(schedule: Any, cfg: Mapping[str, Any]) -> frozenset[str] |
 _SCHEDULER_OF = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
+    "deis": "DEISMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "dpm2": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
@@ -313,6 +314,11 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # diffusers 0.42's LMSDiscreteScheduler: every setting is implemented; its exponential /
     # beta grids read a leftover sigma_min / sigma_max of another scheduler's config
     "lms": {"sigma_min": None, "sigma_max": None},
+    # diffusers 0.42's DEISMultistepScheduler: its flow grid (use_flow_sigmas, with flow_shift and
+    # use_dynamic_shifting, which act only there) is not implemented; its Karras / exponential /
+    # beta grids read a leftover sigma_min / sigma_max; prediction_type="flow_prediction" and
+    # another solver_order are refused by DEISSampler itself
+    "deis": {"use_flow_sigmas": False, "sigma_min": None, "sigma_max": None},
     # diffusers' Karras / exponential / beta grids read a leftover sigma_min / sigma_max of
     # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
     "flow_euler": {"sigma_min": None, "sigma_max": None},
@@ -332,7 +338,7 @@ def infer_sampler(schedule: Any) -> str:
     """The sampler ``sample(sampler=None)`` runs: the one that reproduces ``schedule``'s
     diffusers scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"``, ...; its settings
     then apply as for an explicit name), else ``"ddim"``. A diffusers scheduler class fastdiff
-    has no sampler for (e.g. ``DEISMultistepScheduler``) warns: its noise schedule is used,
+    has no sampler for (e.g. ``SASolverScheduler``) warns: its noise schedule is used,
     sampled with DDIM."""
     cfg = _scheduler_config(schedule)
     if cfg is None:

@@ -97,7 +97,7 @@ def sample(
             (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
             ``UniPCMultistepScheduler`` -> ``"unipc"``, ``PNDMScheduler`` -> ``"pndm"``, ...),
             else ``"ddim"`` (a diffusers scheduler class without a fastdiff sampler, e.g.
-            ``DEISMultistepScheduler``, warns).
+            ``SASolverScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
             scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,

@@ -24,6 +24,8 @@ def _model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 CASES = [
     ("DDIMScheduler", {}, "ddim"),
     ("DDPMScheduler", {}, "ddpm"),
+    ("DEISMultistepScheduler", {}, "deis"),
+    ("DEISMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}, "deis"),
     ("DPMSolverMultistepScheduler", {}, "dpm++"),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpm++"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpm++"),
@@ -65,8 +67,8 @@ def test_explicit_sampler_wins():
 
 
 def test_scheduler_without_sampler_warns_and_uses_ddim():
-    sched = diffusers.DEISMultistepScheduler()  # (LMSDiscreteScheduler has one now: "lms")
-    with pytest.warns(UserWarning, match=r"no sampler for DEISMultistepScheduler.*DDIM") as rec:
+    sched = diffusers.SASolverScheduler()  # (DEISMultistepScheduler has one now: "deis")
+    with pytest.warns(UserWarning, match=r"no sampler for SASolverScheduler.*DDIM") as rec:
         got = _run(schedule=sched)
     assert rec[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():

@@ -33,6 +33,7 @@ PAPERS = {
     "2209.03003": "rectified flow",
     "2210.02747": "flow matching",
     "2403.03206": "SD3 (rectified flow transformers, the timestep shift)",
+    "2204.13902": "DEIS",
 }
 
 

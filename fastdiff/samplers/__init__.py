@@ -1,5 +1,5 @@
-"""Samplers: DDPM, DDIM, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC, PLMS,
-LMS, LCM, TCD, flow-matching Euler and Heun (one fused op call per model call).
+"""Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
+PLMS, LMS, LCM, TCD, flow-matching Euler and Heun (one fused op call per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -19,6 +19,7 @@ from typing import Any
 from fastdiff.samplers.base import Sampler, spaced_timesteps
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
+from fastdiff.samplers.deis import DEISSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
@@ -35,6 +36,7 @@ __all__ = [
     "SAMPLERS",
     "DDIMSampler",
     "DDPMSampler",
+    "DEISSampler",
     "DPM2AncestralSampler",
     "DPM2Sampler",
     "DPMSolverPPSampler",
@@ -57,6 +59,7 @@ __all__ = [
 SAMPLERS: dict[str, type[Sampler]] = {
     "ddim": DDIMSampler,
     "ddpm": DDPMSampler,
+    "deis": DEISSampler,
     "dpm++": DPMSolverPPSampler,
     "dpmsolver++": DPMSolverPPSampler,
     "dpm-solver++": DPMSolverPPSampler,
@@ -77,9 +80,9 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "dpm++", "dpm2", "dpm2_a", "euler",
-    "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None), "heun",
-    "lcm", "lms", "pndm",
+    """Build the sampler called ``name`` ("ddim", "ddpm", "deis", "dpm++", "dpm2", "dpm2_a",
+    "euler", "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None),
+    "heun", "lcm", "lms", "pndm",
     "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(

@@ -1,0 +1,398 @@
+"""DEIS: the diffusion exponential integrator sampler of Zhang & Chen 2023 ("Fast Sampling of
+Diffusion Models with Exponential Integrator", ICLR, arXiv:2204.13902), multistep in the noise
+estimate, as diffusers' ``DEISMultistepScheduler`` (``algorithm_type="deis"``,
+``solver_type="logrho"``, orders 1 to 3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral
+
+import numpy as np
+import torch
+from numpy.polynomial import Polynomial
+from torch import Tensor
+
+from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
+from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["DEISSampler", "deis_weights"]
+
+# diffusers' DEISMultistepScheduler registers these as "deis" / "logrho" (its only method)
+ALGORITHM_TYPES = {"deis": "deis", "dpmsolver": "deis", "dpmsolver++": "deis"}
+SOLVER_TYPES = {"logrho": "logrho", "midpoint": "logrho", "heun": "logrho", "bh1": "logrho",
+                "bh2": "logrho"}  # fmt: skip
+
+
+def _unipc_ops():
+    from fastdiff.ops import unipc_step as mod
+
+    return mod
+
+
+def deis_weights(rho: np.ndarray, i: int, order: int) -> np.ndarray:
+    """The ``order`` DEIS weights of step ``i`` (float64, newest noise estimate first)::
+
+        w_j = int_{rho_i}^{rho_{i+1}} l_j(log rho) d rho,
+        l_j(u) = prod_{k != j, k < order} (u - log rho_{i-k}) / (log rho_{i-j} - log rho_{i-k})
+
+    the Lagrange basis in log rho through the last ``order`` steps' noise levels. With u =
+    log rho_i + v, rho = rho_i e^v and an antiderivative of l(v) e^v is e^v Q(v), Q = l - l' +
+    l'' (l has degree < 3), so, exactly and without cancelling rho_i e^v Q(v) - rho_i Q(0)::
+
+        w_j = rho_i ((e^v - 1) Q_j(v) + Q_j(v) - Q_j(0)),   v = log(rho_{i+1} / rho_i)
+
+    ValueError when two of the nodes coincide (the basis divides by zero)."""
+    base = math.log(float(rho[i]))
+    nodes = [math.log(float(rho[i - k])) - base for k in range(order)]
+    if len(set(nodes)) < order:
+        raise ValueError(
+            f"steps: steps {i - order + 1}..{i} share a noise level ({float(rho[i]):.6g}), where "
+            f"DEIS's order-{order} step divides by zero (diffusers: NaN); use fewer steps"
+        )
+    v = math.log(float(rho[i + 1]) / float(rho[i]))
+    out = np.zeros(order, dtype=np.float64)
+    for j in range(order):
+        p = Polynomial([1.0])
+        for k in range(order):
+            if k != j:
+                p = p * Polynomial([-nodes[k], 1.0]) / (nodes[j] - nodes[k])
+        q, d, sign = p, p, -1.0
+        for _ in range(order - 1):  # Q = l - l' + l'' (l has degree order - 1)
+            d = d.deriv()
+            q, sign = q + sign * d, -sign
+        dq = q - Polynomial([q.coef[0]])  # Q(v) - Q(0), without the constant's rounding
+        out[j] = float(rho[i]) * (math.expm1(v) * q(v) + dq(v))
+    return out
+
+
+class DEISSampler(Sampler):
+    """DEIS (Zhang & Chen 2023), model call for model call as diffusers'
+    ``DEISMultistepScheduler``: the "logrho" multistep exponential integrator.
+
+    With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t) and rho = sigma_t / alpha_t (the noise
+    level sigma of the other samplers), the probability-flow ODE of a VP model in its noise
+    estimate eps is, after the exponential integrator's change of variable y = x / alpha,
+    d(x / alpha) / d rho = eps(x, rho): the linear part is integrated exactly, and only eps
+    is approximated. (This is the paper's rho-parametrised exponential integrator, its
+    "rhoAB-DEIS"; the equation numbers are not checked against the paper here.) DEIS fits the
+    polynomial in u = log rho through the noise estimates of the last r steps (diffusers'
+    ``solver_type="logrho"``) and integrates it over [rho_i, rho_{i+1}]::
+
+        x_{i+1} = alpha_{i+1} (x_i / alpha_i + sum_{j < r} w_j eps_{i-j}),
+        w_j = int_{rho_i}^{rho_{i+1}} l_j(log rho) d rho      (:func:`deis_weights`)
+
+    l_j the Lagrange basis through log rho_i, log rho_{i-1}, ...; r = 1 is DDIM
+    (w_0 = rho_{i+1} - rho_i). The weights are computed on the host in float64, in closed form
+    (diffusers evaluates the same antiderivatives in float32). The model output is first
+    turned into the data prediction x0 (optionally thresholded) and then into eps = (x - alpha
+    x0) / sigma, as diffusers' ``convert_model_output``: for an epsilon model that is its
+    output.
+
+    The order is r = min(solver_order, steps run so far + 1) (diffusers' ``lower_order_nums``;
+    a run that starts at step s > 0, e.g. img2img after ``set_begin_index``, starts again at
+    first order), and with ``lower_order_final`` and fewer than 15 steps the last step is first
+    order and the one before at most second. As diffusers' scheduler, the spaced grids end at
+    the noise level of t = 0 (not at 0) and the Karras / exponential / beta grids at their own
+    last sigma (the last step is then the identity).
+
+    Fused form. Each step is one :func:`fastdiff.ops.unipc_step` call whose m output IS the
+    noise estimate eps_i (kept as the history m_{i-1}, m_{i-2}): the op's prediction type and
+    (a, s) slots are chosen so that m = p x + q mo is eps for the model's output mo::
+
+        epsilon:       op "sample",        m = mo                       (a, s unused: 1, 1)
+        v_prediction:  op "v_prediction",  m = a' x - s' v, a' = sigma_i, s' = -alpha_i
+        sample:        op "epsilon",       m = (x - s' x0) / a', a' = sigma_i, s' = alpha_i
+
+    and the float64 row ``[a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3, p_m2]``
+    is ``[a', s', alpha_{i+1}/alpha_i, 0, alpha_{i+1} w_0, alpha_{i+1} w_1, alpha_{i+1} w_2, 1,
+    0, 0, 0, 0]`` (x_next = x_c). With ``thresholding`` x0 is computed and thresholded in a
+    separate torch pass (from the row's (a', s') = (sigma_i, alpha_i)) and passed as a "sample"
+    prediction.
+
+    Args:
+        schedule, steps, prediction_type, timestep_spacing, steps_offset: see
+            :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``; as
+            diffusers, ``linspace`` / ``leading`` space ``steps + 1`` points and drop t = 0).
+        solver_order: 1, 2 (default) or 3.
+        lower_order_final: lower orders on the last two steps when ``steps < 15``.
+        algorithm_type, solver_type: ``"deis"`` and ``"logrho"`` (diffusers' only method; it
+            reads ``"dpmsolver"`` / ``"dpmsolver++"`` and ``"midpoint"`` / ``"heun"`` /
+            ``"bh1"`` / ``"bh2"`` as them, and so does this sampler).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of
+            the data prediction (Imagen), as diffusers.
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid (at
+            most one; spacing and offset are then unused), between the float32 training noise
+            levels of t = 0 and T - 1; model timesteps rounded (Karras) or truncated, as
+            diffusers.
+    """
+
+    name = "deis"
+    default_spacing = "linspace"
+    is_multistep = True
+    coef_width = 12
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        *,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
+        solver_order: int = 2,
+        lower_order_final: bool = True,
+        algorithm_type: str = "deis",
+        solver_type: str = "logrho",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+    ) -> None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                "prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got "
+                f"{prediction_type!r}"
+            )
+        if (isinstance(solver_order, bool) or not isinstance(solver_order, Integral)
+                or solver_order not in (1, 2, 3)):  # fmt: skip
+            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
+        if not isinstance(algorithm_type, str) or algorithm_type not in ALGORITHM_TYPES:
+            raise ValueError(
+                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
+            )
+        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
+            raise ValueError(
+                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
+            )
+        if thresholding:
+            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        #: the multistep order (1, 2, 3); also the CUDA-graph loop's history depth
+        self.solver_order = int(solver_order)
+        self.lower_order_final = bool(lower_order_final)
+        self.algorithm_type = ALGORITHM_TYPES[algorithm_type]
+        self.solver_type = SOLVER_TYPES[solver_type]
+        self.thresholding = bool(thresholding)
+        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
+        self.sample_max_value = float(sample_max_value)
+        #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
+        self.sigma_grid: str | None = pick_sigma_grid(
+            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
+        self._sig: np.ndarray | None = None
+        self.reset()
+        super().__init__(
+            schedule,
+            steps,
+            prediction_type=prediction_type,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+        )
+
+    # ------------------------------------------------------------------ grid
+    def _make_timesteps(self) -> np.ndarray:
+        train = train_sigmas32(self.schedule)  # float32, ascending in t
+        T, n = self.schedule.num_train_timesteps, self.steps
+        if self.sigma_grid is not None:
+            sig = make_sigma_grid(self.sigma_grid, train[0].item(), train[-1].item(), n)
+            ts = sigma_to_t(sig, np.log(train))
+            if self.sigma_grid == "karras":
+                ts = ts.round()  # diffusers rounds here only; elsewhere int64 truncates
+            self._sig = np.append(sig, sig[-1]).astype(np.float32).astype(np.float64)
+            return ts.astype(np.int64)
+        if self.timestep_spacing == "linspace":
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        elif self.timestep_spacing == "leading":
+            ratio = T // (n + 1)
+            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+            ts = ts + self.steps_offset
+        else:
+            ts = np.arange(T, 0, -T / n).round().copy().astype(np.int64) - 1
+        if ts.max() >= T:
+            raise ValueError(
+                f"steps_offset: timesteps {ts.max()}..{ts.min()} fall outside [0, {T - 1}]"
+            )
+        self._sig = np.append(train[ts], train[0]).astype(np.float64)
+        return ts
+
+    def sigmas(self) -> np.ndarray:
+        """float64 ``[steps + 1]``: the noise level rho = sigma / alpha of each step, then the
+        end point; the float32 values diffusers' ``DEISMultistepScheduler`` steps with."""
+        return self._sig.copy()
+
+    def _orders(self, k: int | None) -> list[int]:
+        """The order of each step as the ``k``-th step of a run (None: a run from step 0)."""
+        n = self.steps
+        few = self.lower_order_final and n < 15
+        out = []
+        for i in range(n):
+            order = min(self.solver_order, (i if k is None else k) + 1)
+            if few and i == n - 1:
+                order = 1
+            elif few and i == n - 2:
+                order = min(order, 2)
+            out.append(order)
+        return out
+
+    def _ab(self, i: int) -> tuple[float, float]:
+        """(a, s) slots of step ``i``'s row (see the class docstring)."""
+        sig = float(self._sig[i])
+        alpha = 1.0 / math.sqrt(1.0 + sig * sig)
+        if self.thresholding or self.prediction_type == "sample":
+            return sig * alpha, alpha
+        if self.prediction_type == "v_prediction":
+            return sig * alpha, -alpha
+        return 1.0, 1.0
+
+    def _row(self, i: int, order: int) -> np.ndarray:
+        sig = self._sig
+        a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (sig[i], sig[i + 1]))
+        row = np.zeros(self.coef_width, dtype=np.float64)
+        row[0], row[1] = self._ab(i)
+        row[2], row[7] = a_n / a_i, 1.0
+        for col, wj in zip((4, 5, 6), deis_weights(sig, i, order), strict=False):
+            row[col] = a_n * wj
+        return row
+
+    def coefficients(self) -> np.ndarray:
+        full = self._orders(None)
+        rows = np.stack([self._row(i, full[i]) for i in range(self.steps)])
+        #: the order of each step in a run from step 0
+        self.step_orders = tuple(full)
+        # a run that starts at step s > 0 takes, as its k-th step (k < solver_order - 1), the
+        # row of order min(k + 1, ...) at s + k
+        self._since64 = []
+        for k in range(self.solver_order - 1):
+            ok = self._orders(k)
+            self._since64.append(np.stack([
+                self._row(i, ok[i]) if i >= k and ok[i] != full[i] else rows[i]
+                for i in range(self.steps)
+            ]))  # fmt: skip
+        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
+        return rows
+
+    def _variant(self, k: int, device: torch.device) -> Tensor:
+        tab = self._variant_tables.get((k, device))
+        if tab is None:
+            tab = torch.from_numpy(self._since64[k]).float().to(device)
+            self._variant_tables[(k, device)] = tab
+        return tab
+
+    def _needs_noise_row(self, i: int) -> bool:
+        return False
+
+    def _op_prediction(self) -> str:
+        if self.thresholding:
+            return "epsilon"
+        return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
+            self.prediction_type
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.steps}, solver_order={self.solver_order}, "
+            f"prediction_type={self.prediction_type!r}, timestep_spacing="
+            f"{self.timestep_spacing!r}, sigma_grid={self.sigma_grid!r}, "
+            f"lower_order_final={self.lower_order_final}, schedule={self.schedule!r})"
+        )
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            # order 3 reads a second history operand (a CUDA graph's fourth static buffer)
+            "solver_order": self.solver_order,
+            "thresholding": self.thresholding,
+            # Python floats a captured CUDA graph bakes into its threshold pass
+            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
+            "sample_max_value": self.sample_max_value if self.thresholding else None,
+        }
+
+    def reset(self) -> None:
+        """Forget the run: the next step starts a new one (no noise estimates)."""
+        self._hist: list[Tensor | None] = [None] * 2  # eps_{i-1}, eps_{i-2}
+        self._prev_i = -1
+        self._start = 0
+
+    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
+        """The (thresholded) x0 prediction of step ``i`` at ``x`` from its noise estimate
+        ``m`` (for trajectories; a torch expression, not part of the fused step)."""
+        sig = float(self._sig[i])
+        a = 1.0 / math.sqrt(1.0 + sig * sig)
+        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
+
+    # ------------------------------------------------------------------ stepping
+    def step_with_history(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        coef: Tensor,
+        last: Tensor | None,
+        m_prev: Tensor | None,
+        m_prev2: Tensor | None,
+        m_prev3: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One fused call with the caller's history and row (CUDA graphs): ``(x_c, eps_i,
+        x_next)``; ``last`` and ``m_prev3`` are not read (their weights are 0). The sampler's
+        own history is left alone."""
+        self._check_step_args(model_output, i, x, None, guidance_scale)
+        if self.thresholding:  # x0 from the row's (a, s) = (sigma_i, alpha_i), thresholded
+            mo = _combine_cfg(model_output, guidance_scale)
+            x0, _ = _x0_eps(x, mo, coef[1], coef[0], self.prediction_type)
+            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+            model_output, guidance_scale = x0.to(x.dtype), None
+        return _unipc_ops().unipc_step(
+            x,
+            model_output,
+            coef,
+            None,
+            m_prev,
+            m_prev2,
+            prediction_type=self._op_prediction(),
+            guidance_scale=guidance_scale,
+        )
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Step ``i`` (model output at ``x``, ``timesteps[i]``): one fused op call.
+
+        The noise estimates are kept on the sampler and used only when step ``i - 1`` was the
+        last one it ran for this x shape and device; otherwise step ``i`` starts a new run at
+        first order (img2img, as diffusers after ``set_begin_index``). DEIS is deterministic:
+        ``noise``, ``generator`` and ``generator_state`` are unused. Returns x_{i+1}, or
+        ``(x_{i+1}, x0)`` with ``return_x0``."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        hist = self._hist
+        m1 = hist[0]
+        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+                 and m1.device == x.device)  # fmt: skip
+        if not valid:
+            self._start, hist = i, [None] * 2
+        k = i - self._start
+        full = k >= self.solver_order - 1
+        table = self.coef_table(x.device) if full else self._variant(k, x.device)
+        r = (self._coef64 if full else self._since64[k])[i]
+        need2 = r[6] != 0.0
+        need1 = need2 or r[5] != 0.0
+        ops = [t if need else None for t, need in zip(hist, (need1, need2), strict=True)]
+        _, m, x_next = self.step_with_history(model_output, i, x, table[i], None, *ops,
+                                              guidance_scale=guidance_scale)  # fmt: skip
+        self._hist, self._prev_i = [m, hist[0]], i
+        return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next

@@ -1,0 +1,462 @@
+"""DEISSampler ("deis") vs diffusers' DEISMultistepScheduler, and through sample() / CUDA graphs
+(faked on CPU) / every unipc_step backend.
+
+DEIS ("logrho", orders 1-3) integrates the Lagrange polynomial in log rho through the last
+noise estimates over [rho_i, rho_{i+1}], rho = sigma / alpha. Per step both sides get the same
+sample and model output; ours must agree with a float64 restatement (the closed-form
+antiderivatives diffusers writes, evaluated in float64) to a relative error <= 1e-5 (max |ours -
+ref| / max |ref|), and with the stock scheduler to 1e-5 plus diffusers' own fp32 error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
+from test_gmm_exact import GMMEps, _assert_mixture, _run
+
+import fastdiff
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import SAMPLERS, DEISSampler, make_sampler
+from fastdiff.samplers.deis import deis_weights
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
+GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
+GRID_IDS = ["plain", "karras", "exponential", "beta"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _toy(x: torch.Tensor, t) -> torch.Tensor:
+    """Deterministic stand-in network of x and t."""
+    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
+
+
+def _scheduler(sched: str = "scaled_linear", **opts):
+    return diffusers.DEISMultistepScheduler(**DIFFUSERS_BETAS[sched], **opts)
+
+
+def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
+    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
+
+
+# ---------------------------------------------------------------------- float64 restatement
+_L = np.log
+
+
+def _ind2(t, b, c):  # int (log r - log c) / (log b - log c) dr
+    return t * (_L(t) - _L(c) - 1) / (_L(b) - _L(c))
+
+
+def _ind3(t, b, c, d):  # int (log r - log c)(log r - log d) / ((log b - log c)(log b - log d)) dr
+    lt, lc, ld = _L(t), _L(c), _L(d)
+    num = t * (lc * (ld - lt + 1) - ld * lt + ld + lt * lt - 2 * lt + 2)
+    return num / ((_L(b) - lc) * (_L(b) - ld))
+
+
+def _weights64(r: np.ndarray, i: int, order: int) -> list[float]:
+    t, s0 = r[i + 1], r[i]
+    if order == 1:
+        return [t - s0]
+    if order == 2:
+        s1 = r[i - 1]
+        return [_ind2(t, s0, s1) - _ind2(s0, s0, s1), _ind2(t, s1, s0) - _ind2(s0, s1, s0)]
+    s1, s2 = r[i - 1], r[i - 2]
+    return [_ind3(t, b, c, d) - _ind3(s0, b, c, d)
+            for b, c, d in ((s0, s1, s2), (s1, s2, s0), (s2, s0, s1))]  # fmt: skip
+
+
+def _threshold64(x0: torch.Tensor, ratio: float, top: float) -> torch.Tensor:
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, top)[:, None]
+    return (flat.clamp(-s, s) / s).reshape(x0.shape)
+
+
+def _eps64(x64, mo64, rho: float, smp: DEISSampler):
+    a = 1.0 / math.sqrt(1.0 + rho * rho)
+    s = rho * a
+    pred = smp.prediction_type
+    x0 = {"epsilon": (x64 - s * mo64) / a, "v_prediction": a * x64 - s * mo64, "sample": mo64}[pred]
+    if smp.thresholding:
+        x0 = _threshold64(x0, smp.dynamic_thresholding_ratio, smp.sample_max_value)
+    return (x64 - a * x0) / s
+
+
+def _per_step(ours: DEISSampler, theirs, *, begin: int = 0, seed: int = 0):
+    """Steps ``begin ..`` on each side with shared samples and outputs; returns the worst errors
+    (ours, diffusers') vs the float64 restatement."""
+    r = ours.sigmas()
+    np.testing.assert_array_equal(r, theirs.sigmas.double().numpy())
+    theirs.set_begin_index(begin)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    worst, worst_theirs, hist = 0.0, 0.0, []
+    n = len(ours)
+    few = ours.lower_order_final and n < 15
+    for i in range(begin, n):
+        order = min(ours.solver_order, i - begin + 1)
+        order = 1 if few and i == n - 1 else min(order, 2) if few and i == n - 2 else order
+        a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (r[i], r[i + 1]))
+        mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x.clamp(-3, 3)
+        eps = _eps64(x.double(), mo.double(), float(r[i]), ours)
+        hist = [eps, *hist][:3]
+        w = _weights64(r, i, order)
+        ref64 = a_n * (x.double() / a_i + sum(wj * e for wj, e in zip(w, hist, strict=False)))
+        ref = theirs.step(mo, theirs.timesteps[i], x).prev_sample
+        got = ours.step(mo, i, x)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        err64, err = _rel(got, ref64), _rel(got, ref)
+        assert err64 <= RTOL, f"step {i}: rel err vs float64 {err64:.2e}"
+        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
+        assert err <= bound, f"step {i}: rel err {err:.2e} > {bound:.2e}"
+        worst, worst_theirs = max(worst, err64), max(worst_theirs, _rel(ref, ref64))
+        x = ref64.float()
+    return worst, worst_theirs
+
+
+def test_weights():
+    """Order 1 is DDIM's rho_{i+1} - rho_i; the weights integrate polynomials in log rho of
+    degree < order exactly (sum_j w_j p(log rho_{i-j}) = int p(log rho) d rho); they equal the
+    closed forms diffusers writes (in float64) on a grid with near-equal noise levels."""
+    r = np.array([14.6, 6.0, 2.5, 0.9, 0.3, 0.0292])
+    for i in range(2, 5):
+        np.testing.assert_allclose(deis_weights(r, i, 1), [r[i + 1] - r[i]], rtol=1e-15)
+        for order in (2, 3):
+            w = deis_weights(r, i, order)
+            u = np.log(r[i - np.arange(order)])
+            for deg in range(order):  # int u^deg e^u du, by quadrature
+                grid = np.linspace(np.log(r[i]), np.log(r[i + 1]), 20001)
+                f = grid**deg * np.exp(grid)
+                want = np.sum((f[1:] + f[:-1]) / 2 * np.diff(grid))
+                np.testing.assert_allclose(np.dot(w, u**deg), want, rtol=1e-7)
+            np.testing.assert_allclose(w, _weights64(r, i, order), rtol=1e-12)
+    close = np.array([0.031, 0.0305, 0.0302, 0.03])
+    np.testing.assert_allclose(deis_weights(close, 2, 3), _weights64(close, 2, 3), rtol=1e-6)
+    with pytest.raises(ValueError, match="share a noise level"):
+        deis_weights(np.array([2.0, 1.0, 1.0, 0.5]), 2, 2)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 20])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_per_step_parity_with_diffusers(grid, pred, spacing, steps, order):
+    opts = dict(prediction_type=pred, timestep_spacing=spacing, solver_order=order, **grid)
+    if spacing == "leading":
+        opts["steps_offset"] = 1
+    theirs = _scheduler(**opts)
+    theirs.set_timesteps(steps)
+    ours = DEISSampler(_schedule(), steps, **opts)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    _per_step(ours, theirs)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("grid", GRIDS[:2], ids=GRID_IDS[:2])
+def test_thresholding_and_lower_order_final(pred, grid):
+    for steps, lof in ((8, True), (8, False), (16, True)):
+        opts = dict(prediction_type=pred, solver_order=3, thresholding=True,
+                    lower_order_final=lof, sample_max_value=1.5, **grid)  # fmt: skip
+        theirs = _scheduler("linear", **opts)
+        theirs.set_timesteps(steps)
+        ours = DEISSampler(_schedule("linear"), steps, **opts)
+        tail = (2, 1) if lof and steps < 15 else (3, 3)
+        assert ours.step_orders == (1, 2, *(3,) * (steps - 4), *tail)
+        _per_step(ours, theirs)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_flash_attention_rule(order):
+    """Over 30-step runs (plain / Karras x epsilon / v / sample), our worst per-step error vs
+    float64 is <= 2x diffusers' own fp32 error (measured: 1.7e-7 vs 1.6e-6 at order 2, 2.2e-7
+    vs 2.9e-5 at order 3, where diffusers' float32 antiderivatives cancel)."""
+    ours_worst = theirs_worst = 0.0
+    for grid in GRIDS[:2]:
+        for pred in ("epsilon", "v_prediction", "sample"):
+            opts = dict(prediction_type=pred, solver_order=order, **grid)
+            theirs = _scheduler(**opts)
+            theirs.set_timesteps(30)
+            w = _per_step(DEISSampler(_schedule(), 30, **opts), theirs)
+            ours_worst, theirs_worst = max(ours_worst, w[0]), max(theirs_worst, w[1])
+    assert 0.0 < ours_worst <= 2 * theirs_worst, (ours_worst, theirs_worst)
+
+
+@pytest.mark.parametrize("begin", [1, 2, 3, 5])
+@pytest.mark.parametrize("order", [2, 3])
+def test_img2img_start_matches_diffusers_begin_index(begin, order):
+    """A run from step s > 0 (diffusers' set_begin_index) starts at first order again."""
+    theirs = _scheduler(use_karras_sigmas=True, solver_order=order)
+    theirs.set_timesteps(10)
+    ours = DEISSampler(_schedule(), 10, use_karras_sigmas=True, solver_order=order)
+    _per_step(ours, theirs, begin=begin)
+
+
+def _diffusers_loop(sch, steps: int, z: torch.Tensor, model=_toy) -> torch.Tensor:
+    sch.set_timesteps(steps)
+    x = z * sch.init_noise_sigma
+    for t in sch.timesteps:
+        x = sch.step(model(sch.scale_model_input(x, t), t.expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+def _float64_loop(smp: DEISSampler, z: torch.Tensor, model=_toy) -> torch.Tensor:
+    """The whole run restated in float64 (model included)."""
+    r, x, hist = smp.sigmas(), z.double(), []
+    for i, t in enumerate(smp.timesteps):
+        a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (r[i], r[i + 1]))
+        hist = [_eps64(x, model(x, t.expand(x.shape[0])).double(), float(r[i]), smp), *hist][:3]
+        w = _weights64(r, i, smp.step_orders[i])
+        x = a_n * (x / a_i + sum(wj * e for wj, e in zip(w, hist, strict=False)))
+    return x
+
+
+RUNS = [
+    ("scaled_linear", "epsilon", "linspace", {}, 20),
+    ("scaled_linear", "epsilon", "leading", {"steps_offset": 1, "use_karras_sigmas": True}, 25),
+    ("scaled_linear", "v_prediction", "trailing", {"solver_order": 3}, 12),
+    ("linear", "epsilon", "linspace", {"use_exponential_sigmas": True, "solver_order": 1}, 7),
+    ("linear", "sample", "linspace", {"thresholding": True, "solver_order": 3}, 9),
+    ("cosine", "epsilon", "trailing", {"lower_order_final": False, "solver_order": 3}, 6),
+]
+
+
+@pytest.mark.parametrize("sched,pred,spacing,extra,steps", RUNS)
+def test_sample_with_a_deis_scheduler_is_diffusers_loop(sched, pred, spacing, extra, steps):
+    """sample(schedule=DEISMultistepScheduler(...)) picks "deis" without a warning, takes the
+    scheduler's settings and lands where diffusers' own loop does."""
+    sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = _diffusers_loop(sch, steps, z)
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return _toy(x, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fastdiff.sample(model, steps=steps, schedule=sch, noise=z)
+    assert calls == sch.timesteps.tolist()
+    ref64 = _float64_loop(DEISSampler(_schedule(sched), steps, prediction_type=pred,
+                                      timestep_spacing=spacing, **extra), z)  # fmt: skip
+    assert _rel(got, ref64) <= RTOL
+    err = _rel(got, ref)
+    assert 0.0 < err <= RTOL + _rel(ref, ref64), f"whole-run rel err {err:.2e}"
+    ddim = fastdiff.sample(_toy, steps=steps, sampler="ddim", schedule=sch, noise=z)
+    assert _rel(ddim, ref) > 1e-3  # not DDIM's samples (the check can fail)
+
+
+def test_registry_infer_and_options():
+    from fastdiff._sampler_setup import infer_sampler, resolve_sampler
+
+    assert SAMPLERS["deis"] is DEISSampler
+    sch = _scheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                     use_karras_sigmas=True, solver_order=3)  # fmt: skip
+    assert infer_sampler(sch) == "deis"
+    smp = resolve_sampler(None, None, 8, sch, None, None, {"lower_order_final": False})
+    assert isinstance(smp, DEISSampler)
+    got = (smp.prediction_type, smp.timestep_spacing, smp.sigma_grid, smp.solver_order,
+           smp.lower_order_final)  # fmt: skip
+    assert got == ("v_prediction", "trailing", "karras", 3, False)
+    smp = make_sampler("deis", NoiseSchedule("linear"), 5)
+    assert smp.solver_order == 2 and smp.coef64.shape == (5, 12)
+    assert smp.config()["solver_order"] == 2 and "solver_order=2" in repr(smp)
+    # diffusers reads these as its only method, "deis" / "logrho"
+    smp = make_sampler("deis", NoiseSchedule("linear"), 5, algorithm_type="dpmsolver++",
+                       solver_type="midpoint")  # fmt: skip
+    assert (smp.algorithm_type, smp.solver_type) == ("deis", "logrho")
+
+
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        ({"solver_order": 0}, "solver_order: expected 1, 2 or 3, got 0"),
+        ({"solver_order": 4}, "solver_order"),
+        ({"solver_order": 2.0}, "solver_order"),
+        ({"solver_order": True}, "solver_order"),
+        ({"prediction_type": "flow_prediction"}, "prediction_type"),
+        ({"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
+        ({"solver_type": "bh3"}, "solver_type"),
+        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "at most one"),
+        ({"thresholding": True, "dynamic_thresholding_ratio": 0.0}, "dynamic_thresholding_ratio"),
+        ({"thresholding": True, "sample_max_value": -1.0}, "sample_max_value"),
+        ({"timestep_spacing": "leading", "steps": 1000}, "share a noise level"),
+    ],
+)
+def test_bad_options(opts, match):
+    steps = opts.pop("steps", 5)
+    with pytest.raises(ValueError, match=match):
+        DEISSampler(NoiseSchedule("linear"), steps, **opts)
+
+
+def test_bad_settings_through_sample():
+    z = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="eta"):
+        fastdiff.sample(_toy, steps=5, sampler="deis", noise=z, eta=0.5)
+    with pytest.raises(TypeError, match="unknown option"):
+        fastdiff.sample(_toy, steps=5, sampler="deis", noise=z, clip_sample=True)
+    flow = _scheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="use_flow_sigmas=True"):
+        fastdiff.sample(_toy, steps=5, schedule=flow, noise=z)
+    saved = dict(DIFFUSERS_BETAS["linear"], _class_name="DEISMultistepScheduler",
+                 use_karras_sigmas=True, sigma_min=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="sigma_min=0.1"):
+        fastdiff.sample(_toy, steps=5, schedule=saved, noise=z)
+
+
+@pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_every_backend_matches_diffusers(case, pred):
+    """A guided order-3 run at an odd size on each backend of the fused op (cpu: the C++ kernel,
+    triton under TRITON_INTERPRET=1) equals diffusers' loop on the combined output."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 5, 7, generator=g)
+    w = torch.randn(4, 3, 5, 7, generator=g)
+    gs = 2.5
+
+    def raw(x, t):
+        return torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w + torch.sin(t[:1].float() / 300.0)
+
+    def combined(x, t):
+        u, c = raw(x, t.expand(x.shape[0])).chunk(2)
+        return u + gs * (c - u)
+
+    opts = dict(prediction_type=pred, use_karras_sigmas=True, solver_order=3)
+    ref = _diffusers_loop(_scheduler(**opts), 6, z, combined)
+    smp = DEISSampler(_schedule(), 6, **opts)
+    x = z.to(dev)
+    with fastdiff.use_backend(backend, op="unipc_step"):
+        for i, t in enumerate(smp.timesteps):
+            x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, guidance_scale=gs)
+    assert x.device.type == dev
+    err = _rel(x.cpu(), ref)
+    assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.usefixtures("emu")
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_emulated_cuda_kernel_matches_diffusers(pred):
+    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
+    test_every_backend_matches_diffusers(("cpu", "cuda"), pred)
+
+
+def test_saved_config_and_channels_last():
+    """A saved DEISMultistepScheduler config infers "deis" with its settings; a channels_last
+    x_T gives the contiguous run's samples, in channels_last."""
+    opts = dict(prediction_type="v_prediction", use_karras_sigmas=True, solver_order=3)
+    saved = dict(DIFFUSERS_BETAS["scaled_linear"], _class_name="DEISMultistepScheduler", **opts)
+    sch = _scheduler(**opts)
+    z = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(7))
+    ref = _diffusers_loop(sch, 9, z)
+    got = fastdiff.sample(_toy, steps=9, schedule=saved, noise=z)
+    assert 0.0 < _rel(got, ref) <= RTOL
+    cl = fastdiff.sample(_toy, steps=9, schedule=saved,
+                         noise=z.contiguous(memory_format=torch.channels_last))  # fmt: skip
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, got, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_with_guidance_equals_manual_cfg():
+    w = 3.0
+    cond, uncond = torch.randn(SHAPE[0], 4), torch.randn(SHAPE[0], 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    got = fastdiff.sample(model, steps=6, sampler="deis", noise=z, cond=cond, uncond=uncond,
+                          guidance_scale=w, solver_order=3)  # fmt: skip
+    smp = DEISSampler(NoiseSchedule("linear"), 6, solver_order=3)
+    x = z
+    for i, t in enumerate(smp.timesteps):
+        tt = t.expand(SHAPE[0])
+        u = model(x, tt, encoder_hidden_states=uncond)
+        c = model(x, tt, encoder_hidden_states=cond)
+        x = smp.step(u + w * (c - u), i, x)
+    assert _rel(got, x) <= 1e-6
+
+
+def test_history_reset_and_reuse():
+    """A sampler reused for a second run starts without history; a step out of order starts a
+    new run at first order."""
+    smp = DEISSampler(NoiseSchedule("linear"), 5, solver_order=3)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    one = fastdiff.sample(_toy, sampler=smp, noise=z, steps=5)
+    two = fastdiff.sample(_toy, sampler=smp, noise=z, steps=5)
+    assert torch.equal(one, two)
+    mo = _toy(z, smp.timesteps[2])
+    again = smp.step(mo, 2, z)  # after step 4: a new run, first order at step 2
+    fresh = DEISSampler(NoiseSchedule("linear"), 5, solver_order=1).step(mo, 2, z)
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pred,thresholding", [("epsilon", False), ("v_prediction", True)])
+def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, pred, thresholding):
+    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
+    row and the noise estimates in static buffers): the eager loop's samples and trajectory,
+    also for a second call; an order-3 run captures a graph of its own."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    def run(graphed, seed, **opts):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+        return fastdiff.sample(model, steps=7, sampler="deis", noise=z, cond=cond,
+                               uncond=uncond, guidance_scale=2.0, prediction_type=pred,
+                               thresholding=thresholding, return_trajectory=True,
+                               **opts)  # fmt: skip
+
+    for seed in (1, 2):
+        eager, etraj = run(False, seed)
+        out, traj = run(True, seed)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
+    assert len(fake_cuda_graphs[0].hist) == 3
+    eager, _ = run(False, 1, solver_order=3)
+    out, _ = run(True, 1, solver_order=3)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2 and len(fake_cuda_graphs[1].hist) == 4
+
+
+@torch.no_grad()
+def test_no_host_sync_inside_the_sampling_loop():
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return _toy(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, steps=6, sampler="deis", shape=SHAPE[1:], batch_size=2,
+                              solver_order=3)  # fmt: skip
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_recovers_gaussian_mixture(order):
+    """On the exact eps of a Gaussian mixture, 25 DEIS steps land on the mixture. (Order 3
+    does not, with 25 or 50 steps, for diffusers' scheduler either (measured): its cubic
+    extrapolation over the last, long log-rho steps overshoots on this stiff eps.)"""
+    sch = NoiseSchedule("linear")
+    _assert_mixture(_run(DEISSampler(sch, 25, solver_order=order), GMMEps(sch)))
