@@ -460,3 +460,20 @@ def test_recovers_gaussian_mixture(order):
     extrapolation over the last, long log-rho steps overshoots on this stiff eps.)"""
     sch = NoiseSchedule("linear")
     _assert_mixture(_run(DEISSampler(sch, 25, solver_order=order), GMMEps(sch)))
+
+
+def test_cli_sampler_deis_karras_solver_order(tmp_path, monkeypatch):
+    """fastdiff sample --sampler deis [--karras] [--solver-order 3] reaches sample() as "deis"
+    with those options; --sde stays dpm++ only."""
+    from fastdiff.cli import main
+
+    seen = []
+    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
+                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    out = tmp_path / "deis.png"
+    args = ["sample", "--steps", "3", "--n", "2", "--sampler", "deis", "--quiet", "--out", str(out)]
+    assert main(args) == 0 and out.is_file()
+    assert seen[-1]["sampler"] == "deis" and "use_karras_sigmas" not in seen[-1]
+    assert main([*args, "--karras", "--solver-order", "3"]) == 0
+    assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
+    assert main([*args, "--sde"]) == 1 and len(seen) == 2
