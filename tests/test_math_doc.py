@@ -34,6 +34,7 @@ PAPERS = {
     "2210.02747": "flow matching",
     "2403.03206": "SD3 (rectified flow transformers, the timestep shift)",
     "2204.13902": "DEIS",
+    "2305.08891": "zero terminal SNR, rescaled guidance",
 }
 
 
