@@ -11,7 +11,7 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from numpy.polynomial import Polynomial
+from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
@@ -56,16 +56,16 @@ def deis_weights(rho: np.ndarray, i: int, order: int) -> np.ndarray:
     v = math.log(float(rho[i + 1]) / float(rho[i]))
     out = np.zeros(order, dtype=np.float64)
     for j in range(order):
-        p = Polynomial([1.0])
-        for k in range(order):
-            if k != j:
-                p = p * Polynomial([-nodes[k], 1.0]) / (nodes[j] - nodes[k])
-        q, d, sign = p, p, -1.0
+        others = [nodes[k] for k in range(order) if k != j]
+        den = math.prod(nodes[j] - u for u in others)
+        q = d = P.polyfromroots(others) / den  # l_j (power basis, constant first)
+        sign = -1.0
         for _ in range(order - 1):  # Q = l - l' + l'' (l has degree order - 1)
-            d = d.deriv()
-            q, sign = q + sign * d, -sign
-        dq = q - Polynomial([q.coef[0]])  # Q(v) - Q(0), without the constant's rounding
-        out[j] = float(rho[i]) * (math.expm1(v) * q(v) + dq(v))
+            d = P.polyder(d)
+            q, sign = P.polyadd(q, sign * d), -sign
+        dq = q.copy()
+        dq[0] = 0.0  # Q(v) - Q(0), without the constant's rounding
+        out[j] = float(rho[i]) * (math.expm1(v) * P.polyval(v, q) + P.polyval(v, dq))
     return out
 
 

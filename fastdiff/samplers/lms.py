@@ -10,7 +10,7 @@ from numbers import Integral
 
 import numpy as np
 import torch
-from numpy.polynomial import Polynomial
+from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from fastdiff.samplers.euler import EulerSampler
@@ -31,15 +31,13 @@ def lms_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
     w_j = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial
     l_j(tau) = prod_{k != j, k < order} (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k}),
     integrated exactly (a polynomial of degree order - 1)."""
-    nodes = [float(sig[i - k]) for k in range(order)]
+    nodes = np.array([float(sig[i - k]) for k in range(order)], dtype=np.float64)
     out = np.zeros(order, dtype=np.float64)
     for j in range(order):
-        p = Polynomial([1.0])
-        for k in range(order):
-            if k != j:
-                p = p * Polynomial([-nodes[k], 1.0]) / (nodes[j] - nodes[k])
-        q = p.integ()
-        out[j] = q(float(sig[i + 1])) - q(float(sig[i]))
+        others = np.delete(nodes, j)
+        basis = P.polyfromroots(others) / np.prod(nodes[j] - others)  # l_j, power basis
+        q = P.polyint(basis)
+        out[j] = P.polyval(float(sig[i + 1]), q) - P.polyval(float(sig[i]), q)
     return out
 
 
@@ -148,12 +146,19 @@ class LMSSampler(EulerSampler):
             self._sig_cache = self.sigmas()
         return self._sig_cache
 
+    def _weights(self, i: int) -> np.ndarray:
+        """:func:`lms_weights` of step ``i`` (order min(i + 1, order)), computed once."""
+        cache = self.__dict__.setdefault("_w_cache", {})
+        if i not in cache:
+            cache[i] = lms_weights(self._sig32(), i, min(i + 1, self.order))
+        return cache[i]
+
     def _row(self, i: int, k: int) -> np.ndarray:
         """float64 row of step ``i`` as the ``k``-th step of a run."""
         sig = self._sig32()
         a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (sig[i], sig[i + 1]))
         s_i = a_i * float(sig[i])
-        w = lms_weights(sig, i, min(i + 1, self.order))[: min(k + 1, self.order)]
+        w = self._weights(i)[: min(k + 1, self.order)]
         row = np.zeros(self.coef_width, dtype=np.float64)
         row[0], row[1] = {
             "epsilon": (1.0, 1.0),
