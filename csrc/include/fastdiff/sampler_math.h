@@ -27,17 +27,17 @@ struct StepOptions {
 };
 
 // clamp that returns NaN for NaN input (comparisons with NaN are false).
-FD_HD float nan_clamp(float v, float lo, float hi) {
+FD_HD_INLINE float nan_clamp(float v, float lo, float hi) {
   v = v < lo ? lo : v;  // two flat selects (if-convertible, so CPU loops vectorise)
   return v > hi ? hi : v;
 }
 
 // Classifier-free guidance on the raw model output halves.
-FD_HD float cfg_combine(float cond, float uncond, float g) { return uncond + g * (cond - uncond); }
+FD_HD_INLINE float cfg_combine(float cond, float uncond, float g) { return uncond + g * (cond - uncond); }
 
 // x0 and eps from the model output m (DDIM eq. 9; v-parameterisation, Salimans & Ho 2022).
 template <int PRED>
-FD_HD void predict_x0_eps(float x, float m, float a, float s, int clip, float clip_r,
+FD_HD_INLINE void predict_x0_eps(float x, float m, float a, float s, int clip, float clip_r,
                           int recompute, bool need_eps, float& x0, float& eps) {
   // True quotients, not products with 1/a: at the first step of a sampler a is ~0.006, and the
   // reciprocal's extra rounding took the fused x0 past 2x eager's error (tests/test_unipc.py).
