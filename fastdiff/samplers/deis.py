@@ -6,7 +6,6 @@ estimate, as diffusers' ``DEISMultistepScheduler`` (``algorithm_type="deis"``,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from numbers import Integral
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from numpy.polynomial import polynomial as P
 from torch import Tensor
 
+from fastdiff.samplers._history import EpsHistory
 from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
@@ -69,7 +69,7 @@ def deis_weights(rho: np.ndarray, i: int, order: int) -> np.ndarray:
     return out
 
 
-class DEISSampler(Sampler):
+class DEISSampler(EpsHistory, Sampler):
     """DEIS (Zhang & Chen 2023), model call for model call as diffusers'
     ``DEISMultistepScheduler``: the "logrho" multistep exponential integrator.
 
@@ -133,6 +133,7 @@ class DEISSampler(Sampler):
     name = "deis"
     default_spacing = "linspace"
     is_multistep = True
+    _n_hist = 2  # eps_{i-1}, eps_{i-2}
     coef_width = 12
 
     def __init__(
@@ -276,12 +277,11 @@ class DEISSampler(Sampler):
         self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
         return rows
 
-    def _variant(self, k: int, device: torch.device) -> Tensor:
-        tab = self._variant_tables.get((k, device))
-        if tab is None:
-            tab = torch.from_numpy(self._since64[k]).float().to(device)
-            self._variant_tables[(k, device)] = tab
-        return tab
+    def _max_order(self) -> int:
+        return self.solver_order
+
+    def _sigma_at(self, i: int) -> float:
+        return float(self._sig[i])
 
     def _needs_noise_row(self, i: int) -> bool:
         return False
@@ -311,19 +311,6 @@ class DEISSampler(Sampler):
             "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
             "sample_max_value": self.sample_max_value if self.thresholding else None,
         }
-
-    def reset(self) -> None:
-        """Forget the run: the next step starts a new one (no noise estimates)."""
-        self._hist: list[Tensor | None] = [None] * 2  # eps_{i-1}, eps_{i-2}
-        self._prev_i = -1
-        self._start = 0
-
-    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
-        """The (thresholded) x0 prediction of step ``i`` at ``x`` from its noise estimate
-        ``m`` (for trajectories; a torch expression, not part of the fused step)."""
-        sig = float(self._sig[i])
-        a = 1.0 / math.sqrt(1.0 + sig * sig)
-        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
 
     # ------------------------------------------------------------------ stepping
     def step_with_history(
@@ -358,41 +345,3 @@ class DEISSampler(Sampler):
             prediction_type=self._op_prediction(),
             guidance_scale=guidance_scale,
         )
-
-    def step(
-        self,
-        model_output: Tensor,
-        i: int,
-        x: Tensor,
-        noise: Tensor | None = None,
-        *,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        generator_state: Tensor | None = None,
-        return_x0: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Step ``i`` (model output at ``x``, ``timesteps[i]``): one fused op call.
-
-        The noise estimates are kept on the sampler and used only when step ``i - 1`` was the
-        last one it ran for this x shape and device; otherwise step ``i`` starts a new run at
-        first order (img2img, as diffusers after ``set_begin_index``). DEIS is deterministic:
-        ``noise``, ``generator`` and ``generator_state`` are unused. Returns x_{i+1}, or
-        ``(x_{i+1}, x0)`` with ``return_x0``."""
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        hist = self._hist
-        m1 = hist[0]
-        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
-                 and m1.device == x.device)  # fmt: skip
-        if not valid:
-            self._start, hist = i, [None] * 2
-        k = i - self._start
-        full = k >= self.solver_order - 1
-        table = self.coef_table(x.device) if full else self._variant(k, x.device)
-        r = (self._coef64 if full else self._since64[k])[i]
-        need2 = r[6] != 0.0
-        need1 = need2 or r[5] != 0.0
-        ops = [t if need else None for t, need in zip(hist, (need1, need2), strict=True)]
-        _, m, x_next = self.step_with_history(model_output, i, x, table[i], None, *ops,
-                                              guidance_scale=guidance_scale)  # fmt: skip
-        self._hist, self._prev_i = [m, hist[0]], i
-        return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from numbers import Integral
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 from numpy.polynomial import polynomial as P
 from torch import Tensor
 
+from fastdiff.samplers._history import EpsHistory
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.sigmas import train_sigmas32
 from fastdiff.schedules import NoiseSchedule
@@ -41,7 +41,7 @@ def lms_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
     return out
 
 
-class LMSSampler(EulerSampler):
+class LMSSampler(EpsHistory, EulerSampler):
     """Linear multistep (LMS) on the probability-flow ODE in sigma space, step for step as
     diffusers' ``LMSDiscreteScheduler`` (k-diffusion's ``sample_lms``).
 
@@ -180,12 +180,11 @@ class LMSSampler(EulerSampler):
         self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
         return rows
 
-    def _variant(self, k: int, device: torch.device) -> Tensor:
-        tab = self._variant_tables.get((k, device))
-        if tab is None:
-            tab = torch.from_numpy(self._since64[k]).float().to(device)
-            self._variant_tables[(k, device)] = tab
-        return tab
+    def _max_order(self) -> int:
+        return self.order
+
+    def _sigma_at(self, i: int) -> float:
+        return float(self._sig32()[i])
 
     def _op_prediction(self) -> str:
         return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
@@ -201,19 +200,6 @@ class LMSSampler(EulerSampler):
 
     def config(self) -> dict:
         return {**super().config(), "order": self.order, "sigma_grid": self.sigma_grid}
-
-    def reset(self) -> None:
-        """Forget the run: the next step starts a new one (no derivatives)."""
-        self._hist: list[Tensor | None] = [None] * 3  # d_{i-1}, d_{i-2}, d_{i-3}
-        self._prev_i = -1
-        self._start = 0
-
-    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
-        """The x0 prediction of step ``i`` at VP sample ``x`` from its derivative ``m`` = eps
-        (for trajectories; a torch expression, not part of the fused step)."""
-        sig = float(self._sig32()[i])
-        a = 1.0 / math.sqrt(1.0 + sig * sig)
-        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
 
     # ------------------------------------------------------------------ stepping
     def step_with_history(
@@ -243,41 +229,3 @@ class LMSSampler(EulerSampler):
             prediction_type=self._op_prediction(),
             guidance_scale=guidance_scale,
         )
-
-    def step(
-        self,
-        model_output: Tensor,
-        i: int,
-        x: Tensor,
-        noise: Tensor | None = None,
-        *,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        generator_state: Tensor | None = None,
-        return_x0: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Step ``i`` (model output at ``x``, ``timesteps[i]``): one fused op call.
-
-        The derivatives are kept on the sampler and used only when step ``i - 1`` was the last
-        one it ran for this x shape and device; otherwise step ``i`` starts a new run (img2img).
-        LMS is deterministic: ``noise``, ``generator`` and ``generator_state`` are unused.
-        Returns x_{i+1}, or ``(x_{i+1}, x0)`` with ``return_x0``."""
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        hist = self._hist
-        m1 = hist[0]
-        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
-                 and m1.device == x.device)  # fmt: skip
-        if not valid:
-            self._start, hist = i, [None] * 3
-        k = i - self._start
-        full = k >= self.order - 1
-        table = self.coef_table(x.device) if full else self._variant(k, x.device)
-        r = (self._coef64 if full else self._since64[k])[i]
-        need3 = r[10] != 0.0
-        need2 = need3 or r[6] != 0.0
-        need1 = need2 or r[5] != 0.0
-        ops = [t if need else None for t, need in zip(hist, (need1, need2, need3), strict=True)]
-        _, m, x_next = self.step_with_history(model_output, i, x, table[i], None, *ops,
-                                              guidance_scale=guidance_scale)  # fmt: skip
-        self._hist, self._prev_i = [m, hist[0], hist[1]], i
-        return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next

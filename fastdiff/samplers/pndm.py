@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastdiff.samplers._history import RunRows
 from fastdiff.samplers.base import Sampler, alpha_bar_prev
 from fastdiff.schedules import NoiseSchedule
 
@@ -34,7 +35,7 @@ def _unipc_ops():
     return mod
 
 
-class PNDMSampler(Sampler):
+class PNDMSampler(RunRows, Sampler):
     """PNDM (Liu et al. 2022: the transfer part phi, the pseudo linear multistep method PLMS and
     the pseudo Runge-Kutta warm-up PRK), model call for model call as diffusers'
     ``PNDMScheduler``. Equation numbers as diffusers cites them (not checked against the paper
@@ -227,14 +228,6 @@ class PNDMSampler(Sampler):
 
     def _needs_noise_row(self, i: int) -> bool:
         return False
-
-    def _variant(self, k: int, device: torch.device) -> Tensor:
-        """The fp32 table of rows for the ``k``-th call of a run (k < warmup), cached per device."""
-        tab = self._variant_tables.get((k, device))
-        if tab is None:
-            tab = torch.from_numpy(self._since64[k]).float().to(device)
-            self._variant_tables[(k, device)] = tab
-        return tab
 
     def __repr__(self) -> str:
         return (

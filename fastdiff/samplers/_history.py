@@ -1,0 +1,103 @@
+"""Run bookkeeping of the multistep samplers on the fused ``unipc_step`` op (PNDM, LMS, DEIS).
+
+Each step of these samplers is one op call whose ``m`` output is kept as the history of the
+next steps. A run that starts at step s > 0 (img2img) has no history yet: its first calls take
+other rows (lower order), which the sampler precomputes as ``_since64[k]`` (float64 ``[steps x
+12]``: the rows of the k-th call of a run) beside its full table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class RunRows:
+    """The fp32 device tables of ``_since64``, built on first use and cached per device."""
+
+    _since64: list[np.ndarray]
+
+    def _variant(self, k: int, device: torch.device) -> Tensor:
+        """The fp32 table of rows for the ``k``-th call of a run (k < warm-up), cached."""
+        tables = self.__dict__.setdefault("_variant_tables", {})
+        tab = tables.get((k, device))
+        if tab is None:
+            tab = torch.from_numpy(self._since64[k]).float().to(device)
+            tables[(k, device)] = tab
+        return tab
+
+
+class EpsHistory(RunRows):
+    """Step bookkeeping of LMS and DEIS: the op's ``m`` output of each step is a noise estimate
+    (LMS's derivative d = eps, DEIS's eps) kept for the next ``_n_hist`` steps, newest first.
+
+    The sampler provides ``_n_hist``, ``_max_order()`` (its multistep order), ``_sigma_at(i)``
+    (the noise level sigma = sqrt((1 - ab) / ab) of step i), the tables (``coef_table``,
+    ``_coef64``, ``_since64``) and ``step_with_history``."""
+
+    _n_hist = 3
+    # row columns of the weights of m_{i-1}, m_{i-2}, m_{i-3} (unipc_step's c_m1, c_m2, c_m3)
+    _HIST_COLS = (5, 6, 10)
+
+    def _max_order(self) -> int:
+        raise NotImplementedError
+
+    def _sigma_at(self, i: int) -> float:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the run: the next step starts a new one (no history)."""
+        self._hist: list[Tensor | None] = [None] * self._n_hist
+        self._prev_i = -1
+        self._start = 0
+
+    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
+        """The x0 prediction of step ``i`` at the VP sample ``x`` from its noise estimate ``m``
+        (for trajectories; a torch expression, not part of the fused step)."""
+        sig = self._sigma_at(i)
+        a = 1.0 / math.sqrt(1.0 + sig * sig)
+        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Step ``i`` (model output at ``x``, ``timesteps[i]``): one fused op call.
+
+        The noise estimates are kept on the sampler and used only when step ``i - 1`` was the
+        last one it ran for this x shape and device; otherwise step ``i`` starts a new run
+        (img2img, as diffusers after ``set_begin_index``). Deterministic: ``noise``,
+        ``generator`` and ``generator_state`` are unused. Returns x_{i+1}, or ``(x_{i+1}, x0)``
+        with ``return_x0``."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        hist = self._hist
+        m1 = hist[0]
+        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+                 and m1.device == x.device)  # fmt: skip
+        if not valid:
+            self._start, hist = i, [None] * self._n_hist
+        k = i - self._start
+        full = k >= self._max_order() - 1
+        table = self.coef_table(x.device) if full else self._variant(k, x.device)
+        r = (self._coef64 if full else self._since64[k])[i]
+        # an operand is passed when its weight or an older one's is nonzero (None: skipped)
+        need, ops = False, []
+        for t, col in reversed(list(zip(hist, self._HIST_COLS, strict=False))):
+            need = need or r[col] != 0.0
+            ops.insert(0, t if need else None)
+        _, m, x_next = self.step_with_history(model_output, i, x, table[i], None, *ops,
+                                              guidance_scale=guidance_scale)  # fmt: skip
+        self._hist, self._prev_i = [m, *hist[:-1]], i
+        return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next
