@@ -104,3 +104,55 @@ def test_interpreter_loop_over_a_runtime_bound():
     _strided_sum_kernel[(3,)](x, out, x.numel(), BLOCK=64)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.sum().double(), x.double().sum(), rtol=1e-5, atol=1e-3)
+
+
+def _torch_bf16_bits(x: torch.Tensor) -> np.ndarray:
+    return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+
+def test_f32_to_bf16_bits_is_round_to_nearest_even():
+    """The shim's cast against torch's (RNE): random values over many binades, ties, the carry
+    into the next binade, subnormals, infinities, signed zero; NaN stays NaN."""
+    g = torch.Generator().manual_seed(11)
+    scale = torch.exp2(torch.randint(-130, 120, (50000,), generator=g))
+    x = torch.randn(50000, generator=g) * scale
+    mant = torch.randint(0, 1 << 7, (4096,), generator=g, dtype=torch.int32)
+    ties = (((0x3F80 | mant) << 16) | 0x8000).view(torch.float32)  # halfway cases in [1, 2)
+    inf = float("inf")
+    special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 4 - 2**-7, 3.4e38, inf, -inf, -0.0, 1e-40])
+    for v in (x, ties, special):
+        assert np.array_equal(_compat.f32_to_bf16_bits(v.numpy()), _torch_bf16_bits(v))
+    nan = _compat.f32_to_bf16_bits(np.array([np.nan, -np.nan], np.float32))
+    assert torch.from_numpy(nan.view(np.int16)).view(torch.bfloat16).isnan().all()
+
+
+def test_bf16_rounding_broken_detects_truncation():
+    def truncating(v):
+        return (np.asarray(v, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+    def raises(v):
+        raise TypeError("unknown layout")
+
+    assert _compat._bf16_rounding_broken(truncating)
+    assert not _compat._bf16_rounding_broken(_compat.f32_to_bf16_bits)
+    assert not _compat._bf16_rounding_broken(raises)  # unknown: left alone
+
+
+def test_interpreter_bf16_store_rounds_to_nearest_even():
+    """A kernel's fp32 -> bf16 store rounds as the GPU's cvt.rn does (the Triton 3.9 interpreter
+    truncated: up to 1 bf16 ulp, which took fused bf16 outputs past 2x eager's error)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs a kernel on CPU tensors: needs TRITON_INTERPRET=1")
+    import triton.language as tl
+
+    from fastdiff.kernels.triton import unipc_step  # noqa: F401  (installs the shims)
+
+    @triton.jit
+    def _to_bf16_kernel(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, tl.load(X + offs).to(Y.dtype.element_ty))
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(2)) * 3
+    y = torch.full((4096,), float("nan"), dtype=torch.bfloat16)
+    _to_bf16_kernel[(1,)](x, y, N=4096)
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
