@@ -110,13 +110,23 @@ def resolve_sampler(
 
 
 def _default_steps(name: str, steps: Any, options: Mapping[str, Any], custom: str) -> Any:
-    """``steps``, else the length of a custom grid option (LCM / TCD ``timesteps=``, flow
-    ``sigmas=``, as diffusers' ``set_timesteps`` takes it), else the sampler's default."""
+    """``steps``, else the length of a custom grid option (``timesteps=`` of LCM / TCD / DPM++
+    / Euler / Heun / DDPM, flow ``sigmas=``, as diffusers' ``set_timesteps`` takes it; Euler's
+    VP ``sigmas=`` end with the final noise level: one fewer step), else the sampler's
+    default."""
     if steps is not None:
         return steps
-    grid = options.get(custom)
-    if grid is not None and hasattr(grid, "__len__") and not isinstance(grid, (str, bytes)):
-        return len(grid)
+
+    def _len(grid: Any) -> int | None:
+        ok = grid is not None and hasattr(grid, "__len__") and not isinstance(grid, (str, bytes))
+        return len(grid) if ok else None
+
+    n = _len(options.get(custom))
+    if n is not None:
+        return n
+    n = _len(options.get("sigmas")) if custom == "timesteps" else None
+    if n is not None:
+        return max(n - 1, 1)  # (a 1-entry list: the sampler's own error names sigmas)
     return SAMPLERS[name].default_steps
 
 

@@ -16,6 +16,7 @@ from fastdiff.samplers.base import (
     _sqrt,
     advance_generator_state,
     check_thresholding,
+    custom_timesteps,
     threshold_x0,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
@@ -57,6 +58,11 @@ class DDPMSampler(Sampler):
         clip_sample, clip_sample_range: clip x0 to ``[-r, r]`` (default on, r = 1).
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
             (Imagen) instead of clipping.
+        timesteps: custom timesteps, strictly descending in [0, T - 1] (diffusers'
+            ``set_timesteps(timesteps=...)``); "prev" is then the next one in the list (ab_prev
+            = 1 after the last, which still adds noise if it is > 0, as diffusers);
+            ``steps`` is their number (or None); ``timestep_spacing`` and ``steps_offset`` are
+            unused.
     """
 
     name = "ddpm"
@@ -76,6 +82,7 @@ class DDPMSampler(Sampler):
         thresholding: bool = False,
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(
@@ -92,6 +99,17 @@ class DDPMSampler(Sampler):
         self.thresholding = bool(thresholding)
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
+        self._custom = None  # user timesteps (set_timesteps(timesteps=...)), int64, descending
+        if timesteps is not None and isinstance(schedule, NoiseSchedule):
+            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
+            n = len(self._custom)
+            if steps is None:
+                steps = n
+            elif steps != n:
+                raise ValueError(
+                    f"steps: got {steps} but {n} custom timesteps; pass one of them (or the "
+                    "same number)"
+                )
         if steps is None and isinstance(schedule, NoiseSchedule):
             steps = schedule.num_train_timesteps
         super().__init__(
@@ -101,6 +119,11 @@ class DDPMSampler(Sampler):
             timestep_spacing=timestep_spacing,
             steps_offset=steps_offset,
         )
+
+    def _make_timesteps(self) -> np.ndarray:
+        if self._custom is not None:
+            return self._custom.copy()
+        return super()._make_timesteps()
 
     def coefficients(self) -> np.ndarray:
         ab = self.schedule.alphas_cumprod

@@ -10,11 +10,42 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops
+from fastdiff.samplers.base import Sampler, _ops, custom_timesteps
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["EulerSampler"]
+
+
+def custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
+    """A user noise-level list as diffusers' ``EulerDiscreteScheduler.set_timesteps(sigmas=...)``
+    takes it: ``steps + 1`` values, the last the final noise level (kept, not replaced by 0),
+    rounded to float32 as diffusers stores them; here also finite, strictly descending, > 0
+    but the last (>= 0), which diffusers does not check."""
+    try:
+        sig = np.asarray([float(s) for s in sigmas], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas: expected a list of floats, got {sigmas!r}") from None
+    if len(sig) < 2:
+        raise ValueError(
+            f"sigmas: expected steps + 1 >= 2 noise levels (the last the final one), got "
+            f"{sig.tolist()}"
+        )
+    sig = sig.astype(np.float32).astype(np.float64)
+    if not np.isfinite(sig).all() or sig[-1] < 0 or np.any(sig[:-1] <= 0):
+        raise ValueError(f"sigmas: expected finite values > 0 (the last >= 0), got {sig.tolist()}")
+    if np.any(np.diff(sig) >= 0):
+        raise ValueError(f"sigmas: expected strictly descending noise levels, got {sig.tolist()}")
+    return sig
+
+
+def grid_steps(steps: int | None, n: int, what: str) -> int | None:
+    """``steps`` of a sampler given a custom grid of ``n`` steps: None -> n; another -> error."""
+    if steps is None:
+        return n
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps != n:
+        raise ValueError(f"steps: got {steps} but {what}; pass one of them (or the same number)")
+    return steps
 
 
 class EulerSampler(Sampler):
@@ -55,6 +86,14 @@ class EulerSampler(Sampler):
     timestep rounded to int64, while the update uses the grid's sigmas exactly (the same
     situation as ``linspace`` spacing above).
 
+    Custom grids, as diffusers' ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)``
+    (e.g. Align Your Steps): ``timesteps`` are the model timesteps themselves (sigma_i
+    interpolated there, final sigma 0; not with a sigma grid option, as in diffusers);
+    ``sigmas`` are ``steps + 1`` noise levels, the model timesteps then those of the grid
+    sigmas (log-sigma interpolation, rounded) and the last value the final noise level. A final
+    sigma > 0 is kept as diffusers keeps it: the last step then returns diffusers' sample
+    x_sigma = x0 + sigma_N eps (a = 1 on that step, not the VP a_N x_sigma).
+
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"linspace"``).
@@ -62,15 +101,22 @@ class EulerSampler(Sampler):
             most one; the beta grid uses Beta(0.6, 0.6) and needs scipy).
         sigma_min, sigma_max: the grid's end noise levels (default: those of the last and the
             first spaced timestep); only read with a grid, as in diffusers.
+        timesteps: custom model timesteps, strictly descending in [0, T - 1]; ``steps`` is then
+            their number (or None). ``timestep_spacing`` and ``steps_offset`` are unused.
+        sigmas: custom noise levels, strictly descending, ``steps + 1`` of them (``steps``: None
+            or their number - 1). As in diffusers, the sigma grid options, ``sigma_min`` /
+            ``sigma_max``, ``timestep_spacing`` and ``steps_offset`` are then unused.
     """
 
     name = "euler"
     default_spacing = "linspace"
+    _custom: np.ndarray | None = None  # custom timesteps (also for subclasses without them)
+    _user_sigmas: np.ndarray | None = None  # custom sigmas, [steps + 1] (likewise)
 
     def __init__(
         self,
         schedule: NoiseSchedule,
-        steps: int,
+        steps: int | None,
         *,
         prediction_type: str = "epsilon",
         timestep_spacing: str | None = None,
@@ -80,11 +126,31 @@ class EulerSampler(Sampler):
         use_beta_sigmas: bool = False,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        timesteps: Sequence[int] | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> None:
-        #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
+        #: "karras", "exponential", "beta", "custom" (``sigmas``) or None (steps at the spaced
+        #: or custom timesteps)
         self.sigma_grid: str | None = pick_sigma_grid(
             use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
+        self._custom, self._user_sigmas = None, None
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("timesteps, sigmas: pass one of them (as diffusers), got both")
+        if timesteps is not None and isinstance(schedule, NoiseSchedule):
+            if self.sigma_grid is not None:
+                raise ValueError(
+                    f"timesteps: custom timesteps cannot be combined with "
+                    f"use_{self.sigma_grid}_sigmas=True (as in diffusers): the grid decides "
+                    "the timesteps"
+                )
+            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
+            steps = grid_steps(steps, len(self._custom), f"{len(self._custom)} custom timesteps")
+        if sigmas is not None:
+            self._user_sigmas = custom_sigmas(sigmas)
+            n = len(self._user_sigmas) - 1
+            steps = grid_steps(steps, n, f"{n + 1} custom sigmas ({n} steps)")
+            self.sigma_grid = "custom"  # diffusers then ignores its sigma grid options
         for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
             if v is not None and (
                 isinstance(v, bool) or not isinstance(v, Real) or not 0.0 < float(v) < math.inf
@@ -103,6 +169,8 @@ class EulerSampler(Sampler):
 
     def _spaced_frac(self) -> np.ndarray:
         """diffusers' (float32) spaced timesteps: fractional under ``linspace``."""
+        if self._custom is not None:
+            return self._custom.astype(np.float32)
         T, n = self.schedule.num_train_timesteps, self.steps
         if self.timestep_spacing == "linspace":
             return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
@@ -120,6 +188,10 @@ class EulerSampler(Sampler):
         and last spaced timesteps (unless ``sigma_max`` / ``sigma_min`` are given), its
         timesteps come from :func:`~fastdiff.samplers.sigmas.sigma_to_t`, and its sigmas are
         kept in float32 (the values diffusers' step uses)."""
+        if self._grid is None and self._user_sigmas is not None:
+            sig = self._user_sigmas[:-1]
+            ts = sigma_to_t(sig.astype(np.float32), np.log(train_sigmas32(self.schedule)))
+            self._grid = (sig, ts)
         if self._grid is None:
             train = train_sigmas32(self.schedule)  # ascending in t
             ends = np.interp(self._spaced_frac(), np.arange(len(train)), train)
@@ -145,9 +217,11 @@ class EulerSampler(Sampler):
         return np.round(self._frac_timesteps()).astype(np.int64)
 
     def sigmas(self) -> np.ndarray:
-        """float64 ``[steps + 1]``: sigma_i at each step, then the final sigma = 0."""
+        """float64 ``[steps + 1]``: sigma_i at each step, then the final sigma (0 unless custom
+        ``sigmas`` end above it)."""
         if self.sigma_grid is not None:
-            return np.concatenate([self._sigma_grid()[0], [0.0]])
+            last = 0.0 if self._user_sigmas is None else self._user_sigmas[-1]
+            return np.concatenate([self._sigma_grid()[0], [last]])
         ab = self.schedule.alphas_cumprod.clone()
         if self.schedule.rescale_betas_zero_snr:
             ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
@@ -161,6 +235,7 @@ class EulerSampler(Sampler):
     def coefficients(self) -> np.ndarray:
         sig = self.sigmas()
         a = [1.0 / math.sqrt(1.0 + s * s) for s in sig]  # a = sqrt(ab) = 1 / sqrt(1 + sigma^2)
+        a[-1] = 1.0  # the last step returns diffusers' x_sigma (x0 + sigma_N eps; x0 at 0)
         rows = np.zeros((self.steps, 8), dtype=np.float64)
         for i in range(self.steps):
             c_eps = a[i + 1] * (sig[i + 1] - sig[i])  # a_{i+1} (sigma_{i+1} - sigma_i)

@@ -61,7 +61,9 @@ class HeunSampler(EulerSampler):
     ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0).
 
     Timesteps and sigmas are Euler's (default ``linspace`` spacing: fractional timesteps, which
-    the model gets rounded to int64; Karras / exponential / beta grids as diffusers builds them).
+    the model gets rounded to int64; Karras / exponential / beta grids as diffusers builds them;
+    custom ``timesteps`` as diffusers' ``set_timesteps(timesteps=...)``: the N step timesteps,
+    laid out as above, final sigma 0).
 
     Args:
         schedule, prediction_type, timestep_spacing, steps_offset, use_karras_sigmas,
@@ -71,6 +73,8 @@ class HeunSampler(EulerSampler):
         steps: number of Heun steps N (diffusers' ``num_inference_steps``): 2N - 1 model calls.
         clip_sample, clip_sample_range: clip the x0 prediction to ``[-r, r]`` (off by default,
             as diffusers).
+        timesteps: custom timesteps of the N steps, strictly descending (``steps``: None or N);
+            not with a sigma grid option, as in diffusers.
     """
 
     name = "heun"
@@ -82,7 +86,7 @@ class HeunSampler(EulerSampler):
     def __init__(
         self,
         schedule: NoiseSchedule,
-        steps: int,
+        steps: int | None,
         *,
         prediction_type: str = "epsilon",
         timestep_spacing: str | None = None,
@@ -94,6 +98,7 @@ class HeunSampler(EulerSampler):
         use_beta_sigmas: bool = False,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
         if clip_sample and not 0.0 < float(clip_sample_range) < math.inf:
             raise ValueError(
@@ -115,6 +120,7 @@ class HeunSampler(EulerSampler):
             use_beta_sigmas=use_beta_sigmas,
             sigma_min=sigma_min,
             sigma_max=sigma_max,
+            timesteps=timesteps,
         )
 
     def _make_timesteps(self) -> np.ndarray:
