@@ -206,3 +206,33 @@ def test_sample_refuses_timesteps_with_a_karras_scheduler():
                         noise=torch.zeros(SHAPE))  # fmt: skip
     with pytest.raises(ValueError, match=r"steps: got 4 but 10 custom timesteps"):
         fastdiff.sample(_eps, 4, sampler="euler", timesteps=AYS_SD15, noise=torch.zeros(SHAPE))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(sampler="euler", sigmas=AYS_SIGMAS),
+        dict(sampler="euler", timesteps=AYS_SD15),
+        dict(sampler="heun", timesteps=HAND),
+        dict(sampler="ddpm", timesteps=AYS_SD15),
+    ],
+    ids=["euler-sigmas", "euler-timesteps", "heun", "ddpm"],
+)
+@torch.no_grad()
+def test_graphed_loop_equals_eager_on_custom_grids(opts, fake_cuda_graphs, monkeypatch):
+    """The CUDA-graph loop (fake graphs on CPU, see conftest) over a custom grid equals the
+    eager loop, also when its capture is replayed for the sampler's spaced grid and back."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    n = len(opts.get("timesteps", opts.get("sigmas", [0]))) - ("sigmas" in opts)
+    runs = [opts, dict(sampler=opts["sampler"], steps=n), opts]
+    for kw in runs:
+        outs = []
+        for loop in (eager_loop, api._sample_graphed):
+            monkeypatch.setattr(api, "_sample_eager", loop)
+            outs.append(fastdiff.sample(_eps, noise=z, generator=torch.Generator().manual_seed(2),
+                                        schedule=NoiseSchedule("scaled_linear"), **kw))  # fmt: skip
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 1  # one capture, replayed for the other grids
