@@ -494,6 +494,10 @@ def optimize(model: nn.Module, *, channels_last: bool | None = None) -> nn.Modul
         param = next(model.parameters(), None)
         channels_last = param is not None and param.device.type == "cpu"
     report = OptimizeReport(model=type(model).__name__, channels_last=channels_last)
+    # an earlier optimize(channels_last=True) left the weights channels_last: the report keeps
+    # saying so, for unoptimize() to restore NCHW (channels_last=False converts nothing back)
+    if getattr(getattr(model, "fastdiff_report", None), "channels_last", False):
+        report.channels_last = True
 
     from fastdiff.models.unet import UNet
 
