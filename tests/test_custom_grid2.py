@@ -115,7 +115,7 @@ def test_euler_final_sigma_above_zero_returns_diffusers_x_sigma():
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
 @pytest.mark.parametrize("grid", [AYS_SD15, HAND])
 def test_ddpm_custom_timesteps_match_diffusers(grid, variance_type, pred, monkeypatch):
     """prev_t is the next custom entry (diffusers' previous_timestep); after the last one
@@ -141,6 +141,8 @@ def test_ddpm_custom_timesteps_match_diffusers(grid, variance_type, pred, monkey
     gens = [torch.Generator().manual_seed(5) for _ in range(3)]
     for i, t in enumerate(theirs.timesteps):
         mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x.clamp(-3, 3)
+        if variance_type == "learned_range":  # 2C channels: [prediction, v in [-1, 1]]
+            mo = torch.cat([mo, torch.rand(SHAPE, generator=g) * 2 - 1], dim=1)
         noise = torch.randn(SHAPE, generator=gens[2]) if t > 0 else None
         ref = theirs.step(mo, t, x, generator=gens[0]).prev_sample
         ref64 = twin.step(mo.double(), t, x.double(), generator=gens[1]).prev_sample
@@ -152,13 +154,27 @@ def test_ddpm_custom_timesteps_match_diffusers(grid, variance_type, pred, monkey
     assert ours.needs_noise(len(grid) - 1) == (grid[-1] > 0)
 
 
-def test_ddpm_custom_timesteps_through_sample():
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("grid", [AYS_SD15, HAND])
+def test_ddpm_custom_timesteps_whole_run_equals_diffusers(grid, variance_type):
+    """sample(sampler="ddpm", schedule=<DDPMScheduler>, timesteps=...) with no steps lands where
+    diffusers' loop does from the same x_T and generator (its noise drawn as diffusers draws)."""
+    sch = diffusers.DDPMScheduler(**SL, variance_type=variance_type)
+    sch.set_timesteps(timesteps=grid)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    got, seen = _run("ddpm", z, timesteps=AYS_SD15, generator=torch.Generator().manual_seed(1))
-    assert seen == AYS_SD15
-    smp = DDPMSampler(NoiseSchedule("scaled_linear"), len(AYS_SD15), timesteps=AYS_SD15)
-    ref = fastdiff.sample(_eps, sampler=smp, noise=z, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(got, ref)
+    x, g = z.clone(), torch.Generator().manual_seed(1)
+    for t in sch.timesteps:
+        x = sch.step(_eps(x, t.expand(SHAPE[0])), t, x, generator=g).prev_sample
+    seen = []
+
+    def model(x, t):
+        seen.append(int(t[0]))
+        return _eps(x, t)
+
+    got = fastdiff.sample(model, sampler="ddpm", schedule=sch, timesteps=grid, noise=z,
+                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert seen == grid
+    assert _rel(got, x) <= 1e-5
 
 
 def test_refusals_as_diffusers():
