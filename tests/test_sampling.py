@@ -196,7 +196,11 @@ def test_fold_matrix_cached_under_inference_mode_serves_autograd():
 )  # fmt: skip
 def test_fold_threshold(shape, channels_last, folds, monkeypatch):
     """The fold runs where it is faster (N*H*W >= 64 NCHW, >= 256 channels_last); smaller maps
-    take nearest 2x + conv. Both give the definition's result."""
+    take nearest 2x + conv. Both give the definition's result: the FA rule, plus for the fold the
+    error its folded weights add. Each is a sum of up to 4 of the 3x3 weights rounded in fp32
+    (<= 3u sum|w|, u = 2^-24), so an output moves by <= 3u (|W| * nearest2x(|x|)); eager has no
+    such term. At atol 0, (1, 8, 16, 16) channels_last failed on 2 of 200 seeds (oneDNN's
+    transposed conv, 1.21x the bound); with the floor 0 of 200 (max 0.43), every shape <= 0.43."""
     calls = []
     real = sampling.upsample_conv
     monkeypatch.setattr(sampling, "upsample_conv", lambda x, c: calls.append(1) or real(x, c))
@@ -210,7 +214,11 @@ def test_fold_threshold(shape, channels_last, folds, monkeypatch):
     with torch.no_grad():
         out = up(x)
     assert bool(calls) is folds
-    assert_fa_rule(out, _reference(x, up.conv), _eager(x, up.conv), name=str(shape))
+    floor = 0.0
+    if folds:
+        near = F.interpolate(x.double().abs(), scale_factor=2.0, mode="nearest")
+        floor = 3 * 2.0**-24 * F.conv2d(near, up.conv.weight.double().abs(), padding=1).max().item()
+    assert_fa_rule(out, _reference(x, up.conv), _eager(x, up.conv), atol=floor, name=str(shape))
 
 
 def test_fold_pays_only_for_4d_maps():
