@@ -47,6 +47,7 @@ CASES = [
     ("deis", "DEISMultistepScheduler", {}, "deis", {}, STEPS),
     ("lcm", "LCMScheduler", {}, "lcm", {}, 4),
     ("flow_euler", "FlowMatchEulerDiscreteScheduler", {}, "flow_euler", {}, STEPS),
+    ("edm_dpm++", "EDMDPMSolverMultistepScheduler", {}, "edm_dpm++", {}, STEPS),
 ]  # fmt: skip
 
 
@@ -94,7 +95,7 @@ def test_scheduler_run_eager(benchmark, device, case):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_scheduler_run_fused(benchmark, device, case):
     cid, _, _, name, opts, steps = case
-    schedule = None if name.startswith("flow") else NoiseSchedule("linear")
+    schedule = None if name.startswith(("flow", "edm")) else NoiseSchedule("linear")
     state = torch.tensor([1234, 0], dtype=torch.int64, device=device)  # in-kernel Philox
 
     def run(x, mo):

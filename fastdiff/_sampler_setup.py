@@ -62,6 +62,8 @@ def resolve_sampler(
         )
     if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
+    if SAMPLERS[sampler.lower()] in (SAMPLERS["edm_euler"], SAMPLERS["edm_dpm++"]):
+        return _resolve_edm(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
     n_steps = _default_steps(sampler.lower(), steps, sampler_options, "timesteps")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
@@ -152,6 +154,37 @@ def _resolve_flow(
     return make_sampler(name, None, int(n_steps), **opts)
 
 
+def _resolve_edm(
+    name: str, steps: int | None, schedule: Any, eta: float | None, options: Mapping[str, Any]
+) -> Sampler:
+    """An EDM sampler: its sigma grid and preconditioning come from ``schedule`` (None:
+    diffusers' defaults, sigma_min 0.002, sigma_max 80, sigma_data 0.5, rho 7; an
+    ``EDMEulerScheduler`` / ``EDMDPMSolverMultistepScheduler`` or its config: its settings,
+    ``options`` winning), never from a VP :class:`~fastdiff.NoiseSchedule`."""
+    if schedule is not None and not _is_edm_scheduler(schedule):
+        raise ValueError(
+            f"schedule: sampler {name!r} needs None or a diffusers EDM scheduler (or its "
+            f"config), got {type(schedule).__name__}: an EDM model has no VP noise schedule"
+        )
+    if eta is not None:
+        raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
+    n_steps = SAMPLERS[name].default_steps if steps is None else steps
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
+        raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
+    _check_scheduler_settings(schedule, name)
+    opts = {**_scheduler_options(schedule, name), **options}
+    _check_sampler_options(name, opts)
+    return make_sampler(name, None, int(n_steps), **opts)
+
+
+def _is_edm_scheduler(schedule: Any) -> bool:
+    """Whether ``schedule`` is diffusers' ``EDMEulerScheduler`` or
+    ``EDMDPMSolverMultistepScheduler`` (or its config): no betas, an EDM sigma grid."""
+    cfg = _scheduler_config(schedule)
+    cls = _scheduler_class(schedule, cfg) if cfg is not None else None
+    return cls in (_SCHEDULER_OF["edm_euler"], _SCHEDULER_OF["edm_dpm++"])
+
+
 def _is_flow_scheduler(schedule: Any) -> bool:
     """Whether ``schedule`` is a diffusers flow-matching scheduler (or its config): it has no
     betas, so it cannot become a :class:`~fastdiff.NoiseSchedule`."""
@@ -175,6 +208,11 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
             "schedule: a flow-matching scheduler (FlowMatch...) has no VP noise schedule; use "
             "sampler='flow_euler' or 'flow_heun' (the defaults for FlowMatchEulerDiscreteScheduler "
             "and FlowMatchHeunDiscreteScheduler)"
+        )
+    if _is_edm_scheduler(schedule):
+        raise ValueError(
+            "schedule: an EDM scheduler has no VP noise schedule; use sampler='edm_euler' or "
+            "'edm_dpm++' (the defaults for EDMEulerScheduler and EDMDPMSolverMultistepScheduler)"
         )
     if hasattr(schedule, "config") or isinstance(schedule, Mapping):
         cfg = _scheduler_config(schedule)
@@ -262,6 +300,8 @@ _SCHEDULER_OF = {
     "dpm++": "DPMSolverMultistepScheduler",
     "dpm2": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
+    "edm_dpm++": "EDMDPMSolverMultistepScheduler",
+    "edm_euler": "EDMEulerScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",

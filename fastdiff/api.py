@@ -83,16 +83,19 @@ def sample(
 
     Args:
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
-            int64 tensor (float32 for ``"flow_euler"``) on the model's device, returning a
-            tensor, an object with ``.sample`` (diffusers) or a tuple.
+            int64 tensor (float32 for ``"flow_euler"`` and the EDM samplers) on the model's
+            device, returning a tensor, an object with ``.sample`` (diffusers) or a tuple.
         steps: number of sampling steps (1 .. num_train_timesteps; default 50, 4 for ``"lcm"``
             as diffusers' LatentConsistencyModelPipeline, the length of a custom ``timesteps=``
             (lcm / tcd) or ``sigmas=`` (flow) grid).
         sampler: ``"ddim"``, ``"ddpm"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``, ``"heun"``,
             ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"lms"``, ``"unipc"``,
             ``"lcm"``, ``"tcd"``, ``"flow_euler"`` (rectified-flow models: ``schedule`` None or a
-            ``FlowMatchEulerDiscreteScheduler``), or a sampler object from
-            :mod:`fastdiff.samplers` (its own steps and schedule are used). Default:
+            ``FlowMatchEulerDiscreteScheduler``), ``"edm_euler"`` / ``"edm_dpm++"`` (EDM models:
+            ``schedule`` None or an ``EDMEulerScheduler`` / ``EDMDPMSolverMultistepScheduler``;
+            the model sees c_in x at c_noise, x_T is scaled to diffusers' init_noise_sigma z),
+            or a sampler object from :mod:`fastdiff.samplers` (its own steps and schedule are
+            used). Default:
             the sampler that reproduces ``schedule``'s diffusers scheduler class
             (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
             ``UniPCMultistepScheduler`` -> ``"unipc"``, ``PNDMScheduler`` -> ``"pndm"``, ...),
@@ -175,6 +178,11 @@ def sample(
         x = noise.to(device=device, dtype=dtype)
     else:
         x = randn_like_with(torch.empty(full, device=device, dtype=dtype), generator)
+    # EDM samplers keep x in model-input units: diffusers' x_T = init_noise_sigma z is
+    # init_noise_scale z there (one scale of the N(0, I) draw, or of the noise given)
+    x_scale = getattr(smp, "init_noise_scale", 1.0)
+    if x_scale != 1.0:
+        x = x * x_scale
     if cuda_graph and device.type != "cuda":
         raise ValueError(
             f"cuda_graph: CUDA graphs need CUDA tensors, but sampling runs on {device}; "

@@ -1,5 +1,6 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
-PLMS, LMS, LCM, TCD, flow-matching Euler and Heun (one fused op call per model call).
+PLMS, LMS, LCM, TCD, flow-matching Euler and Heun, EDM Euler and DPM-Solver++ (one fused op call
+per model call).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
@@ -21,6 +22,7 @@ from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.deis import DEISSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
+from fastdiff.samplers.edm import EDMDPMSolverSampler, EDMEulerSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.flow import FlowMatchEulerSampler, FlowMatchHeunSampler
@@ -40,6 +42,8 @@ __all__ = [
     "DPM2AncestralSampler",
     "DPM2Sampler",
     "DPMSolverPPSampler",
+    "EDMDPMSolverSampler",
+    "EDMEulerSampler",
     "EulerAncestralSampler",
     "EulerSampler",
     "FlowMatchEulerSampler",
@@ -65,6 +69,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm-solver++": DPMSolverPPSampler,
     "dpm2": DPM2Sampler,
     "dpm2_a": DPM2AncestralSampler,
+    "edm_dpm++": EDMDPMSolverSampler,
+    "edm_euler": EDMEulerSampler,
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "flow_euler": FlowMatchEulerSampler,
@@ -81,7 +87,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("ddim", "ddpm", "deis", "dpm++", "dpm2", "dpm2_a",
-    "euler", "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None),
+    "edm_dpm++", "edm_euler" (EDM-preconditioned models; ``schedule`` must be None), "euler",
+    "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None),
     "heun", "lcm", "lms", "pndm",
     "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
