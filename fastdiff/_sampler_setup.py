@@ -298,6 +298,7 @@ _SCHEDULER_OF = {
     "ddpm": "DDPMScheduler",
     "deis": "DEISMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++_single": "DPMSolverSinglestepScheduler",
     "dpm2": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
     "edm_dpm++": "EDMDPMSolverMultistepScheduler",
@@ -321,6 +322,17 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "use_flow_sigmas": False,
         "use_dynamic_shifting": False,
         # not DPMSolverMultistepScheduler's, but its sigma grids read them from the config
+        "sigma_min": None,
+        "sigma_max": None,
+    },
+    # diffusers 0.42's DPMSolverSinglestepScheduler: its flow grid (use_flow_sigmas, with
+    # flow_shift and use_dynamic_shifting) and lambda_min_clipped are not implemented; its sigma
+    # grids read a leftover sigma_min / sigma_max; algorithm_type="sde-dpmsolver++", thresholding
+    # with "dpmsolver" and prediction_type="flow_prediction" are refused by the sampler itself
+    "dpm++_single": {
+        "use_flow_sigmas": False,
+        "use_dynamic_shifting": False,
+        "lambda_min_clipped": -float("inf"),
         "sigma_min": None,
         "sigma_max": None,
     },

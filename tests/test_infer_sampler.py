@@ -29,6 +29,8 @@ CASES = [
     ("DPMSolverMultistepScheduler", {}, "dpm++"),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpm++"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "dpm++"),
+    ("DPMSolverSinglestepScheduler", {}, "dpm++_single"),
+    ("DPMSolverSinglestepScheduler", {"solver_order": 3, "solver_type": "heun"}, "dpm++_single"),
     ("EulerDiscreteScheduler", {}, "euler"),
     ("EulerAncestralDiscreteScheduler", {}, "euler_a"),
     ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun"),

@@ -24,6 +24,7 @@ PAPERS = {
     "2010.02502": "DDIM",
     "2207.12598": "classifier-free guidance",
     "2211.01095": "DPM-Solver++",
+    "2206.00927": "DPM-Solver (singlestep DPM-Solver-2 / -3)",
     "2206.00364": "EDM (Karras et al.)",
     "2302.04867": "UniPC",
     "2202.09778": "PNDM",

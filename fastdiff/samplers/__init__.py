@@ -21,6 +21,7 @@ from fastdiff.samplers.base import Sampler, spaced_timesteps
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.deis import DEISSampler
+from fastdiff.samplers.dpm_single import DPMSolverSinglestepSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.edm import EDMDPMSolverSampler, EDMEulerSampler
 from fastdiff.samplers.euler import EulerSampler
@@ -42,6 +43,7 @@ __all__ = [
     "DPM2AncestralSampler",
     "DPM2Sampler",
     "DPMSolverPPSampler",
+    "DPMSolverSinglestepSampler",
     "EDMDPMSolverSampler",
     "EDMEulerSampler",
     "EulerAncestralSampler",
@@ -67,6 +69,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm++": DPMSolverPPSampler,
     "dpmsolver++": DPMSolverPPSampler,
     "dpm-solver++": DPMSolverPPSampler,
+    "dpm++_single": DPMSolverSinglestepSampler,
     "dpm2": DPM2Sampler,
     "dpm2_a": DPM2AncestralSampler,
     "edm_dpm++": EDMDPMSolverSampler,

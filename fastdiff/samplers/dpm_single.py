@@ -1,0 +1,439 @@
+"""Singlestep DPM-Solver (Lu et al. 2022, arXiv:2206.00927) and DPM-Solver++ (Lu et al. 2022,
+arXiv:2211.01095), model call for model call as diffusers' ``DPMSolverSinglestepScheduler``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastdiff.samplers._history import RunRows
+from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
+from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
+from fastdiff.schedules import NoiseSchedule
+
+__all__ = ["DPMSolverSinglestepSampler", "singlestep_orders"]
+
+ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver")
+# diffusers' DPMSolverSinglestepScheduler reads UniPC's / DEIS's solver types as "midpoint"
+SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint",
+                "bh2": "midpoint"}  # fmt: skip
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def _unipc_ops():
+    from fastdiff.ops import unipc_step as mod
+
+    return mod
+
+
+def singlestep_orders(steps: int, solver_order: int, lower_order_final: bool,
+                      final_zero: bool) -> list[int]:  # fmt: skip
+    """The order of each model call: groups ``1, 2, ..., solver_order`` (one singlestep update
+    of that order from the group's first sample), as diffusers' ``get_order_list``; with
+    ``lower_order_final`` the tail is ``1, 2`` / ``1`` groups, and a final sigma of zero makes
+    the last call first order."""
+    n, k = steps, solver_order
+    if k == 1:
+        orders = [1] * n
+    elif not lower_order_final:
+        orders = list(range(1, k + 1)) * (n // k)
+    elif k == 2:
+        orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+    elif n % 3 == 0:
+        orders = [1, 2, 3] * (n // 3 - 1) + [1, 2] + [1]
+    elif n % 3 == 1:
+        orders = [1, 2, 3] * (n // 3) + [1]
+    else:
+        orders = [1, 2, 3] * (n // 3) + [1, 2]
+    if final_zero:
+        orders[-1] = 1
+    return orders
+
+
+class DPMSolverSinglestepSampler(RunRows, Sampler):
+    """Singlestep DPM-Solver / DPM-Solver++ (orders 1-3), step for step as diffusers'
+    ``DPMSolverSinglestepScheduler``.
+
+    Notation as :class:`~fastdiff.samplers.DPMSolverPPSampler`: alpha_t = 1 / sqrt(1 + rho^2),
+    sigma_t = rho alpha_t for the noise level rho = sqrt((1 - ab) / ab), lambda_t = -log rho.
+    The calls are grouped (:func:`singlestep_orders`): a group of order k starts at the sample
+    x_a of its first call (the anchor) and its j-th call (j = 1..k) is an update of order j
+    from x_a to the next noise level, using the model outputs m of the group's calls so far.
+    Call 1 is DPM-Solver-1 (DDIM); call 2 at s0 is DPM-Solver-2 with intermediate point s0
+    (Lu et al. 2022, arXiv:2206.00927, Algorithm 1 with r1 = h_0 / h, here the diffusers
+    form); call 3 is the last stage of DPM-Solver-3 (Algorithm 2). For ``"dpmsolver++"`` m is
+    the data prediction x0 and the updates are DPM-Solver++(2S)'s (arXiv:2211.01095, Algorithm
+    1) and its third-order analogue; for ``"dpmsolver"`` m is the noise estimate eps. With h =
+    lambda_t - lambda_a, h_0 = lambda_{s0} - lambda_a, h_1 = lambda_{s1} - lambda_a, r_j = h_j /
+    h, D0 = m_a, and (dpmsolver++) A = alpha_t (1 - e^{-h}), B = alpha_t ((e^{-h} - 1) / h + 1),
+    C = -alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2)::
+
+        order 1:  x_t = (sigma_t / sigma_a) x_a + A m_a
+        order 2:  x_t = (sigma_t / sigma_a) x_a + A D0 + B' D1,  D1 = (m_{s0} - m_a) / r0,
+                  B' = A / 2 (midpoint) or B (heun)
+        order 3:  x_t = (sigma_t / sigma_a) x_a + A D0 + B D1_1             (midpoint)
+                  x_t = (sigma_t / sigma_a) x_a + A D0 + B D1 + C D2        (heun)
+                  D1_0 = (m_{s1} - m_a) / r1, D1_1 = (m_{s0} - m_a) / r0,
+                  D1 = (r0 D1_0 - r1 D1_1) / (r0 - r1), D2 = 2 (D1_1 - D1_0) / (r0 - r1)
+
+    and for ``"dpmsolver"`` the same with x_a's factor alpha_t / alpha_a, A = -sigma_t (e^h - 1),
+    B = -sigma_t ((e^h - 1) / h - 1), C = -sigma_t ((e^h - 1 - h) / h^2 - 1/2). The weights are
+    computed on the host in float64 from diffusers' float32 noise levels.
+
+    Fused form. Each call is one :func:`fastdiff.ops.unipc_step`; its ``last`` operand carries
+    the anchor x_a and its x_c output passes the anchor on (x_c = x at a group's first call,
+    x_c = last after): with row ``[a, s, c_x, c_last, c_m, c_m1, c_m2, p_xc, p_m, p_m1, c_m3,
+    p_m2]``::
+
+        order 1:  [a, s, 1, 0, 0, 0, 0, c, w_s0, 0,         0, 0  ]   x_c = x = x_a
+        order 2:  [a, s, 0, 1, 0, 0, 0, c, w_s0, w_a,       0, 0  ]   x_c = last = x_a
+        order 3:  [a, s, 0, 1, 0, 0, 0, c, w_s0, w_s1,      0, w_a]
+
+    x_next = c x_c + w_s0 m + w_. m_prev + w_. m_prev2 (c the factor of x_a, w the weights of
+    the m in the expansions above; m_prev, m_prev2 the op's m of the previous two calls). The
+    op's prediction type and (a, s) make m the quantity the solver integrates: dpmsolver++: the
+    model's own type with (alpha_s0, sigma_s0) (m = x0); dpmsolver: epsilon as op "sample", v
+    as op "v_prediction" with (sigma, -alpha), sample as op "epsilon" with (sigma, alpha) (m =
+    eps). x_a passes through x_c exactly (times 1 in fp32), so the anchor is never rounded.
+
+    A run that starts at call s > 0 (img2img, diffusers' ``set_begin_index``) has no m yet: as
+    diffusers, its call i takes order min(order_i, i - s + 1).
+
+    Args:
+        schedule, steps, prediction_type: see :class:`~fastdiff.samplers.base.Sampler`
+            (``"epsilon"``, ``"v_prediction"``, ``"sample"``). The timesteps are diffusers'
+            (``linspace`` over ``steps + 1`` points, t = 0 dropped; the scheduler has no
+            spacing option).
+        solver_order: 1, 2 (default) or 3.
+        solver_type: ``"midpoint"`` (default) or ``"heun"`` (diffusers reads ``"logrho"``,
+            ``"bh1"``, ``"bh2"`` as ``"midpoint"``, and so does this sampler).
+        algorithm_type: ``"dpmsolver++"`` (default; data prediction) or ``"dpmsolver"`` (noise
+            prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers).
+            ``"sde-dpmsolver++"`` is not implemented.
+        lower_order_final: lower-order groups at the end. As diffusers' ``set_timesteps``, it is
+            switched on when ``steps % solver_order != 0`` or ``final_sigmas_type="zero"``.
+        final_sigmas_type: ``"zero"`` (default) or ``"sigma_min"`` (end at the noise level of
+            t = 0).
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of the
+            data prediction (``"dpmsolver++"`` only here), in a separate torch pass.
+        use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid (at
+            most one) between the float32 training noise levels of t = 0 and T - 1; model
+            timesteps rounded (Karras) or truncated, as diffusers.
+    """
+
+    name = "dpm++_single"
+    default_spacing = "linspace"
+    is_multistep = True
+    coef_width = 12
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        steps: int,
+        *,
+        prediction_type: str = "epsilon",
+        solver_order: int = 2,
+        solver_type: str = "midpoint",
+        algorithm_type: str = "dpmsolver++",
+        lower_order_final: bool = False,
+        final_sigmas_type: str = "zero",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+    ) -> None:
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                "prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got "
+                f"{prediction_type!r}"
+            )
+        if (isinstance(solver_order, bool) or not isinstance(solver_order, Integral)
+                or solver_order not in (1, 2, 3)):  # fmt: skip
+            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
+        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
+            raise ValueError(
+                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
+            )
+        if not isinstance(algorithm_type, str) or algorithm_type not in ALGORITHM_TYPES:
+            raise ValueError(
+                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
+                + (" (the SDE variant is not implemented)" if "sde" in str(algorithm_type) else "")
+            )
+        if final_sigmas_type not in FINAL_SIGMAS:
+            raise ValueError(
+                f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
+                f"got {final_sigmas_type!r}"
+            )
+        if algorithm_type == "dpmsolver" and final_sigmas_type == "zero":
+            raise ValueError(
+                "final_sigmas_type: algorithm_type='dpmsolver' needs 'sigma_min' (as diffusers), "
+                "got 'zero'"
+            )
+        if thresholding:
+            if algorithm_type == "dpmsolver":
+                raise ValueError(
+                    "thresholding: not implemented with algorithm_type='dpmsolver'; expected "
+                    "False, got True"
+                )
+            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        #: the group order (1, 2, 3); also the CUDA-graph loop's history depth
+        self.solver_order = int(solver_order)
+        self.solver_type = SOLVER_TYPES[solver_type]
+        self.algorithm_type = algorithm_type
+        self.final_sigmas_type = final_sigmas_type
+        #: as diffusers' set_timesteps: forced on for uneven groups or a final sigma of zero
+        uneven = isinstance(steps, Integral) and steps % self.solver_order != 0
+        self.lower_order_final = bool(lower_order_final or uneven or final_sigmas_type == "zero")
+        self.thresholding = bool(thresholding)
+        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
+        self.sample_max_value = float(sample_max_value)
+        #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
+        self.sigma_grid: str | None = pick_sigma_grid(
+            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
+        )
+        self._sig: np.ndarray | None = None
+        self.reset()
+        super().__init__(schedule, steps, prediction_type=prediction_type)
+
+    # ------------------------------------------------------------------ grid
+    def _make_timesteps(self) -> np.ndarray:
+        train = train_sigmas32(self.schedule)  # float32, ascending in t
+        T, n = self.schedule.num_train_timesteps, self.steps
+        if self.sigma_grid is not None:
+            sig = make_sigma_grid(self.sigma_grid, train[0].item(), train[-1].item(), n)
+            ts = sigma_to_t(sig, np.log(train))
+            if self.sigma_grid == "karras":
+                ts = ts.round()  # diffusers rounds here only; elsewhere int64 truncates
+            ts = ts.astype(np.int64)
+        else:
+            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+            sig = train[ts]
+        last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
+        self._sig = np.append(sig, last).astype(np.float32).astype(np.float64)
+        return ts
+
+    def sigmas(self) -> np.ndarray:
+        """float64 ``[steps + 1]``: the noise level rho = sigma / alpha of each call, then the
+        end point; the float32 values diffusers' ``DPMSolverSinglestepScheduler`` steps with."""
+        return self._sig.copy()
+
+    def _orders(self, k: int | None) -> list[int]:
+        """The order of each call as the ``k``-th call of a run (None: a run from call 0)."""
+        full = singlestep_orders(self.steps, self.solver_order, self.lower_order_final,
+                                 self.final_sigmas_type == "zero")  # fmt: skip
+        return full if k is None else [min(o, k + 1) for o in full]
+
+    def _weights(self, i: int, order: int) -> tuple[float, list[float]]:
+        """(c, [w_a, w_s1, w_s0][-order:] as the expansions of the class docstring): x_{i+1} =
+        c x_a + sum w m, for call ``i`` of ``order`` (anchor a = i - order + 1). Float64."""
+        sig = self._sig
+        a = i - order + 1
+        alpha = [1.0 / math.sqrt(1.0 + float(v) ** 2) for v in sig]
+        sigma = [float(v) * al for v, al in zip(sig, alpha, strict=True)]
+        t, pp = i + 1, self.algorithm_type == "dpmsolver++"
+        if sig[t] == 0.0:  # the final step to sigma = 0 (order 1 only): x_t = m_a
+            return 0.0, [alpha[t]]
+        lam = [-math.log(float(v)) for v in sig[a : t + 1]]  # lambda from a to t
+        h = lam[-1] - lam[0]
+        if pp:
+            c = sigma[t] / sigma[a]
+            em = math.expm1(-h)  # e^{-h} - 1
+            A, B = -alpha[t] * em, alpha[t] * (em / h + 1.0) if h else 0.0
+            C = -alpha[t] * ((em + h) / h**2 - 0.5) if h else 0.0
+        else:
+            c = alpha[t] / alpha[a]
+            ep = math.expm1(h)
+            A, B = -sigma[t] * ep, -sigma[t] * (ep / h - 1.0) if h else 0.0
+            C = -sigma[t] * ((ep - h) / h**2 - 0.5) if h else 0.0
+        if order == 1:
+            return c, [A]
+        hs = [lam[j] - lam[0] for j in range(1, order)]  # h_1 (order 3), h_0: s1, s0
+        if h == 0.0 or any(v == 0.0 for v in hs) or (order == 3 and hs[0] == hs[1]):
+            raise ValueError(
+                f"steps: calls {a}..{t} of the {self.sigma_grid or 'spaced'} grid share a noise "
+                f"level, where the order-{order} singlestep update divides by zero (diffusers: "
+                "NaN); use fewer steps"
+            )
+        if order == 2:
+            r0 = hs[0] / h
+            Bp = 0.5 * A if self.solver_type == "midpoint" else B
+            return c, [A - Bp / r0, Bp / r0]  # D0 = m_a, D1 = (m_s0 - m_a) / r0
+        r1, r0 = hs[0] / h, hs[1] / h
+        d1_0 = np.array([-1.0, 1.0, 0.0]) / r1  # (m_s1 - m_a) / r1, over (m_a, m_s1, m_s0)
+        d1_1 = np.array([-1.0, 0.0, 1.0]) / r0  # (m_s0 - m_a) / r0
+        w = np.array([A, 0.0, 0.0])
+        if self.solver_type == "midpoint":
+            w = w + B * d1_1
+        else:
+            d1 = (r0 * d1_0 - r1 * d1_1) / (r0 - r1)
+            d2 = 2.0 * (d1_1 - d1_0) / (r0 - r1)
+            w = w + B * d1 + C * d2
+        return c, [float(v) for v in w]
+
+    def _ab(self, i: int) -> tuple[float, float]:
+        """(a, s) slots of call ``i``'s row (see the class docstring)."""
+        sig = float(self._sig[i])
+        alpha = 1.0 / math.sqrt(1.0 + sig * sig)
+        if self.algorithm_type == "dpmsolver++":
+            return alpha, sig * alpha
+        if self.prediction_type == "v_prediction":
+            return sig * alpha, -alpha
+        if self.prediction_type == "sample":
+            return sig * alpha, alpha
+        return 1.0, 1.0
+
+    def _row(self, i: int, order: int) -> np.ndarray:
+        c, w = self._weights(i, order)
+        row = np.zeros(self.coef_width, dtype=np.float64)
+        row[0], row[1] = self._ab(i)
+        row[2], row[3] = (1.0, 0.0) if order == 1 else (0.0, 1.0)
+        row[7] = c
+        # newest first: m (this call), m_prev, m_prev2 -> p_m, p_m1, p_m2
+        for col, wj in zip((8, 9, 11), reversed(w), strict=False):
+            row[col] = wj
+        return row
+
+    def coefficients(self) -> np.ndarray:
+        full = self._orders(None)
+        rows = np.stack([self._row(i, full[i]) for i in range(self.steps)])
+        #: the order of each call in a run from call 0
+        self.step_orders = tuple(full)
+        self._since64 = []
+        for k in range(self.solver_order - 1):
+            ok = self._orders(k)
+            self._since64.append(np.stack([
+                self._row(i, ok[i]) if ok[i] != full[i] else rows[i] for i in range(self.steps)
+            ]))  # fmt: skip
+        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
+        return rows
+
+    def _needs_noise_row(self, i: int) -> bool:
+        return False
+
+    def _op_prediction(self) -> str:
+        if self.thresholding:
+            return "sample"
+        if self.algorithm_type == "dpmsolver++":
+            return self.prediction_type
+        return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
+            self.prediction_type
+        ]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.steps}, solver_order={self.solver_order}, "
+            f"algorithm_type={self.algorithm_type!r}, solver_type={self.solver_type!r}, "
+            f"prediction_type={self.prediction_type!r}, sigma_grid={self.sigma_grid!r}, "
+            f"final_sigmas_type={self.final_sigmas_type!r}, schedule={self.schedule!r})"
+        )
+
+    def config(self) -> dict:
+        return {
+            **super().config(),
+            # order 3 reads a second history operand (a CUDA graph's fourth static buffer)
+            "solver_order": self.solver_order,
+            "algorithm_type": self.algorithm_type,
+            "thresholding": self.thresholding,
+            # Python floats a captured CUDA graph bakes into its threshold pass
+            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
+            "sample_max_value": self.sample_max_value if self.thresholding else None,
+        }
+
+    # ------------------------------------------------------------------ stepping
+    def reset(self) -> None:
+        """Forget the run: the next call starts a new one (no anchor, no m)."""
+        self._last: Tensor | None = None
+        self._hist: list[Tensor | None] = [None, None]
+        self._prev_i = -1
+        self._start = 0
+
+    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
+        """The x0 prediction of call ``i`` at ``x`` from the op's ``m`` (x0 itself for
+        dpmsolver++, eps for dpmsolver); for trajectories, not part of the fused step. A new
+        tensor (the CUDA-graph loop passes its static buffer)."""
+        if self.algorithm_type == "dpmsolver++":
+            return m.clone()
+        sig = float(self._sig[i])
+        a = 1.0 / math.sqrt(1.0 + sig * sig)
+        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
+
+    def step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        generator_state: Tensor | None = None,
+        return_x0: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Call ``i`` (model output at ``x``, ``timesteps[i]``): one fused op call.
+
+        The anchor and the m of the group are kept on the sampler and used only when call
+        ``i - 1`` was the last one it ran for this x shape and device; otherwise call ``i``
+        starts a new run (img2img, as diffusers after ``set_begin_index``). Deterministic:
+        ``noise``, ``generator`` and ``generator_state`` are unused. Returns x_{i+1}, or
+        ``(x_{i+1}, x0)`` with ``return_x0``."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        m1 = self._hist[0]
+        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
+                 and m1.device == x.device)  # fmt: skip
+        if not valid:
+            self.reset()
+            self._start = i
+        k = i - self._start
+        full = k >= self.solver_order - 1
+        table = self.coef_table(x.device) if full else self._variant(k, x.device)
+        r = (self._coef64 if full else self._since64[k])[i]
+        last = self._last if r[3] != 0.0 else None
+        m_prev2 = self._hist[1] if r[11] != 0.0 else None
+        m_prev = self._hist[0] if r[9] != 0.0 or m_prev2 is not None else None
+        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m_prev,
+                                                m_prev2, guidance_scale=guidance_scale)  # fmt: skip
+        self._last, self._hist, self._prev_i = x_c, [m, self._hist[0]], i
+        if not return_x0:
+            return x_next
+        return x_next, (m if self.algorithm_type == "dpmsolver++" else self.x0_of(m, i, x))
+
+    def step_with_history(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        coef: Tensor,
+        last: Tensor | None,
+        m_prev: Tensor | None,
+        m_prev2: Tensor | None,
+        m_prev3: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One fused call with the caller's anchor (``last``), history and row (CUDA graphs):
+        ``(x_c, m, x_next)``, x_c the anchor for the next call; ``m_prev3`` is not read. The
+        sampler's own history is left alone."""
+        self._check_step_args(model_output, i, x, None, guidance_scale)
+        if self.thresholding:  # x0 from the row's (a, s) = (alpha, sigma), thresholded
+            mo = _combine_cfg(model_output, guidance_scale)
+            x0, _ = _x0_eps(x, mo, coef[0], coef[1], self.prediction_type)
+            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+            model_output, guidance_scale = x0.to(x.dtype), None
+        return _unipc_ops().unipc_step(
+            x,
+            model_output,
+            coef,
+            last,
+            m_prev,
+            m_prev2,
+            prediction_type=self._op_prediction(),
+            guidance_scale=guidance_scale,
+        )

@@ -1,0 +1,519 @@
+"""DPMSolverSinglestepSampler ("dpm++_single") vs diffusers' DPMSolverSinglestepScheduler, and
+through sample() / CUDA graphs (faked on CPU) / every unipc_step backend.
+
+Per call both sides get the same sample and model output; ours must agree with a float64
+restatement of diffusers' update formulas (D0, D1, D2 as it writes them, from the group's anchor
+sample) to a relative error <= 1e-5 (max |ours - ref| / max |ref|), and with the stock scheduler
+to 1e-5 plus diffusers' own fp32 error.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
+
+import fastdiff
+from fastdiff import NoiseSchedule
+from fastdiff.samplers import SAMPLERS, DPMSolverSinglestepSampler, make_sampler
+from fastdiff.samplers.dpm_single import singlestep_orders
+
+diffusers = pytest.importorskip("diffusers")
+
+SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
+GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
+GRID_IDS = ["plain", "karras", "exponential", "beta"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _toy(x: torch.Tensor, t) -> torch.Tensor:
+    """Deterministic stand-in network of x and t."""
+    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
+
+
+def _scheduler(sched: str = "scaled_linear", **opts):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # algorithm_type="dpmsolver" is deprecated there
+        return diffusers.DPMSolverSinglestepScheduler(**DIFFUSERS_BETAS[sched], **opts)
+
+
+def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
+    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
+
+
+def _set(theirs, steps: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.set_timesteps(steps)
+
+
+# ---------------------------------------------------------------------- float64 restatement
+def _threshold64(x0: torch.Tensor, ratio: float, top: float) -> torch.Tensor:
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, top)[:, None]
+    return (flat.clamp(-s, s) / s).reshape(x0.shape)
+
+
+def _m64(x64, mo64, rho: float, smp: DPMSolverSinglestepSampler):
+    """diffusers' convert_model_output in float64: x0 (dpmsolver++) or eps (dpmsolver)."""
+    a = 1.0 / math.sqrt(1.0 + rho * rho)
+    s = rho * a
+    pred = smp.prediction_type
+    if smp.algorithm_type == "dpmsolver++":
+        x0 = {"epsilon": (x64 - s * mo64) / a, "v_prediction": a * x64 - s * mo64,
+              "sample": mo64}[pred]  # fmt: skip
+        if smp.thresholding:
+            x0 = _threshold64(x0, smp.dynamic_thresholding_ratio, smp.sample_max_value)
+        return x0
+    return {"epsilon": mo64, "v_prediction": a * mo64 + s * x64, "sample": (x64 - a * mo64) / s}[
+        pred
+    ]
+
+
+def _update64(smp, r: np.ndarray, i: int, order: int, anchor, ms):
+    """diffusers' singlestep update of ``order`` from call i - order + 1 to i + 1, float64;
+    ``ms`` = the group's m, oldest (the anchor's) first."""
+    a = i - order + 1
+    al = [1.0 / math.sqrt(1.0 + float(v) ** 2) for v in r]
+    sg = [float(v) * q for v, q in zip(r, al, strict=True)]
+    t = i + 1
+    pp = smp.algorithm_type == "dpmsolver++"
+    if r[t] == 0.0:
+        return ms[0]
+    lam = {j: math.log(al[j]) - math.log(sg[j]) for j in range(a, t + 1)}
+    h = lam[t] - lam[a]
+    if pp:
+        x = (sg[t] / sg[a]) * anchor
+        A, B = al[t] * (1 - math.exp(-h)), al[t] * ((math.exp(-h) - 1) / h + 1) if h else 0.0
+        C = -al[t] * ((math.exp(-h) - 1 + h) / h**2 - 0.5) if h else 0.0
+    else:
+        x = (al[t] / al[a]) * anchor
+        A, B = -sg[t] * (math.exp(h) - 1), -sg[t] * ((math.exp(h) - 1) / h - 1) if h else 0.0
+        C = -sg[t] * ((math.exp(h) - 1 - h) / h**2 - 0.5) if h else 0.0
+    if order == 1:
+        return x + A * ms[0]
+    midpoint = smp.solver_type == "midpoint"
+    if order == 2:
+        r0 = (lam[i] - lam[a]) / h
+        D0, D1 = ms[0], (ms[1] - ms[0]) / r0
+        return x + A * D0 + (0.5 * A if midpoint else B) * D1
+    r0, r1 = (lam[i] - lam[a]) / h, (lam[i - 1] - lam[a]) / h
+    D0 = ms[0]
+    D1_0, D1_1 = (ms[1] - ms[0]) / r1, (ms[2] - ms[0]) / r0
+    if midpoint:
+        return x + A * D0 + B * D1_1
+    D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
+    D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
+    return x + A * D0 + B * D1 + C * D2
+
+
+def _per_step(ours: DPMSolverSinglestepSampler, theirs, *, begin: int = 0, seed: int = 0):
+    """Calls ``begin ..`` on each side with shared samples and outputs; returns the worst errors
+    (ours, diffusers') vs the float64 restatement."""
+    r = ours.sigmas()
+    np.testing.assert_array_equal(r, theirs.sigmas.double().numpy())
+    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    assert list(ours.step_orders) == theirs.order_list
+    theirs.set_begin_index(begin)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g)
+    worst, worst_theirs, ms, anchor = 0.0, 0.0, [], None
+    for i in range(begin, len(ours)):
+        order = min(theirs.order_list[i], i - begin + 1)
+        mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x.clamp(-3, 3)
+        m = _m64(x.double(), mo.double(), float(r[i]), ours)
+        if order == 1:
+            anchor, ms = x.double(), []
+        ms.append(m)
+        assert len(ms) == order
+        ref64 = _update64(ours, r, i, order, anchor, ms)
+        ref = theirs.step(mo, theirs.timesteps[i], x).prev_sample
+        got = ours.step(mo, i, x)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all()
+        err64, err = _rel(got, ref64), _rel(got, ref)
+        assert err64 <= RTOL, f"call {i}: rel err vs float64 {err64:.2e}"
+        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
+        assert err <= bound, f"call {i}: rel err {err:.2e} > {bound:.2e}"
+        worst, worst_theirs = max(worst, err64), max(worst_theirs, _rel(ref, ref64))
+        x = ref64.float()
+    return worst, worst_theirs
+
+
+# ---------------------------------------------------------------------- per-call parity
+def test_order_lists_are_diffusers():
+    """singlestep_orders is diffusers' get_order_list (after set_timesteps' lower_order_final
+    switch) for every step count 1..25, order and final sigma."""
+    for order in (1, 2, 3):
+        for lof in (False, True):
+            for final in ("zero", "sigma_min"):
+                for steps in range(1, 26):
+                    theirs = _scheduler(solver_order=order, lower_order_final=lof,
+                                        final_sigmas_type=final)  # fmt: skip
+                    _set(theirs, steps)
+                    ours = DPMSolverSinglestepSampler(_schedule(), steps, solver_order=order,
+                                                      lower_order_final=lof,
+                                                      final_sigmas_type=final)  # fmt: skip
+                    assert list(ours.step_orders) == theirs.order_list, (order, lof, final, steps)
+                    assert ours.lower_order_final == theirs.config.lower_order_final
+    assert singlestep_orders(7, 3, True, True) == [1, 2, 3, 1, 2, 3, 1]
+    assert singlestep_orders(6, 3, True, True) == [1, 2, 3, 1, 2, 1]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8, 25])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_per_call_parity_dpmsolver_pp(grid, pred, steps, order, solver_type):
+    opts = dict(prediction_type=pred, solver_order=order, solver_type=solver_type, **grid)
+    for final in ("zero", "sigma_min"):
+        theirs = _scheduler(final_sigmas_type=final, **opts)
+        _set(theirs, steps)
+        _per_step(DPMSolverSinglestepSampler(_schedule(), steps, final_sigmas_type=final,
+                                             **opts), theirs)  # fmt: skip
+
+
+@pytest.mark.parametrize("grid", GRIDS[:2], ids=GRID_IDS[:2])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 3, 7, 12])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_per_call_parity_dpmsolver(grid, pred, steps, order, solver_type):
+    """algorithm_type="dpmsolver" (DPM-Solver-1/2/3 in the noise estimate; diffusers needs
+    final_sigmas_type="sigma_min" there)."""
+    opts = dict(prediction_type=pred, solver_order=order, solver_type=solver_type,
+                algorithm_type="dpmsolver", final_sigmas_type="sigma_min", **grid)  # fmt: skip
+    theirs = _scheduler(**opts)
+    _set(theirs, steps)
+    _per_step(DPMSolverSinglestepSampler(_schedule(), steps, **opts), theirs)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_thresholding_and_lower_order_final(pred):
+    for steps, lof, final in ((9, False, "sigma_min"), (9, True, "sigma_min"), (10, True, "zero")):
+        opts = dict(prediction_type=pred, solver_order=3, thresholding=True, sample_max_value=1.5,
+                    lower_order_final=lof, final_sigmas_type=final)  # fmt: skip
+        theirs = _scheduler("linear", **opts)
+        _set(theirs, steps)
+        _per_step(DPMSolverSinglestepSampler(_schedule("linear"), steps, **opts), theirs)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_flash_attention_rule(order):
+    """Over 24-step runs (plain / Karras x epsilon / v / sample x midpoint / heun), our worst
+    per-call error vs float64 is <= 2x diffusers' own fp32 error."""
+    ours_worst = theirs_worst = 0.0
+    for grid in GRIDS[:2]:
+        for pred in ("epsilon", "v_prediction", "sample"):
+            for st in ("midpoint", "heun"):
+                opts = dict(prediction_type=pred, solver_order=order, solver_type=st, **grid)
+                theirs = _scheduler(**opts)
+                _set(theirs, 24)
+                w = _per_step(DPMSolverSinglestepSampler(_schedule(), 24, **opts), theirs)
+                ours_worst, theirs_worst = max(ours_worst, w[0]), max(theirs_worst, w[1])
+    assert 0.0 < ours_worst <= 2 * theirs_worst, (ours_worst, theirs_worst)
+
+
+@pytest.mark.parametrize("begin", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("order", [2, 3])
+def test_img2img_start_matches_diffusers_begin_index(begin, order):
+    """A run from call s > 0 (diffusers' set_begin_index) takes order min(order_i, i - s + 1)."""
+    theirs = _scheduler(use_karras_sigmas=True, solver_order=order)
+    _set(theirs, 10)
+    ours = DPMSolverSinglestepSampler(_schedule(), 10, use_karras_sigmas=True,
+                                      solver_order=order)  # fmt: skip
+    _per_step(ours, theirs, begin=begin)
+
+
+# ---------------------------------------------------------------------- whole runs
+def _diffusers_loop(sch, steps: int, z: torch.Tensor, model=_toy) -> torch.Tensor:
+    _set(sch, steps)
+    x = z * sch.init_noise_sigma
+    for t in sch.timesteps:
+        x = sch.step(model(sch.scale_model_input(x, t), t.expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+def _float64_loop(smp: DPMSolverSinglestepSampler, z: torch.Tensor, model=_toy) -> torch.Tensor:
+    """The whole run restated in float64 (model included)."""
+    r, x, ms, anchor = smp.sigmas(), z.double(), [], None
+    for i, t in enumerate(smp.timesteps):
+        order = smp.step_orders[i]
+        if order == 1:
+            anchor, ms = x, []
+        ms.append(_m64(x, model(x, t.expand(x.shape[0])).double(), float(r[i]), smp))
+        x = _update64(smp, r, i, order, anchor, ms)
+    return x
+
+
+RUNS = [
+    ("scaled_linear", {"prediction_type": "epsilon"}, 20),
+    ("scaled_linear", {"use_karras_sigmas": True, "solver_order": 3}, 25),
+    (
+        "scaled_linear",
+        {"prediction_type": "v_prediction", "solver_order": 3, "solver_type": "heun"},
+        11,
+    ),
+    ("linear", {"use_exponential_sigmas": True, "solver_order": 1}, 7),
+    ("linear", {"prediction_type": "sample", "thresholding": True, "solver_order": 3}, 9),
+    (
+        "linear",
+        {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "solver_order": 3},
+        13,
+    ),
+    ("cosine", {"lower_order_final": False, "final_sigmas_type": "sigma_min"}, 6),
+]
+
+
+@pytest.mark.parametrize("sched,extra,steps", RUNS)
+def test_sample_with_a_singlestep_scheduler_is_diffusers_loop(sched, extra, steps):
+    """sample(schedule=DPMSolverSinglestepScheduler(...)) picks "dpm++_single" without a
+    warning, takes the scheduler's settings and lands where diffusers' own loop does."""
+    sch = _scheduler(sched, **extra)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = _diffusers_loop(sch, steps, z)
+    calls = []
+
+    def model(x, t):
+        calls.append(int(t[0]))
+        return _toy(x, t)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fastdiff.sample(model, steps=steps, schedule=sch, noise=z)
+    assert calls == sch.timesteps.tolist()
+    ref64 = _float64_loop(DPMSolverSinglestepSampler(_schedule(sched), steps, **extra), z)
+    assert _rel(got, ref64) <= RTOL
+    err = _rel(got, ref)
+    assert 0.0 < err <= RTOL + _rel(ref, ref64), f"whole-run rel err {err:.2e}"
+    ddim = fastdiff.sample(_toy, steps=steps, sampler="ddim", schedule=sch, noise=z)
+    assert _rel(ddim, ref) > 1e-3  # not DDIM's samples (the check can fail)
+
+
+def test_registry_infer_and_options():
+    from fastdiff._sampler_setup import infer_sampler, resolve_sampler
+
+    assert SAMPLERS["dpm++_single"] is DPMSolverSinglestepSampler
+    sch = _scheduler(prediction_type="v_prediction", use_karras_sigmas=True, solver_order=3,
+                     solver_type="heun")  # fmt: skip
+    assert infer_sampler(sch) == "dpm++_single"
+    smp = resolve_sampler(None, None, 9, sch, None, None, {"final_sigmas_type": "sigma_min"})
+    assert isinstance(smp, DPMSolverSinglestepSampler)
+    got = (smp.prediction_type, smp.sigma_grid, smp.solver_order, smp.solver_type,
+           smp.final_sigmas_type, smp.lower_order_final)  # fmt: skip
+    assert got == ("v_prediction", "karras", 3, "heun", "sigma_min", False)
+    smp = make_sampler("dpm++_single", NoiseSchedule("linear"), 5)
+    assert smp.solver_order == 2 and smp.coef64.shape == (5, 12)
+    assert smp.lower_order_final  # forced, as diffusers: final sigma zero
+    assert smp.config()["solver_order"] == 2 and "solver_order=2" in repr(smp)
+    smp = make_sampler("dpm++_single", NoiseSchedule("linear"), 4, solver_type="bh2")
+    assert smp.solver_type == "midpoint"
+
+
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        ({"solver_order": 0}, "solver_order: expected 1, 2 or 3, got 0"),
+        ({"solver_order": 4}, "solver_order"),
+        ({"solver_order": 2.0}, "solver_order"),
+        ({"solver_order": True}, "solver_order"),
+        ({"prediction_type": "flow_prediction"}, "prediction_type"),
+        ({"algorithm_type": "sde-dpmsolver++"}, "SDE variant is not implemented"),
+        ({"algorithm_type": "deis"}, "algorithm_type"),
+        ({"solver_type": "bh3"}, "solver_type"),
+        ({"final_sigmas_type": "max"}, "final_sigmas_type"),
+        ({"algorithm_type": "dpmsolver"}, "final_sigmas_type: algorithm_type='dpmsolver' needs"),
+        (
+            {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min", "thresholding": True},
+            "thresholding: not implemented",
+        ),
+        ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "at most one"),
+        ({"thresholding": True, "dynamic_thresholding_ratio": 0.0}, "dynamic_thresholding_ratio"),
+        ({"thresholding": True, "sample_max_value": -1.0}, "sample_max_value"),
+    ],
+)
+def test_bad_options(opts, match):
+    with pytest.raises(ValueError, match=match):
+        DPMSolverSinglestepSampler(NoiseSchedule("linear"), 6, **opts)
+
+
+def test_coinciding_noise_levels_are_an_error():
+    """Karras timesteps repeat near t = 0 at many steps, but the grid's sigmas do not; a spaced
+    grid with 1000 steps over 1000 timesteps steps every t: fine. An order-2 call whose anchor
+    and intermediate share a sigma divides by zero: ValueError naming steps."""
+    smp = DPMSolverSinglestepSampler(NoiseSchedule("linear"), 6)
+    smp._sig = np.array([2.0, 1.0, 1.0, 0.5, 0.3, 0.2, 0.0])
+    with pytest.raises(ValueError, match="steps: calls 1..3 .* share a noise level"):
+        smp._weights(2, 2)
+
+
+def test_bad_settings_through_sample():
+    z = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="eta"):
+        fastdiff.sample(_toy, steps=5, sampler="dpm++_single", noise=z, eta=0.5)
+    with pytest.raises(TypeError, match="unknown option"):
+        fastdiff.sample(_toy, steps=5, sampler="dpm++_single", noise=z, clip_sample=True)
+    for bad, key in (({"use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+                      "use_flow_sigmas=True"), ({"lambda_min_clipped": -5.1},
+                                                "lambda_min_clipped=-5.1")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            fastdiff.sample(_toy, steps=5, schedule=_scheduler(**bad), noise=z)
+    with pytest.raises(ValueError, match="algorithm_type"):
+        fastdiff.sample(_toy, steps=5, schedule=_scheduler(algorithm_type="sde-dpmsolver++"),
+                        noise=z)  # fmt: skip
+    saved = dict(DIFFUSERS_BETAS["linear"], _class_name="DPMSolverSinglestepScheduler",
+                 use_karras_sigmas=True, sigma_min=0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="sigma_min=0.1"):
+        fastdiff.sample(_toy, steps=5, schedule=saved, noise=z)
+
+
+# ---------------------------------------------------------------------- backends, loops
+@pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("alg", ["dpmsolver++", "dpmsolver"])
+def test_every_backend_matches_diffusers(case, pred, alg):
+    """A guided order-3 run at an odd size on each backend of the fused op (cpu: the C++ kernel,
+    triton under TRITON_INTERPRET=1) equals diffusers' loop on the combined output."""
+    dev, backend = case
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 5, 7, generator=g)
+    w = torch.randn(4, 3, 5, 7, generator=g)
+    gs = 2.5
+
+    def raw(x, t):
+        return torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w + torch.sin(t[:1].float() / 300.0)
+
+    def combined(x, t):
+        u, c = raw(x, t.expand(x.shape[0])).chunk(2)
+        return u + gs * (c - u)
+
+    opts = dict(prediction_type=pred, use_karras_sigmas=True, solver_order=3,
+                algorithm_type=alg, final_sigmas_type="sigma_min", solver_type="heun")  # fmt: skip
+    ref = _diffusers_loop(_scheduler(**opts), 8, z, combined)
+    smp = DPMSolverSinglestepSampler(_schedule(), 8, **opts)
+    x = z.to(dev)
+    with fastdiff.use_backend(backend, op="unipc_step"):
+        for i, t in enumerate(smp.timesteps):
+            x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, guidance_scale=gs)
+    assert x.device.type == dev
+    err = _rel(x.cpu(), ref)
+    assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.usefixtures("emu")
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_emulated_cuda_kernel_matches_diffusers(pred):
+    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
+    test_every_backend_matches_diffusers(("cpu", "cuda"), pred, "dpmsolver++")
+
+
+def test_saved_config_and_channels_last():
+    """A saved DPMSolverSinglestepScheduler config infers "dpm++_single" with its settings; a
+    channels_last x_T gives the contiguous run's samples, in channels_last."""
+    opts = dict(prediction_type="v_prediction", use_karras_sigmas=True, solver_order=3)
+    saved = dict(DIFFUSERS_BETAS["scaled_linear"], _class_name="DPMSolverSinglestepScheduler",
+                 **opts)  # fmt: skip
+    z = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(7))
+    ref = _diffusers_loop(_scheduler(**opts), 9, z)
+    got = fastdiff.sample(_toy, steps=9, schedule=saved, noise=z)
+    assert 0.0 < _rel(got, ref) <= RTOL
+    cl = fastdiff.sample(_toy, steps=9, schedule=saved,
+                         noise=z.contiguous(memory_format=torch.channels_last))  # fmt: skip
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, got, rtol=1e-6, atol=1e-6)
+
+
+def test_sample_with_guidance_equals_manual_cfg():
+    w = 3.0
+    cond, uncond = torch.randn(SHAPE[0], 4), torch.randn(SHAPE[0], 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    got = fastdiff.sample(model, steps=7, sampler="dpm++_single", noise=z, cond=cond,
+                          uncond=uncond, guidance_scale=w, solver_order=3)  # fmt: skip
+    smp = DPMSolverSinglestepSampler(NoiseSchedule("linear"), 7, solver_order=3)
+    x = z
+    for i, t in enumerate(smp.timesteps):
+        tt = t.expand(SHAPE[0])
+        u = model(x, tt, encoder_hidden_states=uncond)
+        c = model(x, tt, encoder_hidden_states=cond)
+        x = smp.step(u + w * (c - u), i, x)
+    assert _rel(got, x) <= 1e-6
+
+
+def test_history_reset_and_reuse():
+    """A sampler reused for a second run starts without history; a call out of order starts a
+    new run at first order."""
+    smp = DPMSolverSinglestepSampler(NoiseSchedule("linear"), 6, solver_order=3)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    one = fastdiff.sample(_toy, sampler=smp, noise=z, steps=6)
+    two = fastdiff.sample(_toy, sampler=smp, noise=z, steps=6)
+    assert torch.equal(one, two)
+    mo = _toy(z, smp.timesteps[2])
+    again = smp.step(mo, 2, z)  # after call 5: a new run, first order at call 2 (order 3)
+    fresh = DPMSolverSinglestepSampler(NoiseSchedule("linear"), 6, solver_order=1).step(mo, 2, z)
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alg,thresholding", [("dpmsolver++", False), ("dpmsolver++", True),
+                                              ("dpmsolver", False)])  # fmt: skip
+def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, alg, thresholding):
+    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
+    row, the anchor and the m in static buffers): the eager loop's samples and trajectory, also
+    for a second call; an order-3 run captures a graph of its own."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
+
+    def model(x, t, encoder_hidden_states=None):
+        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    def run(graphed, seed, **opts):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+        return fastdiff.sample(model, steps=7, sampler="dpm++_single", noise=z, cond=cond,
+                               uncond=uncond, guidance_scale=2.0, prediction_type="v_prediction",
+                               algorithm_type=alg, final_sigmas_type="sigma_min",
+                               thresholding=thresholding, return_trajectory=True,
+                               **opts)  # fmt: skip
+
+    for seed in (1, 2):
+        eager, etraj = run(False, seed)
+        out, traj = run(True, seed)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
+    assert len(fake_cuda_graphs[0].hist) == 3
+    eager, _ = run(False, 1, solver_order=3)
+    out, _ = run(True, 1, solver_order=3)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2 and len(fake_cuda_graphs[1].hist) == 4
+
+
+@torch.no_grad()
+def test_no_host_sync_inside_the_sampling_loop():
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return _toy(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, steps=7, sampler="dpm++_single", shape=SHAPE[1:],
+                              batch_size=2, solver_order=3)  # fmt: skip
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
