@@ -300,7 +300,8 @@ def test_emulated_cuda_kernel_matches_diffusers(kind):
 
 # ------------------------------------------------------------------------ loops and syncs
 @torch.no_grad()
-@pytest.mark.parametrize("opts", [dict(sampler="edm_euler"), dict(sampler="edm_dpm++"),
+@pytest.mark.parametrize("opts", [dict(sampler="edm_euler"), dict(sampler="edm_euler", s_churn=4.0),
+                                  dict(sampler="edm_dpm++"),
                                   dict(sampler="edm_dpm++", solver_order=3),
                                   dict(sampler="edm_dpm++", algorithm_type="sde-dpmsolver++")],
                          ids=str)  # fmt: skip
@@ -389,7 +390,8 @@ def test_default_sample_equals_the_scheduler_run():
 @pytest.mark.parametrize(
     "name, opts, err, match",
     [
-        ("edm_euler", {"s_churn": 1.0}, ValueError, "s_churn"),
+        ("edm_euler", {"s_churn": -1.0}, ValueError, "s_churn"),
+        ("edm_euler", {"s_noise": float("nan")}, ValueError, "s_noise"),
         ("edm_euler", {"prediction_type": "sample"}, ValueError, "prediction_type"),
         ("edm_euler", {"sigma_schedule": "linear"}, ValueError, "sigma_schedule"),
         ("edm_euler", {"sigma_min": 90.0}, ValueError, "sigma_min < sigma_max"),
@@ -435,3 +437,63 @@ def test_thresholding_is_diffusers():
         x = smp.step(_model(x, t.expand(2)), i, x)
     assert _rel(x, ref) <= RTOL
     assert x.abs().max() <= 1.5 + 1e-4  # the last step returns the thresholded D
+
+
+# ------------------------------------------------------------------------------- churn
+CHURN = [dict(s_churn=2.0), dict(s_churn=40.0, s_noise=1.003), dict(s_churn=3.0, s_tmin=0.05,
+                                                                     s_tmax=10.0)]  # fmt: skip
+
+
+@pytest.mark.parametrize("churn", CHURN, ids=str)
+@pytest.mark.parametrize("cfg", GRIDS[:2], ids=str)
+def test_churn_steps_are_diffusers(churn, cfg):
+    """EDMEulerScheduler.step(s_churn, s_tmin, s_tmax, s_noise) with the same z: per step vs a
+    float64 restatement of Karras et al. Alg. 2 as diffusers runs it, and vs diffusers."""
+    steps = 10
+    theirs, smp = _pair("euler", steps, **cfg)
+    smp = EDMEulerSampler(None, steps, **cfg, **churn)
+    assert any(smp.needs_noise(i) for i in range(steps))
+    if "s_tmin" in churn:
+        assert not all(smp.needs_noise(i) for i in range(steps))
+    ref = _Ref64(theirs)
+    X = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)) * theirs.init_noise_sigma
+    for i, t in enumerate(theirs.timesteps):
+        inp = theirs.scale_model_input(X, t)
+        out = _model(inp, t.expand(2))
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(50 + i))
+        got = theirs.step(out, t, X, generator=torch.Generator().manual_seed(50 + i), **churn)
+        s = ref.sig[i]
+        gamma = min(churn["s_churn"] / steps, 2**0.5 - 1)
+        gamma = gamma if churn.get("s_tmin", 0.0) <= s <= churn.get("s_tmax", math.inf) else 0.0
+        s_hat = s * (1 + gamma)
+        Xd = X.double()
+        if gamma > 0:
+            Xd = Xd + z.double() * churn.get("s_noise", 1.0) * math.sqrt(s_hat**2 - s**2)
+        D = ref.denoise(Xd, out.double(), s_hat)
+        want = Xd + (Xd - D) / s_hat * (ref.sig[i + 1] - s_hat)
+        u = (X.double() / math.sqrt(s * s + smp.sigma_data**2)).float()
+        mine = smp.to_diffusers(smp.step(out, i, u, noise=z).double(), i + 1)
+        assert smp.needs_noise(i) == (gamma > 0)
+        theirs_err = _rel(got.prev_sample, want)
+        assert _rel(mine, want) <= max(RTOL, 2 * theirs_err), (i, _rel(mine, want), theirs_err)
+        X = want.float()
+
+
+def test_churn_run_through_sample_with_a_generator_is_diffusers():
+    """sample(s_churn=..., generator=g): x_T and then each churn step's z from g, in diffusers'
+    pipeline order; also on every sampler_step backend with in-kernel noise being finite."""
+    churn = dict(s_churn=5.0, s_tmin=0.01)
+    theirs = EDMEulerScheduler()
+    theirs.set_timesteps(8)
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(SHAPE, generator=g) * theirs.init_noise_sigma
+    for t in theirs.timesteps:
+        out = _model(theirs.scale_model_input(X, t), t.expand(2))
+        X = theirs.step(out, t, X, generator=g, **churn).prev_sample
+    out = fastdiff.sample(_model, 8, sampler="edm_euler", shape=SHAPE[1:], batch_size=2,
+                          generator=torch.Generator().manual_seed(11), **churn)  # fmt: skip
+    assert _rel(out, X) <= RTOL  # (measured 2.9e-7)
+    for _dev, backend in backend_cases("sampler_step"):
+        with fastdiff.use_backend(backend, op="sampler_step"):
+            y = fastdiff.sample(_model, 8, sampler="edm_euler", shape=SHAPE[1:], **churn)
+        assert torch.isfinite(y).all() and y.abs().max() < 10

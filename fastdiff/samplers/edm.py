@@ -187,8 +187,9 @@ class EDMEulerSampler(_EDMBase, Sampler):
         X_{i+1} = X_i + (sigma_{i+1} - sigma_i) (X_i - D) / sigma_i = r X_i + (1 - r) D
 
     In u-units (u_i = c_in(sigma_i) X_i, D = c_skip X + c_out F) one ``sampler_step`` call with
-    row ``[a, s, 0, k (1 - r) c_out, k (r + (1 - r) c_skip) / c_in, 0, 0, 0]``, k =
-    c_in(sigma_{i+1}) (1 on the last step, which returns X: D itself when the final sigma is 0).
+    row ``[a, s, 0, k (1 - r) c_out, k (r + (1 - r) c_skip) / c_in, c_noise, 0, 0]``, k =
+    c_in(sigma_{i+1}) (1 on the last step, which returns X: D itself when the final sigma is 0)
+    and c_noise = 0 unless the step churns (below).
 
     Args:
         schedule: must be None (no VP noise schedule).
@@ -198,7 +199,14 @@ class EDMEulerSampler(_EDMBase, Sampler):
             "v_prediction"), rho, final_sigmas_type ("zero" / "sigma_min": the grid's last
             sigma): as diffusers' ``EDMEulerScheduler``.
         s_churn, s_tmin, s_tmax, s_noise: the churn of diffusers' ``step`` (Karras et al.
-            Algorithm 2); only the deterministic default ``s_churn=0`` is implemented.
+            2022, Algorithm 2, lines 5-6; default 0: deterministic). With gamma_i =
+            min(s_churn / steps, sqrt(2) - 1) where s_tmin <= sigma_i <= s_tmax (else 0), the
+            step first moves X to sigma_hat = (1 + gamma_i) sigma_i, X_hat = X + s_noise
+            sqrt(sigma_hat^2 - sigma_i^2) z, then takes the Euler step from sigma_hat with D at
+            sigma_hat. As diffusers, the model output is the one at (c_in(sigma_i) X,
+            c_noise(sigma_i)), taken before the churn; still one op call, z its noise operand
+            (``noise=`` / ``generator=`` / in-kernel Philox). ``return_x0``'s D then leaves out
+            the churn noise term (diffusers' includes it).
     """
 
     name = "edm_euler"
@@ -227,28 +235,41 @@ class EDMEulerSampler(_EDMBase, Sampler):
                         ("s_noise", s_noise)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v):
                 raise ValueError(f"{name}: expected a float, got {v!r}")
-        if s_churn != 0.0:
-            raise ValueError(
-                f"s_churn: only 0 (deterministic Euler, diffusers' default) is implemented, got "
-                f"{s_churn!r}"
-            )
+        if s_churn < 0.0 or math.isinf(s_churn):
+            raise ValueError(f"s_churn: expected a finite float >= 0, got {s_churn!r}")
+        self.s_churn, self.s_tmin, self.s_tmax = float(s_churn), float(s_tmin), float(s_tmax)
+        self.s_noise = float(s_noise)
         sig = edm_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho,
                          self.sigma_schedule, torch.float64)  # fmt: skip
         self._set_grid(sig, float(sig[-1]) if final_sigmas_type == "sigma_min" else 0.0)
         self._coef64 = self.coefficients()
         self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
-        self._noise_steps = [False] * self.steps
+        self._noise_steps = [bool(self._coef64[i, 5] != 0.0) for i in range(self.steps)]
+
+    def _gamma(self, sigma: float) -> float:
+        """diffusers' churn factor of a step at ``sigma``."""
+        if not self.s_tmin <= sigma <= self.s_tmax:
+            return 0.0
+        return min(self.s_churn / self.steps, 2**0.5 - 1)
 
     def coefficients(self) -> np.ndarray:
-        """float64 ``[steps x 8]`` rows of ``sampler_step`` (see the class docstring)."""
+        """float64 ``[steps x 8]`` rows of ``sampler_step`` (see the class docstring; with
+        churn, c_skip / c_out at sigma_hat and the noise column)."""
         rows = np.zeros((self.steps, 8), dtype=np.float64)
         for i in range(self.steps):
             s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
-            r, k, c = s_next / s, self._out_scale(i), self.c_in(s)
-            a, s_op = self._op_as(s)
-            c_x = k * (r + (1.0 - r) * self.c_skip(s)) / c
-            rows[i] = [a, s_op, 0.0, k * (1.0 - r) * self.c_out(s), c_x, 0.0, 0.0, 0.0]
+            gamma = self._gamma(s)
+            s_hat = s * (gamma + 1.0)
+            r, k, c = s_next / s_hat, self._out_scale(i), self.c_in(s)
+            a = c / self.c_skip(s_hat)  # D = c_skip(s_hat) X + c_out(s_hat) F = (u - s F) / a
+            keep = k * (r + (1.0 - r) * self.c_skip(s_hat))  # the factor of X_hat
+            c_noise = keep * self.s_noise * math.sqrt(s_hat**2 - s**2) if gamma > 0 else 0.0
+            c_eps = k * (1.0 - r) * self.c_out(s_hat)
+            rows[i] = [a, -self.c_out(s_hat) * a, 0.0, c_eps, keep / c, c_noise, 0.0, 0.0]
         return rows
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "churn": any(self._noise_steps)}
 
     def __repr__(self) -> str:
         return (
@@ -271,9 +292,10 @@ class EDMEulerSampler(_EDMBase, Sampler):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One Euler step u_i -> u_{i+1} (one fused ``sampler_step`` call; the last step returns
         diffusers' X). ``model_output`` is F (``[2N, ...] = [uncond, cond]`` with
-        ``guidance_scale``); ``noise``, ``generator``, ``generator_state`` are unused (an ODE
-        step). ``coef`` overrides the table row (CUDA graphs). Returns u_{i+1}, or ``(u_{i+1},
-        D)`` with ``return_x0`` (D the denoised sample)."""
+        ``guidance_scale``); a churn step's z is ``noise``, else in-kernel Philox from
+        ``generator_state``, else a draw from ``generator`` (unused on ODE steps). ``coef``
+        overrides the table row (CUDA graphs). Returns u_{i+1}, or ``(u_{i+1}, D)`` with
+        ``return_x0`` (D the denoised sample)."""
         return self._one_op_step(model_output, i, x, noise, guidance_scale, generator, coef,
                                  generator_state, return_x0)  # fmt: skip
 
