@@ -45,6 +45,7 @@ CASES = [
     ("plms", "PNDMScheduler", dict(skip_prk_steps=True), "plms", {}, STEPS),
     ("lms", "LMSDiscreteScheduler", {}, "lms", {}, STEPS),
     ("deis", "DEISMultistepScheduler", {}, "deis", {}, STEPS),
+    ("dpm++_single", "DPMSolverSinglestepScheduler", {}, "dpm++_single", {}, STEPS),
     ("lcm", "LCMScheduler", {}, "lcm", {}, 4),
     ("flow_euler", "FlowMatchEulerDiscreteScheduler", {}, "flow_euler", {}, STEPS),
     ("edm_dpm++", "EDMDPMSolverMultistepScheduler", {}, "edm_dpm++", {}, STEPS),

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "deis", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "lcm",
-            "lms", "pndm", "plms", "tcd", "unipc")  # fmt: skip
+SAMPLERS = ("ddim", "ddpm", "deis", "dpm++", "dpm++_single", "dpm2", "dpm2_a", "euler", "euler_a",
+            "heun", "lcm", "lms", "pndm", "plms", "tcd", "unipc")  # fmt: skip
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -217,11 +217,11 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("deis", "dpm++", "dpm2", "dpm2_a", "euler", "euler_a", "heun", "lms",
-                             "unipc"):  # fmt: skip
+        if a.sampler not in ("deis", "dpm++", "dpm++_single", "dpm2", "dpm2_a", "euler",
+                             "euler_a", "heun", "lms", "unipc"):  # fmt: skip
             raise CLIError(
-                "--karras: for --sampler deis, dpm++, dpm2, dpm2_a, euler, euler_a, heun, lms or "
-                f"unipc, got --sampler {a.sampler}"
+                "--karras: for --sampler deis, dpm++, dpm++_single, dpm2, dpm2_a, euler, euler_a, "
+                f"heun, lms or unipc, got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
     if a.sde:
@@ -229,9 +229,10 @@ def cmd_sample(a: argparse.Namespace) -> None:
             raise CLIError(f"--sde: for --sampler dpm++, got --sampler {a.sampler}")
         opts["algorithm_type"] = "sde-dpmsolver++"
     if a.solver_order is not None:
-        if a.sampler not in ("deis", "dpm++", "unipc"):
+        if a.sampler not in ("deis", "dpm++", "dpm++_single", "unipc"):
             raise CLIError(
-                f"--solver-order: for --sampler deis, dpm++ or unipc, got --sampler {a.sampler}"
+                "--solver-order: for --sampler deis, dpm++, dpm++_single or unipc, got --sampler "
+                f"{a.sampler}"
             )
         opts["solver_order"] = a.solver_order
     with _backend_ctx(a.backend), torch.no_grad():
@@ -506,14 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eta", type=float, default=None, help="DDIM eta; TCD gamma")
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
-        ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), lms ("LMS Karras"), unipc, deis'
+        ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), lms ("LMS Karras"), unipc, deis,'
+        " dpm++_single"
     )
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'
     s.add_argument("--sde", action="store_true", help=sde)
     s.add_argument("--solver-order", type=int, choices=(1, 2, 3), default=None,
-                   help='dpm++ (3 is "DPM++ 3M", default 2), unipc or deis (default 2; 3 is '
-                        "diffusers' choice for unconditional sampling)")  # fmt: skip
+                   help='dpm++ (3 is "DPM++ 3M", default 2), unipc, deis or dpm++_single (default '
+                        "2; 3 is diffusers' choice for unconditional sampling)")  # fmt: skip
     s.add_argument("--seed", type=_seed, default=0, help="random seed")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")

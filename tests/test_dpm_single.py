@@ -517,3 +517,21 @@ def test_no_host_sync_inside_the_sampling_loop():
                               batch_size=2, solver_order=3)  # fmt: skip
     assert spy.armed and torch.isfinite(out).all()
     assert spy.seen == []
+
+
+def test_cli_sampler_dpm_single_karras_solver_order(tmp_path, monkeypatch):
+    """fastdiff sample --sampler dpm++_single [--karras] [--solver-order 3] reaches sample() as
+    "dpm++_single" with those options; --sde stays dpm++ only."""
+    from fastdiff.cli import main
+
+    seen = []
+    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
+                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    out = tmp_path / "single.png"
+    args = ["sample", "--steps", "3", "--n", "2", "--sampler", "dpm++_single", "--quiet", "--out",
+            str(out)]  # fmt: skip
+    assert main(args) == 0 and out.is_file()
+    assert seen[-1]["sampler"] == "dpm++_single" and "use_karras_sigmas" not in seen[-1]
+    assert main([*args, "--karras", "--solver-order", "3"]) == 0
+    assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
+    assert main([*args, "--sde"]) == 1 and len(seen) == 2
