@@ -327,16 +327,13 @@ class DPMSolverPPSampler(Sampler):
                 f"({ts[:3]} ... {ts[-3:]}), which DPM-Solver++ cannot step between; use fewer "
                 "steps or timestep_spacing='trailing'"
             )
-        ab = self._alphas_cumprod()
         # DPM-Solver's sigma (noise-to-signal ratio) sigma/alpha = sqrt((1 - ab)/ab) per step,
-        # then the end point.
-        ratio = [math.sqrt((1.0 - float(ab[t])) / float(ab[t])) for t in self._ts]
-        if self.final_sigmas_type == "zero":
-            return [*ratio, 0.0]
-        # sigma_min as diffusers has it, from its float32 alpha_bar (as the sigma grids' end
-        # points; 1 - ab_0 ~ 1e-4 keeps ~3 digits in float32), also for a step at t = 0 (h = 0)
-        s0 = float(self._train_sigmas32()[0])
-        return [s0 if t == 0 else r for t, r in zip(self._ts, ratio, strict=True)] + [s0]
+        # then the end point: diffusers' float32 levels (its float32 alpha_bar; 1 - ab_0 ~ 1e-4
+        # keeps ~3 digits there), as it steps between them. float64 levels at the steps with
+        # the float32 sigma_min as the end made the last step inconsistent (as UniPC's was).
+        train = self._train_sigmas32()
+        ratio = [float(train[t]) for t in self._ts]
+        return [*ratio, 0.0 if self.final_sigmas_type == "zero" else float(train[0])]
 
     def _orders(self) -> list[int]:
         """The order of each step in a run from step 0, as diffusers' ``step`` picks it from
