@@ -29,3 +29,22 @@ def test_unoptimize_after_optimizing_twice_restores_nchw_weights():
     fastdiff.unoptimize(model)
     assert [p.stride() for p in model.parameters()] == strides
     assert torch.equal(model(x, t).sample, ref)
+
+
+@pytest.mark.parametrize("kind", ["unet2d", "vae"])
+def test_optimize_and_unoptimize_keep_an_eval_model_in_eval_mode(kind):
+    """optimize() replaced conv_act by a new nn.Identity and unoptimize() put back a new
+    nn.SiLU, both in training mode: an eval() model (UNet2DModel's conv_act, the VAE encoder's
+    / decoder's) came back with modules in training mode; a train() model stays in train."""
+    from test_unoptimize import _vae
+
+    model = (unet2d() if kind == "unet2d" else _vae()).eval()
+    fastdiff.optimize(model)
+    assert not [n for n, m in model.named_modules() if m.training]
+    fastdiff.unoptimize(model)
+    assert not [n for n, m in model.named_modules() if m.training]
+    model.train()
+    fastdiff.optimize(model)
+    assert all(m.training for m in model.modules())
+    fastdiff.unoptimize(model)
+    assert all(m.training for m in model.modules())

@@ -426,7 +426,7 @@ def _patch_out_norm(model: nn.Module, report: OptimizeReport, prefix: str = "") 
         report.left.append((where, "conv_norm_out or conv_act has hooks"))
     elif type(norm) is nn.GroupNorm and isinstance(act, nn.SiLU):
         _fuse_norm(model, "conv_norm_out", "silu")
-        model.conv_act = nn.Identity()
+        model.conv_act = nn.Identity().train(act.training)  # an eval() model stays in eval
         report.replaced.append((where, what))
     elif norm is not None:
         report.left.append((where, f"{type(norm).__name__} -> {type(act).__name__}"))

@@ -58,7 +58,7 @@ def _restore_out_norm(model: nn.Module) -> None:
     if type(getattr(model, "conv_act", None)) is nn.Identity and _unfuse_norm(
         model, "conv_norm_out", "silu"
     ):
-        model.conv_act = nn.SiLU()
+        model.conv_act = nn.SiLU().train(model.conv_norm_out.training)  # eval() stays eval
 
 
 def _unoptimize_diffusers(model: nn.Module) -> None:
