@@ -66,10 +66,12 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
     x_a of its first call (the anchor) and its j-th call (j = 1..k) is an update of order j
     from x_a to the next noise level, using the model outputs m of the group's calls so far.
     Call 1 is DPM-Solver-1 (DDIM); call 2 at s0 is DPM-Solver-2 with intermediate point s0
-    (Lu et al. 2022, arXiv:2206.00927, Algorithm 1 with r1 = h_0 / h, here the diffusers
+    (Lu et al. 2022, arXiv:2206.00927, its Algorithm 1 with r1 = h_0 / h, here the diffusers
     form); call 3 is the last stage of DPM-Solver-3 (Algorithm 2). For ``"dpmsolver++"`` m is
     the data prediction x0 and the updates are DPM-Solver++(2S)'s (arXiv:2211.01095, Algorithm
-    1) and its third-order analogue; for ``"dpmsolver"`` m is the noise estimate eps. With h =
+    1) and its third-order analogue; for ``"dpmsolver"`` m is the noise estimate eps. (The
+    algorithm numbers are the usual citations, not checked against the papers here; the
+    formulas below are diffusers' and are checked against it and a float64 twin.) With h =
     lambda_t - lambda_a, h_0 = lambda_{s0} - lambda_a, h_1 = lambda_{s1} - lambda_a, r_j = h_j /
     h, D0 = m_a, and (dpmsolver++) A = alpha_t (1 - e^{-h}), B = alpha_t ((e^{-h} - 1) / h + 1),
     C = -alpha_t ((e^{-h} - 1 + h) / h^2 - 1/2)::
