@@ -251,13 +251,9 @@ class UniPCSampler(DPMSolverPPSampler):
                     "(diffusers' UniPCMultistepScheduler returns NaN there); use fewer steps or "
                     "timestep_spacing='trailing'"
                 )
-            # diffusers steps between its float32 levels (train_sigmas32 at the timesteps) and
-            # 'sigma_min' ends at the float32 one; float64 levels at the steps with that end
-            # point made the last step inconsistent (sigma_50 ~2.7e-6 off): 1e-5 from diffusers
-            # (v_prediction, order 3) where diffusers' own fp32 error is ~5e-7
-            train = self._train_sigmas32()
-            end = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
-            return [float(train[t]) for t in ts] + [end]
+        # diffusers' float32 levels at the timesteps, as DPM-Solver++ (float64 levels there with
+        # the float32 sigma_min as the end made the last step inconsistent: sigma_50 ~2.7e-6
+        # off, 1e-5 from diffusers where its own fp32 error is ~5e-7)
         return super()._ratios()
 
     def _rows(self, ratio: list[float], since: int | None) -> np.ndarray:
