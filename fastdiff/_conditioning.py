@@ -92,7 +92,10 @@ def _rescaled_guidance(out: Tensor, gs: float, rescale: float) -> Tensor:
 
 
 def _guidance_rescale(phi: Any, gs: float | None, smp: Sampler) -> float:
-    """``guidance_rescale`` checked up front: a real in [0, 1], only with guidance."""
+    """``guidance_rescale`` checked up front: a real in [0, 1] (or a one-element real tensor,
+    as ``guidance_scale`` takes), only with guidance."""
+    if isinstance(phi, Tensor) and phi.numel() == 1 and phi.is_floating_point():
+        phi = float(phi)  # before the loop: no sync inside it
     if isinstance(phi, bool) or not isinstance(phi, numbers.Real):
         raise TypeError(f"guidance_rescale: expected a real number in [0, 1], got {phi!r}")
     phi = float(phi)

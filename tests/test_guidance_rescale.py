@@ -170,3 +170,11 @@ def test_bad_values_are_refused_before_any_model_call(kw, err, match):
             model, steps=3, shape=SHAPE[1:], batch_size=2, cond=cond, uncond=uncond, **kw
         )
     assert calls == []
+
+
+def test_tensor_phi_is_taken_as_guidance_scale_is():
+    cond, uncond = _cond()
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    kw = dict(steps=3, sampler="ddim", noise=z, cond=cond, uncond=uncond, guidance_scale=3.0)
+    want = fastdiff.sample(_model, guidance_rescale=0.5, **kw)
+    assert torch.equal(fastdiff.sample(_model, guidance_rescale=torch.tensor(0.5), **kw), want)
