@@ -48,18 +48,14 @@ def resolve_sampler(
                 "build the sampler with them"
             )
         return sampler
+    names = ", ".join(repr(k) for k in sorted(set(SAMPLERS) - {"dpmsolver++", "dpm-solver++"}))
     if not isinstance(sampler, str):
         raise TypeError(
-            "sampler: expected a name ('ddim', 'ddpm', 'deis', 'dpm++', 'dpm2', 'dpm2_a', "
-            "'euler', 'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', "
-            f"'unipc') or a fastdiff sampler object, got {type(sampler).__name__}"
+            f"sampler: expected a name ({names}) or a fastdiff sampler object, got "
+            f"{type(sampler).__name__}"
         )
     if sampler.lower() not in SAMPLERS:
-        raise ValueError(
-            "sampler: expected 'ddim', 'ddpm', 'deis', 'dpm++', 'dpm2', 'dpm2_a', 'euler', "
-            "'euler_a', 'flow_euler', 'flow_heun', 'heun', 'lcm', 'lms', 'pndm', 'tcd', 'unipc' "
-            f"or a fastdiff sampler object, got {sampler!r}"
-        )
+        raise ValueError(f"sampler: expected {names} or a fastdiff sampler object, got {sampler!r}")
     if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
     if SAMPLERS[sampler.lower()] in (SAMPLERS["edm_euler"], SAMPLERS["edm_dpm++"]):
