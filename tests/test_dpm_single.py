@@ -566,3 +566,40 @@ def test_half_precision_flash_attention_rule(case, dtype):
             worst_theirs = max(worst_theirs, _rel(theirs.step(mo, theirs.timesteps[i], xh)[0], ref))
             x = ref.float()
         assert 0.0 < worst <= 2 * worst_theirs, (order, worst, worst_theirs)
+
+
+AYS_SD15 = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]  # Align Your Steps, SD 1.5
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_custom_timesteps_match_diffusers(order, final):
+    """timesteps= as diffusers' set_timesteps(timesteps=...): per call, and a whole run through
+    sample(timesteps=...) vs diffusers' loop; steps defaults to their number."""
+    opts = dict(solver_order=order, solver_type="heun", final_sigmas_type=final)
+    theirs = _scheduler(**opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.set_timesteps(timesteps=AYS_SD15)
+    ours = DPMSolverSinglestepSampler(_schedule(), None, timesteps=AYS_SD15, **opts)
+    assert ours.steps == 10 and ours.timesteps.tolist() == AYS_SD15
+    _per_step(ours, theirs)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    sch, x = _scheduler(**opts), z
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sch.set_timesteps(timesteps=AYS_SD15)
+    for t in sch.timesteps:
+        x = sch.step(_toy(x, t.expand(x.shape[0])), t, x).prev_sample
+    got = fastdiff.sample(_toy, schedule=_scheduler(**opts), noise=z, timesteps=AYS_SD15)
+    ref64 = _float64_loop(ours, z)
+    assert 0.0 < _rel(got, x) <= RTOL + _rel(x, ref64)
+
+
+def test_custom_timesteps_refusals():
+    with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+        DPMSolverSinglestepSampler(_schedule(), None, timesteps=AYS_SD15, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="steps: got 5 but 10 custom timesteps"):
+        DPMSolverSinglestepSampler(_schedule(), 5, timesteps=AYS_SD15)
+    with pytest.raises(ValueError, match="strictly descending"):
+        DPMSolverSinglestepSampler(_schedule(), None, timesteps=[10, 500])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers._history import RunRows
-from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
+from fastdiff.samplers.base import Sampler, check_thresholding, custom_timesteps, threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
@@ -112,6 +112,9 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
             (``"epsilon"``, ``"v_prediction"``, ``"sample"``). The timesteps are diffusers'
             (``linspace`` over ``steps + 1`` points, t = 0 dropped; the scheduler has no
             spacing option).
+        timesteps: custom model timesteps, strictly descending (diffusers'
+            ``set_timesteps(timesteps=...)``, e.g. Align Your Steps' schedules); ``steps`` is
+            then their number (or None). Not with a sigma grid.
         solver_order: 1, 2 (default) or 3.
         solver_type: ``"midpoint"`` (default) or ``"heun"`` (diffusers reads ``"logrho"``,
             ``"bh1"``, ``"bh2"`` as ``"midpoint"``, and so does this sampler).
@@ -137,9 +140,10 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
     def __init__(
         self,
         schedule: NoiseSchedule,
-        steps: int,
+        steps: int | None,
         *,
         prediction_type: str = "epsilon",
+        timesteps: Sequence[int] | None = None,
         solver_order: int = 2,
         solver_type: str = "midpoint",
         algorithm_type: str = "dpmsolver++",
@@ -191,9 +195,6 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         self.solver_type = SOLVER_TYPES[solver_type]
         self.algorithm_type = algorithm_type
         self.final_sigmas_type = final_sigmas_type
-        #: as diffusers' set_timesteps: forced on for uneven groups or a final sigma of zero
-        uneven = isinstance(steps, Integral) and steps % self.solver_order != 0
-        self.lower_order_final = bool(lower_order_final or uneven or final_sigmas_type == "zero")
         self.thresholding = bool(thresholding)
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
@@ -202,6 +203,24 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
             use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
         self._sig: np.ndarray | None = None
+        self._custom: np.ndarray | None = None  # user timesteps, int64, descending
+        if timesteps is not None and isinstance(schedule, NoiseSchedule):
+            if self.sigma_grid is not None:
+                raise ValueError(
+                    f"timesteps: custom timesteps cannot be combined with "
+                    f"use_{self.sigma_grid}_sigmas=True (as in diffusers)"
+                )
+            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
+            if steps is None:
+                steps = len(self._custom)
+            elif steps != len(self._custom):
+                raise ValueError(
+                    f"steps: got {steps} but {len(self._custom)} custom timesteps; pass one of "
+                    "them (or the same number)"
+                )
+        uneven = isinstance(steps, Integral) and steps % self.solver_order != 0
+        #: as diffusers' set_timesteps: forced on for uneven groups or a final sigma of zero
+        self.lower_order_final = bool(lower_order_final or uneven or final_sigmas_type == "zero")
         self.reset()
         super().__init__(schedule, steps, prediction_type=prediction_type)
 
@@ -215,6 +234,9 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
             if self.sigma_grid == "karras":
                 ts = ts.round()  # diffusers rounds here only; elsewhere int64 truncates
             ts = ts.astype(np.int64)
+        elif self._custom is not None:
+            ts = self._custom.copy()
+            sig = train[ts]
         else:
             ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
             sig = train[ts]
