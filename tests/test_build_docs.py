@@ -321,9 +321,13 @@ def test_benchmark_run_prints_ratio_and_bandwidth_per_case():
     assert r.returncode == 0, r.stdout[-2000:]
     summary = r.stdout[r.stdout.index("fastdiff: each case vs eager") :].splitlines()
     assert summary[1].split()[-7:] == ["x", "eager", "x", "sdpa", "GB/s", "%copy", "TFLOP/s"]
+    eager = next(line for line in summary if " eager " in f" {line} ")
+    assert eager.split()[-5] == "1.00"  # the baseline of its group
     fused = next(line for line in summary if " fused " in f" {line} ")
     ratio, gbs = fused.split()[-5], fused.split()[-3]
-    assert float(ratio) > 0 and float(gbs) > 0
+    # numbers, not "-": their size is the machine's (one round on a loaded machine can stall:
+    # a ratio printed as 0.00 was seen once), so only their presence is checked here
+    assert float(ratio) >= 0 and float(gbs) >= 0 and ratio != "-" and gbs != "-"
 
 
 @pytest.mark.parametrize("arg", ["--help", "bench tets"])
