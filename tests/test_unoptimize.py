@@ -133,3 +133,23 @@ def test_unoptimize_fastdiff_unet_layout_and_bad_input():
     assert _snapshot(model) == before
     with pytest.raises(TypeError, match=r"unoptimize: model must be .* got int"):
         fastdiff.unoptimize(3)
+
+
+@torch.no_grad()
+def test_hooks_added_after_optimize_carry_over():
+    """A hook registered on a fused GroupNorm (or the emptied conv_act) after ``optimize``
+    stays on its ``nn.GroupNorm`` / ``nn.SiLU`` replacement, and its handle still removes it."""
+    model, f = _forward("unet2d")
+    fastdiff.optimize(model, channels_last=False)
+    seen = []
+    h1 = model.conv_norm_out.register_forward_hook(lambda *a: seen.append("norm"))
+    h2 = model.conv_act.register_forward_pre_hook(lambda *a: seen.append("act"))
+    fastdiff.unoptimize(model)
+    assert type(model.conv_norm_out) is torch.nn.GroupNorm
+    f(model)
+    assert seen == ["norm", "act"]
+    h1.remove()
+    h2.remove()
+    seen.clear()
+    f(model)
+    assert seen == []

@@ -42,7 +42,16 @@ def _group_norm(fused: GroupNormSiLU) -> nn.GroupNorm:
         gn.weight = fused.weight
         gn.bias = fused.bias
     gn.train(fused.training)
+    _keep_hooks(fused, gn)
     return gn
+
+
+def _keep_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Hooks registered on ``old`` (after ``optimize``) carry over to its replacement: the same
+    hook dicts, so their handles still remove them."""
+    for key, value in old.__dict__.items():
+        if "hook" in key:  # _forward_hooks, _forward_pre_hooks, _backward_hooks, ... (+ flags)
+            new.__dict__[key] = value
 
 
 def _unfuse_norm(parent: nn.Module, attr: str, activation: str | None) -> bool:
@@ -58,7 +67,9 @@ def _restore_out_norm(model: nn.Module) -> None:
     if type(getattr(model, "conv_act", None)) is nn.Identity and _unfuse_norm(
         model, "conv_norm_out", "silu"
     ):
-        model.conv_act = nn.SiLU().train(model.conv_norm_out.training)  # eval() stays eval
+        act = nn.SiLU().train(model.conv_norm_out.training)  # eval() stays eval
+        _keep_hooks(model.conv_act, act)
+        model.conv_act = act
 
 
 def _unoptimize_diffusers(model: nn.Module) -> None:
