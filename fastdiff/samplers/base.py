@@ -10,7 +10,7 @@ each step is one indexed view ``table[i]`` and one call of the fused op
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from numbers import Real
 from typing import Any
 
@@ -86,6 +86,24 @@ def custom_timesteps(timesteps: Sequence[int], T: int) -> np.ndarray:
     if ts[0] >= T or ts[-1] < 0:
         raise ValueError(f"timesteps: expected values in [0, {T - 1}], got {ts.tolist()}")
     return ts
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str], hint: str = "") -> None:
+    """ValueError naming ``name`` unless ``value`` is one of the strings ``choices``."""
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}{hint}")
+
+
+def check_solver_order(order: Any) -> int:
+    """A multistep solver's order: 1, 2 or 3 (not a bool)."""
+    if (
+        isinstance(order, bool)
+        or not isinstance(order, (int, np.integer))
+        or order not in (1, 2, 3)
+    ):
+        raise ValueError(f"solver_order: expected 1, 2 or 3, got {order!r}")
+    return int(order)
 
 
 def check_thresholding(ratio: float, max_value: float) -> None:

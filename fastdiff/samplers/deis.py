@@ -6,7 +6,6 @@ estimate, as diffusers' ``DEISMultistepScheduler`` (``algorithm_type="deis"``,
 from __future__ import annotations
 
 import math
-from numbers import Integral
 
 import numpy as np
 import torch
@@ -14,10 +13,16 @@ from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from fastdiff.samplers._history import EpsHistory
-from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
+from fastdiff.samplers.base import (
+    Sampler,
+    check_choice,
+    check_solver_order,
+    check_thresholding,
+    threshold_x0,
+)
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
-from fastdiff.schedules import NoiseSchedule
+from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
 __all__ = ["DEISSampler", "deis_weights"]
 
@@ -155,22 +160,10 @@ class DEISSampler(EpsHistory, Sampler):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
     ) -> None:
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
-                "prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got "
-                f"{prediction_type!r}"
-            )
-        if (isinstance(solver_order, bool) or not isinstance(solver_order, Integral)
-                or solver_order not in (1, 2, 3)):  # fmt: skip
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
-        if not isinstance(algorithm_type, str) or algorithm_type not in ALGORITHM_TYPES:
-            raise ValueError(
-                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
-            )
-        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
-            raise ValueError(
-                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
-            )
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_solver_order(solver_order)
+        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        check_choice("solver_type", solver_type, SOLVER_TYPES)
         if thresholding:
             check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         #: the multistep order (1, 2, 3); also the CUDA-graph loop's history depth

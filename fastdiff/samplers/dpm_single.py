@@ -12,10 +12,17 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers._history import RunRows
-from fastdiff.samplers.base import Sampler, check_thresholding, custom_timesteps, threshold_x0
+from fastdiff.samplers.base import (
+    Sampler,
+    check_choice,
+    check_solver_order,
+    check_thresholding,
+    custom_timesteps,
+    threshold_x0,
+)
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
-from fastdiff.schedules import NoiseSchedule
+from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
 __all__ = ["DPMSolverSinglestepSampler", "singlestep_orders"]
 
@@ -156,23 +163,12 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
     ) -> None:
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(
-                "prediction_type: expected 'epsilon', 'v_prediction' or 'sample', got "
-                f"{prediction_type!r}"
-            )
-        if (isinstance(solver_order, bool) or not isinstance(solver_order, Integral)
-                or solver_order not in (1, 2, 3)):  # fmt: skip
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
-        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
-            raise ValueError(
-                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
-            )
-        if not isinstance(algorithm_type, str) or algorithm_type not in ALGORITHM_TYPES:
-            raise ValueError(
-                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
-                + (" (the SDE variant is not implemented)" if "sde" in str(algorithm_type) else "")
-            )
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_solver_order(solver_order)
+        check_choice("solver_type", solver_type, SOLVER_TYPES)
+        sde = "sde" in str(algorithm_type)
+        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES,
+                     " (the SDE variant is not implemented)" if sde else "")  # fmt: skip
         if final_sigmas_type not in FINAL_SIGMAS:
             raise ValueError(
                 f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "

@@ -15,6 +15,8 @@ from fastdiff.samplers.base import (
     Sampler,
     _ops,
     advance_generator_state,
+    check_choice,
+    check_solver_order,
     check_thresholding,
     custom_timesteps,
     randn_like_with,
@@ -163,16 +165,9 @@ class DPMSolverPPSampler(Sampler):
         use_lu_lambdas: bool = False,
         algorithm_type: str = "dpmsolver++",
     ) -> None:
-        if algorithm_type not in ALGORITHM_TYPES:
-            raise ValueError(
-                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
-            )
-        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
-        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
-            raise ValueError(
-                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
-            )
+        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        check_solver_order(solver_order)
+        check_choice("solver_type", solver_type, SOLVER_TYPES)
         if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, Real):
             raise TypeError(
                 f"lambda_min_clipped: expected a float, got {type(lambda_min_clipped).__name__}"

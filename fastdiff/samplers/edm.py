@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, check_thresholding
+from fastdiff.samplers.base import Sampler, check_choice, check_solver_order, check_thresholding
 from fastdiff.samplers.dpm_solver import (
     ALGORITHM_TYPES,
     FINAL_SIGMAS,
@@ -356,16 +356,9 @@ class EDMDPMSolverSampler(_EDMBase, DPMSolverPPSampler):
                         num_train_timesteps, prediction_type, rho, final_sigmas_type)  # fmt: skip
         if algorithm_type == "deis":  # diffusers registers it as dpmsolver++
             algorithm_type = "dpmsolver++"
-        if algorithm_type not in ALGORITHM_TYPES:
-            raise ValueError(
-                f"algorithm_type: expected one of {list(ALGORITHM_TYPES)}, got {algorithm_type!r}"
-            )
-        if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order: expected 1, 2 or 3, got {solver_order!r}")
-        if not isinstance(solver_type, str) or solver_type not in SOLVER_TYPES:
-            raise ValueError(
-                f"solver_type: expected one of {list(SOLVER_TYPES)}, got {solver_type!r}"
-            )
+        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        check_solver_order(solver_order)
+        check_choice("solver_type", solver_type, SOLVER_TYPES)
         if algorithm_type == "sde-dpmsolver++" and solver_order == 3:
             raise ValueError(
                 "solver_order: 3 with algorithm_type='sde-dpmsolver++' is not defined by "
