@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import PARITY_RTOL, PARITY_SHAPE
-from test_gmm_exact import GMMEps, _assert_mixture, _run
+from test_gmm_exact import TAU, GMMEps, _assert_mixture, _run
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -232,11 +232,17 @@ def test_heun_is_second_order_on_the_exact_ode():
     assert e_h[0] < e_e[1] and e_h[1] < e_e[1] / 5  # (8 Heun steps: 14 calls to sigma_min)
 
 
-def test_recovers_gaussian_mixture():
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_recovers_gaussian_mixture(seed):
+    """Weights and means of the mixture; the spread of each component is that of the denoiser
+    at the last sigma > 0 (the final step is Euler to sigma 0, so at 15 steps, sigma_1 = 0.23 >>
+    TAU, each component comes back about 4x narrower than TAU: seeds 3 and 5 failed a TAU +- 50 %
+    std check that seed 0 passed only through its between-component outliers)."""
     sched = NoiseSchedule("linear")
     smp = HeunSampler(sched, 15, timestep_spacing="trailing")
     model = GMMEps(sched)
-    _assert_mixture(_run(smp, model))
+    sigma_1 = float(smp.sigmas()[-2])
+    _assert_mixture(_run(smp, model, seed), spread=TAU**2 / math.sqrt(TAU**2 + sigma_1**2))
     assert model.calls == 29
 
 
