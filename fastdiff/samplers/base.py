@@ -72,13 +72,21 @@ def spaced_timesteps(
     return ts
 
 
-def custom_timesteps(timesteps: Sequence[int], T: int) -> np.ndarray:
+def custom_timesteps(timesteps: Sequence[int], T: int, *, whole: bool = False) -> np.ndarray:
     """A user timestep list as diffusers' ``set_timesteps(timesteps=...)`` accepts it: strictly
-    descending, below T (and, here, >= 0: diffusers would index alpha_bar from the end)."""
+    descending, below T (and, here, >= 0: diffusers would index alpha_bar from the end).
+    Fractional values are truncated, as diffusers' int64 cast does, or with ``whole`` (samplers
+    whose diffusers scheduler keeps them fractional, interpolating sigma there) refused."""
     try:
-        ts = np.asarray([int(t) for t in timesteps], dtype=np.int64)
-    except (TypeError, ValueError):
+        vals = [float(t) for t in timesteps]
+        ts = np.asarray([int(t) for t in vals], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"timesteps: expected a list of ints, got {timesteps!r}") from None
+    if whole and any(v != t for v, t in zip(vals, ts.tolist(), strict=True)):
+        raise ValueError(
+            "timesteps: expected whole numbers (diffusers interpolates sigma at fractional "
+            f"timesteps here; fastdiff does not), got {vals}"
+        )
     if ts.ndim != 1 or len(ts) == 0:
         raise ValueError(f"timesteps: expected a non-empty list of ints, got {timesteps!r}")
     if np.any(np.diff(ts) >= 0):

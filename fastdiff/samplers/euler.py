@@ -144,7 +144,7 @@ class EulerSampler(Sampler):
                     f"use_{self.sigma_grid}_sigmas=True (as in diffusers): the grid decides "
                     "the timesteps"
                 )
-            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
+            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps, whole=True)
             steps = grid_steps(steps, len(self._custom), f"{len(self._custom)} custom timesteps")
         if sigmas is not None:
             self._user_sigmas = custom_sigmas(sigmas)
