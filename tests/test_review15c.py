@@ -64,3 +64,33 @@ def test_fractional_custom_timesteps_truncate_as_diffusers(name):
     theirs = getattr(diffusers, SCHEDULERS[name])(**SL)
     theirs.set_timesteps(timesteps=[999.5, 600.7, 300.2, 10.9])
     assert ours.timesteps.tolist() == theirs.timesteps.tolist() == [999, 600, 300, 10]
+
+
+# ---------------------------------------------------------------------- bad inputs
+def _steps(smp, n: int, bad_at: int | None = None, bad=None) -> torch.Tensor:
+    """``n`` steps on fixed outputs; at ``bad_at`` first a call with ``bad(model_output)`` that
+    must raise and leave x and the run (history, anchor) as they were."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g)
+    for i in range(n):
+        mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x
+        if i == bad_at:
+            before = x.clone()
+            with pytest.raises(TypeError, match="model_output.*float32, float16 or bfloat16"):
+                smp.step(bad(mo), i, x)
+            assert torch.equal(x, before)
+        x = smp.step(mo, i, x)
+    return x
+
+
+@pytest.mark.parametrize("name", ["deis", "dpm++_single"])
+@pytest.mark.parametrize("thresholding", [False, True])
+def test_float64_model_output_refused_with_thresholding_too(name, thresholding):
+    """A float64 model output is a TypeError naming it (the op's check); with thresholding the
+    torch pass in front of the op cast it to x's dtype and ran the step. The refused call leaves
+    the run alone: the next call continues it."""
+    sch = NoiseSchedule.from_diffusers(SL)
+    opts = dict(solver_order=3, thresholding=thresholding)
+    ref = _steps(make_sampler(name, sch, 6, **opts), 6)
+    got = _steps(make_sampler(name, sch, 6, **opts), 6, bad_at=3, bad=lambda mo: mo.double())
+    assert torch.equal(got, ref)

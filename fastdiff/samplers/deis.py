@@ -324,6 +324,10 @@ class DEISSampler(EpsHistory, Sampler):
         own history is left alone."""
         self._check_step_args(model_output, i, x, None, guidance_scale)
         if self.thresholding:  # x0 from the row's (a, s) = (sigma_i, alpha_i), thresholded
+            if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(  # the op's check, which the thresholding pass hides
+                    f"model_output: must be float32, float16 or bfloat16, got {model_output.dtype}"
+                )
             mo = _combine_cfg(model_output, guidance_scale)
             x0, _ = _x0_eps(x, mo, coef[1], coef[0], self.prediction_type)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
