@@ -8,6 +8,7 @@ the FlashAttention rule against a float64 restatement."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,70 @@ def test_float64_model_output_refused_with_thresholding_too(name, thresholding):
     ref = _steps(make_sampler(name, sch, 6, **opts), 6)
     got = _steps(make_sampler(name, sch, 6, **opts), 6, bad_at=3, bad=lambda mo: mo.double())
     assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------- order schedules
+def _spy_orders(theirs) -> list[int]:
+    """The update diffusers' DEIS runs at each step, recorded as its order."""
+    seen: list[int] = []
+    for order, attr in ((1, "deis_first_order_update"), (2, "multistep_deis_second_order_update"),
+                        (3, "multistep_deis_third_order_update")):  # fmt: skip
+        fn = getattr(theirs, attr)
+
+        def wrapped(*a, _fn=fn, _order=order, **k):
+            seen.append(_order)
+            return _fn(*a, **k)
+
+        setattr(theirs, attr, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("steps", [13, 14, 15, 16])
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("lof", [True, False])
+def test_deis_step_orders_are_diffusers_around_15_steps(steps, order, lof):
+    """diffusers lowers DEIS's last two orders only below 15 steps (``len(timesteps) < 15``):
+    the orders our rows are built with equal the updates diffusers runs, step for step."""
+    theirs = diffusers.DEISMultistepScheduler(**SL, solver_order=order, lower_order_final=lof)
+    theirs.set_timesteps(steps)
+    seen = _spy_orders(theirs)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    for t in theirs.timesteps:
+        x = theirs.step(_toy(x, t), t, x).prev_sample
+    ours = make_sampler("deis", NoiseSchedule.from_diffusers(SL), steps, solver_order=order,
+                        lower_order_final=lof)  # fmt: skip
+    assert list(ours.step_orders) == seen
+
+
+# ---------------------------------------------------------------------- EDM churn window
+def _diffusers_churns(kw: dict, steps: int, i: int) -> bool:
+    """Whether EDMEulerScheduler.step(**kw) at step ``i`` adds churn noise (its result then
+    depends on the generator's seed)."""
+    outs = []
+    for seed in (0, 1):
+        theirs = diffusers.EDMEulerScheduler()
+        theirs.set_timesteps(steps)
+        theirs.set_begin_index(i)
+        x = torch.ones(1, 3, 4, 4)
+        gen = torch.Generator().manual_seed(seed)
+        outs.append(theirs.step(0.3 * x, theirs.timesteps[i], x, generator=gen, **kw).prev_sample)
+    return not torch.equal(*outs)
+
+
+def test_edm_euler_churn_window_compares_in_float32_as_diffusers():
+    """diffusers tests s_tmin <= sigma <= s_tmax on its float32 sigma tensor, so the bounds are
+    rounded to float32: a bound equal to a grid sigma, or a float64 a hair beside one that
+    rounds to it, keeps that step inside the window."""
+    steps, i = 10, 3
+    theirs = diffusers.EDMEulerScheduler()
+    theirs.set_timesteps(steps)
+    s = theirs.sigmas[i].item()
+    cases = [dict(s_tmax=s), dict(s_tmin=s), dict(s_tmax=float(np.nextafter(s, 0.0))),
+             dict(s_tmin=float(np.nextafter(s, 100.0))), dict(s_tmin=s, s_tmax=s),
+             dict(s_tmax=0.002), dict(s_tmax=float(np.nextafter(s, 0.0)) * (1 - 1e-6))]  # fmt: skip
+    for kw in cases:
+        kw = dict(s_churn=5.0, **kw)
+        smp = make_sampler("edm_euler", None, steps, **kw)
+        want = [_diffusers_churns(kw, steps, j) for j in range(steps)]
+        assert [smp.needs_noise(j) for j in range(steps)] == want, kw
+    assert want[-1] and not want[i]  # the last case: s_tmax below sigma_3

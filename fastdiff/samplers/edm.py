@@ -247,8 +247,11 @@ class EDMEulerSampler(_EDMBase, Sampler):
         self._noise_steps = [bool(self._coef64[i, 5] != 0.0) for i in range(self.steps)]
 
     def _gamma(self, sigma: float) -> float:
-        """diffusers' churn factor of a step at ``sigma``."""
-        if not self.s_tmin <= sigma <= self.s_tmax:
+        """diffusers' churn factor of a step at ``sigma``: its window test compares the float32
+        sigma tensor with the bounds, i.e. with the bounds rounded to float32."""
+        with np.errstate(over="ignore"):  # a bound beyond float32's range is +-inf there
+            lo, hi = (float(np.float32(v)) for v in (self.s_tmin, self.s_tmax))
+        if not lo <= sigma <= hi:
             return 0.0
         return min(self.s_churn / self.steps, 2**0.5 - 1)
 
