@@ -162,3 +162,24 @@ def test_edm_euler_churn_window_compares_in_float32_as_diffusers():
         want = [_diffusers_churns(kw, steps, j) for j in range(steps)]
         assert [smp.needs_noise(j) for j in range(steps)] == want, kw
     assert want[-1] and not want[i]  # the last case: s_tmax below sigma_3
+
+
+# ---------------------------------------------------------------------- mixed dtypes
+@pytest.mark.parametrize("x_dtype,mo_dtype", [(torch.float32, torch.float16),
+                                              (torch.float32, torch.bfloat16),
+                                              (torch.float16, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize("clipped", [False, True])
+def test_ddim_thresholding_returns_x_dtype(x_dtype, mo_dtype, clipped):
+    """A half model output on a float32 sample (or the reverse): DDIM's thresholding path
+    returned the model output's dtype (the op's x there is eps), every other sampler and DDIM
+    without thresholding x's. The values stay those of the float32 step."""
+    sch = NoiseSchedule.from_diffusers(SL)
+    smp = make_sampler("ddim", sch, 4, thresholding=True, use_clipped_model_output=clipped)
+    g = torch.Generator().manual_seed(0)
+    x, mo = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    x, mo = x.to(x_dtype), mo.to(mo_dtype)
+    got = smp.step(mo, 1, x)
+    assert got.dtype == x_dtype
+    want = smp.step(mo.float(), 1, x.float())
+    tol = 2e-3 if torch.float16 in (x_dtype, mo_dtype) else 1e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)

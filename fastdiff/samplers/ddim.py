@@ -239,8 +239,10 @@ class DDIMSampler(Sampler):
             else:
                 mask, add = self._swap_affine(coef.device)
                 swap = coef * mask + add
+            # eps in x's dtype: the op's result takes its x operand's (a half model output on a
+            # float32 sample returned a half sample)
             out = ops.sampler_step(
-                eps, x0, swap, prediction_type="sample", return_x0=return_x0, **nkw
+                eps.to(x.dtype), x0, swap, prediction_type="sample", return_x0=return_x0, **nkw
             )
         advance_generator_state(nkw, x)  # the next step draws fresh in-kernel noise
         return out
