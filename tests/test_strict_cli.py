@@ -114,10 +114,10 @@ def test_bench_speedup_is_eager_over_fused(monkeypatch, capsys):
     """Timings replaced (eager 4 ms, fused 1 ms): the table's speedup is eager / fused."""
     import json
 
-    import fastdiff.cli as cli
+    import fastdiff._cli_bench as bench
 
     times = iter([4.0, 1.0] * 16)
-    monkeypatch.setattr(cli, "_median_ms", lambda fn, dev, reps, warmup=2: next(times))
+    monkeypatch.setattr(bench, "_median_ms", lambda fn, dev, reps, warmup=2: next(times))
     assert main(["bench", "--json", "--ops-only", "--device", "cpu", "--repeat", "1"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert rows and all(r["speedup"] == 4.0 for r in rows), rows
