@@ -129,7 +129,7 @@ def unoptimize(model: Any) -> Any:
     model ``optimize`` found already in channels_last also ends. ``model.fastdiff_report`` is
     removed. A model ``optimize`` never saw is returned unchanged; calling it twice is a no-op.
     """
-    from fastdiff.integrations.diffusers import _pipeline_components
+    from fastdiff.integrations.pipeline import _pipeline_components
 
     if not isinstance(model, nn.Module):
         comps = _pipeline_components(model)
