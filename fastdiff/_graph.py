@@ -24,10 +24,12 @@ from fastdiff.samplers import Sampler
 
 
 def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callback,
-                   return_trajectory, rescale=0.0):  # fmt: skip
+                   return_trajectory, rescale=0.0, start=0):  # fmt: skip
     """The loop of :func:`fastdiff._loop._sample_eager`, each step a replay of a captured
     :class:`_StepGraph`; ``graphs`` is the capture cache ``{model: {key: _StepGraph, "params":
-    the _param_signature the graphs were captured on}}``."""
+    the _param_signature the graphs were captured on}}``. A run from call ``start`` > 0
+    (img2img) replays the rows :meth:`~fastdiff.samplers.Sampler.run_row` picks (a multistep
+    sampler's warm-up again), its history buffers zeroed by ``load``."""
     n = x.shape[0]
     rows = 2 * n if gs is not None else n
     t_all = _timestep_rows(smp, rows, x.device)
@@ -63,22 +65,22 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
     # PLMS: its history skips a call's output (a device copy after the replay), and its op's m
     # is the raw model output (x0 for trajectories from it and the step's input x)
     fix_history, x0_of = getattr(smp, "graph_history", None), getattr(smp, "x0_of", None)
-    for i in _progress(range(smp.steps), progress, smp.steps):
+    for i in _progress(range(start, smp.steps), progress, smp.steps - start):
         noise = None
         if smp.needs_noise(i) and gen_state is None:
             noise = smp._draw_noise(x, generator)  # the sampler's dtype (SDE: fp32)
         x_in = g.x.clone() if return_trajectory and x0_of is not None else None
-        g.replay(smp, i, t_all[i], noise)
+        g.replay(smp, i, t_all[i], noise, start)
         if fix_history is not None:
-            fix_history(i, g.hist)
+            fix_history(i - start, g.hist)  # the moves after the run's (i - start)-th call
         if return_trajectory:
             traj_x.append(g.x.clone())
             traj_x0.append(g.x0.clone() if x_in is None else x0_of(g.x0, i, x_in))
         if callback is not None:  # its own copy: the next replay overwrites the static g.x
-            callback(i, ts_host[i], g.x.clone())
+            callback(i - start, ts_host[i], g.x.clone())
     out = g.x.clone()
     if return_trajectory:
-        return out, _trajectory(smp, traj_x, traj_x0)
+        return out, _trajectory(smp, traj_x, traj_x0, start)
     return out
 
 
@@ -193,8 +195,10 @@ class _StepGraph:
             h.zero_()
         _copy_tree(self.kwargs, kwargs)
 
-    def replay(self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None) -> None:
-        self.coef.copy_(smp.coef_table(self.x.device)[i])
+    def replay(
+        self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None, start: int = 0
+    ) -> None:
+        self.coef.copy_(smp.run_row(i, start, self.x.device))
         self.t.copy_(t_row)
         if noise is not None:
             self.noise.copy_(noise)

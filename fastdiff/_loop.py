@@ -21,8 +21,12 @@ from fastdiff.samplers import Sampler
 
 
 def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory,
-                  rescale=0.0):  # fmt: skip
+                  rescale=0.0, start=0):  # fmt: skip
     """x_T -> x_0: for each step i, ``out = model(x, t_i)`` and ``x = smp.step(out, i, x)``.
+
+    ``start`` > 0 (img2img): x is the state at model call ``start`` and the calls ``start ..
+    steps - 1`` run (the sampler warms up again, as diffusers after ``set_begin_index``); the
+    callback's i and the trajectory count the calls run.
 
     ``gs`` is the guidance scale (None: no guidance), ``rescale`` the guidance rescale phi (0:
     the op combines the halves; else :func:`_rescaled_guidance` does, before the op); the noise
@@ -40,7 +44,7 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
     skw = {"generator_state": gen_state} if gen_state is not None else {}
     traj_x, traj_x0 = ([x], []) if return_trajectory else (None, None)
     gs_op = None if rescale else gs  # the guidance the op applies
-    for i in _progress(range(smp.steps), progress, smp.steps):
+    for i in _progress(range(start, smp.steps), progress, smp.steps - start):
         x_in = torch.cat([x, x]) if gs is not None else x
         out = _prepare_output(_unwrap(model(x_in, t_all[i], **kwargs)), x, smp, gs, model)
         if rescale:
@@ -58,9 +62,9 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
         else:
             x = res
         if callback is not None:
-            callback(i, ts_host[i], x)
+            callback(i - start, ts_host[i], x)
     if return_trajectory:
-        return x, _trajectory(smp, traj_x, traj_x0)
+        return x, _trajectory(smp, traj_x, traj_x0, start)
     return x
 
 
@@ -87,5 +91,9 @@ def _progress(it: Iterable[int], enabled: bool, total: int) -> Iterable[int]:
     return tqdm(it, total=total)
 
 
-def _trajectory(smp: Sampler, xs: list[Tensor], x0s: list[Tensor]) -> dict[str, Tensor]:
-    return {"timesteps": smp.timesteps, "x": torch.stack(xs), "x0": torch.stack(x0s)}
+def _trajectory(
+    smp: Sampler, xs: list[Tensor], x0s: list[Tensor], start: int = 0
+) -> dict[str, Tensor]:
+    """The run's timesteps (from call ``start``), its x_t rows (before the first call and after
+    each) and x0 rows."""
+    return {"timesteps": smp.timesteps[start:], "x": torch.stack(xs), "x0": torch.stack(x0s)}

@@ -30,6 +30,17 @@ class RunRows:
             tables[(k, device)] = tab
         return tab
 
+    def _run_warmup(self) -> int:
+        """The calls of a run that take ``_since64`` rows (later ones: the full table's)."""
+        raise NotImplementedError
+
+    def run_row(self, i: int, start: int, device: torch.device | str) -> Tensor:
+        """Call ``i``'s row in a run from call ``start``, as the eager ``step`` picks it."""
+        k = i - start
+        if start == 0 or k >= self._run_warmup():
+            return self.coef_table(device)[i]
+        return self._variant(k, torch.device(device))[i]
+
 
 class EpsHistory(RunRows):
     """Step bookkeeping of LMS and DEIS: the op's ``m`` output of each step is a noise estimate
@@ -48,6 +59,15 @@ class EpsHistory(RunRows):
 
     def _sigma_at(self, i: int) -> float:
         raise NotImplementedError
+
+    def _run_warmup(self) -> int:
+        return self._max_order() - 1
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """img2img: diffusers' x0 + sigma eps at step i's sigma as the VP sample (a, a sigma)
+        with a = 1 / sqrt(1 + sigma^2) (LMS; DEIS's alpha_t, sigma_t of its sigma)."""
+        a = 1.0 / math.sqrt(1.0 + self._sigma_at(i) ** 2)
+        return a, a * self._sigma_at(i)
 
     def reset(self) -> None:
         """Forget the run: the next step starts a new one (no history)."""

@@ -159,6 +159,16 @@ class Sampler:
     #: variance) for this sampler: set when its diffusers scheduler says
     #: ``variance_type="learned"`` / ``"learned_range"`` and the sampler does not use it
     drop_variance_channels = False
+    #: diffusers' ``scheduler.order``: model calls per step of the grid (2 for Heun / DPM2);
+    #: an img2img run starts at call ``t_start * scheduler_order`` (:meth:`img2img_start`)
+    scheduler_order = 1
+    #: the sampler takes img2img ``strength`` as an option of its grid (LCM, TCD, flow Euler,
+    #: as their diffusers schedulers' ``set_timesteps(strength=...)`` / the SD3 pipeline): its
+    #: run is already the shortened one, and an img2img run starts at call 0
+    strength_option = False
+    #: ``fastdiff.sample(image=...)``'s strength when none is given (diffusers' img2img
+    #: pipelines: StableDiffusionImg2ImgPipeline 0.8)
+    default_strength = 0.8
 
     def __init__(
         self,
@@ -264,6 +274,48 @@ class Sampler:
 
     def reset(self) -> None:
         """Forget multistep history (no-op for one-step samplers)."""
+
+    # ------------------------------------------------------------------ img2img (SDEdit)
+    def img2img_start(self, strength: float) -> int:
+        """The first model call of an img2img run of ``strength`` in (0, 1] (SDEdit, Meng et
+        al. 2022, arXiv:2108.01073): diffusers' ``get_timesteps`` with N grid steps,
+        ``init = min(int(N strength), N)``, ``t_start = max(N - init, 0)``, call
+        ``t_start * scheduler_order`` (its ``set_begin_index``). ``steps`` when no step
+        remains (``int(N strength) = 0``); 0 for a sampler whose grid takes the strength."""
+        if self.strength_option:
+            return 0
+        n = int(getattr(self, "num_inference_steps", self.steps))
+        init = min(int(n * strength), n)
+        return max(n - init, 0) * self.scheduler_order
+
+    def add_noise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
+        """The image ``x0`` noised to the sample model call ``i`` gets, in this sampler's own
+        state units: ``a_i x0 + s_i noise`` with the ``(a_i, s_i)`` of :meth:`_noising`
+        (diffusers' ``add_noise`` / ``scale_noise`` at ``set_begin_index(i)``, then
+        ``scale_model_input``). In ``x0``'s dtype."""
+        if not isinstance(x0, Tensor) or not isinstance(noise, Tensor):
+            raise TypeError(
+                f"x0, noise: expected torch.Tensors, got {type(x0).__name__} and "
+                f"{type(noise).__name__}"
+            )
+        if tuple(noise.shape) != tuple(x0.shape):
+            raise ValueError(f"noise: expected shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.steps:
+            raise ValueError(f"i: expected a model call index in [0, {self.steps}), got {i!r}")
+        a, s = self._noising(int(i))
+        return x0 * a + noise.to(x0.dtype) * s
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """VP forward process (DDPM, Ho et al. 2020, eq. 4): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t)
+        eps at call i's timestep t (diffusers' DDIM / DDPM / PNDM / LCM / TCD ``add_noise``)."""
+        ab = float(self.schedule.alphas_cumprod[int(self._ts[i])])
+        return math.sqrt(ab), _sqrt(1.0 - ab)
+
+    def run_row(self, i: int, start: int, device: torch.device | str) -> Tensor:
+        """The fp32 coefficient row model call ``i`` takes in a run that started at call
+        ``start`` (the CUDA-graph loop's row; multistep samplers warm up again after a start
+        > 0, as their eager ``step``): for a one-step sampler, the table's row ``i``."""
+        return self.coef_table(device)[i]
 
     def config(self) -> dict[str, Any]:
         """Options that change the structure of a step (used as a CUDA-graph cache key)."""
@@ -422,6 +474,14 @@ def randn_like_with(
     return torch.cat(
         [torch.randn(one, generator=g, dtype=x.dtype, device=g.device).to(x.device) for g in gens]
     )
+
+
+def vp_of_sigma(sigma: float) -> tuple[float, float]:
+    """(a, s) = (1, sigma) / sqrt(1 + sigma^2): the VP sample a x0 + s eps of diffusers'
+    x0 + sigma eps (Karras et al. 2022's sigma = sqrt((1 - ab) / ab)) after
+    ``scale_model_input``; also DPM-Solver's (alpha_t, sigma_t) of a grid sigma."""
+    a = 1.0 / math.sqrt(1.0 + sigma * sigma)
+    return a, sigma * a
 
 
 def alpha_bar_prev(schedule: NoiseSchedule, prev_t: int, final: float) -> float:

@@ -19,6 +19,7 @@ from fastdiff.samplers.base import (
     check_thresholding,
     custom_timesteps,
     threshold_x0,
+    vp_of_sigma,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
@@ -239,6 +240,13 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
         self._sig = np.append(sig, last).astype(np.float32).astype(np.float64)
         return ts
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """img2img: (alpha_t, sigma_t) of call i's grid sigma (diffusers' ``add_noise``)."""
+        return vp_of_sigma(float(self._sig[i]))
+
+    def _run_warmup(self) -> int:
+        return self.solver_order - 1
 
     def sigmas(self) -> np.ndarray:
         """float64 ``[steps + 1]``: the noise level rho = sigma / alpha of each call, then the

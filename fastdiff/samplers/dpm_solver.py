@@ -21,6 +21,7 @@ from fastdiff.samplers.base import (
     custom_timesteps,
     randn_like_with,
     threshold_x0,
+    vp_of_sigma,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import (
@@ -456,6 +457,19 @@ class DPMSolverPPSampler(Sampler):
 
     def reset(self) -> None:
         self._hist = []
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """img2img: (alpha_t, sigma_t) of step i's grid sigma (diffusers' ``add_noise`` via
+        ``_sigma_to_alpha_sigma_t``, also on Karras / exponential / beta grids)."""
+        return vp_of_sigma(float(self._ratios()[i]))
+
+    def run_row(self, i: int, start: int, device: torch.device | str) -> Tensor:
+        """Call ``i``'s row in a run from ``start``: lower order while fewer than the order
+        needs of the run's steps have run (diffusers' ``lower_order_nums``), as ``step``."""
+        use = min(self._need[i], i - start)
+        if use < self._need[i]:
+            return self._lower_order_table(use + 1, torch.device(device))[i]
+        return self.coef_table(device)[i]
 
     def _lower_order_table(self, order: int, device: torch.device) -> Tensor:
         """``coef_table`` with every step at most of ``order`` (1: c_prev = c_prev2 = 0; 2:

@@ -166,6 +166,11 @@ class _EDMBase:
         """The u-unit factor of step i's result: c_in(sigma_{i+1}), 1 on the last step."""
         return 1.0 if i == self.steps - 1 else self.c_in(float(self.sigmas[i + 1]))
 
+    def _noising(self, i: int) -> tuple[float, float]:
+        """img2img: diffusers' X = x0 + sigma_i eps (``add_noise``) as the state u = c_in X."""
+        sigma = float(self.sigmas[i])
+        return self.c_in(sigma), self.c_in(sigma) * sigma
+
     @property
     def init_noise_scale(self) -> float:
         """x_T = init_noise_scale z in u-units: c_in(sigma_0) sqrt(sigma_max^2 + 1) (diffusers'

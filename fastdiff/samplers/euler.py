@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, custom_timesteps
+from fastdiff.samplers.base import Sampler, _ops, custom_timesteps, vp_of_sigma
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
 
@@ -215,6 +215,11 @@ class EulerSampler(Sampler):
 
     def _make_timesteps(self) -> np.ndarray:
         return np.round(self._frac_timesteps()).astype(np.int64)
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """diffusers' img2img start x0 + sigma_i eps (``add_noise``) is the VP sample
+        (x0 + sigma_i eps) / sqrt(1 + sigma_i^2) here (:func:`vp_of_sigma`)."""
+        return vp_of_sigma(float(self.sigmas()[i]))
 
     def sigmas(self) -> np.ndarray:
         """float64 ``[steps + 1]``: sigma_i at each step, then the final sigma (0 unless custom

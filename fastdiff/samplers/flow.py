@@ -103,6 +103,9 @@ class FlowMatchEulerSampler(Sampler):
     """
 
     name = "flow_euler"
+    #: img2img strength shortens the grid (SD3 / Flux img2img pipelines' get_timesteps)
+    strength_option = True
+    default_strength = 0.6  # StableDiffusion3Img2ImgPipeline's / FluxImg2ImgPipeline's
 
     def __init__(
         self,
@@ -290,6 +293,11 @@ class FlowMatchEulerSampler(Sampler):
         """The noise level of the run's first step (1 for a full run with the default grid)."""
         return float(self.sigmas[0])
 
+    def _noising(self, i: int) -> tuple[float, float]:
+        """Rectified flow's forward process: (1 - sigma) x0 + sigma eps (``scale_noise``)."""
+        sigma = float(self.sigmas[i])
+        return 1.0 - sigma, sigma
+
     def scale_noise(self, x0: Tensor, noise: Tensor) -> Tensor:
         """img2img start: ``sigma noise + (1 - sigma) x0`` at the run's first sigma (diffusers'
         ``scale_noise``, in ``x0``'s dtype)."""
@@ -352,6 +360,8 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
     name = "flow_heun"
     is_multistep = True  # the correction reads the Euler stage's input (the graph's x0_prev)
     history_is_input = True
+    strength_option = False  # img2img: the general start at call 2 t_start
+    scheduler_order = 2
 
     def __init__(
         self, schedule: None = None, steps: int = 50, *, num_train_timesteps: int = 1000,
@@ -395,8 +405,21 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
         """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""
         return i % 2 == 1
 
+    def img2img_start(self, strength: float) -> int:
+        """The SD3 / Flux img2img pipelines' ``get_timesteps``: ``t_start = int(max(N - N
+        strength, 0))`` (no rounding of ``N strength`` first), call ``2 t_start``."""
+        n = self.num_inference_steps
+        return int(max(n - min(n * strength, n), 0)) * self.scheduler_order
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """(1 - sigma) x0 + sigma eps at call i's sigma (calls 2k - 1 and 2k: sigma_k)."""
+        sigma = float(self.sigmas[(i + 1) // 2])
+        return 1.0 - sigma, sigma
+
     def scale_noise(self, x0: Tensor, noise: Tensor) -> Tensor:
-        raise NotImplementedError("FlowMatchHeunSampler: img2img starts are not implemented")
+        """img2img start of a full run: :meth:`add_noise` at call 0 (use ``add_noise(x0,
+        noise, img2img_start(strength))`` for a shortened one)."""
+        return self.add_noise(x0, noise, 0)
 
     def step(
         self,

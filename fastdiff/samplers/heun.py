@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import _ops
+from fastdiff.samplers.base import _ops, vp_of_sigma
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -79,6 +79,7 @@ class HeunSampler(EulerSampler):
 
     name = "heun"
     is_multistep = True
+    scheduler_order = 2  # img2img starts at an Euler stage, call 2 t_start
     #: stage 2's history operand is the stage-1 input sample (the CUDA-graph loop fills its
     #: x0_prev buffer with the step's input)
     history_is_input = True
@@ -132,6 +133,11 @@ class HeunSampler(EulerSampler):
         self._sig = super().sigmas()  # [N + 1], float64, ends at 0
         self.steps = 2 * n - 1
         return np.concatenate([ts[:1], np.repeat(ts[1:], 2)])  # [t0, t1, t1, ..., tN-1, tN-1]
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """VP (x0 + sigma eps) / sqrt(1 + sigma^2) at call i's sigma (calls 2k - 1 and 2k are at
+        sigma_k, as diffusers' interleaved sigmas)."""
+        return vp_of_sigma(float(self._sig[(i + 1) // 2]))
 
     def sigmas(self) -> np.ndarray:
         """float64 ``[N + 1]``: sigma_i of each Heun step, then the final sigma = 0."""

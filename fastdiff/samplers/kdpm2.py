@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import _ops, advance_generator_state
+from fastdiff.samplers.base import _ops, advance_generator_state, vp_of_sigma
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.heun import _UNSET, _version, stage2_history
 from fastdiff.samplers.sigmas import train_sigmas32
@@ -107,6 +107,7 @@ class DPM2Sampler(EulerSampler):
 
     name = "dpm2"
     is_multistep = True
+    scheduler_order = 2  # img2img starts at a first stage, call 2 t_start
     #: stage 2's history operand is the stage-1 input sample, not its x0 prediction (the
     #: CUDA-graph loop fills its x0_prev buffer with the step's input)
     history_is_input = True
@@ -162,6 +163,10 @@ class DPM2Sampler(EulerSampler):
     def sigmas(self) -> np.ndarray:
         """float64 ``[N + 1]``: sigma_i of each step, then the final sigma = 0."""
         return self._sig.copy()
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """VP (x0 + sigma eps) / sqrt(1 + sigma^2) at the noise level of call i's sample."""
+        return vp_of_sigma(float(self.call_sigmas()[i]))
 
     def call_sigmas(self) -> np.ndarray:
         """float64 ``[steps + 1]``: the noise level of the sample each model call gets,

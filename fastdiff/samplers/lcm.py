@@ -94,6 +94,8 @@ class _DistilledSampler(Sampler):
     """Timesteps of the LCM / TCD schedulers (``set_timesteps``) and their shared options."""
 
     origin_grid = "distillation"
+    #: img2img strength is ``set_timesteps``' (LatentConsistencyModelImg2ImgPipeline's)
+    strength_option = True
 
     def __init__(
         self,

@@ -240,6 +240,9 @@ class PNDMSampler(RunRows, Sampler):
     def config(self) -> dict:
         return {**super().config(), "skip_prk_steps": self.skip_prk_steps}
 
+    def _run_warmup(self) -> int:
+        return self.warmup
+
     def reset(self) -> None:
         """Forget the run: the next call starts a new one (call 0's row)."""
         # [last, m_{i-1}, m_{i-2}, m_{i-3}] as the op reads them, and the Runge-Kutta steps'

@@ -368,6 +368,13 @@ class UniPCSampler(DPMSolverPPSampler):
             self._variant_tables[(since, device)] = tab
         return tab
 
+    def run_row(self, i: int, start: int, device: torch.device | str) -> Tensor:
+        """Call ``i``'s row in a run from ``start`` (warm-up rows first, as ``step``)."""
+        since = i - start
+        if start == 0 or since >= self.solver_order:
+            return self.coef_table(device)[i]
+        return self._variant(since, torch.device(device))[i]
+
     def config(self) -> dict:
         return {
             "cls": type(self).__name__,
