@@ -8,6 +8,8 @@ the FlashAttention rule against a float64 restatement."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -183,3 +185,29 @@ def test_ddim_thresholding_returns_x_dtype(x_dtype, mo_dtype, clipped):
     want = smp.step(mo.float(), 1, x.float())
     tol = 2e-3 if torch.float16 in (x_dtype, mo_dtype) else 1e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
+def test_edm_euler_churn_return_x0_is_the_denoiser_at_sigma_hat(pred):
+    """With churn, return_x0's D is D(X_hat; sigma_hat) without the churn noise term (the class
+    docstring): diffusers' pred_original_sample is it plus c_skip(sigma_hat) s_noise
+    sqrt(sigma_hat^2 - sigma^2) z for the same z. (The step itself does not read the (a, s)
+    slots for an epsilon-form op, so only D sees a slot built at sigma instead of sigma_hat.)"""
+    steps, churn = 6, dict(s_churn=3.0, s_noise=1.01)
+    theirs = diffusers.EDMEulerScheduler(prediction_type=pred)
+    theirs.set_timesteps(steps)
+    smp = make_sampler("edm_euler", None, steps, prediction_type=pred, **churn)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(SHAPE, generator=g) * theirs.init_noise_sigma
+    for i, t in enumerate(theirs.timesteps):
+        out = _toy(theirs.scale_model_input(X, t), t)
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(20 + i))
+        res = theirs.step(out, t, X, generator=torch.Generator().manual_seed(20 + i), **churn)
+        s = float(smp.sigmas[i])
+        s_hat = s * (1 + min(churn["s_churn"] / steps, 2**0.5 - 1))
+        c_skip = smp.sigma_data**2 / (s_hat**2 + smp.sigma_data**2)
+        noise = c_skip * churn["s_noise"] * math.sqrt(s_hat**2 - s**2) * z.double()
+        u = (X.double() * smp.c_in(s)).float()
+        u_next, D = smp.step(out, i, u, noise=z, return_x0=True)
+        assert _rel(D.double() + noise, res.pred_original_sample) <= RTOL, i
+        X = res.prev_sample
