@@ -69,6 +69,19 @@ def test_fractional_custom_timesteps_truncate_as_diffusers(name):
     assert ours.timesteps.tolist() == theirs.timesteps.tolist() == [999, 600, 300, 10]
 
 
+@pytest.mark.parametrize(
+    "sigmas",
+    [[14.6, 5.0, 5.0, 0.0], [14.6, 5.0, 6.0, 0.0], [14.6, 5.0, 1.0, 1.0], [5.0, float("nan"), 0.0]],
+    ids=str,
+)
+def test_euler_custom_sigmas_must_strictly_descend(sigmas):
+    """A repeated or rising custom sigma is refused (diffusers steps through it: a zero-length
+    or backward Euler step), naming the argument; nothing is built."""
+    sch = NoiseSchedule.from_diffusers(SL)
+    with pytest.raises(ValueError, match="sigmas: expected (strictly descending|finite)"):
+        make_sampler("euler", sch, None, sigmas=sigmas)
+
+
 # ---------------------------------------------------------------------- bad inputs
 def _steps(smp, n: int, bad_at: int | None = None, bad=None) -> torch.Tensor:
     """``n`` steps on fixed outputs; at ``bad_at`` first a call with ``bad(model_output)`` that
