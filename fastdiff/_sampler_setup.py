@@ -291,6 +291,7 @@ def _diffusers_params(schedule: Any, cfg: Mapping[str, Any]) -> frozenset[str] |
 # non-neutral one there would be silently dropped, the samples no longer diffusers'.
 _SCHEDULER_OF = {
     "ddim": "DDIMScheduler",
+    "ddim_inverse": "DDIMInverseScheduler",
     "ddpm": "DDPMScheduler",
     "deis": "DEISMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",

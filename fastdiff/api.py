@@ -27,15 +27,17 @@ from fastdiff._conditioning import _guidance, _guidance_rescale, model_kwargs_fo
 from fastdiff._graph import _param_signature as _param_signature  # re-exported (tests)
 from fastdiff._graph import _StepGraph as _StepGraph  # re-exported (tests patch it here)
 from fastdiff._graph import sample_graphed
+from fastdiff._img2img import check_image, check_strength, img2img_sampler, noised_image
 from fastdiff._loop import _sample_eager
-from fastdiff._prepare import _weights_channels_last as _weights_channels_last  # (tests)
 from fastdiff._prepare import (
+    _model_param,
     check_model,
     contiguous_result,
     eval_mode,
     resolve_x,
     to_sampling_layout,
 )
+from fastdiff._prepare import _weights_channels_last as _weights_channels_last  # (tests)
 from fastdiff._sampler_setup import _scheduler_options as _scheduler_options  # (tests)
 from fastdiff._sampler_setup import resolve_sampler
 from fastdiff.samplers import Sampler
@@ -58,6 +60,8 @@ def sample(
     shape: Sequence[int] | None = None,
     generator: Generator | None = None,
     noise: Tensor | None = None,
+    image: Tensor | None = None,
+    strength: float | None = None,
     eta: float | None = None,
     cond: Tensor | Mapping[str, Any] | None = None,
     uncond: Tensor | Mapping[str, Any] | None = None,
@@ -114,7 +118,23 @@ def sample(
             ``config.sample_size`` / ``in_channels`` or a fastdiff UNet's attributes.
         generator: a ``torch.Generator``, or a list with one per sample (then sample k of a
             batch equals the single-sample run with generator k).
-        noise: x_T ``[N x ...]`` (batch size, shape, dtype and device follow it by default).
+        noise: x_T ``[N x ...]`` (batch size, shape, dtype and device follow it by default);
+            with ``image``, the noise added to the image (as diffusers' img2img pipelines).
+        image: img2img / SDEdit (Meng et al. 2022, arXiv:2108.01073): x_0 ``[N x ...]`` in model
+            space (latents for a latent model), noised to the sampler's state at model call s
+            (:meth:`~fastdiff.samplers.Sampler.add_noise`: sqrt(ab) x_0 + sqrt(1 - ab) z on
+            its own grid, (1 - sigma) x_0 + sigma z for flow samplers, ...) with ``noise`` or
+            a draw as x_T's; the calls s .. end then run, as diffusers' img2img pipelines
+            (``get_timesteps``, ``set_begin_index``, ``add_noise`` / ``scale_noise``). Batch
+            size, shape, dtype and device follow it as they follow ``noise``.
+        strength: img2img strength in (0, 1] (default with ``image``: 0.8, 0.6 for
+            ``"flow_euler"`` / ``"flow_heun"`` as the SD3 / Flux pipelines): the fraction of
+            the grid that runs, s = (N - min(int(N strength), N)) x calls per step (Heun,
+            DPM2, flow Heun: 2; flow Heun rounds as SD3's pipeline, int(N - N strength)); an
+            error when no step remains. ``"lcm"``, ``"tcd"`` and ``"flow_euler"`` take it as
+            their grid's option (diffusers' ``set_timesteps(strength=...)`` / SD3's
+            shortened sigmas: their whole shortened grid runs, also without ``image``);
+            other samplers refuse it without ``image``.
         eta: DDIM's stochasticity (``"ddim"``), or TCD's gamma (``"tcd"``; default 0.3 as
             diffusers' ``TCDScheduler.step``); other samplers refuse it.
         cond, uncond: conditioning, a dict of model kwargs or a tensor passed as
@@ -133,10 +153,14 @@ def sample(
         model_kwargs: extra kwargs for every model call.
         dtype, device: of x (default: the model's parameters, else ``noise``, else fp32 / CPU).
         progress: show a tqdm progress bar.
-        callback: ``callback(i, t, x)`` after each step (x = the new sample).
+        callback: ``callback(i, t, x)`` after each step (x = the new sample); i counts the run's
+            model calls from 0 (img2img: as diffusers' pipelines enumerate the sliced
+            timesteps), t is that call's timestep.
         return_trajectory: also return ``{"timesteps", "x", "x0"}``: x_t before the first step
             and after each step ``[steps + 1 x N x ...]``, and the x0 prediction of every step
-            ``[steps x N x ...]`` (on the sample's device).
+            ``[steps x N x ...]`` (on the sample's device); for an img2img run from call s,
+            the timesteps of the calls run (``timesteps[s:]``), x_s (the noised image) and
+            the ``steps - s`` steps' results.
         cuda_graph: capture one whole step (model call + update) as a CUDA graph, once per
             (model, sampler structure, shape, dtype, device, conditioning), and replay it; the
             per-step scalars, timesteps and noise are copied into static device buffers before
@@ -164,26 +188,42 @@ def sample(
     _check_flags(callback, cuda_graph, progress, return_trajectory)
     if guidance_scale is not None:
         guidance_scale = _guidance(guidance_scale)
+    strength = check_strength(strength)
+    if image is not None:
+        check_image(image, noise, batch_size, shape)
 
-    # the sampler: timesteps and per-step coefficients, on the model's noise schedule
+    # the sampler: timesteps and per-step coefficients, on the model's noise schedule; an
+    # img2img run starts at its model call `start`
     smp = resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale, sampler_options)
+    smp, start = img2img_sampler(
+        smp, isinstance(sampler, Sampler), image, strength,
+        lambda opts: resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale,
+                                     {**sampler_options, **opts}),
+    )  # fmt: skip
     rescale = _guidance_rescale(guidance_rescale, guidance_scale, smp)
 
     # x_T's device, dtype and shape [N x ...], and the model kwargs of every call: with
     # guidance, one batched call over [uncond, cond]
+    if image is not None and noise is None and _model_param(model) is None:
+        device = image.device if device is None else device  # as noise's would
+        if dtype is None and image.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = image.dtype
+    if image is not None:
+        batch_size, shape = image.shape[0], tuple(image.shape[1:])
     device, dtype, full = resolve_x(model, noise, device, dtype, batch_size, shape, generator)
     n = full[0]
     kwargs = model_kwargs_for(model, cond, uncond, guidance_scale, model_kwargs, n, device, dtype)
 
-    # x_T ~ N(0, I)
-    if noise is not None:
+    if image is not None:  # img2img: x_s = the image noised to call start's state
+        x = noised_image(smp, image, noise, start, device, dtype, generator)
+    elif noise is not None:  # x_T ~ N(0, I)
         x = noise.to(device=device, dtype=dtype)
     else:
         x = randn_like_with(torch.empty(full, device=device, dtype=dtype), generator)
     # EDM samplers keep x in model-input units: diffusers' x_T = init_noise_sigma z is
     # init_noise_scale z there (one scale of the N(0, I) draw, or of the noise given)
     x_scale = getattr(smp, "init_noise_scale", 1.0)
-    if x_scale != 1.0:
+    if x_scale != 1.0 and image is None:
         x = x * x_scale
     if cuda_graph and device.type != "cuda":
         raise ValueError(
@@ -197,7 +237,7 @@ def sample(
     loop = _sample_graphed if cuda_graph else _sample_eager
     with eval_mode(model):
         res = loop(model, smp, x, kwargs, guidance_scale, generator, progress, callback,
-                   return_trajectory, rescale)  # fmt: skip
+                   return_trajectory, rescale, start=start)  # fmt: skip
     return contiguous_result(res, return_trajectory) if back_to_contiguous else res
 
 
@@ -218,10 +258,10 @@ _GRAPHS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDiction
 
 
 def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory,
-                    rescale=0.0):  # fmt: skip
+                    rescale=0.0, start=0):  # fmt: skip
     """:func:`fastdiff._graph.sample_graphed` with this module's capture cache."""
     return sample_graphed(_GRAPHS, model, smp, x, kwargs, gs, generator, progress, callback,
-                          return_trajectory, rescale)  # fmt: skip
+                          return_trajectory, rescale, start)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- images

@@ -1,10 +1,11 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
 PLMS, LMS, LCM, TCD, flow-matching Euler and Heun, EDM Euler and DPM-Solver++ (one fused op call
-per model call).
+per model call); DDIM inversion (``DDIMInverseSampler``: x_0 -> x_T, its timesteps ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
-model timesteps, int64, descending) and ``.step(model_output, i, x, noise=None) -> x_prev`` with
-``i`` the step index, so each step can be compared with the matching diffusers scheduler.
+model timesteps, int64, descending; ascending for DDIM inversion) and ``.step(model_output, i,
+x, noise=None) -> x_prev`` with ``i`` the step index, so each step can be compared with the
+matching diffusers scheduler.
 
     >>> from fastdiff import NoiseSchedule
     >>> from fastdiff.samplers import DDIMSampler
@@ -19,6 +20,7 @@ from typing import Any
 
 from fastdiff.samplers.base import Sampler, spaced_timesteps
 from fastdiff.samplers.ddim import DDIMSampler
+from fastdiff.samplers.ddim_inverse import DDIMInverseSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.deis import DEISSampler
 from fastdiff.samplers.dpm_single import DPMSolverSinglestepSampler
@@ -37,6 +39,7 @@ from fastdiff.schedules import NoiseSchedule
 
 __all__ = [
     "SAMPLERS",
+    "DDIMInverseSampler",
     "DDIMSampler",
     "DDPMSampler",
     "DEISSampler",
@@ -64,6 +67,7 @@ __all__ = [
 #: Names accepted by :func:`make_sampler` and ``fastdiff.sample(sampler=...)``.
 SAMPLERS: dict[str, type[Sampler]] = {
     "ddim": DDIMSampler,
+    "ddim_inverse": DDIMInverseSampler,
     "ddpm": DDPMSampler,
     "deis": DEISSampler,
     "dpm++": DPMSolverPPSampler,
@@ -89,10 +93,10 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddpm", "deis", "dpm++", "dpm2", "dpm2_a",
-    "edm_dpm++", "edm_euler" (EDM-preconditioned models; ``schedule`` must be None), "euler",
-    "euler_a", "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None),
-    "heun", "lcm", "lms", "pndm",
+    """Build the sampler called ``name`` ("ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T),
+    "ddpm", "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
+    models; ``schedule`` must be None), "euler", "euler_a", "flow_euler", "flow_heun"
+    (rectified flow; ``schedule`` must be None), "heun", "lcm", "lms", "pndm",
     "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
