@@ -224,3 +224,35 @@ def test_edm_euler_churn_return_x0_is_the_denoiser_at_sigma_hat(pred):
         u_next, D = smp.step(out, i, u, noise=z, return_x0=True)
         assert _rel(D.double() + noise, res.pred_original_sample) <= RTOL, i
         X = res.prev_sample
+
+
+# ---------------------------------------------------------------------- dpm++_single extras
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+def test_dpm_single_dpmsolver_return_x0_is_the_data_prediction(pred):
+    """algorithm_type="dpmsolver" integrates eps; return_x0 (trajectories) must still give the
+    data prediction x0 at the call's x, the float64 conversion of the model output."""
+    sch = NoiseSchedule.from_diffusers(SL)
+    smp = make_sampler("dpm++_single", sch, 6, algorithm_type="dpmsolver", solver_order=3,
+                       final_sigmas_type="sigma_min", prediction_type=pred)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(SHAPE, generator=g)
+    for i in range(6):
+        mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x
+        rho = float(smp.sigmas()[i])
+        a = 1.0 / math.sqrt(1.0 + rho * rho)
+        s = rho * a
+        x64, mo64 = x.double(), mo.double()
+        want = {"epsilon": (x64 - s * mo64) / a, "v_prediction": a * x64 - s * mo64,
+                "sample": mo64}[pred]  # fmt: skip
+        x, x0 = smp.step(mo, i, x, return_x0=True)
+        assert _rel(x0, want) <= RTOL, i
+
+
+def test_dpm_single_order3_heun_with_coinciding_intermediate_levels_is_an_error():
+    """An order-3 heun call whose two intermediate points share a noise level (r0 = r1)
+    divides by r0 - r1 (diffusers: NaN): a ValueError naming steps, not NaN weights."""
+    smp = make_sampler("dpm++_single", NoiseSchedule.from_diffusers(SL), 6, solver_order=3,
+                       solver_type="heun")  # fmt: skip
+    smp._sig = np.array([2.0, 1.0, 0.7, 0.7, 0.3, 0.2, 0.0])
+    with pytest.raises(ValueError, match=r"steps: calls 1\.\.4 .* share a noise level"):
+        smp._weights(3, 3)
