@@ -30,12 +30,6 @@ from fastdiff.samplers import SAMPLERS, DDIMInverseSampler, DDIMSampler, make_sa
 
 diffusers = pytest.importorskip("diffusers")
 
-
-def _invert(model, image, steps=None, **kw):
-    """DDIM inversion through sample()'s loop: x starts at the image."""
-    return fastdiff.sample(model, steps, sampler="ddim_inverse", noise=image, **kw)
-
-
 SHAPE = (2, 3, 5, 7)  # odd sizes
 RTOL = 1e-5
 
@@ -103,8 +97,8 @@ LABELS = torch.tensor([0.0, 0.0, 1.0, -1.0])  # [uncond, cond] for a batch of 2
 
 def _ours(sched, steps, x, gs=None, **kw):
     if gs is None:
-        return _invert(_model, x, steps, schedule=sched, **kw)
-    return _invert(_model, x, steps, schedule=sched, cond=LABELS[2:],
+        return fastdiff.invert(_model, x, steps, schedule=sched, **kw)
+    return fastdiff.invert(_model, x, steps, schedule=sched, cond=LABELS[2:],
                            uncond=LABELS[:2], guidance_scale=gs, **kw)  # fmt: skip
 
 
@@ -201,7 +195,7 @@ def test_sample_prediction_from_alpha_bar_one_is_refused():
     with pytest.raises(ValueError, match=r"prediction_type: 'sample'.*set_alpha_to_one=False"):
         DDIMInverseSampler(NoiseSchedule("linear"), 10, prediction_type="sample")
     with pytest.raises(ValueError, match="set_alpha_to_one=False"):
-        _invert(_model, x, 10, schedule=sched)
+        fastdiff.invert(_model, x, 10, schedule=sched)
 
 
 @torch.no_grad()
@@ -252,7 +246,7 @@ def test_converges_to_the_probability_flow_ode_of_a_gaussian(schedule):
     model = _gaussian_eps(sch, mu, tau)
     errs = []
     for steps in (10, 20, 50, 100, 200):
-        xT = _invert(model, x0, steps, schedule=sch, timestep_spacing="trailing",
+        xT = fastdiff.invert(model, x0, steps, schedule=sch, timestep_spacing="trailing",
                              clip_sample=False)  # fmt: skip
         ab = sch.alphas_cumprod[999]
         exact = ab.sqrt() * mu + (ab * tau**2 + 1 - ab).sqrt() * (x0.double() - mu) / tau
@@ -307,7 +301,7 @@ def test_round_trip_reconstructs_the_image(model_kind, spacing):
     opts = dict(schedule=sch, timestep_spacing=spacing, clip_sample=False)
     rms = []
     for steps in (10, 20, 50, 100, 200):
-        xT = _invert(model, x0, steps, **opts)
+        xT = fastdiff.invert(model, x0, steps, **opts)
         assert 0.5 < xT.std().item() < 1.2  # noise-like, not the image
         back = fastdiff.sample(model, steps, sampler="ddim", eta=0.0, noise=xT, **opts)
         rms.append((back - x0).pow(2).mean().sqrt().item())
@@ -389,7 +383,7 @@ def test_every_backend_gives_the_same_inversion(case):
         if channels_last:
             xi = xi.contiguous(memory_format=torch.channels_last)
         with fastdiff.use_backend(b, op="sampler_step"):
-            return _invert(_model, xi, 6, schedule=sched, cond=LABELS[2:].to(dev),
+            return fastdiff.invert(_model, xi, 6, schedule=sched, cond=LABELS[2:].to(dev),
                                    uncond=LABELS[:2].to(dev), guidance_scale=2.0)  # fmt: skip
 
     ref = run("torch", torch.float32)
@@ -426,8 +420,8 @@ def test_deterministic_without_a_generator_and_image_untouched():
     x = _image(6)
     before = x.clone()
     rng = torch.get_rng_state()
-    a = _invert(_model, x, 8)
-    b = _invert(_model, x, 8)
+    a = fastdiff.invert(_model, x, 8)
+    b = fastdiff.invert(_model, x, 8)
     assert torch.equal(a, b) and torch.equal(x, before)
     assert torch.equal(torch.get_rng_state(), rng)  # no draw from torch's generator
     assert not torch.equal(a, x)
@@ -441,7 +435,7 @@ def test_trajectory_and_callback_run_upwards():
     def callback(i, t, xi):
         seen.append((i, t, xi.clone()))
 
-    out, traj = _invert(_model, x, 5, return_trajectory=True, callback=callback)
+    out, traj = fastdiff.invert(_model, x, 5, return_trajectory=True, callback=callback)
     ts = DDIMInverseSampler(NoiseSchedule("linear"), 5).timesteps
     assert torch.equal(traj["timesteps"], ts) and ts.tolist() == [0, 200, 400, 600, 800]
     assert traj["x"].shape == (6, *SHAPE) and traj["x0"].shape == (5, *SHAPE)
@@ -451,6 +445,25 @@ def test_trajectory_and_callback_run_upwards():
         assert torch.equal(xi, traj["x"][i + 1])
     # the first step starts from alpha_bar = 1: its x0 is the (clipped) image itself
     torch.testing.assert_close(traj["x0"][0], x.clamp(-1, 1), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_sampler_object_and_name():
+    sch = NoiseSchedule("cosine")
+    x = _image(8)
+    smp = DDIMInverseSampler(sch, 7, timestep_spacing="trailing", prediction_type="v_prediction")
+    a = fastdiff.invert(_model, x, sampler=smp)
+    b = fastdiff.invert(_model, x, 7, schedule=sch, timestep_spacing="trailing",
+                        prediction_type="v_prediction")  # fmt: skip
+    c = fastdiff.sample(_model, 7, sampler="ddim_inverse", noise=x, schedule=sch,
+                        timestep_spacing="trailing", prediction_type="v_prediction")  # fmt: skip
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert SAMPLERS["ddim_inverse"] is DDIMInverseSampler
+    assert isinstance(make_sampler("ddim_inverse", sch, 3), DDIMInverseSampler)
+    with pytest.raises(ValueError, match="steps: got 5 but the sampler object was built for 7"):
+        fastdiff.invert(_model, x, 5, sampler=smp)
+    with pytest.raises(ValueError, match="cannot be applied to a sampler object"):
+        fastdiff.invert(_model, x, sampler=smp, clip_sample=False)
 
 
 @pytest.mark.parametrize("as_config", [False, True], ids=["object", "saved-config"])
@@ -464,13 +477,34 @@ def test_scheduler_class_infers_the_inverse_sampler(as_config):
     arg = json.loads(sched.to_json_string()) if as_config else sched
     assert infer_sampler(arg) == "ddim_inverse"
     x = _image(9)
-    want = _invert(_model, x, 10, schedule=NoiseSchedule.from_diffusers(sched),
+    want = fastdiff.invert(_model, x, 10, schedule=NoiseSchedule.from_diffusers(sched),
                            steps_offset=1, set_alpha_to_one=False, clip_sample=False)  # fmt: skip
-    assert torch.equal(_invert(_model, x, 10, schedule=arg), want)
+    assert torch.equal(fastdiff.invert(_model, x, 10, schedule=arg), want)
     assert torch.equal(fastdiff.sample(_model, 10, noise=x, schedule=arg), want)
     fwd = diffusers.DDIMScheduler(**settings)  # DDIMInverseScheduler.from_config(pipe.scheduler)
-    assert torch.equal(_invert(_model, x, 10, schedule=fwd), want)
-    assert _rel(_invert(_model, x, 10, schedule="scaled_linear"), want) > 1e-3
+    assert torch.equal(fastdiff.invert(_model, x, 10, schedule=fwd), want)
+    assert _rel(fastdiff.invert(_model, x, 10, schedule="scaled_linear"), want) > 1e-3
+
+
+@torch.no_grad()
+def test_diffusers_unet_prediction_type_and_channels():
+    """A diffusers UNet2DModel: its config's prediction_type is used, the image's channels are
+    checked, and the result equals the explicit run."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3,
+                                 layers_per_block=1, block_out_channels=(8, 16),
+                                 norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2).eval()  # fmt: skip
+    unet.register_to_config(prediction_type="v_prediction")
+    x = _image(10, (2, 3, 8, 8))
+    got = fastdiff.invert(unet, x, 4)
+    want = fastdiff.invert(unet, x, 4, prediction_type="v_prediction")
+    assert torch.equal(got, want) and got.is_contiguous()
+    assert _rel(fastdiff.invert(unet, x, 4, prediction_type="epsilon"), got) > 1e-3
+    with pytest.raises(ValueError, match=r"image: .*C = 3 \(the model's in_channels\).*\(2, 4, 8"):
+        fastdiff.invert(unet, torch.zeros(2, 4, 8, 8), 4)
+    with pytest.raises(ValueError, match=r"image: .*\(3, 8, 8\).*image\[None\]"):
+        fastdiff.invert(unet, torch.zeros(3, 8, 8), 4)
 
 
 # ------------------------------------------------------------------------ CUDA graphs
@@ -500,14 +534,51 @@ def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch):
 def test_cuda_graph_on_a_gpu_equals_eager():
     x = _image(11).cuda()
     kw = dict(cond=LABELS[2:].cuda(), uncond=LABELS[:2].cuda(), guidance_scale=2.0)
-    eager = _invert(_model, x, 8, **kw)
-    graphed = _invert(_model, x, 8, cuda_graph=True, **kw)
+    eager = fastdiff.invert(_model, x, 8, **kw)
+    graphed = fastdiff.invert(_model, x, 8, cuda_graph=True, **kw)
     torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
     exact = _ref_loop(diffusers.DDIMInverseScheduler(), 8, x.cpu(), 2.0, LABELS)
     assert _rel(graphed.cpu(), exact) <= RTOL
 
 
 # ------------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(image=[[0.0]]), TypeError, "image: expected a torch.Tensor, got list"),
+        (dict(image=torch.zeros(2, 3, dtype=torch.uint8)), TypeError, "image: .*torch.uint8"),
+        (dict(image=torch.zeros(3)), ValueError, r"image: expected a non-empty batch"),
+        (dict(image=torch.zeros(0, 3)), ValueError, r"image: expected a non-empty batch"),
+        (dict(steps=0), ValueError, r"steps: expected 1 <= steps <= num_train_timesteps"),
+        (dict(steps=1001), ValueError, r"steps: expected 1 <= steps"),
+        (dict(steps=2.5), TypeError, "steps: expected an int"),
+        (dict(steps=True), TypeError, "steps: expected an int"),
+        (dict(eta=0.5), TypeError, r"invert: unknown option\(s\) \['eta'\]"),
+        (dict(noise=torch.zeros(SHAPE)), TypeError, r"unknown option\(s\) \['noise'\]"),
+        (dict(thresholding=True), TypeError, r"unknown option\(s\) \['thresholding'\]"),
+        (dict(timestep_spacing="linspace"), ValueError, "timestep_spacing: expected one of"),
+        (dict(prev_timestep="next"), ValueError, "prev_timestep: expected one of"),
+        (dict(prediction_type="x0"), ValueError, "prediction_type: expected one of"),
+        (dict(clip_sample_range=0.0), ValueError, "clip_sample_range: expected > 0"),
+        (dict(steps=10, steps_offset=100), ValueError, "steps_offset: timesteps"),
+        (dict(sampler="ddim"), ValueError, r"sampler: expected one of \['ddim_inverse'\]"),
+        (dict(sampler=DDIMSampler(NoiseSchedule("linear"), 4)), TypeError, "sampler: expected"),
+        (dict(guidance_scale=2.0), ValueError, "cond"),
+        (dict(schedule="quadratic"), ValueError, "schedule"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_bad_arguments_name_themselves(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    image = kwargs.pop("image", _image())
+    before = image.clone() if isinstance(image, torch.Tensor) else None
+    steps = kwargs.pop("steps", 4)
+    with pytest.raises(exc, match=match):
+        fastdiff.invert(_model, image, steps, **kwargs)
+    if before is not None:
+        assert torch.equal(image, before)  # nothing written
+
+
 def test_sampler_step_arguments_are_checked():
     smp = DDIMInverseSampler(NoiseSchedule("linear"), 4)
     x = _image()

@@ -1,0 +1,152 @@
+"""``fastdiff.invert``: DDIM inversion, an image x_0 -> the noise x_T that DDIM brings back to it.
+
+    >>> x_T = fastdiff.invert(unet, image, steps=50)                       # doctest: +SKIP
+    >>> x_0 = fastdiff.sample(unet, steps=50, noise=x_T)  # ~ image         # doctest: +SKIP
+
+The first step of real-image editing (prompt-to-prompt, null-text inversion, DiffEdit,
+pix2pix-zero): the deterministic DDIM ODE (Song et al. 2021, arXiv:2010.02502, Sec. 4.3, eq. 13)
+integrated from the image upwards, one model call and one fused ``sampler_step`` per step (see
+:class:`~fastdiff.samplers.DDIMInverseSampler`). The loop is :func:`fastdiff.sample`'s, started
+at x = image.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+from fastdiff._prepare import _infer_shape
+from fastdiff.samplers import DDIMInverseSampler, Sampler
+
+__all__ = ["invert"]
+
+#: sampler names ``invert`` runs, and the class each builds
+INVERSE_SAMPLERS: dict[str, type[Sampler]] = {"ddim_inverse": DDIMInverseSampler}
+
+
+def invert(
+    model: Callable[..., Any],
+    image: Tensor,
+    steps: int | None = None,
+    *,
+    sampler: str | Sampler = "ddim_inverse",
+    schedule: Any = None,
+    cond: Tensor | Mapping[str, Any] | None = None,
+    uncond: Tensor | Mapping[str, Any] | None = None,
+    guidance_scale: float | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    callback: Callable[[int, int, Tensor], Any] | None = None,
+    return_trajectory: bool = False,
+    cuda_graph: bool = False,
+    **sampler_options: Any,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """Invert ``image`` to its noise x_T with deterministic DDIM run upwards (DDIM inversion).
+
+    Step i calls the model at the upper timestep t_i on x at the lower level s_i and moves x up
+    (DDIM eq. 12 with eta = 0 read from s to t; ab = alpha_bar, ab_s = 1 at the image)::
+
+        x0      = (x_s - sqrt(1 - ab_s) eps(x_s, t)) / sqrt(ab_s)
+        x_t     = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps(x_s, t)
+
+    matching diffusers' ``DDIMInverseScheduler`` loop step for step. Sampling the result with
+    ``sampler="ddim"``, ``eta=0`` on the same schedule, steps and settings gives the image back
+    up to the discretisation error of both runs (it falls as ``steps`` grows).
+
+    Args:
+        model: as for :func:`fastdiff.sample`: ``model(x, t, **kwargs)``, the timesteps int64.
+        image: x_0 in model space ``[N x C x ...]`` (images in [-1, 1], or a VAE's scaled
+            latents), floating point; its dtype and device follow the model's parameters, as
+            ``noise`` does in :func:`fastdiff.sample`. Not modified.
+        steps: inversion steps (1 .. num_train_timesteps; default 50, or the sampler object's).
+        sampler: ``"ddim_inverse"`` or a :class:`~fastdiff.samplers.DDIMInverseSampler` (its own
+            schedule, steps and options).
+        schedule: the model's training schedule, as for :func:`fastdiff.sample` (a name, a
+            :class:`~fastdiff.NoiseSchedule`, or a diffusers scheduler / config: a
+            ``DDIMInverseScheduler``, or the pipeline's own ``DDIMScheduler``, whose
+            ``prediction_type``, ``timestep_spacing``, ``steps_offset``, ``clip_sample``,
+            ``set_alpha_to_one`` it then uses, as ``DDIMInverseScheduler.from_config`` would).
+        cond, uncond, guidance_scale, model_kwargs: conditioning and classifier-free guidance,
+            as for :func:`fastdiff.sample` (``eps = eps_u + w (eps_c - eps_u)``; editing
+            methods usually invert with w = 1 or no guidance).
+        progress, callback, return_trajectory, cuda_graph: as for :func:`fastdiff.sample`:
+            the trajectory's ``"x"`` runs from the image (first) to x_T (last), its
+            ``"timesteps"`` ascend.
+        **sampler_options: :class:`~fastdiff.samplers.DDIMInverseSampler`'s options:
+            ``prediction_type``, ``timestep_spacing`` (``"leading"`` / ``"trailing"``),
+            ``steps_offset``, ``clip_sample``, ``clip_sample_range``, ``set_alpha_to_one``,
+            ``prev_timestep``.
+
+    Returns:
+        x_T ``[N x C x ...]`` (and the trajectory dict with ``return_trajectory``).
+    """
+    from fastdiff.api import sample
+
+    _check_image(model, image)
+    if isinstance(sampler, str):
+        if sampler.lower() not in INVERSE_SAMPLERS:
+            raise ValueError(
+                f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a "
+                f"DDIMInverseSampler object, got {sampler!r}"
+            )
+        _check_options(INVERSE_SAMPLERS[sampler.lower()], sampler_options)
+    elif isinstance(sampler, tuple(INVERSE_SAMPLERS.values())):
+        _check_options(type(sampler), sampler_options)  # sample() refuses the valid ones
+    else:
+        raise TypeError(
+            f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a DDIMInverseSampler "
+            f"object, got {type(sampler).__name__}"
+        )
+    return sample(
+        model,
+        steps,
+        sampler=sampler,
+        schedule=schedule,
+        noise=image,
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=guidance_scale,
+        model_kwargs=model_kwargs,
+        progress=progress,
+        callback=callback,
+        return_trajectory=return_trajectory,
+        cuda_graph=cuda_graph,
+        **sampler_options,
+    )
+
+
+def _check_image(model: Any, image: Any) -> None:
+    """A floating ``[N x C x ...]`` tensor whose channels (and rank) fit the model's config."""
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image: expected a torch.Tensor, got {type(image).__name__}")
+    if not image.is_floating_point():
+        raise TypeError(
+            f"image: expected a floating-point tensor in model space (e.g. images in [-1, 1]: "
+            f"x.float() / 127.5 - 1), got dtype {image.dtype}"
+        )
+    if image.ndim < 2 or image.numel() == 0:
+        raise ValueError(
+            f"image: expected a non-empty batch [N x C x ...], got shape {tuple(image.shape)}"
+        )
+    want = _infer_shape(model)  # (C, H, W) from config.sample_size / in_channels
+    if want is not None and (image.ndim != len(want) + 1 or image.shape[1] != want[0]):
+        raise ValueError(
+            f"image: expected a {len(want) + 1}-D batch [N x C x ...] with C = {want[0]} (the "
+            f"model's in_channels), got shape {tuple(image.shape)}"
+            + (" (a single image? use image[None])" if image.ndim == len(want) else "")
+        )
+
+
+def _check_options(cls: type[Sampler], options: Mapping[str, Any]) -> None:
+    """Options the inverse sampler does not take (``eta``, ``noise``, a forward sampler's
+    ``thresholding``, ...): a TypeError naming them and the valid ones."""
+    params = inspect.signature(cls.__init__).parameters
+    valid = sorted(k for k in params if k not in ("self", "schedule", "steps"))
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"invert: unknown option(s) {unknown} for {cls.__name__}; its options are {valid}"
+        )
