@@ -276,6 +276,45 @@ def test_lcm_clipped_step_of_an_infinite_output_is_finite_as_diffusers():
 
 
 # ---------------------------------------------------------------------------------- flow
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("graphed", [False, True])
+def test_flow_half_precision_stochastic_run_draws_float32_noise(
+    dtype, graphed, fake_cuda_graphs, monkeypatch
+):
+    """diffusers' stochastic flow step upcasts the sample and draws z in float32 (torch's
+    fp16 / bf16 randn gives other values): a half-precision sample(generator=) run drew z in
+    the sample's dtype, another noise stream (rel err 1.4 vs diffusers' loop), in the eager
+    and the CUDA-graph loop. Now both runs are diffusers' to the dtype's rounding (< 1 ulp
+    per step)."""
+    from fastdiff import api
+
+    if graphed:
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed)
+    z = torch.randn(ODD, generator=torch.Generator().manual_seed(0)).to(dtype)
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    theirs.set_timesteps(5)
+    ref = _flow_loop(theirs, z, gen=torch.Generator().manual_seed(7))
+    got = fastdiff.sample(_velocity, 5, sampler="flow_euler", shift=3.0, stochastic_sampling=True,
+                          noise=z, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    assert got.dtype == ref.dtype == dtype
+    ulp = torch.finfo(dtype).eps * ref.double().abs().max()
+    assert (got.double() - ref.double()).abs().max() <= 2 * ulp
+
+
+def test_flow_step_with_a_generator_draws_float32_noise():
+    """step(generator=) draws as diffusers' step: the same z, values within 1 fp16 ulp."""
+    theirs = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+    theirs.set_timesteps(4)
+    smp = FlowMatchEulerSampler(None, 4, stochastic_sampling=True)
+    g = torch.Generator().manual_seed(1)
+    x, v = (torch.randn(ODD, generator=g).half() for _ in range(2))
+    ref = theirs.step(v, theirs.timesteps[0], x, generator=torch.Generator().manual_seed(4))
+    got = smp.step(v, 0, x, generator=torch.Generator().manual_seed(4))
+    ref = ref.prev_sample
+    assert got.dtype == ref.dtype == torch.float16
+    ulp = torch.finfo(torch.float16).eps * ref.double().abs().max()
+    assert (got.double() - ref.double()).abs().max() <= ulp
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops
+from fastdiff.samplers.base import Sampler, _ops, randn_like_with
 from fastdiff.samplers.heun import _UNSET, _version, stage2_history
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid
 
@@ -287,6 +287,13 @@ class FlowMatchEulerSampler(Sampler):
 
     def config(self) -> dict[str, Any]:
         return {"cls": type(self).__name__, "stochastic": self.stochastic_sampling}
+
+    def _draw_noise(
+        self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+    ) -> Tensor:
+        # as diffusers' stochastic step: z is drawn in float32 whatever x's dtype (its step
+        # upcasts the sample first; torch's fp16 / bf16 randn gives other values)
+        return randn_like_with(torch.empty_like(x, dtype=torch.float32), generator)
 
     @property
     def init_sigma(self) -> float:
