@@ -414,3 +414,52 @@ def test_image_sets_batch_dtype_device_and_is_cast():
                             generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert out64.dtype == torch.float32
     torch.testing.assert_close(out64, out, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def test_cli_init_image_reaches_sample_as_model_space_image(tmp_path, monkeypatch):
+    """fastdiff sample --init-image / --strength: the picture in the model's channels and size,
+    pixels / 127.5 - 1, once per sample, and the strength, reach sample(); a real run writes."""
+    import numpy as np
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    pix = ((np.arange(16 * 16 * 3).reshape(16, 16, 3) * 7) % 256).astype(np.uint8)
+    src = tmp_path / "in.png"
+    Image.fromarray(pix).save(src)  # RGB, the digits model's 16 x 16: converted to grayscale
+    gray = np.asarray(Image.fromarray(pix).convert("L"), dtype=np.float32)
+    seen = []
+    real = fastdiff.sample
+    monkeypatch.setattr(
+        fastdiff, "sample", lambda model, **kw: seen.append(kw) or real(model, **kw)
+    )
+    out = tmp_path / "out.png"
+    argv = ["sample", "--init-image", str(src), "--strength", "0.5", "--n", "2", "--steps", "4"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0 and out.is_file()
+    image = seen[0]["image"]
+    assert image.shape == (2, 1, 16, 16) and seen[0]["strength"] == 0.5
+    torch.testing.assert_close(image[1, 0], torch.from_numpy(gray) / 127.5 - 1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--strength", "0.5"], "--strength needs --init-image"),
+        (["--init-image", "missing.png"], "--init-image: file not found"),
+        (["--init-image", "{txt}"], "--init-image: cannot read"),
+        (["--init-image", "{png}", "--strength", "1.5"], "strength: expected a float in (0, 1]"),
+        (["--init-image", "{png}", "--strength", "0.01"], "strength: 0.01 leaves no step"),
+    ],
+)
+def test_cli_init_image_errors_write_nothing(argv, msg, tmp_path, capsys):
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    (tmp_path / "t.txt").write_text("not an image")
+    Image.new("L", (16, 16)).save(tmp_path / "a.png")
+    argv = [a.format(txt=tmp_path / "t.txt", png=tmp_path / "a.png") for a in argv]
+    out = tmp_path / "out.png"
+    assert main(["sample", *argv, "--out", str(out), "--quiet"]) == 1
+    assert msg in capsys.readouterr().err and not out.exists()
