@@ -69,6 +69,16 @@ def test_fractional_custom_timesteps_truncate_as_diffusers(name):
     assert ours.timesteps.tolist() == theirs.timesteps.tolist() == [999, 600, 300, 10]
 
 
+@pytest.mark.parametrize("name", [*SCHEDULERS, "lcm"])
+@pytest.mark.parametrize("ts", [[500, -1], [999, 500, -20], [1000, 10]], ids=str)
+def test_custom_timesteps_outside_the_training_range_are_refused(name, ts):
+    """A timestep below 0 or at T: diffusers (except DDPM at T) runs it, indexing alpha_bar from
+    the end (t = -1 steps at the noise level of t = 999); fastdiff refuses it."""
+    sch = NoiseSchedule.from_diffusers(SL)
+    with pytest.raises(ValueError, match=r"timesteps: expected values in \[0, 999\]"):
+        make_sampler(name, sch, None, timesteps=ts)
+
+
 @pytest.mark.parametrize(
     "sigmas",
     [[14.6, 5.0, 5.0, 0.0], [14.6, 5.0, 6.0, 0.0], [14.6, 5.0, 1.0, 1.0], [5.0, float("nan"), 0.0]],
