@@ -256,6 +256,21 @@ def test_reusing_a_distilled_sampler(kind):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("opts,err,match", [
+    ({"timestep_scaling": "a"}, TypeError, "timestep_scaling"),
+    ({"timestep_scaling": None}, TypeError, "timestep_scaling"),
+    ({"timestep_scaling": True}, TypeError, "timestep_scaling"),
+    ({"clip_sample_range": "a"}, TypeError, "clip_sample_range"),
+    ({"clip_sample": True, "clip_sample_range": float("nan")}, ValueError, "clip_sample_range"),
+    ({"thresholding": True, "dynamic_thresholding_ratio": "a"}, TypeError,
+     "dynamic_thresholding_ratio"),
+    ({"sample_max_value": None}, TypeError, "sample_max_value"),
+])  # fmt: skip
+def test_lcm_bad_option_types_are_named(opts, err, match):
+    with pytest.raises(err, match=match):
+        LCMSampler(NoiseSchedule("scaled_linear"), 4, **opts)
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "sampler_step (every backend, csrc included) multiplies a zero coefficient by the "
     "model's eps: 0 * inf = NaN where diffusers' LCM step never forms it (its clipped x0 of an "
@@ -428,6 +443,26 @@ def test_reusing_flow_samplers_and_a_heun_run_cut_short():
     assert torch.equal(a, fastdiff.sample(_velocity, sampler=fresh, noise=z))
 
 
+@pytest.mark.parametrize("opts,err,match", [
+    ({"use_dynamic_shifting": True, "mu": 800.0}, ValueError, "mu"),
+    ({"use_dynamic_shifting": True, "time_shift_type": "linear", "mu": 800.0}, None, None),
+    ({"use_dynamic_shifting": True, "image_seq_len": 1024, "base_shift": None}, TypeError,
+     "base_shift"),
+    ({"use_dynamic_shifting": True, "image_seq_len": 1024, "max_shift": "1.15"}, TypeError,
+     "max_shift"),
+    ({"use_dynamic_shifting": True, "image_seq_len": 1024, "base_image_seq_len": 256.0},
+     TypeError, "base_image_seq_len"),
+    ({"sigmas": "ab"}, TypeError, "sigmas"),
+    ({"sigmas": [1.0, None, 0.5, 0.2]}, ValueError, "sigmas"),  # None: NaN in numpy
+])  # fmt: skip
+def test_flow_bad_options_are_named(opts, err, match):
+    if err is None:  # mu / (mu + 1/s - 1): large mu is a valid (all ~1) grid, as diffusers'
+        FlowMatchEulerSampler(None, 4, **opts)
+        return
+    with pytest.raises(err, match=match):
+        FlowMatchEulerSampler(None, 4, **opts)
+
+
 def test_flow_euler_config_routed_to_flow_heun_is_diffusers_from_config():
     """A FlowMatchEulerDiscreteScheduler config routed to 'flow_heun' keeps only what
     FlowMatchHeunDiscreteScheduler.from_config keeps (num_train_timesteps, shift): diffusers'
@@ -440,6 +475,20 @@ def test_flow_euler_config_routed_to_flow_heun_is_diffusers_from_config():
     theirs.set_timesteps(3)
     assert _rel(out, _flow_loop(theirs, z)) <= RTOL
     assert not math.isnan(out.sum().item())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: LCMSampler(NoiseSchedule("scaled_linear"), 4),
+    lambda: TCDSampler(NoiseSchedule("scaled_linear"), 4, eta=0.5),
+    lambda: FlowMatchEulerSampler(None, 4, stochastic_sampling=True),
+])  # fmt: skip
+def test_integer_sample_is_a_type_error_naming_x(make):
+    """An int x on a step that draws noise: torch's randn has no int kernel and raised
+    NotImplementedError ('normal_kernel_cpu' not implemented for 'Long') before any check."""
+    smp = make()
+    x = torch.ones(ODD, dtype=torch.int64)
+    with pytest.raises(TypeError, match="x: expected a float tensor"):
+        smp.step(torch.randn(ODD), 0, x, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("steps,orig", [(9, 8), (8, 8), (51, 50), (2, 1)])

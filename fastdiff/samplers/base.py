@@ -333,6 +333,8 @@ class Sampler:
     ) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():  # before a noise draw like x (randn of an int: no kernel)
+            raise TypeError(f"x: expected a float tensor, got {x.dtype}")
         if not isinstance(model_output, Tensor):
             raise TypeError(
                 f"model_output: expected a torch.Tensor, got {type(model_output).__name__}"

@@ -210,6 +210,12 @@ class FlowMatchEulerSampler(Sampler):
             raise TypeError(f"image_seq_len: expected an int, got {type(image_seq_len).__name__}")
         if image_seq_len < 1:
             raise ValueError(f"image_seq_len: expected an int >= 1, got {image_seq_len}")
+        for name, v in (("base_shift", base_shift), ("max_shift", max_shift)):
+            if isinstance(v, bool) or not isinstance(v, Real):
+                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+        for name, v in (("base_image_seq_len", base_len), ("max_image_seq_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
         if max_len == base_len:
             raise ValueError(
                 f"base_image_seq_len, max_image_seq_len: must differ, both are {base_len}"
@@ -236,12 +242,18 @@ class FlowMatchEulerSampler(Sampler):
             hi, lo = ends[0].item(), ends[1].item()
             s = np.linspace(hi * T, lo * T, n) / T
         else:
-            s = np.asarray(custom, dtype=np.float32)
+            try:
+                s = np.asarray(custom, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise TypeError(f"sigmas: expected a sequence of floats, got {custom!r}") from None
             if s.ndim != 1 or len(s) != n:
                 raise ValueError(f"sigmas: expected {n} (= steps) values, got shape {s.shape}")
             if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(s <= 1)):
                 raise ValueError("sigmas: expected values in (0, 1]")
-        s = self._shifted(s)
+        try:
+            s = self._shifted(s)
+        except OverflowError:  # e^mu past float range (diffusers: the same OverflowError)
+            raise ValueError(f"mu: e^mu overflows a float, got mu = {self.mu}") from None
         if self.shift_terminal is not None:
             one_minus = 1 - s
             if one_minus[-1] == 0:  # diffusers: 0 / 0, a NaN grid

@@ -82,6 +82,14 @@ def consistency_timesteps(
     return origin[idx].copy()
 
 
+def _float_option(name: str, v: object) -> float:
+    """A real-number option (not a bool) as a float; TypeError naming it otherwise (float()
+    raised 'could not convert string to float' without the option's name)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+    return float(v)
+
+
 def _check_strength(strength: float) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)):
         raise TypeError(f"strength: expected a float in (0, 1], got {type(strength).__name__}")
@@ -223,19 +231,22 @@ class LCMSampler(_DistilledSampler):
         dynamic_thresholding_ratio: float = 0.995,
         sample_max_value: float = 1.0,
     ) -> None:
-        scaling = float(timestep_scaling)
+        scaling = _float_option("timestep_scaling", timestep_scaling)
         if not 0.0 <= scaling < math.inf:
             raise ValueError(f"timestep_scaling: expected a finite float >= 0, got {scaling}")
-        if clip_sample and not float(clip_sample_range) > 0:
+        clip_range = _float_option("clip_sample_range", clip_sample_range)
+        if clip_sample and not clip_range > 0:
             raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        ratio = _float_option("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
+        max_value = _float_option("sample_max_value", sample_max_value)
         if thresholding:
-            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+            check_thresholding(ratio, max_value)
         self.timestep_scaling = scaling
         self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
+        self.clip_sample_range = clip_range
         self.thresholding = bool(thresholding)
-        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
-        self.sample_max_value = float(sample_max_value)
+        self.dynamic_thresholding_ratio = ratio
+        self.sample_max_value = max_value
         super().__init__(
             schedule,
             steps,
