@@ -507,3 +507,30 @@ def test_tcd_all_grid_refuses_more_steps_than_original_as_diffusers(steps, orig)
         return
     theirs.set_timesteps(steps, original_inference_steps=orig)
     assert TCDSampler(sch, steps, **kw).timesteps.tolist() == theirs.timesteps.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("steps", [2, 6])
+def test_flow_heun_half_precision_calls_flash_attention_rule(dtype, steps):
+    """fp16 / bf16 x and velocities, call by call: the Euler stage x + h v1 and the correction
+    x + h (v1 + v2) / 2 (float64 restatements) within 2x diffusers' own error in that dtype
+    (+ 1 ulp); the result in x's dtype, as diffusers' (the model output's) dtype."""
+    theirs = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    theirs.set_timesteps(steps)
+    smp = FlowMatchHeunSampler(None, steps, shift=3.0)
+    g = torch.Generator().manual_seed(steps)
+    for k in range(0, smp.steps - 1, 2):
+        s, s_next = smp.sigmas[k // 2], smp.sigmas[k // 2 + 1]
+        x, v1, v2 = (torch.randn(ODD, generator=g).mul(3).to(dtype) for _ in range(3))
+        their1 = theirs.step(v1, theirs.timesteps[k], x).prev_sample
+        ours1 = smp.step(v1, k, x)
+        their2 = theirs.step(v2, theirs.timesteps[k + 1], their1).prev_sample
+        ours2 = smp.step(v2, k + 1, their1)
+        h = s_next - s
+        x64, w1, w2 = x.double(), v1.double(), v2.double()
+        for ours, ref_d, ref in ((ours1, their1, x64 + h * w1),
+                                 (ours2, their2, x64 + h / 2 * (w1 + w2))):  # fmt: skip
+            assert ours.dtype == ref_d.dtype == dtype
+            err, err_d = (ours.double() - ref).abs().max(), (ref_d.double() - ref).abs().max()
+            ulp = torch.finfo(dtype).eps * ref.abs().max()
+            assert err <= 2 * err_d + ulp, (k, err.item(), err_d.item())
