@@ -534,3 +534,20 @@ def test_flow_heun_half_precision_calls_flash_attention_rule(dtype, steps):
             err, err_d = (ours.double() - ref).abs().max(), (ref_d.double() - ref).abs().max()
             ulp = torch.finfo(dtype).eps * ref.abs().max()
             assert err <= 2 * err_d + ulp, (k, err.item(), err_d.item())
+
+
+def test_flow_heun_refused_correction_leaves_the_run_alone():
+    """A correction refused for its model output (float64, wrong shape, int) writes nothing
+    and keeps the Euler stage's input: the next valid correction is the uninterrupted one."""
+    g = torch.Generator().manual_seed(6)
+    x, v1, v2 = (torch.randn(ODD, generator=g) for _ in range(3))
+    ref = FlowMatchHeunSampler(None, 3, shift=3.0)
+    expect = ref.step(v2, 1, ref.step(v1, 0, x))
+    smp = FlowMatchHeunSampler(None, 3, shift=3.0)
+    x1 = smp.step(v1, 0, x)
+    before = x1.clone()
+    for bad in (v2.double(), v2[:1], v2.int()):
+        with pytest.raises((TypeError, ValueError), match="model_output"):
+            smp.step(bad, 1, x1)
+    assert torch.equal(x1, before)
+    assert torch.equal(smp.step(v2, 1, x1), expect)
