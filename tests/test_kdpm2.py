@@ -1,5 +1,6 @@
 """DPM2Sampler ("dpm2") / DPM2AncestralSampler ("dpm2_a") vs diffusers' KDPM2DiscreteScheduler /
-KDPM2AncestralDiscreteScheduler, and through sample() / backends / graphs / CLI.
+KDPM2AncestralDiscreteScheduler, and through sample() / backends / CLI (the CUDA-graph loop, no
+host sync: tests/test_sampler_contract.py).
 
 diffusers runs N steps as 2N - 1 model calls: stage 1 at sigma_i (Euler to the log-midpoint
 sigma_m), stage 2 at sigma_m (the midpoint slope applied to its stored stage-1 sample; the
@@ -431,7 +432,7 @@ def test_registry_inference_and_scheduler_settings():
         fastdiff.sample(_toy, steps=3, sampler="dpm2", shape=SHAPE[1:], s_churn=1.0)
 
 
-# ------------------------------------------------------------------------ backends, loops
+# ------------------------------------------------------------------------ backends
 @pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @torch.no_grad()
@@ -457,65 +458,6 @@ def test_every_backend_gives_the_same_samples(kind, case):
     half = run(backend, torch.float16)  # the FlashAttention rule against the torch fp16 run
     assert half.dtype == torch.float16
     assert_fa_rule(half, ref, run("torch", torch.float16), k=2.0, atol=1e-3, name=backend)
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
-@torch.no_grad()
-def test_no_host_sync_inside_the_sampling_loop(kind):
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return _toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=4, sampler=kind, shape=SHAPE[1:], batch_size=2)
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []
-
-
-@pytest.mark.parametrize("kind,philox", [("dpm2", False), ("dpm2_a", False), ("dpm2_a", True)])
-@torch.no_grad()
-def test_cuda_graph_loop_equals_eager(kind, philox, fake_cuda_graphs, monkeypatch):
-    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
-    coefficient row, the x0 history, the noise / Philox state in static buffers): the same
-    samples as the eager loop, also for a second call with new inputs, and with guidance."""
-    from fastdiff import api
-
-    eager_loop = api._sample_eager
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-
-    def model(x, t, encoder_hidden_states=None):
-        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
-
-    def run(graphed, seed):
-        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
-        torch.manual_seed(seed)
-        z = torch.randn(SHAPE)
-        gen = None if philox else torch.Generator().manual_seed(seed + 10)
-        return fastdiff.sample(model, steps=5, sampler=kind, noise=z, cond=cond, uncond=uncond,
-                               guidance_scale=2.0, use_karras_sigmas=True, generator=gen,
-                               return_trajectory=True)  # fmt: skip
-
-    for seed in (1, 2):
-        eager, etraj = run(False, seed)
-        out, traj = run(True, seed)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
-    g = fake_cuda_graphs[0]
-    # the history lives in a static buffer, filled with each step's input x (stage 2 reads the
-    # stage-1 input); the x0 prediction there instead (Heun's history) is another sampler
-    assert g.x0_prev is not None and g.history_is_input
-    g.history_is_input = False
-    wrong, _ = run(True, 2)
-    assert _rel(wrong, eager) > 1e-3
-    g.history_is_input = True
-    torch.testing.assert_close(run(True, 2)[0], eager, rtol=1e-6, atol=1e-6)
-    if kind == "dpm2_a":
-        assert not torch.allclose(out, run(False, 1)[0])  # the noise differs per call
 
 
 # ------------------------------------------------------------------------ CLI

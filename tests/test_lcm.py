@@ -1,7 +1,8 @@
 """LCMSampler ("lcm") and TCDSampler ("tcd") vs diffusers' LCMScheduler / TCDScheduler: the
 timesteps of set_timesteps, every step (same sample, model output and noise on both sides), whole
 runs through fastdiff.sample (the same generator on both sides), img2img, every sampler_step
-backend, the CUDA-graph loop (faked on CPU), schedule inference and the errors.
+backend, schedule inference and the errors (the CUDA-graph loop, no host sync:
+tests/test_sampler_contract.py).
 
 Per step, ours must agree with diffusers to a relative error <= 1e-5 (max |ours - theirs| /
 max |theirs|) against diffusers' step run in float64 on our float64 alpha_bar, and to 1e-5 plus
@@ -17,6 +18,8 @@ from unittest import mock
 
 import pytest
 import torch
+from _sampler_cases import rel as _rel
+from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
 from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
@@ -28,16 +31,6 @@ diffusers = pytest.importorskip("diffusers")
 
 SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
 KINDS = {"lcm": (LCMSampler, "LCMScheduler"), "tcd": (TCDSampler, "TCDScheduler")}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _toy(x: torch.Tensor, t) -> torch.Tensor:
-    """Deterministic stand-in network of x and t."""
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 def _scheduler(kind: str, sched: str = "scaled_linear", **opts):
@@ -313,57 +306,7 @@ def test_emulated_cuda_kernel_matches_diffusers(kind):
     test_every_backend_matches_diffusers(("cpu", "cuda"), kind)
 
 
-# --------------------------------------------------------------------- loop, graph, setup
-@torch.no_grad()
-@pytest.mark.parametrize("kind,opts", [("lcm", {}), ("lcm", {"thresholding": True}),
-                                       ("tcd", {"eta": 0.3})])  # fmt: skip
-def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, kind, opts):
-    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture, the row and the
-    noise in static buffers, the last step's row without noise): the eager loop's samples and
-    trajectory, for a noiseless 1-step run, with generator noise and with in-kernel Philox noise."""
-    from fastdiff import api
-
-    eager_loop = api._sample_eager
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-
-    def model(x, t, encoder_hidden_states=None):
-        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
-
-    def run(graphed, seed, gen, steps=4):
-        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
-        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-        torch.manual_seed(seed)
-        g = torch.Generator().manual_seed(seed) if gen else None
-        return fastdiff.sample(model, steps=steps, sampler=kind, noise=z, cond=cond, uncond=uncond,
-                               guidance_scale=2.0, generator=g, prediction_type="v_prediction",
-                               return_trajectory=True, **opts)  # fmt: skip
-
-    # one step first: a capture without noise, which the noisy runs must not reuse
-    for seed, gen, steps in ((3, True, 1), (1, True, 4), (2, False, 4)):
-        eager, etraj = run(False, seed, gen, steps)
-        out, traj = run(True, seed, gen, steps)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    # noiseless / generator noise buffer / Philox: one capture each
-    assert len(fake_cuda_graphs) == 3
-
-
-@torch.no_grad()
-def test_no_host_sync_inside_the_sampling_loop():
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return _toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=4, sampler="lcm", shape=SHAPE[1:], batch_size=2)
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []
-
-
+# --------------------------------------------------------------------------------- setup
 def test_registry_and_rows():
     assert SAMPLERS["lcm"] is LCMSampler and SAMPLERS["tcd"] is TCDSampler
     sch = NoiseSchedule("scaled_linear")

@@ -1,5 +1,6 @@
-"""LMSSampler ("lms") vs diffusers' LMSDiscreteScheduler, and through sample() / CUDA graphs
-(faked on CPU) / every unipc_step backend.
+"""LMSSampler ("lms") vs diffusers' LMSDiscreteScheduler, and through sample() (the CUDA-graph
+loop, guidance, every unipc_step backend and the rest of the shared contract:
+tests/test_sampler_contract.py).
 
 LMS integrates the Lagrange polynomial through the last ``order`` ODE derivatives d = eps over
 [sigma_i, sigma_{i+1}] (k-diffusion's sample_lms). Per step both sides get the same sample and
@@ -17,8 +18,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
-from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
+from _sampler_cases import rel as _rel
+from _sampler_cases import sample_through_scheduler
+from _sampler_cases import toy as _toy
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -29,16 +32,6 @@ from fastdiff.samplers.lms import lms_weights
 diffusers = pytest.importorskip("diffusers")
 
 SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _toy(x: torch.Tensor, t) -> torch.Tensor:
-    """Deterministic stand-in network of x and t."""
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 def _scheduler(sched: str = "scaled_linear", **opts):
@@ -185,16 +178,7 @@ def test_sample_with_an_lms_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     ref = _diffusers_loop(sch, steps, z)
     x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5
-    calls = []
-
-    def model(x, t):
-        calls.append(int(t[0]))
-        return _toy(x, t)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = fastdiff.sample(model, steps=steps, schedule=sch, noise=x_T)
-    assert calls == sch.timesteps.round().to(torch.int64).tolist()
+    got = sample_through_scheduler(sch, steps, x_T)
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
     euler = fastdiff.sample(_toy, steps=steps, sampler="euler", schedule=sch, noise=x_T)
@@ -231,146 +215,6 @@ def test_registry_infer_and_options():
 def test_bad_options(opts, match):
     with pytest.raises(ValueError, match=match):
         LMSSampler(NoiseSchedule("linear"), 5, **opts)
-
-
-def test_bad_settings_through_sample():
-    z = torch.randn(SHAPE)
-    with pytest.raises(ValueError, match="eta"):
-        fastdiff.sample(_toy, steps=5, sampler="lms", noise=z, eta=0.5)
-    with pytest.raises(TypeError, match="unknown option"):
-        fastdiff.sample(_toy, steps=5, sampler="lms", noise=z, clip_sample=True)
-
-
-@pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)
-@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
-def test_every_backend_matches_diffusers(case, pred):
-    """A guided run at an odd size on each backend of the fused op (cpu: the C++ kernel, triton
-    under TRITON_INTERPRET=1) equals diffusers' loop on the combined output."""
-    dev, backend = case
-    g = torch.Generator().manual_seed(4)
-    z = torch.randn(2, 3, 5, 7, generator=g)
-    w = torch.randn(4, 3, 5, 7, generator=g)
-    gs = 2.5
-
-    def raw(x, t):
-        return torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w + torch.sin(t[:1].float() / 300.0)
-
-    def combined(x, t):
-        u, c = raw(x, t.expand(x.shape[0])).chunk(2)
-        return u + gs * (c - u)
-
-    sch = _scheduler(prediction_type=pred, use_karras_sigmas=True)
-    ref = _diffusers_loop(sch, 6, z, combined)
-    smp = LMSSampler(_schedule(), 6, prediction_type=pred, use_karras_sigmas=True)
-    x = (z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5).to(dev)
-    with fastdiff.use_backend(backend, op="unipc_step"):
-        for i, t in enumerate(smp.timesteps):
-            x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, guidance_scale=gs)
-    assert x.device.type == dev
-    err = _rel(x.cpu(), ref)
-    assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
-
-
-@pytest.mark.usefixtures("emu")
-@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
-def test_emulated_cuda_kernel_matches_diffusers(pred):
-    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
-    test_every_backend_matches_diffusers(("cpu", "cuda"), pred)
-
-
-def test_saved_config_and_channels_last():
-    """A saved LMSDiscreteScheduler config (scheduler_config.json) infers "lms" with its
-    settings; a channels_last x_T gives the contiguous run's samples, in channels_last."""
-    saved = dict(DIFFUSERS_BETAS["scaled_linear"], _class_name="LMSDiscreteScheduler",
-                 prediction_type="v_prediction", use_karras_sigmas=True)  # fmt: skip
-    sch = _scheduler(prediction_type="v_prediction", use_karras_sigmas=True)
-    z = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(7))
-    ref = _diffusers_loop(sch, 9, z)
-    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5
-    got = fastdiff.sample(_toy, steps=9, schedule=saved, noise=x_T)
-    assert 0.0 < _rel(got, ref) <= RTOL
-    cl = fastdiff.sample(_toy, steps=9, schedule=saved,
-                         noise=x_T.contiguous(memory_format=torch.channels_last))  # fmt: skip
-    assert cl.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(cl, got, rtol=1e-6, atol=1e-6)
-
-
-def test_sample_with_guidance_equals_manual_cfg():
-    w = 3.0
-    cond, uncond = torch.randn(SHAPE[0], 4), torch.randn(SHAPE[0], 4)
-
-    def model(x, t, encoder_hidden_states=None):
-        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
-
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    got = fastdiff.sample(model, steps=6, sampler="lms", noise=z, cond=cond, uncond=uncond,
-                          guidance_scale=w)  # fmt: skip
-    smp = LMSSampler(NoiseSchedule("linear"), 6)
-    x = z
-    for i, t in enumerate(smp.timesteps):
-        tt = t.expand(SHAPE[0])
-        u = model(x, tt, encoder_hidden_states=uncond)
-        c = model(x, tt, encoder_hidden_states=cond)
-        x = smp.step(u + w * (c - u), i, x)
-    assert _rel(got, x) <= 1e-6
-
-
-def test_history_reset_and_reuse():
-    """A sampler reused for a second run (or a step out of order) starts without history."""
-    smp = LMSSampler(NoiseSchedule("linear"), 5)
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
-    one = fastdiff.sample(_toy, sampler=smp, noise=z, steps=5)
-    two = fastdiff.sample(_toy, sampler=smp, noise=z, steps=5)
-    assert torch.equal(one, two)
-
-
-@pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, pred):
-    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
-    row and the derivatives in static buffers): the eager loop's samples and trajectory, also for
-    a second call; an order-2 run captures a graph of its own."""
-    from fastdiff import api
-
-    eager_loop = api._sample_eager
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-
-    def model(x, t, encoder_hidden_states=None):
-        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
-
-    def run(graphed, seed, **opts):
-        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
-        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-        return fastdiff.sample(model, steps=7, sampler="lms", noise=z, cond=cond,
-                               uncond=uncond, guidance_scale=2.0, prediction_type=pred,
-                               return_trajectory=True, **opts)  # fmt: skip
-
-    for seed in (1, 2):
-        eager, etraj = run(False, seed)
-        out, traj = run(True, seed)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
-    assert len(fake_cuda_graphs[0].hist) == 4
-    eager, _ = run(False, 1, order=2)
-    out, _ = run(True, 1, order=2)
-    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == 2
-
-
-@torch.no_grad()
-def test_no_host_sync_inside_the_sampling_loop():
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return _toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=6, sampler="lms", shape=SHAPE[1:], batch_size=2)
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []
 
 
 @pytest.mark.parametrize("grid", [None, "karras"])

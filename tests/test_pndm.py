@@ -1,5 +1,6 @@
 """PNDMSampler ("pndm"; "plms" = skip_prk_steps=True) vs diffusers' PNDMScheduler, and through
-sample() / CUDA graphs (faked on CPU) / every unipc_step backend / the CLI.
+sample() / the CLI (the CUDA-graph loop, guidance, every unipc_step backend:
+tests/test_sampler_contract.py).
 
 With skip_prk_steps=True diffusers runs N PLMS steps as N + 1 model calls over [t0, t1, t1, t2,
 ..., tN-1]: a first step, its pseudo improved-Euler correction from the same sample (the two
@@ -16,13 +17,14 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
-from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
+from _sampler_cases import rel as _rel
+from _sampler_cases import sample_through_scheduler
+from _sampler_cases import toy as _toy
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -33,16 +35,6 @@ from fastdiff.samplers import SAMPLERS, PNDMSampler, make_sampler
 diffusers = pytest.importorskip("diffusers")
 
 SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _toy(x: torch.Tensor, t) -> torch.Tensor:
-    """Deterministic stand-in network of x and t."""
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 def _scheduler(sched: str = "scaled_linear", prk: bool = False, **opts):
@@ -164,16 +156,7 @@ def test_sample_with_a_pndm_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     ref = _diffusers_loop(sch, steps, z)
-    calls = []
-
-    def model(x, t):
-        calls.append(int(t[0]))
-        return _toy(x, t)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = fastdiff.sample(model, steps=steps, schedule=sch, noise=z)
-    assert calls == sch.timesteps.tolist()
+    got = sample_through_scheduler(sch, steps, z)
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
     # and not DDIM's samples on the same schedule (the check can fail)
@@ -240,7 +223,8 @@ def test_bad_steps(steps):
 
 def test_bad_settings_are_clear_errors():
     """The Runge-Kutta warm-up spans 3 steps (diffusers' set_timesteps fails below 4 steps): a
-    ValueError naming steps and skip_prk_steps; eta and unknown options are refused too."""
+    ValueError naming steps and skip_prk_steps. (eta and unknown options:
+    tests/test_sampler_contract.py.)"""
     z = torch.randn(SHAPE)
     with pytest.raises(ValueError, match="skip_prk_steps=False needs >= 4 steps.*got 3"):
         fastdiff.sample(_toy, steps=3, schedule=diffusers.PNDMScheduler(), noise=z)
@@ -250,10 +234,6 @@ def test_bad_settings_are_clear_errors():
         fastdiff.sample(_toy, steps=2, sampler="plms", noise=z, schedule=saved)
     saved["skip_prk_steps"] = True  # Stable Diffusion's
     assert torch.isfinite(fastdiff.sample(_toy, steps=2, noise=z, schedule=saved)).all()
-    with pytest.raises(ValueError, match="eta"):
-        fastdiff.sample(_toy, steps=5, sampler="pndm", noise=z, eta=0.5)
-    with pytest.raises(TypeError, match="unknown option"):
-        fastdiff.sample(_toy, steps=5, sampler="pndm", noise=z, clip_sample=True)
 
 
 def test_scheduler_settings_become_defaults():
@@ -290,67 +270,6 @@ def test_history_reset_and_reuse():
         fastdiff.sample(_toy, sampler=smp, noise=z, steps=7)
 
 
-@pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
-@pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)
-def test_every_backend_matches_diffusers(case, prk):
-    """A guided run at an odd size on each backend of the fused op (cpu: the C++ kernel, triton
-    under TRITON_INTERPRET=1) equals diffusers' loop on the combined output."""
-    dev, backend = case
-    g = torch.Generator().manual_seed(4)
-    z = torch.randn(2, 3, 5, 7, generator=g)
-    w = torch.randn(4, 3, 5, 7, generator=g)
-    gs = 2.5
-
-    def raw(x, t):
-        return torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w + torch.sin(t[:1].float() / 300.0)
-
-    def combined(x, t):
-        u, c = raw(x, t.expand(x.shape[0])).chunk(2)
-        return u + gs * (c - u)
-
-    ref = _diffusers_loop(_scheduler(prk=prk, prediction_type="v_prediction", steps_offset=1), 6,
-                          z, combined)  # fmt: skip
-    sch = NoiseSchedule.from_diffusers(DIFFUSERS_BETAS["scaled_linear"])
-    smp = PNDMSampler(sch, 6, prediction_type="v_prediction", steps_offset=1,
-                      skip_prk_steps=not prk)  # fmt: skip
-    assert len(smp) == (15 if prk else 7)
-    x = z.to(dev)
-    with fastdiff.use_backend(backend, op="unipc_step"):
-        for i, t in enumerate(smp.timesteps):
-            x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, guidance_scale=gs)
-    assert x.device.type == dev
-    err = _rel(x.cpu(), ref)
-    assert 0.0 < err <= 2 * RTOL, f"{backend}: rel err {err:.2e}"
-
-
-@pytest.mark.usefixtures("emu")
-@pytest.mark.parametrize("prk", [False, True], ids=["plms", "prk"])
-def test_emulated_cuda_kernel_matches_diffusers(prk):
-    """csrc/cuda/unipc_step.cu through its real entry point, on tests/cuda_emu."""
-    test_every_backend_matches_diffusers(("cpu", "cuda"), prk)
-
-
-def test_sample_with_guidance_equals_manual_cfg():
-    w = 3.0
-    cond, uncond = torch.randn(SHAPE[0], 4), torch.randn(SHAPE[0], 4)
-
-    def model(x, t, encoder_hidden_states=None):
-        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
-
-    z = torch.randn(SHAPE)
-    got = fastdiff.sample(model, steps=6, sampler="plms", noise=z, cond=cond, uncond=uncond,
-                          guidance_scale=w)  # fmt: skip
-    smp = PNDMSampler(NoiseSchedule("linear"), 6, skip_prk_steps=True)  # "plms"
-    x = z
-    for i, t in enumerate(smp.timesteps):
-        tt = t.expand(SHAPE[0])
-        u, c = model(x, tt, uncond), model(x, tt, cond)
-        x = smp.step(u + w * (c - u), i, x)
-    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
-    plain = fastdiff.sample(model, steps=6, sampler="plms", noise=z, cond=cond)
-    assert not torch.allclose(got, plain, atol=1e-3)
-
-
 def test_trajectory_and_callback():
     z = torch.randn(SHAPE)
     seen = []
@@ -364,53 +283,6 @@ def test_trajectory_and_callback():
     ab = float(NoiseSchedule("linear").alphas_cumprod[750])
     x0 = (z - (1 - ab) ** 0.5 * _toy(z, torch.tensor([750]))) / ab**0.5
     torch.testing.assert_close(traj["x0"][0], x0, rtol=1e-5, atol=1e-5)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("name", ["plms", "pndm"])
-def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch, name):
-    """sample(cuda_graph=True)'s loop on CPU with a fake graph (one capture replayed with the
-    row and the history in static buffers; device copies after a replay drop call 1's output
-    (plms) or keep the Runge-Kutta steps' first outputs aside (pndm)): the eager loop's samples
-    and trajectory, also for a second call."""
-    from fastdiff import api
-
-    eager_loop = api._sample_eager
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-
-    def model(x, t, encoder_hidden_states=None):
-        return _toy(x, t) + encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
-
-    def run(graphed, seed):
-        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
-        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
-        return fastdiff.sample(model, steps=7, sampler=name, noise=z, cond=cond,
-                               uncond=uncond, guidance_scale=2.0,
-                               prediction_type="v_prediction", return_trajectory=True)  # fmt: skip
-
-    for seed in (1, 2):
-        eager, etraj = run(False, seed)
-        out, traj = run(True, seed)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
-    assert len(fake_cuda_graphs[0].hist) == 4  # last, e_{i-1}, e_{i-2}, e_{i-3}
-
-
-@torch.no_grad()
-def test_no_host_sync_inside_the_sampling_loop():
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return _toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=6, sampler="pndm", shape=SHAPE[1:], batch_size=2)
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []
 
 
 def test_beats_ddim_on_the_exact_ode():
