@@ -273,6 +273,39 @@ def test_add_noise_is_diffusers_start_in_model_input_units(name):
         assert _rel(smp.add_noise(image, z, s), ref) <= RTOL, (name, strength)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(set(CASES) - set(GRID_STRENGTH) - {"flow_euler"}))
+def test_add_noise_half_precision_fa_rule(name, dtype):
+    """The start in fp16 / bf16 (x0 and z in that dtype): its error vs the float64 start is at
+    most 2x diffusers' own in that dtype (its add_noise / scale_noise, then scale_model_input,
+    in model-input units), and at most 3 unit roundoffs (measured: <= 1.9; diffusers rounds
+    its coefficients to the dtype first, a loose bound alone)."""
+    u = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    from fastdiff._sampler_setup import resolve_sampler
+
+    steps = CASES[name][2]
+    image, z = _image(10), torch.randn(SHAPE, generator=torch.Generator().manual_seed(11))
+    smp = resolve_sampler(None, name, steps, _scheduler(name), None, None, {})
+    for strength in (1.0, 0.7, 0.35):
+        s = smp.img2img_start(strength)
+        ref = smp.add_noise(image.double(), z.double(), s)
+        ours = smp.add_noise(image.to(dtype), z.to(dtype), s)
+        assert ours.dtype == dtype
+        sch = _scheduler(name)
+        sch.set_timesteps(steps)
+        if hasattr(sch, "set_begin_index"):
+            sch.set_begin_index(s)
+        t = sch.timesteps[s : s + 1].repeat(SHAPE[0])
+        x0, zz = image.to(dtype), z.to(dtype)
+        theirs = sch.scale_noise(x0, t, zz) if hasattr(sch, "scale_noise") else sch.add_noise(
+            x0, zz, t)  # fmt: skip
+        if hasattr(sch, "scale_model_input"):
+            theirs = sch.scale_model_input(theirs, sch.timesteps[s])
+        assert theirs.dtype == dtype
+        err, bound = _rel(ours, ref), min(2 * _rel(theirs, ref), 3 * u)
+        assert err <= bound, f"{name} {dtype} strength {strength}: {err:.2e} > {bound:.2e}"
+
+
 @pytest.mark.parametrize("name", ["dpm++", "unipc", "deis", "pndm", "heun", "dpm++_single"])
 def test_cuda_graph_loop_equals_eager_from_call_s(name, fake_cuda_graphs, monkeypatch):
     """The graphed loop (faked on CPU) of a run from call s: the warm-up rows of run_row, the
