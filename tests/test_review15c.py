@@ -299,3 +299,23 @@ def test_edm_half_precision_flash_attention_rule(name, dtype, cfg):
         theirs = max(theirs, _rel(half.step(out, t, Xh.to(dtype)).prev_sample, want))
         X = want
     assert ours <= 2 * theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("name", "opts"),
+    [
+        ("euler", {"timesteps": "999"}),
+        ("heun", {"timesteps": "999"}),
+        ("ddpm", {"timesteps": "999"}),
+        ("dpm++", {"timesteps": "999"}),
+        ("dpm++_single", {"timesteps": "999"}),
+        ("euler", {"sigmas": "10"}),
+        ("euler", {"timesteps": b"999"}),
+    ],
+)
+def test_custom_grid_given_as_a_string_is_a_type_error(name, opts):
+    """A string is iterable: "999" read as [9, 9, 9] was refused as "not strictly descending",
+    and "10" as sigmas [1.0, 0.0] would have run; now a TypeError naming the option."""
+    key = next(iter(opts))
+    with pytest.raises(TypeError, match=f"^{key}: expected a list"):
+        make_sampler(name, NoiseSchedule("linear"), 3, **opts)

@@ -77,6 +77,8 @@ def custom_timesteps(timesteps: Sequence[int], T: int, *, whole: bool = False) -
     descending, below T (and, here, >= 0: diffusers would index alpha_bar from the end).
     Fractional values are truncated, as diffusers' int64 cast does, or with ``whole`` (samplers
     whose diffusers scheduler keeps them fractional, interpolating sigma there) refused."""
+    if isinstance(timesteps, (str, bytes)):  # iterable, but "999" is not [9, 9, 9]
+        raise TypeError(f"timesteps: expected a list of ints, got {timesteps!r}")
     try:
         vals = [float(t) for t in timesteps]
         ts = np.asarray([int(t) for t in vals], dtype=np.int64)

@@ -22,6 +22,8 @@ def custom_sigmas(sigmas: Sequence[float]) -> np.ndarray:
     takes it: ``steps + 1`` values, the last the final noise level (kept, not replaced by 0),
     rounded to float32 as diffusers stores them; here also finite, strictly descending, > 0
     but the last (>= 0), which diffusers does not check."""
+    if isinstance(sigmas, (str, bytes)):  # iterable, but "12" is not [1.0, 2.0]
+        raise TypeError(f"sigmas: expected a list of floats, got {sigmas!r}")
     try:
         sig = np.asarray([float(s) for s in sigmas], dtype=np.float64)
     except (TypeError, ValueError):
