@@ -106,7 +106,7 @@ def img2img_sampler(
                 "strength of their own grid)"
             )
         return smp, 0
-    if len(smp.timesteps) > 1 and float(smp.timesteps[0]) < float(smp.timesteps[-1]):
+    if smp.inverts:  # also at one step, where the timesteps show no direction
         raise ValueError(
             f"image: {type(smp).__name__} runs x_0 -> x_T (ascending timesteps); img2img needs "
             "a sampler of the reverse process"

@@ -168,6 +168,8 @@ class Sampler:
     #: as their diffusers schedulers' ``set_timesteps(strength=...)`` / the SD3 pipeline): its
     #: run is already the shortened one, and an img2img run starts at call 0
     strength_option = False
+    #: the sampler runs the ODE upwards, x_0 -> x_T (DDIM inversion): no img2img start
+    inverts = False
     #: ``fastdiff.sample(image=...)``'s strength when none is given (diffusers' img2img
     #: pipelines: StableDiffusionImg2ImgPipeline 0.8)
     default_strength = 0.8

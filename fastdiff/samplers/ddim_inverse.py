@@ -59,6 +59,7 @@ class DDIMInverseSampler(Sampler):
     """
 
     name = "ddim_inverse"
+    inverts = True
     default_spacing = "leading"
 
     def __init__(
