@@ -32,6 +32,7 @@ STEPS = 20
 # (case id, diffusers scheduler class and config, fastdiff sampler name and options, steps)
 CASES = [
     ("ddim", "DDIMScheduler", {}, "ddim", {}, STEPS),
+    ("ddim_inverse", "DDIMInverseScheduler", {}, "ddim_inverse", {}, STEPS),
     ("ddpm", "DDPMScheduler", {}, "ddpm", {}, STEPS),
     ("dpm++2m", "DPMSolverMultistepScheduler", {}, "dpm++", {}, STEPS),
     ("dpm++3m-sde-karras", "DPMSolverMultistepScheduler",
