@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import math
 
+import _dpm_step_ref as _ref
 import pytest
 import torch
+from _dpm_step_ref import PREDS
+from _dpm_step_ref import dtypes as _dtypes
+from _dpm_step_ref import inputs as _inputs
+from _dpm_step_ref import layouts as _layouts
 from helpers import assert_fa_rule, backend_cases, case_id, poison_
 
 import fastdiff
@@ -20,8 +25,6 @@ from fastdiff.ops._philox import philox_randn
 from fastdiff.ops.sampler_step import _unsupported, dpm_solver_2m_step
 
 CASES = backend_cases("dpm_solver_2m_step")
-PREDS = ["epsilon", "v_prediction", "sample"]
-SHAPE = (3, 3, 7, 5)  # odd sizes: scalar tails everywhere
 # [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]: every term nonzero, of mixed signs
 ROW = [0.8, 0.6, 0.91, 1.7, -0.95, 0.33, 0.27, 0.0]
 OP = torch.ops.fastdiff.dpm_solver_2m_step.default
@@ -31,44 +34,9 @@ def _coef(dev, row=ROW) -> torch.Tensor:
     return torch.tensor(row, dtype=torch.float32, device=dev)
 
 
-def _dtypes(case) -> list[torch.dtype]:
-    interp = case == ("cpu", "triton")  # the Triton interpreter has no bf16 arithmetic
-    return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
-
-
 def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, row=ROW):
     """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients."""
-    c = [float(torch.tensor(v, dtype=torch.float32)) for v in row]
-    a, s = c[0], c[1]
-    xf, m = x.to(dt), mo.to(dt)
-    if g is not None:
-        n = x.shape[0]
-        u, m = m[:n], m[n:]
-        m = u + g * (m - u)
-    if pred == "epsilon":
-        x0 = (xf - s * m) / a
-    elif pred == "v_prediction":
-        x0 = a * xf - s * m
-    else:
-        x0 = m
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    out = c[2] * xf + c[3] * x0
-    if p1 is not None:
-        out = out + c[4] * p1.to(dt)
-    if p2 is not None:
-        out = out + c[6] * p2.to(dt)
-    if z is not None:
-        out = out + c[5] * z.to(dt)
-    return out, x0
-
-
-def _inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
-    n = shape[0]
-    x = (torch.randn(shape, device=dev) * scale).to(dtype)
-    mo = (torch.randn((2 * n if cfg else n, *shape[1:]), device=dev) * scale).to(dtype)
-    p1, p2, z = (torch.randn(shape, device=dev).to(dtype) for _ in range(3))
-    return x, mo, p1, p2, z
+    return _ref.reference(x, mo, p1, p2, z, pred, dt, g, clip, row=row)
 
 
 @pytest.fixture
@@ -120,17 +88,6 @@ def test_3m_step_fp16_large_values_stay_finite(case):
     r, _ = reference(x, mo, p1, p2, z, "sample", torch.float64)
     e, _ = reference(x, mo, p1, p2, z, "sample", torch.float16)
     assert_fa_rule(out, r, e, atol=1e-2, name="x1000")
-
-
-def _layouts(dev, dtype):
-    """(name, x): dense, channels_last, non-contiguous (sliced)."""
-    big = torch.randn(4, 8, 6, 5, device=dev).to(dtype)
-    cl = torch.randn(2, 4, 6, 5, device=dev).to(dtype).to(memory_format=torch.channels_last)
-    return [
-        ("dense", torch.randn(3, 3, 7, 5, device=dev).to(dtype)),
-        ("channels_last", cl),
-        ("sliced", big[::2, 1::2]),
-    ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

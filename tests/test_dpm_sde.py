@@ -13,9 +13,13 @@ from __future__ import annotations
 import inspect
 import math
 
+import _dpm_step_ref as _ref
 import numpy as np
 import pytest
 import torch
+from _dpm_step_ref import PREDS, SHAPE
+from _dpm_step_ref import dtypes as _dtypes
+from _dpm_step_ref import layouts as _layouts
 from helpers import PARITY_RTOL, PARITY_SHAPE, assert_fa_rule, backend_cases, case_id
 from test_euler_ancestral import _gens, _Net
 from test_samplers_parity import _loop, _schedule
@@ -30,8 +34,6 @@ from fastdiff.samplers import DPMSolverPPSampler
 diffusers = pytest.importorskip("diffusers")
 
 CASES = backend_cases("dpm_solver_2m_step")
-PREDS = ["epsilon", "v_prediction", "sample"]
-SHAPE = (3, 3, 7, 5)  # odd sizes: scalar tails everywhere
 SDE = "sde-dpmsolver++"
 
 
@@ -49,42 +51,14 @@ def _coef(device: str, row: list[float] = ROW) -> torch.Tensor:
     return torch.tensor(row, dtype=torch.float64).float().to(device)
 
 
-def _dtypes(case: tuple[str, str]) -> list[torch.dtype]:
-    interp = case == ("cpu", "triton")  # the Triton interpreter has no bf16 arithmetic
-    return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
-
-
 def sde_reference(x, mo, prev, z, pred, dt, g=None, clip=None, row=ROW):
     """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients."""
-    c = [float(torch.tensor(v, dtype=torch.float32)) for v in row]
-    a, s = c[0], c[1]
-    xf, m = x.to(dt), mo.to(dt)
-    if g is not None:
-        n = x.shape[0]
-        u, m = m[:n], m[n:]
-        m = u + g * (m - u)
-    if pred == "epsilon":
-        x0 = (xf - s * m) / a
-    elif pred == "v_prediction":
-        x0 = a * xf - s * m
-    else:
-        x0 = m
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    out = c[2] * xf + c[3] * x0
-    if prev is not None:
-        out = out + c[4] * prev.to(dt)
-    if z is not None:
-        out = out + c[5] * z.to(dt)
-    return out, x0
+    return _ref.reference(x, mo, prev, None, z, pred, dt, g, clip, row=row)
 
 
 def _inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
-    n = shape[0]
-    x = (torch.randn(shape, device=dev) * scale).to(dtype)
-    mo = (torch.randn((2 * n if cfg else n, *shape[1:]), device=dev) * scale).to(dtype)
-    prev = torch.randn(shape, device=dev).to(dtype)
-    z = torch.randn(shape, device=dev).to(dtype)
+    """x, the model output, x0_prev, z."""
+    x, mo, prev, _, z = _ref.inputs(dev, dtype, shape, cfg, scale)
     return x, mo, prev, z
 
 
@@ -120,17 +94,6 @@ def test_sde_step_fp16_large_values_stay_finite(case):
     r, _ = sde_reference(x, mo, prev, z, "sample", torch.float64)
     e, _ = sde_reference(x, mo, prev, z, "sample", torch.float16)
     assert_fa_rule(out, r, e, atol=1e-3, name="x1000")
-
-
-def _layouts(dev, dtype):
-    """(name, x, mo, prev): dense, channels_last, and non-contiguous (sliced) operands."""
-    big = torch.randn(4, 8, 6, 5, device=dev).to(dtype)
-    cl = torch.randn(2, 4, 6, 5, device=dev).to(dtype).to(memory_format=torch.channels_last)
-    return [
-        ("dense", torch.randn(3, 3, 7, 5, device=dev).to(dtype)),
-        ("channels_last", cl),
-        ("sliced", big[::2, 1::2]),
-    ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

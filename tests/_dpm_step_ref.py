@@ -1,0 +1,65 @@
+"""The ``dpm_solver_2m_step`` op's math in plain torch and its test inputs, shared by
+tests/test_dpm_sde.py (the noise operand, DPM++ 2M SDE) and tests/test_dpm3_op.py (the second
+history operand, DPM++ 3M): x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 +
+c_noise z with coef [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]."""
+
+from __future__ import annotations
+
+import torch
+
+PREDS = ["epsilon", "v_prediction", "sample"]
+SHAPE = (3, 3, 7, 5)  # odd sizes: scalar tails everywhere
+
+
+def dtypes(case: tuple[str, str]) -> list[torch.dtype]:
+    """The dtypes a backend case runs in."""
+    interp = case == ("cpu", "triton")  # the Triton interpreter has no bf16 arithmetic
+    return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
+
+
+def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row):
+    """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients of ``row``; an
+    absent operand (None) has no term. Returns (x_next, x0)."""
+    c = [float(torch.tensor(v, dtype=torch.float32)) for v in row]
+    a, s = c[0], c[1]
+    xf, m = x.to(dt), mo.to(dt)
+    if g is not None:
+        n = x.shape[0]
+        u, m = m[:n], m[n:]
+        m = u + g * (m - u)
+    if pred == "epsilon":
+        x0 = (xf - s * m) / a
+    elif pred == "v_prediction":
+        x0 = a * xf - s * m
+    else:
+        x0 = m
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    out = c[2] * xf + c[3] * x0
+    if p1 is not None:
+        out = out + c[4] * p1.to(dt)
+    if p2 is not None:
+        out = out + c[6] * p2.to(dt)
+    if z is not None:
+        out = out + c[5] * z.to(dt)
+    return out, x0
+
+
+def inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
+    """x, the model output ([uncond, cond] halves with ``cfg``), x0_prev, x0_prev2, z."""
+    n = shape[0]
+    x = (torch.randn(shape, device=dev) * scale).to(dtype)
+    mo = (torch.randn((2 * n if cfg else n, *shape[1:]), device=dev) * scale).to(dtype)
+    p1, p2, z = (torch.randn(shape, device=dev).to(dtype) for _ in range(3))
+    return x, mo, p1, p2, z
+
+
+def layouts(dev, dtype):
+    """(name, x): dense, channels_last, non-contiguous (sliced)."""
+    big = torch.randn(4, 8, 6, 5, device=dev).to(dtype)
+    cl = torch.randn(2, 4, 6, 5, device=dev).to(dtype).to(memory_format=torch.channels_last)
+    return [
+        ("dense", torch.randn(3, 3, 7, 5, device=dev).to(dtype)),
+        ("channels_last", cl),
+        ("sliced", big[::2, 1::2]),
+    ]
