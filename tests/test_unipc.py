@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 
+import _unipc_ref as _uref
 import pytest
 import torch
 from helpers import (
@@ -249,47 +250,14 @@ def test_unipc_sample_matches_diffusers_loop():
 
 # --------------------------------------------------------------------------- the fused op
 def _ref64(x, mo, coef, last, m1, m2, pred, clip, g):
-    """The op's math in float64."""
-    c = coef.double()
-    a, s = c[0], c[1]
-    xd = x.double()
-    n = x.shape[0]
-    m = mo.double()
-    if g is not None:
-        m = m[:n] + g * (m[n:] - m[:n])
-    x0 = {"epsilon": (xd - s * m) / a, "v_prediction": a * xd - s * m, "sample": m}[pred]
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    xc = c[2] * xd + c[4] * x0
-    for t, k in ((last, 3), (m1, 5), (m2, 6)):
-        if t is not None:
-            xc = xc + c[k] * t.double()
-    xn = c[7] * xc + c[8] * x0
-    if m1 is not None:
-        xn = xn + c[9] * m1.double()
-    if m2 is not None:  # p_m2: 0 in the order-2 rows used here (order 3: tests/test_unipc3.py)
-        xn = xn + c[11] * m2.double()
-    return xc, x0, xn
+    """The op's math in float64 (p_m2: 0 in the order-2 rows used here; order 3:
+    tests/test_unipc3.py)."""
+    return _uref.ref64(x, mo, coef, [last, m1, m2], pred, clip, g)
 
 
 def _eager(x, mo, coef, last, m1, m2, pred, clip, g):
     """Plain PyTorch in x's dtype (the FlashAttention rule's yardstick)."""
-    c = coef.to(x.dtype)
-    n = x.shape[0]
-    m = mo if g is None else mo[:n] + g * (mo[n:] - mo[:n])
-    x0 = {"epsilon": (x - c[1] * m) / c[0], "v_prediction": c[0] * x - c[1] * m, "sample": m}[pred]
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    xc = c[2] * x + c[4] * x0
-    for t, k in ((last, 3), (m1, 5), (m2, 6)):
-        if t is not None:
-            xc = xc + c[k] * t
-    xn = c[7] * xc + c[8] * x0
-    if m1 is not None:
-        xn = xn + c[9] * m1
-    if m2 is not None:
-        xn = xn + c[11] * m2
-    return xc, x0, xn
+    return _uref.eager(x, mo, coef, [last, m1, m2], pred, clip, g)
 
 
 OP_CASES = backend_cases("unipc_step")
@@ -301,17 +269,9 @@ def _row(steps=10, i=4, **kw) -> torch.Tensor:
 
 
 def _inputs(shape, dtype, device, layout, g, cfg=False):
-    def mk(s):
-        t = torch.randn(s, generator=g).to(device=device, dtype=dtype)
-        if layout == "channels_last":
-            return t.contiguous(memory_format=torch.channels_last)
-        if layout == "strided":  # a non-contiguous view
-            return torch.randn((*s[:-1], 2 * s[-1]), generator=g).to(device, dtype)[..., ::2]
-        return t
-
-    x = mk(shape)
-    mo = mk((2 * shape[0], *shape[1:]) if cfg else shape)
-    return x, mo, mk(shape), mk(shape), mk(shape)
+    """x, the model output, last, m_prev, m_prev2."""
+    x, mo, hist = _uref.inputs(shape, dtype, device, layout, g, cfg, n_hist=3)
+    return x, mo, *hist
 
 
 @pytest.mark.parametrize("case", OP_CASES, ids=case_id)

@@ -9,6 +9,9 @@ import os
 
 import pytest
 import torch
+from _unipc_ref import eager as _eager
+from _unipc_ref import inputs as _inputs
+from _unipc_ref import ref64 as _ref64
 from helpers import (
     DIFFUSERS_BETAS,
     PARITY_SHAPE,
@@ -235,48 +238,6 @@ def _row(steps=10, i=5) -> torch.Tensor:
     return UniPCSampler(NoiseSchedule("linear"), steps, solver_order=3).coef_table("cpu")[i].clone()
 
 
-def _ref64(x, mo, coef, hist, pred, clip, g):
-    """The op's math in float64 (hist: last, m1, m2, m3, each or None)."""
-    c = coef.double()
-    xd, n = x.double(), x.shape[0]
-    m = mo.double()
-    if g is not None:
-        m = m[:n] + g * (m[n:] - m[:n])
-    x0 = {"epsilon": (xd - c[1] * m) / c[0], "v_prediction": c[0] * xd - c[1] * m, "sample": m}[
-        pred
-    ]
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    xc = c[2] * xd + c[4] * x0
-    for t, k in zip(hist, (3, 5, 6, 10), strict=True):
-        if t is not None:
-            xc = xc + c[k] * t.double()
-    xn = c[7] * xc + c[8] * x0
-    for t, k in zip(hist[1:3], (9, 11), strict=True):
-        if t is not None:
-            xn = xn + c[k] * t.double()
-    return xc, x0, xn
-
-
-def _eager(x, mo, coef, hist, pred, clip, g):
-    """Plain PyTorch in x's dtype (the FlashAttention rule's yardstick)."""
-    c = coef.to(x.dtype)
-    n = x.shape[0]
-    m = mo if g is None else mo[:n] + g * (mo[n:] - mo[:n])
-    x0 = {"epsilon": (x - c[1] * m) / c[0], "v_prediction": c[0] * x - c[1] * m, "sample": m}[pred]
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-    xc = c[2] * x + c[4] * x0
-    for t, k in zip(hist, (3, 5, 6, 10), strict=True):
-        if t is not None:
-            xc = xc + c[k] * t
-    xn = c[7] * xc + c[8] * x0
-    for t, k in zip(hist[1:3], (9, 11), strict=True):
-        if t is not None:
-            xn = xn + c[k] * t
-    return xc, x0, xn
-
-
 OP_CASES = backend_cases("unipc_step")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EMU = ("cpu", "cuda")
@@ -290,20 +251,6 @@ def test_unipc3_kernel_backends_are_not_filtered_out():
         assert "triton" in names  # (CI's baseline-CPU stage runs without the interpreter)
     if fastdiff._ext._C is not None:
         assert "cpu" in names and fastdiff._ext._C.unipc_step_m3
-
-
-def _inputs(shape, dtype, device, layout, g, cfg=False):
-    def mk(s):
-        t = torch.randn(s, generator=g).to(device=device, dtype=dtype)
-        if layout == "channels_last":
-            return t.contiguous(memory_format=torch.channels_last)
-        if layout == "strided":  # a non-contiguous view
-            return torch.randn((*s[:-1], 2 * s[-1]), generator=g).to(device, dtype)[..., ::2]
-        return t
-
-    x = mk(shape)
-    mo = mk((2 * shape[0], *shape[1:]) if cfg else shape)
-    return x, mo, [mk(shape) for _ in range(4)]
 
 
 OP_PARAMS = [
