@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from helpers import DIFFUSERS_BETAS, PARITY_SHAPE
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 
 import fastdiff
 
@@ -34,6 +34,20 @@ def toy(x: torch.Tensor, t) -> torch.Tensor:
     """Deterministic stand-in network of x and t."""
     tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
     return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
+
+
+def assert_step_parity(got, ref, ref64, what: str, cmp=None) -> tuple[float, float]:
+    """One call's parity with diffusers (the per-step tests of the sampler files): ``got`` is
+    ours, float32 and finite; it (or ``cmp``, its image in diffusers' units) is within
+    PARITY_RTOL of the float64 reference ``ref64`` and within PARITY_RTOL plus diffusers' own
+    fp32 error of the stock scheduler's ``ref``. Returns (ours vs float64, diffusers' own)."""
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    cmp = got if cmp is None else cmp
+    err64, err, own = rel(cmp, ref64), rel(cmp, ref), rel(ref, ref64)
+    assert err64 <= PARITY_RTOL, f"{what}: rel err vs float64 {err64:.2e}"
+    bound = PARITY_RTOL + own  # plus diffusers' own fp32 error
+    assert err <= bound, f"{what}: rel err {err:.2e} > {bound:.2e}"
+    return err64, own
 
 
 def cond_toy(x: torch.Tensor, t, encoder_hidden_states: torch.Tensor | None = None):

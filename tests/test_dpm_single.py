@@ -16,8 +16,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import assert_step_parity, sample_through_scheduler
 from _sampler_cases import rel as _rel
-from _sampler_cases import sample_through_scheduler
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
 
@@ -131,12 +131,8 @@ def _per_step(ours: DPMSolverSinglestepSampler, theirs, *, begin: int = 0, seed:
         ref64 = _update64(ours, r, i, order, anchor, ms)
         ref = theirs.step(mo, theirs.timesteps[i], x).prev_sample
         got = ours.step(mo, i, x)
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        err64, err = _rel(got, ref64), _rel(got, ref)
-        assert err64 <= RTOL, f"call {i}: rel err vs float64 {err64:.2e}"
-        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
-        assert err <= bound, f"call {i}: rel err {err:.2e} > {bound:.2e}"
-        worst, worst_theirs = max(worst, err64), max(worst_theirs, _rel(ref, ref64))
+        err64, own = assert_step_parity(got, ref, ref64, f"call {i}")
+        worst, worst_theirs = max(worst, err64), max(worst_theirs, own)
         x = ref64.float()
     return worst, worst_theirs
 

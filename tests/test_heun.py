@@ -19,6 +19,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import assert_step_parity
 from helpers import PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import TAU, GMMEps, _assert_mixture, _run
 
@@ -82,12 +83,9 @@ def _per_call_parity(ours, theirs, twin, seed=0):
         ref64 = twin.step(mo.double(), t, x_sig).prev_sample
         ref = theirs.step(mo, t, x_sig.float()).prev_sample
         got = ours.step(mo, i, x)
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
         got_sig = got.double() * math.sqrt(1.0 + sig[i + 1] ** 2)  # back to sigma space
-        err64, err = _rel(got_sig, ref64), _rel(got_sig, ref)
-        assert err64 <= RTOL, f"call {i} (t={float(t)}): rel err vs float64 twin {err64:.2e}"
-        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
-        assert err <= bound, f"call {i} (t={float(t)}): rel err {err:.2e} > {bound:.2e}"
+        err64, _ = assert_step_parity(got, ref, ref64, f"call {i} (t={float(t)}) vs the twin",
+                                      cmp=got_sig)  # fmt: skip
         worst = max(worst, err64)
         x_sig = ref64
     return worst

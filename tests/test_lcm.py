@@ -18,6 +18,7 @@ from unittest import mock
 
 import pytest
 import torch
+from _sampler_cases import assert_step_parity
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
@@ -64,11 +65,7 @@ def _per_step(ours, theirs, twin, *, begin=0, seed=0, eta=None) -> float:
             ref64 = twin.step(mo.double(), t, x.double(), **kw).prev_sample
             ref = theirs.step(mo, t, x, **kw).prev_sample
         got = ours.step(mo, i, x, noise=z if ours.needs_noise(i) else None)
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        err64, err = _rel(got, ref64), _rel(got, ref)
-        assert err64 <= RTOL, f"step {i} (t={int(t)}): rel err vs float64 twin {err64:.2e}"
-        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
-        assert err <= bound, f"step {i} (t={int(t)}): rel err {err:.2e} > {bound:.2e}"
+        err64, _ = assert_step_parity(got, ref, ref64, f"step {i} (t={int(t)}) vs the twin")
         worst = max(worst, err64)
         x = ref64.float()
     return worst

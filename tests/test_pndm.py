@@ -21,8 +21,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import assert_step_parity, sample_through_scheduler
 from _sampler_cases import rel as _rel
-from _sampler_cases import sample_through_scheduler
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import GMMEps, _assert_mixture, _run
@@ -69,11 +69,7 @@ def _per_call(ours, theirs, twin, *, begin: int = 0, seed: int = 0) -> tuple[flo
         ref64 = twin.step(mo.double(), t, x.double()).prev_sample
         ref = theirs.step(mo, t, x).prev_sample
         got = ours.step(mo, i, x)
-        assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        err64, err = _rel(got, ref64), _rel(got, ref)
-        assert err64 <= RTOL, f"call {i} (t={int(t)}): rel err vs float64 twin {err64:.2e}"
-        bound = RTOL + _rel(ref, ref64)  # plus diffusers' own fp32 error
-        assert err <= bound, f"call {i} (t={int(t)}): rel err {err:.2e} > {bound:.2e}"
+        err64, _ = assert_step_parity(got, ref, ref64, f"call {i} (t={int(t)}) vs the twin")
         worst = max(worst, err64)
         x = ref64.float()
     return worst, x
