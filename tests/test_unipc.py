@@ -388,8 +388,14 @@ def test_unipc_op_opcheck(case):
     assert COEF_LEN == 12
 
 
+# (solver_order, steps, disable_corrector) of the whole runs below: order 2, and order 3 (UniP-3 /
+# UniC-3, m_prev3)
+SAMPLER_RUNS = [(2, 7, [2]), (3, 8, [4])]
+
+
 @pytest.mark.parametrize("case", OP_CASES, ids=case_id)
-def test_unipc_sampler_on_every_backend_matches_the_reference(case):
+@pytest.mark.parametrize("order,steps,off", SAMPLER_RUNS, ids=["order2", "order3"])
+def test_unipc_sampler_on_every_backend_matches_the_reference(case, order, steps, off):
     """A whole guided run (a disabled corrector, clipping) on each backend vs the torch
     backend: the same history handling and rows on every backend."""
     dev, backend = case
@@ -398,10 +404,11 @@ def test_unipc_sampler_on_every_backend_matches_the_reference(case):
     w = torch.randn(4, 3, 5, 6, generator=g).to(dev)
     outs = []
     for b in ("torch", backend):
-        smp = UniPCSampler(NoiseSchedule("linear"), 7, disable_corrector=[2], clip_sample=True)
+        smp = UniPCSampler(NoiseSchedule("linear"), steps, solver_order=order,
+                           disable_corrector=off, clip_sample=True)  # fmt: skip
         x = x_t
         with fastdiff.use_backend(b, op="unipc_step"):
-            for i in range(7):
+            for i in range(steps):
                 mo = torch.tanh(0.4 * torch.cat([x, x])) + 0.2 * w  # [uncond, cond]
                 x = smp.step(mo, i, x, guidance_scale=2.0)
         outs.append(x)
@@ -433,7 +440,8 @@ def test_unipc_emulated_cuda_kernel(dtype, shape, layout, pred, clip, cfg, hist)
 @pytest.mark.usefixtures("emu")
 def test_unipc_emulated_cuda_nan_poison_and_sampler(monkeypatch):
     test_unipc_op_nan_in_nan_out_and_poisoned_outputs(EMU, monkeypatch)
-    test_unipc_sampler_on_every_backend_matches_the_reference(EMU)
+    for run in SAMPLER_RUNS:
+        test_unipc_sampler_on_every_backend_matches_the_reference(EMU, *run)
     test_unipc_op_opcheck(EMU)
 
 
