@@ -56,7 +56,11 @@ def resolve_sampler(
         )
     if sampler.lower() not in SAMPLERS:
         raise ValueError(f"sampler: expected {names} or a fastdiff sampler object, got {sampler!r}")
-    if SAMPLERS[sampler.lower()] in (SAMPLERS["flow_euler"], SAMPLERS["flow_heun"]):
+    if SAMPLERS[sampler.lower()] in (
+        SAMPLERS["flow_euler"],
+        SAMPLERS["flow_euler_inverse"],
+        SAMPLERS["flow_heun"],
+    ):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
     if SAMPLERS[sampler.lower()] in (SAMPLERS["edm_euler"], SAMPLERS["edm_dpm++"]):
         return _resolve_edm(sampler.lower(), steps, schedule, eta, sampler_options)
@@ -303,6 +307,8 @@ _SCHEDULER_OF = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
+    # after flow_euler: infer_sampler takes the first match, a scheduler samples forwards
+    "flow_euler_inverse": "FlowMatchEulerDiscreteScheduler",
     "flow_heun": "FlowMatchHeunDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "lcm": "LCMScheduler",
@@ -381,6 +387,7 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # diffusers' Karras / exponential / beta grids read a leftover sigma_min / sigma_max of
     # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
     "flow_euler": {"sigma_min": None, "sigma_max": None},
+    "flow_euler_inverse": {"sigma_min": None, "sigma_max": None, "stochastic_sampling": False},
     # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
     "unipc": {
         "solver_p": None,

@@ -1,4 +1,5 @@
-"""``fastdiff.invert``: DDIM inversion, an image x_0 -> the noise x_T that DDIM brings back to it.
+"""``fastdiff.invert``: DDIM / flow-matching inversion, an image x_0 -> the noise x_T that the
+matching sampler (``"ddim"``, ``"flow_euler"``) brings back to it.
 
     >>> x_T = fastdiff.invert(unet, image, steps=50)                       # doctest: +SKIP
     >>> x_0 = fastdiff.sample(unet, steps=50, noise=x_T)  # ~ image         # doctest: +SKIP
@@ -6,8 +7,10 @@
 The first step of real-image editing (prompt-to-prompt, null-text inversion, DiffEdit,
 pix2pix-zero): the deterministic DDIM ODE (Song et al. 2021, arXiv:2010.02502, Sec. 4.3, eq. 13)
 integrated from the image upwards, one model call and one fused ``sampler_step`` per step (see
-:class:`~fastdiff.samplers.DDIMInverseSampler`). The loop is :func:`fastdiff.sample`'s, started
-at x = image.
+:class:`~fastdiff.samplers.DDIMInverseSampler`); for rectified-flow models (SD3, Flux) the
+velocity ODE's Euler steps from sigma 0 up to 1 (``sampler="flow_euler_inverse"``, see
+:class:`~fastdiff.samplers.FlowMatchEulerInverseSampler`). The loop is :func:`fastdiff.sample`'s,
+started at x = image.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import Any
 from torch import Tensor
 
 from fastdiff._prepare import _infer_shape
-from fastdiff.samplers import DDIMInverseSampler, Sampler
+from fastdiff.samplers import DDIMInverseSampler, FlowMatchEulerInverseSampler, Sampler
 
 __all__ = ["invert"]
 
 #: sampler names ``invert`` runs, and the class each builds
-INVERSE_SAMPLERS: dict[str, type[Sampler]] = {"ddim_inverse": DDIMInverseSampler}
+INVERSE_SAMPLERS: dict[str, type[Sampler]] = {
+    "ddim_inverse": DDIMInverseSampler,
+    "flow_euler_inverse": FlowMatchEulerInverseSampler,
+}
 
 
 def invert(
@@ -63,7 +69,12 @@ def invert(
             ``noise`` does in :func:`fastdiff.sample`. Not modified.
         steps: inversion steps (1 .. num_train_timesteps; default 50, or the sampler object's).
         sampler: ``"ddim_inverse"`` or a :class:`~fastdiff.samplers.DDIMInverseSampler` (its own
-            schedule, steps and options).
+            schedule, steps and options); ``"flow_euler_inverse"`` (or a
+            :class:`~fastdiff.samplers.FlowMatchEulerInverseSampler`) for rectified-flow models:
+            Euler steps of dx / dsigma = v from sigma 0 up on ``"flow_euler"``'s grid (the
+            model called at the lower sigma of each step, ``timestep = sigma T``), which
+            ``sample(noise=x_T, sampler="flow_euler")`` with the same grid options undoes;
+            ``schedule`` None or a ``FlowMatchEulerDiscreteScheduler`` (its shift settings).
         schedule: the model's training schedule, as for :func:`fastdiff.sample` (a name, a
             :class:`~fastdiff.NoiseSchedule`, or a diffusers scheduler / config: a
             ``DDIMInverseScheduler``, or the pipeline's own ``DDIMScheduler``, whose
@@ -78,7 +89,9 @@ def invert(
         **sampler_options: :class:`~fastdiff.samplers.DDIMInverseSampler`'s options:
             ``prediction_type``, ``timestep_spacing`` (``"leading"`` / ``"trailing"``),
             ``steps_offset``, ``clip_sample``, ``clip_sample_range``, ``set_alpha_to_one``,
-            ``prev_timestep``.
+            ``prev_timestep``; ``"flow_euler_inverse"``: ``"flow_euler"``'s grid options
+            (``shift``, ``use_dynamic_shifting`` with ``mu`` / ``image_seq_len``, ``sigmas``,
+            ...), not ``stochastic_sampling`` nor ``strength``.
 
     Returns:
         x_T ``[N x C x ...]`` (and the trajectory dict with ``return_trajectory``).
@@ -90,15 +103,15 @@ def invert(
         if sampler.lower() not in INVERSE_SAMPLERS:
             raise ValueError(
                 f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a "
-                f"DDIMInverseSampler object, got {sampler!r}"
+                f"DDIMInverseSampler / FlowMatchEulerInverseSampler object, got {sampler!r}"
             )
         _check_options(INVERSE_SAMPLERS[sampler.lower()], sampler_options)
     elif isinstance(sampler, tuple(INVERSE_SAMPLERS.values())):
         _check_options(type(sampler), sampler_options)  # sample() refuses the valid ones
     else:
         raise TypeError(
-            f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a DDIMInverseSampler "
-            f"object, got {type(sampler).__name__}"
+            f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a DDIMInverseSampler / "
+            f"FlowMatchEulerInverseSampler object, got {type(sampler).__name__}"
         )
     return sample(
         model,

@@ -561,7 +561,11 @@ def test_cuda_graph_on_a_gpu_equals_eager():
         (dict(prediction_type="x0"), ValueError, "prediction_type: expected one of"),
         (dict(clip_sample_range=0.0), ValueError, "clip_sample_range: expected > 0"),
         (dict(steps=10, steps_offset=100), ValueError, "steps_offset: timesteps"),
-        (dict(sampler="ddim"), ValueError, r"sampler: expected one of \['ddim_inverse'\]"),
+        (
+            dict(sampler="ddim"),
+            ValueError,
+            r"sampler: expected one of \['ddim_inverse', 'flow_euler_inverse'\]",
+        ),
         (dict(sampler=DDIMSampler(NoiseSchedule("linear"), 4)), TypeError, "sampler: expected"),
         (dict(guidance_scale=2.0), ValueError, "cond"),
         (dict(schedule="quadratic"), ValueError, "schedule"),

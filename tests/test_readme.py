@@ -140,8 +140,9 @@ def test_readme_sampler_classes_exist():
         params = list(inspect.signature(cls.step).parameters)
         assert params[:5] == ["self", "model_output", "i", "x", "noise"]
         # a flow or EDM model has no VP noise schedule
-        flow = cls in (samplers.FlowMatchEulerSampler, samplers.FlowMatchHeunSampler,
-                       samplers.EDMEulerSampler, samplers.EDMDPMSolverSampler)  # fmt: skip
+        # (flow Heun and the flow inversion are FlowMatchEulerSampler subclasses)
+        flow = issubclass(cls, (samplers.FlowMatchEulerSampler, samplers.EDMEulerSampler,
+                                samplers.EDMDPMSolverSampler))  # fmt: skip
         smp = cls(None if flow else NoiseSchedule("linear"), 10)
         two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler,
                      samplers.FlowMatchHeunSampler)  # fmt: skip

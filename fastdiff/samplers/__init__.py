@@ -1,6 +1,7 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
 PLMS, LMS, LCM, TCD, flow-matching Euler and Heun, EDM Euler and DPM-Solver++ (one fused op call
-per model call); DDIM inversion (``DDIMInverseSampler``: x_0 -> x_T, its timesteps ascending).
+per model call); DDIM and flow-matching inversion (``DDIMInverseSampler``,
+``FlowMatchEulerInverseSampler``: x_0 -> x_T, their timesteps ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending; ascending for DDIM inversion) and ``.step(model_output, i,
@@ -29,6 +30,7 @@ from fastdiff.samplers.edm import EDMDPMSolverSampler, EDMEulerSampler
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.flow import FlowMatchEulerSampler, FlowMatchHeunSampler
+from fastdiff.samplers.flow_inverse import FlowMatchEulerInverseSampler
 from fastdiff.samplers.heun import HeunSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.lcm import LCMSampler, TCDSampler
@@ -51,6 +53,7 @@ __all__ = [
     "EDMEulerSampler",
     "EulerAncestralSampler",
     "EulerSampler",
+    "FlowMatchEulerInverseSampler",
     "FlowMatchEulerSampler",
     "FlowMatchHeunSampler",
     "HeunSampler",
@@ -81,6 +84,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "euler": EulerSampler,
     "euler_a": EulerAncestralSampler,
     "flow_euler": FlowMatchEulerSampler,
+    "flow_euler_inverse": FlowMatchEulerInverseSampler,
     "flow_heun": FlowMatchHeunSampler,
     "heun": HeunSampler,
     "lcm": LCMSampler,
@@ -96,8 +100,9 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any)
     """Build the sampler called ``name`` ("ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T),
     "ddpm", "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
     models; ``schedule`` must be None), "euler", "euler_a", "flow_euler", "flow_heun"
-    (rectified flow; ``schedule`` must be None), "heun", "lcm", "lms", "pndm",
-    "plms" (PNDM with ``skip_prk_steps=True``), "tcd", "unipc")."""
+    (rectified flow; ``schedule`` must be None), "flow_euler_inverse" (flow-matching inversion,
+    x_0 -> x_1), "heun", "lcm", "lms", "pndm", "plms" (PNDM with ``skip_prk_steps=True``),
+    "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
