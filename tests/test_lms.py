@@ -4,10 +4,10 @@ tests/test_sampler_contract.py).
 
 LMS integrates the Lagrange polynomial through the last ``order`` ODE derivatives d = eps over
 [sigma_i, sigma_{i+1}] (k-diffusion's sample_lms). Per step both sides get the same sample and
-model output; ours must agree with a float64 restatement (diffusers' step in sigma space, exact
-weights) to a relative error <= 1e-5 (max |ours - ref| / max |ref|), and with the stock
-scheduler to 1e-5 plus diffusers' own fp32 error. fastdiff's sample is the VP one,
-x = x_sigma / sqrt(1 + sigma^2).
+model output; ours must agree with a float64 restatement (diffusers' step in sigma space, its
+weights by quadrature, independent of lms_weights) to a relative error <= 1e-5 (max |ours -
+ref| / max |ref|), and with the stock scheduler to 1e-5 plus diffusers' own fp32 error.
+fastdiff's sample is the VP one, x = x_sigma / sqrt(1 + sigma^2).
 """
 
 from __future__ import annotations
@@ -42,18 +42,35 @@ def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
     return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
 
 
-def test_weights_are_adams_bashforth_on_a_uniform_grid():
+def _quad_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
+    """The LMS weights for the float64 references, computed independently of lms_weights: the
+    Lagrange basis l_j(tau) = prod_{k != j} (tau - s_{i-k}) / (s_{i-j} - s_{i-k}) evaluated in
+    product form at 4-point Gauss-Legendre nodes on [sigma_i, sigma_{i+1}] (exact for its
+    degree <= 3)."""
+    nodes = [float(sig[i - k]) for k in range(order)]
+    a, b = float(sig[i]), float(sig[i + 1])
+    gx, gw = np.polynomial.legendre.leggauss(4)
+    tau = 0.5 * (b - a) * gx + 0.5 * (a + b)
+    out = []
+    for j, nj in enumerate(nodes):
+        basis = np.prod([(tau - nk) / (nj - nk) for k, nk in enumerate(nodes) if k != j], axis=0)
+        out.append(0.5 * (b - a) * float(np.sum(gw * basis)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("weights", [lms_weights, _quad_weights])
+def test_weights_are_adams_bashforth_on_a_uniform_grid(weights):
     """On sigma = 4, 3, 2, 1, 0 the weights are h times the Adams-Bashforth ones (h = -1)."""
     sig = np.array([4.0, 3.0, 2.0, 1.0, 0.0])
     ab = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12],
           4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}  # fmt: skip
     for order, want in ab.items():
-        np.testing.assert_allclose(lms_weights(sig, 3, order), -np.array(want), rtol=1e-13)
+        np.testing.assert_allclose(weights(sig, 3, order), -np.array(want), rtol=1e-13)
     # non-uniform: order 2 by hand (the line through d_i and d_{i-1} integrated)
     s = np.array([5.0, 2.0, 0.5])
     h = s[2] - s[1]
     w1 = (h * h / 2) / (s[0] - s[1])  # integral of (tau - s1) / (s0 - s1)
-    np.testing.assert_allclose(lms_weights(s, 1, 2), [h - w1, w1], rtol=1e-13)
+    np.testing.assert_allclose(weights(s, 1, 2), [h - w1, w1], rtol=1e-13)
 
 
 def _d64(x64, mo64, sig: float, pred: str):
@@ -83,7 +100,7 @@ def _per_step(ours: LMSSampler, theirs, *, begin: int = 0, seed: int = 0, order:
         a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (sig[i], sig[i + 1]))
         mo = 0.6 * torch.randn(SHAPE, generator=g) + 0.4 * x.clamp(-3, 3)
         hist = [_d64(x.double(), mo.double(), float(sig[i]), ours.prediction_type), *hist][:order]
-        w = lms_weights(sig, i, min(i + 1, order))
+        w = _quad_weights(sig, i, min(i + 1, order))
         ref64 = a_n * (x.double() / a_i + sum(wj * d for wj, d in zip(w, hist, strict=False)))
         theirs.scale_model_input(x / a_i, t)  # (diffusers warns unless it is called)
         ref = theirs.step(mo, t, x / a_i, order=order).prev_sample * a_n
