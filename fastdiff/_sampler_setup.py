@@ -376,9 +376,9 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # is diffusers' behaviour. Both guard a future sigma-grid setting.
     "lcm": {**_SIGMAS_NEUTRAL},
     "tcd": {**_SIGMAS_NEUTRAL},
-    # diffusers 0.42's LMSDiscreteScheduler: every setting is implemented; its exponential /
-    # beta grids read a leftover sigma_min / sigma_max of another scheduler's config
-    "lms": {"sigma_min": None, "sigma_max": None},
+    # diffusers 0.42's LMSDiscreteScheduler: every setting is implemented (a leftover
+    # sigma_min / sigma_max of another scheduler's config is an LMSSampler option: its
+    # exponential / beta grids read it, as diffusers')
     # diffusers 0.42's DEISMultistepScheduler: its flow grid (use_flow_sigmas, with flow_shift and
     # use_dynamic_shifting, which act only there) is not implemented; its Karras / exponential /
     # beta grids read a leftover sigma_min / sigma_max; prediction_type="flow_prediction" and

@@ -12,13 +12,14 @@ fastdiff's sample is the VP one, x = x_sigma / sqrt(1 + sigma^2).
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, sample_through_scheduler
+from _sampler_cases import assert_step_parity, sample_through_scheduler, vp_noise
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
@@ -26,7 +27,7 @@ from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
 from fastdiff import NoiseSchedule
-from fastdiff.samplers import SAMPLERS, LMSSampler, make_sampler
+from fastdiff.samplers import SAMPLERS, EulerSampler, LMSSampler, make_sampler
 from fastdiff.samplers.lms import lms_weights
 
 diffusers = pytest.importorskip("diffusers")
@@ -196,6 +197,53 @@ def test_sample_with_an_lms_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
     euler = fastdiff.sample(_toy, steps=steps, sampler="euler", schedule=sch, noise=x_T)
     assert _rel(euler, ref) > 1e-3  # not Euler's samples (the check can fail)
+
+
+@pytest.mark.parametrize("form", ["object", "saved-config"])
+@pytest.mark.parametrize("leftover", [False, True], ids=["no-ends", "euler-ends"])
+@pytest.mark.parametrize("grid", GRIDS, ids=["plain", "karras", "exponential", "beta"])
+def test_leftover_sigma_ends_as_diffusers(grid, leftover, form):
+    """LMSDiscreteScheduler.from_config(euler.config) keeps Euler's sigma_min / sigma_max:
+    diffusers' exponential / beta grids read them, its default and Karras grids do not.
+    sample(schedule=<that scheduler or its config>) lands where diffusers' loop does, with the
+    ends or without them, and the ends change exactly the grids that read them."""
+    betas = DIFFUSERS_BETAS["scaled_linear"]
+    ends = {"sigma_min": 0.3, "sigma_max": 6.0} if leftover else {}
+    euler = diffusers.EulerDiscreteScheduler(**betas, **ends)
+    sch = diffusers.LMSDiscreteScheduler.from_config(euler.config, **grid)
+    assert (getattr(sch.config, "sigma_min", None) is not None) is leftover
+    steps, z = 9, torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
+    ref = _diffusers_loop(sch, steps, z)
+    x_T = vp_noise(z, sch)
+    schedule = sch if form == "object" else json.loads(sch.to_json_string())  # a saved config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fastdiff.sample(_toy, steps=steps, schedule=schedule, noise=x_T)
+    err = _rel(got, ref)
+    assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
+    if leftover:  # the same run without the ends: equal unless the grid reads them
+        plain = _scheduler(**grid)
+        without = fastdiff.sample(_toy, steps=steps, schedule=plain, noise=vp_noise(z, plain))
+        reads = bool(grid) and "use_karras_sigmas" not in grid
+        assert torch.equal(got, without) is not reads
+        if reads:
+            assert sch.sigmas[0].item() == pytest.approx(6.0, rel=1e-6)
+
+
+def test_sigma_ends_options():
+    """LMSSampler's sigma_min / sigma_max: Euler's ends on the exponential / beta grids;
+    checked but unused on the default and Karras grids (as diffusers' LMS)."""
+    for grid in GRIDS:
+        smp = LMSSampler(_schedule(), 6, sigma_min=0.3, sigma_max=6.0, **grid)
+        plain = LMSSampler(_schedule(), 6, **grid)
+        reads = bool(grid) and "use_karras_sigmas" not in grid
+        assert np.array_equal(smp.sigmas(), plain.sigmas()) is not reads
+        if reads:
+            want = EulerSampler(_schedule(), 6, sigma_min=0.3, sigma_max=6.0, **grid).sigmas()
+            np.testing.assert_array_equal(smp.sigmas(), want.astype(np.float32))
+        for bad in ({"sigma_min": 0.0}, {"sigma_max": float("inf")}, {"sigma_min": "1"}):
+            with pytest.raises(ValueError, match=next(iter(bad))):
+                LMSSampler(_schedule(), 6, **bad, **grid)
 
 
 def test_registry_infer_and_options():

@@ -298,9 +298,9 @@ def test_lms_short_runs_every_order(steps, grid):
 
 
 def test_lms_scheduler_settings_carried_or_refused():
-    """Every LMSDiscreteScheduler setting reaches the sampler; a leftover sigma_min / sigma_max
-    of another scheduler's config (which diffusers' exponential and beta grids read) is
-    refused, not dropped."""
+    """Every LMSDiscreteScheduler setting reaches the sampler, a leftover sigma_min / sigma_max
+    of another scheduler's config too (diffusers' exponential and beta grids read it; every
+    grid with and without it vs diffusers' loop: test_lms)."""
     from fastdiff._sampler_setup import resolve_sampler
 
     sch = diffusers.LMSDiscreteScheduler(**BETAS["scaled_linear"], use_beta_sigmas=True,
@@ -314,8 +314,10 @@ def test_lms_scheduler_settings_carried_or_refused():
     euler = diffusers.EulerDiscreteScheduler(**BETAS["scaled_linear"], **opts)
     leftover = diffusers.LMSDiscreteScheduler.from_config(euler.config)
     assert leftover.config.sigma_min == 0.1  # diffusers' exponential grid then ends at 0.1
-    with pytest.raises(ValueError, match="sigma_min=0.1, sigma_max=10.0"):
-        fastdiff.sample(_toy, steps=5, schedule=leftover, noise=torch.zeros(SHAPE))
+    smp = resolve_sampler(None, None, 5, leftover, None, None, {})
+    assert (smp.sigma_grid, smp.sigma_min, smp.sigma_max) == ("exponential", 0.1, 10.0)
+    leftover.set_timesteps(5)
+    np.testing.assert_array_equal(smp.sigmas(), leftover.sigmas.double().numpy())
 
 
 # ------------------------------------------------------------------------------ both

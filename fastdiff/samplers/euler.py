@@ -50,6 +50,15 @@ def grid_steps(steps: int | None, n: int, what: str) -> int | None:
     return steps
 
 
+def grid_end(name: str, v: float | None) -> float | None:
+    """A ``sigma_min`` / ``sigma_max`` option: None, or a finite float > 0 (ValueError)."""
+    if v is not None and (
+        isinstance(v, bool) or not isinstance(v, Real) or not 0.0 < float(v) < math.inf
+    ):
+        raise ValueError(f"{name}: expected None or a finite float > 0, got {v!r}")
+    return None if v is None else float(v)
+
+
 class EulerSampler(Sampler):
     """Euler method on the probability-flow ODE in sigma space (Karras et al. 2022, Alg. 1).
 
@@ -153,13 +162,8 @@ class EulerSampler(Sampler):
             n = len(self._user_sigmas) - 1
             steps = grid_steps(steps, n, f"{n + 1} custom sigmas ({n} steps)")
             self.sigma_grid = "custom"  # diffusers then ignores its sigma grid options
-        for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            if v is not None and (
-                isinstance(v, bool) or not isinstance(v, Real) or not 0.0 < float(v) < math.inf
-            ):
-                raise ValueError(f"{name}: expected None or a finite float > 0, got {v!r}")
-        self.sigma_min = None if sigma_min is None else float(sigma_min)
-        self.sigma_max = None if sigma_max is None else float(sigma_max)
+        self.sigma_min = grid_end("sigma_min", sigma_min)
+        self.sigma_max = grid_end("sigma_max", sigma_max)
         self._grid: tuple[np.ndarray, np.ndarray] | None = None
         super().__init__(
             schedule,

@@ -13,8 +13,8 @@ from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from fastdiff.samplers._history import EpsHistory
-from fastdiff.samplers.euler import EulerSampler
-from fastdiff.samplers.sigmas import train_sigmas32
+from fastdiff.samplers.euler import EulerSampler, grid_end
+from fastdiff.samplers.sigmas import pick_sigma_grid, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["LMSSampler", "lms_weights"]
@@ -85,6 +85,11 @@ class LMSSampler(EpsHistory, EulerSampler):
             ``prediction_type`` "epsilon", "v_prediction" or "sample", as diffusers).
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid
             (at most one), as :class:`~fastdiff.samplers.EulerSampler`.
+        sigma_min, sigma_max: the exponential / beta grid's end noise levels, as
+            :class:`~fastdiff.samplers.EulerSampler`'s. As in diffusers'
+            ``LMSDiscreteScheduler`` (whose exponential / beta grids read them from its config,
+            e.g. the leftovers of an ``EulerDiscreteScheduler`` config it was made from), the
+            default and Karras grids ignore them (checked, then unused).
         order: the multistep order, 1 to 4 (diffusers' ``step(order=4)`` default).
     """
 
@@ -106,6 +111,8 @@ class LMSSampler(EpsHistory, EulerSampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
         order: int = 4,
     ) -> None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -116,6 +123,10 @@ class LMSSampler(EpsHistory, EulerSampler):
         if isinstance(order, bool) or not isinstance(order, Integral) or not 1 <= order <= 4:
             raise ValueError(f"order: expected an int in 1..4, got {order!r}")
         self.order = int(order)
+        ends = grid_end("sigma_min", sigma_min), grid_end("sigma_max", sigma_max)
+        grid = pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        if grid not in ("exponential", "beta"):  # diffusers' other LMS grids do not read them
+            ends = None, None
         self._sig_cache: np.ndarray | None = None
         self.reset()
         super().__init__(
@@ -127,6 +138,8 @@ class LMSSampler(EpsHistory, EulerSampler):
             use_karras_sigmas=use_karras_sigmas,
             use_exponential_sigmas=use_exponential_sigmas,
             use_beta_sigmas=use_beta_sigmas,
+            sigma_min=ends[0],
+            sigma_max=ends[1],
         )
 
     # ------------------------------------------------------------------ rows
