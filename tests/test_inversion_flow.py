@@ -203,6 +203,42 @@ def test_every_backend_gives_the_same_inversion(case):
         assert err <= 1e-5, (backend, cl, err.item())
 
 
+# ------------------------------------------------------------------------ CUDA graphs
+@torch.no_grad()
+def test_cuda_graph_loop_equals_eager(fake_cuda_graphs, monkeypatch):
+    """invert(cuda_graph=True)'s loop on CPU with a fake graph: result and trajectory (the
+    image first, x0 = x - u v) equal the eager loop's."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+
+    def run(graphed, seed):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        return fastdiff.invert(_gauss_v, _image(seed), 5, sampler="flow_euler_inverse",
+                               shift=3.0, return_trajectory=True)  # fmt: skip
+
+    for seed in (1, 2):
+        eager, etraj = run(False, seed)
+        out, traj = run(True, seed)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        for k in ("x", "x0"):
+            torch.testing.assert_close(traj[k], etraj[k], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x"][0], _image(seed))
+    assert len(fake_cuda_graphs) == 1
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_cuda_graph_on_a_gpu_equals_eager():
+    x = _image(11).cuda()
+    eager = fastdiff.invert(_gauss_v, x, 8, sampler="flow_euler_inverse", shift=3.0)
+    graphed = fastdiff.invert(_gauss_v, x, 8, sampler="flow_euler_inverse", shift=3.0,
+                              cuda_graph=True)  # fmt: skip
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    cpu = fastdiff.invert(_gauss_v, x.cpu(), 8, sampler="flow_euler_inverse", shift=3.0)
+    torch.testing.assert_close(graphed.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("opts", "exc", "match"),
