@@ -200,6 +200,12 @@ def sample(
         lambda opts: resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale,
                                      {**sampler_options, **opts}),
     )  # fmt: skip
+    if smp.inverts and noise is None:
+        raise ValueError(
+            f"noise: {type(smp).__name__} runs the ODE upwards, image x_0 -> noise x_T; pass "
+            "the image as noise= or call fastdiff.invert(model, image, ...) (without it, it "
+            "would invert a random draw)"
+        )
     rescale = _guidance_rescale(guidance_rescale, guidance_scale, smp)
 
     # x_T's device, dtype and shape [N x ...], and the model kwargs of every call: with

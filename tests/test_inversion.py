@@ -613,3 +613,24 @@ def test_registered_and_options_checked():
         fastdiff.sample(_model, 4, sampler="ddim_inverse", noise=x, eta=0.5)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['thresholding'\]"):
         fastdiff.sample(_model, 4, sampler="ddim_inverse", noise=x, thresholding=True)
+
+
+@pytest.mark.parametrize("how", ["name", "scheduler"])
+def test_sample_with_an_inverse_sampler_and_no_noise_is_refused(how):
+    """sample() with an inverse sampler (by name, or inferred from a DDIMInverseScheduler as
+    schedule) and no noise= would invert a random draw: a ValueError naming noise, before any
+    model call."""
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return x
+
+    kw = (
+        {"sampler": "ddim_inverse", "schedule": NoiseSchedule("linear")}
+        if how == "name"
+        else {"schedule": diffusers.DDIMInverseScheduler()}
+    )
+    with pytest.raises(ValueError, match=r"^noise: DDIMInverseSampler runs the ODE upwards"):
+        fastdiff.sample(model, 4, shape=(3, 8, 8), **kw)
+    assert calls == []
