@@ -62,7 +62,7 @@ def resolve_sampler(
         SAMPLERS["flow_heun"],
     ):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
-    if SAMPLERS[sampler.lower()] in (SAMPLERS["edm_euler"], SAMPLERS["edm_dpm++"]):
+    if SAMPLERS[sampler.lower()] in (SAMPLERS["edm_euler"], SAMPLERS["edm_dpm++"], SAMPLERS["cm"]):
         return _resolve_edm(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
     n_steps = _default_steps(sampler.lower(), steps, sampler_options, "timesteps")
@@ -161,14 +161,21 @@ def _resolve_edm(
     diffusers' defaults, sigma_min 0.002, sigma_max 80, sigma_data 0.5, rho 7; an
     ``EDMEulerScheduler`` / ``EDMDPMSolverMultistepScheduler`` or its config: its settings,
     ``options`` winning), never from a VP :class:`~fastdiff.NoiseSchedule`."""
-    if schedule is not None and not _is_edm_scheduler(schedule):
+    if SAMPLERS[name] is SAMPLERS["cm"]:  # a consistency model: a CM scheduler or None
+        if schedule is not None and not _is_cm_scheduler(schedule):
+            raise ValueError(
+                f"schedule: sampler {name!r} needs None or diffusers' "
+                f"CMStochasticIterativeScheduler (or its config), got {type(schedule).__name__}:"
+                " a consistency model has no VP noise schedule"
+            )
+    elif schedule is not None and not _is_edm_scheduler(schedule):
         raise ValueError(
             f"schedule: sampler {name!r} needs None or a diffusers EDM scheduler (or its "
             f"config), got {type(schedule).__name__}: an EDM model has no VP noise schedule"
         )
     if eta is not None:
         raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
-    n_steps = SAMPLERS[name].default_steps if steps is None else steps
+    n_steps = _default_steps(name, steps, options, "timesteps")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
     _check_scheduler_settings(schedule, name)
@@ -183,6 +190,13 @@ def _is_edm_scheduler(schedule: Any) -> bool:
     cfg = _scheduler_config(schedule)
     cls = _scheduler_class(schedule, cfg) if cfg is not None else None
     return cls in (_SCHEDULER_OF["edm_euler"], _SCHEDULER_OF["edm_dpm++"])
+
+
+def _is_cm_scheduler(schedule: Any) -> bool:
+    """Whether ``schedule`` is diffusers' ``CMStochasticIterativeScheduler`` (or its config)."""
+    cfg = _scheduler_config(schedule)
+    cls = _scheduler_class(schedule, cfg) if cfg is not None else None
+    return cls == _SCHEDULER_OF["cm"]
 
 
 def _is_flow_scheduler(schedule: Any) -> bool:
@@ -213,6 +227,11 @@ def _resolve_schedule(model: Any, schedule: Any) -> NoiseSchedule:
         raise ValueError(
             "schedule: an EDM scheduler has no VP noise schedule; use sampler='edm_euler' or "
             "'edm_dpm++' (the defaults for EDMEulerScheduler and EDMDPMSolverMultistepScheduler)"
+        )
+    if _is_cm_scheduler(schedule):
+        raise ValueError(
+            "schedule: CMStochasticIterativeScheduler has no VP noise schedule; use sampler='cm' "
+            "(its default)"
         )
     if hasattr(schedule, "config") or isinstance(schedule, Mapping):
         cfg = _scheduler_config(schedule)
@@ -294,6 +313,7 @@ def _diffusers_params(schedule: Any, cfg: Mapping[str, Any]) -> frozenset[str] |
 # its method (not its betas) which the sampler does not implement: {key: neutral value}. A
 # non-neutral one there would be silently dropped, the samples no longer diffusers'.
 _SCHEDULER_OF = {
+    "cm": "CMStochasticIterativeScheduler",
     "ddim": "DDIMScheduler",
     "ddim_inverse": "DDIMInverseScheduler",
     "ddpm": "DDPMScheduler",

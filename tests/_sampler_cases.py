@@ -114,6 +114,7 @@ NO_SYNC = [
     ("dpm2", 4, {}),
     ("dpm2_a", 4, {}),
     ("lcm", 4, {}),
+    ("cm", 4, {}),
 ]
 
 # test_guidance_equals_manual_cfg: (sampler, steps, guidance scale, options, tolerance); the
@@ -147,7 +148,8 @@ HISTORY = [
 
 # test_bad_settings_through_sample: (sampler, an option it does not take)
 UNKNOWN_OPTION = [("deis", "clip_sample"), ("dpm++_single", "clip_sample"), ("lms", "clip_sample"),
-                  ("pndm", "clip_sample"), ("plms", "clip_sample")]  # fmt: skip
+                  ("pndm", "clip_sample"), ("plms", "clip_sample"),
+                  ("cm", "clip_sample")]  # fmt: skip
 
 _PREDS = ["epsilon", "v_prediction", "sample"]
 _KARRAS3 = {"use_karras_sigmas": True, "solver_order": 3}
@@ -220,6 +222,9 @@ def _graph_cases() -> list[GraphCase]:
         GraphCase(kind, {**v, **opts}, runs=lcm_runs, captures=3)
         for kind, opts in (("lcm", {}), ("lcm", {"thresholding": True}), ("tcd", {"eta": 0.3}))
     ]  # fmt: skip
+    # consistency models: the same three runs (one noiseless step, then noisy ones)
+    cases += [GraphCase("cm", {"clip_denoised": c}, runs=lcm_runs, captures=3)
+              for c in (True, False)]  # fmt: skip
     return cases
 
 

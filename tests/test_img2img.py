@@ -27,6 +27,8 @@ STRENGTHS = [1.0, 0.8, 0.67, 0.5, 0.3, 0.1]  # 0.67: SD / SD3 round apart; 0.1: 
 
 # sampler name -> (diffusers scheduler class, its config, steps): every name of SAMPLERS
 CASES = {
+    "cm": ("CMStochasticIterativeScheduler", {}, 10),
+    "consistency": ("CMStochasticIterativeScheduler", {"num_train_timesteps": 151}, 10),
     "ddim": ("DDIMScheduler", SL, 10),
     "ddpm": ("DDPMScheduler", SL, 10),
     "deis": ("DEISMultistepScheduler", SL, 10),

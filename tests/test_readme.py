@@ -142,7 +142,8 @@ def test_readme_sampler_classes_exist():
         # a flow or EDM model has no VP noise schedule
         # (flow Heun and the flow inversion are FlowMatchEulerSampler subclasses)
         flow = issubclass(cls, (samplers.FlowMatchEulerSampler, samplers.EDMEulerSampler,
-                                samplers.EDMDPMSolverSampler))  # fmt: skip
+                                samplers.EDMDPMSolverSampler,
+                                samplers.ConsistencyModelSampler))  # fmt: skip
         smp = cls(None if flow else NoiseSchedule("linear"), 10)
         two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler,
                      samplers.FlowMatchHeunSampler)  # fmt: skip

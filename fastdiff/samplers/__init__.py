@@ -1,6 +1,6 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
-PLMS, LMS, LCM, TCD, flow-matching Euler and Heun, EDM Euler and DPM-Solver++ (one fused op call
-per model call); DDIM and flow-matching inversion (``DDIMInverseSampler``,
+PLMS, LMS, LCM, TCD, consistency models, flow-matching Euler and Heun, EDM Euler and DPM-Solver++
+(one fused op call per model call); DDIM and flow-matching inversion (``DDIMInverseSampler``,
 ``FlowMatchEulerInverseSampler``: x_0 -> x_T, their timesteps ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastdiff.samplers.base import Sampler, spaced_timesteps
+from fastdiff.samplers.consistency import ConsistencyModelSampler
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddim_inverse import DDIMInverseSampler
 from fastdiff.samplers.ddpm import DDPMSampler
@@ -41,6 +42,7 @@ from fastdiff.schedules import NoiseSchedule
 
 __all__ = [
     "SAMPLERS",
+    "ConsistencyModelSampler",
     "DDIMInverseSampler",
     "DDIMSampler",
     "DDPMSampler",
@@ -69,6 +71,8 @@ __all__ = [
 
 #: Names accepted by :func:`make_sampler` and ``fastdiff.sample(sampler=...)``.
 SAMPLERS: dict[str, type[Sampler]] = {
+    "cm": ConsistencyModelSampler,
+    "consistency": ConsistencyModelSampler,
     "ddim": DDIMSampler,
     "ddim_inverse": DDIMInverseSampler,
     "ddpm": DDPMSampler,
@@ -97,7 +101,8 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T),
+    """Build the sampler called ``name`` ("cm" (alias "consistency": multistep consistency
+    sampling; ``schedule`` must be None), "ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T),
     "ddpm", "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
     models; ``schedule`` must be None), "euler", "euler_a", "flow_euler", "flow_heun"
     (rectified flow; ``schedule`` must be None), "flow_euler_inverse" (flow-matching inversion,
