@@ -11,6 +11,7 @@ the weights drops them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,12 +25,14 @@ from fastdiff.samplers import Sampler
 
 
 def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callback,
-                   return_trajectory, rescale=0.0, start=0):  # fmt: skip
+                   return_trajectory, rescale=0.0, start=0, inpaint=None):  # fmt: skip
     """The loop of :func:`fastdiff._loop._sample_eager`, each step a replay of a captured
     :class:`_StepGraph`; ``graphs`` is the capture cache ``{model: {key: _StepGraph, "params":
     the _param_signature the graphs were captured on}}``. A run from call ``start`` > 0
     (img2img) replays the rows :meth:`~fastdiff.samplers.Sampler.run_row` picks (a multistep
-    sampler's warm-up again), its history buffers zeroed by ``load``."""
+    sampler's warm-up again), its history buffers zeroed by ``load``. ``inpaint``
+    (:class:`fastdiff._inpaint.Inpaint`): the blend is part of the captured step, its image,
+    noise and mask static buffers loaded once per run and its (a, s) row copied per call."""
     n = x.shape[0]
     rows = 2 * n if gs is not None else n
     t_all = _timestep_rows(smp, rows, x.device)
@@ -45,6 +48,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
         rescale,
         _kw_signature(kwargs),
         _backend_signature(),
+        None if inpaint is None else inpaint.signature(),
     )
     try:
         per_model = graphs.setdefault(model, {})
@@ -56,10 +60,10 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
     per_model["params"] = params
     g = per_model.get(key)
     if g is None:
-        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state, rescale)
+        g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state, rescale, inpaint)
         per_model[key] = g
     g.smp = smp
-    g.load(x, kwargs, gen_state)
+    g.load(x, kwargs, gen_state, inpaint)
     ts_host = smp.timesteps.tolist()
     traj_x, traj_x0 = ([x.clone()], []) if return_trajectory else (None, None)
     # PLMS: its history skips a call's output (a device copy after the replay), and its op's m
@@ -70,7 +74,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
         if smp.needs_noise(i) and gen_state is None:
             noise = smp._draw_noise(x, generator)  # the sampler's dtype (SDE: fp32)
         x_in = g.x.clone() if return_trajectory and x0_of is not None else None
-        g.replay(smp, i, t_all[i], noise, start)
+        g.replay(smp, i, t_all[i], noise, start, inpaint)
         if fix_history is not None:
             fix_history(i - start, g.hist)  # the moves after the run's (i - start)-th call
         if return_trajectory:
@@ -102,6 +106,8 @@ class _StepGraph:
 
     x0_prev2: Tensor | None = None  # DPM-Solver++ 3M's m_{i-2} buffer (set by __init__)
     rescale: float = 0.0  # guidance rescale phi (set by __init__)
+    inpaint = None  # static copies of the inpainting blend's operands (set by __init__)
+    blend_row: Tensor | None = None  # the blend's (a, s) for the call replayed
 
     def __init__(
         self,
@@ -113,8 +119,16 @@ class _StepGraph:
         t_row: Tensor,
         gen_state: Tensor | None,
         rescale: float = 0.0,
+        inpaint: Any = None,
     ) -> None:
         self.model, self.gs, self.rescale = model, gs, rescale
+        if inpaint is not None:  # the blend's image, noise and mask: static copies
+            self.inpaint = copy.copy(inpaint)
+            self.inpaint.image, self.inpaint.z = inpaint.image.clone(), inpaint.z.clone()
+            self.inpaint.mask = inpaint.mask.clone()
+            if inpaint.delta is not None:
+                self.inpaint.delta = torch.zeros_like(inpaint.delta)
+            self.blend_row = inpaint.table[0].clone()
         self.multistep = smp.is_multistep
         self.x = x.clone()
         self.t = t_row.clone()
@@ -165,7 +179,7 @@ class _StepGraph:
             m2.copy_(m1)
             m1.copy_(x0)
             last.copy_(x_c)
-            self.x.copy_(x_new)
+            self.x.copy_(self._blend(x_new))
             return x0
         if self.multistep:  # DPM-Solver++, Heun: the x0 history rides in x0_prev (x0_prev2)
             if self.x0_prev2 is not None:
@@ -180,11 +194,21 @@ class _StepGraph:
         else:
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
                                  guidance_scale=gs, return_x0=True, **skw)  # fmt: skip
-        self.x.copy_(x_new)
+        self.x.copy_(self._blend(x_new))
         return x0
 
-    def load(self, x: Tensor, kwargs, gen_state: Tensor | None) -> None:
+    def _blend(self, x_new: Tensor) -> Tensor:
+        """Inpainting: the known region blended into the step's result (row ``blend_row``)."""
+        return x_new if self.inpaint is None else self.inpaint.blend(x_new, self.blend_row)
+
+    def load(self, x: Tensor, kwargs, gen_state: Tensor | None, inpaint: Any = None) -> None:
         self.x.copy_(x)
+        if inpaint is not None:
+            self.inpaint.image.copy_(inpaint.image)
+            self.inpaint.z.copy_(inpaint.z)
+            self.inpaint.mask.copy_(inpaint.mask)
+            if self.inpaint.delta is not None:
+                self.inpaint.delta.zero_()
         if gen_state is not None:
             self.gen_state.copy_(gen_state)
         if self.x0_prev is not None:
@@ -196,9 +220,17 @@ class _StepGraph:
         _copy_tree(self.kwargs, kwargs)
 
     def replay(
-        self, smp: Sampler, i: int, t_row: Tensor, noise: Tensor | None, start: int = 0
+        self,
+        smp: Sampler,
+        i: int,
+        t_row: Tensor,
+        noise: Tensor | None,
+        start: int = 0,
+        inpaint: Any = None,
     ) -> None:
         self.coef.copy_(smp.run_row(i, start, self.x.device))
+        if inpaint is not None:
+            self.blend_row.copy_(inpaint.table[i])
         self.t.copy_(t_row)
         if noise is not None:
             self.noise.copy_(noise)

@@ -21,7 +21,7 @@ from fastdiff.samplers import Sampler
 
 
 def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory,
-                  rescale=0.0, start=0):  # fmt: skip
+                  rescale=0.0, start=0, inpaint=None):  # fmt: skip
     """x_T -> x_0: for each step i, ``out = model(x, t_i)`` and ``x = smp.step(out, i, x)``.
 
     ``start`` > 0 (img2img): x is the state at model call ``start`` and the calls ``start ..
@@ -31,8 +31,10 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
     ``gs`` is the guidance scale (None: no guidance), ``rescale`` the guidance rescale phi (0:
     the op combines the halves; else :func:`_rescaled_guidance` does, before the op); the noise
     of a stochastic step comes from
-    ``generator``, else from the in-kernel Philox generator. Returns x_0, and with
-    ``return_trajectory`` also ``{"timesteps", "x", "x0"}``."""
+    ``generator``, else from the in-kernel Philox generator. ``inpaint``
+    (:class:`fastdiff._inpaint.Inpaint`) blends the known region into x after every call (the
+    callback and the trajectory's x rows see the blended x; its x0 rows are the steps' own).
+    Returns x_0, and with ``return_trajectory`` also ``{"timesteps", "x", "x0"}``."""
     n = x.shape[0]
     dev = x.device
     rows = 2 * n if gs is not None else n
@@ -55,12 +57,12 @@ def _sample_eager(model, smp, x, kwargs, gs, generator, progress, callback, retu
         res = smp.step(
             out, i, x, noise=noise, guidance_scale=gs_op, return_x0=return_trajectory, **skw
         )
+        x, x0 = res if return_trajectory else (res, None)
+        if inpaint is not None:  # the known region, noised to the next call's level
+            x = inpaint.blend(x, inpaint.table[i])
         if return_trajectory:
-            x, x0 = res
             traj_x.append(x)
             traj_x0.append(x0)
-        else:
-            x = res
         if callback is not None:
             callback(i - start, ts_host[i], x)
     if return_trajectory:

@@ -28,6 +28,7 @@ from fastdiff._graph import _param_signature as _param_signature  # re-exported 
 from fastdiff._graph import _StepGraph as _StepGraph  # re-exported (tests patch it here)
 from fastdiff._graph import sample_graphed
 from fastdiff._img2img import check_image, check_strength, img2img_sampler, noised_image
+from fastdiff._inpaint import DEFAULT_STRENGTH, Inpaint, check_mask
 from fastdiff._loop import _sample_eager
 from fastdiff._prepare import (
     _model_param,
@@ -61,6 +62,7 @@ def sample(
     generator: Generator | None = None,
     noise: Tensor | None = None,
     image: Tensor | None = None,
+    mask: Tensor | None = None,
     strength: float | None = None,
     eta: float | None = None,
     cond: Tensor | Mapping[str, Any] | None = None,
@@ -191,10 +193,20 @@ def sample(
     strength = check_strength(strength)
     if image is not None:
         check_image(image, noise, batch_size, shape)
+    if mask is not None:
+        check_mask(mask, image)
 
     # the sampler: timesteps and per-step coefficients, on the model's noise schedule; an
     # img2img run starts at its model call `start`
     smp = resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale, sampler_options)
+    if mask is not None and smp.inverts:
+        raise ValueError(
+            f"mask: {type(smp).__name__} runs x_0 -> x_T (an inversion); inpainting needs a "
+            "sampler of the reverse process"
+        )
+    if mask is not None and strength is None:  # diffusers' inpainting default: pure noise
+        given = isinstance(sampler, Sampler) and smp.strength_option
+        strength = smp.strength if given else DEFAULT_STRENGTH
     smp, start = img2img_sampler(
         smp, isinstance(sampler, Sampler), image, strength,
         lambda opts: resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale,
@@ -220,16 +232,22 @@ def sample(
     n = full[0]
     kwargs = model_kwargs_for(model, cond, uncond, guidance_scale, model_kwargs, n, device, dtype)
 
-    if image is not None:  # img2img: x_s = the image noised to call start's state
-        x = noised_image(smp, image, noise, start, device, dtype, generator)
-    elif noise is not None:  # x_T ~ N(0, I)
-        x = noise.to(device=device, dtype=dtype)
-    else:
-        x = randn_like_with(torch.empty(full, device=device, dtype=dtype), generator)
+    # inpainting at strength 1 starts from pure noise (diffusers' is_strength_max), and its
+    # blend reuses the start's noise z
+    pure = image is None or (mask is not None and strength == 1.0)
+    z = None
+    if noise is not None:
+        z = noise.to(device=device, dtype=dtype)
+    elif mask is not None or image is None:
+        z = randn_like_with(torch.empty(full, device=device, dtype=dtype), generator)
+    if not pure:  # img2img: x_s = the image noised to call start's state
+        x = noised_image(smp, image, z, start, device, dtype, generator)
+    else:  # x_T ~ N(0, I)
+        x = z
     # EDM samplers keep x in model-input units: diffusers' x_T = init_noise_sigma z is
     # init_noise_scale z there (one scale of the N(0, I) draw, or of the noise given)
     x_scale = getattr(smp, "init_noise_scale", 1.0)
-    if x_scale != 1.0 and image is None:
+    if x_scale != 1.0 and pure:
         x = x * x_scale
     if cuda_graph and device.type != "cuda":
         raise ValueError(
@@ -238,12 +256,13 @@ def sample(
         )
     # after every check: channels_last converts the model's weights in place
     x, back_to_contiguous = to_sampling_layout(x, model, channels_last, device)
+    inpaint = None if mask is None else Inpaint(smp, image, mask, z, x)
 
     # the reverse process x_T -> x_0, in eval mode: eager, or replays of a captured step
     loop = _sample_graphed if cuda_graph else _sample_eager
     with eval_mode(model):
         res = loop(model, smp, x, kwargs, guidance_scale, generator, progress, callback,
-                   return_trajectory, rescale, start=start)  # fmt: skip
+                   return_trajectory, rescale, start=start, inpaint=inpaint)  # fmt: skip
     return contiguous_result(res, return_trajectory) if back_to_contiguous else res
 
 
@@ -264,10 +283,10 @@ _GRAPHS: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDiction
 
 
 def _sample_graphed(model, smp, x, kwargs, gs, generator, progress, callback, return_trajectory,
-                    rescale=0.0, start=0):  # fmt: skip
+                    rescale=0.0, start=0, inpaint=None):  # fmt: skip
     """:func:`fastdiff._graph.sample_graphed` with this module's capture cache."""
     return sample_graphed(_GRAPHS, model, smp, x, kwargs, gs, generator, progress, callback,
-                          return_trajectory, rescale, start)  # fmt: skip
+                          return_trajectory, rescale, start, inpaint)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- images
