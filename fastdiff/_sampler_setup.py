@@ -126,6 +126,8 @@ def _default_steps(name: str, steps: Any, options: Mapping[str, Any], custom: st
     n = _len(options.get(custom))
     if n is not None:
         return n
+    if SAMPLERS[name] is SAMPLERS["unipc"] and _len(options.get("sigmas")) is not None:
+        return _len(options.get("sigmas"))  # UniPC's flow sigmas: one per step, as diffusers
     n = _len(options.get("sigmas")) if custom == "timesteps" else None
     if n is not None:
         return max(n - 1, 1)  # (a 1-entry list: the sampler's own error names sigmas)
@@ -340,10 +342,10 @@ _SCHEDULER_OF = {
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
                    "use_beta_sigmas": False}  # fmt: skip
 _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
+    # its flow grid (use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type) is
+    # DPMSolverPPSampler's; flow combined with a sigma grid is refused by the sampler itself
     "dpm++": {
         **_SIGMAS_NEUTRAL,
-        "use_flow_sigmas": False,
-        "use_dynamic_shifting": False,
         # not DPMSolverMultistepScheduler's, but its sigma grids read them from the config
         "sigma_min": None,
         "sigma_max": None,
@@ -408,14 +410,13 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
     "flow_euler": {"sigma_min": None, "sigma_max": None},
     "flow_euler_inverse": {"sigma_min": None, "sigma_max": None, "stochastic_sampling": False},
-    # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself
+    # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself; its
+    # flow grid (use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type,
+    # shift_terminal) is UniPCSampler's
     "unipc": {
         "solver_p": None,
-        "use_flow_sigmas": False,
-        "use_dynamic_shifting": False,
         "sigma_min": None,
         "sigma_max": None,
-        "shift_terminal": None,
     },
 }
 

@@ -42,8 +42,19 @@ def _diffusers_loop(unet, sched, steps: int, noise: torch.Tensor) -> torch.Tenso
 
 # ------------------------------------------- scheduler settings the sampler cannot reproduce
 UNSUPPORTED = [
-    ("dpm++", DPMSolverMultistepScheduler, dict(use_dynamic_shifting=True), "dynamic_shifting"),
-    ("dpm-solver++", DPMSolverMultistepScheduler, dict(use_flow_sigmas=True), "use_flow_sigmas"),
+    # flow sigmas are implemented (tests/test_flow_multistep.py), not on a VP sigma grid
+    (
+        "dpm++",
+        DPMSolverMultistepScheduler,
+        dict(use_flow_sigmas=True, use_karras_sigmas=True),
+        "use_flow_sigmas",
+    ),
+    (
+        "dpm-solver++",
+        DPMSolverMultistepScheduler,
+        dict(use_flow_sigmas=True, use_exponential_sigmas=True),
+        "use_flow_sigmas",
+    ),
     pytest.param(
         "dpm++",
         DPMSolverMultistepScheduler,
@@ -91,7 +102,7 @@ SUPPORTED = [
         "dpm++",
         DPMSolverMultistepScheduler,
         dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"),
-    ),  # fmt: skip
+    ),
     ("euler", EulerDiscreteScheduler, dict(timestep_spacing="trailing")),
     ("euler", EulerDiscreteScheduler, dict(use_karras_sigmas=False, interpolation_type="linear")),
     # Karras / beta grids: whole-loop parity with t rounded as fastdiff's model sees it is in

@@ -94,6 +94,8 @@ def test_no_scheduler_class_is_ddim_silently(schedule):
 
 
 def test_unsupported_setting_of_inferred_sampler_is_refused():
-    """The inferred sampler's scheduler checks still apply (no silent drop)."""
-    with pytest.raises(ValueError, match="use_dynamic_shifting=True"):
-        _run(schedule=diffusers.DPMSolverMultistepScheduler(use_dynamic_shifting=True))
+    """The inferred sampler's scheduler checks still apply (no silent drop). (UniPC's solver_p:
+    DPMSolverMultistepScheduler's use_dynamic_shifting, refused here before, is implemented.)"""
+    solver_p = diffusers.DPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match="solver_p="):
+        _run(schedule=diffusers.UniPCMultistepScheduler(solver_p=solver_p))

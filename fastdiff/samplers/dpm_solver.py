@@ -24,6 +24,7 @@ from fastdiff.samplers.base import (
     vp_of_sigma,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.flow_sigmas import FlowGridMixin, FlowOptions
 from fastdiff.samplers.sigmas import (
     SIGMA_GRIDS,
     beta_sigmas,
@@ -44,7 +45,7 @@ SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "b
                 "bh2": "midpoint"}  # fmt: skip
 
 
-class DPMSolverPPSampler(Sampler):
+class DPMSolverPPSampler(FlowGridMixin, Sampler):
     """DPM-Solver++: multistep solver of the diffusion ODE in data prediction (orders 1, 2, 3).
 
     With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t),
@@ -132,6 +133,9 @@ class DPMSolverPPSampler(Sampler):
         use_lu_lambdas: step on noise levels evenly spaced in lambda over the same span. As in
             diffusers, ``use_karras_sigmas`` wins over it and it over the exponential / beta
             grids.
+        use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, mu: diffusers'
+            flow-matching grid (SANA; :mod:`~fastdiff.samplers.flow_sigmas`): alpha_t = 1 -
+            sigma, sigma_t = sigma; ``mu`` (``set_timesteps(mu=...)``) makes the shift e^mu.
     """
 
     name = "dpm++"
@@ -165,8 +169,15 @@ class DPMSolverPPSampler(Sampler):
         use_beta_sigmas: bool = False,
         use_lu_lambdas: bool = False,
         algorithm_type: str = "dpmsolver++",
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        mu: float | None = None,
     ) -> None:
         check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        self._flow = FlowOptions(use_flow_sigmas, flow_shift, use_dynamic_shifting,
+                                 time_shift_type, mu, dpm=True)  # fmt: skip
         check_solver_order(solver_order)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
         if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, Real):
@@ -211,6 +222,7 @@ class DPMSolverPPSampler(Sampler):
                     "them (or the same number)"
                 )
         self.use_lu_lambdas = bool(use_lu_lambdas)
+        prediction_type = self._check_flow(grids, timesteps, prediction_type)
         #: "karras", "lu", "exponential", "beta" or None (steps at the spaced timesteps)
         self.sigma_grid: str | None = grids[0] if grids else None
         if final_sigmas_type not in FINAL_SIGMAS:
@@ -238,6 +250,7 @@ class DPMSolverPPSampler(Sampler):
             timestep_spacing=timestep_spacing,
             steps_offset=steps_offset,
         )
+        self.prediction_type = "flow_prediction" if self.flow_prediction else self.prediction_type
 
     def _train_sigmas32(self) -> np.ndarray:
         """diffusers' float32 training noise levels (see :func:`sigmas.train_sigmas32`)."""
@@ -269,6 +282,8 @@ class DPMSolverPPSampler(Sampler):
     def _make_timesteps(self) -> np.ndarray:
         if self._custom is not None:
             return self._custom.copy()
+        if self.use_flow_sigmas:
+            return self._flow_timesteps()
         if self.sigma_grid is not None:
             return self._grid_timesteps()
         T, n = self.schedule.num_train_timesteps, self.steps
@@ -312,8 +327,9 @@ class DPMSolverPPSampler(Sampler):
         return ab
 
     def _ratios(self) -> list[float]:
-        """sigma/alpha at each step, then at the end point (``[steps + 1]``, float64)."""
-        if self.sigma_grid is not None:
+        """diffusers' ``sigmas``: sigma/alpha (flow: sigma) at each step, then at the end point
+        (``[steps + 1]``, float64)."""
+        if self.sigma_grid is not None or self.use_flow_sigmas:
             return self._grid.tolist()  # repeated timesteps are fine here: the sigmas differ
         ts = [int(t) for t in self._ts]
         if len(set(ts)) < len(ts):  # e^{-h} = 1 between equal steps: h = 0 divides
@@ -377,9 +393,8 @@ class DPMSolverPPSampler(Sampler):
         return tuple(float(v) for v in w)
 
     def coefficients(self) -> np.ndarray:
-        ratio = self._ratios()
-        alpha = [1.0 / math.sqrt(r * r + 1.0) for r in ratio]  # alpha_t
-        sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]  # sigma_t
+        alpha, sigma = self._alpha_sigma(self._ratios())
+        ratio = [s / a if s > 0 else 0.0 for a, s in zip(alpha, sigma, strict=True)]
         lam = [-math.log(r) if r > 0 else math.inf for r in ratio]  # lambda_t = log(alpha/sigma)
         n = self.steps
         orders = self._orders()
@@ -420,7 +435,8 @@ class DPMSolverPPSampler(Sampler):
                     w = (phi, 0.0, 0.0)  # the first-order row as before (A from e^{-h})
                 else:
                     w = tuple(a_t * v for v in self._weights(o, h, *hs))
-                rows[k][i] = [a_s, s_s, c_x, w[0], w[1], c_noise, w[2], 0.0]
+                a_x0 = 1.0 if self.flow_prediction else a_s  # flow: x0 = x - sigma v
+                rows[k][i] = [a_x0, s_s, c_x, w[0], w[1], c_noise, w[2], 0.0]
         self._rows64 = rows
         self._need = need
         #: the order of each step in a run from step 0 (1, 2 or 3)
@@ -445,6 +461,7 @@ class DPMSolverPPSampler(Sampler):
         return {
             **super().config(),
             "algorithm_type": self.algorithm_type,
+            "flow_prediction": self.flow_prediction,
             # order 3 reads a second history operand (a CUDA graph's second static buffer)
             "solver_order": self.solver_order,
             "clip": self.clip_sample,
@@ -460,7 +477,11 @@ class DPMSolverPPSampler(Sampler):
 
     def _noising(self, i: int) -> tuple[float, float]:
         """img2img: (alpha_t, sigma_t) of step i's grid sigma (diffusers' ``add_noise`` via
-        ``_sigma_to_alpha_sigma_t``, also on Karras / exponential / beta grids)."""
+        ``_sigma_to_alpha_sigma_t``, also on Karras / exponential / beta grids; flow: (1 - s,
+        s))."""
+        if self.use_flow_sigmas:
+            s = float(self._ratios()[i])
+            return 1.0 - s, s
         return vp_of_sigma(float(self._ratios()[i]))
 
     def run_row(self, i: int, start: int, device: torch.device | str) -> Tensor:
@@ -549,7 +570,7 @@ class DPMSolverPPSampler(Sampler):
         ops = _ops()
         if self.thresholding:
             m = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, m, coef[0], coef[1], self.prediction_type)
+            x0, _ = _x0_eps(x, m, coef[0], coef[1], self._op_prediction)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             x_next, x0 = ops.dpm_solver_2m_step(
                 x,
@@ -566,7 +587,7 @@ class DPMSolverPPSampler(Sampler):
                 model_output,
                 coef,
                 prev,
-                prediction_type=self.prediction_type,
+                prediction_type=self._op_prediction,
                 clip_range=self.clip_sample_range if self.clip_sample else None,
                 guidance_scale=guidance_scale,
                 **hkw,

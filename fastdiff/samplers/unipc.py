@@ -16,6 +16,7 @@ from torch import Tensor
 from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.dpm_solver import FINAL_SIGMAS, DPMSolverPPSampler
+from fastdiff.samplers.flow_sigmas import FlowOptions, flow_timesteps, unipc_flow_sigmas
 from fastdiff.samplers.sigmas import (
     SIGMA_GRIDS,
     beta_sigmas,
@@ -139,6 +140,15 @@ class UniPCSampler(DPMSolverPPSampler):
             of the data prediction (a separate torch pass before the fused op).
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid, as
             diffusers builds it (at most one).
+        use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, mu, shift_terminal,
+            sigmas: diffusers' flow-matching grid (Wan 2.1: ``prediction_type="flow_prediction",
+            use_flow_sigmas=True, flow_shift=5.0``; :mod:`~fastdiff.samplers.flow_sigmas`):
+            ``linspace(1, 1/T, steps + 1)[:-1]`` or the custom ``sigmas``, shifted (static
+            ``flow_shift``, or with ``mu`` under ``use_dynamic_shifting``, which needs it),
+            stretched to ``shift_terminal``; alpha_t = 1 - sigma, sigma_t = sigma, the model
+            called at ``int(sigma T)``. With ``use_karras_sigmas`` the Karras grid of the VP
+            betas' noise levels k becomes k / (k + 1), as diffusers (the shift unused).
+            ``final_sigmas_type="sigma_min"`` ends at the grid's last sigma (a final h = 0 step).
     """
 
     name = "unipc"
@@ -168,7 +178,18 @@ class UniPCSampler(DPMSolverPPSampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        mu: float | None = None,
+        shift_terminal: float | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> None:
+        self._flow = FlowOptions(use_flow_sigmas, flow_shift, use_dynamic_shifting,
+                                 time_shift_type, mu, shift_terminal)  # fmt: skip
+        if self._flow.dynamic and self._flow.mu is None:  # diffusers' set_timesteps, any grid
+            raise ValueError("mu: use_dynamic_shifting=True needs mu (as diffusers), got None")
         if isinstance(solver_order, bool) or solver_order not in (1, 2, 3):
             raise ValueError(
                 f"solver_order: expected 1, 2 (diffusers' default) or 3, got {solver_order!r}"
@@ -202,6 +223,20 @@ class UniPCSampler(DPMSolverPPSampler):
         if thresholding:
             check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.sigma_grid: str | None = grids[0] if grids else None
+        prediction_type = self._check_flow([g for g in grids if g != "karras"], None,
+                                           prediction_type)  # fmt: skip
+        self.flow_shift = self._flow.shift  # UniPC's dynamic shift reads mu itself
+        self._custom_sigmas = sigmas
+        if sigmas is not None:
+            if not self._flow.on:
+                raise ValueError(
+                    "sigmas: custom sigmas need use_flow_sigmas=True (as diffusers), got "
+                    "use_flow_sigmas=False"
+                )
+            if self.sigma_grid is not None:
+                raise ValueError("sigmas: not with use_karras_sigmas=True (diffusers reverses it)")
+            if steps is None:
+                steps = len(sigmas) if hasattr(sigmas, "__len__") else steps
         self.solver_order = int(solver_order)
         self.solver_type = solver_type
         self.disable_corrector = disabled
@@ -222,8 +257,23 @@ class UniPCSampler(DPMSolverPPSampler):
             timestep_spacing=timestep_spacing,
             steps_offset=steps_offset,
         )
+        self.prediction_type = "flow_prediction" if self.flow_prediction else self.prediction_type
 
     # ------------------------------------------------------------------ timesteps and tables
+    def _flow_timesteps(self) -> np.ndarray:
+        """diffusers' UniPC flow grid (or Karras grid read as flow sigmas k / (k + 1)) and its
+        model timesteps ``int(sigma T)``; sets ``self._grid`` (float32 values, the final one)."""
+        T = self.schedule.num_train_timesteps
+        if self.sigma_grid == "karras":
+            train = self._train_sigmas32()
+            k = karras_sigmas(train[0].item(), train[-1].item(), self.steps)
+            sig = k / (k + 1)
+        else:
+            sig = unipc_flow_sigmas(self.steps, T, self._flow, self._custom_sigmas)
+        last = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
+        self._grid = np.append(sig, last).astype(np.float32).astype(np.float64)
+        return flow_timesteps(sig, T, type(self).__name__)
+
     def _grid_timesteps(self) -> np.ndarray:
         """As :meth:`DPMSolverPPSampler._grid_timesteps`, but Karras timesteps are always
         rounded (diffusers' UniPC has no cosine exception)."""
@@ -241,7 +291,7 @@ class UniPCSampler(DPMSolverPPSampler):
     def _ratios(self) -> list[float]:
         """As :meth:`DPMSolverPPSampler._ratios`; repeated spaced timesteps (h = 0 between two
         steps: diffusers' UniPC returns NaN) are refused with UniPC's name."""
-        if self.sigma_grid is None:
+        if self.sigma_grid is None and not self.use_flow_sigmas:
             ts = [int(t) for t in self._ts]
             if len(set(ts)) < len(ts):
                 raise ValueError(
@@ -259,8 +309,7 @@ class UniPCSampler(DPMSolverPPSampler):
     def _rows(self, ratio: list[float], since: int | None) -> np.ndarray:
         """float64 ``[steps x 12]``: row i for step i when ``since`` steps of this run precede
         it (None: i of them, a run from step 0)."""
-        alpha = [1.0 / math.sqrt(r * r + 1.0) for r in ratio]
-        sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]
+        alpha, sigma = self._alpha_sigma(ratio)
         lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in
                zip(alpha, sigma, strict=True)]  # fmt: skip
         n, bh1, order = self.steps, self.solver_type == "bh1", self.solver_order
@@ -283,7 +332,7 @@ class UniPCSampler(DPMSolverPPSampler):
         for i in range(n):
             d = i if since is None else min(since, i)
             row = rows[i]
-            row[0], row[1] = alpha[i], sigma[i]
+            row[0], row[1] = (1.0 if self.flow_prediction else alpha[i]), sigma[i]
             # UniC: corrects the previous step's predictor output, with that step's order
             p_c = min(order, n - i + 1 if self.lower_order_final else order, d)
             if p_c >= 1 and (i - 1) not in self.disable_corrector:
@@ -378,7 +427,7 @@ class UniPCSampler(DPMSolverPPSampler):
     def config(self) -> dict:
         return {
             "cls": type(self).__name__,
-            "prediction_type": self.prediction_type,
+            "prediction_type": self._op_prediction,
             # order 3 reads m_{i-3} (a CUDA graph's fourth static history buffer)
             "solver_order": self.solver_order,
             "clip": self.clip_sample,
@@ -417,7 +466,7 @@ class UniPCSampler(DPMSolverPPSampler):
         ops = _unipc_ops()
         if self.thresholding:
             mo = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, mo, coef[0], coef[1], self.prediction_type)
+            x0, _ = _x0_eps(x, mo, coef[0], coef[1], self._op_prediction)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             return ops.unipc_step(x, x0, coef, last, m_prev, m_prev2, m_prev3=m_prev3,
                                   prediction_type="sample")  # fmt: skip
@@ -429,7 +478,7 @@ class UniPCSampler(DPMSolverPPSampler):
             m_prev,
             m_prev2,
             m_prev3=m_prev3,
-            prediction_type=self.prediction_type,
+            prediction_type=self._op_prediction,
             clip_range=self.clip_sample_range if self.clip_sample else None,
             guidance_scale=guidance_scale,
         )
