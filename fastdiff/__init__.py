@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _LAZY: dict[str, tuple[str, str | None]] = {
     "sample": ("fastdiff.api", "sample"),
     "invert": ("fastdiff.inversion", "invert"),
+    "repaint": ("fastdiff.repaint", "repaint"),
     "to_images": ("fastdiff.api", "to_images"),
     "NoiseSchedule": ("fastdiff.schedules", "NoiseSchedule"),
     "optimize": ("fastdiff.integrations.diffusers", "optimize"),
