@@ -2,6 +2,7 @@
 
     fastdiff sample --steps 50 --sampler ddim --n 64 --out samples.png [--label 3 --guidance 2]
     fastdiff sample --init-image digit.png --strength 0.6 --out edits.png     (img2img, SDEdit)
+    fastdiff sample --init-image digit.png --mask mask.png --out fills.png    (inpainting)
     fastdiff train --out model.safetensors [--steps 2000] [--device cuda]
     fastdiff bench [--json]
     fastdiff info [--json]
@@ -188,9 +189,6 @@ def _init_image(path: str, model: Any, n: int, dev: torch.device) -> torch.Tenso
     """``--init-image``: a picture file as x_0 in model space ``[n x C x H x W]``: converted to
     the model's channels (1: grayscale, 3: RGB), resized to its sample size, pixels / 127.5 - 1
     (``fastdiff.to_images`` inverted), the same image for each of the n samples."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
     from fastdiff._prepare import _infer_shape
 
     p = Path(path)
@@ -200,14 +198,35 @@ def _init_image(path: str, model: Any, n: int, dev: torch.device) -> torch.Tenso
     if shape is None or len(shape) != 3 or shape[0] not in (1, 3):
         raise CLIError(f"--init-image: needs a 1- or 3-channel image model, got shape {shape}")
     c, h, w = shape
-    try:
-        with Image.open(p) as img:
-            img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise CLIError(f"--init-image: cannot read {p} as an image ({exc})") from None
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 127.5 - 1.0
+    x = _picture("--init-image", p, "L" if c == 1 else "RGB", (w, h)) / 127.5 - 1.0
     x = x[None] if c == 1 else x.permute(2, 0, 1)
     return x[None].expand(n, c, h, w).contiguous().to(dev)
+
+
+def _mask(path: str, image: torch.Tensor) -> torch.Tensor:
+    """``--mask``: a picture file as the inpainting mask ``[n x 1 x H x W]`` (white = repaint):
+    grayscale, resized to the image's size, / 255, binarized at 0.5 (diffusers' inpainting
+    ``mask_processor``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--mask: file not found: {p}")
+    n, _, h, w = image.shape
+    m = (_picture("--mask", p, "L", (w, h)) / 255.0 >= 0.5).float()
+    return m[None, None].expand(n, 1, h, w).contiguous().to(image.device)
+
+
+def _picture(flag: str, p: Path, mode: str, size: tuple[int, int]) -> torch.Tensor:
+    """The picture file ``p`` in ``mode``, bilinearly resized to ``size`` (w, h), as float32
+    pixels ``[H x W (x 3)]`` in 0 .. 255."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as img:
+            img = img.convert(mode).resize(size, Image.BILINEAR)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise CLIError(f"{flag}: cannot read {p} as an image ({exc})") from None
+    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
 
 
 def _save(image, out: Path) -> None:
@@ -229,8 +248,11 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise CLIError("--guidance needs --label (classifier-free guidance towards a class)")
     if a.strength is not None and a.init_image is None:
         raise CLIError("--strength needs --init-image (img2img: the image to start from)")
+    if a.mask is not None and a.init_image is None:
+        raise CLIError("--mask needs --init-image (inpainting: the image to repaint)")
     model = _load_model(a.model, dev)
     image = None if a.init_image is None else _init_image(a.init_image, model, a.n, dev)
+    mask = None if a.mask is None else _mask(a.mask, image)
     T = model.schedule.num_train_timesteps if model.schedule is not None else 1000
     if a.steps > T:
         raise CLIError(f"--steps must be <= {T} (the model's training timesteps), got {a.steps}")
@@ -268,7 +290,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         x = fastdiff.sample(
             model, steps=a.steps, sampler=a.sampler, batch_size=a.n, cond=labels,
             guidance_scale=guidance, generator=gen, device=dev, progress=not a.quiet,
-            image=image, strength=a.strength, **opts,
+            image=image, mask=mask, strength=a.strength, **opts,
         )  # fmt: skip
     nrow = a.nrow or (10 if a.label == "all" else None)
     _save(make_grid(x, nrow=nrow, scale=a.scale), out)
@@ -451,7 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized to the model's size")  # fmt: skip
     s.add_argument("--strength", type=float, default=None,
                    help="with --init-image: the fraction of the steps run, in (0, 1] (default "
-                        "0.8; small keeps the picture)")  # fmt: skip
+                        "0.8, 1.0 with --mask; small keeps the picture)")  # fmt: skip
+    s.add_argument("--mask", default=None,
+                   help="with --init-image: inpaint, repainting the picture's white region "
+                        "(resized, binarized at 50%%) and keeping the black")  # fmt: skip
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     s.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")

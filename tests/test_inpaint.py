@@ -313,3 +313,66 @@ def test_errors_name_the_argument_and_nothing_runs(kw, exc, match):
     with pytest.raises(exc, match=match):
         fastdiff.sample(model, 10, **kw)
     assert calls == []
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def test_cli_mask_reaches_sample_white_repaints(tmp_path, monkeypatch):
+    """fastdiff sample --init-image --mask: the mask picture, grayscale, resized to the image,
+    binarized at 50% (white = 1 = repaint), one per sample, reaches sample(); the run
+    keeps the picture where the mask is black."""
+    import numpy as np
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    pix = ((np.arange(16 * 16).reshape(16, 16) * 7) % 256).astype(np.uint8)
+    Image.fromarray(pix).save(tmp_path / "in.png")
+    m = np.zeros((32, 32), dtype=np.uint8)  # twice the model's size: resized
+    m[8:24, 4:20] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    seen, real = [], fastdiff.sample
+
+    def spy(model, **kw):
+        seen.append((kw, real(model, **kw)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(fastdiff, "sample", spy)
+    argv = [
+        "sample",
+        "--init-image",
+        str(tmp_path / "in.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+    ]
+    out = tmp_path / "out.png"
+    assert main([*argv, "--n", "2", "--steps", "4", "--out", str(out), "--quiet"]) == 0
+    assert out.is_file()
+    ((kw, x),) = seen
+    mask, image = kw["mask"], kw["image"]
+    want = torch.zeros(16, 16)
+    want[4:12, 2:10] = 1.0
+    assert mask.shape == (2, 1, 16, 16) and torch.equal(mask[1, 0], want)
+    assert kw["strength"] is None  # sample's inpainting default, 1.0
+    keep = (mask == 0).expand_as(image)
+    assert torch.equal(x[keep], image[keep]) and not torch.equal(x, image)
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--mask", "{png}"], "--mask needs --init-image"),
+        (["--init-image", "{png}", "--mask", "missing.png"], "--mask: file not found"),
+        (["--init-image", "{png}", "--mask", "{txt}"], "--mask: cannot read"),
+    ],
+)
+def test_cli_mask_errors_write_nothing(argv, msg, tmp_path, capsys):
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    (tmp_path / "t.txt").write_text("not an image")
+    Image.new("L", (16, 16)).save(tmp_path / "a.png")
+    argv = [a.format(txt=tmp_path / "t.txt", png=tmp_path / "a.png") for a in argv]
+    out = tmp_path / "out.png"
+    assert main(["sample", *argv, "--out", str(out), "--quiet"]) != 0
+    assert msg in capsys.readouterr().err and not out.exists()
