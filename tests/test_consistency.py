@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, rel, toy
+from _sampler_cases import assert_step_parity, cond_toy, rel, toy
 from helpers import PARITY_RTOL, assert_fa_rule, backend_cases, case_id, stable_seed
 
 import fastdiff
@@ -164,6 +164,28 @@ def test_schedule_infers_cm_with_its_settings():
     one = fastdiff.sample(toy, schedule=saved, noise=z)  # default: 1 step
     assert 0.0 < rel(one, one_ref) <= PARITY_RTOL
     assert SAMPLERS["cm"] is SAMPLERS["consistency"] is ConsistencyModelSampler
+
+
+@torch.no_grad()
+def test_guidance_equals_manual_cfg():
+    """guidance_scale combines [uncond, cond] in the op: the same as stepping with the combined
+    output (and not the unguided samples)."""
+    cond, uncond = torch.randn(SHAPE[0], 4), torch.randn(SHAPE[0], 4)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    kw = {"sampler": "cm", "timesteps": [22, 0], "noise": z}
+    got = fastdiff.sample(cond_toy, cond=cond, uncond=uncond, guidance_scale=3.0, **kw,
+                          generator=torch.Generator().manual_seed(4))  # fmt: skip
+    smp = ConsistencyModelSampler(None, timesteps=[22, 0])
+    gen = torch.Generator().manual_seed(4)
+    x = z * smp.init_noise_scale
+    for i, t in enumerate(smp.timesteps):
+        tt = t.expand(SHAPE[0])
+        u = cond_toy(x, tt, encoder_hidden_states=uncond)
+        c = cond_toy(x, tt, encoder_hidden_states=cond)
+        x = smp.step(u + 3.0 * (c - u), i, x, generator=gen)
+    assert rel(got, x) <= 1e-6
+    plain = fastdiff.sample(cond_toy, cond=cond, **kw, generator=torch.Generator().manual_seed(4))
+    assert rel(got, plain) > 1e-3
 
 
 # ------------------------------------------------------------------------ backends
