@@ -89,11 +89,13 @@ def sample(
 
     Args:
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
-            int64 tensor (float32 for ``"flow_euler"`` and the EDM samplers) on the model's
-            device, returning a tensor, an object with ``.sample`` (diffusers) or a tuple.
+            int64 tensor (float32 for ``"flow_euler"``, the EDM samplers and ``"cm"``) on the
+            model's device, returning a tensor, an object with ``.sample`` (diffusers) or a
+            tuple.
         steps: number of sampling steps (1 .. num_train_timesteps; default 50, 4 for ``"lcm"``
-            as diffusers' LatentConsistencyModelPipeline; with a custom grid its length: the
-            ``timesteps=`` of dpm++ / euler / heun / ddpm / lcm / tcd, the ``sigmas=`` of flow
+            as diffusers' LatentConsistencyModelPipeline, 1 for ``"cm"`` as its
+            ConsistencyModelPipeline; with a custom grid its length: the ``timesteps=`` of dpm++
+            / euler / heun / ddpm / lcm / tcd / cm, the ``sigmas=`` of flow
             samplers, euler's ``sigmas=`` minus one, as diffusers' ``set_timesteps``).
         sampler: ``"ddim"``, ``"ddpm"``, ``"deis"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``,
             ``"heun"``, ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"lms"``,
@@ -101,7 +103,8 @@ def sample(
             models: ``schedule`` None or a diffusers FlowMatch scheduler), ``"edm_euler"`` /
             ``"edm_dpm++"`` (EDM models: ``schedule`` None or an ``EDMEulerScheduler`` /
             ``EDMDPMSolverMultistepScheduler``; the model sees c_in x at c_noise, x_T is scaled
-            to diffusers' init_noise_sigma z),
+            to diffusers' init_noise_sigma z), ``"cm"`` (alias ``"consistency"``: consistency
+            models, ``schedule`` None or a ``CMStochasticIterativeScheduler``),
             or a sampler object from :mod:`fastdiff.samplers` (its own steps and schedule are
             used). Default:
             the sampler that reproduces ``schedule``'s diffusers scheduler class
