@@ -118,7 +118,7 @@ class Inpaint:
     :meth:`blend` is one call's blend."""
 
     def __init__(self, smp: Sampler, image: Tensor, mask: Tensor, z: Tensor, like: Tensor):
-        fmt = torch.preserve_format
+        fmt = torch.contiguous_format
         cl = like.ndim == 4 and like.is_contiguous(memory_format=torch.channels_last)
         if cl and not like.is_contiguous():
             fmt = torch.channels_last

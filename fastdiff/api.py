@@ -132,6 +132,15 @@ def sample(
             a draw as x_T's; the calls s .. end then run, as diffusers' img2img pipelines
             (``get_timesteps``, ``set_begin_index``, ``add_noise`` / ``scale_noise``). Batch
             size, shape, dtype and device follow it as they follow ``noise``.
+        mask: inpainting with an ordinary model (needs ``image``): ``[N or 1 x 1 or C x ...]``
+            broadcastable to the image, floating, values in [0, 1]: 1 = repaint, 0 = keep
+            (diffusers' white = repaint; soft values blend). After every model call the kept
+            region is replaced by the image noised to the next call's level with the start's
+            noise, ``x = (1 - mask) add_noise(image, z, i + 1) + mask x``, and by the image
+            after the last call (RePaint's replacement, Lugmayr et al. 2022, Sec. 3; diffusers'
+            inpaint pipelines with a 4-channel UNet); default ``strength`` 1.0, a start from
+            pure noise (x_T as without an image). The callback and the trajectory's x rows see
+            the blended samples. Checked before anything runs (one host read of a CUDA mask).
         strength: img2img strength in (0, 1] (default with ``image``: 0.8, 0.6 for
             ``"flow_euler"`` / ``"flow_heun"`` as the SD3 / Flux pipelines): the fraction of
             the grid that runs, s = (N - min(int(N strength), N)) x calls per step (Heun,
