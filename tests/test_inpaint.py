@@ -239,8 +239,9 @@ def test_cuda_graph_loop_equals_eager(name, fake_cuda_graphs, monkeypatch):
         return _ours(name, mask, strength, seed=seed, return_trajectory=True)
 
     masks = _masks()
-    for strength, mname, seed in ((0.6, "binary", 0), (1.0, "binary", 1), (0.8, "binary", 2),
-                                  (1.0, "soft", 3)):  # fmt: skip
+    masks["flipped"] = masks["binary"].flip(-1)  # the binary capture, other mask values
+    for strength, mname, seed in ((0.6, "binary", 0), (1.0, "flipped", 1), (0.8, "binary", 2),
+                                  (1.0, "soft", 3), (0.6, "soft", 4)):  # fmt: skip
         eager, etraj = run(False, strength, masks[mname], seed)
         out, traj = run(True, strength, masks[mname], seed)
         torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
