@@ -429,3 +429,22 @@ def test_half_precision_inpaint(dtype):
     assert torch.equal(half[keep], image.to(dtype)[keep])
     yardstick = _rel(run(dtype, None), run(torch.float32, None))
     assert _rel(half, full) <= 2 * yardstick, (_rel(half, full), yardstick)
+
+
+@pytest.mark.parametrize("name", ["dpm++", "heun", "euler_a", "flow_euler"])
+def test_no_host_sync_inside_the_loop(name):
+    """The blend reads its (a, s) rows from a device table: no .item() / host read once the
+    model has been called (the mask's range check runs before the loop)."""
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return _model(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, 6, sampler=name, image=_image(7), mask=_masks()["soft"],
+                              strength=0.7, generator=torch.Generator().manual_seed(7))  # fmt: skip
+    assert spy.armed and torch.isfinite(out).all()
+    assert spy.seen == []
