@@ -19,12 +19,15 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from fastdiff._prepare import _infer_shape
+from fastdiff._prepare import _infer_shape, _model_param
 from fastdiff.samplers import DDIMInverseSampler, FlowMatchEulerInverseSampler, Sampler
 
 __all__ = ["invert"]
+
+_RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: sampler names ``invert`` runs, and the class each builds
 INVERSE_SAMPLERS: dict[str, type[Sampler]] = {
@@ -139,6 +142,12 @@ def _check_image(model: Any, image: Any) -> None:
         raise TypeError(
             f"image: expected a floating-point tensor in model space (e.g. images in [-1, 1]: "
             f"x.float() / 127.5 - 1), got dtype {image.dtype}"
+        )
+    param = _model_param(model)
+    if (param is None or not param.is_floating_point()) and image.dtype not in _RUN_DTYPES:
+        raise TypeError(
+            f"image: expected torch.float32, torch.float16 or torch.bfloat16 (a model without "
+            f"floating parameters runs in the image's dtype), got {image.dtype}; use image.float()"
         )
     if image.ndim < 2 or image.numel() == 0:
         raise ValueError(
