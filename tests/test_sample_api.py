@@ -460,8 +460,9 @@ def test_diffusers_scheduler_settings_become_sampler_defaults():
     }
     assert _scheduler_options(DDPMScheduler(variance_type="fixed_large").config, "ddpm") == {
         "variance_type": "fixed_large"}  # fmt: skip
-    assert _scheduler_options({"prediction_type": "sample", "flow_shift": 1.0}, "dpm++") == {
+    assert _scheduler_options({"prediction_type": "sample", "shift": 3.0}, "dpm++") == {
         "prediction_type": "sample"}  # a plain dict: every key the sampler takes  # fmt: skip
+    assert _scheduler_options({"flow_shift": 3.0}, "dpm++") == {"flow_shift": 3.0}
     explicit = fastdiff.sample(model, steps=4, noise=noise, schedule=sched,
                                prediction_type="epsilon", timestep_spacing="leading",
                                clip_sample=True, steps_offset=0)  # fmt: skip
