@@ -83,7 +83,8 @@ test_files=(tests/test_sampler_step.py tests/test_dpm_sde.py tests/test_dpm3_op.
   tests/test_kdpm2.py tests/test_heun.py tests/test_pndm.py tests/test_lcm.py tests/test_flow.py tests/test_flow_heun.py
   tests/test_lms.py tests/test_deis.py tests/test_dpm_single.py tests/test_edm.py tests/test_guidance_rescale.py
   tests/test_custom_grid_steps.py tests/test_custom_grid2.py tests/test_unoptimize.py
-  tests/test_img2img.py tests/test_inversion.py tests/test_inversion_flow.py tests/test_sampler_contract.py)
+  tests/test_img2img.py tests/test_inversion.py tests/test_inversion_flow.py tests/test_sampler_contract.py
+  tests/test_inpaint.py tests/test_repaint.py tests/test_flow_multistep.py tests/test_consistency.py)
 for f in tests/test_*.py; do
   case " ${test_files[*]} " in *" $f "*) ;; *) test_files+=("$f") ;; esac
 done
