@@ -262,22 +262,64 @@ def _scheduler_config(schedule: Any) -> Mapping[str, Any] | None:
 def _scheduler_options(schedule: Any, name: str) -> dict[str, Any]:
     """The sampling settings of a diffusers scheduler (or config) passed as ``schedule`` that
     sampler ``name`` takes: ``prediction_type``, ``timestep_spacing``, ``steps_offset``,
-    ``clip_sample``, ``thresholding``, ``set_alpha_to_one``, ``variance_type``, ... A scheduler
-    object's values that are its class defaults (diffusers' ``_use_default_values``) are
-    skipped: fastdiff's samplers have diffusers' defaults for their own type, and a DDPM
-    default must not override a DDIM one. ``None`` values are skipped."""
+    ``clip_sample``, ``thresholding``, ``set_alpha_to_one``, ``variance_type``, ... A value that
+    is its class's default (listed in diffusers' ``_use_default_values``) is skipped: fastdiff's
+    samplers have diffusers' defaults for their own type, and a DDPM default must not override a
+    DDIM one. A listed key whose value differs from that default was set afterwards (a
+    hand-edited config dict) and is kept; when the class cannot be told (no ``_class_name`` and
+    keys not all of sampler ``name``'s diffusers class, or diffusers missing) every listed key is
+    skipped. ``None`` values are skipped."""
     cfg = _scheduler_config(schedule)
     if cfg is None:
         return {}
     params = inspect.signature(SAMPLERS[name].__init__).parameters
-    defaults = set(cfg.get("_use_default_values", ()))
+    listed = set(cfg.get("_use_default_values", ()))
+    class_defaults = _class_defaults(schedule, cfg, name) if listed else None
     own = _own_class_params(schedule, cfg, name)
+
+    def _default(k: str, v: Any) -> bool:
+        if k not in listed:
+            return False
+        if class_defaults is None or k not in class_defaults:
+            return True  # the class is unknown: trust the list
+        return _same(v, class_defaults[k])
+
     return {
         k: v
         for k, v in cfg.items()
         if k in params and k not in ("self", "schedule", "steps", "eta")
-        and k not in defaults and v is not None and (own is None or k in own)
+        and v is not None and not _default(k, v) and (own is None or k in own)
     }  # fmt: skip
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` as one bool (an array or an odd type comparing elementwise: not the same)."""
+    try:
+        eq = a == b
+    except Exception:  # noqa: BLE001 - any comparison failure means "not the default"
+        return False
+    return bool(eq) if isinstance(eq, (bool, np.bool_)) else False
+
+
+def _class_defaults(schedule: Any, cfg: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """The ``__init__`` defaults of the diffusers class whose ``_use_default_values`` ``cfg``
+    carries: ``schedule``'s class (an object, or a saved config's ``_class_name``); for a plain
+    dict without a class name (``dict(scheduler.config)``), the class sampler ``name``
+    reproduces when every key of ``cfg`` is one of its parameters. None: not known."""
+    cls = _diffusers_class(schedule, cfg)
+    if cls is None and _scheduler_class(schedule, cfg) is None:
+        own = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])  # "dpm-solver++"
+        cand = _diffusers_class(None, {"_class_name": _SCHEDULER_OF[own]})
+        keys = {k for k in cfg if not k.startswith("_")}
+        if cand is not None and keys <= set(inspect.signature(cand.__init__).parameters):
+            cls = cand
+    if cls is None:
+        return None
+    return {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not p.empty
+    }
 
 
 def _own_class_params(schedule: Any, cfg: Mapping[str, Any], name: str) -> frozenset[str] | None:
@@ -294,6 +336,17 @@ def _own_class_params(schedule: Any, cfg: Mapping[str, Any], name: str) -> froze
 
 def _diffusers_params(schedule: Any, cfg: Mapping[str, Any]) -> frozenset[str] | None:
     """The config keys ``schedule``'s diffusers class uses (None: class unknown / not found)."""
+    cls = _diffusers_class(schedule, cfg)
+    if cls is None:
+        return None
+    # diffusers' sigma-grid conversions also read these from the config when present, whether
+    # or not the class takes them (a leftover EulerDiscreteScheduler sigma_min is used)
+    return frozenset(inspect.signature(cls.__init__).parameters) | {"sigma_min", "sigma_max"}
+
+
+def _diffusers_class(schedule: Any, cfg: Mapping[str, Any]) -> type | None:
+    """``schedule``'s diffusers scheduler class: its type, or for a saved config the diffusers
+    class its ``_class_name`` names (None: no class name, diffusers missing, not a class)."""
     cls_name = _scheduler_class(schedule, cfg)
     if cls_name is None:
         return None
@@ -304,11 +357,7 @@ def _diffusers_params(schedule: Any, cfg: Mapping[str, Any]) -> frozenset[str] |
         except ImportError:
             return None
         cls = getattr(diffusers, cls_name, None)
-    if not isinstance(cls, type):
-        return None
-    # diffusers' sigma-grid conversions also read these from the config when present, whether
-    # or not the class takes them (a leftover EulerDiscreteScheduler sigma_min is used)
-    return frozenset(inspect.signature(cls.__init__).parameters) | {"sigma_min", "sigma_max"}
+    return cls if isinstance(cls, type) else None
 
 
 # The diffusers scheduler each sampler reproduces, and the settings of that scheduler that change

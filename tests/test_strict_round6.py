@@ -315,7 +315,6 @@ def test_unipc_schedule_with_an_unimplemented_setting_is_refused(setting):
     naming it (sample() would silently differ from diffusers)."""
     diffusers = pytest.importorskip("diffusers")
     cfg = dict(diffusers.UniPCMultistepScheduler().config)
-    cfg.pop("_use_default_values")  # the setting is not the default any more
     cfg.update(setting, _class_name="UniPCMultistepScheduler")
     key = next(iter(setting))
     with pytest.raises(ValueError, match=key):
