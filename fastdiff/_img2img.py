@@ -106,6 +106,8 @@ def img2img_sampler(
                 "strength of their own grid)"
             )
         return smp, 0
+    if getattr(smp, "no_img2img", None):  # a sampler whose diffusers scheduler has no start
+        raise ValueError(f"image: {smp.no_img2img}")
     if smp.inverts:  # also at one step, where the timesteps show no direction
         raise ValueError(
             f"image: {type(smp).__name__} runs x_0 -> x_T (ascending timesteps); img2img needs "

@@ -62,7 +62,7 @@ def resolve_sampler(
         SAMPLERS["flow_heun"],
     ):
         return _resolve_flow(sampler.lower(), steps, schedule, eta, sampler_options)
-    if SAMPLERS[sampler.lower()] in (SAMPLERS["edm_euler"], SAMPLERS["edm_dpm++"], SAMPLERS["cm"]):
+    if sampler.lower() in ("edm_euler", "edm_dpm++", "cm", "consistency", *_OWN_GRID):
         return _resolve_edm(sampler.lower(), steps, schedule, eta, sampler_options)
     sched = _resolve_schedule(model, schedule)
     n_steps = _default_steps(sampler.lower(), steps, sampler_options, "timesteps")
@@ -169,6 +169,16 @@ def _resolve_edm(
                 f"schedule: sampler {name!r} needs None or diffusers' "
                 f"CMStochasticIterativeScheduler (or its config), got {type(schedule).__name__}:"
                 " a consistency model has no VP noise schedule"
+            )
+    elif name in _OWN_GRID:  # its own diffusers scheduler or None
+        own = next(k for k in _SCHEDULER_OF if SAMPLERS[k] is SAMPLERS[name])
+        cfg = _scheduler_config(schedule)
+        if schedule is not None and (cfg is None or _scheduler_class(schedule, cfg)
+                                     != _SCHEDULER_OF[own]):  # fmt: skip
+            raise ValueError(
+                f"schedule: sampler {name!r} needs None or diffusers' {_SCHEDULER_OF[own]} (or "
+                f"its config), got {type(schedule).__name__}: its noise levels are its own grid, "
+                "not a VP noise schedule"
             )
     elif schedule is not None and not _is_edm_scheduler(schedule):
         raise ValueError(
@@ -382,12 +392,16 @@ _SCHEDULER_OF = {
     "flow_euler_inverse": "FlowMatchEulerDiscreteScheduler",
     "flow_heun": "FlowMatchHeunDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
+    "ipndm": "IPNDMScheduler",
     "lcm": "LCMScheduler",
     "lms": "LMSDiscreteScheduler",
     "pndm": "PNDMScheduler",
     "tcd": "TCDScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
+# Samplers whose noise levels are their diffusers scheduler's own grid (no betas): built with
+# schedule=None, from that scheduler's settings (as the EDM samplers)
+_OWN_GRID = ("ipndm",)
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
                    "use_beta_sigmas": False}  # fmt: skip
 _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
@@ -441,6 +455,8 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "timestep_type": "discrete",
         "final_sigmas_type": "zero",
     },
+    # diffusers 0.42's IPNDMScheduler: trained_betas replaces its sin^2 noise levels
+    "ipndm": {"trained_betas": None},
     # diffusers 0.42's LCMScheduler: every setting that changes its step is implemented
     # (timestep_spacing, steps_offset and set_alpha_to_one do nothing there); TCDScheduler's
     # step ignores its clip_sample, thresholding and timestep_scaling too, so not applying them

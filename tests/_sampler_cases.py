@@ -115,6 +115,7 @@ NO_SYNC = [
     ("dpm2_a", 4, {}),
     ("lcm", 4, {}),
     ("cm", 4, {}),
+    ("ipndm", 6, {}),
 ]
 
 # test_guidance_equals_manual_cfg: (sampler, steps, guidance scale, options, tolerance); the
@@ -149,7 +150,7 @@ HISTORY = [
 # test_bad_settings_through_sample: (sampler, an option it does not take)
 UNKNOWN_OPTION = [("deis", "clip_sample"), ("dpm++_single", "clip_sample"), ("lms", "clip_sample"),
                   ("pndm", "clip_sample"), ("plms", "clip_sample"),
-                  ("cm", "clip_sample")]  # fmt: skip
+                  ("cm", "clip_sample"), ("ipndm", "clip_sample")]  # fmt: skip
 
 _PREDS = ["epsilon", "v_prediction", "sample"]
 _KARRAS3 = {"use_karras_sigmas": True, "solver_order": 3}
@@ -225,6 +226,8 @@ def _graph_cases() -> list[GraphCase]:
     # consistency models: the same three runs (one noiseless step, then noisy ones)
     cases += [GraphCase("cm", {"clip_denoised": c}, runs=lcm_runs, captures=3)
               for c in (True, False)]  # fmt: skip
+    # iPNDM: the 4 UniPC-style history buffers (last, e_{i-1}, e_{i-2}, e_{i-3})
+    cases.append(GraphCase("ipndm", {}, hist=4))
     return cases
 
 

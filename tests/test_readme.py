@@ -143,7 +143,8 @@ def test_readme_sampler_classes_exist():
         # (flow Heun and the flow inversion are FlowMatchEulerSampler subclasses)
         flow = issubclass(cls, (samplers.FlowMatchEulerSampler, samplers.EDMEulerSampler,
                                 samplers.EDMDPMSolverSampler,
-                                samplers.ConsistencyModelSampler))  # fmt: skip
+                                samplers.ConsistencyModelSampler,
+                                samplers.IPNDMSampler))  # fmt: skip
         smp = cls(None if flow else NoiseSchedule("linear"), 10)
         two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler,
                      samplers.FlowMatchHeunSampler)  # fmt: skip

@@ -1,7 +1,8 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
-PLMS, LMS, LCM, TCD, consistency models, flow-matching Euler and Heun, EDM Euler and DPM-Solver++
-(one fused op call per model call); DDIM and flow-matching inversion (``DDIMInverseSampler``,
-``FlowMatchEulerInverseSampler``: x_0 -> x_T, their timesteps ascending).
+PLMS, iPNDM, LMS, LCM, TCD, consistency models, flow-matching Euler and Heun, EDM Euler and
+DPM-Solver++ (one fused op call per model call); DDIM and flow-matching inversion
+(``DDIMInverseSampler``, ``FlowMatchEulerInverseSampler``: x_0 -> x_T, their timesteps
+ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending; ascending for DDIM inversion) and ``.step(model_output, i,
@@ -33,6 +34,7 @@ from fastdiff.samplers.euler_ancestral import EulerAncestralSampler
 from fastdiff.samplers.flow import FlowMatchEulerSampler, FlowMatchHeunSampler
 from fastdiff.samplers.flow_inverse import FlowMatchEulerInverseSampler
 from fastdiff.samplers.heun import HeunSampler
+from fastdiff.samplers.ipndm import IPNDMSampler
 from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.lcm import LCMSampler, TCDSampler
 from fastdiff.samplers.lms import LMSSampler
@@ -59,6 +61,7 @@ __all__ = [
     "FlowMatchEulerSampler",
     "FlowMatchHeunSampler",
     "HeunSampler",
+    "IPNDMSampler",
     "LCMSampler",
     "LMSSampler",
     "PNDMSampler",
@@ -91,6 +94,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "flow_euler_inverse": FlowMatchEulerInverseSampler,
     "flow_heun": FlowMatchHeunSampler,
     "heun": HeunSampler,
+    "ipndm": IPNDMSampler,
     "lcm": LCMSampler,
     "lms": LMSSampler,
     "pndm": PNDMSampler,
@@ -106,7 +110,8 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any)
     "ddpm", "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
     models; ``schedule`` must be None), "euler", "euler_a", "flow_euler", "flow_heun"
     (rectified flow; ``schedule`` must be None), "flow_euler_inverse" (flow-matching inversion,
-    x_0 -> x_1), "heun", "lcm", "lms", "pndm", "plms" (PNDM with ``skip_prk_steps=True``),
+    x_0 -> x_1), "heun", "ipndm" (iPNDM, v-prediction models of continuous time; ``schedule``
+    must be None), "lcm", "lms", "pndm", "plms" (PNDM with ``skip_prk_steps=True``),
     "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
