@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fastdiff._conditioning import _guidance, _prepare_output, _unwrap, model_kwargs_for
+from fastdiff._inpaint import check_mask
 from fastdiff._prepare import _check_generator, _model_param, _resolve_device, eval_mode
 from fastdiff._sampler_setup import _resolve_schedule, _scheduler_config
 from fastdiff.samplers.base import _ops, randn_like_with
@@ -116,7 +117,7 @@ def repaint(
     """
     _check_model(model)
     _check_image(image)
-    _check_mask(mask, image)
+    check_mask(mask, image)  # the same check (and messages) as sample(mask=)
     schedule_obj = _resolve_schedule(model, schedule)
     if clip_sample is None:
         cfg = _scheduler_config(schedule)
@@ -207,37 +208,6 @@ def _check_image(image: Any) -> None:
         )
 
 
-def _check_mask(mask: Any, image: Tensor) -> None:
-    """Floating, on image's device, broadcastable to image's shape, values in [0, 1] (checked
-    once on the host before anything runs)."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(
-            f"mask: expected a torch.Tensor (1 = repaint, 0 = keep), got {type(mask).__name__}"
-        )
-    if not mask.is_floating_point():
-        raise TypeError(
-            f"mask: expected a floating tensor with values in [0, 1] (1 = repaint, 0 = keep), "
-            f"got dtype {mask.dtype}"
-        )
-    if mask.device != image.device:
-        raise ValueError(f"mask: expected image's device {image.device}, got {mask.device}")
-    try:
-        full = torch.broadcast_shapes(tuple(mask.shape), tuple(image.shape))
-    except RuntimeError:
-        full = None
-    if full != tuple(image.shape):
-        raise ValueError(
-            f"mask: expected a shape broadcastable to image's {tuple(image.shape)} (e.g. "
-            f"[N or 1 x 1 x H x W]), got {tuple(mask.shape)}"
-        )
-    if mask.numel() and not bool(((mask >= 0) & (mask <= 1)).all()):  # NaN fails both
-        raise ValueError(
-            "mask: expected values in [0, 1] (1 = repaint, 0 = keep), got values in "
-            f"[{float(mask.min())}, {float(mask.max())}]"
-            + (" or NaN" if bool(mask.isnan().any()) else "")
-        )
-
-
 def _check_noise(noise: Any, image: Tensor) -> None:
     if not isinstance(noise, Tensor):
         raise TypeError(f"noise: expected a torch.Tensor, got {type(noise).__name__}")
@@ -259,6 +229,12 @@ def _device_dtype(
     device = _resolve_device(device)
     if dtype is None:
         floating = param is not None and param.is_floating_point()
+        if not floating and image.dtype not in _DTYPES:  # name the image, not dtype=
+            raise TypeError(
+                "image: expected torch.float32, torch.float16 or torch.bfloat16 (a model without "
+                f"floating parameters runs in the image's dtype), got {image.dtype}; use "
+                "image.float() or pass dtype="
+            )
         dtype = param.dtype if floating else image.dtype
     if dtype not in _DTYPES:
         raise TypeError(
