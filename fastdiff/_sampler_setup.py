@@ -367,6 +367,10 @@ def _diffusers_class(schedule: Any, cfg: Mapping[str, Any]) -> type | None:
         except ImportError:
             return None
         cls = getattr(diffusers, cls_name, None)
+    # diffusers' stand-in for a class whose backend is missing (CosineDPMSolverMultistepScheduler
+    # without torchsde: metaclass DummyObject, __init__(*args, **kwargs)) tells no parameters
+    if type(cls).__name__ == "DummyObject":
+        return None
     return cls if isinstance(cls, type) else None
 
 
@@ -375,6 +379,7 @@ def _diffusers_class(schedule: Any, cfg: Mapping[str, Any]) -> type | None:
 # non-neutral one there would be silently dropped, the samples no longer diffusers'.
 _SCHEDULER_OF = {
     "cm": "CMStochasticIterativeScheduler",
+    "cosine_dpm++": "CosineDPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
     "ddim_inverse": "DDIMInverseScheduler",
     "ddpm": "DDPMScheduler",
@@ -401,7 +406,7 @@ _SCHEDULER_OF = {
 }
 # Samplers whose noise levels are their diffusers scheduler's own grid (no betas): built with
 # schedule=None, from that scheduler's settings (as the EDM samplers)
-_OWN_GRID = ("ipndm",)
+_OWN_GRID = ("ipndm", "cosine_dpm++")
 _SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
                    "use_beta_sigmas": False}  # fmt: skip
 _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {

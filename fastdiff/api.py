@@ -89,8 +89,8 @@ def sample(
 
     Args:
         model: any callable ``model(x, t, **kwargs)`` with x ``[N x ...]`` and t an ``(N,)``
-            int64 tensor (float32 for ``"flow_euler"``, the EDM samplers, ``"cm"`` and
-            ``"ipndm"``) on the
+            int64 tensor (float32 for ``"flow_euler"``, the EDM samplers, ``"cosine_dpm++"``,
+            ``"cm"`` and ``"ipndm"``) on the
             model's device, returning a tensor, an object with ``.sample`` (diffusers) or a
             tuple.
         steps: number of sampling steps (1 .. num_train_timesteps; default 50, 4 for ``"lcm"``
@@ -104,10 +104,11 @@ def sample(
             models: ``schedule`` None or a diffusers FlowMatch scheduler), ``"edm_euler"`` /
             ``"edm_dpm++"`` (EDM models: ``schedule`` None or an ``EDMEulerScheduler`` /
             ``EDMDPMSolverMultistepScheduler``; the model sees c_in x at c_noise, x_T is scaled
-            to diffusers' init_noise_sigma z), ``"cm"`` (alias ``"consistency"``: consistency
-            models, ``schedule`` None or a ``CMStochasticIterativeScheduler``), ``"ipndm"``
-            (iPNDM for v-prediction models of continuous time t in [0, 1]: ``schedule`` None or
-            an ``IPNDMScheduler``),
+            to diffusers' init_noise_sigma z), ``"cosine_dpm++"`` (Stable Audio's EDM model:
+            ``schedule`` None or a ``CosineDPMSolverMultistepScheduler``), ``"cm"`` (alias
+            ``"consistency"``: consistency models, ``schedule`` None or a
+            ``CMStochasticIterativeScheduler``), ``"ipndm"`` (iPNDM for v-prediction models of
+            continuous time t in [0, 1]: ``schedule`` None or an ``IPNDMScheduler``),
             or a sampler object from :mod:`fastdiff.samplers` (its own steps and schedule are
             used). Default:
             the sampler that reproduces ``schedule``'s diffusers scheduler class

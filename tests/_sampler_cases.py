@@ -116,6 +116,7 @@ NO_SYNC = [
     ("lcm", 4, {}),
     ("cm", 4, {}),
     ("ipndm", 6, {}),
+    ("cosine_dpm++", 6, {}),
 ]
 
 # test_guidance_equals_manual_cfg: (sampler, steps, guidance scale, options, tolerance); the
@@ -150,7 +151,8 @@ HISTORY = [
 # test_bad_settings_through_sample: (sampler, an option it does not take)
 UNKNOWN_OPTION = [("deis", "clip_sample"), ("dpm++_single", "clip_sample"), ("lms", "clip_sample"),
                   ("pndm", "clip_sample"), ("plms", "clip_sample"),
-                  ("cm", "clip_sample"), ("ipndm", "clip_sample")]  # fmt: skip
+                  ("cm", "clip_sample"), ("ipndm", "clip_sample"),
+                  ("cosine_dpm++", "clip_sample")]  # fmt: skip
 
 _PREDS = ["epsilon", "v_prediction", "sample"]
 _KARRAS3 = {"use_karras_sigmas": True, "solver_order": 3}
@@ -228,6 +230,11 @@ def _graph_cases() -> list[GraphCase]:
               for c in (True, False)]  # fmt: skip
     # iPNDM: the 4 UniPC-style history buffers (last, e_{i-1}, e_{i-2}, e_{i-3})
     cases.append(GraphCase("ipndm", {}, hist=4))
+    # Stable Audio's SDE-DPM-Solver++: noise every step, from a generator / in-kernel Philox
+    cases += [
+        GraphCase("cosine_dpm++", opts, runs=((1, 7, gen), (2, 7, gen)), noisy=True)
+        for opts, gen in (({}, True), ({"solver_type": "heun", "solver_order": 1}, False))
+    ]
     return cases
 
 

@@ -36,6 +36,7 @@ PAPERS = {
     "2403.03206": "SD3 (rectified flow transformers, the timestep shift)",
     "2204.13902": "DEIS",
     "2305.08891": "zero terminal SNR, rescaled guidance",
+    "2407.14358": "Stable Audio Open (cosine DPM-Solver++)",
 }
 
 

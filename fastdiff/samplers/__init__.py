@@ -1,8 +1,8 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
 PLMS, iPNDM, LMS, LCM, TCD, consistency models, flow-matching Euler and Heun, EDM Euler and
-DPM-Solver++ (one fused op call per model call); DDIM and flow-matching inversion
-(``DDIMInverseSampler``, ``FlowMatchEulerInverseSampler``: x_0 -> x_T, their timesteps
-ascending).
+DPM-Solver++, Stable Audio's cosine SDE-DPM-Solver++ (one fused op call per model call); DDIM
+and flow-matching inversion (``DDIMInverseSampler``, ``FlowMatchEulerInverseSampler``: x_0 ->
+x_T, their timesteps ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending; ascending for DDIM inversion) and ``.step(model_output, i,
@@ -22,6 +22,7 @@ from typing import Any
 
 from fastdiff.samplers.base import Sampler, spaced_timesteps
 from fastdiff.samplers.consistency import ConsistencyModelSampler
+from fastdiff.samplers.cosine_dpm import CosineDPMSolverSampler
 from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddim_inverse import DDIMInverseSampler
 from fastdiff.samplers.ddpm import DDPMSampler
@@ -45,6 +46,7 @@ from fastdiff.schedules import NoiseSchedule
 __all__ = [
     "SAMPLERS",
     "ConsistencyModelSampler",
+    "CosineDPMSolverSampler",
     "DDIMInverseSampler",
     "DDIMSampler",
     "DDPMSampler",
@@ -76,6 +78,7 @@ __all__ = [
 SAMPLERS: dict[str, type[Sampler]] = {
     "cm": ConsistencyModelSampler,
     "consistency": ConsistencyModelSampler,
+    "cosine_dpm++": CosineDPMSolverSampler,
     "ddim": DDIMSampler,
     "ddim_inverse": DDIMInverseSampler,
     "ddpm": DDPMSampler,
@@ -106,8 +109,9 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
     """Build the sampler called ``name`` ("cm" (alias "consistency": multistep consistency
-    sampling; ``schedule`` must be None), "ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T),
-    "ddpm", "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
+    sampling; ``schedule`` must be None), "cosine_dpm++" (Stable Audio's SDE-DPM-Solver++;
+    ``schedule`` must be None), "ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T), "ddpm",
+    "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
     models; ``schedule`` must be None), "euler", "euler_a", "flow_euler", "flow_heun"
     (rectified flow; ``schedule`` must be None), "flow_euler_inverse" (flow-matching inversion,
     x_0 -> x_1), "heun", "ipndm" (iPNDM, v-prediction models of continuous time; ``schedule``
