@@ -418,17 +418,11 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
         "sigma_min": None,
         "sigma_max": None,
     },
-    # diffusers 0.42's DPMSolverSinglestepScheduler: its flow grid (use_flow_sigmas, with
-    # flow_shift and use_dynamic_shifting) and lambda_min_clipped are not implemented; its sigma
+    # diffusers 0.42's DPMSolverSinglestepScheduler: its flow grid (use_flow_sigmas, flow_shift,
+    # use_dynamic_shifting, time_shift_type) and lambda_min_clipped are the sampler's; its sigma
     # grids read a leftover sigma_min / sigma_max; algorithm_type="sde-dpmsolver++", thresholding
-    # with "dpmsolver" and prediction_type="flow_prediction" are refused by the sampler itself
-    "dpm++_single": {
-        "use_flow_sigmas": False,
-        "use_dynamic_shifting": False,
-        "lambda_min_clipped": -float("inf"),
-        "sigma_min": None,
-        "sigma_max": None,
-    },
+    # with "dpmsolver" and flow + a VP sigma grid are refused by the sampler itself
+    "dpm++_single": {"sigma_min": None, "sigma_max": None},
     "euler": {
         "interpolation_type": "linear",
         "timestep_type": "discrete",
@@ -471,11 +465,11 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # diffusers 0.42's LMSDiscreteScheduler: every setting is implemented (a leftover
     # sigma_min / sigma_max of another scheduler's config is an LMSSampler option: its
     # exponential / beta grids read it, as diffusers')
-    # diffusers 0.42's DEISMultistepScheduler: its flow grid (use_flow_sigmas, with flow_shift and
-    # use_dynamic_shifting, which act only there) is not implemented; its Karras / exponential /
-    # beta grids read a leftover sigma_min / sigma_max; prediction_type="flow_prediction" and
-    # another solver_order are refused by DEISSampler itself
-    "deis": {"use_flow_sigmas": False, "sigma_min": None, "sigma_max": None},
+    # diffusers 0.42's DEISMultistepScheduler: its flow grid (use_flow_sigmas, flow_shift,
+    # use_dynamic_shifting, time_shift_type) is DEISSampler's; its Karras / exponential / beta
+    # grids read a leftover sigma_min / sigma_max; another solver_order and flow + a VP sigma
+    # grid are refused by DEISSampler itself
+    "deis": {"sigma_min": None, "sigma_max": None},
     # diffusers' Karras / exponential / beta grids read a leftover sigma_min / sigma_max of
     # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
     "flow_euler": {"sigma_min": None, "sigma_max": None},

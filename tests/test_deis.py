@@ -282,8 +282,9 @@ def test_bad_options(opts, match):
 def test_unsupported_scheduler_settings_through_sample():
     """(eta and unknown options: tests/test_sampler_contract.py)"""
     z = torch.randn(SHAPE)
-    flow = _scheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
-    with pytest.raises(ValueError, match="use_flow_sigmas=True"):
+    # flow sigmas are implemented (tests/test_flow_single_deis.py); not on a VP sigma grid
+    flow = _scheduler(use_flow_sigmas=True, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="use_flow_sigmas: not with use_karras_sigmas=True"):
         fastdiff.sample(_toy, steps=5, schedule=flow, noise=z)
     saved = dict(DIFFUSERS_BETAS["linear"], _class_name="DEISMultistepScheduler",
                  use_karras_sigmas=True, sigma_min=0.1)  # fmt: skip

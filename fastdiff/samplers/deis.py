@@ -21,6 +21,12 @@ from fastdiff.samplers.base import (
     threshold_x0,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.flow_sigmas import (
+    FlowGridMixin,
+    FlowOptions,
+    dpm_flow_sigmas,
+    flow_timesteps,
+)
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
@@ -74,7 +80,7 @@ def deis_weights(rho: np.ndarray, i: int, order: int) -> np.ndarray:
     return out
 
 
-class DEISSampler(EpsHistory, Sampler):
+class DEISSampler(FlowGridMixin, EpsHistory, Sampler):
     """DEIS (Zhang & Chen 2023), model call for model call as diffusers'
     ``DEISMultistepScheduler``: the "logrho" multistep exponential integrator.
 
@@ -101,8 +107,18 @@ class DEISSampler(EpsHistory, Sampler):
     a run that starts at step s > 0, e.g. img2img after ``set_begin_index``, starts again at
     first order), and with ``lower_order_final`` and fewer than 15 steps the last step is first
     order and the one before at most second. As diffusers' scheduler, the spaced grids end at
-    the noise level of t = 0 (not at 0) and the Karras / exponential / beta grids at their own
-    last sigma (the last step is then the identity).
+    the noise level of t = 0 (not at 0) and the Karras / exponential / beta / flow grids at their
+    own last sigma (the last step is then the identity).
+
+    Flow models (``use_flow_sigmas``, diffusers 0.42's flow grid of ``DEISMultistepScheduler``):
+    the noise levels are rectified-flow sigmas s (x_s = (1 - s) x0 + s eps), alpha_t = 1 - s,
+    sigma_t = s, so rho = s / (1 - s) and the step above is unchanged. The grid is DPM-Solver++'s
+    (:func:`~fastdiff.samplers.flow_sigmas.dpm_flow_sigmas`: ``linspace(1, 1/T)`` shifted by
+    ``flow_shift``, or by e^mu with ``use_dynamic_shifting`` and ``mu``), the model is called at
+    ``int(s T)``, and the last step repeats the last sigma (identity). A velocity model
+    (``prediction_type="flow_prediction"``: x0 = x - s v) has eps = x + (1 - s) v: the op's
+    "v_prediction" with (a', s') = (1, -(1 - s)); v_prediction on the flow grid has eps =
+    ((1 - alpha^2) / sigma) x + alpha v, (a', s') = ((1 - alpha^2) / sigma, -alpha).
 
     Fused form. Each step is one :func:`fastdiff.ops.unipc_step` call whose m output IS the
     noise estimate eps_i (kept as the history m_{i-1}, m_{i-2}): the op's prediction type and
@@ -133,6 +149,11 @@ class DEISSampler(EpsHistory, Sampler):
             most one; spacing and offset are then unused), between the float32 training noise
             levels of t = 0 and T - 1; model timesteps rounded (Karras) or truncated, as
             diffusers.
+        use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, mu: the flow grid
+            (above; spacing and offset unused; not with a VP sigma grid, which diffusers would
+            read as flow sigmas). ``mu`` (``set_timesteps(mu=...)``) needs
+            ``use_dynamic_shifting`` and makes the shift e^mu; ``time_shift_type`` only
+            ``"exponential"``, as diffusers asserts.
     """
 
     name = "deis"
@@ -159,7 +180,16 @@ class DEISSampler(EpsHistory, Sampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        mu: float | None = None,
     ) -> None:
+        self._flow = FlowOptions(use_flow_sigmas, flow_shift, use_dynamic_shifting,
+                                 time_shift_type, mu, dpm=True, name="deis")  # fmt: skip
+        grid = pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        prediction_type = self._check_flow([grid] if grid else [], None, prediction_type)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_solver_order(solver_order)
         check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
@@ -175,9 +205,7 @@ class DEISSampler(EpsHistory, Sampler):
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
         #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
-        self.sigma_grid: str | None = pick_sigma_grid(
-            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
-        )
+        self.sigma_grid: str | None = grid
         self._sig: np.ndarray | None = None
         self.reset()
         super().__init__(
@@ -187,11 +215,16 @@ class DEISSampler(EpsHistory, Sampler):
             timestep_spacing=timestep_spacing,
             steps_offset=steps_offset,
         )
+        self.prediction_type = "flow_prediction" if self.flow_prediction else self.prediction_type
 
     # ------------------------------------------------------------------ grid
     def _make_timesteps(self) -> np.ndarray:
         train = train_sigmas32(self.schedule)  # float32, ascending in t
         T, n = self.schedule.num_train_timesteps, self.steps
+        if self.use_flow_sigmas:  # flow sigmas s, the last repeated (as diffusers)
+            sig = dpm_flow_sigmas(n, T, self.flow_shift)
+            self._sig = np.append(sig, sig[-1]).astype(np.float32).astype(np.float64)
+            return flow_timesteps(sig, T, type(self).__name__)
         if self.sigma_grid is not None:
             sig = make_sigma_grid(self.sigma_grid, train[0].item(), train[-1].item(), n)
             ts = sigma_to_t(sig, np.log(train))
@@ -215,9 +248,32 @@ class DEISSampler(EpsHistory, Sampler):
         return ts
 
     def sigmas(self) -> np.ndarray:
-        """float64 ``[steps + 1]``: the noise level rho = sigma / alpha of each step, then the
-        end point; the float32 values diffusers' ``DEISMultistepScheduler`` steps with."""
+        """float64 ``[steps + 1]``: the noise level rho = sigma / alpha of each step (flow: the
+        flow sigma s), then the end point; the float32 values diffusers'
+        ``DEISMultistepScheduler`` steps with."""
         return self._sig.copy()
+
+    def _alpha_sigma_at(self, i: int) -> tuple[float, float]:
+        """(alpha_t, sigma_t) of step ``i``'s noise level (flow: (1 - s, s))."""
+        s = float(self._sig[i])
+        if self.use_flow_sigmas:
+            return 1.0 - s, s
+        a = 1.0 / math.sqrt(1.0 + s * s)
+        return a, s * a
+
+    def _rho(self) -> np.ndarray:
+        """rho = sigma_t / alpha_t of every level (float64): the grid itself, or s / (1 - s)."""
+        return self._sig / (1.0 - self._sig) if self.use_flow_sigmas else self._sig
+
+    def _noising(self, i: int) -> tuple[float, float]:
+        """img2img: diffusers' ``add_noise`` at step i's level, alpha_t x0 + sigma_t eps."""
+        return self._alpha_sigma_at(i)
+
+    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
+        """The x0 prediction of step ``i`` at ``x`` from its noise estimate ``m`` (for
+        trajectories; a torch expression, not part of the fused step)."""
+        a, s = self._alpha_sigma_at(i)
+        return ((x.float() - s * m.float()) / a).to(x.dtype)
 
     def _orders(self, k: int | None) -> list[int]:
         """The order of each step as the ``k``-th step of a run (None: a run from step 0)."""
@@ -235,21 +291,21 @@ class DEISSampler(EpsHistory, Sampler):
 
     def _ab(self, i: int) -> tuple[float, float]:
         """(a, s) slots of step ``i``'s row (see the class docstring)."""
-        sig = float(self._sig[i])
-        alpha = 1.0 / math.sqrt(1.0 + sig * sig)
+        alpha, sigma = self._alpha_sigma_at(i)
         if self.thresholding or self.prediction_type == "sample":
-            return sig * alpha, alpha
-        if self.prediction_type == "v_prediction":
-            return sig * alpha, -alpha
+            return sigma, alpha
+        if self.flow_prediction:  # eps = x + (1 - s) v
+            return 1.0, -alpha
+        if self.prediction_type == "v_prediction":  # eps = ((1 - alpha^2) / sigma) x + alpha v
+            return (sigma if not self.use_flow_sigmas else (1.0 - alpha * alpha) / sigma), -alpha
         return 1.0, 1.0
 
     def _row(self, i: int, order: int) -> np.ndarray:
-        sig = self._sig
-        a_i, a_n = (1.0 / math.sqrt(1.0 + float(v) ** 2) for v in (sig[i], sig[i + 1]))
+        a_i, a_n = self._alpha_sigma_at(i)[0], self._alpha_sigma_at(i + 1)[0]
         row = np.zeros(self.coef_width, dtype=np.float64)
         row[0], row[1] = self._ab(i)
         row[2], row[7] = a_n / a_i, 1.0
-        for col, wj in zip((4, 5, 6), deis_weights(sig, i, order), strict=False):
+        for col, wj in zip((4, 5, 6), deis_weights(self._rho(), i, order), strict=False):
             row[col] = a_n * wj
         return row
 
@@ -279,18 +335,18 @@ class DEISSampler(EpsHistory, Sampler):
     def _needs_noise_row(self, i: int) -> bool:
         return False
 
-    def _op_prediction(self) -> str:
+    def _op_prediction(self) -> str:  # type: ignore[override]  # a method here
         if self.thresholding:
             return "epsilon"
-        return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
-            self.prediction_type
-        ]
+        return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon",
+                "flow_prediction": "v_prediction"}[self.prediction_type]  # fmt: skip
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(steps={self.steps}, solver_order={self.solver_order}, "
             f"prediction_type={self.prediction_type!r}, timestep_spacing="
             f"{self.timestep_spacing!r}, sigma_grid={self.sigma_grid!r}, "
+            f"use_flow_sigmas={self.use_flow_sigmas}, flow_shift={self.flow_shift}, "
             f"lower_order_final={self.lower_order_final}, schedule={self.schedule!r})"
         )
 
@@ -329,7 +385,10 @@ class DEISSampler(EpsHistory, Sampler):
                     f"model_output: must be float32, float16 or bfloat16, got {model_output.dtype}"
                 )
             mo = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, mo, coef[1], coef[0], self.prediction_type)
+            if self.flow_prediction:  # x0 = x - s v, s = the row's sigma_t
+                x0 = x - coef[0] * mo
+            else:
+                x0, _ = _x0_eps(x, mo, coef[1], coef[0], self.prediction_type)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             model_output, guidance_scale = x0.to(x.dtype), None
         return _unipc_ops().unipc_step(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -22,6 +22,12 @@ from fastdiff.samplers.base import (
     vp_of_sigma,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.flow_sigmas import (
+    FlowGridMixin,
+    FlowOptions,
+    dpm_flow_sigmas,
+    flow_timesteps,
+)
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
@@ -64,7 +70,24 @@ def singlestep_orders(steps: int, solver_order: int, lower_order_final: bool,
     return orders
 
 
-class DPMSolverSinglestepSampler(RunRows, Sampler):
+def clipped_end(train: np.ndarray, lambda_min_clipped: float) -> int:
+    """The number of training timesteps whose lambda_t = -log(rho_t) >= ``lambda_min_clipped``
+    (``train``: the float32 rho_t, ascending in t): diffusers' ``T - clipped_idx``, one past the
+    largest timestep the spaced grid uses."""
+    T = len(train)
+    if lambda_min_clipped == -math.inf:
+        return T
+    lam = -np.log(train.astype(np.float64))  # descending in t
+    last = T - int(np.searchsorted(lam[::-1], lambda_min_clipped, side="left"))
+    if last < 1:
+        raise ValueError(
+            f"lambda_min_clipped: expected <= lambda at t = 0 ({lam[0]:.6g}), got "
+            f"{lambda_min_clipped}"
+        )
+    return last
+
+
+class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
     """Singlestep DPM-Solver / DPM-Solver++ (orders 1-3), step for step as diffusers'
     ``DPMSolverSinglestepScheduler``.
 
@@ -95,6 +118,14 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
     and for ``"dpmsolver"`` the same with x_a's factor alpha_t / alpha_a, A = -sigma_t (e^h - 1),
     B = -sigma_t ((e^h - 1) / h - 1), C = -sigma_t ((e^h - 1 - h) / h^2 - 1/2). The weights are
     computed on the host in float64 from diffusers' float32 noise levels.
+
+    Flow models (``use_flow_sigmas``, diffusers 0.42's flow grid): rectified-flow sigmas s with
+    alpha_t = 1 - s, sigma_t = s, lambda_t = log((1 - s) / s); the grid is DPM-Solver++'s
+    multistep one (:func:`~fastdiff.samplers.flow_sigmas.dpm_flow_sigmas`, ``flow_shift`` or
+    e^mu), ending at 0 (or at the VP sigma_min of the betas with ``final_sigmas_type=
+    "sigma_min"``, as diffusers), the model called at ``int(s T)``. A velocity model
+    (``prediction_type="flow_prediction"``, ``"dpmsolver++"`` only, as diffusers) gives x0 = x -
+    s v: the op's "epsilon" with (a, s) = (1, s).
 
     Fused form. Each call is one :func:`fastdiff.ops.unipc_step`; its ``last`` operand carries
     the anchor x_a and its x_c output passes the anchor on (x_c = x at a group's first call,
@@ -138,6 +169,13 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: step on that sigma grid (at
             most one) between the float32 training noise levels of t = 0 and T - 1; model
             timesteps rounded (Karras) or truncated, as diffusers.
+        use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, mu: the flow grid
+            (above; not with a VP sigma grid or custom timesteps). ``mu``
+            (``set_timesteps(mu=...)``) needs ``use_dynamic_shifting`` and makes the shift e^mu;
+            ``time_shift_type`` only ``"exponential"``, as diffusers asserts.
+        lambda_min_clipped: the spaced timesteps stop where lambda_t falls below this (as
+            diffusers: ``linspace(0, T - 1 - clipped, steps + 1)``; for cosine schedules).
+            Unused with a sigma grid, the flow grid or custom timesteps.
     """
 
     name = "dpm++_single"
@@ -163,7 +201,31 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+        mu: float | None = None,
+        lambda_min_clipped: float = -math.inf,
     ) -> None:
+        self._flow = FlowOptions(use_flow_sigmas, flow_shift, use_dynamic_shifting,
+                                 time_shift_type, mu, dpm=True, name="dpm++_single")  # fmt: skip
+        grid = pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        if prediction_type == "flow_prediction" and algorithm_type == "dpmsolver":
+            raise ValueError(
+                "prediction_type: 'flow_prediction' needs algorithm_type='dpmsolver++' (diffusers' "
+                "'dpmsolver' has no flow conversion), got algorithm_type='dpmsolver'"
+            )
+        prediction_type = self._check_flow([grid] if grid else [], timesteps, prediction_type)
+        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, Real):
+            raise TypeError(
+                f"lambda_min_clipped: expected a float, got {type(lambda_min_clipped).__name__}"
+            )
+        if math.isnan(lambda_min_clipped) or lambda_min_clipped == math.inf:
+            raise ValueError(
+                f"lambda_min_clipped: expected a float < inf, got {lambda_min_clipped!r}"
+            )
+        self.lambda_min_clipped = float(lambda_min_clipped)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_solver_order(solver_order)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
@@ -196,9 +258,7 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
         self.sample_max_value = float(sample_max_value)
         #: "karras", "exponential", "beta" or None (steps at the spaced timesteps)
-        self.sigma_grid: str | None = pick_sigma_grid(
-            use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
-        )
+        self.sigma_grid: str | None = grid
         self._sig: np.ndarray | None = None
         self._custom: np.ndarray | None = None  # user timesteps, int64, descending
         if timesteps is not None and isinstance(schedule, NoiseSchedule):
@@ -220,12 +280,16 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         self.lower_order_final = bool(lower_order_final or uneven or final_sigmas_type == "zero")
         self.reset()
         super().__init__(schedule, steps, prediction_type=prediction_type)
+        self.prediction_type = "flow_prediction" if self.flow_prediction else self.prediction_type
 
     # ------------------------------------------------------------------ grid
     def _make_timesteps(self) -> np.ndarray:
         train = train_sigmas32(self.schedule)  # float32, ascending in t
         T, n = self.schedule.num_train_timesteps, self.steps
-        if self.sigma_grid is not None:
+        if self.use_flow_sigmas:
+            sig = dpm_flow_sigmas(n, T, self.flow_shift)
+            ts = flow_timesteps(sig, T, type(self).__name__)
+        elif self.sigma_grid is not None:
             sig = make_sigma_grid(self.sigma_grid, train[0].item(), train[-1].item(), n)
             ts = sigma_to_t(sig, np.log(train))
             if self.sigma_grid == "karras":
@@ -235,7 +299,8 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
             ts = self._custom.copy()
             sig = train[ts]
         else:
-            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+            end = clipped_end(train, self.lambda_min_clipped) - 1
+            ts = np.linspace(0, end, n + 1).round()[::-1][:-1].copy().astype(np.int64)
             sig = train[ts]
         last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])
         self._sig = np.append(sig, last).astype(np.float32).astype(np.float64)
@@ -243,7 +308,12 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
 
     def _noising(self, i: int) -> tuple[float, float]:
         """img2img: (alpha_t, sigma_t) of call i's grid sigma (diffusers' ``add_noise``)."""
-        return vp_of_sigma(float(self._sig[i]))
+        return self._alpha_sigma_at(i)
+
+    def _alpha_sigma_at(self, i: int) -> tuple[float, float]:
+        """(alpha_t, sigma_t) of call ``i``'s noise level (flow: (1 - s, s))."""
+        s = float(self._sig[i])
+        return (1.0 - s, s) if self.use_flow_sigmas else vp_of_sigma(s)
 
     def _run_warmup(self) -> int:
         return self.solver_order - 1
@@ -264,12 +334,16 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         c x_a + sum w m, for call ``i`` of ``order`` (anchor a = i - order + 1). Float64."""
         sig = self._sig
         a = i - order + 1
-        alpha = [1.0 / math.sqrt(1.0 + float(v) ** 2) for v in sig]
-        sigma = [float(v) * al for v, al in zip(sig, alpha, strict=True)]
+        pairs = [self._alpha_sigma_at(j) for j in range(len(sig))]
+        alpha, sigma = [p[0] for p in pairs], [p[1] for p in pairs]
         t, pp = i + 1, self.algorithm_type == "dpmsolver++"
         if sig[t] == 0.0:  # the final step to sigma = 0 (order 1 only): x_t = m_a
             return 0.0, [alpha[t]]
-        lam = [-math.log(float(v)) for v in sig[a : t + 1]]  # lambda from a to t
+        # lambda = log(alpha / sigma) from a to t: -log(rho), flow log((1 - s) / s)
+        flow = self.use_flow_sigmas
+        lam = [
+            math.log((1.0 - v) / v) if flow else -math.log(v) for v in map(float, sig[a : t + 1])
+        ]
         h = lam[-1] - lam[0]
         if pp:
             c = sigma[t] / sigma[a]
@@ -308,14 +382,15 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
 
     def _ab(self, i: int) -> tuple[float, float]:
         """(a, s) slots of call ``i``'s row (see the class docstring)."""
-        sig = float(self._sig[i])
-        alpha = 1.0 / math.sqrt(1.0 + sig * sig)
+        alpha, sigma = self._alpha_sigma_at(i)
+        if self.flow_prediction:  # x0 = (x - s v) / 1
+            return 1.0, sigma
         if self.algorithm_type == "dpmsolver++":
-            return alpha, sig * alpha
+            return alpha, sigma
         if self.prediction_type == "v_prediction":
-            return sig * alpha, -alpha
+            return sigma, -alpha
         if self.prediction_type == "sample":
-            return sig * alpha, alpha
+            return sigma, alpha
         return 1.0, 1.0
 
     def _row(self, i: int, order: int) -> np.ndarray:
@@ -346,9 +421,11 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
     def _needs_noise_row(self, i: int) -> bool:
         return False
 
-    def _op_prediction(self) -> str:
+    def _op_prediction(self) -> str:  # type: ignore[override]  # a method here
         if self.thresholding:
             return "sample"
+        if self.flow_prediction:
+            return "epsilon"
         if self.algorithm_type == "dpmsolver++":
             return self.prediction_type
         return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
@@ -360,6 +437,7 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
             f"{type(self).__name__}(steps={self.steps}, solver_order={self.solver_order}, "
             f"algorithm_type={self.algorithm_type!r}, solver_type={self.solver_type!r}, "
             f"prediction_type={self.prediction_type!r}, sigma_grid={self.sigma_grid!r}, "
+            f"use_flow_sigmas={self.use_flow_sigmas}, flow_shift={self.flow_shift}, "
             f"final_sigmas_type={self.final_sigmas_type!r}, schedule={self.schedule!r})"
         )
 
@@ -389,9 +467,8 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
         tensor (the CUDA-graph loop passes its static buffer)."""
         if self.algorithm_type == "dpmsolver++":
             return m.clone()
-        sig = float(self._sig[i])
-        a = 1.0 / math.sqrt(1.0 + sig * sig)
-        return ((x.float() - a * sig * m.float()) / a).to(x.dtype)
+        a, s = self._alpha_sigma_at(i)
+        return ((x.float() - s * m.float()) / a).to(x.dtype)
 
     def step(
         self,
@@ -456,7 +533,8 @@ class DPMSolverSinglestepSampler(RunRows, Sampler):
                     f"model_output: must be float32, float16 or bfloat16, got {model_output.dtype}"
                 )
             mo = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, mo, coef[0], coef[1], self.prediction_type)
+            pt = "epsilon" if self.flow_prediction else self.prediction_type  # flow: a = 1
+            x0, _ = _x0_eps(x, mo, coef[0], coef[1], pt)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             model_output, guidance_scale = x0.to(x.dtype), None
         return _unipc_ops().unipc_step(

@@ -41,8 +41,10 @@ class FlowOptions:
     Args:
         use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type, mu, shift_terminal:
             as the diffusers scheduler's config / ``set_timesteps(mu=...)``.
-        dpm: DPM-Solver's rules: ``time_shift_type`` only ``"exponential"``, and ``mu`` only
-            with ``use_dynamic_shifting`` (diffusers asserts both); else UniPC's.
+        dpm: DPM-Solver's rules (also DEIS's and singlestep DPM-Solver's): ``time_shift_type``
+            only ``"exponential"``, and ``mu`` only with ``use_dynamic_shifting`` (diffusers
+            asserts both); else UniPC's.
+        name: the sampler named in errors (default ``"dpm++"`` / ``"unipc"``).
     """
 
     def __init__(
@@ -55,8 +57,9 @@ class FlowOptions:
         shift_terminal: Any = None,
         *,
         dpm: bool = False,
+        name: str | None = None,
     ) -> None:
-        sampler = "dpm++" if dpm else "unipc"
+        sampler = name or ("dpm++" if dpm else "unipc")
         time_shift_types = ("exponential",) if dpm else TIME_SHIFT_TYPES
         mu_needs_dynamic = dpm
         self.on = _flag("use_flow_sigmas", use_flow_sigmas)
