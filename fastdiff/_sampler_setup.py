@@ -401,6 +401,7 @@ _SCHEDULER_OF = {
     "lcm": "LCMScheduler",
     "lms": "LMSDiscreteScheduler",
     "pndm": "PNDMScheduler",
+    "sa_solver": "SASolverScheduler",
     "tcd": "TCDScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
@@ -456,6 +457,10 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     },
     # diffusers 0.42's IPNDMScheduler: trained_betas replaces its sin^2 noise levels
     "ipndm": {"trained_betas": None},
+    # diffusers 0.42's SASolverScheduler: its flow grid (use_flow_sigmas, with flow_shift, which
+    # acts only there) and learned-variance outputs are not implemented; predictor_order 3-4,
+    # corrector_order 4 are refused by SASolverSampler itself
+    "sa_solver": {"use_flow_sigmas": False, "variance_type": None},
     # diffusers 0.42's LCMScheduler: every setting that changes its step is implemented
     # (timestep_spacing, steps_offset and set_alpha_to_one do nothing there); TCDScheduler's
     # step ignores its clip_sample, thresholding and timestep_scaling too, so not applying them
@@ -489,7 +494,7 @@ def infer_sampler(schedule: Any) -> str:
     """The sampler ``sample(sampler=None)`` runs: the one that reproduces ``schedule``'s
     diffusers scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"``, ...; its settings
     then apply as for an explicit name), else ``"ddim"``. A diffusers scheduler class fastdiff
-    has no sampler for (e.g. ``SASolverScheduler``) warns: its noise schedule is used,
+    has no sampler for (e.g. ``UnCLIPScheduler``) warns: its noise schedule is used,
     sampled with DDIM."""
     cfg = _scheduler_config(schedule)
     if cfg is None:

@@ -100,6 +100,7 @@ def sample(
             samplers, euler's ``sigmas=`` minus one, as diffusers' ``set_timesteps``).
         sampler: ``"ddim"``, ``"ddpm"``, ``"deis"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``,
             ``"heun"``, ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"lms"``,
+            ``"sa_solver"``,
             ``"unipc"``, ``"lcm"``, ``"tcd"``, ``"flow_euler"`` / ``"flow_heun"`` (rectified-flow
             models: ``schedule`` None or a diffusers FlowMatch scheduler), ``"edm_euler"`` /
             ``"edm_dpm++"`` (EDM models: ``schedule`` None or an ``EDMEulerScheduler`` /
@@ -115,7 +116,7 @@ def sample(
             (``DPMSolverMultistepScheduler`` -> ``"dpm++"`` with its Karras / SDE settings,
             ``UniPCMultistepScheduler`` -> ``"unipc"``, ``PNDMScheduler`` -> ``"pndm"``, ...),
             else ``"ddim"`` (a diffusers scheduler class without a fastdiff sampler, e.g.
-            ``SASolverScheduler``, warns).
+            ``UnCLIPScheduler``, warns).
         schedule: the training noise schedule. Default: ``model.schedule`` when it is a
             :class:`~fastdiff.NoiseSchedule` or a schedule name, else linear DDPM; a diffusers
             scheduler (or its config) is converted with :meth:`NoiseSchedule.from_diffusers`,
@@ -215,6 +216,8 @@ def sample(
     # the sampler: timesteps and per-step coefficients, on the model's noise schedule; an
     # img2img run starts at its model call `start`
     smp = resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale, sampler_options)
+    if mask is not None and getattr(smp, "no_inpaint", None):
+        raise ValueError(f"mask: {smp.no_inpaint}")
     if mask is not None and smp.inverts:
         raise ValueError(
             f"mask: {type(smp).__name__} runs x_0 -> x_T (an inversion); inpainting needs a "

@@ -117,7 +117,14 @@ NO_SYNC = [
     ("cm", 4, {}),
     ("ipndm", 6, {}),
     ("cosine_dpm++", 6, {}),
+    ("sa_solver", 6, {}),
 ]
+
+
+def _NO_TAU(t: float) -> float:  # noqa: N802 - a constant function
+    """SA-Solver's tau = 0 on every step (its ODE)."""
+    return 0.0
+
 
 # test_guidance_equals_manual_cfg: (sampler, steps, guidance scale, options, tolerance); the
 # tolerance is on rel(); PLMS / Heun as assert_close(rtol=atol=tol) (Heun's last correction
@@ -128,6 +135,8 @@ CFG = [
     ("lms", 6, 3.0, {}, ("rel", 1e-6)),
     ("plms", 6, 3.0, {}, ("close", 1e-5)),
     ("heun", 5, 2.5, {}, ("close", 1e-4)),
+    # tau = 0: the step's noise has weight 0 (sample's Philox draws and the manual loop's differ)
+    ("sa_solver", 6, 3.0, {"tau_func": _NO_TAU}, ("rel", 1e-6)),
 ]
 
 # test_saved_config_and_channels_last: (sampler, options of both the scheduler and the saved
@@ -146,13 +155,16 @@ HISTORY = [
     ("deis", 5, {"solver_order": 3}, {"solver_order": 1}),
     ("dpm++_single", 6, {"solver_order": 3}, {"solver_order": 1}),
     ("lms", 5, {}, {}),
+    # SA-Solver: a run from step 2 has no corrector and a first-order predictor, whatever the
+    # orders (tau = 0: the step's noise has weight 0)
+    ("sa_solver", 5, {"tau_func": _NO_TAU}, {"tau_func": _NO_TAU, "predictor_order": 1}),
 ]
 
 # test_bad_settings_through_sample: (sampler, an option it does not take)
 UNKNOWN_OPTION = [("deis", "clip_sample"), ("dpm++_single", "clip_sample"), ("lms", "clip_sample"),
                   ("pndm", "clip_sample"), ("plms", "clip_sample"),
                   ("cm", "clip_sample"), ("ipndm", "clip_sample"),
-                  ("cosine_dpm++", "clip_sample")]  # fmt: skip
+                  ("cosine_dpm++", "clip_sample"), ("sa_solver", "clip_sample")]  # fmt: skip
 
 _PREDS = ["epsilon", "v_prediction", "sample"]
 _KARRAS3 = {"use_karras_sigmas": True, "solver_order": 3}
@@ -235,6 +247,12 @@ def _graph_cases() -> list[GraphCase]:
         GraphCase("cosine_dpm++", opts, runs=((1, 7, gen), (2, 7, gen)), noisy=True)
         for opts, gen in (({}, True), ({"solver_type": "heun", "solver_order": 1}, False))
     ]
+    # SA-Solver: the history m_{i-1}, m_{i-2} in x0_prev / x0_prev2, noise on every step
+    cases += [
+        GraphCase("sa_solver", opts, runs=((1, 7, gen), (2, 7, gen)), noisy=True)
+        for opts, gen in (({}, True), ({"corrector_order": 3, "prediction_type": "v_prediction"},
+                                       False), ({"algorithm_type": "noise_prediction"}, True))
+    ]  # fmt: skip
     return cases
 
 

@@ -430,7 +430,7 @@ def test_registry_scheduler_mapping_and_errors():
     with pytest.raises(ValueError, match="euler_a"):
         make_sampler("euler-a", NoiseSchedule("linear"), 10)
     with pytest.raises(ValueError, match="'euler_a'"):
-        fastdiff.sample(lambda x, t: x, sampler="sa_solver", shape=(2,))
+        fastdiff.sample(lambda x, t: x, sampler="dpm_fast", shape=(2,))
     with pytest.raises(ValueError, match="eta"):
         fastdiff.sample(lambda x, t: x, sampler="euler_a", eta=0.5, shape=(2,))
     with pytest.raises(TypeError, match="unknown option"):

@@ -47,6 +47,7 @@ CASES = {
     "lms": ("LMSDiscreteScheduler", SL, 10),
     "pndm": ("PNDMScheduler", SL, 10),
     "plms": ("PNDMScheduler", {**SL, "skip_prk_steps": True}, 10),
+    "sa_solver": ("SASolverScheduler", SL, 10),
     "tcd": ("TCDScheduler", SL, 4),
     "unipc": ("UniPCMultistepScheduler", SL, 10),
 }

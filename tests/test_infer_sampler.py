@@ -36,6 +36,8 @@ CASES = [
     ("HeunDiscreteScheduler", {"use_karras_sigmas": True}, "heun"),
     ("UniPCMultistepScheduler", {}, "unipc"),
     ("UniPCMultistepScheduler", {"solver_type": "bh1", "use_karras_sigmas": True}, "unipc"),
+    ("SASolverScheduler", {}, "sa_solver"),
+    ("SASolverScheduler", {"corrector_order": 3, "use_karras_sigmas": True}, "sa_solver"),
 ]
 
 
@@ -69,8 +71,8 @@ def test_explicit_sampler_wins():
 
 
 def test_scheduler_without_sampler_warns_and_uses_ddim():
-    sched = diffusers.SASolverScheduler()  # (DEISMultistepScheduler has one now: "deis")
-    with pytest.warns(UserWarning, match=r"no sampler for SASolverScheduler.*DDIM") as rec:
+    sched = diffusers.UnCLIPScheduler()  # (SASolverScheduler has one now: "sa_solver")
+    with pytest.warns(UserWarning, match=r"no sampler for UnCLIPScheduler.*DDIM") as rec:
         got = _run(schedule=sched)
     assert rec[0].filename == __file__  # points at the caller's line
     with warnings.catch_warnings():

@@ -193,6 +193,19 @@ def test_sample_by_name_guidance_and_channels_last():
     assert not torch.allclose(got, plain, atol=1e-3)
 
 
+def test_trajectory_x0_rows():
+    """return_trajectory's x0 rows: (x - sigma_i e_i) / alpha_i = alpha_i x - sigma_i v (0 on
+    pure noise, as diffusers' first x0'); the fake-graph loop's are the same."""
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    out, traj = fastdiff.sample(vtoy, steps=6, sampler="ipndm", noise=z, return_trajectory=True)
+    smp = IPNDMSampler(None, 6)
+    assert not traj["x0"][0].any()
+    for i in range(1, 6):
+        x, v = traj["x"][i], vtoy(traj["x"][i], smp.timesteps[i].expand(2))
+        want = float(smp.alphas[i]) * x - float(smp.sigmas[i]) * v
+        torch.testing.assert_close(traj["x0"][i], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("begin", [1, 3, 6])
 def test_a_run_from_a_later_step_warms_up_as_diffusers(begin):
     """A run that starts at step s (img2img; diffusers' set_begin_index(s)) has no history:

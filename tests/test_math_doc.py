@@ -37,6 +37,7 @@ PAPERS = {
     "2204.13902": "DEIS",
     "2305.08891": "zero terminal SNR, rescaled guidance",
     "2407.14358": "Stable Audio Open (cosine DPM-Solver++)",
+    "2309.05019": "SA-Solver",
 }
 
 

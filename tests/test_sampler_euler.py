@@ -144,9 +144,9 @@ def test_registry_and_errors():
     assert SAMPLERS["euler"] is EulerSampler
     assert isinstance(make_sampler("Euler", NoiseSchedule("linear"), 10), EulerSampler)
     with pytest.raises(ValueError, match="euler"):
-        make_sampler("sa_solver", NoiseSchedule("linear"), 10)
+        make_sampler("dpm_fast", NoiseSchedule("linear"), 10)
     with pytest.raises(ValueError, match="'euler'"):
-        fastdiff.sample(lambda x, t: x, sampler="sa_solver", shape=(2,))
+        fastdiff.sample(lambda x, t: x, sampler="dpm_fast", shape=(2,))
     with pytest.raises(ValueError, match="eta"):
         fastdiff.sample(lambda x, t: x, sampler="euler", eta=0.5, shape=(2,))
     with pytest.raises(ValueError, match="prediction_type"):

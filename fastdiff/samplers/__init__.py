@@ -1,8 +1,8 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
 PLMS, iPNDM, LMS, LCM, TCD, consistency models, flow-matching Euler and Heun, EDM Euler and
-DPM-Solver++, Stable Audio's cosine SDE-DPM-Solver++ (one fused op call per model call); DDIM
-and flow-matching inversion (``DDIMInverseSampler``, ``FlowMatchEulerInverseSampler``: x_0 ->
-x_T, their timesteps ascending).
+DPM-Solver++, Stable Audio's cosine SDE-DPM-Solver++, SA-Solver (one fused op call per model
+call); DDIM and flow-matching inversion (``DDIMInverseSampler``, ``FlowMatchEulerInverseSampler``:
+x_0 -> x_T, their timesteps ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
 model timesteps, int64, descending; ascending for DDIM inversion) and ``.step(model_output, i,
@@ -40,6 +40,7 @@ from fastdiff.samplers.kdpm2 import DPM2AncestralSampler, DPM2Sampler
 from fastdiff.samplers.lcm import LCMSampler, TCDSampler
 from fastdiff.samplers.lms import LMSSampler
 from fastdiff.samplers.pndm import PNDMSampler
+from fastdiff.samplers.sa_solver import SASolverSampler
 from fastdiff.samplers.unipc import UniPCSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -67,6 +68,7 @@ __all__ = [
     "LCMSampler",
     "LMSSampler",
     "PNDMSampler",
+    "SASolverSampler",
     "Sampler",
     "TCDSampler",
     "UniPCSampler",
@@ -102,6 +104,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "lms": LMSSampler,
     "pndm": PNDMSampler,
     "plms": PNDMSampler,
+    "sa_solver": SASolverSampler,
     "tcd": TCDSampler,
     "unipc": UniPCSampler,
 }
@@ -116,7 +119,7 @@ def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any)
     (rectified flow; ``schedule`` must be None), "flow_euler_inverse" (flow-matching inversion,
     x_0 -> x_1), "heun", "ipndm" (iPNDM, v-prediction models of continuous time; ``schedule``
     must be None), "lcm", "lms", "pndm", "plms" (PNDM with ``skip_prk_steps=True``),
-    "tcd", "unipc")."""
+    "sa_solver" (SA-Solver's stochastic Adams predictor-corrector), "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "
