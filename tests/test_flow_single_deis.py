@@ -21,6 +21,7 @@ fp32 loop. The same holds for singlestep's noise-space "dpmsolver" on a v_predic
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -212,6 +213,43 @@ def test_singlestep_lambda_min_clipped_matches_diffusers(lmc, sched, steps):
         warnings.simplefilter("ignore")
         got = fastdiff.sample(toy, steps=steps, schedule=_clipped(sched, lmc, steps), noise=z)
     assert rel(got, ref) <= RTOL
+
+
+@pytest.mark.parametrize("sched", ["cosine", "linear", "scaled_linear"])
+def test_singlestep_lambda_min_clipped_at_a_training_lambda(sched):
+    """lambda_min_clipped equal to one of diffusers' float32 lambda_t (or a float32 step off):
+    the cut is where diffusers' searchsorted puts it (float64 lambdas moved it by one t)."""
+    lam = _clipped(sched, -math.inf, 7).lambda_t
+    for k in (990, 900, 700, 500, 100):
+        for lmc in (float(lam[k]), float(np.nextafter(lam[k].numpy(), np.float32(9)))):
+            sch = _clipped(sched, lmc, 7)
+            smp = make_sampler("dpm++_single", NoiseSchedule.from_diffusers(sch), 7,
+                               solver_order=3, lambda_min_clipped=lmc)  # fmt: skip
+            assert smp.timesteps.tolist() == sch.timesteps.tolist(), (k, lmc)
+
+
+EPS_SINGLE = {"prediction_type": "epsilon", "algorithm_type": "dpmsolver",
+              "final_sigmas_type": "sigma_min"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name,kw", [("deis", {"flow_shift": 3.0}),
+                                     ("deis", {"flow_shift": 3.0, "prediction_type": "epsilon"}),
+                                     ("dpm++_single", {"flow_shift": 3.0}),
+                                     ("dpm++_single", EPS_SINGLE)])  # fmt: skip
+def test_trajectory_x0_is_the_flow_x0(name, kw):
+    """return_trajectory's x0 rows are the flow x0 of each call: x - s v for a velocity, (x - s
+    eps) / (1 - s) for a noise prediction (DEIS and "dpmsolver" keep eps as their history)."""
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    opts = {**FLOW, **kw}
+    _, traj = fastdiff.sample(toy, sampler=name, steps=6, noise=z, return_trajectory=True, **opts)
+    sig = _ours(name, kw, 6).sigmas()
+    for i, t in enumerate(traj["timesteps"]):
+        x, out, s = traj["x"][i].double(), toy(traj["x"][i], t.expand(2)).double(), sig[i]
+        want = (
+            x - s * out if opts["prediction_type"] == "flow_prediction" else (x - s * out) / (1 - s)
+        )
+        tol = 1e-3 if i == 0 else 1e-4  # DEIS: x0 from eps divides by 1 - s ~ 3e-4 at i = 0
+        assert rel(traj["x0"][i], want) <= tol, f"call {i}"
 
 
 # ---------------------------------------------------------------------------- backends, fp16
@@ -411,6 +449,12 @@ def test_converges_to_the_exact_gaussian_flow_map(name, kw, steps, min_ratio):
 def test_bad_options_are_named(name, opts, err, match):
     with pytest.raises(err, match=match):
         _ours(name, opts, 5)
+
+
+@pytest.mark.parametrize("name", ["deis", "dpm++_single"])
+def test_mu_error_names_the_sampler(name):
+    with pytest.raises(ValueError, match=f"mu: {re.escape(name)} takes mu only with use_dyn"):
+        _ours(name, {}, 5, mu=0.5)
 
 
 def test_singlestep_specific_errors():

@@ -28,7 +28,13 @@ from fastdiff.samplers.flow_sigmas import (
     dpm_flow_sigmas,
     flow_timesteps,
 )
-from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
+from fastdiff.samplers.sigmas import (
+    make_sigma_grid,
+    pick_sigma_grid,
+    sigma_to_t,
+    train_alphas_cumprod32,
+    train_sigmas32,
+)
 from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
 __all__ = ["DPMSolverSinglestepSampler", "singlestep_orders"]
@@ -70,18 +76,20 @@ def singlestep_orders(steps: int, solver_order: int, lower_order_final: bool,
     return orders
 
 
-def clipped_end(train: np.ndarray, lambda_min_clipped: float) -> int:
-    """The number of training timesteps whose lambda_t = -log(rho_t) >= ``lambda_min_clipped``
-    (``train``: the float32 rho_t, ascending in t): diffusers' ``T - clipped_idx``, one past the
-    largest timestep the spaced grid uses."""
-    T = len(train)
+def clipped_end(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
+    """One past the largest timestep the spaced grid uses: diffusers' ``T - clipped_idx``, the
+    number of training timesteps whose lambda_t >= ``lambda_min_clipped``, with diffusers'
+    float32 lambda_t = log(sqrt(ab_t)) - log(sqrt(1 - ab_t)) and its ``torch.searchsorted`` (so
+    a ``lambda_min_clipped`` equal to one of them cuts where diffusers does)."""
+    T = schedule.num_train_timesteps
     if lambda_min_clipped == -math.inf:
         return T
-    lam = -np.log(train.astype(np.float64))  # descending in t
-    last = T - int(np.searchsorted(lam[::-1], lambda_min_clipped, side="left"))
+    ab = train_alphas_cumprod32(schedule)
+    lam = torch.log(torch.sqrt(ab)) - torch.log(torch.sqrt(1 - ab))  # float32, descending in t
+    last = T - int(torch.searchsorted(torch.flip(lam, [0]), lambda_min_clipped))
     if last < 1:
         raise ValueError(
-            f"lambda_min_clipped: expected <= lambda at t = 0 ({lam[0]:.6g}), got "
+            f"lambda_min_clipped: expected <= lambda at t = 0 ({float(lam[0]):.6g}), got "
             f"{lambda_min_clipped}"
         )
     return last
@@ -299,7 +307,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             ts = self._custom.copy()
             sig = train[ts]
         else:
-            end = clipped_end(train, self.lambda_min_clipped) - 1
+            end = clipped_end(self.schedule, self.lambda_min_clipped) - 1
             ts = np.linspace(0, end, n + 1).round()[::-1][:-1].copy().astype(np.int64)
             sig = train[ts]
         last = 0.0 if self.final_sigmas_type == "zero" else float(train[0])

@@ -23,6 +23,7 @@ __all__ = [
     "make_sigma_grid",
     "pick_sigma_grid",
     "sigma_to_t",
+    "train_alphas_cumprod32",
     "train_sigmas32",
 ]
 
@@ -106,21 +107,27 @@ def train_sigmas32(schedule: NoiseSchedule) -> np.ndarray:
     identical (float64 ones move a t across a rounding boundary now and then). Zero-SNR
     schedules use fastdiff's float64 alpha_bar (last value 2^-24, as diffusers), cast.
     """
+    ab = train_alphas_cumprod32(schedule)
+    return (((1 - ab) / ab) ** 0.5).numpy()
+
+
+def train_alphas_cumprod32(schedule: NoiseSchedule) -> torch.Tensor:
+    """diffusers' float32 alpha_bar_t, t = 0 .. T-1 (a value of 0 as 2^-24), as
+    :func:`train_sigmas32` uses it."""
     sch = schedule
     T = sch.num_train_timesteps
     if sch.rescale_betas_zero_snr:
         ab = sch.alphas_cumprod.clone()
         ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
         ab[ab == 0] = 2.0**-24
-        ab = ab.to(torch.float32)
-    else:
-        if sch.beta_schedule == "linear":
-            b = torch.linspace(sch.beta_start, sch.beta_end, T, dtype=torch.float32)
-        elif sch.beta_schedule == "scaled_linear":
-            lo, hi = sch.beta_start**0.5, sch.beta_end**0.5
-            b = torch.linspace(lo, hi, T, dtype=torch.float32) ** 2
-        else:  # cosine and user betas: computed in float64, then cast, as diffusers
-            b = sch.betas.to(torch.float32)
-        ab = torch.cumprod(1.0 - b, 0)
-        ab[ab == 0] = 2.0**-24
-    return (((1 - ab) / ab) ** 0.5).numpy()
+        return ab.to(torch.float32)
+    if sch.beta_schedule == "linear":
+        b = torch.linspace(sch.beta_start, sch.beta_end, T, dtype=torch.float32)
+    elif sch.beta_schedule == "scaled_linear":
+        lo, hi = sch.beta_start**0.5, sch.beta_end**0.5
+        b = torch.linspace(lo, hi, T, dtype=torch.float32) ** 2
+    else:  # cosine and user betas: computed in float64, then cast, as diffusers
+        b = sch.betas.to(torch.float32)
+    ab = torch.cumprod(1.0 - b, 0)
+    ab[ab == 0] = 2.0**-24
+    return ab
