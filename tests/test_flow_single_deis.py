@@ -228,6 +228,26 @@ def test_singlestep_lambda_min_clipped_at_a_training_lambda(sched):
             assert smp.timesteps.tolist() == sch.timesteps.tolist(), (k, lmc)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="dpm++ (DPMSolverPPSampler._last_timestep) cuts with float64 -log(rho) and numpy's "
+    "searchsorted, diffusers with its float32 lambda_t: a lambda_min_clipped equal to one of "
+    "them moves the first timestep by one (fix: dpm_single.clipped_end); not this task's file",
+)
+def test_multistep_lambda_min_clipped_at_a_training_lambda():
+    bad = []
+    for k in (990, 900, 700, 500, 100):
+        lam = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear").lambda_t
+        sch = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear",
+                                                    lambda_min_clipped=float(lam[k]))  # fmt: skip
+        sch.set_timesteps(7)
+        smp = make_sampler("dpm++", NoiseSchedule.from_diffusers(sch), 7,
+                           lambda_min_clipped=float(lam[k]))  # fmt: skip
+        if smp.timesteps.tolist() != sch.timesteps.tolist():
+            bad.append(k)
+    assert bad == []
+
+
 EPS_SINGLE = {"prediction_type": "epsilon", "algorithm_type": "dpmsolver",
               "final_sigmas_type": "sigma_min"}  # fmt: skip
 
