@@ -23,6 +23,7 @@ from helpers import DIFFUSERS_BETAS, PARITY_RTOL, assert_fa_rule, backend_cases,
 import fastdiff
 from fastdiff import NoiseSchedule
 from fastdiff.samplers import SAMPLERS, SASolverSampler
+from fastdiff.samplers.sa_solver import default_tau
 
 diffusers = pytest.importorskip("diffusers")
 M = pytest.importorskip("diffusers.schedulers.scheduling_sasolver")
@@ -38,6 +39,7 @@ CONFIGS = {
     "sample-nolof": {"prediction_type": "sample", "lower_order_final": False},
     "noise": {"algorithm_type": "noise_prediction"},
     "noise-v": {"algorithm_type": "noise_prediction", "prediction_type": "v_prediction"},
+    "noise-sample": {"algorithm_type": "noise_prediction", "prediction_type": "sample"},
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True, "corrector_order": 3},
     "trailing": {"timestep_spacing": "trailing"},
@@ -179,6 +181,8 @@ def test_tau_func():
         torch.testing.assert_close(via, runs[name, 1], rtol=0, atol=0)
     torch.testing.assert_close(runs["zero", 1], runs["zero", 2], rtol=0, atol=0)
     assert rel(runs["one", 1], runs["one", 2]) > 1e-2
+    own = _sched({}).tau_func  # diffusers' default, also at the window's ends
+    assert [default_tau(t) for t in range(1000)] == [float(own(t)) for t in range(1000)]
     smp = _smp({"tau_func": lambda t: 0.25 if t > 500 else 0.0}, 6)
     assert smp.taus() == [0.25 if int(t) > 500 else 0.0 for t in smp.timesteps]
 
