@@ -227,6 +227,42 @@ def test_img2img_start_is_diffusers():
     assert rel(got, fastdiff.sample(ftoy, steps=n, sampler="cosine_dpm++", noise=draws[0])) > 1e-2
 
 
+@pytest.mark.parametrize("mname", ["binary", "soft"])
+def test_inpainting_is_diffusers_inpaint_loop(mname):
+    """sample(image=, mask=) at strength 1 and 0.6 vs diffusers' inpaint pipeline loop
+    (tests/test_inpaint.py's, spatially mixing model) with this scheduler, its SDE noise drawn
+    from the same generator as fastdiff's; the kept region is the image exactly."""
+    from test_inpaint import _diffusers_inpaint, _masks
+    from test_inpaint import _model as mixing
+
+    image = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    mask, n = _masks()[mname], 10
+
+    class Fed(COS):  # the Brownian tree replaced by draws from the loop's generator
+        gen = None
+
+        def set_timesteps(self, *args, **kwargs):
+            super().set_timesteps(*args, **kwargs)
+            self.noise_sampler = lambda s, t: torch.randn(image.shape, generator=self.gen)
+
+    for strength in (1.0, 0.6):
+        sch = Fed()
+        sch.gen = gen = torch.Generator().manual_seed(0)
+        theirs = _diffusers_inpaint("cosine_dpm++", sch, image, mask, strength, n, gen)
+        ours = fastdiff.sample(
+            mixing,
+            n,
+            sampler="cosine_dpm++",
+            image=image,
+            mask=mask,
+            strength=strength,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert rel(ours, theirs) <= RTOL, (mname, strength, rel(ours, theirs))
+        keep = (mask == 0).expand_as(image)
+        assert torch.equal(ours[keep], image[keep])
+
+
 # ------------------------------------------------------------------------------ backends
 @pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
 def test_every_backend_matches_diffusers(case):
