@@ -43,6 +43,7 @@ CONFIGS = {
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True, "corrector_order": 3},
     "trailing": {"timestep_spacing": "trailing"},
+    "clipped": {"lambda_min_clipped": -2.0, "timestep_spacing": "leading"},
     "thresholding": {"thresholding": True, "prediction_type": "sample"},
 }
 
