@@ -228,13 +228,9 @@ def test_singlestep_lambda_min_clipped_at_a_training_lambda(sched):
             assert smp.timesteps.tolist() == sch.timesteps.tolist(), (k, lmc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dpm++ (DPMSolverPPSampler._last_timestep) cuts with float64 -log(rho) and numpy's "
-    "searchsorted, diffusers with its float32 lambda_t: a lambda_min_clipped equal to one of "
-    "them moves the first timestep by one (fix: dpm_single.clipped_end); not this task's file",
-)
 def test_multistep_lambda_min_clipped_at_a_training_lambda():
+    """dpm++ (multistep) cuts at diffusers' float32 lambda_t too (float64 -log(rho) moved the
+    first timestep by one at 3 of these 5 values)."""
     bad = []
     for k in (990, 900, 700, 500, 100):
         lam = diffusers.DPMSolverMultistepScheduler(beta_schedule="linear").lambda_t

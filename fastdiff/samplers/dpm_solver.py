@@ -24,6 +24,7 @@ from fastdiff.samplers.base import (
     vp_of_sigma,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.dpm_single import clipped_end
 from fastdiff.samplers.flow_sigmas import FlowGridMixin, FlowOptions
 from fastdiff.samplers.sigmas import (
     SIGMA_GRIDS,
@@ -305,18 +306,9 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
 
     def _last_timestep(self) -> int:
         """One past the largest timestep the spaced grids use: diffusers' ``last_timestep``,
-        T minus the number of training timesteps whose lambda_t < ``lambda_min_clipped``."""
-        T = self.schedule.num_train_timesteps
-        if self.lambda_min_clipped == -math.inf:
-            return T
-        lam = -np.log(self._train_sigmas32().astype(np.float64))  # lambda_t, descending in t
-        last = T - int(np.searchsorted(lam[::-1], self.lambda_min_clipped, side="left"))
-        if last < 1:
-            raise ValueError(
-                f"lambda_min_clipped: expected <= lambda at t = 0 ({lam[0]:.6g}), got "
-                f"{self.lambda_min_clipped}"
-            )
-        return last
+        T minus the number of training timesteps whose lambda_t < ``lambda_min_clipped``
+        (diffusers' float32 lambda_t and searchsorted: see :func:`dpm_single.clipped_end`)."""
+        return clipped_end(self.schedule, self.lambda_min_clipped)
 
     def _alphas_cumprod(self) -> torch.Tensor:
         ab = self.schedule.alphas_cumprod.clone()
