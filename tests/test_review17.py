@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from test_img2img import _scheduler
-from test_inpaint import _masks
+from test_img2img import CASES, VARIANTS, _image, _scheduler
+from test_inpaint import _diffusers_inpaint, _masks
 from test_inpaint import _model as _mixing
 from test_repaint import _inputs, toy
 
@@ -74,6 +75,27 @@ def test_half_model_with_fp32_image_and_mask(dtype, name):
     err = _rel(half, run(full, mask))
     yardstick = _rel(run(_half(full, dtype), None), run(full, None))
     assert err <= 2 * yardstick, (err, yardstick)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_inpaint_variants_match_diffusers(variant):
+    """The grid / solver variants (Karras, SDE, third order, v-prediction, exponential,
+    trailing, stochastic flow) with binary / soft masks at strength 1 and 0.6 vs diffusers'
+    inpaint loop (rel <= 1e-5; same generator)."""
+    name, cfg = VARIANTS[variant]
+    steps = CASES[name][2]
+    for mname in ("binary", "soft"):
+        for strength in (1.0, 0.6):
+            image, mask = _image(9), _masks()[mname]
+            theirs = _diffusers_inpaint(name, _scheduler(name, **cfg), image, mask, strength,
+                                        steps, torch.Generator().manual_seed(9))  # fmt: skip
+            ours = fastdiff.sample(
+                _mixing, steps, sampler=name, schedule=_scheduler(name, **cfg), image=image,
+                mask=mask, strength=strength, generator=torch.Generator().manual_seed(9),
+            )  # fmt: skip
+            assert _rel(ours, theirs) <= 1e-5, (variant, mname, strength, _rel(ours, theirs))
+            keep = (mask == 0).expand(image.shape)
+            assert torch.equal(ours[keep], image[keep])
 
 
 def test_sampler_object_with_its_own_strength_inpaints():
@@ -202,3 +224,155 @@ def test_repaint_callback_sees_the_sample():
                            callback=lambda i, t, x: xs.append(x.clone()))  # fmt: skip
     assert torch.equal(xs[-1], out)
     assert not torch.equal(xs[0], image) and not torch.equal(xs[0], xs[1])
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+def test_repaint_prediction_types_equal_the_eps_run(kind, clip):
+    """prediction_type v_prediction / sample: the same run as an eps model giving the eps those
+    outputs mean (eps = sqrt(ab) v + sqrt(1 - ab) x; eps = (x - sqrt(ab) x0) / sqrt(1 - ab)),
+    with and without clipping x0 (diffusers' RePaint takes eps only; the direction term reads
+    the unclipped eps there)."""
+    from fastdiff._sampler_setup import _resolve_schedule
+
+    ab_all = _resolve_schedule(toy, None).alphas_cumprod
+
+    def coefs(x, t):
+        ab = ab_all[t.long()].to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    def out_model(x, t):  # the v / x0 network (x0 beyond [-1, 1] at times: clipping acts)
+        return 3.0 * toy(x, t) - 0.3 * x
+
+    def eps_model(x, t):
+        a, s = coefs(x, t)
+        o, xd = out_model(x, t).double(), x.double()
+        eps = a * o + s * xd if kind == "v_prediction" else (xd - a * o) / s
+        return eps.to(x.dtype)
+
+    image, mask = _inputs(5, "soft")
+    kw = dict(jump_length=3, jump_n_sample=2, eta=0.6, clip_sample=clip)
+    got = fastdiff.repaint(out_model, image, mask, 10, prediction_type=kind,
+                           generator=torch.Generator().manual_seed(2), **kw)  # fmt: skip
+    want = fastdiff.repaint(eps_model, image, mask, 10,
+                            generator=torch.Generator().manual_seed(2), **kw)  # fmt: skip
+    assert _rel(got, want) <= 1e-5, _rel(got, want)
+    other = fastdiff.repaint(out_model, image, mask, 10,
+                             generator=torch.Generator().manual_seed(2), **kw)  # fmt: skip
+    assert _rel(other, want) > 1e-2  # the output read as eps is another run
+    flipped = fastdiff.repaint(out_model, image, mask, 10, prediction_type=kind,
+                               generator=torch.Generator().manual_seed(2),
+                               **{**kw, "clip_sample": not clip})  # fmt: skip
+    assert _rel(flipped, got) > 1e-3  # clipping acts in this run
+
+
+# ------------------------------------------------------------------------ consistency models
+def test_cm_graph_cache_tells_clip_settings_apart(fake_cuda_graphs, monkeypatch):
+    """sample(sampler="cm", cuda_graph=True) (faked on CPU) with clip_denoised on, then off,
+    then on again, same model and shape: two captures (the clip is baked into the captured
+    op call), each run equal to the eager loop, and the clip acts in these runs."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+
+    def model(x, t):  # denoised well outside [-1, 1]: clipping changes the samples
+        return 3.0 * torch.tanh(x) + 0.5
+
+    def run(graphed, clip):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+        return fastdiff.sample(model, 3, sampler="cm", noise=z, clip_denoised=clip,
+                               generator=torch.Generator().manual_seed(2))  # fmt: skip
+
+    outs = {}
+    for clip in (True, False, True):
+        outs[clip] = run(False, clip)
+        torch.testing.assert_close(run(True, clip), outs[clip], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2
+    assert (outs[True] - outs[False]).abs().max() > 0.1
+
+
+def test_cm_sigmas_are_diffusers_float32_sigmas():
+    """The grid is diffusers' float32 sigmas bit for bit (then sigma_min), at the leading grid
+    and at explicit timesteps, for T = 40 / 151 / 201."""
+    from diffusers import CMStochasticIterativeScheduler
+
+    from fastdiff.samplers import ConsistencyModelSampler
+
+    for T, kw in ((40, {"steps": 1}), (40, {"steps": 7}), (40, {"timesteps": [22, 0]}),
+                  (151, {"timesteps": [17, 0]}), (201, {"steps": 5})):  # fmt: skip
+        sch = CMStochasticIterativeScheduler(num_train_timesteps=T)
+        if "steps" in kw:
+            sch.set_timesteps(kw["steps"])
+        else:
+            sch.set_timesteps(timesteps=kw["timesteps"])
+        smp = ConsistencyModelSampler(None, num_train_timesteps=T, **kw)
+        theirs = sch.sigmas.numpy()
+        assert smp.sigmas.dtype == np.float64 and len(smp.sigmas) == len(theirs)
+        assert np.array_equal(smp.sigmas.astype(np.float32), theirs), (T, kw)
+        assert np.array_equal(smp.sigmas[:-1], theirs[:-1].astype(np.float64)), (T, kw)
+        assert torch.equal(smp.timesteps, sch.timesteps.float()), (T, kw)
+
+
+@pytest.mark.parametrize("ts", [[22, 5], [30, 12, 3]])
+@torch.no_grad()
+def test_cm_timesteps_not_ending_at_zero_match_the_pipeline(ts):
+    """Explicit timesteps that do not end at training index 0: the first sigma is below
+    sigma_max while the pipeline still starts from sigma_max z (init_noise_sigma), scaled by
+    the first sigma's c_in: fastdiff's start and whole run equal the pipeline's loop."""
+    from diffusers import CMStochasticIterativeScheduler
+    from test_consistency import pipeline_loop
+
+    from fastdiff.samplers import ConsistencyModelSampler
+
+    z = torch.randn(2, 3, 5, 7, generator=torch.Generator().manual_seed(5))
+    sch = CMStochasticIterativeScheduler(num_train_timesteps=40)
+    sch.set_timesteps(timesteps=ts)
+    assert float(sch.sigmas[0]) < 79.0  # the case: sigma_0 < sigma_max
+
+    def model(x, t):
+        return 3.0 * toy(x, t)
+
+    ref = pipeline_loop(sch, z, torch.Generator().manual_seed(6), model)
+    got = fastdiff.sample(model, sampler="cm", noise=z, timesteps=ts,
+                          generator=torch.Generator().manual_seed(6))  # fmt: skip
+    assert 0.0 < _rel(got, ref) <= 1e-5
+    smp = ConsistencyModelSampler(None, timesteps=ts)
+    s0 = float(smp.sigmas[0])
+    assert smp.init_noise_scale == pytest.approx(80.0 / math.sqrt(s0 * s0 + 0.25), rel=1e-12)
+
+
+def test_cm_s_noise_zero_is_deterministic():
+    """s_noise = 0 (diffusers takes any s_noise): no noise is added between the steps, so
+    runs with other generators give the same samples; a small s_noise does not."""
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def run(s_noise, seed):
+        return fastdiff.sample(toy, 3, sampler="cm", noise=z, s_noise=s_noise,
+                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    assert torch.equal(run(0.0, 1), run(0.0, 2))
+    assert not torch.equal(run(0.5, 1), run(0.5, 2))
+
+
+def test_cm_in_kernel_noise_is_fresh_each_step():
+    """Without a generator the steps' noise comes from in-kernel Philox: each step draws new
+    values (the counter moves on), each ~N(0, 1). With F = 0 and no clipping the noise is read
+    back from the trajectory: X_{i+1} = c_skip(sigma_i) X_i + std_i z_i, X = u / c_in."""
+    from fastdiff.samplers import ConsistencyModelSampler
+
+    smp = ConsistencyModelSampler(None, 3, clip_denoised=False)
+    z0 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)  # the Philox seed
+    _, traj = fastdiff.sample(lambda x, t: torch.zeros_like(x), sampler=smp, noise=z0,
+                              return_trajectory=True)  # fmt: skip
+    xs = traj["x"].double()
+    zs = []
+    for i in range(2):
+        s, s_next = float(smp.sigmas[i]), float(smp.sigmas[i + 1])
+        X, X_next = xs[i] / smp.c_in(s), xs[i + 1] / smp.c_in(s_next)
+        zs.append((X_next - smp.c_skip(s) * X) / smp.noise_std(i))
+    for z in zs:
+        assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1.0) < 0.1
+    corr = float((zs[0] * zs[1]).mean() / (zs[0].std() * zs[1].std()))
+    assert abs(corr) < 0.1, corr
