@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -35,6 +37,29 @@ def check_model(model: Any, channels_last: Any) -> None:
         raise TypeError(
             f"channels_last: expected True, False or None, got {type(channels_last).__name__}"
         )
+
+
+def is_diffusers_model(model: Any) -> bool:
+    """Whether ``model`` is a diffusers ``ModelMixin`` (a UNet / transformer; also under
+    ``torch.compile``), without importing diffusers."""
+    mod = sys.modules.get("diffusers")
+    mixin = getattr(mod, "ModelMixin", None)
+    model = getattr(model, "_orig_mod", model)
+    return isinstance(mixin, type) and isinstance(model, mixin)
+
+
+def diffusers_timestep_options(model: Any, sampler: Any, smp: Any, options: dict) -> dict:
+    """``options`` plus ``fractional_timesteps=True`` where diffusers' pipelines call a model at
+    fractional timesteps and ``model`` is a diffusers model, so ``sample`` gives their result
+    (Euler / Heun / DPM2 / LMS under ``linspace`` spacing or on a sigma grid); ``options``
+    unchanged when the user chose (the option given, or a ``Sampler`` instance passed)."""
+    if "fractional_timesteps" in options or not isinstance(sampler, (str, type(None))):
+        return options
+    if "fractional_timesteps" not in inspect.signature(type(smp).__init__).parameters:
+        return options
+    if not is_diffusers_model(model):
+        return options
+    return {**options, "fractional_timesteps": True}
 
 
 @contextlib.contextmanager

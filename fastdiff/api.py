@@ -34,6 +34,7 @@ from fastdiff._prepare import (
     _model_param,
     check_model,
     contiguous_result,
+    diffusers_timestep_options,
     eval_mode,
     resolve_x,
     to_sampling_layout,
@@ -128,8 +129,11 @@ def sample(
             ``config.sample_size`` / ``in_channels`` or a fastdiff UNet's attributes.
         generator: a ``torch.Generator``, or a list with one per sample (then sample k of a
             batch equals the single-sample run with generator k).
-        noise: x_T ``[N x ...]`` (batch size, shape, dtype and device follow it by default);
-            with ``image``, the noise added to the image (as diffusers' img2img pipelines).
+        noise: the N(0, I) draw z ``[N x ...]`` of x_T (batch size, shape, dtype and device
+            follow it by default); x_T = ``sampler.init_noise_scale`` z, as diffusers'
+            pipelines start from ``init_noise_sigma`` z (1 for VP samplers; Euler-family
+            samplers under linspace / trailing spacing sigma_0 / sqrt(sigma_0^2 + 1)); with
+            ``image``, the noise added to the image (as diffusers' img2img pipelines).
         image: img2img / SDEdit (Meng et al. 2022, arXiv:2108.01073): x_0 ``[N x ...]`` in model
             space (latents for a latent model), noised to the sampler's state at model call s
             (:meth:`~fastdiff.samplers.Sampler.add_noise`: sqrt(ab) x_0 + sqrt(1 - ab) z on
@@ -197,7 +201,11 @@ def sample(
         **sampler_options: passed to the sampler, e.g. ``prediction_type``,
             ``timestep_spacing``, ``clip_sample``, ``variance_type``, ``thresholding``. With
             ``guidance_scale`` != 1 the DDIM sampler defaults to ``use_clipped_model_output=True``
-            (eps re-derived from the clipped x0); pass it explicitly to override.
+            (eps re-derived from the clipped x0); pass it explicitly to override. The
+            Euler-family samplers (euler, euler_a, heun, dpm2, dpm2_a, lms) call a diffusers
+            model (``ModelMixin``) at diffusers' float32 timesteps, fractional under
+            ``linspace`` spacing and on sigma grids, as its pipelines do, and any other model
+            at those rounded to int64: ``fractional_timesteps=True`` / ``False`` overrides.
 
     Returns:
         The samples in model space ``[N x ...]`` (see :func:`to_images`), and the trajectory
@@ -216,6 +224,10 @@ def sample(
     # the sampler: timesteps and per-step coefficients, on the model's noise schedule; an
     # img2img run starts at its model call `start`
     smp = resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale, sampler_options)
+    opts = diffusers_timestep_options(model, sampler, smp, sampler_options)
+    if opts is not sampler_options:  # a diffusers model: diffusers' fractional timesteps
+        sampler_options = opts
+        smp = resolve_sampler(model, sampler, steps, schedule, eta, guidance_scale, opts)
     if mask is not None and getattr(smp, "no_inpaint", None):
         raise ValueError(f"mask: {smp.no_inpaint}")
     if mask is not None and smp.inverts:
@@ -263,9 +275,11 @@ def sample(
         x = noised_image(smp, image, z, start, device, dtype, generator)
     else:  # x_T ~ N(0, I)
         x = z
-    # EDM samplers keep x in model-input units: diffusers' x_T = init_noise_sigma z is
-    # init_noise_scale z there (one scale of the N(0, I) draw, or of the noise given)
-    x_scale = getattr(smp, "init_noise_scale", 1.0)
+    # diffusers' pipelines start from x_T = init_noise_sigma z: init_noise_scale z in the
+    # sampler's units (one scale of the N(0, I) draw, or of the noise given): sigma_0 /
+    # sqrt(sigma_0^2 + 1) for Euler-family samplers under linspace / trailing spacing, the EDM
+    # samplers keep x in model-input units
+    x_scale = smp.init_noise_scale
     if x_scale != 1.0 and pure:
         x = x * x_scale
     if cuda_graph and device.type != "cuda":

@@ -36,9 +36,10 @@ def _rel(a, b) -> float:
 
 
 def _sigma_loop(sch, z):
-    """diffusers' Euler / Heun loop from VP x_T = z (x_sigma = z / a_0); the model gets the
-    rounded timestep, as fastdiff passes it. Returns (sample, rounded model timesteps)."""
-    x = z * (sch.sigmas[0] ** 2 + 1) ** 0.5
+    """diffusers' Euler / Heun pipeline loop from x_sigma = init_noise_sigma z (fastdiff's
+    sample() starts there too); the model gets the rounded timestep, as fastdiff passes it to
+    a plain callable. Returns (sample, rounded model timesteps)."""
+    x = z * sch.init_noise_sigma
     seen = []
     for t in sch.timesteps:
         x_in = sch.scale_model_input(x, t)

@@ -212,15 +212,15 @@ def _gens(seeds):
 @torch.no_grad()
 def test_sample_matches_the_diffusers_loop_with_a_generator():
     """fastdiff.sample(sampler='euler_a', schedule=<diffusers scheduler>) against diffusers'
-    own loop with the same generator (integer timesteps: trailing spacing; x_T mapped exactly:
-    x_sigma = x_T / a_0)."""
+    own loop with the same generator (integer timesteps: trailing spacing; the same start:
+    x_sigma = init_noise_sigma z, sample() scales noise= z so)."""
     net = _Net().eval()
     sched = diffusers.EulerAncestralDiscreteScheduler(
         timestep_spacing="trailing", prediction_type="v_prediction"
     )
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     sched.set_timesteps(8)
-    x = noise * (sched.sigmas[0].double() ** 2 + 1).sqrt().float()
+    x = noise * sched.init_noise_sigma
     g = torch.Generator().manual_seed(5)
     for t in sched.timesteps:
         x = sched.step(net(sched.scale_model_input(x, t), t.reshape(1)), t, x, generator=g)
@@ -363,15 +363,16 @@ def test_euler_grid_per_step_parity_with_diffusers(sched, grid, steps, opts):
 @torch.no_grad()
 def test_euler_grid_sample_matches_diffusers_loop_at_rounded_t(flag):
     """fastdiff.sample(sampler='euler', schedule=EulerDiscreteScheduler(<grid>)) against the
-    diffusers loop whose model gets t rounded as fastdiff's does (diffusers itself calls it at
-    the fractional t; that alone moves this loop by ~4e-4, as under linspace spacing)."""
+    diffusers loop whose model gets t rounded as fastdiff's does for a plain callable (diffusers
+    itself calls it at the fractional t, as fastdiff calls a diffusers model: that alone moves
+    this loop by ~4e-4, tests/test_fractional_timesteps.py)."""
     if flag == "use_beta_sigmas":
         pytest.importorskip("scipy")
     net = _Net().eval()
     sched = diffusers.EulerDiscreteScheduler(**{flag: True})
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     sched.set_timesteps(7)
-    x = noise * (sched.sigmas[0].double() ** 2 + 1).sqrt().float()  # x_sigma = x_T / a_0
+    x = noise * sched.init_noise_sigma  # the pipelines' start, as sample()'s
     for t in sched.timesteps:
         x = sched.step(net(sched.scale_model_input(x, t), t.round().reshape(1)), t, x).prev_sample
     got = fastdiff.sample(net, steps=7, sampler="euler", schedule=sched, noise=noise)

@@ -98,7 +98,7 @@ def test_every_sampler_gets_the_rescaled_output(sampler):
                           generator=torch.Generator().manual_seed(9))  # fmt: skip
     smp = make_sampler(sampler, NoiseSchedule("linear"), 4)
     gen = torch.Generator().manual_seed(9)
-    x = z
+    x = z * smp.init_noise_scale  # sample()'s x_T (diffusers' init_noise_sigma z)
     for i, t in enumerate(smp.timesteps):
         tt = t.expand(SHAPE[0])
         u = _model(x, tt, encoder_hidden_states=uncond)

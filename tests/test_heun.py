@@ -165,8 +165,8 @@ def test_whole_run_equals_diffusers_loop(sched, pred, spacing, extra, steps):
         calls.append(t[0].item())
         return _toy(x, t)
 
-    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5  # scale_model_input at t0
-    got = fastdiff.sample(model, steps=steps, sampler="heun", schedule=sch, noise=x_T)
+    # sample() starts from diffusers' init_noise_sigma z (in VP units: z init_noise_scale)
+    got = fastdiff.sample(model, steps=steps, sampler="heun", schedule=sch, noise=z)
     assert calls == sch.timesteps.round().tolist()  # 2N - 1 calls at diffusers' timesteps
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"

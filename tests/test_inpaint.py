@@ -6,10 +6,9 @@ image), and after every ``scheduler.step`` the known region replaced by the imag
 ``timesteps[i + 1]`` with the start's noise (the clean image after the last step). Same model,
 same noise (the same generator on both sides), fp32: relative error <= 1e-5.
 
-fastdiff's x_T for the sigma-space samplers is z in VP units, i.e. diffusers' sqrt(1 + sigma_0^2)
-z; diffusers' ``init_noise_sigma`` is sigma_0 instead under linspace / trailing spacing (Euler,
-LMS, Heun, DPM2), so the reference starts there from fastdiff's x_T (as tests/_sampler_cases's
-``vp_noise`` does for plain runs) and blends with z. LCM / TCD take the strength as their grid's
+At strength 1 both start from diffusers' ``init_noise_sigma`` z (sigma_0 z under linspace /
+trailing spacing for Euler, LMS, Heun, DPM2: fastdiff's ``init_noise_scale``) and blend with
+z. LCM / TCD take the strength as their grid's
 option (LatentConsistencyModelImg2ImgPipeline's ``set_timesteps(strength=...)``), as img2img.
 """
 
@@ -27,10 +26,6 @@ from fastdiff.samplers import SAMPLERS
 diffusers = pytest.importorskip("diffusers")
 
 RTOL = 1e-5
-# diffusers' init_noise_sigma is sigma_0 (not sqrt(1 + sigma_0^2)) under linspace spacing
-K_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-                "KDPM2AncestralDiscreteScheduler")  # fmt: skip
 N, C, H, W = SHAPE
 
 
@@ -74,10 +69,7 @@ def _diffusers_inpaint(name, sch, image, mask, strength, steps, gen, cond=None, 
         return sch.add_noise(image, noise, t)
 
     if strength == 1.0:  # is_strength_max: pure noise
-        init = getattr(sch, "init_noise_sigma", 1.0)
-        if type(sch).__name__ in K_SCHEDULERS:
-            init = (float(sch.sigmas[0]) ** 2 + 1) ** 0.5  # fastdiff's x_T (module docstring)
-        x = noise * init
+        x = noise * getattr(sch, "init_noise_sigma", 1.0)
     else:
         x = noised(timesteps[:1])
     for i, t in enumerate(timesteps):

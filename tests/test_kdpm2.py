@@ -229,14 +229,14 @@ def test_whole_run_equals_diffusers_loop(kind, sched, pred, spacing, extra, step
         calls.append(t[0].item())
         return _toy(x, t)
 
-    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5  # scale_model_input at t0
-    got = fastdiff.sample(model, steps=steps, schedule=sch, noise=x_T,
+    # sample() starts from diffusers' init_noise_sigma z (in VP units: z init_noise_scale)
+    got = fastdiff.sample(model, steps=steps, schedule=sch, noise=z,
                           generator=torch.Generator().manual_seed(7))  # fmt: skip
     assert calls == sch.timesteps.round().tolist()  # 2N - 1 calls at diffusers' timesteps
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
     if kind == "dpm2_a" and steps > 1:  # the generator's draws matter
-        other = fastdiff.sample(model, steps=steps, schedule=sch, noise=x_T,
+        other = fastdiff.sample(model, steps=steps, schedule=sch, noise=z,
                                 generator=torch.Generator().manual_seed(8))  # fmt: skip
         assert _rel(other, ref) > 100 * RTOL
 

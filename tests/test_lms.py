@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, sample_through_scheduler, vp_noise
+from _sampler_cases import assert_step_parity, sample_through_scheduler
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
@@ -191,11 +191,10 @@ def test_sample_with_an_lms_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
     ref = _diffusers_loop(sch, steps, z)
-    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5
-    got = sample_through_scheduler(sch, steps, x_T)
+    got = sample_through_scheduler(sch, steps, z)  # sample() scales z as init_noise_sigma
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
-    euler = fastdiff.sample(_toy, steps=steps, sampler="euler", schedule=sch, noise=x_T)
+    euler = fastdiff.sample(_toy, steps=steps, sampler="euler", schedule=sch, noise=z)
     assert _rel(euler, ref) > 1e-3  # not Euler's samples (the check can fail)
 
 
@@ -214,16 +213,15 @@ def test_leftover_sigma_ends_as_diffusers(grid, leftover, form):
     assert (getattr(sch.config, "sigma_min", None) is not None) is leftover
     steps, z = 9, torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
     ref = _diffusers_loop(sch, steps, z)
-    x_T = vp_noise(z, sch)
     schedule = sch if form == "object" else json.loads(sch.to_json_string())  # a saved config
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = fastdiff.sample(_toy, steps=steps, schedule=schedule, noise=x_T)
+        got = fastdiff.sample(_toy, steps=steps, schedule=schedule, noise=z)
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
     if leftover:  # the same run without the ends: equal unless the grid reads them
         plain = _scheduler(**grid)
-        without = fastdiff.sample(_toy, steps=steps, schedule=plain, noise=vp_noise(z, plain))
+        without = fastdiff.sample(_toy, steps=steps, schedule=plain, noise=z)
         reads = bool(grid) and "use_karras_sigmas" not in grid
         assert torch.equal(got, without) is not reads
         if reads:

@@ -182,7 +182,6 @@ def test_leftover_rescale_betas_zero_snr_is_not_applied():
     assert sch.config["rescale_betas_zero_snr"] is True  # the leftover, as diffusers keeps it
     z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     sch.set_timesteps(4)
-    x_T = z * sch.init_noise_sigma / (sch.sigmas[0] ** 2 + 1) ** 0.5  # diffusers' model input
     ref = _diffusers_loop(sch, 4, z * sch.init_noise_sigma)
     calls = []
 
@@ -190,7 +189,7 @@ def test_leftover_rescale_betas_zero_snr_is_not_applied():
         calls.append(int(t[0]))
         return _toy(x, t)
 
-    got = fastdiff.sample(model, steps=4, schedule=sch, noise=x_T)
+    got = fastdiff.sample(model, steps=4, schedule=sch, noise=z)  # x_T: init_noise_sigma z
     assert calls == sch.timesteps.round().long().tolist()
     assert _rel(got, ref) <= 1e-5
     for cls in ("HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):

@@ -121,7 +121,7 @@ def test_sample_with_guidance_equals_manual_cfg(name, steps, w, opts, tol):
     got = fastdiff.sample(cond_toy, steps=steps, sampler=name, noise=z, cond=cond, uncond=uncond,
                           guidance_scale=w, **opts)  # fmt: skip
     smp = make_sampler(name, NoiseSchedule("linear"), steps, **opts)
-    x = z
+    x = z * smp.init_noise_scale  # sample()'s start (diffusers' init_noise_sigma z)
     for i, t in enumerate(smp.timesteps):
         tt = t.expand(SHAPE[0])
         u = cond_toy(x, tt, encoder_hidden_states=uncond)
@@ -145,11 +145,10 @@ def test_saved_config_and_channels_last(name, opts, vp):
     sch = scheduler(name, **opts)
     z = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(7))
     ref = diffusers_loop(sch, 9, z)
-    x_T = vp_noise(z, sch) if vp else z
-    got = fastdiff.sample(toy, steps=9, schedule=saved, noise=x_T)
+    got = fastdiff.sample(toy, steps=9, schedule=saved, noise=z)  # z init_noise_scale: x_T
     assert 0.0 < rel(got, ref) <= RTOL
     cl = fastdiff.sample(toy, steps=9, schedule=saved,
-                         noise=x_T.contiguous(memory_format=torch.channels_last))  # fmt: skip
+                         noise=z.contiguous(memory_format=torch.channels_last))  # fmt: skip
     assert cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(cl, got, rtol=1e-6, atol=1e-6)
 

@@ -170,6 +170,10 @@ class Sampler:
     strength_option = False
     #: the sampler runs the ODE upwards, x_0 -> x_T (DDIM inversion): no img2img start
     inverts = False
+    #: ``fastdiff.sample`` starts from x_T = init_noise_scale z (z the N(0, I) draw or the
+    #: ``noise`` given): diffusers' ``init_noise_sigma`` z in this sampler's units (1 for VP
+    #: samplers; Euler-family / EDM / consistency samplers override it)
+    init_noise_scale: float = 1.0
     #: ``fastdiff.sample(image=...)``'s strength when none is given (diffusers' img2img
     #: pipelines: StableDiffusionImg2ImgPipeline 0.8)
     default_strength = 0.8

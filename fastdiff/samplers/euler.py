@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from numbers import Real
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,18 +85,19 @@ class EulerSampler(Sampler):
 
     As diffusers' ``EulerDiscreteScheduler`` (interpolation_type "linear", final sigma zero),
     sigma_i is interpolated linearly in t between the training sigmas; under ``linspace`` spacing
-    (the default) the timesteps are fractional and the model gets them rounded to int64 (the
-    sample it sees, x = a x_sigma, is the same as diffusers'). Start from x_T ~ N(0, I) in VP
-    space (diffusers' x_sigma = init_noise_sigma-scaled noise is x_T / a_0 for the same draw).
+    (the default) the timesteps are fractional: ``timesteps`` holds them rounded to int64, or
+    with ``fractional_timesteps`` diffusers' float32 values (``fastdiff.sample`` sets it for a
+    diffusers model, as its pipelines call it there; the sample it sees, x = a x_sigma, is
+    diffusers'). Start from x_T = ``init_noise_scale`` z in VP space: diffusers' pipelines start
+    from x_sigma = ``init_noise_sigma`` z, sigma_0 z under ``linspace`` / ``trailing`` spacing.
 
     With ``use_karras_sigmas`` (Karras et al. 2022 eq. 5, rho = 7), ``use_exponential_sigmas``
     or ``use_beta_sigmas`` the steps are taken on that grid of noise levels instead
     (:mod:`fastdiff.samplers.sigmas`), between the noise levels of the first and last spaced
     timesteps (or ``sigma_max`` / ``sigma_min`` when given), as diffusers'
     ``EulerDiscreteScheduler`` builds it. diffusers then calls the model at the fractional
-    training timestep of each grid sigma (log-sigma interpolation); fastdiff calls it at that
-    timestep rounded to int64, while the update uses the grid's sigmas exactly (the same
-    situation as ``linspace`` spacing above).
+    training timestep of each grid sigma (log-sigma interpolation); fastdiff's timesteps are
+    those, rounded or not as above, while the update uses the grid's sigmas exactly.
 
     Custom grids, as diffusers' ``set_timesteps(timesteps=...)`` / ``set_timesteps(sigmas=...)``
     (e.g. Align Your Steps): ``timesteps`` are the model timesteps themselves (sigma_i
@@ -117,6 +119,8 @@ class EulerSampler(Sampler):
         sigmas: custom noise levels, strictly descending, ``steps + 1`` of them (``steps``: None
             or their number - 1). As in diffusers, the sigma grid options, ``sigma_min`` /
             ``sigma_max``, ``timestep_spacing`` and ``steps_offset`` are then unused.
+        fractional_timesteps: ``timesteps`` are diffusers' float32 model timesteps (fractional
+            under ``linspace`` spacing and on sigma grids) instead of those rounded to int64.
     """
 
     name = "euler"
@@ -139,7 +143,15 @@ class EulerSampler(Sampler):
         sigma_max: float | None = None,
         timesteps: Sequence[int] | None = None,
         sigmas: Sequence[float] | None = None,
+        fractional_timesteps: bool = False,
     ) -> None:
+        if not isinstance(fractional_timesteps, bool):
+            raise TypeError(
+                f"fractional_timesteps: expected a bool, got {type(fractional_timesteps).__name__}"
+            )
+        #: call the model at diffusers' float32 timesteps (fractional under ``linspace``
+        #: spacing and on sigma grids) instead of those rounded to int64
+        self.fractional_timesteps = fractional_timesteps
         #: "karras", "exponential", "beta", "custom" (``sigmas``) or None (steps at the spaced
         #: or custom timesteps)
         self.sigma_grid: str | None = pick_sigma_grid(
@@ -220,12 +232,29 @@ class EulerSampler(Sampler):
         return self._spaced_frac()
 
     def _make_timesteps(self) -> np.ndarray:
-        return np.round(self._frac_timesteps()).astype(np.int64)
+        frac = self._frac_timesteps()
+        return frac if self.fractional_timesteps else np.round(frac).astype(np.int64)
+
+    def config(self) -> dict[str, Any]:
+        # the timesteps' dtype is the CUDA graph's t buffer's
+        return {**super().config(), "fractional_timesteps": self.fractional_timesteps}
 
     def _noising(self, i: int) -> tuple[float, float]:
         """diffusers' img2img start x0 + sigma_i eps (``add_noise``) is the VP sample
         (x0 + sigma_i eps) / sqrt(1 + sigma_i^2) here (:func:`vp_of_sigma`)."""
         return vp_of_sigma(float(self.sigmas()[i]))
+
+    @property
+    def init_noise_scale(self) -> float:
+        """x_T = init_noise_scale z, as diffusers' pipelines start: from ``init_noise_sigma`` z
+        in sigma units, ``init_noise_sigma`` = sigma_max under ``linspace`` / ``trailing``
+        spacing (k-diffusion's VE start, the spacings sampled from t = T - 1) and
+        sqrt(sigma_max^2 + 1) otherwise; in VP units (x = x_sigma / sqrt(sigma^2 + 1)) that is
+        sigma_max / sqrt(sigma_max^2 + 1), about 1 - 1 / (2 sigma_max^2), and 1."""
+        if self.timestep_spacing not in ("linspace", "trailing"):
+            return 1.0
+        s = float(np.float32(self.sigmas()[0]))  # diffusers' float32 sigma_max
+        return s / math.sqrt(s * s + 1.0)
 
     def sigmas(self) -> np.ndarray:
         """float64 ``[steps + 1]``: sigma_i at each step, then the final sigma (0 unless custom

@@ -54,8 +54,8 @@ class EulerAncestralSampler(EulerSampler):
     (torch.randn), else the in-kernel Philox generator (``generator_state``).
 
     Timesteps and sigmas are Euler's (diffusers' default ``linspace`` spacing gives fractional
-    timesteps, which the model gets rounded to int64). The Karras / exponential / beta sigma
-    grids (``use_karras_sigmas``: "Euler a Karras", as k-diffusion's sampler on its
+    timesteps, rounded to int64 unless ``fractional_timesteps``). The Karras / exponential /
+    beta sigma grids (``use_karras_sigmas``: "Euler a Karras", as k-diffusion's sampler on its
     ``get_sigmas_karras``) are a fastdiff extension here: diffusers' ancestral scheduler has no
     such setting; the grid is built as for :class:`~fastdiff.samplers.euler.EulerSampler`.
     ``prediction_type="sample"`` works too (diffusers raises NotImplementedError for it).

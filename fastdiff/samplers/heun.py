@@ -60,14 +60,14 @@ class HeunSampler(EulerSampler):
     fp32 error, ~ulp(x_sigma) at sigma_i, by k: ~4x median, up to 6.8x.)
     ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0).
 
-    Timesteps and sigmas are Euler's (default ``linspace`` spacing: fractional timesteps, which
-    the model gets rounded to int64; Karras / exponential / beta grids as diffusers builds them;
-    custom ``timesteps`` as diffusers' ``set_timesteps(timesteps=...)``: the N step timesteps,
-    laid out as above, final sigma 0).
+    Timesteps and sigmas are Euler's (default ``linspace`` spacing: fractional timesteps, rounded
+    to int64 unless ``fractional_timesteps``; x_T = ``init_noise_scale`` z; Karras / exponential
+    / beta grids as diffusers builds them; custom ``timesteps`` as diffusers'
+    ``set_timesteps(timesteps=...)``: the N step timesteps, laid out as above, final sigma 0).
 
     Args:
         schedule, prediction_type, timestep_spacing, steps_offset, use_karras_sigmas,
-        use_exponential_sigmas, use_beta_sigmas, sigma_min, sigma_max: see
+        use_exponential_sigmas, use_beta_sigmas, sigma_min, sigma_max, fractional_timesteps: see
             :class:`~fastdiff.samplers.euler.EulerSampler` (default spacing ``"linspace"``;
             ``sigma_min`` / ``sigma_max`` are a fastdiff extension: diffusers' Heun has none).
         steps: number of Heun steps N (diffusers' ``num_inference_steps``): 2N - 1 model calls.
@@ -100,6 +100,7 @@ class HeunSampler(EulerSampler):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         timesteps: Sequence[int] | None = None,
+        fractional_timesteps: bool = False,
     ) -> None:
         if clip_sample and not 0.0 < float(clip_sample_range) < math.inf:
             raise ValueError(
@@ -122,6 +123,7 @@ class HeunSampler(EulerSampler):
             sigma_min=sigma_min,
             sigma_max=sigma_max,
             timesteps=timesteps,
+            fractional_timesteps=fractional_timesteps,
         )
 
     def _make_timesteps(self) -> np.ndarray:

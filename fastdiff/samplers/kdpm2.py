@@ -55,8 +55,9 @@ class DPM2Sampler(EulerSampler):
     The last step goes to sigma = 0, where sigma_m = 0: stage 1 alone lands on D (no stage 2),
     so N steps are 2N - 1 model calls. As diffusers, ``len(sampler)`` and ``timesteps`` count
     the model calls: ``[t_0, t(m_0), t_1, t(m_1), ..., t(m_{N-2}), t_{N-1}]`` with t(m_i) the
-    fractional training timestep of sigma_m (log-sigma interpolation; the model gets it rounded
-    to int64), and ``step(out, i, x)`` is one of them, each one fused ``dpm_solver_2m_step``
+    fractional training timestep of sigma_m (log-sigma interpolation; rounded to int64 unless
+    ``fractional_timesteps``, see :class:`~fastdiff.samplers.euler.EulerSampler`), and
+    ``step(out, i, x)`` is one of them, each one fused ``dpm_solver_2m_step``
     call ``x_next = c_x x + c_x0 m + c_prev h + c_noise z`` (m = the x0 prediction of this
     call; h, the op's ``x0_prev`` operand, only in stage 2: the previous call's input sample).
 
@@ -153,10 +154,12 @@ class DPM2Sampler(EulerSampler):
             self._up[j] = math.sqrt(max(s1 * s1 - self._down[j] ** 2, 0.0))
             self._mid[j] = math.sqrt(s * self._down[j])
             mid[j] = float(self._mid[j])
-        ts = np.round(frac.astype(np.float64)).astype(np.int64)
-        t_mid = np.round(_t_of_sigma32(mid[: n - 1].numpy(), np.log(train)).astype(np.float64))
-        calls = np.empty(2 * n - 1, dtype=np.int64)
-        calls[0::2], calls[1::2] = ts, t_mid.astype(np.int64)
+        if self.sigma_grid == "karras":  # diffusers' KDPM2 rounds these (not other grids')
+            frac = np.round(frac.astype(np.float64)).astype(np.float32)
+        calls = np.empty(2 * n - 1, dtype=np.float32)  # diffusers' model timesteps
+        calls[0::2], calls[1::2] = frac, _t_of_sigma32(mid[: n - 1].numpy(), np.log(train))
+        if not self.fractional_timesteps:
+            calls = np.round(calls.astype(np.float64)).astype(np.int64)
         self.steps = 2 * n - 1
         return calls
 

@@ -91,6 +91,8 @@ class LMSSampler(EpsHistory, EulerSampler):
             e.g. the leftovers of an ``EulerDiscreteScheduler`` config it was made from), the
             default and Karras grids ignore them (checked, then unused).
         order: the multistep order, 1 to 4 (diffusers' ``step(order=4)`` default).
+        fractional_timesteps: diffusers' float32 model timesteps instead of those rounded, as
+            :class:`~fastdiff.samplers.EulerSampler`.
     """
 
     name = "lms"
@@ -114,6 +116,7 @@ class LMSSampler(EpsHistory, EulerSampler):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         order: int = 4,
+        fractional_timesteps: bool = False,
     ) -> None:
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
@@ -140,6 +143,7 @@ class LMSSampler(EpsHistory, EulerSampler):
             use_beta_sigmas=use_beta_sigmas,
             sigma_min=ends[0],
             sigma_max=ends[1],
+            fractional_timesteps=fractional_timesteps,
         )
 
     # ------------------------------------------------------------------ rows
