@@ -376,3 +376,32 @@ def test_cm_in_kernel_noise_is_fresh_each_step():
         assert abs(float(z.mean())) < 0.1 and abs(float(z.std()) - 1.0) < 0.1
     corr = float((zs[0] * zs[1]).mean() / (zs[0].std() * zs[1].std()))
     assert abs(corr) < 0.1, corr
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"mask": torch.full((1, 1, 7, 5), 2.0)},
+        {
+            "mask": torch.ones(1, 1, 7, 5),
+            "sampler": "ddim_inverse",
+            "noise": torch.zeros(3, 3, 7, 5),
+        },
+        {"mask": torch.ones(1, 1, 7, 5), "strength": 0.01},
+        {"mask": torch.ones(1, 1, 7, 5), "sampler": "sa_solver"},
+    ],
+    ids=["range", "inverse", "strength", "refused-sampler"],
+)
+def test_refused_inpainting_leaves_the_model_alone(kw):
+    """A refused sample(image=, mask=, channels_last=True): nothing ran and the model's weights
+    were not converted to channels_last (the conversion comes after every check)."""
+    model = ConvNet()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"^(mask|strength): "):
+        fastdiff.sample(model, 10, image=torch.randn(3, 3, 7, 5), channels_last=True, **kw)
+    assert calls == [] and model.conv.weight.is_contiguous()
+    assert not model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    fastdiff.sample(model, 2, image=torch.randn(3, 3, 7, 5), mask=torch.ones(7, 5),
+                    channels_last=True)  # fmt: skip
+    assert calls and model.conv.weight.is_contiguous(memory_format=torch.channels_last)
