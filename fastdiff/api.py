@@ -197,7 +197,8 @@ def sample(
             :class:`~fastdiff.models.UNet` and for a model whose conv weights are already
             channels_last (``fastdiff.optimize`` on CPU), where oneDNN's convolutions are faster in
             that layout, else ``False``. The returned samples are in x_T's layout (contiguous unless
-            ``noise`` was channels_last); ``callback`` sees x in the sampling layout.
+            ``noise`` or ``image`` was channels_last); ``callback`` sees x in the sampling
+            layout.
         **sampler_options: passed to the sampler, e.g. ``prediction_type``,
             ``timestep_spacing``, ``clip_sample``, ``variance_type``, ``thresholding``. With
             ``guidance_scale`` != 1 the DDIM sampler defaults to ``use_clipped_model_output=True``
