@@ -172,8 +172,10 @@ class _StepGraph:
         skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
         if self.unipc:  # the op reads every buffer before the copies below overwrite them
             last, m1, m2, *m3 = self.hist
+            # singlestep SDE: its fresh noise (buffer or in-kernel Philox)
+            nkw = {**skw, "noise": self.noise} if self.has_noise else {}
             x_c, x0, x_new = smp.step_with_history(out, self.i_cap, self.x, self.coef, last, m1,
-                                                   m2, *m3, guidance_scale=gs)  # fmt: skip
+                                                   m2, *m3, guidance_scale=gs, **nkw)  # fmt: skip
             if m3:
                 m3[0].copy_(m2)
             m2.copy_(m1)

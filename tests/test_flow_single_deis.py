@@ -483,5 +483,5 @@ def test_singlestep_specific_errors():
                      (True, TypeError), (30.0, ValueError)):  # fmt: skip
         with pytest.raises(err, match="lambda_min_clipped"):
             make_sampler("dpm++_single", lin, 5, lambda_min_clipped=bad)
-    with pytest.raises(ValueError, match="algorithm_type"):  # still not implemented
-        _ours("dpm++_single", {"algorithm_type": "sde-dpmsolver++"}, 5)
+    with pytest.raises(ValueError, match="orders 1-2"):  # SDE: tests/test_dpm_single_sde.py
+        _ours("dpm++_single", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, 5)

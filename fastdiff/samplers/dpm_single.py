@@ -14,6 +14,8 @@ from torch import Tensor
 from fastdiff.samplers._history import RunRows
 from fastdiff.samplers.base import (
     Sampler,
+    _ops,
+    advance_generator_state,
     check_choice,
     check_solver_order,
     check_thresholding,
@@ -29,17 +31,17 @@ from fastdiff.samplers.flow_sigmas import (
     flow_timesteps,
 )
 from fastdiff.samplers.sigmas import (
+    clipped_end,
     make_sigma_grid,
     pick_sigma_grid,
     sigma_to_t,
-    train_alphas_cumprod32,
     train_sigmas32,
 )
 from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
 __all__ = ["DPMSolverSinglestepSampler", "singlestep_orders"]
 
-ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver")
+ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
 # diffusers' DPMSolverSinglestepScheduler reads UniPC's / DEIS's solver types as "midpoint"
 SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint",
                 "bh2": "midpoint"}  # fmt: skip
@@ -74,25 +76,6 @@ def singlestep_orders(steps: int, solver_order: int, lower_order_final: bool,
     if final_zero:
         orders[-1] = 1
     return orders
-
-
-def clipped_end(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
-    """One past the largest timestep the spaced grid uses: diffusers' ``T - clipped_idx``, the
-    number of training timesteps whose lambda_t >= ``lambda_min_clipped``, with diffusers'
-    float32 lambda_t = log(sqrt(ab_t)) - log(sqrt(1 - ab_t)) and its ``torch.searchsorted`` (so
-    a ``lambda_min_clipped`` equal to one of them cuts where diffusers does)."""
-    T = schedule.num_train_timesteps
-    if lambda_min_clipped == -math.inf:
-        return T
-    ab = train_alphas_cumprod32(schedule)
-    lam = torch.log(torch.sqrt(ab)) - torch.log(torch.sqrt(1 - ab))  # float32, descending in t
-    last = T - int(torch.searchsorted(torch.flip(lam, [0]), lambda_min_clipped))
-    if last < 1:
-        raise ValueError(
-            f"lambda_min_clipped: expected <= lambda at t = 0 ({float(lam[0]):.6g}), got "
-            f"{lambda_min_clipped}"
-        )
-    return last
 
 
 class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
@@ -151,6 +134,15 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
     as op "v_prediction" with (sigma, -alpha), sample as op "epsilon" with (sigma, alpha) (m =
     eps). x_a passes through x_c exactly (times 1 in fp32), so the anchor is never rounded.
 
+    ``"sde-dpmsolver++"`` (diffusers' singlestep SDE): with h from the anchor, x_a's factor is
+    (sigma_t / sigma_a) e^{-h}, A = alpha_t (1 - e^{-2h}), B = alpha_t ((1 - e^{-2h}) / (-2h) + 1)
+    and fresh noise sigma_t sqrt(1 - e^{-2h}) z at every call (drawn in x's dtype, as diffusers).
+    Each call is one :func:`fastdiff.ops.dpm_solver_2m_step` with row ``[a, s, c_x, c_x0,
+    c_prev, c_noise, c_prev2, 0]``: order 1 ``[a, s, c, A, 0, c_n, 0, 0]`` (x = x_a), order 2
+    ``[a, s, 0, w_s0, w_a, c_n, c, 0]`` with x0_prev = m_a and x0_prev2 = x_a. The anchor is
+    always the x of the call before an order-2 call, so x_c = x. Order 3 would need x_a, two
+    m and z besides x: refused.
+
     A run that starts at call s > 0 (img2img, diffusers' ``set_begin_index``) has no m yet: as
     diffusers, its call i takes order min(order_i, i - s + 1).
 
@@ -166,8 +158,8 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         solver_type: ``"midpoint"`` (default) or ``"heun"`` (diffusers reads ``"logrho"``,
             ``"bh1"``, ``"bh2"`` as ``"midpoint"``, and so does this sampler).
         algorithm_type: ``"dpmsolver++"`` (default; data prediction) or ``"dpmsolver"`` (noise
-            prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers).
-            ``"sde-dpmsolver++"`` is not implemented.
+            prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers) or
+            ``"sde-dpmsolver++"`` (orders 1-2; see below).
         lower_order_final: lower-order groups at the end. As diffusers' ``set_timesteps``, it is
             switched on when ``steps % solver_order != 0`` or ``final_sigmas_type="zero"``.
         final_sigmas_type: ``"zero"`` (default) or ``"sigma_min"`` (end at the noise level of
@@ -237,9 +229,16 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_solver_order(solver_order)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
-        sde = "sde" in str(algorithm_type)
-        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES,
-                     " (the SDE variant is not implemented)" if sde else "")  # fmt: skip
+        check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        #: diffusers' "sde-dpmsolver++": data prediction plus fresh noise at every call
+        self.sde = algorithm_type == "sde-dpmsolver++"
+        if self.sde and solver_order == 3:
+            raise ValueError(
+                "solver_order: algorithm_type='sde-dpmsolver++' is implemented for orders 1-2 "
+                "(an order-3 call needs the anchor, two model outputs and the noise: more "
+                "operands than one fused op takes), got 3"
+            )
+        self.coef_width = 8 if self.sde else 12  # dpm_solver_2m_step's row, else unipc_step's
         if final_sigmas_type not in FINAL_SIGMAS:
             raise ValueError(
                 f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
@@ -344,7 +343,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         a = i - order + 1
         pairs = [self._alpha_sigma_at(j) for j in range(len(sig))]
         alpha, sigma = [p[0] for p in pairs], [p[1] for p in pairs]
-        t, pp = i + 1, self.algorithm_type == "dpmsolver++"
+        t, pp = i + 1, self.algorithm_type != "dpmsolver"
         if sig[t] == 0.0:  # the final step to sigma = 0 (order 1 only): x_t = m_a
             return 0.0, [alpha[t]]
         # lambda = log(alpha / sigma) from a to t: -log(rho), flow log((1 - s) / s)
@@ -353,7 +352,11 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             math.log((1.0 - v) / v) if flow else -math.log(v) for v in map(float, sig[a : t + 1])
         ]
         h = lam[-1] - lam[0]
-        if pp:
+        if self.sde:
+            em2 = math.expm1(-2.0 * h)  # e^{-2h} - 1
+            c, A = sigma[t] / sigma[a] * math.exp(-h), -alpha[t] * em2
+            B, C = alpha[t] * (em2 / (2.0 * h) + 1.0) if h else 0.0, 0.0
+        elif pp:
             c = sigma[t] / sigma[a]
             em = math.expm1(-h)  # e^{-h} - 1
             A, B = -alpha[t] * em, alpha[t] * (em / h + 1.0) if h else 0.0
@@ -393,7 +396,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         alpha, sigma = self._alpha_sigma_at(i)
         if self.flow_prediction:  # x0 = (x - s v) / 1
             return 1.0, sigma
-        if self.algorithm_type == "dpmsolver++":
+        if self.algorithm_type != "dpmsolver":
             return alpha, sigma
         if self.prediction_type == "v_prediction":
             return sigma, -alpha
@@ -401,10 +404,23 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             return sigma, alpha
         return 1.0, 1.0
 
+    def _noise_coef(self, i: int, order: int) -> float:
+        """SDE: sigma_t sqrt(1 - e^{-2h}), h from call ``i``'s anchor to its target (0 at 0)."""
+        t, a = i + 1, i - order + 1
+        if self._sig[t] == 0.0:
+            return 0.0
+        alpha, sigma = zip(*(self._alpha_sigma_at(j) for j in (a, t)), strict=True)
+        h = math.log(alpha[1] / sigma[1]) - math.log(alpha[0] / sigma[0])
+        return sigma[1] * math.sqrt(-math.expm1(-2.0 * h))
+
     def _row(self, i: int, order: int) -> np.ndarray:
         c, w = self._weights(i, order)
         row = np.zeros(self.coef_width, dtype=np.float64)
         row[0], row[1] = self._ab(i)
+        if self.sde:  # [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]
+            row[2:7] = [c, w[0], 0.0, 0.0, 0.0] if order == 1 else [0.0, w[1], w[0], 0.0, c]
+            row[5] = self._noise_coef(i, order)
+            return row
         row[2], row[3] = (1.0, 0.0) if order == 1 else (0.0, 1.0)
         row[7] = c
         # newest first: m (this call), m_prev, m_prev2 -> p_m, p_m1, p_m2
@@ -427,14 +443,15 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         return rows
 
     def _needs_noise_row(self, i: int) -> bool:
-        return False
+        # SDE: diffusers draws noise at every call, the last included (c_noise = 0 at sigma 0)
+        return self.sde
 
     def _op_prediction(self) -> str:  # type: ignore[override]  # a method here
         if self.thresholding:
             return "sample"
         if self.flow_prediction:
             return "epsilon"
-        if self.algorithm_type == "dpmsolver++":
+        if self.algorithm_type != "dpmsolver":
             return self.prediction_type
         return {"epsilon": "sample", "v_prediction": "v_prediction", "sample": "epsilon"}[
             self.prediction_type
@@ -473,7 +490,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         """The x0 prediction of call ``i`` at ``x`` from the op's ``m`` (x0 itself for
         dpmsolver++, eps for dpmsolver); for trajectories, not part of the fused step. A new
         tensor (the CUDA-graph loop passes its static buffer)."""
-        if self.algorithm_type == "dpmsolver++":
+        if self.algorithm_type != "dpmsolver":
             return m.clone()
         a, s = self._alpha_sigma_at(i)
         return ((x.float() - s * m.float()) / a).to(x.dtype)
@@ -494,9 +511,11 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
 
         The anchor and the m of the group are kept on the sampler and used only when call
         ``i - 1`` was the last one it ran for this x shape and device; otherwise call ``i``
-        starts a new run (img2img, as diffusers after ``set_begin_index``). Deterministic:
-        ``noise``, ``generator`` and ``generator_state`` are unused. Returns x_{i+1}, or
-        ``(x_{i+1}, x0)`` with ``return_x0``."""
+        starts a new run (img2img, as diffusers after ``set_begin_index``). The ODE solvers are
+        deterministic (``noise``, ``generator`` and ``generator_state`` unused); the SDE adds
+        ``noise``, else a draw with ``generator`` (one, or one per sample), else in-kernel Philox
+        noise from ``generator_state`` (int64 ``[2]`` = (seed, offset)), else a draw from torch's
+        global generator. Returns x_{i+1}, or ``(x_{i+1}, x0)`` with ``return_x0``."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         m1 = self._hist[0]
         valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
@@ -508,15 +527,21 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         full = k >= self.solver_order - 1
         table = self.coef_table(x.device) if full else self._variant(k, x.device)
         r = (self._coef64 if full else self._since64[k])[i]
-        last = self._last if r[3] != 0.0 else None
-        m_prev2 = self._hist[1] if r[11] != 0.0 else None
-        m_prev = self._hist[0] if r[9] != 0.0 or m_prev2 is not None else None
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
+        if self.sde:  # order 2: x0_prev = m_a, x0_prev2 = x_a
+            last = self._last if r[6] != 0.0 else None
+            m_prev, m_prev2 = (self._hist[0] if last is not None else None), None
+        else:
+            last = self._last if r[3] != 0.0 else None
+            m_prev2 = self._hist[1] if r[11] != 0.0 else None
+            m_prev = self._hist[0] if r[9] != 0.0 or m_prev2 is not None else None
         x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m_prev,
-                                                m_prev2, guidance_scale=guidance_scale)  # fmt: skip
+                                                m_prev2, guidance_scale=guidance_scale,
+                                                **nkw)  # fmt: skip
         self._last, self._hist, self._prev_i = x_c, [m, self._hist[0]], i
         if not return_x0:
             return x_next
-        return x_next, (m if self.algorithm_type == "dpmsolver++" else self.x0_of(m, i, x))
+        return x_next, (m if self.algorithm_type != "dpmsolver" else self.x0_of(m, i, x))
 
     def step_with_history(
         self,
@@ -530,11 +555,14 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         m_prev3: Tensor | None = None,
         *,
         guidance_scale: float | None = None,
+        noise: Tensor | None = None,
+        generator_state: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One fused call with the caller's anchor (``last``), history and row (CUDA graphs):
-        ``(x_c, m, x_next)``, x_c the anchor for the next call; ``m_prev3`` is not read. The
+        ``(x_c, m, x_next)``, x_c the anchor for the next call; ``m_prev3`` (and for the SDE
+        ``m_prev2``) is not read, ``noise`` / ``generator_state`` only by the SDE. The
         sampler's own history is left alone."""
-        self._check_step_args(model_output, i, x, None, guidance_scale)
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
         if self.thresholding:  # x0 from the row's (a, s) = (alpha, sigma), thresholded
             if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 raise TypeError(  # the op's check, which the thresholding pass hides
@@ -545,6 +573,14 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             x0, _ = _x0_eps(x, mo, coef[0], coef[1], pt)
             x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
             model_output, guidance_scale = x0.to(x.dtype), None
+        if self.sde:
+            nkw = {"noise": noise} if noise is not None else {"generator_state": generator_state}
+            x_next, m = _ops().dpm_solver_2m_step(
+                x, model_output, coef, m_prev, x0_prev2=last, prediction_type=self._op_prediction(),
+                guidance_scale=guidance_scale, **nkw,
+            )  # fmt: skip
+            advance_generator_state(nkw, x)  # in place, so a captured graph advances it too
+            return x, m, x_next
         return _unipc_ops().unipc_step(
             x,
             model_output,

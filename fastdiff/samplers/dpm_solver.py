@@ -24,11 +24,11 @@ from fastdiff.samplers.base import (
     vp_of_sigma,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
-from fastdiff.samplers.dpm_single import clipped_end
 from fastdiff.samplers.flow_sigmas import FlowGridMixin, FlowOptions
 from fastdiff.samplers.sigmas import (
     SIGMA_GRIDS,
     beta_sigmas,
+    clipped_end,
     exponential_sigmas,
     karras_sigmas,
     sigma_to_t,
@@ -307,7 +307,7 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
     def _last_timestep(self) -> int:
         """One past the largest timestep the spaced grids use: diffusers' ``last_timestep``,
         T minus the number of training timesteps whose lambda_t < ``lambda_min_clipped``
-        (diffusers' float32 lambda_t and searchsorted: see :func:`dpm_single.clipped_end`)."""
+        (diffusers' float32 lambda_t and searchsorted: see :func:`sigmas.clipped_end`)."""
         return clipped_end(self.schedule, self.lambda_min_clipped)
 
     def _alphas_cumprod(self) -> torch.Tensor:

@@ -18,6 +18,7 @@ from fastdiff.schedules import NoiseSchedule
 __all__ = [
     "SIGMA_GRIDS",
     "beta_sigmas",
+    "clipped_end",
     "exponential_sigmas",
     "karras_sigmas",
     "make_sigma_grid",
@@ -131,3 +132,22 @@ def train_alphas_cumprod32(schedule: NoiseSchedule) -> torch.Tensor:
     ab = torch.cumprod(1.0 - b, 0)
     ab[ab == 0] = 2.0**-24
     return ab
+
+
+def clipped_end(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
+    """One past the largest timestep the spaced grid uses: diffusers' ``T - clipped_idx``, the
+    number of training timesteps whose lambda_t >= ``lambda_min_clipped``, with diffusers'
+    float32 lambda_t = log(sqrt(ab_t)) - log(sqrt(1 - ab_t)) and its ``torch.searchsorted`` (so
+    a ``lambda_min_clipped`` equal to one of them cuts where diffusers does)."""
+    T = schedule.num_train_timesteps
+    if lambda_min_clipped == -math.inf:
+        return T
+    ab = train_alphas_cumprod32(schedule)
+    lam = torch.log(torch.sqrt(ab)) - torch.log(torch.sqrt(1 - ab))  # float32, descending in t
+    last = T - int(torch.searchsorted(torch.flip(lam, [0]), lambda_min_clipped))
+    if last < 1:
+        raise ValueError(
+            f"lambda_min_clipped: expected <= lambda at t = 0 ({float(lam[0]):.6g}), got "
+            f"{lambda_min_clipped}"
+        )
+    return last

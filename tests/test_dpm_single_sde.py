@@ -1,0 +1,299 @@
+"""Singlestep SDE-DPM-Solver++ (``dpm++_single`` with ``algorithm_type="sde-dpmsolver++"``,
+orders 1-2) against diffusers 0.42's ``DPMSolverSinglestepScheduler``.
+
+diffusers draws z with the step's ``generator`` at every call (the last included) and adds
+sigma_t sqrt(1 - e^{-2h}) z, h from the group's first sample. Checked: whole runs with the same
+seeded generator (rel <= 1e-5 in fp32, timesteps equal, and the run differs from the ODE
+solver's), every step with diffusers' own samples and its noise fed to both, sample() through
+the scheduler object / by name, img2img starts, every dpm_solver_2m_step backend (fp32 runs,
+fp16 per-step FlashAttention rule, the Philox stream), the fake CUDA-graph loop, no host sync,
+x0 rows, and order 3 refused by name.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _sampler_cases import GraphCase, graph_sample, rel, toy
+from helpers import DIFFUSERS_BETAS, backend_cases, case_id
+
+import fastdiff
+from fastdiff import NoiseSchedule
+from fastdiff.ops._philox import philox_randn
+from fastdiff.samplers import make_sampler
+
+diffusers = pytest.importorskip("diffusers")
+_single = pytest.importorskip("diffusers.schedulers.scheduling_dpmsolver_singlestep")
+
+SDE = "sde-dpmsolver++"
+RTOL = 1e-5
+SHAPE = (2, 3, 5, 7)
+STEPS = [1, 2, 5, 12, 25]
+FLOW = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}
+CASES = [
+    ("scaled_linear", {}),
+    ("scaled_linear", {"solver_order": 1}),
+    ("scaled_linear", {"solver_type": "heun"}),
+    ("linear", {"final_sigmas_type": "sigma_min", "prediction_type": "v_prediction"}),
+    ("linear", {"prediction_type": "sample", "lower_order_final": False,
+                "final_sigmas_type": "sigma_min"}),
+    ("scaled_linear", {"use_karras_sigmas": True, "solver_type": "heun"}),
+    ("cosine", {"lambda_min_clipped": -5.1}),
+    ("linear", {"thresholding": True, "sample_max_value": 1.5}),
+    ("linear", FLOW),
+]  # fmt: skip
+
+
+def _cid(case) -> str:
+    return case[0] + "".join(f"-{k}={v}" for k, v in case[1].items())
+
+
+def _theirs(sched: str, kw: dict, steps: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lower_order_final forced on
+        sch = diffusers.DPMSolverSinglestepScheduler(**DIFFUSERS_BETAS[sched],
+                                                     algorithm_type=SDE, **kw)  # fmt: skip
+        sch.set_timesteps(steps)
+    return sch
+
+
+def _ours(sched: str, kw: dict, steps: int, algorithm_type: str = SDE):
+    schedule = NoiseSchedule.from_diffusers(_theirs(sched, kw, steps))
+    return make_sampler("dpm++_single", schedule, steps, algorithm_type=algorithm_type, **kw)
+
+
+def _their_run(sch, z, seed, start=0):
+    """diffusers' loop from call ``start`` (``set_begin_index``), z drawn from a generator."""
+    g, x = torch.Generator().manual_seed(seed), z.clone()
+    sch.set_begin_index(start)
+    for t in sch.timesteps[start:]:
+        x = sch.step(toy(x, t.expand(x.shape[0])), t, x, generator=g).prev_sample
+    return x
+
+
+def _our_run(smp, z, seed, start=0):
+    g, x = torch.Generator().manual_seed(seed), z.clone()
+    for i in range(start, smp.steps):
+        x = smp.step(toy(x, smp.timesteps[i].expand(x.shape[0])), i, x, generator=g)
+    return x
+
+
+def _z(seed: int = 0) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- diffusers parity
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("case", CASES, ids=_cid)
+def test_whole_run_matches_diffusers(case, steps):
+    """Same seeded generator: timesteps equal, fp32 run within 1e-5 of diffusers' fp32 loop;
+    the noise matters (the ODE solver's run and another seed's are far off)."""
+    sched, kw = case
+    sch, smp = _theirs(sched, kw, steps), _ours(sched, kw, steps)
+    assert smp.timesteps.tolist() == sch.timesteps.tolist()
+    assert all(smp.needs_noise(i) for i in range(steps))  # as diffusers: a draw at every call
+    z = _z()
+    ref = _their_run(sch, z, 3)
+    got = _our_run(smp, z, 3)
+    assert torch.isfinite(got).all() and rel(got, ref) <= RTOL
+    if steps > 1:  # one step to sigma 0 is x0 itself: no noise term
+        assert rel(_our_run(smp, z, 4), ref) > 1e-3
+        ode = _our_run(_ours(sched, kw, steps, "dpmsolver++"), z, 3)
+        assert rel(ode, ref) > 1e-3
+
+
+@pytest.mark.parametrize("case", CASES[:4] + CASES[-1:], ids=_cid)
+def test_every_step_with_fed_noise(case, monkeypatch):
+    """Each call from diffusers' own sample with diffusers' own z fed to ours (``noise=``):
+    rel <= 1e-5 per step (the anchor and the group's x0 carried by the sampler)."""
+    sched, kw = case
+    sch, smp = _theirs(sched, kw, 9), _ours(sched, kw, 9)
+    drawn = []
+
+    def randn(shape, generator=None, device=None, dtype=None):
+        drawn.append(torch.randn(shape, generator=generator, dtype=dtype))
+        return drawn[-1]
+
+    monkeypatch.setattr(_single, "randn_tensor", randn)
+    g, x = torch.Generator().manual_seed(5), _z(1)
+    for i, t in enumerate(sch.timesteps):
+        out = toy(x, t.expand(SHAPE[0]))
+        ref = sch.step(out, t, x, generator=g).prev_sample
+        got = smp.step(out, i, x, noise=drawn[-1])
+        assert rel(got, ref) <= RTOL, i
+        x = ref
+    assert len(drawn) == 9
+
+
+@pytest.mark.parametrize("begin", [1, 4])
+def test_img2img_start_matches_diffusers(begin):
+    """A run from call ``begin`` (warming up again) equals diffusers' loop after
+    set_begin_index; sample(image=, strength=) starts there with the generator's draws."""
+    sched, kw = "scaled_linear", {"solver_type": "heun"}
+    sch, smp = _theirs(sched, kw, 10), _ours(sched, kw, 10)
+    z = _z(2)
+    assert rel(_our_run(smp, z, 7, start=begin), _their_run(sch, z, 7, start=begin)) <= RTOL
+
+
+def test_sample_through_the_scheduler_and_by_name():
+    """fastdiff.sample(schedule=<scheduler object / saved config>, noise=, generator=) equals
+    diffusers' loop with that generator; by name with the options too."""
+    sch = _theirs("scaled_linear", {}, 8)
+    z = _z(3)
+    ref = _their_run(sch, z, 11)
+    saved = dict(sch.config, _class_name="DPMSolverSinglestepScheduler")
+    for schedule in (sch, saved):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fastdiff.sample(toy, steps=8, schedule=schedule, noise=z,
+                                  generator=torch.Generator().manual_seed(11))  # fmt: skip
+        assert rel(got, ref) <= RTOL
+    got = fastdiff.sample(toy, steps=8, sampler="dpm++_single", algorithm_type=SDE,
+                          schedule=NoiseSchedule.from_diffusers(sch), noise=z,
+                          generator=torch.Generator().manual_seed(11))  # fmt: skip
+    assert rel(got, ref) <= RTOL
+
+
+def test_x0_rows_are_the_data_prediction():
+    """return_x0 (and the trajectory's x0 rows) are each call's x0 = (x - sigma eps) / alpha."""
+    smp = _ours("linear", {}, 6)
+    x, g = _z(4), torch.Generator().manual_seed(0)
+    for i, t in enumerate(smp.timesteps):
+        eps = toy(x, t.expand(SHAPE[0]))
+        a, s = smp._alpha_sigma_at(i)
+        x_next, x0 = smp.step(eps, i, x, generator=g, return_x0=True)
+        assert rel(x0, (x - s * eps) / a) <= 1e-6
+        x = x_next
+
+
+# ---------------------------------------------------------------------------- backends, Philox
+@pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
+def test_fp32_whole_run_every_backend(case):
+    """A whole fp32 run (v-prediction, heun, orders 1 and 2) on each backend equals diffusers'."""
+    dev, backend = case
+    kw = {"prediction_type": "v_prediction", "solver_type": "heun"}
+    sch, smp = _theirs("linear", kw, 9), _ours("linear", kw, 9)
+    z = _z(5)
+    ref = _their_run(sch, z, 1)
+    g, x = torch.Generator().manual_seed(1), z.to(dev)
+    with fastdiff.use_backend(backend, op="dpm_solver_2m_step"):
+        for i, t in enumerate(smp.timesteps):
+            noise = torch.randn(SHAPE, generator=g).to(dev)
+            x = smp.step(toy(x.cpu(), t.expand(2)).to(dev), i, x, noise=noise)
+    assert rel(x.cpu(), ref) <= RTOL
+
+
+def _ref_step(smp, i, x, v, x_a, m_a, z, dtype):
+    """The call's update in ``dtype`` from the float64 row (epsilon model)."""
+    r = [torch.tensor(float(c), dtype=dtype) for c in smp.coef64[i]]
+    x, v, z = x.to(dtype), v.to(dtype), z.to(dtype)
+    m = (x - r[1] * v) / r[0]
+    out = r[2] * x + r[3] * m + r[5] * z
+    if m_a is not None:
+        out = out + r[4] * m_a.to(dtype) + r[6] * x_a.to(dtype)
+    return out
+
+
+@pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
+def test_backends_fp16_flashattention_rule(case):
+    """Each backend per step in fp16 (inputs from a real fp32 run, fresh non-smooth outputs):
+    error vs the float64 restatement <= 2x the eager fp16 restatement's + one fp16 ulp."""
+    dev, backend = case
+    smp = _ours("scaled_linear", {}, 8)
+    x, x_a, m_a = _z(6), None, None
+    for i, t in enumerate(smp.timesteps):
+        v = toy(x, t.expand(2)) + 0.01 * torch.randn(SHAPE)
+        z = torch.randn(SHAPE)
+        order2 = smp.coef64[i, 6] != 0.0
+        prev = (m_a, x_a) if order2 else (None, None)
+        ref = _ref_step(smp, i, x.double(), v.double(), prev[1], prev[0], z, torch.float64)
+        eager = _ref_step(smp, i, x.half(), v.half(), prev[1], prev[0], z, torch.float16)
+        h = [p.half().to(dev) if p is not None else None for p in prev]
+        with fastdiff.use_backend(backend, op="dpm_solver_2m_step"):
+            _, _, got = smp.step_with_history(v.half().to(dev), i, x.half().to(dev),
+                                              smp.coef_table(dev)[i], h[1], h[0], None,
+                                              noise=z.half().to(dev))  # fmt: skip
+        assert got.dtype == torch.float16
+        err, base = rel(got.cpu(), ref), rel(eager, ref)
+        assert err <= 2 * base + 2**-11, f"step {i}: {err:.2e} vs eager {base:.2e}"
+        a, s = smp._alpha_sigma_at(i)
+        x_a, m_a = x, (x - s * v) / a
+        x = ref.float()
+
+
+@pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
+def test_philox_generator_state(case):
+    """generator_state: each call's z is philox_randn of the state it is given (the op advances
+    the offset); the same run with those z fed as ``noise`` is the same run."""
+    dev, backend = case
+    a, b = _ours("scaled_linear", {}, 6), _ours("scaled_linear", {}, 6)
+    gs = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
+    x = y = _z(7).to(dev)
+    with fastdiff.use_backend(backend, op="dpm_solver_2m_step"):
+        for i, t in enumerate(a.timesteps):
+            state = gs.clone()
+            x = a.step(toy(x.cpu(), t.expand(2)).to(dev), i, x, generator_state=gs)
+            y = b.step(toy(y.cpu(), t.expand(2)).to(dev), i, y,
+                       noise=philox_randn(state, SHAPE))  # fmt: skip
+            assert int(gs[1]) > int(state[1])
+            torch.testing.assert_close(x, y, rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------- loop
+@torch.no_grad()
+@pytest.mark.parametrize("gen", [True, False], ids=["generator", "philox"])
+def test_cuda_graph_loop_equals_eager(gen, fake_cuda_graphs, monkeypatch):
+    """sample(cuda_graph=True)'s loop with the fake graph (tests/conftest.py): the eager loop's
+    samples and x0 rows, noise from a generator / in-kernel Philox, one capture for two runs
+    (order-2 calls read the anchor and m_a from the static buffers)."""
+    from fastdiff import api
+
+    case = GraphCase("dpm++_single", {"algorithm_type": SDE, "prediction_type": "v_prediction"},
+                     runs=((1, 7, gen), (2, 7, gen)), hist=3, noisy=True)  # fmt: skip
+    eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
+    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
+    for r in case.runs:
+        eager, etraj = graph_sample(monkeypatch, eager_loop, case, r, cond, uncond)
+        out, traj = graph_sample(monkeypatch, graphed_loop, case, r, cond, uncond)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == case.captures
+    assert len(fake_cuda_graphs[0].hist) == case.hist
+
+
+def test_no_host_sync_in_the_loop():
+    from test_sample_api import _SyncSpy
+
+    spy = _SyncSpy()
+
+    def model(x, t):
+        spy.armed = True
+        return toy(x, t)
+
+    with spy:
+        out = fastdiff.sample(model, steps=6, sampler="dpm++_single", shape=SHAPE[1:],
+                              batch_size=2, algorithm_type=SDE)  # fmt: skip
+    assert spy.armed and torch.isfinite(out).all() and spy.seen == []
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_order_3_is_refused_by_name():
+    """Order 3 needs the anchor, two model outputs and z: more operands than one fused op takes;
+    refused (also through a scheduler with solver_order=3), nothing run."""
+    with pytest.raises(ValueError, match="solver_order: .*sde-dpmsolver.* orders 1-2"):
+        make_sampler("dpm++_single", NoiseSchedule("linear"), 6, algorithm_type=SDE,
+                     solver_order=3)  # fmt: skip
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return toy(x, t)
+
+    with pytest.raises(ValueError, match="solver_order"):
+        fastdiff.sample(model, steps=6, schedule=_theirs("linear", {"solver_order": 3}, 6),
+                        noise=_z())  # fmt: skip
+    assert calls == []
+    with pytest.raises(ValueError, match="algorithm_type.*'sde-dpmsolver\\+\\+'.*got 'sde'"):
+        make_sampler("dpm++_single", NoiseSchedule("linear"), 6, algorithm_type="sde")
