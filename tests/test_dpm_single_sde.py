@@ -168,6 +168,26 @@ def test_x0_rows_are_the_data_prediction():
         x = x_next
 
 
+def test_fp16_noise_is_drawn_in_fp16_as_diffusers():
+    """Under fp16 x the generator's z is torch's fp16 draw (diffusers: randn_tensor in the
+    model output's dtype), not a rounded fp32 draw; the fp16 calls stay near diffusers' fp16
+    steps."""
+    sch, smp = _theirs("scaled_linear", {}, 4), _ours("scaled_linear", {}, 4)
+    fed = _ours("scaled_linear", {}, 4)
+    z16 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.float16)
+    z32 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)).half()
+    assert not torch.equal(z16, z32)
+    x, g, g2, g3 = _z(8).half(), *(torch.Generator().manual_seed(2) for _ in range(3))
+    for i, t in enumerate(sch.timesteps):
+        out = toy(x.float(), t.expand(SHAPE[0])).half()
+        got = smp.step(out, i, x, generator=g)
+        noise = torch.randn(SHAPE, generator=g2, dtype=torch.float16)  # the first one is z16
+        assert torch.equal(got, fed.step(out, i, x, noise=noise))
+        ref = sch.step(out, t, x, generator=g3).prev_sample
+        assert got.dtype == torch.float16 and rel(got, ref) <= 3e-3
+        x = got
+
+
 # ---------------------------------------------------------------------------- backends, Philox
 @pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
 def test_fp32_whole_run_every_backend(case):
