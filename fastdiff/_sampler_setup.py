@@ -421,8 +421,9 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     },
     # diffusers 0.42's DPMSolverSinglestepScheduler: its flow grid (use_flow_sigmas, flow_shift,
     # use_dynamic_shifting, time_shift_type) and lambda_min_clipped are the sampler's; its sigma
-    # grids read a leftover sigma_min / sigma_max; algorithm_type="sde-dpmsolver++", thresholding
-    # with "dpmsolver" and flow + a VP sigma grid are refused by the sampler itself
+    # grids read a leftover sigma_min / sigma_max; algorithm_type="sde-dpmsolver++" with
+    # solver_order 3, thresholding with "dpmsolver" and flow + a VP sigma grid are refused by
+    # the sampler itself
     "dpm++_single": {"sigma_min": None, "sigma_max": None},
     "euler": {
         "interpolation_type": "linear",
