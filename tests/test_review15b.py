@@ -271,11 +271,9 @@ def test_lcm_bad_option_types_are_named(opts, err, match):
         LCMSampler(NoiseSchedule("scaled_linear"), 4, **opts)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sampler_step (every backend, csrc included) multiplies a zero coefficient by the "
-    "model's eps: 0 * inf = NaN where diffusers' LCM step never forms it (its clipped x0 of an "
-    "infinite output is finite). Op-level; no csrc change this session (review15b)"))  # fmt: skip
 def test_lcm_clipped_step_of_an_infinite_output_is_finite_as_diffusers():
+    """LCM's eps has coefficient 0 after clip_sample: the term is absent (the fused op forms no
+    0 * inf = NaN), so the clipped x0 of an infinite output gives a finite step, as diffusers'."""
     theirs = diffusers.LCMScheduler(clip_sample=True)
     theirs.set_timesteps(4)
     g = torch.Generator().manual_seed(0)

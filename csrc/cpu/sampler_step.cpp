@@ -343,14 +343,18 @@ inline void store_tile<float>(float* p, int64_t len, const float* src) {
 // are template arguments so each loop is straight-line with no dead work (GCC if-converts the
 // eps recomputation into a select it evaluates for every element otherwise); the other runtime
 // options are loop invariant (GCC unswitches them) and copied to locals so no store to ob/x0b
-// can alias them.
-template <int PRED, bool RECOMP, bool X0>
+// can alias them. MASK: a term whose coefficient is exactly 0 is absent (formed_operand); false
+// is the plain loop, run when every formed term's coefficient is non-zero. CLIP: opt.clip (-1,
+// the plain loops: GCC unswitches it) or fixed (0 / 1, the masked loops: the masks' extra
+// instructions put them past GCC's unswitching limit, and the loop with the runtime clip select
+// did not vectorise: 6x slower).
+template <int PRED, bool RECOMP, bool X0, bool MASK, int CLIP>
 inline __attribute__((always_inline)) void tile_math_t(
     const StepOptions& opt, const float* cf, int64_t len, const float* __restrict xb,
     const float* __restrict mb, const float* __restrict up, const float* __restrict sp,
     const float* __restrict zp, const float* __restrict qp, float* __restrict ob,
     float* __restrict x0b) {
-  const int mode = opt.mode, cfg = opt.cfg, clip = opt.clip;
+  const int mode = opt.mode, cfg = opt.cfg, clip = CLIP < 0 ? opt.clip : CLIP;
   const int lv = opt.learned_var, has_z = opt.has_z;
   const float g = opt.g, clip_r = opt.clip_r;
   const float a = cf[0], s = cf[1], k2 = cf[2], k3 = cf[3], k4 = cf[4], k5 = cf[5];
@@ -363,7 +367,7 @@ inline __attribute__((always_inline)) void tile_math_t(
       float x0, eps;
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, RECOMP, true, x0, eps);
       const float sigma = lv ? sv : k5;
-      ob[j] = sampler_update(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
+      ob[j] = sampler_update<MASK>(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
       if (X0) x0b[j] = x0;
     }
   } else if (opt.has_prev2) {  // 3M (ODE or SDE): qp is x0_prev2, sp the noise tile if any
@@ -375,7 +379,7 @@ inline __attribute__((always_inline)) void tile_math_t(
       const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
       float x0, eps;
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
-      ob[j] = dpm3m_update(k2, k3, k4, k6, xb[j], x0, zv, qv, has_noise, k5, wv);
+      ob[j] = dpm3m_update<MASK>(k2, k3, k4, k6, xb[j], x0, zv, qv, has_noise, k5, wv);
       if (X0) x0b[j] = x0;
     }
   } else if (opt.has_noise) {  // SDE variant: sp is the noise tile here (no variance in dpm)
@@ -385,7 +389,7 @@ inline __attribute__((always_inline)) void tile_math_t(
       const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
       float x0, eps;
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
-      ob[j] = dpm2m_sde_update(k2, k3, k4, xb[j], x0, has_z, zv, k5, wv);
+      ob[j] = dpm2m_sde_update<MASK>(k2, k3, k4, xb[j], x0, has_z, zv, k5, wv);
       if (X0) x0b[j] = x0;
     }
   } else {
@@ -395,13 +399,13 @@ inline __attribute__((always_inline)) void tile_math_t(
       const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
       float x0, eps;
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 0, false, x0, eps);
-      ob[j] = dpm2m_update(k2, k3, k4, xb[j], x0, has_z, zv);
+      ob[j] = dpm2m_update<MASK>(k2, k3, k4, xb[j], x0, has_z, zv);
       if (X0) x0b[j] = x0;
     }
   }
 }
 
-template <bool RECOMP, bool X0>
+template <bool RECOMP, bool X0, bool MASK, int CLIP>
 inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptions& opt,
                                                        const float* cf, int64_t len,
                                                        const float* xb, const float* mb,
@@ -410,30 +414,51 @@ inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptio
                                                        float* ob, float* x0b) {
   switch (pred) {
     case kEpsilon:
-      return tile_math_t<kEpsilon, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);
+      return tile_math_t<kEpsilon, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp, qp,
+                                                           ob, x0b);
     case kVPrediction:
-      return tile_math_t<kVPrediction, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, qp, ob,
-                                                   x0b);
+      return tile_math_t<kVPrediction, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp,
+                                                               qp, ob, x0b);
     default:
-      return tile_math_t<kSample, RECOMP, X0>(opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);
+      return tile_math_t<kSample, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp, qp,
+                                                          ob, x0b);
   }
 }
 
+#define FD_TILE_ARGS pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b
+
+// MASK false: the plain loops (opt.clip at run time, GCC unswitches it); true: the masked loops,
+// with the clip fixed at compile time (see tile_math_t).
+template <bool RECOMP, bool X0, bool MASK>
+inline __attribute__((always_inline)) void tile_math_c(int pred, const StepOptions& opt,
+                                                       const float* cf, int64_t len,
+                                                       const float* xb, const float* mb,
+                                                       const float* up, const float* sp,
+                                                       const float* zp, const float* qp,
+                                                       float* ob, float* x0b) {
+  if (!MASK) return tile_math_p<RECOMP, X0, false, -1>(FD_TILE_ARGS);
+  if (opt.clip) return tile_math_p<RECOMP, X0, true, 1>(FD_TILE_ARGS);
+  return tile_math_p<RECOMP, X0, true, 0>(FD_TILE_ARGS);
+}
+
 // x0 is stored only when asked for (x0b == nullptr otherwise).
-#define FD_TILE_MATH_BODY                                                                   \
-  const bool rc = opt.recompute != 0 && opt.clip != 0;                                      \
-  if (x0b != nullptr) {                                                                     \
-    if (rc)                                                                                 \
-      return tile_math_p<true, true>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);  \
-    return tile_math_p<false, true>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);   \
-  }                                                                                         \
-  if (rc) return tile_math_p<true, false>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b); \
-  return tile_math_p<false, false>(pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b);
+#define FD_TILE_MATH_BODY                                                  \
+  const bool rc = opt.recompute != 0 && opt.clip != 0;                     \
+  if (x0b != nullptr) {                                                    \
+    if (rc) return tile_math_c<true, true, MASK>(FD_TILE_ARGS);            \
+    return tile_math_c<false, true, MASK>(FD_TILE_ARGS);                   \
+  }                                                                        \
+  if (rc) return tile_math_c<true, false, MASK>(FD_TILE_ARGS);             \
+  return tile_math_c<false, false, MASK>(FD_TILE_ARGS);
 
 using TileMathFn = void (*)(int, const StepOptions&, const float*, int64_t, const float*,
                             const float*, const float*, const float*, const float*,
                             const float*, float*, float*);
 
+// One function per MASK: the masked loops are separate code, so the plain function is the same
+// size as before them (in one function, the plain DDIM loop lost ~50%: GCC's per-function
+// budgets).
+template <bool MASK>
 void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t len,
                     const float* xb, const float* mb, const float* up, const float* sp,
                     const float* zp, const float* qp, float* ob, float* x0b) {
@@ -445,6 +470,7 @@ void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t l
 // the baseline (SSE2) clone rounds each product separately, so the two clones can differ in the
 // last bit. Chosen once per process, so results are reproducible on one machine.
 #if FD_X86_DISPATCH
+template <bool MASK>
 __attribute__((target("avx2,fma"))) void tile_math_avx2(
     int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
     const float* mb, const float* up, const float* sp, const float* zp, const float* qp,
@@ -453,12 +479,14 @@ __attribute__((target("avx2,fma"))) void tile_math_avx2(
 }
 #endif
 #undef FD_TILE_MATH_BODY
+#undef FD_TILE_ARGS
 
+template <bool MASK>
 TileMathFn pick_tile_math() {
 #if FD_X86_DISPATCH
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_math_avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return tile_math_avx2<MASK>;
 #endif
-  return tile_math_base;
+  return tile_math_base<MASK>;
 }
 
 // dst[0, len) = the Philox noise of sample n's memory elements [i0, i0 + len): element e
@@ -489,7 +517,17 @@ void run(const StepArgs& A) {
   const float* cp = reinterpret_cast<const float*>(A.coef);
   float coefs[8];
   for (int k = 0; k < 8; ++k) coefs[k] = cp[k];
+  const float k2 = coefs[2], k3 = coefs[3], k4 = coefs[4];
   const float k5 = coefs[5], k6 = coefs[6], k7 = coefs[7];
+  // A term whose coefficient is exactly 0 is absent (formed_operand); the coefficients are host
+  // memory here, so the masked loops run only for a step where a formed term's coefficient is 0
+  // (DDIM's c_x, DDPM's c_eps, LCM's c_eps after clip_sample); a learned variance's per-element
+  // sigma is checked per tile below.
+  const bool lv = o.learned_var != 0;
+  const bool zero_coef =
+      o.mode == 0 ? (k2 == 0.0f || k3 == 0.0f || k4 == 0.0f || (o.has_z && !lv && k5 == 0.0f))
+                  : (k2 == 0.0f || k3 == 0.0f || (o.has_z && k4 == 0.0f) ||
+                     (o.has_prev2 && k6 == 0.0f) || (o.has_noise && k5 == 0.0f));
   uint32_t key0 = 0, key1 = 0;
   uint64_t offset = 0;
   if (A.gen) {
@@ -512,7 +550,8 @@ void run(const StepArgs& A) {
   const int64_t tiles = (M + kTile - 1) / kTile;
   const int64_t total = A.n * tiles;
   const bool philox = A.gen != 0;
-  static const TileMathFn tile_math = pick_tile_math();
+  static const TileMathFn tile_plain = pick_tile_math<false>();
+  static const TileMathFn tile_masked = pick_tile_math<true>();
   // Fork threads from ~32k element-units of work, torch's own grain (at::internal::GRAIN_SIZE;
   // a Philox element counts 5 units): the eager steps this replaces fork at the same size. On an
   // oversubscribed machine a parallel region can cost a scheduler tick; there,
@@ -531,9 +570,15 @@ void run(const StepArgs& A) {
     const float* sp = mp;
     const float* zp = mp;
     if (o.cfg) up = tile_in(Mu + n * A.bs_mu + i0, len, ub);
-    if (o.learned_var) {  // sigma per element (expf: its own loop so the main loop vectorises)
+    bool mask = zero_coef;
+    if (lv) {  // sigma per element (expf: its own loop so the main loop vectorises)
       load_tile(V + n * A.bs_v + i0, len, vb);
-      for (int64_t j = 0; j < len; ++j) vb[j] = learned_sigma(k5, vb[j], k6, k7);
+      bool zero_sigma = false;
+      for (int64_t j = 0; j < len; ++j) {
+        vb[j] = learned_sigma(k5, vb[j], k6, k7);
+        zero_sigma |= vb[j] == 0.0f;
+      }
+      mask = mask || (o.has_z && zero_sigma);
       sp = vb;
     }
     if (Z) {
@@ -555,7 +600,7 @@ void run(const StepArgs& A) {
     // fp32 outputs are written in place; other dtypes go through the fp32 tiles
     float* op = tile_out(Out + n * M + i0, ob);
     float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : nullptr;
-    tile_math(PRED, o, coefs, len, xp, mp, up, sp, zp, qp, op, x0p);
+    (mask ? tile_masked : tile_plain)(PRED, o, coefs, len, xp, mp, up, sp, zp, qp, op, x0p);
     if (op == ob) store_tile(Out + n * M + i0, len, ob);
     if (X0 && x0p == x0b) store_tile(X0 + n * M + i0, len, x0b);
   }

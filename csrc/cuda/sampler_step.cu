@@ -206,16 +206,16 @@ __global__ void __launch_bounds__(kThreads)
       if (o.mode == 0) {
         predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, o.recompute, true, x0, eps);
         const float sigma = o.learned_var ? learned_sigma(k5, vv[k], k6, k7) : k5;
-        ov[k] = sampler_update(k2, k3, k4, xv[k], x0, eps, o.has_z, sigma, zv[k]);
+        ov[k] = sampler_update<true>(k2, k3, k4, xv[k], x0, eps, o.has_z, sigma, zv[k]);
       } else {
         predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, 0, false, x0, eps);
         if (PREV2)
-          ov[k] = dpm3m_update(k2, k3, k4, k6, xv[k], x0, zv[k], qv[PREV2 ? k : 0], o.has_noise,
-                               k5, wv[k]);
+          ov[k] = dpm3m_update<true>(k2, k3, k4, k6, xv[k], x0, zv[k], qv[PREV2 ? k : 0],
+                                     o.has_noise, k5, wv[k]);
         else
           ov[k] = o.has_noise
-                      ? dpm2m_sde_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k], k5, wv[k])
-                      : dpm2m_update(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
+                  ? dpm2m_sde_update<true>(k2, k3, k4, xv[k], x0, o.has_z, zv[k], k5, wv[k])
+                  : dpm2m_update<true>(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
       }
       x0v[k] = x0;
     }

@@ -71,8 +71,9 @@ __global__ void unipc_step_kernel(UniPCArgs A) {
     const float m3 =
         M3 ? UniIO<TX>::load(reinterpret_cast<const TX*>(A.m3) + b * A.bs_m3 + e) : 0.0f;
     float vc, vm, vn;
-    unipc_element<PRED>(c, x, mo, A.clip, A.clip_r, A.last != 0, last, A.m1 != 0, m1, A.m2 != 0,
-                        m2, M3, m3, vc, vm, vn);
+    // a term whose coefficient is exactly 0 is absent (the masked math: a select is free here)
+    unipc_element<PRED, true, true>(c, x, mo, A.clip, A.clip_r, A.last != 0, last, A.m1 != 0, m1,
+                                    A.m2 != 0, m2, M3, m3, vc, vm, vn);
     UniIO<TX>::store(reinterpret_cast<TX*>(A.xc) + idx, vc);
     UniIO<TX>::store(reinterpret_cast<TX*>(A.x0) + idx, vm);
     UniIO<TX>::store(reinterpret_cast<TX*>(A.xn) + idx, vn);

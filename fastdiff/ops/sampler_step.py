@@ -39,6 +39,7 @@ from fastdiff.ops._step_checks import (
     _check_noise,
     _plain_eager,
 )
+from fastdiff.ops._term import term
 
 __all__ = ["PREDICTION_TYPES", "dpm_solver_2m_step", "sampler_step"]
 
@@ -92,14 +93,14 @@ def _torch_sampler_step(
         u = unc.float()
         m = u + guidance_scale * (m - u)
     x0, eps = _torch_x0_eps(xf, m, a, s, pred, clip_range, recompute_eps, True)
-    out = c_x0 * x0 + c_eps * eps + c_x * xf
+    out = term(c_x0, x0) + term(c_eps, eps) + term(c_x, xf)
     if noise is not None or generator_state is not None:
         z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
         sigma = c_noise
         if var is not None:
             f = (var.float() + 1.0) * 0.5
             sigma = c_noise * torch.exp(0.5 * (f * lv_max + (1.0 - f) * lv_min))
-        out = out + sigma * z
+        out = out + term(sigma, z)
     x_prev = _new_out(x, order).copy_(out)
     x0_out = _new_out(x, order).copy_(x0) if return_x0 else x.new_empty(0)
     return x_prev, x0_out
@@ -123,14 +124,14 @@ def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, 
     xf = x.float()
     m = _torch_guided_output(x, model_output, guidance_scale)
     x0, _ = _torch_x0_eps(xf, m, a, s, pred, clip_range, False, False)
-    out = c_x * xf + c_x0 * x0
+    out = term(c_x, xf) + term(c_x0, x0)
     if x0_prev is not None:
-        out = out + c_prev * x0_prev.float()
+        out = out + term(c_prev, x0_prev.float())
     if x0_prev2 is not None:  # DPM-Solver++ 3M (the caller guarantees x0_prev is given too)
-        out = out + c_prev2 * x0_prev2.float()
+        out = out + term(c_prev2, x0_prev2.float())
     if noise is not None or generator_state is not None:  # the SDE variant
         z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
-        out = out + c_noise * z
+        out = out + term(c_noise, z)
     return _new_out(x, order).copy_(out), _new_out(x, order).copy_(x0)
 
 

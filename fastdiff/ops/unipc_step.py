@@ -43,6 +43,7 @@ from fastdiff.ops._step_checks import (
     _check_like_x,
     _plain_eager,
 )
+from fastdiff.ops._term import term
 from fastdiff.ops.sampler_step import _cacheable, _grads, _torch_guided_output, _torch_x0_eps
 
 __all__ = ["COEF_LEN", "unipc_step"]
@@ -66,20 +67,20 @@ def _torch_unipc(x, model_output, coef, last, m_prev, m_prev2, m_prev3, pred, cl
     xf = x.float()
     mo = _torch_guided_output(x, model_output, guidance_scale)
     m, _ = _torch_x0_eps(xf, mo, a, s, pred, clip_range, False, False)
-    xc = c_x * xf + c_m * m
+    xc = term(c_x, xf) + term(c_m, m)  # a term with a zero coefficient is not formed
     if last is not None:
-        xc = xc + c_last * last.float()
+        xc = xc + term(c_last, last.float())
     if m_prev is not None:
-        xc = xc + c_m1 * m_prev.float()
+        xc = xc + term(c_m1, m_prev.float())
     if m_prev2 is not None:
-        xc = xc + c_m2 * m_prev2.float()
+        xc = xc + term(c_m2, m_prev2.float())
     if m_prev3 is not None:
-        xc = xc + c_m3 * m_prev3.float()
-    xn = p_xc * xc + p_m * m
+        xc = xc + term(c_m3, m_prev3.float())
+    xn = term(p_xc, xc) + term(p_m, m)
     if m_prev is not None:
-        xn = xn + p_m1 * m_prev.float()
+        xn = xn + term(p_m1, m_prev.float())
     if m_prev2 is not None:
-        xn = xn + p_m2 * m_prev2.float()
+        xn = xn + term(p_m2, m_prev2.float())
     return (
         _new_out(x, order).copy_(xc),
         _new_out(x, order).copy_(m),

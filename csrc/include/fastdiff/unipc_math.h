@@ -33,21 +33,22 @@ struct UniPCArgs {
 // x_c = c_x x + c_last last + c_m m + c_m1 m1 + c_m2 m2 + c_m3 m3;
 // x_next = p_xc x_c + p_m m + p_m1 m1 + p_m2 m2 (absent operands' terms skipped). O3 false: the
 // order-3 terms (c_m3 m3, p_m2 m2) are not generated (a caller that knows p_m2 = 0 and no m3).
-template <int PRED, bool O3 = true>
+// kMask: a term whose coefficient is exactly 0 is absent too (formed_operand, sampler_math.h).
+template <int PRED, bool O3, bool kMask>
 FD_HD_INLINE void unipc_element(const float* c, float x, float mo, int clip, float clip_r, int has_last,
                                 float last, int has_m1, float m1, int has_m2, float m2,
                                 int has_m3, float m3, float& xc, float& m, float& xn) {
   float eps;
   predict_x0_eps<PRED>(x, mo, c[0], c[1], clip, clip_r, 0, false, m, eps);
-  float v = c[2] * x + c[4] * m;
-  if (has_last) v += c[3] * last;
-  if (has_m1) v += c[5] * m1;
-  if (has_m2) v += c[6] * m2;
-  if (O3 && has_m3) v += c[10] * m3;
+  float v = c[2] * formed_operand<kMask>(c[2], x) + c[4] * formed_operand<kMask>(c[4], m);
+  if (has_last) v += c[3] * formed_operand<kMask>(c[3], last);
+  if (has_m1) v += c[5] * formed_operand<kMask>(c[5], m1);
+  if (has_m2) v += c[6] * formed_operand<kMask>(c[6], m2);
+  if (O3 && has_m3) v += c[10] * formed_operand<kMask>(c[10], m3);
   xc = v;
-  float w = c[7] * v + c[8] * m;
-  if (has_m1) w += c[9] * m1;
-  if (O3 && has_m2) w += c[11] * m2;
+  float w = c[7] * formed_operand<kMask>(c[7], v) + c[8] * formed_operand<kMask>(c[8], m);
+  if (has_m1) w += c[9] * formed_operand<kMask>(c[9], m1);
+  if (O3 && has_m2) w += c[11] * formed_operand<kMask>(c[11], m2);
   xn = w;
 }
 

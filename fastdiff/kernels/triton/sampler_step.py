@@ -21,6 +21,13 @@ _compat.patch_interpreter()
 
 
 @triton.jit
+def _t(c, v):
+    """The term ``c * v``, not formed (0) when the coefficient ``c`` is exactly 0: no
+    ``0 * inf = NaN`` (csrc/include/fastdiff/sampler_math.h, formed_operand)."""
+    return c * tl.where(c == 0.0, 0.0, v)
+
+
+@triton.jit
 def _philox_noise(
     GEN,  # int64 [2] (seed, offset)
     n,  # sample index (int64)
@@ -132,7 +139,8 @@ def _sampler_step_kernel(
             if RECOMPUTE:
                 eps = (x - a * x0) / s
         if MODE == 0:
-            out = k2 * x0 + k3 * eps + k4 * x
+            # a term with a zero coefficient is not formed (sampler_math.h, formed_operand)
+            out = _t(k2, x0) + _t(k3, eps) + _t(k4, x)
             if HAS_Z != 0:
                 if HAS_Z == 1:
                     z = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
@@ -144,22 +152,22 @@ def _sampler_step_kernel(
                     v = tl.load(V + n * bs_v + offs, mask=mask, other=0.0).to(tl.float32)
                     f = (v + 1.0) * 0.5
                     sigma = k5 * tl.exp(0.5 * (f * k6 + (1.0 - f) * k7))
-                out = out + sigma * z
+                out = out + _t(sigma, z)
         else:
-            out = k2 * x + k3 * x0
+            out = _t(k2, x) + _t(k3, x0)
             if HAS_Z == 1:
                 xp = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
-                out = out + k4 * xp
+                out = out + _t(k4, xp)
             if HAS_PREV2:
                 q = tl.load(Q + n * bs_q + offs, mask=mask, other=0.0).to(tl.float32)
-                out = out + k6 * q
+                out = out + _t(k6, q)
             if HAS_NOISE == 1:
                 w = tl.load(W + n * bs_w + offs, mask=mask, other=0.0).to(tl.float32)
-                out = out + k5 * w
+                out = out + _t(k5, w)
             elif HAS_NOISE == 2:
                 w = _philox_noise(GEN, n, t64, offs, quad, inner, tiles_per_sample, nhwc_c, hw,
                                   NHWC, QUAD, BLOCK)  # fmt: skip
-                out = out + k5 * w
+                out = out + _t(k5, w)
         tl.store(OUT + n * inner + offs, out.to(OUT.dtype.element_ty), mask=mask)
         if WRITE_X0:
             tl.store(X0 + n * inner + offs, x0.to(X0.dtype.element_ty), mask=mask)

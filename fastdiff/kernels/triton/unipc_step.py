@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdiff.kernels.triton import _compat
+from fastdiff.kernels.triton.sampler_step import _t
 
 _compat.patch_interpreter()
 
@@ -85,26 +86,26 @@ def _unipc_step_kernel(
         if CLIP:
             m = tl.where(m < -clip_r, -clip_r, m)  # NaN-propagating clamp
             m = tl.where(m > clip_r, clip_r, m)
-        xc = c_x * x + c_m * m
+        xc = _t(c_x, x) + _t(c_m, m)  # a zero coefficient's term is not formed
         if HAS_LAST:
-            xc = xc + c_last * tl.load(LAST + n * bs_last + offs, mask=mask, other=0.0).to(
-                tl.float32
-            )
+            last = tl.load(LAST + n * bs_last + offs, mask=mask, other=0.0).to(tl.float32)
+            xc = xc + _t(c_last, last)
         if HAS_M1:
             m1 = tl.load(M1 + n * bs_m1 + offs, mask=mask, other=0.0).to(tl.float32)
-            xc = xc + c_m1 * m1
+            xc = xc + _t(c_m1, m1)
         if HAS_M2:
             m2 = tl.load(M2 + n * bs_m2 + offs, mask=mask, other=0.0).to(tl.float32)
-            xc = xc + c_m2 * m2
+            xc = xc + _t(c_m2, m2)
         if HAS_M3:
             c_m3 = tl.load(COEF + 10)
-            xc = xc + c_m3 * tl.load(M3 + n * bs_m3 + offs, mask=mask, other=0.0).to(tl.float32)
-        xn = p_xc * xc + p_m * m
+            m3 = tl.load(M3 + n * bs_m3 + offs, mask=mask, other=0.0).to(tl.float32)
+            xc = xc + _t(c_m3, m3)
+        xn = _t(p_xc, xc) + _t(p_m, m)
         if HAS_M1:
-            xn = xn + p_m1 * m1
+            xn = xn + _t(p_m1, m1)
         if HAS_M2:
             p_m2 = tl.load(COEF + 11)
-            xn = xn + p_m2 * m2
+            xn = xn + _t(p_m2, m2)
         tl.store(XC + n * inner + offs, xc.to(XC.dtype.element_ty), mask=mask)
         tl.store(X0 + n * inner + offs, m.to(X0.dtype.element_ty), mask=mask)
         tl.store(XN + n * inner + offs, xn.to(XN.dtype.element_ty), mask=mask)
