@@ -465,6 +465,7 @@ def test_unipc_cuda_graph_step_body_on_cpu_equals_the_eager_loop():
     step.x, step.t = x_t.clone(), smp.timesteps[:1].expand(2).clone()
     step.coef = smp.coef_table("cpu")[0].clone()
     step.i_cap, step.gen_state, step.noise, step.kwargs = 0, None, None, {}
+    step.has_noise = False  # no noise buffer (the singlestep SDE reads it)
     step.x0_prev = torch.zeros_like(x_t)
     step.unipc, step.hist = True, [torch.zeros_like(x_t) for _ in range(3)]
     for run in range(2):
