@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from fastdiff.schedules import NoiseSchedule
+from fastdiff.schedules import NoiseSchedule, _cosine_betas
 
 __all__ = [
     "SIGMA_GRIDS",
@@ -106,7 +106,8 @@ def train_sigmas32(schedule: NoiseSchedule) -> np.ndarray:
     diffusers builds its betas and alpha_bar in float32 and derives a grid's end points and the
     sigma -> t map from them; rebuilding them the same way keeps the rounded model timesteps
     identical (float64 ones move a t across a rounding boundary now and then). Zero-SNR
-    schedules use fastdiff's float64 alpha_bar (last value 2^-24, as diffusers), cast.
+    schedules are rescaled in float32 too (last value 2^-24, as diffusers); user betas given
+    with the rescale (not kept before it) use fastdiff's float64 alpha_bar, cast.
     """
     ab = train_alphas_cumprod32(schedule)
     return (((1 - ab) / ab) ** 0.5).numpy()
@@ -117,21 +118,38 @@ def train_alphas_cumprod32(schedule: NoiseSchedule) -> torch.Tensor:
     :func:`train_sigmas32` uses it."""
     sch = schedule
     T = sch.num_train_timesteps
-    if sch.rescale_betas_zero_snr:
-        ab = sch.alphas_cumprod.clone()
-        ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
-        ab[ab == 0] = 2.0**-24
-        return ab.to(torch.float32)
     if sch.beta_schedule == "linear":
         b = torch.linspace(sch.beta_start, sch.beta_end, T, dtype=torch.float32)
     elif sch.beta_schedule == "scaled_linear":
         lo, hi = sch.beta_start**0.5, sch.beta_end**0.5
         b = torch.linspace(lo, hi, T, dtype=torch.float32) ** 2
-    else:  # cosine and user betas: computed in float64, then cast, as diffusers
+    elif sch.beta_schedule == "cosine":  # computed in float64, then cast, as diffusers
+        b = _cosine_betas(T).to(torch.float32)
+    elif sch.rescale_betas_zero_snr:  # user betas, given before the rescale: not kept
+        ab = sch.alphas_cumprod.clone()
+        ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
+        ab[ab == 0] = 2.0**-24
+        return ab.to(torch.float32)
+    else:
         b = sch.betas.to(torch.float32)
+    if sch.rescale_betas_zero_snr:
+        b = _rescale_zero_snr32(b)
     ab = torch.cumprod(1.0 - b, 0)
+    if sch.rescale_betas_zero_snr:
+        ab[-1] = 2.0**-24  # as diffusers: keep sigma finite at zero terminal SNR
     ab[ab == 0] = 2.0**-24
     return ab
+
+
+def _rescale_zero_snr32(betas: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``rescale_zero_terminal_snr`` in its float32 order of operations (the float64
+    :func:`fastdiff.schedules.rescale_zero_terminal_snr`, rounded as diffusers rounds it)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab -= last
+    sqrt_ab *= first / (first - last)
+    ab = sqrt_ab**2
+    return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])
 
 
 def clipped_end(schedule: NoiseSchedule, lambda_min_clipped: float) -> int:
