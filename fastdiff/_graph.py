@@ -106,6 +106,7 @@ class _StepGraph:
 
     x0_prev2: Tensor | None = None  # DPM-Solver++ 3M's m_{i-2} buffer (set by __init__)
     rescale: float = 0.0  # guidance rescale phi (set by __init__)
+    has_noise: bool = False  # a noise operand in the step (set by __init__)
     inpaint = None  # static copies of the inpainting blend's operands (set by __init__)
     blend_row: Tensor | None = None  # the blend's (a, s) for the call replayed
 
