@@ -187,24 +187,29 @@ class NoiseSchedule:
         )
 
     @classmethod
-    def from_diffusers(cls, scheduler_or_config: Any) -> NoiseSchedule:
+    def from_diffusers(
+        cls, scheduler_or_config: Any, *, _argname: str = "scheduler_or_config"
+    ) -> NoiseSchedule:
         """Build the schedule of a diffusers scheduler (or its ``config`` dict).
 
         Reads ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end``,
         ``trained_betas`` and ``rescale_betas_zero_snr``. A key missing from a config dict takes
         the default of the scheduler class its ``_class_name`` names (e.g. HeunDiscreteScheduler:
-        beta_start 0.00085), else DDPM's (1e-4 .. 0.02 over 1000 steps).
+        beta_start 0.00085), else DDPM's (1e-4 .. 0.02 over 1000 steps). Errors name
+        ``_argname`` (internal: ``fastdiff.sample`` passes ``"schedule"``, the argument its
+        caller gave the scheduler as); a value the constructor refuses (``trained_betas`` out of
+        (0, 1], ...) is reported as ``<_argname>: <the constructor's message>``.
         """
+        arg = _argname
         if isinstance(scheduler_or_config, type):  # DDIMScheduler for DDIMScheduler()
             what = scheduler_or_config.__name__
             raise TypeError(
-                f"scheduler_or_config: got the class {what}; pass an instance ({what}()) or its "
-                "config dict"
+                f"{arg}: got the class {what}; pass an instance ({what}()) or its config dict"
             )
         cfg = getattr(scheduler_or_config, "config", scheduler_or_config)
         if not isinstance(cfg, Mapping):
             raise TypeError(
-                "scheduler_or_config: expected a diffusers scheduler or its config dict, "
+                f"{arg}: expected a diffusers scheduler or its config dict, "
                 f"got {type(scheduler_or_config).__name__}"
             )
         name = type(scheduler_or_config).__name__
@@ -212,13 +217,13 @@ class NoiseSchedule:
         # flow matching, EDM, VE, and IPNDM (trained_betas=None, sin^2 of continuous time)
         if "beta_schedule" not in {**defaults, **cfg} and cfg.get("trained_betas") is None:
             raise ValueError(
-                f"scheduler_or_config: {name} has no beta schedule (a flow-matching, EDM or "
+                f"{arg}: {name} has no beta schedule (a flow-matching, EDM or "
                 "variance-exploding scheduler?); fastdiff samples DDPM-family (beta) schedules"
             )
         for key, neutral in (("snr_shift_scale", 1.0), ("shift", 1.0)):
             if key in cfg and cfg[key] not in (None, neutral):
                 raise ValueError(
-                    f"scheduler_or_config: {name} sets {key}={cfg[key]}, which changes its noise "
+                    f"{arg}: {name} sets {key}={cfg[key]}, which changes its noise "
                     "levels beyond the betas; fastdiff's NoiseSchedule does not model it"
                 )
         cfg = {**defaults, **cfg}
@@ -226,7 +231,7 @@ class NoiseSchedule:
         kind = cfg.get("beta_schedule", "linear")
         if trained is None and kind not in BETA_SCHEDULES:
             raise ValueError(
-                f"scheduler_or_config: beta_schedule {kind!r} is not supported; "
+                f"{arg}: beta_schedule {kind!r} is not supported; "
                 f"expected one of {list(BETA_SCHEDULES)} or trained_betas"
             )
         nums = {}
@@ -236,17 +241,18 @@ class NoiseSchedule:
             try:
                 nums[key] = conv(v)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"scheduler_or_config: {key} must be a number, got {v!r}"
-                ) from None
-        return cls(
-            kind,
-            num_train_timesteps=nums["num_train_timesteps"],
-            beta_start=nums["beta_start"],
-            beta_end=nums["beta_end"],
-            betas=trained,
-            rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
-        )
+                raise ValueError(f"{arg}: {key} must be a number, got {v!r}") from None
+        try:
+            return cls(
+                kind,
+                num_train_timesteps=nums["num_train_timesteps"],
+                beta_start=nums["beta_start"],
+                beta_end=nums["beta_end"],
+                betas=trained,
+                rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+            )
+        except ValueError as e:
+            raise ValueError(f"{arg}: {e}") from None
 
     # ------------------------------------------------------------------ per-timestep lookups
     def _gather(
