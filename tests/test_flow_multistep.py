@@ -433,7 +433,7 @@ def test_converges_to_the_exact_gaussian_flow_map(name, kw, min_ratio):
     "opts,err,match",
     [({"flow_shift": 0.0}, ValueError, "flow_shift"),
      ({"flow_shift": float("nan")}, ValueError, "flow_shift"),
-     ({"flow_shift": "3"}, ValueError, "flow_shift"),
+     ({"flow_shift": "3"}, TypeError, "flow_shift: expected a finite float, got str"),
      ({"use_flow_sigmas": 1}, TypeError, "use_flow_sigmas"),
      ({"use_dynamic_shifting": "yes"}, TypeError, "use_dynamic_shifting"),
      ({"time_shift_type": "cubic"}, ValueError, "time_shift_type"),

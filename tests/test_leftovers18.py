@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +59,50 @@ def test_refused_scheduler_names_schedule(fn, case):
     # called directly, from_diffusers names its own parameter
     with pytest.raises(exc, match="^" + re.escape("scheduler_or_config: " + text)):
         NoiseSchedule.from_diffusers(schedule)
+
+
+# ------------------------------------------------- flow-sigma options: a wrong type is a TypeError
+_FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+_WRONG_TYPES = [
+    ("flow_shift", {}, "3"),
+    ("flow_shift", {}, None),
+    ("flow_shift", {}, True),  # bool is not a number (as every fastdiff option validator)
+    ("mu", {"use_dynamic_shifting": True}, "0.8"),
+    ("mu", {"use_dynamic_shifting": True}, False),
+    ("shift_terminal", {}, "0.1"),
+    ("shift_terminal", {}, True),
+]
+
+
+@pytest.mark.parametrize("name", ["dpm++", "unipc", "deis", "dpm++_single"])
+@pytest.mark.parametrize("case", range(len(_WRONG_TYPES)))
+def test_flow_option_wrong_type_is_type_error(name, case):
+    from fastdiff.samplers import make_sampler
+
+    key, extra, v = _WRONG_TYPES[case]
+    if key == "shift_terminal" and name != "unipc":
+        pytest.skip("shift_terminal is UniPC's")
+    got = type(v).__name__
+    with pytest.raises(TypeError, match=f"^{key}: expected a finite float, got {got}$"):
+        make_sampler(name, NoiseSchedule("linear"), 5, **_FLOW, **extra, **{key: v})
+
+
+@pytest.mark.parametrize("name", ["dpm++", "unipc"])
+def test_flow_option_values(name):
+    """NaN / inf stay ValueErrors; numpy scalars and ints are numbers; shift_terminal 0 (falsy,
+    diffusers' 'no stretch') is accepted as before."""
+    from fastdiff.samplers import make_sampler
+
+    s = NoiseSchedule("linear")
+    for v in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="^flow_shift: expected a finite float, got"):
+            make_sampler(name, s, 5, **_FLOW, flow_shift=v)
+    a = make_sampler(name, s, 5, **_FLOW, flow_shift=np.float32(3.0))
+    b = make_sampler(name, s, 5, **_FLOW, flow_shift=3)
+    assert a._grid.tolist() == b._grid.tolist()
+    assert b._grid.tolist() != make_sampler(name, s, 5, **_FLOW, flow_shift=2)._grid.tolist()
+    if name == "unipc":
+        c = make_sampler(name, s, 5, **_FLOW, flow_shift=3, shift_terminal=0)
+        assert c._grid.tolist() == b._grid.tolist()
+        d = make_sampler(name, s, 5, **_FLOW, flow_shift=3, shift_terminal=np.float64(0.1))
+        assert d._grid[-2] == pytest.approx(0.1)

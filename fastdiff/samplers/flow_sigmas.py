@@ -30,7 +30,11 @@ def _flag(name: str, v: Any) -> bool:
 
 
 def _finite(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)):
+    """``v`` as a finite float: TypeError for a non-number (a str, None, a bool: as every option
+    validator of fastdiff, True is not a number here), ValueError for NaN / inf."""
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name}: expected a finite float, got {type(v).__name__}")
+    if not math.isfinite(float(v)):
         raise ValueError(f"{name}: expected a finite float, got {v!r}")
     return float(v)
 
@@ -80,9 +84,10 @@ class FlowOptions:
                 f"it), got mu={mu!r} with use_dynamic_shifting=False"
             )
         self.shift_terminal = None
-        if shift_terminal:  # diffusers: a falsy value (None, 0) means no stretching
-            self.shift_terminal = _finite("shift_terminal", shift_terminal)
-            if not 0.0 < self.shift_terminal < 1.0:
+        terminal = None if shift_terminal is None else _finite("shift_terminal", shift_terminal)
+        if terminal:  # diffusers: a falsy value (None, 0) means no stretching
+            self.shift_terminal = terminal
+            if not 0.0 < terminal < 1.0:
                 raise ValueError(
                     f"shift_terminal: expected a float in (0, 1), got {shift_terminal!r}"
                 )
