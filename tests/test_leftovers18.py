@@ -106,3 +106,41 @@ def test_flow_option_values(name):
         assert c._grid.tolist() == b._grid.tolist()
         d = make_sampler(name, s, 5, **_FLOW, flow_shift=3, shift_terminal=np.float64(0.1))
         assert d._grid[-2] == pytest.approx(0.1)
+
+
+# ------------------------------------------- LCM / TCD inpainting at strength < 1: the grid chosen
+@pytest.mark.parametrize("name,cls", [("lcm", "LCMScheduler"), ("tcd", "TCDScheduler")])
+def test_lcm_tcd_inpaint_grid_is_the_img2img_pipelines(name, cls):
+    """sample(image=, mask=, strength=0.6), 4 steps, calls the model at LCM img2img's grid
+    (LatentConsistencyModelImg2ImgPipeline: ``set_timesteps(4, strength=0.6)``, 4 calls at 599,
+    459, 299, 159), starting from the image noised to 599, as img2img without a mask does; not at
+    StableDiffusionInpaintPipeline.get_timesteps' cut of the 4-step grid (2 calls at 499, 259)."""
+    from test_img2img import _t_start
+
+    sched = getattr(diffusers, cls)()
+    g = torch.Generator().manual_seed(0)
+    image, z = torch.rand(SHAPE, generator=g) * 2 - 1, torch.randn(SHAPE, generator=g)
+    mask = torch.zeros(SHAPE)
+    mask[..., 1:3, 1:3] = 1.0
+    runs = {}
+    for label, extra in (("inpaint", {"mask": mask}), ("img2img", {})):
+        seen = []
+
+        def model(x, t, seen=seen):
+            seen.append((int(t[0]), x.clone()))
+            return 0.1 * x
+
+        fastdiff.sample(model, 4, sampler=name, schedule=sched, image=image, strength=0.6,
+                        noise=z, **extra)  # fmt: skip
+        runs[label] = seen
+    ts = [t for t, _ in runs["inpaint"]]
+    assert ts == [599, 459, 299, 159] == [t for t, _ in runs["img2img"]]
+    sched.set_timesteps(4, strength=0.6)  # the LCM img2img pipeline's grid
+    assert ts == sched.timesteps.tolist()
+    ab = NoiseSchedule.from_diffusers(sched).alphas_cumprod[599]
+    start = (ab.sqrt() * image.double() + (1 - ab).sqrt() * z.double()).float()
+    torch.testing.assert_close(runs["inpaint"][0][1], start, rtol=1e-6, atol=1e-6)
+    # the inpaint pipeline with this scheduler (get_timesteps, written out in test_img2img as
+    # StableDiffusionInpaintPipeline needs transformers): the 4-step grid cut to int(4 x 0.6) = 2
+    sched.set_timesteps(4)
+    assert sched.timesteps[_t_start("ddim", 4, 0.6) :].tolist() == [499, 259]
