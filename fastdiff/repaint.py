@@ -18,6 +18,7 @@ before the loop: no host sync inside it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from fastdiff._conditioning import _guidance, _prepare_output, _unwrap, model_kw
 from fastdiff._inpaint import check_mask
 from fastdiff._prepare import _check_generator, _model_param, _resolve_device, eval_mode
 from fastdiff._sampler_setup import _resolve_schedule, _scheduler_config
+from fastdiff.api import _check_flags
 from fastdiff.samplers.base import _ops, randn_like_with
 from fastdiff.samplers.repaint import RePaintSampler
 
@@ -59,7 +61,8 @@ def repaint(
     dtype: torch.dtype | None = None,
     progress: bool = False,
     callback: Callable[[int, int, Tensor], Any] | None = None,
-) -> Tensor:
+    return_trajectory: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Inpaint ``image`` where ``mask`` is 1 with RePaint (Algorithm 1 of Lugmayr et al. 2022).
 
     **mask: 1 = repaint, 0 = keep** (diffusers' RePaint: the opposite; it gets ``1 - mask``).
@@ -110,12 +113,24 @@ def repaint(
         device, dtype: where and in which dtype to sample (default: the model's parameters',
             else image's); image and mask are converted.
         progress: a tqdm bar over the time list.
-        callback: ``callback(i, t, x)`` after each entry i of the time list.
+        callback: ``callback(i, t, x)`` after each entry i of the time list (a reverse step
+            or a forward jump), t = ``timesteps[i]``, x = the new sample (after a reverse step
+            the blended one), as :func:`fastdiff.sample`'s callback after each step.
+        return_trajectory: also return ``{"timesteps", "x", "x0", "reverse"}``, as
+            :func:`fastdiff.sample`'s trajectory with one row per entry of the time list (L
+            entries): ``timesteps`` int64 ``[L]`` (the time list), ``x`` ``[L + 1 x N x ...]``
+            (x_T, then the x the callback sees after each entry), ``x0`` ``[L x N x ...]`` (the
+            x0 prediction of a reverse step, clipped with ``clip_sample``, as diffusers'
+            ``pred_original_sample``; NaN at a forward jump, which calls no model) and
+            ``reverse`` bool ``[L]`` (the reverse steps: ``x0[reverse]`` are the model calls'
+            predictions in order). On the sampling device; the time list on the CPU.
 
     Returns:
-        The inpainted x_0, image's shape, on ``device`` in ``dtype``.
+        The inpainted x_0, image's shape, on ``device`` in ``dtype`` (and the trajectory dict
+        with ``return_trajectory``).
     """
     _check_model(model)
+    _check_flags(callback, False, progress, return_trajectory)  # sample()'s checks
     _check_image(image)
     check_mask(mask, image)  # the same check (and messages) as sample(mask=)
     schedule_obj = _resolve_schedule(model, schedule)
@@ -142,10 +157,11 @@ def repaint(
     mask = mask.to(device=device, dtype=dtype)
     with eval_mode(model):
         return _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progress,
-                             callback)  # fmt: skip
+                             callback, return_trajectory)  # fmt: skip
 
 
-def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progress, callback):
+def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progress, callback,
+                  return_trajectory=False):  # fmt: skip
     """Algorithm 1's loop over the time list (see :func:`repaint`); no host sync inside."""
     ops = _ops()
     dev = image.device
@@ -158,7 +174,9 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
     t_all = smp.timesteps.to(dev)[:, None].expand(-1, rows).contiguous()
     ts_host = smp.timesteps.tolist()
     clip = 1.0 if smp.clip_sample else None
-    entries = enumerate(smp.plan())
+    plan = smp.plan()
+    entries = enumerate(plan)
+    traj_x, traj_x0, no_x0 = ([x], [], None) if return_trajectory else (None, None, None)
     if progress:
         from tqdm.auto import tqdm
 
@@ -168,7 +186,7 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
             x_in = torch.cat([x, x]) if gs is not None else x
             out = _prepare_output(_unwrap(model(x_in, t_all[i], **kwargs)), x, smp, gs, model)
             z = randn_like_with(x, generator)
-            unknown = ops.sampler_step(
+            res = ops.sampler_step(
                 x,
                 out,
                 step_tab[k],
@@ -176,7 +194,9 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
                 clip_range=clip,
                 guidance_scale=gs,
                 noise=z,
+                return_x0=return_trajectory,
             )
+            unknown, x0 = res if return_trajectory else (res, None)
             known = image * known_tab[k, 0]
             known.addcmul_(z, known_tab[k, 1])
             x = known.lerp_(unknown, mask)  # mask 1: the generated part
@@ -184,8 +204,19 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
             for row in undo_tab[k]:
                 z = randn_like_with(x, generator)
                 x = ops.sampler_step(x, x, row, prediction_type="sample", noise=z)
+            if return_trajectory and no_x0 is None:
+                no_x0 = torch.full_like(x, math.nan)  # a jump calls no model: no prediction
+            x0 = no_x0
+        if return_trajectory:
+            traj_x.append(x)
+            traj_x0.append(x0)
         if callback is not None:
             callback(i, ts_host[i], x)
+    if return_trajectory:
+        reverse = torch.tensor([r for r, _ in plan], dtype=torch.bool)
+        traj = {"timesteps": smp.timesteps.clone(), "x": torch.stack(traj_x),
+                "x0": torch.stack(traj_x0), "reverse": reverse}  # fmt: skip
+        return x, traj
     return x
 
 

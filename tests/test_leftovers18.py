@@ -144,3 +144,99 @@ def test_lcm_tcd_inpaint_grid_is_the_img2img_pipelines(name, cls):
     # StableDiffusionInpaintPipeline needs transformers): the 4-step grid cut to int(4 x 0.6) = 2
     sched.set_timesteps(4)
     assert sched.timesteps[_t_start("ddim", 4, 0.6) :].tolist() == [499, 259]
+
+
+# ------------------------------------------------------ RePaint: return_trajectory and callback
+def _their_repaint_rows(model, image, mask, steps, jl, jn, eta, seed):
+    """diffusers' RePaintPipeline loop (as test_repaint.their_repaint), recording x after each
+    entry of the time list and pred_original_sample at each reverse step (None at a jump)."""
+    from diffusers import RePaintScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    sch = RePaintScheduler()
+    gen = torch.Generator().manual_seed(seed)
+    x = randn_tensor(image.shape, generator=gen, dtype=image.dtype)
+    sch.set_timesteps(steps, jl, jn)
+    sch.eta = eta
+    xs, x0s, t_last = [x], [], sch.timesteps[0] + 1
+    for t in sch.timesteps:
+        if t < t_last:
+            o = sch.step(model(x, t.reshape(1).expand(x.shape[0])), t, x, image, 1.0 - mask, gen)
+            x, x0 = o.prev_sample, o.pred_original_sample
+        else:
+            x, x0 = sch.undo_step(x, t_last, gen), None
+        xs.append(x)
+        x0s.append(x0)
+        t_last = t
+    return xs, x0s
+
+
+def _toy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    tt = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    return 0.5 * torch.tanh(x) + 0.3 * torch.sin(3.0 * x + tt / 97.0) + 0.2 * x.roll(1, -1)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_repaint_trajectory_rows_equal_diffusers(eta):
+    from fastdiff.samplers.repaint import repaint_timesteps
+
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 3, 8, 8)
+    image = torch.rand(shape, generator=g) * 2 - 1
+    mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    seen = []
+    kw = dict(jump_length=3, jump_n_sample=3, eta=eta)
+    x, traj = fastdiff.repaint(
+        _toy, image, mask, 12, **kw, generator=torch.Generator().manual_seed(5),
+        return_trajectory=True, callback=lambda i, t, x: seen.append((i, t, x.clone())),
+    )  # fmt: skip
+    plain = fastdiff.repaint(
+        _toy, image, mask, 12, **kw, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(x, plain)  # the trajectory changes nothing
+    ts = repaint_timesteps(12, 3, 3)
+    L = len(ts)
+    assert set(traj) == {"timesteps", "x", "x0", "reverse"}
+    assert traj["timesteps"].dtype == torch.int64 and traj["timesteps"].tolist() == ts.tolist()
+    assert traj["x"].shape == (L + 1, *shape) and traj["x0"].shape == (L, *shape)
+    reverse = [t < last for last, t in zip([ts[0] + 1, *ts[:-1]], ts, strict=True)]
+    assert traj["reverse"].tolist() == reverse and 0 < sum(reverse) < L
+    assert torch.equal(traj["x"][-1], x)
+    # the callback sees the trajectory's rows: (i, timesteps[i], x[i + 1])
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(ts.tolist()))
+    for i, _, xi in seen:
+        assert torch.equal(xi, traj["x"][i + 1])
+    xs, x0s = _their_repaint_rows(_toy, image, mask, 12, 3, 3, eta, seed=5)
+    for i, want in enumerate(xs):
+        assert _rel(traj["x"][i], want) <= 1e-5, i
+    sqrt_ab = NoiseSchedule("linear").sqrt_alphas_cumprod
+    for i, want in enumerate(x0s):
+        if want is None:
+            assert not reverse[i] and torch.isnan(traj["x0"][i]).all()
+        else:  # x0 = (x - s eps) / a: the x rows' rounding over a (a = 0.006 at t = 999)
+            tol = 1e-5 / float(sqrt_ab[ts[i]])
+            assert reverse[i] and _rel(traj["x0"][i], want) <= tol, (i, _rel(traj["x0"][i], want))
+    calls = traj["x0"][traj["reverse"]]  # the model calls' predictions, in order
+    assert calls.shape[0] == sum(reverse) and torch.isfinite(calls).all()
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"return_trajectory": 1}, "return_trajectory: expected a bool, got int"),
+     ({"callback": "print"}, "callback: expected a callable"),
+     ({"progress": None}, "progress: expected a bool, got NoneType")],
+)  # fmt: skip
+def test_repaint_flags_checked_before_anything_runs(kw, match):
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return _toy(x, t)
+
+    with pytest.raises(TypeError, match=match):
+        fastdiff.repaint(model, torch.zeros(SHAPE), torch.ones(SHAPE), 4, **kw)
+    assert calls == []
