@@ -385,6 +385,7 @@ _SCHEDULER_OF = {
     "ddpm": "DDPMScheduler",
     "deis": "DEISMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++_inverse": "DPMSolverMultistepInverseScheduler",
     "dpm++_single": "DPMSolverSinglestepScheduler",
     "dpm2": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
@@ -425,6 +426,11 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # solver_order 3, thresholding with "dpmsolver" and flow + a VP sigma grid are refused by
     # the sampler itself
     "dpm++_single": {"sigma_min": None, "sigma_max": None},
+    # diffusers 0.42's DPMSolverMultistepInverseScheduler: its sigma grids would read a leftover
+    # sigma_min / sigma_max as their bottom / top (swapped: it builds them ascending); its flow
+    # grid descends (it samples, not inverts); "sde-dpmsolver++" (NaN upwards) and the
+    # "dpmsolver" types are refused by DPMSolverPPInverseSampler itself
+    "dpm++_inverse": {"sigma_min": None, "sigma_max": None, "use_flow_sigmas": False},
     "euler": {
         "interpolation_type": "linear",
         "timestep_type": "discrete",

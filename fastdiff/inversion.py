@@ -1,5 +1,5 @@
-"""``fastdiff.invert``: DDIM / flow-matching inversion, an image x_0 -> the noise x_T that the
-matching sampler (``"ddim"``, ``"flow_euler"``) brings back to it.
+"""``fastdiff.invert``: DDIM / DPM-Solver++ / flow-matching inversion, an image x_0 -> the noise
+x_T that the matching sampler (``"ddim"``, ``"dpm++"``, ``"flow_euler"``) brings back to it.
 
     >>> x_T = fastdiff.invert(unet, image, steps=50)                       # doctest: +SKIP
     >>> x_0 = fastdiff.sample(unet, steps=50, noise=x_T)  # ~ image         # doctest: +SKIP
@@ -7,7 +7,9 @@ matching sampler (``"ddim"``, ``"flow_euler"``) brings back to it.
 The first step of real-image editing (prompt-to-prompt, null-text inversion, DiffEdit,
 pix2pix-zero): the deterministic DDIM ODE (Song et al. 2021, arXiv:2010.02502, Sec. 4.3, eq. 13)
 integrated from the image upwards, one model call and one fused ``sampler_step`` per step (see
-:class:`~fastdiff.samplers.DDIMInverseSampler`); for rectified-flow models (SD3, Flux) the
+:class:`~fastdiff.samplers.DDIMInverseSampler`); multistep DPM-Solver++ run upwards
+(``sampler="dpm++_inverse"``, diffusers' ``DPMSolverMultistepInverseScheduler``, see
+:class:`~fastdiff.samplers.DPMSolverPPInverseSampler`); for rectified-flow models (SD3, Flux) the
 velocity ODE's Euler steps from sigma 0 up to 1 (``sampler="flow_euler_inverse"``, see
 :class:`~fastdiff.samplers.FlowMatchEulerInverseSampler`). The loop is :func:`fastdiff.sample`'s,
 started at x = image.
@@ -23,7 +25,12 @@ import torch
 from torch import Tensor
 
 from fastdiff._prepare import _infer_shape, _model_param
-from fastdiff.samplers import DDIMInverseSampler, FlowMatchEulerInverseSampler, Sampler
+from fastdiff.samplers import (
+    DDIMInverseSampler,
+    DPMSolverPPInverseSampler,
+    FlowMatchEulerInverseSampler,
+    Sampler,
+)
 
 __all__ = ["invert"]
 
@@ -32,8 +39,10 @@ _RUN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: sampler names ``invert`` runs, and the class each builds
 INVERSE_SAMPLERS: dict[str, type[Sampler]] = {
     "ddim_inverse": DDIMInverseSampler,
+    "dpm++_inverse": DPMSolverPPInverseSampler,
     "flow_euler_inverse": FlowMatchEulerInverseSampler,
 }
+_OBJECTS = " / ".join(cls.__name__ for cls in INVERSE_SAMPLERS.values())
 
 
 def invert(
@@ -41,7 +50,7 @@ def invert(
     image: Tensor,
     steps: int | None = None,
     *,
-    sampler: str | Sampler = "ddim_inverse",
+    sampler: str | Sampler | None = None,
     schedule: Any = None,
     cond: Tensor | Mapping[str, Any] | None = None,
     uncond: Tensor | Mapping[str, Any] | None = None,
@@ -53,7 +62,8 @@ def invert(
     cuda_graph: bool = False,
     **sampler_options: Any,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Invert ``image`` to its noise x_T with deterministic DDIM run upwards (DDIM inversion).
+    """Invert ``image`` to its noise x_T with deterministic DDIM run upwards (DDIM inversion;
+    DPM-Solver++ or flow-matching Euler with ``sampler=``).
 
     Step i calls the model at the upper timestep t_i on x at the lower level s_i and moves x up
     (DDIM eq. 12 with eta = 0 read from s to t; ab = alpha_bar, ab_s = 1 at the image)::
@@ -72,17 +82,27 @@ def invert(
             ``noise`` does in :func:`fastdiff.sample`. Not modified.
         steps: inversion steps (1 .. num_train_timesteps; default 50, or the sampler object's).
         sampler: ``"ddim_inverse"`` or a :class:`~fastdiff.samplers.DDIMInverseSampler` (its own
-            schedule, steps and options); ``"flow_euler_inverse"`` (or a
+            schedule, steps and options); ``"dpm++_inverse"`` (or a
+            :class:`~fastdiff.samplers.DPMSolverPPInverseSampler`): multistep DPM-Solver++
+            (orders 1 - 3) from the image's noise level at t = 0 up, the model called at the
+            lower level of each step, step for step diffusers'
+            ``DPMSolverMultistepInverseScheduler``, which ``sample(noise=x_T, sampler="dpm++")``
+            with the same settings undoes (second order: a closer round trip than DDIM's at
+            the same steps); ``"flow_euler_inverse"`` (or a
             :class:`~fastdiff.samplers.FlowMatchEulerInverseSampler`) for rectified-flow models:
             Euler steps of dx / dsigma = v from sigma 0 up on ``"flow_euler"``'s grid (the
             model called at the lower sigma of each step, ``timestep = sigma T``), which
             ``sample(noise=x_T, sampler="flow_euler")`` with the same grid options undoes;
             ``schedule`` None or a ``FlowMatchEulerDiscreteScheduler`` (its shift settings).
+            None (default): ``"dpm++_inverse"`` when ``schedule`` is a
+            ``DPMSolverMultistepInverseScheduler`` (or its config), else ``"ddim_inverse"``.
         schedule: the model's training schedule, as for :func:`fastdiff.sample` (a name, a
             :class:`~fastdiff.NoiseSchedule`, or a diffusers scheduler / config: a
             ``DDIMInverseScheduler``, or the pipeline's own ``DDIMScheduler``, whose
             ``prediction_type``, ``timestep_spacing``, ``steps_offset``, ``clip_sample``,
-            ``set_alpha_to_one`` it then uses, as ``DDIMInverseScheduler.from_config`` would).
+            ``set_alpha_to_one`` it then uses, as ``DDIMInverseScheduler.from_config`` would;
+            a ``DPMSolverMultistepInverseScheduler`` or the pipeline's
+            ``DPMSolverMultistepScheduler`` for ``"dpm++_inverse"``, as DiffEdit builds it).
         cond, uncond, guidance_scale, model_kwargs: conditioning and classifier-free guidance,
             as for :func:`fastdiff.sample` (``eps = eps_u + w (eps_c - eps_u)``; editing
             methods usually invert with w = 1 or no guidance).
@@ -92,7 +112,12 @@ def invert(
         **sampler_options: :class:`~fastdiff.samplers.DDIMInverseSampler`'s options:
             ``prediction_type``, ``timestep_spacing`` (``"leading"`` / ``"trailing"``),
             ``steps_offset``, ``clip_sample``, ``clip_sample_range``, ``set_alpha_to_one``,
-            ``prev_timestep``; ``"flow_euler_inverse"``: ``"flow_euler"``'s grid options
+            ``prev_timestep``; ``"dpm++_inverse"``: ``prediction_type``, ``timestep_spacing``
+            (``"linspace"`` / ``"leading"`` / ``"trailing"``), ``steps_offset``,
+            ``solver_order``, ``solver_type``, ``lower_order_final``, ``euler_at_final``,
+            ``lambda_min_clipped``, ``thresholding`` (with its ratio / max value),
+            ``use_karras_sigmas`` / ``use_exponential_sigmas`` / ``use_beta_sigmas``;
+            ``"flow_euler_inverse"``: ``"flow_euler"``'s grid options
             (``shift``, ``use_dynamic_shifting`` with ``mu`` / ``image_seq_len``, ``sigmas``,
             ...), not ``stochastic_sampling`` nor ``strength``.
 
@@ -102,19 +127,21 @@ def invert(
     from fastdiff.api import sample
 
     _check_image(model, image)
+    if sampler is None:
+        sampler = _default_sampler(schedule)
     if isinstance(sampler, str):
         if sampler.lower() not in INVERSE_SAMPLERS:
             raise ValueError(
-                f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a "
-                f"DDIMInverseSampler / FlowMatchEulerInverseSampler object, got {sampler!r}"
+                f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a {_OBJECTS} object, "
+                f"got {sampler!r}"
             )
         _check_options(INVERSE_SAMPLERS[sampler.lower()], sampler_options)
     elif isinstance(sampler, tuple(INVERSE_SAMPLERS.values())):
         _check_options(type(sampler), sampler_options)  # sample() refuses the valid ones
     else:
         raise TypeError(
-            f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a DDIMInverseSampler / "
-            f"FlowMatchEulerInverseSampler object, got {type(sampler).__name__}"
+            f"sampler: expected one of {sorted(INVERSE_SAMPLERS)} or a {_OBJECTS} object, got "
+            f"{type(sampler).__name__}"
         )
     return sample(
         model,
@@ -132,6 +159,16 @@ def invert(
         cuda_graph=cuda_graph,
         **sampler_options,
     )
+
+
+def _default_sampler(schedule: Any) -> str:
+    """``"dpm++_inverse"`` for diffusers' ``DPMSolverMultistepInverseScheduler`` (or its saved
+    config) passed as ``schedule``, else ``"ddim_inverse"``."""
+    cfg = getattr(schedule, "config", schedule)
+    cls = cfg.get("_class_name") if isinstance(cfg, Mapping) else None
+    if not isinstance(cls, str) and hasattr(schedule, "config"):
+        cls = type(schedule).__name__
+    return "dpm++_inverse" if cls == "DPMSolverMultistepInverseScheduler" else "ddim_inverse"
 
 
 def _check_image(model: Any, image: Any) -> None:

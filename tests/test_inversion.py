@@ -564,7 +564,7 @@ def test_cuda_graph_on_a_gpu_equals_eager():
         (
             dict(sampler="ddim"),
             ValueError,
-            r"sampler: expected one of \['ddim_inverse', 'flow_euler_inverse'\]",
+            r"sampler: expected one of \['ddim_inverse', 'dpm\+\+_inverse', 'flow_euler_inverse'\]",
         ),
         (dict(sampler=DDIMSampler(NoiseSchedule("linear"), 4)), TypeError, "sampler: expected"),
         (dict(guidance_scale=2.0), ValueError, "cond"),

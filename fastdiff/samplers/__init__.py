@@ -1,11 +1,12 @@
 """Samplers: DDPM, DDIM, DEIS, DPM-Solver++ 2M, Euler, Euler ancestral, Heun, DPM2, DPM2 a, UniPC,
 PLMS, iPNDM, LMS, LCM, TCD, consistency models, flow-matching Euler and Heun, EDM Euler and
 DPM-Solver++, Stable Audio's cosine SDE-DPM-Solver++, SA-Solver (one fused op call per model
-call); DDIM and flow-matching inversion (``DDIMInverseSampler``, ``FlowMatchEulerInverseSampler``:
-x_0 -> x_T, their timesteps ascending).
+call); DDIM, DPM-Solver++ and flow-matching inversion (``DDIMInverseSampler``,
+``DPMSolverPPInverseSampler``, ``FlowMatchEulerInverseSampler``: x_0 -> x_T, their timesteps
+ascending).
 
 Every sampler is built as ``Sampler(schedule, steps, **options)``, exposes ``.timesteps`` (the
-model timesteps, int64, descending; ascending for DDIM inversion) and ``.step(model_output, i,
+model timesteps, int64, descending; ascending for the inversions) and ``.step(model_output, i,
 x, noise=None) -> x_prev`` with ``i`` the step index, so each step can be compared with the
 matching diffusers scheduler.
 
@@ -27,6 +28,7 @@ from fastdiff.samplers.ddim import DDIMSampler
 from fastdiff.samplers.ddim_inverse import DDIMInverseSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.deis import DEISSampler
+from fastdiff.samplers.dpm_inverse import DPMSolverPPInverseSampler
 from fastdiff.samplers.dpm_single import DPMSolverSinglestepSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.edm import EDMDPMSolverSampler, EDMEulerSampler
@@ -54,6 +56,7 @@ __all__ = [
     "DEISSampler",
     "DPM2AncestralSampler",
     "DPM2Sampler",
+    "DPMSolverPPInverseSampler",
     "DPMSolverPPSampler",
     "DPMSolverSinglestepSampler",
     "EDMDPMSolverSampler",
@@ -88,6 +91,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm++": DPMSolverPPSampler,
     "dpmsolver++": DPMSolverPPSampler,
     "dpm-solver++": DPMSolverPPSampler,
+    "dpm++_inverse": DPMSolverPPInverseSampler,
     "dpm++_single": DPMSolverSinglestepSampler,
     "dpm2": DPM2Sampler,
     "dpm2_a": DPM2AncestralSampler,
@@ -111,15 +115,16 @@ SAMPLERS: dict[str, type[Sampler]] = {
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int, **options: Any) -> Sampler:
-    """Build the sampler called ``name`` ("cm" (alias "consistency": multistep consistency
-    sampling; ``schedule`` must be None), "cosine_dpm++" (Stable Audio's SDE-DPM-Solver++;
-    ``schedule`` must be None), "ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T), "ddpm",
-    "deis", "dpm++", "dpm2", "dpm2_a", "edm_dpm++", "edm_euler" (EDM-preconditioned
-    models; ``schedule`` must be None), "euler", "euler_a", "flow_euler", "flow_heun"
-    (rectified flow; ``schedule`` must be None), "flow_euler_inverse" (flow-matching inversion,
-    x_0 -> x_1), "heun", "ipndm" (iPNDM, v-prediction models of continuous time; ``schedule``
-    must be None), "lcm", "lms", "pndm", "plms" (PNDM with ``skip_prk_steps=True``),
-    "sa_solver" (SA-Solver's stochastic Adams predictor-corrector), "tcd", "unipc")."""
+    """Build the sampler called ``name`` ("cm" (alias "consistency": multistep consistency sampling;
+    ``schedule`` must be None), "cosine_dpm++" (Stable Audio's SDE-DPM-Solver++; ``schedule``
+    must be None), "ddim", "ddim_inverse" (DDIM inversion, x_0 -> x_T), "ddpm", "deis", "dpm++",
+    "dpm++_inverse" (DPM-Solver++ inversion, x_0 -> x_T), "dpm2", "dpm2_a", "edm_dpm++",
+    "edm_euler" (EDM-preconditioned models; ``schedule`` must be None), "euler", "euler_a",
+    "flow_euler", "flow_heun" (rectified flow; ``schedule`` must be None), "flow_euler_inverse"
+    (flow-matching inversion, x_0 -> x_1), "heun", "ipndm" (iPNDM, v-prediction models of
+    continuous time; ``schedule`` must be None), "lcm", "lms", "pndm", "plms" (PNDM with
+    ``skip_prk_steps=True``), "sa_solver" (SA-Solver's stochastic Adams predictor-corrector),
+    "tcd", "unipc")."""
     if not isinstance(name, str) or name.lower() not in SAMPLERS:
         raise ValueError(
             f"sampler: expected one of {sorted(set(SAMPLERS) - {'dpmsolver++', 'dpm-solver++'})} "

@@ -144,6 +144,9 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
     is_multistep = True
     lambda_min_clipped = -math.inf  # no clipping (also for subclasses without the option)
     _custom: np.ndarray | None = None  # no custom timesteps (also for such subclasses)
+    #: the noise levels rise along the grid (an inversion, x_0 -> x_T): h < 0 and e^{-h} > 1
+    #: are the steps themselves, not float32 rounding at a grid's end to be clamped away
+    _upward = False
 
     def __init__(
         self,
@@ -399,7 +402,7 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
             # e^{-h}, exact also for the final sigma = 0. At most 1: a grid's last sigma may sit a
             # float32 ulp below sigma_min (cosine + use_lu_lambdas), h < 0 by rounding; h = 0
             # there (as diffusers' float32 lambdas), not a step up (SDE: sqrt of < 0)
-            exp_neg_h = min(ratio[i + 1] / ratio[i], 1.0)
+            exp_neg_h = min(ratio[i + 1] / ratio[i], math.inf if self._upward else 1.0)
             c_x, c_noise = s_t / s_s, 0.0
             if self.sde:  # SDE-DPM-Solver++: e^{-h} x_s, alpha_t (1 - e^{-2h}), noise term
                 one_m_e2h = 1.0 - exp_neg_h * exp_neg_h  # 1 - e^{-2h}
@@ -408,7 +411,7 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
                 c_noise = s_t * math.sqrt(one_m_e2h)
             else:
                 phi = a_t * (1.0 - exp_neg_h)  # -alpha_t (e^{-h} - 1)
-            h = max(lam[i + 1] - lam[i], 0.0)
+            h = max(lam[i + 1] - lam[i], -math.inf if self._upward else 0.0)
             hs = [lam[i - k] - lam[i - k - 1] if i - k > 0 else 0.0 for k in range(2)]  # h0, h1
             order = orders[i] if h != 0.0 else 1
             # h = 0 (a sigma grid's last sigma_min, then final_sigmas_type="sigma_min" again):
