@@ -3,6 +3,7 @@
     fastdiff sample --steps 50 --sampler ddim --n 64 --out samples.png [--label 3 --guidance 2]
     fastdiff sample --init-image digit.png --strength 0.6 --out edits.png     (img2img, SDEdit)
     fastdiff sample --init-image digit.png --mask mask.png --out fills.png    (inpainting)
+    fastdiff repaint --init-image digit.png --mask mask.png --out fills.png   (RePaint)
     fastdiff train --out model.safetensors [--steps 2000] [--device cuda]
     fastdiff bench [--json]
     fastdiff info [--json]
@@ -444,7 +445,9 @@ def cmd_show_reverse(a: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    """The ``fastdiff`` command's argument parser (sample, train, bench, info, show)."""
+    """The ``fastdiff`` command's argument parser (sample, repaint, train, bench, info, show)."""
+    from fastdiff._cli_repaint import add_repaint_parser
+
     p = _Parser(prog="fastdiff", description="diffusion sampling on fused kernels")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -484,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=_positive_int, default=4, help="pixel upscale factor")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+    add_repaint_parser(sub)
 
     t = sub.add_parser("train", help="train the digits model (DDPM Algorithm 1, CFG, EMA)")
     t.add_argument("--out", required=True, help="output .safetensors (config .json beside it)")
@@ -580,5 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m fastdiff.cli`: run the importable module's main, so
+    from fastdiff.cli import main as _main  # _cli_repaint's CLIError is the one main catches
+
+    sys.exit(_main())
