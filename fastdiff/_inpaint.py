@@ -14,6 +14,9 @@ it gets: x_{i+1} = (x_i + x') / 2 + (h / 2) d_2 with h d_1 = x' - x_i. diffusers
 before the blend (it stores it), so after a blended Euler stage the correction's result is
 moved back by half the blend's change of x': ``x <- x - (x'_blended - x') / 2`` before its own
 blend (exact for binary masks anyway, m (1 - m) = 0; a soft mask's partly-kept pixels need it).
+DPM++ SDE's stage 2 (``dpm++_sde``) reads its sample x_m with weight k only to recover stage 1's
+noise, which diffusers keeps unblended (its Brownian increment): its result is moved back by k
+times the blend's change of x_m (the sampler's :meth:`blend_takeback`).
 
 Per call the blend is three elementwise kernels (``image a + z s``, then a ``lerp`` by the
 mask; Heun: two more) with (a, s) read from a device-resident fp32 table ``[calls x 3]``
@@ -103,12 +106,20 @@ def blend_table(smp: Sampler) -> torch.Tensor:
     """float64 ``[calls x 3]``: row i is the (a, s) blended after model call i (the next
     call's level, :func:`blend_noising`; the last row's is (1, 0): the clean image), and the
     weight c of the previous blend's change taken back first (1/2 after a Heun correction)."""
-    heun = rebuilds_slope(smp)
     rows = [blend_noising(smp, i + 1) for i in range(smp.steps - 1)] + [(1.0, 0.0)]
     return torch.tensor(
-        [(a, s, 0.5 if heun and i % 2 == 1 else 0.0) for i, (a, s) in enumerate(rows)],
-        dtype=torch.float64,
+        [(a, s, takeback(smp, i)) for i, (a, s) in enumerate(rows)], dtype=torch.float64
     )
+
+
+def takeback(smp: Sampler, i: int) -> float:
+    """The weight of the previous blend's change of x taken back from model call ``i``'s
+    result: 1/2 after a Heun correction (odd calls), the sampler's ``blend_takeback(i)`` where
+    it has one (``dpm++_sde``), else 0."""
+    if rebuilds_slope(smp):
+        return 0.5 if i % 2 == 1 else 0.0
+    hook = getattr(smp, "blend_takeback", None)
+    return float(hook(i)) if hook is not None else 0.0
 
 
 class Inpaint:
@@ -126,9 +137,10 @@ class Inpaint:
         self.image = image.to(**conv).contiguous(memory_format=fmt)
         self.z = z.to(**conv).contiguous(memory_format=fmt)
         self.mask = mask.to(**conv)
-        self.table = blend_table(smp).to(torch.float32).to(like.device)
-        # Heun: the last blend's change of x, taken back by half after the correction
-        self.delta = torch.zeros_like(self.image) if rebuilds_slope(smp) else None
+        table = blend_table(smp)
+        self.table = table.to(torch.float32).to(like.device)
+        # Heun, DPM++ SDE: the last blend's change of x, taken back after the next call
+        self.delta = torch.zeros_like(self.image) if bool(table[:, 2].any()) else None
 
     def blend(self, x: Tensor, row: Tensor) -> Tensor:
         """``(1 - mask) (image a + z s) + mask x`` for the table row ``row`` = (a, s, c): a new

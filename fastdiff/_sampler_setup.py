@@ -80,9 +80,11 @@ def resolve_sampler(
     _check_scheduler_settings(schedule, name)
     opts = {**_scheduler_options(schedule, name), **sampler_options}
     if eta is not None:
-        if SAMPLERS[name] not in (SAMPLERS["ddim"], SAMPLERS["tcd"]):  # TCD: eta is gamma
+        # TCD: eta is gamma; DPM++ SDE: k-diffusion's ancestral eta
+        if SAMPLERS[name] not in (SAMPLERS["ddim"], SAMPLERS["tcd"], SAMPLERS["dpm++_sde"]):
             raise ValueError(
-                f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={sampler!r}"
+                f"eta: only the 'ddim' and 'tcd' samplers take eta (and 'dpm++_sde', "
+                f"k-diffusion's ancestral eta), got sampler={sampler!r}"
             )
         opts["eta"] = eta
     if "prediction_type" not in opts:
@@ -387,6 +389,7 @@ _SCHEDULER_OF = {
     "dpm++": "DPMSolverMultistepScheduler",
     "dpm++_inverse": "DPMSolverMultistepInverseScheduler",
     "dpm++_single": "DPMSolverSinglestepScheduler",
+    "dpm++_sde": "DPMSolverSDEScheduler",
     "dpm2": "KDPM2DiscreteScheduler",
     "dpm2_a": "KDPM2AncestralDiscreteScheduler",
     "edm_dpm++": "EDMDPMSolverMultistepScheduler",
@@ -426,6 +429,11 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # solver_order 3, thresholding with "dpmsolver" and flow + a VP sigma grid are refused by
     # the sampler itself
     "dpm++_single": {"sigma_min": None, "sigma_max": None},
+    # diffusers 0.42's DPMSolverSDEScheduler: every setting it has is implemented (eta = 1 and
+    # r = 1/2 are hard-coded there; noise_sampler_seed seeds its torchsde tree, which fastdiff
+    # does not use: the law is the same, see dpm_sde.py); its exponential / beta grids read a
+    # leftover sigma_min / sigma_max (its Karras grid does not), which the sampler does not take
+    "dpm++_sde": {"sigma_min": None, "sigma_max": None},
     # diffusers 0.42's DPMSolverMultistepInverseScheduler: its sigma grids would read a leftover
     # sigma_min / sigma_max as their bottom / top (swapped: it builds them ascending); its flow
     # grid descends (it samples, not inverts); "sde-dpmsolver++" (NaN upwards) and the

@@ -158,8 +158,9 @@ def sample(
             their grid's option (diffusers' ``set_timesteps(strength=...)`` / SD3's
             shortened sigmas: their whole shortened grid runs, also without ``image``);
             other samplers refuse it without ``image``.
-        eta: DDIM's stochasticity (``"ddim"``), or TCD's gamma (``"tcd"``; default 0.3 as
-            diffusers' ``TCDScheduler.step``); other samplers refuse it.
+        eta: DDIM's stochasticity (``"ddim"``), TCD's gamma (``"tcd"``; default 0.3 as
+            diffusers' ``TCDScheduler.step``) or k-diffusion's ancestral eta (``"dpm++_sde"``;
+            default 1, diffusers' only value); other samplers refuse it.
         cond, uncond: conditioning, a dict of model kwargs or a tensor passed as
             ``class_labels`` (class-conditional models, diffusers ``UNet2DModel``) or
             ``encoder_hidden_states`` (``UNet2DConditionModel``). ``uncond`` defaults to the

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-SAMPLERS = ("ddim", "ddpm", "deis", "dpm++", "dpm++_single", "dpm2", "dpm2_a", "euler", "euler_a",
-            "heun", "lcm", "lms", "pndm", "plms", "tcd", "unipc")  # fmt: skip
+SAMPLERS = ("ddim", "ddpm", "deis", "dpm++", "dpm++_sde", "dpm++_single", "dpm2", "dpm2_a",
+            "euler", "euler_a", "heun", "lcm", "lms", "pndm", "plms", "tcd", "unipc")  # fmt: skip
 DEFAULT_GUIDANCE = 2.0  # classifier-free guidance scale for --label without --guidance
 
 
@@ -269,11 +269,11 @@ def cmd_sample(a: argparse.Namespace) -> None:
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
-        if a.sampler not in ("deis", "dpm++", "dpm++_single", "dpm2", "dpm2_a", "euler",
-                             "euler_a", "heun", "lms", "unipc"):  # fmt: skip
+        if a.sampler not in ("deis", "dpm++", "dpm++_sde", "dpm++_single", "dpm2", "dpm2_a",
+                             "euler", "euler_a", "heun", "lms", "unipc"):  # fmt: skip
             raise CLIError(
-                "--karras: for --sampler deis, dpm++, dpm++_single, dpm2, dpm2_a, euler, euler_a, "
-                f"heun, lms or unipc, got --sampler {a.sampler}"
+                "--karras: for --sampler deis, dpm++, dpm++_sde, dpm++_single, dpm2, dpm2_a, "
+                f"euler, euler_a, heun, lms or unipc, got --sampler {a.sampler}"
             )
         opts["use_karras_sigmas"] = True
     if a.sde:
@@ -458,11 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    s.add_argument("--eta", type=float, default=None, help="DDIM eta; TCD gamma")
+    eta = "DDIM eta; TCD gamma; dpm++_sde: k-diffusion's ancestral eta"
+    s.add_argument("--eta", type=float, default=None, help=eta)
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
         ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), lms ("LMS Karras"), unipc, deis,'
-        " dpm++_single"
+        ' dpm++_single, dpm++_sde ("DPM++ SDE Karras")'
     )
     s.add_argument("--karras", action="store_true", help=karras)
     sde = 'dpm++ only: the SDE variant, "DPM++ 2M SDE" (fresh noise each step; --seed fixes it)'

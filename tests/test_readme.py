@@ -147,8 +147,8 @@ def test_readme_sampler_classes_exist():
                                 samplers.IPNDMSampler))  # fmt: skip
         smp = cls(None if flow else NoiseSchedule("linear"), 10)
         two_stage = (samplers.HeunSampler, samplers.DPM2Sampler, samplers.DPM2AncestralSampler,
-                     samplers.FlowMatchHeunSampler)  # fmt: skip
-        calls = 19 if cls in two_stage else 10  # Heun, DPM2: 2N - 1 model calls
+                     samplers.FlowMatchHeunSampler, samplers.DPMSolverSDESampler)  # fmt: skip
+        calls = 19 if cls in two_stage else 10  # Heun, DPM2, DPM++ SDE: 2N - 1 model calls
         calls += 9 * (cls is samplers.PNDMSampler)  # PNDM (3 Runge-Kutta steps): N + 9
         assert len(smp.timesteps) == len(smp) == calls
 

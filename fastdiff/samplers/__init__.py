@@ -29,6 +29,7 @@ from fastdiff.samplers.ddim_inverse import DDIMInverseSampler
 from fastdiff.samplers.ddpm import DDPMSampler
 from fastdiff.samplers.deis import DEISSampler
 from fastdiff.samplers.dpm_inverse import DPMSolverPPInverseSampler
+from fastdiff.samplers.dpm_sde import DPMSolverSDESampler
 from fastdiff.samplers.dpm_single import DPMSolverSinglestepSampler
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.edm import EDMDPMSolverSampler, EDMEulerSampler
@@ -58,6 +59,7 @@ __all__ = [
     "DPM2Sampler",
     "DPMSolverPPInverseSampler",
     "DPMSolverPPSampler",
+    "DPMSolverSDESampler",
     "DPMSolverSinglestepSampler",
     "EDMDPMSolverSampler",
     "EDMEulerSampler",
@@ -93,6 +95,7 @@ SAMPLERS: dict[str, type[Sampler]] = {
     "dpm-solver++": DPMSolverPPSampler,
     "dpm++_inverse": DPMSolverPPInverseSampler,
     "dpm++_single": DPMSolverSinglestepSampler,
+    "dpm++_sde": DPMSolverSDESampler,
     "dpm2": DPM2Sampler,
     "dpm2_a": DPM2AncestralSampler,
     "edm_dpm++": EDMDPMSolverSampler,
