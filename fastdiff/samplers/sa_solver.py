@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import check_choice
+from fastdiff.samplers.base import Sampler, check_choice
 from fastdiff.samplers.dpm_solver import _UNSET, DPMSolverPPSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -82,6 +82,23 @@ def sa_weights(lam: Sequence[float], lam_s: float, lam_t: float, tau: float, alp
     return out
 
 
+def _tau_value(tau: Any, t: int) -> float:
+    """``tau_func``'s value at timestep ``t`` as a float: a real number (a bool, a numpy scalar
+    or a one-element real tensor too), finite (NaN or inf made every sample NaN)."""
+    if isinstance(tau, Tensor) and tau.numel() == 1 and not tau.is_complex():
+        tau = tau.item()
+    if not isinstance(tau, Real):
+        got = (
+            f"a tensor of shape {tuple(tau.shape)}"
+            if isinstance(tau, Tensor)
+            else type(tau).__name__
+        )
+        raise TypeError(f"tau_func: expected a real number tau, got {got} at t = {t}")
+    if not math.isfinite(float(tau)):
+        raise ValueError(f"tau_func: expected a finite tau, got {float(tau)} at t = {t}")
+    return float(tau)
+
+
 class SASolverSampler(DPMSolverPPSampler):
     """SA-Solver (see the module docstring): diffusers' ``SASolverScheduler`` step for step.
 
@@ -102,8 +119,9 @@ class SASolverSampler(DPMSolverPPSampler):
             (the run ends at the noise level of t = 0, not at 0).
         predictor_order: 1 or 2 (default 2).
         corrector_order: 1, 2 (default) or 3.
-        tau_func: tau of a step from its model timestep (default: 1 on 200 <= t <= 800, else
-            0); evaluated once per step when the sampler is built.
+        tau_func: tau of a step from its model timestep t (default: 1 on 200 <= t <= 800, else
+            0); evaluated once per step when the sampler is built, with t a 0-d int64 tensor
+            as diffusers' step passes it; its value must be a finite real number.
         algorithm_type: ``"data_prediction"`` (default) or ``"noise_prediction"``.
         lower_order_final: lower orders on the last steps (diffusers' default True).
     """
@@ -193,9 +211,18 @@ class SASolverSampler(DPMSolverPPSampler):
         self._grid[-1] = self._grid[-2]
         return ts
 
+    def _noising(self, i: int) -> tuple[float, float]:
+        """img2img: diffusers' ``SASolverScheduler.add_noise`` is DDPM's, sqrt(ab_t) x0 +
+        sqrt(1 - ab_t) eps at step i's integer timestep t (:meth:`Sampler._noising`), also on a
+        Karras / exponential / beta grid, where that is not the grid's sigma_i (DPM-Solver's
+        ``add_noise``, which this class would inherit, uses sigma_i)."""
+        return Sampler._noising(self, i)
+
     def taus(self) -> list[float]:
-        """tau of each step: ``tau_func`` of its model timestep."""
-        return [float(self.tau_func(int(t))) for t in self._ts]
+        """tau of each step: ``tau_func`` of its model timestep, passed as diffusers' step
+        passes it (an element of its int64 ``timesteps``: a 0-d tensor, so a tau_func written
+        for diffusers' scheduler, e.g. with torch ops on t, works here)."""
+        return [_tau_value(self.tau_func(torch.tensor(int(t))), int(t)) for t in self._ts]
 
     def _orders_at(self, i: int, k: int) -> tuple[int, int]:
         """(predictor order, order of the corrector run at step i) for step i as the k-th step
