@@ -265,6 +265,7 @@ def test_cosine_dpm_c_noise_is_the_model_timestep():
     """``CosineDPMSolverSampler.c_noise`` (float64) is the timestep the model gets (float32
     atan(sigma) 2 / pi, diffusers' precondition_noise)."""
     smp = CosineDPMSolverSampler(None, 9)
+    assert smp.name == "cosine_dpm++" and CosineDPMSolverSampler().steps == 50
     got = torch.tensor([smp.c_noise(float(s)) for s in smp.sigmas[:-1]], dtype=torch.float64)
     assert torch.allclose(got, smp.timesteps.double(), rtol=1e-6, atol=0)
     assert smp.c_noise(1.0) == 0.5 and smp.c_noise(0.0) == 0.0
@@ -411,3 +412,50 @@ def test_sa_solver_img2img_on_sigma_grids_is_diffusers_pipeline(opts, strength):
                           image=image, strength=strength, noise=z,
                           generator=torch.Generator().manual_seed(5))  # fmt: skip
     assert _rel(got, x) <= 1e-5
+
+
+def test_clipped_end_boundary_is_lambda_at_t0():
+    """sigmas.clipped_end: lambda_min_clipped equal to diffusers' float32 lambda at t = 0 keeps
+    one training timestep (diffusers' timesteps are then all 0); one float32 step above is
+    refused, naming the option (the boundary was untested: last < 1 vs <= 1 both survived)."""
+    import numpy as np
+
+    from fastdiff.samplers.sigmas import clipped_end, train_alphas_cumprod32
+
+    sched = NoiseSchedule.from_diffusers(
+        diffusers.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2")
+    )
+    ab = train_alphas_cumprod32(sched)
+    lam = torch.log(torch.sqrt(ab)) - torch.log(torch.sqrt(1 - ab))
+    assert clipped_end(sched, float(lam[0])) == 1
+    assert clipped_end(sched, float(lam[1])) == 2
+    assert clipped_end(sched, -math.inf) == clipped_end(sched, -1e30) == 1000
+    above = float(np.nextafter(lam[0].numpy(), np.float32(np.inf)))
+    with pytest.raises(ValueError, match=r"lambda_min_clipped: expected <= lambda at t = 0"):
+        clipped_end(sched, above)
+    theirs = diffusers.DPMSolverSinglestepScheduler(
+        beta_schedule="squaredcos_cap_v2", lambda_min_clipped=float(lam[0])
+    )
+    theirs.set_timesteps(1)
+    smp = SAMPLERS["dpm++_single"](sched, 1, lambda_min_clipped=float(lam[0]))
+    assert smp.timesteps.tolist() == theirs.timesteps.tolist() == [0]
+
+
+# ------------------------------------------------------------------ iPNDM odds and ends
+def test_ipndm_attributes_and_direct_history_call_checks():
+    """iPNDM's class / instance attributes other code reads (the mutants that survived
+    test_ipndm): deterministic on every step (no noise drawn: a True made the loop draw and
+    discard a normal per step), 50 default steps, multistep with 4 history buffers, config /
+    repr, and step_with_history (the CUDA-graph loop's entry) checks its arguments by name."""
+    smp = SAMPLERS["ipndm"](None, 6)
+    assert not any(smp.needs_noise(i) for i in range(6))
+    assert SAMPLERS["ipndm"].default_steps == 50 and SAMPLERS["ipndm"]().steps == 50
+    assert smp.is_multistep and smp.solver_order == 4 and smp.name == "ipndm"
+    assert smp.prediction_type == "v_prediction" and smp.schedule is None
+    assert smp.config() == {"cls": "IPNDMSampler", "prediction_type": "v_prediction"}
+    x = torch.randn(1, 3, 4, 4)
+    coef = smp.coef_table("cpu")[0]
+    with pytest.raises(ValueError, match=r"i: expected a step index in \[0, 6\), got 6"):
+        smp.step_with_history(x.clone(), 6, x, coef, None, None, None)
+    with pytest.raises(ValueError, match="model_output"):
+        smp.step_with_history(x[:, :2].clone(), 0, x, coef, None, None, None)
