@@ -218,6 +218,14 @@ class SASolverSampler(DPMSolverPPSampler):
         ``add_noise``, which this class would inherit, uses sigma_i)."""
         return Sampler._noising(self, i)
 
+    def _draw_noise(
+        self, x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None
+    ) -> Tensor:
+        """z in x's dtype: diffusers' SASolverScheduler draws ``randn_tensor`` in the model
+        output's dtype (under fp16 / bf16 other values than a rounded float32 draw), not in
+        float32 as DPM-Solver++'s SDE step, whose draw this class would inherit."""
+        return Sampler._draw_noise(self, x, generator)
+
     def taus(self) -> list[float]:
         """tau of each step: ``tau_func`` of its model timestep, passed as diffusers' step
         passes it (an element of its int64 ``timesteps``: a 0-d tensor, so a tau_func written
