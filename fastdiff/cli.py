@@ -4,6 +4,7 @@
     fastdiff sample --init-image digit.png --strength 0.6 --out edits.png     (img2img, SDEdit)
     fastdiff sample --init-image digit.png --mask mask.png --out fills.png    (inpainting)
     fastdiff repaint --init-image digit.png --mask mask.png --out fills.png   (RePaint)
+    fastdiff invert --init-image digit.png --out x.safetensors   (then sample --noise x.safetensors)
     fastdiff train --out model.safetensors [--steps 2000] [--device cuda]
     fastdiff bench [--json]
     fastdiff info [--json]
@@ -240,11 +241,13 @@ def _save(image, out: Path) -> None:
 # --------------------------------------------------------------------------------- commands
 def cmd_sample(a: argparse.Namespace) -> None:
     import fastdiff
+    from fastdiff._cli_invert import noise_for, read_noise
     from fastdiff.viz import make_grid
 
     dev = _device(a.device)
     _check_backend(a.backend, dev)
     out = _check_out(a.out)
+    noise = read_noise(a)  # --noise: x_T of `fastdiff invert`; fills --steps / --sampler / --n
     if a.guidance is not None and a.label is None:
         raise CLIError("--guidance needs --label (classifier-free guidance towards a class)")
     if a.strength is not None and a.init_image is None:
@@ -254,6 +257,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
     model = _load_model(a.model, dev)
     image = None if a.init_image is None else _init_image(a.init_image, model, a.n, dev)
     mask = None if a.mask is None else _mask(a.mask, image)
+    x_T = noise_for(noise, model, dev)
     T = model.schedule.num_train_timesteps if model.schedule is not None else 1000
     if a.steps > T:
         raise CLIError(f"--steps must be <= {T} (the model's training timesteps), got {a.steps}")
@@ -265,7 +269,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         g = DEFAULT_GUIDANCE if a.guidance is None else a.guidance
         guidance = None if g == 1.0 else g
     gen = torch.Generator(device=dev).manual_seed(a.seed)
-    opts = sampler_options(a.sampler, guidance)
+    opts = {**sampler_options(a.sampler, guidance), **(noise or {}).get("options", {})}
     if a.eta is not None:
         opts["eta"] = a.eta
     if a.karras:
@@ -291,7 +295,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         x = fastdiff.sample(
             model, steps=a.steps, sampler=a.sampler, batch_size=a.n, cond=labels,
             guidance_scale=guidance, generator=gen, device=dev, progress=not a.quiet,
-            image=image, mask=mask, strength=a.strength, **opts,
+            image=image, mask=mask, strength=a.strength, noise=x_T, **opts,
         )  # fmt: skip
     nrow = a.nrow or (10 if a.label == "all" else None)
     _save(make_grid(x, nrow=nrow, scale=a.scale), out)
@@ -446,15 +450,16 @@ def cmd_show_reverse(a: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastdiff`` command's argument parser (sample, repaint, train, bench, info, show)."""
+    from fastdiff._cli_invert import add_invert_parser
     from fastdiff._cli_repaint import add_repaint_parser
 
     p = _Parser(prog="fastdiff", description="diffusion sampling on fused kernels")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     s = sub.add_parser("sample", help="generate a PNG grid with the embedded digits model")
-    s.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
-    s.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    s.add_argument("--steps", type=_positive_int, help="sampling steps (50; --noise: the file's)")
+    s.add_argument("--sampler", choices=SAMPLERS, help="sampler (ddim; --noise: the inverse's)")
+    s.add_argument("--n", type=_positive_int, help="number of images (64; --noise: the file's)")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
@@ -481,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mask", default=None,
                    help="with --init-image: inpaint, repainting the picture's white region "
                         "(resized, binarized at 50%%) and keeping the black")  # fmt: skip
+    s.add_argument("--noise", help="start from this x_T (.safetensors by `fastdiff invert`)")
     s.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     s.add_argument("--backend", default=None, help="force a backend: torch|cpu|cuda|triton|sdpa")
@@ -489,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
     add_repaint_parser(sub)
+    add_invert_parser(sub)
 
     t = sub.add_parser("train", help="train the digits model (DDPM Algorithm 1, CFG, EMA)")
     t.add_argument("--out", required=True, help="output .safetensors (config .json beside it)")
