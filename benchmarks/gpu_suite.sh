@@ -86,7 +86,8 @@ test_files=(tests/test_sampler_step.py tests/test_step_numerics.py tests/test_dp
   tests/test_img2img.py tests/test_inversion.py tests/test_inversion_flow.py tests/test_sampler_contract.py
   tests/test_inpaint.py tests/test_repaint.py tests/test_flow_multistep.py tests/test_consistency.py
   tests/test_ipndm.py tests/test_cosine_dpm.py tests/test_sa_solver.py tests/test_flow_single_deis.py
-  tests/test_fractional_timesteps.py tests/test_dpm_single_sde.py tests/test_zero_snr32.py)
+  tests/test_fractional_timesteps.py tests/test_dpm_single_sde.py tests/test_zero_snr32.py
+  tests/test_dpmpp_sde.py tests/test_dpm_inverse.py)
 for f in tests/test_*.py; do
   case " ${test_files[*]} " in *" $f "*) ;; *) test_files+=("$f") ;; esac
 done
