@@ -162,13 +162,34 @@ def invert(
 
 
 def _default_sampler(schedule: Any) -> str:
-    """``"dpm++_inverse"`` for diffusers' ``DPMSolverMultistepInverseScheduler`` (or its saved
-    config) passed as ``schedule``, else ``"ddim_inverse"``."""
+    """``"dpm++_inverse"`` for diffusers' ``DPMSolverMultistepInverseScheduler`` passed as
+    ``schedule``: the object, its saved config (``_class_name``) or its ``.config`` / a dict of
+    it (no class name: :func:`_is_dpm_inverse_config`); else ``"ddim_inverse"``."""
     cfg = getattr(schedule, "config", schedule)
-    cls = cfg.get("_class_name") if isinstance(cfg, Mapping) else None
-    if not isinstance(cls, str) and hasattr(schedule, "config"):
-        cls = type(schedule).__name__
+    if not isinstance(cfg, Mapping):
+        return "ddim_inverse"
+    cls = cfg.get("_class_name")
+    if not isinstance(cls, str):
+        cls = type(schedule).__name__ if hasattr(schedule, "config") else None
+    if cls is None and _is_dpm_inverse_config(cfg):
+        cls = "DPMSolverMultistepInverseScheduler"
     return "dpm++_inverse" if cls == "DPMSolverMultistepInverseScheduler" else "ddim_inverse"
+
+
+def _is_dpm_inverse_config(cfg: Mapping[str, Any]) -> bool:
+    """A config without ``_class_name`` (``scheduler.config``, ``dict(scheduler.config)``) is a
+    ``DPMSolverMultistepInverseScheduler``'s when every key is one of that class's parameters
+    and some key is not ``DDIMInverseScheduler``'s (``solver_order``, ...). A forward
+    ``DPMSolverMultistepScheduler``'s config has keys the inverse lacks (``final_sigmas_type``):
+    ``"ddim_inverse"``, as for the object."""
+    try:
+        from diffusers import DDIMInverseScheduler, DPMSolverMultistepInverseScheduler
+    except ImportError:
+        return False
+    keys = {k for k in cfg if isinstance(k, str) and not k.startswith("_")}
+    inv = set(inspect.signature(DPMSolverMultistepInverseScheduler.__init__).parameters)
+    ddim = set(inspect.signature(DDIMInverseScheduler.__init__).parameters)
+    return keys <= inv and not keys <= ddim
 
 
 def _check_image(model: Any, image: Any) -> None:

@@ -1,0 +1,157 @@
+"""Review of session 18's new code (helper review18b): ``fastdiff.invert``'s default sampler for
+every form of a ``DPMSolverMultistepInverseScheduler`` passed as ``schedule``; ``fastdiff
+repaint`` (CLI): its grid layout and progress bar, and its --out / --backend checks before the
+model is loaded; a falsy non-number shift_terminal; the wrong-type checks of dpm++_sde (xfail:
+not this helper's file). ...
+
+Each test pins a behaviour a mutant of the reviewed code changed without any test failing (the
+survivors are listed in the review log, /work/notes/s18/review18b_log.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastdiff
+import fastdiff._cli_repaint as cli_repaint
+from fastdiff import NoiseSchedule
+from fastdiff.cli import main
+
+diffusers = pytest.importorskip("diffusers")
+Inverse = diffusers.DPMSolverMultistepInverseScheduler
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def _model(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None):
+    """A smooth, t- and label-dependent stand-in for a network (no weights)."""
+    view = (-1,) + (1,) * (x.ndim - 1)
+    scale = 1.0 if class_labels is None else 1.0 + 0.5 * class_labels.to(x.dtype).view(view)
+    return torch.tanh(x * scale) * (0.5 + t.to(x.dtype).view(view) / 2000.0) + 0.1 * x
+
+
+def _image(seed: int = 0, shape=(2, 3, 5, 7)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 2.6 * torch.rand(shape, generator=g) - 1.3
+
+
+@torch.no_grad()
+def test_invert_default_is_dpm_inverse_for_every_form_of_its_config(tmp_path):
+    """``schedule=inverse_scheduler.config`` (a FrozenDict without ``_class_name``) or a dict of
+    it picked "ddim_inverse" while the object and a saved config picked "dpm++_inverse": the
+    same scheduler gave two different inversions. Every form now gives the object's result; a
+    forward DPMSolverMultistepScheduler's config (its keys the inverse lacks:
+    final_sigmas_type, ...), DDIMInverseScheduler's and a bare beta dict keep "ddim_inverse"."""
+
+    def fresh():
+        return Inverse(solver_order=3, prediction_type="v_prediction", **SD)
+
+    sched, x = fresh(), _image(1)
+    want = fastdiff.invert(_model, x, 7, sampler="dpm++_inverse", schedule=sched)
+    plain = [fresh().config, dict(fresh().config)]  # as built: no _class_name
+    assert not any("_class_name" in p for p in plain)
+    saver = fresh()
+    saver.save_config(tmp_path)  # (diffusers then adds _class_name to saver.config itself)
+    forms = [sched, *plain, json.loads(fresh().to_json_string()), Inverse.load_config(tmp_path)]
+    for form in forms:
+        assert torch.equal(fastdiff.invert(_model, x, 7, schedule=form), want), type(form)
+    named = fastdiff.invert(_model, x, 7, sampler="dpm++_inverse", schedule=dict(fresh().config))
+    assert torch.equal(named, want)  # the plain dict's settings (order 3, v) are applied
+    fwd = diffusers.DPMSolverMultistepScheduler
+    others = [fwd(**SD), fwd(**SD).config, dict(fwd(**SD).config),
+              diffusers.DDIMInverseScheduler(**SD).config, SD]  # fmt: skip
+    for form in others:
+        got = fastdiff.invert(_model, x, 7, schedule=form)
+        assert torch.equal(got, fastdiff.invert(_model, x, 7, sampler="ddim_inverse",
+                                                schedule=form)), type(form)  # fmt: skip
+        assert not torch.equal(got, want)
+
+
+def _pictures(tmp_path):
+    Image.fromarray(((np.arange(256).reshape(16, 16) * 7) % 256).astype(np.uint8)).save(
+        tmp_path / "in.png"
+    )
+    m = np.zeros((16, 16), dtype=np.uint8)
+    m[4:12, 2:10] = 255
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    img, msk = str(tmp_path / "in.png"), str(tmp_path / "mask.png")
+    return ["repaint", "--init-image", img, "--mask", msk]
+
+
+def test_cli_repaint_label_all_grid_and_progress(tmp_path, monkeypatch):
+    """--label all lays the grid out ten per row (one row per digit cycle, as sample), --nrow
+    overrides; without --quiet fastdiff.repaint gets progress=True."""
+    seen = []
+    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    base = [*_pictures(tmp_path), "--n", "12", "--label", "all", "--scale", "1"]
+    assert main([*base, "--out", str(tmp_path / "a.png")]) == 0
+    assert seen[-1]["progress"] is True
+    assert Image.open(tmp_path / "a.png").size == (10 * 16 + 11 * 2, 2 * 16 + 3 * 2)
+    assert main([*base, "--nrow", "3", "--quiet", "--out", str(tmp_path / "b.png")]) == 0
+    assert seen[-1]["progress"] is False
+    assert Image.open(tmp_path / "b.png").size == (3 * 16 + 4 * 2, 4 * 16 + 5 * 2)
+    assert main([*base[:-4], "--scale", "1", "--n", "12", "--out", str(tmp_path / "c.png")]) == 0
+    assert Image.open(tmp_path / "c.png").size == (4 * 16 + 5 * 2, 3 * 16 + 4 * 2)  # ceil(sqrt)
+
+
+@pytest.mark.parametrize(
+    ("argv", "msg"),
+    [(["--out", "{d}/x.jpg"], "--out: the file is written as png"),
+     (["--out", "{d}/nodir/x.png"], "nodir does not exist"),
+     (["--backend", "bogus", "--out", "{d}/o.png"], "unknown backend 'bogus'"),
+     (["--backend", "cuda", "--out", "{d}/o.png"], "backend 'cuda' cannot run on cpu")],
+)  # fmt: skip
+def test_cli_repaint_out_and_backend_checked_before_the_model(argv, msg, tmp_path, monkeypatch,
+                                                              capsys):  # fmt: skip
+    """A bad --out or --backend is one error line before the model is loaded (not after the
+    minutes of a 250-step run), and nothing is written."""
+    loaded = []
+    monkeypatch.setattr(cli_repaint, "_load_model", lambda *a: loaded.append(a))
+    argv = [*_pictures(tmp_path), *(a.format(d=tmp_path) for a in argv), "--quiet"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1 and not loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_cli_repaint_defaults_are_fastdiff_repaints():
+    """The documented defaults (README, --help): 250 steps, jump 10 x 10, eta 0, 16 images,
+    seed 0, the embedded model on the CPU."""
+    from fastdiff.cli import build_parser
+
+    a = build_parser().parse_args(["repaint", "--init-image", "i.png", "--mask", "m.png"])
+    got = (a.steps, a.jump_length, a.jump_n_sample, a.eta, a.n, a.seed, a.model, a.device)
+    assert got == (250, 10, 10, 0.0, 16, 0, None, "cpu") and a.out == "repaint.png"
+    assert a.label is None and a.guidance is None and a.backend is None and not a.quiet
+
+
+@pytest.mark.parametrize("v", [False, ""], ids=["False", "empty_str"])
+def test_flow_shift_terminal_falsy_non_number_is_type_error(v):
+    """Only None / 0 mean diffusers' "no stretch": a falsy non-number (False, "") is a wrong
+    type, not read as "no stretch" (f9fcbdc's rule; its tests had only truthy wrong types)."""
+    from fastdiff.samplers import make_sampler
+
+    got = type(v).__name__
+    with pytest.raises(TypeError, match=f"^shift_terminal: expected a finite float, got {got}$"):
+        make_sampler("unipc", NoiseSchedule("linear"), 5, use_flow_sigmas=True,
+                     prediction_type="flow_prediction", shift_terminal=v)  # fmt: skip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dpm_sde.py's _finite_nonneg raises ValueError for a wrong type (str / None / bool): "
+    "not this helper's file (dpmsde's); tests/test_dpmpp_sde.py expects s_noise=True -> "
+    "ValueError and needs updating with the fix",
+)
+@pytest.mark.parametrize("key", ["eta", "s_noise"])
+@pytest.mark.parametrize("v", ["1", None, True], ids=["str", "None", "bool"])
+def test_dpmpp_sde_wrong_type_is_type_error(key, v):
+    from fastdiff.samplers import make_sampler
+
+    with pytest.raises(TypeError, match=f"^{key}: expected a finite float >= 0, got "):
+        make_sampler("dpm++_sde", NoiseSchedule("linear"), 5, **{key: v})
