@@ -221,6 +221,7 @@ void register_sampler_step(pybind11::module_& m) {
       py::arg("pred"), py::arg("clip"), py::arg("recompute"), py::arg("cfg"), py::arg("lv"),
       py::arg("bs_w") = 0, py::arg("bs_q") = 0);
   m.attr("sampler_step_prev2") = true;  // the entry points take x0_prev2 (DPM++ 3M)
+  m.attr("sampler_step_eps") = true;  // the dpm kernels form c_eps eps (coef[7])
   m.add_object("sampler_step_cpu_run",
                py::reinterpret_steal<py::object>(
                    PyCFunction_NewEx(&run_planned_def, nullptr, m.attr("__name__").ptr())));

@@ -1,7 +1,8 @@
 """The ``dpm_solver_2m_step`` op's math in plain torch and its test inputs, shared by
 tests/test_dpm_sde.py (the noise operand, DPM++ 2M SDE) and tests/test_dpm3_op.py (the second
-history operand, DPM++ 3M): x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 +
-c_noise z with coef [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]."""
+history operand, DPM++ 3M) and tests/test_stage2_precision.py (the eps term): x_next = c_x x +
+c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 + c_noise z + c_eps eps with coef [a, s, c_x, c_x0,
+c_prev, c_noise, c_prev2, c_eps]."""
 
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row):
         u, m = m[:n], m[n:]
         m = u + g * (m - u)
     if pred == "epsilon":
-        x0 = (xf - s * m) / a
+        x0, eps = (xf - s * m) / a, m
     elif pred == "v_prediction":
-        x0 = a * xf - s * m
+        x0, eps = a * xf - s * m, a * m + s * xf
     else:
         x0 = m
+        eps = (xf - a * x0) / s
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
+        eps = (xf - a * x0) / s  # the eps of the clipped x0
     out = c[2] * xf + c[3] * x0
     if p1 is not None:
         out = out + c[4] * p1.to(dt)
@@ -42,6 +45,8 @@ def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row):
         out = out + c[6] * p2.to(dt)
     if z is not None:
         out = out + c[5] * z.to(dt)
+    if len(c) > 7 and c[7] != 0:  # the eps term (absent for c_eps = 0)
+        out = out + c[7] * eps
     return out, x0
 
 

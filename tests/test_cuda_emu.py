@@ -27,6 +27,7 @@ import test_dpm3_op as t_dpm3
 import test_dpm_sde as t_sde
 import test_group_norm_silu as t_gn
 import test_sampler_step as t_step
+import test_stage2_precision as t_stage2
 import torch
 from cuda_emu import build as emu_build
 from helpers import assert_fa_rule, poison_
@@ -235,6 +236,27 @@ def test_step_dpm3_checks(emu, check):
 @pytest.mark.parametrize("algo", ["dpmsolver++", "sde-dpmsolver++"])
 def test_step_dpm3_equals_diffusers_third_order_update(emu, algo):
     t_dpm3.test_one_3m_step_equals_diffusers_third_order_update(CASE, algo, "epsilon")
+
+
+# -------------------------------------- the eps term (coef[7]; Heun's / DPM2's second stage)
+@pytest.mark.parametrize("pred", t_stage2.PREDS)
+def test_step_eps_term_against_float64(emu, pred, poisoned):  # noqa: F811
+    t_stage2.test_eps_term_against_float64(CASE, pred, poisoned)
+
+
+def test_step_eps_term_layouts_and_zero_coefficients(emu, poisoned):  # noqa: F811
+    t_stage2.test_eps_term_layouts_and_zero_coefficients(CASE, poisoned)
+
+
+@over_checks(t_stage2.test_eps_term_absent_at_zero_and_formed_otherwise)
+def test_step_eps_term_checks(emu, check):
+    check(CASE)
+
+
+@t_stage2.needs_diffusers
+@pytest.mark.parametrize("ill", [t_stage2.ILL[i] for i in (0, 1, 6, 7, 11)], ids=t_stage2._ill_id)
+def test_step_stage2_calls_flash_attention_rule(emu, ill):
+    t_stage2.test_stage2_calls_flash_attention_rule(CASE, ill)
 
 
 @pytest.mark.parametrize("shape", [(3, 3, 70, 70), (2, 5, 33, 31)], ids=str)

@@ -1,9 +1,9 @@
 """The second history operand of ``dpm_solver_2m_step`` (``x0_prev2``, DPM++ 3M / 3M SDE).
 
 x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 + c_noise z with coef
-[a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0], on every backend against a float64 reference
-under the FlashAttention rule; an absent operand's term is skipped (never multiplied by 0);
-validation; the validated-call cache of the cpu path; one step against diffusers'
+[a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0] (c_eps = 0), on every backend against a float64
+reference under the FlashAttention rule; an absent operand's term is skipped (never multiplied
+by 0); validation; the validated-call cache of the cpu path; one step against diffusers'
 ``multistep_dpm_solver_third_order_update`` with coefficients derived here.
 """
 
@@ -120,13 +120,14 @@ def test_3m_step_layouts_and_philox(case, poisoned):
 def test_absent_operand_term_is_skipped_not_zeroed(case):
     """A NaN / inf coefficient of an absent operand does not reach the output: without
     x0_prev2, c_prev2 is never read; without noise, c_noise; the other way round, a NaN
-    c_prev2 does reach it when x0_prev2 is given (the term is really there)."""
+    c_prev2 does reach it when x0_prev2 is given (the term is really there). (coef[7] is the
+    eps term's c_eps, whose operand is always there: tests/test_stage2_precision.py.)"""
     dev, backend = case
     x, mo, p1, p2, z = _inputs(dev, torch.float32, cfg=False)
     clean = [*ROW[:5], 0.0, 0.0, 0.0]
     base, _ = _step(backend, x, mo, _coef(dev, clean), p1)
     for bad in (math.nan, math.inf):
-        for slot in (5, 6, 7):
+        for slot in (5, 6):
             row = list(clean)
             row[slot] = bad
             got, _ = _step(backend, x, mo, _coef(dev, row), p1)

@@ -180,19 +180,25 @@ def test_timesteps_sigmas_and_rows():
     eu = EulerSampler(sch, 4)
     np.testing.assert_array_equal(s.sigmas(), eu.sigmas())  # Euler's N + 1 sigmas
     coef = s.coef64
-    assert coef.shape == (7, 8) and (coef[:, 5:] == 0).all()
-    # Euler stages: c_prev = 0; the last one lands on sigma = 0 and returns x0
-    assert (coef[0::2, 4] == 0).all() and tuple(coef[-1, 2:5]) == (0.0, 1.0, 0.0)
+    assert coef.shape == (7, 8) and (coef[:, 5:7] == 0).all()
+    # Euler stages: c_prev = 0, no eps term; the last one lands on sigma = 0 and returns x0
+    assert (coef[0::2, 4] == 0).all() and (coef[0::2, 7] == 0).all()
+    assert tuple(coef[-1, 2:5]) == (0.0, 1.0, 0.0)
     # corrections: at the next sigma (a, s of the Euler stage's target), reading the Euler
-    # stage's input x_i: x_next = (x_i / a_i + x / a') a' / 2 + k (x - a' m), k = h / (2 sigma')
+    # stage's input x_i, in eps form: x_next = a' ((x_i / a_i + x / a') / 2 + (h / 2) eps)
     np.testing.assert_allclose(coef[1::2, :2], coef[2::2, :2], rtol=1e-15)
-    a = 1.0 / np.sqrt(1.0 + s.sigmas() ** 2)
+    sig = s.sigmas()
+    a = 1.0 / np.sqrt(1.0 + sig**2)
     np.testing.assert_allclose(coef[1::2, 4], a[1:4] / (2.0 * a[:3]), rtol=1e-15)
-    np.testing.assert_allclose(coef[1::2, 2] - 0.5, -coef[1::2, 3] / a[1:4], rtol=1e-12)
-    assert (coef[1::2, 3] > 0).all()  # k < 0: sigma decreases
-    # a constant x0 prediction D is a fixed point in sigma space: c_x a' + c_x0 + c_prev a_i = a'
-    fixed = coef[1::2, 2] * a[1:4] + coef[1::2, 3] + coef[1::2, 4] * a[:3]
-    np.testing.assert_allclose(fixed, a[1:4], rtol=1e-12)
+    assert (coef[1::2, 2] == 0.5).all() and (coef[1::2, 3] == 0).all()  # no x0 term
+    np.testing.assert_allclose(coef[1::2, 7], a[1:4] * (sig[1:4] - sig[:3]) / 2, rtol=1e-15)
+    # the ODE's solution through a constant x0 prediction D, x_sigma = D + sigma eps with a
+    # constant eps, is a fixed point (Heun is exact on it): in x = a (D + sigma eps) terms,
+    # D: c_x a' + c_prev a_i = a'; eps: c_x a' sigma' + c_prev a_i sigma_i + c_eps = a' sigma'
+    fixed_d = coef[1::2, 2] * a[1:4] + coef[1::2, 4] * a[:3]
+    fixed_e = coef[1::2, 2] * a[1:4] * sig[1:4] + coef[1::2, 4] * a[:3] * sig[:3] + coef[1::2, 7]
+    np.testing.assert_allclose(fixed_d, a[1:4], rtol=1e-12)
+    np.testing.assert_allclose(fixed_e, a[1:4] * sig[1:4], rtol=1e-12)
     one = HeunSampler(sch, 1, timestep_spacing="trailing")  # one Euler call to sigma = 0
     assert len(one) == 1 and one.timesteps.tolist() == [999]
     assert tuple(one.coef64[0, 2:5]) == (0.0, 1.0, 0.0)

@@ -133,6 +133,49 @@ inline __attribute__((always_inline)) void tile_math_t(
       ob[j] = sampler_update<MASK>(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
       if (X0) x0b[j] = x0;
     }
+  } else if (MASK && opt.has_eps) {  // dpm with the eps term (c_eps != 0): masked loops only
+    // straight-line loops (runtime selects between the updates did not vectorise: 7x slower):
+    // an absent operand's coefficient is 0 here, so its term is not formed (formed_operand: a
+    // loop-invariant bit mask); the terms add in the order of the other loops (x, x0, x0_prev,
+    // x0_prev2, noise), then eps
+    const float k4e = opt.has_z ? k4 : 0.0f, k6e = opt.has_prev2 ? cf[6] : 0.0f;
+    const float k5e = opt.has_noise ? k5 : 0.0f, k7 = cf[7];
+    if (!opt.has_prev2 && !opt.has_noise) {  // Heun's / DPM2's second stage: 3 operands read
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float uv = up[j], zv = zp[j];
+        const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+        float x0, eps;
+        predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 1, true, x0, eps);
+        const float v = dpm2m_update<true>(k2, k3, k4e, xb[j], x0, 1, zv);
+        ob[j] = with_eps_term<true>(v, k7, eps);
+        if (X0) x0b[j] = x0;
+      }
+      return;
+    }
+    if (!opt.has_prev2) {  // DPM2 a's second stage: with the noise
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float uv = up[j], zv = zp[j], wv = sp[j];
+        const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+        float x0, eps;
+        predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 1, true, x0, eps);
+        const float v = dpm2m_sde_update<true>(k2, k3, k4e, xb[j], x0, 1, zv, k5e, wv);
+        ob[j] = with_eps_term<true>(v, k7, eps);
+        if (X0) x0b[j] = x0;
+      }
+      return;
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float uv = up[j], zv = zp[j], wv = sp[j], qv = qp[j];
+      const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+      float x0, eps;
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 1, true, x0, eps);
+      const float v = dpm3m_update<true>(k2, k3, k4e, k6e, xb[j], x0, zv, qv, 1, k5e, wv);
+      ob[j] = with_eps_term<true>(v, k7, eps);
+      if (X0) x0b[j] = x0;
+    }
   } else if (opt.has_prev2) {  // 3M (ODE or SDE): qp is x0_prev2, sp the noise tile if any
     const int has_noise = opt.has_noise;
     const float k6 = cf[6];
@@ -276,7 +319,7 @@ void philox_tile(float* dst, const StepArgs& A, int64_t n, int64_t M, int64_t i0
 
 template <typename TX, typename TM, int PRED>
 void run(const StepArgs& A) {
-  const StepOptions o = A.opt;
+  StepOptions o = A.opt;
   const float* cp = reinterpret_cast<const float*>(A.coef);
   float coefs[8];
   for (int k = 0; k < 8; ++k) coefs[k] = cp[k];
@@ -286,6 +329,8 @@ void run(const StepArgs& A) {
   // memory here, so the masked loops run only for a step where a formed term's coefficient is 0
   // (DDIM's c_x, DDPM's c_eps, LCM's c_eps after clip_sample); a learned variance's per-element
   // sigma is checked per tile below.
+  // dpm: the eps term (coef[7]) is formed only when its coefficient is non-zero
+  o.has_eps = o.mode == 1 && k7 != 0.0f;
   const bool lv = o.learned_var != 0;
   const bool zero_coef =
       o.mode == 0 ? (k2 == 0.0f || k3 == 0.0f || k4 == 0.0f || (o.has_z && !lv && k5 == 0.0f))
@@ -333,7 +378,7 @@ void run(const StepArgs& A) {
     const float* sp = mp;
     const float* zp = mp;
     if (o.cfg) up = tile_in(Mu + n * A.bs_mu + i0, len, ub);
-    bool mask = zero_coef;
+    bool mask = zero_coef || o.has_eps;  // the eps loop is in the masked function only
     if (lv) {  // sigma per element (expf: its own loop so the main loop vectorises)
       load_tile(V + n * A.bs_v + i0, len, vb);
       bool zero_sigma = false;

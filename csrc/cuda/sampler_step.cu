@@ -208,14 +208,19 @@ __global__ void __launch_bounds__(kThreads)
         const float sigma = o.learned_var ? learned_sigma(k5, vv[k], k6, k7) : k5;
         ov[k] = sampler_update<true>(k2, k3, k4, xv[k], x0, eps, o.has_z, sigma, zv[k]);
       } else {
-        predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, 0, false, x0, eps);
+        // eps of the (clipped) x0 for the c_eps = coef[7] term: divides (a sample model, a
+        // clipped x0) only where the term is formed
+        const bool want_eps = k7 != 0.0f;
+        predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, want_eps, want_eps, x0, eps);
+        float v;
         if (PREV2)
-          ov[k] = dpm3m_update<true>(k2, k3, k4, k6, xv[k], x0, zv[k], qv[PREV2 ? k : 0],
-                                     o.has_noise, k5, wv[k]);
+          v = dpm3m_update<true>(k2, k3, k4, k6, xv[k], x0, zv[k], qv[PREV2 ? k : 0],
+                                 o.has_noise, k5, wv[k]);
         else
-          ov[k] = o.has_noise
+          v = o.has_noise
                   ? dpm2m_sde_update<true>(k2, k3, k4, xv[k], x0, o.has_z, zv[k], k5, wv[k])
                   : dpm2m_update<true>(k2, k3, k4, xv[k], x0, o.has_z, zv[k]);
+        ov[k] = with_eps_term<true>(v, k7, eps);
       }
       x0v[k] = x0;
     }

@@ -120,10 +120,11 @@ def _torch_guided_output(x: Tensor, model_output: Tensor, guidance_scale: float 
 def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, clip_range,
                   guidance_scale, order, x0_prev2=None):  # fmt: skip
     coef = coef.float()
-    a, s, c_x, c_x0, c_prev, c_noise, c_prev2 = (coef[i] for i in range(7))
+    a, s, c_x, c_x0, c_prev, c_noise, c_prev2, c_eps = (coef[i] for i in range(8))
     xf = x.float()
     m = _torch_guided_output(x, model_output, guidance_scale)
-    x0, _ = _torch_x0_eps(xf, m, a, s, pred, clip_range, False, False)
+    # eps of the (clipped) x0: the c_eps term's operand (not formed where c_eps is 0)
+    x0, eps = _torch_x0_eps(xf, m, a, s, pred, clip_range, True, True)
     out = term(c_x, xf) + term(c_x0, x0)
     if x0_prev is not None:
         out = out + term(c_prev, x0_prev.float())
@@ -132,6 +133,7 @@ def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, 
     if noise is not None or generator_state is not None:  # the SDE variant
         z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
         out = out + term(c_noise, z)
+    out = out + term(c_eps, eps)  # last, as the kernels (sampler_math.h with_eps_term)
     return _new_out(x, order).copy_(out), _new_out(x, order).copy_(x0)
 
 
@@ -213,7 +215,9 @@ def _dpm_2m_op(
     x0_prev2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     if backend == _AUTO:
-        backend = _dispatch.resolve("dpm_solver_2m_step", x.device, _unsupported(x, x0_prev2))
+        backend = _dispatch.resolve(
+            "dpm_solver_2m_step", x.device, _unsupported(x, x0_prev2, dpm=True)
+        )
         backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output,
                                                coef, x0_prev, noise, x0_prev2)  # fmt: skip
     return _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
@@ -302,26 +306,34 @@ _dpm_2m_op.register_autograd(_dpm_backward, setup_context=_dpm_setup)
 # public API
 # ----------------------------------------------------------------------------------------------
 _STALE = "stale build: run tools/dev_build.sh"
-_UNSUPPORTED: list = [object(), {}, {}]  # [the _C module it was computed for, 2M, with x0_prev2]
+# [the _C module it was computed for, sampler_step, dpm_solver_2m_step, dpm with x0_prev2]
+_UNSUPPORTED: list = [object(), {}, {}, {}]
 # kernel backends without an x0_prev2 path yet
 _PREV2_UNSUPPORTED: dict[str, str] = {}
 
 
-def _unsupported(x: Tensor, x0_prev2: Tensor | None = None) -> dict[str, str]:
-    """Backends that cannot run now: a fastdiff._C built before these kernels existed (or,
-    for a call with ``x0_prev2``, before the second history operand)."""
+def _unsupported(x: Tensor, x0_prev2: Tensor | None = None, dpm: bool = False) -> dict[str, str]:
+    """Backends that cannot run now: a fastdiff._C built before these kernels existed (for
+    ``dpm_solver_2m_step`` (``dpm``), before its eps term, coef[7], which a stale kernel would
+    ignore; for a call with ``x0_prev2``, before the second history operand)."""
     c = _ext._C
     if _UNSUPPORTED[0] is not c:
-        out, out3 = {}, {}
+        out, out2, out3 = {}, {}, {}
         for b in ("cpu", "cuda"):
             if c is not None and not hasattr(c, f"sampler_step_{b}"):
                 out[b] = f"fastdiff._C has no sampler_step_{b} ({_STALE})"
-            elif c is not None and not getattr(c, "sampler_step_prev2", False):
+                continue
+            if c is not None and not getattr(c, "sampler_step_eps", False):
+                out2[b] = f"fastdiff._C's sampler_step_{b} has no eps term, coef[7] ({_STALE})"
+            if c is not None and not getattr(c, "sampler_step_prev2", False):
                 out3[b] = f"fastdiff._C's sampler_step_{b} has no x0_prev2 operand ({_STALE})"
         for b, why in _PREV2_UNSUPPORTED.items():
             out3.setdefault(b, why)
-        _UNSUPPORTED[:] = [c, out, {**out, **out3}]
-    return _UNSUPPORTED[1] if x0_prev2 is None else _UNSUPPORTED[2]
+        dpm2 = {**out, **out2}
+        _UNSUPPORTED[:] = [c, out, dpm2, {**dpm2, **out3}]
+    if not dpm:
+        return _UNSUPPORTED[1]
+    return _UNSUPPORTED[2] if x0_prev2 is None else _UNSUPPORTED[3]
 
 
 _CACHEABLE_REAL = (float, int, type(None))  # exact types: a bool or float subclass is not cached
@@ -462,7 +474,8 @@ def dpm_solver_2m_step(
 ) -> tuple[Tensor, Tensor]:
     """DPM-Solver++ 2M update (Lu et al. 2022, "DPM-Solver++", Algorithm 2, data prediction),
     and its SDE variant (SDE-DPM-Solver++(2M), same paper, appendix) with ``noise`` or
-    ``generator_state``; with ``x0_prev2`` the third-order (3M) multistep update.
+    ``generator_state``; with ``x0_prev2`` the third-order (3M) multistep update; with
+    ``coef[7] != 0`` an eps term.
 
     ``x0`` is derived from ``model_output`` as in :func:`sampler_step` (with optional CFG and
     clipping), then ``x_next = c_x x + c_x0 x0 + c_prev x0_prev + c_noise z`` with coef fp32
@@ -484,6 +497,18 @@ def dpm_solver_2m_step(
     third-order update of DPM-Solver++ (diffusers' ``multistep_dpm_solver_third_order_update``,
     "DPM++ 3M" / "DPM++ 3M SDE") is linear in these operands, the sampler folds the rest into
     the coefficients. Absent, the term is skipped (as for ``x0_prev``).
+
+    ``coef[7] = c_eps`` adds ``c_eps eps`` (last), eps the noise prediction of the x0 above
+    (epsilon: the model output; v: ``a v + s x``; sample: ``(x - a x0) / s``; with
+    ``clip_range``, ``(x - a x0) / s`` of the clipped x0): so ``coef [8] = [a, s, c_x, c_x0,
+    c_prev, c_noise, c_prev2, c_eps]`` and ``x_next = c_x x + c_x0 x0 + c_prev x0_prev +
+    c_prev2 x0_prev2 + c_noise z + c_eps eps``. A sampler whose update is naturally in eps
+    forms it without cancelling x against x0: Heun's / DPM2's second stage ``x_sigma + h d``
+    with the ODE derivative ``d = (x_sigma - x0) / sigma``, which is eps (Karras et al. 2022,
+    eq. 4). ``c_eps = 0`` (every other sampler) forms no term, as any zero coefficient (a
+    term whose coefficient is exactly 0 is absent on every backend: no ``0 * inf = NaN``);
+    the coefficients are read on the device, so nothing about their values is validated
+    here (no host synchronisation).
 
     Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
     overwritten, e.g. by CUDA graph replay).
@@ -516,7 +541,7 @@ def dpm_solver_2m_step(
         return _dpm_2m_op(x, model_output, coef, x0_prev, noise, generator_state, _AUTO,
                           PREDICTION_TYPES[prediction_type], clip, g, x0_prev2)  # fmt: skip
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
-    unsupported = _unsupported(x, x0_prev2)
+    unsupported = _unsupported(x, x0_prev2, dpm=True)
     backend = resolve("dpm_solver_2m_step", x.device, unsupported)
     backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output, coef,
                                            x0_prev, noise, x0_prev2)  # fmt: skip

@@ -34,31 +34,36 @@ class HeunSampler(EulerSampler):
     and the last step, to sigma = 0, is Euler only (line 6's condition sigma_{i+1} != 0): N steps
     are 2N - 1 model calls. As diffusers, ``len(sampler)`` and ``timesteps`` count the model
     calls: ``[t_0, t_1, t_1, t_2, t_2, ..., t_{N-1}, t_{N-1}]``, and ``step(out, i, x)`` is one
-    of them, each one fused ``dpm_solver_2m_step`` call ``x_next = c_x x + c_x0 m + c_prev h``
-    (m = the x0 prediction of this call; h, the op's ``x0_prev`` operand, only in stage 2: the
-    previous call's input sample).
+    of them, each one fused ``dpm_solver_2m_step`` call ``x_next = c_x x + c_x0 m + c_prev h +
+    c_eps e`` (m = the x0 prediction of this call, e its eps; h, the op's ``x0_prev`` operand,
+    only in stage 2: the previous call's input sample).
 
-    Stage 1 gives h d_1 = x' - x_sigma, so stage 2 is x_sigma_next = (x_sigma + x') / 2 + h d_2 / 2:
-    it needs x', its x0 prediction m_2 and the stage-1 input x_sigma, which the sampler keeps as
-    the history operand (the op's ``x0_prev`` slot, as diffusers stores x_sigma). fastdiff keeps
-    the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
+    Stage 1 gives h d_1 = x' - x_sigma, and d_2 = (x' - D) / sigma_{i+1} is the model's eps at
+    x' (the ODE's slope), so stage 2 is x_sigma_next = (x_sigma + x') / 2 + (h / 2) eps_2: it
+    needs x', its eps and the stage-1 input x_sigma, which the sampler keeps as the history
+    operand (the op's ``x0_prev`` slot, as diffusers stores x_sigma). fastdiff keeps the VP
+    sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
     :class:`~fastdiff.samplers.euler.EulerSampler`), so with x_i = a_i x_sigma the kept input,
-    x = a_{i+1} x' stage 2's sample, s_i = a_i sigma_i, r = sigma_{i+1} / sigma_i and k = h / (2
-    sigma_{i+1}), the rows ``[a, s, c_x, c_x0, c_prev, 0, 0, 0]`` (c_prev multiplies x_i) are::
+    x = a_{i+1} x' stage 2's sample, s_i = a_i sigma_i and r = sigma_{i+1} / sigma_i, the rows
+    ``[a, s, c_x, c_x0, c_prev, 0, 0, c_eps]`` (c_prev multiplies x_i; c_eps the op's eps term)
+    are::
 
-        stage 1:  [a_i, s_i, a_{i+1} r / a_i, a_{i+1} (1 - r), 0]
-        stage 2:  [a_{i+1}, s_{i+1}, 1/2 + k, -a_{i+1} k, a_{i+1} / (2 a_i)]
+        stage 1:  [a_i, s_i, a_{i+1} r / a_i, a_{i+1} (1 - r), 0, 0, 0, 0]
+        stage 2:  [a_{i+1}, s_{i+1}, 1/2, 0, a_{i+1} / (2 a_i), 0, 0, a_{i+1} h / 2]
 
     Stage 2's sample is x' (at sigma_{i+1}, where the model is called), so its x0 prediction
-    uses a_{i+1}, s_{i+1}, as diffusers' (which uses sigma_next there). Stage 2 is
-    algebraically diffusers' update from its stored x_sigma and d_1 and differs only by fp32
-    rounding (<= 1e-5 relative per call, tested). With very few steps k is large (-243 for 2
-    steps on scaled_linear) and both fp32 steps lose digits to the cancellation in d_2: ours is
-    then ~2.3x diffusers' own fp32 error (median over seeds; worst measured 3.5x where the
-    errors exceed 1e-5, e.g. 3e-5 vs 1.3e-5 relative for 2 steps; 4.7x only below 2e-6). (The
-    form x' + k (m_1 - m_2), which needs the stage-1 x0 m_1 instead of x_i, multiplies m_1's
-    fp32 error, ~ulp(x_sigma) at sigma_i, by k: ~4x median, up to 6.8x.)
-    ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0).
+    and eps use a_{i+1}, s_{i+1}, as diffusers' (which uses sigma_next there). Stage 2 is
+    algebraically diffusers' update from its stored x_sigma and d_1 and differs only by
+    rounding, with no terms that cancel: where diffusers' own fp32 step loses digits (its d_2
+    from x' - D, e.g. 2 steps, k = h / (2 sigma_{i+1}) = -243 on scaled_linear), fastdiff's is
+    ~100x closer to float64; every call is within 2x diffusers' own error in its dtype plus 2
+    ulps (fp32, fp16, bf16; tests/test_stage2_precision.py; the ulps: each side rounds the
+    state in its own space). (The x0 form x' (1/2 + k) - a_{i+1} k m + ...,
+    without the eps term, was ~2.3x diffusers' own fp32 error there, up to 3.5x; the form x' +
+    k (m_1 - m_2), which needs the stage-1 x0 m_1 instead of x_i, multiplies m_1's fp32 error,
+    ~ulp(x_sigma) at sigma_i, by k: up to 6.8x.)
+    ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0; the op's
+    eps is then that of the clipped x0).
 
     Timesteps and sigmas are Euler's (default ``linspace`` spacing: fractional timesteps, rounded
     to int64 unless ``fractional_timesteps``; x_T = ``init_noise_scale`` z; Karras / exponential
@@ -152,10 +157,11 @@ class HeunSampler(EulerSampler):
         for j in range(self.num_inference_steps):
             r = sig[j + 1] / sig[j]  # sigma_{j+1} / sigma_j (0 at the last step: x' = m)
             rows[2 * j, :5] = [a[j], sig[j] * a[j], a[j + 1] * r / a[j], a[j + 1] * (1.0 - r), 0.0]
-            if 2 * j + 1 < self.steps:  # the correction at sigma_{j+1} > 0
-                k = (sig[j + 1] - sig[j]) / (2.0 * sig[j + 1])  # h / (2 sigma'); c_prev: x_j
-                an = a[j + 1]
-                rows[2 * j + 1, :5] = [an, sig[j + 1] * an, 0.5 + k, -an * k, an / (2.0 * a[j])]
+            if 2 * j + 1 < self.steps:  # the correction at sigma_{j+1} > 0; c_prev: x_j
+                an, h = a[j + 1], sig[j + 1] - sig[j]
+                # x_{j+1} = a' ((x_sigma + x') / 2 + (h / 2) d_2), d_2 = eps (the op's eps term)
+                c_prev, c_eps = an / (2.0 * a[j]), an * h / 2.0
+                rows[2 * j + 1] = [an, sig[j + 1] * an, 0.5, 0.0, c_prev, 0.0, 0.0, c_eps]
         return rows
 
     def __repr__(self) -> str:

@@ -58,39 +58,38 @@ class DPM2Sampler(EulerSampler):
     fractional training timestep of sigma_m (log-sigma interpolation; rounded to int64 unless
     ``fractional_timesteps``, see :class:`~fastdiff.samplers.euler.EulerSampler`), and
     ``step(out, i, x)`` is one of them, each one fused ``dpm_solver_2m_step``
-    call ``x_next = c_x x + c_x0 m + c_prev h + c_noise z`` (m = the x0 prediction of this
-    call; h, the op's ``x0_prev`` operand, only in stage 2: the previous call's input sample).
+    call ``x_next = c_x x + c_x0 m + c_prev h + c_noise z + c_eps e`` (m = the x0 prediction of
+    this call, e its eps; h, the op's ``x0_prev`` operand, only in stage 2: the previous call's
+    input sample).
 
     Stage 2 adds the slope at x_m to x_sigma, the stage-1 input, not to its own sample, so the
     sampler keeps that input as stage 2's history operand (the op's ``x0_prev`` slot; one op
-    call per stage). fastdiff keeps the VP sample x = a x_sigma (a = 1 / sqrt(1 + sigma^2), see
-    :class:`~fastdiff.samplers.euler.EulerSampler`); with a_k = 1 / sqrt(1 + sigma_k^2), s_k =
-    a_k sigma_k, t the stage-2 target (sigma_{i+1} here), x_i = a_i x_sigma the kept stage-1
-    input, x = a_m x_m stage 2's sample and m_2 its x0 prediction, stage 2 is::
+    call per stage), and the slope d_m = (x_m - D) / sigma_m is the model's eps at x_m (the
+    ODE's), which the op forms as its eps term. fastdiff keeps the VP sample x = a x_sigma (a =
+    1 / sqrt(1 + sigma^2), see :class:`~fastdiff.samplers.euler.EulerSampler`); with a_k = 1 /
+    sqrt(1 + sigma_k^2), s_k = a_k sigma_k, t the stage-2 target (sigma_{i+1} here), x_i = a_i
+    x_sigma the kept stage-1 input and eps_2 stage 2's eps, stage 2 is::
 
-        x_next = a_{i+1} [x_i / a_i + ((t - sigma_i) / sigma_m) (x / a_m - m_2)]
+        x_next = a_{i+1} [x_i / a_i + (t - sigma_i) eps_2]
 
-    and the rows ``[a, s, c_x, c_x0, c_prev, c_noise, 0, 0]`` (c_prev multiplies m_1 = the
+    and the rows ``[a, s, c_x, c_x0, c_prev, c_noise, 0, c_eps]`` (c_prev multiplies m_1 = the
     stage-1 x0 prediction in stage 1, which has c_prev = 0, and x_i in stage 2) are::
 
-        stage 1:  [a_i, s_i, a_m (sigma_m / sigma_i) / a_i, a_m (1 - sigma_m / sigma_i), 0, 0]
-        stage 2:  [a_m, s_m, c_x = a_{i+1} (t - sigma_i) / (sigma_m a_m), -a_m c_x,
-                   a_{i+1} / a_i, 0]
+        stage 1:  [a_i, s_i, a_m (sigma_m / sigma_i) / a_i, a_m (1 - sigma_m / sigma_i), 0, 0, 0, 0]
+        stage 2:  [a_m, s_m, 0, 0, a_{i+1} / a_i, a_{i+1} sigma_up, 0, a_{i+1} (t - sigma_i)]
 
-    Each stage's x0 prediction uses the noise level of its own sample (sigma_i, then sigma_m),
-    as diffusers' ``scale_model_input`` and ``step``. The update is algebraically diffusers'
-    (which stores x_sigma too) and differs by fp32 rounding: <= 1e-5 relative per call against
-    a float64 run of diffusers' step (tested), except where sigma_i / sigma_m is large (2 steps;
-    the last stage 2 of a beta grid; cosine trailing ancestral: up to ~1600). There both compute
-    a slope (x_m - m_2) / sigma_m from nearly equal terms, diffusers' own fp32 step is 1e-6 ..
-    5e-5 off float64, and ours, whose c_x x + c_x0 m_2 cancel the sample (for an eps model,
-    exactly: m_2 = (x - s_m eps) / a_m) after ~5 roundings at that scale to diffusers' ~2, is
-    about 2x that (median; <= 2.7x where the errors exceed 1e-5, tested <= 3x; up to ~6x only
-    where both are below ~3e-6). c_x0 is stored as the float32 value nearest -a_m c_x of the
-    float32 a_m and c_x, so the sample's terms cancel up to one rounding of the coefficients,
-    not three. (Eliminating x_i through stage 1, x_i / a_i = (sigma_i x / a_m - (sigma_i -
-    sigma_m) m_1) / sigma_m, which needs only m_1 as history, multiplies m_1's fp32 error,
-    ~ulp(x_sigma) at sigma_i, by sigma_i / sigma_m: up to ~8x diffusers' own error.)
+    Each stage's x0 prediction (and stage 2's eps) uses the noise level of its own sample
+    (sigma_i, then sigma_m), as diffusers' ``scale_model_input`` and ``step``. The update is
+    algebraically diffusers' (which stores x_sigma too) and differs by rounding, with no terms
+    that cancel. Where sigma_i / sigma_m is large (2 steps; the last stage 2 of a beta grid;
+    cosine trailing ancestral: up to ~1600) diffusers' own fp32 step computes its slope from
+    nearly equal terms and is 1e-6 .. 5e-5 off float64; fastdiff's is then ~10-100x closer;
+    every call is within 2x diffusers' own error in its dtype plus 2 ulps (fp32, fp16, bf16;
+    tests/test_stage2_precision.py). (The x0 form c_x x + c_x0 m_2 of stage 2, without the eps
+    term, cancels the sample at that scale: up to 3.7x diffusers' own fp32 error; eliminating
+    x_i through stage 1, x_i / a_i = (sigma_i x / a_m - (sigma_i - sigma_m) m_1) / sigma_m,
+    which needs only m_1 as history, multiplies m_1's fp32 error, ~ulp(x_sigma) at sigma_i, by
+    sigma_i / sigma_m: up to ~8x.)
 
     The noise levels are diffusers' float32 values: the step sigmas interpolated in t between
     the float32 training sigmas (or the Karras / exponential / beta grid, as
@@ -189,11 +188,8 @@ class DPM2Sampler(EulerSampler):
             rows[2 * j, :4] = [a[j], s * a[j], am * (m / s) / a[j], am * (1.0 - m / s)]
             if 2 * j + 1 < self.steps:  # stage 2, at sigma_m > 0; c_prev reads x_j
                 an = a[j + 1]  # the sample after stage 2 is at sigma_{j+1} (with the noise)
-                c_x = an * (t - s) / (m * am)
-                # c_x x + c_x0 m_2 cancels x (eps: m_2 = (x - s_m eps) / a_m): c_x0 = -a_m c_x
-                # of the float32 a_m, c_x, rounded once (each ~sigma_j / sigma_m large)
-                c_x0 = float(np.float32(-float(np.float32(am)) * float(np.float32(c_x))))
-                rows[2 * j + 1, :6] = [am, m * am, c_x, c_x0, an / a[j], an * up[j]]
+                # x_{j+1} = a_{j+1} (x_sigma + (t - sigma_j) d_m), d_m = eps (the eps term)
+                rows[2 * j + 1] = [am, m * am, 0, 0, an / a[j], an * up[j], 0, an * (t - s)]
         return rows
 
     def __repr__(self) -> str:

@@ -26,6 +26,7 @@ struct StepOptions {
   int has_z;         // noise tensor or in-kernel Philox (sampler_step); x0_prev (dpm)
   int has_noise;     // dpm only: noise w (tensor or in-kernel Philox), the SDE variant's term
   int has_prev2;     // dpm only: x0_prev2 q (3M; requires x0_prev)
+  int has_eps;       // dpm only, CPU loops: coef[7] = c_eps != 0 (set by the CPU launcher)
 };
 
 // clamp that returns NaN for NaN input (comparisons with NaN are false).
@@ -127,6 +128,17 @@ FD_HD float dpm3m_update(float c_x, float c_x0, float c_prev, float c_prev2, flo
   const float v = dpm2m_update<kMask>(c_x, c_x0, c_prev, x, x0, 1, x0_prev) +
                   c_prev2 * formed_operand<kMask>(c_prev2, x0_prev2);
   return has_noise ? v + c_noise * formed_operand<kMask>(c_noise, z) : v;
+}
+
+// The eps term of dpm_solver_2m_step (coef[7] = c_eps), added last to any of the updates above:
+// v + c_eps eps, eps the noise prediction of the (clipped) x0 (predict_x0_eps with recompute on),
+// so a sampler can form a step from the model's eps as diffusers does (Heun's / DPM2's second
+// stage: x_sigma + h d with d = (x_sigma - x0) / sigma = eps, no cancellation of x against x0).
+// CUDA and Triton always add it (0 for c_eps = 0: formed_operand); the CPU launcher runs the loop
+// with it only when c_eps != 0 (StepOptions::has_eps), the other loops are unchanged.
+template <bool kMask>
+FD_HD float with_eps_term(float v, float c_eps, float eps) {
+  return v + c_eps * formed_operand<kMask>(c_eps, eps);
 }
 
 }  // namespace fastdiff

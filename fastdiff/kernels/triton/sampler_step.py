@@ -154,6 +154,8 @@ def _sampler_step_kernel(
                     sigma = k5 * tl.exp(0.5 * (f * k6 + (1.0 - f) * k7))
                 out = out + _t(sigma, z)
         else:
+            if CLIP:  # the eps term follows the clipped x0 (sampler_math.h, with_eps_term)
+                eps = (x - a * x0) / s
             out = _t(k2, x) + _t(k3, x0)
             if HAS_Z == 1:
                 xp = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
@@ -168,6 +170,7 @@ def _sampler_step_kernel(
                 w = _philox_noise(GEN, n, t64, offs, quad, inner, tiles_per_sample, nhwc_c, hw,
                                   NHWC, QUAD, BLOCK)  # fmt: skip
                 out = out + _t(k5, w)
+            out = out + _t(k7, eps)  # the eps term, last (0 and not formed for c_eps = 0)
         tl.store(OUT + n * inner + offs, out.to(OUT.dtype.element_ty), mask=mask)
         if WRITE_X0:
             tl.store(X0 + n * inner + offs, x0.to(X0.dtype.element_ty), mask=mask)
