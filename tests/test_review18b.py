@@ -1,11 +1,16 @@
-"""Review of session 18's new code (helper review18b): ``fastdiff.invert``'s default sampler for
-every form of a ``DPMSolverMultistepInverseScheduler`` passed as ``schedule``; ``fastdiff
-repaint`` (CLI): its grid layout and progress bar, and its --out / --backend checks before the
-model is loaded; a falsy non-number shift_terminal; the wrong-type checks of dpm++_sde (xfail:
-not this helper's file). ...
+"""Review of session 18's new code (helper review18b).
 
-Each test pins a behaviour a mutant of the reviewed code changed without any test failing (the
-survivors are listed in the review log, /work/notes/s18/review18b_log.md).
+- ``fastdiff.invert``'s default sampler for every form of a ``DPMSolverMultistepInverseScheduler``
+  passed as ``schedule`` (object, ``.config``, dict, saved config);
+- ``fastdiff repaint`` (CLI): its grid layout, progress bar and defaults, and its --out /
+  --backend checks before the model is loaded;
+- flow ``shift_terminal``: a falsy non-number is a TypeError;
+- dpm++_sde: eta > 1 clamps sigma_up as k-diffusion; its wrong-type option errors (xfail: not
+  this helper's file);
+- ``sample --noise``: errors for a bad metadata value (xfail: not this helper's file).
+
+Each test pins a behaviour a mutant of the reviewed code changed without any test failing, or a
+bug found by probing (the review log: /work/notes/s18/review18b_log.md).
 """
 
 from __future__ import annotations
@@ -155,3 +160,47 @@ def test_dpmpp_sde_wrong_type_is_type_error(key, v):
 
     with pytest.raises(TypeError, match=f"^{key}: expected a finite float >= 0, got "):
         make_sampler("dpm++_sde", NoiseSchedule("linear"), 5, **{key: v})
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_cli_invert.read_noise (not this helper's file): a bad 'guidance' / 'label' value "
+    "in the --noise file's metadata is reported as a bare float() error or as '--label must be "
+    "in 0..9', naming neither --noise nor the file, although the user passed no --label",
+)
+@pytest.mark.parametrize("meta", [{"guidance": "x", "label": "3"}, {"label": "12"}],
+                         ids=["guidance", "label"])  # fmt: skip
+def test_cli_sample_noise_bad_metadata_names_the_file(meta, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "n.safetensors"
+    save_file({"x_T": torch.randn(1, 1, 16, 16)}, str(path),
+              metadata={"sampler": "dpm++_inverse", "steps": "3", **meta})  # fmt: skip
+    out = tmp_path / "o.png"
+    assert main(["sample", "--noise", str(path), "--quiet", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--noise" in err and str(path) in err and not out.exists()
+
+
+def test_dpmpp_sde_eta_above_one_clamps_sigma_up_as_kdiffusion():
+    """eta > 1 (accepted: any finite eta >= 0): k-diffusion's get_ancestral_step clamps
+    sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
+    sigma_down = sqrt(sigma_to^2 - sigma_up^2) = 0 there. Without the clamp the step adds more
+    noise than the level it lands on (a survivor of the mutation run: eta <= 1 never clamps)."""
+    import math
+
+    from fastdiff.samplers import make_sampler
+    from fastdiff.samplers.base import vp_of_sigma
+
+    eta = 3.0
+    smp = make_sampler("dpm++_sde", NoiseSchedule("linear"), 5, eta=eta)
+    rows, clamped = smp.coefficients(), 0
+    for j in range(smp.num_inference_steps - 1):
+        s, m = float(smp._sig[j]), float(smp._mid[j])
+        up = min(m, eta * math.sqrt(m * m * (s * s - m * m) / (s * s)))
+        clamped += up == m
+        down = math.sqrt(m * m - up * up)
+        a_s, a_m = vp_of_sigma(s)[0], vp_of_sigma(m)[0]
+        assert rows[2 * j, 5] == pytest.approx(a_m * up, rel=1e-12)  # C: stage 1's noise
+        assert rows[2 * j, 2] == pytest.approx(a_m * (down / s) / a_s, rel=1e-12, abs=1e-15)
+    assert clamped >= 1  # the case the clamp decides is exercised
