@@ -13,7 +13,7 @@ own fp32 error. On ill-conditioned stage-2 calls (sigma_i / sigma_m up to ~500 w
 ~1600 for cosine trailing ancestral), where diffusers' own fp32 step is already 1e-6 .. 5e-5 off
 float64, ours is held to 2x that, the project's FlashAttention rule (stage 2 reads the model's
 eps through the op's eps term: no cancellation, far below diffusers' own error there; the x0
-form before it measured up to ~3.7x, and eliminating the stage-1 sample through its x0
+form before it measured up to ~5.4x, and eliminating the stage-1 sample through its x0
 prediction up to ~8x; see DPM2Sampler's docstring and tests/test_stage2_precision.py).
 """
 

@@ -59,7 +59,7 @@ class HeunSampler(EulerSampler):
     ~100x closer to float64; every call is within 2x diffusers' own error in its dtype plus 2
     ulps (fp32, fp16, bf16; tests/test_stage2_precision.py; the ulps: each side rounds the
     state in its own space). (The x0 form x' (1/2 + k) - a_{i+1} k m + ...,
-    without the eps term, was ~2.3x diffusers' own fp32 error there, up to 3.5x; the form x' +
+    without the eps term, was ~2.3x diffusers' own fp32 error there, up to 4.7x; the form x' +
     k (m_1 - m_2), which needs the stage-1 x0 m_1 instead of x_i, multiplies m_1's fp32 error,
     ~ulp(x_sigma) at sigma_i, by k: up to 6.8x.)
     ``clip_sample`` clips m in both stages (diffusers' derivative uses the clipped x0; the op's
