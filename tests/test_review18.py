@@ -497,3 +497,31 @@ def test_sa_solver_half_precision_draws_are_diffusers(dtype, monkeypatch):
     assert got.dtype == dtype
     err, theirs_err = _rel(got.double(), ref), _rel(theirs.double(), ref)
     assert err <= 2 * theirs_err + 1e-3, (err, theirs_err)
+
+
+def test_sa_solver_caller_history_return_x0_is_the_op_m():
+    """SASolverSampler.step with a caller-managed history (x0_prev given, even alone, even None)
+    and noise_prediction returns the op's m, the noise estimate (as documented; the
+    CUDA-graph loop keeps that as history); with the sampler's own history, the x0 prediction
+    (x - sigma m) / alpha. A survived mutant treated x0_prev alone as the sampler's own."""
+    sched = NoiseSchedule.from_diffusers(diffusers.SASolverScheduler(**SL))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = _toy(x, 999)
+    own = SASolverSampler(sched, 5, algorithm_type="noise_prediction")
+    ext = SASolverSampler(sched, 5, algorithm_type="noise_prediction")
+    x1, x0 = own.step(out, 0, x, z, return_x0=True)
+    y1, m = ext.step(out, 0, x, z, x0_prev=None, return_x0=True)
+    assert torch.equal(x1, y1)
+    torch.testing.assert_close(ext.x0_of(m, 0, x), x0, rtol=0, atol=0)
+    assert not torch.allclose(m, x0)
+
+
+def test_dpm_single_flow_reports_flow_prediction():
+    """dpm++_single on the flow grid: ``prediction_type`` reads 'flow_prediction' (what the user
+    passed, and what config() / repr report), though the fused op gets 'epsilon' slots."""
+    sched = NoiseSchedule.from_diffusers(diffusers.DDIMScheduler())
+    smp = SAMPLERS["dpm++_single"](sched, 4, use_flow_sigmas=True,
+                                   prediction_type="flow_prediction")  # fmt: skip
+    assert smp.prediction_type == "flow_prediction"
+    assert "flow_prediction" in repr(smp)
