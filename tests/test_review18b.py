@@ -7,7 +7,9 @@
 - flow ``shift_terminal``: a falsy non-number is a TypeError;
 - dpm++_sde: eta > 1 clamps sigma_up as k-diffusion; its wrong-type option errors (xfail: not
   this helper's file);
-- ``sample --noise``: errors for a bad metadata value (xfail: not this helper's file).
+- ``sample --noise``: errors for a bad metadata value (xfail: not this helper's file);
+- flow_euler / flow_heun and the EDM samplers: a wrong-type option (str, None, bool) is a
+  TypeError naming it, expected and got; NaN / inf / out of range stay ValueErrors.
 
 Each test pins a behaviour a mutant of the reviewed code changed without any test failing, or a
 bug found by probing (the review log: /work/notes/s18/review18b_log.md).
@@ -204,3 +206,71 @@ def test_dpmpp_sde_eta_above_one_clamps_sigma_up_as_kdiffusion():
         assert rows[2 * j, 5] == pytest.approx(a_m * up, rel=1e-12)  # C: stage 1's noise
         assert rows[2 * j, 2] == pytest.approx(a_m * (down / s) / a_s, rel=1e-12, abs=1e-15)
     assert clamped >= 1  # the case the clamp decides is exercised
+
+
+# ------------------------- flow / EDM sampler options: a wrong type is a TypeError (as f9fcbdc)
+_DYN = {"use_dynamic_shifting": True}
+_FLOW_WRONG = [("flow_euler", "shift", {}), ("flow_heun", "shift", {}), ("flow_euler", "mu", _DYN),
+               ("flow_euler", "shift_terminal", {})]  # fmt: skip
+_EDM_POS = ["sigma_min", "sigma_max", "sigma_data", "rho"]
+_EDM_CHURN = ["s_churn", "s_tmin", "s_tmax", "s_noise"]
+
+
+def _make(name, **opts):
+    from fastdiff.samplers import make_sampler
+
+    return make_sampler(name, None, 5, **opts)
+
+
+@pytest.mark.parametrize("v", ["3", None, True], ids=["str", "None", "bool"])
+@pytest.mark.parametrize(("name", "key", "extra"), _FLOW_WRONG, ids=lambda c: str(c))
+def test_flow_sampler_wrong_type_is_type_error(name, key, extra, v):
+    if key in ("shift_terminal", "mu") and v is None:
+        pytest.skip("None is 'not given' (no stretch / no mu)")
+    got = type(v).__name__
+    with pytest.raises(TypeError, match=f"^{key}: expected a finite float, got {got}$"):
+        _make(name, **extra, **{key: v})
+
+
+def test_flow_sampler_values_stay_value_errors():
+    for v in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="^shift: expected a finite float, got"):
+            _make("flow_euler", shift=v)
+        with pytest.raises(ValueError, match="^mu: expected a finite float, got"):
+            _make("flow_euler", mu=v, **_DYN)
+    with pytest.raises(ValueError, match="^shift: expected a float > 0"):
+        _make("flow_heun", shift=0)
+    for v in (False, ""):  # falsy non-numbers are not diffusers' "no stretch"
+        with pytest.raises(TypeError, match="^shift_terminal: expected a finite float, got"):
+            _make("flow_euler", shift_terminal=v)
+    plain = _make("flow_euler", shift=3).sigmas.tolist()
+    assert _make("flow_euler", shift=np.float32(3.0)).sigmas.tolist() == plain
+    for none in (None, 0, 0.0):  # "no stretch"
+        assert _make("flow_euler", shift=3, shift_terminal=none).sigmas.tolist() == plain
+    assert _make("flow_euler", shift=3, shift_terminal=0.1).sigmas[-2] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("v", ["1", None, True], ids=["str", "None", "bool"])
+@pytest.mark.parametrize("key", _EDM_POS + _EDM_CHURN)
+@pytest.mark.parametrize("name", ["edm_euler", "edm_dpm++"])
+def test_edm_sampler_wrong_type_is_type_error(name, key, v):
+    if key in _EDM_CHURN and name != "edm_euler":
+        pytest.skip("the churn options are edm_euler's")
+    want = "a finite float > 0" if key in _EDM_POS else "a float"
+    got = type(v).__name__
+    with pytest.raises(TypeError, match=f"^{key}: expected {want}, got {got}$"):
+        _make(name, **{key: v})
+
+
+def test_edm_sampler_values_stay_value_errors():
+    for key in _EDM_POS:
+        for v in (0.0, -1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"^{key}: expected a finite float > 0, got"):
+                _make("edm_euler", **{key: v})
+    for key in _EDM_CHURN:
+        with pytest.raises(ValueError, match=f"^{key}: expected a float, got nan"):
+            _make("edm_euler", **{key: float("nan")})
+    a = _make("edm_euler", sigma_min=np.float64(0.01), rho=7).coefficients()
+    assert np.array_equal(a, _make("edm_euler", sigma_min=0.01, rho=7.0).coefficients())
+    with pytest.raises(TypeError, match="^s_noise: expected a finite float > 0, got str$"):
+        _make("consistency", s_noise="1")  # the consistency sampler shares EDM's check

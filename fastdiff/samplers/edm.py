@@ -72,7 +72,11 @@ def edm_sigmas(
 
 
 def _pos(name: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, Real) or not 0.0 < float(v) < math.inf:
+    """``v`` as a finite float > 0: TypeError for a non-number (a str, None, a bool), ValueError
+    for a value <= 0, NaN or inf."""
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name}: expected a finite float > 0, got {type(v).__name__}")
+    if not 0.0 < float(v) < math.inf:
         raise ValueError(f"{name}: expected a finite float > 0, got {v!r}")
     return float(v)
 
@@ -238,7 +242,9 @@ class EDMEulerSampler(_EDMBase, Sampler):
                         num_train_timesteps, prediction_type, rho, final_sigmas_type)  # fmt: skip
         for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax),
                         ("s_noise", s_noise)):  # fmt: skip
-            if isinstance(v, bool) or not isinstance(v, Real) or math.isnan(v):
+            if isinstance(v, bool) or not isinstance(v, Real):
+                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+            if math.isnan(v):
                 raise ValueError(f"{name}: expected a float, got {v!r}")
         if s_churn < 0.0 or math.isinf(s_churn):
             raise ValueError(f"s_churn: expected a finite float >= 0, got {s_churn!r}")

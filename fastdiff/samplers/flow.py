@@ -42,7 +42,12 @@ def calculate_shift(
 
 
 def _real(name: str, v: Any, lo: float = -math.inf, lo_open: bool = True) -> float:
-    if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)):
+    """``v`` as a finite float (above ``lo``): TypeError for a non-number (a str, None, a bool:
+    as every option validator of fastdiff, True is not a number here), ValueError for NaN / inf
+    or a value at or below ``lo``."""
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name}: expected a finite float, got {type(v).__name__}")
+    if not math.isfinite(float(v)):
         raise ValueError(f"{name}: expected a finite float, got {v!r}")
     if float(v) < lo or (lo_open and float(v) == lo):
         raise ValueError(f"{name}: expected a float {'>' if lo_open else '>='} {lo}, got {v!r}")
@@ -156,9 +161,10 @@ class FlowMatchEulerSampler(Sampler):
         self.use_dynamic_shifting = _flag("use_dynamic_shifting", use_dynamic_shifting)
         self.time_shift_type = time_shift_type
         self.shift_terminal = None
-        if shift_terminal:  # diffusers: a falsy value (None, 0) means no stretching
-            self.shift_terminal = _real("shift_terminal", shift_terminal)
-            if not 0.0 < self.shift_terminal < 1.0:
+        terminal = None if shift_terminal is None else _real("shift_terminal", shift_terminal)
+        if terminal:  # diffusers: a falsy value (None, 0) means no stretching
+            self.shift_terminal = terminal
+            if not 0.0 < terminal < 1.0:
                 raise ValueError(
                     f"shift_terminal: expected a float in (0, 1), got {shift_terminal}"
                 )
