@@ -127,9 +127,14 @@ def read_noise(a: argparse.Namespace) -> dict[str, Any] | None:
                        f"(leave --n out to sample them all)")  # fmt: skip
     a.n = x.shape[0]
     if a.label is None and meta.get("label"):
-        a.label = _label(meta["label"])
-        if a.guidance is None and meta.get("guidance"):
-            a.guidance = float(meta["guidance"])
+        a.label_from = f"--noise {a.noise}: its 'label' metadata"
+        try:
+            a.label = _label(meta["label"])
+            if a.guidance is None and meta.get("guidance"):
+                a.guidance = float(meta["guidance"])
+        except (ValueError, argparse.ArgumentTypeError):
+            bad = {k: meta.get(k) for k in ("label", "guidance") if k in meta}
+            raise CLIError(f"--noise: {a.noise}: bad label / guidance metadata {bad}") from None
     opts = {}
     if inverse in FORWARD and FORWARD[inverse] == a.sampler:
         try:

@@ -174,16 +174,18 @@ def _check_out(path: str, suffix: str = ".png") -> Path:
         raise CLIError(str(exc)) from None
 
 
-def _labels(model, label: int | str | None, n: int, dev: torch.device) -> torch.Tensor | None:
+def _labels(
+    model, label: int | str | None, n: int, dev, what: str = "--label"
+) -> torch.Tensor | None:
     if label is None:
         return None
     num_classes = getattr(getattr(model, "config", None), "num_classes", None)
     if not num_classes:
-        raise CLIError("--label needs a class-conditional model; this one has no classes")
+        raise CLIError(f"{what} needs a class-conditional model; this one has no classes")
     if label == "all":
         return torch.arange(n, device=dev) % num_classes
     if not 0 <= label < num_classes:
-        raise CLIError(f"--label must be in 0..{num_classes - 1} (or 'all'), got {label}")
+        raise CLIError(f"{what} must be in 0..{num_classes - 1} (or 'all'), got {label}")
     return torch.full((n,), label, dtype=torch.long, device=dev)
 
 
@@ -263,7 +265,7 @@ def cmd_sample(a: argparse.Namespace) -> None:
         raise CLIError(f"--steps must be <= {T} (the model's training timesteps), got {a.steps}")
     if dev.type == "cpu":  # oneDNN's convolutions are faster in NHWC (README, Performance)
         fastdiff.optimize(model, channels_last=True)
-    labels = _labels(model, a.label, a.n, dev)
+    labels = _labels(model, a.label, a.n, dev, getattr(a, "label_from", "--label"))
     guidance = None
     if labels is not None:
         g = DEFAULT_GUIDANCE if a.guidance is None else a.guidance

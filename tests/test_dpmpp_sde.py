@@ -442,7 +442,7 @@ def test_a_leftover_sigma_min_is_refused_and_nothing_runs():
 @pytest.mark.parametrize("kw,exc,match", [
     ({"s_noise": -1.0}, ValueError, "s_noise: expected a finite float >= 0, got -1.0"),
     ({"eta": float("nan")}, ValueError, "eta: expected a finite float >= 0"),
-    ({"s_noise": True}, ValueError, "s_noise"),
+    ({"s_noise": True}, TypeError, "s_noise: expected a finite float >= 0, got bool"),
     ({"noise_sampler_seed": 1.5}, TypeError, "noise_sampler_seed: expected None or an int"),
 ])  # fmt: skip
 def test_bad_options_name_the_argument(kw, exc, match):

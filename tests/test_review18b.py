@@ -5,9 +5,8 @@
 - ``fastdiff repaint`` (CLI): its grid layout, progress bar and defaults, and its --out /
   --backend checks before the model is loaded;
 - flow ``shift_terminal``: a falsy non-number is a TypeError;
-- dpm++_sde: eta > 1 clamps sigma_up as k-diffusion; its wrong-type option errors (xfail: not
-  this helper's file);
-- ``sample --noise``: errors for a bad metadata value (xfail: not this helper's file);
+- dpm++_sde: eta > 1 clamps sigma_up as k-diffusion; a wrong-type option is a TypeError;
+- ``sample --noise``: an error for a bad metadata value names --noise and the file;
 - flow_euler / flow_heun and the EDM samplers: a wrong-type option (str, None, bool) is a
   TypeError naming it, expected and got; NaN / inf / out of range stay ValueErrors.
 
@@ -149,12 +148,6 @@ def test_flow_shift_terminal_falsy_non_number_is_type_error(v):
                      prediction_type="flow_prediction", shift_terminal=v)  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dpm_sde.py's _finite_nonneg raises ValueError for a wrong type (str / None / bool): "
-    "not this helper's file (dpmsde's); tests/test_dpmpp_sde.py expects s_noise=True -> "
-    "ValueError and needs updating with the fix",
-)
 @pytest.mark.parametrize("key", ["eta", "s_noise"])
 @pytest.mark.parametrize("v", ["1", None, True], ids=["str", "None", "bool"])
 def test_dpmpp_sde_wrong_type_is_type_error(key, v):
@@ -164,12 +157,6 @@ def test_dpmpp_sde_wrong_type_is_type_error(key, v):
         make_sampler("dpm++_sde", NoiseSchedule("linear"), 5, **{key: v})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_cli_invert.read_noise (not this helper's file): a bad 'guidance' / 'label' value "
-    "in the --noise file's metadata is reported as a bare float() error or as '--label must be "
-    "in 0..9', naming neither --noise nor the file, although the user passed no --label",
-)
 @pytest.mark.parametrize("meta", [{"guidance": "x", "label": "3"}, {"label": "12"}],
                          ids=["guidance", "label"])  # fmt: skip
 def test_cli_sample_noise_bad_metadata_names_the_file(meta, tmp_path, capsys):

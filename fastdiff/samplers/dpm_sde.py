@@ -102,7 +102,9 @@ def sde_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float,
 
 
 def _finite_nonneg(name: str, v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, Real) or not 0.0 <= float(v) < math.inf:
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{name}: expected a finite float >= 0, got {type(v).__name__}")
+    if not 0.0 <= float(v) < math.inf:
         raise ValueError(f"{name}: expected a finite float >= 0, got {v!r}")
     return float(v)
 
