@@ -410,8 +410,11 @@ def test_sigma_grid_helpers_are_shared_and_checked():
     for cls in (EulerSampler, EulerAncestralSampler):
         with pytest.raises(ValueError, match="at most one"):
             cls(sch, 10, use_karras_sigmas=True, use_beta_sigmas=True)
-        for bad in (0.0, -1.0, float("inf"), "1", True):
+        for bad in (0.0, -1.0, float("inf")):
             with pytest.raises(ValueError, match="sigma_min"):
+                cls(sch, 10, use_karras_sigmas=True, sigma_min=bad)
+        for bad, got in (("1", "str"), (True, "bool")):  # a wrong type
+            with pytest.raises(TypeError, match=f"^sigma_min: expected None or .*, got {got}$"):
                 cls(sch, 10, use_karras_sigmas=True, sigma_min=bad)
         with pytest.raises(ValueError, match="sigma_min < sigma_max"):
             cls(sch, 10, use_karras_sigmas=True, sigma_min=5.0, sigma_max=2.0)

@@ -239,9 +239,11 @@ def test_sigma_ends_options():
         if reads:
             want = EulerSampler(_schedule(), 6, sigma_min=0.3, sigma_max=6.0, **grid).sigmas()
             np.testing.assert_array_equal(smp.sigmas(), want.astype(np.float32))
-        for bad in ({"sigma_min": 0.0}, {"sigma_max": float("inf")}, {"sigma_min": "1"}):
+        for bad in ({"sigma_min": 0.0}, {"sigma_max": float("inf")}):
             with pytest.raises(ValueError, match=next(iter(bad))):
                 LMSSampler(_schedule(), 6, **bad, **grid)
+        with pytest.raises(TypeError, match="^sigma_min: expected None or .*, got str$"):
+            LMSSampler(_schedule(), 6, sigma_min="1", **grid)  # a wrong type
 
 
 def test_registry_infer_and_options():

@@ -261,3 +261,11 @@ def test_edm_sampler_values_stay_value_errors():
     assert np.array_equal(a, _make("edm_euler", sigma_min=0.01, rho=7.0).coefficients())
     with pytest.raises(TypeError, match="^s_noise: expected a finite float > 0, got str$"):
         _make("consistency", s_noise="1")  # the consistency sampler shares EDM's check
+
+
+@pytest.mark.parametrize("v,got", [(False, "bool"), ("0", "str"), (None, "NoneType")])
+def test_consistency_s_noise_falsy_wrong_type_is_type_error(v, got):
+    """``s_noise=False`` was read as 0 (``False != 0`` is False): a wrong type, as ``True``."""
+    with pytest.raises(TypeError, match=f"^s_noise: expected a finite float > 0, got {got}$"):
+        _make("consistency", s_noise=v)
+    assert _make("consistency", s_noise=0).s_noise == 0.0  # 0 (int or float) still means no noise

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -105,7 +106,8 @@ class ConsistencyModelSampler(_EDMBase, Sampler):
             raise ValueError(
                 f"steps: expected 1 <= steps <= num_train_timesteps = {T}, got {self.steps}"
             )
-        self.s_noise = _pos("s_noise", s_noise) if s_noise != 0 else 0.0
+        zero = isinstance(s_noise, Real) and not isinstance(s_noise, bool) and s_noise == 0
+        self.s_noise = 0.0 if zero else _pos("s_noise", s_noise)  # False: a TypeError
         self.clip_denoised = _flag("clip_denoised", clip_denoised)
         if custom is None:
             custom = np.arange(self.steps, dtype=np.int64)[::-1] * (T // self.steps)

@@ -52,10 +52,11 @@ def grid_steps(steps: int | None, n: int, what: str) -> int | None:
 
 
 def grid_end(name: str, v: float | None) -> float | None:
-    """A ``sigma_min`` / ``sigma_max`` option: None, or a finite float > 0 (ValueError)."""
-    if v is not None and (
-        isinstance(v, bool) or not isinstance(v, Real) or not 0.0 < float(v) < math.inf
-    ):
+    """A ``sigma_min`` / ``sigma_max`` option: None, or a finite float > 0 (a wrong type is a
+    TypeError, a wrong value a ValueError)."""
+    if v is not None and (isinstance(v, bool) or not isinstance(v, Real)):
+        raise TypeError(f"{name}: expected None or a finite float > 0, got {type(v).__name__}")
+    if v is not None and not 0.0 < float(v) < math.inf:
         raise ValueError(f"{name}: expected None or a finite float > 0, got {v!r}")
     return None if v is None else float(v)
 
