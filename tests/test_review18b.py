@@ -269,3 +269,14 @@ def test_consistency_s_noise_falsy_wrong_type_is_type_error(v, got):
     with pytest.raises(TypeError, match=f"^s_noise: expected a finite float > 0, got {got}$"):
         _make("consistency", s_noise=v)
     assert _make("consistency", s_noise=0).s_noise == 0.0  # 0 (int or float) still means no noise
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_dpmpp_repeat_refusal_names_lambda_min_clipped(spacing):
+    """A lambda_min_clipped that leaves too few training timesteps for the steps repeats them;
+    the refusal names the clipping (review18's note: it only named steps / timestep_spacing)."""
+    from fastdiff.samplers import make_sampler
+
+    with pytest.raises(ValueError, match=r"lambda_min_clipped=4\.0 ends the schedule at t = 1;"):
+        make_sampler("dpm++", NoiseSchedule("linear"), 10, lambda_min_clipped=4.0,
+                     timestep_spacing=spacing)  # fmt: skip

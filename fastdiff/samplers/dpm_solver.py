@@ -328,11 +328,18 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
             return self._grid.tolist()  # repeated timesteps are fine here: the sigmas differ
         ts = [int(t) for t in self._ts]
         if len(set(ts)) < len(ts):  # e^{-h} = 1 between equal steps: h = 0 divides
+            last = self._last_timestep()
+            cut = (
+                f" (lambda_min_clipped={self.lambda_min_clipped} ends the schedule at t = "
+                f"{last - 1}; a lower value keeps more of it)"
+                if last < self.schedule.num_train_timesteps
+                else ""
+            )
             raise ValueError(
                 f"steps: {self.steps} steps with timestep_spacing={self.timestep_spacing!r} over "
                 f"{self.schedule.num_train_timesteps} training timesteps repeat timesteps "
-                f"({ts[:3]} ... {ts[-3:]}), which DPM-Solver++ cannot step between; use fewer "
-                "steps or timestep_spacing='trailing'"
+                f"({ts[:3]} ... {ts[-3:]}){cut}, which DPM-Solver++ cannot step between; use "
+                "fewer steps or timestep_spacing='trailing'"
             )
         # DPM-Solver's sigma (noise-to-signal ratio) sigma/alpha = sqrt((1 - ab)/ab) per step,
         # then the end point: diffusers' float32 levels (its float32 alpha_bar; 1 - ab_0 ~ 1e-4
