@@ -280,3 +280,13 @@ def test_dpmpp_repeat_refusal_names_lambda_min_clipped(spacing):
     with pytest.raises(ValueError, match=r"lambda_min_clipped=4\.0 ends the schedule at t = 1;"):
         make_sampler("dpm++", NoiseSchedule("linear"), 10, lambda_min_clipped=4.0,
                      timestep_spacing=spacing)  # fmt: skip
+
+
+@pytest.mark.parametrize("eps", ["1e-5", None, True])
+def test_group_norm_silu_wrong_type_eps_is_type_error(eps):
+    """A str / None / bool eps is a wrong type (TypeError, as num_groups'); NaN and negative
+    values stay ValueErrors (test_strict_round7)."""
+    from fastdiff.ops.group_norm_silu import group_norm_silu
+
+    with pytest.raises(TypeError, match=f"eps must be a non-negative float, got {eps!r}"):
+        group_norm_silu(torch.randn(2, 4, 3, 3), 2, eps=eps)

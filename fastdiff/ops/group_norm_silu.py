@@ -190,7 +190,7 @@ def _validate(x, num_groups, weight, bias, eps, add, scale, shift, activation):
             f"num_groups, but got input of shape {_shape(x)} and num_groups={num_groups}"
         )
     if type(eps) is not float and (not isinstance(eps, Real) or isinstance(eps, bool)):
-        raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
+        raise TypeError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
     if not eps >= 0:
         raise ValueError(f"group_norm_silu: eps must be a non-negative float, got {eps!r}")
     if activation != "silu" and activation is not None:
