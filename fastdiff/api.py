@@ -99,18 +99,21 @@ def sample(
             ConsistencyModelPipeline; with a custom grid its length: the ``timesteps=`` of dpm++
             / euler / heun / ddpm / lcm / tcd / cm, the ``sigmas=`` of flow
             samplers, euler's ``sigmas=`` minus one, as diffusers' ``set_timesteps``).
-        sampler: ``"ddim"``, ``"ddpm"``, ``"deis"``, ``"dpm++"``, ``"euler"``, ``"euler_a"``,
+        sampler: ``"ddim"``, ``"ddpm"``, ``"deis"``, ``"dpm++"``, ``"dpm++_single"``,
+            ``"dpm++_sde"`` ("DPM++ SDE": 2 steps - 1 model calls), ``"euler"``, ``"euler_a"``,
             ``"heun"``, ``"dpm2"``, ``"dpm2_a"``, ``"pndm"`` (alias ``"plms"``), ``"lms"``,
-            ``"sa_solver"``,
-            ``"unipc"``, ``"lcm"``, ``"tcd"``, ``"flow_euler"`` / ``"flow_heun"`` (rectified-flow
-            models: ``schedule`` None or a diffusers FlowMatch scheduler), ``"edm_euler"`` /
+            ``"sa_solver"``, ``"unipc"``, ``"lcm"``, ``"tcd"``, ``"flow_euler"`` /
+            ``"flow_heun"`` (rectified-flow models: ``schedule`` None or a diffusers FlowMatch
+            scheduler), ``"edm_euler"`` /
             ``"edm_dpm++"`` (EDM models: ``schedule`` None or an ``EDMEulerScheduler`` /
             ``EDMDPMSolverMultistepScheduler``; the model sees c_in x at c_noise, x_T is scaled
             to diffusers' init_noise_sigma z), ``"cosine_dpm++"`` (Stable Audio's EDM model:
             ``schedule`` None or a ``CosineDPMSolverMultistepScheduler``), ``"cm"`` (alias
             ``"consistency"``: consistency models, ``schedule`` None or a
             ``CMStochasticIterativeScheduler``), ``"ipndm"`` (iPNDM for v-prediction models of
-            continuous time t in [0, 1]: ``schedule`` None or an ``IPNDMScheduler``),
+            continuous time t in [0, 1]: ``schedule`` None or an ``IPNDMScheduler``), the
+            inverse samplers ``"ddim_inverse"`` / ``"dpm++_inverse"`` / ``"flow_euler_inverse"``
+            (x_0 -> x_T, ``noise`` is the image; :func:`fastdiff.invert` is their entry),
             or a sampler object from :mod:`fastdiff.samplers` (its own steps and schedule are
             used). Default:
             the sampler that reproduces ``schedule``'s diffusers scheduler class
