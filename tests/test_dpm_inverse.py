@@ -27,6 +27,7 @@ import torch
 from _dpm_step_ref import dtypes, reference
 from helpers import assert_fa_rule, backend_cases, case_id
 from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
+from test_inversion import _guided, _image, _model, _rel, _their_loop  # the DDIM inversion's
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -41,38 +42,6 @@ RTOL = 1e-5
 LABELS = torch.tensor([0.0, 0.0, 1.0, -1.0])  # [uncond, cond] for a batch of 2
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 COSINE = dict(beta_schedule="squaredcos_cap_v2")
-
-
-def _model(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None):
-    """A smooth, t- and label-dependent stand-in for a network (no weights)."""
-    view = (-1,) + (1,) * (x.ndim - 1)
-    scale = 1.0 if class_labels is None else 1.0 + 0.5 * class_labels.to(x.dtype).view(view)
-    return torch.tanh(x * scale) * (0.5 + t.to(x.dtype).view(view) / 2000.0) + 0.1 * x
-
-
-def _image(seed: int = 0, shape=SHAPE, dtype=torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (1.3 * torch.rand(shape, generator=g) * 2 - 1.3).to(dtype)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _guided(x, t, gs, labels):
-    t = torch.as_tensor(t)
-    if gs is None:
-        return _model(x, t.expand(x.shape[0]))
-    u, c = _model(torch.cat([x, x]), t.expand(2 * x.shape[0]), labels).chunk(2)
-    return u + gs * (c - u)
-
-
-def _their_loop(sched, steps, x, gs=None, labels=None):
-    """diffusers' inversion loop (DiffEdit's ``invert``): model at t, then ``step``."""
-    sched.set_timesteps(steps)
-    for t in sched.timesteps:
-        x = sched.step(_guided(x, t, gs, labels), t, x).prev_sample
-    return x
 
 
 def _ref_loop(sched, steps, x, gs=None, labels=None):
