@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 import zlib
 
 import torch
@@ -95,3 +98,25 @@ DIFFUSERS_BETAS = {
     "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
     "cosine": dict(beta_schedule="squaredcos_cap_v2"),
 }
+
+
+def import_without_torchsde(module: str, name: str) -> type:
+    """diffusers' real scheduler class ``name`` from ``module``, which imports torchsde at its
+    top: with torchsde missing it is imported with a placeholder ``torchsde`` module (its
+    Brownian tree is never used by the tests), then the placeholder and diffusers'
+    ``scheduling_dpmsolver_sde`` module are dropped again, so that other tests still see
+    torchsde missing."""
+    try:
+        import torchsde  # noqa: F401
+
+        placeholder = False
+    except ImportError:
+        placeholder = True
+        sys.modules["torchsde"] = types.ModuleType("torchsde")
+    try:
+        mod = importlib.import_module(module)
+    finally:
+        if placeholder:
+            del sys.modules["torchsde"]
+            sys.modules.pop("diffusers.schedulers.scheduling_dpmsolver_sde", None)
+    return getattr(mod, name)

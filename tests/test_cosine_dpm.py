@@ -12,17 +12,14 @@ placeholder ``torchsde`` module (its Brownian tree is never used here).
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
-import types
 import warnings
 
 import pytest
 import torch
 from _sampler_cases import rel
-from helpers import PARITY_RTOL, assert_fa_rule, backend_cases, case_id
+from helpers import PARITY_RTOL, assert_fa_rule, backend_cases, case_id, import_without_torchsde
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -42,25 +39,10 @@ CONFIGS = {
 }
 
 
-def _cosine_class():
-    """diffusers' real CosineDPMSolverMultistepScheduler (see the module docstring)."""
-    try:
-        import torchsde  # noqa: F401
-
-        placeholder = False
-    except ImportError:
-        placeholder = True
-        sys.modules["torchsde"] = types.ModuleType("torchsde")
-    try:
-        mod = importlib.import_module("diffusers.schedulers.scheduling_cosine_dpmsolver_multistep")
-    finally:
-        if placeholder:  # other tests must still see torchsde missing
-            del sys.modules["torchsde"]
-            sys.modules.pop("diffusers.schedulers.scheduling_dpmsolver_sde", None)
-    return mod.CosineDPMSolverMultistepScheduler
-
-
-COS = _cosine_class()
+COS = import_without_torchsde(
+    "diffusers.schedulers.scheduling_cosine_dpmsolver_multistep",
+    "CosineDPMSolverMultistepScheduler",
+)
 
 
 def ftoy(u: torch.Tensor, t) -> torch.Tensor:

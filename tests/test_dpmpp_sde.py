@@ -16,18 +16,22 @@ Without torchsde diffusers exports a stand-in class; the real one is imported wi
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
-import sys
-import types
 import warnings
 
 import pytest
 import torch
 from _dpm_step_ref import dtypes as _dtypes
 from _sampler_cases import GraphCase, graph_sample, rel, toy
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, assert_fa_rule, backend_cases, case_id
+from helpers import (
+    DIFFUSERS_BETAS,
+    PARITY_RTOL,
+    assert_fa_rule,
+    backend_cases,
+    case_id,
+    import_without_torchsde,
+)
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -41,25 +45,9 @@ SHAPE = (2, 3, 5, 7)
 STEPS = [1, 2, 5, 12, 25]
 
 
-def _sde_class():
-    """diffusers' real DPMSolverSDEScheduler (see the module docstring)."""
-    try:
-        import torchsde  # noqa: F401
-
-        placeholder = False
-    except ImportError:
-        placeholder = True
-        sys.modules["torchsde"] = types.ModuleType("torchsde")
-    try:
-        mod = importlib.import_module("diffusers.schedulers.scheduling_dpmsolver_sde")
-    finally:
-        if placeholder:  # other tests must still see torchsde missing
-            del sys.modules["torchsde"]
-            sys.modules.pop("diffusers.schedulers.scheduling_dpmsolver_sde", None)
-    return mod.DPMSolverSDEScheduler
-
-
-SDE = _sde_class()
+SDE = import_without_torchsde(
+    "diffusers.schedulers.scheduling_dpmsolver_sde", "DPMSolverSDEScheduler"
+)
 CONFIGS = {
     "default": ("scaled_linear", {}),
     "karras": ("scaled_linear", {"use_karras_sigmas": True}),
