@@ -18,7 +18,6 @@ before the loop: no host sync inside it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -121,9 +120,11 @@ def repaint(
             entries): ``timesteps`` int64 ``[L]`` (the time list), ``x`` ``[L + 1 x N x ...]``
             (x_T, then the x the callback sees after each entry), ``x0`` ``[L x N x ...]`` (the
             x0 prediction of a reverse step, clipped with ``clip_sample``, as diffusers'
-            ``pred_original_sample``; NaN at a forward jump, which calls no model) and
-            ``reverse`` bool ``[L]`` (the reverse steps: ``x0[reverse]`` are the model calls'
-            predictions in order). On the sampling device; the time list on the CPU.
+            ``pred_original_sample``; a forward jump calls no model and makes no prediction,
+            so its row repeats the last reverse step's, the newest estimate of x0 at that
+            point, never NaN) and ``reverse`` bool ``[L]`` (the reverse steps: ``x0[reverse]``
+            are the model calls' predictions in order, one each). On the sampling device; the
+            time list on the CPU.
 
     Returns:
         The inpainted x_0, image's shape, on ``device`` in ``dtype`` (and the trajectory dict
@@ -176,7 +177,8 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
     clip = 1.0 if smp.clip_sample else None
     plan = smp.plan()
     entries = enumerate(plan)
-    traj_x, traj_x0, no_x0 = ([x], [], None) if return_trajectory else (None, None, None)
+    traj_x, traj_x0 = ([x], []) if return_trajectory else (None, None)
+    x0 = None
     if progress:
         from tqdm.auto import tqdm
 
@@ -204,9 +206,7 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
             for row in undo_tab[k]:
                 z = randn_like_with(x, generator)
                 x = ops.sampler_step(x, x, row, prediction_type="sample", noise=z)
-            if return_trajectory and no_x0 is None:
-                no_x0 = torch.full_like(x, math.nan)  # a jump calls no model: no prediction
-            x0 = no_x0
+            # a jump calls no model: its x0 row carries the last reverse step's prediction
         if return_trajectory:
             traj_x.append(x)
             traj_x0.append(x0)
