@@ -55,15 +55,20 @@ def edm_sigmas(
     rho: float,
     schedule: str,
     ramp_dtype: torch.dtype,
+    ramp: Tensor | None = None,
 ) -> np.ndarray:
     """The ``steps`` float32 noise levels (as float64) of diffusers' EDM ``set_timesteps``:
     Karras et al. 2022 eq. 5, ``(sigma_max^(1/rho) + r (sigma_min^(1/rho) - sigma_max^(1/rho)))
     ^rho`` on the ramp r = linspace(0, 1, steps) in ``ramp_dtype`` (float64 in
     ``EDMEulerScheduler``, float32 in ``EDMDPMSolverMultistepScheduler``), or ``"exponential"``:
     evenly spaced in log sigma (float32), descending. Computed with torch in those dtypes so the
-    float32 values are diffusers' own."""
+    float32 values are diffusers' own. ``ramp``: the positions r of a custom Karras grid
+    (``EDMEulerScheduler.set_timesteps(sigmas=ramp)``), converted to ``ramp_dtype``."""
     if schedule == "karras":
-        ramp = torch.linspace(0, 1, steps, dtype=ramp_dtype)
+        if ramp is None:
+            ramp = torch.linspace(0, 1, steps, dtype=ramp_dtype)
+        else:
+            ramp = ramp.to(ramp_dtype)
         lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
         sig = (hi + ramp * (lo - hi)) ** rho
     else:
@@ -79,6 +84,56 @@ def _pos(name: str, v: Any) -> float:
     if not 0.0 < float(v) < math.inf:
         raise ValueError(f"{name}: expected a finite float > 0, got {v!r}")
     return float(v)
+
+
+def _ramp(sigmas: Any, steps: int, schedule: str) -> Tensor | None:
+    """``EDMEulerSampler(sigmas=)``: a 1-D sequence / array / tensor of ``steps`` finite
+    real ramp positions, as a CPU tensor (a tensor's own float dtype kept, so its values are
+    the ones diffusers converts); None stays None."""
+    if sigmas is None:
+        return None
+    if schedule != "karras":
+        raise ValueError(
+            f"sigmas: a custom ramp needs sigma_schedule='karras', got {schedule!r} (diffusers' "
+            "EDMEulerScheduler reads only len(sigmas) of an exponential grid, ignoring its "
+            "values; pass steps instead)"
+        )
+    if isinstance(sigmas, (str, bytes, Real)) or not hasattr(sigmas, "__len__"):
+        raise TypeError(
+            "sigmas: expected a 1-D sequence of ramp positions in [0, 1] (diffusers' "
+            f"EDMEulerScheduler.set_timesteps(sigmas=)), got {type(sigmas).__name__}"
+        )
+    if isinstance(sigmas, Tensor):
+        if sigmas.dtype == torch.bool or sigmas.is_complex():
+            raise TypeError(f"sigmas: expected real ramp positions, got dtype {sigmas.dtype}")
+        ramp = sigmas.detach().cpu()
+        ramp = ramp if ramp.is_floating_point() else ramp.double()
+    else:
+        vals = list(sigmas)
+        bad = [v for v in vals if isinstance(v, bool) or not isinstance(v, Real)]
+        if bad:
+            raise TypeError(
+                f"sigmas: expected real ramp positions, got {type(bad[0]).__name__} {bad[0]!r}"
+            )
+        ramp = torch.tensor([float(v) for v in vals], dtype=torch.float64)
+    if ramp.ndim != 1 or len(ramp) == 0:
+        raise ValueError(f"sigmas: expected a non-empty 1-D ramp, got shape {tuple(ramp.shape)}")
+    if len(ramp) != steps:
+        raise ValueError(
+            f"sigmas: expected one ramp position per step, steps = {steps}, got {len(ramp)} "
+            f"(diffusers runs len(sigmas) steps: pass steps={len(ramp)})"
+        )
+    r = ramp.double()
+    if not torch.isfinite(r).all():
+        raise ValueError(f"sigmas: expected finite ramp positions, got {r.tolist()}")
+    if ((r < 0) | (r > 1)).any() or (len(r) > 1 and not (r[1:] > r[:-1]).all()):
+        raise ValueError(
+            "sigmas: expected ramp positions r in [0, 1], strictly increasing (diffusers' "
+            "EDMEulerScheduler.set_timesteps(sigmas=) feeds them to the Karras formula: "
+            "sigma = (sigma_max^(1/rho) + r (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, r = 0 "
+            f"at sigma_max, 1 at sigma_min; they are not noise levels), got {r.tolist()}"
+        )
+    return ramp
 
 
 def _flag(name: str, v: Any) -> bool:
@@ -216,6 +271,15 @@ class EDMEulerSampler(_EDMBase, Sampler):
             c_noise(sigma_i)), taken before the churn; still one op call, z its noise operand
             (``noise=`` / ``generator=`` / in-kernel Philox). ``return_x0``'s D then leaves out
             the churn noise term (diffusers' includes it).
+        sigmas: a custom grid as diffusers' ``EDMEulerScheduler.set_timesteps(sigmas=...)``
+            takes it: **ramp positions r, not noise levels**, one per step (``len(sigmas) ==
+            steps``), in [0, 1] and strictly increasing, each mapped by the Karras formula
+            ``sigma = (sigma_max^(1/rho) + r (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``
+            in float64 (r = 0: sigma_max, r = 1: sigma_min; the default grid is r =
+            linspace(0, 1, steps)); the final sigma follows ``final_sigmas_type``. Karras
+            only: diffusers' exponential grid uses just ``len(sigmas)``, so a ramp there is
+            refused. (diffusers itself takes any values, also out of [0, 1] or descending,
+            giving NaN or upward "steps": refused here.)
     """
 
     name = "edm_euler"
@@ -237,9 +301,11 @@ class EDMEulerSampler(_EDMBase, Sampler):
         s_tmin: float = 0.0,
         s_tmax: float = math.inf,
         s_noise: float = 1.0,
+        sigmas: Sequence[float] | Tensor | None = None,
     ) -> None:
         self._edm_setup(schedule, steps, sigma_min, sigma_max, sigma_data, sigma_schedule,
                         num_train_timesteps, prediction_type, rho, final_sigmas_type)  # fmt: skip
+        ramp = _ramp(sigmas, self.steps, self.sigma_schedule)
         for name, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax),
                         ("s_noise", s_noise)):  # fmt: skip
             if isinstance(v, bool) or not isinstance(v, Real):
@@ -250,8 +316,10 @@ class EDMEulerSampler(_EDMBase, Sampler):
             raise ValueError(f"s_churn: expected a finite float >= 0, got {s_churn!r}")
         self.s_churn, self.s_tmin, self.s_tmax = float(s_churn), float(s_tmin), float(s_tmax)
         self.s_noise = float(s_noise)
+        #: the custom Karras ramp (``sigmas=``) as given, None on the default linspace ramp
+        self.ramp = ramp
         sig = edm_sigmas(self.steps, self.sigma_min, self.sigma_max, self.rho,
-                         self.sigma_schedule, torch.float64)  # fmt: skip
+                         self.sigma_schedule, torch.float64, ramp)  # fmt: skip
         self._set_grid(sig, float(sig[-1]) if final_sigmas_type == "sigma_min" else 0.0)
         self._coef64 = self.coefficients()
         self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
