@@ -350,10 +350,127 @@ def test_refusals_name_the_argument():
     # another sampler on IPNDMScheduler: it has no betas to give it
     with pytest.raises(ValueError, match="IPNDMScheduler has no beta schedule"):
         fastdiff.sample(vtoy, steps=5, noise=z, sampler="ddim", schedule=diffusers.IPNDMScheduler())
-    # img2img / inpainting: diffusers' IPNDMScheduler has no add_noise, no pipeline starts it
-    image = torch.randn(SHAPE)
-    for kw in ({}, {"strength": 0.5}, {"mask": torch.ones(SHAPE)}):
-        with pytest.raises(ValueError, match=r"image: IPNDMSampler has no img2img"):
-            fastdiff.sample(vtoy, steps=5, sampler="ipndm", image=image, **kw)
+    # img2img: a strength that leaves no step of the grid
+    with pytest.raises(ValueError, match=r"strength: 0.1 leaves no step of the 5-step grid"):
+        fastdiff.sample(vtoy, steps=5, sampler="ipndm", image=z, strength=0.1)
     assert SAMPLERS["ipndm"] is IPNDMSampler
     assert isinstance(make_sampler("ipndm", None, 4), IPNDMSampler)
+
+
+# ------------------------------------------------------------------------ img2img, inpainting
+def _start(sch, s: int, image: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The image noised to level s as an img2img pipeline would with IPNDMScheduler (it has no
+    add_noise): x_s = alpha_s x_0 + sigma_s z, the forward process its step uses (its sigma is
+    stored as ``betas``)."""
+    return sch.alphas[s] * image + sch.betas[s] * z
+
+
+def _diffusers_img2img(n, strength, image, z, mask=None):
+    """StableDiffusion(Inpaint)Pipeline's loop with IPNDMScheduler: get_timesteps,
+    set_begin_index, the start (pure noise at strength 1, as is_strength_max), the steps, and
+    with a mask (1 = repaint) the known region replaced after each step by the image noised to
+    the next level (the image itself after the last)."""
+    sch = _sched(n)
+    s = n - min(int(n * strength), n)
+    sch.set_begin_index(s)
+    timesteps = sch.timesteps[s:]
+    x = z * sch.init_noise_sigma if (mask is not None and strength == 1.0) else _start(
+        sch, s, image, z)  # fmt: skip
+    for k, t in enumerate(timesteps):
+        x = sch.step(vtoy(x, t.expand(x.shape[0])), t, x).prev_sample
+        if mask is not None:
+            known = _start(sch, s + k + 1, image, z) if k < len(timesteps) - 1 else image
+            x = (1 - mask) * known + mask * x
+    return x
+
+
+def _image(seed: int) -> torch.Tensor:
+    return torch.rand(SHAPE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("n", [5, 12])
+@pytest.mark.parametrize("strength", [1.0, 0.8, 0.5, 0.3])
+def test_img2img_is_the_begin_index_loop(n, strength):
+    """sample(image=, strength=) vs diffusers' scheduler from set_begin_index(s) on the image
+    noised by x_s = alpha_s x_0 + sigma_s z (and the float64 restatement from that start)."""
+    image, z = _image(1), torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    want = _diffusers_img2img(n, strength, image, z)
+    ours = fastdiff.sample(vtoy, n, sampler="ipndm", image=image, strength=strength, noise=z)
+    assert rel(ours, want) <= 2 * RTOL
+    s = n - int(n * strength)
+    ref, sch = Ref64(n), _sched(n)
+    x = _start(sch, s, image.double(), z.double())
+    for i in range(s, n):
+        x = ref.step(vtoy(x, sch.timesteps[i].double().expand(2)), i, x)
+    assert rel(ours, x) <= RTOL
+    # the start itself: sampler.add_noise at call s; strength 1 is the plain run from z
+    smp = IPNDMSampler(None, n)
+    torch.testing.assert_close(smp.add_noise(image, z, s), _start(sch, s, image, z))
+    if strength == 1.0:
+        assert torch.equal(ours, fastdiff.sample(vtoy, n, sampler="ipndm", noise=z))
+    else:  # the image shows through: not the plain run
+        assert rel(ours, fastdiff.sample(vtoy, n, sampler="ipndm", noise=z)) > 1e-2
+
+
+def test_img2img_callback_trajectory_and_default_strength():
+    """The run's calls are the last int(N strength) of the grid (callback i from 0, diffusers'
+    timesteps[s:]); strength None is the default 0.8."""
+    n, image = 10, _image(3)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    seen = []
+    out, traj = fastdiff.sample(vtoy, n, sampler="ipndm", image=image, strength=0.5, noise=z,
+                                callback=lambda i, t, x: seen.append((i, t)),
+                                return_trajectory=True)  # fmt: skip
+    sch = _sched(n)
+    assert [i for i, _ in seen] == list(range(5))
+    assert torch.equal(traj["timesteps"], sch.timesteps[5:])
+    torch.testing.assert_close(traj["x"][0], _start(sch, 5, image, z))
+    assert torch.equal(traj["x"][-1], out)
+    default = fastdiff.sample(vtoy, n, sampler="ipndm", image=image, noise=z)
+    assert torch.equal(default, fastdiff.sample(vtoy, n, sampler="ipndm", image=image,
+                                                strength=0.8, noise=z))  # fmt: skip
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+@pytest.mark.parametrize("soft", [False, True])
+def test_inpainting_is_the_inpaint_pipeline_loop(strength, soft):
+    n, image = 8, _image(5)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(1, 1, *SHAPE[2:])
+    mask[..., 1:4, 1:4] = 1.0
+    if soft:
+        mask = mask * 0.7 + 0.1
+    want = _diffusers_img2img(n, strength, image, z, mask)
+    ours = fastdiff.sample(vtoy, n, sampler="ipndm", image=image, mask=mask, strength=strength,
+                           noise=z)  # fmt: skip
+    assert rel(ours, want) <= 2 * RTOL
+    keep = (mask == 0).expand(SHAPE)
+    if not soft:
+        assert torch.equal(ours[keep], image[keep])  # the kept region is the image exactly
+        assert (ours[~keep] - image[~keep]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_cuda_graph_img2img_and_inpainting_equal_eager(fake_cuda_graphs, monkeypatch):
+    """The graphed loop (faked on CPU) of runs from call s: the warm-up rows of run_row, the
+    history buffers zeroed by load, the blend in the captured step."""
+    from fastdiff import api
+
+    eager_loop = api._sample_eager
+    image = _image(7)
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    mask = torch.zeros(1, 1, *SHAPE[2:])
+    mask[..., 2:5, :] = 1.0
+
+    def run(graphed, **kw):
+        monkeypatch.setattr(api, "_sample_eager", api._sample_graphed if graphed else eager_loop)
+        return fastdiff.sample(vtoy, 9, sampler="ipndm", image=image, noise=z,
+                               return_trajectory=True, **kw)  # fmt: skip
+
+    for kw in ({"strength": 0.55}, {"strength": 1.0}, {"strength": 0.75},
+               {"strength": 0.6, "mask": mask}):  # fmt: skip
+        eager, etraj = run(False, **kw)
+        out, traj = run(True, **kw)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x"], etraj["x"], rtol=1e-6, atol=1e-6)
+    assert len(fake_cuda_graphs) == 2  # img2img: one capture from any start; inpainting: its own

@@ -83,7 +83,17 @@ class IPNDMSampler(EpsHistory, Sampler):
 
     A run that starts at step s > 0 (a step out of order, or diffusers' ``set_begin_index``)
     has no history: as diffusers' scheduler, whose history starts empty, its steps take the
-    orders 1, 2, 3, 4, ... again. ``sample(image=...)`` refuses it (:attr:`no_img2img`).
+    orders 1, 2, 3, 4, ... again.
+
+    img2img (``sample(image=, strength=)``) and inpainting (``mask=``): diffusers'
+    ``IPNDMScheduler`` has ``set_begin_index`` but no ``add_noise``, so no diffusers pipeline
+    starts it from an image; fastdiff defines the start the way an img2img pipeline would with
+    it: ``get_timesteps`` (s = N - int(N strength)), ``set_begin_index(s)`` and the image
+    noised by the forward process of the model's own parameterisation, x_s = alpha_s x_0 +
+    sigma_s z (the relation the step itself uses, x_{i+1} = alpha_{i+1} x0' + sigma_{i+1} e';
+    :meth:`_noising`). At strength 1 (s = 0, alpha_0 = 0, sigma_0 = 1) that is x_T = z, the
+    plain run. Inpainting blends the image noised to the next level the same way after each
+    call (the image itself after the last), as the SD inpainting pipeline with ``add_noise``.
 
     Args:
         schedule: must be None (the model's noise levels are the sampler's own grid, not a VP
@@ -99,11 +109,6 @@ class IPNDMSampler(EpsHistory, Sampler):
     coef_width = 12
     #: the CUDA-graph loop keeps 4 history buffers (last, e_{i-1}, e_{i-2}, e_{i-3})
     solver_order = 4
-    #: ``sample(image=...)`` (img2img, inpainting) refuses it with this reason
-    no_img2img = (
-        "IPNDMSampler has no img2img / inpainting start: diffusers' IPNDMScheduler has no "
-        "add_noise, so no diffusers pipeline starts it from an image (use another sampler)"
-    )
 
     def __init__(
         self,
@@ -182,9 +187,9 @@ class IPNDMSampler(EpsHistory, Sampler):
         return float(self.sigmas[i]) / a if a > 0 else math.inf
 
     def _noising(self, i: int) -> tuple[float, float]:
-        """``add_noise``: the forward process of the model's parameterisation, x = alpha_i x0
-        + sigma_i eps (diffusers' IPNDMScheduler has no ``add_noise``; ``sample(image=...)``
-        refuses this sampler)."""
+        """img2img / inpainting: the forward process of the model's parameterisation, x =
+        alpha_i x0 + sigma_i eps (v-diffusion's; diffusers' IPNDMScheduler has no
+        ``add_noise``: see the class docstring)."""
         return float(self.alphas[i]), float(self.sigmas[i])
 
     def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
