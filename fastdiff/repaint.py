@@ -18,6 +18,8 @@ before the loop: no host sync inside it.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -272,3 +274,16 @@ def _device_dtype(
             f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}"
         )
     return device, dtype
+
+
+class _CallableModule(types.ModuleType):
+    """This module's type. Importing it (``import fastdiff.repaint``, ``from fastdiff.repaint
+    import repaint``) makes Python bind the package attribute ``fastdiff.repaint`` to the module,
+    shadowing the lazily exported function of the same name; calling the module calls the
+    function, so ``fastdiff.repaint(...)`` works either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return repaint(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -392,3 +392,22 @@ def test_mask_on_another_device_is_refused():
     image, mask = _inputs(0)
     with pytest.raises(ValueError, match="mask: expected image's device"):
         fastdiff.repaint(toy, image, mask.to("meta"), 10)
+
+
+def test_importing_the_module_keeps_fastdiff_repaint_callable():
+    """``import fastdiff.repaint`` / ``from fastdiff.repaint import repaint`` bind the package
+    attribute to the module (Python's import system), shadowing the lazy function: calling it
+    must still run RePaint (it raised "'module' object is not callable")."""
+    import subprocess
+
+    code = (
+        "from fastdiff.repaint import repaint\n"
+        "import torch, fastdiff\n"
+        "args = (lambda x, t: 0.1 * x, torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), 3)\n"
+        "a = fastdiff.repaint(*args, generator=torch.Generator().manual_seed(0))\n"
+        "b = repaint(*args, generator=torch.Generator().manual_seed(0))\n"
+        "assert torch.equal(a, b), (a, b)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
