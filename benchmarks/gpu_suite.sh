@@ -84,7 +84,8 @@ test_files=(tests/test_sampler_step.py tests/test_step_numerics.py tests/test_st
   tests/test_lms.py tests/test_deis.py tests/test_dpm_single.py tests/test_edm.py tests/test_guidance_rescale.py
   tests/test_custom_grid_steps.py tests/test_custom_grid2.py tests/test_unoptimize.py
   tests/test_img2img.py tests/test_inversion.py tests/test_inversion_flow.py tests/test_sampler_contract.py
-  tests/test_inpaint.py tests/test_repaint.py tests/test_flow_multistep.py tests/test_consistency.py
+  tests/test_inpaint.py tests/test_repaint.py tests/test_repaint_graph.py tests/test_edm_sigmas.py
+  tests/test_flow_multistep.py tests/test_consistency.py
   tests/test_ipndm.py tests/test_cosine_dpm.py tests/test_sa_solver.py tests/test_flow_single_deis.py
   tests/test_fractional_timesteps.py tests/test_dpm_single_sde.py tests/test_zero_snr32.py
   tests/test_dpmpp_sde.py tests/test_dpm_inverse.py)

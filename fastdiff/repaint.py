@@ -13,7 +13,8 @@ module is the loop of Algorithm 1: per reverse step one model call, one fused ``
 for the unknown part and three elementwise kernels for the known part and the blend; per
 forward jump one ``sampler_step`` (as ``x' = c_x x + c_noise z``) per training step jumped.
 Every coefficient is a row of a device-resident fp32 table computed on the host in float64
-before the loop: no host sync inside it.
+before the loop: no host sync inside it. With ``cuda_graph=True`` the reverse step is a replayed
+CUDA graph (:mod:`fastdiff._repaint_graph`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def repaint(
     progress: bool = False,
     callback: Callable[[int, int, Tensor], Any] | None = None,
     return_trajectory: bool = False,
+    cuda_graph: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Inpaint ``image`` where ``mask`` is 1 with RePaint (Algorithm 1 of Lugmayr et al. 2022).
 
@@ -127,13 +129,19 @@ def repaint(
             point, never NaN) and ``reverse`` bool ``[L]`` (the reverse steps: ``x0[reverse]``
             are the model calls' predictions in order, one each). On the sampling device; the
             time list on the CPU.
+        cuda_graph: capture the reverse step (model call, ``sampler_step``, known part and
+            blend) as a CUDA graph, once per (model, shape, dtype, device, mask shape,
+            conditioning), and replay it for every reverse step; the rows, timesteps and z are
+            copied into static device buffers before each replay, the forward jumps run
+            eagerly on the graph's state. The same noise draws as the eager loop (the same
+            result up to kernel rounding). CUDA only.
 
     Returns:
         The inpainted x_0, image's shape, on ``device`` in ``dtype`` (and the trajectory dict
         with ``return_trajectory``).
     """
     _check_model(model)
-    _check_flags(callback, False, progress, return_trajectory)  # sample()'s checks
+    _check_flags(callback, cuda_graph, progress, return_trajectory)  # sample()'s checks
     _check_image(image)
     check_mask(mask, image)  # the same check (and messages) as sample(mask=)
     schedule_obj = _resolve_schedule(model, schedule)
@@ -156,11 +164,35 @@ def repaint(
         _check_noise(noise, image)
     gs = None if guidance_scale is None else _guidance(guidance_scale)
     kwargs = model_kwargs_for(model, cond, uncond, gs, model_kwargs, n, device, dtype)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph: CUDA graphs need CUDA tensors, but sampling runs on {device}; "
+            "use cuda_graph=False on CPU"
+        )
     image = image.to(device=device, dtype=dtype)
     mask = mask.to(device=device, dtype=dtype)
+    loop = _repaint_graphed if cuda_graph else _repaint_loop
     with eval_mode(model):
-        return _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progress,
-                             callback, return_trajectory)  # fmt: skip
+        return loop(model, smp, image, mask, noise, generator, kwargs, gs, progress, callback,
+                    return_trajectory)  # fmt: skip
+
+
+def _x_T(image: Tensor, noise: Tensor | None, generator: Any) -> Tensor:
+    """x_T: ``noise`` (copied), else diffusers' first draw."""
+    if noise is None:
+        return randn_like_with(image, generator)
+    return noise.to(device=image.device, dtype=image.dtype, copy=True)
+
+
+def _repaint_graphed(model, smp, image, mask, noise, generator, kwargs, gs, progress, callback,
+                     return_trajectory=False):  # fmt: skip
+    """:func:`_repaint_loop` with each reverse step a CUDA-graph replay
+    (:func:`fastdiff._repaint_graph.repaint_graphed`)."""
+    from fastdiff._repaint_graph import repaint_graphed
+
+    x = _x_T(image, noise, generator)
+    return repaint_graphed(model, smp, image, mask, x, generator, kwargs, gs, progress, callback,
+                           return_trajectory)  # fmt: skip
 
 
 def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progress, callback,
@@ -168,10 +200,7 @@ def _repaint_loop(model, smp, image, mask, noise, generator, kwargs, gs, progres
     """Algorithm 1's loop over the time list (see :func:`repaint`); no host sync inside."""
     ops = _ops()
     dev = image.device
-    if noise is None:
-        x = randn_like_with(image, generator)  # x_T, diffusers' first draw
-    else:
-        x = noise.to(device=dev, dtype=image.dtype, copy=True)
+    x = _x_T(image, noise, generator)
     step_tab, known_tab, undo_tab = smp.tables(dev)
     rows = 2 * image.shape[0] if gs is not None else image.shape[0]
     t_all = smp.timesteps.to(dev)[:, None].expand(-1, rows).contiguous()
