@@ -125,6 +125,20 @@ def test_one_capture_serves_runs_with_other_inputs(fake_graphs):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_and_channels_last(fake_graphs, dtype):
+    """x_T channels_last in fp16 / bf16: the captured buffers keep its layout and dtype, the
+    replays give the eager loop's result bit for bit (the same kernels on the same values)."""
+    image, mask = _inputs(7)
+    noise = torch.randn(SHAPE).to(memory_format=torch.channels_last)
+    eager, graphed = _both(toy, image, mask, 9, jump_length=3, jump_n_sample=2, eta=1.0,
+                           noise=noise, dtype=dtype,
+                           gen=lambda: torch.Generator().manual_seed(2))  # fmt: skip
+    assert graphed.dtype == dtype and graphed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(graphed, eager)
+
+
+@torch.no_grad()
 def test_cache_keys(fake_graphs, monkeypatch):
     from fastdiff import _repaint_graph
 
