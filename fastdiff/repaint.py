@@ -19,6 +19,7 @@ CUDA graph (:mod:`fastdiff._repaint_graph`).
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -316,3 +317,4 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(repaint)  # inspect.signature(fastdiff.repaint) either way

@@ -407,6 +407,8 @@ def test_importing_the_module_keeps_fastdiff_repaint_callable():
         "a = fastdiff.repaint(*args, generator=torch.Generator().manual_seed(0))\n"
         "b = repaint(*args, generator=torch.Generator().manual_seed(0))\n"
         "assert torch.equal(a, b), (a, b)\n"
+        "import inspect\n"
+        "assert inspect.signature(fastdiff.repaint) == inspect.signature(repaint)\n"
         "print('ok')\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
