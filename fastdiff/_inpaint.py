@@ -9,11 +9,13 @@ arXiv:2206.02779, Alg. 1), as diffusers' StableDiffusionInpaintPipeline runs a 4
 (and the SD3 / Flux inpaint pipelines a 16-channel transformer, with ``scale_noise``). ``z`` is
 the noise of the start (diffusers reuses ``noise``).
 
-Heun's correction (``heun``, ``flow_heun``) rebuilds the Euler stage's slope from the sample
-it gets: x_{i+1} = (x_i + x') / 2 + (h / 2) d_2 with h d_1 = x' - x_i. diffusers keeps d_1 from
-before the blend (it stores it), so after a blended Euler stage the correction's result is
-moved back by half the blend's change of x': ``x <- x - (x'_blended - x') / 2`` before its own
-blend (exact for binary masks anyway, m (1 - m) = 0; a soft mask's partly-kept pixels need it).
+Heun's correction (``heun``) rebuilds the Euler stage's slope from the sample it gets:
+x_{i+1} = (x_i + x') / 2 + (h / 2) d_2 with h d_1 = x' - x_i. diffusers keeps d_1 from before
+the blend (it stores it), so after a blended Euler stage the correction's result is moved back
+by half the blend's change of x': ``x <- x - (x'_blended - x') / 2`` before its own blend (exact
+for binary masks anyway, m (1 - m) = 0; a soft mask's partly-kept pixels need it). The flow
+Heun correction (``flow_heun``) reads the stored velocity v_1 itself, x_i + (h / 2)(v_1 + v_2):
+nothing to take back.
 DPM++ SDE's stage 2 (``dpm++_sde``) reads its sample x_m with weight k only to recover stage 1's
 noise, which diffusers keeps unblended (its Brownian increment): its result is moved back by k
 times the blend's change of x_m (the sampler's :meth:`blend_takeback`).
@@ -33,7 +35,6 @@ from torch import Tensor
 
 from fastdiff.samplers import Sampler
 from fastdiff.samplers.base import vp_of_sigma
-from fastdiff.samplers.flow import FlowMatchHeunSampler
 from fastdiff.samplers.heun import HeunSampler
 
 #: ``fastdiff.sample(mask=...)``'s strength when none is given (diffusers' inpainting
@@ -98,8 +99,9 @@ def blend_noising(smp: Sampler, j: int) -> tuple[float, float]:
 
 def rebuilds_slope(smp: Sampler) -> bool:
     """Whether the sampler's Heun correction (odd calls) rebuilds the Euler stage's slope from
-    the sample it gets, with weight 1/2 on it (``heun``, ``flow_heun``; module docstring)."""
-    return isinstance(smp, (HeunSampler, FlowMatchHeunSampler))
+    the sample it gets, with weight 1/2 on it (``heun``; ``flow_heun`` reads the stored slope:
+    module docstring)."""
+    return isinstance(smp, HeunSampler)
 
 
 def blend_table(smp: Sampler) -> torch.Tensor:

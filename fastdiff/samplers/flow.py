@@ -364,16 +364,20 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
 
     Each step sigma_i -> sigma_{i+1} (h = sigma_{i+1} - sigma_i) is an Euler stage at the model
     call at sigma_i, x' = x_i + h v_1, then the trapezoidal correction with the velocity v_2 at
-    (x', sigma_{i+1}): x_{i+1} = x_i + h (v_1 + v_2) / 2 = (x_i + x') / 2 + (h / 2) v_2. The
-    last step, to sigma = 0, is the Euler stage only: 2N - 1 model calls (``len(sampler)``,
-    ``.timesteps`` = diffusers' ``[t_0, t_1, t_1, ..., t_{N-1}, t_{N-1}]``).
+    (x', sigma_{i+1}): x_{i+1} = x_i + h (v_1 + v_2) / 2. The last step, to sigma = 0, is the
+    Euler stage only: 2N - 1 model calls (``len(sampler)``, ``.timesteps`` = diffusers' ``[t_0,
+    t_1, t_1, ..., t_{N-1}, t_{N-1}]``).
 
     Each call is one fused ``dpm_solver_2m_step`` with the velocity in the op's x0 slot
-    (``prediction_type="sample"``: no cancellation through an x0 estimate) and the stage
-    input x_i as its history operand: rows ``[1, sigma_i, 1, h, 0, 0, 0, 0]`` (Euler stage)
-    and ``[1, sigma_{i+1}, 1/2, h/2, 1/2, 0, 0, 0]`` (correction, reading x_i). The trajectory's
-    x0 of a call is x - sigma v at its sigma (diffusers' ``denoised``; computed only when
-    asked for).
+    (``prediction_type="sample"``: no cancellation through an x0 estimate). The correction reads
+    the Euler stage's velocity v_1 (the op's x0 output of that call, exact in x's dtype) and
+    input x_i as the op's two history operands x0_prev and x0_prev2: rows ``[1, sigma_i, 1, h,
+    0, 0, 0, 0]`` (Euler stage) and ``[1, sigma_{i+1}, 0, h/2, h/2, 0, 1, 0]`` (correction:
+    ``(h/2) v_2 + (h/2) v_1 + x_i`` from exact operands, x_i added last, so one rounding at x's
+    scale as diffusers' ``sample + dt (d_1 + d_2) / 2``; it does not read x', whose rounding to
+    fp16 / bf16 the former ``(x_i + x') / 2 + (h/2) v_2`` row carried: up to 2.7x diffusers'
+    own error per call). The trajectory's x0 of a call is x - sigma v at its sigma (diffusers'
+    ``denoised``; computed only when asked for).
 
     Args:
         schedule: must be None.
@@ -383,8 +387,9 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
     """
 
     name = "flow_heun"
-    is_multistep = True  # the correction reads the Euler stage's input (the graph's x0_prev)
-    history_is_input = True
+    # the correction reads the Euler stage's input and velocity (a CUDA graph's history buffers
+    # last and m_{i-1}, through step_with_history)
+    is_multistep = True
     strength_option = False  # img2img: the general start at call 2 t_start
     scheduler_order = 2
 
@@ -412,7 +417,7 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
             if k % 2 == 0:
                 rows[k] = [1.0, sig[j], 1.0, h, 0.0, 0.0, 0.0, 0.0]
             else:
-                rows[k] = [1.0, sig[j + 1], 0.5, 0.5 * h, 0.5, 0.0, 0.0, 0.0]
+                rows[k] = [1.0, sig[j + 1], 0.0, 0.5 * h, 0.5 * h, 0.0, 1.0, 0.0]
         return rows
 
     def __repr__(self) -> str:
@@ -423,6 +428,7 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
 
     def reset(self) -> None:
         self._x0_prev = None
+        self._v_prev = None
         self._prev_i = -1
         self._prev_version = None
 
@@ -446,6 +452,41 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
         noise, img2img_start(strength))`` for a shortened one)."""
         return self.add_noise(x0, noise, 0)
 
+    def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
+        """The data prediction x - sigma v of model call ``i`` at sample ``x`` from its velocity
+        ``m`` (for trajectories; a torch expression, not part of the fused step)."""
+        sigma = torch.tensor(self.sigmas[(i + 1) // 2], dtype=torch.float32, device=x.device)
+        return (x.float() - sigma * m.float()).to(x.dtype)
+
+    def step_with_history(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        coef: Tensor,
+        last: Tensor | None,
+        m_prev: Tensor | None,
+        m_prev2: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One fused call with the caller's history and row (CUDA graphs): ``(x, v, x_next)``;
+        ``last`` is the Euler stage's input x_i and ``m_prev`` its velocity v_1 (read by a
+        correction row only: an Euler-stage row's zero weights drop them), ``m_prev2`` is not
+        read. Returns this call's input (the next call's ``last``), its velocity (the next
+        ``m_prev``) and the new sample. The sampler's own history is left alone."""
+        self._check_step_args(model_output, i, x, None, guidance_scale)
+        x_next, v = _ops().dpm_solver_2m_step(
+            x,
+            model_output,
+            coef,
+            m_prev,  # v_1, then x_i: the op adds x0_prev2's term after x0_prev's
+            x0_prev2=None if m_prev is None else last,
+            prediction_type="sample",
+            guidance_scale=guidance_scale,
+        )
+        return x, v, x_next
+
     def step(
         self,
         model_output: Tensor,
@@ -457,31 +498,50 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         coef: Tensor | None = None,
         x0_prev: Tensor | None | object = _UNSET,
+        x0_prev2: Tensor | None | object = _UNSET,
         generator_state: Tensor | None = None,
         return_x0: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Model call ``i``: the Euler stage (even ``i``) or the correction (odd ``i``), one
         fused op call. ``model_output`` is the velocity (``[2N, ...] = [uncond, cond]`` with
-        ``guidance_scale``). The correction reads the input sample of call ``i - 1``, which the
-        sampler keeps (it must not be modified in place in between); pass it as ``x0_prev`` to
-        manage it yourself (CUDA graphs: with ``coef`` from a static buffer). ``noise``,
+        ``guidance_scale``). The correction reads the input sample and the (guided) velocity of
+        call ``i - 1``, which the sampler keeps (the input must not be modified in place in
+        between); pass them as ``x0_prev`` and ``x0_prev2`` to manage them yourself (both, with
+        ``coef`` from a static buffer: the row then decides what is read). ``noise``,
         ``generator`` and ``generator_state`` are unused (the ODE step is deterministic).
         Returns the new sample, or ``(sample, x0)`` with ``return_x0``."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
+        if (x0_prev is _UNSET) != (x0_prev2 is _UNSET):
+            raise ValueError(
+                "x0_prev, x0_prev2: pass both (the Euler stage's input sample and velocity, "
+                "which the correction reads) or neither"
+            )
         x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the Heun correction",
                                            "an Euler-stage")  # fmt: skip
+        if not external:
+            v_prev = self._v_prev if x0_prev is not None else None
+        elif x0_prev2 is None and coef is None and i % 2 == 1:
+            raise ValueError(
+                f"x0_prev2: model call {i} is the Heun correction of call {i - 1} and needs "
+                "that call's velocity, got None"
+            )
+        else:
+            v_prev = x0_prev2
         if coef is None:
             coef = self.coef_table(x.device)[i]
+        # v_1 in the op's x0_prev slot and x_i in x0_prev2's: x_i is added last
         x_next, v = _ops().dpm_solver_2m_step(
             x,
             model_output,
             coef,
-            x0_prev,  # type: ignore[arg-type]
+            None if x0_prev is None else v_prev,  # type: ignore[arg-type]
+            x0_prev2=None if v_prev is None else x0_prev,  # type: ignore[arg-type]
             prediction_type="sample",
             guidance_scale=guidance_scale,
         )
-        if not external:  # the correction of this call reads its input
-            self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
+        if not external:  # the correction of this call reads its input and velocity
+            self._x0_prev, self._v_prev = x, v
+            self._prev_i, self._prev_version = i, _version(x)
         if not return_x0:
             return x_next
         # the data prediction x - sigma v at this call's sigma (the row's s: a graph's buffer)
