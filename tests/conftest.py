@@ -74,43 +74,12 @@ def pytest_report_header(config):
     ]
 
 
-class _FakeGraph:
-    """Stands in for torch.cuda.CUDAGraph on CPU: capture records nothing, replay re-runs the
-    captured step's body and copies its x0 into the static output, as a real replay overwrites
-    the captured output buffer. Whatever the body reads must come from the static buffers
-    that ``_StepGraph.load`` / ``replay`` refresh, as on a GPU, or the results drift from eager."""
-
-    owner = None
-
-    def replay(self):
-        self.owner.x0.copy_(self.owner._body())
-
-
 @pytest.fixture
 def fake_cuda_graphs(monkeypatch):
-    """sample(cuda_graph=True) on CPU through :class:`_FakeGraph`; yields the captured
+    """sample(cuda_graph=True) on CPU through :class:`helpers.FakeGraph`; yields the captured
     _StepGraphs (one per capture), with a fresh graph cache."""
-    import contextlib
+    from helpers import fake_cuda_graph_api
 
     from fastdiff import api
 
-    class _Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
-    init = api._StepGraph.__init__
-    captured = []
-
-    def init_and_keep(self, model, *args):
-        init(self, model, *args)
-        self.graph.owner, self.model = self, model  # the fake replays the body: keep the model
-        captured.append(self)
-
-    monkeypatch.setattr(api._StepGraph, "__init__", init_and_keep)
-    monkeypatch.setattr(api, "_GRAPHS", api.weakref.WeakKeyDictionary())
-    return captured
+    return fake_cuda_graph_api(monkeypatch, api._StepGraph, api)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import types
+import weakref
 import zlib
 
 import torch
@@ -120,3 +122,43 @@ def import_without_torchsde(module: str, name: str) -> type:
             del sys.modules["torchsde"]
             sys.modules.pop("diffusers.schedulers.scheduling_dpmsolver_sde", None)
     return getattr(mod, name)
+
+
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on CPU: capture records nothing, replay re-runs the
+    captured step's body and copies its x0 into the static output, as a real replay overwrites
+    the captured output buffer. Whatever the body reads must come from the static buffers that
+    the step's ``load`` / ``replay`` refresh, as on a GPU, or the results drift from eager."""
+
+    owner = None
+
+    def replay(self):
+        self.owner.x0.copy_(self.owner._body())
+
+
+def fake_cuda_graph_api(monkeypatch, step_cls: type, module: types.ModuleType) -> list:
+    """torch.cuda's stream / graph API faked with :class:`FakeGraph` for a graphed loop on CPU
+    (``step_cls``: the captured step class, ``_graph._StepGraph`` or
+    ``_repaint_graph._RePaintStep``; ``module``: where its capture cache ``_GRAPHS`` lives,
+    replaced by a fresh one). Returns the list the captured steps are appended to."""
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    init = step_cls.__init__
+    captured = []
+
+    def init_and_keep(self, model, *args):
+        init(self, model, *args)
+        self.graph.owner, self.model = self, model  # the fake replays the body: keep the model
+        captured.append(self)
+
+    monkeypatch.setattr(step_cls, "__init__", init_and_keep)
+    monkeypatch.setattr(module, "_GRAPHS", weakref.WeakKeyDictionary())
+    return captured

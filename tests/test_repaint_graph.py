@@ -8,23 +8,16 @@ eager for real (skipped without CUDA).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import pytest
 import torch
+from helpers import fake_cuda_graph_api
 from test_repaint import SHAPE, _inputs, toy
 
 import fastdiff
 
 rp = importlib.import_module("fastdiff.repaint")  # the module (fastdiff.repaint: the function)
-
-
-class _FakeGraph:
-    owner = None
-
-    def replay(self):
-        self.owner.x0.copy_(self.owner._body())
 
 
 @pytest.fixture
@@ -33,26 +26,7 @@ def fake_graphs(monkeypatch):
     skipped (the graphed loop called for a CPU run); yields the captured steps."""
     from fastdiff import _repaint_graph
 
-    class _Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _Stream())
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
-    init = _repaint_graph._RePaintStep.__init__
-    captured = []
-
-    def init_and_keep(self, model, *args):
-        init(self, model, *args)
-        self.graph.owner, self.model = self, model  # the fake replays the body: keep the model
-        captured.append(self)
-
-    monkeypatch.setattr(_repaint_graph._RePaintStep, "__init__", init_and_keep)
-    monkeypatch.setattr(_repaint_graph, "_GRAPHS", _repaint_graph.weakref.WeakKeyDictionary())
-    return captured
+    return fake_cuda_graph_api(monkeypatch, _repaint_graph._RePaintStep, _repaint_graph)
 
 
 def _both(*args, gen, **kw):
