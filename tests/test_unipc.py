@@ -155,18 +155,7 @@ def test_unipc_img2img_start_matches_diffusers_begin_index(begin):
 
 def test_unipc_whole_run_parity():
     """A whole run on each side (each fed its own outputs), a model of x and t."""
-    ours, theirs = _pair(12, "linear")
-    g = torch.Generator().manual_seed(5)
-    x_t = torch.randn(SHAPE, generator=g)
-    w = torch.randn(SHAPE, generator=g)
-
-    def model(x, t):
-        return torch.tanh(0.5 * x + w * (int(t) / 1000.0))
-
-    x, y = x_t.clone(), x_t.clone()
-    for i, t in enumerate(theirs.timesteps):
-        y = theirs.step(model(y, t), t, y).prev_sample
-        x = ours.step(model(x, ours.timesteps[i]), i, x)
+    x, y = _uref.whole_runs(*_pair(12, "linear"))
     assert _rel(x, y) <= 1e-5
 
 
@@ -449,35 +438,7 @@ def test_unipc_cuda_graph_step_body_on_cpu_equals_the_eager_loop():
     """fastdiff/_graph.py's captured step, run without capture on CPU: static zeroed history
     buffers and the main table's rows (no skipped operands) give the eager loop's samples, and
     load() clears the history a previous run left (no aliasing between replays)."""
-    from fastdiff._graph import _StepGraph
-
-    smp = UniPCSampler(NoiseSchedule("linear"), 6, disable_corrector=[1])
-    g = torch.Generator().manual_seed(6)
-    x_t = torch.randn(2, 3, 4, 4, generator=g)
-    w = torch.randn(2, 3, 4, 4, generator=g)
-
-    def model(x, t):
-        return torch.tanh(0.5 * x) + w * t[:, None, None, None].float() / 1000.0
-
-    ref = fastdiff.sample(model, steps=6, sampler=smp, noise=x_t)
-    step = _StepGraph.__new__(_StepGraph)  # the attributes __init__ sets before capturing
-    step.model, step.gs, step.smp, step.multistep = model, None, smp, True
-    step.x, step.t = x_t.clone(), smp.timesteps[:1].expand(2).clone()
-    step.coef = smp.coef_table("cpu")[0].clone()
-    step.i_cap, step.gen_state, step.noise, step.kwargs = 0, None, None, {}
-    step.has_noise = False  # no noise buffer (the singlestep SDE reads it)
-    step.x0_prev = torch.zeros_like(x_t)
-    step.unipc, step.hist = True, [torch.zeros_like(x_t) for _ in range(3)]
-    for run in range(2):
-        if run:  # stale history: load() must clear it (0 * NaN would leak)
-            for h in step.hist:
-                poison_(h)
-        step.load(x_t, {}, None)
-        for i in range(6):
-            step.coef.copy_(smp.coef_table("cpu")[i])
-            step.t.copy_(smp.timesteps[i].expand(2))
-            step._body()
-        torch.testing.assert_close(step.x, ref, rtol=1e-6, atol=1e-6)
+    _uref.graph_body_runs(UniPCSampler(NoiseSchedule("linear"), 6, disable_corrector=[1]), 3)
 
 
 def test_unipc_op_under_torch_compile_and_autograd():

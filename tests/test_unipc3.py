@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 from _unipc_ref import eager as _eager
+from _unipc_ref import graph_body_runs, whole_runs
 from _unipc_ref import inputs as _inputs
 from _unipc_ref import ref64 as _ref64
 from helpers import (
@@ -160,17 +161,7 @@ def test_unipc3_whole_run_parity(steps, solver_type, pred):
     final = "sigma_min" if solver_type == "bh1" else "zero"
     ours, theirs = _pair(steps, "linear", solver_type=solver_type, prediction_type=pred,
                          final_sigmas_type=final)  # fmt: skip
-    g = torch.Generator().manual_seed(5)
-    x_t = torch.randn(SHAPE, generator=g)
-    w = torch.randn(SHAPE, generator=g)
-
-    def model(x, t):
-        return torch.tanh(0.5 * x + w * (int(t) / 1000.0))
-
-    x, y = x_t.clone(), x_t.clone()
-    for i, t in enumerate(theirs.timesteps):
-        y = theirs.step(model(y, t), t, y).prev_sample
-        x = ours.step(model(x, ours.timesteps[i]), i, x)
+    x, y = whole_runs(ours, theirs)
     assert _rel(x, y) <= RTOL
 
 
@@ -431,34 +422,8 @@ def test_unipc3_cuda_graph_step_body_on_cpu_equals_the_eager_loop():
     """fastdiff/_graph.py's captured step run without capture on CPU: a fourth static buffer
     holds m_{i-3}; the main table's rows with zeroed buffers give the eager loop's samples, and
     load() clears what a previous run left."""
-    from fastdiff._graph import _StepGraph
-
     smp = UniPCSampler(NoiseSchedule("linear"), 8, solver_order=3, disable_corrector=[4])
-    g = torch.Generator().manual_seed(6)
-    x_t = torch.randn(2, 3, 4, 4, generator=g)
-    w = torch.randn(2, 3, 4, 4, generator=g)
-
-    def model(x, t):
-        return torch.tanh(0.5 * x) + w * t[:, None, None, None].float() / 1000.0
-
-    ref = fastdiff.sample(model, steps=8, sampler=smp, noise=x_t)
-    step = _StepGraph.__new__(_StepGraph)  # the attributes __init__ sets before capturing
-    step.model, step.gs, step.smp, step.multistep = model, None, smp, True
-    step.x, step.t = x_t.clone(), smp.timesteps[:1].expand(2).clone()
-    step.coef = smp.coef_table("cpu")[0].clone()
-    step.i_cap, step.gen_state, step.noise, step.kwargs = 0, None, None, {}
-    step.x0_prev, step.x0_prev2 = None, None
-    step.unipc, step.hist = True, [torch.zeros_like(x_t) for _ in range(4)]
-    for run in range(2):
-        if run:  # stale history: load() must clear it (0 * NaN would leak)
-            for h in step.hist:
-                poison_(h)
-        step.load(x_t, {}, None)
-        for i in range(8):
-            step.coef.copy_(smp.coef_table("cpu")[i])
-            step.t.copy_(smp.timesteps[i].expand(2))
-            step._body()
-        torch.testing.assert_close(step.x, ref, rtol=1e-6, atol=1e-6)
+    model, x_t, ref = graph_body_runs(smp, 4)
     # without the m_{i-3} buffer the graph body would be order 2's: the samples differ
     o2 = fastdiff.sample(model, steps=8, sampler=UniPCSampler(NoiseSchedule("linear"), 8,
                          disable_corrector=[4]), noise=x_t)  # fmt: skip
