@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, sample_through_scheduler
+from _sampler_cases import assert_step_parity, diffusers_loop, sample_through_scheduler
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
@@ -190,14 +190,6 @@ def test_img2img_start_matches_diffusers_begin_index(begin, order):
     _per_step(ours, theirs, begin=begin)
 
 
-def _diffusers_loop(sch, steps: int, z: torch.Tensor, model=_toy) -> torch.Tensor:
-    sch.set_timesteps(steps)
-    x = z * sch.init_noise_sigma
-    for t in sch.timesteps:
-        x = sch.step(model(sch.scale_model_input(x, t), t.expand(x.shape[0])), t, x).prev_sample
-    return x
-
-
 def _float64_loop(smp: DEISSampler, z: torch.Tensor, model=_toy) -> torch.Tensor:
     """The whole run restated in float64 (model included)."""
     r, x, hist = smp.sigmas(), z.double(), []
@@ -225,7 +217,7 @@ def test_sample_with_a_deis_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     scheduler's settings and lands where diffusers' own loop does."""
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    ref = _diffusers_loop(sch, steps, z)
+    ref = diffusers_loop(sch, steps, z)
     got = sample_through_scheduler(sch, steps, z)
     ref64 = _float64_loop(DEISSampler(_schedule(sched), steps, prediction_type=pred,
                                       timestep_spacing=spacing, **extra), z)  # fmt: skip

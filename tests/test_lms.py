@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, sample_through_scheduler
+from _sampler_cases import assert_step_parity, diffusers_loop, sample_through_scheduler
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
@@ -165,16 +165,6 @@ def test_img2img_start_matches_diffusers_begin_index(begin):
     _per_step(ours, theirs, begin=begin)
 
 
-def _diffusers_loop(sch, steps: int, z: torch.Tensor, model=_toy) -> torch.Tensor:
-    """diffusers' pipeline loop; the model sees the rounded timestep, as fastdiff calls it."""
-    sch.set_timesteps(steps)
-    x = z * sch.init_noise_sigma
-    for t in sch.timesteps:
-        out = model(sch.scale_model_input(x, t), t.round().expand(x.shape[0]))
-        x = sch.step(out, t, x).prev_sample
-    return x
-
-
 RUNS = [
     ("scaled_linear", "epsilon", "linspace", {}, 20),
     ("scaled_linear", "epsilon", "leading", {"steps_offset": 1, "use_karras_sigmas": True}, 25),
@@ -190,7 +180,7 @@ def test_sample_with_an_lms_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     scheduler's settings and lands where diffusers' own loop does."""
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    ref = _diffusers_loop(sch, steps, z)
+    ref = diffusers_loop(sch, steps, z)
     got = sample_through_scheduler(sch, steps, z)  # sample() scales z as init_noise_sigma
     err = _rel(got, ref)
     assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
@@ -212,7 +202,7 @@ def test_leftover_sigma_ends_as_diffusers(grid, leftover, form):
     sch = diffusers.LMSDiscreteScheduler.from_config(euler.config, **grid)
     assert (getattr(sch.config, "sigma_min", None) is not None) is leftover
     steps, z = 9, torch.randn(SHAPE, generator=torch.Generator().manual_seed(7))
-    ref = _diffusers_loop(sch, steps, z)
+    ref = diffusers_loop(sch, steps, z)
     schedule = sch if form == "object" else json.loads(sch.to_json_string())  # a saved config
     with warnings.catch_warnings():
         warnings.simplefilter("error")
