@@ -26,7 +26,8 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
                    uintptr_t v, int64_t bs_v, uintptr_t z, int64_t bs_z, uintptr_t w,
                    int64_t bs_w, uintptr_t gen, uintptr_t coef, uintptr_t out, uintptr_t x0,
                    int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool recompute,
-                   bool cfg, float g, uintptr_t q, int64_t bs_q) {
+                   bool cfg, float g, uintptr_t q, int64_t bs_q, uintptr_t q3 = 0,
+                   int64_t bs_q3 = 0, uintptr_t q4 = 0, int64_t bs_q4 = 0) {
   check_arg(mode == 0 || mode == 1, "sampler_step: mode must be 0 or 1");
   check_arg(pred >= 0 && pred <= 2, "sampler_step: prediction type code must be 0, 1 or 2");
   StepArgs A;
@@ -48,6 +49,10 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.bs_w = bs_w;
   A.q = q;  // not masked by mode: the kernels refuse x0_prev2 outside mode 1 / without x0_prev
   A.bs_q = bs_q;
+  A.q3 = q3;  // likewise: refused without x0_prev2 (x0_prev4: without x0_prev3)
+  A.bs_q3 = bs_q3;
+  A.q4 = q4;
+  A.bs_q4 = bs_q4;
   A.gen = gen;
   A.coef = coef;
   A.out = out;
@@ -65,6 +70,8 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.opt.has_z = z != 0 || (mode == 0 && A.gen != 0);
   A.opt.has_noise = mode == 1 && (A.w != 0 || A.gen != 0);
   A.opt.has_prev2 = A.q != 0;
+  A.opt.has_prev3 = A.q3 != 0;
+  A.opt.has_prev4 = A.q4 != 0;
   return A;
 }
 
@@ -79,7 +86,7 @@ struct StepPlan {
 constexpr const char* kPlanName = "fastdiff.sampler_step_plan";
 
 // Argument names of the general entry points (sampler_step_cpu / _cuda), so that the trailing
-// x0_prev2 operand can default to absent.
+// x0_prev2 / x0_prev3 / x0_prev4 operands can default to absent.
 #define FD_STEP_ARGS                                                                            \
   py::arg("mode"), py::arg("n"), py::arg("inner"), py::arg("nhwc_c"), py::arg("hw"),           \
       py::arg("x"), py::arg("bs_x"), py::arg("m"), py::arg("bs_m"), py::arg("mu"),              \
@@ -97,12 +104,12 @@ bool addr_arg(PyObject* o, uintptr_t* out) {
   return true;
 }
 
-// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w[, q]]) -> None
+// sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w[, q[, q3[, q4]]]])
 PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs < 10 || nargs > 12) {
+  if (nargs < 10 || nargs > 14) {
     PyErr_Format(PyExc_TypeError,
-                 "sampler_step_cpu_run takes 10 or 11 arguments, got %zd (12 for a DPM++ 3M step: "
-                 "w, then x0_prev2)",
+                 "sampler_step_cpu_run takes 10 to 14 arguments, got %zd (w, then x0_prev2, "
+                 "x0_prev3, x0_prev4 of a dpm step)",
                  nargs);
     return nullptr;
   }
@@ -115,8 +122,10 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   uintptr_t w = 0;
   if (nargs >= 11 && !addr_arg(args[10], &w)) return nullptr;
-  uintptr_t q = 0;
-  if (nargs == 12 && !addr_arg(args[11], &q)) return nullptr;
+  uintptr_t q = 0, q3 = 0, q4 = 0;
+  if (nargs >= 12 && !addr_arg(args[11], &q)) return nullptr;
+  if (nargs >= 13 && !addr_arg(args[12], &q3)) return nullptr;
+  if (nargs == 14 && !addr_arg(args[13], &q4)) return nullptr;
   double clip_r = PyFloat_AsDouble(args[8]);
   if (clip_r == -1.0 && PyErr_Occurred()) return nullptr;
   double g = PyFloat_AsDouble(args[9]);
@@ -130,6 +139,8 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   A.z = z;
   A.w = mode == 1 ? w : 0;
   A.q = q;
+  A.q3 = q3;
+  A.q4 = q4;
   A.gen = gen;
   A.coef = coef;
   A.out = out;
@@ -140,6 +151,8 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   A.opt.has_z = A.z != 0 || (mode == 0 && A.gen != 0);
   A.opt.has_noise = mode == 1 && (A.w != 0 || A.gen != 0);
   A.opt.has_prev2 = A.q != 0;
+  A.opt.has_prev3 = A.q3 != 0;
+  A.opt.has_prev4 = A.q4 != 0;
   PyObject* exc_type = nullptr;
   std::string msg;
   PyThreadState* ts = A.n * A.inner >= kGilFreeElems ? PyEval_SaveThread() : nullptr;
@@ -166,10 +179,10 @@ PyObject* run_planned(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef run_planned_def = {
     "sampler_step_cpu_run", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(run_planned)),
     METH_FASTCALL,
-    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w[, q]]): the cpu "
-    "step with a plan from sampler_step_cpu_plan; addresses are ints (0 = absent), mo is the "
-    "model output's address (the plan holds the operands' byte offsets from it); w is the noise "
-    "and q the x0_prev2 of a dpm step (mode 1)"};
+    "sampler_step_cpu_run(plan, x, mo, third, gen, coef, out, x0, clip_r, g[, w[, q[, q3[, "
+    "q4]]]]): the cpu step with a plan from sampler_step_cpu_plan; addresses are ints (0 = "
+    "absent), mo is the model output's address (the plan holds the operands' byte offsets from "
+    "it); w is the noise and q, q3, q4 the x0_prev2, x0_prev3, x0_prev4 of a dpm step (mode 1)"};
 
 }  // namespace
 
@@ -184,26 +197,30 @@ void register_sampler_step(pybind11::module_& m) {
          uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
          uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
          uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
-         bool recompute, bool cfg, float g, uintptr_t q, int64_t bs_q) {
+         bool recompute, bool cfg, float g, uintptr_t q, int64_t bs_q, uintptr_t q3,
+         int64_t bs_q3, uintptr_t q4, int64_t bs_q4) {
         StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
                                z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
-                               clip_r, recompute, cfg, g, q, bs_q);
+                               clip_r, recompute, cfg, g, q, bs_q, q3, bs_q3, q4, bs_q4);
         py::gil_scoped_release nogil;
         sampler_step_cpu(A);
       },
       "Fused sampler update / DPM-Solver++ 2M / 3M step on CPU buffers (see sampler_math.h "
-      "StepArgs); q, bs_q: x0_prev2 of the 3M step (optional, 0 = absent)",
-      FD_STEP_ARGS, py::arg("q") = 0, py::arg("bs_q") = 0);
+      "StepArgs); q, bs_q: x0_prev2 of the 3M step; q3 / q4: x0_prev3 / x0_prev4 (coef[8] / "
+      "coef[9]; optional, 0 = absent)",
+      FD_STEP_ARGS, py::arg("q") = 0, py::arg("bs_q") = 0, py::arg("q3") = 0,
+      py::arg("bs_q3") = 0, py::arg("q4") = 0, py::arg("bs_q4") = 0);
   m.def(
       "sampler_step_cpu_plan",
       [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, int64_t bs_x,
          uintptr_t off_m, int64_t bs_m, uintptr_t off_mu, int64_t bs_mu, uintptr_t off_v,
          int64_t bs_v, int64_t bs_z, int dtype_x, int dtype_m, int pred, bool clip,
-         bool recompute, bool cfg, bool lv, int64_t bs_w, int64_t bs_q) {
+         bool recompute, bool cfg, bool lv, int64_t bs_w, int64_t bs_q, int64_t bs_q3,
+         int64_t bs_q4) {
         auto plan = std::make_unique<StepPlan>();
         plan->base = make_args(mode, n, inner, nhwc_c, hw, 0, bs_x, 0, bs_m, 0, bs_mu, 0, bs_v, 0,
                                bs_z, 0, bs_w, 0, 0, 0, 0, dtype_x, dtype_m, pred, clip, 0.0f,
-                               recompute, cfg, 0.0f, 0, bs_q);
+                               recompute, cfg, 0.0f, 0, bs_q, 0, bs_q3, 0, bs_q4);
         plan->off_m = off_m;
         plan->off_mu = off_mu;
         plan->off_v = off_v;
@@ -219,9 +236,11 @@ void register_sampler_step(pybind11::module_& m) {
       py::arg("bs_x"), py::arg("off_m"), py::arg("bs_m"), py::arg("off_mu"), py::arg("bs_mu"),
       py::arg("off_v"), py::arg("bs_v"), py::arg("bs_z"), py::arg("dtype_x"), py::arg("dtype_m"),
       py::arg("pred"), py::arg("clip"), py::arg("recompute"), py::arg("cfg"), py::arg("lv"),
-      py::arg("bs_w") = 0, py::arg("bs_q") = 0);
+      py::arg("bs_w") = 0, py::arg("bs_q") = 0, py::arg("bs_q3") = 0, py::arg("bs_q4") = 0);
   m.attr("sampler_step_prev2") = true;  // the entry points take x0_prev2 (DPM++ 3M)
   m.attr("sampler_step_eps") = true;  // the dpm kernels form c_eps eps (coef[7])
+  // the entry points take x0_prev3 / x0_prev4 (coef[8] / coef[9]: SA-Solver orders 3-4)
+  m.attr("sampler_step_prev4") = true;
   m.add_object("sampler_step_cpu_run",
                py::reinterpret_steal<py::object>(
                    PyCFunction_NewEx(&run_planned_def, nullptr, m.attr("__name__").ptr())));
@@ -232,15 +251,18 @@ void register_sampler_step(pybind11::module_& m) {
          uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
          uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
          uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
-         bool recompute, bool cfg, float g, uintptr_t stream, uintptr_t q, int64_t bs_q) {
+         bool recompute, bool cfg, float g, uintptr_t stream, uintptr_t q, int64_t bs_q,
+         uintptr_t q3, int64_t bs_q3, uintptr_t q4, int64_t bs_q4) {
         StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
                                z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
-                               clip_r, recompute, cfg, g, q, bs_q);
+                               clip_r, recompute, cfg, g, q, bs_q, q3, bs_q3, q4, bs_q4);
         sampler_step_cuda(A, stream);
       },
       "Fused sampler update / DPM-Solver++ 2M / 3M step on CUDA buffers, on `stream`; q, bs_q: "
-      "x0_prev2 of the 3M step (optional, 0 = absent)",
-      FD_STEP_ARGS, py::arg("stream"), py::arg("q") = 0, py::arg("bs_q") = 0);
+      "x0_prev2 of the 3M step; q3 / q4: x0_prev3 / x0_prev4 (coef[8] / coef[9]; optional, 0 = "
+      "absent)",
+      FD_STEP_ARGS, py::arg("stream"), py::arg("q") = 0, py::arg("bs_q") = 0, py::arg("q3") = 0,
+      py::arg("bs_q3") = 0, py::arg("q4") = 0, py::arg("bs_q4") = 0);
 #endif
 }
 

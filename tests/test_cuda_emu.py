@@ -24,6 +24,7 @@ import shutil
 import pytest
 import test_attention as t_attn
 import test_dpm3_op as t_dpm3
+import test_dpm_hist_op as t_hist
 import test_dpm_sde as t_sde
 import test_group_norm_silu as t_gn
 import test_sampler_step as t_step
@@ -322,6 +323,77 @@ def test_raw_cuda_binding_refuses_x0_prev2_outside_a_3m_step(emu):
         assert torch.isnan(out).all()
         call(1, x.data_ptr())
         assert torch.isfinite(out).all()
+
+
+# ----------------------------- x0_prev3 / x0_prev4 (SA-Solver orders 3-4, singlestep SDE 3)
+@pytest.mark.parametrize("pred", t_hist.PREDS)
+def test_step_deep_history_against_float64(emu, pred, poisoned):  # noqa: F811
+    t_hist.test_deep_history_step_against_float64(CASE, pred, poisoned)
+    t_hist.test_deep_history_layouts_and_philox(CASE, poisoned)
+
+
+@over_checks(t_hist.test_deep_history_nan_inf_masks, t_hist.test_zero_coefficient_drops_the_term,
+             t_hist.test_absent_x0_prev4_never_reads_c_prev4,
+             t_hist.test_opcheck_deep_history)  # fmt: skip
+def test_step_deep_history_checks(emu, check):
+    check(CASE)
+
+
+@pytest.mark.parametrize("shape,layout", [((3, 3, 70, 70), "nchw"), ((2, 5, 33, 31), "cl")])
+def test_step_deep_history_grid_stride_matches_cpu(emu, shape, layout):
+    """x0_prev3 / x0_prev4 past one grid (vector path, scalar tail, Philox) = cpu, float64."""
+    fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+    x, mo, p1, p2, p3, p4 = (torch.randn(shape).to(memory_format=fmt) for _ in range(6))
+    coef = t_hist._coef("cpu")
+    gs = torch.tensor([987654321, 12345], dtype=torch.int64)
+    z = t_step.philox_randn(gs, shape)
+    kw = dict(x0_prev2=p2, x0_prev3=p3, x0_prev4=p4, generator_state=gs)
+    outs = {}
+    for backend in ("cuda", "cpu"):
+        with fastdiff.use_backend(backend, "dpm_solver_2m_step"):
+            outs[backend] = t_hist.dpm_solver_2m_step(x, mo, coef, p1, **kw)
+    (out, x0), (out_cpu, x0_cpu) = outs["cuda"], outs["cpu"]
+    tol = 2 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(out, out_cpu, rtol=tol, atol=1e-5)
+    torch.testing.assert_close(x0, x0_cpu, rtol=tol, atol=tol)
+    r, _ = t_hist.reference(x, mo, (p1, p2, p3, p4), z, "epsilon", torch.float64)
+    e, _ = t_hist.reference(x, mo, (p1, p2, p3, p4), z, "epsilon", torch.float32)
+    assert_fa_rule(out, r, e, atol=1e-6, name="x_next")
+
+
+def test_step_deep_history_misaligned_x0_prev4_takes_the_scalar_path(emu):
+    """x0_prev4 alone one element into its storage (inner % 8 == 0): no 16-byte vector loads."""
+    x, mo, p1, p2, p3 = (torch.randn(2, 4, 8, 8) for _ in range(5))
+    p4 = torch.randn(x.numel() + 1)[1:].view(x.shape)
+    assert p4.data_ptr() % 16 and not x.data_ptr() % 16
+    with fastdiff.use_backend("cuda", "dpm_solver_2m_step"):
+        out, _ = t_hist.dpm_solver_2m_step(x, mo, t_hist._coef("cpu"), p1, x0_prev2=p2,
+                                           x0_prev3=p3, x0_prev4=p4)  # fmt: skip
+    r, _ = t_hist.reference(x, mo, (p1, p2, p3, p4), None, "epsilon", torch.float64)
+    e, _ = t_hist.reference(x, mo, (p1, p2, p3, p4), None, "epsilon", torch.float32)
+    assert_fa_rule(out, r, e, atol=1e-6, name="misaligned x0_prev4")
+
+
+def test_raw_cuda_binding_refuses_x0_prev3_without_x0_prev2(emu):
+    """The cuda entry point: x0_prev3 without x0_prev2 (x0_prev4 without x0_prev3) refused."""
+    x, mo, q, q3, q4 = (torch.randn(2, 3) for _ in range(5))
+    coef, out = t_hist._coef("cpu"), poison_(torch.empty(2, 3))
+
+    def call(q_, q3_, q4_):
+        emu.sampler_step_cuda(1, 2, 3, 0, 3, x.data_ptr(), 3, mo.data_ptr(), 3, 0, 0, 0, 0,
+                              x.data_ptr(), 3, 0, 0, 0, coef.data_ptr(), out.data_ptr(), 0, 0,
+                              0, 2, False, 0.0, False, False, 0.0, 0, q_, 3, q3_, 3, q4_,
+                              3)  # fmt: skip
+
+    with pytest.raises(ValueError, match="x0_prev3 needs x0_prev2"):
+        call(0, q3.data_ptr(), 0)
+    with pytest.raises(ValueError, match="x0_prev4 needs x0_prev3"):
+        call(q.data_ptr(), 0, q4.data_ptr())
+    assert torch.isnan(out).all()
+    call(q.data_ptr(), q3.data_ptr(), q4.data_ptr())
+    r = t_hist.ROW
+    want = r[2] * x + r[3] * mo + r[4] * x + r[6] * q + r[8] * q3 + r[9] * q4
+    torch.testing.assert_close(out, want + r[7] * (x - r[0] * mo) / r[1], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- group norm

@@ -287,8 +287,8 @@ def test_raw_cpu_binding_refuses_x0_prev2_outside_a_3m_step():
     poison_(out)
     c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0, 0)  # no x0_prev2: the 2M step
     torch.testing.assert_close(out, want - r[6] * q, rtol=1e-6, atol=1e-6)
-    with pytest.raises(TypeError, match="got 13"):
-        c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0, 0, 0, 0)
+    with pytest.raises(TypeError, match="got 15"):  # 14 at most (x0_prev3, x0_prev4 trail)
+        c.sampler_step_cpu_run(plan, *ptrs, 0.0, 0.0, 0, 0, 0, 0, 0)
 
 
 # ---------------------------------------------------------------------- diffusers 3M formula

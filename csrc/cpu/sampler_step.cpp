@@ -115,8 +115,8 @@ template <int PRED, bool RECOMP, bool X0, bool MASK, int CLIP>
 inline __attribute__((always_inline)) void tile_math_t(
     const StepOptions& opt, const float* cf, int64_t len, const float* __restrict xb,
     const float* __restrict mb, const float* __restrict up, const float* __restrict sp,
-    const float* __restrict zp, const float* __restrict qp, float* __restrict ob,
-    float* __restrict x0b) {
+    const float* __restrict zp, const float* __restrict qp, const float* __restrict q3p,
+    const float* __restrict q4p, float* __restrict ob, float* __restrict x0b) {
   const int mode = opt.mode, cfg = opt.cfg, clip = CLIP < 0 ? opt.clip : CLIP;
   const int lv = opt.learned_var, has_z = opt.has_z;
   const float g = opt.g, clip_r = opt.clip_r;
@@ -131,6 +131,23 @@ inline __attribute__((always_inline)) void tile_math_t(
       predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, RECOMP, true, x0, eps);
       const float sigma = lv ? sv : k5;
       ob[j] = sampler_update<MASK>(k2, k3, k4, xb[j], x0, eps, has_z, sigma, zv);
+      if (X0) x0b[j] = x0;
+    }
+  } else if (MASK && opt.has_prev3) {  // x0_prev3 (x0_prev4): masked loops only, one loop
+    // every operand is read (an absent one is another valid tile); an absent term's coefficient
+    // is 0 here (the launcher zeroes cf[9] without x0_prev4), so it is not formed. Term order:
+    // x, x0, x0_prev, x0_prev2, x0_prev3, x0_prev4, noise, eps (the torch reference's).
+    const float k4e = opt.has_z ? k4 : 0.0f, k5e = opt.has_noise ? k5 : 0.0f;
+    const float k6 = cf[6], k7 = cf[7], k8 = cf[8], k9 = cf[9];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      const float uv = up[j], zv = zp[j], wv = sp[j], qv = qp[j], q3v = q3p[j], q4v = q4p[j];
+      const float m = cfg ? cfg_combine(mb[j], uv, g) : mb[j];
+      float x0, eps;
+      predict_x0_eps<PRED>(xb[j], m, a, s, clip, clip_r, 1, true, x0, eps);
+      const float v = dpm_hist_update<true>(k2, k3, k4e, k6, k8, k9, xb[j], x0, zv, qv, q3v, q4v,
+                                            k5e, wv);
+      ob[j] = with_eps_term<true>(v, k7, eps);
       if (X0) x0b[j] = x0;
     }
   } else if (MASK && opt.has_eps) {  // dpm with the eps term (c_eps != 0): masked loops only
@@ -217,21 +234,22 @@ inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptio
                                                        const float* xb, const float* mb,
                                                        const float* up, const float* sp,
                                                        const float* zp, const float* qp,
+                                                       const float* q3p, const float* q4p,
                                                        float* ob, float* x0b) {
   switch (pred) {
     case kEpsilon:
       return tile_math_t<kEpsilon, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp, qp,
-                                                           ob, x0b);
+                                                           q3p, q4p, ob, x0b);
     case kVPrediction:
       return tile_math_t<kVPrediction, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp,
-                                                               qp, ob, x0b);
+                                                               qp, q3p, q4p, ob, x0b);
     default:
       return tile_math_t<kSample, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp, qp,
-                                                          ob, x0b);
+                                                          q3p, q4p, ob, x0b);
   }
 }
 
-#define FD_TILE_ARGS pred, opt, cf, len, xb, mb, up, sp, zp, qp, ob, x0b
+#define FD_TILE_ARGS pred, opt, cf, len, xb, mb, up, sp, zp, qp, q3p, q4p, ob, x0b
 
 // MASK false: the plain loops (opt.clip at run time, GCC unswitches it); true: the masked loops,
 // with the clip fixed at compile time (see tile_math_t).
@@ -241,6 +259,7 @@ inline __attribute__((always_inline)) void tile_math_c(int pred, const StepOptio
                                                        const float* xb, const float* mb,
                                                        const float* up, const float* sp,
                                                        const float* zp, const float* qp,
+                                                       const float* q3p, const float* q4p,
                                                        float* ob, float* x0b) {
   if (!MASK) return tile_math_p<RECOMP, X0, false, -1>(FD_TILE_ARGS);
   if (opt.clip) return tile_math_p<RECOMP, X0, true, 1>(FD_TILE_ARGS);
@@ -259,7 +278,7 @@ inline __attribute__((always_inline)) void tile_math_c(int pred, const StepOptio
 
 using TileMathFn = void (*)(int, const StepOptions&, const float*, int64_t, const float*,
                             const float*, const float*, const float*, const float*,
-                            const float*, float*, float*);
+                            const float*, const float*, const float*, float*, float*);
 
 // One function per MASK: the masked loops are separate code, so the plain function is the same
 // size as before them (in one function, the plain DDIM loop lost ~50%: GCC's per-function
@@ -267,7 +286,8 @@ using TileMathFn = void (*)(int, const StepOptions&, const float*, int64_t, cons
 template <bool MASK>
 void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t len,
                     const float* xb, const float* mb, const float* up, const float* sp,
-                    const float* zp, const float* qp, float* ob, float* x0b) {
+                    const float* zp, const float* qp, const float* q3p, const float* q4p,
+                    float* ob, float* x0b) {
   FD_TILE_MATH_BODY
 }
 
@@ -280,7 +300,7 @@ template <bool MASK>
 __attribute__((target("avx2,fma"))) void tile_math_avx2(
     int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
     const float* mb, const float* up, const float* sp, const float* zp, const float* qp,
-    float* ob, float* x0b) {
+    const float* q3p, const float* q4p, float* ob, float* x0b) {
   FD_TILE_MATH_BODY
 }
 #endif
@@ -321,8 +341,10 @@ template <typename TX, typename TM, int PRED>
 void run(const StepArgs& A) {
   StepOptions o = A.opt;
   const float* cp = reinterpret_cast<const float*>(A.coef);
-  float coefs[8];
-  for (int k = 0; k < 8; ++k) coefs[k] = cp[k];
+  // coef[8] / coef[9] exist (are read) only with x0_prev3 / x0_prev4; 0 otherwise
+  float coefs[10] = {};
+  const int ncoef = o.has_prev4 ? 10 : (o.has_prev3 ? 9 : 8);
+  for (int k = 0; k < ncoef; ++k) coefs[k] = cp[k];
   const float k2 = coefs[2], k3 = coefs[3], k4 = coefs[4];
   const float k5 = coefs[5], k6 = coefs[6], k7 = coefs[7];
   // A term whose coefficient is exactly 0 is absent (formed_operand); the coefficients are host
@@ -352,6 +374,8 @@ void run(const StepArgs& A) {
   const TX* Z = reinterpret_cast<const TX*>(A.z);
   const TX* W = reinterpret_cast<const TX*>(A.w);
   const TX* Q = reinterpret_cast<const TX*>(A.q);
+  const TX* Q3 = reinterpret_cast<const TX*>(A.q3);
+  const TX* Q4 = reinterpret_cast<const TX*>(A.q4);
   TX* Out = reinterpret_cast<TX*>(A.out);
   TX* X0 = reinterpret_cast<TX*>(A.x0);
   const int64_t M = A.inner;
@@ -371,14 +395,15 @@ void run(const StepArgs& A) {
     const int64_t i0 = (t - n * tiles) * kTile;
     const int64_t len = std::min(kTile, M - i0);
     alignas(64) float xb[kTile], mb[kTile], ub[kTile], vb[kTile], zb[kTile], ob[kTile], x0b[kTile];
-    alignas(64) float qb[kTile];
+    alignas(64) float qb[kTile], q3b[kTile], q4b[kTile];
     const float* xp = tile_in(X + n * A.bs_x + i0, len, xb);
     const float* mp = tile_in(Mc + n * A.bs_m + i0, len, mb);
     const float* up = mp;
     const float* sp = mp;
     const float* zp = mp;
     if (o.cfg) up = tile_in(Mu + n * A.bs_mu + i0, len, ub);
-    bool mask = zero_coef || o.has_eps;  // the eps loop is in the masked function only
+    // the eps and x0_prev3 loops are in the masked function only
+    bool mask = zero_coef || o.has_eps || o.has_prev3;
     if (lv) {  // sigma per element (expf: its own loop so the main loop vectorises)
       load_tile(V + n * A.bs_v + i0, len, vb);
       bool zero_sigma = false;
@@ -405,10 +430,13 @@ void run(const StepArgs& A) {
     }
     const float* qp = mp;
     if (Q) qp = tile_in(Q + n * A.bs_q + i0, len, qb);  // 3M: x0_prev2
+    const float* q3p = Q3 ? tile_in(Q3 + n * A.bs_q3 + i0, len, q3b) : mp;
+    const float* q4p = Q4 ? tile_in(Q4 + n * A.bs_q4 + i0, len, q4b) : mp;
     // fp32 outputs are written in place; other dtypes go through the fp32 tiles
     float* op = tile_out(Out + n * M + i0, ob);
     float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : nullptr;
-    (mask ? tile_masked : tile_plain)(PRED, o, coefs, len, xp, mp, up, sp, zp, qp, op, x0p);
+    (mask ? tile_masked : tile_plain)(PRED, o, coefs, len, xp, mp, up, sp, zp, qp, q3p, q4p, op,
+                                      x0p);
     if (op == ob) store_tile(Out + n * M + i0, len, ob);
     if (X0 && x0p == x0b) store_tile(X0 + n * M + i0, len, x0b);
   }
@@ -435,6 +463,10 @@ void sampler_step_cpu(const StepArgs& A) {
             "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
   check_arg(!A.opt.has_prev2 == !A.q && (!A.q || (A.opt.mode == 1 && A.z)),
             "sampler_step: x0_prev2 needs mode 1 and x0_prev");
+  check_arg(!A.opt.has_prev3 == !A.q3 && (!A.q3 || A.q),
+            "sampler_step: x0_prev3 needs x0_prev2 (mode 1, x0_prev)");
+  check_arg(!A.opt.has_prev4 == !A.q4 && (!A.q4 || A.q3),
+            "sampler_step: x0_prev4 needs x0_prev3");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
     using TX = scalar_t;

@@ -151,7 +151,8 @@ __device__ __forceinline__ void philox_chunk(float* zv, const StepArgs& A, int64
 }
 
 // PREV2: the DPM++ 3M step (x0_prev2 in A.q); false compiles the sampler / 2M kernel as before.
-template <typename TX, typename TM, int PRED, bool PREV2>
+// PREV3 (with PREV2): x0_prev3 in A.q3 (coef[8]) and, when A.q4 is set, x0_prev4 (coef[9]).
+template <typename TX, typename TM, int PRED, bool PREV2, bool PREV3>
 __global__ void __launch_bounds__(kThreads)
     sampler_step_kernel(const StepArgs A, const bool vec_ok) {
   const StepOptions o = A.opt;
@@ -175,6 +176,11 @@ __global__ void __launch_bounds__(kThreads)
   const TX* Z = reinterpret_cast<const TX*>(A.z);
   const TX* W = reinterpret_cast<const TX*>(A.w);
   const TX* Q = reinterpret_cast<const TX*>(A.q);
+  const TX* Q3 = reinterpret_cast<const TX*>(A.q3);
+  const TX* Q4 = reinterpret_cast<const TX*>(A.q4);
+  // coef[8] / coef[9] exist (are read) only with x0_prev3 / x0_prev4; an absent term: 0
+  const float k8 = PREV3 ? __ldg(cp + 8) : 0.0f;
+  const float k9 = PREV3 && Q4 ? __ldg(cp + 9) : 0.0f;
   TX* Out = reinterpret_cast<TX*>(A.out);
   TX* X0 = reinterpret_cast<TX*>(A.x0);
   const int64_t M = A.inner;
@@ -199,6 +205,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     float qv[PREV2 ? kVec : 1];
     if (PREV2) load_chunk(Q + n * A.bs_q + j0, qv, cnt, full);
+    float q3v[PREV3 ? kVec : 1], q4v[PREV3 ? kVec : 1];
+    if (PREV3) {
+      load_chunk(Q3 + n * A.bs_q3 + j0, q3v, cnt, full);
+      if (Q4) {
+        load_chunk(Q4 + n * A.bs_q4 + j0, q4v, cnt, full);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) q4v[k] = 0.0f;  // c_prev4 = 0: not formed
+      }
+    }
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       float m = o.cfg ? cfg_combine(mv[k], uv[k], o.g) : mv[k];
@@ -213,7 +229,11 @@ __global__ void __launch_bounds__(kThreads)
         const bool want_eps = k7 != 0.0f;
         predict_x0_eps<PRED>(xv[k], m, a, s, o.clip, o.clip_r, want_eps, want_eps, x0, eps);
         float v;
-        if (PREV2)
+        if (PREV3)
+          v = dpm_hist_update<true>(k2, k3, k4, k6, k8, k9, xv[k], x0, zv[k], qv[PREV2 ? k : 0],
+                                    q3v[k], q4v[k], o.has_noise ? k5 : 0.0f,
+                                    o.has_noise ? wv[k] : 0.0f);
+        else if (PREV2)
           v = dpm3m_update<true>(k2, k3, k4, k6, xv[k], x0, zv[k], qv[PREV2 ? k : 0],
                                  o.has_noise, k5, wv[k]);
         else
@@ -239,17 +259,20 @@ int sm_count() {
 
 bool aligned16(uintptr_t p) { return (p & 15u) == 0; }
 
-template <typename TX, typename TM, bool PREV2>
+template <typename TX, typename TM, bool PREV2, bool PREV3>
 void launch_pred(const StepArgs& A, unsigned int grid, bool vec_ok, cudaStream_t stream) {
   switch (A.opt.pred) {
     case kEpsilon:
-      sampler_step_kernel<TX, TM, kEpsilon, PREV2><<<grid, kThreads, 0, stream>>>(A, vec_ok);
+      sampler_step_kernel<TX, TM, kEpsilon, PREV2, PREV3>
+          <<<grid, kThreads, 0, stream>>>(A, vec_ok);
       break;
     case kVPrediction:
-      sampler_step_kernel<TX, TM, kVPrediction, PREV2><<<grid, kThreads, 0, stream>>>(A, vec_ok);
+      sampler_step_kernel<TX, TM, kVPrediction, PREV2, PREV3>
+          <<<grid, kThreads, 0, stream>>>(A, vec_ok);
       break;
     default:
-      sampler_step_kernel<TX, TM, kSample, PREV2><<<grid, kThreads, 0, stream>>>(A, vec_ok);
+      sampler_step_kernel<TX, TM, kSample, PREV2, PREV3>
+          <<<grid, kThreads, 0, stream>>>(A, vec_ok);
       break;
   }
 }
@@ -257,18 +280,21 @@ void launch_pred(const StepArgs& A, unsigned int grid, bool vec_ok, cudaStream_t
 template <typename TX, typename TM>
 void launch(const StepArgs& A, cudaStream_t stream) {
   bool vec_ok = A.inner % kVec == 0;
-  const uintptr_t ptrs[] = {A.x, A.m, A.mu, A.v, A.z, A.w, A.q, A.out, A.x0};
+  const uintptr_t ptrs[] = {A.x, A.m, A.mu, A.v, A.z, A.w, A.q, A.q3, A.q4, A.out, A.x0};
   for (uintptr_t p : ptrs) vec_ok = vec_ok && (p == 0 || aligned16(p));
-  const int64_t strides[] = {A.bs_x, A.bs_m, A.bs_mu, A.bs_v, A.bs_z, A.bs_w, A.q ? A.bs_q : 0};
+  const int64_t strides[] = {A.bs_x, A.bs_m,  A.bs_mu, A.bs_v, A.bs_z, A.bs_w, A.q ? A.bs_q : 0,
+                             A.q3 ? A.bs_q3 : 0, A.q4 ? A.bs_q4 : 0};
   for (int64_t s : strides) vec_ok = vec_ok && (s % kVec == 0);
   const int64_t chunks = (A.inner + kVec - 1) / kVec;
   const int64_t blocks_needed = (A.n * chunks + kThreads - 1) / kThreads;
   const int64_t cap = (int64_t)sm_count() * 16;  // grid-stride beyond this
   const unsigned int grid = clamp_grid_x(blocks_needed < cap ? blocks_needed : cap);
-  if (A.opt.has_prev2) {
-    launch_pred<TX, TM, true>(A, grid, vec_ok, stream);
+  if (A.opt.has_prev3) {
+    launch_pred<TX, TM, true, true>(A, grid, vec_ok, stream);
+  } else if (A.opt.has_prev2) {
+    launch_pred<TX, TM, true, false>(A, grid, vec_ok, stream);
   } else {
-    launch_pred<TX, TM, false>(A, grid, vec_ok, stream);
+    launch_pred<TX, TM, false, false>(A, grid, vec_ok, stream);
   }
   check_launch("sampler_step_kernel");
 }
@@ -285,6 +311,10 @@ void sampler_step_cuda(const StepArgs& A, uintptr_t stream) {
             "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
   check_arg(!A.opt.has_prev2 == !A.q && (!A.q || (A.opt.mode == 1 && A.z)),
             "sampler_step: x0_prev2 needs mode 1 and x0_prev");
+  check_arg(!A.opt.has_prev3 == !A.q3 && (!A.q3 || A.q),
+            "sampler_step: x0_prev3 needs x0_prev2 (mode 1, x0_prev)");
+  check_arg(!A.opt.has_prev4 == !A.q4 && (!A.q4 || A.q3),
+            "sampler_step: x0_prev4 needs x0_prev3");
   if (A.n == 0 || A.inner == 0) return;
   FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
     using TX = scalar_t;

@@ -93,12 +93,13 @@ def _split_model_output(
 # kernel backends (cpu / cuda / triton): operands as (tensor, batch stride), dense per sample
 # ----------------------------------------------------------------------------------------------
 def _kernel_operands(x, model_output, third, guidance_scale, learned_variance, fourth=None,
-                     fifth=None):  # fmt: skip
+                     fifth=None, deep=(None, None)):  # fmt: skip
     """Dense-per-sample views for the kernels, in x's memory order.
 
     Returns (order, x, cond, unc, var, third, fourth, fifth) where ``third`` is noise
     (sampler_step) or x0_prev (dpm_solver_2m_step), ``fourth`` the noise and ``fifth`` the
-    x0_prev2 of dpm_solver_2m_step, each cast to the dtype its kernel slot expects.
+    x0_prev2 of dpm_solver_2m_step, each cast to the dtype its kernel slot expects (``deep``:
+    its x0_prev3, x0_prev4, made dense and cast in place of the tuple's entries).
     """
     order = _order_of(x)
     xd = _dense(x, order)
@@ -116,17 +117,22 @@ def _kernel_operands(x, model_output, third, guidance_scale, learned_variance, f
         fourth = _dense(fourth.to(x.dtype), order)
     if fifth is not None:
         fifth = _dense(fifth.to(x.dtype), order)
+    if isinstance(deep, list):
+        deep[:] = [None if t is None else _dense(t.to(x.dtype), order) for t in deep]
     return order, xd, cond, unc, var, third, fourth, fifth
 
 
 def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pred, clip_range,
                 recompute_eps, guidance_scale, learned_variance, return_x0,
-                fourth=None, prev2=None):  # fmt: skip
-    """Launch one step on ``backend``; ``fourth`` is the noise tensor and ``prev2`` the x0_prev2
-    of a dpm step (mode 1), ``generator_state`` draws the noise in the kernel in either mode."""
+                fourth=None, prev2=None, prev3=None, prev4=None):  # fmt: skip
+    """Launch one step on ``backend``; ``fourth`` is the noise tensor and ``prev2`` / ``prev3`` /
+    ``prev4`` the x0_prev2 / x0_prev3 / x0_prev4 of a dpm step (mode 1), ``generator_state``
+    draws the noise in the kernel in either mode."""
+    deep = [prev3, prev4]
     order, xd, cond, unc, var, third, fourth, prev2 = _kernel_operands(
-        x, model_output, third, guidance_scale, learned_variance, fourth, prev2
+        x, model_output, third, guidance_scale, learned_variance, fourth, prev2, deep
     )
+    prev3, prev4 = deep
     x_prev = _new_out(x, order)
     x0 = _new_out(x, order) if return_x0 else x.new_empty(0)
     if x.numel() == 0:
@@ -172,7 +178,8 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
         with _ext.device_guard(x):
             sampler_step_forward(
                 xd, cond, unc, var, third, generator_state, coef, x_prev,
-                x0 if return_x0 else None, w=fourth, q=prev2, bs_q=op(prev2)[1], mode=mode, n=n,
+                x0 if return_x0 else None, w=fourth, q=prev2, bs_q=op(prev2)[1], q3=prev3,
+                bs_q3=op(prev3)[1], q4=prev4, bs_q4=op(prev4)[1], mode=mode, n=n,
                 inner=inner, nhwc_c=nhwc_c, hw=hw, bs=bs, pred=pred, clip=clip_range is not None,
                 clip_r=args["clip_r"], recompute=bool(recompute_eps),
                 cfg=guidance_scale is not None, g=args["g"],
@@ -186,8 +193,11 @@ def _run_kernel(backend, mode, x, model_output, coef, third, generator_state, pr
             args["dtype_x"], args["dtype_m"], pred, args["clip"], args["clip_r"],
             args["recompute"], args["cfg"], args["g"],
         ]  # fmt: skip
-        # x0_prev2 trails (passed only when given: a 2M call runs on a build without it)
+        # x0_prev2 (x0_prev3, x0_prev4) trail, passed only when given: a 2M call runs on a build
+        # without them
         tail = [] if prev2 is None else [*op(prev2)]
+        if prev3 is not None:
+            tail += [*op(prev3), *op(prev4)]
         if backend == "cuda":
             with _ext.device_guard(x):
                 fn(*flat, _ext.stream_handle(x), *tail)

@@ -118,7 +118,8 @@ def _torch_guided_output(x: Tensor, model_output: Tensor, guidance_scale: float 
 
 
 def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, clip_range,
-                  guidance_scale, order, x0_prev2=None):  # fmt: skip
+                  guidance_scale, order, x0_prev2=None, x0_prev3=None,
+                  x0_prev4=None):  # fmt: skip
     coef = coef.float()
     a, s, c_x, c_x0, c_prev, c_noise, c_prev2, c_eps = (coef[i] for i in range(8))
     xf = x.float()
@@ -130,6 +131,10 @@ def _torch_dpm_2m(x, model_output, coef, x0_prev, noise, generator_state, pred, 
         out = out + term(c_prev, x0_prev.float())
     if x0_prev2 is not None:  # DPM-Solver++ 3M (the caller guarantees x0_prev is given too)
         out = out + term(c_prev2, x0_prev2.float())
+    if x0_prev3 is not None:  # SA-Solver 3-4, singlestep SDE 3 (x0_prev2 given too)
+        out = out + term(coef[8], x0_prev3.float())
+    if x0_prev4 is not None:  # SA-Solver predictor 4 (x0_prev3 given too)
+        out = out + term(coef[9], x0_prev4.float())
     if noise is not None or generator_state is not None:  # the SDE variant
         z = noise.float() if noise is not None else philox_randn(generator_state, tuple(x.shape))
         out = out + term(c_noise, z)
@@ -188,15 +193,17 @@ def _(x, model_output, coef, noise, generator_state, backend, prediction_type, c
 
 
 def _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
-                 prediction_type, clip_range, guidance_scale, x0_prev2=None):  # fmt: skip
+                 prediction_type, clip_range, guidance_scale, x0_prev2=None, x0_prev3=None,
+                 x0_prev4=None):  # fmt: skip
     if backend == "torch":
         return _torch_dpm_2m(
             x, model_output, coef, x0_prev, noise, generator_state, prediction_type, clip_range,
-            guidance_scale, _order_of(x), x0_prev2,
+            guidance_scale, _order_of(x), x0_prev2, x0_prev3, x0_prev4,
         )  # fmt: skip
     return _run_kernel(
         backend, 1, x, model_output, coef, x0_prev, generator_state, prediction_type, clip_range,
-        False, guidance_scale, False, True, fourth=noise, prev2=x0_prev2,
+        False, guidance_scale, False, True, fourth=noise, prev2=x0_prev2, prev3=x0_prev3,
+        prev4=x0_prev4,
     )  # fmt: skip
 
 
@@ -213,20 +220,24 @@ def _dpm_2m_op(
     clip_range: float | None,
     guidance_scale: float | None,
     x0_prev2: Tensor | None = None,
+    x0_prev3: Tensor | None = None,
+    x0_prev4: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     if backend == _AUTO:
         backend = _dispatch.resolve(
-            "dpm_solver_2m_step", x.device, _unsupported(x, x0_prev2, dpm=True)
+            "dpm_solver_2m_step", x.device, _unsupported(x, x0_prev2, dpm=True, x0_prev3=x0_prev3)
         )
         backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output,
-                                               coef, x0_prev, noise, x0_prev2)  # fmt: skip
+                                               coef, x0_prev, noise, x0_prev2, x0_prev3,
+                                               x0_prev4)  # fmt: skip
     return _dpm_2m_impl(x, model_output, coef, x0_prev, noise, generator_state, backend,
-                        prediction_type, clip_range, guidance_scale, x0_prev2)  # fmt: skip
+                        prediction_type, clip_range, guidance_scale, x0_prev2, x0_prev3,
+                        x0_prev4)  # fmt: skip
 
 
 @_dpm_2m_op.register_fake
 def _(x, model_output, coef, x0_prev, noise, generator_state, backend, prediction_type,
-      clip_range, guidance_scale, x0_prev2=None):  # fmt: skip
+      clip_range, guidance_scale, x0_prev2=None, x0_prev3=None, x0_prev4=None):  # fmt: skip
     order = _order_of(x)
     return _new_out(x, order), _new_out(x, order)
 
@@ -276,27 +287,28 @@ _sampler_step_op.register_autograd(_step_backward, setup_context=_step_setup)
 
 def _dpm_setup(ctx, inputs, output):
     x, mo, coef, x0_prev, noise, gen, _backend, pred, clip, g, *rest = inputs
-    prev2 = rest[0] if rest else None
+    prev2, prev3, prev4 = (*rest, None, None, None)[:3]
     # the sampler advances the Philox offset in place after the step: keep this step's state
     gen = gen.clone() if gen is not None else None
-    ctx.save_for_backward(x, mo, coef, x0_prev, noise, gen, prev2)
+    ctx.save_for_backward(x, mo, coef, x0_prev, noise, gen, prev2, prev3, prev4)
     ctx.opts = (pred, clip, g)
 
 
 def _dpm_backward(ctx, g_next, g_x0):
-    x, mo, coef, x0_prev, noise, gen, prev2 = ctx.saved_tensors
+    x, mo, coef, x0_prev, noise, gen, prev2, prev3, prev4 = ctx.saved_tensors
     pred, clip, g = ctx.opts
 
-    def run(x_, mo_, coef_, prev_, noise_, prev2_):
+    def run(x_, mo_, coef_, prev_, noise_, prev2_, prev3_, prev4_):
         return _torch_dpm_2m(x_, mo_, coef_, prev_, noise_, gen, pred, clip, g, _order_of(x_),
-                             prev2_)  # fmt: skip
+                             prev2_, prev3_, prev4_)  # fmt: skip
 
-    saved = (x, mo, coef, x0_prev, noise, prev2)
-    # a trailing x0_prev2=None is dropped from the op's inputs: 10 of them then
+    saved = (x, mo, coef, x0_prev, noise, prev2, prev3, prev4)
+    # trailing x0_prev2 / x0_prev3 / x0_prev4 = None are dropped from the op's inputs: 10 to 13
     n_in = len(ctx.needs_input_grad)
-    slots = (0, 1, 2, 3, 4, 10 if n_in > 10 else 0)  # slot 0 for an absent x0_prev2
-    gx, gmo, gcoef, gprev, gnoise, gprev2 = _grads(ctx, run, (g_next, g_x0), saved, slots)
-    return (gx, gmo, gcoef, gprev, gnoise, None, None, None, None, None, gprev2)[:n_in]
+    # slot 0 (never read: the operand is None) for an absent trailing operand
+    slots = (0, 1, 2, 3, 4, *(k if n_in > k else 0 for k in (10, 11, 12)))
+    gx, gmo, gcoef, gprev, gnoise, *gq = _grads(ctx, run, (g_next, g_x0), saved, slots)
+    return (gx, gmo, gcoef, gprev, gnoise, None, None, None, None, None, *gq)[:n_in]
 
 
 _dpm_2m_op.register_autograd(_dpm_backward, setup_context=_dpm_setup)
@@ -306,19 +318,22 @@ _dpm_2m_op.register_autograd(_dpm_backward, setup_context=_dpm_setup)
 # public API
 # ----------------------------------------------------------------------------------------------
 _STALE = "stale build: run tools/dev_build.sh"
-# [the _C module it was computed for, sampler_step, dpm_solver_2m_step, dpm with x0_prev2]
-_UNSUPPORTED: list = [object(), {}, {}, {}]
+# [the _C module it was computed for, sampler_step, dpm_solver_2m_step, dpm with x0_prev2, dpm
+# with x0_prev3 (and x0_prev4)]
+_UNSUPPORTED: list = [object(), {}, {}, {}, {}]
 # kernel backends without an x0_prev2 path yet
 _PREV2_UNSUPPORTED: dict[str, str] = {}
 
 
-def _unsupported(x: Tensor, x0_prev2: Tensor | None = None, dpm: bool = False) -> dict[str, str]:
+def _unsupported(x: Tensor, x0_prev2: Tensor | None = None, dpm: bool = False,
+                 x0_prev3: Tensor | None = None) -> dict[str, str]:  # fmt: skip
     """Backends that cannot run now: a fastdiff._C built before these kernels existed (for
     ``dpm_solver_2m_step`` (``dpm``), before its eps term, coef[7], which a stale kernel would
-    ignore; for a call with ``x0_prev2``, before the second history operand)."""
+    ignore; for a call with ``x0_prev2``, before the second history operand; with
+    ``x0_prev3``, before the third and fourth, which a stale binding would refuse or ignore)."""
     c = _ext._C
     if _UNSUPPORTED[0] is not c:
-        out, out2, out3 = {}, {}, {}
+        out, out2, out3, out4 = {}, {}, {}, {}
         for b in ("cpu", "cuda"):
             if c is not None and not hasattr(c, f"sampler_step_{b}"):
                 out[b] = f"fastdiff._C has no sampler_step_{b} ({_STALE})"
@@ -327,12 +342,19 @@ def _unsupported(x: Tensor, x0_prev2: Tensor | None = None, dpm: bool = False) -
                 out2[b] = f"fastdiff._C's sampler_step_{b} has no eps term, coef[7] ({_STALE})"
             if c is not None and not getattr(c, "sampler_step_prev2", False):
                 out3[b] = f"fastdiff._C's sampler_step_{b} has no x0_prev2 operand ({_STALE})"
+            if c is not None and not getattr(c, "sampler_step_prev4", False):
+                out4[b] = (
+                    f"fastdiff._C's sampler_step_{b} has no x0_prev3 / x0_prev4 operands ({_STALE})"
+                )
         for b, why in _PREV2_UNSUPPORTED.items():
             out3.setdefault(b, why)
         dpm2 = {**out, **out2}
-        _UNSUPPORTED[:] = [c, out, dpm2, {**dpm2, **out3}]
+        dpm3 = {**dpm2, **out3}
+        _UNSUPPORTED[:] = [c, out, dpm2, dpm3, {**dpm3, **out4}]
     if not dpm:
         return _UNSUPPORTED[1]
+    if x0_prev3 is not None:
+        return _UNSUPPORTED[4]
     return _UNSUPPORTED[2] if x0_prev2 is None else _UNSUPPORTED[3]
 
 
@@ -466,6 +488,8 @@ def dpm_solver_2m_step(
     x0_prev: Tensor | None = None,
     *,
     x0_prev2: Tensor | None = None,
+    x0_prev3: Tensor | None = None,
+    x0_prev4: Tensor | None = None,
     prediction_type: str = "epsilon",
     clip_range: float | None = None,
     guidance_scale: float | None = None,
@@ -510,11 +534,26 @@ def dpm_solver_2m_step(
     the coefficients are read on the device, so nothing about their values is validated
     here (no host synchronisation).
 
+    ``x0_prev3`` (requires ``x0_prev2``) and ``x0_prev4`` (requires ``x0_prev3``), x's shape, add
+    ``c_prev3 x0_prev3`` and ``c_prev4 x0_prev4`` with ``c_prev3 = coef[8]``, ``c_prev4 =
+    coef[9]`` (coef then needs >= 9, >= 10 elements): ``coef [10] = [a, s, c_x, c_x0, c_prev,
+    c_noise, c_prev2, c_eps, c_prev3, c_prev4]`` and ``x_next = c_x x + c_x0 x0 + c_prev x0_prev
+    + c_prev2 x0_prev2 + c_prev3 x0_prev3 + c_prev4 x0_prev4 + c_noise z + c_eps eps`` (the
+    terms added in this order). SA-Solver's predictor-corrector (Xue et al. 2023, eqs. 13-14)
+    of predictor order 3 / 4 or corrector order 4 is one linear map of x_i, the model outputs
+    m_i, ..., m_{i-4} and z_i (:class:`~fastdiff.samplers.SASolverSampler` folds the weights);
+    the singlestep SDE-DPM-Solver++ of order 3 passes its group's anchor x_a as an operand.
+    Absent, a term is skipped, and as every term it is not formed where its coefficient is
+    exactly 0 (kernels without these operands: the 2M / 3M code as before). A call with them
+    takes the general path on the cpu backend (no cached launch plan).
+
     Returns ``(x_next, x0)``; ``x0`` is the new history entry (clone it if the buffer will be
     overwritten, e.g. by CUDA graph replay).
     """
     key = None
-    if not torch.compiler.is_compiling():  # a repeat of a validated cpu call: no checks, no plan
+    deep = x0_prev3 is not None or x0_prev4 is not None  # no cached plan (general path)
+    # a repeat of a validated cpu call: no checks, no plan
+    if not deep and not torch.compiler.is_compiling():
         opts = (prediction_type, type(clip_range), clip_range, type(guidance_scale), guidance_scale)
         key, r = _cached_cpu_step("dpm_solver_2m_step", x, model_output, coef, x0_prev,
                                   generator_state, opts, noise, x0_prev2)  # fmt: skip
@@ -530,22 +569,32 @@ def dpm_solver_2m_step(
             if x0_prev is None:
                 raise ValueError("x0_prev2 (x0 two steps ago) needs x0_prev, got x0_prev=None")
             _check_like_x("x0_prev2", x0_prev2, x)
+        if deep:
+            _check_deep_history(x, coef, x0_prev2, x0_prev3, x0_prev4)
         generator_state = _check_noise(x, noise, generator_state)
     except (TypeError, ValueError) as e:  # the op's name first, as the other ops' errors
         raise type(e)(f"dpm_solver_2m_step: {e}") from None
-    x, model_output, coef, x0_prev, noise, generator_state, x0_prev2 = _ext.resolve_neg(
-        x, model_output, coef, x0_prev, noise, generator_state, x0_prev2
-    )
-    plain = _plain_eager(x, model_output, coef, x0_prev, noise, generator_state, x0_prev2)
+    x, model_output, coef, x0_prev, noise, generator_state, x0_prev2, x0_prev3, x0_prev4 = (
+        _ext.resolve_neg(x, model_output, coef, x0_prev, noise, generator_state, x0_prev2,
+                         x0_prev3, x0_prev4)
+    )  # fmt: skip
+    plain = _plain_eager(x, model_output, coef, x0_prev, noise, generator_state, x0_prev2,
+                         x0_prev3, x0_prev4)  # fmt: skip
     if not plain and torch.compiler.is_compiling():  # the op resolves its backend when it runs
         return _dpm_2m_op(x, model_output, coef, x0_prev, noise, generator_state, _AUTO,
-                          PREDICTION_TYPES[prediction_type], clip, g, x0_prev2)  # fmt: skip
+                          PREDICTION_TYPES[prediction_type], clip, g, x0_prev2, x0_prev3,
+                          x0_prev4)  # fmt: skip
     resolve = _dispatch.resolve_eager if plain else _dispatch.resolve  # plain: not compiling
-    unsupported = _unsupported(x, x0_prev2, dpm=True)
+    unsupported = _unsupported(x, x0_prev2, dpm=True, x0_prev3=x0_prev3)
     backend = resolve("dpm_solver_2m_step", x.device, unsupported)
     backend = _dispatch.forward_ad_backend("dpm_solver_2m_step", backend, x, model_output, coef,
-                                           x0_prev, noise, x0_prev2)  # fmt: skip
+                                           x0_prev, noise, x0_prev2, x0_prev3,
+                                           x0_prev4)  # fmt: skip
     pred = PREDICTION_TYPES[prediction_type]
+    if deep:
+        fn = _dpm_2m_impl if plain else _dpm_2m_op
+        return fn(x, model_output, coef, x0_prev, noise, generator_state, backend, pred, clip, g,
+                  x0_prev2, x0_prev3, x0_prev4)  # fmt: skip
     if plain and backend == "cpu":
         r = _fast_cpu(1, x, model_output, coef, x0_prev, generator_state, pred, clip, False, g,
                       False, True, noise, x0_prev2)  # fmt: skip
@@ -561,3 +610,23 @@ def dpm_solver_2m_step(
     fn = _dpm_2m_impl if plain else _dpm_2m_op
     return fn(x, model_output, coef, x0_prev, noise, generator_state, backend, pred, clip, g,
               x0_prev2)  # fmt: skip
+
+
+def _check_deep_history(x: Tensor, coef: Tensor, x0_prev2: Tensor | None,
+                        x0_prev3: Tensor | None, x0_prev4: Tensor | None) -> None:  # fmt: skip
+    """The x0_prev3 / x0_prev4 operands of :func:`dpm_solver_2m_step` (at least one given):
+    each like x, each needing the one before it, and coef long enough for their columns."""
+    if x0_prev3 is None:
+        raise ValueError("x0_prev4 (the fourth history operand) needs x0_prev3, got x0_prev3=None")
+    if x0_prev2 is None:
+        raise ValueError("x0_prev3 (the third history operand) needs x0_prev2, got x0_prev2=None")
+    _check_like_x("x0_prev3", x0_prev3, x)
+    need = 9
+    if x0_prev4 is not None:
+        _check_like_x("x0_prev4", x0_prev4, x)
+        need = 10
+    if coef.shape[0] < need:
+        which = "x0_prev4 (c_prev4 = coef[9])" if need == 10 else "x0_prev3 (c_prev3 = coef[8])"
+        raise ValueError(
+            f"coef must have >= {need} elements with {which}, got shape {tuple(coef.shape)}"
+        )

@@ -26,6 +26,8 @@ struct StepOptions {
   int has_z;         // noise tensor or in-kernel Philox (sampler_step); x0_prev (dpm)
   int has_noise;     // dpm only: noise w (tensor or in-kernel Philox), the SDE variant's term
   int has_prev2;     // dpm only: x0_prev2 q (3M; requires x0_prev)
+  int has_prev3;     // dpm only: x0_prev3 q3 (coef[8]; requires x0_prev2)
+  int has_prev4;     // dpm only: x0_prev4 q4 (coef[9]; requires x0_prev3)
   int has_eps;       // dpm only, CPU loops: coef[7] = c_eps != 0 (set by the CPU launcher)
 };
 
@@ -130,6 +132,24 @@ FD_HD float dpm3m_update(float c_x, float c_x0, float c_prev, float c_prev2, flo
   return has_noise ? v + c_noise * formed_operand<kMask>(c_noise, z) : v;
 }
 
+// The deeper-history step of dpm_solver_2m_step (x0_prev3, coef[8], and optionally x0_prev4,
+// coef[9]): SA-Solver's predictor-corrector of orders 3-4 (Xue et al. 2023, eqs. 13-14, folded by
+// the sampler into one linear map of x, m_i, ..., m_{i-4} and z) and the singlestep SDE-DPM-Solver++
+// of order 3 (x0_prev3 = the group's anchor x_a). x_next = c_x x + c_x0 x0 + c_prev x0_prev +
+// c_prev2 x0_prev2 + c_prev3 x0_prev3 + c_prev4 x0_prev4 (+ c_noise z), the terms added in this
+// order. Only called masked with x0_prev, x0_prev2 and x0_prev3 present; an absent x0_prev4 is
+// passed with c_prev4 = 0 (not formed), as an absent noise with c_noise = 0.
+template <bool kMask>
+FD_HD float dpm_hist_update(float c_x, float c_x0, float c_prev, float c_prev2, float c_prev3,
+                            float c_prev4, float x, float x0, float x0_prev, float x0_prev2,
+                            float x0_prev3, float x0_prev4, float c_noise, float z) {
+  float v = dpm2m_update<kMask>(c_x, c_x0, c_prev, x, x0, 1, x0_prev) +
+            c_prev2 * formed_operand<kMask>(c_prev2, x0_prev2);
+  v += c_prev3 * formed_operand<kMask>(c_prev3, x0_prev3);
+  v += c_prev4 * formed_operand<kMask>(c_prev4, x0_prev4);
+  return v + c_noise * formed_operand<kMask>(c_noise, z);
+}
+
 // The eps term of dpm_solver_2m_step (coef[7] = c_eps), added last to any of the updates above:
 // v + c_eps eps, eps the noise prediction of the (clipped) x0 (predict_x0_eps with recompute on),
 // so a sampler can form a step from the model's eps as diffusers does (Heun's / DPM2's second
@@ -160,11 +180,15 @@ struct StepArgs {
   int64_t bs_w = 0;
   uintptr_t q = 0;     // mode 1 only: x0_prev2 of the 3M step (dtype_x; needs z), or 0
   int64_t bs_q = 0;
+  uintptr_t q3 = 0;    // mode 1 only: x0_prev3 (dtype_x; needs q; coef[8]), or 0
+  int64_t bs_q3 = 0;
+  uintptr_t q4 = 0;    // mode 1 only: x0_prev4 (dtype_x; needs q3; coef[9]), or 0
+  int64_t bs_q4 = 0;
   uintptr_t gen = 0;   // int64[2] (seed, offset) for in-kernel Philox noise (either mode), or 0
-  uintptr_t coef = 0;  // fp32[8]
+  uintptr_t coef = 0;  // fp32[8] (9 with q3, 10 with q4)
   uintptr_t out = 0;   // x_prev / x_next, dtype_x
   uintptr_t x0 = 0;    // x0 output (dtype_x) or 0
-  int dtype_x = 0;     // x, z, w, q, out, x0
+  int dtype_x = 0;     // x, z, w, q, q3, q4, out, x0
   int dtype_m = 0;     // m, mu, v
   StepOptions opt{};
 };

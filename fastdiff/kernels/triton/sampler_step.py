@@ -70,8 +70,10 @@ def _sampler_step_kernel(
     Z,  # [N x inner] noise z (mode 0) or x0_prev (mode 1)
     W,  # [N x inner] noise z of the SDE dpm step (mode 1, HAS_NOISE == 1 only)
     Q,  # [N x inner] x0_prev2 of the DPM++ 3M step (mode 1, HAS_PREV2 only)
+    Q3,  # [N x inner] x0_prev3 (mode 1, HAS_PREV3 only; coef[8])
+    Q4,  # [N x inner] x0_prev4 (mode 1, HAS_PREV4 only; coef[9])
     GEN,  # int64 [2] (seed, offset) for in-kernel Philox noise
-    COEF,  # fp32 [8] step coefficients
+    COEF,  # fp32 [8] step coefficients ([9] / [10] with HAS_PREV3 / HAS_PREV4)
     OUT,  # [N x inner] x_prev / x_next, dense
     X0,  # [N x inner] x0 output, dense (WRITE_X0 only)
     bs_x,  # batch stride of X (elements)
@@ -81,6 +83,8 @@ def _sampler_step_kernel(
     bs_z,  # batch stride of Z
     bs_w,  # batch stride of W
     bs_q,  # batch stride of Q
+    bs_q3,  # batch stride of Q3
+    bs_q4,  # batch stride of Q4
     inner,  # elements per sample
     tiles_per_sample,  # cdiv(inner, BLOCK)
     total_tiles,  # N * tiles_per_sample
@@ -97,6 +101,8 @@ def _sampler_step_kernel(
     HAS_Z: tl.constexpr,  # 0 none, 1 tensor Z, 2 Philox from GEN
     HAS_NOISE: tl.constexpr,  # mode 1: 0 none, 1 tensor W, 2 Philox from GEN
     HAS_PREV2: tl.constexpr,  # mode 1: x0_prev2 from Q (3M; with x0_prev)
+    HAS_PREV3: tl.constexpr,  # mode 1: x0_prev3 from Q3 (with x0_prev2)
+    HAS_PREV4: tl.constexpr,  # mode 1: x0_prev4 from Q4 (with x0_prev3)
     WRITE_X0: tl.constexpr,  # store x0
     NHWC: tl.constexpr,  # per-sample memory order HWC (logical index for Philox)
     QUAD: tl.constexpr,  # Philox noise with NCHW order and inner % 4 == 0 (4 lanes per counter)
@@ -163,6 +169,12 @@ def _sampler_step_kernel(
             if HAS_PREV2:
                 q = tl.load(Q + n * bs_q + offs, mask=mask, other=0.0).to(tl.float32)
                 out = out + _t(k6, q)
+            if HAS_PREV3:
+                q3 = tl.load(Q3 + n * bs_q3 + offs, mask=mask, other=0.0).to(tl.float32)
+                out = out + _t(tl.load(COEF + 8), q3)
+            if HAS_PREV4:
+                q4 = tl.load(Q4 + n * bs_q4 + offs, mask=mask, other=0.0).to(tl.float32)
+                out = out + _t(tl.load(COEF + 9), q4)
             if HAS_NOISE == 1:
                 w = tl.load(W + n * bs_w + offs, mask=mask, other=0.0).to(tl.float32)
                 out = out + _t(k5, w)
@@ -190,6 +202,10 @@ def sampler_step_forward(
     w: Tensor | None = None,  # noise of the SDE dpm step (mode 1), or None
     q: Tensor | None = None,  # x0_prev2 of the DPM++ 3M step (mode 1, with z), or None
     bs_q: int = 0,  # batch stride of q
+    q3: Tensor | None = None,  # x0_prev3 (mode 1, with q), or None
+    bs_q3: int = 0,  # batch stride of q3
+    q4: Tensor | None = None,  # x0_prev4 (mode 1, with q3), or None
+    bs_q4: int = 0,  # batch stride of q4
     mode: int,  # 0 sampler step, 1 DPM-Solver++ 2M
     n: int,  # batch
     inner: int,  # elements per sample
@@ -204,9 +220,9 @@ def sampler_step_forward(
     g: float,  # guidance scale
 ) -> None:
     """Launch the kernel. Tensors per-sample dense in x's order; ``bs`` = batch strides
-    (x, m, mu, v, z[, w]), ``bs_q`` q's; absent operands are None (a dummy pointer is passed,
-    never read). ``gen`` draws the noise of sampler_step (mode 0) or, without ``w``, of the dpm
-    step."""
+    (x, m, mu, v, z[, w]), ``bs_q`` / ``bs_q3`` / ``bs_q4`` q's / q3's / q4's; absent operands
+    are None (a dummy pointer is passed, never read). ``gen`` draws the noise of sampler_step
+    (mode 0) or, without ``w``, of the dpm step."""
     block = 1024
     tiles = triton.cdiv(inner, block)
     total = n * tiles
@@ -223,12 +239,14 @@ def sampler_step_forward(
     bs = [*bs, 0][:6]
     _sampler_step_kernel[grid](
         x, m, mu if mu is not None else m, v if v is not None else m, z if z is not None else x,
-        w if w is not None else x, q if q is not None else x, gen if gen is not None else coef,
+        w if w is not None else x, q if q is not None else x, q3 if q3 is not None else x,
+        q4 if q4 is not None else x, gen if gen is not None else coef,
         coef, out, x0 if x0 is not None else out,
-        *bs, bs_q, inner, tiles, total, max(nhwc_c, 1), hw, float(clip_r), float(g),
+        *bs, bs_q, bs_q3, bs_q4, inner, tiles, total, max(nhwc_c, 1), hw, float(clip_r), float(g),
         MODE=mode, PRED=pred, CLIP=bool(clip), RECOMPUTE=bool(recompute), CFG=bool(cfg),
         LV=v is not None and mode == 0, HAS_Z=has_z, HAS_NOISE=has_noise,
-        HAS_PREV2=q is not None and mode == 1,
+        HAS_PREV2=q is not None and mode == 1, HAS_PREV3=q3 is not None and mode == 1,
+        HAS_PREV4=q4 is not None and mode == 1,
         WRITE_X0=x0 is not None, NHWC=nhwc_c > 0,
         QUAD=(has_z == 2 or has_noise == 2) and nhwc_c == 0 and inner % 4 == 0, BLOCK=block,
     )  # fmt: skip
