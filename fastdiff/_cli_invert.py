@@ -10,7 +10,9 @@ The noise file holds one tensor, ``"x_T"`` ``[1 x C x H x W]`` (float32), and me
 without ``--label``), ``options`` (JSON: the inverse sampler's options, which the forward sampler
 repeats) and ``image``. ``sample --noise`` takes its ``--sampler`` (``ddim`` for ``ddim_inverse``,
 ``dpm++`` for ``dpm++_inverse``), ``--steps``, ``--n``, ``--label`` and ``--guidance`` from there
-unless they are given.
+unless they are given, and with the matching forward sampler the options (``dpm++_inverse``'s
+``--karras`` / ``--solver-order``: ``use_karras_sigmas`` / ``solver_order``; given again to
+``sample``, ``--karras`` / ``--solver-order`` win).
 
 DDIM inversion runs without x0 clipping (``clip_sample=False`` both ways): with the sampler's
 default clipping the round trip of a digit at 50 steps was off by up to 1.75 (of the [-1, 1]
@@ -65,6 +67,7 @@ def cmd_invert(a: argparse.Namespace) -> None:
         raise CLIError("--guidance needs --label (classifier-free guidance towards a class)")
     if a.label == "all":
         raise CLIError("--label all asks for several classes; invert takes one picture (0-9)")
+    opts = {**_OPTIONS[a.sampler], **_solver_options(a)}
     model = _load_model(a.model, dev)
     image = _init_image(a.init_image, model, 1, dev)
     T = model.schedule.num_train_timesteps if model.schedule is not None else 1000
@@ -74,7 +77,6 @@ def cmd_invert(a: argparse.Namespace) -> None:
         fastdiff.optimize(model, channels_last=True)
     labels = _labels(model, a.label, 1, dev)
     g = None if labels is None else (1.0 if a.guidance is None else a.guidance)
-    opts = _OPTIONS[a.sampler]
     with _backend_ctx(a.backend), torch.no_grad():
         x_T = fastdiff.invert(
             model, image, a.steps, sampler=a.sampler, cond=labels,
@@ -92,6 +94,22 @@ def cmd_invert(a: argparse.Namespace) -> None:
     _write_noise(x_T, meta, out)
     print(f"wrote {out} (x_T {_shape_str(x_T.shape)}, {a.sampler}, {a.steps} steps; "
           f"`fastdiff sample --noise` gives the picture back)", file=sys.stderr)  # fmt: skip
+
+
+def _solver_options(a: argparse.Namespace) -> dict[str, Any]:
+    """``--karras`` / ``--solver-order``: options of ``dpm++_inverse`` (stored in the file, so
+    that ``sample --noise`` runs ``dpm++`` with them: the same grid and order both ways)."""
+    opts: dict[str, Any] = {}
+    for flag, key, value in (("--karras", "use_karras_sigmas", a.karras or None),
+                             ("--solver-order", "solver_order", a.solver_order)):  # fmt: skip
+        if value is None:
+            continue
+        if a.sampler != "dpm++_inverse":
+            raise CLIError(f"{flag}: for --sampler dpm++_inverse (DDIM inversion has no "
+                           f"{'sigma grid' if key != 'solver_order' else 'solver order'}), got "
+                           f"--sampler {a.sampler}")  # fmt: skip
+        opts[key] = value
+    return opts
 
 
 def _write_noise(x_T: torch.Tensor, meta: dict[str, str], out: Path) -> None:
@@ -198,6 +216,12 @@ def add_invert_parser(sub: Any) -> None:
     r.add_argument("--sampler", choices=tuple(FORWARD), default="ddim_inverse",
                    help="ddim_inverse (sample --sampler ddim undoes it) or dpm++_inverse (dpm++; "
                         "a closer round trip at the same steps)")  # fmt: skip
+    r.add_argument("--karras", action="store_true",
+                   help='dpm++_inverse: the Karras sigma grid ("DPM++ 2M Karras" run upwards; '
+                        "sample --noise repeats it)")  # fmt: skip
+    r.add_argument("--solver-order", type=int, choices=(1, 2, 3), default=None,
+                   help="dpm++_inverse: 1, 2 (default) or 3 (sample --noise repeats "
+                        "it)")  # fmt: skip
     r.add_argument("--out", default="noise.safetensors", help="x_T as .safetensors")
     r.add_argument("--label", type=_label, default=None, help="digit 0-9 to invert towards")
     r.add_argument("--guidance", type=float, default=None,

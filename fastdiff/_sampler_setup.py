@@ -4,7 +4,9 @@
 :class:`~fastdiff.NoiseSchedule`, its sampling settings that the sampler takes
 (``prediction_type``, ``timestep_spacing``, ...) the sampler's defaults, and the settings of the
 sampler's own diffusers scheduler that fastdiff does not implement (Karras sigmas, another solver
-order, ...) a ValueError, rather than samples that silently differ from diffusers'.
+order, ...) a ValueError, rather than samples that silently differ from diffusers'. A config
+without ``_class_name`` (an in-memory ``scheduler.config``) means its object when its keys tell
+its class (:mod:`fastdiff._config_class`); otherwise no key of it is dropped silently.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from fastdiff._conditioning import _cfg_get, _learned_variance
+from fastdiff._config_class import _and, check_config_read, classes_of_keys, named_config
+from fastdiff._scheduler_table import _OWN_GRID, _SCHEDULER_OF, _UNSUPPORTED_SETTINGS
 from fastdiff.samplers import SAMPLERS, Sampler, make_sampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -33,6 +37,7 @@ def resolve_sampler(
     """The sampler object ``sample`` runs: ``sampler`` itself, or the one it names, built on
     the schedule with ``steps`` steps and its options; None: the one :func:`infer_sampler`
     picks for ``schedule``."""
+    schedule = named_config(schedule, sampler if isinstance(sampler, str) else None)
     if sampler is None:
         sampler = infer_sampler(schedule)
     if isinstance(sampler, Sampler):
@@ -376,141 +381,20 @@ def _diffusers_class(schedule: Any, cfg: Mapping[str, Any]) -> type | None:
     return cls if isinstance(cls, type) else None
 
 
-# The diffusers scheduler each sampler reproduces, and the settings of that scheduler that change
-# its method (not its betas) which the sampler does not implement: {key: neutral value}. A
-# non-neutral one there would be silently dropped, the samples no longer diffusers'.
-_SCHEDULER_OF = {
-    "cm": "CMStochasticIterativeScheduler",
-    "cosine_dpm++": "CosineDPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "ddim_inverse": "DDIMInverseScheduler",
-    "ddpm": "DDPMScheduler",
-    "deis": "DEISMultistepScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "dpm++_inverse": "DPMSolverMultistepInverseScheduler",
-    "dpm++_single": "DPMSolverSinglestepScheduler",
-    "dpm++_sde": "DPMSolverSDEScheduler",
-    "dpm2": "KDPM2DiscreteScheduler",
-    "dpm2_a": "KDPM2AncestralDiscreteScheduler",
-    "edm_dpm++": "EDMDPMSolverMultistepScheduler",
-    "edm_euler": "EDMEulerScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "flow_euler": "FlowMatchEulerDiscreteScheduler",
-    # after flow_euler: infer_sampler takes the first match, a scheduler samples forwards
-    "flow_euler_inverse": "FlowMatchEulerDiscreteScheduler",
-    "flow_heun": "FlowMatchHeunDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "ipndm": "IPNDMScheduler",
-    "lcm": "LCMScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "sa_solver": "SASolverScheduler",
-    "tcd": "TCDScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-# Samplers whose noise levels are their diffusers scheduler's own grid (no betas): built with
-# schedule=None, from that scheduler's settings (as the EDM samplers)
-_OWN_GRID = ("ipndm", "cosine_dpm++")
-_SIGMAS_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False,
-                   "use_beta_sigmas": False}  # fmt: skip
-_UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
-    # its flow grid (use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type) is
-    # DPMSolverPPSampler's; flow combined with a sigma grid is refused by the sampler itself
-    "dpm++": {
-        **_SIGMAS_NEUTRAL,
-        # not DPMSolverMultistepScheduler's, but its sigma grids read them from the config
-        "sigma_min": None,
-        "sigma_max": None,
-    },
-    # diffusers 0.42's DPMSolverSinglestepScheduler: its flow grid (use_flow_sigmas, flow_shift,
-    # use_dynamic_shifting, time_shift_type) and lambda_min_clipped are the sampler's; its sigma
-    # grids read a leftover sigma_min / sigma_max; algorithm_type="sde-dpmsolver++" with
-    # solver_order 3, thresholding with "dpmsolver" and flow + a VP sigma grid are refused by
-    # the sampler itself
-    "dpm++_single": {"sigma_min": None, "sigma_max": None},
-    # diffusers 0.42's DPMSolverSDEScheduler: every setting it has is implemented (eta = 1 and
-    # r = 1/2 are hard-coded there; noise_sampler_seed seeds its torchsde tree, which fastdiff
-    # does not use: the law is the same, see dpm_sde.py); its exponential / beta grids read a
-    # leftover sigma_min / sigma_max (its Karras grid does not), which the sampler does not take
-    "dpm++_sde": {"sigma_min": None, "sigma_max": None},
-    # diffusers 0.42's DPMSolverMultistepInverseScheduler: its sigma grids would read a leftover
-    # sigma_min / sigma_max as their bottom / top (swapped: it builds them ascending); its flow
-    # grid descends (it samples, not inverts); "sde-dpmsolver++" (NaN upwards) and the
-    # "dpmsolver" types are refused by DPMSolverPPInverseSampler itself
-    "dpm++_inverse": {"sigma_min": None, "sigma_max": None, "use_flow_sigmas": False},
-    "euler": {
-        "interpolation_type": "linear",
-        "timestep_type": "discrete",
-        "final_sigmas_type": "zero",
-    },
-    # diffusers 0.42's EulerAncestralDiscreteScheduler has no method-changing setting fastdiff
-    # lacks (its sigma grids are a fastdiff extension); these guard a future one (Euler's)
-    "euler_a": {
-        "interpolation_type": "linear",
-        "timestep_type": "discrete",
-        "final_sigmas_type": "zero",
-    },
-    # diffusers 0.42's HeunDiscreteScheduler: every setting it has is implemented (it hard-codes
-    # Karras' churn gamma = 0); these guard a future one (its Euler sibling's)
-    "heun": {
-        "interpolation_type": "linear",
-        "timestep_type": "discrete",
-        "final_sigmas_type": "zero",
-    },
-    # diffusers 0.42's KDPM2 schedulers: every setting they have is implemented (gamma = 0 is
-    # hard-coded there); these guard a future one (their Euler sibling's)
-    "dpm2": {
-        "interpolation_type": "linear",
-        "timestep_type": "discrete",
-        "final_sigmas_type": "zero",
-    },
-    "dpm2_a": {
-        "interpolation_type": "linear",
-        "timestep_type": "discrete",
-        "final_sigmas_type": "zero",
-    },
-    # diffusers 0.42's IPNDMScheduler: trained_betas replaces its sin^2 noise levels
-    "ipndm": {"trained_betas": None},
-    # diffusers 0.42's SASolverScheduler: its flow grid (use_flow_sigmas, with flow_shift, which
-    # acts only there) and learned-variance outputs are not implemented; predictor_order 3-4,
-    # corrector_order 4 are refused by SASolverSampler itself
-    "sa_solver": {"use_flow_sigmas": False, "variance_type": None},
-    # diffusers 0.42's LCMScheduler: every setting that changes its step is implemented
-    # (timestep_spacing, steps_offset and set_alpha_to_one do nothing there); TCDScheduler's
-    # step ignores its clip_sample, thresholding and timestep_scaling too, so not applying them
-    # is diffusers' behaviour. Both guard a future sigma-grid setting.
-    "lcm": {**_SIGMAS_NEUTRAL},
-    "tcd": {**_SIGMAS_NEUTRAL},
-    # diffusers 0.42's LMSDiscreteScheduler: every setting is implemented (a leftover
-    # sigma_min / sigma_max of another scheduler's config is an LMSSampler option: its
-    # exponential / beta grids read it, as diffusers')
-    # diffusers 0.42's DEISMultistepScheduler: its flow grid (use_flow_sigmas, flow_shift,
-    # use_dynamic_shifting, time_shift_type) is DEISSampler's; its Karras / exponential / beta
-    # grids read a leftover sigma_min / sigma_max; another solver_order and flow + a VP sigma
-    # grid are refused by DEISSampler itself
-    "deis": {"sigma_min": None, "sigma_max": None},
-    # diffusers' Karras / exponential / beta grids read a leftover sigma_min / sigma_max of
-    # another scheduler's config; invert_sigmas is refused by FlowMatchEulerSampler itself
-    "flow_euler": {"sigma_min": None, "sigma_max": None},
-    "flow_euler_inverse": {"sigma_min": None, "sigma_max": None, "stochastic_sampling": False},
-    # solver_order not in (1, 2, 3) and predict_x0=False are refused by UniPCSampler itself; its
-    # flow grid (use_flow_sigmas, flow_shift, use_dynamic_shifting, time_shift_type,
-    # shift_terminal) is UniPCSampler's
-    "unipc": {
-        "solver_p": None,
-        "sigma_min": None,
-        "sigma_max": None,
-    },
-}
-
-
 def infer_sampler(schedule: Any) -> str:
     """The sampler ``sample(sampler=None)`` runs: the one that reproduces ``schedule``'s
     diffusers scheduler class (``DPMSolverMultistepScheduler`` -> ``"dpm++"``, ...; its settings
     then apply as for an explicit name), else ``"ddim"``. A diffusers scheduler class fastdiff
     has no sampler for (e.g. ``UnCLIPScheduler``) warns: its noise schedule is used,
-    sampled with DDIM."""
+    sampled with DDIM.
+
+    A config mapping without ``_class_name`` (``scheduler.config``, ``dict(scheduler.config)``:
+    diffusers writes the class name only when it saves the config) is its class's when its keys
+    are exactly that class's parameters (:func:`named_config`). Keys of several classes alike
+    (``KDPM2DiscreteScheduler`` / ``LMSDiscreteScheduler``, ...) are a ValueError, and so is a
+    mapping of no class with keys that neither the noise schedule nor ``"ddim"`` reads
+    (``{"use_karras_sigmas": True}``): they would be dropped silently."""
+    schedule = named_config(schedule, None)
     cfg = _scheduler_config(schedule)
     if cfg is None:
         return "ddim"
@@ -523,6 +407,17 @@ def infer_sampler(schedule: Any) -> str:
             f"schedule: fastdiff has no sampler for {cls}; flow-matching models can run "
             "sampler='flow_euler' or 'flow_heun' (the scheduler's shift settings apply)"
         )
+    found = classes_of_keys(cfg) if cls is None else []
+    if cls is None and any(c in _SCHEDULER_OF.values() for c in found):
+        of = {v: k for k, v in reversed(_SCHEDULER_OF.items())}  # the forward one first
+        which = [f"{c} ({of[c]!r})" if c in of else f"{c} (no fastdiff sampler)" for c in found]
+        raise ValueError(
+            f"schedule: a config without '_class_name' whose keys are those of {_and(which)} "
+            "alike; sampler=None cannot tell which to reproduce: pass sampler=, the scheduler "
+            "object, or its config with '_class_name' (as scheduler.save_config writes it)"
+        )
+    if cls is None and found:  # classes fastdiff has no sampler for, as an object of them
+        cls = " / ".join(found)
     if cls is not None:
         known = ", ".join(f"{v} -> {k!r}" for k, v in _SCHEDULER_OF.items())
         warnings.warn(
@@ -531,6 +426,8 @@ def infer_sampler(schedule: Any) -> str:
             UserWarning,
             stacklevel=5,  # infer_sampler < resolve_sampler < sample < no_grad wrapper < caller
         )
+        return "ddim"
+    check_config_read(schedule, "ddim", "sample(sampler=None)")
     return "ddim"
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastdiff._config_class import check_config_read, classes_of_keys, named_config
 from fastdiff._prepare import _infer_shape, _model_param
 from fastdiff.samplers import (
     DDIMInverseSampler,
@@ -95,7 +96,11 @@ def invert(
             ``sample(noise=x_T, sampler="flow_euler")`` with the same grid options undoes;
             ``schedule`` None or a ``FlowMatchEulerDiscreteScheduler`` (its shift settings).
             None (default): ``"dpm++_inverse"`` when ``schedule`` is a
-            ``DPMSolverMultistepInverseScheduler`` (or its config), else ``"ddim_inverse"``.
+            ``DPMSolverMultistepInverseScheduler`` (or its config), ``"flow_euler_inverse"``
+            for a ``FlowMatchEulerDiscreteScheduler`` (or its config), else ``"ddim_inverse"``
+            (a config without ``_class_name``: its class told from its keys, as for
+            :func:`fastdiff.sample`; one of no class whose keys ``"ddim_inverse"`` does not
+            read is a ValueError).
         schedule: the model's training schedule, as for :func:`fastdiff.sample` (a name, a
             :class:`~fastdiff.NoiseSchedule`, or a diffusers scheduler / config: a
             ``DDIMInverseScheduler``, or the pipeline's own ``DDIMScheduler``, whose
@@ -163,17 +168,28 @@ def invert(
 
 def _default_sampler(schedule: Any) -> str:
     """``"dpm++_inverse"`` for diffusers' ``DPMSolverMultistepInverseScheduler`` passed as
-    ``schedule``: the object, its saved config (``_class_name``) or its ``.config`` / a dict of
-    it (no class name: :func:`_is_dpm_inverse_config`); else ``"ddim_inverse"``."""
+    ``schedule``, ``"flow_euler_inverse"`` for a ``FlowMatchEulerDiscreteScheduler``: the
+    object, its saved config (``_class_name``) or its ``.config`` / a dict of it (no class
+    name: the class its keys tell, as for :func:`fastdiff.sample`; keys of no class: for the
+    DPM-Solver++ inverse :func:`_is_dpm_inverse_config`); else ``"ddim_inverse"`` (keys of
+    several classes, e.g. ``KDPM2DiscreteScheduler``'s, none of them an inverse one, too). A
+    config of no class with keys ``"ddim_inverse"`` does not read (``{"use_karras_sigmas":
+    True, "final_sigmas_type": ...}``) is a ValueError, as under ``sample(sampler=None)``."""
+    schedule = named_config(schedule, None)
     cfg = getattr(schedule, "config", schedule)
     if not isinstance(cfg, Mapping):
         return "ddim_inverse"
     cls = cfg.get("_class_name")
     if not isinstance(cls, str):
         cls = type(schedule).__name__ if hasattr(schedule, "config") else None
-    if cls is None and _is_dpm_inverse_config(cfg):
+    if cls is None and not classes_of_keys(cfg) and _is_dpm_inverse_config(cfg):
         cls = "DPMSolverMultistepInverseScheduler"
-    return "dpm++_inverse" if cls == "DPMSolverMultistepInverseScheduler" else "ddim_inverse"
+    if cls == "DPMSolverMultistepInverseScheduler":
+        return "dpm++_inverse"
+    if cls == "FlowMatchEulerDiscreteScheduler":
+        return "flow_euler_inverse"
+    check_config_read(schedule, "ddim_inverse", "invert(sampler=None)")
+    return "ddim_inverse"
 
 
 def _is_dpm_inverse_config(cfg: Mapping[str, Any]) -> bool:

@@ -416,15 +416,50 @@ def test_sample_with_the_scheduler_is_diffusers_loop(cfg, as_config):
     assert rel(by_name, got) <= 1e-6
 
 
-def test_a_leftover_sigma_min_is_refused_and_nothing_runs():
-    """diffusers' exponential / beta grids read a leftover sigma_min / sigma_max of another
-    scheduler's config; the sampler does not take them: refused by name, no model call."""
-    calls = []
-    cfg = dict(SDE(**DIFFUSERS_BETAS["linear"], use_exponential_sigmas=True).config)
-    cfg.update(_class_name="DPMSolverSDEScheduler", sigma_min=0.1)
-    with pytest.raises(ValueError, match="sigma_min=0.1"):
-        fastdiff.sample(lambda x, t: calls.append(t) or x, steps=4, schedule=cfg, noise=_z())
-    assert calls == []
+@pytest.mark.parametrize("as_config", [False, True], ids=["object", "saved-config"])
+@pytest.mark.parametrize("grid", [None, "karras", "exponential", "beta"])
+def test_leftover_sigma_min_max_are_diffusers_behaviour(grid, as_config):
+    """``DPMSolverSDEScheduler.from_config(<a config with sigma_min / sigma_max>)`` keeps them
+    (an Euler-family config's leftovers); diffusers' exponential / beta grids read them, its
+    default and Karras grids ignore them. sample(schedule=that scheduler or its saved config)
+    runs diffusers' loop on diffusers' grid either way (no refusal)."""
+    n, kw = 5, ({f"use_{grid}_sigmas": True} if grid else {})
+    sch = SDE.from_config({**SDE(**DIFFUSERS_BETAS["linear"], **kw).config,
+                           "sigma_min": 0.1, "sigma_max": 5.0})  # fmt: skip
+    assert (sch.config.sigma_min, sch.config.sigma_max) == (0.1, 5.0)
+    arg = json.loads(sch.to_json_string()) if as_config else sch
+    z, seen = _z(4), []
+
+    def model(x, t):
+        seen.append(int(t[0]))
+        return toy(x, t)
+
+    got = fastdiff.sample(model, steps=n, schedule=arg, noise=z,
+                          generator=torch.Generator().manual_seed(5))  # fmt: skip
+    sch.set_timesteps(n)
+    assert seen == sch.timesteps.round().long().tolist()
+    reads = grid in ("exponential", "beta")
+    assert (abs(float(sch.sigmas[0]) - 5.0) < 1e-4) == reads  # (the check can fail)
+    smp = make_sampler("dpm++_sde", NoiseSchedule.from_diffusers(sch), n, **kw,
+                       sigma_min=0.1, sigma_max=5.0)  # fmt: skip
+    assert torch.equal(torch.from_numpy(smp.sigmas()[:-1]).float(), sch.sigmas[0::2])
+    g = torch.Generator().manual_seed(5)
+    draws = [torch.randn(SHAPE, generator=g) if smp.needs_noise(i) else None
+             for i in range(smp.steps)]  # fmt: skip
+    fresh = SDE.from_config(sch.config)
+    fresh.set_timesteps(n)
+    assert rel(got, _their_loop(fresh, z, _increments(smp, draws), f64=True)) <= RTOL
+
+
+def test_leftover_sigma_ends_are_checked():
+    """A leftover sigma_min >= sigma_max under the grids that read them is a ValueError naming
+    both (diffusers' grid would run upwards); a wrong type a TypeError, also under Karras."""
+    schedule = NoiseSchedule("linear")
+    with pytest.raises(ValueError, match="sigma_min, sigma_max: the exponential sigma grid needs"):
+        make_sampler("dpm++_sde", schedule, 4, use_exponential_sigmas=True, sigma_min=3.0,
+                     sigma_max=2.0)  # fmt: skip
+    with pytest.raises(TypeError, match="sigma_max: expected None or a finite float > 0, got str"):
+        make_sampler("dpm++_sde", schedule, 4, use_karras_sigmas=True, sigma_max="5")
 
 
 @pytest.mark.parametrize("kw,exc,match", [

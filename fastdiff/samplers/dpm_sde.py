@@ -81,7 +81,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers.base import _ops, advance_generator_state, vp_of_sigma
-from fastdiff.samplers.euler import EulerSampler
+from fastdiff.samplers.euler import EulerSampler, grid_end
 from fastdiff.samplers.heun import _version
 from fastdiff.samplers.sigmas import make_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
@@ -120,6 +120,11 @@ class DPMSolverSDESampler(EulerSampler):
             use_exponential_sigmas, use_beta_sigmas, fractional_timesteps: as diffusers'
             ``DPMSolverSDEScheduler`` / :class:`~fastdiff.samplers.euler.EulerSampler` (the
             grids span the noise levels of the first and last spaced timesteps).
+        sigma_min, sigma_max: the exponential / beta grid's end noise levels. As in diffusers'
+            ``DPMSolverSDEScheduler``, whose exponential / beta grids read them from its config
+            (the leftovers of e.g. an ``EulerDiscreteScheduler`` config it was made from with
+            ``from_config``) while its default and Karras grids ignore them: checked, then
+            used by those two grids only.
         steps: number of DPM++ SDE steps N (diffusers' ``num_inference_steps``): 2N - 1 model
             calls.
         s_noise: scale of the added noise (diffusers' ``step(s_noise=...)``, k-diffusion's
@@ -145,6 +150,8 @@ class DPMSolverSDESampler(EulerSampler):
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
         s_noise: float = 1.0,
         eta: float = 1.0,
         noise_sampler_seed: int | None = None,
@@ -161,6 +168,9 @@ class DPMSolverSDESampler(EulerSampler):
             )
         #: diffusers' Brownian-tree seed: unused (module docstring)
         self.noise_sampler_seed = noise_sampler_seed
+        ends = grid_end("sigma_min", sigma_min), grid_end("sigma_max", sigma_max)
+        if not (use_exponential_sigmas or use_beta_sigmas):  # diffusers' other grids ignore them
+            ends = None, None
         self.reset()
         super().__init__(
             schedule,
@@ -171,6 +181,8 @@ class DPMSolverSDESampler(EulerSampler):
             use_karras_sigmas=use_karras_sigmas,
             use_exponential_sigmas=use_exponential_sigmas,
             use_beta_sigmas=use_beta_sigmas,
+            sigma_min=ends[0],
+            sigma_max=ends[1],
             fractional_timesteps=fractional_timesteps,
         )
 
@@ -198,7 +210,14 @@ class DPMSolverSDESampler(EulerSampler):
             )
         sig = np.interp(ts, np.arange(len(train)), train)  # float64
         if self.sigma_grid is not None:
-            sig = make_sigma_grid(self.sigma_grid, sig[-1].item(), sig[0].item(), n)
+            lo = self.sigma_min if self.sigma_min is not None else sig[-1].item()
+            hi = self.sigma_max if self.sigma_max is not None else sig[0].item()
+            if not lo < hi and n > 1:
+                raise ValueError(
+                    f"sigma_min, sigma_max: the {self.sigma_grid} sigma grid needs sigma_min < "
+                    f"sigma_max, got {lo:.6g} and {hi:.6g}"
+                )
+            sig = make_sigma_grid(self.sigma_grid, lo, hi, n)
             ts = sigma_to_t(sig, log_train)
         # the midpoint timesteps: diffusers' float64 log-midpoints of the float64 sigmas
         lam = -np.log(sig)
