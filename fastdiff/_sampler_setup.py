@@ -120,9 +120,9 @@ def resolve_sampler(
 
 def _default_steps(name: str, steps: Any, options: Mapping[str, Any], custom: str) -> Any:
     """``steps``, else the length of a custom grid option (``timesteps=`` of LCM / TCD / DPM++
-    / Euler / Heun / DDPM, flow ``sigmas=``, as diffusers' ``set_timesteps`` takes it; Euler's
-    VP ``sigmas=`` end with the final noise level: one fewer step), else the sampler's
-    default."""
+    / Euler / Heun / DDPM, flow ``sigmas=``, edm_euler's ramp ``sigmas=``, as diffusers'
+    ``set_timesteps`` takes it; Euler's VP ``sigmas=`` end with the final noise level: one fewer
+    step), else the sampler's default."""
     if steps is not None:
         return steps
 
@@ -194,7 +194,9 @@ def _resolve_edm(
         )
     if eta is not None:
         raise ValueError(f"eta: only the 'ddim' and 'tcd' samplers take eta, got sampler={name!r}")
-    n_steps = _default_steps(name, steps, options, "timesteps")
+    # edm_euler's sigmas= is diffusers' EDM ramp, one entry per step (not Euler's noise levels)
+    custom = "sigmas" if SAMPLERS[name] is SAMPLERS["edm_euler"] else "timesteps"
+    n_steps = _default_steps(name, steps, options, custom)
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
         raise TypeError(f"steps: expected an int, got {type(n_steps).__name__}")
     _check_scheduler_settings(schedule, name)

@@ -166,12 +166,6 @@ def test_edm_dpm_takes_no_ramp():
         fastdiff.sample(_model, 3, sampler="edm_dpm++", shape=SHAPE[1:], sigmas=[0.0, 0.5, 1.0])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_sampler_setup._default_steps (cfg19's file) counts a sigmas= option as Euler's VP "
-    "sigmas (len - 1 steps); edm_euler's ramp has one entry per step, so sample() without steps "
-    "asks for steps=len(sigmas)",
-)
 def test_steps_default_to_the_ramp_length():
     ramp = RAMPS[0]
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
