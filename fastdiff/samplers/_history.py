@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastdiff.samplers.base import _unipc_ops
+
 
 class RunRows:
     """The fp32 device tables of ``_since64``, built on first use and cached per device."""
@@ -47,8 +49,10 @@ class EpsHistory(RunRows):
     (LMS's derivative d = eps, DEIS's eps) kept for the next ``_n_hist`` steps, newest first.
 
     The sampler provides ``_n_hist``, ``_max_order()`` (its multistep order), ``_sigma_at(i)``
-    (the noise level sigma = sqrt((1 - ab) / ab) of step i), the tables (``coef_table``,
-    ``_coef64``, ``_since64``) and ``step_with_history``."""
+    (the noise level sigma = sqrt((1 - ab) / ab) of step i), ``_op_prediction()`` (the op's
+    prediction_type that turns its model output into the noise estimate with the row's (a, s))
+    and the tables (``coef_table``, ``_coef64``, ``_since64``); one that does more in a fused
+    call (DEIS's thresholding) overrides ``step_with_history``."""
 
     _n_hist = 3
     # row columns of the weights of m_{i-1}, m_{i-2}, m_{i-3} (unipc_step's c_m1, c_m2, c_m3)
@@ -74,6 +78,9 @@ class EpsHistory(RunRows):
         self._hist: list[Tensor | None] = [None] * self._n_hist
         self._prev_i = -1
         self._start = 0
+
+    def _op_prediction(self) -> str:
+        raise NotImplementedError
 
     def x0_of(self, m: Tensor, i: int, x: Tensor) -> Tensor:
         """The x0 prediction of step ``i`` at the VP sample ``x`` from its noise estimate ``m``
@@ -121,3 +128,32 @@ class EpsHistory(RunRows):
                                               guidance_scale=guidance_scale)  # fmt: skip
         self._hist, self._prev_i = [m, *hist[:-1]], i
         return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next
+
+    def step_with_history(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        coef: Tensor,
+        last: Tensor | None,
+        m_prev: Tensor | None,
+        m_prev2: Tensor | None,
+        m_prev3: Tensor | None = None,
+        *,
+        guidance_scale: float | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One fused call with the caller's history and row (CUDA graphs): ``(x_c, m_i,
+        x_next)``, m_i step i's noise estimate (LMS's d_i, iPNDM's e_i); ``last`` is not read
+        (c_last = 0). The sampler's own history is left alone."""
+        self._check_step_args(model_output, i, x, None, guidance_scale)
+        return _unipc_ops().unipc_step(
+            x,
+            model_output,
+            coef,
+            None,
+            m_prev,
+            m_prev2,
+            m_prev3=m_prev3,
+            prediction_type=self._op_prediction(),
+            guidance_scale=guidance_scale,
+        )

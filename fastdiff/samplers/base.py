@@ -34,6 +34,12 @@ def _ops():
     return mod
 
 
+def _unipc_ops():
+    from fastdiff.ops import unipc_step as mod
+
+    return mod
+
+
 def spaced_timesteps(
     num_train_timesteps: int,
     steps: int,

@@ -15,6 +15,7 @@ from torch import Tensor
 from fastdiff.samplers._history import EpsHistory
 from fastdiff.samplers.base import (
     Sampler,
+    _unipc_ops,
     check_choice,
     check_solver_order,
     check_thresholding,
@@ -36,12 +37,6 @@ __all__ = ["DEISSampler", "deis_weights"]
 ALGORITHM_TYPES = {"deis": "deis", "dpmsolver": "deis", "dpmsolver++": "deis"}
 SOLVER_TYPES = {"logrho": "logrho", "midpoint": "logrho", "heun": "logrho", "bh1": "logrho",
                 "bh2": "logrho"}  # fmt: skip
-
-
-def _unipc_ops():
-    from fastdiff.ops import unipc_step as mod
-
-    return mod
 
 
 def deis_weights(rho: np.ndarray, i: int, order: int) -> np.ndarray:

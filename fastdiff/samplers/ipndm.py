@@ -204,37 +204,12 @@ class IPNDMSampler(EpsHistory, Sampler):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(steps={self.steps})"
 
+    def _op_prediction(self) -> str:
+        """The op reads the v output with the row's (a, s) = (sigma_i, -alpha_i): its
+        ``v_prediction`` "x0" a x - s v is the noise estimate e_i = sigma_i x + alpha_i v."""
+        return "v_prediction"
+
     # ------------------------------------------------------------------ stepping
-    def step_with_history(
-        self,
-        model_output: Tensor,
-        i: int,
-        x: Tensor,
-        coef: Tensor,
-        last: Tensor | None,
-        m_prev: Tensor | None,
-        m_prev2: Tensor | None,
-        m_prev3: Tensor | None = None,
-        *,
-        guidance_scale: float | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """One fused call with the caller's history and row (CUDA graphs): ``(x_c, e_i,
-        x_next)``; ``last`` is not read (c_last = 0). The sampler's own history is left alone."""
-        from fastdiff.ops import unipc_step as mod
-
-        self._check_step_args(model_output, i, x, None, guidance_scale)
-        return mod.unipc_step(
-            x,
-            model_output,
-            coef,
-            None,
-            m_prev,
-            m_prev2,
-            m_prev3=m_prev3,
-            prediction_type="v_prediction",
-            guidance_scale=guidance_scale,
-        )
-
     def step(
         self,
         model_output: Tensor,

@@ -20,12 +20,6 @@ from fastdiff.schedules import NoiseSchedule
 __all__ = ["LMSSampler", "lms_weights"]
 
 
-def _unipc_ops():
-    from fastdiff.ops import unipc_step as mod
-
-    return mod
-
-
 def lms_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
     """The ``order`` linear multistep weights of step ``i`` (float64, newest derivative first):
     w_j = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial
@@ -217,32 +211,3 @@ class LMSSampler(EpsHistory, EulerSampler):
 
     def config(self) -> dict:
         return {**super().config(), "order": self.order, "sigma_grid": self.sigma_grid}
-
-    # ------------------------------------------------------------------ stepping
-    def step_with_history(
-        self,
-        model_output: Tensor,
-        i: int,
-        x: Tensor,
-        coef: Tensor,
-        last: Tensor | None,
-        m_prev: Tensor | None,
-        m_prev2: Tensor | None,
-        m_prev3: Tensor | None = None,
-        *,
-        guidance_scale: float | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """One fused call with the caller's history and row (CUDA graphs): ``(x_c, d_i,
-        x_next)``; ``last`` is not read (c_last = 0). The sampler's own history is left alone."""
-        self._check_step_args(model_output, i, x, None, guidance_scale)
-        return _unipc_ops().unipc_step(
-            x,
-            model_output,
-            coef,
-            None,
-            m_prev,
-            m_prev2,
-            m_prev3=m_prev3,
-            prediction_type=self._op_prediction(),
-            guidance_scale=guidance_scale,
-        )

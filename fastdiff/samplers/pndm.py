@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers._history import RunRows
-from fastdiff.samplers.base import Sampler, alpha_bar_prev
+from fastdiff.samplers.base import Sampler, _unipc_ops, alpha_bar_prev
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["PNDMSampler"]
@@ -27,12 +27,6 @@ PLMS_WEIGHTS = {
     3: (23 / 12, -16 / 12, 5 / 12),
     4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
 }
-
-
-def _unipc_ops():
-    from fastdiff.ops import unipc_step as mod
-
-    return mod
 
 
 class PNDMSampler(RunRows, Sampler):

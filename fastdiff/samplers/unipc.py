@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, check_thresholding, threshold_x0
+from fastdiff.samplers.base import Sampler, _unipc_ops, check_thresholding, threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.dpm_solver import FINAL_SIGMAS, DPMSolverPPSampler
 from fastdiff.samplers.flow_sigmas import FlowOptions, flow_timesteps, unipc_flow_sigmas
@@ -53,12 +53,6 @@ def _step_indices(value: object) -> list[int]:
             raise TypeError(f"disable_corrector: expected integer step indices, got {k!r} in it")
         out.add(index)
     return sorted(out)
-
-
-def _unipc_ops():
-    from fastdiff.ops import unipc_step as mod
-
-    return mod
 
 
 class UniPCSampler(DPMSolverPPSampler):
