@@ -15,7 +15,7 @@ from fastdiff.samplers.base import (
     _sqrt,
     advance_generator_state,
     alpha_bar_prev,
-    check_thresholding,
+    set_x0_options,
     threshold_x0,
 )
 from fastdiff.schedules import NoiseSchedule
@@ -89,16 +89,9 @@ class DDIMSampler(Sampler):
             raise ValueError(
                 f"prev_timestep: expected one of {list(PREV_TIMESTEP_RULES)}, got {prev_timestep!r}"
             )
-        if clip_sample and not float(clip_sample_range) > 0:
-            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
-        if thresholding:
-            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        set_x0_options(self, clip_sample, clip_sample_range, thresholding,
+                       dynamic_thresholding_ratio, sample_max_value)  # fmt: skip
         self.eta = eta
-        self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
-        self.thresholding = bool(thresholding)
-        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
-        self.sample_max_value = float(sample_max_value)
         self.use_clipped_model_output = bool(use_clipped_model_output)
         self.set_alpha_to_one = bool(set_alpha_to_one)
         self.prev_timestep = prev_timestep

@@ -15,8 +15,8 @@ from fastdiff.samplers.base import (
     _ops,
     _sqrt,
     advance_generator_state,
-    check_thresholding,
     custom_timesteps,
+    set_x0_options,
     threshold_x0,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
@@ -88,17 +88,10 @@ class DDPMSampler(Sampler):
             raise ValueError(
                 f"variance_type: expected one of {list(VARIANCE_TYPES)}, got {variance_type!r}"
             )
-        if clip_sample and not float(clip_sample_range) > 0:
-            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
-        if thresholding:
-            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        set_x0_options(self, clip_sample, clip_sample_range, thresholding,
+                       dynamic_thresholding_ratio, sample_max_value)  # fmt: skip
         self.variance_type = variance_type
         self.learned_variance = variance_type == "learned_range"
-        self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
-        self.thresholding = bool(thresholding)
-        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
-        self.sample_max_value = float(sample_max_value)
         self._custom = None  # user timesteps (set_timesteps(timesteps=...)), int64, descending
         if timesteps is not None and isinstance(schedule, NoiseSchedule):
             self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
