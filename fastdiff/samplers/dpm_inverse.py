@@ -50,7 +50,16 @@ class DPMSolverPPInverseSampler(DPMSolverPPSampler):
     0, fastdiff the identity its first-order and midpoint forms give).
 
     A step is one fused ``dpm_solver_2m_step`` call with the float64 row of the forward sampler
-    (``[alpha_s, sigma_s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]``).
+    (``[alpha_s, sigma_s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]``), its x0 term in eps form for
+    an eps or v model: with x0 = (x - sigma_s eps) / alpha_s, ``c_x x + c_x0 x0 = (c_x + c_x0 /
+    alpha_s) x - (c_x0 sigma_s / alpha_s) eps``, row ``[alpha_s, sigma_s, c_x + c_x0 / alpha_s,
+    0, c_prev, 0, c_prev2, -c_x0 sigma_s / alpha_s]`` (the op's eps column, coef[7]). Upwards from
+    a low noise level c_x = sigma_t / sigma_s and c_x0 ~ -alpha_t sigma_t / (alpha_s sigma_s) are
+    both large and cancel (the first step from t = 0: x_1 = 50 x - 49 x0); combined in float64
+    they leave the first-order step DDIM's ``(alpha_t / alpha_s) x + (sigma_t - alpha_t sigma_s /
+    alpha_s) eps``, with no large terms. The history (x0 of the previous steps) is unchanged;
+    an x0 model (``prediction_type="sample"``, thresholding) keeps the x0 form, whose eps would
+    be recovered from x - alpha x0 with the same cancellation.
 
     Not implemented (a ``ValueError`` naming it): ``algorithm_type="sde-dpmsolver++"`` (run
     upwards its noise term sigma_t sqrt(1 - e^{-2h}) is the square root of a negative number:
@@ -130,6 +139,18 @@ class DPMSolverPPInverseSampler(DPMSolverPPSampler):
             use_exponential_sigmas=use_exponential_sigmas,
             use_beta_sigmas=use_beta_sigmas,
         )
+
+    def coefficients(self) -> np.ndarray:
+        """The forward sampler's rows (every order's table), the x0 term in eps form for an eps
+        or v model (class docstring): the same update without the cancelling terms."""
+        rows = super().coefficients()
+        if not self.thresholding and self._op_prediction in ("epsilon", "v_prediction"):
+            for tab in self._rows64.values():  # rows is _rows64[3]: converted in place
+                a, s, c_x0 = tab[:, 0], tab[:, 1], tab[:, 3].copy()
+                tab[:, 2] += c_x0 / a
+                tab[:, 7] = -c_x0 * s / a
+                tab[:, 3] = 0.0
+        return rows
 
     def _noisiest(self) -> int:
         """diffusers' ``noisiest_timestep``: T - 1, or the last t with lambda_t >=
