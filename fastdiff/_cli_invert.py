@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from fastdiff._cli_args import _finite
 from fastdiff.cli import (
     CLIError,
     _backend_ctx,
@@ -224,7 +225,7 @@ def add_invert_parser(sub: Any) -> None:
                         "it)")  # fmt: skip
     r.add_argument("--out", default="noise.safetensors", help="x_T as .safetensors")
     r.add_argument("--label", type=_label, default=None, help="digit 0-9 to invert towards")
-    r.add_argument("--guidance", type=float, default=None,
+    r.add_argument("--guidance", type=_finite, default=None,
                    help="classifier-free guidance scale with --label (default 1: none, as "
                         "editing methods invert)")  # fmt: skip
     r.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")

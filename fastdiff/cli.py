@@ -13,8 +13,9 @@
     fastdiff show schedules --out schedules.png        (needs matplotlib: fastdiff[plot])
     fastdiff show reverse --out reverse.png
 
-Bad input is a one-line ``fastdiff: error: ...`` on stderr and a non-zero exit, before any output
-file is written (set ``FASTDIFF_DEBUG=1`` for the traceback).
+Bad input is a one-line ``fastdiff: error: ...`` on stderr and exit status 2 (as argparse's), a
+failure while running exit status 1, before any output file is written (``FASTDIFF_DEBUG=1``: the
+traceback).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastdiff._cli_args import (
+    _finite,
+    _finite_nonneg,
+    _label,
+    _nonneg_int,
+    _positive_int,
+    _seed,
+    _strength,
+    check_grid,
+)
 
 SAMPLERS = ("ddim", "ddpm", "deis", "dpm++", "dpm++_sde", "dpm++_single", "dpm2", "dpm2_a",
             "euler", "euler_a", "heun", "lcm", "lms", "pndm", "plms", "tcd", "unipc")  # fmt: skip
@@ -46,7 +58,7 @@ def sampler_options(sampler: str, guidance: float | None) -> dict[str, Any]:
 
 
 class CLIError(Exception):
-    """A user error: reported as one line, exit status 1."""
+    """A user error: reported as one line, exit status 2 (as argparse's usage errors)."""
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -71,53 +83,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _int_at_least(lo: int, what: str):
-    """An argparse type: an integer >= ``lo`` (``what`` names the expectation in the error)."""
-
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _int_at_least(1, "a positive integer")
-_nonneg_int = _int_at_least(0, "an integer >= 0")
-
-
-def _seed(s: str) -> int:
-    """An argparse type: a seed torch.Generator.manual_seed takes (-2**63 .. 2**64 - 1)."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed, got {s!r}") from None
-    if not -(2**63) <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"expected a seed in -2**63 .. 2**64-1, got {v}")
-    return v
-
-
-def _label(s: str) -> int | str:
-    if s == "all":
-        return s
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a digit or 'all', got {s!r}") from None
-
-
 # --------------------------------------------------------------------------- shared helpers
 def _device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise CLIError(f"unknown device {name!r}; use cpu or cuda") from None
+        raise CLIError(f"--device: unknown device {name!r}; use cpu or cuda") from None
     if dev.type not in ("cpu", "cuda"):
-        raise CLIError(f"unsupported device {name!r}; use cpu or cuda")
+        raise CLIError(f"--device: unsupported device {name!r}; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {name} was asked for but CUDA is not available on this machine")
     return dev
@@ -129,14 +102,12 @@ def _check_backend(backend: str | None, dev: torch.device) -> None:
     from fastdiff import _dispatch
 
     if backend not in _dispatch.BACKENDS:
-        raise CLIError(
-            f"unknown backend {backend!r}; valid backends are {list(_dispatch.BACKENDS)}"
-        )
+        raise CLIError(f"--backend: unknown backend {backend!r}; valid: {list(_dispatch.BACKENDS)}")
     if backend == "sdpa":
         return
     ok, why = _dispatch.backend_available(backend, dev)
     if not ok:
-        raise CLIError(f"backend {backend!r} cannot run on {dev.type}: {why}")
+        raise CLIError(f"--backend: backend {backend!r} cannot run on {dev.type}: {why}")
 
 
 def _backend_ctx(backend: str | None):
@@ -158,7 +129,7 @@ def _load_model(path: str | None, dev: torch.device):
         return load_pretrained("digits", device=dev)
     p = Path(path)
     if not p.is_file() and not p.is_dir():  # a directory: load_model_file says what it expects
-        raise CLIError(f"model file not found: {p}")
+        raise CLIError(f"--model: model file not found: {p}")
     return load_model_file(p, device=dev)
 
 
@@ -171,7 +142,7 @@ def _check_out(path: str, suffix: str = ".png") -> Path:
     try:
         return check_writable(path)
     except ValueError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(str(exc) if str(exc).startswith("--out") else f"--out: {exc}") from None
 
 
 def _labels(
@@ -244,6 +215,7 @@ def _save(image, out: Path) -> None:
 def cmd_sample(a: argparse.Namespace) -> None:
     import fastdiff
     from fastdiff._cli_invert import noise_for, read_noise
+    from fastdiff._prepare import _infer_shape
     from fastdiff.viz import make_grid
 
     dev = _device(a.device)
@@ -259,7 +231,8 @@ def cmd_sample(a: argparse.Namespace) -> None:
     model = _load_model(a.model, dev)
     image = None if a.init_image is None else _init_image(a.init_image, model, a.n, dev)
     mask = None if a.mask is None else _mask(a.mask, image)
-    x_T = noise_for(noise, model, dev)
+    x_T, nrow = noise_for(noise, model, dev), a.nrow or (10 if a.label == "all" else None)
+    check_grid(a.n, nrow, a.scale, _infer_shape(model))
     T = model.schedule.num_train_timesteps if model.schedule is not None else 1000
     if a.steps > T:
         raise CLIError(f"--steps must be <= {T} (the model's training timesteps), got {a.steps}")
@@ -299,7 +272,6 @@ def cmd_sample(a: argparse.Namespace) -> None:
             guidance_scale=guidance, generator=gen, device=dev, progress=not a.quiet,
             image=image, mask=mask, strength=a.strength, noise=x_T, **opts,
         )  # fmt: skip
-    nrow = a.nrow or (10 if a.label == "all" else None)
     _save(make_grid(x, nrow=nrow, scale=a.scale), out)
 
 
@@ -409,7 +381,7 @@ def cmd_show_schedules(a: argparse.Namespace) -> None:
     try:
         fig = schedules_figure({n: NoiseSchedule(n) for n in ("linear", "cosine")})
     except ImportError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(str(exc) if str(exc).startswith("--out") else f"--out: {exc}") from None
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format="png")
@@ -464,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive_int, help="number of images (64; --noise: the file's)")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
-    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    s.add_argument("--guidance", type=_finite, default=None, help="classifier-free guidance scale")
     eta = "DDIM eta; TCD gamma; dpm++_sde: k-diffusion's ancestral eta"
-    s.add_argument("--eta", type=float, default=None, help=eta)
+    s.add_argument("--eta", type=_finite_nonneg, default=None, help=eta)
     karras = (
         'Karras sigma grid: dpm++ ("DPM++ 2M Karras"), euler, euler_a ("Euler a Karras"), heun'
         ' ("Heun Karras"), dpm2, dpm2_a ("DPM2 a Karras"), lms ("LMS Karras"), unipc, deis,'
@@ -482,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-image", default=None,
                    help="img2img (SDEdit): start from this picture (PNG, JPEG, ...), noised; "
                         "resized to the model's size")  # fmt: skip
-    s.add_argument("--strength", type=float, default=None,
+    s.add_argument("--strength", type=_strength, default=None,
                    help="with --init-image: the fraction of the steps run, in (0, 1] (default "
                         "0.8, 1.0 with --mask; small keeps the picture)")  # fmt: skip
     s.add_argument("--mask", default=None,
@@ -590,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         known = (CLIError, ValueError, TypeError, RuntimeError, OSError, ImportError)
         msg = _one_line(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
         print(f"fastdiff {args.cmd}: error: {' '.join(msg.split())}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, (CLIError, ValueError, TypeError)) else 1  # bad input: 2
     return 0
 
 

@@ -279,3 +279,71 @@ def test_invert_refuses_keys_ddim_inverse_does_not_read():
     want = fastdiff.invert(_model, _image(), 4, sampler="dpm++_inverse", use_karras_sigmas=True,
                            schedule=fastdiff.NoiseSchedule.from_diffusers(cfg))  # fmt: skip
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ the CLI's bad input
+@pytest.mark.parametrize("argv,msg", [
+    (["--guidance", "nan", "--label", "1"], "argument --guidance: expected a finite number, got "
+                                            "nan"),
+    (["--guidance", "inf", "--label", "1"], "argument --guidance: expected a finite number"),
+    (["--eta", "-1"], "argument --eta: expected a finite number >= 0, got -1"),
+    (["--eta", "nan"], "argument --eta: expected a finite number >= 0, got nan"),
+    (["--strength", "0", "--init-image", "{d}/a.png"], "argument --strength: expected a number "
+                                                       "in (0, 1], got 0"),
+    (["--strength", "1.5", "--init-image", "{d}/a.png"], "argument --strength: expected"),
+    (["--scale", "1000"], "--scale 1000 with --n 64 and 8 images per row (--nrow) makes a "
+                          "128018 x 128018 PNG"),
+    (["--n", "400", "--nrow", "400", "--scale", "64"], "use a smaller --scale, --n or --nrow"),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--backend", "bogus"], "--backend: unknown backend 'bogus'"),
+    (["--model", "{d}/missing.safetensors"], "--model: model file not found"),
+    (["--out", "{d}/no/dir/x.png"], "--out: cannot write"),
+    (["--out", "{d}"], "--out: the file is written as png"),
+    (["--karras"], "--karras: for --sampler deis, dpm++"),
+    (["--eta", "2"], "eta: 2.0 makes sigma^2 > 1 - alpha_bar_prev"),  # a library ValueError
+])  # fmt: skip
+def test_cli_sample_bad_input_is_one_line_exit_2(argv, msg, tmp_path, capsys, monkeypatch):
+    """Bad input to `fastdiff sample`: one error line naming the option on stderr, exit status
+    2 as argparse's usage errors (also the library's ValueErrors of a user's value), nothing
+    sampled beyond the check, nothing written."""
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    Image.new("L", (16, 16)).save(tmp_path / "a.png")
+    if "--eta" not in argv or argv[-1] != "2":
+        monkeypatch.setattr(fastdiff, "sample", lambda *a, **k: pytest.fail("sampled"))
+    out = tmp_path / "out.png"
+    argv = [a.format(d=tmp_path) for a in argv]
+    assert main(["sample", "--steps", "2", "--out", str(out), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_failure_while_running_is_exit_1(tmp_path, capsys, monkeypatch):
+    """A failure that is not the user's input (here a RuntimeError inside sampling) stays exit
+    status 1, one line."""
+    from fastdiff.cli import main
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(fastdiff, "sample", boom)
+    out = tmp_path / "out.png"
+    assert main(["sample", "--steps", "2", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "fastdiff sample: error: CUDA out of memory" and not out.exists()
+
+
+def test_cli_invert_bad_guidance_is_argparse_error(tmp_path, capsys):
+    from PIL import Image
+
+    from fastdiff.cli import main
+
+    Image.new("L", (16, 16)).save(tmp_path / "a.png")
+    out = tmp_path / "x.safetensors"
+    argv = ["invert", "--init-image", str(tmp_path / "a.png"), "--label", "3", "--guidance",
+            "nan", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "argument --guidance: expected a finite number, got nan" in err and not out.exists()

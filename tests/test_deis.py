@@ -309,4 +309,4 @@ def test_cli_sampler_deis_karras_solver_order(tmp_path, monkeypatch):
     assert seen[-1]["sampler"] == "deis" and "use_karras_sigmas" not in seen[-1]
     assert main([*args, "--karras", "--solver-order", "3"]) == 0
     assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
-    assert main([*args, "--sde"]) == 1 and len(seen) == 2
+    assert main([*args, "--sde"]) == 2 and len(seen) == 2

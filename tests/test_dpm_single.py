@@ -369,7 +369,7 @@ def test_cli_sampler_dpm_single_karras_solver_order(tmp_path, monkeypatch):
     assert seen[-1]["sampler"] == "dpm++_single" and "use_karras_sigmas" not in seen[-1]
     assert main([*args, "--karras", "--solver-order", "3"]) == 0
     assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
-    assert main([*args, "--sde"]) == 1 and len(seen) == 2
+    assert main([*args, "--sde"]) == 2 and len(seen) == 2
 
 
 @pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)

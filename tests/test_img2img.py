@@ -490,7 +490,7 @@ def test_cli_init_image_reaches_sample_as_model_space_image(tmp_path, monkeypatc
         (["--strength", "0.5"], "--strength needs --init-image"),
         (["--init-image", "missing.png"], "--init-image: file not found"),
         (["--init-image", "{txt}"], "--init-image: cannot read"),
-        (["--init-image", "{png}", "--strength", "1.5"], "strength: expected a float in (0, 1]"),
+        (["--init-image", "{png}", "--strength", "1.5"], "--strength: expected a number in (0, 1]"),
         (["--init-image", "{png}", "--strength", "0.01"], "strength: 0.01 leaves no step"),
     ],
 )
@@ -503,5 +503,5 @@ def test_cli_init_image_errors_write_nothing(argv, msg, tmp_path, capsys):
     Image.new("L", (16, 16)).save(tmp_path / "a.png")
     argv = [a.format(txt=tmp_path / "t.txt", png=tmp_path / "a.png") for a in argv]
     out = tmp_path / "out.png"
-    assert main(["sample", *argv, "--out", str(out), "--quiet"]) == 1
+    assert main(["sample", *argv, "--out", str(out), "--quiet"]) == 2
     assert msg in capsys.readouterr().err and not out.exists()

@@ -426,7 +426,7 @@ def test_checkpoint_same_files_as_out(tmp_path, ckpt, capsys):
 
     args = ["train", "--out", str(tmp_path / "m.safetensors"), "--checkpoint",
             str(tmp_path / ckpt), "--steps", "1", "--batch-size", "2", "--quiet"]  # fmt: skip
-    assert main(args) == 1
+    assert main(args) == 2
     assert "names the same files" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -119,7 +119,7 @@ def test_cli_repaint_out_and_backend_checked_before_the_model(argv, msg, tmp_pat
     monkeypatch.setattr(cli_repaint, "_load_model", lambda *a: loaded.append(a))
     argv = [*_pictures(tmp_path), *(a.format(d=tmp_path) for a in argv), "--quiet"]
     before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1 and not loaded
     assert sorted(p.name for p in tmp_path.iterdir()) == before
@@ -166,7 +166,7 @@ def test_cli_sample_noise_bad_metadata_names_the_file(meta, tmp_path, capsys):
     save_file({"x_T": torch.randn(1, 1, 16, 16)}, str(path),
               metadata={"sampler": "dpm++_inverse", "steps": "3", **meta})  # fmt: skip
     out = tmp_path / "o.png"
-    assert main(["sample", "--noise", str(path), "--quiet", "--out", str(out)]) == 1
+    assert main(["sample", "--noise", str(path), "--quiet", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--noise" in err and str(path) in err and not out.exists()
 

@@ -41,7 +41,7 @@ def test_sample_steps_may_equal_the_training_timesteps(tmp_path, capsys, sample_
     assert main(["sample", "--steps", str(T), "--n", "2", "--out", str(out), "--quiet"]) == 0
     assert [c["steps"] for c in sample_calls] == [T] and out.is_file()
     rc = main(["sample", "--steps", str(T + 1), "--n", "2", "--out", str(out), "--quiet"])
-    assert rc == 1 and f"--steps must be <= {T}" in capsys.readouterr().err
+    assert rc == 2 and f"--steps must be <= {T}" in capsys.readouterr().err
 
 
 @needs_weights
@@ -65,7 +65,7 @@ def test_sample_rejects_devices_other_than_cpu_and_cuda(device, tmp_path, capsys
     out = tmp_path / "s.png"
     rc = main(["sample", "--steps", "2", "--n", "2", "--out", str(out), "--device", device])
     err = capsys.readouterr().err
-    assert rc == 1 and "device" in err and "use cpu or cuda" in err, err
+    assert rc == 2 and "device" in err and "use cpu or cuda" in err, err
     assert sample_calls == [] and not out.exists()
 
 
@@ -106,7 +106,7 @@ def test_smallest_accepted_option_values(tmp_path, sample_calls, train_calls):
 
 def test_show_forward_needs_two_frames(tmp_path, capsys):
     out = tmp_path / "f.png"
-    assert main(["show", "forward", "--out", str(out), "--frames", "1"]) == 1
+    assert main(["show", "forward", "--out", str(out), "--frames", "1"]) == 2
     assert "--frames must be >= 2" in capsys.readouterr().err and not out.exists()
 
 
