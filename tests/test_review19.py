@@ -109,6 +109,35 @@ def test_a_sampler_without_learned_variance_takes_the_eps_channels_of_a_2c_outpu
     assert (got - ref).abs().max().item() <= 1e-5
 
 
+# -------------------------------------------------------------------------------- _prepare.py
+class _ConvNet(nn.Module):
+    """A small conv eps-model (not a fastdiff UNet) that records the layout of each x."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.in_channels, self.sample_size = 3, 4
+        self.layouts: list[bool] = []
+
+    def forward(self, x, t):
+        self.layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return 0.1 * self.conv(x)
+
+
+@torch.no_grad()
+def test_channels_last_default_follows_a_models_channels_last_weights_on_cpu():
+    """channels_last=None on CPU: a model whose conv weights are channels_last (e.g. after
+    fastdiff.optimize on CPU) gets x in channels_last; one with NCHW weights gets NCHW x. The
+    samples come back contiguous either way (x_T's layout)."""
+    torch.manual_seed(0)
+    plain = _ConvNet().eval()
+    a = fastdiff.sample(plain, steps=2, sampler="ddim", batch_size=2)
+    assert plain.layouts == [False, False] and a.is_contiguous()
+    cl = _ConvNet().eval().to(memory_format=torch.channels_last)
+    b = fastdiff.sample(cl, steps=2, sampler="ddim", batch_size=2)
+    assert cl.layouts == [True, True] and b.is_contiguous()
+
+
 # ------------------------------------------------------------------------------------- api.py
 def test_to_pil_of_one_channel_samples_is_grayscale():
     """[N x 1 x H x W] samples -> mode "L" images of size (W, H) with to_images' pixels."""
@@ -119,6 +148,47 @@ def test_to_pil_of_one_channel_samples_is_grayscale():
     want = fastdiff.to_images(x)[..., 0]
     for im, w in zip(ims, want, strict=True):
         assert torch.equal(torch.tensor(list(im.getdata()), dtype=torch.uint8).reshape(3, 5), w)
+
+
+# ----------------------------------------------------------------------------------- nn/*.py
+@pytest.mark.parametrize("training", [False, True])
+def test_group_norm_silu_from_group_norm_keeps_the_training_mode(training):
+    """from_group_norm's module is in the GroupNorm's mode: fastdiff.optimize on an eval()
+    model leaves no fused norm in training mode (as it keeps conv_act's)."""
+    from fastdiff.nn import GroupNormSiLU
+
+    gn = nn.GroupNorm(2, 4).train(training)
+    assert GroupNormSiLU.from_group_norm(gn).training is training
+
+
+def test_upsample_runs_a_conv_with_other_padding_as_a_module():
+    """Nearest 2x + a 3x3 conv folds into one transposed conv only for padding 1: with a
+    padding-0 conv the result is conv(up2(x)) itself, [N x C x 2H-2 x 2W-2]."""
+    from fastdiff.nn import Upsample, sampling
+
+    torch.manual_seed(0)
+    up = Upsample(8)
+    up.conv = nn.Conv2d(8, 8, 3, padding=0)
+    x = torch.randn(2, 8, 8, 8)  # large enough for the folded path (fold_pays)
+    assert sampling.fold_pays(x) and sampling.foldable_conv(up.conv, 8) is not None
+    with torch.no_grad():
+        got = up(x)
+        ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert got.shape == (2, 8, 14, 14)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_linear_of_layers_with_different_input_widths_is_none():
+    """stacked_linear declines (None: the caller runs each layer as a module) unless every
+    layer takes the same input width; it does not try to concatenate the weights."""
+    from fastdiff.nn.stacked import stacked_linear
+
+    x = torch.randn(3, 4)
+    assert stacked_linear([nn.Linear(4, 2), nn.Linear(5, 2)], x) is None
+    a, b = nn.Linear(4, 2), nn.Linear(4, 3)
+    got = stacked_linear([a, b], x)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat(got, 1), torch.cat([a(x), b(x)], 1))
 
 
 # ------------------------------------------------------------------------------ _dispatch.py
