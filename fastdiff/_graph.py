@@ -98,13 +98,15 @@ class _StepGraph:
     """One captured step: ``out = model(x, t, **kw)``, fused update, ``x <- x_prev`` in place.
 
     Static device buffers: x (the state), t, coef (the sampler's row for the step), noise,
-    the DPM-Solver history x0_prev (and x0_prev2 for order 3; read by the update, then shifted
-    at the end of the graph, x0_prev2 <- x0_prev <- the new x0, so a replay never reads a
+    the DPM-Solver history x0_prev (and x0_prev2 for order 3, SA-Solver's x0_prev3 / x0_prev4
+    for its history_depth 3 / 4; read by the update, then shifted at the end of the graph,
+    x0_prev4 <- x0_prev3 <- x0_prev2 <- x0_prev <- the new x0, so a replay never reads a
     buffer it has already overwritten; DPM2's x0_prev <- the step's input x instead), and
     the tensor kwargs (conditioning), all refreshed with device copies before each replay.
     """
 
     x0_prev2: Tensor | None = None  # DPM-Solver++ 3M's m_{i-2} buffer (set by __init__)
+    deep: tuple[Tensor, ...] = ()  # SA-Solver's m_{i-3} (, m_{i-4}) buffers (set by __init__)
     rescale: float = 0.0  # guidance rescale phi (set by __init__)
     has_noise: bool = False  # a noise operand in the step (set by __init__)
     inpaint = None  # static copies of the inpainting blend's operands (set by __init__)
@@ -150,6 +152,10 @@ class _StepGraph:
         # DPM-Solver++ 3M: m_{i-2} in a second buffer, shifted from x0_prev after each step
         order3 = self.x0_prev is not None and getattr(smp, "solver_order", 2) >= 3
         self.x0_prev2 = torch.zeros_like(x) if order3 else None
+        # SA-Solver with history_depth 3 / 4: m_{i-3} (and m_{i-4}) in further buffers, shifted
+        # the same way (x0_prev4 <- x0_prev3 <- x0_prev2)
+        depth = getattr(smp, "history_depth", 0) if order3 else 0
+        self.deep = tuple(torch.zeros_like(x) for _ in range(depth - 2))
         self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp
         s = torch.cuda.Stream()
@@ -187,9 +193,12 @@ class _StepGraph:
         if self.multistep:  # DPM-Solver++, Heun: the x0 history rides in x0_prev (x0_prev2)
             if self.x0_prev2 is not None:
                 skw["x0_prev2"] = self.x0_prev2
+            skw.update(zip(("x0_prev3", "x0_prev4"), self.deep, strict=False))
             x_new, x0 = smp.step(out, self.i_cap, self.x, noise=self.noise, coef=self.coef,
                                  x0_prev=self.x0_prev, guidance_scale=gs, return_x0=True,
                                  **skw)  # fmt: skip
+            for k in range(len(self.deep) - 1, -1, -1):  # after the op has read them all
+                self.deep[k].copy_(self.deep[k - 1] if k else self.x0_prev2)
             if self.x0_prev2 is not None:  # after the op has read both buffers
                 self.x0_prev2.copy_(self.x0_prev)
             # DPM2's stage 2 reads the stage-1 input (self.x, before the update below)
@@ -218,7 +227,7 @@ class _StepGraph:
             self.x0_prev.zero_()
         if self.x0_prev2 is not None:
             self.x0_prev2.zero_()
-        for h in self.hist or ():
+        for h in (*self.deep, *(self.hist or ())):
             h.zero_()
         _copy_tree(self.kwargs, kwargs)
 

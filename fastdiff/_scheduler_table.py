@@ -54,9 +54,8 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     },
     # diffusers 0.42's DPMSolverSinglestepScheduler: its flow grid (use_flow_sigmas, flow_shift,
     # use_dynamic_shifting, time_shift_type) and lambda_min_clipped are the sampler's; its sigma
-    # grids read a leftover sigma_min / sigma_max; algorithm_type="sde-dpmsolver++" with
-    # solver_order 3, thresholding with "dpmsolver" and flow + a VP sigma grid are refused by
-    # the sampler itself
+    # grids read a leftover sigma_min / sigma_max; thresholding with "dpmsolver" and flow + a VP
+    # sigma grid are refused by the sampler itself
     "dpm++_single": {"sigma_min": None, "sigma_max": None},
     # diffusers 0.42's DPMSolverSDEScheduler: every setting it has is implemented (eta = 1 and
     # r = 1/2 are hard-coded there; noise_sampler_seed seeds its torchsde tree, which fastdiff
@@ -101,8 +100,8 @@ _UNSUPPORTED_SETTINGS: dict[str, dict[str, Any]] = {
     # diffusers 0.42's IPNDMScheduler: trained_betas replaces its sin^2 noise levels
     "ipndm": {"trained_betas": None},
     # diffusers 0.42's SASolverScheduler: its flow grid (use_flow_sigmas, with flow_shift, which
-    # acts only there) and learned-variance outputs are not implemented; predictor_order 3-4,
-    # corrector_order 4 are refused by SASolverSampler itself
+    # acts only there) and learned-variance outputs are not implemented (predictor_order and
+    # corrector_order 1-4 are)
     "sa_solver": {"use_flow_sigmas": False, "variance_type": None},
     # diffusers 0.42's LCMScheduler: every setting that changes its step is implemented
     # (timestep_spacing, steps_offset and set_alpha_to_one do nothing there); TCDScheduler's

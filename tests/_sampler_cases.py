@@ -247,11 +247,15 @@ def _graph_cases() -> list[GraphCase]:
         GraphCase("cosine_dpm++", opts, runs=((1, 7, gen), (2, 7, gen)), noisy=True)
         for opts, gen in (({}, True), ({"solver_type": "heun", "solver_order": 1}, False))
     ]
-    # SA-Solver: the history m_{i-1}, m_{i-2} in x0_prev / x0_prev2, noise on every step
+    # SA-Solver: the history m_{i-1}, m_{i-2} in x0_prev / x0_prev2 (orders 3-4: m_{i-3},
+    # m_{i-4} in x0_prev3 / x0_prev4), noise on every step
+    p4c4 = {"predictor_order": 4, "corrector_order": 4}
+    p3c4 = {"predictor_order": 3, "corrector_order": 4, "algorithm_type": "noise_prediction"}
     cases += [
         GraphCase("sa_solver", opts, runs=((1, 7, gen), (2, 7, gen)), noisy=True)
         for opts, gen in (({}, True), ({"corrector_order": 3, "prediction_type": "v_prediction"},
-                                       False), ({"algorithm_type": "noise_prediction"}, True))
+                                       False), ({"algorithm_type": "noise_prediction"}, True),
+                          (p4c4, True), (p3c4, False))
     ]  # fmt: skip
     return cases
 

@@ -307,7 +307,6 @@ def test_registry_infer_and_options():
         ({"solver_order": 2.0}, "solver_order"),
         ({"solver_order": True}, "solver_order"),
         ({"prediction_type": "flow_prediction"}, "prediction_type"),
-        ({"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "orders 1-2"),
         ({"algorithm_type": "deis"}, "algorithm_type"),
         ({"solver_type": "bh3"}, "solver_type"),
         ({"final_sigmas_type": "max"}, "final_sigmas_type"),
@@ -344,9 +343,6 @@ def test_unsupported_scheduler_settings_through_sample():
     bad = {"use_flow_sigmas": True, "use_exponential_sigmas": True}
     with pytest.raises(ValueError, match="use_flow_sigmas: not with use_exponential_sigmas=True"):
         fastdiff.sample(_toy, steps=5, schedule=_scheduler(**bad), noise=z)
-    sde3 = _scheduler(algorithm_type="sde-dpmsolver++", solver_order=3)  # orders 1-2 only
-    with pytest.raises(ValueError, match="solver_order"):
-        fastdiff.sample(_toy, steps=5, schedule=sde3, noise=z)
     saved = dict(DIFFUSERS_BETAS["linear"], _class_name="DPMSolverSinglestepScheduler",
                  use_karras_sigmas=True, sigma_min=0.1)  # fmt: skip
     with pytest.raises(ValueError, match="sigma_min=0.1"):

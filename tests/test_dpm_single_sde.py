@@ -1,5 +1,5 @@
 """Singlestep SDE-DPM-Solver++ (``dpm++_single`` with ``algorithm_type="sde-dpmsolver++"``,
-orders 1-2) against diffusers 0.42's ``DPMSolverSinglestepScheduler``.
+orders 1-3) against diffusers 0.42's ``DPMSolverSinglestepScheduler``.
 
 diffusers draws z with the step's ``generator`` at every call (the last included) and adds
 sigma_t sqrt(1 - e^{-2h}) z, h from the group's first sample. Checked: whole runs with the same
@@ -7,7 +7,7 @@ seeded generator (rel <= 1e-5 in fp32, timesteps equal, and the run differs from
 solver's), every step with diffusers' own samples and its noise fed to both, sample() through
 the scheduler object / by name, img2img starts, every dpm_solver_2m_step backend (fp32 runs,
 fp16 per-step FlashAttention rule, the Philox stream), the fake CUDA-graph loop, no host sync,
-x0 rows, and order 3 refused by name.
+x0 rows. Order 3 (the anchor, two model outputs and z: the op's x0_prev3 operand) as well.
 """
 
 from __future__ import annotations
@@ -42,8 +42,14 @@ CASES = [
     ("scaled_linear", {"use_karras_sigmas": True, "solver_type": "heun"}),
     ("cosine", {"lambda_min_clipped": -5.1}),
     ("linear", {"thresholding": True, "sample_max_value": 1.5}),
+    ("scaled_linear", {"solver_order": 3}),
+    ("scaled_linear", {"solver_order": 3, "solver_type": "heun", "use_karras_sigmas": True}),
+    ("linear", {"solver_order": 3, "solver_type": "heun", "prediction_type": "v_prediction",
+                "final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("linear", {**FLOW, "solver_order": 3}),
     ("linear", FLOW),
 ]  # fmt: skip
+ORDER3 = [c for c in CASES if c[1].get("solver_order") == 3]
 
 
 def _cid(case) -> str:
@@ -104,7 +110,7 @@ def test_whole_run_matches_diffusers(case, steps):
         assert rel(ode, ref) > 1e-3
 
 
-@pytest.mark.parametrize("case", CASES[:4] + CASES[-1:], ids=_cid)
+@pytest.mark.parametrize("case", CASES[:4] + ORDER3 + CASES[-1:], ids=_cid)
 def test_every_step_with_fed_noise(case, monkeypatch):
     """Each call from diffusers' own sample with diffusers' own z fed to ours (``noise=``):
     rel <= 1e-5 per step (the anchor and the group's x0 carried by the sampler)."""
@@ -127,11 +133,12 @@ def test_every_step_with_fed_noise(case, monkeypatch):
     assert len(drawn) == 9
 
 
-@pytest.mark.parametrize("begin", [1, 4])
-def test_img2img_start_matches_diffusers(begin):
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("begin", [1, 4, 5])
+def test_img2img_start_matches_diffusers(begin, order):
     """A run from call ``begin`` (warming up again) equals diffusers' loop after
     set_begin_index; sample(image=, strength=) starts there with the generator's draws."""
-    sched, kw = "scaled_linear", {"solver_type": "heun"}
+    sched, kw = "scaled_linear", {"solver_type": "heun", "solver_order": order}
     sch, smp = _theirs(sched, kw, 10), _ours(sched, kw, 10)
     z = _z(2)
     assert rel(_our_run(smp, z, 7, start=begin), _their_run(sch, z, 7, start=begin)) <= RTOL
@@ -189,11 +196,13 @@ def test_fp16_noise_is_drawn_in_fp16_as_diffusers():
 
 
 # ---------------------------------------------------------------------------- backends, Philox
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
-def test_fp32_whole_run_every_backend(case):
-    """A whole fp32 run (v-prediction, heun, orders 1 and 2) on each backend equals diffusers'."""
+def test_fp32_whole_run_every_backend(case, order):
+    """A whole fp32 run (v-prediction, heun, orders 1 to ``order``) on each backend equals
+    diffusers'."""
     dev, backend = case
-    kw = {"prediction_type": "v_prediction", "solver_type": "heun"}
+    kw = {"prediction_type": "v_prediction", "solver_type": "heun", "solver_order": order}
     sch, smp = _theirs("linear", kw, 9), _ours("linear", kw, 9)
     z = _z(5)
     ref = _their_run(sch, z, 1)
@@ -263,15 +272,18 @@ def test_philox_generator_state(case):
 
 # ---------------------------------------------------------------------------- loop
 @torch.no_grad()
+@pytest.mark.parametrize("order", [2, 3])
 @pytest.mark.parametrize("gen", [True, False], ids=["generator", "philox"])
-def test_cuda_graph_loop_equals_eager(gen, fake_cuda_graphs, monkeypatch):
+def test_cuda_graph_loop_equals_eager(gen, order, fake_cuda_graphs, monkeypatch):
     """sample(cuda_graph=True)'s loop with the fake graph (tests/conftest.py): the eager loop's
     samples and x0 rows, noise from a generator / in-kernel Philox, one capture for two runs
-    (order-2 calls read the anchor and m_a from the static buffers)."""
+    (order-2 / 3 calls read the anchor and the group's m from the static buffers; order 3: the
+    anchor carried over an order-2 call by the row's select)."""
     from fastdiff import api
 
-    case = GraphCase("dpm++_single", {"algorithm_type": SDE, "prediction_type": "v_prediction"},
-                     runs=((1, 7, gen), (2, 7, gen)), hist=3, noisy=True)  # fmt: skip
+    opts = {"algorithm_type": SDE, "prediction_type": "v_prediction", "solver_order": order}
+    case = GraphCase("dpm++_single", opts, runs=((1, 7, gen), (2, 8, gen)), hist=order + 1,
+                     noisy=True)  # fmt: skip
     eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
     cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
     for r in case.runs:
@@ -298,22 +310,63 @@ def test_no_host_sync_in_the_loop():
     assert spy.armed and torch.isfinite(out).all() and spy.seen == []
 
 
+# ---------------------------------------------------------------------------- order 3
+def test_order_3_through_the_scheduler_and_its_rows():
+    """solver_order=3 (formerly refused): a scheduler with it runs diffusers' loop; the rows
+    put the anchor's factor in c_prev2 (x0_prev2 = x_a) and m_a's weight in coef[8] (x0_prev3)
+    at the order-3 calls only."""
+    sch = _theirs("linear", {"solver_order": 3}, 9)
+    z = _z(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fastdiff.sample(toy, steps=9, schedule=sch, noise=z,
+                              generator=torch.Generator().manual_seed(4))  # fmt: skip
+    assert rel(got, _their_run(_theirs("linear", {"solver_order": 3}, 9), z, 4)) <= RTOL
+    smp = _ours("linear", {"solver_order": 3}, 9)
+    assert smp.step_orders == (1, 2, 3, 1, 2, 3, 1, 2, 1) and smp.coef_width == 9
+    rows = smp.coef64
+    for i, o in enumerate(smp.step_orders[:-1]):  # the last call, to sigma 0: x0 alone
+        assert (rows[i, 2] != 0) == (o == 1) and (rows[i, 6] != 0) == (o > 1)
+        assert (rows[i, 8] != 0) == (o == 3) and rows[i, 7] == 0
+
+
+@pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
+def test_order3_backends_fp16_flashattention_rule(case):
+    """Order-3 calls per step in fp16 on each backend (inputs from an fp32 run, fresh outputs):
+    error vs the float64 restatement of the row <= 2x the eager fp16 one's + one fp16 ulp."""
+    dev, backend = case
+    smp = _ours("scaled_linear", {"solver_order": 3, "solver_type": "heun"}, 9)
+    x, ms = _z(9), []
+    for i, t in enumerate(smp.timesteps):
+        v = toy(x, t.expand(2)) + 0.01 * torch.randn(SHAPE)
+        z = torch.randn(SHAPE)
+        if smp.step_orders[i] == 1:
+            x_a, ms = x, []
+        # operands: x0_prev = the newest earlier m, x0_prev2 = x_a, x0_prev3 = m_a (order 3)
+        ops = [ms[-1] if ms else None, x_a if ms else None, ms[0] if len(ms) == 2 else None]
+
+        def restated(dt, x=x, v=v, z=z, ops=ops, i=i):
+            r = [torch.tensor(float(c), dtype=dt) for c in smp.coef64[i]]
+            m = (x.to(dt) - r[1] * v.to(dt)) / r[0]
+            out = r[2] * x.to(dt) + r[3] * m + r[5] * z.to(dt)
+            for k, p in zip((4, 6, 8), ops, strict=True):
+                out = out + (r[k] * p.to(dt) if p is not None else 0)
+            return out
+
+        h = [p.half().to(dev) if p is not None else None for p in ops]
+        with fastdiff.use_backend(backend, op="dpm_solver_2m_step"):
+            _, _, got = smp.step_with_history(v.half().to(dev), i, x.half().to(dev),
+                                              smp.coef_table(dev)[i], h[1], h[0], h[2],
+                                              noise=z.half().to(dev))  # fmt: skip
+        ref, eager = restated(torch.float64), restated(torch.float16)
+        err, base = rel(got.cpu(), ref), rel(eager, ref)
+        assert err <= 2 * base + 2**-11, f"step {i}: {err:.2e} vs eager {base:.2e}"
+        a, s = smp._alpha_sigma_at(i)
+        ms.append((x - s * v) / a)
+        x = ref.float()
+
+
 # ---------------------------------------------------------------------------- refusals
-def test_order_3_is_refused_by_name():
-    """Order 3 needs the anchor, two model outputs and z: more operands than one fused op takes;
-    refused (also through a scheduler with solver_order=3), nothing run."""
-    with pytest.raises(ValueError, match="solver_order: .*sde-dpmsolver.* orders 1-2"):
-        make_sampler("dpm++_single", NoiseSchedule("linear"), 6, algorithm_type=SDE,
-                     solver_order=3)  # fmt: skip
-    calls = []
-
-    def model(x, t):
-        calls.append(t)
-        return toy(x, t)
-
-    with pytest.raises(ValueError, match="solver_order"):
-        fastdiff.sample(model, steps=6, schedule=_theirs("linear", {"solver_order": 3}, 6),
-                        noise=_z())  # fmt: skip
-    assert calls == []
+def test_unknown_algorithm_type_is_refused_by_name():
     with pytest.raises(ValueError, match="algorithm_type.*'sde-dpmsolver\\+\\+'.*got 'sde'"):
         make_sampler("dpm++_single", NoiseSchedule("linear"), 6, algorithm_type="sde")

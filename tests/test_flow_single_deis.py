@@ -483,5 +483,6 @@ def test_singlestep_specific_errors():
                      (True, TypeError), (30.0, ValueError)):  # fmt: skip
         with pytest.raises(err, match="lambda_min_clipped"):
             make_sampler("dpm++_single", lin, 5, lambda_min_clipped=bad)
-    with pytest.raises(ValueError, match="orders 1-2"):  # SDE: tests/test_dpm_single_sde.py
-        _ours("dpm++_single", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, 5)
+    # the SDE at order 3 runs (on the flow grid too: tests/test_dpm_single_sde.py)
+    sde3 = _ours("dpm++_single", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, 6)
+    assert sde3.step_orders == (1, 2, 3, 1, 2, 1) and sde3.coef_width == 9

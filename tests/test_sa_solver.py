@@ -45,6 +45,24 @@ CONFIGS = {
     "trailing": {"timestep_spacing": "trailing"},
     "clipped": {"lambda_min_clipped": -2.0, "timestep_spacing": "leading"},
     "thresholding": {"thresholding": True, "prediction_type": "sample"},
+    # orders 3-4 (history_depth 3 / 4: the op's x0_prev3 / x0_prev4)
+    "p3": {"predictor_order": 3},
+    "p3c3": {"predictor_order": 3, "corrector_order": 3},
+    "c4": {"corrector_order": 4},
+    "p4c4": {"predictor_order": 4, "corrector_order": 4},
+    "p4c1-nolof": {"predictor_order": 4, "corrector_order": 1, "lower_order_final": False},
+    "noise-p3c4": {
+        "algorithm_type": "noise_prediction",
+        "predictor_order": 3,
+        "corrector_order": 4,
+    },
+    "noise-v-p4": {
+        "algorithm_type": "noise_prediction",
+        "prediction_type": "v_prediction",
+        "predictor_order": 4,
+    },
+    "karras-p4c4": {"use_karras_sigmas": True, "predictor_order": 4, "corrector_order": 4},
+    "thresholding-p4": {"thresholding": True, "prediction_type": "sample", "predictor_order": 4},
 }
 
 
@@ -104,6 +122,27 @@ def test_step_orders_are_diffusers():
     smp = _smp({"corrector_order": 3}, 6)
     assert smp.step_orders == ((1, 0), (2, 2), (2, 3), (2, 3), (2, 3), (1, 3))
     assert _smp({"lower_order_final": False}, 4).step_orders == ((1, 0), (2, 2), (2, 2), (2, 2))
+    smp = _smp({"predictor_order": 4, "corrector_order": 4}, 8)
+    assert smp.step_orders == ((1, 0), (2, 2), (3, 3), (4, 4), (4, 4), (3, 4), (2, 4), (1, 3))
+    assert smp.history_depth == 4 and smp.coef_table("cpu").shape == (8, 10)
+    assert _smp({"corrector_order": 4}, 5).history_depth == 3
+    assert _smp({}, 5).coef_table("cpu").shape == (5, 8)  # depth 2: the 3M row as before
+
+
+@pytest.mark.parametrize("opts", [{"predictor_order": 4, "corrector_order": 4},
+                                  {"predictor_order": 3, "corrector_order": 4}])  # fmt: skip
+def test_step_orders_follow_diffusers_this_orders(opts):
+    """(predictor, corrector) order of every step of a run is diffusers'
+    this_predictor_order / this_corrector_order (the corrector's as set by the step before)."""
+    n = 9
+    sch, smp = _sched(opts, n), _smp(opts, n)
+    got, x = [], torch.zeros(SHAPE)
+    c_prev = 0
+    for t in sch.timesteps:
+        x = sch.step(torch.zeros(SHAPE), t, x, generator=torch.Generator()).prev_sample
+        got.append((sch.this_predictor_order, c_prev))
+        c_prev = sch.this_corrector_order
+    assert smp.step_orders == tuple(got)
 
 
 # ------------------------------------------------------------------------------ runs
@@ -124,7 +163,7 @@ def test_run_matches_diffusers(cfg, n, monkeypatch):
         assert rel(x, want) <= RTOL + rel(want, want64)
 
 
-@pytest.mark.parametrize("cfg", ["default", "c3", "noise-v", "karras"])
+@pytest.mark.parametrize("cfg", ["default", "c3", "noise-v", "karras", "p4c4", "noise-p3c4"])
 def test_every_step_from_diffusers_own_sample(cfg, monkeypatch):
     """Each step from diffusers' own (predicted) sample, model output and recorded noise: the
     folded corrector + predictor lands on diffusers' next sample (float64 and fp32)."""
@@ -207,8 +246,9 @@ def test_trajectory_x0_is_the_data_prediction(algo):
 
 
 # ------------------------------------------------------------------------------ backends
+@pytest.mark.parametrize("orders", [(2, 3), (4, 4)], ids=["p2c3", "p4c4"])
 @pytest.mark.parametrize("case", backend_cases("dpm_solver_2m_step"), ids=case_id)
-def test_every_backend_matches_diffusers(case, monkeypatch):
+def test_every_backend_matches_diffusers(case, orders, monkeypatch):
     """A guided run at an odd size on each backend of the fused op (generator noise) equals
     diffusers' loop on the combined output (contiguous and channels_last); fp16: the
     FlashAttention rule against float64, diffusers' own fp16 loop as eager."""
@@ -218,7 +258,8 @@ def test_every_backend_matches_diffusers(case, monkeypatch):
     z = torch.randn(shape, generator=g)
     w = torch.randn(4, *shape[1:], generator=g)
     gs, n = 2.5, 8
-    opts = {"corrector_order": 3, "prediction_type": "v_prediction"}
+    opts = {"predictor_order": orders[0], "corrector_order": orders[1],
+            "prediction_type": "v_prediction"}  # fmt: skip
 
     def raw(x, t):
         xx = torch.cat([x, x]).float()
@@ -249,6 +290,18 @@ def test_every_backend_matches_diffusers(case, monkeypatch):
             x = smp.step(raw(x.cpu(), t.expand(4)).to(dev), i, x, noise=noise, guidance_scale=gs)
     assert x.dtype == torch.float16
     assert_fa_rule(x.cpu(), ref64, half, atol=1e-3, name=f"{backend} fp16")
+
+
+@pytest.mark.parametrize("cfg", ["p4c4", "noise-p3c4"])
+def test_img2img_at_orders_3_4_matches_diffusers_pipeline(cfg):
+    """sample(image=, strength=) at predictor / corrector orders 3-4: the img2img pipeline's
+    loop (set_begin_index, add_noise, the same generator), warming up again from the start."""
+    from test_img2img import RTOL as IMG_RTOL
+    from test_img2img import _rel, _run_pair
+
+    for strength in (0.8, 0.37):
+        ours, theirs, _ = _run_pair("sa_solver", strength, CONFIGS[cfg])
+        assert _rel(ours, theirs) <= IMG_RTOL, f"{cfg} strength {strength}"
 
 
 # ------------------------------------------------------------------------------ exactness
@@ -286,8 +339,9 @@ def test_refusals_name_the_argument():
     sched = NoiseSchedule.from_diffusers(SL)
     z = torch.randn(SHAPE)
     for kw, msg in (
-        ({"predictor_order": 3}, r"predictor_order: expected an int in 1\.\.2 .* got 3"),
-        ({"corrector_order": 4}, r"corrector_order: expected an int in 1\.\.3 .* got 4"),
+        ({"predictor_order": 5}, r"predictor_order: expected an int in 1\.\.4 .* got 5"),
+        ({"corrector_order": 0}, r"corrector_order: expected an int in 1\.\.4 .* got 0"),
+        ({"corrector_order": 4.0}, r"corrector_order: expected an int in 1\.\.4 .* got 4\.0"),
         ({"predictor_order": True}, r"predictor_order: expected an int"),
         ({"algorithm_type": "sde"}, r"algorithm_type: expected one of"),
         ({"prediction_type": "flow_prediction"}, r"prediction_type: expected 'epsilon'"),
@@ -297,8 +351,7 @@ def test_refusals_name_the_argument():
             SASolverSampler(sched, 5, **kw)
     with pytest.raises(TypeError, match=r"tau_func: expected a callable"):
         SASolverSampler(sched, 5, tau_func=0.5)
-    for cfg in ({"use_flow_sigmas": True}, {"variance_type": "learned_range"},
-                {"predictor_order": 4}):  # fmt: skip
+    for cfg in ({"use_flow_sigmas": True}, {"variance_type": "learned_range"}):
         with pytest.raises(ValueError, match=rf"{next(iter(cfg))}[=:]"):
             fastdiff.sample(toy, steps=5, noise=z, schedule=_sched(cfg))
     with pytest.raises(ValueError, match=r"mask: SASolverSampler does not inpaint"):

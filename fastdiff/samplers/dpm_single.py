@@ -137,11 +137,14 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
     ``"sde-dpmsolver++"`` (diffusers' singlestep SDE): with h from the anchor, x_a's factor is
     (sigma_t / sigma_a) e^{-h}, A = alpha_t (1 - e^{-2h}), B = alpha_t ((1 - e^{-2h}) / (-2h) + 1)
     and fresh noise sigma_t sqrt(1 - e^{-2h}) z at every call (drawn in x's dtype, as diffusers).
-    Each call is one :func:`fastdiff.ops.dpm_solver_2m_step` with row ``[a, s, c_x, c_x0,
-    c_prev, c_noise, c_prev2, 0]``: order 1 ``[a, s, c, A, 0, c_n, 0, 0]`` (x = x_a), order 2
-    ``[a, s, 0, w_s0, w_a, c_n, c, 0]`` with x0_prev = m_a and x0_prev2 = x_a. The anchor is
-    always the x of the call before an order-2 call, so x_c = x. Order 3 would need x_a, two
-    m and z besides x: refused.
+    Its order-3 update (diffusers' ``singlestep_dpm_solver_third_order_update``) has the same A, B
+    (midpoint: on D1_1) and, with heun, C = alpha_t ((1 - e^{-2h} - 2h) / (2h)^2 - 1/2) on D2.
+    Each call is one :func:`fastdiff.ops.dpm_solver_2m_step`, row ``[a, s, c_x, c_x0, c_prev,
+    c_noise, c_prev2, 0(, c_prev3)]``: order 1 ``[a, s, c, A, 0, c_n, 0, 0]`` (x = x_a), 2
+    ``[a, s, 0, w_s0, w_a, c_n, c, 0]`` (x0_prev = m_a, x0_prev2 = x_a), 3 ``[a, s, 0, w_s0,
+    w_s1, c_n, c, 0, w_a]`` (x0_prev = m_{s1}, x0_prev2 = x_a, x0_prev3 = m_a; 9 columns at
+    ``solver_order=3``). x_c passes the anchor on: x at order 1, then ``last`` (a device select
+    on c_prev2 != 0, which a CUDA graph replays).
 
     A run that starts at call s > 0 (img2img, diffusers' ``set_begin_index``) has no m yet: as
     diffusers, its call i takes order min(order_i, i - s + 1).
@@ -159,7 +162,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             ``"bh1"``, ``"bh2"`` as ``"midpoint"``, and so does this sampler).
         algorithm_type: ``"dpmsolver++"`` (default; data prediction) or ``"dpmsolver"`` (noise
             prediction; needs ``final_sigmas_type="sigma_min"``, as diffusers) or
-            ``"sde-dpmsolver++"`` (orders 1-2; see below).
+            ``"sde-dpmsolver++"`` (orders 1-3; see below).
         lower_order_final: lower-order groups at the end. As diffusers' ``set_timesteps``, it is
             switched on when ``steps % solver_order != 0`` or ``final_sigmas_type="zero"``.
         final_sigmas_type: ``"zero"`` (default) or ``"sigma_min"`` (end at the noise level of
@@ -232,13 +235,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         check_choice("algorithm_type", algorithm_type, ALGORITHM_TYPES)
         #: diffusers' "sde-dpmsolver++": data prediction plus fresh noise at every call
         self.sde = algorithm_type == "sde-dpmsolver++"
-        if self.sde and solver_order == 3:
-            raise ValueError(
-                "solver_order: algorithm_type='sde-dpmsolver++' is implemented for orders 1-2 "
-                "(an order-3 call needs the anchor, two model outputs and the noise: more "
-                "operands than one fused op takes), got 3"
-            )
-        self.coef_width = 8 if self.sde else 12  # dpm_solver_2m_step's row, else unipc_step's
+        self.coef_width = (9 if solver_order == 3 else 8) if self.sde else 12  # 2m / unipc rows
         if final_sigmas_type not in FINAL_SIGMAS:
             raise ValueError(
                 f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
@@ -352,10 +349,11 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             math.log((1.0 - v) / v) if flow else -math.log(v) for v in map(float, sig[a : t + 1])
         ]
         h = lam[-1] - lam[0]
-        if self.sde:
+        if self.sde:  # diffusers' SDE forms: -2h in place of -h (C: its order-3 heun update)
             em2 = math.expm1(-2.0 * h)  # e^{-2h} - 1
             c, A = sigma[t] / sigma[a] * math.exp(-h), -alpha[t] * em2
-            B, C = alpha[t] * (em2 / (2.0 * h) + 1.0) if h else 0.0, 0.0
+            B = alpha[t] * (em2 / (2.0 * h) + 1.0) if h else 0.0
+            C = alpha[t] * ((-em2 - 2.0 * h) / (4.0 * h * h) - 0.5) if h else 0.0
         elif pp:
             c = sigma[t] / sigma[a]
             em = math.expm1(-h)  # e^{-h} - 1
@@ -417,8 +415,11 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         c, w = self._weights(i, order)
         row = np.zeros(self.coef_width, dtype=np.float64)
         row[0], row[1] = self._ab(i)
-        if self.sde:  # [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0]
-            row[2:7] = [c, w[0], 0.0, 0.0, 0.0] if order == 1 else [0.0, w[1], w[0], 0.0, c]
+        if self.sde:  # [a, s, c_x, c_x0, c_prev, c_noise, c_prev2, 0(, c_prev3)]: class doc
+            row[2:4] = [c, w[0]] if order == 1 else [0.0, w[-1]]
+            if order > 1:  # x0_prev = the newest earlier m, x0_prev2 = x_a (, x0_prev3 = m_a)
+                row[4], row[6] = w[-2], c
+                row[8:] = w[0] if order == 3 else 0.0  # (no column below solver_order 3)
             row[5] = self._noise_coef(i, order)
             return row
         row[2], row[3] = (1.0, 0.0) if order == 1 else (0.0, 1.0)
@@ -528,9 +529,10 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         table = self.coef_table(x.device) if full else self._variant(k, x.device)
         r = (self._coef64 if full else self._since64[k])[i]
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        if self.sde:  # order 2: x0_prev = m_a, x0_prev2 = x_a
+        if self.sde:  # order 2: x0_prev = m_a, x0_prev2 = x_a; 3: + x0_prev3 = m_a, m_{s1} first
             last = self._last if r[6] != 0.0 else None
-            m_prev, m_prev2 = (self._hist[0] if last is not None else None), None
+            m_prev = self._hist[0] if last is not None else None
+            m_prev2 = self._hist[1] if len(r) > 8 and r[8] != 0.0 else None
         else:
             last = self._last if r[3] != 0.0 else None
             m_prev2 = self._hist[1] if r[11] != 0.0 else None
@@ -560,8 +562,8 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One fused call with the caller's anchor (``last``), history and row (CUDA graphs):
         ``(x_c, m, x_next)``, x_c the anchor for the next call; ``m_prev3`` (and for the SDE
-        ``m_prev2``) is not read, ``noise`` / ``generator_state`` only by the SDE. The
-        sampler's own history is left alone."""
+        below order 3, ``m_prev2``) is not read, ``noise`` / ``generator_state`` only by the
+        SDE (x0_prev = m_prev, x0_prev2 = last, x0_prev3 = m_prev2); own history left alone."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         if self.thresholding:  # x0 from the row's (a, s) = (alpha, sigma), thresholded
             if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -575,12 +577,16 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             model_output, guidance_scale = x0.to(x.dtype), None
         if self.sde:
             nkw = {"noise": noise} if noise is not None else {"generator_state": generator_state}
+            x_c = x
+            if self.solver_order == 3 and last is not None:  # x_c: x_a after a group's 1st call
+                nkw.update({} if m_prev2 is None else {"x0_prev3": m_prev2})  # m_a (coef[8])
+                x_c = torch.where(coef[6] != 0, last, x)  # c_prev2 != 0: x_a's factor
             x_next, m = _ops().dpm_solver_2m_step(
                 x, model_output, coef, m_prev, x0_prev2=last, prediction_type=self._op_prediction(),
                 guidance_scale=guidance_scale, **nkw,
             )  # fmt: skip
             advance_generator_state(nkw, x)  # in place, so a captured graph advances it too
-            return x, m, x_next
+            return x_c, m, x_next
         return _unipc_ops().unipc_step(
             x,
             model_output,

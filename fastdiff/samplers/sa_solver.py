@@ -21,8 +21,10 @@ x0(lambda) by the Lagrange polynomial through the last model outputs (stochastic
 Since the corrector starts from the same x_{i-1} with the same z_{i-1}, the same factor and the
 same noise coefficient as the predictor of step i - 1, it differs from the predicted x_i only in
 the weights: x_i^c = x_i + sum_j c_j m_{i-j} - sum_j p'_j m_{i-1-j} (p' the weights the last
-predictor used). Corrector and predictor are then one linear map of (x_i, m_i, m_{i-1},
-m_{i-2}, z_i), one fused ``dpm_solver_2m_step`` call per model call.
+predictor used). Corrector and predictor are then one linear map of (x_i, m_i, m_{i-1}, ...,
+m_{i-K}, z_i), one fused ``dpm_solver_2m_step`` call per model call, with K = max(predictor
+order, corrector order - 1) history operands (the last predictor's p' reaches m_{i-p}; the
+corrector m_{i-c+1}): x0_prev, x0_prev2 and, for K = 3 / 4, x0_prev3 / x0_prev4.
 
 The weights w_j = (1 + tau^2) alpha_t int e^{(1 + tau^2)(lambda - lambda_t)} l_j(lambda) dlambda
 (l_j the Lagrange basis) are integrated on the host in float64 by Gauss-Legendre quadrature
@@ -47,7 +49,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, check_choice
+from fastdiff.samplers.base import (
+    Sampler,
+    _ops,
+    advance_generator_state,
+    check_choice,
+    threshold_x0,
+)
+from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.dpm_solver import _UNSET, DPMSolverPPSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -103,12 +112,13 @@ class SASolverSampler(DPMSolverPPSampler):
     """SA-Solver (see the module docstring): diffusers' ``SASolverScheduler`` step for step.
 
     Each model call is one fused ``dpm_solver_2m_step``: row ``[a, s, c_x, w0, w1, c_noise,
-    w2, 0]`` with x_{i+1} = c_x x_i + w0 m_i + w1 m_{i-1} + w2 m_{i-2} + c_noise z_i (corrector
-    of step i, then predictor, folded); the op's "x0" m is the data prediction (or, with
+    w2, 0, w3, w4]`` with x_{i+1} = c_x x_i + w0 m_i + w1 m_{i-1} + w2 m_{i-2} + w3 m_{i-3} + w4
+    m_{i-4} + c_noise z_i (corrector of step i, then predictor, folded; 8 columns while
+    ``history_depth`` <= 2); the op's "x0" m is the data prediction (or, with
     ``noise_prediction``, the noise estimate: the row's (a, s) slots are chosen so). As
     diffusers, noise is drawn on every step (z_i, its std 0 where tau = 0), so the same
-    ``generator`` gives diffusers' samples. The two history operands of the op allow
-    ``predictor_order`` <= 2 and ``corrector_order`` <= 3 (diffusers also has 3 / 4).
+    ``generator`` gives diffusers' samples. The step reads ``history_depth`` = max(predictor
+    order, corrector order - 1) earlier model outputs (the op's x0_prev .. x0_prev4).
 
     Args:
         schedule, steps, prediction_type ("epsilon", "v_prediction", "sample"),
@@ -117,8 +127,9 @@ class SASolverSampler(DPMSolverPPSampler):
             use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: as
             :class:`~fastdiff.samplers.DPMSolverPPSampler` and diffusers' ``SASolverScheduler``
             (the run ends at the noise level of t = 0, not at 0).
-        predictor_order: 1 or 2 (default 2).
-        corrector_order: 1, 2 (default) or 3.
+        predictor_order: 1, 2 (default), 3 or 4 (diffusers recommends 3 for unconditional
+            sampling).
+        corrector_order: 1, 2 (default), 3 or 4.
         tau_func: tau of a step from its model timestep t (default: 1 on 200 <= t <= 800, else
             0); evaluated once per step when the sampler is built, with t a 0-d int64 tensor
             as diffusers' step passes it; its value must be a finite real number.
@@ -133,7 +144,8 @@ class SASolverSampler(DPMSolverPPSampler):
         "sample before the pipeline's blend (its last_sample), fastdiff's fused corrector from "
         "the blended one, which differ where the mask is soft (use another sampler)"
     )
-    #: the CUDA-graph loop keeps m_{i-1} and m_{i-2}
+    #: DPMSolverPPSampler's order slot (its rows are not used): 3 gives the CUDA-graph loop its
+    #: x0_prev2 buffer; ``history_depth`` 3 / 4 adds x0_prev3 / x0_prev4
     solver_order = 3
 
     def __init__(
@@ -157,13 +169,10 @@ class SASolverSampler(DPMSolverPPSampler):
         use_exponential_sigmas: bool = False,
         use_beta_sigmas: bool = False,
     ) -> None:
-        for name, v, hi, why in (("predictor_order", predictor_order, 2, 3),
-                                 ("corrector_order", corrector_order, 3, 4)):  # fmt: skip
-            if isinstance(v, bool) or not isinstance(v, Integral) or not 1 <= v <= hi:
-                raise ValueError(
-                    f"{name}: expected an int in 1..{hi} (diffusers also has {why}; fastdiff's "
-                    f"fused step reads two earlier model outputs), got {v!r}"
-                )
+        for name, v in (("predictor_order", predictor_order),
+                        ("corrector_order", corrector_order)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, Integral) or not 1 <= v <= 4:
+                raise ValueError(f"{name}: expected an int in 1..4 (as diffusers), got {v!r}")
         check_choice("algorithm_type", algorithm_type, ALGORITHMS)
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(
@@ -181,6 +190,10 @@ class SASolverSampler(DPMSolverPPSampler):
             )
         self.predictor_order = int(predictor_order)
         self.corrector_order = int(corrector_order)
+        #: earlier model outputs a step reads (the CUDA-graph loop's history buffers): diffusers'
+        #: max(predictor_order, corrector_order - 1), the cap of its lower_order_nums
+        self.history_depth = max(self.predictor_order, self.corrector_order - 1)
+        self.coef_width = 10 if self.history_depth > 2 else 8  # x0_prev3 / x0_prev4's columns
         self.tau_func = default_tau if tau_func is None else tau_func
         self.sa_algorithm = algorithm_type
         self.data = algorithm_type == "data_prediction"
@@ -252,13 +265,13 @@ class SASolverSampler(DPMSolverPPSampler):
         alpha, sigma, lam, taus = grid
         p_ord, c_ord = self._orders_at(i, k)
         c_x, w, noise = self._predictor(i, p_ord, grid)
-        w = np.concatenate([w, np.zeros(3 - len(w))])
+        w = np.concatenate([w, np.zeros(5 - len(w))])  # weights of m_i .. m_{i-4}
         if c_ord:
             # x_i^c = x_i + sum_j c_j m_{i-j} - sum_j p'_j m_{i-1-j}: then the predictor on it
             pp_ord = self._orders_at(i - 1, k - 1)[0]
             _, w_prev, _ = self._predictor(i - 1, pp_ord, grid)
             corr = self._corrector(i, c_ord, grid)
-            delta = np.zeros(3)
+            delta = np.zeros(5)
             delta[: len(corr)] += corr
             delta[1 : 1 + len(w_prev)] -= w_prev
             w = w + c_x * delta
@@ -267,7 +280,8 @@ class SASolverSampler(DPMSolverPPSampler):
         else:  # the op's m is eps: epsilon -> "sample" (m = output); v: (sigma, -alpha); x0
             a, s = {"epsilon": (1.0, 1.0), "v_prediction": (sigma[i], -alpha[i]),
                     "sample": (sigma[i], alpha[i])}[self.prediction_type]  # fmt: skip
-        return np.array([a, s, c_x, w[0], w[1], noise, w[2], 0.0])
+        row = [a, s, c_x, w[0], w[1], noise, w[2], 0.0, w[3], w[4]]
+        return np.array(row[: 8 if self.history_depth <= 2 else 10])
 
     def _predictor(self, i: int, order: int, grid) -> tuple[float, np.ndarray, float]:
         """(factor of x_i, weights of m_i, m_{i-1}, ..., noise std) of step i's SA-Predictor."""
@@ -304,22 +318,23 @@ class SASolverSampler(DPMSolverPPSampler):
         return w
 
     def coefficients(self) -> np.ndarray:
-        """float64 ``[steps x 8]`` rows of a run from step 0; ``_rows64[u + 1]`` holds the rows
-        of a step that is the u-th of its run (u < 2), for runs that start later."""
+        """float64 ``[steps x 8]`` (``[steps x 10]`` for a ``history_depth`` of 3 / 4) rows of
+        a run from step 0; ``_rows64[u + 1]`` holds the rows of a step that is the u-th of its
+        run (u < history_depth), for runs that start later."""
         ratio = self._ratios()
         alpha = [1.0 / math.sqrt(1.0 + r * r) for r in ratio]
         sigma = [r * a for r, a in zip(ratio, alpha, strict=True)]
         lam = [math.log(a / s) for a, s in zip(alpha, sigma, strict=True)]
         grid = (alpha, sigma, lam, self.taus())
-        n = self.steps
+        n, depth = self.steps, self.history_depth
         rows = {u + 1: np.stack([self._row(i, min(u, i), grid) for i in range(n)])
-                for u in range(3)}  # fmt: skip
+                for u in range(max(depth, 2) + 1)}  # fmt: skip
         self._rows64 = rows
-        self._need = [min(i, 2) for i in range(n)]
+        self._need = [min(i, depth) for i in range(n)]
         #: (predictor order, corrector order) of each step in a run from step 0
-        self.step_orders = tuple(self._orders_at(i, min(i, 2)) for i in range(n))
+        self.step_orders = tuple(self._orders_at(i, min(i, depth)) for i in range(n))
         self._fallback_tables: dict[tuple[int, torch.device], Tensor] = {}
-        return rows[3]
+        return rows[max(depth, 2) + 1]
 
     @property
     def _op_prediction(self) -> str:
@@ -339,7 +354,9 @@ class SASolverSampler(DPMSolverPPSampler):
         return ((x.float() - a * r * m.float()) / a).to(x.dtype)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "sa_algorithm": self.sa_algorithm}
+        # history_depth: the CUDA-graph loop's history buffers (a captured step's operands)
+        return {**super().config(), "sa_algorithm": self.sa_algorithm,
+                "history_depth": self.history_depth}  # fmt: skip
 
     def __repr__(self) -> str:
         return (
@@ -360,19 +377,64 @@ class SASolverSampler(DPMSolverPPSampler):
         coef: Tensor | None = None,
         x0_prev: Tensor | None | object = _UNSET,
         x0_prev2: Tensor | None | object = _UNSET,
+        x0_prev3: Tensor | None | object = _UNSET,
+        x0_prev4: Tensor | None | object = _UNSET,
         generator_state: Tensor | None = None,
         return_x0: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Step ``i``: the corrector of x_i (from step i > 0 of a run) and the predictor to
-        x_{i+1}, one fused call (see :meth:`DPMSolverPPSampler.step` for the history and the
-        noise: z_i is ``noise``, else drawn from ``generator``, else in-kernel Philox). x must
-        be the previous step's output. ``return_x0``: also the x0 prediction (with
+        x_{i+1}, one fused call. The history m_{i-1}, ..., m_{i-K} (K = ``history_depth``) is
+        kept on the sampler and used as far as steps i - 1, i - 2, ... were the last ones it ran
+        (for this x shape): a run that starts later warms up as diffusers' ``lower_order_nums``.
+        Pass ``x0_prev`` .. ``x0_prev4`` (m_{i-1} .. m_{i-4}; ``None``: not available) to manage
+        it yourself (CUDA graphs: buffers, and ``coef`` from a static buffer whose row decides
+        what is read). z_i is ``noise``, else drawn from ``generator``, else in-kernel Philox
+        from ``generator_state`` (its offset advanced in place), else torch's global generator.
+        x must be the previous step's output. ``return_x0``: also the x0 prediction (with
         ``noise_prediction`` and a caller-managed history: the op's m, the noise estimate)."""
-        out = super().step(model_output, i, x, noise, guidance_scale=guidance_scale,
-                           generator=generator, coef=coef, x0_prev=x0_prev, x0_prev2=x0_prev2,
-                           generator_state=generator_state, return_x0=return_x0)  # fmt: skip
-        external = x0_prev is not _UNSET or x0_prev2 is not _UNSET
-        if return_x0 and not self.data and not external:
-            x_next, m = out
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        given = (x0_prev, x0_prev2, x0_prev3, x0_prev4)
+        external = any(v is not _UNSET for v in given)
+        if external:
+            hist = [None if v is _UNSET else v for v in given]
+            for k in range(1, 4):
+                if hist[k] is not None and hist[k - 1] is None:
+                    older = f"m_{{i-{k + 1}}}"
+                    raise ValueError(
+                        f"x0_prev{k + 1}: {older} was given without {_PREV_NAMES[k - 1]} "
+                        f"(m_{{i-{k}}}); pass the newer ones too, or none for a first-order step"
+                    )
+            hist = [m for m in hist if m is not None]
+        else:
+            hist = self._history(i, x)
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
+        if coef is None:
+            use = min(self._need[i], len(hist))  # previous m this step reads
+            if use < self._need[i]:  # diffusers' lower_order_nums: a lower-order step
+                coef = self._lower_order_table(use + 1, x.device)[i]
+            else:
+                coef = self.coef_table(x.device)[i]
+            hist = hist[:use]
+        prev = hist[0] if hist else None
+        hkw = dict(zip(_PREV_NAMES[1:], hist[1:], strict=False))
+        if self.thresholding:
+            m = _combine_cfg(model_output, guidance_scale)
+            x0, _ = _x0_eps(x, m, coef[0], coef[1], self._op_prediction)
+            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+            model_output, guidance_scale, pred = x0, None, "sample"
+        else:
+            pred = self._op_prediction
+        x_next, m = _ops().dpm_solver_2m_step(x, model_output, coef, prev, prediction_type=pred,
+                                              guidance_scale=guidance_scale, **hkw,
+                                              **nkw)  # fmt: skip
+        advance_generator_state(nkw, x)
+        if not external:
+            self._hist = [(m, i), *self._hist][: self.history_depth]
+        if not return_x0:
+            return x_next
+        if not self.data and not external:
             return x_next, self.x0_of(m, i, x)
-        return out
+        return x_next, m
+
+
+_PREV_NAMES = ("x0_prev", "x0_prev2", "x0_prev3", "x0_prev4")
