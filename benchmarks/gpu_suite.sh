@@ -78,7 +78,7 @@ for f in benchmarks/bench_*.py; do
 done
 bench_files+=(benchmarks/bench_e2e.py)
 # The kernel test files first, then the rest: a stage cut by its timeout has run them.
-test_files=(tests/test_sampler_step.py tests/test_step_numerics.py tests/test_stage2_precision.py tests/test_dpm_sde.py tests/test_dpm3_op.py tests/test_dpm3.py tests/test_unipc.py tests/test_unipc3.py tests/test_group_norm_silu.py
+test_files=(tests/test_sampler_step.py tests/test_step_numerics.py tests/test_stage2_precision.py tests/test_dpm_sde.py tests/test_dpm3_op.py tests/test_dpm_hist_op.py tests/test_dpm3.py tests/test_unipc.py tests/test_unipc3.py tests/test_group_norm_silu.py
   tests/test_attention.py tests/test_attn_processor.py tests/test_compile_backend.py
   tests/test_kdpm2.py tests/test_heun.py tests/test_pndm.py tests/test_lcm.py tests/test_flow.py tests/test_flow_heun.py
   tests/test_lms.py tests/test_deis.py tests/test_dpm_single.py tests/test_edm.py tests/test_guidance_rescale.py
