@@ -58,8 +58,12 @@ def classes_of_keys(cfg: Mapping[str, Any]) -> list[str]:
     starting with ``_``), sorted: the classes a config without ``_class_name`` can be. Several
     classes share their parameters (``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``
     and ``LMSDiscreteScheduler``; ``LCMScheduler`` and ``TCDScheduler``, ...); a config made
-    with ``from_config`` of another class's keeps that one's keys too and fits none."""
+    with ``from_config`` of another class's keeps that one's keys too and fits none.
+    ``{"num_train_timesteps": T, "trained_betas": betas}`` (IPNDMScheduler's keys) with betas
+    given is what it says, a noise schedule of those betas: no class."""
     keys = frozenset(k for k in cfg if isinstance(k, str) and not k.startswith("_"))
+    if keys <= _SCHEDULE_KEYS and cfg.get("trained_betas") is not None:
+        return []  # user betas: a bare noise schedule (IPNDMScheduler's keys, not its grid)
     found = [n for n, ps in sorted(_diffusers_signatures().items()) if ps == keys]
     return [n for n in found if _TWINS.get(n) not in found]
 

@@ -141,6 +141,21 @@ def test_flow_match_config_samples_as_the_object():
     assert not torch.equal(got, _run(sampler="flow_euler"))
 
 
+def test_ipndm_config_vs_a_bare_trained_betas_schedule():
+    """dict(IPNDMScheduler().config) is {num_train_timesteps, trained_betas=None}: "ipndm", as
+    its object; the same keys with betas given are a bare noise schedule (DDIM on those betas,
+    as before), not an IPNDM config (whose trained_betas fastdiff refuses)."""
+    sched = diffusers.IPNDMScheduler()
+    assert infer_sampler(dict(sched.config)) == "ipndm"
+    torch.testing.assert_close(_run(schedule=dict(sched.config)), _run(schedule=sched),
+                               rtol=0, atol=0)  # fmt: skip
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64).tolist()
+    cfg = {"num_train_timesteps": 1000, "trained_betas": betas}
+    assert infer_sampler(cfg) == "ddim"
+    want = _run(schedule=fastdiff.NoiseSchedule(betas=torch.tensor(betas)), sampler="ddim")
+    torch.testing.assert_close(_run(schedule=cfg), want, rtol=0, atol=0)
+
+
 def test_own_class_checks_apply_to_a_classless_config():
     """An unsupported setting of the sampler's own class is refused in a classless config
     too (before: EulerDiscreteScheduler's timestep_type='continuous' was dropped)."""
