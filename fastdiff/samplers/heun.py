@@ -14,12 +14,39 @@ from fastdiff.samplers.base import _ops, vp_of_sigma
 from fastdiff.samplers.euler import EulerSampler
 from fastdiff.schedules import NoiseSchedule
 
-__all__ = ["HeunSampler", "stage2_history"]
+__all__ = ["HeunSampler", "TwoStageRun", "stage2_history"]
 
 _UNSET = object()
 
 
-class HeunSampler(EulerSampler):
+class TwoStageRun:
+    """Run bookkeeping of the two-stage samplers (Heun, DPM2): each step is two model calls,
+    and stage 2 (the odd call) reads stage 1's input sample, which the sampler keeps between
+    the calls (:func:`stage2_history` checks it); their ``__repr__`` counts both."""
+
+    is_multistep = True
+    scheduler_order = 2  # img2img starts at a first stage (Heun: the Euler stage), call 2 t_start
+    #: stage 2's history operand is the stage-1 input sample, not its x0 prediction (the
+    #: CUDA-graph loop fills its x0_prev buffer with the step's input)
+    history_is_input = True
+    _x0_prev: Tensor | None = None  # the input sample of model call _prev_i (history)
+    _prev_i = -1
+    _prev_version: int | None = None  # its in-place version counter then
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(steps={self.num_inference_steps} ({self.steps} model calls),"
+            f" prediction_type={self.prediction_type!r}, timestep_spacing="
+            f"{self.timestep_spacing!r}, schedule={self.schedule!r})"
+        )
+
+    def reset(self) -> None:
+        self._x0_prev = None
+        self._prev_i = -1
+        self._prev_version = None
+
+
+class HeunSampler(TwoStageRun, EulerSampler):
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, the
     deterministic sampler; Algorithm 2 with S_churn = 0), as diffusers' ``HeunDiscreteScheduler``.
 
@@ -83,11 +110,6 @@ class HeunSampler(EulerSampler):
     """
 
     name = "heun"
-    is_multistep = True
-    scheduler_order = 2  # img2img starts at an Euler stage, call 2 t_start
-    #: stage 2's history operand is the stage-1 input sample (the CUDA-graph loop fills its
-    #: x0_prev buffer with the step's input)
-    history_is_input = True
 
     def __init__(
         self,
@@ -113,9 +135,6 @@ class HeunSampler(EulerSampler):
             )
         self.clip_sample = bool(clip_sample)
         self.clip_sample_range = float(clip_sample_range)
-        self._x0_prev: Tensor | None = None  # the input sample of model call _prev_i
-        self._prev_i = -1
-        self._prev_version: int | None = None  # its in-place version counter then
         super().__init__(
             schedule,
             steps,
@@ -164,20 +183,8 @@ class HeunSampler(EulerSampler):
                 rows[2 * j + 1] = [an, sig[j + 1] * an, 0.5, 0.0, c_prev, 0.0, 0.0, c_eps]
         return rows
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(steps={self.num_inference_steps} ({self.steps} model calls),"
-            f" prediction_type={self.prediction_type!r}, timestep_spacing="
-            f"{self.timestep_spacing!r}, schedule={self.schedule!r})"
-        )
-
     def config(self) -> dict:
         return {**super().config(), "clip": self.clip_sample, "clip_range": self.clip_sample_range}
-
-    def reset(self) -> None:
-        self._x0_prev = None
-        self._prev_i = -1
-        self._prev_version = None
 
     def is_correction(self, i: int) -> bool:
         """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""

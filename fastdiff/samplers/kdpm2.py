@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fastdiff.samplers.base import _ops, advance_generator_state, vp_of_sigma
 from fastdiff.samplers.euler import EulerSampler
-from fastdiff.samplers.heun import _UNSET, _version, stage2_history
+from fastdiff.samplers.heun import _UNSET, TwoStageRun, _version, stage2_history
 from fastdiff.samplers.sigmas import train_sigmas32
 
 __all__ = ["DPM2AncestralSampler", "DPM2Sampler"]
@@ -35,7 +35,7 @@ def _t_of_sigma32(sigma: np.ndarray, log_train: np.ndarray) -> np.ndarray:
     return (np.float32(1.0) - w) * lo.astype(np.float32) + w * hi.astype(np.float32)
 
 
-class DPM2Sampler(EulerSampler):
+class DPM2Sampler(TwoStageRun, EulerSampler):
     """DPM2: k-diffusion's ``sample_dpm_2`` ("inspired by DPM-Solver-2 and Algorithm 2 from
     Karras et al. 2022", with S_churn = 0), as diffusers' ``KDPM2DiscreteScheduler``: a
     second-order step of the probability-flow ODE dx_sigma/dsigma = (x_sigma - D) / sigma
@@ -106,15 +106,7 @@ class DPM2Sampler(EulerSampler):
     """
 
     name = "dpm2"
-    is_multistep = True
-    scheduler_order = 2  # img2img starts at a first stage, call 2 t_start
-    #: stage 2's history operand is the stage-1 input sample, not its x0 prediction (the
-    #: CUDA-graph loop fills its x0_prev buffer with the step's input)
-    history_is_input = True
     ancestral = False
-    _x0_prev: Tensor | None = None  # the input sample of model call _prev_i (history)
-    _prev_i = -1
-    _prev_version: int | None = None  # its in-place version counter then
 
     # ------------------------------------------------------------------ grids
     def _make_timesteps(self) -> np.ndarray:
@@ -192,19 +184,7 @@ class DPM2Sampler(EulerSampler):
                 rows[2 * j + 1] = [am, m * am, 0, 0, an / a[j], an * up[j], 0, an * (t - s)]
         return rows
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(steps={self.num_inference_steps} ({self.steps} model calls),"
-            f" prediction_type={self.prediction_type!r}, timestep_spacing="
-            f"{self.timestep_spacing!r}, schedule={self.schedule!r})"
-        )
-
     # ------------------------------------------------------------------ stepping
-    def reset(self) -> None:
-        self._x0_prev = None
-        self._prev_i = -1
-        self._prev_version = None
-
     def is_second_stage(self, i: int) -> bool:
         """Whether model call ``i`` is a midpoint stage (stage 2): the odd calls."""
         return i % 2 == 1
