@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fastdiff._cli_args import _finite, check_grid
 from fastdiff.cli import (
     DEFAULT_GUIDANCE,
     CLIError,
@@ -38,6 +39,7 @@ from fastdiff.cli import (
 def cmd_repaint(a: argparse.Namespace) -> None:
     """Run :func:`fastdiff.repaint` on ``--n`` copies of the picture and write their grid."""
     import fastdiff
+    from fastdiff._prepare import _infer_shape
     from fastdiff.viz import make_grid
 
     dev = _device(a.device)
@@ -48,6 +50,8 @@ def cmd_repaint(a: argparse.Namespace) -> None:
     if not 0.0 <= a.eta <= 1.0:  # NaN fails too
         raise CLIError(f"--eta must be in [0, 1] (RePaint's DDIM eta), got {a.eta}")
     model = _load_model(a.model, dev)
+    nrow = a.nrow or (10 if a.label == "all" else None)
+    check_grid(a.n, nrow, a.scale, _infer_shape(model))
     image = _init_image(a.init_image, model, a.n, dev)
     mask = _mask(a.mask, image)
     labels = _labels(model, a.label, a.n, dev)
@@ -62,7 +66,6 @@ def cmd_repaint(a: argparse.Namespace) -> None:
             jump_n_sample=a.jump_n_sample, eta=a.eta, cond=labels, guidance_scale=guidance,
             generator=gen, device=dev, progress=not a.quiet,
         )  # fmt: skip
-    nrow = a.nrow or (10 if a.label == "all" else None)
     _save(make_grid(x, nrow=nrow, scale=a.scale), out)
 
 
@@ -86,7 +89,7 @@ def add_repaint_parser(sub: Any) -> None:
     r.add_argument("--n", type=_positive_int, default=16, help="number of images")
     r.add_argument("--out", default="repaint.png", help="PNG grid to write")
     r.add_argument("--label", type=_label, default=None, help="digit 0-9, or 'all' (0,1,..,9,0..)")
-    r.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    r.add_argument("--guidance", type=_finite, default=None, help="classifier-free guidance scale")
     r.add_argument("--seed", type=_seed, default=0, help="random seed")
     r.add_argument("--model", default=None, help="a .safetensors written by `fastdiff train`")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
