@@ -191,6 +191,66 @@ def test_stacked_linear_of_layers_with_different_input_widths_is_none():
         torch.testing.assert_close(torch.cat(got, 1), torch.cat([a(x), b(x)], 1))
 
 
+@torch.no_grad()
+def test_inpainting_with_a_strength_grid_sampler_object_uses_its_strength():
+    """mask= without strength= and an LCM sampler object built with strength 0.5: the run is
+    that strength's (its grid and its noised start, not the pure-noise start of the default
+    1.0), the same as sampler="lcm" with strength=0.5; the kept region is the image."""
+    from fastdiff.samplers import LCMSampler
+
+    model = _LabelNet().eval()
+    g = torch.Generator().manual_seed(6)
+    image = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1:3, 1:3] = 1.0
+    smp = LCMSampler(NoiseSchedule("scaled_linear"), 4, strength=0.5)
+    got = fastdiff.sample(
+        model,
+        sampler=smp,
+        image=image,
+        mask=mask,
+        noise=z,
+        generator=torch.Generator().manual_seed(1),
+    )
+    ref = fastdiff.sample(model, 4, sampler="lcm", schedule=NoiseSchedule("scaled_linear"),
+                          strength=0.5, image=image, mask=mask, noise=z,
+                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+    assert torch.equal(got, ref)
+    keep = mask.expand_as(image) == 0
+    assert torch.equal(got[keep], image[keep])
+
+
+# --------------------------------------------------------------------------- models/unet.py
+@torch.no_grad()
+def test_unet_resblocks_get_silu_of_the_time_plus_class_embedding():
+    """The ResBlocks' emb is silu(time_embed(t) + class_embed(label)) (DDPM / ADM: the
+    projection sees the activated embedding; the UNet applies the SiLU once for all blocks).
+    Reference: the sinusoid [sin(t f_i), cos(t f_i)], f_i = 10000^(-i / (d/2 - 1)), through
+    the two linears by hand in float64."""
+    import math
+
+    from fastdiff.models import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(in_channels=3, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+                     attention_resolutions=(), num_groups=4, sample_size=4, num_classes=3,
+                     mid_attention=False)  # fmt: skip
+    model = UNet(cfg).double().eval()
+    seen = []
+    model.down[0].layer.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    t, labels = torch.tensor([7, 640]), torch.tensor([2, 0])
+    model(torch.randn(2, 3, 4, 4, dtype=torch.float64), t, labels)
+    half = 4
+    f = torch.tensor([10000.0 ** (-i / (half - 1)) for i in range(half)], dtype=torch.float64)
+    arg = t.double()[:, None] * f
+    te = model.time_embed
+    h = torch.cat([arg.sin(), arg.cos()], 1) @ te.linear1.weight.T + te.linear1.bias
+    h = torch.nn.functional.silu(h) @ te.linear2.weight.T + te.linear2.bias
+    want = torch.nn.functional.silu(h + model.class_embed.weight[labels])
+    assert math.isclose(float((seen[0] - want).abs().max()), 0.0, abs_tol=1e-6)
+
+
 # ------------------------------------------------------------------------------ _dispatch.py
 @pytest.fixture
 def global_backends(monkeypatch):
