@@ -414,10 +414,12 @@ class Sampler:
         generator_state: Tensor | None,
         return_x0: bool,
         prediction_type: str | None = None,
+        clip_range: float | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """A step that is one fused :func:`~fastdiff.ops.sampler_step.sampler_step` call with
-        row ``coef`` (default: the table's row ``i``) and this step's noise operand (see
-        :meth:`_noise_kwargs`); a Philox ``generator_state`` then moves past the values used."""
+        row ``coef`` (default: the table's row ``i``), x0 clipped to +-``clip_range`` (None: not
+        clipped) and this step's noise operand (see :meth:`_noise_kwargs`); a Philox
+        ``generator_state`` then moves past the values used."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
         if coef is None:
@@ -427,6 +429,7 @@ class Sampler:
             model_output,
             coef,
             prediction_type=prediction_type or self.prediction_type,
+            clip_range=clip_range,
             guidance_scale=guidance_scale,
             return_x0=return_x0,
             **nkw,

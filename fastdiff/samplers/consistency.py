@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, advance_generator_state, custom_timesteps
+from fastdiff.samplers.base import Sampler, custom_timesteps
 from fastdiff.samplers.edm import _EDMBase, _flag, _pos
 
 __all__ = ["ConsistencyModelSampler"]
@@ -190,19 +190,6 @@ class ConsistencyModelSampler(_EDMBase, Sampler):
         Philox from ``generator_state``, else a draw from ``generator`` (every step but the
         last). ``coef`` overrides the table row (CUDA graphs). Returns u_{i+1}, or ``(u_{i+1},
         denoised)`` with ``return_x0``."""
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        if coef is None:
-            coef = self.coef_table(x.device)[i]
-        out = _ops().sampler_step(
-            x,
-            model_output,
-            coef,
-            prediction_type="epsilon",
-            clip_range=1.0 if self.clip_denoised else None,
-            guidance_scale=guidance_scale,
-            return_x0=return_x0,
-            **nkw,
-        )
-        advance_generator_state(nkw, x)
-        return out
+        return self._one_op_step(model_output, i, x, noise, guidance_scale, generator, coef,
+                                 generator_state, return_x0, prediction_type="epsilon",
+                                 clip_range=1.0 if self.clip_denoised else None)  # fmt: skip
