@@ -13,15 +13,13 @@ paths its tests did not take.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import sys
-import types
 import warnings
 
 import pytest
 import torch
+from helpers import import_without_torchsde
 
 import fastdiff
 from fastdiff.samplers import SAMPLERS, CosineDPMSolverSampler, SASolverSampler
@@ -213,20 +211,8 @@ def test_from_config_of_sd15_pndm_config_runs_diffusers_loop(cls, extra, as_dict
 def _cosine_class():
     """diffusers' real CosineDPMSolverMultistepScheduler (it imports torchsde, absent here: a
     placeholder module, as tests/test_cosine_dpm.py does)."""
-    try:
-        import torchsde  # noqa: F401
-
-        placeholder = False
-    except ImportError:
-        placeholder = True
-        sys.modules["torchsde"] = types.ModuleType("torchsde")
-    try:
-        mod = importlib.import_module("diffusers.schedulers.scheduling_cosine_dpmsolver_multistep")
-    finally:
-        if placeholder:
-            del sys.modules["torchsde"]
-            sys.modules.pop("diffusers.schedulers.scheduling_dpmsolver_sde", None)
-    return mod.CosineDPMSolverMultistepScheduler
+    return import_without_torchsde("diffusers.schedulers.scheduling_cosine_dpmsolver_multistep",
+                                   "CosineDPMSolverMultistepScheduler")  # fmt: skip
 
 
 def _defaults(fn) -> dict:
