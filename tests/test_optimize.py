@@ -11,7 +11,13 @@ import torch
 import fastdiff
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 
 from fastdiff.integrations.diffusers import FastAttnProcessor, OptimizeReport  # noqa: E402
@@ -41,6 +47,18 @@ def unet2d(size: int = 16, **kw) -> UNet2DModel:
         attention_head_dim=32,
     )
     return randomize_(UNet2DModel(**{**cfg, **kw}))
+
+
+def vae_kl() -> AutoencoderKL:
+    """A tiny AutoencoderKL (two levels of 16 / 32 channels, 8 GroupNorm groups, 4 latent
+    channels) as built from seed 0; test_optimize_vae / test_unoptimize perturb it their way."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )  # fmt: skip
 
 
 def unet2d_cond(**kw) -> UNet2DConditionModel:

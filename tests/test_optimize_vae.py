@@ -15,18 +15,13 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.models.autoencoders.vae import Decoder  # noqa: E402
+from test_optimize import vae_kl  # noqa: E402
 
 from fastdiff.nn import GroupNormSiLU  # noqa: E402
 
 
 def _vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    )  # fmt: skip
+    vae = vae_kl()
     with torch.no_grad():  # GroupNorm affine parameters off their (1, 0) init
         for m in vae.modules():
             if isinstance(m, torch.nn.GroupNorm):

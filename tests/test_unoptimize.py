@@ -13,20 +13,13 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
-from test_optimize import randomize_, unet2d, unet2d_cond  # noqa: E402
+from test_optimize import randomize_, unet2d, unet2d_cond, vae_kl  # noqa: E402
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor  # noqa: E402
 
 
 def _vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    )  # fmt: skip
-    return randomize_(vae)
+    return randomize_(vae_kl())
 
 
 def _forward(kind: str):
