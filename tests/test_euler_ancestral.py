@@ -209,6 +209,18 @@ def _gens(seeds):
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
+def _graphed_equals_eager(run) -> torch.Tensor:
+    """For calls 1 and 2: ``run(False, call)`` (sample() with return_trajectory through api's
+    eager loop) and ``run(True, call)`` (through its CUDA-graph loop) give the same samples and
+    x0 rows. Returns the last graphed sample (api's loop is left on the graphed one)."""
+    for call in (1, 2):
+        eager, etraj = run(False, call)
+        out, traj = run(True, call)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    return out
+
+
 @torch.no_grad()
 def test_sample_matches_the_diffusers_loop_with_a_generator():
     """fastdiff.sample(sampler='euler_a', schedule=<diffusers scheduler>) against diffusers'
@@ -305,11 +317,7 @@ def test_cuda_graph_loop_equals_eager(philox, fake_cuda_graphs, monkeypatch):
                                cond=torch.tensor([call, 1]), guidance_scale=2.0,
                                return_trajectory=True)  # fmt: skip
 
-    for call in (1, 2):
-        eager, etraj = run(False, call)
-        out, traj = run(True, call)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    out = _graphed_equals_eager(run)
     assert len(fake_cuda_graphs) == 1  # captured once, replayed for the second call
     assert fake_cuda_graphs[0].noise is None if philox else fake_cuda_graphs[0].noise is not None
     assert not torch.allclose(out, run(False, 1)[0])
