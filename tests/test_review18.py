@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 from helpers import import_without_torchsde
+from test_fractional_timesteps import _Recorder  # the timesteps a module is called at
 
 import fastdiff
 from fastdiff.samplers import SAMPLERS, CosineDPMSolverSampler, SASolverSampler
@@ -110,21 +111,6 @@ def test_euler_family_start_follows_init_noise_sigma_for_every_spacing(name, cls
 
 
 # ------------------------------------------------------------------ fractional timesteps
-class _Recorder:
-    """The timestep argument of every call of a module (a forward pre-hook)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.ts: list[torch.Tensor] = []
-        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, mod, args, kwargs):
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        self.ts.append(torch.as_tensor(t).detach().clone())
-
-    def close(self) -> None:
-        self.handle.remove()
-
-
 def test_torch_compiled_diffusers_model_gets_fractional_timesteps():
     """A real ``torch.compile``'d diffusers model (an OptimizedModule, not a ModelMixin) is
     recognised: it is called at diffusers' float32 timesteps and the run is diffusers' loop."""
