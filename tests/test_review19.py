@@ -251,6 +251,38 @@ def test_unet_resblocks_get_silu_of_the_time_plus_class_embedding():
     assert math.isclose(float((seen[0] - want).abs().max()), 0.0, abs_tol=1e-6)
 
 
+# ---------------------------------------------------------------- integrations/diffusers.py
+def _tiny_unet2d():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )  # fmt: skip
+
+
+def test_optimize_keeps_an_eval_model_in_eval_mode():
+    """Every module that optimize() puts into an eval() model (the fused out norm, the
+    nn.Identity that replaces conv_act) is in eval mode too, and a train() model stays train."""
+    for train in (False, True):
+        model = _tiny_unet2d().train(train)
+        fastdiff.optimize(model, channels_last=False)
+        assert model.conv_act.__class__ is nn.Identity
+        assert {m.training for m in model.modules()} == {train}
+
+
+def test_optimize_default_channels_last_only_for_a_model_on_cpu():
+    """channels_last=None converts a CPU model's weights, not a model on another device (here
+    the meta device, as accelerate's init_empty_weights leaves it): its report says so."""
+    model = _tiny_unet2d()
+    assert fastdiff.optimize(model).fastdiff_report.channels_last is True
+    meta = _tiny_unet2d().to("meta")
+    report = fastdiff.optimize(meta).fastdiff_report
+    assert report.channels_last is False
+    assert meta.conv_in.weight.is_contiguous()
+
+
 # ------------------------------------------------------------------------------ _dispatch.py
 @pytest.fixture
 def global_backends(monkeypatch):
