@@ -135,3 +135,23 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
         if t is not None and (type(t) is not Tensor or t.requires_grad):
             return False
     return True
+
+
+def _check_deep_history(x: Tensor, coef: Tensor, x0_prev2: Tensor | None,
+                        x0_prev3: Tensor | None, x0_prev4: Tensor | None) -> None:  # fmt: skip
+    """The x0_prev3 / x0_prev4 operands of :func:`dpm_solver_2m_step` (at least one given):
+    each like x, each needing the one before it, and coef long enough for their columns."""
+    if x0_prev3 is None:
+        raise ValueError("x0_prev4 (the fourth history operand) needs x0_prev3, got x0_prev3=None")
+    if x0_prev2 is None:
+        raise ValueError("x0_prev3 (the third history operand) needs x0_prev2, got x0_prev2=None")
+    _check_like_x("x0_prev3", x0_prev3, x)
+    need = 9
+    if x0_prev4 is not None:
+        _check_like_x("x0_prev4", x0_prev4, x)
+        need = 10
+    if coef.shape[0] < need:
+        which = "x0_prev4 (c_prev4 = coef[9])" if need == 10 else "x0_prev3 (c_prev3 = coef[8])"
+        raise ValueError(
+            f"coef must have >= {need} elements with {which}, got shape {tuple(coef.shape)}"
+        )

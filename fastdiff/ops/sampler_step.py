@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import _dispatch, _ext
+from fastdiff.ops._grads import _grads
 from fastdiff.ops._philox import philox_randn
 from fastdiff.ops._sampler_step_kernels import (
     _cached_cpu_step,
@@ -35,6 +36,7 @@ from fastdiff.ops._sampler_step_kernels import (
 from fastdiff.ops._step_checks import (
     PREDICTION_TYPES,
     _check_common,
+    _check_deep_history,
     _check_like_x,
     _check_noise,
     _plain_eager,
@@ -245,24 +247,6 @@ def _(x, model_output, coef, x0_prev, noise, generator_state, backend, predictio
 # ----------------------------------------------------------------------------------------------
 # autograd: through the torch reference (the update is elementwise; backward is never the hot path)
 # ----------------------------------------------------------------------------------------------
-def _grads(ctx, outs_fn, grads_out, tensors, grad_slots):
-    """Gradients of ``outs_fn(*leaves)`` for the saved ``tensors`` whose input slot needs one."""
-    slots = zip(grad_slots, tensors, strict=True)
-    needs = [ctx.needs_input_grad[i] and t is not None for i, t in slots]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) if t is not None else None
-                  for t, n in zip(tensors, needs, strict=True)]  # fmt: skip
-        outs = outs_fn(*leaves)
-        # an output that does not depend on the leaves asked for (x0 when only the noise
-        # needs a gradient) has no graph: skip it
-        pairs = [(o, g) for o, g in zip(outs, grads_out, strict=True)
-                 if g is not None and o.numel() > 0 and o.requires_grad]  # fmt: skip
-        wrt = [t for t, n in zip(leaves, needs, strict=True) if n]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                       allow_unused=True) if wrt and pairs else ())  # fmt: skip
-        return [next(got, None) if n else None for n in needs]
-
-
 def _step_setup(ctx, inputs, output):
     x, mo, coef, noise, gen, _backend, *opts = inputs
     # the samplers advance the Philox offset in place after the step: keep this step's state
@@ -610,23 +594,3 @@ def dpm_solver_2m_step(
     fn = _dpm_2m_impl if plain else _dpm_2m_op
     return fn(x, model_output, coef, x0_prev, noise, generator_state, backend, pred, clip, g,
               x0_prev2)  # fmt: skip
-
-
-def _check_deep_history(x: Tensor, coef: Tensor, x0_prev2: Tensor | None,
-                        x0_prev3: Tensor | None, x0_prev4: Tensor | None) -> None:  # fmt: skip
-    """The x0_prev3 / x0_prev4 operands of :func:`dpm_solver_2m_step` (at least one given):
-    each like x, each needing the one before it, and coef long enough for their columns."""
-    if x0_prev3 is None:
-        raise ValueError("x0_prev4 (the fourth history operand) needs x0_prev3, got x0_prev3=None")
-    if x0_prev2 is None:
-        raise ValueError("x0_prev3 (the third history operand) needs x0_prev2, got x0_prev2=None")
-    _check_like_x("x0_prev3", x0_prev3, x)
-    need = 9
-    if x0_prev4 is not None:
-        _check_like_x("x0_prev4", x0_prev4, x)
-        need = 10
-    if coef.shape[0] < need:
-        which = "x0_prev4 (c_prev4 = coef[9])" if need == 10 else "x0_prev3 (c_prev3 = coef[8])"
-        raise ValueError(
-            f"coef must have >= {need} elements with {which}, got shape {tuple(coef.shape)}"
-        )

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from fastdiff import _dispatch, _ext
 from fastdiff.ops import _make_callable
+from fastdiff.ops._grads import _grads
 from fastdiff.ops._sampler_step_kernels import (
     _batch_stride,
     _dense,
@@ -44,7 +45,7 @@ from fastdiff.ops._step_checks import (
     _plain_eager,
 )
 from fastdiff.ops._term import term
-from fastdiff.ops.sampler_step import _cacheable, _grads, _torch_guided_output, _torch_x0_eps
+from fastdiff.ops.sampler_step import _cacheable, _torch_guided_output, _torch_x0_eps
 
 __all__ = ["COEF_LEN", "unipc_step"]
 
