@@ -283,6 +283,31 @@ def test_optimize_default_channels_last_only_for_a_model_on_cpu():
     assert meta.conv_in.weight.is_contiguous()
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_hook_on_a_resnet_blocks_nonlinearity_still_runs_after_optimize(when):
+    """A forward hook on a ResnetBlock2D's SiLU (diffusers calls it on both norms' outputs and
+    on temb; the fused forward on temb only): set before optimize() the block is left alone
+    (and reported so), set after it the block runs diffusers' forward while the hook is
+    there. Either way the output is the unpatched model's with the hook."""
+    model = _tiny_unet2d().eval()
+    block = model.down_blocks[0].resnets[0]
+    x, t = torch.randn(1, 2, 8, 8), torch.tensor([10])
+    handle = block.nonlinearity.register_forward_hook(lambda m, args, out: 0.5 * out)
+    with torch.no_grad():
+        ref = model(x, t).sample
+    if when == "after":
+        handle.remove()
+    fastdiff.optimize(model, channels_last=False)
+    if when == "before":
+        left = dict(model.fastdiff_report.left)
+        assert "nonlinearity" in left["down_blocks.0.resnets.0"]
+    else:
+        block.nonlinearity.register_forward_hook(lambda m, args, out: 0.5 * out)
+    with torch.no_grad():
+        got = model(x, t).sample
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ _dispatch.py
 @pytest.fixture
 def global_backends(monkeypatch):
