@@ -495,6 +495,13 @@ def test_cli_init_image_reaches_sample_as_model_space_image(tmp_path, monkeypatc
     ],
 )
 def test_cli_init_image_errors_write_nothing(argv, msg, tmp_path, capsys):
+    code, err = cli_sample_fails(argv, tmp_path, capsys)
+    assert code == 2 and msg in err
+
+
+def cli_sample_fails(argv, tmp_path, capsys) -> tuple[int, str]:
+    """``fastdiff sample *argv`` into tmp_path/out.png, ``{txt}`` / ``{png}`` in ``argv`` naming
+    a text file / a 16 x 16 image there: (its exit code, its stderr); asserts it wrote nothing."""
     from PIL import Image
 
     from fastdiff.cli import main
@@ -503,5 +510,6 @@ def test_cli_init_image_errors_write_nothing(argv, msg, tmp_path, capsys):
     Image.new("L", (16, 16)).save(tmp_path / "a.png")
     argv = [a.format(txt=tmp_path / "t.txt", png=tmp_path / "a.png") for a in argv]
     out = tmp_path / "out.png"
-    assert main(["sample", *argv, "--out", str(out), "--quiet"]) == 2
-    assert msg in capsys.readouterr().err and not out.exists()
+    code = main(["sample", *argv, "--out", str(out), "--quiet"])
+    assert not out.exists()
+    return code, capsys.readouterr().err

@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_img2img import CASES, GRID_STRENGTH, SHAPE, _image, _rel, _scheduler, _t_start
+from test_img2img import (
+    CASES,
+    GRID_STRENGTH,
+    SHAPE,
+    _image,
+    _rel,
+    _scheduler,
+    _t_start,
+    cli_sample_fails,
+)
 from test_img2img import _model as _pointwise
 
 import fastdiff
@@ -367,16 +376,8 @@ def test_cli_mask_reaches_sample_white_repaints(tmp_path, monkeypatch):
     ],
 )
 def test_cli_mask_errors_write_nothing(argv, msg, tmp_path, capsys):
-    from PIL import Image
-
-    from fastdiff.cli import main
-
-    (tmp_path / "t.txt").write_text("not an image")
-    Image.new("L", (16, 16)).save(tmp_path / "a.png")
-    argv = [a.format(txt=tmp_path / "t.txt", png=tmp_path / "a.png") for a in argv]
-    out = tmp_path / "out.png"
-    assert main(["sample", *argv, "--out", str(out), "--quiet"]) != 0
-    assert msg in capsys.readouterr().err and not out.exists()
+    code, err = cli_sample_fails(argv, tmp_path, capsys)
+    assert code != 0 and msg in err
 
 
 # ------------------------------------------------------------- variants, layouts, half precision
