@@ -109,8 +109,10 @@ def _t_start(name: str, steps: int, strength: float) -> int:
     return max(steps - min(int(steps * strength), steps), 0)
 
 
-def _diffusers_img2img(name, sch, image, strength, steps, gen, cond=None, gs=None):
-    """The img2img pipeline's loop: timesteps, the noised image, the denoising loop."""
+def pipeline_timesteps(name, sch, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps an img2img / inpaint pipeline runs from ``strength`` (the scheduler's
+    set_timesteps(strength=) where it takes one, else get_timesteps' t_start and
+    set_begin_index)."""
     if name in GRID_STRENGTH:
         sch.set_timesteps(steps, strength=strength)
         timesteps = sch.timesteps
@@ -120,6 +122,12 @@ def _diffusers_img2img(name, sch, image, strength, steps, gen, cond=None, gs=Non
         timesteps = sch.timesteps[s:]
         if hasattr(sch, "set_begin_index"):
             sch.set_begin_index(s)
+    return timesteps
+
+
+def _diffusers_img2img(name, sch, image, strength, steps, gen, cond=None, gs=None):
+    """The img2img pipeline's loop: timesteps, the noised image, the denoising loop."""
+    timesteps = pipeline_timesteps(name, sch, steps, strength)
     noise = torch.randn(image.shape, generator=gen)  # randn_tensor's draw
     t0 = timesteps[:1].repeat(image.shape[0])
     if hasattr(sch, "scale_noise"):

@@ -18,13 +18,12 @@ import pytest
 import torch
 from test_img2img import (
     CASES,
-    GRID_STRENGTH,
     SHAPE,
     _image,
     _rel,
     _scheduler,
-    _t_start,
     cli_sample_fails,
+    pipeline_timesteps,
 )
 from test_img2img import _model as _pointwise
 
@@ -60,15 +59,7 @@ def _masks() -> dict[str, torch.Tensor]:
 
 def _diffusers_inpaint(name, sch, image, mask, strength, steps, gen, cond=None, gs=None):
     """The inpaint pipeline's loop (4-channel UNet / 16-channel transformer branch)."""
-    if name in GRID_STRENGTH:
-        sch.set_timesteps(steps, strength=strength)
-        timesteps = sch.timesteps
-    else:
-        sch.set_timesteps(steps)
-        s = _t_start(name, steps, strength) * sch.order
-        timesteps = sch.timesteps[s:]
-        if hasattr(sch, "set_begin_index"):
-            sch.set_begin_index(s)
+    timesteps = pipeline_timesteps(name, sch, steps, strength)
     noise = torch.randn(image.shape, generator=gen)  # prepare_latents' randn_tensor
 
     def noised(t):
