@@ -33,12 +33,12 @@ from fastdiff.samplers.flow import calculate_shift
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler  # noqa: E402
+from test_lcm import KINDS, grid_matches_diffusers  # noqa: E402
 
 SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
 #: 280 elements, not a multiple of 16: torch's CPU randn gives other values in fp16 / bf16 than
 #: in fp32 only then (at 384 = PARITY_SHAPE's they coincide, and a wrong draw dtype passes)
 ODD = (2, 4, 5, 7)
-KINDS = {"lcm": (LCMSampler, "LCMScheduler"), "tcd": (TCDSampler, "TCDScheduler")}
 FLUX_DEV = {  # black-forest-labs/FLUX.1-dev scheduler_config.json
     "_class_name": "FlowMatchEulerDiscreteScheduler",
     "base_image_seq_len": 256,
@@ -161,15 +161,7 @@ def test_extreme_strength_and_original_steps_grids(kind, steps, strength, orig):
     """set_timesteps' grid at the edges (one grid entry, strength ~ 0, steps = n, steps > n,
     n = T): the same timesteps, or a ValueError naming steps where diffusers raises."""
     theirs = getattr(diffusers, KINDS[kind][1])(original_inference_steps=orig)
-    sch = NoiseSchedule.from_diffusers(theirs)
-    try:
-        theirs.set_timesteps(steps, strength=strength)
-    except ValueError:
-        with pytest.raises(ValueError, match="steps"):
-            KINDS[kind][0](sch, steps, original_inference_steps=orig, strength=strength)
-        return
-    ours = KINDS[kind][0](sch, steps, original_inference_steps=orig, strength=strength)
-    assert ours.timesteps.tolist() == theirs.timesteps.tolist()
+    grid_matches_diffusers(kind, theirs, steps, orig, strength)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
