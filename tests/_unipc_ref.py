@@ -111,6 +111,9 @@ def graph_body_runs(smp, n_hist: int):
             for h in step.hist:
                 poison_(h)
         step.load(x_t, {}, None)
+        # cleared by load() itself: every buffer is written by the body before a row reads it
+        # with a nonzero weight, so the samples alone would not show a stale history
+        assert all(torch.equal(h, torch.zeros_like(h)) for h in step.hist)
         for i in range(steps):
             step.coef.copy_(smp.coef_table("cpu")[i])
             step.t.copy_(smp.timesteps[i].expand(2))
