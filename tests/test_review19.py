@@ -338,3 +338,27 @@ def test_set_backend_none_clears_only_that_setting(global_backends):
     assert _dispatch.requested_backend("attention") == "torch"  # the per-op one stays
     assert _dispatch.requested_backend("sampler_step") is None
     assert _dispatch.resolve("sampler_step", dev) == "cpu"  # automatic again
+
+
+_CLIP_SAMPLERS = ["DDIMSampler", "DDPMSampler", "DPMSolverPPSampler", "UniPCSampler",
+                  "DDIMInverseSampler"]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", _CLIP_SAMPLERS)
+@pytest.mark.parametrize(
+    ("value", "exc"),
+    [("x", TypeError), (True, TypeError), (None, TypeError), (0.0, ValueError),
+     (-1.0, ValueError), (float("nan"), ValueError)],
+)  # fmt: skip
+def test_clip_sample_range_refused_by_name(cls, value, exc):
+    """clip_sample=True with a range that is not a float > 0: an error naming clip_sample_range
+    (a str was a bare "could not convert string to float", True was read as 1.0)."""
+    import fastdiff.samplers as samplers
+    from fastdiff.schedules import NoiseSchedule
+
+    with pytest.raises(exc, match="^clip_sample_range: expected"):
+        getattr(samplers, cls)(NoiseSchedule("linear"), 5, clip_sample=True,
+                               clip_sample_range=value)  # fmt: skip
+    smp = getattr(samplers, cls)(NoiseSchedule("linear"), 5, clip_sample=True,
+                                 clip_sample_range=2)  # fmt: skip
+    assert smp.clip_sample_range == 2.0 and type(smp.clip_sample_range) is float

@@ -131,18 +131,30 @@ def check_thresholding(ratio: float, max_value: float) -> None:
         raise ValueError(f"sample_max_value: expected a finite float > 0, got {max_value}")
 
 
+def check_clip_range(clip_sample: object, clip_sample_range: object) -> float:
+    """diffusers' ``clip_sample_range`` as a float: a real number (TypeError naming it
+    otherwise, a bool included), > 0 when ``clip_sample`` is on (ValueError; NaN fails)."""
+    if isinstance(clip_sample_range, bool) or not isinstance(clip_sample_range, Real):
+        raise TypeError(
+            f"clip_sample_range: expected a float, got {type(clip_sample_range).__name__} "
+            f"{clip_sample_range!r}"
+        )
+    if clip_sample and not float(clip_sample_range) > 0:
+        raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+    return float(clip_sample_range)
+
+
 def set_x0_options(smp: Any, clip_sample: bool, clip_sample_range: float, thresholding: bool,
                    ratio: float, max_value: float) -> None:  # fmt: skip
     """Check and store diffusers' x0 post-processing options on the sampler ``smp`` (DDIM,
     DDPM): ``clip_sample`` (x0 clipped to +-``clip_sample_range``, which must be > 0 when on)
     and dynamic ``thresholding`` (its ``ratio`` / ``max_value`` checked by
     :func:`check_thresholding` when on). ValueError before anything is stored."""
-    if clip_sample and not float(clip_sample_range) > 0:
-        raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+    clip_range = check_clip_range(clip_sample, clip_sample_range)
     if thresholding:
         check_thresholding(ratio, max_value)
     smp.clip_sample = bool(clip_sample)
-    smp.clip_sample_range = float(clip_sample_range)
+    smp.clip_sample_range = clip_range
     smp.thresholding = bool(thresholding)
     smp.dynamic_thresholding_ratio = float(ratio)
     smp.sample_max_value = float(max_value)

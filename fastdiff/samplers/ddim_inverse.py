@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _ops, _sqrt, alpha_bar_prev, spaced_timesteps
+from fastdiff.samplers.base import (
+    Sampler,
+    _ops,
+    _sqrt,
+    alpha_bar_prev,
+    check_clip_range,
+    spaced_timesteps,
+)
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["DDIMInverseSampler"]
@@ -84,8 +91,7 @@ class DDIMInverseSampler(Sampler):
             raise ValueError(
                 f"prev_timestep: expected one of {list(PREV_TIMESTEP_RULES)}, got {prev_timestep!r}"
             )
-        if clip_sample and not float(clip_sample_range) > 0:
-            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        check_clip_range(clip_sample, clip_sample_range)
         self.clip_sample = bool(clip_sample)
         self.clip_sample_range = float(clip_sample_range)
         self.set_alpha_to_one = bool(set_alpha_to_one)

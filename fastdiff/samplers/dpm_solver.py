@@ -16,6 +16,7 @@ from fastdiff.samplers.base import (
     _ops,
     advance_generator_state,
     check_choice,
+    check_clip_range,
     check_solver_order,
     check_thresholding,
     custom_timesteps,
@@ -234,8 +235,7 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
                 f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
                 f"got {final_sigmas_type!r}"
             )
-        if clip_sample and not float(clip_sample_range) > 0:
-            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        check_clip_range(clip_sample, clip_sample_range)
         if thresholding:
             check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.lower_order_final = bool(lower_order_final)

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, _unipc_ops, check_thresholding, threshold_x0
+from fastdiff.samplers.base import (
+    Sampler,
+    _unipc_ops,
+    check_clip_range,
+    check_thresholding,
+    threshold_x0,
+)
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.dpm_solver import FINAL_SIGMAS, DPMSolverPPSampler
 from fastdiff.samplers.flow_sigmas import FlowOptions, flow_timesteps, unipc_flow_sigmas
@@ -212,8 +218,7 @@ class UniPCSampler(DPMSolverPPSampler):
                 f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
                 f"got {final_sigmas_type!r}"
             )
-        if clip_sample and not float(clip_sample_range) > 0:
-            raise ValueError(f"clip_sample_range: expected > 0, got {clip_sample_range}")
+        check_clip_range(clip_sample, clip_sample_range)
         if thresholding:
             check_thresholding(dynamic_thresholding_ratio, sample_max_value)
         self.sigma_grid: str | None = grids[0] if grids else None
