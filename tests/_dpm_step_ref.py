@@ -1,8 +1,9 @@
 """The ``dpm_solver_2m_step`` op's math in plain torch and its test inputs, shared by
 tests/test_dpm_sde.py (the noise operand, DPM++ 2M SDE) and tests/test_dpm3_op.py (the second
-history operand, DPM++ 3M) and tests/test_stage2_precision.py (the eps term): x_next = c_x x +
-c_x0 x0 + c_prev x0_prev + c_prev2 x0_prev2 + c_noise z + c_eps eps with coef [a, s, c_x, c_x0,
-c_prev, c_noise, c_prev2, c_eps]."""
+history operand, DPM++ 3M), tests/test_stage2_precision.py (the eps term) and
+tests/test_dpm_hist_op.py (x0_prev3 / x0_prev4): x_next = c_x x + c_x0 x0 + c_prev x0_prev +
+c_prev2 x0_prev2 + c_prev3 x0_prev3 + c_prev4 x0_prev4 + c_noise z + c_eps eps with coef [a, s,
+c_x, c_x0, c_prev, c_noise, c_prev2, c_eps, c_prev3, c_prev4]."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def dtypes(case: tuple[str, str]) -> list[torch.dtype]:
     return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
 
 
-def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row):
+def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row, p3=None, p4=None):
     """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients of ``row``; an
-    absent operand (None) has no term. Returns (x_next, x0)."""
+    absent operand (None) has no term; ``p3`` / ``p4``: x0_prev3 / x0_prev4. Returns (x_next,
+    x0)."""
     c = [float(torch.tensor(v, dtype=torch.float32)) for v in row]
     a, s = c[0], c[1]
     xf, m = x.to(dt), mo.to(dt)
@@ -39,10 +41,11 @@ def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row):
         x0 = x0.clamp(-clip, clip)
         eps = (xf - a * x0) / s  # the eps of the clipped x0
     out = c[2] * xf + c[3] * x0
-    if p1 is not None:
-        out = out + c[4] * p1.to(dt)
-    if p2 is not None:
-        out = out + c[6] * p2.to(dt)
+    # the history operands x0_prev .. x0_prev4 (c_prev, c_prev2, c_prev3 = coef[8], c_prev4 =
+    # coef[9]); a zero coefficient drops its term, as the kernels do
+    for k, p in zip((4, 6, 8, 9), (p1, p2, p3, p4), strict=True):
+        if p is not None and c[k] != 0:
+            out = out + c[k] * p.to(dt)
     if z is not None:
         out = out + c[5] * z.to(dt)
     if len(c) > 7 and c[7] != 0:  # the eps term (absent for c_eps = 0)

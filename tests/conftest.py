@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from helpers import poison_
 from hypothesis import settings
 
 # Hypothesis draws new examples in every run unless told otherwise, and replays the failures it
@@ -72,6 +73,19 @@ def pytest_report_header(config):
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} torch={info['torch']}",
         f"fastdiff backends: {info['backends']}",
     ]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every float tensor ``torch.empty`` / ``torch.empty_like`` allocates starts as NaN: an
+    element a kernel does not write shows up (the op tests' outputs)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return poison_(t) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import _dpm_step_ref as _ref
 import pytest
 import torch
 from _dpm_step_ref import PREDS
@@ -49,45 +50,8 @@ def _inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
 def reference(x, mo, ps, z, pred, dt, g=None, clip=None, row=ROW):
     """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients; ``ps`` =
     (x0_prev, x0_prev2, x0_prev3, x0_prev4 or None). Returns (x_next, x0)."""
-    c = [float(torch.tensor(v, dtype=torch.float32)) for v in row]
-    a, s = c[0], c[1]
-    xf, m = x.to(dt), mo.to(dt)
-    if g is not None:
-        n = x.shape[0]
-        u, m = m[:n], m[n:]
-        m = u + g * (m - u)
-    if pred == "epsilon":
-        x0, eps = (xf - s * m) / a, m
-    elif pred == "v_prediction":
-        x0, eps = a * xf - s * m, a * m + s * xf
-    else:
-        x0 = m
-        eps = (xf - a * x0) / s
-    if clip is not None:
-        x0 = x0.clamp(-clip, clip)
-        eps = (xf - a * x0) / s
-    out = c[2] * xf + c[3] * x0
-    for k, p in zip((4, 6, 8, 9), ps, strict=True):
-        if p is not None and c[k] != 0:
-            out = out + c[k] * p.to(dt)
-    if z is not None:
-        out = out + c[5] * z.to(dt)
-    if c[7] != 0:
-        out = out + c[7] * eps
-    return out, x0
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every float tensor the op allocates starts as NaN: an element a kernel does not write
-    shows up."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return poison_(t) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    p1, p2, p3, p4 = ps
+    return _ref.reference(x, mo, p1, p2, z, pred, dt, g, clip, row=row, p3=p3, p4=p4)
 
 
 def _step(backend, *args, **kw):

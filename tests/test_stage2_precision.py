@@ -30,7 +30,7 @@ from _dpm_step_ref import PREDS
 from _dpm_step_ref import inputs as _inputs
 from _dpm_step_ref import layouts as _layouts
 from _stage2_ref import run_calls
-from helpers import assert_fa_rule, backend_cases, case_id, poison_
+from helpers import assert_fa_rule, backend_cases, case_id
 
 import fastdiff
 from fastdiff.ops.sampler_step import dpm_solver_2m_step
@@ -166,18 +166,6 @@ def _coef(dev, row=ROW) -> torch.Tensor:
 def _step(backend, *args, **kw):
     with fastdiff.use_backend(backend):
         return dpm_solver_2m_step(*args, **kw)
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every float tensor the op allocates starts as NaN."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return poison_(t) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
