@@ -33,7 +33,6 @@ import torch
 from cuda_emu import build as emu_build
 from helpers import assert_fa_rule, poison_
 from test_attention import nan_empty  # noqa: F401  (fixture used by the attention cases)
-from test_dpm3_op import poisoned  # noqa: F401  (fixture used by the DPM++ 3M cases)
 
 import fastdiff
 import fastdiff._dispatch as dispatch
