@@ -158,16 +158,7 @@ class _StepGraph:
         self.deep = tuple(torch.zeros_like(x) for _ in range(depth - 2))
         self.kwargs = _clone_tree(dict(kwargs))
         self.smp = smp
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):  # warm-up: cuDNN / Triton autotuning happens outside capture
-                self._body()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.x0 = self._body()
-        self.model = None  # the graph holds what it needs; let the cache's weak key die
+        _warm_and_capture(self)
 
     def _body(self) -> Tensor:
         smp, gs = self.smp, self.gs
@@ -250,6 +241,23 @@ class _StepGraph:
 
 
 # ------------------------------------------------------------------------ cache keys, buffers
+def _warm_and_capture(step: Any) -> None:
+    """Capture ``step._body()`` (one sampling step on ``step``'s static buffers) as the CUDA
+    graph ``step.graph``, its output ``step.x0``: three warm-up runs on a side stream first
+    (cuDNN / Triton autotuning happens outside capture), then ``step.model`` is dropped (the
+    graph holds what it needs; the cache's weak key to the model can die)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step._body()
+    torch.cuda.current_stream().wait_stream(s)
+    step.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(step.graph):
+        step.x0 = step._body()
+    step.model = None
+
+
 def _param_signature(model: Any) -> tuple:
     """Where the model's weights live: a captured graph reads them at these addresses, so a
     ``model.to(...)`` that reallocates them (dtype, device, memory format) must recapture."""

@@ -27,6 +27,7 @@ from fastdiff._graph import (
     _copy_tree,
     _kw_signature,
     _param_signature,
+    _warm_and_capture,
 )
 from fastdiff.samplers.base import _ops, randn_like_with
 
@@ -124,16 +125,7 @@ class _RePaintStep:
         self.t = t_row.clone()
         self.step_row, self.known_row = step_row.clone(), known_row.clone()
         self.kwargs = _clone_tree(dict(kwargs))
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):  # warm-up: cuDNN / Triton autotuning happens outside capture
-                self._body()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.x0 = self._body()
-        self.model = None  # the graph holds what it needs; let the cache's weak key die
+        _warm_and_capture(self)
 
     def _body(self) -> Tensor:
         gs = self.gs
