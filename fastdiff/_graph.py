@@ -50,14 +50,7 @@ def sample_graphed(graphs, model, smp, x, kwargs, gs, generator, progress, callb
         _backend_signature(),
         None if inpaint is None else inpaint.signature(),
     )
-    try:
-        per_model = graphs.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: cache on nothing, capture every call
-        per_model = {}
-    params = _param_signature(model)
-    if per_model.get("params", params) != params:
-        per_model.clear()  # the weights moved (model.to(...), a new layout): the graphs read them
-    per_model["params"] = params
+    per_model = _model_graphs(graphs, model)
     g = per_model.get(key)
     if g is None:
         g = _StepGraph(model, smp, x, kwargs, gs, t_all[0], gen_state, rescale, inpaint)
@@ -241,6 +234,22 @@ class _StepGraph:
 
 
 # ------------------------------------------------------------------------ cache keys, buffers
+def _model_graphs(graphs: Any, model: Any) -> dict[Any, Any]:
+    """``model``'s captured graphs in the cache ``graphs`` (a WeakKeyDictionary: model -> {key:
+    graph}), emptied when the model's weights moved (``model.to(...)``, a new layout: the graphs
+    read the old ones); a model that is not weak-referenceable gets a fresh dict (capture every
+    call)."""
+    try:
+        per_model = graphs.setdefault(model, {})
+    except TypeError:
+        per_model = {}
+    params = _param_signature(model)
+    if per_model.get("params", params) != params:
+        per_model.clear()
+    per_model["params"] = params
+    return per_model
+
+
 def _warm_and_capture(step: Any) -> None:
     """Capture ``step._body()`` (one sampling step on ``step``'s static buffers) as the CUDA
     graph ``step.graph``, its output ``step.x0``: three warm-up runs on a side stream first

@@ -26,7 +26,7 @@ from fastdiff._graph import (
     _clone_tree,
     _copy_tree,
     _kw_signature,
-    _param_signature,
+    _model_graphs,
     _warm_and_capture,
 )
 from fastdiff.samplers.base import _ops, randn_like_with
@@ -95,14 +95,7 @@ def _capture(model, smp, image, mask, x, kwargs, gs, t_row, step_tab, known_tab)
         _kw_signature(kwargs),
         _backend_signature(),
     )
-    try:
-        per_model = _GRAPHS.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: cache on nothing, capture every call
-        per_model = {}
-    params = _param_signature(model)
-    if per_model.get("params", params) != params:
-        per_model.clear()  # the weights moved (model.to(...), a new layout): the graphs read them
-    per_model["params"] = params
+    per_model = _model_graphs(_GRAPHS, model)
     g = per_model.get(key)
     if g is None:
         g = _RePaintStep(model, smp, image, mask, x, kwargs, gs, t_row, step_tab[0], known_tab[0])
