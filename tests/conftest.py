@@ -2,7 +2,6 @@ import os
 
 import pytest
 import torch
-from helpers import poison_
 from hypothesis import settings
 
 # Hypothesis draws new examples in every run unless told otherwise, and replays the failures it
@@ -79,6 +78,8 @@ def pytest_report_header(config):
 def poisoned(monkeypatch):
     """Every float tensor ``torch.empty`` / ``torch.empty_like`` allocates starts as NaN: an
     element a kernel does not write shows up (the op tests' outputs)."""
+    from helpers import poison_  # here: test_sticky_cuda runs this conftest without helpers.py
+
     empty, empty_like = torch.empty, torch.empty_like
 
     def fill(t):
