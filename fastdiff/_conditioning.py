@@ -5,8 +5,10 @@
   samplers without them;
 * conditioning: ``cond`` / ``uncond`` as model kwargs (a tensor goes in as ``class_labels`` or
   ``encoder_hidden_states``), and classifier-free guidance's one batched model call over
-  ``[uncond, cond]`` (Ho & Salimans 2022): the conditioning halves concatenated along the batch,
-  every other batched kwarg repeated for both halves.
+  ``[uncond, cond]`` (Ho & Salimans 2022, arXiv:2207.12598): the conditioning halves
+  concatenated along the batch, every other batched kwarg repeated for both halves. The sampler
+  op combines the two halves as u + s (c - u), s = ``guidance_scale``: the paper's eq. 6,
+  (1 + w) c - w u, with s = 1 + w (``fastdiff.samplers.ddim._combine_cfg``).
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ def _rescaled_guidance(out: Tensor, gs: float, rescale: float) -> Tensor:
 
         cfg = u + w (c - u),   cfg_r = cfg * std(c) / std(cfg),   phi cfg_r + (1 - phi) cfg
 
-    with the (unbiased) standard deviations per sample over every other dimension. The result
-    ``[N x ...]`` goes to the sampler op without guidance. Computed in fp32 (diffusers: in the
-    model's dtype), rounded once to ``out.dtype``; no host sync."""
+    with w = ``gs`` (Lin et al.'s w is diffusers' guidance_scale, Ho & Salimans' 1 + w), phi =
+    ``rescale`` and the (unbiased) standard deviations per sample over every other dimension.
+    The result ``[N x ...]`` goes to the sampler op without guidance. Computed in fp32
+    (diffusers: in the model's dtype), rounded once to ``out.dtype``; no host sync."""
     u, c = out.float().chunk(2)
     cfg = u + gs * (c - u)
     dims = list(range(1, out.ndim))
@@ -213,17 +216,18 @@ def _check_class_labels(model: Any, kwargs: Mapping[str, Any]) -> None:
 
 
 # -------------------------------------------------------------- classifier-free guidance
-def _guidance(w: Any) -> float:
+def _guidance(scale: Any) -> float:
     """``guidance_scale`` as a finite float, checked before anything runs (a NaN or a string
-    failed only inside the first sampler step, after a model call)."""
-    is_num = isinstance(w, numbers.Real) or (isinstance(w, Tensor) and w.numel() == 1)
-    if isinstance(w, bool) or not is_num or (isinstance(w, Tensor) and w.is_complex()):
-        got = f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else repr(w)
+    failed only inside the first sampler step, after a model call). It is the s of
+    u + s (c - u), Ho & Salimans' 1 + w: 1 is the conditional model alone."""
+    is_num = isinstance(scale, numbers.Real) or (isinstance(scale, Tensor) and scale.numel() == 1)
+    if isinstance(scale, bool) or not is_num or (isinstance(scale, Tensor) and scale.is_complex()):
+        got = f"shape {tuple(scale.shape)}" if isinstance(scale, Tensor) else repr(scale)
         raise TypeError(f"guidance_scale: expected a real number, got {got}")
-    w = float(w)
-    if not math.isfinite(w):
-        raise ValueError(f"guidance_scale: expected a finite number, got {w}")
-    return w
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {scale}")
+    return scale
 
 
 def _uncond_cond(name: str, u: Any, c: Any) -> Any:

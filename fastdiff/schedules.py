@@ -35,14 +35,20 @@ _DEFAULT_RANGE = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     """Cosine schedule of improved DDPM (Nichol & Dhariwal, 2021, arXiv:2102.09672, eq. 17).
 
-    alpha_bar(t) = f(t) / f(0),  f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),  s = 0.008, and
-    beta_t = min(1 - alpha_bar(t+1) / alpha_bar(t), 0.999).
+    alpha_bar_t = f(t) / f(0),  f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),  s = 0.008, for the
+    paper's t = 0..T, and beta_t = min(1 - alpha_bar_t / alpha_bar_{t-1}, 0.999) (section 3.2:
+    the clip prevents the singularity at t = T, where f(T) = 0 and beta_T would be 1).
+
+    Returned 0-based: ``betas[i]`` is the paper's beta_{i+1}, so ``alphas_cumprod[i]`` is eq. 17's
+    alpha_bar_{i+1} wherever no beta up to it was clipped; the clip makes the last one
+    0.001 alpha_bar_{T-1} instead of f(T)/f(0) = 0 (as the paper's code and diffusers do).
     """
 
-    def f(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    def f(t_over_T: float) -> float:
+        return math.cos((t_over_T + 0.008) / 1.008 * math.pi / 2) ** 2
 
     T = num_train_timesteps
+    # alpha_bar_{i+1} / alpha_bar_i = f((i+1)/T) / f(i/T): the f(0) of eq. 17 cancels
     betas = [min(1.0 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
     return torch.tensor(betas, dtype=torch.float64, device="cpu")
 
@@ -99,7 +105,8 @@ class NoiseSchedule:
 
     Attributes (all float64 tensors of length T): ``betas``, ``alphas``, ``alphas_cumprod``,
     ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``, ``log_snr`` (lambda_t =
-    log(alpha_t / sigma_t) of DPM-Solver, arXiv:2206.00927).
+    log(sqrt(alpha_bar_t) / sqrt(1 - alpha_bar_t)), DPM-Solver's lambda_t = log(alpha_t /
+    sigma_t), arXiv:2206.00927, whose alpha_t is sqrt(alpha_bar_t), not DDPM's 1 - beta_t).
     """
 
     def __init__(
@@ -351,7 +358,8 @@ class NoiseSchedule:
     ) -> torch.Tensor:
         """The model's estimate of x_0 (inverting DDPM eq. 4; DDIM eq. 9 for eps).
 
-        eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);  v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v.
+        With ab = alpha_bar_t: eps: x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab);
+        v: x0 = sqrt(ab) x_t - sqrt(1 - ab) v (Salimans & Ho 2022, section 4); sample: x0.
         """
         self._check_t(t, x_t, "x_t")
         a = self._gather(self.sqrt_alphas_cumprod, t, x_t)
@@ -373,7 +381,11 @@ class NoiseSchedule:
         model_output: torch.Tensor,
         prediction_type: str = "epsilon",
     ) -> torch.Tensor:
-        """The model's estimate of eps: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), or directly."""
+        """The model's estimate of eps (DDPM eq. 4 solved for it; ab = alpha_bar_t).
+
+        eps: the output itself; v: eps = sqrt(ab) v + sqrt(1 - ab) x_t (Salimans & Ho 2022);
+        sample: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab).
+        """
         self._check_t(t, x_t, "x_t")
         a = self._gather(self.sqrt_alphas_cumprod, t, x_t)
         s = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t)

@@ -28,12 +28,22 @@ PREV_TIMESTEP_RULES = ("diffusers", "list")
 class DDIMSampler(Sampler):
     """DDIM sampler with stochasticity ``eta`` (eta=0: deterministic DDIM, eta=1: DDPM-like).
 
-    One step, DDIM eq. 12 with sigma from eq. 16 (ab = alpha_bar, "prev" = the next timestep of
-    the reverse chain)::
+    One step, DDIM eq. 12 with sigma from eq. 16 (DDIM writes alpha_t for DDPM's alpha_bar_t;
+    here ab = alpha_bar, "prev" = the next timestep of the reverse chain, see ``prev_timestep``)::
 
-        x0     = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)                 (the "predicted x0")
-        sigma  = eta * sqrt((1 - ab_prev)/(1 - ab_t) * (1 - ab_t/ab_prev))
-        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z
+        x0     = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)                 (the "predicted x0", eq. 9)
+        sigma  = eta * sqrt((1 - ab_prev)/(1 - ab_t) * (1 - ab_t/ab_prev))           (eq. 16)
+        x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z        (eq. 12)
+
+    A ``v_prediction`` or ``sample`` model gives (x0, eps) by eq. 4 instead (Salimans & Ho 2022:
+    x0 = sqrt(ab_t) x_t - sqrt(1 - ab_t) v, eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t). With
+    eta = 1, sigma^2 is the posterior variance beta~ of DDPM eq. 7 for the (strided) step, the
+    choice that makes the process Markovian again (DDIM section 4.1): on the same timesteps,
+    with "prev" the next one listed and no x0 clipping, the step is then
+    :class:`~fastdiff.samplers.DDPMSampler`'s ``fixed_small`` one.
+
+    Departures from the paper, all as diffusers' ``DDIMScheduler``: x0 is clipped by default
+    (``clip_sample``), and "prev" follows diffusers' ``prev_timestep`` rule by default.
 
     Every coefficient is precomputed in float64; a step is one call of the fused ``sampler_step``
     op with the row ``[sqrt(ab_t), sqrt(1-ab_t), sqrt(ab_prev), sqrt(1-ab_prev-sigma^2), 0, sigma,
@@ -123,10 +133,10 @@ class DDIMSampler(Sampler):
         rows = np.zeros((self.steps, 8), dtype=np.float64)
         for i, (t, pt) in enumerate(zip(self._ts, self.prev_timesteps(), strict=True)):
             ab_t = float(ab[t])
-            ab_p = alpha_bar_prev(self.schedule, int(pt), final)
-            var = (1.0 - ab_p) / (1.0 - ab_t) * (1.0 - ab_t / ab_p)  # DDIM eq. 16 / eta^2
+            ab_prev = alpha_bar_prev(self.schedule, int(pt), final)
+            var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)  # (eq. 16 / eta)^2
             sigma = self.eta * _sqrt(var)
-            if 1.0 - ab_p - sigma * sigma < -1e-12:  # eta > 1: the eps direction is imaginary
+            if 1.0 - ab_prev - sigma * sigma < -1e-12:  # eta > 1: the eps direction is imaginary
                 raise ValueError(
                     f"eta: {self.eta} makes sigma^2 > 1 - alpha_bar_prev at step {i} (t = {t}), "
                     "so DDIM eq. 12's sqrt(1 - alpha_bar_prev - sigma^2) is undefined; use "
@@ -135,8 +145,8 @@ class DDIMSampler(Sampler):
             rows[i] = [
                 _sqrt(ab_t),
                 _sqrt(1.0 - ab_t),
-                _sqrt(ab_p),
-                _sqrt(1.0 - ab_p - sigma * sigma),
+                _sqrt(ab_prev),
+                _sqrt(1.0 - ab_prev - sigma * sigma),
                 0.0,
                 sigma,
                 0.0,
@@ -242,10 +252,12 @@ class DDIMSampler(Sampler):
 
 
 def _combine_cfg(model_output: Tensor, guidance_scale: float | None) -> Tensor:
-    """Classifier-free guidance on ``[uncond, cond]``: u + w (c - u).
+    """Classifier-free guidance on the model output ``[2N x ...] = [uncond u, cond c]``.
 
-    Ho & Salimans 2022, eq. 6 writes (1 + w') c - w' u; this is the same with w = 1 + w' (the
-    diffusers / Imagen convention: w = 1 is the plain conditional model, w = 0 unconditional).
+    Returns u + s (c - u) ``[N x ...]`` with s = ``guidance_scale``. Ho & Salimans 2022 eq. 6
+    writes the same combination as (1 + w) c - w u, so s = 1 + w: s = 1 (w = 0) is the plain
+    conditional model, s = 0 (w = -1) the unconditional one (the diffusers / Imagen convention,
+    where ``guidance_scale`` is s). ``None``: no guidance, the output as given.
     """
     if guidance_scale is None:
         return model_output
@@ -254,7 +266,11 @@ def _combine_cfg(model_output: Tensor, guidance_scale: float | None) -> Tensor:
 
 
 def _x0_eps(x: Tensor, m: Tensor, a: Tensor, s: Tensor, prediction_type: str):
-    """(x0, eps) from the model output m (DDPM eq. 4 inverted; v: Salimans & Ho 2022)."""
+    """(x0, eps) from x = x_t and the model output m, with a = sqrt(ab_t), s = sqrt(1 - ab_t).
+
+    x_t = a x0 + s eps (DDPM eq. 4) solved for the unknown pair; v = a eps - s x0 (Salimans &
+    Ho 2022, section 4) gives x0 = a x_t - s v and eps = a v + s x_t, since a^2 + s^2 = 1.
+    """
     if prediction_type == "epsilon":
         return (x - s * m) / a, m
     if prediction_type == "v_prediction":

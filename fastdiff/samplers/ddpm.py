@@ -28,34 +28,45 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
 
 
 class DDPMSampler(Sampler):
-    """Ancestral sampler: x_prev ~ q(x_prev | x_t, x0_pred), the Gaussian posterior.
+    """Ancestral sampler: x_prev ~ N(mu~_t(x_t, x0_pred), sigma_t^2 I) (DDPM Algorithm 2).
 
-    With ab = alpha_bar, "prev" the next timestep in ``timesteps`` (ab_prev = 1 after the last),
-    alpha'_t = ab_t / ab_prev and beta'_t = 1 - alpha'_t (the effective beta of a strided step;
-    with all T steps these are alpha_t and beta_t), DDPM eq. 6-7::
+    The mean is that of the Gaussian posterior q(x_prev | x_t, x_0) (DDPM eq. 6-7) at the model's
+    predicted x_0; the variance sigma_t^2 is chosen by ``variance_type``. With ab = alpha_bar,
+    "prev" the next timestep in ``timesteps`` (ab_prev = 1 after the last) and the step's
+    effective alpha'_t = ab_t / ab_prev, beta'_t = 1 - alpha'_t (improved DDPM section 4, for
+    strided sampling; with all T steps these are DDPM's alpha_t and beta_t), eq. 7 reads::
 
-        mean   = sqrt(ab_prev) beta'_t / (1 - ab_t) x0
+        mu~_t  = sqrt(ab_prev) beta'_t / (1 - ab_t) x0
                  + sqrt(alpha'_t) (1 - ab_prev) / (1 - ab_t) x_t
-        x_prev = mean + sigma_t z           (no noise at t = 0)
+        x_prev = mu~_t + sigma_t z,   z ~ N(0, I)
 
-    Variance (``variance_type``):
+    with z = 0 at t = 0 (the paper's t = 1: Algorithm 2, line 3).
 
-    * ``"fixed_small"``: sigma^2 = beta~_t = (1 - ab_prev)/(1 - ab_t) beta'_t  (eq. 7, clamped
-      at 1e-20 as diffusers does);
-    * ``"fixed_large"``: sigma^2 = beta'_t;
-    * ``"learned_range"``: the model outputs 2C channels ``[prediction, v]`` and
-      log sigma^2 = f log beta'_t + (1 - f) log beta~_t, f = (v + 1)/2 (improved DDPM eq. 15,
-      whose interpolation weight v in [0, 1] is mapped from the model's [-1, 1] output as in
-      its code and diffusers).
+    For an eps model, x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) (eq. 4 inverted) turns mu~_t
+    into eq. 11, 1/sqrt(alpha'_t) (x_t - beta'_t / sqrt(1 - ab_t) eps); x0 is clipped first
+    (``clip_sample``, diffusers' default; Algorithm 2 has no clip), which eq. 11 cannot express.
+
+    Variance (``variance_type``; DDPM section 3.2 gives the two fixed choices):
+
+    * ``"fixed_small"``: sigma_t^2 = beta~_t = (1 - ab_prev)/(1 - ab_t) beta'_t, the posterior's
+      variance (eq. 7), clamped at 1e-20 as diffusers does;
+    * ``"fixed_large"``: sigma_t^2 = beta'_t;
+    * ``"learned_range"``: improved DDPM eq. 15, Sigma = exp(v log beta'_t + (1 - v) log beta~_t).
+      The model outputs 2C channels ``[prediction, r]``, and v = (r + 1)/2 maps its nominal
+      [-1, 1] to [0, 1] as the paper's released code and diffusers do (not clamped: the paper
+      puts no constraint on v).
 
     Each step is one fused ``sampler_step`` call with the precomputed row
-    ``[sqrt(ab_t), sqrt(1-ab_t), c_x0, 0, c_x, c_noise, log beta'_t, log beta~_t]``.
+    ``[sqrt(ab_t), sqrt(1-ab_t), c_x0, 0, c_x, c_noise, log beta'_t, log beta~_t]``: c_x0 and c_x
+    are eq. 7's weights of x0 and x_t, c_noise is sigma_t (1 with ``learned_range``, whose
+    sigma_t the op computes from the two log variances).
 
     Args:
         schedule, steps, prediction_type, timestep_spacing, steps_offset: see
             :class:`~fastdiff.samplers.base.Sampler` (default spacing ``"leading"``).
         variance_type: see above.
-        clip_sample, clip_sample_range: clip x0 to ``[-r, r]`` (default on, r = 1).
+        clip_sample, clip_sample_range: clip x0 to ``[-clip_sample_range, clip_sample_range]``
+            (default on, range 1).
         thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0
             (Imagen) instead of clipping.
         timesteps: custom timesteps, strictly descending in [0, T - 1] (diffusers'
@@ -125,23 +136,25 @@ class DDPMSampler(Sampler):
         rows = np.zeros((self.steps, 8), dtype=np.float64)
         for i, (t, pt) in enumerate(zip(ts, prev, strict=True)):
             ab_t = float(ab[t])
-            ab_p = float(ab[pt]) if pt >= 0 else 1.0
-            alpha_p = ab_t / ab_p  # alpha'_t
-            beta_p = 1.0 - alpha_p  # beta'_t
-            c_x0 = math.sqrt(ab_p) * beta_p / (1.0 - ab_t)
-            c_x = math.sqrt(alpha_p) * (1.0 - ab_p) / (1.0 - ab_t)
-            var_small = max((1.0 - ab_p) / (1.0 - ab_t) * beta_p, 1e-20)
-            lv_max = math.log(max(beta_p, 1e-20))
-            lv_min = math.log(var_small)
+            ab_prev = float(ab[pt]) if pt >= 0 else 1.0
+            alpha_t = ab_t / ab_prev  # alpha'_t of the (strided) step
+            beta_t = 1.0 - alpha_t  # beta'_t
+            # eq. 7: mu~_t = c_x0 x0 + c_x x_t, beta~_t = the posterior variance
+            c_x0 = math.sqrt(ab_prev) * beta_t / (1.0 - ab_t)
+            c_x = math.sqrt(alpha_t) * (1.0 - ab_prev) / (1.0 - ab_t)
+            beta_tilde = max((1.0 - ab_prev) / (1.0 - ab_t) * beta_t, 1e-20)
+            log_beta = math.log(max(beta_t, 1e-20))  # improved DDPM eq. 15's two end points
+            log_beta_tilde = math.log(beta_tilde)
             if t == 0:
                 c_noise = 0.0
             elif self.variance_type == "fixed_small":
-                c_noise = math.sqrt(var_small)
+                c_noise = math.sqrt(beta_tilde)
             elif self.variance_type == "fixed_large":
-                c_noise = _sqrt(beta_p)
+                c_noise = _sqrt(beta_t)
             else:
-                c_noise = 1.0
-            rows[i] = [_sqrt(ab_t), _sqrt(1.0 - ab_t), c_x0, 0.0, c_x, c_noise, lv_max, lv_min]
+                c_noise = 1.0  # learned_range: the op computes sigma_t from the log variances
+            rows[i] = [_sqrt(ab_t), _sqrt(1.0 - ab_t), c_x0, 0.0, c_x, c_noise, log_beta,
+                       log_beta_tilde]  # fmt: skip
         return rows
 
     def config(self) -> dict:
