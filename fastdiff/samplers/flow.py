@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers.base import Sampler, _ops, randn_like_with
-from fastdiff.samplers.heun import _UNSET, _version, stage2_history
+from fastdiff.samplers.heun import _UNSET, TwoStageRun, stage2_history
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid
 
 __all__ = ["FlowMatchEulerSampler", "FlowMatchHeunSampler", "calculate_shift"]
@@ -359,7 +359,7 @@ class FlowMatchEulerSampler(Sampler):
                                  generator_state, return_x0, prediction_type="epsilon")  # fmt: skip
 
 
-class FlowMatchHeunSampler(FlowMatchEulerSampler):
+class FlowMatchHeunSampler(TwoStageRun, FlowMatchEulerSampler):
     """Heun's method on the rectified-flow ODE: diffusers' ``FlowMatchHeunDiscreteScheduler``.
 
     Each step sigma_i -> sigma_{i+1} (h = sigma_{i+1} - sigma_i) is an Euler stage at the model
@@ -387,11 +387,10 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
     """
 
     name = "flow_heun"
-    # the correction reads the Euler stage's input and velocity (a CUDA graph's history buffers
-    # last and m_{i-1}, through step_with_history)
-    is_multistep = True
+    # TwoStageRun: the run's bookkeeping (multistep, the correction reads the Euler stage's
+    # input, kept with its version, and its velocity, kept in _v_prev; a CUDA graph keeps both
+    # in its history buffers last and m_{i-1}, through step_with_history)
     strength_option = False  # img2img: the general start at call 2 t_start
-    scheduler_order = 2
 
     def __init__(
         self, schedule: None = None, steps: int = 50, *, num_train_timesteps: int = 1000,
@@ -427,14 +426,11 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
         return {"cls": type(self).__name__}
 
     def reset(self) -> None:
-        self._x0_prev = None
+        super().reset()
         self._v_prev = None
-        self._prev_i = -1
-        self._prev_version = None
 
-    def is_correction(self, i: int) -> bool:
-        """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""
-        return i % 2 == 1
+    #: Heun's name for stage 2 (the odd calls)
+    is_correction = TwoStageRun.is_second_stage
 
     def img2img_start(self, strength: float) -> int:
         """The SD3 / Flux img2img pipelines' ``get_timesteps``: ``t_start = int(max(N - N
@@ -540,8 +536,8 @@ class FlowMatchHeunSampler(FlowMatchEulerSampler):
             guidance_scale=guidance_scale,
         )
         if not external:  # the correction of this call reads its input and velocity
-            self._x0_prev, self._v_prev = x, v
-            self._prev_i, self._prev_version = i, _version(x)
+            self._keep(x, i)
+            self._v_prev = v
         if not return_x0:
             return x_next
         # the data prediction x - sigma v at this call's sigma (the row's s: a graph's buffer)

@@ -20,14 +20,16 @@ _UNSET = object()
 
 
 class TwoStageRun:
-    """Run bookkeeping of the two-stage samplers (Heun, DPM2): each step is two model calls,
-    and stage 2 (the odd call) reads stage 1's input sample, which the sampler keeps between
-    the calls (:func:`stage2_history` checks it); their ``__repr__`` counts both."""
+    """Run bookkeeping of the two-stage samplers (Heun, DPM2, flow Heun): each step is two model
+    calls, and stage 2 (the odd call) reads stage 1's input sample, which the sampler keeps
+    between the calls (:func:`stage2_history` checks it; flow Heun keeps the velocity too);
+    Heun's and DPM2's ``__repr__`` counts both, and their call is :meth:`_two_stage_step`."""
 
     is_multistep = True
     scheduler_order = 2  # img2img starts at a first stage (Heun: the Euler stage), call 2 t_start
     #: stage 2's history operand is the stage-1 input sample, not its x0 prediction (the
-    #: CUDA-graph loop fills its x0_prev buffer with the step's input)
+    #: CUDA-graph loop fills its x0_prev buffer with the step's input; flow Heun's graphed step
+    #: goes through step_with_history instead)
     history_is_input = True
     _x0_prev: Tensor | None = None  # the input sample of model call _prev_i (history)
     _prev_i = -1
@@ -44,6 +46,53 @@ class TwoStageRun:
         self._x0_prev = None
         self._prev_i = -1
         self._prev_version = None
+
+    def is_second_stage(self, i: int) -> bool:
+        """Whether model call ``i`` is stage 2 (Heun's correction, DPM2's midpoint stage): the
+        odd calls."""
+        return i % 2 == 1
+
+    def _keep(self, x: Tensor, i: int) -> None:
+        """Keep call ``i``'s input sample ``x`` (and its version) for stage 2, which reads it."""
+        self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
+
+    def _two_stage_step(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        noise: Tensor | None,
+        guidance_scale: float | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        coef: Tensor | None,
+        x0_prev: Tensor | None | object,
+        generator_state: Tensor | None,
+        stages: tuple[str, str],
+        clip_range: float | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Model call ``i`` as one fused ``dpm_solver_2m_step`` (Heun's and DPM2's ``step``):
+        the history operand from :func:`stage2_history` (``stages``: stage 2's and stage 1's
+        names in its errors), the row from the table unless ``coef`` is given, the step's
+        noise where its row has any (DPM2 a's stage 2); keeps ``x`` for stage 2 unless the
+        caller manages the history. Returns ``(x_next, x0)``."""
+        self._check_step_args(model_output, i, x, noise, guidance_scale)
+        x0_prev, external = stage2_history(self, i, x, x0_prev, coef, *stages)
+        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
+        if coef is None:
+            coef = self.coef_table(x.device)[i]
+        x_next, x0 = _ops().dpm_solver_2m_step(
+            x,
+            model_output,
+            coef,
+            x0_prev,  # type: ignore[arg-type]
+            prediction_type=self.prediction_type,
+            clip_range=clip_range,
+            guidance_scale=guidance_scale,
+            **nkw,
+        )
+        if not external:  # stage 2 of this call reads its input
+            self._keep(x, i)
+        return x_next, x0
 
 
 class HeunSampler(TwoStageRun, EulerSampler):
@@ -186,9 +235,8 @@ class HeunSampler(TwoStageRun, EulerSampler):
     def config(self) -> dict:
         return {**super().config(), "clip": self.clip_sample, "clip_range": self.clip_sample_range}
 
-    def is_correction(self, i: int) -> bool:
-        """Whether model call ``i`` is a Heun correction (stage 2): the odd calls."""
-        return i % 2 == 1
+    #: Heun's name for stage 2 (the odd calls)
+    is_correction = TwoStageRun.is_second_stage
 
     def step(
         self,
@@ -216,22 +264,19 @@ class HeunSampler(TwoStageRun, EulerSampler):
         accepted for API symmetry and unused (the ODE step is deterministic). Returns the new
         sample, or ``(sample, x0)`` with ``return_x0``.
         """
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the Heun correction",
-                                           "an Euler-stage", "input sample")  # fmt: skip
-        if coef is None:
-            coef = self.coef_table(x.device)[i]
-        x_next, x0 = _ops().dpm_solver_2m_step(
-            x,
+        x_next, x0 = self._two_stage_step(
             model_output,
+            i,
+            x,
+            noise,
+            guidance_scale,
+            generator,
             coef,
-            x0_prev,  # type: ignore[arg-type]
-            prediction_type=self.prediction_type,
+            x0_prev,
+            generator_state,
+            ("the Heun correction", "an Euler-stage"),
             clip_range=self.clip_sample_range if self.clip_sample else None,
-            guidance_scale=guidance_scale,
         )
-        if not external:  # the correction of this call reads its input
-            self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
         return (x_next, x0) if return_x0 else x_next
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import _ops, advance_generator_state, vp_of_sigma
+from fastdiff.samplers.base import advance_generator_state, vp_of_sigma
 from fastdiff.samplers.euler import EulerSampler
-from fastdiff.samplers.heun import _UNSET, TwoStageRun, _version, stage2_history
+from fastdiff.samplers.heun import _UNSET, TwoStageRun
 from fastdiff.samplers.sigmas import train_sigmas32
 
 __all__ = ["DPM2AncestralSampler", "DPM2Sampler"]
@@ -185,10 +185,6 @@ class DPM2Sampler(TwoStageRun, EulerSampler):
         return rows
 
     # ------------------------------------------------------------------ stepping
-    def is_second_stage(self, i: int) -> bool:
-        """Whether model call ``i`` is a midpoint stage (stage 2): the odd calls."""
-        return i % 2 == 1
-
     def _needs_noise_row(self, i: int) -> bool:
         # diffusers' ancestral scheduler draws noise on every stage 2 (and only there)
         return self.ancestral and i % 2 == 1
@@ -223,25 +219,20 @@ class DPM2Sampler(TwoStageRun, EulerSampler):
         deterministic sampler ignores them. Returns the new sample, or ``(sample, x0)`` with
         ``return_x0``.
         """
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
-        x0_prev, external = stage2_history(self, i, x, x0_prev, coef, "the second (midpoint) "
-                                           "stage", "a stage-1", "input sample")  # fmt: skip
-        nkw = self._noise_kwargs(i, x, noise, generator, generator_state) if self.ancestral else {}
-        if coef is None:
-            coef = self.coef_table(x.device)[i]
-        x_next, x0 = _ops().dpm_solver_2m_step(
-            x,
+        x_next, x0 = self._two_stage_step(
             model_output,
+            i,
+            x,
+            noise,
+            guidance_scale,
+            generator,
             coef,
-            x0_prev,  # type: ignore[arg-type]
-            prediction_type=self.prediction_type,
-            guidance_scale=guidance_scale,
-            **nkw,
+            x0_prev,
+            generator_state,
+            ("the second (midpoint) stage", "a stage-1"),
         )
         if self.ancestral and generator_state is not None and noise is None:
             advance_generator_state({"generator_state": generator_state}, x)
-        if not external:  # stage 2 of this call reads its input
-            self._x0_prev, self._prev_i, self._prev_version = x, i, _version(x)
         return (x_next, x0) if return_x0 else x_next
 
 
