@@ -136,9 +136,12 @@ class _StepGraph:
         noise_buf = self.has_noise and gen_state is None
         self.noise = torch.zeros_like(x, dtype=torch.float32) if noise_buf else None
         # UniPC: its history (last corrected x, m_{i-1}, m_{i-2}; m_{i-3} at solver_order 3) in
-        # static buffers of its own
+        # static buffers of its own; a sampler that reads fewer (flow_heun: x_i and v_1) names
+        # how many in graph_hist_buffers (>= 2), so that no buffer is allocated or copied in vain
         self.unipc = hasattr(smp, "step_with_history")
-        n_hist = 4 if getattr(smp, "solver_order", 2) >= 3 else 3
+        n_hist = getattr(
+            smp, "graph_hist_buffers", 4 if getattr(smp, "solver_order", 2) >= 3 else 3
+        )
         self.hist = [torch.zeros_like(x) for _ in range(n_hist)] if self.unipc else None
         self.x0_prev = torch.zeros_like(x) if self.multistep and not self.unipc else None
         self.history_is_input = getattr(smp, "history_is_input", False)
@@ -162,15 +165,14 @@ class _StepGraph:
             out, gs = _rescaled_guidance(out, gs, self.rescale), None
         skw = {"generator_state": self.gen_state} if self.gen_state is not None else {}
         if self.unipc:  # the op reads every buffer before the copies below overwrite them
-            last, m1, m2, *m3 = self.hist
+            last, *ms = self.hist  # ms: m_{i-1}, m_{i-2}, ...
             # singlestep SDE: its fresh noise (buffer or in-kernel Philox)
             nkw = {**skw, "noise": self.noise} if self.has_noise else {}
-            x_c, x0, x_new = smp.step_with_history(out, self.i_cap, self.x, self.coef, last, m1,
-                                                   m2, *m3, guidance_scale=gs, **nkw)  # fmt: skip
-            if m3:
-                m3[0].copy_(m2)
-            m2.copy_(m1)
-            m1.copy_(x0)
+            x_c, x0, x_new = smp.step_with_history(out, self.i_cap, self.x, self.coef, last, *ms,
+                                                   guidance_scale=gs, **nkw)  # fmt: skip
+            for k in range(len(ms) - 1, 0, -1):  # shifted one back, the oldest first
+                ms[k].copy_(ms[k - 1])
+            ms[0].copy_(x0)
             last.copy_(x_c)
             self.x.copy_(self._blend(x_new))
             return x0

@@ -390,6 +390,7 @@ class FlowMatchHeunSampler(TwoStageRun, FlowMatchEulerSampler):
     # TwoStageRun: the run's bookkeeping (multistep, the correction reads the Euler stage's
     # input, kept with its version, and its velocity, kept in _v_prev; a CUDA graph keeps both
     # in its history buffers last and m_{i-1}, through step_with_history)
+    graph_hist_buffers = 2  # and only those two (m_{i-2} is not read)
     strength_option = False  # img2img: the general start at call 2 t_start
 
     def __init__(
