@@ -18,12 +18,18 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers.base import Sampler, _ops, randn_like_with
+from fastdiff.samplers.flow_sigmas import (
+    TIME_SHIFT_TYPES,
+    _flag,
+    check_custom_sigmas,
+    check_shift_terminal,
+    shift_flow_sigmas,
+    stretch_to_terminal,
+)
 from fastdiff.samplers.heun import _UNSET, TwoStageRun, stage2_history
 from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid
 
 __all__ = ["FlowMatchEulerSampler", "FlowMatchHeunSampler", "calculate_shift"]
-
-TIME_SHIFT_TYPES = ("exponential", "linear")
 
 
 def calculate_shift(
@@ -52,12 +58,6 @@ def _real(name: str, v: Any, lo: float = -math.inf, lo_open: bool = True) -> flo
     if float(v) < lo or (lo_open and float(v) == lo):
         raise ValueError(f"{name}: expected a float {'>' if lo_open else '>='} {lo}, got {v!r}")
     return float(v)
-
-
-def _flag(name: str, v: Any) -> bool:
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
-    return bool(v)
 
 
 class FlowMatchEulerSampler(Sampler):
@@ -160,14 +160,7 @@ class FlowMatchEulerSampler(Sampler):
         self.shift = _real("shift", shift, 0.0)
         self.use_dynamic_shifting = _flag("use_dynamic_shifting", use_dynamic_shifting)
         self.time_shift_type = time_shift_type
-        self.shift_terminal = None
-        terminal = None if shift_terminal is None else _real("shift_terminal", shift_terminal)
-        if terminal:  # diffusers: a falsy value (None, 0) means no stretching
-            self.shift_terminal = terminal
-            if not 0.0 < terminal < 1.0:
-                raise ValueError(
-                    f"shift_terminal: expected a float in (0, 1), got {shift_terminal}"
-                )
+        self.shift_terminal = check_shift_terminal(shift_terminal)
         self.sigma_grid = pick_sigma_grid(
             use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas
         )
@@ -191,7 +184,11 @@ class FlowMatchEulerSampler(Sampler):
         self.steps = self._num_calls()
         self.prediction_type = "velocity"
         self.schedule = None
-        #: the model's timesteps sigma T, float32 ``[steps]``, descending
+        self._set_tables()
+
+    def _set_tables(self) -> None:
+        """The model timesteps, the rows and the noise flags of the grid ``self.sigmas``."""
+        #: the model's timesteps sigma T, float32 ``[steps]`` (descending; the inverse's ascend)
         self.timesteps = self._call_timesteps()
         self._coef64 = self.coefficients()
         self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
@@ -228,14 +225,6 @@ class FlowMatchEulerSampler(Sampler):
             )
         return calculate_shift(int(image_seq_len), base_len, max_len, base_shift, max_shift)
 
-    def _shifted(self, s: np.ndarray) -> np.ndarray:
-        """The timestep shift of ``set_timesteps`` (in ``s``'s dtype, as diffusers' numpy)."""
-        if self.use_dynamic_shifting:
-            if self.time_shift_type == "exponential":
-                return math.exp(self.mu) / (math.exp(self.mu) + (1 / s - 1) ** 1.0)
-            return self.mu / (self.mu + (1 / s - 1) ** 1.0)
-        return self.shift * s / (1 + (self.shift - 1) * s)
-
     def _grid(self, custom: Sequence[float] | None) -> np.ndarray:
         """diffusers' sigmas after ``set_timesteps``: float32 values (as float64), the
         terminal 0 appended."""
@@ -247,27 +236,13 @@ class FlowMatchEulerSampler(Sampler):
                 ends = self.shift * ends / (1 + (self.shift - 1) * ends)
             hi, lo = ends[0].item(), ends[1].item()
             s = np.linspace(hi * T, lo * T, n) / T
-        else:
-            try:
-                s = np.asarray(custom, dtype=np.float32)
-            except (TypeError, ValueError):
-                raise TypeError(f"sigmas: expected a sequence of floats, got {custom!r}") from None
-            if s.ndim != 1 or len(s) != n:
-                raise ValueError(f"sigmas: expected {n} (= steps) values, got shape {s.shape}")
-            if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(s <= 1)):
-                raise ValueError("sigmas: expected values in (0, 1]")
-        try:
-            s = self._shifted(s)
-        except OverflowError:  # e^mu past float range (diffusers: the same OverflowError)
-            raise ValueError(f"mu: e^mu overflows a float, got mu = {self.mu}") from None
+        else:  # float32, as diffusers' np.array(sigmas).astype(np.float32)
+            s = check_custom_sigmas(custom, n, np.float32)
+        # set_timesteps' shift, in s's dtype as diffusers' numpy (mu only with dynamic shifting)
+        mu = self.mu if self.use_dynamic_shifting else None
+        s = shift_flow_sigmas(s, self.shift, mu, self.time_shift_type)
         if self.shift_terminal is not None:
-            one_minus = 1 - s
-            if one_minus[-1] == 0:  # diffusers: 0 / 0, a NaN grid
-                raise ValueError(
-                    "shift_terminal: the grid's last sigma is 1 (steps = 1), which cannot be "
-                    f"stretched to end at {self.shift_terminal}; use more steps"
-                )
-            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+            s = stretch_to_terminal(s, self.shift_terminal)
         if self.sigma_grid is not None:
             s = make_sigma_grid(self.sigma_grid, float(s[-1]), float(s[0]), n)
         s32 = np.asarray(s).astype(np.float32)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from fastdiff.samplers.flow import FlowMatchEulerSampler
 
 __all__ = ["FlowMatchEulerInverseSampler"]
@@ -102,13 +100,8 @@ class FlowMatchEulerInverseSampler(FlowMatchEulerSampler):
         )
         #: float64 ``[steps + 1]``: the forward grid reversed, 0 first, ascending
         self.sigmas = self.sigmas[::-1].copy()
-        #: the model's timesteps u_i T, float32 ``[steps]``, ascending (the first is 0)
-        self.timesteps = self._call_timesteps()
-        self._coef64 = self.coefficients()
-        self._table_cpu = torch.from_numpy(self._coef64).to(torch.float32)
-        self._tables = {}
-        self._ts_dev = {}
-        self._noise_steps = [False] * self.steps
+        # the model's timesteps u_i T (ascending, the first is 0), the rows (no noise) of it
+        self._set_tables()
 
     @property
     def top_sigma(self) -> float:

@@ -18,7 +18,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FlowGridMixin", "FlowOptions", "dpm_flow_sigmas", "flow_timesteps", "unipc_flow_sigmas"]
+__all__ = [
+    "FlowGridMixin",
+    "FlowOptions",
+    "check_custom_sigmas",
+    "check_shift_terminal",
+    "dpm_flow_sigmas",
+    "flow_timesteps",
+    "shift_flow_sigmas",
+    "stretch_to_terminal",
+    "unipc_flow_sigmas",
+]
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 
@@ -37,6 +47,62 @@ def _finite(name: str, v: Any) -> float:
     if not math.isfinite(float(v)):
         raise ValueError(f"{name}: expected a finite float, got {v!r}")
     return float(v)
+
+
+def check_shift_terminal(v: Any) -> float | None:
+    """The ``shift_terminal`` option as diffusers reads it: None for None or a falsy value (no
+    stretching), else a float in (0, 1) (TypeError / ValueError naming it otherwise)."""
+    terminal = None if v is None else _finite("shift_terminal", v)
+    if not terminal:  # diffusers: a falsy value (None, 0) means no stretching
+        return None
+    if not 0.0 < terminal < 1.0:
+        raise ValueError(f"shift_terminal: expected a float in (0, 1), got {v!r}")
+    return terminal
+
+
+def check_custom_sigmas(custom: Any, n: int, dtype: type = np.float64) -> np.ndarray:
+    """Custom flow sigmas (``set_timesteps(sigmas=...)``) as a ``dtype`` array ``[n]``: a
+    sequence of ``n`` (= steps) finite values in (0, 1] (TypeError / ValueError otherwise)."""
+    if isinstance(custom, (str, bytes)):
+        raise TypeError(f"sigmas: expected a sequence of floats, got {custom!r}")
+    try:
+        s = np.array(custom, dtype=dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas: expected a sequence of floats, got {custom!r}") from None
+    if s.ndim != 1 or len(s) != n:
+        raise ValueError(f"sigmas: expected {n} (= steps) values, got shape {s.shape}")
+    if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(s <= 1)):
+        raise ValueError(f"sigmas: expected values in (0, 1], got {s.tolist()}")
+    return s
+
+
+def shift_flow_sigmas(
+    s: np.ndarray, shift: float, dynamic_mu: float | None, time_shift_type: str
+) -> np.ndarray:
+    """The timestep shift of diffusers' flow grids, in ``s``'s dtype (Esser et al. 2024,
+    arXiv:2403.03206): with dynamic shifting (``dynamic_mu``, the mu to use) ``e^mu / (e^mu +
+    1/s - 1)``, or ``mu / (mu + 1/s - 1)`` for ``time_shift_type="linear"``; else the static
+    ``shift s / (1 + (shift - 1) s)``. An e^mu past float range is a ValueError naming mu."""
+    if dynamic_mu is None:
+        return shift * s / (1 + (shift - 1) * s)
+    try:
+        if time_shift_type == "exponential":
+            return math.exp(dynamic_mu) / (math.exp(dynamic_mu) + (1 / s - 1) ** 1.0)
+        return dynamic_mu / (dynamic_mu + (1 / s - 1) ** 1.0)
+    except OverflowError:
+        raise ValueError(f"mu: e^mu overflows a float, got mu = {dynamic_mu}") from None
+
+
+def stretch_to_terminal(s: np.ndarray, terminal: float) -> np.ndarray:
+    """``shift_terminal``'s stretch (diffusers' ``stretch_shift_to_terminal``): ``1 - s``
+    scaled so that the grid ``s`` ends at ``terminal``."""
+    one_minus = 1 - s
+    if one_minus[-1] == 0:  # diffusers: 0 / 0, a NaN grid
+        raise ValueError(
+            "shift_terminal: the grid's last sigma is 1 (steps = 1), which cannot be "
+            f"stretched to end at {terminal}; use more steps"
+        )
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
 
 
 class FlowOptions:
@@ -83,19 +149,12 @@ class FlowOptions:
                 f"mu: {sampler} takes mu only with use_dynamic_shifting=True (diffusers asserts "
                 f"it), got mu={mu!r} with use_dynamic_shifting=False"
             )
-        self.shift_terminal = None
-        terminal = None if shift_terminal is None else _finite("shift_terminal", shift_terminal)
-        if terminal:  # diffusers: a falsy value (None, 0) means no stretching
-            self.shift_terminal = terminal
-            if not 0.0 < terminal < 1.0:
-                raise ValueError(
-                    f"shift_terminal: expected a float in (0, 1), got {shift_terminal!r}"
-                )
-            if not self.on:
-                raise ValueError(
-                    "shift_terminal: only with use_flow_sigmas=True (as diffusers), got "
-                    f"shift_terminal={shift_terminal!r} with use_flow_sigmas=False"
-                )
+        self.shift_terminal = check_shift_terminal(shift_terminal)
+        if self.shift_terminal is not None and not self.on:
+            raise ValueError(
+                "shift_terminal: only with use_flow_sigmas=True (as diffusers), got "
+                f"shift_terminal={shift_terminal!r} with use_flow_sigmas=False"
+            )
 
 
 def dpm_flow_sigmas(n: int, T: int, shift: float) -> np.ndarray:
@@ -116,36 +175,12 @@ def unipc_flow_sigmas(
     if custom is None:
         s = np.linspace(1, 1 / T, n + 1)[:-1]
     else:
-        if isinstance(custom, (str, bytes)):
-            raise TypeError(f"sigmas: expected a sequence of floats, got {custom!r}")
-        try:
-            s = np.array(custom, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"sigmas: expected a sequence of floats, got {custom!r}") from None
-        if s.ndim != 1 or len(s) != n:
-            raise ValueError(f"sigmas: expected {n} (= steps) values, got shape {s.shape}")
-        if not (np.all(np.isfinite(s)) and np.all(s > 0) and np.all(s <= 1)):
-            raise ValueError(f"sigmas: expected values in (0, 1], got {s.tolist()}")
-    if opts.dynamic:
-        if opts.mu is None:
-            raise ValueError("mu: use_dynamic_shifting=True needs mu (as diffusers), got None")
-        try:
-            if opts.time_shift_type == "exponential":
-                s = math.exp(opts.mu) / (math.exp(opts.mu) + (1 / s - 1) ** 1.0)
-            else:
-                s = opts.mu / (opts.mu + (1 / s - 1) ** 1.0)
-        except OverflowError:
-            raise ValueError(f"mu: e^mu overflows a float, got mu = {opts.mu}") from None
-    else:
-        s = opts.shift * s / (1 + (opts.shift - 1) * s)
+        s = check_custom_sigmas(custom, n)
+    if opts.dynamic and opts.mu is None:
+        raise ValueError("mu: use_dynamic_shifting=True needs mu (as diffusers), got None")
+    s = shift_flow_sigmas(s, opts.shift, opts.mu if opts.dynamic else None, opts.time_shift_type)
     if opts.shift_terminal is not None:
-        one_minus = 1 - s
-        if one_minus[-1] == 0:
-            raise ValueError(
-                "shift_terminal: the grid's last sigma is 1 (steps = 1), which cannot be "
-                f"stretched to end at {opts.shift_terminal}; use more steps"
-            )
-        s = 1 - one_minus / (one_minus[-1] / (1 - opts.shift_terminal))
+        s = stretch_to_terminal(s, opts.shift_terminal)
     s = np.array(s, dtype=np.float64)
     if np.fabs(s[0] - 1) < 1e-6:
         s[0] -= 1e-6
