@@ -6,7 +6,8 @@ diffusers' ``DPMSolverMultistepScheduler`` and ``UniPCMultistepScheduler`` with
 alpha_t = 1 - sigma and sigma_t = sigma, so lambda = log((1 - sigma) / sigma). The model is
 called at ``int(sigma T)``. These helpers rebuild the two schedulers' grids (they differ: DPM's
 starts one training step below sigma = 1, UniPC's at 1 - 1e-6 and takes ``mu`` /
-``time_shift_type`` / ``shift_terminal`` / custom sigmas) and check the options.
+``time_shift_type`` / ``shift_terminal`` / custom sigmas) and check the options; the shift,
+the ``shift_terminal`` stretch and the option checks also serve ``"flow_euler"``'s grid.
 """
 
 from __future__ import annotations
