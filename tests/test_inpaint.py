@@ -368,7 +368,7 @@ def test_cli_mask_reaches_sample_white_repaints(tmp_path, monkeypatch):
 )
 def test_cli_mask_errors_write_nothing(argv, msg, tmp_path, capsys):
     code, err = cli_sample_fails(argv, tmp_path, capsys)
-    assert code != 0 and msg in err
+    assert code == 2 and msg in err  # 2: bad input, as the other CLI refusals
 
 
 # ------------------------------------------------------------- variants, layouts, half precision
