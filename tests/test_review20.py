@@ -44,6 +44,65 @@ def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, mon
     assert (seen[0]["jump_length"], seen[0]["jump_n_sample"]) == (3, 5)
 
 
+def test_cli_repaint_guidance_zero_is_the_unconditional_scale(tmp_path, monkeypatch):
+    """--label 3 --guidance 0 reaches fastdiff.repaint as guidance_scale 0.0 (eps = eps_u: the
+    unconditional prediction), not as the default 2 (0 is falsy). Mutant: _cli_repaint.py
+    ``g = a.guidance or DEFAULT_GUIDANCE``."""
+    img, msk = _pictures(tmp_path)
+    seen = []
+    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    base = ["repaint", "--init-image", img, "--mask", msk, "--n", "2", "--label", "3"]
+    assert main([*base, "--guidance", "0", "--out", str(tmp_path / "a.png")]) == 0
+    assert seen[-1]["guidance_scale"] == 0.0 and seen[-1]["cond"].tolist() == [3, 3]
+
+
+# ------------------------------------------------------------------------------------ _cli_bench
+def test_bench_times_eager_under_the_torch_backend_and_fused_on_the_automatic_choice(
+    monkeypatch, capsys
+):
+    """Per op the eager timing runs under use_backend("torch") and the fused one on the
+    automatic choice (no backend requested): the backend requested while each timing runs,
+    recorded by a stand-in timer. Mutant: _cli_bench.py timing eager outside
+    ``use_backend("torch")`` (both columns the fused kernels: a speedup of ~1)."""
+    import fastdiff._cli_bench as bench
+    from fastdiff import _dispatch
+
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    seen = []
+
+    def timer(fn, dev, reps, warmup=2):
+        seen.append(_dispatch.requested_backend("group_norm_silu"))
+        return 1.0
+
+    monkeypatch.setattr(bench, "_median_ms", timer)
+    assert main(["bench", "--json", "--ops-only", "--device", "cpu", "--repeat", "1"]) == 0
+    capsys.readouterr()
+    assert len(seen) >= 8 and seen == ["torch", None] * (len(seen) // 2)
+
+
+# ------------------------------------------------------------------------------------ repaint
+def test_repaint_guidance_zero_is_the_unconditional_model():
+    """w = 0 in eps = eps_u + w (eps_c - eps_u) is the unconditional prediction: still one
+    batched [uncond, cond] call per reverse step (a falsy 0.0 must not be read as "no
+    guidance", which sent the model 2N rows against N timesteps). Reference: the same run of
+    the model on uncond alone. Mutant: repaint.py ``rows = 2N if gs else N``."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.randn(2, 1, 4, 4, generator=g).clamp(-1, 1)
+    mask = (torch.rand(2, 1, 4, 4, generator=g) > 0.5).float()
+    cond, uncond = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+
+    def model(x, t, encoder_hidden_states):
+        assert t.shape == (x.shape[0],) and encoder_hidden_states.shape[0] == x.shape[0]
+        return _toy(x, t) + 0.1 * encoder_hidden_states.mean(1).reshape(-1, 1, 1, 1)
+
+    kw = dict(jump_length=2, jump_n_sample=2, eta=1.0)
+    got = fastdiff.repaint(model, image, mask, 6, cond=cond, uncond=uncond, guidance_scale=0.0,
+                           generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+    ref = fastdiff.repaint(lambda x, t: model(x, t, uncond), image, mask, 6,
+                           generator=torch.Generator().manual_seed(1), **kw)  # fmt: skip
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ inversion
 def test_invert_sampler_names_are_case_insensitive():
     """invert(sampler=) reads names as sample() does, case-insensitively: "DDIM_Inverse" is
@@ -54,6 +113,21 @@ def test_invert_sampler_names_are_case_insensitive():
     assert torch.equal(fastdiff.invert(_toy, x, 4, sampler="DDIM_Inverse"), want)
     want = fastdiff.invert(_toy, x, 4, sampler="dpm++_inverse")
     assert torch.equal(fastdiff.invert(_toy, x, 4, sampler="DPM++_Inverse"), want)
+
+
+def test_invert_unknown_options_with_a_sampler_object_are_named_as_unknown():
+    """An option DDIMInverseSampler does not take (eta) beside a sampler object is a TypeError
+    naming it as unknown, as with a sampler name (not sample()'s "cannot be applied to a
+    sampler object; build the sampler with them", which no build could satisfy). Mutant:
+    inversion.py without _check_options for sampler objects."""
+    from fastdiff import NoiseSchedule
+    from fastdiff.samplers import DDIMInverseSampler
+
+    smp = DDIMInverseSampler(NoiseSchedule("linear"), 4)
+    x = torch.zeros(1, 1, 4, 4)
+    for sampler in (smp, "ddim_inverse"):
+        with pytest.raises(TypeError, match=r"invert: unknown option\(s\) \['eta'\] for DDIMInv"):
+            fastdiff.invert(_toy, x, sampler=sampler, eta=0.5)
 
 
 # ------------------------------------------------------------------------------------------ viz
@@ -122,6 +196,31 @@ def test_stacked_linear_refuses_layers_of_mixed_dtypes():
     torch.testing.assert_close(got[1], c(x))
 
 
+def test_resblock_drops_out_before_conv2():
+    """In training, DDPM's block is conv2(dropout(silu(GN(h + W e)))) (Ho et al. 2020, appendix
+    B; ADM the same): the dropout mask hits conv2's input. Reference: the block's equations
+    written out with F.group_norm and F.dropout drawing the same mask (same seed, same shape).
+    Mutant: resblock.py dropout(conv2(h))."""
+    from helpers import randomize_
+
+    from fastdiff.nn import ResBlock
+
+    torch.manual_seed(0)
+    blk = randomize_(ResBlock(8, 8, 12, dropout=0.5, num_groups=4), 0.3).train()
+    g = torch.Generator().manual_seed(4)
+    x, emb = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 12, generator=g)
+    torch.manual_seed(7)
+    got = blk(x, emb)
+    F = torch.nn.functional
+    with torch.no_grad():
+        h = blk.conv1(F.silu(F.group_norm(x, 4, blk.norm1.weight, blk.norm1.bias)))
+        h = h + blk.emb_proj(emb)[:, :, None, None]
+        h = F.silu(F.group_norm(h, 4, blk.norm2.weight, blk.norm2.bias))
+        torch.manual_seed(7)
+        ref = x + blk.conv2(F.dropout(h, 0.5, training=True))
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------- models.unet
 def _unet(**kw):
     from helpers import randomize_
@@ -164,3 +263,55 @@ def test_optimize_pipeline_optimizes_a_torch_compiled_component():
     report = pipe.fastdiff_report
     assert "unet" in report and report.left == []
     assert type(unet.down_blocks[0].resnets[0]).__name__ == "FusedResnetBlock2D"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("norm", ["default", "scale_shift"])
+def test_fused_resnet_block_broadcasts_a_batch_one_temb(norm):
+    """diffusers' ResnetBlock2D adds a [1 x C] time embedding to every sample of the batch (a
+    broadcast); the fused block equals it (float32 rounding) for a temb of batch 1 and a batch
+    of 3 (default add and scale_shift). Mutant: diffusers.py without ``temb.expand(n, -1)``."""
+    import copy
+
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlock2D
+    from helpers import randomize_
+
+    torch.manual_seed(0)
+    block = randomize_(ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4,
+                                     time_embedding_norm=norm), 0.3).eval()  # fmt: skip
+    ref = copy.deepcopy(block)
+    fastdiff.optimize(torch.nn.ModuleList([block]), channels_last=False)
+    assert type(block).__name__ == "FusedResnetBlock2D"
+    x = torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    temb = torch.randn(1, 12, generator=torch.Generator().manual_seed(2))
+    want = ref(x, temb)
+    torch.testing.assert_close(block(x, temb), want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("cross_norm", [None, "layer_norm"])
+def test_fast_attn_processor_residual_flag_and_cross_norm_as_attn_processor_2_0(
+    residual, cross_norm
+):
+    """FastAttnProcessor mirrors AttnProcessor2_0 on an Attention without the residual
+    connection (no x added back) and on cross-attention with a LayerNorm of the context
+    (norm_cross), with a rescale factor. Mutants: attn_processor.py adding the residual
+    whatever ``residual_connection`` says, and skipping ``norm_encoder_hidden_states``."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from fastdiff.integrations.attn_processor import FastAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, bias=True,
+                     norm_num_groups=8, residual_connection=residual, rescale_output_factor=0.5,
+                     cross_attention_norm=cross_norm)  # fmt: skip
+    if cross_norm is not None:  # LayerNorm's default affine is (1, 0): make it matter
+        attn.norm_cross.weight.normal_().mul_(0.5).add_(1)
+        attn.norm_cross.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 32, 3, 5, generator=g), torch.randn(2, 7, 24, generator=g) * 3 + 1
+    ref = AttnProcessor2_0()(attn, x, ctx)
+    torch.testing.assert_close(FastAttnProcessor()(attn, x, ctx), ref, rtol=1e-5, atol=1e-5)
