@@ -30,6 +30,29 @@ def _pictures(tmp_path):
     return str(tmp_path / "in.png"), str(tmp_path / "mask.png")
 
 
+def _spy_sample(monkeypatch) -> list[dict]:
+    """fastdiff.sample replaced by a recorder of its keyword arguments returning zeros of the
+    digits model's [batch x 1 x 16 x 16] (nothing sampled: only what reached sample())."""
+    seen: list[dict] = []
+
+    def spy(model, **kw):
+        seen.append(kw)
+        return torch.zeros(kw["batch_size"], 1, 16, 16)
+
+    monkeypatch.setattr(fastdiff, "sample", spy)
+    return seen
+
+
+# ------------------------------------------------------------------------------ cli / _cli_args
+def test_cli_sample_eta_zero_is_accepted(tmp_path, monkeypatch):
+    """--eta 0 (deterministic DDIM, TCD's gamma 0) is a valid value of "a finite number >= 0"
+    and reaches sample() as eta=0.0. Mutant: _cli_args.py ``_finite_nonneg`` as 0 < v < inf."""
+    seen = _spy_sample(monkeypatch)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--steps", "2", "--n", "1", "--eta", "0", "--out", str(out)]) == 0
+    assert seen[0]["eta"] == 0.0 and out.is_file()
+
+
 # --------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach
@@ -160,6 +183,21 @@ def test_load_digits_is_scikit_learns_images_scaled_and_upsampled():
     torch.testing.assert_close(x16.double(), up.clamp(0, 1) * 2 - 1, rtol=0, atol=1e-6)
 
 
+def test_split_sizes_round_and_parts_partition_the_set():
+    """split() holds round(N * test_fraction) test samples (10 x 0.27 = 2.7 -> 3, not 2), the
+    two parts partition the set (every index once, pairs kept), and the seed picks the
+    permutation. Mutants: data.py truncating ``int(N * f)``, overlapping parts."""
+    from fastdiff.data import split
+
+    x, y = torch.arange(10.0)[:, None] * 10, torch.arange(10)
+    x_tr, y_tr, x_te, y_te = split(x, y, test_fraction=0.27, seed=5)
+    assert (len(y_tr), len(y_te)) == (7, 3)
+    assert sorted(y_tr.tolist() + y_te.tolist()) == list(range(10))
+    assert torch.equal(x_tr[:, 0], y_tr * 10.0) and torch.equal(x_te[:, 0], y_te * 10.0)
+    assert split(x, y, 0.27, seed=5)[3].tolist() == y_te.tolist()
+    assert any(split(x, y, 0.27, seed=s)[3].tolist() != y_te.tolist() for s in (6, 7, 8))
+
+
 # ------------------------------------------------------------------------------------------- nn
 def test_group_norm_silu_module_takes_n_by_c_inputs_as_nn_group_norm():
     """GroupNormSiLU is a drop-in for nn.GroupNorm (+ SiLU), which takes [N x C] (no spatial
@@ -263,6 +301,21 @@ def test_optimize_pipeline_optimizes_a_torch_compiled_component():
     report = pipe.fastdiff_report
     assert "unet" in report and report.left == []
     assert type(unet.down_blocks[0].resnets[0]).__name__ == "FusedResnetBlock2D"
+
+
+def test_unoptimize_restores_conv_act_in_the_models_mode():
+    """unoptimize() of an optimized eval() UNet2DModel gives back a conv_act SiLU in eval mode,
+    as every other module (optimize kept the fused pair in eval). Mutant: unoptimize.py
+    ``nn.SiLU()`` without ``.train(conv_norm_out.training)`` (a train-mode SiLU in an eval
+    model)."""
+    pytest.importorskip("diffusers")
+    from test_optimize import unet2d
+
+    for train in (False, True):
+        unet = unet2d().train(train)
+        fastdiff.unoptimize(fastdiff.optimize(unet, channels_last=False))
+        assert type(unet.conv_act) is torch.nn.SiLU
+        assert {m.training for m in unet.modules()} == {train}
 
 
 @torch.no_grad()
