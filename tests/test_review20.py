@@ -53,6 +53,38 @@ def test_cli_sample_eta_zero_is_accepted(tmp_path, monkeypatch):
     assert seen[0]["eta"] == 0.0 and out.is_file()
 
 
+def test_cli_seed_range_is_manual_seeds(tmp_path, monkeypatch, capsys):
+    """--seed takes what torch.Generator.manual_seed takes, -2**63 .. 2**64 - 1: 2**64 - 1
+    reaches sample() (as the generator's initial seed), 2**64 is argparse's one-line usage
+    error (status 2) naming --seed, nothing written. Mutant: _cli_args.py ``v <= 2**64``."""
+    seen = _spy_sample(monkeypatch)
+    out = tmp_path / "s.png"
+    base = ["sample", "--steps", "2", "--n", "1", "--out", str(out), "--seed"]
+    assert main([*base, str(2**64 - 1)]) == 0
+    assert seen[0]["generator"].initial_seed() == 2**64 - 1
+    out.unlink()
+    capsys.readouterr()
+    assert main([*base, str(2**64)]) == 2
+    err = capsys.readouterr().err
+    assert "argument --seed: expected a seed in -2**63 .. 2**64-1" in err and not out.exists()
+
+
+def test_cli_type_error_while_running_is_bad_input_status_2(tmp_path, monkeypatch, capsys):
+    """A TypeError raised by the library for a user's value is bad input, as a ValueError:
+    one error line, exit status 2 (1 is for failures while running). Mutant: cli.py mapping
+    only CLIError / ValueError to 2."""
+
+    def bad(model, **kw):
+        raise TypeError("cond: expected class labels, got str")
+
+    monkeypatch.setattr(fastdiff, "sample", bad)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--steps", "2", "--n", "1", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == "fastdiff sample: error: cond: expected class labels, got str\n"
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach
@@ -218,15 +250,78 @@ def test_group_norm_silu_module_takes_n_by_c_inputs_as_nn_group_norm():
     torch.testing.assert_close(got.double(), torch.nn.functional.silu(ref), rtol=0, atol=1e-5)
 
 
+def test_fuse_group_norm_silu_leaves_a_silu_subclass_alone():
+    """fuse_group_norm_silu replaces exact nn.GroupNorm -> nn.SiLU pairs only: a SiLU subclass
+    with its own forward is left to run (the fused kernel would compute plain SiLU). The
+    result equals the unfused Sequential. Mutant: group_norm.py ``isinstance(b, nn.SiLU)``."""
+    from fastdiff.nn import fuse_group_norm_silu
+
+    class ScaledSiLU(torch.nn.SiLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    seq = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), ScaledSiLU())
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    want = seq(x)
+    assert fuse_group_norm_silu(seq) == 0 and type(seq[1]) is ScaledSiLU
+    torch.testing.assert_close(seq(x), want, rtol=0, atol=0)
+    plain = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
+    assert fuse_group_norm_silu(plain) == 1
+
+
+def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
+    """training._ema_update: ema <- decay ema + (1 - decay) model for the parameters (0 and 1
+    with decay 0.9: 0.1; then 0.19), buffers copied. Mutant: training.py lerp weight ``decay``
+    instead of ``1 - decay``."""
+    from fastdiff.training import _ema_update
+
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+        for p in model.parameters():
+            p.fill_(1.0)
+        model.running_mean.fill_(4.0)
+    _ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())
+    assert torch.equal(ema.running_mean, model.running_mean)
+    _ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.19)) for p in ema.parameters())
+
+
+@torch.no_grad()
+def test_float64_attention_block_runs_sdpa_when_sdpa_is_requested():
+    """A float64 Attention block (which the fused kernels do not take) under
+    use_backend("sdpa", op="attention") runs PyTorch's SDPA, as with no backend requested:
+    equal to the nn.GroupNorm + SDPA twin in float64. Mutant: nn/attention.py sending float64
+    to SDPA only when no backend is requested (the op's float64 ValueError under "sdpa")."""
+    from fastdiff.nn import Attention
+    from fastdiff.nn.attention import _reference_forward
+
+    torch.manual_seed(0)
+    blk = Attention(8, num_heads=2, num_groups=2).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    with fastdiff.use_backend("sdpa", op="attention"):
+        got = blk(x)
+    torch.testing.assert_close(got, _reference_forward(blk, x), rtol=0, atol=1e-12)
+
+
 def test_stacked_linear_refuses_layers_of_mixed_dtypes():
     """One GEMM over the stacked weights needs one dtype: a float16 layer beside a float32 one
     makes stacked_linear decline (None: each layer runs as a module), rather than torch.cat
-    promoting the half weights and returning float32 rows for the half layer. Mutant:
-    stacked.py without the ``w.dtype != w0.dtype`` test."""
+    promoting the half weights and returning float32 rows for the half layer; so does a
+    Linear subclass with its own forward (LoRA). Mutants: stacked.py without the
+    ``w.dtype != w0.dtype`` test, ``isinstance(m, nn.Linear)`` for ``type(m) is``."""
     from fastdiff.nn.stacked import stacked_linear
 
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2).half()
     assert stacked_linear([a, b], torch.randn(2, 4)) is None
+
+    class Lora(torch.nn.Linear):  # a subclass with its own forward must run as a module
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    assert stacked_linear([a, Lora(4, 2)], torch.randn(2, 4)) is None
     c = torch.nn.Linear(4, 2)
     got = stacked_linear([a, c], torch.randn(2, 4, generator=torch.Generator().manual_seed(0)))
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
