@@ -111,6 +111,17 @@ def test_cli_repaint_guidance_zero_is_the_unconditional_scale(tmp_path, monkeypa
     assert seen[-1]["guidance_scale"] == 0.0 and seen[-1]["cond"].tolist() == [3, 3]
 
 
+def test_cli_repaint_eta_one_is_accepted(tmp_path, monkeypatch):
+    """--eta takes RePaint's DDIM eta in [0, 1], both ends included: 1 (DDPM's posterior
+    variance, the paper's sampler) reaches fastdiff.repaint as eta=1.0. Mutant:
+    _cli_repaint.py ``0 <= eta < 1``."""
+    img, msk = _pictures(tmp_path)
+    seen = []
+    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    argv = ["repaint", "--init-image", img, "--mask", msk, "--n", "1", "--eta", "1"]
+    assert main([*argv, "--out", str(tmp_path / "a.png")]) == 0 and seen[-1]["eta"] == 1.0
+
+
 # ------------------------------------------------------------------------------------ _cli_bench
 def test_bench_times_eager_under_the_torch_backend_and_fused_on_the_automatic_choice(
     monkeypatch, capsys
@@ -168,6 +179,21 @@ def test_invert_sampler_names_are_case_insensitive():
     assert torch.equal(fastdiff.invert(_toy, x, 4, sampler="DDIM_Inverse"), want)
     want = fastdiff.invert(_toy, x, 4, sampler="dpm++_inverse")
     assert torch.equal(fastdiff.invert(_toy, x, 4, sampler="DPM++_Inverse"), want)
+
+
+def test_invert_kdpm2_lms_config_without_class_name_runs_ddim_inversion():
+    """A config dict without _class_name whose keys are several (forward) classes' at once
+    (KDPM2DiscreteScheduler / its ancestral twin / LMSDiscreteScheduler share them) is no
+    DPM-Solver++ inverse config, although its keys are all that class's parameters:
+    invert(sampler=None) runs "ddim_inverse", the same x_T as naming it. Mutant: inversion.py
+    without ``not classes_of_keys(cfg)`` (it ran "dpm++_inverse")."""
+    diffusers = pytest.importorskip("diffusers")
+
+    sch = diffusers.KDPM2DiscreteScheduler(timestep_spacing="leading")  # DDIM inversion's
+    cfg = {k: v for k, v in dict(sch.config).items() if not k.startswith("_")}
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    want = fastdiff.invert(_toy, x, 4, schedule=cfg, sampler="ddim_inverse")
+    torch.testing.assert_close(fastdiff.invert(_toy, x, 4, schedule=cfg), want, rtol=0, atol=0)
 
 
 def test_invert_unknown_options_with_a_sampler_object_are_named_as_unknown():
@@ -267,6 +293,77 @@ def test_fuse_group_norm_silu_leaves_a_silu_subclass_alone():
     torch.testing.assert_close(seq(x), want, rtol=0, atol=0)
     plain = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
     assert fuse_group_norm_silu(plain) == 1
+
+
+def test_fuse_group_norm_silu_leaves_a_hooked_silu_alone():
+    """A pair whose SiLU has a forward hook is left alone (the fused module would never call
+    the SiLU, so the hook would silently not run); the hook still runs. Mutant: group_norm.py
+    without ``not has_hooks(b)``."""
+    from fastdiff.nn import fuse_group_norm_silu
+
+    seq = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
+    calls = []
+    seq[1].register_forward_hook(lambda m, i, o: calls.append(1))
+    assert fuse_group_norm_silu(seq) == 0 and type(seq[1]) is torch.nn.SiLU
+    seq(torch.randn(1, 4, 2, 2))
+    assert calls == [1]
+
+
+@torch.no_grad()
+def test_upsample_with_a_reflect_padded_conv_is_not_folded():
+    """The folded transposed conv is nearest 2x + a zero-padded 3x3 conv: an Upsample whose
+    conv pads by reflection runs as interpolate + its conv (equal to that reference at the
+    borders too), on an input large enough for folding to pay. Mutant: sampling.py's
+    foldable_conv without the ``padding_mode == "zeros"`` test."""
+    from fastdiff.nn import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(4)
+    up.conv.padding_mode = "reflect"
+    x = torch.randn(2, 4, 8, 8)
+    ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(up(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_make_grid_places_each_image_after_pad_pixels():
+    """make_grid's layout: image i at row i // ncol, column i % ncol, each cell ``pad`` pixels
+    after the previous one, ``pad`` around: 3 uint8 images of 1 x 2 pixels (values 10, 20,
+    30), 2 per row, pad 1 (pad value 255) is the 7 x 5 picture written out here. Mutant:
+    viz.py ``x0 = pad + q * ws`` (columns without the pads between)."""
+    from fastdiff.viz import make_grid
+
+    x = torch.tensor([10, 20, 30], dtype=torch.uint8).reshape(3, 1, 1, 1).expand(3, 1, 1, 2)
+    W = 255
+    want = [[W, W, W, W, W, W, W],
+            [W, 10, 10, W, 20, 20, W],
+            [W, W, W, W, W, W, W],
+            [W, 30, 30, W, W, W, W],
+            [W, W, W, W, W, W, W]]  # fmt: skip
+    got = make_grid(x, nrow=2, scale=1, pad=1)
+    assert got.mode == "L" and np.asarray(got).tolist() == want
+
+
+def test_train_ema_warms_up_with_decay_one_over_ten_at_step_zero():
+    """The EMA decay is min(ema_decay, (1 + s) / (10 + s)): after one step (s = 0) the EMA is
+    0.1 x the initial weights + 0.9 x the trained ones, not 0.999 x the initial. Reference:
+    the model's weights before and after train() (it trains the module it is given).
+    Mutant: training.py ``_ema_update(ema, model, ema_decay)``."""
+    import copy
+
+    from fastdiff.models import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    model = UNet(UNetConfig(**cfg))
+    init = copy.deepcopy(model)
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    ema = fastdiff.train(model, steps=1, batch_size=2, data=data, warmup=0, progress=False)
+    moved = 0
+    for e, p0, p1 in zip(ema.parameters(), init.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.1 * p0 + 0.9 * p1.detach(), rtol=1e-5, atol=1e-7)
+        moved += int(not torch.equal(p0, p1))
+    assert moved > 0
 
 
 def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
