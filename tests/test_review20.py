@@ -85,6 +85,33 @@ def test_cli_type_error_while_running_is_bad_input_status_2(tmp_path, monkeypatc
     assert not out.exists()
 
 
+def test_cli_sample_guidance_zero_is_the_unconditional_scale(tmp_path, monkeypatch):
+    """sample --label 3 --guidance 0 reaches sample() as guidance_scale 0.0 (not the default
+    2: 0 is falsy). Mutant: cli.py ``g = a.guidance or DEFAULT_GUIDANCE``."""
+    seen = _spy_sample(monkeypatch)
+    argv = ["sample", "--steps", "2", "--n", "2", "--label", "3", "--guidance", "0"]
+    assert main([*argv, "--out", str(tmp_path / "s.png")]) == 0
+    assert seen[0]["guidance_scale"] == 0.0 and seen[0]["cond"].tolist() == [3, 3]
+
+
+def test_cli_sample_noise_file_guidance_yields_to_the_given_one(tmp_path, monkeypatch):
+    """sample --noise takes --label / --guidance from the file's metadata only where they are
+    not given: --guidance 1.5 wins over the file's 3.0 (its label 3 still applies). Mutant:
+    _cli_invert.py reading the file's guidance whenever it has one."""
+    from fastdiff._cli_invert import _write_noise
+
+    noise = tmp_path / "x.safetensors"
+    meta = {"sampler": "ddim_inverse", "steps": "3", "label": "3", "guidance": "3.0",
+            "options": '{"clip_sample": false}'}  # fmt: skip
+    _write_noise(torch.zeros(2, 1, 16, 16), meta, noise)
+    seen = _spy_sample(monkeypatch)
+    out = str(tmp_path / "s.png")
+    assert main(["sample", "--noise", str(noise), "--guidance", "1.5", "--out", out]) == 0
+    assert seen[-1]["guidance_scale"] == 1.5 and seen[-1]["cond"].tolist() == [3, 3]
+    assert main(["sample", "--noise", str(noise), "--out", out]) == 0
+    assert seen[-1]["guidance_scale"] == 3.0 and seen[-1]["steps"] == 3
+
+
 # --------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach
@@ -196,6 +223,15 @@ def test_invert_kdpm2_lms_config_without_class_name_runs_ddim_inversion():
     torch.testing.assert_close(fastdiff.invert(_toy, x, 4, schedule=cfg), want, rtol=0, atol=0)
 
 
+def test_invert_refuses_an_image_with_other_channels_than_the_model():
+    """invert checks the image against the model's config before anything runs: a 1-channel
+    image for a 3-channel UNet is a ValueError naming image and C = 3 (not a conv error after
+    the first step). Mutant: inversion.py checking only the rank."""
+    model = _unet()
+    with pytest.raises(ValueError, match=r"image: expected a 4-D batch \[N x C x ...\] with C = 3"):
+        fastdiff.invert(model, torch.zeros(2, 1, 8, 8), 3)
+
+
 def test_invert_unknown_options_with_a_sampler_object_are_named_as_unknown():
     """An option DDIMInverseSampler does not take (eta) beside a sampler object is a TypeError
     naming it as unknown, as with a sampler name (not sample()'s "cannot be applied to a
@@ -239,6 +275,16 @@ def test_load_digits_is_scikit_learns_images_scaled_and_upsampled():
     up = torch.nn.functional.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)
     x16, _ = load_digits()
     torch.testing.assert_close(x16.double(), up.clamp(0, 1) * 2 - 1, rtol=0, atol=1e-6)
+
+
+def test_load_digits_refuses_sizes_below_the_8_x_8_source():
+    """load_digits upsamples scikit-learn's 8 x 8 images; a smaller size is refused by name
+    (ValueError) rather than silently downsampled. Mutant: data.py ``size < 1``."""
+    from fastdiff.data import load_digits
+
+    for size in (4, 7):
+        with pytest.raises(ValueError, match="size: expected an int >= 8"):
+            load_digits(size)
 
 
 def test_split_sizes_round_and_parts_partition_the_set():
@@ -323,6 +369,29 @@ def test_upsample_with_a_reflect_padded_conv_is_not_folded():
     x = torch.randn(2, 4, 8, 8)
     ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
     torch.testing.assert_close(up(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_strip_noises_every_frame_with_one_eps():
+    """forward_strip draws one eps from its seed and noises x0 with it at every frame, at
+    t = linspace(0, T - 1, frames) rounded (DDPM eq. 4 with a fixed eps: the signal fades into
+    the same noise). A stand-in schedule records what q_sample gets. Mutants: viz.py drawing
+    one eps per frame, t from 1."""
+    from fastdiff.viz import forward_strip
+
+    class Recorder:
+        num_train_timesteps, beta_schedule, calls = 1000, "stand-in", []
+
+        def q_sample(self, x0, t, noise):
+            self.calls.append((t.clone(), noise.clone()))
+            return x0.clamp(-1, 1)
+
+    sch = Recorder()
+    x0 = torch.rand(1, 8, 8) * 2 - 1
+    assert forward_strip(x0, sch, num_frames=4, seed=3).size[0] > 0
+    ((t, noise),) = sch.calls
+    assert t.tolist() == [0, 333, 666, 999]
+    eps = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(n, eps[0]) for n in noise)
 
 
 def test_make_grid_places_each_image_after_pad_pixels():
@@ -461,6 +530,20 @@ def _unet(**kw):
                attention_resolutions=(4,), num_groups=4, sample_size=8)  # fmt: skip
     torch.manual_seed(0)
     return randomize_(UNet(UNetConfig(**{**cfg, **kw}))).eval()
+
+
+@torch.no_grad()
+def test_unet_output_is_contiguous_for_a_contiguous_input_with_channels_last_weights():
+    """UNet.forward's output is NCHW-contiguous for an NCHW x even when the weights are
+    channels_last (what fastdiff.sample / optimize do on CPU), so callers' .view works; the
+    values equal the NCHW model's. Mutant: unet.py without the final ``.contiguous()``."""
+    model = _unet()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    want = model(x, torch.tensor([3, 9]))
+    model.to(memory_format=torch.channels_last)
+    got = model(x, torch.tensor([3, 9]))
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
