@@ -196,6 +196,13 @@ def test_repaint_guidance_zero_is_the_unconditional_model():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+def test_repaint_refuses_a_one_dimensional_image_by_name():
+    """image must be a batch [N x C x ...]: a 1-D tensor is a ValueError naming image, before
+    anything runs. Mutant: repaint.py checking only ``numel() == 0``."""
+    with pytest.raises(ValueError, match=r"image: expected a non-empty batch \[N x C x ...\]"):
+        fastdiff.repaint(_toy, torch.zeros(4), torch.zeros(4), 5)
+
+
 # ------------------------------------------------------------------------------------ inversion
 def test_invert_sampler_names_are_case_insensitive():
     """invert(sampler=) reads names as sample() does, case-insensitively: "DDIM_Inverse" is
@@ -341,6 +348,25 @@ def test_fuse_group_norm_silu_leaves_a_silu_subclass_alone():
     assert fuse_group_norm_silu(plain) == 1
 
 
+def test_fuse_group_norm_silu_leaves_a_sequential_with_its_own_forward_alone():
+    """A Sequential subclass with its own forward need not run its children in order (this one
+    applies the SiLU's input to the norm twice): its pairs are left, its output unchanged.
+    Mutant: group_norm.py fusing in every nn.Sequential instance."""
+    from fastdiff.nn import fuse_group_norm_silu
+
+    class Twice(torch.nn.Sequential):
+        def forward(self, x):
+            return self[1](self[0](self[0](x)))
+
+    seq = Twice(torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
+    with torch.no_grad():
+        seq[0].weight.fill_(3.0)
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    want = seq(x)
+    assert fuse_group_norm_silu(seq) == 0
+    torch.testing.assert_close(seq(x), want, rtol=0, atol=0)
+
+
 def test_fuse_group_norm_silu_leaves_a_hooked_silu_alone():
     """A pair whose SiLU has a forward hook is left alone (the fused module would never call
     the SiLU, so the hook would silently not run); the hook still runs. Mutant: group_norm.py
@@ -435,6 +461,27 @@ def test_train_ema_warms_up_with_decay_one_over_ten_at_step_zero():
     assert moved > 0
 
 
+def test_train_resumed_past_stop_after_reports_the_checkpoints_step(tmp_path):
+    """train(stop_after=1) on a checkpoint already at step 2 does nothing and says so: the
+    returned EMA's training_info has steps_done 2 (where the checkpoint is), not 1. Mutant:
+    training.py ``end = min(steps, stop_after)`` without ``max(start, ...)``."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    kw = dict(steps=4, batch_size=2, data=data, warmup=0, progress=False,
+              checkpoint=tmp_path / "ck")  # fmt: skip
+    torch.manual_seed(0)
+    first = fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=2, **kw)
+    assert first.training_info["steps_done"] == 2
+    torch.manual_seed(0)
+    again = fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=1, **kw)
+    assert again.training_info["steps_done"] == 2
+    for a, b in zip(again.parameters(), first.parameters(), strict=True):
+        assert torch.equal(a, b)  # the checkpoint's EMA, unchanged
+
+
 def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
     """training._ema_update: ema <- decay ema + (1 - decay) model for the parameters (0 and 1
     with decay 0.9: 0.1; then 0.19), buffers copied. Mutant: training.py lerp weight ``decay``
@@ -470,6 +517,31 @@ def test_float64_attention_block_runs_sdpa_when_sdpa_is_requested():
     with fastdiff.use_backend("sdpa", op="attention"):
         got = blk(x)
     torch.testing.assert_close(got, _reference_forward(blk, x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_attention_context_of_another_batch_is_refused_by_name(batch):
+    """A context whose batch differs from x's (1 or 4 for 2) is a ValueError naming context
+    and the expected [B=2 x Lc x 6], before the projections (which failed with a bare view
+    error). Mutant: nn/attention.py without ``cs[0] != x.shape[0]``."""
+    from fastdiff.nn import Attention
+
+    block = Attention(8, num_heads=2, num_groups=2, context_dim=6)
+    with pytest.raises(ValueError, match=r"context must be \[B=2 x Lc x 6\]"):
+        block(torch.zeros(2, 8, 3, 3), torch.zeros(batch, 5, 6))
+
+
+@torch.no_grad()
+def test_attention_context_in_another_dtype_is_cast_to_the_blocks():
+    """A float64 context for a float32 cross-attention block is cast to the block's dtype (as
+    a float32 context gives): equal outputs. Mutant: nn/attention.py without
+    ``context.to(h.dtype)`` (F.linear's dtype mismatch)."""
+    from fastdiff.nn import Attention
+
+    torch.manual_seed(0)
+    block = Attention(8, num_heads=2, num_groups=2, context_dim=6)
+    x, ctx = torch.randn(2, 8, 3, 3), torch.randn(2, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(block(x, ctx), block(x, ctx.float()), rtol=0, atol=0)
 
 
 def test_stacked_linear_refuses_layers_of_mixed_dtypes():
@@ -576,6 +648,77 @@ def test_optimize_pipeline_optimizes_a_torch_compiled_component():
     report = pipe.fastdiff_report
     assert "unet" in report and report.left == []
     assert type(unet.down_blocks[0].resnets[0]).__name__ == "FusedResnetBlock2D"
+
+
+def _container(*mods):
+    """The modules in a ModuleList, the way optimize() patches "any module holding" them."""
+    return torch.nn.ModuleList(mods)
+
+
+@torch.no_grad()
+def test_optimize_leaves_attention_with_a_non_standard_scale_alone():
+    """An Attention whose scale is not 1/sqrt(head_dim) (scale_qk=False: 1) keeps its processor
+    (FastAttnProcessor computes the standard scale) and is reported as left; its output is
+    unchanged. Mutant: diffusers.py without the scale test in _standard_attention."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False, norm_num_groups=8)
+    proc = attn.processor  # diffusers' AttnProcessor for scale_qk=False
+    x = torch.randn(2, 32, 3, 3)
+    want = attn(x)
+    report = fastdiff.optimize(_container(attn), channels_last=False).fastdiff_report
+    assert attn.processor is proc
+    assert report.left == [("0", "Attention with scale 1.0 instead of 1/sqrt(16)")]
+    torch.testing.assert_close(attn(x), want, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_optimize_leaves_a_hooked_attention_group_norm_as_a_module():
+    """An Attention's group_norm with a forward hook stays an nn.GroupNorm (reported as left)
+    while the processor is replaced: the hook still runs and the output is the unpatched one.
+    Mutant: diffusers.py _fuse_norm without ``has_hooks(gn)``."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, norm_num_groups=8)
+    calls = []
+    attn.group_norm.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = torch.randn(2, 32, 3, 3)
+    want = attn(x)
+    report = fastdiff.optimize(_container(attn), channels_last=False).fastdiff_report
+    assert type(attn.group_norm) is torch.nn.GroupNorm
+    assert ("0.group_norm", "GroupNorm with hooks (or not a plain nn.GroupNorm): run as a module"
+            ) in report.left  # fmt: skip
+    calls.clear()
+    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+
+
+def test_unoptimize_gives_an_added_kv_attention_its_default_processor():
+    """An Attention optimized by a fastdiff that did not record its processor gets diffusers'
+    default back: AttnAddedKVProcessor2_0 for added-K/V attention, AttnProcessor2_0 otherwise.
+    Mutant: unoptimize.py always AttnProcessor2_0 (which ignores add_k_proj / add_v_proj)."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnAddedKVProcessor2_0,
+        AttnProcessor2_0,
+    )
+
+    torch.manual_seed(0)
+    added = Attention(query_dim=32, cross_attention_dim=32, added_kv_proj_dim=24, heads=2,
+                      dim_head=16, norm_num_groups=8)  # fmt: skip
+    added.set_processor(AttnAddedKVProcessor2_0())  # as SimpleCrossAttn blocks build it
+    plain = Attention(query_dim=32, heads=2, dim_head=16, norm_num_groups=8)
+    model = fastdiff.optimize(_container(added, plain), channels_last=False)
+    for m in (added, plain):
+        del m.__dict__["_fastdiff_processor"]  # as an optimize() before the record existed
+    fastdiff.unoptimize(model)
+    assert type(added.processor) is AttnAddedKVProcessor2_0
+    assert type(plain.processor) is AttnProcessor2_0
 
 
 def test_unoptimize_restores_conv_act_in_the_models_mode():
