@@ -239,6 +239,18 @@ def test_invert_refuses_an_image_with_other_channels_than_the_model():
         fastdiff.invert(model, torch.zeros(2, 1, 8, 8), 3)
 
 
+def test_invert_with_a_flow_match_scheduler_runs_flow_euler_inversion():
+    """schedule=FlowMatchEulerDiscreteScheduler without sampler= inverts with
+    "flow_euler_inverse" (the rectified-flow ODE): the same x_T as naming it. Mutant:
+    inversion.py's _default_sampler answering "ddim_inverse" for that class."""
+    diffusers = pytest.importorskip("diffusers")
+
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    want = fastdiff.invert(_toy, x, 4, schedule=sch, sampler="flow_euler_inverse")
+    torch.testing.assert_close(fastdiff.invert(_toy, x, 4, schedule=sch), want, rtol=0, atol=0)
+
+
 def test_invert_unknown_options_with_a_sampler_object_are_named_as_unknown():
     """An option DDIMInverseSampler does not take (eta) beside a sampler object is a TypeError
     naming it as unknown, as with a sampler name (not sample()'s "cannot be applied to a
@@ -420,6 +432,17 @@ def test_forward_strip_noises_every_frame_with_one_eps():
     assert all(torch.equal(n, eps[0]) for n in noise)
 
 
+def test_stack_images_puts_gap_pixels_between_not_after():
+    """stack_images stacks on white, ``gap`` rows between consecutive images and none after the
+    last: a 3 x 2 and a 5 x 4 black image with gap 3 are a 5 x 9 picture, written out here.
+    Mutant: viz.py height ``gap * len(images)`` (3 white rows too many at the bottom)."""
+    from fastdiff.viz import stack_images
+
+    got = stack_images([Image.new("L", (3, 2), 0), Image.new("L", (5, 4), 0)], gap=3)
+    want = [[0, 0, 0, 255, 255]] * 2 + [[255] * 5] * 3 + [[0] * 5] * 4
+    assert got.size == (5, 9) and np.asarray(got).tolist() == want
+
+
 def test_make_grid_places_each_image_after_pad_pixels():
     """make_grid's layout: image i at row i // ncol, column i % ncol, each cell ``pad`` pixels
     after the previous one, ``pad`` around: 3 uint8 images of 1 x 2 pixels (values 10, 20,
@@ -480,6 +503,40 @@ def test_train_resumed_past_stop_after_reports_the_checkpoints_step(tmp_path):
     assert again.training_info["steps_done"] == 2
     for a, b in zip(again.parameters(), first.parameters(), strict=True):
         assert torch.equal(a, b)  # the checkpoint's EMA, unchanged
+
+
+def test_train_stopped_early_writes_no_output_until_it_finishes(tmp_path):
+    """out= is the finished model: a run stopped by stop_after checkpoints but writes no output
+    file; resuming it to the end writes it. Mutant: training.py writing ``out`` whenever it is
+    given (a half-trained model under the final name)."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    out = tmp_path / "m.safetensors"
+    kw = dict(steps=2, batch_size=2, data=data, warmup=0, progress=False, out=out,
+              checkpoint=tmp_path / "ck")  # fmt: skip
+    torch.manual_seed(0)
+    fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=1, **kw)
+    assert (tmp_path / "ck.safetensors").is_file() and not out.exists()
+    torch.manual_seed(0)
+    fastdiff.train(UNet(UNetConfig(**cfg)), **kw)
+    assert out.is_file()
+
+
+def test_train_refuses_labels_of_the_null_class():
+    """Label num_classes is the model's null class (classifier-free guidance's "no class"):
+    data holding it is refused by name before training, as a label beyond it. Mutant:
+    training.py accepting labels up to null_class (it trained them as the unconditional
+    class)."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.zeros(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"data: expected class labels in 0\.\.1 .* got 0\.\.2"):
+        fastdiff.train(UNet(UNetConfig(**cfg)), steps=1, batch_size=2, data=data, progress=False)
 
 
 def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
@@ -648,6 +705,39 @@ def test_optimize_pipeline_optimizes_a_torch_compiled_component():
     report = pipe.fastdiff_report
     assert "unet" in report and report.left == []
     assert type(unet.down_blocks[0].resnets[0]).__name__ == "FusedResnetBlock2D"
+
+
+@torch.no_grad()
+def test_grouped_time_projections_skip_blocks_with_skip_time_act():
+    """A ResnetBlock2D with skip_time_act projects temb without the SiLU: it stays out of the
+    UNet's one-GEMM TimeProjections group (which projects silu(temb)), so with the group
+    enabled (as on CUDA) every block still equals diffusers' own. Mutant: diffusers.py
+    grouping blocks with skip_time_act too."""
+    import copy
+
+    pytest.importorskip("diffusers")
+    from diffusers.models.resnet import ResnetBlock2D
+    from helpers import randomize_
+
+    class Owner(torch.nn.Module):  # what _unet_owner looks for: a module with time_embedding
+        def __init__(self):
+            super().__init__()
+            self.time_embedding = torch.nn.Identity()
+            self.blocks = torch.nn.ModuleList(
+                ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=12, groups=4,
+                              skip_time_act=skip) for skip in (False, False, True)
+            )  # fmt: skip
+
+    torch.manual_seed(0)
+    owner = randomize_(Owner(), 0.3).eval()
+    ref = copy.deepcopy(owner)
+    fastdiff.optimize(owner, channels_last=False)
+    group = owner.blocks[0].__dict__["_fastdiff_time_group"]
+    group.enabled = True
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
+    temb = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
+    for blk, want in zip(owner.blocks, ref.blocks, strict=True):
+        torch.testing.assert_close(blk(x, temb), want(x, temb), rtol=1e-5, atol=1e-5)
 
 
 def _container(*mods):
