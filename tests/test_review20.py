@@ -112,6 +112,26 @@ def test_cli_sample_noise_file_guidance_yields_to_the_given_one(tmp_path, monkey
     assert seen[-1]["guidance_scale"] == 3.0 and seen[-1]["steps"] == 3
 
 
+def test_cli_show_reverse_shows_at_most_one_frame_per_step(tmp_path, monkeypatch):
+    """show reverse --frames 10 --steps 4 shows the 4 steps once each (K = min(frames,
+    steps)), not 10 frames repeating steps. The figure's inputs recorded by a stand-in.
+    Mutant: cli.py ``k = a.frames``."""
+    import fastdiff.viz
+
+    seen = []
+
+    def figure(xs, x0s, ts):
+        seen.append((xs.shape, ts))
+        return Image.new("L", (4, 4))
+
+    monkeypatch.setattr(fastdiff.viz, "reverse_figure", figure)
+    out = tmp_path / "r.png"
+    argv = ["show", "reverse", "--steps", "4", "--frames", "10", "--out", str(out), "--quiet"]
+    assert main(argv) == 0 and out.is_file()
+    ((shape, ts),) = seen
+    assert shape[0] == 4 and len(ts) == 4 and len(set(ts)) == 4
+
+
 # --------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach
@@ -525,6 +545,23 @@ def test_train_stopped_early_writes_no_output_until_it_finishes(tmp_path):
     assert out.is_file()
 
 
+def test_train_grad_clip_zero_is_off():
+    """grad_clip=0 means no clipping (as None; the documented "0 (off)"): accepted, and the
+    same trained weights as grad_clip=None. Mutant: training.py requiring grad_clip > 0."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    runs = []
+    for clip in (0.0, None):
+        torch.manual_seed(0)
+        runs.append(fastdiff.train(UNet(UNetConfig(**cfg)), steps=2, batch_size=2, data=data,
+                                   grad_clip=clip, progress=False))  # fmt: skip
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_train_refuses_labels_of_the_null_class():
     """Label num_classes is the model's null class (classifier-free guidance's "no class"):
     data holding it is refused by name before training, as a label beyond it. Mutant:
@@ -659,6 +696,20 @@ def _unet(**kw):
                attention_resolutions=(4,), num_groups=4, sample_size=8)  # fmt: skip
     torch.manual_seed(0)
     return randomize_(UNet(UNetConfig(**{**cfg, **kw}))).eval()
+
+
+def test_unet_config_checks_the_bottleneck_attention_heads():
+    """The bottleneck's attention (mid_attention) is at the last level's channels even when
+    attention_resolutions has none there: num_heads=16 does not divide its 24 channels, a
+    ValueError from UNetConfig naming the field (not later from Attention inside UNet()).
+    Mutant: unet.py validate() without the mid level in attn_levels."""
+    from fastdiff.models import UNetConfig
+
+    kw = dict(in_channels=1, base_channels=8, channel_mult=(2, 3), num_res_blocks=1,
+              attention_resolutions=(8,), num_groups=4, sample_size=8, num_heads=16)  # fmt: skip
+    with pytest.raises(ValueError, match="UNetConfig.num_heads=16 does not divide the 24 "):
+        UNetConfig(**kw)
+    UNetConfig(**{**kw, "mid_attention": False})  # 16 divides level 0's 16 channels
 
 
 @torch.no_grad()
