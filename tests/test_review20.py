@@ -112,6 +112,17 @@ def test_cli_sample_noise_file_guidance_yields_to_the_given_one(tmp_path, monkey
     assert seen[-1]["guidance_scale"] == 3.0 and seen[-1]["steps"] == 3
 
 
+def test_cli_help_shows_no_default_for_flags():
+    """--help appends "(default: X)" to options, but not for store_true flags (default False)
+    or options without a default (None). Mutant: cli.py showing False defaults."""
+    from fastdiff.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["sample"]
+    text = sub.format_help()
+    assert "(default: 50)" not in text and "default: 0" in text  # --seed's 0 is shown
+    assert "default: False" not in text and "default: None" not in text
+
+
 def test_cli_show_reverse_shows_at_most_one_frame_per_step(tmp_path, monkeypatch):
     """show reverse --frames 10 --steps 4 shows the 4 steps once each (K = min(frames,
     steps)), not 10 frames repeating steps. The figure's inputs recorded by a stand-in.
@@ -562,6 +573,18 @@ def test_train_grad_clip_zero_is_off():
         assert torch.equal(a, b)
 
 
+def test_train_draws_t_from_zero_to_t_minus_one():
+    """Algorithm 1's t ~ U{0 .. T-1} in fastdiff's 0-based timesteps: with T = 4 and 256 draws
+    every value 0, 1, 2, 3 occurs (t = 0, the least noisy level, too). Mutant: training.py
+    ``randint(1, T)`` (never trains at t = 0)."""
+    from test_train import Recorder
+
+    m = Recorder(num_classes=2)
+    data = (torch.zeros(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    fastdiff.train(m, steps=2, batch_size=128, num_train_timesteps=4, data=data, progress=False)
+    assert sorted(set(torch.cat(m.seen_t).tolist())) == [0, 1, 2, 3]
+
+
 def test_train_refuses_labels_of_the_null_class():
     """Label num_classes is the model's null class (classifier-free guidance's "no class"):
     data holding it is refused by name before training, as a label beyond it. Mutant:
@@ -712,6 +735,16 @@ def test_unet_config_checks_the_bottleneck_attention_heads():
     UNetConfig(**{**kw, "mid_attention": False})  # 16 divides level 0's 16 channels
 
 
+def test_unet_config_dropout_must_be_below_one():
+    """dropout is a probability in [0, 1): 1 would zero every activation it touches, a
+    ValueError naming the field. Mutant: unet.py ``0 <= dropout <= 1``."""
+    from fastdiff.models import UNetConfig
+
+    with pytest.raises(ValueError, match=r"UNetConfig.dropout must be in \[0, 1\), got 1.0"):
+        UNetConfig(dropout=1.0)
+    assert UNetConfig(dropout=0.999).dropout == 0.999
+
+
 @torch.no_grad()
 def test_unet_output_is_contiguous_for_a_contiguous_input_with_channels_last_weights():
     """UNet.forward's output is NCHW-contiguous for an NCHW x even when the weights are
@@ -789,6 +822,42 @@ def test_grouped_time_projections_skip_blocks_with_skip_time_act():
     temb = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
     for blk, want in zip(owner.blocks, ref.blocks, strict=True):
         torch.testing.assert_close(blk(x, temb), want(x, temb), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_optimize_leaves_the_out_norm_when_conv_act_has_hooks():
+    """A forward hook on the UNet's conv_act (not on conv_norm_out) keeps the pair unfused (the
+    fused module would never call conv_act): reported as left, the hook runs, the output is
+    the unpatched one. Mutant: diffusers.py _patch_out_norm testing only the norm's hooks."""
+    import copy
+
+    pytest.importorskip("diffusers")
+    from test_optimize import unet2d
+
+    unet = unet2d().eval()
+    ref = copy.deepcopy(unet)
+    calls = []
+    unet.conv_act.register_forward_hook(lambda m, i, o: calls.append(1))
+    report = fastdiff.optimize(unet, channels_last=False).fastdiff_report
+    assert ("conv_norm_out", "conv_norm_out or conv_act has hooks") in report.left
+    assert type(unet.conv_norm_out) is torch.nn.GroupNorm and type(unet.conv_act) is torch.nn.SiLU
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(unet(x, 10).sample, ref(x, 10).sample, rtol=1e-4, atol=1e-4)
+    assert calls == [1]
+
+
+def test_optimize_lists_an_upsample2d_with_a_norm_as_left():
+    """An Upsample2D with a norm is not nearest + conv: left alone (class and forward
+    diffusers'), and the report says so. Mutant: diffusers.py _foldable_upsample without the
+    ``up.norm is not None`` test (class swapped, reported as folded)."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.upsampling import Upsample2D
+
+    up = Upsample2D(8, use_conv=True, norm_type="rms_norm", eps=1e-5, elementwise_affine=True)
+    report = fastdiff.optimize(_container(up), channels_last=False).fastdiff_report
+    assert type(up) is Upsample2D and report.replaced == []
+    assert report.left == [("0", "Upsample2D with a norm, a transposed conv, no interpolation or "
+                                 "no conv")]  # fmt: skip
 
 
 def _container(*mods):
