@@ -144,6 +144,22 @@ def test_cli_show_reverse_shows_at_most_one_frame_per_step(tmp_path, monkeypatch
     assert shape[0] == 4 and len(ts) == 4 and len(set(ts)) == 4
 
 
+def test_cli_sample_refuses_an_empty_noise_file_by_name(tmp_path, monkeypatch, capsys):
+    """A --noise file whose x_T has no sample ([0 x 1 x 16 x 16]) is refused before anything
+    runs: one line naming --noise and the non-empty batch it must be, exit status 2. Mutant:
+    _cli_invert.py checking only x_T's rank."""
+    from fastdiff._cli_invert import _write_noise
+
+    noise = tmp_path / "x.safetensors"
+    _write_noise(torch.zeros(0, 1, 16, 16), {"sampler": "ddim_inverse", "steps": "3"}, noise)
+    seen = _spy_sample(monkeypatch)
+    out = tmp_path / "s.png"
+    assert main(["sample", "--noise", str(noise), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "x_T must be a non-empty [N x C x H x W] batch, got shape (0, 1, 16, 16)" in err
+    assert seen == [] and not out.exists()
+
+
 # ------------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach

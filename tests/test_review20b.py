@@ -190,6 +190,21 @@ def test_resblock_drops_out_before_conv2():
     torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_half_precision_upsample_is_not_folded():
+    """In float16 the folded kernel's taps (sums of up to four 3x3 taps, rounded to fp16) cost
+    accuracy, so an fp16 Upsample on CPU runs nearest 2x + its conv even where folding would
+    pay in fp32: bitwise that computation. Mutant: sampling.py's fold_pays without the fp16
+    test."""
+    from fastdiff.nn import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(4).half()
+    x = torch.randn(2, 4, 8, 8).half()
+    ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(up(x), ref, rtol=0, atol=0)
+
+
 # -------------------------------------------------------------------------------------- models.unet
 def _unet(**kw):
     from helpers import randomize_
