@@ -221,6 +221,16 @@ def test_bench_times_eager_under_the_torch_backend_and_fused_on_the_automatic_ch
     assert len(seen) >= 8 and seen == ["torch", None] * (len(seen) // 2)
 
 
+def test_bench_median_times_repeat_runs_after_the_warmup():
+    """_median_ms calls the op ``warmup`` times untimed, then ``reps`` times timed (--repeat
+    "timed runs per case (median)"): 2 + 5 calls. Mutant: _cli_bench.py timing one run."""
+    from fastdiff._cli_bench import _median_ms
+
+    calls = []
+    assert _median_ms(lambda: calls.append(1), torch.device("cpu"), 5, warmup=2) >= 0
+    assert len(calls) == 7
+
+
 # ------------------------------------------------------------------------------------------ repaint
 def test_repaint_guidance_zero_is_the_unconditional_model():
     """w = 0 in eps = eps_u + w (eps_c - eps_u) is the unconditional prediction: still one
@@ -249,6 +259,21 @@ def test_repaint_refuses_a_one_dimensional_image_by_name():
     anything runs. Mutant: repaint.py checking only ``numel() == 0``."""
     with pytest.raises(ValueError, match=r"image: expected a non-empty batch \[N x C x ...\]"):
         fastdiff.repaint(_toy, torch.zeros(4), torch.zeros(4), 5)
+
+
+def test_repaint_cuda_graph_on_cpu_is_refused_by_name():
+    """cuda_graph=True for a run on the CPU is a ValueError naming cuda_graph (use False on
+    CPU), before the model is called. Mutant: repaint.py without that check."""
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return _toy(x, t)
+
+    image, mask = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="cuda_graph: CUDA graphs need CUDA tensors"):
+        fastdiff.repaint(model, image, mask, 4, jump_length=2, jump_n_sample=1, cuda_graph=True)
+    assert calls == []
 
 
 # ---------------------------------------------------------------------------------------- inversion
