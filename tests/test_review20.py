@@ -326,6 +326,24 @@ def test_invert_with_a_flow_match_scheduler_runs_flow_euler_inversion():
     torch.testing.assert_close(fastdiff.invert(_toy, x, 4, schedule=sch), want, rtol=0, atol=0)
 
 
+def test_invert_refuses_a_config_of_no_class_it_would_not_read():
+    """A config without _class_name whose keys are no class's and which "ddim_inverse" does not
+    read (use_karras_sigmas, final_sigmas_type) is a ValueError naming schedule and the
+    settings it would drop, as under sample(sampler=None); the model is not called. Mutant:
+    inversion.py's _default_sampler without check_config_read."""
+    calls = []
+
+    def model(x, t):
+        calls.append(1)
+        return _toy(x, t)
+
+    cfg = {"use_karras_sigmas": True, "final_sigmas_type": "zero"}
+    with pytest.raises(ValueError, match=r"invert\(sampler=None\) runs 'ddim_inverse', which does "
+                                         "not read use_karras_sigmas=True"):  # fmt: skip
+        fastdiff.invert(model, torch.zeros(1, 1, 4, 4), 4, schedule=cfg)
+    assert calls == []
+
+
 def test_invert_unknown_options_with_a_sampler_object_are_named_as_unknown():
     """An option DDIMInverseSampler does not take (eta) beside a sampler object is a TypeError
     naming it as unknown, as with a sampler name (not sample()'s "cannot be applied to a
@@ -554,6 +572,41 @@ def test_train_refuses_labels_of_the_null_class():
     data = (torch.zeros(3, 1, 4, 4), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"data: expected class labels in 0\.\.1 .* got 0\.\.2"):
         fastdiff.train(UNet(UNetConfig(**cfg)), steps=1, batch_size=2, data=data, progress=False)
+
+
+def _tiny_train(tmp_path, **kw):
+    """fastdiff.train on a 4 x 4 one-level class-conditional UNet (dropout 0.5: the global RNG
+    matters) and 4 images, from seed 0, checkpointing to tmp_path/ck."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1, dropout=0.5,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.linspace(-1, 1, 64).reshape(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    torch.manual_seed(0)
+    return fastdiff.train(UNet(UNetConfig(**cfg)), batch_size=2, data=data, warmup=0,
+                          progress=False, checkpoint=tmp_path / "ck", **kw)  # fmt: skip
+
+
+def test_train_resumed_with_dropout_is_bit_identical(tmp_path):
+    """A run stopped after 1 of 3 steps and resumed equals the uninterrupted run bit for bit
+    with dropout on: the checkpoint restores torch's global RNG (dropout's masks) as well as
+    the generator. Mutant: training.py's _load_checkpoint without torch.set_rng_state."""
+    whole = _tiny_train(tmp_path / "a", steps=3)
+    _tiny_train(tmp_path / "b", steps=3, stop_after=1)
+    resumed = _tiny_train(tmp_path / "b", steps=3)
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_train_again_on_a_finished_checkpoint_returns_its_model(tmp_path):
+    """Calling train again with a checkpoint already at steps (finished) trains nothing and
+    returns the checkpoint's EMA (steps_done = steps). Mutant: training.py refusing a
+    checkpoint at step >= steps (only > steps is past the run)."""
+    first = _tiny_train(tmp_path, steps=2)
+    again = _tiny_train(tmp_path, steps=2)
+    assert again.training_info["steps_done"] == 2
+    for a, b in zip(first.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
