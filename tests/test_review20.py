@@ -609,6 +609,15 @@ def test_train_again_on_a_finished_checkpoint_returns_its_model(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_train_refuses_to_resume_with_another_learning_rate(tmp_path):
+    """Resuming compares every hyperparameter with the checkpoint's record: another lr is a
+    ValueError naming it and both values (a resumed run would not be the run it continues).
+    Mutant: training.py leaving lr out of the comparison."""
+    _tiny_train(tmp_path, steps=3, stop_after=1)
+    with pytest.raises(ValueError, match=r"other settings: lr=0.002 \(checkpoint: 0.001\)"):
+        _tiny_train(tmp_path, steps=3, lr=2e-3)
+
+
 def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
     """training._ema_update: ema <- decay ema + (1 - decay) model for the parameters (0 and 1
     with decay 0.9: 0.1; then 0.19), buffers copied. Mutant: training.py lerp weight ``decay``

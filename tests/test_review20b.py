@@ -32,6 +32,50 @@ def test_group_norm_silu_module_takes_n_by_c_inputs_as_nn_group_norm():
     torch.testing.assert_close(got.double(), torch.nn.functional.silu(ref), rtol=0, atol=1e-5)
 
 
+def test_group_norm_silu_reset_parameters_is_group_norms():
+    """reset_parameters() sets weight 1 and bias 0, as nn.GroupNorm's (the meta-device init:
+    to_empty() then reset_parameters()). Mutant: group_norm.py filling the bias with ones."""
+    from fastdiff.nn import GroupNormSiLU
+
+    with torch.device("meta"):
+        mod = GroupNormSiLU(2, 6)
+    mod.to_empty(device="cpu")
+    mod.reset_parameters()
+    assert torch.equal(mod.weight, torch.ones(6)) and torch.equal(mod.bias, torch.zeros(6))
+
+
+def test_timestep_embedding_is_float32_for_any_timestep_dtype():
+    """timestep_embedding computes in float32 whatever t's dtype (int64, float16, float64): the
+    documented float32 [N x dim], equal to [sin(t f), cos(t f)] with f_i = 10000^(-i / (dim/2
+    - 1)) written out in float64. Mutant: embedding.py without ``t.float()`` (float64 t gave
+    a float64 embedding)."""
+    import math
+
+    from fastdiff.nn import timestep_embedding
+
+    t = torch.tensor([0, 1, 37, 999])
+    f = torch.tensor([10000 ** (-i / 3) for i in range(4)], dtype=torch.float64)
+    ref = torch.cat([torch.sin(t[:, None] * f), torch.cos(t[:, None] * f)], dim=1)
+    for dt in (torch.int64, torch.float16, torch.float64):
+        got = timestep_embedding(t.to(dt), 8)
+        assert got.dtype == torch.float32 and got.shape == (4, 8)
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-4 * math.pi)
+
+
+@torch.no_grad()
+def test_resblock_starts_as_its_skip_path():
+    """A fresh ResBlock is its skip path (conv2 zero-initialised, ADM / DDPM): x itself for equal
+    channels, the 1 x 1 skip conv otherwise. Mutant: resblock.py without the zero init of
+    conv2's weight."""
+    from fastdiff.nn import ResBlock
+
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 12)
+    same, wider = ResBlock(8, 8, 12, num_groups=4), ResBlock(8, 16, 12, num_groups=4)
+    assert torch.equal(same(x, emb), x)
+    torch.testing.assert_close(wider(x, emb), wider.skip(x), rtol=0, atol=0)
+
+
 def test_fuse_group_norm_silu_leaves_a_silu_subclass_alone():
     """fuse_group_norm_silu replaces exact nn.GroupNorm -> nn.SiLU pairs only: a SiLU subclass
     with its own forward is left to run (the fused kernel would compute plain SiLU). The
