@@ -191,7 +191,8 @@ def test_stacked_linear_refuses_layers_of_mixed_dtypes():
     makes stacked_linear decline (None: each layer runs as a module), rather than torch.cat
     promoting the half weights and returning float32 rows for the half layer; so does a
     Linear subclass with its own forward (LoRA). Mutants: stacked.py without the
-    ``w.dtype != w0.dtype`` test, ``isinstance(m, nn.Linear)`` for ``type(m) is``."""
+    ``w.dtype != w0.dtype`` test, ``isinstance(m, nn.Linear)`` for ``type(m) is``, without
+    ``m.bias is None`` (a layer without bias: torch.cat of None)."""
     from fastdiff.nn.stacked import stacked_linear
 
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 2).half()
@@ -202,6 +203,7 @@ def test_stacked_linear_refuses_layers_of_mixed_dtypes():
             return super().forward(x) + 1
 
     assert stacked_linear([a, Lora(4, 2)], torch.randn(2, 4)) is None
+    assert stacked_linear([a, torch.nn.Linear(4, 2, bias=False)], torch.randn(2, 4)) is None
     c = torch.nn.Linear(4, 2)
     got = stacked_linear([a, c], torch.randn(2, 4, generator=torch.Generator().manual_seed(0)))
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
@@ -232,6 +234,32 @@ def test_resblock_drops_out_before_conv2():
         torch.manual_seed(7)
         ref = x + blk.conv2(F.dropout(h, 0.5, training=True))
     torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_runs_its_conv_as_a_module_under_global_or_backward_hooks():
+    """Where folding would pay, a hook that must see the conv keeps Upsample on nearest 2x +
+    the conv module: a global forward pre-hook (register_module_forward_pre_hook) sees the conv
+    called, and a full backward hook on the conv runs in the backward pass. Mutants:
+    sampling.py's global_hooks without the forward pre-hooks, own_hooks without
+    ``_backward_hooks``."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from fastdiff.nn import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(4)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    seen = []
+    handle = register_module_forward_pre_hook(lambda m, args: seen.append(m))
+    try:
+        up(x)
+    finally:
+        handle.remove()
+    assert any(m is up.conv for m in seen)
+    grads = []
+    up.conv.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].shape))
+    up(x).sum().backward()
+    assert grads == [(2, 4, 16, 16)]
 
 
 @torch.no_grad()
