@@ -1,8 +1,9 @@
-"""Session 20 mutation review, second part: the mutants session 19 planned but did not run in
-fastdiff.nn, fastdiff.models.unet and fastdiff.integrations (the first part, test_review20, has
-the CLI, repaint, img2img, inversion, viz, data and training). One test per surviving mutant,
-checked against an independent reference (the equations written out with torch.nn.functional,
-diffusers' own modules, or the function called directly); each test names its mutant."""
+"""Session 20 mutation review, second part: fastdiff.training, and the mutants session 19
+planned but did not run in fastdiff.nn and fastdiff.models.unet (test_review20 has the CLI,
+repaint, img2img, inversion, viz and data; test_review20c the integrations). One test per
+surviving mutant, checked against an independent reference (the equations written out with
+torch.nn.functional, the function called directly, a run written out step by step); each test
+names its mutant."""
 
 from __future__ import annotations
 
@@ -10,6 +11,178 @@ import pytest
 import torch
 
 import fastdiff
+
+
+# ----------------------------------------------------------------------------------------- training
+def test_train_ema_warms_up_with_decay_one_over_ten_at_step_zero():
+    """The EMA decay is min(ema_decay, (1 + s) / (10 + s)): after one step (s = 0) the EMA is
+    0.1 x the initial weights + 0.9 x the trained ones, not 0.999 x the initial. Reference:
+    the model's weights before and after train() (it trains the module it is given).
+    Mutant: training.py ``_ema_update(ema, model, ema_decay)``."""
+    import copy
+
+    from fastdiff.models import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    model = UNet(UNetConfig(**cfg))
+    init = copy.deepcopy(model)
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    ema = fastdiff.train(model, steps=1, batch_size=2, data=data, warmup=0, progress=False)
+    moved = 0
+    for e, p0, p1 in zip(ema.parameters(), init.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.1 * p0 + 0.9 * p1.detach(), rtol=1e-5, atol=1e-7)
+        moved += int(not torch.equal(p0, p1))
+    assert moved > 0
+
+
+def test_train_resumed_past_stop_after_reports_the_checkpoints_step(tmp_path):
+    """train(stop_after=1) on a checkpoint already at step 2 does nothing and says so: the
+    returned EMA's training_info has steps_done 2 (where the checkpoint is), not 1. Mutant:
+    training.py ``end = min(steps, stop_after)`` without ``max(start, ...)``."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    kw = dict(steps=4, batch_size=2, data=data, warmup=0, progress=False,
+              checkpoint=tmp_path / "ck")  # fmt: skip
+    torch.manual_seed(0)
+    first = fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=2, **kw)
+    assert first.training_info["steps_done"] == 2
+    torch.manual_seed(0)
+    again = fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=1, **kw)
+    assert again.training_info["steps_done"] == 2
+    for a, b in zip(again.parameters(), first.parameters(), strict=True):
+        assert torch.equal(a, b)  # the checkpoint's EMA, unchanged
+
+
+def test_train_stopped_early_writes_no_output_until_it_finishes(tmp_path):
+    """out= is the finished model: a run stopped by stop_after checkpoints but writes no output
+    file; resuming it to the end writes it. Mutant: training.py writing ``out`` whenever it is
+    given (a half-trained model under the final name)."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    out = tmp_path / "m.safetensors"
+    kw = dict(steps=2, batch_size=2, data=data, warmup=0, progress=False, out=out,
+              checkpoint=tmp_path / "ck")  # fmt: skip
+    torch.manual_seed(0)
+    fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=1, **kw)
+    assert (tmp_path / "ck.safetensors").is_file() and not out.exists()
+    torch.manual_seed(0)
+    fastdiff.train(UNet(UNetConfig(**cfg)), **kw)
+    assert out.is_file()
+
+
+def test_train_grad_clip_zero_is_off():
+    """grad_clip=0 means no clipping (as None; the documented "0 (off)"): accepted, and the
+    same trained weights as grad_clip=None. Mutant: training.py requiring grad_clip > 0."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
+    runs = []
+    for clip in (0.0, None):
+        torch.manual_seed(0)
+        runs.append(fastdiff.train(UNet(UNetConfig(**cfg)), steps=2, batch_size=2, data=data,
+                                   grad_clip=clip, progress=False))  # fmt: skip
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_train_draws_t_from_zero_to_t_minus_one():
+    """Algorithm 1's t ~ U{0 .. T-1} in fastdiff's 0-based timesteps: with T = 4 and 256 draws
+    every value 0, 1, 2, 3 occurs (t = 0, the least noisy level, too). Mutant: training.py
+    ``randint(1, T)`` (never trains at t = 0)."""
+    from test_train import Recorder
+
+    m = Recorder(num_classes=2)
+    data = (torch.zeros(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    fastdiff.train(m, steps=2, batch_size=128, num_train_timesteps=4, data=data, progress=False)
+    assert sorted(set(torch.cat(m.seen_t).tolist())) == [0, 1, 2, 3]
+
+
+def test_train_refuses_labels_of_the_null_class():
+    """Label num_classes is the model's null class (classifier-free guidance's "no class"):
+    data holding it is refused by name before training, as a label beyond it. Mutant:
+    training.py accepting labels up to null_class (it trained them as the unconditional
+    class)."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.zeros(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"data: expected class labels in 0\.\.1 .* got 0\.\.2"):
+        fastdiff.train(UNet(UNetConfig(**cfg)), steps=1, batch_size=2, data=data, progress=False)
+
+
+def _tiny_train(tmp_path, **kw):
+    """fastdiff.train on a 4 x 4 one-level class-conditional UNet (dropout 0.5: the global RNG
+    matters) and 4 images, from seed 0, checkpointing to tmp_path/ck."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1, dropout=0.5,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    data = (torch.linspace(-1, 1, 64).reshape(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    torch.manual_seed(0)
+    return fastdiff.train(UNet(UNetConfig(**cfg)), batch_size=2, data=data, warmup=0,
+                          progress=False, checkpoint=tmp_path / "ck", **kw)  # fmt: skip
+
+
+def test_train_resumed_with_dropout_is_bit_identical(tmp_path):
+    """A run stopped after 1 of 3 steps and resumed equals the uninterrupted run bit for bit
+    with dropout on: the checkpoint restores torch's global RNG (dropout's masks) as well as
+    the generator. Mutant: training.py's _load_checkpoint without torch.set_rng_state."""
+    whole = _tiny_train(tmp_path / "a", steps=3)
+    _tiny_train(tmp_path / "b", steps=3, stop_after=1)
+    resumed = _tiny_train(tmp_path / "b", steps=3)
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_train_again_on_a_finished_checkpoint_returns_its_model(tmp_path):
+    """Calling train again with a checkpoint already at steps (finished) trains nothing and
+    returns the checkpoint's EMA (steps_done = steps). Mutant: training.py refusing a
+    checkpoint at step >= steps (only > steps is past the run)."""
+    first = _tiny_train(tmp_path, steps=2)
+    again = _tiny_train(tmp_path, steps=2)
+    assert again.training_info["steps_done"] == 2
+    for a, b in zip(first.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_train_refuses_to_resume_with_another_learning_rate(tmp_path):
+    """Resuming compares every hyperparameter with the checkpoint's record: another lr is a
+    ValueError naming it and both values (a resumed run would not be the run it continues).
+    Mutant: training.py leaving lr out of the comparison."""
+    _tiny_train(tmp_path, steps=3, stop_after=1)
+    with pytest.raises(ValueError, match=r"other settings: lr=0.002 \(checkpoint: 0.001\)"):
+        _tiny_train(tmp_path, steps=3, lr=2e-3)
+
+
+def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_model():
+    """training._ema_update: ema <- decay ema + (1 - decay) model for the parameters (0 and 1
+    with decay 0.9: 0.1; then 0.19), buffers copied. Mutant: training.py lerp weight ``decay``
+    instead of ``1 - decay``."""
+    from fastdiff.training import _ema_update
+
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+        for p in model.parameters():
+            p.fill_(1.0)
+        model.running_mean.fill_(4.0)
+    _ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())
+    assert torch.equal(ema.running_mean, model.running_mean)
+    _ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.19)) for p in ema.parameters())
 
 
 # ----------------------------------------------------------------------------------------------- nn
@@ -338,229 +511,3 @@ def test_unet_one_element_timestep_tensor_broadcasts_over_the_batch():
     assert want.abs().max() > 0  # randomized: not the zero-initialised output layer
     torch.testing.assert_close(model(x, torch.tensor([7])), want, rtol=0, atol=0)
     torch.testing.assert_close(model(x, torch.tensor([[7.0]])), want, rtol=0, atol=0)
-
-
-# ------------------------------------------------------------------------------------- integrations
-def test_optimize_pipeline_optimizes_a_torch_compiled_component():
-    """A pipeline component wrapped by torch.compile (pipe.unet = torch.compile(pipe.unet), as
-    diffusers' docs advise) is optimized through the wrapper: its report is under the
-    component's name and the model inside has the fused ResnetBlock2Ds. Mutant: pipeline.py
-    without the ``_orig_mod`` unwrap (the wrapper is no ModelMixin: listed as left alone)."""
-    import types
-
-    pytest.importorskip("diffusers")
-    from test_optimize import unet2d
-
-    unet = unet2d()
-    pipe = types.SimpleNamespace(components={"unet": torch.compile(unet), "scheduler": None})
-    assert fastdiff.optimize(pipe) is pipe
-    report = pipe.fastdiff_report
-    assert "unet" in report and report.left == []
-    assert type(unet.down_blocks[0].resnets[0]).__name__ == "FusedResnetBlock2D"
-
-
-@torch.no_grad()
-def test_grouped_time_projections_skip_blocks_with_skip_time_act():
-    """A ResnetBlock2D with skip_time_act projects temb without the SiLU: it stays out of the
-    UNet's one-GEMM TimeProjections group (which projects silu(temb)), so with the group
-    enabled (as on CUDA) every block still equals diffusers' own. Mutant: diffusers.py
-    grouping blocks with skip_time_act too."""
-    import copy
-
-    pytest.importorskip("diffusers")
-    from diffusers.models.resnet import ResnetBlock2D
-    from helpers import randomize_
-
-    class Owner(torch.nn.Module):  # what _unet_owner looks for: a module with time_embedding
-        def __init__(self):
-            super().__init__()
-            self.time_embedding = torch.nn.Identity()
-            self.blocks = torch.nn.ModuleList(
-                ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=12, groups=4,
-                              skip_time_act=skip) for skip in (False, False, True)
-            )  # fmt: skip
-
-    torch.manual_seed(0)
-    owner = randomize_(Owner(), 0.3).eval()
-    ref = copy.deepcopy(owner)
-    fastdiff.optimize(owner, channels_last=False)
-    group = owner.blocks[0].__dict__["_fastdiff_time_group"]
-    group.enabled = True
-    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(1))
-    temb = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
-    for blk, want in zip(owner.blocks, ref.blocks, strict=True):
-        torch.testing.assert_close(blk(x, temb), want(x, temb), rtol=1e-5, atol=1e-5)
-
-
-@torch.no_grad()
-def test_optimize_leaves_the_out_norm_when_conv_act_has_hooks():
-    """A forward hook on the UNet's conv_act (not on conv_norm_out) keeps the pair unfused (the
-    fused module would never call conv_act): reported as left, the hook runs, the output is
-    the unpatched one. Mutant: diffusers.py _patch_out_norm testing only the norm's hooks."""
-    import copy
-
-    pytest.importorskip("diffusers")
-    from test_optimize import unet2d
-
-    unet = unet2d().eval()
-    ref = copy.deepcopy(unet)
-    calls = []
-    unet.conv_act.register_forward_hook(lambda m, i, o: calls.append(1))
-    report = fastdiff.optimize(unet, channels_last=False).fastdiff_report
-    assert ("conv_norm_out", "conv_norm_out or conv_act has hooks") in report.left
-    assert type(unet.conv_norm_out) is torch.nn.GroupNorm and type(unet.conv_act) is torch.nn.SiLU
-    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(unet(x, 10).sample, ref(x, 10).sample, rtol=1e-4, atol=1e-4)
-    assert calls == [1]
-
-
-def test_optimize_lists_an_upsample2d_with_a_norm_as_left():
-    """An Upsample2D with a norm is not nearest + conv: left alone (class and forward
-    diffusers'), and the report says so. Mutant: diffusers.py _foldable_upsample without the
-    ``up.norm is not None`` test (class swapped, reported as folded)."""
-    pytest.importorskip("diffusers")
-    from diffusers.models.upsampling import Upsample2D
-
-    up = Upsample2D(8, use_conv=True, norm_type="rms_norm", eps=1e-5, elementwise_affine=True)
-    report = fastdiff.optimize(_container(up), channels_last=False).fastdiff_report
-    assert type(up) is Upsample2D and report.replaced == []
-    assert report.left == [("0", "Upsample2D with a norm, a transposed conv, no interpolation or "
-                                 "no conv")]  # fmt: skip
-
-
-def _container(*mods):
-    """The modules in a ModuleList, the way optimize() patches "any module holding" them."""
-    return torch.nn.ModuleList(mods)
-
-
-@torch.no_grad()
-def test_optimize_leaves_attention_with_a_non_standard_scale_alone():
-    """An Attention whose scale is not 1/sqrt(head_dim) (scale_qk=False: 1) keeps its processor
-    (FastAttnProcessor computes the standard scale) and is reported as left; its output is
-    unchanged. Mutant: diffusers.py without the scale test in _standard_attention."""
-    pytest.importorskip("diffusers")
-    from diffusers.models.attention_processor import Attention
-
-    torch.manual_seed(0)
-    attn = Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False, norm_num_groups=8)
-    proc = attn.processor  # diffusers' AttnProcessor for scale_qk=False
-    x = torch.randn(2, 32, 3, 3)
-    want = attn(x)
-    report = fastdiff.optimize(_container(attn), channels_last=False).fastdiff_report
-    assert attn.processor is proc
-    assert report.left == [("0", "Attention with scale 1.0 instead of 1/sqrt(16)")]
-    torch.testing.assert_close(attn(x), want, rtol=0, atol=0)
-
-
-@torch.no_grad()
-def test_optimize_leaves_a_hooked_attention_group_norm_as_a_module():
-    """An Attention's group_norm with a forward hook stays an nn.GroupNorm (reported as left)
-    while the processor is replaced: the hook still runs and the output is the unpatched one.
-    Mutant: diffusers.py _fuse_norm without ``has_hooks(gn)``."""
-    pytest.importorskip("diffusers")
-    from diffusers.models.attention_processor import Attention
-
-    torch.manual_seed(0)
-    attn = Attention(query_dim=32, heads=2, dim_head=16, norm_num_groups=8)
-    calls = []
-    attn.group_norm.register_forward_hook(lambda m, i, o: calls.append(1))
-    x = torch.randn(2, 32, 3, 3)
-    want = attn(x)
-    report = fastdiff.optimize(_container(attn), channels_last=False).fastdiff_report
-    assert type(attn.group_norm) is torch.nn.GroupNorm
-    assert ("0.group_norm", "GroupNorm with hooks (or not a plain nn.GroupNorm): run as a module"
-            ) in report.left  # fmt: skip
-    calls.clear()
-    torch.testing.assert_close(attn(x), want, rtol=1e-5, atol=1e-5)
-    assert calls == [1]
-
-
-def test_unoptimize_gives_an_added_kv_attention_its_default_processor():
-    """An Attention optimized by a fastdiff that did not record its processor gets diffusers'
-    default back: AttnAddedKVProcessor2_0 for added-K/V attention, AttnProcessor2_0 otherwise.
-    Mutant: unoptimize.py always AttnProcessor2_0 (which ignores add_k_proj / add_v_proj)."""
-    pytest.importorskip("diffusers")
-    from diffusers.models.attention_processor import (
-        Attention,
-        AttnAddedKVProcessor2_0,
-        AttnProcessor2_0,
-    )
-
-    torch.manual_seed(0)
-    added = Attention(query_dim=32, cross_attention_dim=32, added_kv_proj_dim=24, heads=2,
-                      dim_head=16, norm_num_groups=8)  # fmt: skip
-    added.set_processor(AttnAddedKVProcessor2_0())  # as SimpleCrossAttn blocks build it
-    plain = Attention(query_dim=32, heads=2, dim_head=16, norm_num_groups=8)
-    model = fastdiff.optimize(_container(added, plain), channels_last=False)
-    for m in (added, plain):
-        del m.__dict__["_fastdiff_processor"]  # as an optimize() before the record existed
-    fastdiff.unoptimize(model)
-    assert type(added.processor) is AttnAddedKVProcessor2_0
-    assert type(plain.processor) is AttnProcessor2_0
-
-
-def test_unoptimize_restores_conv_act_in_the_models_mode():
-    """unoptimize() of an optimized eval() UNet2DModel gives back a conv_act SiLU in eval mode,
-    as every other module (optimize kept the fused pair in eval). Mutant: unoptimize.py
-    ``nn.SiLU()`` without ``.train(conv_norm_out.training)`` (a train-mode SiLU in an eval
-    model)."""
-    pytest.importorskip("diffusers")
-    from test_optimize import unet2d
-
-    for train in (False, True):
-        unet = unet2d().train(train)
-        fastdiff.unoptimize(fastdiff.optimize(unet, channels_last=False))
-        assert type(unet.conv_act) is torch.nn.SiLU
-        assert {m.training for m in unet.modules()} == {train}
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("norm", ["default", "scale_shift"])
-def test_fused_resnet_block_broadcasts_a_batch_one_temb(norm):
-    """diffusers' ResnetBlock2D adds a [1 x C] time embedding to every sample of the batch (a
-    broadcast); the fused block equals it (float32 rounding) for a temb of batch 1 and a batch
-    of 3 (default add and scale_shift). Mutant: diffusers.py without ``temb.expand(n, -1)``."""
-    import copy
-
-    pytest.importorskip("diffusers")
-    from diffusers.models.resnet import ResnetBlock2D
-    from helpers import randomize_
-
-    torch.manual_seed(0)
-    block = randomize_(ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=12, groups=4,
-                                     time_embedding_norm=norm), 0.3).eval()  # fmt: skip
-    ref = copy.deepcopy(block)
-    fastdiff.optimize(torch.nn.ModuleList([block]), channels_last=False)
-    assert type(block).__name__ == "FusedResnetBlock2D"
-    x = torch.randn(3, 8, 6, 6, generator=torch.Generator().manual_seed(1))
-    temb = torch.randn(1, 12, generator=torch.Generator().manual_seed(2))
-    want = ref(x, temb)
-    torch.testing.assert_close(block(x, temb), want, rtol=1e-5, atol=1e-5)
-
-
-@torch.no_grad()
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("cross_norm", [None, "layer_norm"])
-def test_fast_attn_processor_residual_flag_and_cross_norm_as_attn_processor_2_0(
-    residual, cross_norm
-):
-    """FastAttnProcessor mirrors AttnProcessor2_0 on an Attention without the residual
-    connection (no x added back) and on cross-attention with a LayerNorm of the context
-    (norm_cross), with a rescale factor. Mutants: attn_processor.py adding the residual
-    whatever ``residual_connection`` says, and skipping ``norm_encoder_hidden_states``."""
-    pytest.importorskip("diffusers")
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-    from fastdiff.integrations.attn_processor import FastAttnProcessor
-
-    torch.manual_seed(0)
-    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, bias=True,
-                     norm_num_groups=8, residual_connection=residual, rescale_output_factor=0.5,
-                     cross_attention_norm=cross_norm)  # fmt: skip
-    if cross_norm is not None:  # LayerNorm's default affine is (1, 0): make it matter
-        attn.norm_cross.weight.normal_().mul_(0.5).add_(1)
-        attn.norm_cross.bias.normal_()
-    g = torch.Generator().manual_seed(1)
-    x, ctx = torch.randn(2, 32, 3, 5, generator=g), torch.randn(2, 7, 24, generator=g) * 3 + 1
-    ref = AttnProcessor2_0()(attn, x, ctx)
-    torch.testing.assert_close(FastAttnProcessor()(attn, x, ctx), ref, rtol=1e-5, atol=1e-5)
