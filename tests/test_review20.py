@@ -345,6 +345,24 @@ def test_invert_refuses_a_config_of_no_class_it_would_not_read():
     assert calls == []
 
 
+def test_invert_float64_image_for_a_model_without_floating_parameters_names_image():
+    """A model whose parameters are not floating (an int64 step counter) runs in the image's
+    dtype, so a float64 image is refused as image (TypeError naming the supported dtypes),
+    before anything runs. Mutant: inversion.py checking only models without parameters."""
+
+    class IntParam(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor([3]), requires_grad=False)
+
+        def forward(self, x, t):
+            return _toy(x, t)
+
+    with pytest.raises(TypeError, match="image: expected torch.float32, torch.float16 or "
+                                        "torch.bfloat16 \\(a model without floating"):  # fmt: skip
+        fastdiff.invert(IntParam(), torch.zeros(1, 1, 4, 4, dtype=torch.float64), 3)
+
+
 def test_invert_unknown_options_with_a_sampler_object_are_named_as_unknown():
     """An option DDIMInverseSampler does not take (eta) beside a sampler object is a TypeError
     naming it as unknown, as with a sampler name (not sample()'s "cannot be applied to a

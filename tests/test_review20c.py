@@ -170,6 +170,21 @@ def test_unoptimize_gives_an_added_kv_attention_its_default_processor():
     assert type(plain.processor) is AttnProcessor2_0
 
 
+def test_optimize_again_without_channels_last_keeps_the_record_for_unoptimize():
+    """optimize(channels_last=True) then optimize(channels_last=False) (which converts nothing
+    back) still reports channels_last, so unoptimize() restores the NCHW weights. Mutant:
+    diffusers.py without carrying the earlier report's channels_last over."""
+    pytest.importorskip("diffusers")
+    from test_optimize import unet2d
+
+    unet = unet2d()
+    fastdiff.optimize(unet, channels_last=True)
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fastdiff.optimize(unet, channels_last=False).fastdiff_report.channels_last
+    fastdiff.unoptimize(unet)
+    assert unet.conv_in.weight.is_contiguous()
+
+
 def test_unoptimize_restores_conv_act_in_the_models_mode():
     """unoptimize() of an optimized eval() UNet2DModel gives back a conv_act SiLU in eval mode,
     as every other module (optimize kept the fused pair in eval). Mutant: unoptimize.py
