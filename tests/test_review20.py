@@ -161,6 +161,30 @@ def test_cli_sample_refuses_an_empty_noise_file_by_name(tmp_path, monkeypatch, c
     assert seen == [] and not out.exists()
 
 
+def test_cli_init_image_of_an_rgb_model_is_channels_first(tmp_path, monkeypatch):
+    """--init-image for a 3-channel model: the RGB picture as [n x 3 x H x W], channel c at
+    row y, column x being the picture's pixel (x, y) channel c / 127.5 - 1 (the grey digits
+    model cannot show that layout). Mutant: cli.py ``x.permute(2, 1, 0)`` (rows and columns
+    transposed)."""
+    from fastdiff.models import UNet, UNetConfig
+    from fastdiff.models.pretrained import save_model_file
+
+    cfg = dict(in_channels=3, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=8)  # fmt: skip
+    path = tmp_path / "rgb.safetensors"
+    save_model_file(UNet(UNetConfig(**cfg)), path, schedule="linear")
+    pix = (np.arange(8 * 8 * 3).reshape(8, 8, 3) * 5 % 256).astype(np.uint8)
+    Image.fromarray(pix, "RGB").save(tmp_path / "in.png")
+    seen = _spy_sample(monkeypatch)
+    argv = ["sample", "--model", str(path), "--init-image", str(tmp_path / "in.png"), "--n", "2",
+            "--steps", "2", "--out", str(tmp_path / "o.png"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    want = torch.from_numpy(pix.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    image = seen[0]["image"]
+    assert image.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(image[1], want, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach
