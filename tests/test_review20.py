@@ -466,6 +466,22 @@ def test_make_grid_places_each_image_after_pad_pixels():
     assert got.mode == "L" and np.asarray(got).tolist() == want
 
 
+def test_save_png_to_a_directory_is_refused_before_writing(tmp_path):
+    """check_writable refuses a directory (even one named like a PNG) with a ValueError saying
+    so, and save_png writes nothing there (no temporary left beside it). Mutant: viz.py
+    without the ``p.is_dir()`` test (os.replace onto the directory: an OSError after the
+    picture was written)."""
+    from fastdiff.viz import check_writable, save_png
+
+    d = tmp_path / "grid.png"
+    d.mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        check_writable(d)
+    with pytest.raises(ValueError, match="is a directory"):
+        save_png(torch.zeros(1, 1, 4, 4), d)
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"] and not any(d.iterdir())
+
+
 # --------------------------------------------------------------------------------------------- data
 def test_load_digits_is_scikit_learns_images_scaled_and_upsampled():
     """load_digits(8) is scikit-learn's 8 x 8 digits / 16 mapped to [-1, 1] (pixel 16 -> 1,

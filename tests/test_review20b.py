@@ -107,6 +107,21 @@ def test_train_draws_t_from_zero_to_t_minus_one():
     assert sorted(set(torch.cat(m.seen_t).tolist())) == [0, 1, 2, 3]
 
 
+def test_train_log_every_prints_at_its_multiples(capsys):
+    """log_every=2 over 4 steps prints a line after steps 2 and 4 ("step k/4 loss ..."), none
+    after 1 and 3. Mutant: training.py ``done % log_every == 1``."""
+    from test_train import Recorder
+
+    data = (torch.zeros(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    fastdiff.train(Recorder(num_classes=2), steps=4, batch_size=2, data=data, log_every=2,
+                   progress=False)  # fmt: skip
+    out = capsys.readouterr()
+    lines = [
+        ln.split(" loss")[0] for ln in (out.out + out.err).splitlines() if ln.startswith("step")
+    ]
+    assert lines == ["step 2/4", "step 4/4"]
+
+
 def test_train_refuses_labels_of_the_null_class():
     """Label num_classes is the model's null class (classifier-free guidance's "no class"):
     data holding it is refused by name before training, as a label beyond it. Mutant:
@@ -247,6 +262,15 @@ def test_resblock_starts_as_its_skip_path():
     same, wider = ResBlock(8, 8, 12, num_groups=4), ResBlock(8, 16, 12, num_groups=4)
     assert torch.equal(same(x, emb), x)
     torch.testing.assert_close(wider(x, emb), wider.skip(x), rtol=0, atol=0)
+
+
+def test_group_norm_silu_refuses_an_unknown_activation_when_built():
+    """activation is "silu" or None: another name ("gelu") is a ValueError when the module is
+    built, not at its first call. Mutant: group_norm.py without that check."""
+    from fastdiff.nn import GroupNormSiLU
+
+    with pytest.raises(ValueError, match="activation must be 'silu' or None, got 'gelu'"):
+        GroupNormSiLU(2, 4, activation="gelu")
 
 
 def test_fuse_group_norm_silu_leaves_a_silu_subclass_alone():
