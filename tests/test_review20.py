@@ -185,6 +185,34 @@ def test_cli_init_image_of_an_rgb_model_is_channels_first(tmp_path, monkeypatch)
     torch.testing.assert_close(image[1], want, rtol=0, atol=0)
 
 
+def test_cli_label_all_cycles_through_the_classes(tmp_path, monkeypatch):
+    """--label all with --n 12 is the labels 0, 1, .., 9, 0, 1 (the digits model's 10
+    classes, cycled), in a grid of 10 per row. Mutant: cli.py ``torch.arange(n)`` without
+    ``% num_classes`` (labels 10 and 11: the null class and beyond)."""
+    seen = _spy_sample(monkeypatch)
+    out = tmp_path / "s.png"
+    argv = ["sample", "--steps", "2", "--n", "12", "--label", "all", "--scale", "1"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert seen[0]["cond"].tolist() == [*range(10), 0, 1]
+    assert Image.open(out).size == (10 * 16 + 11 * 2, 2 * 16 + 3 * 2)
+
+
+def test_cli_show_forward_index_wraps_around_the_digits_examples(tmp_path):
+    """show forward --index k picks example k of the digit, modulo their count: --index
+    count + 2 draws the same picture as --index 2. Mutant: cli.py without the modulo (an
+    IndexError, exit status 1)."""
+    pytest.importorskip("sklearn")
+    from fastdiff.data import load_digits
+
+    _, y = load_digits()
+    count = int((y == 3).sum())
+    outs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for out, index in zip(outs, (2, count + 2), strict=True):
+        argv = ["show", "forward", "--digit", "3", "--index", str(index), "--frames", "2"]
+        assert main([*argv, "--out", str(out)]) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
 # ------------------------------------------------------------------------------------- _cli_repaint
 def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, monkeypatch):
     """--jump-length is the paper's j, --jump-n-sample its r: distinct values reach
