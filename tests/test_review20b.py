@@ -14,6 +14,26 @@ import fastdiff
 
 
 # ----------------------------------------------------------------------------------------- training
+def _tiny_unet(**kw):
+    """A 4 x 4 one-level class-conditional UNet (2 classes, label 2 the null class) from seed
+    0, and 4 training images with their labels."""
+    from fastdiff.models import UNet, UNetConfig
+
+    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
+    torch.manual_seed(0)
+    data = (torch.linspace(-1, 1, 64).reshape(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    return UNet(UNetConfig(**{**cfg, **kw})), data
+
+
+def _tiny_train(tmp_path, **kw):
+    """fastdiff.train of _tiny_unet with dropout 0.5 (the global RNG matters), batch 2, no
+    warm-up, checkpointing to tmp_path/ck."""
+    model, data = _tiny_unet(dropout=0.5)
+    return fastdiff.train(model, batch_size=2, data=data, warmup=0, progress=False,
+                          checkpoint=tmp_path / "ck", **kw)  # fmt: skip
+
+
 def test_train_ema_warms_up_with_decay_one_over_ten_at_step_zero():
     """The EMA decay is min(ema_decay, (1 + s) / (10 + s)): after one step (s = 0) the EMA is
     0.1 x the initial weights + 0.9 x the trained ones, not 0.999 x the initial. Reference:
@@ -21,14 +41,8 @@ def test_train_ema_warms_up_with_decay_one_over_ten_at_step_zero():
     Mutant: training.py ``_ema_update(ema, model, ema_decay)``."""
     import copy
 
-    from fastdiff.models import UNet, UNetConfig
-
-    torch.manual_seed(0)
-    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
-    model = UNet(UNetConfig(**cfg))
+    model, data = _tiny_unet()
     init = copy.deepcopy(model)
-    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
     ema = fastdiff.train(model, steps=1, batch_size=2, data=data, warmup=0, progress=False)
     moved = 0
     for e, p0, p1 in zip(ema.parameters(), init.parameters(), model.parameters(), strict=True):
@@ -41,18 +55,9 @@ def test_train_resumed_past_stop_after_reports_the_checkpoints_step(tmp_path):
     """train(stop_after=1) on a checkpoint already at step 2 does nothing and says so: the
     returned EMA's training_info has steps_done 2 (where the checkpoint is), not 1. Mutant:
     training.py ``end = min(steps, stop_after)`` without ``max(start, ...)``."""
-    from fastdiff.models import UNet, UNetConfig
-
-    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
-    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
-    kw = dict(steps=4, batch_size=2, data=data, warmup=0, progress=False,
-              checkpoint=tmp_path / "ck")  # fmt: skip
-    torch.manual_seed(0)
-    first = fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=2, **kw)
+    first = _tiny_train(tmp_path, steps=4, stop_after=2)
     assert first.training_info["steps_done"] == 2
-    torch.manual_seed(0)
-    again = fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=1, **kw)
+    again = _tiny_train(tmp_path, steps=4, stop_after=1)
     assert again.training_info["steps_done"] == 2
     for a, b in zip(again.parameters(), first.parameters(), strict=True):
         assert torch.equal(a, b)  # the checkpoint's EMA, unchanged
@@ -62,35 +67,17 @@ def test_train_stopped_early_writes_no_output_until_it_finishes(tmp_path):
     """out= is the finished model: a run stopped by stop_after checkpoints but writes no output
     file; resuming it to the end writes it. Mutant: training.py writing ``out`` whenever it is
     given (a half-trained model under the final name)."""
-    from fastdiff.models import UNet, UNetConfig
-
-    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
-    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
     out = tmp_path / "m.safetensors"
-    kw = dict(steps=2, batch_size=2, data=data, warmup=0, progress=False, out=out,
-              checkpoint=tmp_path / "ck")  # fmt: skip
-    torch.manual_seed(0)
-    fastdiff.train(UNet(UNetConfig(**cfg)), stop_after=1, **kw)
+    _tiny_train(tmp_path, steps=2, stop_after=1, out=out)
     assert (tmp_path / "ck.safetensors").is_file() and not out.exists()
-    torch.manual_seed(0)
-    fastdiff.train(UNet(UNetConfig(**cfg)), **kw)
+    _tiny_train(tmp_path, steps=2, out=out)
     assert out.is_file()
 
 
-def test_train_grad_clip_zero_is_off():
+def test_train_grad_clip_zero_is_off(tmp_path):
     """grad_clip=0 means no clipping (as None; the documented "0 (off)"): accepted, and the
     same trained weights as grad_clip=None. Mutant: training.py requiring grad_clip > 0."""
-    from fastdiff.models import UNet, UNetConfig
-
-    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
-    data = (torch.randn(4, 1, 4, 4).clamp(-1, 1), torch.tensor([0, 1, 0, 1]))
-    runs = []
-    for clip in (0.0, None):
-        torch.manual_seed(0)
-        runs.append(fastdiff.train(UNet(UNetConfig(**cfg)), steps=2, batch_size=2, data=data,
-                                   grad_clip=clip, progress=False))  # fmt: skip
+    runs = [_tiny_train(tmp_path / str(c), steps=2, grad_clip=c) for c in (0.0, None)]
     for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -102,7 +89,7 @@ def test_train_draws_t_from_zero_to_t_minus_one():
     from test_train import Recorder
 
     m = Recorder(num_classes=2)
-    data = (torch.zeros(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    data = _tiny_unet()[1]
     fastdiff.train(m, steps=2, batch_size=128, num_train_timesteps=4, data=data, progress=False)
     assert sorted(set(torch.cat(m.seen_t).tolist())) == [0, 1, 2, 3]
 
@@ -112,7 +99,7 @@ def test_train_log_every_prints_at_its_multiples(capsys):
     after 1 and 3. Mutant: training.py ``done % log_every == 1``."""
     from test_train import Recorder
 
-    data = (torch.zeros(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
+    data = _tiny_unet()[1]
     fastdiff.train(Recorder(num_classes=2), steps=4, batch_size=2, data=data, log_every=2,
                    progress=False)  # fmt: skip
     out = capsys.readouterr()
@@ -127,26 +114,10 @@ def test_train_refuses_labels_of_the_null_class():
     data holding it is refused by name before training, as a label beyond it. Mutant:
     training.py accepting labels up to null_class (it trained them as the unconditional
     class)."""
-    from fastdiff.models import UNet, UNetConfig
-
-    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1,
-               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
-    data = (torch.zeros(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+    model, (x, _) = _tiny_unet()
+    data = (x[:3], torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"data: expected class labels in 0\.\.1 .* got 0\.\.2"):
-        fastdiff.train(UNet(UNetConfig(**cfg)), steps=1, batch_size=2, data=data, progress=False)
-
-
-def _tiny_train(tmp_path, **kw):
-    """fastdiff.train on a 4 x 4 one-level class-conditional UNet (dropout 0.5: the global RNG
-    matters) and 4 images, from seed 0, checkpointing to tmp_path/ck."""
-    from fastdiff.models import UNet, UNetConfig
-
-    cfg = dict(in_channels=1, base_channels=8, channel_mult=(1,), num_res_blocks=1, dropout=0.5,
-               attention_resolutions=(), num_groups=4, sample_size=4, num_classes=2)  # fmt: skip
-    data = (torch.linspace(-1, 1, 64).reshape(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]))
-    torch.manual_seed(0)
-    return fastdiff.train(UNet(UNetConfig(**cfg)), batch_size=2, data=data, warmup=0,
-                          progress=False, checkpoint=tmp_path / "ck", **kw)  # fmt: skip
+        fastdiff.train(model, steps=1, batch_size=2, data=data, progress=False)
 
 
 def test_train_resumed_with_dropout_is_bit_identical(tmp_path):
