@@ -45,6 +45,14 @@ def _spy_sample(monkeypatch) -> list[dict]:
     return seen
 
 
+def _spy_repaint(monkeypatch) -> list[dict]:
+    """fastdiff.repaint replaced by a recorder of its keyword arguments returning the image
+    (nothing sampled: only what reached repaint())."""
+    seen: list[dict] = []
+    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    return seen
+
+
 # ---------------------------------------------------------------------------------- cli / _cli_args
 def test_cli_sample_eta_zero_is_accepted(tmp_path, monkeypatch):
     """--eta 0 (deterministic DDIM, TCD's gamma 0) is a valid value of "a finite number >= 0"
@@ -219,8 +227,7 @@ def test_cli_repaint_jump_length_and_jump_n_sample_are_not_swapped(tmp_path, mon
     fastdiff.repaint under their own names (the other CLI test used 2 and 2, which cannot tell
     them apart). Mutant: _cli_repaint.py passing jump_length=a.jump_n_sample and vice versa."""
     img, msk = _pictures(tmp_path)
-    seen = []
-    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    seen = _spy_repaint(monkeypatch)
     argv = ["repaint", "--init-image", img, "--mask", msk, "--steps", "12", "--jump-length", "3",
             "--jump-n-sample", "5", "--n", "1", "--out", str(tmp_path / "o.png")]  # fmt: skip
     assert main(argv) == 0
@@ -232,8 +239,7 @@ def test_cli_repaint_guidance_zero_is_the_unconditional_scale(tmp_path, monkeypa
     unconditional prediction), not as the default 2 (0 is falsy). Mutant: _cli_repaint.py
     ``g = a.guidance or DEFAULT_GUIDANCE``."""
     img, msk = _pictures(tmp_path)
-    seen = []
-    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    seen = _spy_repaint(monkeypatch)
     base = ["repaint", "--init-image", img, "--mask", msk, "--n", "2", "--label", "3"]
     assert main([*base, "--guidance", "0", "--out", str(tmp_path / "a.png")]) == 0
     assert seen[-1]["guidance_scale"] == 0.0 and seen[-1]["cond"].tolist() == [3, 3]
@@ -244,8 +250,7 @@ def test_cli_repaint_eta_one_is_accepted(tmp_path, monkeypatch):
     variance, the paper's sampler) reaches fastdiff.repaint as eta=1.0. Mutant:
     _cli_repaint.py ``0 <= eta < 1``."""
     img, msk = _pictures(tmp_path)
-    seen = []
-    monkeypatch.setattr(fastdiff, "repaint", lambda m, i, k, s, **kw: seen.append(kw) or i)
+    seen = _spy_repaint(monkeypatch)
     argv = ["repaint", "--init-image", img, "--mask", msk, "--n", "1", "--eta", "1"]
     assert main([*argv, "--out", str(tmp_path / "a.png")]) == 0 and seen[-1]["eta"] == 1.0
 
