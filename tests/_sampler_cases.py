@@ -9,11 +9,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, record_sample_calls
 
 import fastdiff
+from fastdiff import NoiseSchedule
 
 SHAPE = PARITY_SHAPE
+
+# diffusers' sigma grids (its use_*_sigmas options) and their test ids
+SIGMA_GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
+SIGMA_GRID_IDS = ["plain", "karras", "exponential", "beta"]
 
 # the diffusers scheduler each sampler reproduces
 SCHEDULER_CLASS = {
@@ -48,6 +53,20 @@ def assert_step_parity(got, ref, ref64, what: str, cmp=None) -> tuple[float, flo
     bound = PARITY_RTOL + own  # plus diffusers' own fp32 error
     assert err <= bound, f"{what}: rel err {err:.2e} > {bound:.2e}"
     return err64, own
+
+
+def vp_schedule(sched: str = "scaled_linear") -> NoiseSchedule:
+    """fastdiff's schedule of diffusers' beta schedule ``sched`` (:data:`DIFFUSERS_BETAS`)."""
+    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
+
+
+def threshold64(x0: torch.Tensor, ratio: float, top: float) -> torch.Tensor:
+    """diffusers' dynamic thresholding (Imagen, Saharia et al. 2022, sec. 2.3) in the dtype of
+    ``x0`` (the float64 restatements): s = the ``ratio`` quantile of |x0| per sample, clamped to
+    [1, ``top``]; x0 clipped to [-s, s] and divided by s. ``x0``: [N x ...]."""
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, top)[:, None]
+    return (flat.clamp(-s, s) / s).reshape(x0.shape)
 
 
 def cond_toy(x: torch.Tensor, t, encoder_hidden_states: torch.Tensor | None = None):
@@ -94,6 +113,26 @@ def sample_through_scheduler(sch, steps: int, noise: torch.Tensor) -> torch.Tens
         got = fastdiff.sample(model, steps=steps, schedule=sch, noise=noise)
     assert calls == sch.timesteps.round().to(torch.int64).tolist()
     return got
+
+
+def assert_scheduler_run(sch, steps: int, other: str, float64_loop=None) -> None:
+    """sample(schedule=sch) (the sampler inferred without a warning, at diffusers' timesteps)
+    lands where diffusers' own loop does: within PARITY_RTOL of it, or, with a float64
+    restatement of the whole run (``float64_loop(z)``), within PARITY_RTOL of that and within
+    PARITY_RTOL plus diffusers' own fp32 error of diffusers' loop; and not where sampler
+    ``other`` lands on the same schedule (so the check can fail)."""
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    ref = diffusers_loop(sch, steps, z)
+    got = sample_through_scheduler(sch, steps, z)  # sample() scales z as init_noise_sigma
+    bound = PARITY_RTOL
+    if float64_loop is not None:
+        ref64 = float64_loop(z)
+        assert rel(got, ref64) <= PARITY_RTOL
+        bound += rel(ref, ref64)  # plus diffusers' own fp32 error
+    err = rel(got, ref)
+    assert 0.0 < err <= bound, f"whole-run rel err {err:.2e} > {bound:.2e}"
+    theirs = fastdiff.sample(toy, steps=steps, sampler=other, schedule=sch, noise=z)
+    assert rel(theirs, ref) > 1e-3, f"{other}'s samples"
 
 
 def vp_noise(z: torch.Tensor, sch) -> torch.Tensor:
@@ -282,3 +321,63 @@ def graph_sample(monkeypatch, loop, case: GraphCase, run: tuple[int, int, bool],
     return fastdiff.sample(cond_toy, steps=steps, sampler=case.sampler, noise=z, cond=cond,
                            uncond=uncond, guidance_scale=2.0, generator=g,
                            return_trajectory=True, **case.opts, **extra)  # fmt: skip
+
+
+def check_graph_loop(case: GraphCase, captured: list, monkeypatch) -> None:
+    """sample(cuda_graph=True)'s loop with the fake graph (``captured``: the conftest fixture
+    fake_cuda_graphs) equals the eager loop, samples and x0 trajectory, for each of
+    ``case.runs`` (guided), with ``case.captures`` captures, the first with ``case.hist``
+    history buffers; then the checks ``case.history_is_input`` / ``noisy`` / ``then`` ask for
+    (see :class:`GraphCase`)."""
+    from fastdiff import api
+
+    eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
+    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
+
+    def run(graphed, r, **extra):
+        loop = graphed_loop if graphed else eager_loop
+        return graph_sample(monkeypatch, loop, case, r, cond, uncond, **extra)
+
+    for r in case.runs:
+        eager, etraj = run(False, r)
+        out, traj = run(True, r)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
+    assert len(captured) == case.captures  # captured once, replayed for the next calls
+    if case.hist is not None:  # the UniPC-style history buffers: last, m_{i-1}, m_{i-2}, ...
+        assert len(captured[0].hist) == case.hist
+    if case.history_is_input:
+        # the history lives in a static buffer, filled with each step's input x; with the x0
+        # prediction there instead the run is another sampler's
+        g = captured[0]
+        assert g.x0_prev is not None and g.history_is_input
+        g.history_is_input = False
+        wrong, _ = run(True, case.runs[-1])
+        assert (wrong - eager).abs().max() > 1e-3 and rel(wrong, eager) > 1e-3
+        g.history_is_input = True
+        torch.testing.assert_close(run(True, case.runs[-1])[0], eager, rtol=1e-6, atol=1e-6)
+    if case.noisy:
+        assert not torch.allclose(out, run(False, case.runs[0])[0])
+    if case.then is not None:
+        opts, hist = case.then
+        eager, _ = run(False, case.runs[0], **opts)
+        out, _ = run(True, case.runs[0], **opts)
+        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+        assert len(captured) == case.captures + 1
+        if hist is not None:
+            assert len(captured[-1].hist) == hist
+
+
+def check_cli_karras_solver_order(tmp_path, monkeypatch, name: str) -> None:
+    """fastdiff sample --sampler ``name`` [--karras] [--solver-order 3] reaches sample() as
+    ``name`` with those options; --sde stays dpm++ only (exit 2, sample() not called)."""
+    from fastdiff.cli import main
+
+    seen = record_sample_calls(monkeypatch)
+    out = tmp_path / "out.png"
+    args = ["sample", "--steps", "3", "--n", "2", "--sampler", name, "--quiet", "--out", str(out)]
+    assert main(args) == 0 and out.is_file()
+    assert seen[-1]["sampler"] == name and "use_karras_sigmas" not in seen[-1]
+    assert main([*args, "--karras", "--solver-order", "3"]) == 0
+    assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
+    assert main([*args, "--sde"]) == 2 and len(seen) == 2

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import sys
 import types
 import weakref
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -162,3 +164,62 @@ def fake_cuda_graph_api(monkeypatch, step_cls: type, module: types.ModuleType) -
     monkeypatch.setattr(step_cls, "__init__", init_and_keep)
     monkeypatch.setattr(module, "_GRAPHS", weakref.WeakKeyDictionary())
     return captured
+
+
+class SyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records ops that read a tensor's value on the host (``.item()``, ``bool(t)``,
+    ``torch.equal``, ``nonzero``): on a CUDA tensor each is a device sync. Armed by the model's
+    first call, so the setup before the loop (host float64 tables) is not counted."""
+
+    SYNC = {
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.nonzero.default,
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.armed, self.seen = False, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.armed and func in self.SYNC:
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def assert_no_host_sync(
+    run: Callable[[Callable[..., torch.Tensor]], torch.Tensor], model: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``run(armed)`` under a :class:`SyncSpy` that ``armed`` (``model`` with its signature, so
+    that sample() still finds where the conditioning goes) arms at its first call: the model
+    ran, the output is finite, and the loop read no tensor value on the host (the README's "no
+    .item() in the loop"). Returns the output."""
+    spy = SyncSpy()
+
+    def armed(*args, **kwargs):
+        spy.armed = True
+        return model(*args, **kwargs)
+
+    armed.__signature__ = inspect.signature(getattr(model, "forward", model))
+    with spy:
+        out = run(armed)
+    assert spy.armed, "the model was never called"
+    assert torch.isfinite(out).all(), "the output is not finite"
+    assert spy.seen == [], f"host reads of tensor values inside the loop: {spy.seen}"
+    return out
+
+
+def record_sample_calls(monkeypatch, run: bool = False) -> list[dict]:
+    """``fastdiff.sample`` replaced by a recorder (the CLI tests): each call's keyword arguments
+    are appended to the returned list; the call then runs the real sample() (``run``) or
+    returns zeros of [batch_size x 1 x 16 x 16] (no model call: only what reached sample())."""
+    seen: list[dict] = []
+    real = fastdiff.sample
+
+    def recorder(model, **kw):
+        seen.append(kw)
+        return real(model, **kw) if run else torch.zeros(kw["batch_size"], 1, 16, 16)
+
+    monkeypatch.setattr(fastdiff, "sample", recorder)
+    return seen

@@ -16,8 +16,8 @@ import warnings
 
 import pytest
 import torch
-from _sampler_cases import GraphCase, graph_sample, rel, toy
-from helpers import DIFFUSERS_BETAS, backend_cases, case_id
+from _sampler_cases import GraphCase, check_graph_loop, rel, toy
+from helpers import DIFFUSERS_BETAS, assert_no_host_sync, backend_cases, case_id
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -279,35 +279,18 @@ def test_cuda_graph_loop_equals_eager(gen, order, fake_cuda_graphs, monkeypatch)
     samples and x0 rows, noise from a generator / in-kernel Philox, one capture for two runs
     (order-2 / 3 calls read the anchor and the group's m from the static buffers; order 3: the
     anchor carried over an order-2 call by the row's select)."""
-    from fastdiff import api
-
     opts = {"algorithm_type": SDE, "prediction_type": "v_prediction", "solver_order": order}
     case = GraphCase("dpm++_single", opts, runs=((1, 7, gen), (2, 8, gen)), hist=order + 1,
                      noisy=True)  # fmt: skip
-    eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-    for r in case.runs:
-        eager, etraj = graph_sample(monkeypatch, eager_loop, case, r, cond, uncond)
-        out, traj = graph_sample(monkeypatch, graphed_loop, case, r, cond, uncond)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == case.captures
-    assert len(fake_cuda_graphs[0].hist) == case.hist
+    check_graph_loop(case, fake_cuda_graphs, monkeypatch)
 
 
 def test_no_host_sync_in_the_loop():
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=6, sampler="dpm++_single", shape=SHAPE[1:],
-                              batch_size=2, algorithm_type=SDE)  # fmt: skip
-    assert spy.armed and torch.isfinite(out).all() and spy.seen == []
+    assert_no_host_sync(
+        lambda m: fastdiff.sample(m, steps=6, sampler="dpm++_single", shape=SHAPE[1:],
+                                  batch_size=2, algorithm_type=SDE),
+        toy,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- order 3

@@ -23,11 +23,12 @@ import warnings
 import pytest
 import torch
 from _dpm_step_ref import dtypes as _dtypes
-from _sampler_cases import GraphCase, graph_sample, rel, toy
+from _sampler_cases import GraphCase, check_graph_loop, rel, toy
 from helpers import (
     DIFFUSERS_BETAS,
     PARITY_RTOL,
     assert_fa_rule,
+    assert_no_host_sync,
     backend_cases,
     case_id,
     import_without_torchsde,
@@ -573,34 +574,17 @@ def test_cuda_graph_loop_equals_eager(gen, fake_cuda_graphs, monkeypatch):
     """sample(cuda_graph=True)'s loop with the fake graph (tests/conftest.py): the eager loop's
     samples and x0 rows, noise from a generator / in-kernel Philox, one capture for two runs;
     stage 2 reads x_i and m_1 from the UniPC-style static buffers (3)."""
-    from fastdiff import api
-
     case = GraphCase("dpm++_sde", {"prediction_type": "v_prediction", "use_karras_sigmas": True},
                      runs=((1, 5, gen), (2, 5, gen)), hist=3, noisy=True)  # fmt: skip
-    eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-    for r in case.runs:
-        eager, etraj = graph_sample(monkeypatch, eager_loop, case, r, cond, uncond)
-        out, traj = graph_sample(monkeypatch, graphed_loop, case, r, cond, uncond)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == case.captures
-    assert len(fake_cuda_graphs[0].hist) == case.hist
+    check_graph_loop(case, fake_cuda_graphs, monkeypatch)
 
 
 def test_no_host_sync_in_the_loop():
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=5, sampler="dpm++_sde", shape=SHAPE[1:],
-                              batch_size=2, use_karras_sigmas=True)  # fmt: skip
-    assert spy.armed and torch.isfinite(out).all() and spy.seen == []
+    assert_no_host_sync(
+        lambda m: fastdiff.sample(m, steps=5, sampler="dpm++_sde", shape=SHAPE[1:],
+                                  batch_size=2, use_karras_sigmas=True),
+        toy,
+    )  # fmt: skip
 
 
 def test_sample_eta_reaches_the_sampler_and_others_still_refuse_it():

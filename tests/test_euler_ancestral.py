@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
+from helpers import (
+    DIFFUSERS_BETAS,
+    PARITY_RTOL,
+    PARITY_SHAPE,
+    assert_no_host_sync,
+    record_sample_calls,
+)
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -282,20 +288,12 @@ def test_philox_noise_is_reproducible_with_manual_seed():
 @torch.no_grad()
 def test_no_host_sync_inside_the_sampling_loop(generator):
     """No tensor value is read on the host during the loop (.item(), nonzero, ...)."""
-    from test_sample_api import _SyncSpy
-
-    spy, net = _SyncSpy(), _Net().eval()
-
-    def model(x, t):
-        spy.armed = True
-        return net(x, t)
-
     gen = None if generator is None else torch.Generator().manual_seed(generator)
-    with spy:
-        out = fastdiff.sample(model, steps=4, sampler="euler_a", shape=(3, 8, 8), batch_size=2,
-                              generator=gen)  # fmt: skip
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []
+    assert_no_host_sync(
+        lambda m: fastdiff.sample(m, steps=4, sampler="euler_a", shape=(3, 8, 8), batch_size=2,
+                                  generator=gen),
+        _Net().eval(),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("philox", [False, True], ids=["generator", "philox"])
@@ -467,14 +465,7 @@ HAS_WEIGHTS = (Path(fastdiff.__file__).parent / "weights" / "digits.safetensors"
 def test_cli_euler_a_and_karras_for_the_euler_samplers(tmp_path, monkeypatch, capsys):
     from fastdiff.cli import main
 
-    seen = []
-    real = fastdiff.sample
-
-    def spy(model, **kw):
-        seen.append(kw)
-        return real(model, **kw)
-
-    monkeypatch.setattr(fastdiff, "sample", spy)
+    seen = record_sample_calls(monkeypatch, run=True)
     for k, (sampler, extra) in enumerate(
         [("euler_a", []), ("euler_a", ["--karras"]), ("euler", ["--karras"])]
     ):

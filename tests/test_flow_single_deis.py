@@ -27,8 +27,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import GraphCase, cond_toy, graph_sample, rel, sample_through_scheduler, toy
-from helpers import DIFFUSERS_BETAS, backend_cases, case_id
+from _sampler_cases import (
+    GraphCase,
+    check_graph_loop,
+    cond_toy,
+    rel,
+    sample_through_scheduler,
+    toy,
+)
+from helpers import DIFFUSERS_BETAS, assert_no_host_sync, backend_cases, case_id
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -353,33 +360,16 @@ def test_fp32_whole_run_every_backend(name, case):
 def test_cuda_graph_loop_equals_eager(case, fake_cuda_graphs, monkeypatch):
     """sample(cuda_graph=True)'s loop with the fake graph (tests/conftest.py): the eager loop's
     samples and x0 trajectory, one capture for two runs."""
-    from fastdiff import api
-
-    eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-    for r in case.runs:
-        eager, etraj = graph_sample(monkeypatch, eager_loop, case, r, cond, uncond)
-        out, traj = graph_sample(monkeypatch, graphed_loop, case, r, cond, uncond)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == case.captures
-    assert len(fake_cuda_graphs[0].hist) == case.hist
+    check_graph_loop(case, fake_cuda_graphs, monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["deis", "dpm++_single"])
 def test_no_host_sync_in_the_loop(name):
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=6, sampler=name, shape=SHAPE[1:], batch_size=2,
-                              flow_shift=3.0, **FLOW)  # fmt: skip
-    assert spy.armed and torch.isfinite(out).all() and spy.seen == []
+    assert_no_host_sync(
+        lambda m: fastdiff.sample(m, steps=6, sampler=name, shape=SHAPE[1:], batch_size=2,
+                                  flow_shift=3.0, **FLOW),
+        toy,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["deis", "dpm++_single"])

@@ -6,13 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import DEVICES, assert_no_host_sync
+from helpers import SyncSpy as _SyncSpy  # noqa: F401  (test_inpaint imports it from here)
 from torch import nn
 
 import fastdiff
 from fastdiff import NoiseSchedule
 from fastdiff.samplers import DDIMSampler, DDPMSampler
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class TinyNet(nn.Module):
@@ -790,28 +790,6 @@ def test_flags_are_checked_before_any_step(kw, match):
     assert calls == []
 
 
-class _SyncSpy(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records ops that read a tensor's value on the host (``.item()``, ``bool(t)``,
-    ``torch.equal``, ``nonzero``): on a CUDA tensor each is a device sync. Armed by the model's
-    first call, so the setup before the loop (host float64 tables) is not counted."""
-
-    SYNC = {
-        torch.ops.aten._local_scalar_dense.default,
-        torch.ops.aten.is_nonzero.default,
-        torch.ops.aten.equal.default,
-        torch.ops.aten.nonzero.default,
-    }
-
-    def __init__(self):
-        super().__init__()
-        self.armed, self.seen = False, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.armed and func in self.SYNC:
-            self.seen.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     "opts",
     [
@@ -831,7 +809,6 @@ def test_no_host_sync_inside_the_sampling_loop(opts, device):
     """The loop reads no tensor value on the host (the README's "no .item() in the loop"). On
     CUDA, torch.cuda.set_sync_debug_mode("error") is armed too: any synchronizing call raises."""
     opts = dict(opts)
-    spy = _SyncSpy()
     if opts.pop("cfg", False):
         net = CtxNet()
         cond, uncond = torch.randn(2, 2, 4, device=device), torch.randn(2, 2, 4, device=device)
@@ -843,16 +820,14 @@ def test_no_host_sync_inside_the_sampling_loop(opts, device):
     cuda = device == "cuda"
 
     def model(x, t, encoder_hidden_states=None):  # the name tells sample() where cond goes
-        spy.armed = True
         if cuda:
             torch.cuda.set_sync_debug_mode("error")
         return net(x, t) if encoder_hidden_states is None else net(x, t, encoder_hidden_states)
 
     try:
-        with spy:
-            out = fastdiff.sample(model, steps=4, batch_size=2, device=device, **opts)
+        assert_no_host_sync(
+            lambda m: fastdiff.sample(m, steps=4, batch_size=2, device=device, **opts), model
+        )
     finally:
         if cuda:
             torch.cuda.set_sync_debug_mode(0)
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []

@@ -25,16 +25,16 @@ from _sampler_cases import (
     SCHEDULER_CLASS,
     SHAPE,
     UNKNOWN_OPTION,
+    check_graph_loop,
     cond_toy,
     diffusers_loop,
     graph_id,
-    graph_sample,
     rel,
     scheduler,
     toy,
     vp_noise,
 )
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, backend_cases, case_id
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, assert_no_host_sync, backend_cases, case_id
 from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
 import fastdiff
@@ -50,19 +50,11 @@ RTOL = PARITY_RTOL
 @torch.no_grad()
 @pytest.mark.parametrize("name,steps,opts", NO_SYNC, ids=[c[0] for c in NO_SYNC])
 def test_no_host_sync_inside_the_sampling_loop(name, steps, opts):
-    from test_sample_api import _SyncSpy
-
-    spy = _SyncSpy()
-
-    def model(x, t):
-        spy.armed = True
-        return toy(x, t)
-
-    with spy:
-        out = fastdiff.sample(model, steps=steps, sampler=name, shape=SHAPE[1:], batch_size=2,
-                              **opts)  # fmt: skip
-    assert spy.armed and torch.isfinite(out).all()
-    assert spy.seen == []
+    assert_no_host_sync(
+        lambda m: fastdiff.sample(m, steps=steps, sampler=name, shape=SHAPE[1:], batch_size=2,
+                                  **opts),
+        toy,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -73,43 +65,7 @@ def test_cuda_graph_loop_equals_eager(case, fake_cuda_graphs, monkeypatch):
     and trajectory, also for a second call with new inputs, and with guidance. A run that
     changes the sampler's structure (another order; a noiseless one-step run before noisy ones)
     captures a graph of its own."""
-    from fastdiff import api
-
-    eager_loop, graphed_loop = api._sample_eager, api._sample_graphed
-    cond, uncond = torch.randn(2, 4), torch.randn(2, 4)
-
-    def run(graphed, r, **extra):
-        loop = graphed_loop if graphed else eager_loop
-        return graph_sample(monkeypatch, loop, case, r, cond, uncond, **extra)
-
-    for r in case.runs:
-        eager, etraj = run(False, r)
-        out, traj = run(True, r)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(traj["x0"], etraj["x0"], rtol=1e-6, atol=1e-6)
-    assert len(fake_cuda_graphs) == case.captures  # captured once, replayed for the next calls
-    if case.hist is not None:  # the UniPC-style history buffers: last, m_{i-1}, m_{i-2}, ...
-        assert len(fake_cuda_graphs[0].hist) == case.hist
-    if case.history_is_input:
-        # the history lives in a static buffer, filled with each step's input x; with the x0
-        # prediction there instead the run is another sampler's
-        g = fake_cuda_graphs[0]
-        assert g.x0_prev is not None and g.history_is_input
-        g.history_is_input = False
-        wrong, _ = run(True, case.runs[-1])
-        assert (wrong - eager).abs().max() > 1e-3 and rel(wrong, eager) > 1e-3
-        g.history_is_input = True
-        torch.testing.assert_close(run(True, case.runs[-1])[0], eager, rtol=1e-6, atol=1e-6)
-    if case.noisy:
-        assert not torch.allclose(out, run(False, case.runs[0])[0])
-    if case.then is not None:
-        opts, hist = case.then
-        eager, _ = run(False, case.runs[0], **opts)
-        out, _ = run(True, case.runs[0], **opts)
-        torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
-        assert len(fake_cuda_graphs) == case.captures + 1
-        if hist is not None:
-            assert len(fake_cuda_graphs[-1].hist) == hist
+    check_graph_loop(case, fake_cuda_graphs, monkeypatch)
 
 
 @pytest.mark.parametrize("name,steps,w,opts,tol", CFG, ids=[c[0] for c in CFG])
