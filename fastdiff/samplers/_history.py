@@ -1,4 +1,5 @@
-"""Run bookkeeping of the multistep samplers on the fused ``unipc_step`` op (PNDM, LMS, DEIS).
+"""Run bookkeeping of the multistep samplers on the fused ``unipc_step`` op (PNDM, LMS, DEIS,
+iPNDM, UniPC, singlestep DPM-Solver).
 
 Each step of these samplers is one op call whose ``m`` output is kept as the history of the
 next steps. A run that starts at step s > 0 (img2img) has no history yet: its first calls take
@@ -9,7 +10,7 @@ other rows (lower order), which the sampler precomputes as ``_since64[k]`` (floa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,71 @@ class RunRows:
             return self.coef_table(device)[i]
         return self._variant(k, torch.device(device))[i]
 
+    def _set_since_rows(
+        self, rows: np.ndarray, row: Callable[[int, int], np.ndarray]
+    ) -> np.ndarray:
+        """Set ``_since64`` beside the full table ``rows`` (a run from call 0; returned):
+        ``_since64[k]`` (k < the warm-up) holds ``row(i, k)``, call i's row as the k-th call of
+        a run, at every i >= k, and ``rows[i]`` below (no run has its k-th call there)."""
+        n = len(rows)
+        self._since64 = [np.stack([row(i, k) if i >= k else rows[i] for i in range(n)])
+                         for k in range(self._run_warmup())]  # fmt: skip
+        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
+        return rows
+
+    def _order_rows(
+        self,
+        orders: Callable[[int | None], list[int]],
+        row: Callable[[int, int], np.ndarray],
+    ) -> np.ndarray:
+        """The full table of a sampler whose call i at order o has the row ``row(i, o)``, the
+        orders of a run from call 0 being ``orders(None)`` and those of a run's k-th call
+        ``orders(k)`` (diffusers' ``lower_order_nums``); sets ``step_orders`` and ``_since64``
+        (a row recomputed only where the order differs)."""
+        full = orders(None)
+        rows = np.stack([row(i, o) for i, o in enumerate(full)])
+        #: the order of each call in a run from call 0
+        self.step_orders = tuple(full)
+        by_k = [orders(k) for k in range(self._run_warmup())]
+        return self._set_since_rows(
+            rows, lambda i, k: row(i, by_k[k][i]) if by_k[k][i] != full[i] else rows[i]
+        )
+
+    def _run_call(
+        self, i: int, x: Tensor, newest: Tensor | None
+    ) -> tuple[bool, int, Tensor, np.ndarray]:
+        """Where call ``i`` stands in its run: it goes on with the run when ``newest`` (the
+        kept output of the last call) is of call i - 1 and fits x's shape and device, else it
+        starts a new one (``_start`` = i: img2img, diffusers' ``set_begin_index``, or a reused
+        sampler). Returns (goes on, k = i - ``_start``, call i's fp32 row on x's device, its
+        float64 row): the warm-up table ``_since64[k]``'s while k < the warm-up, else the full
+        table's."""
+        valid = (newest is not None and self._prev_i == i - 1 and newest.shape == x.shape
+                 and newest.device == x.device)  # fmt: skip
+        if not valid:
+            self._start = i
+        k = i - self._start
+        full = k >= self._run_warmup()
+        table = self.coef_table(x.device) if full else self._variant(k, x.device)
+        return valid, k, table[i], (self._coef64 if full else self._since64[k])[i]
+
+
+# the columns of a unipc_step row that weigh each history operand: last (c_last), m_{i-1}
+# (c_m1, p_m1), m_{i-2} (c_m2, p_m2), m_{i-3} (c_m3)
+_READ_COLS = ((3,), (5, 9), (6, 11), (10,))
+
+
+def read_operands(r: np.ndarray, hist: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The kept operands ``hist`` = ``[last, m_{i-1}, m_{i-2}, m_{i-3}]`` (the first ones
+    only, when fewer are given) that a ``unipc_step`` call with the float64 row ``r`` reads,
+    None for the others: last when its weight is nonzero, an m when its weight or an older
+    m's is (the op takes m_prev3 only with m_prev2, m_prev2 only with m_prev)."""
+    need, out = False, []
+    for t, cols in reversed(list(zip(hist[1:], _READ_COLS[1:], strict=False))):
+        need = need or any(r[c] != 0.0 for c in cols)
+        out.insert(0, t if need else None)
+    return [hist[0] if r[3] != 0.0 else None, *out]
+
 
 class EpsHistory(RunRows):
     """Step bookkeeping of LMS and DEIS: the op's ``m`` output of each step is a noise estimate
@@ -55,8 +121,6 @@ class EpsHistory(RunRows):
     call (DEIS's thresholding) overrides ``step_with_history``."""
 
     _n_hist = 3
-    # row columns of the weights of m_{i-1}, m_{i-2}, m_{i-3} (unipc_step's c_m1, c_m2, c_m3)
-    _HIST_COLS = (5, 6, 10)
 
     def _max_order(self) -> int:
         raise NotImplementedError
@@ -109,22 +173,10 @@ class EpsHistory(RunRows):
         ``generator`` and ``generator_state`` are unused. Returns x_{i+1}, or ``(x_{i+1}, x0)``
         with ``return_x0``."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        hist = self._hist
-        m1 = hist[0]
-        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
-                 and m1.device == x.device)  # fmt: skip
-        if not valid:
-            self._start, hist = i, [None] * self._n_hist
-        k = i - self._start
-        full = k >= self._max_order() - 1
-        table = self.coef_table(x.device) if full else self._variant(k, x.device)
-        r = (self._coef64 if full else self._since64[k])[i]
-        # an operand is passed when its weight or an older one's is nonzero (None: skipped)
-        need, ops = False, []
-        for t, col in reversed(list(zip(hist, self._HIST_COLS, strict=False))):
-            need = need or r[col] != 0.0
-            ops.insert(0, t if need else None)
-        _, m, x_next = self.step_with_history(model_output, i, x, table[i], None, *ops,
+        valid, _, row, r = self._run_call(i, x, self._hist[0])
+        hist = self._hist if valid else [None] * self._n_hist
+        ops = read_operands(r, [None, *hist])[1:]  # last: not read (c_last = 0)
+        _, m, x_next = self.step_with_history(model_output, i, x, row, None, *ops,
                                               guidance_scale=guidance_scale)  # fmt: skip
         self._hist, self._prev_i = [m, *hist[:-1]], i
         return (x_next, self.x0_of(m, i, x)) if return_x0 else x_next

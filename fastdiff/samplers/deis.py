@@ -305,21 +305,9 @@ class DEISSampler(FlowGridMixin, EpsHistory, Sampler):
         return row
 
     def coefficients(self) -> np.ndarray:
-        full = self._orders(None)
-        rows = np.stack([self._row(i, full[i]) for i in range(self.steps)])
-        #: the order of each step in a run from step 0
-        self.step_orders = tuple(full)
         # a run that starts at step s > 0 takes, as its k-th step (k < solver_order - 1), the
         # row of order min(k + 1, ...) at s + k
-        self._since64 = []
-        for k in range(self.solver_order - 1):
-            ok = self._orders(k)
-            self._since64.append(np.stack([
-                self._row(i, ok[i]) if i >= k and ok[i] != full[i] else rows[i]
-                for i in range(self.steps)
-            ]))  # fmt: skip
-        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
-        return rows
+        return self._order_rows(self._orders, self._row)
 
     def _max_order(self) -> int:
         return self.solver_order

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers._history import RunRows
+from fastdiff.samplers._history import RunRows, read_operands
 from fastdiff.samplers.base import (
     Sampler,
     _ops,
@@ -430,18 +430,8 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         return row
 
     def coefficients(self) -> np.ndarray:
-        full = self._orders(None)
-        rows = np.stack([self._row(i, full[i]) for i in range(self.steps)])
-        #: the order of each call in a run from call 0
-        self.step_orders = tuple(full)
-        self._since64 = []
-        for k in range(self.solver_order - 1):
-            ok = self._orders(k)
-            self._since64.append(np.stack([
-                self._row(i, ok[i]) if ok[i] != full[i] else rows[i] for i in range(self.steps)
-            ]))  # fmt: skip
-        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
-        return rows
+        # a run's k-th call (k < solver_order - 1) takes order min(order, k + 1)
+        return self._order_rows(self._orders, self._row)
 
     def _needs_noise_row(self, i: int) -> bool:
         # SDE: diffusers draws noise at every call, the last included (c_noise = 0 at sigma 0)
@@ -518,28 +508,18 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         noise from ``generator_state`` (int64 ``[2]`` = (seed, offset)), else a draw from torch's
         global generator. Returns x_{i+1}, or ``(x_{i+1}, x0)`` with ``return_x0``."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        m1 = self._hist[0]
-        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
-                 and m1.device == x.device)  # fmt: skip
-        if not valid:
-            self.reset()
-            self._start = i
-        k = i - self._start
-        full = k >= self.solver_order - 1
-        table = self.coef_table(x.device) if full else self._variant(k, x.device)
-        r = (self._coef64 if full else self._since64[k])[i]
+        valid, _, row, r = self._run_call(i, x, self._hist[0])
+        if not valid:  # a new run: no anchor, no m
+            self._last, self._hist = None, [None, None]
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
         if self.sde:  # order 2: x0_prev = m_a, x0_prev2 = x_a; 3: + x0_prev3 = m_a, m_{s1} first
             last = self._last if r[6] != 0.0 else None
             m_prev = self._hist[0] if last is not None else None
             m_prev2 = self._hist[1] if len(r) > 8 and r[8] != 0.0 else None
         else:
-            last = self._last if r[3] != 0.0 else None
-            m_prev2 = self._hist[1] if r[11] != 0.0 else None
-            m_prev = self._hist[0] if r[9] != 0.0 or m_prev2 is not None else None
-        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m_prev,
-                                                m_prev2, guidance_scale=guidance_scale,
-                                                **nkw)  # fmt: skip
+            last, m_prev, m_prev2 = read_operands(r, [self._last, *self._hist])
+        x_c, m, x_next = self.step_with_history(model_output, i, x, row, last, m_prev, m_prev2,
+                                                guidance_scale=guidance_scale, **nkw)  # fmt: skip
         self._last, self._hist, self._prev_i = x_c, [m, self._hist[0]], i
         if not return_x0:
             return x_next

@@ -171,12 +171,8 @@ class IPNDMSampler(EpsHistory, Sampler):
         """float64 ``[steps x 12]`` rows of a run from step 0; ``_since64[k]`` holds the rows
         of a run's k-th call (k < 3) for runs that start later."""
         rows = np.stack([self._row(i, i) for i in range(self.steps)])
-        self._since64 = [
-            np.stack([self._row(i, k) if i >= k else rows[i] for i in range(self.steps)])
-            for k in range(3)
-        ]
-        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
-        return rows
+        # a run that starts at step s > 0: its k-th step (k < 3) at order k + 1
+        return self._set_since_rows(rows, self._row)
 
     def _max_order(self) -> int:
         return 4

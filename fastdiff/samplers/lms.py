@@ -8,9 +8,7 @@ import math
 from numbers import Integral
 
 import numpy as np
-import torch
 from numpy.polynomial import polynomial as P
-from torch import Tensor
 
 from fastdiff.samplers._history import EpsHistory
 from fastdiff.samplers.euler import EulerSampler, grid_end
@@ -182,14 +180,9 @@ class LMSSampler(EpsHistory, EulerSampler):
         return row
 
     def coefficients(self) -> np.ndarray:
-        cap = self.order - 1
         rows = np.stack([self._row(i, i) for i in range(self.steps)])
-        self._since64 = [
-            np.stack([self._row(i, k) if i >= k else rows[i] for i in range(self.steps)])
-            for k in range(cap)
-        ]
-        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
-        return rows
+        # a run that starts at step s > 0 has only the derivatives since s (class docstring)
+        return self._set_since_rows(rows, self._row)
 
     def _max_order(self) -> int:
         return self.order

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers._history import RunRows
+from fastdiff.samplers._history import RunRows, read_operands
 from fastdiff.samplers.base import Sampler, _unipc_ops, alpha_bar_prev
 from fastdiff.schedules import NoiseSchedule
 
@@ -210,15 +210,9 @@ class PNDMSampler(RunRows, Sampler):
         return row
 
     def coefficients(self) -> np.ndarray:
-        cap = self.warmup
-        rows = np.stack([self._row(i, min(i, cap)) for i in range(self.steps)])
+        rows = np.stack([self._row(i, min(i, self.warmup)) for i in range(self.steps)])
         # a run that starts at call s > 0 (img2img) takes call k's row at s + k, k < warmup
-        self._since64 = [
-            np.stack([self._row(i, k) if i >= k else rows[i] for i in range(self.steps)])
-            for k in range(cap)
-        ]
-        self._variant_tables: dict[tuple[int, torch.device], Tensor] = {}
-        return rows
+        return self._set_since_rows(rows, self._row)
 
     def _needs_noise_row(self, i: int) -> bool:
         return False
@@ -334,23 +328,9 @@ class PNDMSampler(RunRows, Sampler):
         x0)`` with ``return_x0`` (x0: this call's x0 prediction, see :meth:`x0_of`).
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        hist, stash = self._hist, self._stash
-        m1 = hist[1]
-        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
-                 and m1.device == x.device)  # fmt: skip
-        if not valid:
-            self._start, hist, stash = i, [None] * 4, [None] * 3
-        k = i - self._start
-        full = k >= self.warmup
-        table = self.coef_table(x.device) if full else self._variant(k, x.device)
-        r = (self._coef64 if full else self._since64[k])[i]
-        # an operand is passed only when a weight reads it (m_prev3 needs m_prev2 needs m_prev)
-        need3 = r[10] != 0.0
-        need2 = need3 or r[6] != 0.0 or r[11] != 0.0
-        need1 = need2 or r[5] != 0.0 or r[9] != 0.0
-        ops = [t if need else None for t, need in zip(hist, (r[3] != 0.0, need1, need2, need3),
-                                                      strict=True)]  # fmt: skip
-        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], *ops,
+        valid, k, row, r = self._run_call(i, x, self._hist[1])
+        hist, stash = (self._hist, self._stash) if valid else ([None] * 4, [None] * 3)
+        x_c, m, x_next = self.step_with_history(model_output, i, x, row, *read_operands(r, hist),
                                                 guidance_scale=guidance_scale)  # fmt: skip
         hist = [x_c, m, hist[1], hist[2]]
         named = {"m1": 1, "m2": 2, "m3": 3}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastdiff.samplers._history import RunRows, read_operands
 from fastdiff.samplers.base import (
     Sampler,
     _unipc_ops,
@@ -61,7 +62,7 @@ def _step_indices(value: object) -> list[int]:
     return sorted(out)
 
 
-class UniPCSampler(DPMSolverPPSampler):
+class UniPCSampler(RunRows, DPMSolverPPSampler):
     """UniPC: the UniP-2 predictor and the UniC corrector in data prediction (``predict_x0``).
 
     With alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t), the
@@ -408,20 +409,8 @@ class UniPCSampler(DPMSolverPPSampler):
     def _needs_noise_row(self, i: int) -> bool:
         return False
 
-    def _variant(self, since: int, device: torch.device) -> Tensor:
-        """The table of rows for a run that started ``since`` (< solver_order) steps before."""
-        tab = self._variant_tables.get((since, device))
-        if tab is None:
-            tab = torch.from_numpy(self._since64[since]).float().to(device)
-            self._variant_tables[(since, device)] = tab
-        return tab
-
-    def run_row(self, i: int, start: int, device: torch.device | str) -> Tensor:
-        """Call ``i``'s row in a run from ``start`` (warm-up rows first, as ``step``)."""
-        since = i - start
-        if start == 0 or since >= self.solver_order:
-            return self.coef_table(device)[i]
-        return self._variant(since, torch.device(device))[i]
+    def _run_warmup(self) -> int:
+        return self.solver_order  # a run's first solver_order steps take rows of their own
 
     def config(self) -> dict:
         return {
@@ -507,23 +496,11 @@ class UniPCSampler(DPMSolverPPSampler):
         """
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         m1 = self._m1
-        valid = (m1 is not None and self._prev_i == i - 1 and m1.shape == x.shape
-                 and m1.device == x.device)  # fmt: skip
+        valid, _, row, r = self._run_call(i, x, m1)
         if not valid:
-            self._start, self._m2, self._m3 = i, None, None
-        since = i - self._start
-        full = since >= self.solver_order  # past the warm-up: the run-from-0 table's rows
-        table = self.coef_table(x.device) if full else self._variant(since, x.device)
-        r = (self._coef64 if full else self._since64[since])[i]
-        # an operand is passed only when a weight reads it (m_prev3 needs m_prev2 needs m_prev)
-        need3 = valid and r[10] != 0.0
-        need2 = need3 or (valid and (r[6] != 0.0 or r[11] != 0.0))
-        last = self._last if valid and r[3] != 0.0 else None
-        m_prev = m1 if need2 or (valid and (r[5] != 0.0 or r[9] != 0.0)) else None
-        m_prev2 = self._m2 if need2 else None
-        m_prev3 = self._m3 if need3 else None
-        x_c, m, x_next = self.step_with_history(model_output, i, x, table[i], last, m_prev,
-                                                m_prev2, m_prev3,
+            self._m2, self._m3 = None, None
+        hist = [self._last, m1, self._m2, self._m3] if valid else [None] * 4
+        x_c, m, x_next = self.step_with_history(model_output, i, x, row, *read_operands(r, hist),
                                                 guidance_scale=guidance_scale)  # fmt: skip
         self._m3 = self._m2 if valid else None
         self._last, self._m2, self._m1, self._prev_i = x_c, m1 if valid else None, m, i
