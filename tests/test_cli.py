@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import record_sample_calls
 from PIL import Image
 
 import fastdiff
@@ -81,14 +82,7 @@ def test_sample_samplers_labels_guidance(tmp_path, capsys, sampler):
 def test_sample_flags_reach_the_dpm_sampler(flags, options, tmp_path, monkeypatch):
     """--karras / --sde reach the dpm++ sampler as its options (Karras grid, SDE variant); the
     images differ from a plain dpm++ run with the same seed."""
-    seen = []
-    real = fastdiff.sample
-
-    def spy(model, **kw):
-        seen.append(kw)
-        return real(model, **kw)
-
-    monkeypatch.setattr(fastdiff, "sample", spy)
+    seen = record_sample_calls(monkeypatch, run=True)
     outs = [tmp_path / "k.png", tmp_path / "l.png"]
     for out, extra in zip(outs, (flags, []), strict=True):
         assert main(["sample", "--steps", "4", "--n", "2", "--sampler", "dpm++", "--quiet",

@@ -16,9 +16,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, diffusers_loop, sample_through_scheduler
-from _sampler_cases import rel as _rel
+from _sampler_cases import (
+    SIGMA_GRID_IDS,
+    SIGMA_GRIDS,
+    assert_scheduler_run,
+    assert_step_parity,
+    check_cli_karras_solver_order,
+    threshold64,
+)
 from _sampler_cases import toy as _toy
+from _sampler_cases import vp_schedule as _schedule
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
@@ -30,16 +37,10 @@ from fastdiff.samplers.deis import deis_weights
 diffusers = pytest.importorskip("diffusers")
 
 SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
-GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
-GRID_IDS = ["plain", "karras", "exponential", "beta"]
 
 
 def _scheduler(sched: str = "scaled_linear", **opts):
     return diffusers.DEISMultistepScheduler(**DIFFUSERS_BETAS[sched], **opts)
-
-
-def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
-    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
 
 
 # ---------------------------------------------------------------------- float64 restatement
@@ -68,19 +69,13 @@ def _weights64(r: np.ndarray, i: int, order: int) -> list[float]:
             for b, c, d in ((s0, s1, s2), (s1, s2, s0), (s2, s0, s1))]  # fmt: skip
 
 
-def _threshold64(x0: torch.Tensor, ratio: float, top: float) -> torch.Tensor:
-    flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, top)[:, None]
-    return (flat.clamp(-s, s) / s).reshape(x0.shape)
-
-
 def _eps64(x64, mo64, rho: float, smp: DEISSampler):
     a = 1.0 / math.sqrt(1.0 + rho * rho)
     s = rho * a
     pred = smp.prediction_type
     x0 = {"epsilon": (x64 - s * mo64) / a, "v_prediction": a * x64 - s * mo64, "sample": mo64}[pred]
     if smp.thresholding:
-        x0 = _threshold64(x0, smp.dynamic_thresholding_ratio, smp.sample_max_value)
+        x0 = threshold64(x0, smp.dynamic_thresholding_ratio, smp.sample_max_value)
     return (x64 - a * x0) / s
 
 
@@ -134,7 +129,7 @@ def test_weights():
         deis_weights(np.array([2.0, 1.0, 1.0, 0.5]), 2, 2)
 
 
-@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("grid", SIGMA_GRIDS, ids=SIGMA_GRID_IDS)
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 20])
@@ -151,7 +146,7 @@ def test_per_step_parity_with_diffusers(grid, pred, spacing, steps, order):
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("grid", GRIDS[:2], ids=GRID_IDS[:2])
+@pytest.mark.parametrize("grid", SIGMA_GRIDS[:2], ids=SIGMA_GRID_IDS[:2])
 def test_thresholding_and_lower_order_final(pred, grid):
     for steps, lof in ((8, True), (8, False), (16, True)):
         opts = dict(prediction_type=pred, solver_order=3, thresholding=True,
@@ -170,7 +165,7 @@ def test_flash_attention_rule(order):
     float64 is <= 2x diffusers' own fp32 error (measured: 1.7e-7 vs 1.6e-6 at order 2, 2.2e-7
     vs 2.9e-5 at order 3, where diffusers' float32 antiderivatives cancel)."""
     ours_worst = theirs_worst = 0.0
-    for grid in GRIDS[:2]:
+    for grid in SIGMA_GRIDS[:2]:
         for pred in ("epsilon", "v_prediction", "sample"):
             opts = dict(prediction_type=pred, solver_order=order, **grid)
             theirs = _scheduler(**opts)
@@ -216,16 +211,9 @@ def test_sample_with_a_deis_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     """sample(schedule=DEISMultistepScheduler(...)) picks "deis" without a warning, takes the
     scheduler's settings and lands where diffusers' own loop does."""
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    ref = diffusers_loop(sch, steps, z)
-    got = sample_through_scheduler(sch, steps, z)
-    ref64 = _float64_loop(DEISSampler(_schedule(sched), steps, prediction_type=pred,
-                                      timestep_spacing=spacing, **extra), z)  # fmt: skip
-    assert _rel(got, ref64) <= RTOL
-    err = _rel(got, ref)
-    assert 0.0 < err <= RTOL + _rel(ref, ref64), f"whole-run rel err {err:.2e}"
-    ddim = fastdiff.sample(_toy, steps=steps, sampler="ddim", schedule=sch, noise=z)
-    assert _rel(ddim, ref) > 1e-3  # not DDIM's samples (the check can fail)
+    smp = DEISSampler(_schedule(sched), steps, prediction_type=pred, timestep_spacing=spacing,
+                      **extra)  # fmt: skip
+    assert_scheduler_run(sch, steps, "ddim", lambda z: _float64_loop(smp, z))
 
 
 def test_registry_infer_and_options():
@@ -296,17 +284,5 @@ def test_recovers_gaussian_mixture(order):
 
 
 def test_cli_sampler_deis_karras_solver_order(tmp_path, monkeypatch):
-    """fastdiff sample --sampler deis [--karras] [--solver-order 3] reaches sample() as "deis"
-    with those options; --sde stays dpm++ only."""
-    from fastdiff.cli import main
-
-    seen = []
-    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
-                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
-    out = tmp_path / "deis.png"
-    args = ["sample", "--steps", "3", "--n", "2", "--sampler", "deis", "--quiet", "--out", str(out)]
-    assert main(args) == 0 and out.is_file()
-    assert seen[-1]["sampler"] == "deis" and "use_karras_sigmas" not in seen[-1]
-    assert main([*args, "--karras", "--solver-order", "3"]) == 0
-    assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
-    assert main([*args, "--sde"]) == 2 and len(seen) == 2
+    """fastdiff sample --sampler deis [--karras] [--solver-order 3] reaches sample()."""
+    check_cli_karras_solver_order(tmp_path, monkeypatch, "deis")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
+from helpers import PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id, record_sample_calls
 from test_euler_ancestral import _gens, _graphed_equals_eager, _Net
 from test_samplers_parity import _loop, _model_output, _rel, _schedule
 
@@ -524,14 +524,7 @@ def test_cli_solver_order_reaches_the_dpm_sampler(tmp_path, monkeypatch, capsys)
     with the same seed); with another sampler it is a one-line error and writes nothing."""
     from fastdiff.cli import main
 
-    seen = []
-    real = fastdiff.sample
-
-    def spy(model, **kw):
-        seen.append(kw)
-        return real(model, **kw)
-
-    monkeypatch.setattr(fastdiff, "sample", spy)
+    seen = record_sample_calls(monkeypatch, run=True)
     outs = [tmp_path / "3m.png", tmp_path / "2m.png"]
     for out, extra in zip(outs, (["--solver-order", "3"], []), strict=True):
         assert main(["sample", "--steps", "6", "--n", "2", "--sampler", "dpm++", "--quiet",

@@ -16,9 +16,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, sample_through_scheduler
+from _sampler_cases import (
+    SIGMA_GRID_IDS,
+    SIGMA_GRIDS,
+    assert_scheduler_run,
+    assert_step_parity,
+    check_cli_karras_solver_order,
+    threshold64,
+)
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
+from _sampler_cases import vp_schedule as _schedule
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, backend_cases, case_id
 
 import fastdiff
@@ -29,18 +37,12 @@ from fastdiff.samplers.dpm_single import singlestep_orders
 diffusers = pytest.importorskip("diffusers")
 
 SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
-GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
-GRID_IDS = ["plain", "karras", "exponential", "beta"]
 
 
 def _scheduler(sched: str = "scaled_linear", **opts):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # algorithm_type="dpmsolver" is deprecated there
         return diffusers.DPMSolverSinglestepScheduler(**DIFFUSERS_BETAS[sched], **opts)
-
-
-def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
-    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
 
 
 def _set(theirs, steps: int) -> None:
@@ -50,12 +52,6 @@ def _set(theirs, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------- float64 restatement
-def _threshold64(x0: torch.Tensor, ratio: float, top: float) -> torch.Tensor:
-    flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(1.0, top)[:, None]
-    return (flat.clamp(-s, s) / s).reshape(x0.shape)
-
-
 def _m64(x64, mo64, rho: float, smp: DPMSolverSinglestepSampler):
     """diffusers' convert_model_output in float64: x0 (dpmsolver++) or eps (dpmsolver)."""
     a = 1.0 / math.sqrt(1.0 + rho * rho)
@@ -65,7 +61,7 @@ def _m64(x64, mo64, rho: float, smp: DPMSolverSinglestepSampler):
         x0 = {"epsilon": (x64 - s * mo64) / a, "v_prediction": a * x64 - s * mo64,
               "sample": mo64}[pred]  # fmt: skip
         if smp.thresholding:
-            x0 = _threshold64(x0, smp.dynamic_thresholding_ratio, smp.sample_max_value)
+            x0 = threshold64(x0, smp.dynamic_thresholding_ratio, smp.sample_max_value)
         return x0
     return {"epsilon": mo64, "v_prediction": a * mo64 + s * x64, "sample": (x64 - a * mo64) / s}[
         pred
@@ -157,7 +153,7 @@ def test_order_lists_are_diffusers():
     assert singlestep_orders(6, 3, True, True) == [1, 2, 3, 1, 2, 1]
 
 
-@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("grid", SIGMA_GRIDS, ids=SIGMA_GRID_IDS)
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8, 25])
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -171,7 +167,7 @@ def test_per_call_parity_dpmsolver_pp(grid, pred, steps, order, solver_type):
                                              **opts), theirs)  # fmt: skip
 
 
-@pytest.mark.parametrize("grid", GRIDS[:2], ids=GRID_IDS[:2])
+@pytest.mark.parametrize("grid", SIGMA_GRIDS[:2], ids=SIGMA_GRID_IDS[:2])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("steps", [1, 3, 7, 12])
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -201,7 +197,7 @@ def test_flash_attention_rule(order):
     """Over 24-step runs (plain / Karras x epsilon / v / sample x midpoint / heun), our worst
     per-call error vs float64 is <= 2x diffusers' own fp32 error."""
     ours_worst = theirs_worst = 0.0
-    for grid in GRIDS[:2]:
+    for grid in SIGMA_GRIDS[:2]:
         for pred in ("epsilon", "v_prediction", "sample"):
             for st in ("midpoint", "heun"):
                 opts = dict(prediction_type=pred, solver_order=order, solver_type=st, **grid)
@@ -224,14 +220,6 @@ def test_img2img_start_matches_diffusers_begin_index(begin, order):
 
 
 # ---------------------------------------------------------------------- whole runs
-def _diffusers_loop(sch, steps: int, z: torch.Tensor, model=_toy) -> torch.Tensor:
-    _set(sch, steps)
-    x = z * sch.init_noise_sigma
-    for t in sch.timesteps:
-        x = sch.step(model(sch.scale_model_input(x, t), t.expand(x.shape[0])), t, x).prev_sample
-    return x
-
-
 def _float64_loop(smp: DPMSolverSinglestepSampler, z: torch.Tensor, model=_toy) -> torch.Tensor:
     """The whole run restated in float64 (model included)."""
     r, x, ms, anchor = smp.sigmas(), z.double(), [], None
@@ -267,16 +255,8 @@ RUNS = [
 def test_sample_with_a_singlestep_scheduler_is_diffusers_loop(sched, extra, steps):
     """sample(schedule=DPMSolverSinglestepScheduler(...)) picks "dpm++_single" without a
     warning, takes the scheduler's settings and lands where diffusers' own loop does."""
-    sch = _scheduler(sched, **extra)
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    ref = _diffusers_loop(sch, steps, z)
-    got = sample_through_scheduler(sch, steps, z)
-    ref64 = _float64_loop(DPMSolverSinglestepSampler(_schedule(sched), steps, **extra), z)
-    assert _rel(got, ref64) <= RTOL
-    err = _rel(got, ref)
-    assert 0.0 < err <= RTOL + _rel(ref, ref64), f"whole-run rel err {err:.2e}"
-    ddim = fastdiff.sample(_toy, steps=steps, sampler="ddim", schedule=sch, noise=z)
-    assert _rel(ddim, ref) > 1e-3  # not DDIM's samples (the check can fail)
+    smp = DPMSolverSinglestepSampler(_schedule(sched), steps, **extra)
+    assert_scheduler_run(_scheduler(sched, **extra), steps, "ddim", lambda z: _float64_loop(smp, z))
 
 
 def test_registry_infer_and_options():
@@ -351,21 +331,8 @@ def test_unsupported_scheduler_settings_through_sample():
 
 # ---------------------------------------------------------------------- CLI, half precision
 def test_cli_sampler_dpm_single_karras_solver_order(tmp_path, monkeypatch):
-    """fastdiff sample --sampler dpm++_single [--karras] [--solver-order 3] reaches sample() as
-    "dpm++_single" with those options; --sde stays dpm++ only."""
-    from fastdiff.cli import main
-
-    seen = []
-    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
-                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
-    out = tmp_path / "single.png"
-    args = ["sample", "--steps", "3", "--n", "2", "--sampler", "dpm++_single", "--quiet", "--out",
-            str(out)]  # fmt: skip
-    assert main(args) == 0 and out.is_file()
-    assert seen[-1]["sampler"] == "dpm++_single" and "use_karras_sigmas" not in seen[-1]
-    assert main([*args, "--karras", "--solver-order", "3"]) == 0
-    assert seen[-1]["use_karras_sigmas"] is True and seen[-1]["solver_order"] == 3
-    assert main([*args, "--sde"]) == 2 and len(seen) == 2
+    """fastdiff sample --sampler dpm++_single [--karras] [--solver-order 3] reaches sample()."""
+    check_cli_karras_solver_order(tmp_path, monkeypatch, "dpm++_single")
 
 
 @pytest.mark.parametrize("case", backend_cases("unipc_step"), ids=case_id)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 from _sampler_cases import assert_step_parity
-from helpers import PARITY_RTOL, PARITY_SHAPE
+from _sampler_cases import rel as _rel
+from helpers import PARITY_RTOL, PARITY_SHAPE, record_sample_calls
 from test_gmm_exact import TAU, GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -37,10 +38,6 @@ SCHEDULES = {
     "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
 }
 FLAGS = {g: f"use_{g}_sigmas" for g in ("karras", "exponential", "beta")}
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _toy(x: torch.Tensor, t) -> torch.Tensor:
@@ -372,9 +369,7 @@ def test_scheduler_settings_become_defaults_and_unsupported_ones_raise():
 
 # ------------------------------------------------------------------------ CLI
 def test_cli_sampler_heun_and_karras(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
-                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    seen = record_sample_calls(monkeypatch)
     out = tmp_path / "h.png"
     args = ["sample", "--steps", "3", "--n", "2", "--sampler", "heun", "--quiet", "--out", str(out)]
     assert main([*args, "--karras"]) == 0 and out.is_file()

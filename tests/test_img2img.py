@@ -14,7 +14,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL
+from _sampler_cases import rel as _rel
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, record_sample_calls
 
 import fastdiff
 from fastdiff.samplers import SAMPLERS
@@ -79,10 +80,6 @@ def test_every_sampler_has_a_case():
     # test_cosine_dpm, test_dpmpp_sde)
     names -= {"dpmsolver++", "dpm-solver++", "cosine_dpm++", "dpm++_sde"}
     assert names <= set(CASES), sorted(names - set(CASES))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _model(x: torch.Tensor, t, encoder_hidden_states=None) -> torch.Tensor:
@@ -479,11 +476,7 @@ def test_cli_init_image_reaches_sample_as_model_space_image(tmp_path, monkeypatc
     src = tmp_path / "in.png"
     Image.fromarray(pix).save(src)  # RGB, the digits model's 16 x 16: converted to grayscale
     gray = np.asarray(Image.fromarray(pix).convert("L"), dtype=np.float32)
-    seen = []
-    real = fastdiff.sample
-    monkeypatch.setattr(
-        fastdiff, "sample", lambda model, **kw: seen.append(kw) or real(model, **kw)
-    )
+    seen = record_sample_calls(monkeypatch, run=True)
     out = tmp_path / "out.png"
     argv = ["sample", "--init-image", str(src), "--strength", "0.5", "--n", "2", "--steps", "4"]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0 and out.is_file()

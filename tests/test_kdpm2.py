@@ -26,7 +26,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import PARITY_RTOL, PARITY_SHAPE, assert_fa_rule, backend_cases, case_id
+from _sampler_cases import rel as _rel
+from helpers import (
+    PARITY_RTOL,
+    PARITY_SHAPE,
+    assert_fa_rule,
+    backend_cases,
+    case_id,
+    record_sample_calls,
+)
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -48,10 +56,6 @@ KINDS = {
     "dpm2_a": (DPM2AncestralSampler, diffusers.KDPM2AncestralDiscreteScheduler),
 }
 ILL_K = 2.0  # ill-conditioned calls: ours vs float64 <= 2x diffusers' own fp32 error (docstring)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _toy(x: torch.Tensor, t) -> torch.Tensor:
@@ -466,9 +470,7 @@ def test_every_backend_gives_the_same_samples(kind, case):
 def test_cli_sampler_dpm2_and_karras(tmp_path, monkeypatch):
     from fastdiff.cli import main
 
-    seen = []
-    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
-                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    seen = record_sample_calls(monkeypatch)
     out = tmp_path / "d.png"
     for name in ("dpm2", "dpm2_a"):
         args = ["sample", "--steps", "3", "--n", "2", "--sampler", name, "--quiet", "--out",

@@ -19,10 +19,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _sampler_cases import assert_step_parity, diffusers_loop, sample_through_scheduler
+from _sampler_cases import (
+    SIGMA_GRID_IDS,
+    SIGMA_GRIDS,
+    assert_scheduler_run,
+    assert_step_parity,
+    diffusers_loop,
+)
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
+from _sampler_cases import vp_schedule as _schedule
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, record_sample_calls
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -37,10 +44,6 @@ SHAPE, RTOL = PARITY_SHAPE, PARITY_RTOL
 
 def _scheduler(sched: str = "scaled_linear", **opts):
     return diffusers.LMSDiscreteScheduler(**DIFFUSERS_BETAS[sched], **opts)
-
-
-def _schedule(sched: str = "scaled_linear") -> NoiseSchedule:
-    return NoiseSchedule.from_diffusers(DIFFUSERS_BETAS[sched])
 
 
 def _quad_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
@@ -112,10 +115,7 @@ def _per_step(ours: LMSSampler, theirs, *, begin: int = 0, seed: int = 0, order:
     return worst, worst_theirs
 
 
-GRIDS = [{}, *({f"use_{g}_sigmas": True} for g in ("karras", "exponential", "beta"))]
-
-
-@pytest.mark.parametrize("grid", GRIDS, ids=["plain", "karras", "exponential", "beta"])
+@pytest.mark.parametrize("grid", SIGMA_GRIDS, ids=SIGMA_GRID_IDS)
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 20])
@@ -136,7 +136,7 @@ def test_flash_attention_rule():
     """Over whole grids of steps, our worst per-step error vs float64 is <= 2x diffusers' own
     fp32 error (measured: 6.6e-7 vs 1.7e-6)."""
     ours_worst = theirs_worst = 0.0
-    for grid in GRIDS[:2]:
+    for grid in SIGMA_GRIDS[:2]:
         for pred in ("epsilon", "v_prediction", "sample"):
             theirs = _scheduler(prediction_type=pred, **grid)
             theirs.set_timesteps(30)
@@ -179,18 +179,12 @@ def test_sample_with_an_lms_scheduler_is_diffusers_loop(sched, pred, spacing, ex
     """sample(schedule=LMSDiscreteScheduler(...)) picks "lms" without a warning, takes the
     scheduler's settings and lands where diffusers' own loop does."""
     sch = _scheduler(sched, prediction_type=pred, timestep_spacing=spacing, **extra)
-    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    ref = diffusers_loop(sch, steps, z)
-    got = sample_through_scheduler(sch, steps, z)  # sample() scales z as init_noise_sigma
-    err = _rel(got, ref)
-    assert 0.0 < err <= RTOL, f"whole-run rel err {err:.2e}"
-    euler = fastdiff.sample(_toy, steps=steps, sampler="euler", schedule=sch, noise=z)
-    assert _rel(euler, ref) > 1e-3  # not Euler's samples (the check can fail)
+    assert_scheduler_run(sch, steps, "euler")
 
 
 @pytest.mark.parametrize("form", ["object", "saved-config"])
 @pytest.mark.parametrize("leftover", [False, True], ids=["no-ends", "euler-ends"])
-@pytest.mark.parametrize("grid", GRIDS, ids=["plain", "karras", "exponential", "beta"])
+@pytest.mark.parametrize("grid", SIGMA_GRIDS, ids=SIGMA_GRID_IDS)
 def test_leftover_sigma_ends_as_diffusers(grid, leftover, form):
     """LMSDiscreteScheduler.from_config(euler.config) keeps Euler's sigma_min / sigma_max:
     diffusers' exponential / beta grids read them, its default and Karras grids do not.
@@ -221,7 +215,7 @@ def test_leftover_sigma_ends_as_diffusers(grid, leftover, form):
 def test_sigma_ends_options():
     """LMSSampler's sigma_min / sigma_max: Euler's ends on the exponential / beta grids;
     checked but unused on the default and Karras grids (as diffusers' LMS)."""
-    for grid in GRIDS:
+    for grid in SIGMA_GRIDS:
         smp = LMSSampler(_schedule(), 6, sigma_min=0.3, sigma_max=6.0, **grid)
         plain = LMSSampler(_schedule(), 6, **grid)
         reads = bool(grid) and "use_karras_sigmas" not in grid
@@ -282,9 +276,7 @@ def test_cli_sampler_lms_karras(tmp_path, monkeypatch):
     """fastdiff sample --sampler lms [--karras] reaches sample() as "lms" (Karras sigmas)."""
     from fastdiff.cli import main
 
-    seen = []
-    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
-                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    seen = record_sample_calls(monkeypatch)
     out = tmp_path / "lms.png"
     args = ["sample", "--steps", "3", "--n", "2", "--sampler", "lms", "--quiet"]
     assert main([*args, "--out", str(out)]) == 0 and out.is_file()

@@ -24,7 +24,7 @@ import torch
 from _sampler_cases import assert_step_parity, sample_through_scheduler
 from _sampler_cases import rel as _rel
 from _sampler_cases import toy as _toy
-from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
+from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE, record_sample_calls
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
 import fastdiff
@@ -331,9 +331,7 @@ def test_wrong_schedule_fails_mixture_check():
 
 
 def test_cli_sampler_pndm(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(fastdiff, "sample", lambda model, **kw: seen.append(kw) or
-                        torch.zeros(kw["batch_size"], 1, 16, 16))  # fmt: skip
+    seen = record_sample_calls(monkeypatch)
     for name in ("pndm", "plms"):
         out = tmp_path / f"{name}.png"
         args = ["sample", "--steps", "3", "--n", "2", "--sampler", name, "--quiet"]
