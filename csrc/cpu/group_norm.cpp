@@ -24,6 +24,7 @@
 
 #include "fastdiff/cpu_isa.h"
 #include "fastdiff/cpu_parallel.h"
+#include "fastdiff/cpu_tiles.h"
 #include "fastdiff/group_norm_math.h"
 
 #if FD_X86_DISPATCH
@@ -56,9 +57,14 @@ __attribute__((always_inline)) inline v8f load8(const float* p) {
   return v;
 }
 
-// s1 += sum(x - k), s2 += sum((x - k)^2) over n <= kTile floats: fp32 lanes, fp64 totals.
-FD_CLONES void row_shifted_sums(const float* __restrict x, int64_t n, float k, double* s1,
-                                double* s2) {
+// 8-lane sums *s1 = sum(x - k), *s2 = sum((x - k)^2) over the leading elements of x[0, n) that
+// fill whole vectors (row_shifted_sums' and rows_shifted_sums' loop): two accumulator pairs
+// over blocks of 16, then (kTail8) one more block of 8, the pairs added last. Returns how many
+// elements that covered; the caller sums the rest.
+template <bool kTail8>
+__attribute__((always_inline)) inline int64_t lane_shifted_sums(const float* __restrict x,
+                                                                int64_t n, float k, v8f* s1,
+                                                                v8f* s2) {
   const v8f kv = {k, k, k, k, k, k, k, k};
   v8f a1 = {}, a2 = {}, b1 = {}, b2 = {};
   int64_t i = 0;
@@ -70,8 +76,22 @@ FD_CLONES void row_shifted_sums(const float* __restrict x, int64_t n, float k, d
     b1 += d1;
     b2 += d1 * d1;
   }
-  a1 += b1;
-  a2 += b2;
+  if (kTail8 && i + 8 <= n) {
+    const v8f d0 = load8(x + i) - kv;
+    a1 += d0;
+    a2 += d0 * d0;
+    i += 8;
+  }
+  *s1 = a1 + b1;
+  *s2 = a2 + b2;
+  return i;
+}
+
+// s1 += sum(x - k), s2 += sum((x - k)^2) over n <= kTile floats: fp32 lanes, fp64 totals.
+FD_CLONES void row_shifted_sums(const float* __restrict x, int64_t n, float k, double* s1,
+                                double* s2) {
+  v8f a1, a2;
+  int64_t i = lane_shifted_sums<false>(x, n, k, &a1, &a2);
   double r1 = 0.0, r2 = 0.0;
   for (; i < n; ++i) {
     const float d = x[i] - k;
@@ -239,25 +259,8 @@ FD_CLONES void rows_shifted_sums(const float* __restrict x, int64_t rows, int64_
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x + r * n;
     const float kr = row[0];
-    const v8f kv = {kr, kr, kr, kr, kr, kr, kr, kr};
-    v8f a1 = {}, a2 = {}, b1 = {}, b2 = {};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const v8f d0 = load8(row + i) - kv;
-      const v8f d1 = load8(row + i + 8) - kv;
-      a1 += d0;
-      a2 += d0 * d0;
-      b1 += d1;
-      b2 += d1 * d1;
-    }
-    if (i + 8 <= n) {
-      const v8f d0 = load8(row + i) - kv;
-      a1 += d0;
-      a2 += d0 * d0;
-      i += 8;
-    }
-    a1 += b1;
-    a2 += b2;
+    v8f a1, a2;
+    int64_t i = lane_shifted_sums<true>(row, n, kr, &a1, &a2);
     float t1 = ((a1[0] + a1[4]) + (a1[2] + a1[6])) + ((a1[1] + a1[5]) + (a1[3] + a1[7]));
     float t2 = ((a2[0] + a2[4]) + (a2[2] + a2[6])) + ((a2[1] + a2[5]) + (a2[3] + a2[7]));
     for (; i < n; ++i) {
@@ -303,42 +306,6 @@ FD_CLONES void chan_block_sums(const float* __restrict x, int64_t C, int64_t nr,
       }
   }
   for (int64_t r = 0; r < nr; ++r) chan_shifted_sums(x + r * C + c, C - c, k + c, s1 + c, s2 + c);
-}
-
-// Loads n elements as floats: the pointer itself for float storage, else converted into buf.
-template <typename T>
-inline const float* as_f32(const T* p, int64_t n, float* buf) {
-  if constexpr (std::is_same<T, float>::value) {
-    (void)n;
-    (void)buf;
-    return p;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = HostIO<T>::load(p + i);
-    return buf;
-  }
-}
-
-// Where to write n float results: y itself for float storage, else buf (then store_f32).
-template <typename T>
-inline float* out_f32(T* p, float* buf) {
-  if constexpr (std::is_same<T, float>::value) {
-    (void)buf;
-    return p;
-  } else {
-    (void)p;
-    return buf;
-  }
-}
-
-template <typename T>
-inline void store_f32(T* p, const float* v, int64_t n) {
-  if constexpr (!std::is_same<T, float>::value) {
-    for (int64_t i = 0; i < n; ++i) HostIO<T>::store(p + i, v[i]);
-  } else {
-    (void)p;
-    (void)v;
-    (void)n;
-  }
 }
 
 struct Params {
@@ -446,7 +413,7 @@ void run_nchw(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
         const int64_t len = std::min(kTile, HW - i);
         float* o = out_f32(yrow + i, obuf);
         affine_act_row(as_f32(row + i, len, ibuf), o, len, a, b, p.silu);
-        store_f32(yrow + i, o, len);
+        flush_f32(yrow + i, o, len);
       }
     }
   });
@@ -562,7 +529,7 @@ void run_nhwc(const T* x, T* y, int64_t N, int64_t C, int64_t HW, int64_t G, con
         const int64_t off = (n * HW + r) * C;
         float* o = out_f32(y + off, obuf.data());
         affine_act_vec(as_f32(x + off, C, ibuf.data()), o, C, &A[n * C], &B[n * C], p.silu);
-        store_f32(y + off, o, C);
+        flush_f32(y + off, o, C);
       }
     }
   }

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #endif
 
+#include "fastdiff/cpu_tiles.h"
 #include "fastdiff/philox.h"
 #include "fastdiff/sampler_math.h"
 #include "sampler_step_normals.h"
@@ -70,36 +71,6 @@ void normals_range(float* dst, uint64_t e0, int64_t len, uint64_t offset, uint32
   fill_normals4_base(p0, p1, p2, p3, clo, chi, ng, key0, key1);
   interleave4(out, p0, p1, p2, p3, ng);
   if (!whole) std::memcpy(dst, buf + r, (size_t)len * sizeof(float));
-}
-
-// fp32 operands are read in place; other dtypes are converted into the fp32 tile buffer.
-template <typename T>
-inline const float* tile_in(const T* p, int64_t len, float* buf) {
-  for (int64_t j = 0; j < len; ++j) buf[j] = HostIO<T>::load(p + j);
-  return buf;
-}
-inline const float* tile_in(const float* p, int64_t, float*) { return p; }
-template <typename T>
-inline float* tile_out(T*, float* buf) {
-  return buf;
-}
-inline float* tile_out(float* p, float*) { return p; }
-
-template <typename T>
-inline void load_tile(const T* p, int64_t len, float* dst) {
-  for (int64_t j = 0; j < len; ++j) dst[j] = HostIO<T>::load(p + j);
-}
-template <>
-inline void load_tile<float>(const float* p, int64_t len, float* dst) {
-  std::memcpy(dst, p, (size_t)len * sizeof(float));
-}
-template <typename T>
-inline void store_tile(T* p, int64_t len, const float* src) {
-  for (int64_t j = 0; j < len; ++j) HostIO<T>::store(p + j, src[j]);
-}
-template <>
-inline void store_tile<float>(float* p, int64_t len, const float* src) {
-  std::memcpy(p, src, (size_t)len * sizeof(float));
 }
 
 // The elementwise math of one tile (fp32 buffers). PRED, the eps recomputation and the x0 store
@@ -228,39 +199,27 @@ inline __attribute__((always_inline)) void tile_math_t(
   }
 }
 
+// The parameters of the dispatch layers below tile_math_t (each forwards them unchanged).
+#define FD_TILE_PARAMS                                                                       \
+  int pred, const StepOptions &opt, const float *cf, int64_t len, const float *xb,           \
+      const float *mb, const float *up, const float *sp, const float *zp, const float *qp, \
+      const float *q3p, const float *q4p, float *ob, float *x0b
+#define FD_TILE_ARGS pred, opt, cf, len, xb, mb, up, sp, zp, qp, q3p, q4p, ob, x0b
+#define FD_TILE_MATH_ARGS opt, cf, len, xb, mb, up, sp, zp, qp, q3p, q4p, ob, x0b
+
 template <bool RECOMP, bool X0, bool MASK, int CLIP>
-inline __attribute__((always_inline)) void tile_math_p(int pred, const StepOptions& opt,
-                                                       const float* cf, int64_t len,
-                                                       const float* xb, const float* mb,
-                                                       const float* up, const float* sp,
-                                                       const float* zp, const float* qp,
-                                                       const float* q3p, const float* q4p,
-                                                       float* ob, float* x0b) {
+inline __attribute__((always_inline)) void tile_math_p(FD_TILE_PARAMS) {
   switch (pred) {
-    case kEpsilon:
-      return tile_math_t<kEpsilon, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp, qp,
-                                                           q3p, q4p, ob, x0b);
-    case kVPrediction:
-      return tile_math_t<kVPrediction, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp,
-                                                               qp, q3p, q4p, ob, x0b);
-    default:
-      return tile_math_t<kSample, RECOMP, X0, MASK, CLIP>(opt, cf, len, xb, mb, up, sp, zp, qp,
-                                                          q3p, q4p, ob, x0b);
+    case kEpsilon: return tile_math_t<kEpsilon, RECOMP, X0, MASK, CLIP>(FD_TILE_MATH_ARGS);
+    case kVPrediction: return tile_math_t<kVPrediction, RECOMP, X0, MASK, CLIP>(FD_TILE_MATH_ARGS);
+    default: return tile_math_t<kSample, RECOMP, X0, MASK, CLIP>(FD_TILE_MATH_ARGS);
   }
 }
-
-#define FD_TILE_ARGS pred, opt, cf, len, xb, mb, up, sp, zp, qp, q3p, q4p, ob, x0b
 
 // MASK false: the plain loops (opt.clip at run time, GCC unswitches it); true: the masked loops,
 // with the clip fixed at compile time (see tile_math_t).
 template <bool RECOMP, bool X0, bool MASK>
-inline __attribute__((always_inline)) void tile_math_c(int pred, const StepOptions& opt,
-                                                       const float* cf, int64_t len,
-                                                       const float* xb, const float* mb,
-                                                       const float* up, const float* sp,
-                                                       const float* zp, const float* qp,
-                                                       const float* q3p, const float* q4p,
-                                                       float* ob, float* x0b) {
+inline __attribute__((always_inline)) void tile_math_c(FD_TILE_PARAMS) {
   if (!MASK) return tile_math_p<RECOMP, X0, false, -1>(FD_TILE_ARGS);
   if (opt.clip) return tile_math_p<RECOMP, X0, true, 1>(FD_TILE_ARGS);
   return tile_math_p<RECOMP, X0, true, 0>(FD_TILE_ARGS);
@@ -276,18 +235,13 @@ inline __attribute__((always_inline)) void tile_math_c(int pred, const StepOptio
   if (rc) return tile_math_c<true, false, MASK>(FD_TILE_ARGS);             \
   return tile_math_c<false, false, MASK>(FD_TILE_ARGS);
 
-using TileMathFn = void (*)(int, const StepOptions&, const float*, int64_t, const float*,
-                            const float*, const float*, const float*, const float*,
-                            const float*, const float*, const float*, float*, float*);
+using TileMathFn = void (*)(FD_TILE_PARAMS);
 
 // One function per MASK: the masked loops are separate code, so the plain function is the same
 // size as before them (in one function, the plain DDIM loop lost ~50%: GCC's per-function
 // budgets).
 template <bool MASK>
-void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t len,
-                    const float* xb, const float* mb, const float* up, const float* sp,
-                    const float* zp, const float* qp, const float* q3p, const float* q4p,
-                    float* ob, float* x0b) {
+void tile_math_base(FD_TILE_PARAMS) {
   FD_TILE_MATH_BODY
 }
 
@@ -297,15 +251,14 @@ void tile_math_base(int pred, const StepOptions& opt, const float* cf, int64_t l
 // last bit. Chosen once per process, so results are reproducible on one machine.
 #if FD_X86_DISPATCH
 template <bool MASK>
-__attribute__((target("avx2,fma"))) void tile_math_avx2(
-    int pred, const StepOptions& opt, const float* cf, int64_t len, const float* xb,
-    const float* mb, const float* up, const float* sp, const float* zp, const float* qp,
-    const float* q3p, const float* q4p, float* ob, float* x0b) {
+__attribute__((target("avx2,fma"))) void tile_math_avx2(FD_TILE_PARAMS) {
   FD_TILE_MATH_BODY
 }
 #endif
 #undef FD_TILE_MATH_BODY
+#undef FD_TILE_MATH_ARGS
 #undef FD_TILE_ARGS
+#undef FD_TILE_PARAMS
 
 template <bool MASK>
 TileMathFn pick_tile_math() {
@@ -318,7 +271,9 @@ TileMathFn pick_tile_math() {
 // dst[0, len) = the Philox noise of sample n's memory elements [i0, i0 + len): element e
 // (logical NCHW index) is lane e % 4 of counter offset + e / 4.
 void philox_tile(float* dst, const StepArgs& A, int64_t n, int64_t M, int64_t i0, int64_t len,
-                 uint64_t offset, uint32_t key0, uint32_t key1) {
+                 const PhiloxState& rng) {
+  const uint64_t offset = rng.offset;
+  const uint32_t key0 = rng.key0, key1 = rng.key1;
   const uint64_t base = (uint64_t)(n * M);  // logical index of the sample's first element
   if (A.nhwc_c > 0) {
     // memory index i = hw * C + c <-> logical c * HW + hw: one logical run per channel
@@ -358,26 +313,8 @@ void run(const StepArgs& A) {
       o.mode == 0 ? (k2 == 0.0f || k3 == 0.0f || k4 == 0.0f || (o.has_z && !lv && k5 == 0.0f))
                   : (k2 == 0.0f || k3 == 0.0f || (o.has_z && k4 == 0.0f) ||
                      (o.has_prev2 && k6 == 0.0f) || (o.has_noise && k5 == 0.0f));
-  uint32_t key0 = 0, key1 = 0;
-  uint64_t offset = 0;
-  if (A.gen) {
-    const int64_t* g = reinterpret_cast<const int64_t*>(A.gen);
-    const uint64_t seed = (uint64_t)g[0];
-    key0 = (uint32_t)seed;
-    key1 = (uint32_t)(seed >> 32);
-    offset = (uint64_t)g[1];
-  }
-  const TX* X = reinterpret_cast<const TX*>(A.x);
-  const TM* Mc = reinterpret_cast<const TM*>(A.m);
-  const TM* Mu = reinterpret_cast<const TM*>(A.mu);
-  const TM* V = reinterpret_cast<const TM*>(A.v);
-  const TX* Z = reinterpret_cast<const TX*>(A.z);
-  const TX* W = reinterpret_cast<const TX*>(A.w);
-  const TX* Q = reinterpret_cast<const TX*>(A.q);
-  const TX* Q3 = reinterpret_cast<const TX*>(A.q3);
-  const TX* Q4 = reinterpret_cast<const TX*>(A.q4);
-  TX* Out = reinterpret_cast<TX*>(A.out);
-  TX* X0 = reinterpret_cast<TX*>(A.x0);
+  const PhiloxState rng = philox_state(A.gen);
+  const StepOperands<TX, TM> P(A);
   const int64_t M = A.inner;
   const int64_t tiles = (M + kTile - 1) / kTile;
   const int64_t total = A.n * tiles;
@@ -396,16 +333,16 @@ void run(const StepArgs& A) {
     const int64_t len = std::min(kTile, M - i0);
     alignas(64) float xb[kTile], mb[kTile], ub[kTile], vb[kTile], zb[kTile], ob[kTile], x0b[kTile];
     alignas(64) float qb[kTile], q3b[kTile], q4b[kTile];
-    const float* xp = tile_in(X + n * A.bs_x + i0, len, xb);
-    const float* mp = tile_in(Mc + n * A.bs_m + i0, len, mb);
+    const float* xp = as_f32(P.x + n * A.bs_x + i0, len, xb);
+    const float* mp = as_f32(P.m + n * A.bs_m + i0, len, mb);
     const float* up = mp;
     const float* sp = mp;
     const float* zp = mp;
-    if (o.cfg) up = tile_in(Mu + n * A.bs_mu + i0, len, ub);
+    if (o.cfg) up = as_f32(P.mu + n * A.bs_mu + i0, len, ub);
     // the eps and x0_prev3 loops are in the masked function only
     bool mask = zero_coef || o.has_eps || o.has_prev3;
     if (lv) {  // sigma per element (expf: its own loop so the main loop vectorises)
-      load_tile(V + n * A.bs_v + i0, len, vb);
+      load_f32(P.v + n * A.bs_v + i0, len, vb);
       bool zero_sigma = false;
       for (int64_t j = 0; j < len; ++j) {
         vb[j] = learned_sigma(k5, vb[j], k6, k7);
@@ -414,31 +351,31 @@ void run(const StepArgs& A) {
       mask = mask || (o.has_z && zero_sigma);
       sp = vb;
     }
-    if (Z) {
-      zp = tile_in(Z + n * A.bs_z + i0, len, zb);
+    if (P.z) {
+      zp = as_f32(P.z + n * A.bs_z + i0, len, zb);
     } else if (philox && o.mode == 0) {
-      philox_tile(zb, A, n, M, i0, len, offset, key0, key1);
+      philox_tile(zb, A, n, M, i0, len, rng);
       zp = zb;
     }
     if (o.mode == 1 && o.has_noise) {  // the SDE noise goes in the (unused) variance slot
-      if (W) {
-        sp = tile_in(W + n * A.bs_w + i0, len, vb);
+      if (P.w) {
+        sp = as_f32(P.w + n * A.bs_w + i0, len, vb);
       } else {
-        philox_tile(vb, A, n, M, i0, len, offset, key0, key1);
+        philox_tile(vb, A, n, M, i0, len, rng);
         sp = vb;
       }
     }
     const float* qp = mp;
-    if (Q) qp = tile_in(Q + n * A.bs_q + i0, len, qb);  // 3M: x0_prev2
-    const float* q3p = Q3 ? tile_in(Q3 + n * A.bs_q3 + i0, len, q3b) : mp;
-    const float* q4p = Q4 ? tile_in(Q4 + n * A.bs_q4 + i0, len, q4b) : mp;
+    if (P.q) qp = as_f32(P.q + n * A.bs_q + i0, len, qb);  // 3M: x0_prev2
+    const float* q3p = P.q3 ? as_f32(P.q3 + n * A.bs_q3 + i0, len, q3b) : mp;
+    const float* q4p = P.q4 ? as_f32(P.q4 + n * A.bs_q4 + i0, len, q4b) : mp;
     // fp32 outputs are written in place; other dtypes go through the fp32 tiles
-    float* op = tile_out(Out + n * M + i0, ob);
-    float* x0p = X0 ? tile_out(X0 + n * M + i0, x0b) : nullptr;
+    float* op = out_f32(P.out + n * M + i0, ob);
+    float* x0p = P.x0 ? out_f32(P.x0 + n * M + i0, x0b) : nullptr;
     (mask ? tile_masked : tile_plain)(PRED, o, coefs, len, xp, mp, up, sp, zp, qp, q3p, q4p, op,
                                       x0p);
-    if (op == ob) store_tile(Out + n * M + i0, len, ob);
-    if (X0 && x0p == x0b) store_tile(X0 + n * M + i0, len, x0b);
+    flush_f32(P.out + n * M + i0, ob, len);
+    if (P.x0) flush_f32(P.x0 + n * M + i0, x0b, len);
   }
 }
 
@@ -447,34 +384,15 @@ void run_pred(const StepArgs& A) {
   switch (A.opt.pred) {
     case kEpsilon: return run<TX, TM, kEpsilon>(A);
     case kVPrediction: return run<TX, TM, kVPrediction>(A);
-    case kSample: return run<TX, TM, kSample>(A);
-    default: throw std::invalid_argument("fastdiff: sampler_step: unknown prediction type");
+    default: return run<TX, TM, kSample>(A);  // check_step_args: 0, 1 or 2
   }
 }
 
 }  // namespace
 
 void sampler_step_cpu(const StepArgs& A) {
-  check_arg(A.n >= 0 && A.inner >= 0, "sampler_step: negative size");
-  check_arg(A.x && A.m && A.coef && A.out, "sampler_step: null operand");
-  check_arg(!A.opt.cfg || A.mu, "sampler_step: cfg needs the uncond operand");
-  check_arg(!A.opt.learned_var || A.v, "sampler_step: learned_var needs the variance operand");
-  check_arg(!A.opt.has_noise || (A.opt.mode == 1 && (A.w || A.gen)),
-            "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
-  check_arg(!A.opt.has_prev2 == !A.q && (!A.q || (A.opt.mode == 1 && A.z)),
-            "sampler_step: x0_prev2 needs mode 1 and x0_prev");
-  check_arg(!A.opt.has_prev3 == !A.q3 && (!A.q3 || A.q),
-            "sampler_step: x0_prev3 needs x0_prev2 (mode 1, x0_prev)");
-  check_arg(!A.opt.has_prev4 == !A.q4 && (!A.q4 || A.q3),
-            "sampler_step: x0_prev4 needs x0_prev3");
-  if (A.n == 0 || A.inner == 0) return;
-  FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "sampler_step", [&] {
-    using TX = scalar_t;
-    FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_m, "sampler_step", [&] {
-      using TM = scalar_t;
-      run_pred<TX, TM>(A);
-    });
-  });
+  if (!check_step_args(A)) return;
+  FASTDIFF_DISPATCH_HOST_DTYPES(A.dtype_x, A.dtype_m, "sampler_step", [&] { run_pred<TX, TM>(A); });
 }
 
 }  // namespace fastdiff

@@ -9,6 +9,7 @@
 #include "fastdiff/common.h"
 #include "fastdiff/cpu_isa.h"
 #include "fastdiff/cpu_parallel.h"
+#include "fastdiff/cpu_tiles.h"
 #include "fastdiff/unipc_math.h"
 
 namespace fastdiff {
@@ -19,16 +20,6 @@ namespace {
 // conversions run in their own loops; fp32 ones are used in place.
 constexpr int64_t kTile = 1024;
 alignas(64) const float kZeros[kTile] = {};  // an absent operand's tile
-
-template <typename T>
-inline void load_tile(const T* __restrict p, float* __restrict o, int64_t len) {
-  for (int64_t k = 0; k < len; ++k) o[k] = HostIO<T>::load(p + k);
-}
-
-template <typename T>
-inline void store_tile(T* __restrict p, const float* __restrict v, int64_t len) {
-  for (int64_t k = 0; k < len; ++k) HostIO<T>::store(p + k, v[k]);
-}
 
 // The math loop of one tile, over staged fp32 operands (an absent one: zeros). Compiled twice:
 // the portable baseline (SSE2 on x86-64) and, on x86-64 GCC/Clang, an AVX2+FMA clone picked at
@@ -138,7 +129,7 @@ void run(const UniPCArgs& A) {
       if constexpr (direct) {
         return reinterpret_cast<const float*>(p);
       } else {
-        load_tile(p, buf, len);
+        load_f32(p, len, buf);
         return buf;
       }
     };
@@ -157,7 +148,7 @@ void run(const UniPCArgs& A) {
     } else if constexpr (std::is_same<TM, float>::value) {
       pm = reinterpret_cast<const float*>(M);
     } else {
-      load_tile(M, bm, len);
+      load_f32(M, len, bm);
     }
     const float* pl = operand(A.last, A.bs_last, bl);
     const float* p1 = operand(A.m1, A.bs_m1, b1);
@@ -168,9 +159,9 @@ void run(const UniPCArgs& A) {
            reinterpret_cast<float*>(X0), reinterpret_cast<float*>(XN));
     } else {
       tile(cf, len, A.clip, A.clip_r, px, pm, pl, p1, p2, p3, oc, om, on);
-      store_tile(XC, oc, len);
-      store_tile(X0, om, len);
-      store_tile(XN, on, len);
+      store_f32(XC, len, oc);
+      store_f32(X0, len, om);
+      store_f32(XN, len, on);
     }
   });
 }
@@ -185,22 +176,15 @@ void run_pred(const UniPCArgs& A) {
 }  // namespace
 
 void unipc_step_cpu(const UniPCArgs& A) {
-  check_arg(A.pred >= 0 && A.pred <= 2, "unipc_step: prediction type code must be 0, 1 or 2");
-  check_arg(A.cfg == (A.mu != 0), "unipc_step: cfg needs the uncond operand and only then");
-  check_arg(A.m3 == 0 || (A.m2 != 0 && A.m1 != 0),
-            "unipc_step: m_prev3 needs m_prev2 and m_prev");
-  if (A.n * A.inner == 0) return;
+  if (!check_unipc_args(A)) return;
   // coef is host memory here: a row without order-3 terms runs the order-2 loop (NaN != 0)
   const bool o3 = A.m3 != 0 || (A.m2 != 0 && reinterpret_cast<const float*>(A.coef)[11] != 0.0f);
-  FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_x, "unipc_step", [&] {
-    using TX = scalar_t;
-    FASTDIFF_DISPATCH_HOST_DTYPE(A.dtype_m, "unipc_step", [&] {
-      if (o3) {
-        run_pred<TX, scalar_t, true>(A);
-      } else {
-        run_pred<TX, scalar_t, false>(A);
-      }
-    });
+  FASTDIFF_DISPATCH_HOST_DTYPES(A.dtype_x, A.dtype_m, "unipc_step", [&] {
+    if (o3) {
+      run_pred<TX, TM, true>(A);
+    } else {
+      run_pred<TX, TM, false>(A);
+    }
   });
 }
 

@@ -10,16 +10,15 @@
 // fp32: a simple CUDA-core path, one thread per query row, K/V tiles in shared memory, no TF32.
 //
 // Grid: x = B*H (up to 2^31-1), y = query tiles (<= 65535). All offsets are int64.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "fastdiff/attention_cuda.h"
 #include "fastdiff/attention_math.h"
 #include "fastdiff/common.h"
+#include "fastdiff/cuda_io.cuh"  // Dev16: the fp16 / bf16 pairs
 #include "fastdiff/cuda_utils.cuh"
 
 namespace fastdiff {
@@ -31,49 +30,35 @@ constexpr int kBN = 64;           // keys per tile
 constexpr int kPad = 8;           // smem row padding (elements): conflict-free fragment reads
 
 // ---- mma.sync wrappers -------------------------------------------------------------------------
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
+// d += a b for fp16 (T = __half) or bf16 (T = __nv_bfloat16) operands, fp32 accumulators; pack:
+// two fp32 values as one 32-bit pair of T (round to nearest even), the A / output fragments.
+#define FD_MMA_M16N8K16(AB)                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, "          \
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                                          \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                    \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+template <typename T>
+struct Mma {
+  static constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
 #if defined(FASTDIFF_CUDA_EMU)  // tests/cuda_emu: the PTX semantics, run on the CPU
-    fd_emu::mma_m16n8k16(d, a, b0, b1, false);
+    fd_emu::mma_m16n8k16(d, a, b0, b1, kBf16);
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16) {
+      FD_MMA_M16N8K16("bf16");
+    } else {
+      FD_MMA_M16N8K16("f16");
+    }
 #endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
+    typename Dev16<T>::pair h = Dev16<T>::from_f2(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  static __device__ __forceinline__ float2 unpack(uint32_t x) {
-    return __half22float2(*reinterpret_cast<__half2*>(&x));
-  }
 };
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-#if defined(FASTDIFF_CUDA_EMU)  // tests/cuda_emu: the PTX semantics, run on the CPU
-    fd_emu::mma_m16n8k16(d, a, b0, b1, true);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  static __device__ __forceinline__ float2 unpack(uint32_t x) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
-  }
-};
+#undef FD_MMA_M16N8K16
 
 __device__ __forceinline__ uint32_t pack_u16(uint16_t lo, uint16_t hi) {
   return (uint32_t)lo | ((uint32_t)hi << 16);
@@ -322,30 +307,28 @@ struct Args {
   cudaStream_t stream;
 };
 
-template <typename T, int D>
-void launch_mma(const Args& a) {
-  const long long tiles = (a.Lq + kBM - 1) / kBM;
+// One CTA per (batch x head, tile of `rows` query rows), `threads` threads; E: the kernel's
+// element type (uint16_t: the fp16 / bf16 bits).
+template <typename E, typename Kernel>
+void launch_kernel(const Args& a, Kernel kernel, int64_t rows, int threads, const char* name) {
+  const long long tiles = (a.Lq + rows - 1) / rows;
   check_arg(tiles <= 65535, "attention: Lq too long for the CUDA kernel's grid");
   dim3 grid(clamp_grid_x(a.B * a.H), (unsigned)tiles);
-  attn_fwd_mma_kernel<T, D><<<grid, kWarps * 32, 0, a.stream>>>(
-      reinterpret_cast<const uint16_t*>(a.q), reinterpret_cast<const uint16_t*>(a.k),
-      reinterpret_cast<const uint16_t*>(a.v), reinterpret_cast<uint16_t*>(a.o), a.H, a.Lq, a.Lk,
-      a.sq[0], a.sq[1], a.sq[2], a.sk[0], a.sk[1], a.sk[2], a.sv[0], a.sv[1], a.sv[2],
-      a.scale_log2);
-  check_launch("attn_fwd_mma_kernel");
+  kernel<<<grid, threads, 0, a.stream>>>(
+      reinterpret_cast<const E*>(a.q), reinterpret_cast<const E*>(a.k),
+      reinterpret_cast<const E*>(a.v), reinterpret_cast<E*>(a.o), a.H, a.Lq, a.Lk, a.sq[0],
+      a.sq[1], a.sq[2], a.sk[0], a.sk[1], a.sk[2], a.sv[0], a.sv[1], a.sv[2], a.scale_log2);
+  check_launch(name);
+}
+
+template <typename T, int D>
+void launch_mma(const Args& a) {
+  launch_kernel<uint16_t>(a, attn_fwd_mma_kernel<T, D>, kBM, kWarps * 32, "attn_fwd_mma_kernel");
 }
 
 template <int D>
 void launch_f32(const Args& a) {
-  const long long tiles = (a.Lq + kF32Rows - 1) / kF32Rows;
-  check_arg(tiles <= 65535, "attention: Lq too long for the CUDA kernel's grid");
-  dim3 grid(clamp_grid_x(a.B * a.H), (unsigned)tiles);
-  attn_fwd_f32_kernel<D><<<grid, kF32Rows, 0, a.stream>>>(
-      reinterpret_cast<const float*>(a.q), reinterpret_cast<const float*>(a.k),
-      reinterpret_cast<const float*>(a.v), reinterpret_cast<float*>(a.o), a.H, a.Lq, a.Lk,
-      a.sq[0], a.sq[1], a.sq[2], a.sk[0], a.sk[1], a.sk[2], a.sv[0], a.sv[1], a.sv[2],
-      a.scale_log2);
-  check_launch("attn_fwd_f32_kernel");
+  launch_kernel<float>(a, attn_fwd_f32_kernel<D>, kF32Rows, kF32Rows, "attn_fwd_f32_kernel");
 }
 
 template <int D>

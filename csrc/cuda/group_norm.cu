@@ -12,12 +12,10 @@
 //    per (n, g) merges them (Chan et al.) and folds everything into per-(n, c) a, b, (3) an
 //    elementwise pass y = act(a*x + b) (the second read of x mostly hits L2).
 // All offsets are int64; every grid uses only grid.x (< 2^31 blocks).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cstdint>
 
+#include "fastdiff/cuda_io.cuh"  // to_f / from_f
 #include "fastdiff/cuda_utils.cuh"
 #include "fastdiff/group_norm_cuda.h"
 #include "fastdiff/group_norm_math.h"
@@ -31,16 +29,6 @@ constexpr int kThreads = 256;
 constexpr int kMaxSplit = 64;
 
 __host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // V consecutive elements, one aligned access (16 bytes when V = 16 / sizeof(T)).
 template <typename T, int V>

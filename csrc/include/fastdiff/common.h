@@ -159,4 +159,15 @@ template <> struct HostIO<BF16> {
     }                                                                                      \
   }()
 
+// The two-operand dispatch of the sampler kernels: x's storage type as TX, the model output's as
+// TM (each fp32, fp16 or bf16), then __VA_ARGS__() with both in scope.
+#define FASTDIFF_DISPATCH_HOST_DTYPES(code_x, code_m, NAME, ...)                  \
+  FASTDIFF_DISPATCH_HOST_DTYPE(code_x, NAME, [&] {                                \
+    using TX = scalar_t;                                                          \
+    FASTDIFF_DISPATCH_HOST_DTYPE(code_m, NAME, [&] {                              \
+      using TM = scalar_t;                                                        \
+      return __VA_ARGS__();                                                       \
+    });                                                                           \
+  })
+
 }  // namespace fastdiff

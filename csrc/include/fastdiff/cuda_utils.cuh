@@ -32,4 +32,21 @@ inline unsigned int clamp_grid_x(long long blocks) {
   return (unsigned int)(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 
+// Multiprocessors of the current device (at least 1).
+inline int sm_count() {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+             "cudaDeviceGetAttribute");
+  return sms > 0 ? sms : 1;
+}
+
+// Grid of a grid-stride kernel over `items` work items, `threads` per block: one item per thread
+// up to 16 blocks per multiprocessor, the kernel's loop beyond that.
+inline unsigned int grid_stride_blocks(int64_t items, int threads) {
+  const int64_t needed = (items + threads - 1) / threads;
+  const int64_t cap = (int64_t)sm_count() * 16;
+  return clamp_grid_x(needed < cap ? needed : cap);
+}
+
 }  // namespace fastdiff

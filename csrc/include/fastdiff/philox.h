@@ -144,4 +144,27 @@ FD_PHILOX float philox_randn_lane(uint32_t k0, uint32_t k1, uint64_t ctr, int la
   return lane == 0 ? n0 : lane == 1 ? n1 : lane == 2 ? n2 : n3;
 }
 
+// The key and counter offset of the in-kernel noise from gen = int64[2] (seed, offset) in the
+// kernel's memory (read through the read-only cache on the device); all 0 without one (gen 0).
+struct PhiloxState {
+  uint32_t key0 = 0, key1 = 0;
+  uint64_t offset = 0;
+};
+FD_HD PhiloxState philox_state(uintptr_t gen) {
+  PhiloxState st;
+  if (gen) {
+    const long long* g = reinterpret_cast<const long long*>(gen);
+#if defined(__CUDA_ARCH__)
+    const uint64_t seed = (uint64_t)__ldg(g);
+    st.offset = (uint64_t)__ldg(g + 1);
+#else
+    const uint64_t seed = (uint64_t)g[0];
+    st.offset = (uint64_t)g[1];
+#endif
+    st.key0 = (uint32_t)seed;
+    st.key1 = (uint32_t)(seed >> 32);
+  }
+  return st;
+}
+
 }  // namespace fastdiff

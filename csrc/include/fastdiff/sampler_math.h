@@ -193,6 +193,43 @@ struct StepArgs {
   StepOptions opt{};
 };
 
+// StepArgs' operands as typed pointers (nullptr where absent): TX for x's dtype (x, x0_prev or
+// noise z, w, q, q3, q4 and the outputs), TM for the model output's (m, mu, v).
+template <typename TX, typename TM>
+struct StepOperands {
+  const TX* x;
+  const TM *m, *mu, *v;
+  const TX *z, *w, *q, *q3, *q4;
+  TX *out, *x0;
+  FD_HD explicit StepOperands(const StepArgs& A)
+      : x(reinterpret_cast<const TX*>(A.x)), m(reinterpret_cast<const TM*>(A.m)),
+        mu(reinterpret_cast<const TM*>(A.mu)), v(reinterpret_cast<const TM*>(A.v)),
+        z(reinterpret_cast<const TX*>(A.z)), w(reinterpret_cast<const TX*>(A.w)),
+        q(reinterpret_cast<const TX*>(A.q)), q3(reinterpret_cast<const TX*>(A.q3)),
+        q4(reinterpret_cast<const TX*>(A.q4)), out(reinterpret_cast<TX*>(A.out)),
+        x0(reinterpret_cast<TX*>(A.x0)) {}
+};
+
+// The boundary checks of both kernels (host side): std::invalid_argument (Python ValueError)
+// naming what is missing; nothing is launched or written after one. Returns whether there is work
+// (no samples or empty samples: nothing to do).
+inline bool check_step_args(const StepArgs& A) {
+  check_arg(A.n >= 0 && A.inner >= 0, "sampler_step: negative size");
+  check_arg(A.x && A.m && A.coef && A.out, "sampler_step: null operand");
+  check_arg(!A.opt.cfg || A.mu, "sampler_step: cfg needs the uncond operand");
+  check_arg(!A.opt.learned_var || A.v, "sampler_step: learned_var needs the variance operand");
+  check_arg(A.opt.pred >= 0 && A.opt.pred <= 2, "sampler_step: unknown prediction type");
+  check_arg(!A.opt.has_noise || (A.opt.mode == 1 && (A.w || A.gen)),
+            "sampler_step: has_noise needs mode 1 and a noise operand or generator state");
+  check_arg(!A.opt.has_prev2 == !A.q && (!A.q || (A.opt.mode == 1 && A.z)),
+            "sampler_step: x0_prev2 needs mode 1 and x0_prev");
+  check_arg(!A.opt.has_prev3 == !A.q3 && (!A.q3 || A.q),
+            "sampler_step: x0_prev3 needs x0_prev2 (mode 1, x0_prev)");
+  check_arg(!A.opt.has_prev4 == !A.q4 && (!A.q4 || A.q3),
+            "sampler_step: x0_prev4 needs x0_prev3");
+  return A.n > 0 && A.inner > 0;
+}
+
 // csrc/cpu/sampler_step.cpp
 void sampler_step_cpu(const StepArgs& args);
 

@@ -52,6 +52,17 @@ FD_HD_INLINE void unipc_element(const float* c, float x, float mo, int clip, flo
   xn = w;
 }
 
+// The boundary checks of both kernels (host side): std::invalid_argument (Python ValueError)
+// naming the problem; nothing is launched or written after one. Returns whether there is work.
+inline bool check_unipc_args(const UniPCArgs& A) {
+  check_arg(A.n >= 0 && A.inner >= 0, "unipc_step: negative size");
+  check_arg(A.pred >= 0 && A.pred <= 2, "unipc_step: prediction type code must be 0, 1 or 2");
+  check_arg(A.cfg == (A.mu != 0), "unipc_step: cfg needs the uncond operand and only then");
+  check_arg(A.m3 == 0 || (A.m2 != 0 && A.m1 != 0),
+            "unipc_step: m_prev3 needs m_prev2 and m_prev");
+  return A.n > 0 && A.inner > 0;
+}
+
 // csrc/cpu/unipc_step.cpp
 void unipc_step_cpu(const UniPCArgs& args);
 
