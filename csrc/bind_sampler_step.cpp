@@ -20,14 +20,24 @@
 namespace fastdiff {
 namespace {
 
-// Flat argument list (see fastdiff/ops/sampler_step.py::_run_kernel) -> StepArgs.
-StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x,
-                   int64_t bs_x, uintptr_t m, int64_t bs_m, uintptr_t mu, int64_t bs_mu,
-                   uintptr_t v, int64_t bs_v, uintptr_t z, int64_t bs_z, uintptr_t w,
-                   int64_t bs_w, uintptr_t gen, uintptr_t coef, uintptr_t out, uintptr_t x0,
-                   int dtype_x, int dtype_m, int pred, bool clip, float clip_r, bool recompute,
-                   bool cfg, float g, uintptr_t q, int64_t bs_q, uintptr_t q3 = 0,
-                   int64_t bs_q3 = 0, uintptr_t q4 = 0, int64_t bs_q4 = 0) {
+// The flat argument list of the general entry points (see fastdiff/ops/sampler_step.py::
+// _run_kernel) up to the guidance scale, and its names; then the history operands (the CUDA entry
+// point takes the stream between the two).
+#define FD_STEP_PARAMS                                                                           \
+  int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x, int64_t bs_x,     \
+      uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,        \
+      uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,       \
+      uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r, \
+      bool recompute, bool cfg, float g
+#define FD_STEP_NAMES                                                                           \
+  mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v, z, bs_z, w, bs_w, gen, coef, \
+      out, x0, dtype_x, dtype_m, pred, clip, clip_r, recompute, cfg, g
+#define FD_STEP_HIST_PARAMS \
+  uintptr_t q, int64_t bs_q, uintptr_t q3, int64_t bs_q3, uintptr_t q4, int64_t bs_q4
+#define FD_STEP_HIST_NAMES q, bs_q, q3, bs_q3, q4, bs_q4
+
+// FD_STEP_PARAMS and the history operands -> StepArgs.
+StepArgs make_args(FD_STEP_PARAMS, FD_STEP_HIST_PARAMS) {
   check_arg(mode == 0 || mode == 1, "sampler_step: mode must be 0 or 1");
   check_arg(pred >= 0 && pred <= 2, "sampler_step: prediction type code must be 0, 1 or 2");
   StepArgs A;
@@ -37,7 +47,7 @@ StepArgs make_args(int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t h
   A.hw = hw;
   A.x = x;
   A.bs_x = bs_x;
-  A.m = m;
+  A.m = mo;
   A.bs_m = bs_m;
   A.mu = mu;
   A.bs_mu = bs_mu;
@@ -193,15 +203,8 @@ void register_sampler_step(pybind11::module_& m) {
   register_unipc_step(m);
   m.def(
       "sampler_step_cpu",
-      [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x, int64_t bs_x,
-         uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
-         uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
-         uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
-         bool recompute, bool cfg, float g, uintptr_t q, int64_t bs_q, uintptr_t q3,
-         int64_t bs_q3, uintptr_t q4, int64_t bs_q4) {
-        StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
-                               z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
-                               clip_r, recompute, cfg, g, q, bs_q, q3, bs_q3, q4, bs_q4);
+      [](FD_STEP_PARAMS, FD_STEP_HIST_PARAMS) {
+        StepArgs A = make_args(FD_STEP_NAMES, FD_STEP_HIST_NAMES);
         py::gil_scoped_release nogil;
         sampler_step_cpu(A);
       },
@@ -247,15 +250,8 @@ void register_sampler_step(pybind11::module_& m) {
 #ifdef FASTDIFF_WITH_CUDA
   m.def(
       "sampler_step_cuda",
-      [](int mode, int64_t n, int64_t inner, int64_t nhwc_c, int64_t hw, uintptr_t x, int64_t bs_x,
-         uintptr_t mo, int64_t bs_m, uintptr_t mu, int64_t bs_mu, uintptr_t v, int64_t bs_v,
-         uintptr_t z, int64_t bs_z, uintptr_t w, int64_t bs_w, uintptr_t gen, uintptr_t coef,
-         uintptr_t out, uintptr_t x0, int dtype_x, int dtype_m, int pred, bool clip, float clip_r,
-         bool recompute, bool cfg, float g, uintptr_t stream, uintptr_t q, int64_t bs_q,
-         uintptr_t q3, int64_t bs_q3, uintptr_t q4, int64_t bs_q4) {
-        StepArgs A = make_args(mode, n, inner, nhwc_c, hw, x, bs_x, mo, bs_m, mu, bs_mu, v, bs_v,
-                               z, bs_z, w, bs_w, gen, coef, out, x0, dtype_x, dtype_m, pred, clip,
-                               clip_r, recompute, cfg, g, q, bs_q, q3, bs_q3, q4, bs_q4);
+      [](FD_STEP_PARAMS, uintptr_t stream, FD_STEP_HIST_PARAMS) {
+        StepArgs A = make_args(FD_STEP_NAMES, FD_STEP_HIST_NAMES);
         sampler_step_cuda(A, stream);
       },
       "Fused sampler update / DPM-Solver++ 2M / 3M step on CUDA buffers, on `stream`; q, bs_q: "
@@ -265,5 +261,9 @@ void register_sampler_step(pybind11::module_& m) {
       py::arg("bs_q3") = 0, py::arg("q4") = 0, py::arg("bs_q4") = 0);
 #endif
 }
+#undef FD_STEP_PARAMS
+#undef FD_STEP_NAMES
+#undef FD_STEP_HIST_PARAMS
+#undef FD_STEP_HIST_NAMES
 
 }  // namespace fastdiff
