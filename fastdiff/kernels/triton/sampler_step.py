@@ -28,6 +28,75 @@ def _t(c, v):
 
 
 @triton.jit
+def _tile(t, tiles_per_sample, lane, inner, BLOCK: tl.constexpr):
+    """Tile ``t`` of a grid-stride loop over (sample, tile) pairs: ``(t, n, offs, mask)``, the
+    tile index as int64, its sample n, its [BLOCK] memory offsets within the sample (``lane`` =
+    0 .. BLOCK - 1, int64) and which of them lie inside the sample's ``inner`` elements."""
+    t64 = tl.full((), t, tl.int64)
+    n = t64 // tiles_per_sample
+    offs = (t64 - n * tiles_per_sample) * BLOCK + lane
+    return t64, n, offs, offs < inner
+
+
+@triton.jit
+def _load(P, n, bs, offs, mask):
+    """Sample n's elements ``offs`` of an operand with batch stride ``bs``, as fp32 (0 masked)."""
+    return tl.load(P + n * bs + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _guided(M, MU, n, offs, mask, bs_m, bs_mu, g, CFG: tl.constexpr):
+    """The model output, fp32; with CFG the guided ``u + g (m - u)`` (classifier-free guidance,
+    Ho & Salimans 2022) of the cond half M and the uncond half MU."""
+    m = _load(M, n, bs_m, offs, mask)
+    if CFG:
+        u = _load(MU, n, bs_mu, offs, mask)
+        m = u + g * (m - u)
+    return m
+
+
+@triton.jit
+def _x0_eps(
+    x, m, a, s, clip_r,
+    PRED: tl.constexpr, CLIP: tl.constexpr, RECOMPUTE: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    """x0 and eps from the model output m (DDIM eq. 9; v-parameterisation, Salimans & Ho 2022),
+    x0 clamped to [-clip_r, clip_r] with NaN kept (CLIP) and eps then recomputed from it
+    (RECOMPUTE); csrc/include/fastdiff/sampler_math.h, predict_x0_eps. EPS false: eps is not
+    needed and not computed (m is returned in its place)."""
+    if PRED == 0:
+        x0 = (x - s * m) / a
+    elif PRED == 1:
+        x0 = a * x - s * m
+    else:
+        x0 = m
+    eps = m  # PRED 0's eps
+    if EPS:
+        if PRED == 1:
+            eps = a * m + s * x
+        elif PRED == 2:
+            eps = (x - a * x0) / s
+    if CLIP:
+        x0 = tl.where(x0 < -clip_r, -clip_r, x0)  # NaN-propagating clamp
+        x0 = tl.where(x0 > clip_r, clip_r, x0)
+        if RECOMPUTE:
+            eps = (x - a * x0) / s
+    return x0, eps
+
+
+def grid(x: Tensor, total: int) -> tuple[int]:
+    """Programs of a grid-stride launch over ``total`` tiles: 16 per multiprocessor on a GPU, 4
+    under the interpreter (few programs, each a vectorised numpy tile loop)."""
+    if x.device.type == "cuda":
+        import torch
+
+        cap = torch.cuda.get_device_properties(x.device).multi_processor_count * 16
+    else:
+        cap = 4
+    return (max(1, min(total, cap)),)
+
+
+@triton.jit
 def _philox_noise(
     GEN,  # int64 [2] (seed, offset)
     n,  # sample index (int64)
@@ -121,41 +190,22 @@ def _sampler_step_kernel(
     lane = tl.arange(0, BLOCK).to(tl.int64)
     quad = tl.arange(0, BLOCK // 4).to(tl.int64)
     for t in range(pid, total_tiles, nprog):
-        t64 = tl.full((), t, tl.int64)
-        n = t64 // tiles_per_sample
-        offs = (t64 - n * tiles_per_sample) * BLOCK + lane
-        mask = offs < inner
-        x = tl.load(X + n * bs_x + offs, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(M + n * bs_m + offs, mask=mask, other=0.0).to(tl.float32)
-        if CFG:
-            u = tl.load(MU + n * bs_mu + offs, mask=mask, other=0.0).to(tl.float32)
-            m = u + g * (m - u)
-        if PRED == 0:
-            eps = m
-            x0 = (x - s * eps) / a
-        elif PRED == 1:
-            x0 = a * x - s * m
-            eps = a * m + s * x
-        else:
-            x0 = m
-            eps = (x - a * x0) / s
-        if CLIP:
-            x0 = tl.where(x0 < -clip_r, -clip_r, x0)  # NaN-propagating clamp
-            x0 = tl.where(x0 > clip_r, clip_r, x0)
-            if RECOMPUTE:
-                eps = (x - a * x0) / s
+        t64, n, offs, mask = _tile(t, tiles_per_sample, lane, inner, BLOCK)
+        x = _load(X, n, bs_x, offs, mask)
+        m = _guided(M, MU, n, offs, mask, bs_m, bs_mu, g, CFG)
+        x0, eps = _x0_eps(x, m, a, s, clip_r, PRED, CLIP, RECOMPUTE, True)
         if MODE == 0:
             # a term with a zero coefficient is not formed (sampler_math.h, formed_operand)
             out = _t(k2, x0) + _t(k3, eps) + _t(k4, x)
             if HAS_Z != 0:
                 if HAS_Z == 1:
-                    z = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
+                    z = _load(Z, n, bs_z, offs, mask)
                 else:
                     z = _philox_noise(GEN, n, t64, offs, quad, inner, tiles_per_sample, nhwc_c,
                                       hw, NHWC, QUAD, BLOCK)  # fmt: skip
                 sigma = k5
                 if LV:
-                    v = tl.load(V + n * bs_v + offs, mask=mask, other=0.0).to(tl.float32)
+                    v = _load(V, n, bs_v, offs, mask)
                     f = (v + 1.0) * 0.5
                     sigma = k5 * tl.exp(0.5 * (f * k6 + (1.0 - f) * k7))
                 out = out + _t(sigma, z)
@@ -164,19 +214,19 @@ def _sampler_step_kernel(
                 eps = (x - a * x0) / s
             out = _t(k2, x) + _t(k3, x0)
             if HAS_Z == 1:
-                xp = tl.load(Z + n * bs_z + offs, mask=mask, other=0.0).to(tl.float32)
+                xp = _load(Z, n, bs_z, offs, mask)
                 out = out + _t(k4, xp)
             if HAS_PREV2:
-                q = tl.load(Q + n * bs_q + offs, mask=mask, other=0.0).to(tl.float32)
+                q = _load(Q, n, bs_q, offs, mask)
                 out = out + _t(k6, q)
             if HAS_PREV3:
-                q3 = tl.load(Q3 + n * bs_q3 + offs, mask=mask, other=0.0).to(tl.float32)
+                q3 = _load(Q3, n, bs_q3, offs, mask)
                 out = out + _t(tl.load(COEF + 8), q3)
             if HAS_PREV4:
-                q4 = tl.load(Q4 + n * bs_q4 + offs, mask=mask, other=0.0).to(tl.float32)
+                q4 = _load(Q4, n, bs_q4, offs, mask)
                 out = out + _t(tl.load(COEF + 9), q4)
             if HAS_NOISE == 1:
-                w = tl.load(W + n * bs_w + offs, mask=mask, other=0.0).to(tl.float32)
+                w = _load(W, n, bs_w, offs, mask)
                 out = out + _t(k5, w)
             elif HAS_NOISE == 2:
                 w = _philox_noise(GEN, n, t64, offs, quad, inner, tiles_per_sample, nhwc_c, hw,
@@ -226,18 +276,10 @@ def sampler_step_forward(
     block = 1024
     tiles = triton.cdiv(inner, block)
     total = n * tiles
-    if x.device.type == "cuda":
-        import torch
-
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        cap = sms * 16
-    else:
-        cap = 4  # interpreter: few programs, each a vectorised numpy tile loop
-    grid = (max(1, min(total, cap)),)
     has_z = 2 if (gen is not None and mode == 0) else (1 if z is not None else 0)
     has_noise = 0 if mode == 0 else (1 if w is not None else (2 if gen is not None else 0))
     bs = [*bs, 0][:6]
-    _sampler_step_kernel[grid](
+    _sampler_step_kernel[grid(x, total)](
         x, m, mu if mu is not None else m, v if v is not None else m, z if z is not None else x,
         w if w is not None else x, q if q is not None else x, q3 if q3 is not None else x,
         q4 if q4 is not None else x, gen if gen is not None else coef,

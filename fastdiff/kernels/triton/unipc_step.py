@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdiff.kernels.triton import _compat
-from fastdiff.kernels.triton.sampler_step import _t
+from fastdiff.kernels.triton.sampler_step import _guided, _load, _t, _tile, _x0_eps, grid
 
 _compat.patch_interpreter()
 
@@ -68,37 +68,23 @@ def _unipc_step_kernel(
     p_m1 = tl.load(COEF + 9)
     lane = tl.arange(0, BLOCK).to(tl.int64)
     for t in range(pid, total_tiles, nprog):
-        t64 = tl.full((), t, tl.int64)
-        n = t64 // tiles_per_sample
-        offs = (t64 - n * tiles_per_sample) * BLOCK + lane
-        mask = offs < inner
-        x = tl.load(X + n * bs_x + offs, mask=mask, other=0.0).to(tl.float32)
-        mo = tl.load(M + n * bs_m + offs, mask=mask, other=0.0).to(tl.float32)
-        if CFG:
-            u = tl.load(MU + n * bs_mu + offs, mask=mask, other=0.0).to(tl.float32)
-            mo = u + g * (mo - u)
-        if PRED == 0:
-            m = (x - s * mo) / a
-        elif PRED == 1:
-            m = a * x - s * mo
-        else:
-            m = mo
-        if CLIP:
-            m = tl.where(m < -clip_r, -clip_r, m)  # NaN-propagating clamp
-            m = tl.where(m > clip_r, clip_r, m)
+        _t64, n, offs, mask = _tile(t, tiles_per_sample, lane, inner, BLOCK)
+        x = _load(X, n, bs_x, offs, mask)
+        mo = _guided(M, MU, n, offs, mask, bs_m, bs_mu, g, CFG)
+        m, _eps = _x0_eps(x, mo, a, s, clip_r, PRED, CLIP, False, False)  # x0 of the output
         xc = _t(c_x, x) + _t(c_m, m)  # a zero coefficient's term is not formed
         if HAS_LAST:
-            last = tl.load(LAST + n * bs_last + offs, mask=mask, other=0.0).to(tl.float32)
+            last = _load(LAST, n, bs_last, offs, mask)
             xc = xc + _t(c_last, last)
         if HAS_M1:
-            m1 = tl.load(M1 + n * bs_m1 + offs, mask=mask, other=0.0).to(tl.float32)
+            m1 = _load(M1, n, bs_m1, offs, mask)
             xc = xc + _t(c_m1, m1)
         if HAS_M2:
-            m2 = tl.load(M2 + n * bs_m2 + offs, mask=mask, other=0.0).to(tl.float32)
+            m2 = _load(M2, n, bs_m2, offs, mask)
             xc = xc + _t(c_m2, m2)
         if HAS_M3:
             c_m3 = tl.load(COEF + 10)
-            m3 = tl.load(M3 + n * bs_m3 + offs, mask=mask, other=0.0).to(tl.float32)
+            m3 = _load(M3, n, bs_m3, offs, mask)
             xc = xc + _t(c_m3, m3)
         xn = _t(p_xc, xc) + _t(p_m, m)
         if HAS_M1:
@@ -132,21 +118,14 @@ def unipc_step_forward(
 ) -> None:
     """Launch the kernel. Tensors per-sample dense in x's order (batch strides read from them
     when the batch has more than one sample); absent operands are None (never read)."""
-    import torch
-
     block = 1024
     tiles = triton.cdiv(inner, block)
     total = n * tiles
-    if x.device.type == "cuda":
-        cap = torch.cuda.get_device_properties(x.device).multi_processor_count * 16
-    else:
-        cap = 4  # interpreter: few programs, each a vectorised numpy tile loop
 
     def bs(t: Tensor | None) -> int:
         return 0 if t is None else (t.stride(0) if t.shape[0] > 1 else inner)
 
-    grid = (max(1, min(total, cap)),)
-    _unipc_step_kernel[grid](
+    _unipc_step_kernel[grid(x, total)](
         x, m, mu if mu is not None else m, last if last is not None else x,
         m1 if m1 is not None else x, m2 if m2 is not None else x, m3 if m3 is not None else x,
         coef, xc, x0, xn, bs(x), bs(m), bs(mu), bs(last), bs(m1), bs(m2), bs(m3), inner, tiles,
