@@ -29,38 +29,42 @@ def _fp32_convs_without_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _unet2d(device):
+def _tiny_unet(cls, device="cpu", **config):
+    """A diffusers UNet class ``cls`` with random weights (seed 0), 8 x 8 samples, one layer
+    per block of 32 / 64 channels, 8 groups, and ``config``."""
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=8,
+    return cls(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+               **config).to(device)  # fmt: skip
+
+
+def _unet2d(device):
+    return _tiny_unet(
+        diffusers.UNet2DModel,
+        device,
         in_channels=3,
         out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
         down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
-        norm_num_groups=8,
         attention_head_dim=32,  # head dim 32: both the 32- and 64-channel blocks run fused
-    ).to(device)
+    )
 
 
 def _unet2d_condition(device):
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
+    return _tiny_unet(
+        diffusers.UNet2DConditionModel,
+        device,
         in_channels=4,
         out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=40,
         attention_head_dim=1,  # diffusers' name for the head count: 1 head of 32 channels
-        norm_num_groups=8,
-    ).to(device)
+    )
 
 
-def _run_both(unet, backend, *inputs):
+def _assert_fused_matches(unet, backend, *inputs):
+    """``unet(*inputs)`` with FastAttnProcessor under ``backend``: every attention call fused
+    (none through SDPA), the output that of diffusers' AttnProcessor2_0 (1e-4)."""
     assert set_attn_processor(unet, AttnProcessor2_0()) > 0
     with torch.no_grad():
         ref = unet(*inputs).sample
@@ -68,7 +72,8 @@ def _run_both(unet, backend, *inputs):
     set_attn_processor(unet, proc)
     with torch.no_grad(), fastdiff.use_backend(backend, "attention"):
         out = unet(*inputs).sample
-    return out, ref, proc, proc.fused_calls
+    assert proc.fused_calls > 0 and proc.sdpa_calls == 0
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -77,9 +82,7 @@ def test_unet2d_matches_attn_processor_2_0(case):
     unet = _unet2d(dev)
     x = torch.randn(2, 3, 8, 8, device=dev)
     t = torch.tensor([10, 500], device=dev)
-    out, ref, proc, n = _run_both(unet, backend, x, t)
-    assert n > 0 and proc.sdpa_calls == 0
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    _assert_fused_matches(unet, backend, x, t)
 
 
 def test_unet2d_condition_set_attn_processor_method():
@@ -96,9 +99,7 @@ def test_unet2d_condition_matches_attn_processor_2_0(case):
     x = torch.randn(2, 4, 8, 8, device=dev)
     t = torch.tensor([3, 700], device=dev)
     ctx = torch.randn(2, 7, 40, device=dev)
-    out, ref, proc, n = _run_both(unet, backend, x, t, ctx)
-    assert n > 0 and proc.sdpa_calls == 0
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    _assert_fused_matches(unet, backend, x, t, ctx)
 
 
 def test_mask_goes_to_sdpa_and_matches():
@@ -201,10 +202,8 @@ def test_simple_cross_attn_unet_optimized():
     (they were left alone) and the output is unchanged."""
     import copy
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=24,
+    unet = _tiny_unet(
+        diffusers.UNet2DConditionModel, in_channels=4, out_channels=4, cross_attention_dim=24,
         attention_head_dim=32, mid_block_type="UNetMidBlock2DSimpleCrossAttn",
         down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D"),

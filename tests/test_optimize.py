@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers import randomize_
 
 import fastdiff
 
@@ -26,13 +27,6 @@ from fastdiff.nn import GroupNormSiLU  # noqa: E402
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def randomize_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
-
-
 def unet2d(size: int = 16, **kw) -> UNet2DModel:
     """A tiny google/ddpm-cifar10-32-style UNet2DModel (attention at the second level)."""
     cfg = dict(
@@ -46,7 +40,7 @@ def unet2d(size: int = 16, **kw) -> UNet2DModel:
         norm_num_groups=8,
         attention_head_dim=32,
     )
-    return randomize_(UNet2DModel(**{**cfg, **kw}))
+    return randomize_(UNet2DModel(**{**cfg, **kw}), 0.05)
 
 
 def vae_kl() -> AutoencoderKL:
@@ -75,7 +69,7 @@ def unet2d_cond(**kw) -> UNet2DConditionModel:
         norm_num_groups=8,
         attention_head_dim=1,  # diffusers: the head *count* here; 1 head of dim 32
     )
-    return randomize_(UNet2DConditionModel(**{**cfg, **kw}))
+    return randomize_(UNet2DConditionModel(**{**cfg, **kw}), 0.05)
 
 
 def run(model, x, t, ctx=None):
@@ -187,7 +181,7 @@ def test_resnet_output_scale_factor(factor):
 
     torch.manual_seed(3)
     block = randomize_(ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=4,
-                                     output_scale_factor=factor)).eval()  # fmt: skip
+                                     output_scale_factor=factor), 0.05).eval()  # fmt: skip
     ref = copy.deepcopy(block)
     fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
     assert type(block).__name__ == "FusedResnetBlock2D"
@@ -429,10 +423,10 @@ def test_upsample2d_folded_on_cpu_equals_diffusers(monkeypatch):
                         lambda x, c: folds.append(1) or real(x, c))  # fmt: skip
 
     torch.manual_seed(0)
-    up = randomize_(Upsample2D(8, use_conv=True))
+    up = randomize_(Upsample2D(8, use_conv=True), 0.05)
     ref = copy.deepcopy(up)
     odd = Upsample2D(8, use_conv=True, kernel_size=5, padding=2)
-    wide = randomize_(Upsample2D(8, use_conv=True, out_channels=16))  # Co != Ci folds too
+    wide = randomize_(Upsample2D(8, use_conv=True, out_channels=16), 0.05)  # Co != Ci folds too
     wide_ref = copy.deepcopy(wide)
     holder = torch.nn.ModuleDict({"up": up, "odd": odd, "wide": wide})
     report = fastdiff.optimize(holder, channels_last=False).fastdiff_report
@@ -465,7 +459,7 @@ def test_upsample2d_small_maps_run_diffusers_forward(monkeypatch):
     from fastdiff.nn import sampling
 
     torch.manual_seed(1)
-    up = randomize_(Upsample2D(8, use_conv=True))
+    up = randomize_(Upsample2D(8, use_conv=True), 0.05)
     ref = copy.deepcopy(up)
     fastdiff.optimize(torch.nn.ModuleDict({"up": up}), channels_last=False)
     folds = []

@@ -11,19 +11,12 @@ import copy
 
 import pytest
 import torch
-from helpers import backend_cases
+from helpers import backend_cases, randomize_
 
 import fastdiff
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 GN_BACKENDS = [b for d, b in backend_cases("group_norm_silu") if d == "cpu"]
-
-
-def _rand_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
 
 
 # --------------------------------------------------------------------- group_norm_silu + vmap
@@ -68,12 +61,9 @@ UNET2D = dict(
     attention_head_dim=8,
 )
 UNET2D_COND = dict(
-    sample_size=8,
+    UNET2D,
     in_channels=4,
     out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(16, 32),
-    norm_num_groups=8,
     cross_attention_dim=12,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -102,7 +92,7 @@ def test_optimize_keeps_hooked_modules_running(where, kind):
     norm1 / norm2 / nonlinearity, conv_norm_out / conv_act, an attention's group_norm) must
     still run: optimize() dropped it silently and the output changed (as
     fuse_group_norm_silu already refuses to fuse hooked pairs)."""
-    model = _rand_(UNet2DModel(**UNET2D))
+    model = randomize_(UNet2DModel(**UNET2D), 0.05)
     calls: list[str] = []
     mod = model.get_submodule(where)
     if kind == "forward":
@@ -123,7 +113,7 @@ def test_optimize_keeps_hooked_modules_running(where, kind):
 
 
 def test_optimize_keeps_hooked_transformer_norm():
-    model = _rand_(UNet2DConditionModel(**UNET2D_COND))
+    model = randomize_(UNet2DConditionModel(**UNET2D_COND), 0.05)
     where = "down_blocks.0.attentions.0.norm"
     calls = []
     model.get_submodule(where).register_forward_hook(
@@ -143,7 +133,7 @@ def test_optimize_keeps_hooked_transformer_norm():
 
 def test_optimize_deepcopy_of_hooked_model_still_equal():
     """The hooked block is left alone; its unhooked siblings are still fused."""
-    model = _rand_(UNet2DModel(**UNET2D))
+    model = randomize_(UNet2DModel(**UNET2D), 0.05)
     model.down_blocks[0].resnets[0].norm1.register_forward_hook(_halve)
     ref_model = copy.deepcopy(model)
     fastdiff.optimize(model, channels_last=False)
@@ -283,7 +273,7 @@ def test_hooks_added_after_optimize_still_run(how):
     replaces each leaf module's forward on the instance; feature extractors add forward hooks).
     A fused ResnetBlock2D never calls its norm1 / norm2 / nonlinearity, so such hooks were
     silently skipped: it must run diffusers' own forward while they are present."""
-    model = _rand_(UNet2DModel(**UNET2D))
+    model = randomize_(UNet2DModel(**UNET2D), 0.05)
     ref_model = copy.deepcopy(model)
     fastdiff.optimize(model, channels_last=False)
     calls: list[int] = []
@@ -314,7 +304,7 @@ def test_group_norm_silu_module_loads_a_bias_free_group_norm_state_dict():
 
     gn = torch.nn.GroupNorm(4, 8)
     gn.bias = None
-    gn = _rand_(gn, std=0.3)
+    gn = randomize_(gn, 0.3)
     ours = GroupNormSiLU(4, 8, activation=None, bias=False)
     ours.load_state_dict(gn.state_dict())
     assert ours.bias is None and list(ours.state_dict()) == ["weight"]
@@ -332,18 +322,14 @@ def test_optimize_channels_last_on_a_model_with_5d_weights():
     from diffusers import UNet3DConditionModel
 
     model = UNet3DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        norm_num_groups=8,
-        cross_attention_dim=12,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        **dict(
+            UNET2D_COND,
+            attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        )
     )
-    model = _rand_(model)
+    model = randomize_(model, 0.05)
     ref_model = copy.deepcopy(model)
     fastdiff.optimize(model)
     assert model.fastdiff_report.channels_last
@@ -361,7 +347,7 @@ def test_vmap_over_upsample_with_strided_slices():
     non-contiguous per-sample view (in_dims=1)."""
     from fastdiff.nn import Upsample
 
-    up = _rand_(Upsample(8), std=0.3)
+    up = randomize_(Upsample(8), 0.3)
     x = torch.randn(2, 3, 8, 6, 6)
     out = torch.vmap(up, in_dims=1)(x)
     ref = torch.stack([up(x[:, i]) for i in range(3)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_
 
 import fastdiff
 
@@ -18,13 +19,6 @@ try:
 except ImportError:  # the UNet / nn tests below run without it
     diffusers = None
 needs_diffusers = pytest.mark.skipif(diffusers is None, reason="needs diffusers")
-
-
-def _rand_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
 
 
 def _unet2d(**kw) -> torch.nn.Module:
@@ -39,7 +33,7 @@ def _unet2d(**kw) -> torch.nn.Module:
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=8,
     )
-    return _rand_(diffusers.UNet2DModel(**{**cfg, **kw}))
+    return randomize_(diffusers.UNet2DModel(**{**cfg, **kw}), 0.05)
 
 
 def _run(model, x, t, **kw):

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_
 
 import fastdiff
 from fastdiff.nn import GroupNormSiLU
@@ -18,16 +19,9 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
 
-def _randomize_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * std)
-    return model.eval()
-
-
 def _block(**kw) -> ResnetBlock2D:
     cfg = dict(in_channels=8, out_channels=16, temb_channels=12, groups=4)
-    return _randomize_(ResnetBlock2D(**{**cfg, **kw}))
+    return randomize_(ResnetBlock2D(**{**cfg, **kw}), 0.1)
 
 
 # ---- optimize(): ResnetBlock2D --------------------------------------------------------------
@@ -58,7 +52,7 @@ def test_resnet_with_a_norm_subclass_is_left_alone(which):
     torch.manual_seed(1)
     block = _block()
     chans = block.norm1.num_channels if which == "norm1" else block.norm2.num_channels
-    setattr(block, which, _randomize_(_DoubledGroupNorm(4, chans)))
+    setattr(block, which, randomize_(_DoubledGroupNorm(4, chans), 0.1))
     ref = copy.deepcopy(block)
     box = fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
     assert type(block) is ResnetBlock2D
@@ -77,7 +71,7 @@ def test_attention_with_a_non_default_scale_is_left_alone():
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     torch.manual_seed(2)
-    attn = _randomize_(Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False, bias=True))
+    attn = randomize_(Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False, bias=True), 0.1)
     attn.set_processor(AttnProcessor2_0())
     x = torch.randn(2, 7, 32)
     with torch.no_grad():
@@ -101,7 +95,7 @@ def test_non_affine_conv_norm_out_is_fused_with_its_silu():
         up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
     )  # fmt: skip
     model.conv_norm_out = torch.nn.GroupNorm(4, 16, affine=False)
-    _randomize_(model)
+    randomize_(model, 0.1)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 600])
     with torch.no_grad():
         ref = model(x, t).sample
@@ -136,7 +130,7 @@ def test_attention_and_transformer_group_norms_run_fused():
         (plain, "Attention", torch.randn(2, 3, 8, 8), ()),
         (cond, "Transformer2DModel", torch.randn(2, 4, 8, 8), (torch.randn(2, 3, 8),)),
     ):
-        _randomize_(model)
+        randomize_(model, 0.1)
         t = torch.tensor([7, 800])
         norms = {
             n: (m, getattr(m, "group_norm", None) if name == "Attention" else m.norm)
@@ -165,7 +159,9 @@ class _HalvedResnet(ResnetBlock2D):
 
 def test_resnet_subclass_keeps_its_class_and_forward():
     torch.manual_seed(5)
-    block = _randomize_(_HalvedResnet(in_channels=8, out_channels=16, temb_channels=12, groups=4))
+    block = randomize_(
+        _HalvedResnet(in_channels=8, out_channels=16, temb_channels=12, groups=4), 0.1
+    )
     ref = copy.deepcopy(block)
     box = fastdiff.optimize(torch.nn.ModuleDict({"b": block}), channels_last=False)
     assert type(block) is _HalvedResnet
@@ -189,7 +185,7 @@ def test_skip_time_act_blocks_project_the_raw_temb():
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn", resnet_skip_time_act=True,
     )  # fmt: skip
-    _randomize_(model)
+    randomize_(model, 0.1)
     blocks = [m for m in model.modules() if isinstance(m, ResnetBlock2D)]
     assert len(blocks) >= 4 and all(b.skip_time_act for b in blocks)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([9, 900]), torch.randn(2, 3, 8)

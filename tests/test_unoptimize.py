@@ -13,13 +13,14 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffusers import AutoencoderKL, DDIMPipeline, DDIMScheduler  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
-from test_optimize import randomize_, unet2d, unet2d_cond, vae_kl  # noqa: E402
+from helpers import randomize_  # noqa: E402
+from test_optimize import unet2d, unet2d_cond, vae_kl  # noqa: E402
 
 from fastdiff.integrations.attn_processor import FastAttnProcessor  # noqa: E402
 
 
 def _vae() -> AutoencoderKL:
-    return randomize_(vae_kl())
+    return randomize_(vae_kl(), 0.05)
 
 
 def _forward(kind: str):
