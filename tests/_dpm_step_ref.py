@@ -1,13 +1,17 @@
 """The ``dpm_solver_2m_step`` op's math in plain torch and its test inputs, shared by
 tests/test_dpm_sde.py (the noise operand, DPM++ 2M SDE) and tests/test_dpm3_op.py (the second
 history operand, DPM++ 3M), tests/test_stage2_precision.py (the eps term) and
-tests/test_dpm_hist_op.py (x0_prev3 / x0_prev4): x_next = c_x x + c_x0 x0 + c_prev x0_prev +
+tests/test_dpm_hist_op.py (x0_prev3 / x0_prev4), and the dtypes of tests/test_sampler_step.py:
+x_next = c_x x + c_x0 x0 + c_prev x0_prev +
 c_prev2 x0_prev2 + c_prev3 x0_prev3 + c_prev4 x0_prev4 + c_noise z + c_eps eps with coef [a, s,
 c_x, c_x0, c_prev, c_noise, c_prev2, c_eps, c_prev3, c_prev4]."""
 
 from __future__ import annotations
 
 import torch
+
+import fastdiff
+from fastdiff.ops.sampler_step import dpm_solver_2m_step
 
 PREDS = ["epsilon", "v_prediction", "sample"]
 SHAPE = (3, 3, 7, 5)  # odd sizes: scalar tails everywhere
@@ -53,13 +57,26 @@ def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, *, row, p3=None, p4
     return out, x0
 
 
-def inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
-    """x, the model output ([uncond, cond] halves with ``cfg``), x0_prev, x0_prev2, z."""
+def inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0, history=2):
+    """Fresh draws: x, the model output ([uncond, cond] halves with ``cfg``), ``history``
+    history operands (x0_prev, x0_prev2, ...) and z; x and the model output times ``scale``.
+    ``shape``: x's [N x C x H x W]."""
     n = shape[0]
     x = (torch.randn(shape, device=dev) * scale).to(dtype)
     mo = (torch.randn((2 * n if cfg else n, *shape[1:]), device=dev) * scale).to(dtype)
-    p1, p2, z = (torch.randn(shape, device=dev).to(dtype) for _ in range(3))
-    return x, mo, p1, p2, z
+    rest = [torch.randn(shape, device=dev).to(dtype) for _ in range(history + 1)]
+    return (x, mo, *rest)
+
+
+def coef(dev, row) -> torch.Tensor:
+    """The coefficient row as the op takes it: float32 on ``dev``."""
+    return torch.tensor(row, dtype=torch.float32, device=dev)
+
+
+def step(backend, *args, **kw):
+    """dpm_solver_2m_step(*args, **kw) on ``backend``."""
+    with fastdiff.use_backend(backend):
+        return dpm_solver_2m_step(*args, **kw)
 
 
 def layouts(dev, dtype):

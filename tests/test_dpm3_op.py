@@ -15,9 +15,11 @@ import _dpm_step_ref as _ref
 import pytest
 import torch
 from _dpm_step_ref import PREDS
+from _dpm_step_ref import coef as _coef
 from _dpm_step_ref import dtypes as _dtypes
 from _dpm_step_ref import inputs as _inputs
 from _dpm_step_ref import layouts as _layouts
+from _dpm_step_ref import step as _step
 from helpers import assert_fa_rule, backend_cases, case_id, poison_
 
 import fastdiff
@@ -30,18 +32,9 @@ ROW = [0.8, 0.6, 0.91, 1.7, -0.95, 0.33, 0.27, 0.0]
 OP = torch.ops.fastdiff.dpm_solver_2m_step.default
 
 
-def _coef(dev, row=ROW) -> torch.Tensor:
-    return torch.tensor(row, dtype=torch.float32, device=dev)
-
-
 def reference(x, mo, p1, p2, z, pred, dt, g=None, clip=None, row=ROW):
     """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients."""
     return _ref.reference(x, mo, p1, p2, z, pred, dt, g, clip, row=row)
-
-
-def _step(backend, *args, **kw):
-    with fastdiff.use_backend(backend):
-        return dpm_solver_2m_step(*args, **kw)
 
 
 # ---------------------------------------------------------------------------------------- op
@@ -49,7 +42,7 @@ def _step(backend, *args, **kw):
 @pytest.mark.parametrize("pred", PREDS)
 def test_3m_step_against_float64(case, pred, poisoned):
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     for dtype in _dtypes(case):
         x, mo, p1, p2, z = _inputs(dev, dtype)
         for noise in (None, z):
@@ -70,7 +63,9 @@ def test_3m_step_fp16_large_values_stay_finite(case):
     dev, backend = case
     x, mo, p1, p2, z = _inputs(dev, torch.float16, cfg=False, scale=1000.0)
     p1, p2 = p1 * 1000, p2 * 1000
-    out, x0 = _step(backend, x, mo, _coef(dev), p1, x0_prev2=p2, noise=z, prediction_type="sample")
+    out, x0 = _step(
+        backend, x, mo, _coef(dev, ROW), p1, x0_prev2=p2, noise=z, prediction_type="sample"
+    )
     assert torch.isfinite(out).all() and torch.isfinite(x0).all()
     r, _ = reference(x, mo, p1, p2, z, "sample", torch.float64)
     e, _ = reference(x, mo, p1, p2, z, "sample", torch.float16)
@@ -82,7 +77,7 @@ def test_3m_step_layouts_and_philox(case, poisoned):
     """Every layout of x; x0_prev2 in another layout and dtype than x (made dense / cast);
     in-kernel Philox noise (the state is not modified)."""
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     for name, x in _layouts(dev, torch.float32):
         mo, p1 = torch.randn_like(x), torch.randn_like(x)
         p2_variants = {
@@ -128,7 +123,7 @@ def test_absent_operand_term_is_skipped_not_zeroed(case):
     got, _ = _step(backend, x, mo, _coef(dev, nan_row), p1, x0_prev2=p2)
     assert torch.isnan(got).all()
     # a NaN-filled history buffer: counted when given
-    got, _ = _step(backend, x, mo, _coef(dev), p1, x0_prev2=torch.full_like(p2, math.nan))
+    got, _ = _step(backend, x, mo, _coef(dev, ROW), p1, x0_prev2=torch.full_like(p2, math.nan))
     assert torch.isnan(got).all()
 
 
@@ -140,14 +135,14 @@ def test_zero_c_prev2_equals_the_2m_step(case):
     two, _ = _step(backend, x, mo, _coef(dev, row), p1, noise=z)
     three, _ = _step(backend, x, mo, _coef(dev, row), p1, x0_prev2=p2, noise=z)
     assert torch.equal(two, three)
-    moved, _ = _step(backend, x, mo, _coef(dev), p1, x0_prev2=p2, noise=z)
+    moved, _ = _step(backend, x, mo, _coef(dev, ROW), p1, x0_prev2=p2, noise=z)
     assert not torch.allclose(moved, two)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_opcheck_3m(case):
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     x, mo, p1, p2, z = _inputs(dev, torch.float32, shape=(2, 3, 4, 5))
     gs = torch.tensor([11, 4], dtype=torch.int64, device=dev)
     torch.library.opcheck(OP, (x, mo, coef, p1, z, None, backend, 1, 1.0, 3.0, p2))
@@ -160,7 +155,7 @@ def test_opcheck_3m(case):
 def test_gradient_through_x0_prev2_is_c_prev2():
     x, mo, p1, p2, _ = _inputs("cpu", torch.float32, cfg=False)
     p2.requires_grad_(True)
-    coef = _coef("cpu").requires_grad_(True)
+    coef = _coef("cpu", ROW).requires_grad_(True)
     out, _ = dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2)
     g2, gc = torch.autograd.grad(out.sum(), (p2, coef))
     torch.testing.assert_close(g2, torch.full_like(p2, ROW[6]))
@@ -169,7 +164,7 @@ def test_gradient_through_x0_prev2_is_c_prev2():
 
 def test_compiled_call_passes_x0_prev2():
     x, mo, p1, p2, _ = _inputs("cpu", torch.float32, cfg=False)
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
 
     def f(x, mo, coef, p1, p2):
         return dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2)
@@ -180,7 +175,7 @@ def test_compiled_call_passes_x0_prev2():
 
 
 def test_validation_names_the_argument_and_writes_nothing():
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     x, mo, p1, p2, z = _inputs("cpu", torch.float32, cfg=False)
     snap = [t.clone() for t in (x, mo, p1, p2, z, coef)]
     bad = [
@@ -204,14 +199,14 @@ def test_validation_names_the_argument_and_writes_nothing():
 def test_x0_prev2_is_keyword_only():
     x, mo, p1, p2, _ = _inputs("cpu", torch.float32, cfg=False)
     with pytest.raises(TypeError):
-        dpm_solver_2m_step(x, mo, _coef("cpu"), p1, p2)
+        dpm_solver_2m_step(x, mo, _coef("cpu", ROW), p1, p2)
 
 
 @pytest.mark.skipif(("cpu", "cpu") not in CASES, reason="needs the cpu backend")
 def test_cpu_cache_tells_calls_with_and_without_x0_prev2_apart():
     """The validated-call cache keys on x0_prev2's presence and layout: a call with it never
     reuses an entry made without it (and vice versa), and a repeat reads its current values."""
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     x, mo, p1, p2, _ = _inputs("cpu", torch.float32, shape=(2, 4, 8, 8), cfg=False)
 
     def ref(p2_):
@@ -249,7 +244,7 @@ def test_raw_cpu_binding_refuses_x0_prev2_outside_a_3m_step():
 
     c = _ext.native()
     x, mo, q = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     out = poison_(torch.empty(2, 3))
 
     def call(mode, z):

@@ -19,8 +19,10 @@ import _dpm_step_ref as _ref
 import pytest
 import torch
 from _dpm_step_ref import PREDS
+from _dpm_step_ref import coef as _coef
 from _dpm_step_ref import dtypes as _dtypes
 from _dpm_step_ref import layouts as _layouts
+from _dpm_step_ref import step as _step
 from helpers import assert_fa_rule, backend_cases, case_id, poison_
 
 import fastdiff
@@ -31,20 +33,11 @@ CASES = backend_cases("dpm_solver_2m_step")
 # every term nonzero, of mixed signs; c_eps too
 ROW = [0.8, 0.6, 0.91, 1.7, -0.95, 0.33, 0.27, 0.12, -0.41, 0.19]
 OP = torch.ops.fastdiff.dpm_solver_2m_step.default
-SHAPE = (3, 3, 7, 5)  # odd sizes: scalar tails everywhere
 
 
-def _coef(dev, row=ROW) -> torch.Tensor:
-    return torch.tensor(row, dtype=torch.float32, device=dev)
-
-
-def _inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
-    """x, model output ([uncond, cond] with ``cfg``), x0_prev .. x0_prev4, z (fresh draws)."""
-    n = shape[0]
-    x = (torch.randn(shape, device=dev) * scale).to(dtype)
-    mo = (torch.randn((2 * n if cfg else n, *shape[1:]), device=dev) * scale).to(dtype)
-    rest = [torch.randn(shape, device=dev).to(dtype) for _ in range(5)]
-    return (x, mo, *rest)
+def _inputs(dev, dtype, **kw):
+    """x, the model output, x0_prev .. x0_prev4, z (fresh draws of _dpm_step_ref.inputs)."""
+    return _ref.inputs(dev, dtype, history=4, **kw)
 
 
 def reference(x, mo, ps, z, pred, dt, g=None, clip=None, row=ROW):
@@ -52,11 +45,6 @@ def reference(x, mo, ps, z, pred, dt, g=None, clip=None, row=ROW):
     (x0_prev, x0_prev2, x0_prev3, x0_prev4 or None). Returns (x_next, x0)."""
     p1, p2, p3, p4 = ps
     return _ref.reference(x, mo, p1, p2, z, pred, dt, g, clip, row=row, p3=p3, p4=p4)
-
-
-def _step(backend, *args, **kw):
-    with fastdiff.use_backend(backend):
-        return dpm_solver_2m_step(*args, **kw)
 
 
 # ---------------------------------------------------------------------------------------- op
@@ -94,7 +82,7 @@ def test_deep_history_nan_inf_masks(case):
     for t, k in ((mo, 0), (p3, 1), (p4, 2), (p2, 3)):
         t.view(-1)[k * 7] = math.inf
         t.view(-1)[k * 7 + 3] = math.nan
-    out, x0 = _step(backend, x, mo, _coef(dev), p1, x0_prev2=p2, x0_prev3=p3, x0_prev4=p4,
+    out, x0 = _step(backend, x, mo, _coef(dev, ROW), p1, x0_prev2=p2, x0_prev3=p3, x0_prev4=p4,
                     noise=z, prediction_type="sample")  # fmt: skip
     ps = (p1, p2, p3, p4)
     r, rx0 = reference(x, mo, ps, z, "sample", torch.float64)
@@ -109,7 +97,7 @@ def test_deep_history_layouts_and_philox(case, poisoned):
     """Every layout of x; x0_prev3 / x0_prev4 in another layout and dtype than x (made dense /
     cast); in-kernel Philox noise (the state is not modified)."""
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     for name, x in _layouts(dev, torch.float32):
         mo, p1, p2 = (torch.randn_like(x) for _ in range(3))
         variants = {
@@ -194,7 +182,7 @@ def test_absent_x0_prev4_never_reads_c_prev4(case):
 def test_opcheck_deep_history(case):
     dev, backend = case
     x, mo, p1, p2, p3, p4, z = _inputs(dev, torch.float32, shape=(2, 3, 4, 5))
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     gs = torch.tensor([11, 4], dtype=torch.int64, device=dev)
     torch.library.opcheck(OP, (x, mo, coef, p1, z, None, backend, 1, 1.0, 3.0, p2, p3, p4))
     torch.library.opcheck(OP, (x, mo[:2], coef[:9], p1, None, gs, backend, 0, None, None, p2,
@@ -208,7 +196,7 @@ def test_gradients_through_x0_prev3_and_x0_prev4():
     x, mo, p1, p2, p3, p4, _ = _inputs("cpu", torch.float32, cfg=False)
     p3.requires_grad_(True)
     p4.requires_grad_(True)
-    coef = _coef("cpu").requires_grad_(True)
+    coef = _coef("cpu", ROW).requires_grad_(True)
     out, _ = dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2, x0_prev3=p3, x0_prev4=p4)
     g3, g4, gc = torch.autograd.grad(out.sum(), (p3, p4, coef))
     torch.testing.assert_close(g3, torch.full_like(p3, ROW[8]))
@@ -219,7 +207,7 @@ def test_gradients_through_x0_prev3_and_x0_prev4():
 
 def test_compiled_call_passes_x0_prev3_and_x0_prev4():
     x, mo, p1, p2, p3, p4, _ = _inputs("cpu", torch.float32, cfg=False)
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
 
     def f(x, mo, coef, p1, p2, p3, p4):
         return dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2, x0_prev3=p3, x0_prev4=p4)
@@ -232,7 +220,7 @@ def test_compiled_call_passes_x0_prev3_and_x0_prev4():
 
 def test_validation_names_the_argument_and_writes_nothing():
     x, mo, p1, p2, p3, p4, z = _inputs("cpu", torch.float32, cfg=False)
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     snap = [t.clone() for t in (x, mo, p1, p2, p3, p4, z, coef)]
     bad = [
         (dict(x0_prev2=None, x0_prev3=p3), ValueError, "x0_prev3 .*needs x0_prev2"),
@@ -280,7 +268,7 @@ def test_a_stale_build_without_x0_prev3_is_refused_by_name(monkeypatch):
             return getattr(real, name)
 
     x, mo, p1, p2, p3, p4, z = _inputs("cpu", torch.float32, cfg=False)
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     want = _step("torch", x, mo, coef, p1, x0_prev2=p2, x0_prev3=p3, x0_prev4=p4, noise=z)
     monkeypatch.setattr(_ext, "_C", Stale())
     monkeypatch.setattr(mod, "_UNSUPPORTED", [object(), {}, {}, {}, {}])

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from _dpm_step_ref import PREDS, SHAPE
+from _dpm_step_ref import coef as _coef
 from _dpm_step_ref import dtypes as _dtypes
 from _dpm_step_ref import layouts as _layouts
 from helpers import PARITY_RTOL, PARITY_SHAPE, assert_fa_rule, backend_cases, case_id
@@ -47,10 +48,6 @@ def _sde_row(i: int = 3) -> list[float]:
 ROW = _sde_row()
 
 
-def _coef(device: str, row: list[float] = ROW) -> torch.Tensor:
-    return torch.tensor(row, dtype=torch.float64).float().to(device)
-
-
 def sde_reference(x, mo, prev, z, pred, dt, g=None, clip=None, row=ROW):
     """The op's math in plain torch in ``dt`` with the fp32-rounded coefficients."""
     return _ref.reference(x, mo, prev, None, z, pred, dt, g, clip, row=row)
@@ -67,7 +64,7 @@ def _inputs(dev, dtype, shape=SHAPE, cfg=True, scale=1.0):
 @pytest.mark.parametrize("pred", PREDS)
 def test_sde_step_with_noise_tensor(case, pred):
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     for dtype in _dtypes(case):
         x, mo, prev, z = _inputs(dev, dtype)
         with fastdiff.use_backend(backend):
@@ -89,7 +86,9 @@ def test_sde_step_fp16_large_values_stay_finite(case):
     dev, backend = case
     x, mo, prev, z = _inputs(dev, torch.float16, cfg=False, scale=1000.0)
     with fastdiff.use_backend(backend):
-        out, x0 = dpm_solver_2m_step(x, mo, _coef(dev), prev, noise=z, prediction_type="sample")
+        out, x0 = dpm_solver_2m_step(
+            x, mo, _coef(dev, ROW), prev, noise=z, prediction_type="sample"
+        )
     assert torch.isfinite(out).all() and torch.isfinite(x0).all()
     r, _ = sde_reference(x, mo, prev, z, "sample", torch.float64)
     e, _ = sde_reference(x, mo, prev, z, "sample", torch.float16)
@@ -101,7 +100,7 @@ def test_sde_step_philox_noise_and_layouts(case):
     """generator_state draws z in the kernel: element e is lane e % 4 of randn4x(seed,
     offset + e // 4) in x's logical order, whatever the layout; the state is not modified."""
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     for name, x in _layouts(dev, torch.float32):
         mo = torch.randn_like(x)
         prev = torch.randn_like(x)
@@ -123,7 +122,7 @@ def test_philox_stream_is_the_same_on_every_backend(case):
     """The Philox z of a backend equals the torch reference's (and so every other backend's):
     noise=philox_randn(state) and generator_state=state give the same step."""
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     x, mo, prev, _ = _inputs(dev, torch.float32, shape=(2, 3, 9, 7), cfg=False)
     gs = torch.tensor([987654321, 2**33 + 3], dtype=torch.int64, device=dev)
     with fastdiff.use_backend(backend):
@@ -150,7 +149,7 @@ def test_noise_with_zero_c_noise_is_the_ode_step(case):
         ode, _ = dpm_solver_2m_step(x, mo, coef, prev)
         with_z, _ = dpm_solver_2m_step(x, mo, coef, prev, noise=z)
         with_gen, _ = dpm_solver_2m_step(x, mo, coef, prev, generator_state=gs)
-        sde, _ = dpm_solver_2m_step(x, mo, _coef(dev), prev, noise=z)
+        sde, _ = dpm_solver_2m_step(x, mo, _coef(dev, ROW), prev, noise=z)
     assert torch.equal(with_z, ode) and torch.equal(with_gen, ode)
     assert not torch.allclose(sde, ode)
 
@@ -158,7 +157,7 @@ def test_noise_with_zero_c_noise_is_the_ode_step(case):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_opcheck_sde(case):
     dev, backend = case
-    coef = _coef(dev)
+    coef = _coef(dev, ROW)
     x, mo, prev, z = _inputs(dev, torch.float32, shape=(2, 3, 4, 5))
     gs = torch.tensor([11, 4], dtype=torch.int64, device=dev)
     op = torch.ops.fastdiff.dpm_solver_2m_step.default
@@ -169,7 +168,7 @@ def test_opcheck_sde(case):
 
 
 def test_gradient_through_the_noise_is_c_noise():
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     x, mo, prev, z = _inputs("cpu", torch.float32, cfg=False)
     z.requires_grad_(True)
     out, _ = dpm_solver_2m_step(x, mo, coef, prev, noise=z)
@@ -178,7 +177,7 @@ def test_gradient_through_the_noise_is_c_noise():
 
 
 def test_validation_errors_name_the_argument_and_write_nothing():
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     x, mo, prev, z = _inputs("cpu", torch.float32, cfg=False)
     gs = torch.tensor([1, 2])
     snap = [t.clone() for t in (x, mo, prev, z, gs)]
@@ -206,7 +205,7 @@ def test_validation_errors_name_the_argument_and_write_nothing():
 def test_cpu_repeat_calls_read_the_current_noise_and_state():
     """The validated-call cache of the cpu fast path keys the noise operand by layout only: a
     repeat reads the tensors' current values, and equals the custom op."""
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)
     x, mo, prev, z = _inputs("cpu", torch.float32, shape=(2, 4, 8, 8), cfg=False)
     gs = torch.tensor([77, 0])
     op = torch.ops.fastdiff.dpm_solver_2m_step.default

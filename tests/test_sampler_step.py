@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _dpm_step_ref import PREDS, SHAPE, dtypes
 from helpers import assert_fa_rule, backend_cases, case_id, poison_
 from scipy import stats
 
@@ -15,14 +16,6 @@ from fastdiff.ops.sampler_step import dpm_solver_2m_step, philox_randn, sampler_
 
 CASES = backend_cases("sampler_step")
 DPM_CASES = backend_cases("dpm_solver_2m_step")
-PREDS = ["epsilon", "v_prediction", "sample"]
-SHAPE = (3, 3, 7, 5)
-
-
-def dtypes(case: tuple[str, str]) -> list[torch.dtype]:
-    # the Triton interpreter has no bf16 arithmetic
-    interp = case == ("cpu", "triton")
-    return [torch.float32, torch.float16] + ([] if interp else [torch.bfloat16])
 
 
 def make_coef(device: str, ab: float = 0.5, ab_prev: float = 0.7) -> torch.Tensor:

@@ -27,12 +27,13 @@ import _dpm_step_ref as _ref
 import pytest
 import torch
 from _dpm_step_ref import PREDS
+from _dpm_step_ref import coef as _coef
 from _dpm_step_ref import inputs as _inputs
 from _dpm_step_ref import layouts as _layouts
+from _dpm_step_ref import step as _step
 from _stage2_ref import run_calls
 from helpers import assert_fa_rule, backend_cases, case_id
 
-import fastdiff
 from fastdiff.ops.sampler_step import dpm_solver_2m_step
 
 # the per-call checks compare with diffusers' schedulers (the op tests do not need it)
@@ -159,15 +160,6 @@ def test_the_cases_are_ill_conditioned_and_the_x0_form_fails_them(monkeypatch):
 ROW = [0.8, 0.6, 0.91, 1.7, -0.95, 0.33, 0.27, -0.45]
 
 
-def _coef(dev, row=ROW) -> torch.Tensor:
-    return torch.tensor(row, dtype=torch.float32, device=dev)
-
-
-def _step(backend, *args, **kw):
-    with fastdiff.use_backend(backend):
-        return dpm_solver_2m_step(*args, **kw)
-
-
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("pred", PREDS)
 def test_eps_term_against_float64(case, pred, poisoned):
@@ -180,7 +172,7 @@ def test_eps_term_against_float64(case, pred, poisoned):
                                    (p1, p2, z)):  # fmt: skip
             for g, clip in ((2.0, 1.5), (None, None)):
                 m = mo if g is not None else mo[: x.shape[0]]
-                out, x0 = _step(backend, x, m, _coef(dev), prev, x0_prev2=prev2,
+                out, x0 = _step(backend, x, m, _coef(dev, ROW), prev, x0_prev2=prev2,
                                 prediction_type=pred, guidance_scale=g, clip_range=clip,
                                 noise=noise)  # fmt: skip
                 assert out.dtype == dtype and out.shape == x.shape
@@ -244,7 +236,7 @@ def test_eps_term_absent_at_zero_and_formed_otherwise(case):
 def test_eps_term_passes_opcheck():
     """The custom op (schema, fake, autograd registration) with a formed eps term."""
     x, mo, p1, _, _ = _inputs("cpu", torch.float32, cfg=False)
-    args = (x, mo, _coef("cpu"), p1, None, None, "auto", 0, 1.5, None)
+    args = (x, mo, _coef("cpu", ROW), p1, None, None, "auto", 0, 1.5, None)
     torch.library.opcheck(torch.ops.fastdiff.dpm_solver_2m_step.default, args)
 
 
@@ -253,9 +245,9 @@ def test_eps_term_gradients():
     gets c_eps (autograd through the torch reference)."""
     x, mo, p1, _, _ = _inputs("cpu", torch.float64, cfg=False)
     x, mo, p1 = x.float(), mo.float().requires_grad_(), p1.float()
-    coef = _coef("cpu").requires_grad_()
+    coef = _coef("cpu", ROW).requires_grad_()
     out, _ = dpm_solver_2m_step(x, mo, coef, p1)
     gc, gm = torch.autograd.grad(out.sum(), (coef, mo))
     torch.testing.assert_close(gc[7], mo.detach().sum(), rtol=1e-5, atol=1e-4)
-    a, s, c_x0, c_eps = (float(_coef("cpu")[i]) for i in (0, 1, 3, 7))
+    a, s, c_x0, c_eps = (float(_coef("cpu", ROW)[i]) for i in (0, 1, 3, 7))
     torch.testing.assert_close(gm, torch.full_like(mo, c_eps - c_x0 * s / a), rtol=1e-5, atol=0)
