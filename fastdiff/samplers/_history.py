@@ -16,22 +16,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import _unipc_ops
+from fastdiff.samplers.base import _unipc_ops, cached
 
 
 class RunRows:
-    """The fp32 device tables of ``_since64``, built on first use and cached per device."""
+    """A run's bookkeeping (PNDM, LMS, DEIS, iPNDM, UniPC, singlestep DPM-Solver): the warm-up
+    tables ``_since64`` beside the full one (their fp32 device copies built on first use and
+    cached per device), and where a call stands in its run (:meth:`_run_call`)."""
 
     _since64: list[np.ndarray]
 
     def _variant(self, k: int, device: torch.device) -> Tensor:
         """The fp32 table of rows for the ``k``-th call of a run (k < warm-up), cached."""
         tables = self.__dict__.setdefault("_variant_tables", {})
-        tab = tables.get((k, device))
-        if tab is None:
-            tab = torch.from_numpy(self._since64[k]).float().to(device)
-            tables[(k, device)] = tab
-        return tab
+        return cached(
+            tables, (k, device), lambda: torch.from_numpy(self._since64[k]).float().to(device)
+        )
 
     def _run_warmup(self) -> int:
         """The calls of a run that take ``_since64`` rows (later ones: the full table's)."""
@@ -95,7 +95,7 @@ class RunRows:
 
 # the columns of a unipc_step row that weigh each history operand: last (c_last), m_{i-1}
 # (c_m1, p_m1), m_{i-2} (c_m2, p_m2), m_{i-3} (c_m3)
-_READ_COLS = ((3,), (5, 9), (6, 11), (10,))
+_LAST_COL, _M_COLS = 3, ((5, 9), (6, 11), (10,))
 
 
 def read_operands(r: np.ndarray, hist: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -104,10 +104,10 @@ def read_operands(r: np.ndarray, hist: Sequence[Tensor | None]) -> list[Tensor |
     None for the others: last when its weight is nonzero, an m when its weight or an older
     m's is (the op takes m_prev3 only with m_prev2, m_prev2 only with m_prev)."""
     need, out = False, []
-    for t, cols in reversed(list(zip(hist[1:], _READ_COLS[1:], strict=False))):
+    for t, cols in reversed(list(zip(hist[1:], _M_COLS, strict=False))):
         need = need or any(r[c] != 0.0 for c in cols)
         out.insert(0, t if need else None)
-    return [hist[0] if r[3] != 0.0 else None, *out]
+    return [hist[0] if r[_LAST_COL] != 0.0 else None, *out]
 
 
 class EpsHistory(RunRows):

@@ -10,7 +10,7 @@ each step is one indexed view ``table[i]`` and one call of the fused op
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from numbers import Real
 from typing import Any
 
@@ -300,20 +300,12 @@ class Sampler:
     def coef_table(self, device: torch.device | str) -> Tensor:
         """The fp32 ``[steps x 8]`` table on ``device``, moved there once and cached."""
         dev = torch.device(device)
-        tab = self._tables.get(dev)
-        if tab is None:
-            tab = self._table_cpu.to(dev)
-            self._tables[dev] = tab
-        return tab
+        return cached(self._tables, dev, lambda: self._table_cpu.to(dev))
 
     def timesteps_on(self, device: torch.device | str) -> Tensor:
         """The int64 timesteps on ``device``, moved there once and cached."""
         dev = torch.device(device)
-        ts = self._ts_dev.get(dev)
-        if ts is None:
-            ts = self.timesteps.to(dev)
-            self._ts_dev[dev] = ts
-        return ts
+        return cached(self._ts_dev, dev, lambda: self.timesteps.to(dev))
 
     def reset(self) -> None:
         """Forget multistep history (no-op for one-step samplers)."""
@@ -448,6 +440,14 @@ class Sampler:
         )
         advance_generator_state(nkw, x)
         return out
+
+
+def cached(cache: dict, key: Hashable, make: Callable[[], Tensor]) -> Tensor:
+    """``cache[key]``, made by ``make()`` the first time (a table moved to a device once)."""
+    out = cache.get(key)
+    if out is None:
+        out = cache[key] = make()
+    return out
 
 
 def advance_generator_state(nkw: dict[str, Tensor], x: Tensor) -> None:

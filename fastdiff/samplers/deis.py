@@ -8,27 +8,30 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from fastdiff.samplers._history import EpsHistory
+from fastdiff.samplers._solver_common import (
+    sigma_grid_timesteps,
+    spaced_over_steps_plus_one,
+    threshold_config,
+    thresholded_x0,
+)
 from fastdiff.samplers.base import (
     Sampler,
     _unipc_ops,
     check_choice,
     check_solver_order,
     check_thresholding,
-    threshold_x0,
 )
-from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.flow_sigmas import (
     FlowGridMixin,
     FlowOptions,
     dpm_flow_sigmas,
     flow_timesteps,
 )
-from fastdiff.samplers.sigmas import make_sigma_grid, pick_sigma_grid, sigma_to_t, train_sigmas32
+from fastdiff.samplers.sigmas import pick_sigma_grid, train_sigmas32
 from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 
 __all__ = ["DEISSampler", "deis_weights"]
@@ -220,21 +223,12 @@ class DEISSampler(FlowGridMixin, EpsHistory, Sampler):
             sig = dpm_flow_sigmas(n, T, self.flow_shift)
             self._sig = np.append(sig, sig[-1]).astype(np.float32).astype(np.float64)
             return flow_timesteps(sig, T, type(self).__name__)
-        if self.sigma_grid is not None:
-            sig = make_sigma_grid(self.sigma_grid, train[0].item(), train[-1].item(), n)
-            ts = sigma_to_t(sig, np.log(train))
-            if self.sigma_grid == "karras":
-                ts = ts.round()  # diffusers rounds here only; elsewhere int64 truncates
+        if self.sigma_grid is not None:  # diffusers rounds Karras' timesteps only
+            sig, ts = sigma_grid_timesteps(self.sigma_grid, train, n,
+                                           rounded=self.sigma_grid == "karras")  # fmt: skip
             self._sig = np.append(sig, sig[-1]).astype(np.float32).astype(np.float64)
-            return ts.astype(np.int64)
-        if self.timestep_spacing == "linspace":
-            ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            ratio = T // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            ts = ts + self.steps_offset
-        else:
-            ts = np.arange(T, 0, -T / n).round().copy().astype(np.int64) - 1
+            return ts
+        ts = spaced_over_steps_plus_one(T, n, self.timestep_spacing, self.steps_offset, T)
         if ts.max() >= T:
             raise ValueError(
                 f"steps_offset: timesteps {ts.max()}..{ts.min()} fall outside [0, {T - 1}]"
@@ -338,10 +332,7 @@ class DEISSampler(FlowGridMixin, EpsHistory, Sampler):
             **super().config(),
             # order 3 reads a second history operand (a CUDA graph's fourth static buffer)
             "solver_order": self.solver_order,
-            "thresholding": self.thresholding,
-            # Python floats a captured CUDA graph bakes into its threshold pass
-            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
-            "sample_max_value": self.sample_max_value if self.thresholding else None,
+            **threshold_config(self),
         }
 
     # ------------------------------------------------------------------ stepping
@@ -363,17 +354,12 @@ class DEISSampler(FlowGridMixin, EpsHistory, Sampler):
         own history is left alone."""
         self._check_step_args(model_output, i, x, None, guidance_scale)
         if self.thresholding:  # x0 from the row's (a, s) = (sigma_i, alpha_i), thresholded
-            if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise TypeError(  # the op's check, which the thresholding pass hides
-                    f"model_output: must be float32, float16 or bfloat16, got {model_output.dtype}"
-                )
-            mo = _combine_cfg(model_output, guidance_scale)
-            if self.flow_prediction:  # x0 = x - s v, s = the row's sigma_t
-                x0 = x - coef[0] * mo
-            else:
-                x0, _ = _x0_eps(x, mo, coef[1], coef[0], self.prediction_type)
-            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            model_output, guidance_scale = x0.to(x.dtype), None
+            # flow: x0 = (x - s v) / 1, s = the row's sigma_t
+            a, s, pt = (1.0, coef[0], "epsilon") if self.flow_prediction else (
+                coef[1], coef[0], self.prediction_type)  # fmt: skip
+            model_output = thresholded_x0(self, x, model_output, guidance_scale, a, s, pt,
+                                          in_x_dtype=True)  # fmt: skip
+            guidance_scale = None
         return _unipc_ops().unipc_step(
             x,
             model_output,

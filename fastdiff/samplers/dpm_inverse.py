@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
+from fastdiff.samplers._solver_common import sigma_grid_timesteps
 from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
-from fastdiff.samplers.sigmas import make_sigma_grid, sigma_to_t
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["DPMSolverPPInverseSampler"]
@@ -181,14 +181,11 @@ class DPMSolverPPInverseSampler(DPMSolverPPSampler):
         1]``, the grid's float32 values, its last repeated). diffusers' inverse scheduler passes
         the ascending training levels to the forward grid builders, whose ``sigma_min`` /
         ``sigma_max`` then read the top / bottom level: the grid comes out ascending."""
-        train = self._train_sigmas32()  # ascending in t
-        lo, hi = train[0].item(), train[-1].item()
-        sig = make_sigma_grid(self.sigma_grid, hi, lo, self.steps)  # (sigma_min, sigma_max)
-        ts = sigma_to_t(sig, np.log(train))
-        if self.sigma_grid == "karras":
-            ts = ts.round()  # diffusers rounds here; elsewhere int64 truncates
+        karras = self.sigma_grid == "karras"  # diffusers rounds its timesteps only
+        sig, ts = sigma_grid_timesteps(self.sigma_grid, self._train_sigmas32(), self.steps,
+                                       rounded=karras, ascending=True)  # fmt: skip
         self._grid = np.append(sig, sig[-1]).astype(np.float32).astype(np.float64)
-        return ts.astype(np.int64)
+        return ts
 
     def _ratios(self) -> list[float]:
         """diffusers' ``sigmas``: sigma/alpha at each step, then at ``noisiest`` (``[steps +

@@ -5,25 +5,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastdiff.samplers._history import RunRows, read_operands
+from fastdiff.samplers._solver_common import (
+    FINAL_SIGMAS,
+    SOLVER_TYPES,
+    check_lambda_min_clipped,
+    custom_steps,
+    sigma_grid_timesteps,
+    threshold_config,
+    thresholded_x0,
+)
 from fastdiff.samplers.base import (
     Sampler,
     _ops,
+    _unipc_ops,
     advance_generator_state,
     check_choice,
     check_solver_order,
     check_thresholding,
-    custom_timesteps,
-    threshold_x0,
     vp_of_sigma,
 )
-from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.flow_sigmas import (
     FlowGridMixin,
     FlowOptions,
@@ -32,9 +39,7 @@ from fastdiff.samplers.flow_sigmas import (
 )
 from fastdiff.samplers.sigmas import (
     clipped_end,
-    make_sigma_grid,
     pick_sigma_grid,
-    sigma_to_t,
     train_sigmas32,
 )
 from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
@@ -42,16 +47,6 @@ from fastdiff.schedules import PREDICTION_TYPES, NoiseSchedule
 __all__ = ["DPMSolverSinglestepSampler", "singlestep_orders"]
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
-# diffusers' DPMSolverSinglestepScheduler reads UniPC's / DEIS's solver types as "midpoint"
-SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint",
-                "bh2": "midpoint"}  # fmt: skip
-FINAL_SIGMAS = ("zero", "sigma_min")
-
-
-def _unipc_ops():
-    from fastdiff.ops import unipc_step as mod
-
-    return mod
 
 
 def singlestep_orders(steps: int, solver_order: int, lower_order_final: bool,
@@ -220,15 +215,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
                 "'dpmsolver' has no flow conversion), got algorithm_type='dpmsolver'"
             )
         prediction_type = self._check_flow([grid] if grid else [], timesteps, prediction_type)
-        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, Real):
-            raise TypeError(
-                f"lambda_min_clipped: expected a float, got {type(lambda_min_clipped).__name__}"
-            )
-        if math.isnan(lambda_min_clipped) or lambda_min_clipped == math.inf:
-            raise ValueError(
-                f"lambda_min_clipped: expected a float < inf, got {lambda_min_clipped!r}"
-            )
-        self.lambda_min_clipped = float(lambda_min_clipped)
+        self.lambda_min_clipped = check_lambda_min_clipped(lambda_min_clipped)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_solver_order(solver_order)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
@@ -236,11 +223,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         #: diffusers' "sde-dpmsolver++": data prediction plus fresh noise at every call
         self.sde = algorithm_type == "sde-dpmsolver++"
         self.coef_width = (9 if solver_order == 3 else 8) if self.sde else 12  # 2m / unipc rows
-        if final_sigmas_type not in FINAL_SIGMAS:
-            raise ValueError(
-                f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
-                f"got {final_sigmas_type!r}"
-            )
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
         if algorithm_type == "dpmsolver" and final_sigmas_type == "zero":
             raise ValueError(
                 "final_sigmas_type: algorithm_type='dpmsolver' needs 'sigma_min' (as diffusers), "
@@ -271,14 +254,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
                     f"timesteps: custom timesteps cannot be combined with "
                     f"use_{self.sigma_grid}_sigmas=True (as in diffusers)"
                 )
-            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
-            if steps is None:
-                steps = len(self._custom)
-            elif steps != len(self._custom):
-                raise ValueError(
-                    f"steps: got {steps} but {len(self._custom)} custom timesteps; pass one of "
-                    "them (or the same number)"
-                )
+            self._custom, steps = custom_steps(timesteps, schedule.num_train_timesteps, steps)
         uneven = isinstance(steps, Integral) and steps % self.solver_order != 0
         #: as diffusers' set_timesteps: forced on for uneven groups or a final sigma of zero
         self.lower_order_final = bool(lower_order_final or uneven or final_sigmas_type == "zero")
@@ -293,12 +269,9 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         if self.use_flow_sigmas:
             sig = dpm_flow_sigmas(n, T, self.flow_shift)
             ts = flow_timesteps(sig, T, type(self).__name__)
-        elif self.sigma_grid is not None:
-            sig = make_sigma_grid(self.sigma_grid, train[0].item(), train[-1].item(), n)
-            ts = sigma_to_t(sig, np.log(train))
-            if self.sigma_grid == "karras":
-                ts = ts.round()  # diffusers rounds here only; elsewhere int64 truncates
-            ts = ts.astype(np.int64)
+        elif self.sigma_grid is not None:  # diffusers rounds Karras' timesteps only
+            sig, ts = sigma_grid_timesteps(self.sigma_grid, train, n,
+                                           rounded=self.sigma_grid == "karras")  # fmt: skip
         elif self._custom is not None:
             ts = self._custom.copy()
             sig = train[ts]
@@ -463,10 +436,7 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
             # order 3 reads a second history operand (a CUDA graph's fourth static buffer)
             "solver_order": self.solver_order,
             "algorithm_type": self.algorithm_type,
-            "thresholding": self.thresholding,
-            # Python floats a captured CUDA graph bakes into its threshold pass
-            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
-            "sample_max_value": self.sample_max_value if self.thresholding else None,
+            **threshold_config(self),
         }
 
     # ------------------------------------------------------------------ stepping
@@ -546,15 +516,10 @@ class DPMSolverSinglestepSampler(FlowGridMixin, RunRows, Sampler):
         SDE (x0_prev = m_prev, x0_prev2 = last, x0_prev3 = m_prev2); own history left alone."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
         if self.thresholding:  # x0 from the row's (a, s) = (alpha, sigma), thresholded
-            if model_output.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-                raise TypeError(  # the op's check, which the thresholding pass hides
-                    f"model_output: must be float32, float16 or bfloat16, got {model_output.dtype}"
-                )
-            mo = _combine_cfg(model_output, guidance_scale)
             pt = "epsilon" if self.flow_prediction else self.prediction_type  # flow: a = 1
-            x0, _ = _x0_eps(x, mo, coef[0], coef[1], pt)
-            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            model_output, guidance_scale = x0.to(x.dtype), None
+            model_output = thresholded_x0(self, x, model_output, guidance_scale, coef[0], coef[1],
+                                          pt, in_x_dtype=True)  # fmt: skip
+            guidance_scale = None
         if self.sde:
             nkw = {"noise": noise} if noise is not None else {"generator_state": generator_state}
             x_c = x

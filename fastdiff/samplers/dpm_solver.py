@@ -5,33 +5,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fastdiff.samplers._solver_common import (
+    FINAL_SIGMAS,
+    SOLVER_TYPES,
+    check_lambda_min_clipped,
+    custom_steps,
+    spaced_over_steps_plus_one,
+    threshold_config,
+    thresholded_x0,
+)
 from fastdiff.samplers.base import (
     Sampler,
     _ops,
     advance_generator_state,
+    cached,
     check_choice,
-    check_clip_range,
     check_solver_order,
-    check_thresholding,
-    custom_timesteps,
     randn_like_with,
-    threshold_x0,
+    set_x0_options,
     vp_of_sigma,
 )
-from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.flow_sigmas import FlowGridMixin, FlowOptions
 from fastdiff.samplers.sigmas import (
-    SIGMA_GRIDS,
-    beta_sigmas,
     clipped_end,
-    exponential_sigmas,
     karras_sigmas,
+    make_sigma_grid,
+    pick_sigma_grid,
     sigma_to_t,
     train_sigmas32,
 )
@@ -40,11 +44,9 @@ from fastdiff.schedules import NoiseSchedule
 __all__ = ["DPMSolverPPSampler"]
 
 _UNSET = object()
-FINAL_SIGMAS = ("zero", "sigma_min")
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
-# diffusers' DPMSolverMultistepScheduler reads UniPC's solver types as "midpoint"
-SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint",
-                "bh2": "midpoint"}  # fmt: skip
+#: the op's history operands m_{i-1} .. m_{i-4} (SA-Solver reads all four)
+_PREV_NAMES = ("x0_prev", "x0_prev2", "x0_prev3", "x0_prev4")
 
 
 class DPMSolverPPSampler(FlowGridMixin, Sampler):
@@ -185,14 +187,7 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
                                  time_shift_type, mu, dpm=True)  # fmt: skip
         check_solver_order(solver_order)
         check_choice("solver_type", solver_type, SOLVER_TYPES)
-        if isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, Real):
-            raise TypeError(
-                f"lambda_min_clipped: expected a float, got {type(lambda_min_clipped).__name__}"
-            )
-        if math.isnan(lambda_min_clipped) or lambda_min_clipped == math.inf:
-            raise ValueError(
-                f"lambda_min_clipped: expected a float < inf, got {lambda_min_clipped!r}"
-            )
+        self.lambda_min_clipped = check_lambda_min_clipped(lambda_min_clipped)
         #: "dpmsolver++" (ODE) or "sde-dpmsolver++" (SDE variant: fresh noise every step)
         self.algorithm_type = algorithm_type
         self.sde = algorithm_type == "sde-dpmsolver++"
@@ -200,14 +195,8 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
         self.solver_order = int(solver_order)
         self.solver_type = SOLVER_TYPES[solver_type]
         self.euler_at_final = bool(euler_at_final)
-        self.lambda_min_clipped = float(lambda_min_clipped)
-        grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
-                                                  use_beta_sigmas), strict=True) if on]  # fmt: skip
-        if len(grids) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: at most one may be "
-                f"True, got {', '.join(f'use_{g}_sigmas=True' for g in grids)}"
-            )
+        grid = pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        grids = [grid] if grid else []
         if use_lu_lambdas and not use_karras_sigmas:  # diffusers' precedence
             grids = ["lu"]
         self._custom = None  # user timesteps (set_timesteps(timesteps=...)), int64, descending
@@ -218,33 +207,16 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
                     f"use_{grids[0]}_{'lambdas' if grids[0] == 'lu' else 'sigmas'}=True (as in "
                     "diffusers): the grid decides the timesteps"
                 )
-            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
-            if steps is None:
-                steps = len(self._custom)
-            elif steps != len(self._custom):
-                raise ValueError(
-                    f"steps: got {steps} but {len(self._custom)} custom timesteps; pass one of "
-                    "them (or the same number)"
-                )
+            self._custom, steps = custom_steps(timesteps, schedule.num_train_timesteps, steps)
         self.use_lu_lambdas = bool(use_lu_lambdas)
         prediction_type = self._check_flow(grids, timesteps, prediction_type)
         #: "karras", "lu", "exponential", "beta" or None (steps at the spaced timesteps)
         self.sigma_grid: str | None = grids[0] if grids else None
-        if final_sigmas_type not in FINAL_SIGMAS:
-            raise ValueError(
-                f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
-                f"got {final_sigmas_type!r}"
-            )
-        check_clip_range(clip_sample, clip_sample_range)
-        if thresholding:
-            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
+        set_x0_options(self, clip_sample, clip_sample_range, thresholding,
+                       dynamic_thresholding_ratio, sample_max_value)  # fmt: skip
         self.lower_order_final = bool(lower_order_final)
         self.final_sigmas_type = final_sigmas_type
-        self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
-        self.thresholding = bool(thresholding)
-        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
-        self.sample_max_value = float(sample_max_value)
         # (m, step index) of the last solver_order - 1 steps run, newest first
         self._hist: list[tuple[Tensor, int]] = []
         super().__init__(
@@ -272,10 +244,8 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
             # evenly spaced in lambda = -log(sigma/alpha), between diffusers' float32 logs
             log_lo, log_hi = np.log(train[0]).item(), np.log(train[-1]).item()
             sig = np.exp(log_hi + np.linspace(0.0, 1.0, n) * (log_lo - log_hi))
-        elif self.sigma_grid == "exponential":
-            sig = exponential_sigmas(lo, hi, n)
-        else:
-            sig = beta_sigmas(lo, hi, n)
+        else:  # exponential, beta
+            sig = make_sigma_grid(self.sigma_grid, lo, hi, n)
         ts = sigma_to_t(sig, np.log(train))
         if self.sigma_grid in ("karras", "lu") and self.schedule.beta_schedule != "cosine":
             ts = ts.round()  # diffusers rounds only here; elsewhere int64 truncates
@@ -292,14 +262,8 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
             return self._grid_timesteps()
         T, n = self.schedule.num_train_timesteps, self.steps
         last = self._last_timestep()  # T unless lambda_min_clipped cuts the schedule short
-        if self.timestep_spacing == "linspace":
-            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        if self.timestep_spacing == "leading":
-            ratio = last // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            return ts + self.steps_offset
-        ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
-        if len(ts) != n:  # diffusers' trailing grid keeps its stride T / n from the clipped end
+        ts = spaced_over_steps_plus_one(T, n, self.timestep_spacing, self.steps_offset, last)
+        if len(ts) != n:  # trailing: diffusers keeps its stride T / n from the clipped end
             raise ValueError(
                 f"lambda_min_clipped: {self.lambda_min_clipped} ends the schedule at t = "
                 f"{last - 1}, where timestep_spacing='trailing' has {len(ts)} timesteps for "
@@ -312,14 +276,6 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
         T minus the number of training timesteps whose lambda_t < ``lambda_min_clipped``
         (diffusers' float32 lambda_t and searchsorted: see :func:`sigmas.clipped_end`)."""
         return clipped_end(self.schedule, self.lambda_min_clipped)
-
-    def _alphas_cumprod(self) -> torch.Tensor:
-        ab = self.schedule.alphas_cumprod.clone()
-        if self.schedule.rescale_betas_zero_snr:
-            ab[-1] = 2.0**-24  # as diffusers: keep lambda finite at zero terminal SNR
-        # user betas reaching 1 (a zero-SNR schedule given as betas) divided by zero here
-        ab[ab == 0] = 2.0**-24
-        return ab
 
     def _ratios(self) -> list[float]:
         """diffusers' ``sigmas``: sigma/alpha (flow: sigma) at each step, then at the end point
@@ -468,10 +424,7 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
             "solver_order": self.solver_order,
             "clip": self.clip_sample,
             "clip_range": self.clip_sample_range,
-            "thresholding": self.thresholding,
-            # Python floats a captured CUDA graph bakes into its threshold kernels
-            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
-            "sample_max_value": self.sample_max_value if self.thresholding else None,
+            **threshold_config(self),
         }
 
     def reset(self) -> None:
@@ -498,12 +451,8 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
         """``coef_table`` with every step at most of ``order`` (1: c_prev = c_prev2 = 0; 2:
         c_prev2 = 0): for a step with fewer previous steps run on this sampler than its order
         needs (a run starting at i > 0, e.g. img2img)."""
-        key = (order, device)
-        tab = self._fallback_tables.get(key)
-        if tab is None:
-            tab = torch.from_numpy(self._rows64[order]).float().to(device)
-            self._fallback_tables[key] = tab
-        return tab
+        return cached(self._fallback_tables, (order, device),
+                      lambda: torch.from_numpy(self._rows64[order]).float().to(device))  # fmt: skip
 
     def _history(self, i: int, x: Tensor) -> list[Tensor]:
         """The m of steps i - 1, i - 2, ... that just ran on this sampler for this x shape
@@ -546,17 +495,43 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
         global generator. The ODE solver ignores ``noise``, ``generator`` and
         ``generator_state``. Returns x_t, or ``(x_t, m_s)`` with ``return_x0``.
         """
+        given = (x0_prev, x0_prev2)
+        x_next, x0, _ = self._multistep(model_output, i, x, given, noise, guidance_scale,
+                                        generator, coef, generator_state)  # fmt: skip
+        return (x_next, x0) if return_x0 else x_next
+
+    def _kept(self) -> int:
+        """How many earlier m the sampler keeps (the most a step reads)."""
+        return self.solver_order - 1
+
+    def _multistep(
+        self,
+        model_output: Tensor,
+        i: int,
+        x: Tensor,
+        given: tuple[Tensor | None | object, ...],
+        noise: Tensor | None,
+        guidance_scale: float | None,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        coef: Tensor | None,
+        generator_state: Tensor | None,
+    ) -> tuple[Tensor, Tensor, bool]:
+        """:meth:`step`'s fused ``dpm_solver_2m_step`` call (SA-Solver's too): the history m_{i-1},
+        m_{i-2}, ... is ``given`` (the caller's ``x0_prev``, ``x0_prev2``, ...; all ``_UNSET``:
+        the sampler's own, see :meth:`_history`); without ``coef`` the row is the table's, of a
+        lower order while fewer m are at hand than it reads (diffusers' ``lower_order_nums``).
+        Returns (x_next, m, whether the caller gave the history)."""
         self._check_step_args(model_output, i, x, noise, guidance_scale)
-        external = x0_prev is not _UNSET or x0_prev2 is not _UNSET
+        external = any(v is not _UNSET for v in given)
         if external:
-            prev = None if x0_prev is _UNSET else x0_prev
-            prev2 = None if x0_prev2 is _UNSET else x0_prev2
-            if prev is None and prev2 is not None:
-                raise ValueError(
-                    "x0_prev2: m_{i-2} was given without x0_prev (m_{i-1}); pass both, or "
-                    "neither for a first-order step"
-                )
-            hist = [m for m in (prev, prev2) if m is not None]
+            hist = [None if v is _UNSET else v for v in given]
+            for k in range(1, len(hist)):
+                if hist[k] is not None and hist[k - 1] is None:
+                    raise ValueError(
+                        f"{_PREV_NAMES[k]}: m_{{i-{k + 1}}} was given without {_PREV_NAMES[k - 1]}"
+                        f" (m_{{i-{k}}}); pass the newer ones too, or none for a first-order step"
+                    )
+            hist = [m for m in hist if m is not None]
         else:
             hist = self._history(i, x)
         nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
@@ -567,35 +542,17 @@ class DPMSolverPPSampler(FlowGridMixin, Sampler):
             else:
                 coef = self.coef_table(x.device)[i]
             hist = hist[:use]
-        prev = hist[0] if hist else None
-        hkw = {"x0_prev2": hist[1]} if len(hist) > 1 else {}
-        ops = _ops()
-        if self.thresholding:
-            m = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, m, coef[0], coef[1], self._op_prediction)
-            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            x_next, x0 = ops.dpm_solver_2m_step(
-                x,
-                x0,
-                coef,
-                prev,
-                prediction_type="sample",
-                **hkw,
-                **nkw,  # type: ignore[arg-type]
-            )
-        else:
-            x_next, x0 = ops.dpm_solver_2m_step(
-                x,
-                model_output,
-                coef,
-                prev,
-                prediction_type=self._op_prediction,
-                clip_range=self.clip_sample_range if self.clip_sample else None,
-                guidance_scale=guidance_scale,
-                **hkw,
-                **nkw,
-            )
+        pred, clip = self._op_prediction, self.clip_sample_range if self.clip_sample else None
+        if self.thresholding:  # the thresholded x0 from the row's (a, s), as a "sample"
+            model_output = thresholded_x0(self, x, model_output, guidance_scale, coef[0],
+                                          coef[1], pred)  # fmt: skip
+            guidance_scale, pred, clip = None, "sample", None
+        x_next, m = _ops().dpm_solver_2m_step(
+            x, model_output, coef, hist[0] if hist else None, prediction_type=pred,
+            clip_range=clip, guidance_scale=guidance_scale,
+            **dict(zip(_PREV_NAMES[1:], hist[1:], strict=False)), **nkw,
+        )  # fmt: skip
         advance_generator_state(nkw, x)
-        if not external and self.solver_order > 1:
-            self._hist = [(x0, i), *self._hist][: self.solver_order - 1]
-        return (x_next, x0) if return_x0 else x_next
+        if not external:
+            self._hist = [(m, i), *self._hist][: self._kept()]
+        return x_next, m, external

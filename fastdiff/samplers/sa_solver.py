@@ -49,14 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import (
-    Sampler,
-    _ops,
-    advance_generator_state,
-    check_choice,
-    threshold_x0,
-)
-from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
+from fastdiff.samplers.base import Sampler, check_choice
 from fastdiff.samplers.dpm_solver import _UNSET, DPMSolverPPSampler
 from fastdiff.schedules import NoiseSchedule
 
@@ -353,6 +346,9 @@ class SASolverSampler(DPMSolverPPSampler):
         a = 1.0 / math.sqrt(1.0 + r * r)
         return ((x.float() - a * r * m.float()) / a).to(x.dtype)
 
+    def _kept(self) -> int:
+        return self.history_depth
+
     def config(self) -> dict[str, Any]:
         # history_depth: the CUDA-graph loop's history buffers (a captured step's operands)
         return {**super().config(), "sa_algorithm": self.sa_algorithm,
@@ -392,49 +388,11 @@ class SASolverSampler(DPMSolverPPSampler):
         from ``generator_state`` (its offset advanced in place), else torch's global generator.
         x must be the previous step's output. ``return_x0``: also the x0 prediction (with
         ``noise_prediction`` and a caller-managed history: the op's m, the noise estimate)."""
-        self._check_step_args(model_output, i, x, noise, guidance_scale)
         given = (x0_prev, x0_prev2, x0_prev3, x0_prev4)
-        external = any(v is not _UNSET for v in given)
-        if external:
-            hist = [None if v is _UNSET else v for v in given]
-            for k in range(1, 4):
-                if hist[k] is not None and hist[k - 1] is None:
-                    older = f"m_{{i-{k + 1}}}"
-                    raise ValueError(
-                        f"x0_prev{k + 1}: {older} was given without {_PREV_NAMES[k - 1]} "
-                        f"(m_{{i-{k}}}); pass the newer ones too, or none for a first-order step"
-                    )
-            hist = [m for m in hist if m is not None]
-        else:
-            hist = self._history(i, x)
-        nkw = self._noise_kwargs(i, x, noise, generator, generator_state)
-        if coef is None:
-            use = min(self._need[i], len(hist))  # previous m this step reads
-            if use < self._need[i]:  # diffusers' lower_order_nums: a lower-order step
-                coef = self._lower_order_table(use + 1, x.device)[i]
-            else:
-                coef = self.coef_table(x.device)[i]
-            hist = hist[:use]
-        prev = hist[0] if hist else None
-        hkw = dict(zip(_PREV_NAMES[1:], hist[1:], strict=False))
-        if self.thresholding:
-            m = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, m, coef[0], coef[1], self._op_prediction)
-            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-            model_output, guidance_scale, pred = x0, None, "sample"
-        else:
-            pred = self._op_prediction
-        x_next, m = _ops().dpm_solver_2m_step(x, model_output, coef, prev, prediction_type=pred,
-                                              guidance_scale=guidance_scale, **hkw,
-                                              **nkw)  # fmt: skip
-        advance_generator_state(nkw, x)
-        if not external:
-            self._hist = [(m, i), *self._hist][: self.history_depth]
+        x_next, m, external = self._multistep(model_output, i, x, given, noise, guidance_scale,
+                                              generator, coef, generator_state)  # fmt: skip
         if not return_x0:
             return x_next
         if not self.data and not external:
             return x_next, self.x0_of(m, i, x)
         return x_next, m
-
-
-_PREV_NAMES = ("x0_prev", "x0_prev2", "x0_prev3", "x0_prev4")

@@ -14,23 +14,21 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers._history import RunRows, read_operands
+from fastdiff.samplers._solver_common import (
+    FINAL_SIGMAS,
+    sigma_grid_timesteps,
+    threshold_config,
+    thresholded_x0,
+)
 from fastdiff.samplers.base import (
     Sampler,
     _unipc_ops,
-    check_clip_range,
-    check_thresholding,
-    threshold_x0,
+    check_choice,
+    set_x0_options,
 )
-from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
-from fastdiff.samplers.dpm_solver import FINAL_SIGMAS, DPMSolverPPSampler
+from fastdiff.samplers.dpm_solver import DPMSolverPPSampler
 from fastdiff.samplers.flow_sigmas import FlowOptions, flow_timesteps, unipc_flow_sigmas
-from fastdiff.samplers.sigmas import (
-    SIGMA_GRIDS,
-    beta_sigmas,
-    exponential_sigmas,
-    karras_sigmas,
-    sigma_to_t,
-)
+from fastdiff.samplers.sigmas import karras_sigmas, pick_sigma_grid
 from fastdiff.schedules import NoiseSchedule
 
 __all__ = ["UniPCSampler"]
@@ -207,22 +205,12 @@ class UniPCSampler(RunRows, DPMSolverPPSampler):
                 f"got {predict_x0!r}"
             )
         disabled = _step_indices(disable_corrector)
-        grids = [g for g, on in zip(SIGMA_GRIDS, (use_karras_sigmas, use_exponential_sigmas,
-                                                  use_beta_sigmas), strict=True) if on]  # fmt: skip
-        if len(grids) > 1:
-            raise ValueError(
-                "use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: at most one may be "
-                f"True, got {', '.join(f'use_{g}_sigmas=True' for g in grids)}"
-            )
-        if final_sigmas_type not in FINAL_SIGMAS:
-            raise ValueError(
-                f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
-                f"got {final_sigmas_type!r}"
-            )
-        check_clip_range(clip_sample, clip_sample_range)
-        if thresholding:
-            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
-        self.sigma_grid: str | None = grids[0] if grids else None
+        grid = pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
+        grids = [grid] if grid else []
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
+        set_x0_options(self, clip_sample, clip_sample_range, thresholding,
+                       dynamic_thresholding_ratio, sample_max_value)  # fmt: skip
+        self.sigma_grid: str | None = grid
         prediction_type = self._check_flow([g for g in grids if g != "karras"], None,
                                            prediction_type)  # fmt: skip
         self.flow_shift = self._flow.shift  # UniPC's dynamic shift reads mu itself
@@ -242,11 +230,6 @@ class UniPCSampler(RunRows, DPMSolverPPSampler):
         self.disable_corrector = disabled
         self.lower_order_final = bool(lower_order_final)
         self.final_sigmas_type = final_sigmas_type
-        self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
-        self.thresholding = bool(thresholding)
-        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
-        self.sample_max_value = float(sample_max_value)
         self.algorithm_type, self.sde = "dpmsolver++", False  # read by inherited helpers only
         self.reset()
         Sampler.__init__(
@@ -277,16 +260,11 @@ class UniPCSampler(RunRows, DPMSolverPPSampler):
     def _grid_timesteps(self) -> np.ndarray:
         """As :meth:`DPMSolverPPSampler._grid_timesteps`, but Karras timesteps are always
         rounded (diffusers' UniPC has no cosine exception)."""
-        train = self._train_sigmas32()
-        lo, hi = train[0].item(), train[-1].item()
-        make = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
-        sig = make[self.sigma_grid](lo, hi, self.steps)
-        ts = sigma_to_t(sig, np.log(train))
-        if self.sigma_grid == "karras":
-            ts = ts.round()
+        sig, ts = sigma_grid_timesteps(self.sigma_grid, self._train_sigmas32(), self.steps,
+                                       rounded=self.sigma_grid == "karras")  # fmt: skip
         last = sig[-1] if self.final_sigmas_type == "sigma_min" else 0.0
         self._grid = np.append(sig, last).astype(np.float32).astype(np.float64)
-        return ts.astype(np.int64)
+        return ts
 
     def _ratios(self) -> list[float]:
         """As :meth:`DPMSolverPPSampler._ratios`; repeated spaced timesteps (h = 0 between two
@@ -420,9 +398,7 @@ class UniPCSampler(RunRows, DPMSolverPPSampler):
             "solver_order": self.solver_order,
             "clip": self.clip_sample,
             "clip_range": self.clip_sample_range,
-            "thresholding": self.thresholding,
-            "threshold_ratio": self.dynamic_thresholding_ratio if self.thresholding else None,
-            "sample_max_value": self.sample_max_value if self.thresholding else None,
+            **threshold_config(self),
         }
 
     def reset(self) -> None:
@@ -453,9 +429,8 @@ class UniPCSampler(RunRows, DPMSolverPPSampler):
         self._check_step_args(model_output, i, x, None, guidance_scale)
         ops = _unipc_ops()
         if self.thresholding:
-            mo = _combine_cfg(model_output, guidance_scale)
-            x0, _ = _x0_eps(x, mo, coef[0], coef[1], self._op_prediction)
-            x0 = threshold_x0(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+            x0 = thresholded_x0(self, x, model_output, guidance_scale, coef[0], coef[1],
+                                self._op_prediction)  # fmt: skip
             return ops.unipc_step(x, x0, coef, last, m_prev, m_prev2, m_prev3=m_prev3,
                                   prediction_type="sample")  # fmt: skip
         return ops.unipc_step(
