@@ -81,8 +81,9 @@ import torch
 from torch import Tensor
 
 from fastdiff.samplers.base import _ops, advance_generator_state, vp_of_sigma
-from fastdiff.samplers.euler import EulerSampler, grid_end
+from fastdiff.samplers.euler import EulerSampler
 from fastdiff.samplers.heun import _version
+from fastdiff.samplers.lms import exp_beta_ends
 from fastdiff.samplers.sigmas import make_sigma_grid, sigma_to_t, train_sigmas32
 from fastdiff.schedules import NoiseSchedule
 
@@ -168,9 +169,7 @@ class DPMSolverSDESampler(EulerSampler):
             )
         #: diffusers' Brownian-tree seed: unused (module docstring)
         self.noise_sampler_seed = noise_sampler_seed
-        ends = grid_end("sigma_min", sigma_min), grid_end("sigma_max", sigma_max)
-        if not (use_exponential_sigmas or use_beta_sigmas):  # diffusers' other grids ignore them
-            ends = None, None
+        ends = exp_beta_ends(sigma_min, sigma_max, use_exponential_sigmas, use_beta_sigmas)
         self.reset()
         super().__init__(
             schedule,

@@ -18,6 +18,18 @@ from fastdiff.schedules import NoiseSchedule
 __all__ = ["LMSSampler", "lms_weights"]
 
 
+def exp_beta_ends(
+    sigma_min: float | None, sigma_max: float | None, exponential: bool, beta: bool
+) -> tuple[float | None, float | None]:
+    """``sigma_min`` / ``sigma_max`` checked (:func:`~fastdiff.samplers.euler.grid_end`) and kept
+    for the exponential / beta grid only: diffusers' ``LMSDiscreteScheduler`` and
+    ``DPMSolverSDEScheduler`` read them from their config there (e.g. the leftovers of an
+    ``EulerDiscreteScheduler`` config they were made from), their default and Karras grids
+    ignore them."""
+    ends = grid_end("sigma_min", sigma_min), grid_end("sigma_max", sigma_max)
+    return ends if exponential or beta else (None, None)
+
+
 def lms_weights(sig: np.ndarray, i: int, order: int) -> np.ndarray:
     """The ``order`` linear multistep weights of step ``i`` (float64, newest derivative first):
     w_j = integral over [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial
@@ -118,10 +130,8 @@ class LMSSampler(EpsHistory, EulerSampler):
         if isinstance(order, bool) or not isinstance(order, Integral) or not 1 <= order <= 4:
             raise ValueError(f"order: expected an int in 1..4, got {order!r}")
         self.order = int(order)
-        ends = grid_end("sigma_min", sigma_min), grid_end("sigma_max", sigma_max)
-        grid = pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)
-        if grid not in ("exponential", "beta"):  # diffusers' other LMS grids do not read them
-            ends = None, None
+        ends = exp_beta_ends(sigma_min, sigma_max, use_exponential_sigmas, use_beta_sigmas)
+        pick_sigma_grid(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)  # one grid
         self._sig_cache: np.ndarray | None = None
         self.reset()
         super().__init__(
