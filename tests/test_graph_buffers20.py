@@ -56,17 +56,24 @@ def _graphed_run(sampler: str, z: torch.Tensor, **opts) -> tuple[torch.Tensor, d
     "sampler,opts,n_hist",
     [
         ("flow_heun", {"shift": 3.0}, 2),  # x_i and v_1 only
+        ("dpm++_sde", {"seed": 3}, 2),  # the first stage's input and x0 (its second stage)
         ("unipc", {}, 3),  # last, m_{i-1}, m_{i-2}
         ("unipc", {"solver_order": 3}, 4),  # and m_{i-3}
     ],
-    ids=["flow_heun", "unipc2", "unipc3"],
+    ids=["flow_heun", "dpm_sde", "unipc2", "unipc3"],
 )
 def test_graph_history_buffers_and_copies(sampler, opts, n_hist, fake_cuda_graphs):
     """As many static history buffers as the sampler reads (the default for UniPC), one copy
     into each per step body, and the graphed run equal to the eager one."""
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
-    eager = fastdiff.sample(_model, 4, sampler=sampler, noise=z, **opts)
-    out, seen = _graphed_run(sampler, z, **opts)
+    opts = dict(opts)
+    seed = opts.pop("seed", None)  # a noisy sampler: the same noise stream in both runs
+
+    def gen() -> dict:
+        return {} if seed is None else {"generator": torch.Generator().manual_seed(seed)}
+
+    eager = fastdiff.sample(_model, 4, sampler=sampler, noise=z, **opts, **gen())
+    out, seen = _graphed_run(sampler, z, **opts, **gen())
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     (g,) = fake_cuda_graphs
     assert g.unipc and len(g.hist) == n_hist

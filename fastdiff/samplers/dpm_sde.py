@@ -139,6 +139,7 @@ class DPMSolverSDESampler(EulerSampler):
     name = "dpm++_sde"
     is_multistep = True
     scheduler_order = 2  # img2img starts at a first stage, call 2 t_start
+    graph_hist_buffers = 2  # the CUDA-graph loop keeps last and m_prev only (m_prev2 unread)
 
     def __init__(
         self,
