@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import toy as _fake_model
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 
 import fastdiff
@@ -28,12 +29,6 @@ FLAGS = {g: f"use_{g}_sigmas" for g in ("karras", "exponential", "beta")}
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
-
-
-def _fake_model(x: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-    """Deterministic stand-in network: elementwise in x, with a timestep-dependent bias."""
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 def _pair(sched: str, steps: int, zero_snr: bool = False, **opts):

@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 from helpers import assert_fa_rule, backend_cases, case_id, stable_seed
 from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA kernels)
 
@@ -46,10 +47,6 @@ def _image(seed: int = 0, shape=SHAPE, dtype=torch.float32) -> torch.Tensor:
     return (1.3 * torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1.3).to(
         dtype
     )
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _guided(x, t, gs, labels):

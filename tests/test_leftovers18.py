@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -176,10 +177,6 @@ def _their_repaint_rows(model, image, mask, steps, jl, jn, eta, seed):
 def _toy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     tt = t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     return 0.5 * torch.tanh(x) + 0.3 * torch.sin(3.0 * x + tt / 97.0) + 0.2 * x.roll(1, -1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 from helpers import backend_cases, case_id
 from test_cuda_emu import emu, emu_module  # noqa: F401  (fixtures: the emulated CUDA backend)
-from test_dpm_sde import _coef, _schedule
+from test_dpm_sde import ROW, _coef, _schedule
 
 import fastdiff
 from fastdiff.ops._philox import philox_randn
@@ -22,10 +23,6 @@ CASES = backend_cases("dpm_solver_2m_step")
 # 75 elements: not a multiple of 16, where torch's CPU randn in fp16/bf16 takes another path than
 # in fp32 (other values, and the generator advances differently)
 ODD = (1, 3, 5, 5)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -86,7 +83,7 @@ EDGE_STATES = [
 
 
 def _edge_outputs(backends):
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)  # the 2M SDE row of test_dpm_sde
     shape = (1, 3, 5, 7)  # 105 values: a scalar tail of the 4-lane Philox output
     g = torch.Generator().manual_seed(2)
     x, mo, prev = (torch.randn(shape, generator=g) for _ in range(3))
@@ -151,7 +148,7 @@ def _noise_layout_outputs(backend):
     """(name, out, ref): the SDE step with noise that aliases x or x0_prev, is a broadcast
     (stride-0) or transposed view, or is float32 under a half-precision x; ref is the torch
     backend on contiguous copies."""
-    coef = _coef("cpu")
+    coef = _coef("cpu", ROW)  # the 2M SDE row of test_dpm_sde
     g = torch.Generator().manual_seed(7)
 
     def rnd(*shape):

@@ -22,6 +22,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import rel as _rel
+from _sampler_cases import toy as _toy
 
 import fastdiff
 from fastdiff import NoiseSchedule
@@ -48,16 +50,6 @@ SD15 = {
     "steps_offset": 1,
     "trained_betas": None,
 }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def _toy(x: torch.Tensor, t) -> torch.Tensor:
-    """Deterministic stand-in network of x and t."""
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 # ------------------------------------------------------------------------------ PNDM / PLMS

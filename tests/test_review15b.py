@@ -19,6 +19,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 from helpers import PARITY_RTOL, PARITY_SHAPE
 
 import fastdiff
@@ -57,10 +58,6 @@ FLUX_RUNS = [
     {"image_seq_len": 1024},
     {"image_seq_len": 1024, "sigmas": np.linspace(1, 1 / 6, 6)},
 ]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _toy(x: torch.Tensor, t) -> torch.Tensor:

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 
 from fastdiff import NoiseSchedule
 from fastdiff.samplers import make_sampler
@@ -30,10 +31,6 @@ SCHEDULERS = {
     "dpm++": "DPMSolverMultistepScheduler",
     "dpm++_single": "DPMSolverSinglestepScheduler",
 }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _toy(x: torch.Tensor, t) -> torch.Tensor:

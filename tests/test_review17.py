@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 from test_img2img import CASES, VARIANTS, _image, _scheduler
 from test_inpaint import _diffusers_inpaint, _masks
 from test_inpaint import _model as _mixing
@@ -22,10 +23,6 @@ from test_repaint import _inputs, toy
 import fastdiff
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 class ConvNet(torch.nn.Module):

@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from _sampler_cases import toy as _toy
 from helpers import import_without_torchsde
 from test_fractional_timesteps import _Recorder  # the timesteps a module is called at
 
@@ -248,11 +249,6 @@ def test_cosine_dpm_c_noise_is_the_model_timestep():
 
 # ------------------------------------------------------------------ SA-Solver tau_func
 SL = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def _toy(x, t):
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 @torch.no_grad()

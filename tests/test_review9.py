@@ -16,6 +16,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from _sampler_cases import toy as _fake_model
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, backend_cases
 
 import fastdiff
@@ -181,11 +182,6 @@ diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea_mod  # noqa: E402
 
 PAR_SHAPE = (2, 3, 4, 4)
-
-
-def _fake_model(x: torch.Tensor, t) -> torch.Tensor:
-    tt = torch.as_tensor(t, dtype=torch.float32).reshape(-1, *([1] * (x.ndim - 1)))
-    return 0.6 * torch.tanh(0.8 * x + 0.1) + 0.5 * torch.sin(tt / 150.0) + 0.05 * x
 
 
 EULER_EDGE = [  # (ancestral, schedule, steps, T, begin, options)

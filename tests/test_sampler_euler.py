@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from _sampler_cases import rel as _rel
 from helpers import DIFFUSERS_BETAS, PARITY_RTOL, PARITY_SHAPE
 from test_gmm_exact import GMMEps, _assert_mixture, _run
 
@@ -27,10 +28,6 @@ from fastdiff.samplers import SAMPLERS, EulerSampler, make_sampler
 diffusers = pytest.importorskip("diffusers")
 
 SHAPE, RTOL, SCHEDULES = PARITY_SHAPE, PARITY_RTOL, DIFFUSERS_BETAS
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _pair(sched: str, steps: int, zero_snr: bool = False, **opts):
