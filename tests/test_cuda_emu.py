@@ -268,7 +268,7 @@ def test_step_dpm3_grid_stride_matches_cpu(emu, shape, layout, noise):
     x, mo, p1, p2 = (torch.randn(shape) for _ in range(4))
     if layout == "cl":
         x, mo, p1, p2 = (t.to(memory_format=torch.channels_last) for t in (x, mo, p1, p2))
-    coef = t_dpm3._coef("cpu")
+    coef = t_dpm3._coef("cpu", t_dpm3.ROW)
     gs = torch.tensor([987654321, 12345], dtype=torch.int64)
     z = t_step.philox_randn(gs, shape) if noise == "philox" else None
     kw = dict(generator_state=gs) if noise == "philox" else {}
@@ -293,7 +293,7 @@ def test_step_dpm3_misaligned_x0_prev2_takes_the_scalar_path(emu, dtype):
     x, mo, p1 = (torch.randn(shape).to(dtype) for _ in range(3))
     p2 = torch.randn(x.numel() + 1).to(dtype)[1:].view(shape)
     assert p2.data_ptr() % 16 and not x.data_ptr() % 16
-    coef = t_dpm3._coef("cpu")
+    coef = t_dpm3._coef("cpu", t_dpm3.ROW)
     with fastdiff.use_backend("cuda", "dpm_solver_2m_step"):
         out, _ = t_dpm3.dpm_solver_2m_step(x, mo, coef, p1, x0_prev2=p2)
     r, _ = t_dpm3.reference(x, mo, p1, p2, None, "epsilon", torch.float64)
@@ -305,7 +305,7 @@ def test_raw_cuda_binding_refuses_x0_prev2_outside_a_3m_step(emu):
     """The C++ boundary: x0_prev2 with mode 0, or without x0_prev, is a ValueError and nothing
     is written (cpu and cuda entry points)."""
     x, mo, q = torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3)
-    coef = t_dpm3._coef("cpu")
+    coef = t_dpm3._coef("cpu", t_dpm3.ROW)
     for name in ("sampler_step_cpu", "sampler_step_cuda"):
         out = poison_(torch.empty(2, 3))
         fn = getattr(emu, name)
@@ -343,7 +343,7 @@ def test_step_deep_history_grid_stride_matches_cpu(emu, shape, layout):
     """x0_prev3 / x0_prev4 past one grid (vector path, scalar tail, Philox) = cpu, float64."""
     fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
     x, mo, p1, p2, p3, p4 = (torch.randn(shape).to(memory_format=fmt) for _ in range(6))
-    coef = t_hist._coef("cpu")
+    coef = t_hist._coef("cpu", t_hist.ROW)
     gs = torch.tensor([987654321, 12345], dtype=torch.int64)
     z = t_step.philox_randn(gs, shape)
     kw = dict(x0_prev2=p2, x0_prev3=p3, x0_prev4=p4, generator_state=gs)
@@ -366,7 +366,7 @@ def test_step_deep_history_misaligned_x0_prev4_takes_the_scalar_path(emu):
     p4 = torch.randn(x.numel() + 1)[1:].view(x.shape)
     assert p4.data_ptr() % 16 and not x.data_ptr() % 16
     with fastdiff.use_backend("cuda", "dpm_solver_2m_step"):
-        out, _ = t_hist.dpm_solver_2m_step(x, mo, t_hist._coef("cpu"), p1, x0_prev2=p2,
+        out, _ = t_hist.dpm_solver_2m_step(x, mo, t_hist._coef("cpu", t_hist.ROW), p1, x0_prev2=p2,
                                            x0_prev3=p3, x0_prev4=p4)  # fmt: skip
     r, _ = t_hist.reference(x, mo, (p1, p2, p3, p4), None, "epsilon", torch.float64)
     e, _ = t_hist.reference(x, mo, (p1, p2, p3, p4), None, "epsilon", torch.float32)
@@ -376,7 +376,7 @@ def test_step_deep_history_misaligned_x0_prev4_takes_the_scalar_path(emu):
 def test_raw_cuda_binding_refuses_x0_prev3_without_x0_prev2(emu):
     """The cuda entry point: x0_prev3 without x0_prev2 (x0_prev4 without x0_prev3) refused."""
     x, mo, q, q3, q4 = (torch.randn(2, 3) for _ in range(5))
-    coef, out = t_hist._coef("cpu"), poison_(torch.empty(2, 3))
+    coef, out = t_hist._coef("cpu", t_hist.ROW), poison_(torch.empty(2, 3))
 
     def call(q_, q3_, q4_):
         emu.sampler_step_cuda(1, 2, 3, 0, 3, x.data_ptr(), 3, mo.data_ptr(), 3, 0, 0, 0, 0,
