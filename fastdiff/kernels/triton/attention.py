@@ -24,6 +24,7 @@ import triton.language as tl
 
 from fastdiff import _dispatch
 from fastdiff.kernels.triton import _compat
+from fastdiff.kernels.triton._device import sm_count
 
 _compat.patch_interpreter()
 
@@ -203,16 +204,8 @@ def _prune(configs, named_args, **kwargs):
     return full or keep
 
 
-_SMS: dict[int, int] = {}
-
-
 def _num_sms() -> int:
-    if not torch.cuda.is_available():
-        return 1
-    dev = torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _SMS[dev]
+    return sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 1
 
 
 _autotuned = None

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fastdiff.kernels.triton import _compat
+from fastdiff.kernels.triton._device import sm_count
 
 _compat.patch_interpreter()
 
@@ -270,11 +271,6 @@ def _p2(v: int) -> int:
     return triton.next_power_of_2(max(int(v), 1))
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=512)
 def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) -> dict:
     """Kernel plan (block sizes, split, warps, grids) keyed on shape, dtype size, layout, SM
@@ -320,7 +316,7 @@ def _plan(n: int, c: int, hw: int, g: int, itemsize: int, nhwc: bool, sms: int) 
 
 
 def _sm_count_of(device: torch.device) -> int:
-    return _sm_count(device.index or 0) if device.type == "cuda" else 4
+    return sm_count(device) if device.type == "cuda" else 4
 
 
 def group_norm_silu_forward(

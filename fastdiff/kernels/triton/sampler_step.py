@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastdiff.kernels.triton import _compat
+from fastdiff.kernels.triton._device import sm_count
 
 _compat.patch_interpreter()
 
@@ -87,12 +88,7 @@ def _x0_eps(
 def grid(x: Tensor, total: int) -> tuple[int]:
     """Programs of a grid-stride launch over ``total`` tiles: 16 per multiprocessor on a GPU, 4
     under the interpreter (few programs, each a vectorised numpy tile loop)."""
-    if x.device.type == "cuda":
-        import torch
-
-        cap = torch.cuda.get_device_properties(x.device).multi_processor_count * 16
-    else:
-        cap = 4
+    cap = sm_count(x.device) * 16 if x.device.type == "cuda" else 4
     return (max(1, min(total, cap)),)
 
 
