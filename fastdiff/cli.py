@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=_positive_int, default=50, help="sampling steps")
     r.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
     r.add_argument("--label", type=_label, default=3, help="digit 0-9 to draw")
-    r.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    r.add_argument("--guidance", type=_finite, default=DEFAULT_GUIDANCE,
                    help="classifier-free guidance scale (1: none)")  # fmt: skip
     r.add_argument("--frames", type=int, default=10, help="sampling steps shown (>= 2)")
     r.add_argument("--seed", type=_seed, default=0, help="random seed")

@@ -264,6 +264,18 @@ def test_other_bad_input(args, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "two"])
+def test_show_reverse_guidance_is_checked_by_argparse(value, tmp_path, capsys):
+    """show reverse --guidance is a finite number, refused by name (exit 2) before the model
+    loads (it was a bare float: nan failed later, naming guidance_scale)."""
+    rc = main(["show", "reverse", "--out", str(tmp_path / "r.png"), "--guidance", value,
+               "--model", str(tmp_path / "missing.safetensors")])  # fmt: skip
+    err = capsys.readouterr().err
+    _assert_one_line_error(rc, err)
+    assert rc == 2 and "argument --guidance" in err and "missing" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("content", [b"not a safetensors file", b""])
 def test_corrupt_model_file(content, tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
