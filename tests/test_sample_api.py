@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import DEVICES, assert_no_host_sync
-from helpers import SyncSpy as _SyncSpy  # noqa: F401  (test_inpaint imports it from here)
 from torch import nn
 
 import fastdiff
