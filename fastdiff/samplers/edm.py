@@ -34,13 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, check_choice, check_solver_order, check_thresholding
-from fastdiff.samplers.dpm_solver import (
-    ALGORITHM_TYPES,
-    FINAL_SIGMAS,
-    SOLVER_TYPES,
-    DPMSolverPPSampler,
-)
+from fastdiff.samplers._solver_common import FINAL_SIGMAS, SOLVER_TYPES
+from fastdiff.samplers.base import Sampler, check_choice, check_solver_order, set_x0_options
+from fastdiff.samplers.dpm_solver import ALGORITHM_TYPES, DPMSolverPPSampler
 
 __all__ = ["EDMDPMSolverSampler", "EDMEulerSampler", "edm_sigmas"]
 
@@ -170,20 +166,13 @@ class _EDMBase:
             )
         self.sigma_data = _pos("sigma_data", sigma_data)
         self.rho = _pos("rho", rho)
-        if sigma_schedule not in SIGMA_SCHEDULES:
-            raise ValueError(
-                f"sigma_schedule: expected one of {list(SIGMA_SCHEDULES)}, got {sigma_schedule!r}"
-            )
+        check_choice("sigma_schedule", sigma_schedule, SIGMA_SCHEDULES)
         if prediction_type not in EDM_PREDICTIONS:
             raise ValueError(
                 f"prediction_type: expected one of {list(EDM_PREDICTIONS)} (diffusers' EDM "
                 f"preconditioning has no other), got {prediction_type!r}"
             )
-        if final_sigmas_type not in FINAL_SIGMAS:
-            raise ValueError(
-                f"final_sigmas_type: expected one of {list(FINAL_SIGMAS)}, "
-                f"got {final_sigmas_type!r}"
-            )
+        check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS)
         self.sigma_schedule = sigma_schedule
         self.num_train_timesteps = int(num_train_timesteps)
         self.model_prediction_type = prediction_type
@@ -409,8 +398,6 @@ class EDMDPMSolverSampler(_EDMBase, DPMSolverPPSampler):
     """
 
     name = "edm_dpm++"
-    clip_sample = False
-    clip_sample_range = 1.0
 
     def __init__(
         self,
@@ -447,11 +434,9 @@ class EDMDPMSolverSampler(_EDMBase, DPMSolverPPSampler):
                 "diffusers' EDMDPMSolverMultistepScheduler (its third-order update is ODE only); "
                 "use solver_order 1 or 2"
             )
-        self.thresholding = _flag("thresholding", thresholding)
-        if self.thresholding:
-            check_thresholding(dynamic_thresholding_ratio, sample_max_value)
-        self.dynamic_thresholding_ratio = float(dynamic_thresholding_ratio)
-        self.sample_max_value = float(sample_max_value)
+        # no clipping (diffusers' EDM scheduler has none); thresholding must be a bool here
+        set_x0_options(self, False, 1.0, _flag("thresholding", thresholding),
+                       dynamic_thresholding_ratio, sample_max_value)  # fmt: skip
         self.algorithm_type = algorithm_type
         self.sde = algorithm_type == "sde-dpmsolver++"
         self.solver_order = int(solver_order)
