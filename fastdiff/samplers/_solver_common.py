@@ -6,7 +6,6 @@ the fused step."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from numbers import Real
 from typing import Any
 
@@ -14,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import custom_timesteps, threshold_x0
+from fastdiff.samplers.base import custom_steps as custom_steps  # its users import it here
+from fastdiff.samplers.base import threshold_x0
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
 from fastdiff.samplers.sigmas import make_sigma_grid, sigma_to_t
 
@@ -32,23 +32,6 @@ def check_lambda_min_clipped(value: Any) -> float:
     if math.isnan(value) or value == math.inf:
         raise ValueError(f"lambda_min_clipped: expected a float < inf, got {value!r}")
     return float(value)
-
-
-def custom_steps(
-    timesteps: Sequence[int], T: int, steps: int | None
-) -> tuple[np.ndarray, int | None]:
-    """User ``timesteps`` (:func:`~fastdiff.samplers.base.custom_timesteps`) and the step
-    count: ``steps`` may be None (their number) or their number; ValueError naming ``steps``
-    otherwise."""
-    custom = custom_timesteps(timesteps, T)
-    if steps is None:
-        steps = len(custom)
-    elif steps != len(custom):
-        raise ValueError(
-            f"steps: got {steps} but {len(custom)} custom timesteps; pass one of them (or the "
-            "same number)"
-        )
-    return custom, steps
 
 
 def spaced_over_steps_plus_one(

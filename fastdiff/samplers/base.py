@@ -104,6 +104,25 @@ def custom_timesteps(timesteps: Sequence[int], T: int, *, whole: bool = False) -
     return ts
 
 
+def custom_steps(
+    timesteps: Sequence[int],
+    T: int,
+    steps: int | None,
+    *,
+    label: str = "custom timesteps",
+    hint: str = " (or the same number)",
+) -> tuple[np.ndarray, int | None]:
+    """User ``timesteps`` (:func:`custom_timesteps`) and the step count: ``steps`` may be None
+    (their number) or their number; otherwise ValueError naming ``steps``, the list called
+    ``label`` and the sampler's ``hint`` appended."""
+    custom = custom_timesteps(timesteps, T)
+    if steps is None:
+        steps = len(custom)
+    elif steps != len(custom):
+        raise ValueError(f"steps: got {steps} but {len(custom)} {label}; pass one of them{hint}")
+    return custom, steps
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str], hint: str = "") -> None:
     """ValueError naming ``name`` unless ``value`` is one of the strings ``choices``."""
     choices = list(choices)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiff.samplers.base import Sampler, custom_timesteps
+from fastdiff.samplers.base import Sampler, custom_steps
 from fastdiff.samplers.edm import _EDMBase, _flag, _pos
 
 __all__ = ["ConsistencyModelSampler"]
@@ -85,14 +85,8 @@ class ConsistencyModelSampler(_EDMBase, Sampler):
             n = num_train_timesteps
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
                 raise TypeError(f"num_train_timesteps: expected an int, got {type(n).__name__}")
-            custom = custom_timesteps(timesteps, int(n))
-            if steps is None:
-                steps = len(custom)
-            elif steps != len(custom):
-                raise ValueError(
-                    f"steps: got {steps} but {len(custom)} timesteps; pass one of them "
-                    "(diffusers' set_timesteps takes num_inference_steps or timesteps, not both)"
-                )
+            hint = " (diffusers' set_timesteps takes num_inference_steps or timesteps, not both)"
+            custom, steps = custom_steps(timesteps, int(n), steps, label="timesteps", hint=hint)
         if steps is None:
             steps = self.default_steps
         self._edm_setup(schedule, steps, sigma_min, sigma_max, sigma_data, "karras",

@@ -15,7 +15,7 @@ from fastdiff.samplers.base import (
     _ops,
     _sqrt,
     advance_generator_state,
-    custom_timesteps,
+    custom_steps,
     set_x0_options,
     threshold_x0,
 )
@@ -105,15 +105,7 @@ class DDPMSampler(Sampler):
         self.learned_variance = variance_type == "learned_range"
         self._custom = None  # user timesteps (set_timesteps(timesteps=...)), int64, descending
         if timesteps is not None and isinstance(schedule, NoiseSchedule):
-            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
-            n = len(self._custom)
-            if steps is None:
-                steps = n
-            elif steps != n:
-                raise ValueError(
-                    f"steps: got {steps} but {n} custom timesteps; pass one of them (or the "
-                    "same number)"
-                )
+            self._custom, steps = custom_steps(timesteps, schedule.num_train_timesteps, steps)
         if steps is None and isinstance(schedule, NoiseSchedule):
             steps = schedule.num_train_timesteps
         super().__init__(

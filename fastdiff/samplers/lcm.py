@@ -23,7 +23,7 @@ from fastdiff.samplers.base import (
     _sqrt,
     advance_generator_state,
     check_thresholding,
-    custom_timesteps,
+    custom_steps,
     threshold_x0,
 )
 from fastdiff.samplers.ddim import _combine_cfg, _x0_eps
@@ -129,13 +129,8 @@ class _DistilledSampler(Sampler):
                     "then keeps the full list's length and adds noise on its final step); pass "
                     f"the shortened list instead, got strength={strength}"
                 )
-            self._custom = custom_timesteps(timesteps, schedule.num_train_timesteps)
-            if steps is None:
-                steps = len(self._custom)
-            elif steps != len(self._custom):
-                raise ValueError(
-                    f"steps: got {steps} but {len(self._custom)} custom timesteps; pass one of them"
-                )
+            T = schedule.num_train_timesteps
+            self._custom, steps = custom_steps(timesteps, T, steps, hint="")
         if steps is None:
             raise TypeError("steps: expected the number of steps (or custom timesteps=)")
         super().__init__(schedule, steps, prediction_type=prediction_type)
