@@ -193,7 +193,7 @@ def test_step_dpm_sde_grid_stride_matches_cpu(emu, shape, layout, noise):
     x, mo, prev = (torch.randn(shape) for _ in range(3))
     if layout == "cl":
         x, mo, prev = (t.to(memory_format=torch.channels_last) for t in (x, mo, prev))
-    coef = t_sde._coef("cpu")
+    coef = t_sde._coef("cpu", t_sde.ROW)
     gs = torch.tensor([987654321, 12345], dtype=torch.int64)
     z = t_step.philox_randn(gs, shape)
     kw = dict(generator_state=gs) if noise == "philox" else dict(noise=z)
